@@ -1,0 +1,18 @@
+"""The Celery application: configuration comes from Django settings (CELERY_ prefix)."""
+
+import os
+
+from celery import Celery
+from kombu import Queue
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+
+app = Celery("switchboard")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+# Every queue the project uses is declared here, so a worker started with no -Q serves all.
+app.conf.task_queues = (
+    Queue("switchboard.runs", routing_key="switchboard.runs"),
+    Queue("switchboard.maintenance", routing_key="switchboard.maintenance"),
+)
+app.conf.task_routes = {"switchboard.runs.sweep": {"queue": "switchboard.maintenance"}}
+app.autodiscover_tasks()

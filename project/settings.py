@@ -1,0 +1,216 @@
+"""Switchboard settings: every knob is read from the environment here, and only here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_str(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value not in (None, "") else default
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_list(name: str, default: str) -> list[str]:
+    return [item.strip() for item in env_str(name, default).split(",") if item.strip()]
+
+
+SECRET_KEY = env_str("SECRET_KEY", "switchboard-insecure-development-key-change-me")
+DEBUG = env_bool("DEBUG", False)
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
+# Origins a browser WebSocket may come from; "*" allows any. Non-browser clients send no Origin.
+WEBSOCKET_ALLOWED_ORIGINS = env_list("WEBSOCKET_ALLOWED_ORIGINS", ",".join(ALLOWED_HOSTS))
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_prometheus",
+    "channels",
+    "realtime",
+    "orchestration",
+    "workers",
+]
+# Benchmarks add their baseline consumers and tasks; never on in production.
+if env_bool("SWITCHBOARD_BENCH", False):
+    INSTALLED_APPS.append("bench")
+
+MIDDLEWARE = [
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
+]
+
+ROOT_URLCONF = "project.urls"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+WSGI_APPLICATION = None
+ASGI_APPLICATION = "project.asgi.application"
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'var' / 'switchboard.sqlite3'}"),
+        conn_max_age=60,
+    )
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "var" / "static"
+
+# --- Redis -----------------------------------------------------------------------------
+REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+# redis-py 8 defaults socket_timeout to 5 s; blocking reads (pub/sub, BRPOP) need longer.
+REDIS_SOCKET_TIMEOUT_S = env_float("REDIS_SOCKET_TIMEOUT_S", 30.0)
+# redis-py 8 raises MaxConnectionsError past the pool cap: size it for a handshake burst.
+REDIS_MAX_CONNECTIONS = env_int("REDIS_MAX_CONNECTIONS", 512)
+
+# --- Channels --------------------------------------------------------------------------
+# The layer is only used for process-addressed control messages and the benchmark
+# baselines; stream events never travel through it (it is at-most-once, see docs).
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {
+            # A list with the URL honours its database number and any password.
+            "hosts": [
+                {
+                    "address": REDIS_URL,
+                    # Above channels-redis' 5 s blocking read, or idle receivers die (trap 1).
+                    "socket_timeout": REDIS_SOCKET_TIMEOUT_S,
+                }
+            ],
+            # Per-process capacity shared by all channels of a process (trap 4).
+            "capacity": env_int("CHANNEL_LAYER_CAPACITY", 1000),
+            "expiry": 60,
+            "prefix": "sb:layer:",
+        },
+    }
+}
+
+# --- Celery ----------------------------------------------------------------------------
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
+# Results are never read (no .get() anywhere): storing them would only cost Redis writes.
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_RESULT_BACKEND = None
+# A step is idempotent (fenced appends), so it is acknowledged only once it has finished.
+CELERY_TASK_ACKS_LATE = True
+# A child killed mid-step (OOM, SIGKILL) puts its message back instead of losing it.
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+# One message per process at a time: a busy worker must not hoard queued runs.
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_DEFAULT_QUEUE = "switchboard.runs"
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Unacked messages return to the queue after this: longer than any step's hard limit.
+CELERY_VISIBILITY_TIMEOUT_S = env_int("CELERY_VISIBILITY_TIMEOUT_S", 120)
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": CELERY_VISIBILITY_TIMEOUT_S,
+    # Same reason as REDIS_SOCKET_TIMEOUT_S: BRPOP must outlive redis-py 8's 5 s default.
+    "socket_timeout": REDIS_SOCKET_TIMEOUT_S,
+}
+# Workers restart their children now and then so a leaking backend cannot grow forever.
+CELERY_WORKER_MAX_TASKS_PER_CHILD = env_int("CELERY_WORKER_MAX_TASKS_PER_CHILD", 100_000)
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# The sweeper ends runs whose deadline has passed; it must run often relative to deadlines.
+SWEEP_INTERVAL_S = env_float("SWITCHBOARD_SWEEP_INTERVAL_S", 2.0)
+CELERY_BEAT_SCHEDULE = {
+    "sweep-overdue-runs": {
+        "task": "switchboard.runs.sweep",
+        "schedule": SWEEP_INTERVAL_S,
+        "options": {"expires": SWEEP_INTERVAL_S * 5},
+    }
+}
+
+# --- Switchboard -----------------------------------------------------------------------
+SWITCHBOARD = {
+    # Key prefix of every Redis key Switchboard owns.
+    "KEY_PREFIX": env_str("SWITCHBOARD_KEY_PREFIX", "sb"),
+    # Events kept per stream for resume; older ones answer history_expired.
+    "STREAM_RETENTION": env_int("SWITCHBOARD_STREAM_RETENTION", 10_000),
+    # How long a client message id is remembered for duplicate detection.
+    "DEDUPE_TTL_S": env_int("SWITCHBOARD_DEDUPE_TTL_S", 24 * 3600),
+    # Default per-tenant frame size limit in bytes.
+    "MAX_FRAME_BYTES": env_int("SWITCHBOARD_MAX_FRAME_BYTES", 64 * 1024),
+    # Outbound buffer per connection: events and bytes waiting to be written.
+    "OUTBOX_MAX_EVENTS": env_int("SWITCHBOARD_OUTBOX_MAX_EVENTS", 2_000),
+    "OUTBOX_MAX_BYTES": env_int("SWITCHBOARD_OUTBOX_MAX_BYTES", 4 * 1024 * 1024),
+    # Seconds between client heartbeats advertised in welcome.
+    "HEARTBEAT_S": env_int("SWITCHBOARD_HEARTBEAT_S", 25),
+    # Soft limit of one model call; the run answers degraded when it passes.
+    "MODEL_SOFT_LIMIT_S": env_float("SWITCHBOARD_MODEL_SOFT_LIMIT_S", 10.0),
+    # Whole-run deadline by default.
+    "RUN_DEADLINE_S": env_float("SWITCHBOARD_RUN_DEADLINE_S", 30.0),
+    # Retries of a transient model error before the fallback answers.
+    "MODEL_MAX_RETRIES": env_int("SWITCHBOARD_MODEL_MAX_RETRIES", 3),
+    "MODEL_RETRY_BACKOFF_S": env_float("SWITCHBOARD_MODEL_RETRY_BACKOFF_S", 0.2),
+    # How long tenant settings are cached inside a gateway process.
+    "TENANT_CACHE_S": env_float("SWITCHBOARD_TENANT_CACHE_S", 5.0),
+    # Gap repair: how long a connection waits for a missing seq before reading the log.
+    "GAP_REPAIR_S": env_float("SWITCHBOARD_GAP_REPAIR_S", 0.05),
+    # How long a gateway drains on SIGTERM before closing connections with 1012.
+    "DRAIN_S": env_float("SWITCHBOARD_DRAIN_S", 5.0),
+}
+
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        # Daphne logs every connection at INFO; that is CPU on the hot path.
+        "daphne": {"level": "WARNING"},
+        "django.channels.server": {"level": "WARNING"},
+    },
+}

@@ -1,0 +1,462 @@
+"""The gateway: one consumer per WebSocket, small handlers dispatched by frame type.
+
+Deliberate departures from a stock Channels consumer, both for the per-frame hot path:
+- no channel-layer channel per socket (stream events reach sockets through the process's
+  Hub, see realtime/hub.py), so an idle socket costs no receive task and no Redis key;
+- no `close_old_connections` database hop per frame: the gateway never touches the
+  database per frame (tenants are cached, see realtime/tenants.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs
+
+from channels.exceptions import StopConsumer
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from orchestration.agents import UnknownAgent, get_agent
+from realtime import keys
+from realtime.auth import AuthError, Identity, authenticate
+from realtime.events import dumps
+from realtime.flusher import get_flusher
+from realtime.hub import get_hub
+from realtime.outbox import Outbox, OutboxFull
+from realtime.protocol import (
+    CLOSE_SERVICE_RESTART,
+    CLOSE_SLOW_CONSUMER,
+    CLOSE_UNAUTHORIZED,
+    PONG,
+    Cancel,
+    Ping,
+    Presence,
+    ProtocolError,
+    Publish,
+    Receipt,
+    Send,
+    Subscribe,
+    Unsubscribe,
+    ack_frame,
+    error_frame,
+    parse_frame,
+)
+from realtime.redis_clients import async_client
+from realtime.sequencing import StreamCursor
+from realtime.streams import StreamStore
+from realtime.tenants import TenantConfig, tenant_cache
+
+logger = logging.getLogger(__name__)
+
+
+class ConnectionState(enum.Enum):
+    CONNECTING = 0
+    OPEN = 1
+    CLOSED = 2
+
+
+_store: StreamStore | None = None
+
+
+def stream_store() -> StreamStore:
+    global _store
+    if _store is None:
+        _store = StreamStore(async_client())
+    return _store
+
+
+class StreamSubscription:
+    """One socket's interest in one stream: the Hub calls it, it keeps seq order."""
+
+    __slots__ = ("consumer", "stream", "cursor", "repairing", "active")
+
+    def __init__(self, consumer: GatewayConsumer, stream: str) -> None:
+        self.consumer = consumer
+        self.stream = stream
+        self.cursor = StreamCursor()
+        self.repairing = False
+        self.active = True
+
+    def on_event(self, seq: int, event: str) -> None:
+        ready = self.cursor.offer(seq, event)
+        if ready:
+            self.consumer.push_many(ready)
+        if self.cursor.missing() is not None:
+            self.consumer.schedule_repair(self)
+
+    def on_possible_loss(self) -> None:
+        self.consumer.schedule_repair(self, to_head=True)
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeResult:
+    head: int
+    recovered: bool
+    expired: bool
+    events: list[str]
+
+
+class GatewayConsumer(AsyncWebsocketConsumer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.state = ConnectionState.CONNECTING
+        self.identity: Identity | None = None
+        self.tenant: TenantConfig | None = None
+        self.subscriptions: dict[str, StreamSubscription] = {}
+        self.outbox = Outbox(
+            settings.SWITCHBOARD["OUTBOX_MAX_EVENTS"], settings.SWITCHBOARD["OUTBOX_MAX_BYTES"]
+        )
+        self.connection_id = secrets.token_hex(6)
+        self.handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
+            Send: self.handle_send,
+            Publish: self.handle_publish,
+            Subscribe: self.handle_subscribe,
+            Unsubscribe: self.handle_unsubscribe,
+            Receipt: self.handle_receipt,
+            Cancel: self.handle_cancel,
+            Presence: self.handle_presence,
+            Ping: self.handle_ping,
+        }
+
+    # --- ASGI plumbing ---------------------------------------------------------------
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.scope = scope
+        self.channel_layer = None
+        self.base_send = send
+        try:
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "websocket.receive":
+            await self.websocket_receive(message)
+        elif kind == "websocket.connect":
+            await self.websocket_connect(message)
+        elif kind == "websocket.disconnect":
+            await self.websocket_disconnect(message)
+
+    async def websocket_connect(self, message: dict[str, Any]) -> None:
+        query = parse_qs(self.scope.get("query_string", b"").decode(), keep_blank_values=True)
+        token = (query.get("token") or [None])[0] or _bearer_token(self.scope)
+        try:
+            self.identity, self.tenant = await authenticate(token, tenant_cache)
+        except AuthError as error:
+            await self.base_send({"type": "websocket.accept"})
+            await self.base_send(
+                {"type": "websocket.close", "code": CLOSE_UNAUTHORIZED, "reason": str(error)}
+            )
+            self.state = ConnectionState.CLOSED
+            logger.info("connection refused conn=%s: %s", self.connection_id, error)
+            return
+        await self.base_send({"type": "websocket.accept"})
+        self.state = ConnectionState.OPEN
+        self.push(
+            dumps(
+                {
+                    "type": "welcome",
+                    "client": self.identity.client,
+                    "tenant": self.identity.tenant,
+                    "session": secrets.token_urlsafe(18),
+                    "heartbeat_s": settings.SWITCHBOARD["HEARTBEAT_S"],
+                    "limits": self.tenant.public_limits(),
+                }
+            )
+        )
+
+    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        self.state = ConnectionState.CLOSED
+        streams = list(self.subscriptions)
+        for stream in streams:
+            self._drop_subscription(stream)
+        if streams:
+            identity = self.identity
+            async with async_client().pipeline(transaction=False) as pipe:
+                for stream in streams:
+                    pipe.hdel(keys.presence(identity.tenant, stream), identity.client)  # type: ignore[union-attr]
+                await pipe.execute()
+        raise StopConsumer()
+
+    async def websocket_receive(self, message: dict[str, Any]) -> None:
+        if self.state is not ConnectionState.OPEN:
+            return
+        text = message.get("text")
+        if text is None:
+            self.push(error_frame("bad_request", "binary frames are not supported; send JSON text"))
+            return
+        frame_id = None
+        try:
+            frame = parse_frame(text, self.tenant.max_frame_bytes)  # type: ignore[union-attr]
+            frame_id = getattr(frame, "id", None)
+            await self.handlers[type(frame)](frame)
+        except ProtocolError as error:
+            self.push(error.frame())
+        except Exception:
+            logger.exception(
+                "frame failed tenant=%s client=%s conn=%s",
+                self.identity.tenant,
+                self.identity.client,
+                self.connection_id,  # type: ignore[union-attr]
+            )
+            self.push(
+                error_frame("internal", "internal error; the frame was not applied", frame_id)
+            )
+
+    # --- outbound ----------------------------------------------------------------------
+
+    def push(self, frame: str) -> None:
+        if self.state is not ConnectionState.OPEN:
+            return
+        try:
+            self.outbox.push(frame)
+        except OutboxFull as full:
+            self.close_slow_consumer(str(full))
+            return
+        get_flusher().mark(self)
+
+    def push_many(self, frames: list[str]) -> None:
+        for frame in frames:
+            self.push(frame)
+
+    async def flush(self) -> None:
+        """Write everything buffered; only the process flusher calls this (one writer)."""
+        send = self.base_send
+        while self.state is ConnectionState.OPEN:
+            frame = self.outbox.pop()
+            if frame is None:
+                return
+            await send({"type": "websocket.send", "text": frame})
+
+    def close_slow_consumer(self, detail: str) -> None:
+        logger.warning(
+            "slow consumer closed tenant=%s client=%s conn=%s: %s",
+            self.identity.tenant,
+            self.identity.client,
+            self.connection_id,
+            detail,  # type: ignore[union-attr]
+        )
+        self.close_with(CLOSE_SLOW_CONSUMER, "slow consumer")
+
+    def close_with(self, code: int, reason: str) -> None:
+        if self.state is not ConnectionState.OPEN:
+            return
+        self.state = ConnectionState.CLOSED
+        while self.outbox.pop() is not None:
+            pass
+        asyncio.get_running_loop().create_task(
+            self.base_send({"type": "websocket.close", "code": code, "reason": reason})
+        )
+
+    async def close_for_restart(self) -> None:
+        self.close_with(CLOSE_SERVICE_RESTART, "service restart")
+
+    # --- subscriptions -----------------------------------------------------------------
+
+    def _require_stream(self, stream: str, frame_id: str | None = None) -> None:
+        if not self.identity.may_use(stream):  # type: ignore[union-attr]
+            raise ProtocolError("forbidden", f"token does not allow stream {stream!r}", frame_id)
+
+    async def _subscribe(self, stream: str, since: int | None) -> SubscribeResult:
+        """Join the stream and collect what the client missed. Live events heard during
+        the catch-up read wait in the cursor and follow the missed ones, in seq order."""
+        identity = self.identity
+        tenant = identity.tenant  # type: ignore[union-attr]
+        self._drop_subscription(stream)
+        subscription = StreamSubscription(self, stream)
+        self.subscriptions[stream] = subscription
+        hub = get_hub()
+        await hub.join(tenant, stream, subscription)
+        await async_client().hset(
+            keys.presence(tenant, stream),
+            identity.client,
+            identity.name or "",  # type: ignore[union-attr]
+        )
+        store = stream_store()
+        head = await store.head(tenant, stream)
+        if since is None or since == head:
+            live = subscription.cursor.start_at(head + 1)
+            return SubscribeResult(head, since is not None, False, live)
+        events = await store.read(tenant, stream, since + 1, head) if since < head else []
+        if events and events[0][0] == since + 1:
+            missed = [event for _, event in events]
+            live = subscription.cursor.start_at(events[-1][0] + 1)
+            return SubscribeResult(head, True, False, missed + live)
+        live = subscription.cursor.start_at(head + 1)
+        return SubscribeResult(head, False, True, live)
+
+    def _drop_subscription(self, stream: str) -> None:
+        subscription = self.subscriptions.pop(stream, None)
+        if subscription is not None:
+            subscription.active = False
+            get_hub().leave(self.identity.tenant, stream, subscription)  # type: ignore[union-attr]
+
+    async def handle_subscribe(self, frame: Subscribe) -> None:
+        self._require_stream(frame.stream)
+        result = await self._subscribe(frame.stream, frame.since)
+        if result.expired:
+            self.push(
+                error_frame(
+                    "history_expired",
+                    f"events after seq {frame.since} are no longer retained; go on from head",
+                    None,
+                    stream=frame.stream,
+                    head=result.head,
+                )
+            )
+        self.push(
+            dumps(
+                {
+                    "type": "subscribed",
+                    "stream": frame.stream,
+                    "head": result.head,
+                    "recovered": result.recovered,
+                }
+            )
+        )
+        self.push_many(result.events)
+
+    async def handle_unsubscribe(self, frame: Unsubscribe) -> None:
+        self._drop_subscription(frame.stream)
+        identity = self.identity
+        await async_client().hdel(keys.presence(identity.tenant, frame.stream), identity.client)  # type: ignore[union-attr]
+        self.push(dumps({"type": "unsubscribed", "stream": frame.stream}))
+
+    def schedule_repair(self, subscription: StreamSubscription, to_head: bool = False) -> None:
+        if subscription.repairing or not subscription.active:
+            return
+        subscription.repairing = True
+        asyncio.get_running_loop().create_task(self._repair(subscription, to_head))
+
+    async def _repair(self, subscription: StreamSubscription, to_head: bool) -> None:
+        """Read what the live path missed from the log; never skip a retained event."""
+        tenant = self.identity.tenant  # type: ignore[union-attr]
+        store = stream_store()
+        try:
+            await asyncio.sleep(settings.SWITCHBOARD["GAP_REPAIR_S"])
+            while subscription.active:
+                cursor = subscription.cursor
+                gap = cursor.missing()
+                if gap is None and to_head and cursor.next_seq is not None:
+                    head = await store.head(tenant, subscription.stream)
+                    gap = (cursor.next_seq, head) if head >= cursor.next_seq else None
+                    to_head = False
+                if gap is None:
+                    return
+                first, last = gap
+                events = await store.read(tenant, subscription.stream, first, last)
+                if not subscription.active:
+                    return
+                if not events or events[0][0] != first:
+                    resume_at = events[0][0] if events else last + 1
+                    self.push(
+                        error_frame(
+                            "history_expired",
+                            f"events {first}..{resume_at - 1} are no longer retained",
+                            None,
+                            stream=subscription.stream,
+                            head=await store.head(tenant, subscription.stream),
+                        )
+                    )
+                    self.push_many(cursor.skip_to(resume_at))
+                for seq, event in events:
+                    self.push_many(cursor.offer(seq, event))
+        except Exception:
+            logger.exception(
+                "stream repair failed tenant=%s stream=%s conn=%s",
+                tenant,
+                subscription.stream,
+                self.connection_id,
+            )
+        finally:
+            subscription.repairing = False
+
+    async def _ensure_subscribed(self, stream: str) -> None:
+        if stream not in self.subscriptions:
+            self.push_many((await self._subscribe(stream, None)).events)
+
+    # --- frame handlers ----------------------------------------------------------------
+
+    async def handle_send(self, frame: Send) -> None:
+        self._require_stream(frame.stream, frame.id)
+        try:
+            agent = get_agent(frame.agent)
+        except UnknownAgent:
+            raise ProtocolError("not_found", f"no agent named {frame.agent!r}", frame.id) from None
+        await self._ensure_subscribed(frame.stream)
+        identity = self.identity
+        appended = await stream_store().accept_send(
+            identity.tenant,
+            identity.client,
+            frame,
+            agent,
+            self.tenant.stream_retention,  # type: ignore[union-attr]
+        )
+        self.push(ack_frame(frame.id, appended.event_id, appended.seq, appended.duplicate))
+        if not appended.duplicate:
+            logger.debug(
+                "send accepted tenant=%s client=%s conn=%s stream=%s event=%s run=%s",
+                identity.tenant,
+                identity.client,
+                self.connection_id,  # type: ignore[union-attr]
+                frame.stream,
+                appended.event_id,
+                appended.run_id,
+            )
+
+    async def handle_publish(self, frame: Publish) -> None:
+        self._require_stream(frame.stream, frame.id)
+        identity = self.identity
+        appended = await stream_store().publish(
+            identity.tenant,
+            identity.client,
+            frame,
+            self.tenant.stream_retention,  # type: ignore[union-attr]
+        )
+        self.push(ack_frame(frame.id, appended.event_id, appended.seq, appended.duplicate))
+
+    async def handle_receipt(self, frame: Receipt) -> None:
+        self._require_stream(frame.stream)
+        identity = self.identity
+        await async_client().hset(
+            keys.receipts(identity.tenant, frame.stream),
+            identity.client,
+            frame.seq,  # type: ignore[union-attr]
+        )
+
+    async def handle_cancel(self, frame: Cancel) -> None:
+        from orchestration.intake import cancel_run
+
+        identity = self.identity
+        outcome = await cancel_run(identity.tenant, identity.client, frame.id)  # type: ignore[union-attr]
+        if outcome is not None:
+            raise ProtocolError(outcome[0], outcome[1], frame.id)
+
+    async def handle_presence(self, frame: Presence) -> None:
+        self._require_stream(frame.stream)
+        raw = await async_client().hgetall(keys.presence(self.identity.tenant, frame.stream))  # type: ignore[union-attr]
+        clients = [
+            {"client": client.decode(), "name": name.decode() or None}
+            for client, name in raw.items()
+        ]
+        self.push(dumps({"type": "presence", "stream": frame.stream, "clients": clients}))
+
+    async def handle_ping(self, frame: Ping) -> None:
+        self.push(PONG)
+
+
+def _bearer_token(scope: dict[str, Any]) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token:
+                return token.strip()
+    return None

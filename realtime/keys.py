@@ -1,0 +1,60 @@
+"""Names of every Redis key and pub/sub channel Switchboard uses.
+
+A tenant slug never contains ':', so `PREFIX:s:TENANT:STREAM:...` can never collide
+across tenants whatever the stream name holds.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from redis.connection import parse_url
+
+PREFIX: str = settings.SWITCHBOARD["KEY_PREFIX"]
+# Pub/sub channels are shared by every database of a Redis server; naming the database
+# keeps two deployments on one server (db 0 and db 1, say) from hearing each other.
+_DATABASE = (
+    parse_url(settings.REDIS_URL).get("db", 0)
+    if settings.REDIS_URL.startswith(("redis://", "rediss://", "unix://"))
+    else 0
+)
+STREAM_CHANNEL_PREFIX = f"{PREFIX}:{_DATABASE}:e:"
+
+
+def stream_seq(tenant: str, stream: str) -> str:
+    return f"{PREFIX}:s:{tenant}:{stream}:seq"
+
+
+def stream_log(tenant: str, stream: str) -> str:
+    return f"{PREFIX}:s:{tenant}:{stream}:log"
+
+
+def stream_channel(tenant: str, stream: str) -> str:
+    return f"{STREAM_CHANNEL_PREFIX}{tenant}:{stream}"
+
+
+def parse_stream_channel(channel: str) -> tuple[str, str]:
+    tenant, _, stream = channel[len(STREAM_CHANNEL_PREFIX) :].partition(":")
+    return tenant, stream
+
+
+def client_message(tenant: str, client: str, message_id: str) -> str:
+    return f"{PREFIX}:m:{tenant}:{len(client)}:{client}:{message_id}"
+
+
+def run(run_id: str) -> str:
+    return f"{PREFIX}:run:{run_id}"
+
+
+def run_text(run_id: str) -> str:
+    return f"{PREFIX}:run:{run_id}:text"
+
+
+RUN_DEADLINES = f"{PREFIX}:runs:deadlines"
+
+
+def receipts(tenant: str, stream: str) -> str:
+    return f"{PREFIX}:s:{tenant}:{stream}:receipts"
+
+
+def presence(tenant: str, stream: str) -> str:
+    return f"{PREFIX}:s:{tenant}:{stream}:presence"

@@ -1,0 +1,70 @@
+"""Tenant settings as the gateway sees them: an immutable snapshot, cached per process.
+
+The gateway must not touch the database per frame or per connection (a handshake burst
+would queue on Django's single sync thread), so tenants are loaded once and kept for
+SWITCHBOARD["TENANT_CACHE_S"] seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+
+@dataclass(frozen=True, slots=True)
+class TenantConfig:
+    slug: str
+    signing_secret: str
+    enabled: bool
+    max_frame_bytes: int
+    stream_retention: int
+
+    def public_limits(self) -> dict[str, int]:
+        return {"max_frame_bytes": self.max_frame_bytes, "stream_retention": self.stream_retention}
+
+
+def load_tenant(slug: str) -> TenantConfig | None:
+    from realtime.models import Tenant
+
+    tenant = Tenant.objects.filter(slug=slug).first()
+    if tenant is None:
+        return None
+    return TenantConfig(
+        slug=tenant.slug,
+        signing_secret=tenant.signing_secret,
+        enabled=tenant.enabled,
+        max_frame_bytes=tenant.max_frame_bytes,
+        stream_retention=tenant.stream_retention,
+    )
+
+
+class TenantCache:
+    """slug -> (TenantConfig | None, expires_at). Misses are cached too, against token floods."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[TenantConfig | None, float]] = {}
+
+    async def get(self, slug: str) -> TenantConfig | None:
+        now = time.monotonic()
+        entry = self._entries.get(slug)
+        if entry is not None and entry[1] > now:
+            return entry[0]
+        config = await sync_to_async(load_tenant, thread_sensitive=False)(slug)
+        self._entries[slug] = (config, now + self.ttl_s)
+        return config
+
+    def get_sync(self, slug: str) -> TenantConfig | None:
+        now = time.monotonic()
+        entry = self._entries.get(slug)
+        if entry is not None and entry[1] > now:
+            return entry[0]
+        config = load_tenant(slug)
+        self._entries[slug] = (config, now + self.ttl_s)
+        return config
+
+
+tenant_cache = TenantCache(settings.SWITCHBOARD["TENANT_CACHE_S"])

@@ -1,0 +1,98 @@
+"""Model backends behind one small interface: a stream of text pieces, or a ModelError.
+
+A backend honours `deadline` (time.monotonic()) itself: it must not block past it, so a
+stalled model is abandoned when its soft limit runs out rather than left hanging.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class ModelError(Exception):
+    def __init__(self, detail: str, transient: bool) -> None:
+        super().__init__(detail)
+        self.transient = transient
+
+
+class ModelTimeout(ModelError):
+    def __init__(self, detail: str = "model call passed its soft time limit") -> None:
+        super().__init__(detail, transient=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRequest:
+    model: str
+    prompt: str
+    options: dict[str, Any] = field(default_factory=dict)
+    attempt: int = 1
+
+
+class ModelBackend(Protocol):
+    name: str
+
+    def stream(self, request: ModelRequest, deadline: float) -> Iterator[str]: ...
+
+
+def split_evenly(text: str, pieces: int) -> list[str]:
+    """Split text into `pieces` contiguous non-empty parts (fewer when text is shorter)."""
+    pieces = max(1, min(pieces, len(text))) if text else 1
+    size, extra = divmod(len(text), pieces)
+    parts, start = [], 0
+    for index in range(pieces):
+        end = start + size + (1 if index < extra else 0)
+        parts.append(text[start:end])
+        start = end
+    return parts
+
+
+def _sleep_until(moment: float, deadline: float) -> None:
+    if moment > deadline:
+        time.sleep(max(0.0, deadline - time.monotonic()))
+        raise ModelTimeout()
+    delay = moment - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+
+
+class SimulatedBackend:
+    """Echoes the prompt, shaped by options so load and failure can be rehearsed:
+    `latency_ms` before the first piece, `chunks` pieces, `fail` "error" (a transient error
+    on every attempt), "error_once" (only on the first attempt) or "timeout" (stalls)."""
+
+    name = "simulated"
+    MAX_CHUNKS = 1000
+    MAX_LATENCY_MS = 600_000
+
+    def stream(self, request: ModelRequest, deadline: float) -> Iterator[str]:
+        options = request.options
+        latency_ms = _bounded_int(options.get("latency_ms"), 0, 0, self.MAX_LATENCY_MS)
+        chunks = _bounded_int(options.get("chunks"), 4, 1, self.MAX_CHUNKS)
+        fail = options.get("fail")
+        start = time.monotonic()
+        if fail == "timeout":
+            _sleep_until(float("inf"), deadline)
+        if fail == "error" or (fail == "error_once" and request.attempt <= 1):
+            raise ModelError("simulated model error", transient=True)
+        _sleep_until(start + latency_ms / 1000, deadline)
+        yield from split_evenly(request.prompt, chunks)
+
+
+def _bounded_int(value: Any, default: int, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return default
+    return int(min(max(value, low), high))
+
+
+_backends: dict[str, ModelBackend] = {"simulated": SimulatedBackend()}
+
+
+def get_backend(name: str) -> ModelBackend:
+    return _backends[name]
+
+
+def register_backend(backend: ModelBackend) -> None:
+    _backends[backend.name] = backend
