@@ -3,6 +3,7 @@
 import os
 
 from celery import Celery
+from celery.signals import worker_ready
 from kombu import Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
@@ -16,3 +17,12 @@ app.conf.task_queues = (
 )
 app.conf.task_routes = {"switchboard.runs.sweep": {"queue": "switchboard.maintenance"}}
 app.autodiscover_tasks()
+
+
+@worker_ready.connect
+def _announce_ready(**kwargs: object) -> None:
+    """Launchers (tests, benchmarks, bin/dev) wait for this file instead of sleeping."""
+    path = os.environ.get("SWITCHBOARD_READY_FILE")
+    if path:
+        with open(path, "w") as ready:
+            ready.write(str(os.getpid()))
