@@ -138,18 +138,31 @@ class RunStore:
         # -3: our idea of the offset is stale; only a fenced attempt can get here.
         raise Fenced(f"{run.run_id}: offset {run.emitted}, store has {value!r}")
 
-    def finalize(self, run_id: str, status: str, detail: Any = None, owner: str = "") -> bool:
+    def finalize(
+        self,
+        run_id: str,
+        status: str,
+        detail: Any = None,
+        owner: str = "",
+        run: Run | None = None,
+    ) -> bool:
         """Write the run's one reply.done. Returns False when it already had one.
 
-        `owner` fences a worker's attempt; the sweeper passes "" to end any run.
+        `owner` fences a worker's attempt; the sweeper passes "" to end any run. A caller
+        that holds the claimed `run` passes it and saves a round trip.
         """
-        fields = self.client.hmget(
-            keys.run(run_id), ["tenant", "stream", "agent", "client", "message_id", "message_event"]
-        )
-        if fields[0] is None:
-            self.client.zrem(keys.RUN_DEADLINES, run_id)
-            return False
-        tenant, stream, agent, client, message_id, message_event = (f.decode() for f in fields)
+        if run is not None:
+            tenant, stream, agent = run.tenant, run.stream, run.agent
+            client, message_id, message_event = run.client, run.message_id, run.message_event
+        else:
+            fields = self.client.hmget(
+                keys.run(run_id),
+                ["tenant", "stream", "agent", "client", "message_id", "message_event"],
+            )
+            if fields[0] is None:
+                self.client.zrem(keys.RUN_DEADLINES, run_id)
+                return False
+            tenant, stream, agent, client, message_id, message_event = (f.decode() for f in fields)
         event_id = new_event_id()
         prefix, suffix = event_parts(
             stream=stream,

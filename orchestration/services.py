@@ -6,6 +6,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from orchestration.agents import Step, UnknownAgent, get_agent
 from orchestration.runs import Fenced, Run, RunFinished, RunStore
 from workers.backends import ModelError, ModelRequest, get_backend
@@ -87,9 +89,18 @@ def _execute_claimed(
                 return StepOutcome(retry_in_s=backoff)
         reason = "timeout" if "time limit" in str(error) else "model_error"
         return _fall_back(store, run, step, reason)
+    except (Fenced, RunFinished):
+        raise
+    except SoftTimeLimitExceeded:
+        logger.warning("step hit Celery's soft time limit run=%s step=%s", run.run_id, step_index)
+        return _fall_back(store, run, step, "timeout")
+    except Exception:
+        # A bug or an unclassified backend failure still owes the client its reply.done.
+        logger.exception("step failed run=%s step=%s", run.run_id, step_index)
+        return _fall_back(store, run, step, "internal")
     if step_index + 1 < len(agent.steps):
         return StepOutcome(next_step=step_index + 1)
-    store.finalize(run.run_id, "ok", None, owner=run.owner)
+    store.finalize(run.run_id, "ok", None, owner=run.owner, run=run)
     return StepOutcome()
 
 
@@ -97,7 +108,7 @@ def _fall_back(store: RunStore, run: Run, step: Step, reason: str) -> StepOutcom
     """The degraded answer: the step's fallback text after whatever was already streamed."""
     separator = "\n" if run.emitted else ""
     store.append_delta(run, separator + step.fallback_text)
-    store.finalize(run.run_id, "degraded", {"reason": reason}, owner=run.owner)
+    store.finalize(run.run_id, "degraded", {"reason": reason}, owner=run.owner, run=run)
     return StepOutcome()
 
 

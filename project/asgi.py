@@ -10,6 +10,7 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 
+from realtime.lifecycle import install_daphne_drain  # noqa: E402
 from realtime.routing import websocket_urlpatterns  # noqa: E402
 from realtime.security import BrowserOriginValidator  # noqa: E402
 
@@ -18,6 +19,8 @@ if "bench" in settings.INSTALLED_APPS:
     from bench.routing import websocket_urlpatterns as bench_routes
 
     routes += bench_routes
+
+install_daphne_drain(settings.SWITCHBOARD["DRAIN_S"])
 
 application = ProtocolTypeRouter(
     {

@@ -180,8 +180,8 @@ SWITCHBOARD = {
     # Default per-tenant frame size limit in bytes.
     "MAX_FRAME_BYTES": env_int("SWITCHBOARD_MAX_FRAME_BYTES", 64 * 1024),
     # Outbound buffer per connection: events and bytes waiting to be written.
-    "OUTBOX_MAX_EVENTS": env_int("SWITCHBOARD_OUTBOX_MAX_EVENTS", 2_000),
-    "OUTBOX_MAX_BYTES": env_int("SWITCHBOARD_OUTBOX_MAX_BYTES", 4 * 1024 * 1024),
+    "OUTBOX_MAX_EVENTS": env_int("SWITCHBOARD_OUTBOX_MAX_EVENTS", 1_000),
+    "OUTBOX_MAX_BYTES": env_int("SWITCHBOARD_OUTBOX_MAX_BYTES", 1024 * 1024),
     # Seconds between client heartbeats advertised in welcome.
     "HEARTBEAT_S": env_int("SWITCHBOARD_HEARTBEAT_S", 25),
     # Soft limit of one model call; the run answers degraded when it passes.

@@ -28,6 +28,7 @@ from realtime.auth import AuthError, Identity, authenticate
 from realtime.events import dumps
 from realtime.flusher import get_flusher
 from realtime.hub import get_hub
+from realtime.lifecycle import lifecycle
 from realtime.outbox import Outbox, OutboxFull
 from realtime.protocol import (
     CLOSE_SERVICE_RESTART,
@@ -51,6 +52,7 @@ from realtime.redis_clients import async_client
 from realtime.sequencing import StreamCursor
 from realtime.streams import StreamStore
 from realtime.tenants import TenantConfig, tenant_cache
+from realtime.transport import DaphneSocket, daphne_protocol
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +115,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             settings.SWITCHBOARD["OUTBOX_MAX_EVENTS"], settings.SWITCHBOARD["OUTBOX_MAX_BYTES"]
         )
         self.connection_id = secrets.token_hex(6)
+        self.socket: DaphneSocket | None = None
         self.handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
             Send: self.handle_send,
             Publish: self.handle_publish,
@@ -151,15 +154,15 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         try:
             self.identity, self.tenant = await authenticate(token, tenant_cache)
         except AuthError as error:
-            await self.base_send({"type": "websocket.accept"})
-            await self.base_send(
-                {"type": "websocket.close", "code": CLOSE_UNAUTHORIZED, "reason": str(error)}
-            )
-            self.state = ConnectionState.CLOSED
+            # The protocol says: accept, then close 4001 with a reason, and nothing else.
+            await self._accept()
+            self.close_with(CLOSE_UNAUTHORIZED, str(error))
             logger.info("connection refused conn=%s: %s", self.connection_id, error)
             return
-        await self.base_send({"type": "websocket.accept"})
-        self.state = ConnectionState.OPEN
+        await self._accept()
+        if not lifecycle.admit(self):
+            self.close_for_restart()
+            return
         self.push(
             dumps(
                 {
@@ -173,8 +176,17 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             )
         )
 
+    async def _accept(self) -> None:
+        await self.base_send({"type": "websocket.accept"})
+        self.state = ConnectionState.OPEN
+        protocol = daphne_protocol(self.base_send)
+        if protocol is not None:
+            self.socket = DaphneSocket(protocol, on_resume=self._on_socket_resume)
+            self.socket.start()
+
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
         self.state = ConnectionState.CLOSED
+        lifecycle.forget(self)
         streams = list(self.subscriptions)
         for stream in streams:
             self._drop_subscription(stream)
@@ -228,13 +240,27 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             self.push(frame)
 
     async def flush(self) -> None:
-        """Write everything buffered; only the process flusher calls this (one writer)."""
+        """Write what is buffered; only the process flusher calls this (one writer)."""
+        socket = self.socket
+        outbox = self.outbox
+        if socket is not None:
+            # Stops while Twisted says the socket's buffers are full; resumes on its word.
+            while not socket.paused and self.state is ConnectionState.OPEN and socket.open:
+                frame = outbox.pop()
+                if frame is None:
+                    return
+                socket.write(frame)
+            return
         send = self.base_send
         while self.state is ConnectionState.OPEN:
-            frame = self.outbox.pop()
+            frame = outbox.pop()
             if frame is None:
                 return
             await send({"type": "websocket.send", "text": frame})
+
+    def _on_socket_resume(self) -> None:
+        if len(self.outbox):
+            get_flusher().mark(self)
 
     def close_slow_consumer(self, detail: str) -> None:
         logger.warning(
@@ -252,11 +278,14 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self.state = ConnectionState.CLOSED
         while self.outbox.pop() is not None:
             pass
+        if self.socket is not None:
+            self.socket.close(code, reason)
+            return
         asyncio.get_running_loop().create_task(
             self.base_send({"type": "websocket.close", "code": code, "reason": reason})
         )
 
-    async def close_for_restart(self) -> None:
+    def close_for_restart(self) -> None:
         self.close_with(CLOSE_SERVICE_RESTART, "service restart")
 
     # --- subscriptions -----------------------------------------------------------------

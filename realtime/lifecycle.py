@@ -1,0 +1,88 @@
+"""Graceful drain of a gateway process, in the manner of uvicorn's Server.shutdown().
+
+On SIGTERM the process stops admitting sockets (new ones are closed with 1012 at once),
+closes every open socket with 1012 "service restart" so clients reconnect elsewhere and
+resume, waits up to SWITCHBOARD["DRAIN_S"] for them to go, then stops the reactor. A
+second SIGTERM (or SIGINT) stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from typing import Protocol
+
+logger = logging.getLogger(__name__)
+
+
+class Drainable(Protocol):
+    def close_for_restart(self) -> None: ...
+
+
+class Lifecycle:
+    def __init__(self) -> None:
+        self.connections: set[Drainable] = set()
+        self.draining = False
+
+    def admit(self, connection: Drainable) -> bool:
+        if self.draining:
+            return False
+        self.connections.add(connection)
+        return True
+
+    def forget(self, connection: Drainable) -> None:
+        self.connections.discard(connection)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Close every socket for restart; returns how many were still open at the end."""
+        self.draining = True
+        open_at_start = len(self.connections)
+        for connection in list(self.connections):
+            connection.close_for_restart()
+        deadline = time.monotonic() + timeout_s
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        logger.info(
+            "drained gateway: %s connections closed, %s left after %.1fs",
+            open_at_start - len(self.connections),
+            len(self.connections),
+            timeout_s,
+        )
+        return len(self.connections)
+
+
+lifecycle = Lifecycle()
+
+
+def install_daphne_drain(timeout_s: float) -> None:
+    """Replace Twisted's SIGTERM handler (stop at once) with drain-then-stop."""
+    if "daphne.server" not in sys.modules:
+        return  # importing the reactor anywhere else would install the wrong one
+    from twisted.internet import reactor
+
+    def install() -> None:
+        loop = asyncio.get_event_loop()
+
+        def stop_now(*_: object) -> None:
+            reactor.callFromThread(reactor.stop)  # type: ignore[attr-defined]
+
+        async def drain_then_stop() -> None:
+            try:
+                await lifecycle.drain(timeout_s)
+            finally:
+                reactor.stop()  # type: ignore[attr-defined]
+
+        def on_term(*_: object) -> None:
+            if lifecycle.draining:
+                stop_now()
+                return
+            logger.info("SIGTERM: draining %s connections", len(lifecycle.connections))
+            loop.call_soon_threadsafe(lambda: loop.create_task(drain_then_stop()))
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, lambda *_: stop_now() if lifecycle.draining else on_term())
+
+    reactor.callWhenRunning(install)  # type: ignore[attr-defined]

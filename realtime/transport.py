@@ -1,0 +1,90 @@
+"""How frames reach a socket: straight to daphne's protocol when we run under daphne.
+
+Under daphne, the ASGI `send` of a WebSocket is `partial(server.handle_reply, protocol)`
+and does its work synchronously. Writing through the protocol object directly lets the
+gateway do three things ASGI cannot express:
+
+- frame each event once and write the same bytes to every socket (autobahn's prepared
+  messages), which is most of the cost of fanning one event out to many sockets;
+- see backpressure: Twisted pauses a registered producer when a socket's kernel and user
+  buffers fill, so a slow reader's frames stay in our bounded outbox (and it is closed with
+  4008 when that fills) instead of piling up without bound in Twisted's write buffer;
+- close with a reason (daphne's ASGI close drops it).
+
+Under any other ASGI server the plain `send` is used, without those three.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+try:
+    from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
+except ImportError:  # pragma: no cover - autobahn comes with daphne
+    PreparedMessage = None  # type: ignore[assignment,misc]
+    WebSocketProtocol = None  # type: ignore[assignment,misc]
+
+_PREPARED_CACHE_LIMIT = 512
+_prepared: dict[str, Any] = {}
+
+
+def prepared_message(text: str) -> Any:
+    """One framed message per distinct text; the same event to many sockets frames once."""
+    message = _prepared.get(text)
+    if message is None:
+        if len(_prepared) >= _PREPARED_CACHE_LIMIT:
+            _prepared.clear()
+        message = _prepared[text] = PreparedMessage(text.encode(), False, False, True)
+    return message
+
+
+class DaphneSocket:
+    """Direct writes to an autobahn protocol, with Twisted's flow control."""
+
+    __slots__ = ("protocol", "paused", "on_resume")
+
+    direct = True
+
+    def __init__(self, protocol: Any, on_resume: Callable[[], None]) -> None:
+        self.protocol = protocol
+        self.paused = False
+        self.on_resume = on_resume
+
+    def start(self) -> None:
+        """Call once the socket is accepted."""
+        transport = getattr(self.protocol, "transport", None)
+        if transport is not None and getattr(transport, "producer", None) is None:
+            transport.registerProducer(self, True)
+
+    @property
+    def open(self) -> bool:
+        return self.protocol.state == WebSocketProtocol.STATE_OPEN
+
+    def write(self, text: str) -> None:
+        self.protocol.sendPreparedMessage(prepared_message(text))
+
+    def close(self, code: int, reason: str) -> None:
+        if self.protocol.state == WebSocketProtocol.STATE_OPEN:
+            # sendClose() refuses 1012 (it allows only 1000 and 3000-4999); the frame is valid.
+            self.protocol.sendCloseFrame(code=code, reasonUtf8=reason.encode()[:120])
+
+    # Twisted IPushProducer
+    def pauseProducing(self) -> None:  # noqa: N802 - Twisted's interface
+        self.paused = True
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self.paused = False
+        self.on_resume()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self.paused = True
+
+
+def daphne_protocol(send: Callable[[dict[str, Any]], Awaitable[None]]) -> Any | None:
+    """The autobahn protocol behind a daphne ASGI `send`, or None under other servers."""
+    if WebSocketProtocol is None or not isinstance(send, functools.partial):
+        return None
+    protocol = send.args[0] if send.args else None
+    return protocol if isinstance(protocol, WebSocketProtocol) else None
