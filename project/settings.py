@@ -156,6 +156,8 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     # Same reason as REDIS_SOCKET_TIMEOUT_S: BRPOP must outlive redis-py 8's 5 s default.
     "socket_timeout": REDIS_SOCKET_TIMEOUT_S,
 }
+# A step holds its process for the whole model call: size for calls in flight, not for CPUs.
+CELERY_WORKER_CONCURRENCY = env_int("CELERY_WORKER_CONCURRENCY", 8)
 # Workers restart their children now and then so a leaking backend cannot grow forever.
 CELERY_WORKER_MAX_TASKS_PER_CHILD = env_int("CELERY_WORKER_MAX_TASKS_PER_CHILD", 100_000)
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
