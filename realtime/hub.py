@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 RECONNECT_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 IDLE_PING_S = 10.0
+# A subscribe fails (the client gets an error) rather than hang while Redis is away.
+JOIN_TIMEOUT_S = 5.0
 
 
 class Listener(Protocol):
@@ -54,13 +56,26 @@ class Hub:
             group = self._listeners[channel] = set()
             self._confirmed[channel] = asyncio.get_running_loop().create_future()
             self._ensure_reader()
-            await self._connected.wait()
+            try:
+                await asyncio.wait_for(self._connected.wait(), JOIN_TIMEOUT_S)
+            except TimeoutError:
+                self._forget_if_empty(channel)
+                raise
             assert self._pubsub is not None
             await self._pubsub.execute_command("SUBSCRIBE", channel)
         group.add(listener)
         confirmed = self._confirmed.get(channel)
         if confirmed is not None and not confirmed.done():
-            await asyncio.shield(confirmed)
+            try:
+                await asyncio.wait_for(asyncio.shield(confirmed), JOIN_TIMEOUT_S)
+            except TimeoutError:
+                self.leave(tenant, stream, listener)
+                raise
+
+    def _forget_if_empty(self, channel: bytes) -> None:
+        if not self._listeners.get(channel):
+            self._listeners.pop(channel, None)
+            self._confirmed.pop(channel, None)
 
     def leave(self, tenant: str, stream: str, listener: Listener) -> None:
         channel = keys.stream_channel(tenant, stream).encode()
