@@ -112,6 +112,7 @@ class Cluster:
         self.log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix="switchboard-logs-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._ready_dir = Path(tempfile.mkdtemp(prefix="switchboard-ready-"))
+        self._scratch_dirs: list[Path] = []
 
     # --- environment ---------------------------------------------------------------------
 
@@ -150,6 +151,7 @@ class Cluster:
             return self.redis_url
         port = free_port()
         data_dir = Path(tempfile.mkdtemp(prefix="switchboard-redis-"))
+        self._scratch_dirs.append(data_dir)
         self._spawn(
             "redis",
             [
@@ -220,7 +222,8 @@ class Cluster:
                 "-c",
                 str(self.worker_concurrency),
                 "-l",
-                "info",
+                # Celery's -l sets the root level too: honour LOG_LEVEL like the other processes.
+                env.get("LOG_LEVEL", "INFO").lower(),
                 "--without-gossip",
                 "--without-mingle",
             ],
@@ -284,7 +287,8 @@ class Cluster:
                 proc.stop()
         if "redis" in self.processes:
             self.processes["redis"].stop()
-        shutil.rmtree(self._ready_dir, ignore_errors=True)
+        for directory in [self._ready_dir, *self._scratch_dirs]:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def gateway_url(self, index: int = 0) -> str:
         return f"ws://127.0.0.1:{self.gateway_ports[index]}/ws/v1/"
@@ -327,11 +331,18 @@ def main() -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     configured = running.redis_url
-    url = running.ensure_redis()
-    if url != configured:
-        print(f"No Redis answered at {configured}; started an embedded Redis at {url}.")
+    if "REDIS_URL" in os.environ:
+        # A configured Redis is used as given: falling back would split the data in two.
+        if not redis_answers(configured):  # type: ignore[arg-type]
+            print(f"REDIS_URL is set to {configured}, but no Redis answers there.")
+            raise SystemExit(1)
+        print(f"Using Redis at {configured} (REDIS_URL).")
     else:
-        print(f"Using Redis at {url}.")
+        url = running.ensure_redis()
+        if url != configured:
+            print(f"No Redis answered at {configured}; started an embedded Redis at {url}.")
+        else:
+            print(f"Using the Redis at {url}.")
     try:
         running.migrate()
         print(running.manage("create_tenant", "demo", "--name", "Demo tenant"))
