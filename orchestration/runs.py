@@ -53,6 +53,7 @@ class Run:
     text: str
     options: dict[str, Any]
     deadline: float  # epoch seconds
+    retention: int  # the tenant's stream retention when the message was accepted
     attempt: int
     emitted: int
     owner: str
@@ -70,6 +71,7 @@ class Run:
             text=fields["text"],
             options=orjson.loads(fields.get("options") or "{}"),
             deadline=float(fields["deadline"]),
+            retention=int(fields.get("retention") or settings.SWITCHBOARD["STREAM_RETENTION"]),
             attempt=int(fields.get("attempt", 0)),
             emitted=int(fields.get("emitted", 0)),
             owner=fields.get("owner", ""),
@@ -88,7 +90,12 @@ class RunStore:
         self._claim = client.register_script(scripts.CLAIM_STEP)
         self._append_delta = client.register_script(scripts.APPEND_DELTA)
         self._finalize = client.register_script(scripts.FINALIZE_RUN)
-        self.retention = settings.SWITCHBOARD["STREAM_RETENTION"]
+
+    def load(self, run_id: str) -> Run | None:
+        raw = self.client.hgetall(keys.run(run_id))
+        if not raw or b"tenant" not in raw:
+            return None
+        return Run.from_hash(run_id, {k.decode(): v.decode() for k, v in raw.items()})
 
     def claim(self, run_id: str, step: int) -> Run | None:
         """Become the run's owner for this step; None when the run is gone or finished."""
@@ -121,7 +128,7 @@ class RunStore:
                 keys.stream_channel(run.tenant, run.stream),
                 prefix,
                 suffix,
-                self.retention,
+                run.retention,
                 run.owner,
                 run.emitted,
                 len(piece),
@@ -151,25 +158,19 @@ class RunStore:
         `owner` fences a worker's attempt; the sweeper passes "" to end any run. A caller
         that holds the claimed `run` passes it and saves a round trip.
         """
-        if run is not None:
-            tenant, stream, agent = run.tenant, run.stream, run.agent
-            client, message_id, message_event = run.client, run.message_id, run.message_event
-        else:
-            fields = self.client.hmget(
-                keys.run(run_id),
-                ["tenant", "stream", "agent", "client", "message_id", "message_event"],
-            )
-            if fields[0] is None:
+        if run is None:
+            run = self.load(run_id)
+            if run is None:
                 self.client.zrem(keys.RUN_DEADLINES, run_id)
                 return False
-            tenant, stream, agent, client, message_id, message_event = (f.decode() for f in fields)
+        tenant, stream = run.tenant, run.stream
         event_id = new_event_id()
         prefix, suffix = event_parts(
             stream=stream,
             event_id=event_id,
             kind="reply.done",
-            sender=f"agent:{agent}",
-            cause=cause_of(client, message_id, message_event),
+            sender=f"agent:{run.agent}",
+            cause=run.cause(),
             data={"run": run_id, "status": status, "detail": detail},
             ts=utc_now_iso(),
         )
@@ -190,7 +191,7 @@ class RunStore:
                 prefix,
                 text_prefix,
                 suffix[detail_at:],
-                self.retention,
+                run.retention,
                 owner,
                 status,
                 run_id,

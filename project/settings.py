@@ -105,6 +105,8 @@ STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "var" / "static"
 
 # --- Redis -----------------------------------------------------------------------------
+# Every key Switchboard, Celery and the channel layer write starts with this.
+KEY_PREFIX = env_str("SWITCHBOARD_KEY_PREFIX", "sb")
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 # redis-py 8 defaults socket_timeout to 5 s; blocking reads (pub/sub, BRPOP) need longer.
 REDIS_SOCKET_TIMEOUT_S = env_float("REDIS_SOCKET_TIMEOUT_S", 30.0)
@@ -129,7 +131,7 @@ CHANNEL_LAYERS = {
             # Per-process capacity shared by all channels of a process (trap 4).
             "capacity": env_int("CHANNEL_LAYER_CAPACITY", 1000),
             "expiry": 60,
-            "prefix": "sb:layer:",
+            "prefix": f"{KEY_PREFIX}:layer:",
         },
     }
 }
@@ -155,6 +157,8 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": CELERY_VISIBILITY_TIMEOUT_S,
     # Same reason as REDIS_SOCKET_TIMEOUT_S: BRPOP must outlive redis-py 8's 5 s default.
     "socket_timeout": REDIS_SOCKET_TIMEOUT_S,
+    # Celery's queues and bookkeeping live beside our keys, under the same prefix.
+    "global_keyprefix": f"{KEY_PREFIX}:celery:",
 }
 # A step holds its process for the whole model call: size for calls in flight, not for CPUs.
 CELERY_WORKER_CONCURRENCY = env_int("CELERY_WORKER_CONCURRENCY", 8)
@@ -174,7 +178,7 @@ CELERY_BEAT_SCHEDULE = {
 # --- Switchboard -----------------------------------------------------------------------
 SWITCHBOARD = {
     # Key prefix of every Redis key Switchboard owns.
-    "KEY_PREFIX": env_str("SWITCHBOARD_KEY_PREFIX", "sb"),
+    "KEY_PREFIX": KEY_PREFIX,
     # Events kept per stream for resume; older ones answer history_expired.
     "STREAM_RETENTION": env_int("SWITCHBOARD_STREAM_RETENTION", 10_000),
     # How long a client message id is remembered for duplicate detection.

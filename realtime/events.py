@@ -14,8 +14,9 @@ from typing import Any
 
 import orjson
 
-STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/+=-]{0,199}$")
-MESSAGE_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+# \Z, not $: "$" also matches before a trailing newline, which would let "room\n" through.
+STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/+=-]{0,199}\Z")
+MESSAGE_ID = re.compile(r"^[\x21-\x7e]{1,128}\Z")
 
 
 def new_event_id() -> str:

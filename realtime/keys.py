@@ -58,3 +58,8 @@ def receipts(tenant: str, stream: str) -> str:
 
 def presence(tenant: str, stream: str) -> str:
     return f"{PREFIX}:s:{tenant}:{stream}:presence"
+
+
+def celery_queue(queue: str) -> str:
+    """The list kombu's Redis transport keeps a queue in (it prefixes every key)."""
+    return settings.CELERY_BROKER_TRANSPORT_OPTIONS.get("global_keyprefix", "") + queue

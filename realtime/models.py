@@ -8,7 +8,7 @@ from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
 
-TENANT_SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+TENANT_SLUG_PATTERN = r"\A[a-z0-9][a-z0-9_-]{0,62}\Z"
 
 
 def new_signing_secret() -> str:

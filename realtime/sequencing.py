@@ -19,6 +19,9 @@ class StreamCursor:
     pending: dict[int, str] = field(default_factory=dict)
     # Set when pending overflowed: events past the window were dropped and must be re-read.
     overflowed: bool = False
+    # The highest seq dropped on overflow: the log is read up to it even when no later
+    # event arrives to reveal the gap (the dropped one may be a run's last event).
+    dropped_through: int = 0
 
     def start_at(self, next_seq: int) -> list[str]:
         """Begin delivering at next_seq; returns buffered events that are now deliverable."""
@@ -33,8 +36,11 @@ class StreamCursor:
             return []  # already delivered: a duplicate from a repair read or a replay
         if seq in self.pending:
             return []
-        if len(self.pending) >= self.max_pending:
+        # The next expected seq is always taken: it drains the window rather than growing
+        # it, and refusing it would leave a repair re-reading the same gap forever.
+        if len(self.pending) >= self.max_pending and seq != self.next_seq:
             self.overflowed = True
+            self.dropped_through = max(self.dropped_through, seq)
             return []
         self.pending[seq] = event
         return self._drain() if self.next_seq is not None else []
@@ -46,7 +52,7 @@ class StreamCursor:
         if self.pending:
             return self.next_seq, min(self.pending) - 1
         if self.overflowed:
-            return self.next_seq, self.next_seq + self.max_pending - 1
+            return self.next_seq, self.dropped_through
         return None
 
     def skip_to(self, next_seq: int) -> list[str]:
@@ -58,6 +64,6 @@ class StreamCursor:
         while self.next_seq in self.pending:
             ready.append(self.pending.pop(self.next_seq))
             self.next_seq += 1
-        if not self.pending:
+        if self.overflowed and self.next_seq > self.dropped_through:
             self.overflowed = False
         return ready

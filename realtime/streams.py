@@ -111,6 +111,7 @@ class StreamStore:
             "text": frame.text,
             "options": dumps(frame.options),
             "deadline": f"{deadline:.3f}",
+            "retention": retention or self.retention,
             "created": f"{time.time():.3f}",
         }
         flat: list[Any] = []
@@ -123,7 +124,7 @@ class StreamStore:
                 keys.client_message(tenant, client, frame.id),
                 keys.run(run_id),
                 keys.RUN_DEADLINES,
-                RUNS_QUEUE,
+                keys.celery_queue(RUNS_QUEUE),
             ],
             args=[
                 keys.stream_channel(tenant, frame.stream),

@@ -54,6 +54,9 @@ class DaphneSocket:
 
     def start(self) -> None:
         """Call once the socket is accepted."""
+        # A frame over daphne's size limit then gets a 1009 close frame, not a dropped TCP
+        # connection the client can only see as 1006.
+        self.protocol.failByDrop = False
         transport = getattr(self.protocol, "transport", None)
         if transport is not None and getattr(transport, "producer", None) is None:
             transport.registerProducer(self, True)

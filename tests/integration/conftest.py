@@ -1,0 +1,200 @@
+"""One real Switchboard for the integration suite: Redis, a daphne gateway and a Celery
+worker as separate processes (project/launcher.py), driven over real sockets.
+
+Tenants live in the cluster's own SQLite file. pytest-django's test database is in memory
+and the cluster's processes cannot see it, so nothing here goes through it: tenants are
+made by the management commands, and tokens are signed with secrets read from that file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import redis
+
+from project.launcher import Cluster
+from realtime.auth import issue_token
+from realtime.client import SwitchboardClient
+
+# Short limits so failure paths finish in seconds; tests read them from here.
+SOFT_LIMIT_S = 1.5
+KEY_PREFIX = "sbtest"
+CLUSTER_ENV = {
+    # Not the default prefix, so the key-isolation test proves the setting is honoured.
+    "SWITCHBOARD_KEY_PREFIX": KEY_PREFIX,
+    "SWITCHBOARD_MODEL_SOFT_LIMIT_S": str(SOFT_LIMIT_S),
+    "SWITCHBOARD_MODEL_RETRY_BACKOFF_S": "0.05",
+    "SWITCHBOARD_MODEL_MAX_RETRIES": "3",
+    # Tenant changes (disabling one) must reach the gateway within a test.
+    "SWITCHBOARD_TENANT_CACHE_S": "0.3",
+    "LOG_LEVEL": "INFO",
+}
+
+TENANT = "acme"  # where most tests run
+OTHER_TENANT = "globex"  # same stream names, must see nothing of TENANT
+SMALL_TENANT = "tiny"  # stream_retention 5, for history_expired
+DOOMED_TENANT = "doomed"  # disabled by a test
+SMALL_RETENTION = 5
+
+_TENANT_SETUP = f"""
+import json
+from realtime.models import Tenant
+for slug in {[OTHER_TENANT, SMALL_TENANT, DOOMED_TENANT]!r}:
+    Tenant.objects.get_or_create(slug=slug)
+Tenant.objects.filter(slug={SMALL_TENANT!r}).update(stream_retention={SMALL_RETENTION})
+print(json.dumps(sorted(Tenant.objects.values_list("slug", flat=True))))
+"""
+
+
+@dataclass
+class Switchboard:
+    """The running cluster as the tests see it."""
+
+    cluster: Cluster
+    db_path: Path
+    key_prefix: str
+
+    @property
+    def url(self) -> str:
+        return self.cluster.gateway_url(0)
+
+    @property
+    def redis_url(self) -> str:
+        assert self.cluster.redis_url
+        return self.cluster.redis_url
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis_url)
+
+    def secret(self, tenant: str) -> str:
+        with sqlite3.connect(self.db_path) as db:
+            row = db.execute(
+                "SELECT signing_secret FROM realtime_tenant WHERE slug = ?", (tenant,)
+            ).fetchone()
+        if row is None:
+            raise LookupError(f"no tenant {tenant!r}")
+        return row[0]
+
+    def token(
+        self,
+        client: str,
+        tenant: str = TENANT,
+        ttl_s: int = 3600,
+        streams: list[str] | None = None,
+        name: str | None = None,
+    ) -> str:
+        return issue_token(self.secret(tenant), tenant, client, ttl_s, streams, name)
+
+    def shell(self, code: str) -> str:
+        """Run Python in a Django shell of the cluster (its env, its database)."""
+        return self.cluster.manage("shell", "-v", "0", "-c", code)
+
+    def log_tails(self, lines: int = 40) -> str:
+        return "\n".join(
+            f"----- {name} ({proc.log_path}) -----\n{proc.log_tail(lines)}"
+            for name, proc in self.cluster.processes.items()
+        )
+
+
+@pytest.fixture(scope="session")
+def switchboard(request: pytest.FixtureRequest, test_redis_url: str) -> Iterator[Switchboard]:
+    work = Path(tempfile.mkdtemp(prefix="switchboard-it-"))
+    db_path = work / "db.sqlite3"
+    cluster = Cluster(
+        redis_url=test_redis_url,
+        gateways=1,
+        workers=1,
+        worker_concurrency=2,
+        env={**CLUSTER_ENV, "DATABASE_URL": f"sqlite:///{db_path}"},
+        log_dir=work / "logs",
+    )
+    board = Switchboard(cluster, db_path, KEY_PREFIX)
+    try:
+        url = cluster.ensure_redis()
+        # The atomic enqueue needs the broker to be this very database.
+        cluster.env["CELERY_BROKER_URL"] = url
+        redis.Redis.from_url(url).flushdb()
+        cluster.migrate()
+        assert cluster.manage("create_tenant", TENANT) == f"tenant {TENANT} created"
+        slugs = json.loads(board.shell(_TENANT_SETUP).splitlines()[-1])
+        assert set(slugs) >= {TENANT, OTHER_TENANT, SMALL_TENANT, DOOMED_TENANT}
+        cluster.start()
+    except BaseException:
+        print(board.log_tails())
+        cluster.stop()
+        raise
+    try:
+        yield board
+    finally:
+        cluster.stop()
+        if request.session.testsfailed:
+            print(f"\nintegration cluster logs and database kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+@pytest.fixture(autouse=True)
+def _process_logs_on_failure(
+    request: pytest.FixtureRequest, switchboard: Switchboard
+) -> Iterator[None]:
+    """A failing test shows what the server processes said (captured output, teardown)."""
+    yield
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        print(switchboard.log_tails())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `run_last` inspect what the whole suite left behind."""
+    items.sort(key=lambda item: item.get_closest_marker("run_last") is not None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "run_last: run after every other test of the session")
+
+
+Connect = Callable[..., Awaitable[SwitchboardClient]]
+
+
+@pytest_asyncio.fixture
+async def connect(switchboard: Switchboard, unique: Callable[[str], str]) -> AsyncIterator[Connect]:
+    """`await connect()` opens a client of TENANT with a fresh client id; keyword
+    arguments: client, tenant, streams, name, token (used as given) and the client's
+    connect options. Every client is closed after the test."""
+    clients: list[SwitchboardClient] = []
+
+    async def open_client(
+        client: str | None = None,
+        tenant: str = TENANT,
+        streams: list[str] | None = None,
+        name: str | None = None,
+        token: str | None = None,
+        **options: Any,
+    ) -> SwitchboardClient:
+        if token is None:
+            token = switchboard.token(
+                client or unique("client"), tenant, streams=streams, name=name
+            )
+        opened = await SwitchboardClient.connect(switchboard.url, token, **options)
+        clients.append(opened)
+        return opened
+
+    yield open_client
+    for opened in clients:
+        await opened.close()

@@ -1,0 +1,120 @@
+"""Connecting: the welcome, and every way a token is refused (close 4001, nothing sent)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import jwt
+import pytest
+
+from realtime.auth import issue_token
+from realtime.client import SwitchboardClient, SwitchboardClosed
+
+from .conftest import DOOMED_TENANT, TENANT, Connect, Switchboard
+from .support import wait_until
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_welcome_names_client_tenant_session_and_limits(connect: Connect) -> None:
+    client = await connect(client="welcome-1")
+    welcome = client.welcome
+    assert welcome["type"] == "welcome"
+    assert welcome["client"] == "welcome-1"
+    assert welcome["tenant"] == TENANT
+    assert isinstance(welcome["session"], str) and welcome["session"]
+    assert isinstance(welcome["heartbeat_s"], int) and welcome["heartbeat_s"] > 0
+    assert welcome["limits"]["max_frame_bytes"] == 64 * 1024
+    assert welcome["limits"]["stream_retention"] > 0
+    other = await connect(client="welcome-1")
+    assert other.welcome["session"] != welcome["session"], "each connection is its own session"
+    assert (await client.ping())["type"] == "pong"
+
+
+async def test_token_in_authorization_header(switchboard: Switchboard, connect: Connect) -> None:
+    token = switchboard.token("header-client", name="Header")
+    client = await connect(token=token, token_in_header=True)
+    assert client.welcome["client"] == "header-client"
+
+
+async def test_token_from_issue_token_command(switchboard: Switchboard, connect: Connect) -> None:
+    token = switchboard.cluster.manage("issue_token", TENANT, "cli-client", "--ttl", "60")
+    assert "\n" not in token, "issue_token prints the token alone"
+    client = await connect(token=token)
+    assert client.welcome["client"] == "cli-client"
+    assert client.welcome["tenant"] == TENANT
+
+
+def _unsigned(claims: dict[str, object]) -> str:
+    return jwt.encode(claims, key=None, algorithm="none")
+
+
+def _refused_tokens(board: Switchboard) -> dict[str, Callable[[], str | None]]:
+    secret = board.secret(TENANT)
+    now = int(time.time())
+    return {
+        "missing": lambda: None,
+        "empty": lambda: "",
+        "malformed": lambda: "not-a-jwt",
+        "bad-signature": lambda: issue_token("not-the-secret-" * 4, TENANT, "c1", 60),
+        "other-tenants-secret": lambda: issue_token(board.secret("globex"), TENANT, "c1", 60),
+        "expired": lambda: issue_token(secret, TENANT, "c1", ttl_s=-30),
+        "no-expiry": lambda: jwt.encode({"sub": "c1", "tnt": TENANT}, secret, "HS256"),
+        "no-subject": lambda: jwt.encode({"tnt": TENANT, "exp": now + 60}, secret, "HS256"),
+        "alg-none": lambda: _unsigned({"sub": "c1", "tnt": TENANT, "exp": now + 60}),
+        "unknown-tenant": lambda: issue_token(secret, "no-such-tenant", "c1", 60),
+        "no-tenant-claim": lambda: jwt.encode({"sub": "c1", "exp": now + 60}, secret, "HS256"),
+    }
+
+
+REFUSALS = [
+    "missing",
+    "empty",
+    "malformed",
+    "bad-signature",
+    "other-tenants-secret",
+    "expired",
+    "no-expiry",
+    "no-subject",
+    "alg-none",
+    "unknown-tenant",
+    "no-tenant-claim",
+]
+
+
+@pytest.mark.parametrize("in_header", [False, True], ids=["query", "header"])
+@pytest.mark.parametrize("case", REFUSALS)
+async def test_refused_token_closes_4001_with_nothing_sent(
+    switchboard: Switchboard, case: str, in_header: bool
+) -> None:
+    token = _refused_tokens(switchboard)[case]()
+    with pytest.raises(SwitchboardClosed) as refused:
+        await SwitchboardClient.connect(switchboard.url, token, token_in_header=in_header)
+    assert refused.value.code == 4001, refused.value
+    assert refused.value.reason, "the close carries a short reason"
+    assert refused.value.frames == [], "nothing is sent before the close"
+
+
+async def test_disabled_tenant_is_refused(switchboard: Switchboard, connect: Connect) -> None:
+    token = switchboard.token("doomed-client", tenant=DOOMED_TENANT)
+    client = await connect(token=token)
+    assert client.welcome["tenant"] == DOOMED_TENANT
+    switchboard.shell(
+        "from realtime.models import Tenant; "
+        f"Tenant.objects.filter(slug={DOOMED_TENANT!r}).update(enabled=False)"
+    )
+
+    async def refused() -> SwitchboardClosed | None:
+        # The gateway caches tenants briefly; the change shows once its entry expires.
+        try:
+            opened = await SwitchboardClient.connect(switchboard.url, token)
+        except SwitchboardClosed as closed:
+            return closed
+        await opened.close()
+        return None
+
+    closed = await wait_until(refused, 10, "the disabled tenant to be refused")
+    assert closed.code == 4001
+    assert closed.frames == []
+    assert "disabled" in closed.reason
