@@ -40,7 +40,7 @@ def issue_token(
     name: str | None = None,
 ) -> str:
     claims: dict[str, object] = {"sub": client, "tnt": tenant, "exp": int(time.time()) + ttl_s}
-    if streams:
+    if streams is not None:  # an empty list allows no stream at all
         claims["streams"] = list(streams)
     if name:
         claims["name"] = name

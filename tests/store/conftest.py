@@ -1,0 +1,161 @@
+"""Store tests: the Lua scripts, run records and Celery messages against a real Redis.
+
+Which Redis: SWITCHBOARD_TEST_REDIS_URL (default redis://127.0.0.1:6379/15), flushed before
+every test. When nothing answers there, an embedded Redis is started for these tests
+(project.launcher), so they never skip.
+
+Pointing Django at it: pytest-django loads project.settings in its own
+pytest_load_initial_conftests hook, before any conftest.py is imported, so setting REDIS_URL
+in the environment from here (module level or pytest_configure) comes too late for the
+settings to read it. The package fixture below therefore points the loaded settings at the
+test Redis instead: REDIS_URL and CELERY_BROKER_URL, the Celery app's broker, the cached
+clients of realtime.redis_clients, and realtime.keys, whose pub/sub channel names embed the
+database number read at import. Everything that reads settings at call time then uses the
+test database; `REDIS_URL=... pytest` in the environment works as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+import redis
+import redis.asyncio as aredis
+from django.conf import settings
+
+from orchestration import agents
+from orchestration.agents import Agent, Step
+from orchestration.runs import RunStore
+from project.celery import app as celery_app
+from project.launcher import Cluster
+from realtime import keys, redis_clients
+from realtime.protocol import Publish, Send
+from realtime.streams import Appended, StreamStore
+
+T = TypeVar("T")
+
+TENANT = "acme"
+CLIENT = "alice"
+
+
+@pytest.fixture(scope="package", autouse=True)
+def store_redis_url(test_redis_url: str) -> Iterator[str]:
+    cluster = Cluster(redis_url=test_redis_url)
+    url = cluster.ensure_redis()
+    saved = {name: getattr(settings, name) for name in ("REDIS_URL", "CELERY_BROKER_URL")}
+    saved_broker = celery_app.conf.broker_url
+    try:
+        settings.REDIS_URL = url
+        settings.CELERY_BROKER_URL = url
+        celery_app.conf.broker_url = url
+        importlib.reload(keys)
+        redis_clients.reset_after_fork()
+        yield url
+    finally:
+        # Leave the test database empty for whoever uses it next.
+        with redis.Redis.from_url(url) as client:
+            client.flushdb()
+        for name, value in saved.items():
+            setattr(settings, name, value)
+        celery_app.conf.broker_url = saved_broker
+        importlib.reload(keys)
+        redis_clients.reset_after_fork()
+        cluster.stop()
+
+
+@pytest.fixture
+def r(store_redis_url: str) -> Iterator[redis.Redis]:
+    """A plain client on the flushed test database, to look at what the scripts wrote."""
+    client = redis.Redis.from_url(store_redis_url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+class Streams:
+    """The gateway's async StreamStore, driven from sync tests: one event loop per call."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def run(self, work: Callable[[StreamStore], Awaitable[T]]) -> T:
+        async def main() -> T:
+            client = aredis.Redis.from_url(self.url)
+            try:
+                return await work(StreamStore(client))
+            finally:
+                await client.aclose()
+
+        return asyncio.run(main())
+
+    def publish(
+        self,
+        stream: str,
+        message_id: str,
+        data: Any = None,
+        *,
+        tenant: str = TENANT,
+        client: str = CLIENT,
+        retention: int | None = None,
+    ) -> Appended:
+        frame = Publish(message_id, stream, data)
+        return self.run(lambda store: store.publish(tenant, client, frame, retention))
+
+    def send(
+        self,
+        stream: str,
+        message_id: str,
+        text: str,
+        *,
+        agent: str = "echo",
+        options: dict[str, Any] | None = None,
+        prev: str | None = None,
+        tenant: str = TENANT,
+        client: str = CLIENT,
+    ) -> Appended:
+        frame = Send(message_id, stream, agent, text, options or {}, prev)
+        definition = agents.get_agent(agent)
+        return self.run(lambda store: store.accept_send(tenant, client, frame, definition))
+
+    def read(self, stream: str, first: int, last: int, tenant: str = TENANT) -> list[int]:
+        events = self.run(lambda store: store.read(tenant, stream, first, last))
+        return [seq for seq, _ in events]
+
+
+@pytest.fixture
+def streams(r: redis.Redis, store_redis_url: str) -> Streams:
+    return Streams(store_redis_url)
+
+
+@pytest.fixture
+def runs(r: redis.Redis) -> RunStore:
+    return RunStore(r)
+
+
+def log_events(r: redis.Redis, stream: str, tenant: str = TENANT) -> list[dict[str, Any]]:
+    """The stream's retained events, parsed; each entry's id must be its event's seq."""
+    events = []
+    for entry_id, fields in r.xrange(keys.stream_log(tenant, stream)):
+        event = json.loads(fields[b"e"])
+        assert entry_id.decode() == f"{event['seq']}-0"
+        events.append(event)
+    return events
+
+
+def of_kind(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [event for event in events if event["kind"] == kind]
+
+
+@pytest.fixture
+def register_agent(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Agent]:
+    """Register an agent for one test only."""
+    monkeypatch.setattr(agents, "_registry", dict(agents._registry))
+
+    def register(name: str, *steps: Step, deadline_s: float = 30.0) -> Agent:
+        return agents.register(Agent(name=name, steps=steps, deadline_s=deadline_s))
+
+    return register

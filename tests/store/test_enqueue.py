@@ -1,0 +1,157 @@
+"""The Celery message our Lua scripts push (orchestration/enqueue.py) against Celery itself.
+
+The gateway writes a run's first task message without kombu, so nothing else would notice
+a kombu or Celery upgrade that changes the message format. These tests compare it, field by
+field, with what kombu pushes for the same task into the same Redis, and hand it to Celery's
+own worker-side decoding and execution.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import copy
+import json
+from typing import Any
+
+import pytest
+import redis
+from celery.worker.request import Request
+
+from orchestration.enqueue import celery_message
+from orchestration.tasks import run_step
+from project.celery import app as celery_app
+from realtime import keys
+from realtime.events import new_run_id
+from realtime.streams import RUN_STEP_TASK, RUNS_QUEUE
+from tests.store.conftest import Streams, log_events, of_kind
+
+# Differ per message or per process by design; everything else must be identical.
+VOLATILE_HEADERS = {"id", "root_id", "origin", "argsrepr", "ignore_result"}
+VOLATILE_PROPERTIES = {"correlation_id", "delivery_tag", "reply_to"}
+EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+def body_of(message: dict[str, Any]) -> Any:
+    assert message["properties"]["body_encoding"] == "base64"
+    return json.loads(base64.b64decode(message["body"]))
+
+
+def comparable(message: dict[str, Any]) -> dict[str, Any]:
+    message = copy.deepcopy(message)
+    message.pop("body")  # compared decoded: JSON whitespace is not the format
+    for name in VOLATILE_HEADERS:
+        message["headers"].pop(name)
+    for name in VOLATILE_PROPERTIES:
+        message["properties"].pop(name)
+    return message
+
+
+def pop_queued(r: redis.Redis) -> dict[str, Any]:
+    queue = keys.celery_queue(RUNS_QUEUE)
+    assert r.llen(queue) == 1
+    raw = r.rpop(queue)
+    assert raw is not None
+    return json.loads(raw)
+
+
+def kombu_message(r: redis.Redis, url: str, args: list[Any]) -> dict[str, Any]:
+    """What Celery and kombu themselves push for this task onto this queue."""
+    with celery_app.connection_for_write(url) as connection:
+        celery_app.send_task(RUN_STEP_TASK, args=args, queue=RUNS_QUEUE, connection=connection)
+    return pop_queued(r)
+
+
+def assert_same_format(ours: dict[str, Any], theirs: dict[str, Any], args: list[Any]) -> None:
+    assert body_of(ours) == body_of(theirs) == [args, {}, EMBED]
+    # Celery copies a registered task's own limits into the message; ours leaves them to
+    # the worker, which then applies the same task limits (see the execution test below).
+    assert ours["headers"].pop("timelimit") == [None, None]
+    assert theirs["headers"].pop("timelimit") in (
+        [None, None],
+        [run_step.time_limit, run_step.soft_time_limit],
+    )
+    for message in (ours, theirs):
+        headers = message["headers"]
+        assert headers["id"] == headers["root_id"] == message["properties"]["correlation_id"]
+        assert ast.literal_eval(headers["argsrepr"]) == args
+    ours, theirs = comparable(ours), comparable(theirs)
+    # Section by section, so a failure names the header or property that changed.
+    assert ours.pop("headers") == theirs.pop("headers")
+    assert ours.pop("properties") == theirs.pop("properties")
+    assert ours == theirs
+
+
+def test_celery_message_matches_kombus(r: redis.Redis, store_redis_url: str) -> None:
+    args = [new_run_id(), 0]
+    task_id, text = celery_message(RUN_STEP_TASK, args, RUNS_QUEUE)
+    ours = json.loads(text)
+    assert ours["headers"]["id"] == task_id
+    assert ours["headers"]["ignore_result"] is True  # results are never read
+    assert_same_format(ours, kombu_message(r, store_redis_url, args), args)
+
+
+def test_message_pushed_with_an_accepted_send_matches_kombus(
+    streams: Streams, r: redis.Redis, store_redis_url: str
+) -> None:
+    appended = streams.send("room", "m-1", "hello")
+    ours = pop_queued(r)
+    args = [appended.run_id, 0]
+    assert_same_format(ours, kombu_message(r, store_redis_url, args), args)
+
+
+@pytest.mark.parametrize("args", [["r1", 0], ['r"quoted\\', 12], ["ré🎉", 1]])
+def test_argsrepr_reads_back_as_the_args(args: list[Any]) -> None:
+    _, text = celery_message(RUN_STEP_TASK, args, RUNS_QUEUE)
+    message = json.loads(text)
+    assert ast.literal_eval(message["headers"]["argsrepr"]) == args
+    assert body_of(message)[0] == args
+
+
+class RecordingPool:
+    """Stands in for Celery's worker pool: records what the request asks it to run."""
+
+    soft_timeout: float | None = None
+    timeout: float | None = None
+
+    def apply_async(self, target: Any, **options: Any) -> None:
+        self.soft_timeout = options["soft_timeout"]
+        self.timeout = options["timeout"]
+
+
+def test_celery_worker_decodes_and_runs_the_pushed_message(
+    streams: Streams, r: redis.Redis, store_redis_url: str
+) -> None:
+    appended = streams.send("room", "m-1", 'héllo "wörld" 🎉', options={"chunks": 3})
+    assert appended.run_id is not None
+    # Taken off the queue by kombu's Redis transport, as a worker's consumer takes it.
+    with celery_app.connection_for_read(store_redis_url) as connection:
+        message = connection.default_channel.basic_get(RUNS_QUEUE, no_ack=True)
+    assert message is not None
+    assert message.decode() == [[appended.run_id, 0], {}, EMBED]
+    assert message.headers["task"] == RUN_STEP_TASK
+
+    # The worker's request object parses protocol 2 exactly as for a kombu-sent message.
+    request = Request(message, app=celery_app, task=run_step)
+    assert (request.name, request.args, request.kwargs) == (
+        RUN_STEP_TASK,
+        [appended.run_id, 0],
+        {},
+    )
+    assert request.id == message.headers["id"]
+    assert request.delivery_info["routing_key"] == RUNS_QUEUE
+    assert request.request_dict["retries"] == 0
+
+    # Handed to a pool, it runs under the task's own soft and hard limits.
+    pool = RecordingPool()
+    request.execute_using_pool(pool)
+    assert (pool.soft_timeout, pool.timeout) == (run_step.soft_time_limit, run_step.time_limit)
+    assert pool.soft_timeout is not None and pool.timeout is not None
+
+    # And executes it through Celery's tracer: the run streams and completes.
+    request.execute()
+    events = log_events(r, "room")
+    [done] = of_kind(events, "reply.done")
+    assert done["data"]["status"] == "ok"
+    assert done["data"]["text"] == 'héllo "wörld" 🎉'
+    assert len(of_kind(events, "reply.delta")) == 3

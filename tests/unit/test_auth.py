@@ -1,0 +1,203 @@
+"""Client tokens (realtime/auth.py) against real Tenant rows in the test database."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import jwt
+import pytest
+
+from realtime.auth import AuthError, Identity, authenticate, issue_token
+from realtime.models import Tenant
+from realtime.tenants import TenantCache, TenantConfig
+
+
+# transactional_db, not db: TenantCache.get loads tenants on a worker thread
+# (sync_to_async, thread_sensitive=False), and SQLite locks that thread out of rows the
+# db fixture's still-open transaction wrote.
+@pytest.fixture
+def tenant(transactional_db: None) -> Tenant:
+    return Tenant.objects.create(slug="acme", max_frame_bytes=1234, stream_retention=77)
+
+
+@pytest.fixture
+def tenants(transactional_db: None) -> TenantCache:
+    return TenantCache(ttl_s=60)
+
+
+def auth(token: str | None, tenants: TenantCache) -> tuple[Identity, Any]:
+    return asyncio.run(authenticate(token, tenants))
+
+
+def refusal(token: str | None, tenants: TenantCache) -> str:
+    with pytest.raises(AuthError) as caught:
+        auth(token, tenants)
+    return str(caught.value)
+
+
+def signed(claims: dict[str, Any], secret: str, algorithm: str = "HS256") -> str:
+    return jwt.encode(claims, secret, algorithm=algorithm)
+
+
+def good_claims(**overrides: Any) -> dict[str, Any]:
+    claims: dict[str, Any] = {"sub": "alice", "tnt": "acme", "exp": int(time.time()) + 600}
+    claims.update(overrides)
+    return {name: value for name, value in claims.items() if value is not None}
+
+
+def test_good_token_is_accepted(tenant: Tenant, tenants: TenantCache) -> None:
+    token = issue_token(tenant.signing_secret, "acme", "alice", ttl_s=600, name="Alice")
+    identity, config = auth(token, tenants)
+    assert identity.tenant == "acme"
+    assert identity.client == "alice"
+    assert identity.name == "Alice"
+    assert identity.stream_patterns is None
+    assert time.time() < identity.expires_at <= time.time() + 601
+    assert isinstance(config, TenantConfig)
+    assert (config.slug, config.max_frame_bytes, config.stream_retention) == ("acme", 1234, 77)
+    assert config.public_limits() == {"max_frame_bytes": 1234, "stream_retention": 77}
+
+
+def test_token_with_stream_patterns(tenant: Tenant, tenants: TenantCache) -> None:
+    token = issue_token(tenant.signing_secret, "acme", "bob", streams=["room-*", "lobby"])
+    identity, _ = auth(token, tenants)
+    assert identity.stream_patterns == ("room-*", "lobby")
+    assert identity.name is None
+    assert jwt.decode(token, options={"verify_signature": False})["streams"] == [
+        "room-*",
+        "lobby",
+    ]
+
+
+@pytest.mark.parametrize("token", [None, ""])
+def test_missing_token(token: str | None, tenants: TenantCache) -> None:
+    assert refusal(token, tenants) == "missing token"
+
+
+@pytest.mark.parametrize("token", ["garbage", "a.b.c", "e30.e30", "Bearer x.y.z", "...."])
+def test_malformed_token(token: str, tenant: Tenant, tenants: TenantCache) -> None:
+    assert refusal(token, tenants) == "malformed token"
+
+
+def test_bad_signature(tenant: Tenant, tenants: TenantCache) -> None:
+    assert refusal(signed(good_claims(), "not-the-secret-" + "x" * 32), tenants) == "bad signature"
+
+
+def test_signed_by_another_tenant(tenant: Tenant, tenants: TenantCache) -> None:
+    other = Tenant.objects.create(slug="globex")
+    # A globex secret cannot vouch for an acme claim.
+    assert refusal(issue_token(other.signing_secret, "acme", "eve"), tenants) == "bad signature"
+
+
+def test_tampered_claims(tenant: Tenant, tenants: TenantCache) -> None:
+    token = issue_token(tenant.signing_secret, "acme", "alice")
+    header, _, signature = token.split(".")
+    forged = jwt.encode(good_claims(sub="admin"), "y" * 32).split(".")[1]
+    assert refusal(f"{header}.{forged}.{signature}", tenants) == "bad signature"
+
+
+def test_unsigned_token_is_refused(tenant: Tenant, tenants: TenantCache) -> None:
+    token = jwt.encode(good_claims(), None, algorithm="none")
+    assert refusal(token, tenants).startswith("invalid token")
+
+
+# The tenant's secret is sized for HS256; PyJWT warns when it signs HS512 with it.
+@pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
+def test_other_algorithm_is_refused(tenant: Tenant, tenants: TenantCache) -> None:
+    token = signed(good_claims(), tenant.signing_secret, algorithm="HS512")
+    assert refusal(token, tenants).startswith("invalid token")
+
+
+def test_expired_token(tenant: Tenant, tenants: TenantCache) -> None:
+    token = issue_token(tenant.signing_secret, "acme", "alice", ttl_s=-5)
+    assert refusal(token, tenants) == "token expired"
+
+
+def test_unknown_tenant(tenant: Tenant, tenants: TenantCache) -> None:
+    token = issue_token(tenant.signing_secret, "initech", "alice")
+    assert refusal(token, tenants) == "unknown tenant"
+
+
+def test_disabled_tenant(tenant: Tenant, tenants: TenantCache) -> None:
+    Tenant.objects.filter(slug="acme").update(enabled=False)
+    token = issue_token(tenant.signing_secret, "acme", "alice")
+    assert refusal(token, tenants) == "tenant disabled"
+
+
+@pytest.mark.parametrize("tnt", [None, "", 5, ["acme"]])
+def test_missing_or_bad_tenant_claim(tnt: Any, tenant: Tenant, tenants: TenantCache) -> None:
+    claims = good_claims()
+    claims.pop("tnt")
+    if tnt is not None:
+        claims["tnt"] = tnt
+    assert refusal(signed(claims, tenant.signing_secret), tenants) == "token has no tenant"
+
+
+@pytest.mark.parametrize("claim", ["exp", "sub"])
+def test_missing_required_claim(claim: str, tenant: Tenant, tenants: TenantCache) -> None:
+    claims = good_claims()
+    claims.pop(claim)
+    reason = refusal(signed(claims, tenant.signing_secret), tenants)
+    assert reason.startswith("invalid token")
+    assert claim in reason
+
+
+@pytest.mark.parametrize("sub", [5, "", "x" * 201, ["alice"]])
+def test_bad_client_id(sub: Any, tenant: Tenant, tenants: TenantCache) -> None:
+    reason = refusal(signed(good_claims(sub=sub), tenant.signing_secret), tenants)
+    assert reason == "invalid client id" or reason.startswith("invalid token")
+
+
+@pytest.mark.parametrize("streams", ["room-*", {"room": 1}, [1, 2], ["ok", None], 7, True])
+def test_bad_streams_claim(streams: Any, tenant: Tenant, tenants: TenantCache) -> None:
+    token = signed(good_claims(streams=streams), tenant.signing_secret)
+    assert refusal(token, tenants) == "invalid streams claim"
+
+
+def test_empty_streams_claim_allows_nothing(tenant: Tenant, tenants: TenantCache) -> None:
+    identity, _ = auth(signed(good_claims(streams=[]), tenant.signing_secret), tenants)
+    assert identity.stream_patterns == ()
+    assert not identity.may_use("anything")
+
+
+def test_non_string_name_is_ignored(tenant: Tenant, tenants: TenantCache) -> None:
+    identity, _ = auth(signed(good_claims(name=42), tenant.signing_secret), tenants)
+    assert identity.name is None
+
+
+def test_tenant_cache_remembers_misses_until_they_expire(db: None) -> None:
+    cache = TenantCache(ttl_s=3600)
+    assert cache.get_sync("later") is None
+    Tenant.objects.create(slug="later")
+    assert cache.get_sync("later") is None  # a flood of bad tokens does not hit the database
+    assert TenantCache(ttl_s=0).get_sync("later") is not None
+
+
+def identity(patterns: tuple[str, ...] | None) -> Identity:
+    return Identity("acme", "alice", None, patterns, 0)
+
+
+@pytest.mark.parametrize(
+    ("patterns", "stream", "allowed"),
+    [
+        (None, "anything/at:all", True),
+        (("room-*",), "room-1", True),
+        (("room-*",), "room-", True),
+        (("room-*",), "room", False),
+        (("room-*",), "Room-1", False),  # case matters
+        (("room-*",), "lobby", False),
+        (("team/*",), "team/a/b", True),  # * crosses "/": patterns are not paths
+        (("room-?",), "room-1", True),
+        (("room-?",), "room-12", False),
+        (("room-[ab]",), "room-a", True),
+        (("room-[ab]",), "room-c", False),
+        (("room-[!ab]",), "room-c", True),
+        (("lobby", "room-*"), "lobby", True),
+        (("lobby", "room-*"), "lobby2", False),
+        ((), "room-1", False),
+    ],
+)
+def test_may_use_globs(patterns: tuple[str, ...] | None, stream: str, allowed: bool) -> None:
+    assert identity(patterns).may_use(stream) is allowed

@@ -1,0 +1,112 @@
+"""Model backends (workers/backends.py): even splitting and the simulated model."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from workers.backends import (
+    ModelError,
+    ModelRequest,
+    ModelTimeout,
+    SimulatedBackend,
+    get_backend,
+    split_evenly,
+)
+
+FAR = float("inf")  # a deadline that never passes
+
+
+@pytest.mark.parametrize(
+    ("text", "pieces", "expected"),
+    [
+        ("abcdef", 3, ["ab", "cd", "ef"]),
+        ("abcdefg", 3, ["abc", "de", "fg"]),
+        ("abc", 1, ["abc"]),
+        ("abc", 5, ["a", "b", "c"]),
+        ("abc", 0, ["abc"]),
+        ("abc", -2, ["abc"]),
+        ("", 4, [""]),
+        ("😀é中", 2, ["😀é", "中"]),
+    ],
+)
+def test_split_evenly_examples(text: str, pieces: int, expected: list[str]) -> None:
+    assert split_evenly(text, pieces) == expected
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_split_evenly_properties(seed: int) -> None:
+    rng = random.Random(seed)
+    text = "".join(rng.choice('ab "\\\né😀中') for _ in range(rng.randint(1, 300)))
+    pieces = rng.randint(-1, 400)
+    parts = split_evenly(text, pieces)
+    assert "".join(parts) == text  # contiguous and complete
+    assert all(parts)  # never an empty piece for non-empty text
+    assert len(parts) == max(1, min(pieces, len(text)))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1  # evenly
+    assert [len(part) for part in parts] == sorted((len(part) for part in parts), reverse=True)
+
+
+def collect(options: dict[str, object], attempt: int = 1, deadline: float = FAR) -> list[str]:
+    request = ModelRequest(model="echo", prompt="hello there", options=options, attempt=attempt)
+    return list(SimulatedBackend().stream(request, deadline))
+
+
+def test_simulated_backend_echoes_in_four_pieces_by_default() -> None:
+    pieces = collect({})
+    assert "".join(pieces) == "hello there"
+    assert len(pieces) == 4
+
+
+@pytest.mark.parametrize(
+    ("chunks", "count"),
+    [(1, 1), (3, 3), (11, 11), (50, 11), (0, 1), (-5, 1), (2.9, 2), (True, 4), ("3", 4), (None, 4)],
+)
+def test_simulated_backend_chunks_option(chunks: object, count: int) -> None:
+    pieces = collect({"chunks": chunks})
+    assert "".join(pieces) == "hello there"
+    assert len(pieces) == count
+
+
+def test_simulated_backend_fail_error_is_transient_on_every_attempt() -> None:
+    for attempt in (1, 2, 5):
+        with pytest.raises(ModelError) as caught:
+            collect({"fail": "error"}, attempt=attempt)
+        assert caught.value.transient
+
+
+def test_simulated_backend_fail_error_once_recovers_on_the_second_attempt() -> None:
+    with pytest.raises(ModelError) as caught:
+        collect({"fail": "error_once"}, attempt=1)
+    assert caught.value.transient
+    assert "".join(collect({"fail": "error_once"}, attempt=2)) == "hello there"
+
+
+def test_simulated_backend_unknown_fail_mode_is_ignored() -> None:
+    assert "".join(collect({"fail": "sometimes"})) == "hello there"
+
+
+def test_fail_timeout_stalls_until_the_deadline_then_times_out() -> None:
+    with pytest.raises(ModelTimeout) as caught:
+        collect({"fail": "timeout"}, deadline=time.monotonic() + 0.05)
+    assert not caught.value.transient
+    assert isinstance(caught.value, ModelError)
+
+
+def test_latency_past_the_deadline_times_out_without_waiting_it_out() -> None:
+    # Ten minutes of latency against a deadline already passed: the backend must give up
+    # at the deadline (pytest-timeout would stop a backend that slept the latency out).
+    with pytest.raises(ModelTimeout):
+        collect({"latency_ms": 600_000}, deadline=time.monotonic() - 1)
+
+
+def test_latency_within_the_deadline_answers() -> None:
+    assert "".join(collect({"latency_ms": 1}, deadline=time.monotonic() + 60)) == "hello there"
+
+
+def test_backend_registry() -> None:
+    assert isinstance(get_backend("simulated"), SimulatedBackend)
+    with pytest.raises(KeyError):
+        get_backend("no-such-backend")
