@@ -56,6 +56,7 @@ class Run:
     retention: int  # the tenant's stream retention when the message was accepted
     attempt: int
     emitted: int
+    step_base: int  # what the reply held when the current step started
     owner: str
 
     @classmethod
@@ -74,6 +75,7 @@ class Run:
             retention=int(fields.get("retention") or settings.SWITCHBOARD["STREAM_RETENTION"]),
             attempt=int(fields.get("attempt", 0)),
             emitted=int(fields.get("emitted", 0)),
+            step_base=int(fields.get("step_base", 0)),
             owner=fields.get("owner", ""),
         )
 

@@ -60,7 +60,7 @@ def _execute_claimed(
     )
     # A retried call regenerates from the start; what earlier attempts already emitted is
     # skipped so the client never sees a character twice.
-    to_skip = run.emitted
+    to_skip = run.emitted - run.step_base
     started = time.monotonic()
     try:
         for piece in backend.stream(request, deadline):

@@ -13,7 +13,6 @@ import asyncio
 import enum
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -96,6 +95,19 @@ class StreamSubscription:
         self.consumer.schedule_repair(self, to_head=True)
 
 
+# Frame type -> handler method name; one table for the class, not one per socket.
+HANDLERS: dict[type, str] = {
+    Send: "handle_send",
+    Publish: "handle_publish",
+    Subscribe: "handle_subscribe",
+    Unsubscribe: "handle_unsubscribe",
+    Receipt: "handle_receipt",
+    Cancel: "handle_cancel",
+    Presence: "handle_presence",
+    Ping: "handle_ping",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class SubscribeResult:
     head: int
@@ -116,16 +128,6 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         )
         self.connection_id = secrets.token_hex(6)
         self.socket: DaphneSocket | None = None
-        self.handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
-            Send: self.handle_send,
-            Publish: self.handle_publish,
-            Subscribe: self.handle_subscribe,
-            Unsubscribe: self.handle_unsubscribe,
-            Receipt: self.handle_receipt,
-            Cancel: self.handle_cancel,
-            Presence: self.handle_presence,
-            Ping: self.handle_ping,
-        }
 
     # --- ASGI plumbing ---------------------------------------------------------------
 
@@ -209,7 +211,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         try:
             frame = parse_frame(text, self.tenant.max_frame_bytes)  # type: ignore[union-attr]
             frame_id = getattr(frame, "id", None)
-            await self.handlers[type(frame)](frame)
+            await getattr(self, HANDLERS[type(frame)])(frame)
         except ProtocolError as error:
             self.push(error.frame())
         except Exception:
@@ -239,18 +241,26 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         for frame in frames:
             self.push(frame)
 
+    def flush_now(self) -> bool:
+        """Write what is buffered without awaiting; False when only `flush` can (not daphne).
+
+        Stops while Twisted says the socket's buffers are full; resumes on its word."""
+        socket = self.socket
+        if socket is None:
+            return False
+        outbox = self.outbox
+        while not socket.paused and self.state is ConnectionState.OPEN and socket.open:
+            frame = outbox.pop()
+            if frame is None:
+                break
+            socket.write(frame)
+        return True
+
     async def flush(self) -> None:
         """Write what is buffered; only the process flusher calls this (one writer)."""
-        socket = self.socket
-        outbox = self.outbox
-        if socket is not None:
-            # Stops while Twisted says the socket's buffers are full; resumes on its word.
-            while not socket.paused and self.state is ConnectionState.OPEN and socket.open:
-                frame = outbox.pop()
-                if frame is None:
-                    return
-                socket.write(frame)
+        if self.flush_now():
             return
+        outbox = self.outbox
         send = self.base_send
         while self.state is ConnectionState.OPEN:
             frame = outbox.pop()

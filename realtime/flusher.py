@@ -15,6 +15,8 @@ logger = logging.getLogger(__name__)
 
 
 class Flushable(Protocol):
+    def flush_now(self) -> bool: ...
+
     async def flush(self) -> None: ...
 
 
@@ -39,7 +41,8 @@ class Flusher:
                 self._dirty.clear()
                 for connection in batch:
                     try:
-                        await connection.flush()
+                        if not connection.flush_now():
+                            await connection.flush()
                     except Exception:
                         logger.exception("writing to a connection failed")
 

@@ -74,6 +74,10 @@ return {1, receipt}
 CLAIM_STEP = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if (not status) or status == 'done' then return {} end
+if redis.call('HGET', KEYS[1], 'step') ~= ARGV[2] then
+  -- A new step starts where the reply stands now; a retry of the same step keeps its base.
+  redis.call('HSET', KEYS[1], 'step_base', redis.call('HGET', KEYS[1], 'emitted') or 0)
+end
 redis.call('HSET', KEYS[1], 'status', 'running', 'owner', ARGV[1], 'step', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[3])

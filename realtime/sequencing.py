@@ -32,6 +32,9 @@ class StreamCursor:
 
     def offer(self, seq: int, event: str) -> list[str]:
         """Accept one event; returns the events deliverable now, in order."""
+        if seq == self.next_seq and not self.pending and not self.overflowed:
+            self.next_seq = seq + 1  # the common case, on every socket of a fan-out
+            return [event]
         if self.next_seq is not None and seq < self.next_seq:
             return []  # already delivered: a duplicate from a repair read or a replay
         if seq in self.pending:

@@ -18,6 +18,13 @@ def test_redis_url() -> str:
     return os.environ.get("SWITCHBOARD_TEST_REDIS_URL") or DEFAULT_TEST_REDIS_URL
 
 
+def neighbour_database(url: str, offset: int) -> str:
+    """The same Redis, another database: suites that flush must not flush each other."""
+    base, _, database = url.rpartition("/")
+    number = int(database) if database.isdigit() else 0
+    return f"{base}/{(number + offset) % 16}"
+
+
 @pytest.fixture
 def unique() -> Callable[[str], str]:
     """Make names no other test uses: `unique("room")` -> "room-3f2a9c1d"."""

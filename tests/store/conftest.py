@@ -1,6 +1,6 @@
 """Store tests: the Lua scripts, run records and Celery messages against a real Redis.
 
-Which Redis: SWITCHBOARD_TEST_REDIS_URL (default redis://127.0.0.1:6379/15), flushed before
+Which Redis: the database just below SWITCHBOARD_TEST_REDIS_URL's (default 14), flushed before
 every test. When nothing answers there, an embedded Redis is started for these tests
 (project.launcher), so they never skip.
 
@@ -35,6 +35,7 @@ from project.launcher import Cluster
 from realtime import keys, redis_clients
 from realtime.protocol import Publish, Send
 from realtime.streams import Appended, StreamStore
+from tests.conftest import neighbour_database
 
 T = TypeVar("T")
 
@@ -44,7 +45,8 @@ CLIENT = "alice"
 
 @pytest.fixture(scope="package", autouse=True)
 def store_redis_url(test_redis_url: str) -> Iterator[str]:
-    cluster = Cluster(redis_url=test_redis_url)
+    # The database below the integration suite's: its cluster runs while these flush.
+    cluster = Cluster(redis_url=neighbour_database(test_redis_url, -1))
     url = cluster.ensure_redis()
     saved = {name: getattr(settings, name) for name in ("REDIS_URL", "CELERY_BROKER_URL")}
     saved_broker = celery_app.conf.broker_url

@@ -172,12 +172,6 @@ def test_unknown_agent_fails_the_run(
     assert done["data"]["detail"] == {"reason": "agent not available"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="execute_step skips run.emitted characters of every model call, meant for a retry "
-    "of the same step; a later step therefore loses as many characters as earlier steps "
-    "emitted. The run must record the offset at which its current step started.",
-)
 def test_multi_step_agent_hands_over_to_the_next_step(
     streams: Streams, runs: RunStore, r: redis.Redis, register_agent: Callable[..., Agent]
 ) -> None:
