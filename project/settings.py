@@ -162,6 +162,12 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
 }
 # A step holds its process for the whole model call: size for calls in flight, not for CPUs.
 CELERY_WORKER_CONCURRENCY = env_int("CELERY_WORKER_CONCURRENCY", 8)
+# prefork enforces Celery's hard time limit (it kills a stuck child); "threads" skips the
+# parent/child hand-off per task, but only the run's own deadline and the sweeper bound it.
+CELERY_WORKER_POOL = env_str("CELERY_WORKER_POOL", "prefork")
+# Celery's rate limits are per worker and unused (limits are global, in Redis); checking
+# them costs the consumer time on every task.
+CELERY_WORKER_DISABLE_RATE_LIMITS = True
 # Workers restart their children now and then so a leaking backend cannot grow forever.
 CELERY_WORKER_MAX_TASKS_PER_CHILD = env_int("CELERY_WORKER_MAX_TASKS_PER_CHILD", 100_000)
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
