@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gateways", type=int, default=1, help="daphne processes")
     parser.add_argument("--workers", type=int, default=1, help="Celery worker processes")
     parser.add_argument(
-        "--worker-concurrency", type=int, default=2, help="pool size of each Celery worker"
+        "--worker-concurrency", type=int, default=8, help="pool size of each Celery worker"
     )
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset")
     parser.add_argument("--latency-ms", type=int, default=0, help="echo agent option")

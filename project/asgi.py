@@ -1,6 +1,7 @@
 """ASGI entry point: HTTP to Django, WebSockets to the gateway behind an origin check."""
 
 import os
+import sys
 
 from django.core.asgi import get_asgi_application
 
@@ -10,6 +11,7 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 
+from realtime.daphne_tuning import defer_debug_formatting  # noqa: E402
 from realtime.lifecycle import install_daphne_drain  # noqa: E402
 from realtime.routing import websocket_urlpatterns  # noqa: E402
 from realtime.security import BrowserOriginValidator  # noqa: E402
@@ -21,6 +23,8 @@ if "bench" in settings.INSTALLED_APPS:
     routes += bench_routes
 
 install_daphne_drain(settings.SWITCHBOARD["DRAIN_S"])
+if "daphne.server" in sys.modules:
+    defer_debug_formatting()
 
 application = ProtocolTypeRouter(
     {

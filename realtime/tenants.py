@@ -7,6 +7,7 @@ SWITCHBOARD["TENANT_CACHE_S"] seconds.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -47,14 +48,31 @@ class TenantCache:
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
         self._entries: dict[str, tuple[TenantConfig | None, float]] = {}
+        # One database read per slug at a time: a reconnect storm that finds the entry
+        # expired waits for that read instead of sending thousands of identical queries.
+        self._loading: dict[str, asyncio.Future[TenantConfig | None]] = {}
 
     async def get(self, slug: str) -> TenantConfig | None:
-        now = time.monotonic()
         entry = self._entries.get(slug)
-        if entry is not None and entry[1] > now:
+        if entry is not None and entry[1] > time.monotonic():
             return entry[0]
-        config = await sync_to_async(load_tenant, thread_sensitive=False)(slug)
-        self._entries[slug] = (config, now + self.ttl_s)
+        loading = self._loading.get(slug)
+        if loading is not None:
+            return await asyncio.shield(loading)
+        loading = self._loading[slug] = asyncio.get_running_loop().create_future()
+        try:
+            config = await sync_to_async(load_tenant, thread_sensitive=False)(slug)
+        except asyncio.CancelledError:
+            loading.cancel()
+            raise
+        except Exception as error:
+            loading.set_exception(error)
+            loading.exception()  # retrieved here, so a lone loader logs no "never retrieved"
+            raise
+        finally:
+            del self._loading[slug]
+        self._entries[slug] = (config, time.monotonic() + self.ttl_s)
+        loading.set_result(config)
         return config
 
     def get_sync(self, slug: str) -> TenantConfig | None:

@@ -26,6 +26,8 @@ except ImportError:  # pragma: no cover - autobahn comes with daphne
     PreparedMessage = None  # type: ignore[assignment,misc]
     WebSocketProtocol = None  # type: ignore[assignment,misc]
 
+from realtime.daphne_tuning import share_factory_options  # noqa: E402
+
 _PREPARED_CACHE_LIMIT = 512
 _prepared: dict[str, Any] = {}
 
@@ -59,6 +61,7 @@ class DaphneSocket:
         # A frame over daphne's size limit then gets a 1009 close frame, not a dropped TCP
         # connection the client can only see as 1006.
         self.protocol.failByDrop = False
+        share_factory_options(self.protocol)
         transport = getattr(self.protocol, "transport", None)
         if transport is not None and getattr(transport, "producer", None) is None:
             transport.registerProducer(self, True)
