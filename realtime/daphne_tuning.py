@@ -17,6 +17,7 @@ before it is applied, so an autobahn that changes these internals just runs untu
 
 from __future__ import annotations
 
+import inspect
 import logging
 import pprint
 from typing import Any
@@ -71,5 +72,8 @@ def share_factory_options(protocol: Any) -> None:
         # either: leave it as it is.
         if hasattr(cls, name) or not hasattr(factory, name):
             continue
-        setattr(cls, name, getattr(factory, name))
+        value = getattr(factory, name)
+        # A plain function on a class would turn into a method and get `self` as its first
+        # argument (perMessageCompressionAccept is one): keep it a plain callable.
+        setattr(cls, name, staticmethod(value) if inspect.isfunction(value) else value)
     logger.debug("autobahn options shared on %s: %s", cls.__name__, len(names))

@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - autobahn comes with daphne
 from realtime.daphne_tuning import share_factory_options  # noqa: E402
 
 _PREPARED_CACHE_LIMIT = 512
+CLOSE_HANDSHAKE_TIMEOUT_S = 30
 _prepared: dict[str, Any] = {}
 
 
@@ -45,7 +46,7 @@ def prepared_message(text: str) -> Any:
 class DaphneSocket:
     """Direct writes to an autobahn protocol, with Twisted's flow control."""
 
-    __slots__ = ("protocol", "paused", "on_resume", "_transport", "_socket")
+    __slots__ = ("protocol", "paused", "on_resume", "_transport", "_socket", "_previous_producer")
 
     direct = True
 
@@ -55,6 +56,7 @@ class DaphneSocket:
         self.on_resume = on_resume
         self._transport: Any = None
         self._socket: Any = None
+        self._previous_producer: Any = None
 
     def start(self) -> None:
         """Call once the socket is accepted."""
@@ -63,7 +65,12 @@ class DaphneSocket:
         self.protocol.failByDrop = False
         share_factory_options(self.protocol)
         transport = getattr(self.protocol, "transport", None)
-        if transport is not None and getattr(transport, "producer", None) is None:
+        if transport is not None and hasattr(transport, "registerProducer"):
+            # Daphne's HTTP channel is still registered from the upgrade; we take its place
+            # and pass its calls on, so what it did on pause and resume still happens.
+            self._previous_producer = getattr(transport, "producer", None)
+            if self._previous_producer is not None:
+                transport.unregisterProducer()
             transport.registerProducer(self, True)
         if _plain_tcp(transport):
             self._transport = transport
@@ -97,19 +104,28 @@ class DaphneSocket:
 
     def close(self, code: int, reason: str) -> None:
         if self.protocol.state == WebSocketProtocol.STATE_OPEN:
+            # A client reads the close frame only after what is buffered ahead of it (a slow
+            # reader's backlog): give it time to, rather than abort and make it a bare 1006.
+            self.protocol.closeHandshakeTimeout = CLOSE_HANDSHAKE_TIMEOUT_S
             # sendClose() refuses 1012 (it allows only 1000 and 3000-4999); the frame is valid.
             self.protocol.sendCloseFrame(code=code, reasonUtf8=reason.encode()[:120])
 
     # Twisted IPushProducer
     def pauseProducing(self) -> None:  # noqa: N802 - Twisted's interface
         self.paused = True
+        if self._previous_producer is not None:
+            self._previous_producer.pauseProducing()
 
     def resumeProducing(self) -> None:  # noqa: N802
         self.paused = False
+        if self._previous_producer is not None:
+            self._previous_producer.resumeProducing()
         self.on_resume()
 
     def stopProducing(self) -> None:  # noqa: N802
         self.paused = True
+        if self._previous_producer is not None:
+            self._previous_producer.stopProducing()
 
 
 def daphne_protocol(send: Callable[[dict[str, Any]], Awaitable[None]]) -> Any | None:

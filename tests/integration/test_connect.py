@@ -118,3 +118,18 @@ async def test_disabled_tenant_is_refused(switchboard: Switchboard, connect: Con
     assert closed.code == 4001
     assert closed.frames == []
     assert "disabled" in closed.reason
+
+
+async def test_every_handshake_works_when_the_client_offers_compression(
+    switchboard: Switchboard, unique: Callable[[str], str]
+) -> None:
+    # Browsers and most clients offer permessage-deflate. The gateway tunes the protocol
+    # class after its first connection; every later handshake must still succeed.
+    for _ in range(3):
+        client = await SwitchboardClient.connect(
+            switchboard.url, switchboard.token(unique("deflate")), compression="deflate"
+        )
+        try:
+            assert (await client.ping())["type"] == "pong"
+        finally:
+            await client.close()

@@ -1,0 +1,146 @@
+"""A second gateway process, stopped and overrun on purpose: drain on SIGTERM with 1012, and
+4008 for a reader too slow for its outbound buffer. In both cases the client loses nothing:
+it resumes on the other gateway with `subscribe` and `since`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
+
+import pytest
+import websockets
+
+from project.launcher import Proc
+from realtime.client import SwitchboardClient
+
+from .conftest import TENANT, Connect, Switchboard
+
+pytestmark = pytest.mark.asyncio
+
+SMALL_OUTBOX = 20
+
+
+@pytest.fixture
+def second_gateway(switchboard: Switchboard) -> Iterator[tuple[str, Proc]]:
+    """Gateway 1 with a tiny outbound buffer, so a slow reader trips it quickly."""
+    cluster = switchboard.cluster
+    saved = dict(cluster.env)
+    cluster.env["SWITCHBOARD_OUTBOX_MAX_EVENTS"] = str(SMALL_OUTBOX)
+    try:
+        proc = cluster.start_gateway(1)
+    finally:
+        cluster.env.clear()
+        cluster.env.update(saved)
+    try:
+        yield cluster.gateway_url(1), proc
+    finally:
+        proc.stop()
+        cluster.processes.pop("gateway-1", None)
+        del cluster.gateway_ports[1:]
+
+
+async def _closed_code(client: SwitchboardClient, timeout: float = 15) -> int | None:
+    await asyncio.wait_for(client.wait_closed(), timeout)
+    return client.close_code
+
+
+async def test_sigterm_closes_every_socket_with_1012_and_clients_resume_elsewhere(
+    switchboard: Switchboard,
+    second_gateway: tuple[str, Proc],
+    connect: Connect,
+    unique: Callable[[str], str],
+) -> None:
+    url, proc = second_gateway
+    stream = unique("drain")
+    doomed = [
+        await SwitchboardClient.connect(url, switchboard.token(unique("d"), TENANT))
+        for _ in range(5)
+    ]
+    for client in doomed:
+        await client.subscribe(stream)
+    publisher = await connect()
+    first = await publisher.publish(stream, {"n": 1})
+    for client in doomed:
+        event = await client.next_event(stream, timeout=10)
+        assert event["seq"] == first["seq"]
+
+    proc.signal(signal.SIGTERM)
+    codes = [await _closed_code(client) for client in doomed]
+    assert codes == [1012] * len(doomed)
+    await asyncio.to_thread(proc.popen.wait, 20)
+    assert proc.popen.returncode == 0
+
+    # Published while the clients were away: they get it, once, on the other gateway.
+    second = await publisher.publish(stream, {"n": 2})
+    for client in doomed:
+        resumed = await connect(client=client.welcome["client"])
+        answer = await resumed.subscribe(stream, since=client.last_seq(stream))
+        assert answer["recovered"] is True
+        event = await resumed.next_event(stream, timeout=10)
+        assert (event["seq"], event["data"]) == (second["seq"], {"n": 2})
+
+
+async def test_a_socket_refused_while_draining_gets_1012(
+    switchboard: Switchboard, second_gateway: tuple[str, Proc], unique: Callable[[str], str]
+) -> None:
+    url, proc = second_gateway
+    holder = await SwitchboardClient.connect(url, switchboard.token(unique("h"), TENANT))
+    proc.signal(signal.SIGTERM)
+    assert await _closed_code(holder) == 1012
+
+
+async def test_a_reader_too_slow_for_its_buffer_is_closed_4008_and_recovers(
+    switchboard: Switchboard,
+    second_gateway: tuple[str, Proc],
+    connect: Connect,
+    unique: Callable[[str], str],
+) -> None:
+    url, _ = second_gateway
+    stream = unique("slow")
+    token = switchboard.token(unique("slow"), TENANT)
+    # A raw socket that reads its welcome and `subscribed`, then nothing: websockets stops
+    # reading the TCP socket once max_queue frames wait, so the kernel's buffers and then
+    # Twisted's fill, the gateway's writer pauses and the outbox overflows.
+    # A small receive buffer also turns off the kernel's autotuning, which on loopback may
+    # otherwise grow it to tens of megabytes.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+    sock.setblocking(False)
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    slow = await websockets.connect(
+        f"{url}?token={token}", sock=sock, max_queue=1, compression=None
+    )
+    try:
+        await slow.recv()
+        await slow.send(json.dumps({"type": "subscribe", "stream": stream}))
+        subscribed = json.loads(await slow.recv())
+        assert subscribed["type"] == "subscribed"
+        since = subscribed["head"]
+
+        publisher = await connect()
+        # More than the socket buffers on both ends (the server's send buffer grows to
+        # 4 MiB on Linux), Twisted's 64 KiB and the outbox hold together: it must give up.
+        payload = "x" * 8000
+        published = [
+            (await publisher.publish(stream, {"i": index, "pad": payload}))["seq"]
+            for index in range(1500)
+        ]
+        # Now read: the close frame arrives after whatever the buffers still held.
+        with pytest.raises(websockets.ConnectionClosed):
+            while True:
+                await asyncio.wait_for(slow.recv(), 30)
+    finally:
+        await slow.close()
+    assert slow.close_code == 4008
+
+    # Nothing it missed is lost: a fresh connection resumes from where it stopped.
+    resumed = await connect()
+    answer = await resumed.subscribe(stream, since=since)
+    assert answer["recovered"] is True
+    got = [(await resumed.next_event(stream, timeout=10))["seq"] for _ in published]
+    assert got == published
