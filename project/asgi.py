@@ -1,34 +1,58 @@
-"""ASGI entry point: HTTP to Django, WebSockets to the gateway behind an origin check."""
+"""ASGI entry point: HTTP to Django, WebSockets to the gateway (origin-checked).
+
+The application is a plain callable that returns the handling coroutine rather than a
+chain of middleware coroutines: every open WebSocket keeps its whole await chain alive for
+as long as it is connected, and each coroutine frame in it costs memory per socket. The
+gateway consumer checks the origin itself (realtime/consumers.py).
+"""
 
 import os
 import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.routing import URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 
+from realtime.consumers import GatewayConsumer  # noqa: E402
 from realtime.daphne_tuning import defer_debug_formatting  # noqa: E402
 from realtime.lifecycle import install_daphne_drain  # noqa: E402
-from realtime.routing import websocket_urlpatterns  # noqa: E402
+from realtime.routing import GATEWAY_PATH  # noqa: E402
 from realtime.security import BrowserOriginValidator  # noqa: E402
 
-routes = list(websocket_urlpatterns)
+other_websockets: Any = None
 if "bench" in settings.INSTALLED_APPS:
     from bench.routing import websocket_urlpatterns as bench_routes
 
-    routes += bench_routes
+    other_websockets = BrowserOriginValidator(
+        URLRouter(bench_routes), settings.WEBSOCKET_ALLOWED_ORIGINS
+    )
+
+
+async def _not_found(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    await receive()  # websocket.connect
+    await send({"type": "websocket.close"})  # refused before accept: the server says 403
+
+
+def application(scope: dict[str, Any], receive: Any, send: Any) -> Awaitable[None]:
+    handler: Callable[..., Awaitable[None]]
+    if scope["type"] == "websocket":
+        if scope["path"] == GATEWAY_PATH:
+            return GatewayConsumer()(scope, receive, send)
+        handler = other_websockets or _not_found
+        return handler(scope, receive, send)
+    return django_asgi_app(scope, receive, send)
+
+
+# A plain function would be taken for an ASGI 2 "double callable"; asgiref reads this hint.
+application._asgi_single_callable = True  # type: ignore[attr-defined]
+
 
 install_daphne_drain(settings.SWITCHBOARD["DRAIN_S"])
 if "daphne.server" in sys.modules:
     defer_debug_formatting()
-
-application = ProtocolTypeRouter(
-    {
-        "http": django_asgi_app,
-        "websocket": BrowserOriginValidator(URLRouter(routes), settings.WEBSOCKET_ALLOWED_ORIGINS),
-    }
-)

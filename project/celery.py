@@ -3,7 +3,7 @@
 import os
 
 from celery import Celery
-from celery.signals import worker_ready
+from celery.signals import worker_process_init, worker_ready
 from kombu import Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
@@ -26,3 +26,11 @@ def _announce_ready(**kwargs: object) -> None:
     if path:
         with open(path, "w") as ready:
             ready.write(str(os.getpid()))
+
+
+@worker_process_init.connect
+def _fresh_redis_clients(**kwargs: object) -> None:
+    """A pool process starts with its own Redis connections, never its parent's."""
+    from realtime.redis_clients import reset_after_fork
+
+    reset_after_fork()

@@ -48,12 +48,16 @@ from realtime.protocol import (
     parse_frame,
 )
 from realtime.redis_clients import async_client
+from realtime.security import BrowserOriginValidator
 from realtime.sequencing import StreamCursor
 from realtime.streams import StreamStore
 from realtime.tenants import TenantConfig, tenant_cache
 from realtime.transport import DaphneSocket, daphne_protocol
 
 logger = logging.getLogger(__name__)
+
+
+ORIGINS = BrowserOriginValidator(None, settings.WEBSOCKET_ALLOWED_ORIGINS)
 
 
 class ConnectionState(enum.Enum):
@@ -151,6 +155,10 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             await self.websocket_disconnect(message)
 
     async def websocket_connect(self, message: dict[str, Any]) -> None:
+        if not ORIGINS.allows(self.scope):
+            await self.base_send({"type": "websocket.close"})  # refused: HTTP 403
+            self.state = ConnectionState.CLOSED
+            return
         query = parse_qs(self.scope.get("query_string", b"").decode(), keep_blank_values=True)
         token = (query.get("token") or [None])[0] or _bearer_token(self.scope)
         try:

@@ -1,5 +1,3 @@
-from django.urls import path
+"""Where the gateway listens (project/asgi.py routes it without a URLRouter)."""
 
-from realtime.consumers import GatewayConsumer
-
-websocket_urlpatterns = [path("ws/v1/", GatewayConsumer.as_asgi())]
+GATEWAY_PATH = "/ws/v1/"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlparse
 
 from channels.security.websocket import OriginValidator
 
@@ -18,3 +19,13 @@ class BrowserOriginValidator(OriginValidator):
         if parsed_origin is None:
             return True
         return super().valid_origin(parsed_origin)
+
+    def allows(self, scope: dict[str, Any]) -> bool:
+        """The same check as the middleware, for an application that makes it itself."""
+        for name, value in scope.get("headers", ()):
+            if name == b"origin":
+                try:
+                    return self.valid_origin(urlparse(value.decode("latin1")))
+                except (UnicodeDecodeError, ValueError):
+                    return False
+        return True

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import jwt
 import pytest
+import websockets
 
 from realtime.auth import issue_token
 from realtime.client import SwitchboardClient, SwitchboardClosed
@@ -133,3 +134,20 @@ async def test_every_handshake_works_when_the_client_offers_compression(
             assert (await client.ping())["type"] == "pong"
         finally:
             await client.close()
+
+
+async def test_a_browser_from_another_site_is_refused_at_the_handshake(
+    switchboard: Switchboard, unique: Callable[[str], str]
+) -> None:
+    token = switchboard.token(unique("browser"))
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await websockets.connect(f"{switchboard.url}?token={token}", origin="https://evil.example")
+    assert refused.value.response.status_code == 403
+    # The same browser on an allowed origin gets in.
+    allowed = await SwitchboardClient.connect(
+        switchboard.url, token, origin="http://127.0.0.1:8000"
+    )
+    try:
+        assert allowed.welcome["type"] == "welcome"
+    finally:
+        await allowed.close()
