@@ -121,11 +121,14 @@ class SubscribeResult:
 
 
 class GatewayConsumer(AsyncWebsocketConsumer):
+    # Set by websocket_connect before the socket is OPEN; frame handlers run only when OPEN,
+    # and only sockets that were OPEN can have subscriptions to clean up.
+    identity: Identity
+    tenant: TenantConfig
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.state = ConnectionState.CONNECTING
-        self.identity: Identity | None = None
-        self.tenant: TenantConfig | None = None
         self.subscriptions: dict[str, StreamSubscription] = {}
         self.outbox = Outbox(
             settings.SWITCHBOARD["OUTBOX_MAX_EVENTS"], settings.SWITCHBOARD["OUTBOX_MAX_BYTES"]
@@ -204,7 +207,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             identity = self.identity
             async with async_client().pipeline(transaction=False) as pipe:
                 for stream in streams:
-                    pipe.hdel(keys.presence(identity.tenant, stream), identity.client)  # type: ignore[union-attr]
+                    pipe.hdel(keys.presence(identity.tenant, stream), identity.client)
                 await pipe.execute()
         raise StopConsumer()
 
@@ -217,7 +220,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             return
         frame_id = None
         try:
-            frame = parse_frame(text, self.tenant.max_frame_bytes)  # type: ignore[union-attr]
+            frame = parse_frame(text, self.tenant.max_frame_bytes)
             frame_id = getattr(frame, "id", None)
             await getattr(self, HANDLERS[type(frame)])(frame)
         except ProtocolError as error:
@@ -227,7 +230,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 "frame failed tenant=%s client=%s conn=%s",
                 self.identity.tenant,
                 self.identity.client,
-                self.connection_id,  # type: ignore[union-attr]
+                self.connection_id,
             )
             self.push(
                 error_frame("internal", "internal error; the frame was not applied", frame_id)
@@ -292,7 +295,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             self.identity.tenant,
             self.identity.client,
             self.connection_id,
-            detail,  # type: ignore[union-attr]
+            detail,
         )
         self.close_with(CLOSE_SLOW_CONSUMER, "slow consumer")
 
@@ -315,14 +318,14 @@ class GatewayConsumer(AsyncWebsocketConsumer):
     # --- subscriptions -----------------------------------------------------------------
 
     def _require_stream(self, stream: str, frame_id: str | None = None) -> None:
-        if not self.identity.may_use(stream):  # type: ignore[union-attr]
+        if not self.identity.may_use(stream):
             raise ProtocolError("forbidden", f"token does not allow stream {stream!r}", frame_id)
 
     async def _subscribe(self, stream: str, since: int | None) -> SubscribeResult:
         """Join the stream and collect what the client missed. Live events heard during
         the catch-up read wait in the cursor and follow the missed ones, in seq order."""
         identity = self.identity
-        tenant = identity.tenant  # type: ignore[union-attr]
+        tenant = identity.tenant
         self._drop_subscription(stream)
         subscription = StreamSubscription(self, stream)
         self.subscriptions[stream] = subscription
@@ -331,7 +334,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         await async_client().hset(
             keys.presence(tenant, stream),
             identity.client,
-            identity.name or "",  # type: ignore[union-attr]
+            identity.name or "",
         )
         store = stream_store()
         head = await store.head(tenant, stream)
@@ -350,7 +353,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         subscription = self.subscriptions.pop(stream, None)
         if subscription is not None:
             subscription.active = False
-            get_hub().leave(self.identity.tenant, stream, subscription)  # type: ignore[union-attr]
+            get_hub().leave(self.identity.tenant, stream, subscription)
 
     async def handle_subscribe(self, frame: Subscribe) -> None:
         self._require_stream(frame.stream)
@@ -380,7 +383,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
     async def handle_unsubscribe(self, frame: Unsubscribe) -> None:
         self._drop_subscription(frame.stream)
         identity = self.identity
-        await async_client().hdel(keys.presence(identity.tenant, frame.stream), identity.client)  # type: ignore[union-attr]
+        await async_client().hdel(keys.presence(identity.tenant, frame.stream), identity.client)
         self.push(dumps({"type": "unsubscribed", "stream": frame.stream}))
 
     def schedule_repair(self, subscription: StreamSubscription, to_head: bool = False) -> None:
@@ -391,7 +394,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
 
     async def _repair(self, subscription: StreamSubscription, to_head: bool) -> None:
         """Read what the live path missed from the log; never skip a retained event."""
-        tenant = self.identity.tenant  # type: ignore[union-attr]
+        tenant = self.identity.tenant
         store = stream_store()
         try:
             await asyncio.sleep(settings.SWITCHBOARD["GAP_REPAIR_S"])
@@ -451,7 +454,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             identity.client,
             frame,
             agent,
-            self.tenant.stream_retention,  # type: ignore[union-attr]
+            self.tenant.stream_retention,
         )
         self.push(ack_frame(frame.id, appended.event_id, appended.seq, appended.duplicate))
         if not appended.duplicate:
@@ -459,7 +462,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 "send accepted tenant=%s client=%s conn=%s stream=%s event=%s run=%s",
                 identity.tenant,
                 identity.client,
-                self.connection_id,  # type: ignore[union-attr]
+                self.connection_id,
                 frame.stream,
                 appended.event_id,
                 appended.run_id,
@@ -472,7 +475,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             identity.tenant,
             identity.client,
             frame,
-            self.tenant.stream_retention,  # type: ignore[union-attr]
+            self.tenant.stream_retention,
         )
         self.push(ack_frame(frame.id, appended.event_id, appended.seq, appended.duplicate))
 
@@ -482,20 +485,20 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         await async_client().hset(
             keys.receipts(identity.tenant, frame.stream),
             identity.client,
-            frame.seq,  # type: ignore[union-attr]
+            frame.seq,
         )
 
     async def handle_cancel(self, frame: Cancel) -> None:
         from orchestration.intake import cancel_run
 
         identity = self.identity
-        outcome = await cancel_run(identity.tenant, identity.client, frame.id)  # type: ignore[union-attr]
+        outcome = await cancel_run(identity.tenant, identity.client, frame.id)
         if outcome is not None:
             raise ProtocolError(outcome[0], outcome[1], frame.id)
 
     async def handle_presence(self, frame: Presence) -> None:
         self._require_stream(frame.stream)
-        raw = await async_client().hgetall(keys.presence(self.identity.tenant, frame.stream))  # type: ignore[union-attr]
+        raw = await async_client().hgetall(keys.presence(self.identity.tenant, frame.stream))
         clients = [
             {"client": client.decode(), "name": name.decode() or None}
             for client, name in raw.items()
