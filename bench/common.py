@@ -1,5 +1,6 @@
-"""What every benchmark shares: a fresh system per variant, the load generator, process
-sampling, percentiles, the machine description and the results file.
+"""What every benchmark shares: the common options and the skeleton of a run
+(run_benchmark), a fresh system per variant, the load generator, process sampling,
+percentiles, the machine description and the results file.
 
 The client side is a Node.js `ws` script (bench/loadgen.mjs) in one or more processes,
 driven from here over stdin/stdout. A Python asyncio client spends most of a core at a few
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +46,8 @@ RESULTS_DIR = BENCH_DIR / "results"
 DEFAULT_REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/7")
 TENANT = "bench"
 MIB = 1024 * 1024
+
+Results = dict[str, dict[str, Any]]  # a benchmark's result per variant
 
 if str(ROOT) not in sys.path:  # `python bench/NAME.py` as well as `python -m bench.NAME`
     sys.path.insert(0, str(ROOT))
@@ -121,6 +124,44 @@ def raise_open_files_limit(needed: int) -> int:
     return limit
 
 
+def benchmark_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of `python -m bench.NAME`, described by its docstring's first paragraph."""
+    return argparse.ArgumentParser(
+        prog=f"python -m bench.{name}",
+        description=doc.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+
+def subset_argument(
+    parser: argparse.ArgumentParser, choices: tuple[str, ...], dest: str = "variants"
+) -> None:
+    """`--DEST a,b`: which of the variants to run, all by default (parse_benchmark_args
+    checks and splits it)."""
+    parser.add_argument(f"--{dest}", default=",".join(choices), help="comma-separated subset")
+
+
+def parse_benchmark_args(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    choices: tuple[str, ...],
+    dest: str = "variants",
+    profile: bool = True,
+    **defaults: Any,
+) -> argparse.Namespace:
+    """Add the options every benchmark takes (`defaults` overrides theirs), parse `argv`,
+    and turn the `--DEST` of subset_argument into a list of known choices."""
+    common_arguments(parser, profile)
+    parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    chosen = [c.strip() for c in getattr(args, dest).split(",") if c.strip()]
+    unknown = set(chosen) - set(choices)
+    if unknown:
+        parser.error(f"unknown {dest} {sorted(unknown)}; choose from {choices}")
+    setattr(args, dest, chosen)
+    return args
+
+
 def common_arguments(parser: argparse.ArgumentParser, profile: bool = True) -> None:
     parser.add_argument(
         "--redis-url",
@@ -166,6 +207,15 @@ def summarize(values: Sequence[float]) -> dict[str, Any]:
         "max": ordered[-1] if ordered else None,
         "mean": sum(ordered) / len(ordered) if ordered else None,
     }
+
+
+def sum_counts(tables: Iterable[dict[str, int]]) -> dict[str, int]:
+    """Per-key sums of counts (errors by reason, close codes) from several replies."""
+    total: dict[str, int] = {}
+    for table in tables:
+        for key, count in table.items():
+            total[key] = total.get(key, 0) + count
+    return total
 
 
 def fmt_ms(value: float | None) -> str:
@@ -319,6 +369,19 @@ def describe_processes(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def print_server_report(result: dict[str, Any], *more: str) -> None:
+    """The end of every variant's report: sockets the server closed, each server process's
+    memory and CPU, the lines `more`, then the profile summary when there is one."""
+    if result["close_codes_after_open"]:
+        print(f"  sockets closed by the server: {result['close_codes_after_open']}")
+    for line in [*describe_processes(result["server_processes"]), *more]:
+        print(line)
+    if result.get("profile"):
+        for line in describe_profile(result["profile"]):
+            print(line)
+    sys.stdout.flush()
+
+
 # --- where the time goes -------------------------------------------------------------------
 
 
@@ -425,6 +488,21 @@ def summarize_collapsed(path: Path, top: int) -> dict[str, Any]:
 
 
 PROJECT_PACKAGES = ("realtime/", "orchestration/", "workers/", "project/", "bench/")
+
+
+class MeasuredWindow:
+    """The measured window of a variant: its server processes sampled from now on, and with
+    `profile` (--profile) also under py-spy, its output in the variant's log directory."""
+
+    def __init__(self, env: BenchEnv, cluster: Cluster, variant: str, profile: bool) -> None:
+        procs = server_processes(cluster)
+        self.sampler = ProcessSampler(procs).start()
+        self.profiler = Profiler(procs, env.log_root / variant).start() if profile else None
+
+    def stop(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(process report, profile summary or None)."""
+        profile = self.profiler.stop() if self.profiler else None
+        return self.sampler.stop(), profile
 
 
 def describe_profile(summary: dict[str, Any], top: int = 8) -> list[str]:
@@ -665,23 +743,34 @@ class LoadClient:
             concurrency=max(1, concurrency // self.procs),
             timeout_ms=timeout_ms,
         )
-        errors: dict[str, int] = {}
         latencies: list[float] = []
         for reply in replies:
             latencies += reply["latencies_ms"]
-            for reason, count in reply["errors"].items():
-                errors[reason] = errors.get(reason, 0) + count
         starts = [r["first_start"] for r in replies if r["first_start"] is not None]
         ends = [r["last_done"] for r in replies if r["last_done"] is not None]
         span_ms = (max(ends) - min(starts)) if starts and ends else None
         return {
             "opened": sum(r["opened"] for r in replies),
             "failed": sum(r["failed"] for r in replies),
-            "errors": errors,
+            "errors": sum_counts(r["errors"] for r in replies),
             "latencies_ms": latencies,
             "span_ms": span_ms,
             "client_cpu_s": round(sum(r["cpu_s"] for r in replies), 2),
         }
+
+    def subscribe(self, group: str, **params: Any) -> None:
+        """Subscribe every socket of `group` (see loadgen.mjs for `params`); errors are
+        printed, not raised."""
+        for reply in self.all("subscribe", group=group, **params):
+            if reply["errors"]:
+                print(f"  subscribe errors: {reply['errors']}")
+
+    def open_warm(self, urls: list[str], expect: str) -> None:
+        """Open the warm-up connections (group "warm", from the first process), so that
+        one-time costs of a server's first connections fall outside what is measured."""
+        warm = self.call(0, "open", group="warm", urls=urls, expect=expect)
+        if warm["failed"]:
+            raise RuntimeError(f"warm-up connections failed: {warm['errors']}")
 
     def stop(self) -> None:
         for index, child in enumerate(self._children):
@@ -706,6 +795,59 @@ class LoadClient:
 # --- results -------------------------------------------------------------------------------
 
 
+def run_benchmark(
+    name: str,
+    title: str,
+    args: argparse.Namespace,
+    run_variant: Callable[[BenchEnv, LoadClient, str, argparse.Namespace], dict[str, Any]],
+    print_variant: Callable[[dict[str, Any]], None],
+    conclude: Callable[[Results, argparse.Namespace], tuple[dict[str, Any], dict[str, Any]]],
+    sockets: int,
+    variants: Sequence[str] | None = None,
+    announce: bool = True,
+) -> int:
+    """What every benchmark's main() does around its own measuring.
+
+    Prints the header, raises the open-files limit for `sockets` sockets in one process,
+    and runs each of `variants` (default `args.variants`) with `run_variant` on its own
+    fresh system, all with the same load generators, printing each result with
+    `print_variant` (after a "-- VARIANT --" line when `announce`). `conclude(results,
+    args)` then prints the ratios and the verdict and returns them as (ratios, target) for
+    the results file, which is written last.
+    """
+    params = dict(vars(args))
+    machine = print_header(f"bench.{name}: {title}", params)
+    raise_open_files_limit(sockets + 1024)
+    env = BenchEnv(name, args.redis_url, args.log_level)
+    results: Results = {}
+    try:
+        with LoadClient(args.client_procs, env.log_root / "loadgen") as client:
+            for variant in args.variants if variants is None else variants:
+                if announce:
+                    print(f"-- {variant} --")
+                results[variant] = run_variant(env, client, variant, args)
+                print_variant(results[variant])
+    finally:
+        env.cleanup()
+    ratios, target = conclude(results, args)
+    path = write_results(
+        name,
+        env.stamp,
+        {
+            "benchmark": name,
+            "command": command_line(),
+            "machine": machine,
+            "parameters": params,
+            "results": results,
+            "ratios": ratios,
+            "target": target,
+            "logs": relative(env.log_root),
+        },
+    )
+    print(f"results: {relative(path)}  (server logs: {relative(env.log_root)})")
+    return 0
+
+
 def write_results(name: str, stamp: str, data: dict[str, Any]) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}-{stamp}.json"
@@ -723,3 +865,13 @@ def relative(path: Path) -> str:
 def verdict_text(met: bool | None) -> str:
     """MET / NOT MET, or why the run cannot say (it was smaller than the target's)."""
     return {True: "MET", False: "NOT MET", None: "not checked at this size"}[met]
+
+
+def print_ratio(label: str, value: float | None) -> None:
+    """The headline ratio of Switchboard to its baseline."""
+    print(f"-- ratio: {label}: {fmt_ratio(value)} --")
+
+
+def print_target(goal: str, met: bool | None, measured: str) -> None:
+    """The verdict on the performance target, with the figure it was judged by."""
+    print(f"target ({goal}): {verdict_text(met)} ({measured})")

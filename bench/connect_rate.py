@@ -31,26 +31,23 @@ if __package__ in (None, ""):  # `python bench/connect_rate.py`
 from bench.common import (
     BenchEnv,
     LoadClient,
-    ProcessSampler,
-    Profiler,
+    MeasuredWindow,
+    Results,
     authenticated_endpoint,
+    benchmark_parser,
     closest,
-    command_line,
-    common_arguments,
     cpu_seconds,
     describe_latency,
-    describe_processes,
-    describe_profile,
-    fmt_ratio,
     gateway_base,
-    print_header,
-    raise_open_files_limit,
+    parse_benchmark_args,
+    print_ratio,
+    print_server_report,
+    print_target,
     ratio,
-    relative,
-    server_processes,
+    run_benchmark,
+    subset_argument,
+    sum_counts,
     summarize,
-    verdict_text,
-    write_results,
 )
 
 VARIANTS = ("switchboard", "plain")
@@ -59,24 +56,14 @@ WARM_CONNECTIONS = 20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.connect_rate",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = benchmark_parser("connect_rate", __doc__)
     parser.add_argument("--connections", type=int, default=5000, help="per round")
     parser.add_argument("--concurrency", type=int, default=200, help="handshakes in flight")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--gateways", type=int, default=1, help="daphne processes")
     parser.add_argument("--pause", type=float, default=2.0, help="seconds between rounds")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
-    common_arguments(parser)
-    args = parser.parse_args(argv)
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(args.variants) - set(VARIANTS)
-    if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
-    return args
+    subset_argument(parser, VARIANTS)
+    return parse_benchmark_args(parser, argv, VARIANTS)
 
 
 def run_variant(
@@ -89,16 +76,9 @@ def run_variant(
         bases = [gateway_base(cluster, g) for g in range(gateways)]
         path, expect = authenticated_endpoint(variant)
         warm_urls = [f"{bases[i % gateways]}{path}?token={t}" for i, t in enumerate(warm_tokens)]
-        warm = client.call(0, "open", group="warm", urls=warm_urls, expect=expect)
-        if warm["failed"]:
-            raise RuntimeError(f"warm-up connections failed: {warm['errors']}")
+        client.open_warm(warm_urls, expect)
         urls = [f"{bases[i % gateways]}{path}?token={t}" for i, t in enumerate(tokens)]
-        sampler = ProcessSampler(server_processes(cluster)).start()
-        profiler = (
-            Profiler(server_processes(cluster), env.log_root / variant).start()
-            if args.profile
-            else None
-        )
+        window = MeasuredWindow(env, cluster, variant, args.profile)
         rounds = []
         gateway_pids = [cluster.processes[f"gateway-{g}"].pid for g in range(gateways)]
         for number in range(args.rounds):
@@ -137,14 +117,9 @@ def run_variant(
             sys.stdout.flush()
             client.all("close", group="storm")
             time.sleep(args.pause)
-        profile = profiler.stop() if profiler else None
-        processes = sampler.stop()
+        processes, profile = window.stop()
         client.call(0, "close", group="warm")
         stats = client.all("stats")
-    closes: dict[str, int] = {}
-    for stat in stats:
-        for code, count in stat["close_codes"].items():
-            closes[code] = closes.get(code, 0) + count
     rates = [r["per_s_per_gateway"] for r in rounds if r["per_s_per_gateway"]]
     median_rate = round(statistics.median(rates), 1) if rates else None
     median_round = closest(rounds, "per_s_per_gateway", median_rate)
@@ -155,7 +130,7 @@ def run_variant(
         "rounds": rounds,
         "handshake_ms_median_round": median_round["handshake_ms"],
         "failures": sum(r["failed"] for r in rounds),
-        "close_codes_after_open": closes,
+        "close_codes_after_open": sum_counts(s["close_codes"] for s in stats),
         "server_processes": processes,
         "profile": profile,
     }
@@ -167,31 +142,10 @@ def print_variant(result: dict[str, Any]) -> None:
         f" per gateway process ({result['gateways']} gateway(s))"
     )
     print("  " + describe_latency("handshake to welcome", result["handshake_ms_median_round"]))
-    if result["close_codes_after_open"]:
-        print(f"  sockets closed by the server: {result['close_codes_after_open']}")
-    for line in describe_processes(result["server_processes"]):
-        print(line)
-    if result.get("profile"):
-        for line in describe_profile(result["profile"]):
-            print(line)
-    sys.stdout.flush()
+    print_server_report(result)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    params = dict(vars(args))
-    machine = print_header("bench.connect_rate: new authenticated connections per second", params)
-    raise_open_files_limit(args.connections // max(1, args.client_procs) + WARM_CONNECTIONS + 1024)
-    env = BenchEnv("connect_rate", args.redis_url, args.log_level)
-    results: dict[str, dict[str, Any]] = {}
-    try:
-        with LoadClient(args.client_procs, env.log_root / "loadgen") as client:
-            for variant in args.variants:
-                print(f"-- {variant} --")
-                results[variant] = run_variant(env, client, variant, args)
-                print_variant(results[variant])
-    finally:
-        env.cleanup()
+def conclude(results: Results, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     sb, base = results.get("switchboard"), results.get("plain")
     summary = {}
     if sb and base:
@@ -203,34 +157,32 @@ def main(argv: list[str] | None = None) -> int:
                 sb["handshake_ms_median_round"]["p99"], base["handshake_ms_median_round"]["p99"]
             ),
         }
-        print(
-            "-- ratio: switchboard / plain Channels connections per second:"
-            f" {fmt_ratio(summary['switchboard/plain per_s'])} --"
+        print_ratio(
+            "switchboard / plain Channels connections per second",
+            summary["switchboard/plain per_s"],
         )
     verdict = None
     if sb and sb["median_per_s_per_gateway"] is not None:
         verdict = sb["median_per_s_per_gateway"] >= TARGET_PER_S and sb["failures"] == 0
-        print(
-            f"target (>= {TARGET_PER_S:.0f} new authenticated connections/s per gateway):"
-            f" {verdict_text(verdict)} ({sb['median_per_s_per_gateway']}/s,"
-            f" {sb['failures']} failures)"
+        print_target(
+            f">= {TARGET_PER_S:.0f} new authenticated connections/s per gateway",
+            verdict,
+            f"{sb['median_per_s_per_gateway']}/s, {sb['failures']} failures",
         )
-    path = write_results(
+    return summary, {"per_s": TARGET_PER_S, "met": verdict}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_benchmark(
         "connect_rate",
-        env.stamp,
-        {
-            "benchmark": "connect_rate",
-            "command": command_line(),
-            "machine": machine,
-            "parameters": params,
-            "results": results,
-            "ratios": summary,
-            "target": {"per_s": TARGET_PER_S, "met": verdict},
-            "logs": relative(env.log_root),
-        },
+        "new authenticated connections per second",
+        args,
+        run_variant,
+        print_variant,
+        conclude,
+        sockets=args.connections // max(1, args.client_procs) + WARM_CONNECTIONS,
     )
-    print(f"results: {relative(path)}  (server logs: {relative(env.log_root)})")
-    return 0
 
 
 if __name__ == "__main__":

@@ -30,24 +30,21 @@ if __package__ in (None, ""):  # `python bench/e2e.py`
 from bench.common import (
     BenchEnv,
     LoadClient,
-    ProcessSampler,
-    Profiler,
-    command_line,
-    common_arguments,
+    MeasuredWindow,
+    Results,
+    benchmark_parser,
     describe_latency,
-    describe_processes,
-    describe_profile,
     fmt_ms,
     fmt_ratio,
     gateway_base,
-    print_header,
-    raise_open_files_limit,
+    parse_benchmark_args,
+    print_server_report,
+    print_target,
     ratio,
-    relative,
-    server_processes,
+    run_benchmark,
+    subset_argument,
+    sum_counts,
     summarize,
-    verdict_text,
-    write_results,
 )
 
 PATHS = ("switchboard", "naive", "echo")
@@ -57,11 +54,7 @@ TARGET_P99_MS = 100.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.e2e",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = benchmark_parser("e2e", __doc__)
     parser.add_argument("--rate", type=float, default=500, help="sends per second, in total")
     parser.add_argument("--connections", type=int, default=500, help="WebSockets sending")
     parser.add_argument("--seconds", type=float, default=30, help="how long to send")
@@ -74,16 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--worker-concurrency", type=int, default=8, help="pool size of each Celery worker"
     )
-    parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset")
+    subset_argument(parser, PATHS, "paths")
     parser.add_argument("--latency-ms", type=int, default=0, help="echo agent option")
     parser.add_argument("--chunks", type=int, default=1, help="echo agent option")
     parser.add_argument("--text", default="hello from the end-to-end benchmark", help="message")
-    common_arguments(parser)
-    args = parser.parse_args(argv)
-    args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    unknown = set(args.paths) - set(PATHS)
-    if unknown:
-        parser.error(f"unknown paths {sorted(unknown)}; choose from {PATHS}")
+    args = parse_benchmark_args(parser, argv, PATHS, "paths")
     if args.warmup >= args.seconds:
         parser.error("--warmup must be shorter than --seconds")
     return args
@@ -109,15 +97,8 @@ def run_path(env: BenchEnv, client: LoadClient, path: str, args: argparse.Namesp
             print(f"  {opened['failed']} connections failed to open: {opened['errors']}")
         if path == "switchboard":
             # Subscribed before the clock starts, so the first sends measure the steady path.
-            for reply in client.all("subscribe", group="load", prefix="e2e-"):
-                if reply["errors"]:
-                    print(f"  subscribe errors: {reply['errors']}")
-        sampler = ProcessSampler(server_processes(cluster)).start()
-        profiler = (
-            Profiler(server_processes(cluster), env.log_root / path).start()
-            if args.profile
-            else None
-        )
+            client.subscribe("load", prefix="e2e-")
+        window = MeasuredWindow(env, cluster, path, args.profile)
         replies = client.all(
             "load",
             [{"id_prefix": f"p{index}-"} for index in range(client.procs)],
@@ -132,8 +113,7 @@ def run_path(env: BenchEnv, client: LoadClient, path: str, args: argparse.Namesp
             agent="echo",
             options={"latency_ms": args.latency_ms, "chunks": args.chunks},
         )
-        profile = profiler.stop() if profiler else None
-        processes = sampler.stop()
+        processes, profile = window.stop()
         stats = client.all("stats")
         client.all("close", group="load")
     result = merge(path, opened, replies, processes, stats)
@@ -144,19 +124,12 @@ def run_path(env: BenchEnv, client: LoadClient, path: str, args: argparse.Namesp
 def merge(path: str, opened: dict, replies: list[dict], processes: dict, stats: list) -> dict:
     ack_ms: list[float] = []
     done_ms: list[float] = []
-    errors: dict[str, int] = {}
-    statuses: dict[str, int] = {}
-    close_codes: dict[str, int] = {}
     for reply in replies:
         ack_ms += reply["ack_ms"]
         done_ms += reply["done_ms"]
-        for code, count in reply["errors"].items():
-            errors[code] = errors.get(code, 0) + count
-        for status, count in reply["statuses"].items():
-            statuses[status] = statuses.get(status, 0) + count
-    for stat in stats:
-        for code, count in stat["close_codes"].items():
-            close_codes[code] = close_codes.get(code, 0) + count
+    errors = sum_counts(r["errors"] for r in replies)
+    statuses = sum_counts(r["statuses"] for r in replies)
+    close_codes = sum_counts(s["close_codes"] for s in stats)
     lost = sum(r["lost"] for r in replies)
     unanswered = sum(r["unanswered"] for r in replies)
     if lost:
@@ -198,20 +171,13 @@ def print_path(result: dict) -> None:
         print("  " + describe_latency("ack", result["ack_ms"]))
     print("  " + describe_latency("send->reply.done", result["done_ms"]))
     print(f"  errors by code: {result['errors'] or 'none'}")
-    if result["close_codes_after_open"]:
-        print(f"  sockets closed by the server: {result['close_codes_after_open']}")
-    for line in describe_processes(result["server_processes"]):
-        print(line)
-    print(
+    print_server_report(
+        result,
         f"  server CPU per reply {result['server_cpu_ms_per_reply']} ms;"
         f" load generator CPU {result['client_cpu_s']} s,"
         f" max send lag {result['client_max_send_lag_ms']} ms"
-        f" ({result['client_late_sends']} sends > 5 ms late)"
+        f" ({result['client_late_sends']} sends > 5 ms late)",
     )
-    if result.get("profile"):
-        for line in describe_profile(result["profile"]):
-            print(line)
-    sys.stdout.flush()
 
 
 def ratios(results: dict[str, dict]) -> dict[str, Any]:
@@ -232,20 +198,7 @@ def ratios(results: dict[str, dict]) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    params = dict(vars(args))
-    machine = print_header("bench.e2e: gateway -> Celery -> worker -> gateway", params)
-    raise_open_files_limit(args.connections + 1024)
-    env = BenchEnv("e2e", args.redis_url, args.log_level)
-    results: dict[str, dict] = {}
-    try:
-        with LoadClient(args.client_procs, env.log_root / "loadgen") as client:
-            for path in args.paths:
-                results[path] = run_path(env, client, path, args)
-                print_path(results[path])
-    finally:
-        env.cleanup()
+def conclude(results: Results, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     summary = ratios(results)
     if summary:
         print("-- ratios (switchboard / baseline) --")
@@ -262,27 +215,28 @@ def main(argv: list[str] | None = None) -> int:
         p99 = sb["done_ms"]["p99"]
         ok = sb["achieved_per_s"] >= TARGET_RATE and p99 is not None and p99 <= TARGET_P99_MS
         verdict = ok if args.rate >= TARGET_RATE else None
-        print(
-            f"target (>= {TARGET_RATE} runs/s achieved with send->reply.done p99 <= "
-            f"{TARGET_P99_MS:.0f} ms): {verdict_text(verdict)}"
-            f" ({sb['achieved_per_s']}/s achieved of {args.rate:g}/s offered, p99 {fmt_ms(p99)} ms)"
+        print_target(
+            f">= {TARGET_RATE} runs/s achieved with send->reply.done p99 <= {TARGET_P99_MS:.0f} ms",
+            verdict,
+            f"{sb['achieved_per_s']}/s achieved of {args.rate:g}/s offered, p99 {fmt_ms(p99)} ms",
         )
-    path = write_results(
+    return summary, {"rate": TARGET_RATE, "p99_ms": TARGET_P99_MS, "met": verdict}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # No "-- PATH --" before a path runs: print_path heads its report, after any progress lines.
+    return run_benchmark(
         "e2e",
-        env.stamp,
-        {
-            "benchmark": "e2e",
-            "command": command_line(),
-            "machine": machine,
-            "parameters": params,
-            "results": results,
-            "ratios": summary,
-            "target": {"rate": TARGET_RATE, "p99_ms": TARGET_P99_MS, "met": verdict},
-            "logs": relative(env.log_root),
-        },
+        "gateway -> Celery -> worker -> gateway",
+        args,
+        run_path,
+        print_path,
+        conclude,
+        sockets=args.connections,
+        variants=args.paths,
+        announce=False,
     )
-    print(f"results: {relative(path)}  (server logs: {relative(env.log_root)})")
-    return 0
 
 
 if __name__ == "__main__":

@@ -35,25 +35,22 @@ if __package__ in (None, ""):  # `python bench/fanout.py`
 from bench.common import (
     BenchEnv,
     LoadClient,
-    ProcessSampler,
-    Profiler,
+    MeasuredWindow,
+    Results,
+    benchmark_parser,
     closest,
-    command_line,
-    common_arguments,
     describe_latency,
-    describe_processes,
-    describe_profile,
     fmt_ms,
-    fmt_ratio,
     gateway_base,
-    print_header,
-    raise_open_files_limit,
+    parse_benchmark_args,
+    print_ratio,
+    print_server_report,
+    print_target,
     ratio,
-    relative,
-    server_processes,
+    run_benchmark,
+    subset_argument,
+    sum_counts,
     summarize,
-    verdict_text,
-    write_results,
 )
 
 VARIANTS = ("switchboard", "group")
@@ -65,11 +62,7 @@ GROUP_HANDSHAKES_IN_FLIGHT = 50
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.fanout",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = benchmark_parser("fanout", __doc__)
     parser.add_argument("--subscribers", type=int, default=TARGET_SUBSCRIBERS, help="K")
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds (median)")
     parser.add_argument("--warmup-rounds", type=int, default=1, help="rounds not counted")
@@ -77,23 +70,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--concurrency", type=int, default=200, help="handshakes in flight while connecting"
     )
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
-    common_arguments(parser)
+    subset_argument(parser, VARIANTS)
     # The event reaches the sockets in a burst: two readers take it in twice as fast, so the
     # client's own reading adds less to the time to the last subscriber.
-    parser.set_defaults(client_procs=2)
-    args = parser.parse_args(argv)
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(args.variants) - set(VARIANTS)
-    if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
-    return args
+    return parse_benchmark_args(parser, argv, VARIANTS, client_procs=2)
 
 
 def run_variant(
-    env: BenchEnv, client: LoadClient, variant: str, tokens: list[str], args: argparse.Namespace
+    env: BenchEnv, client: LoadClient, variant: str, args: argparse.Namespace
 ) -> dict[str, Any]:
     k = args.subscribers
+    tokens = env.tokens(k + 1)  # the same tokens for every variant: the last one publishes
     layer_env = {"CHANNEL_LAYER_CAPACITY": str(k + 1000)}
     with env.cluster(variant, gateways=1, workers=0, env=layer_env) as cluster:
         base = gateway_base(cluster, 0)
@@ -114,9 +101,7 @@ def run_variant(
         if opened["failed"]:
             print(f"  {opened['failed']} subscribers failed to connect: {opened['errors']}")
         if variant == "switchboard":
-            for reply in client.all("subscribe", group="subs", stream=STREAM):
-                if reply["errors"]:
-                    print(f"  subscribe errors: {reply['errors']}")
+            client.subscribe("subs", stream=STREAM)
         pub = client.call(0, "open", group="pub", urls=[publisher], expect=expect)
         if not pub["opened"]:
             raise RuntimeError(f"publisher could not connect: {pub['errors']}")
@@ -125,12 +110,7 @@ def run_variant(
             f"{' and subscribed' if variant == 'switchboard' else ''}"
             f" in {time.monotonic() - started:.1f} s"
         )
-        sampler = ProcessSampler(server_processes(cluster)).start()
-        profiler = (
-            Profiler(server_processes(cluster), env.log_root / variant).start()
-            if args.profile
-            else None
-        )
+        window = MeasuredWindow(env, cluster, variant, args.profile)
         rounds = []
         timeout_ms = max(30_000, 5 * k)
         for number in range(args.warmup_rounds + args.rounds):
@@ -162,8 +142,7 @@ def run_variant(
             )
             sys.stdout.flush()
             time.sleep(args.pause)
-        profile = profiler.stop() if profiler else None
-        processes = sampler.stop()
+        processes, profile = window.stop()
         client.all("close", group="subs")
         client.call(0, "close", group="pub")
         stats = client.all("stats")
@@ -171,10 +150,6 @@ def run_variant(
     lasts = [r["last_ms"] for r in measured if r["last_ms"] is not None]
     median_last = statistics.median(lasts) if lasts else None
     median_round = closest(measured, "last_ms", median_last)
-    closes: dict[str, int] = {}
-    for stat in stats:
-        for code, count in stat["close_codes"].items():
-            closes[code] = closes.get(code, 0) + count
     return {
         "variant": variant,
         "subscribers": opened["opened"],
@@ -184,7 +159,7 @@ def run_variant(
         "deliveries_per_s": round(k / (median_last / 1000), 1) if median_last else None,
         "delivery_ms_median_round": median_round["delivery_ms"],
         "missing_total": sum(r["missing"] for r in measured),
-        "close_codes_after_open": closes,
+        "close_codes_after_open": sum_counts(s["close_codes"] for s in stats),
         "server_processes": processes,
         "profile": profile,
     }
@@ -199,68 +174,44 @@ def print_variant(result: dict[str, Any]) -> None:
     print("  " + describe_latency("per-subscriber delivery", result["delivery_ms_median_round"]))
     if result["missing_total"]:
         print(f"  subscribers that missed an event: {result['missing_total']}")
-    if result["close_codes_after_open"]:
-        print(f"  sockets closed by the server: {result['close_codes_after_open']}")
-    for line in describe_processes(result["server_processes"]):
-        print(line)
-    if result.get("profile"):
-        for line in describe_profile(result["profile"]):
-            print(line)
-    sys.stdout.flush()
+    print_server_report(result)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    params = dict(vars(args))
-    machine = print_header("bench.fanout: one event to K subscribers of one stream", params)
-    raise_open_files_limit(args.subscribers + 1024)
-    env = BenchEnv("fanout", args.redis_url, args.log_level)
-    results: dict[str, dict[str, Any]] = {}
-    try:
-        with LoadClient(args.client_procs, env.log_root / "loadgen") as client:
-            tokens = env.tokens(args.subscribers + 1)
-            for variant in args.variants:
-                print(f"-- {variant} --")
-                results[variant] = run_variant(env, client, variant, tokens, args)
-                print_variant(results[variant])
-    finally:
-        env.cleanup()
+def conclude(results: Results, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     sb, base = results.get("switchboard"), results.get("group")
     summary = {}
     if sb and base:
         summary = {
             "switchboard/group median_last": ratio(sb["median_last_ms"], base["median_last_ms"])
         }
-        print(
-            f"-- ratio: switchboard / group_send time to the last subscriber:"
-            f" {fmt_ratio(summary['switchboard/group median_last'])} --"
+        print_ratio(
+            "switchboard / group_send time to the last subscriber",
+            summary["switchboard/group median_last"],
         )
     verdict = None
     if sb and sb["median_last_ms"] is not None:
         full_size = sb["subscribers"] >= TARGET_SUBSCRIBERS and args.rounds >= 5
         ok = sb["median_last_ms"] <= TARGET_MS and sb["missing_total"] == 0
         verdict = ok if full_size else None
-        print(
-            f"target (<= {TARGET_MS:.0f} ms to the last of {TARGET_SUBSCRIBERS}, median of 5):"
-            f" {verdict_text(verdict)} ({fmt_ms(sb['median_last_ms'])} ms to the last of"
-            f" {sb['subscribers']})"
+        print_target(
+            f"<= {TARGET_MS:.0f} ms to the last of {TARGET_SUBSCRIBERS}, median of 5",
+            verdict,
+            f"{fmt_ms(sb['median_last_ms'])} ms to the last of {sb['subscribers']}",
         )
-    path = write_results(
+    return summary, {"ms": TARGET_MS, "subscribers": TARGET_SUBSCRIBERS, "met": verdict}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_benchmark(
         "fanout",
-        env.stamp,
-        {
-            "benchmark": "fanout",
-            "command": command_line(),
-            "machine": machine,
-            "parameters": params,
-            "results": results,
-            "ratios": summary,
-            "target": {"ms": TARGET_MS, "subscribers": TARGET_SUBSCRIBERS, "met": verdict},
-            "logs": relative(env.log_root),
-        },
+        "one event to K subscribers of one stream",
+        args,
+        run_variant,
+        print_variant,
+        conclude,
+        sockets=args.subscribers,
     )
-    print(f"results: {relative(path)}  (server logs: {relative(env.log_root)})")
-    return 0
 
 
 if __name__ == "__main__":

@@ -32,21 +32,21 @@ from bench.common import (
     BenchEnv,
     LoadClient,
     ProcessSampler,
+    Results,
     authenticated_endpoint,
-    command_line,
-    common_arguments,
+    benchmark_parser,
     describe_latency,
-    describe_processes,
-    fmt_ratio,
     gateway_base,
-    print_header,
-    raise_open_files_limit,
+    parse_benchmark_args,
+    print_ratio,
+    print_server_report,
+    print_target,
     ratio,
-    relative,
+    run_benchmark,
     server_processes,
+    subset_argument,
+    sum_counts,
     summarize,
-    verdict_text,
-    write_results,
 )
 
 VARIANTS = ("switchboard", "plain")
@@ -56,11 +56,7 @@ WARM_CONNECTIONS = 20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.idle",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = benchmark_parser("idle", __doc__)
     parser.add_argument(
         "--connections", type=int, default=TARGET_CONNECTIONS, help="idle connections"
     )
@@ -72,14 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="each gateway connection also subscribes to a stream of its own",
     )
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
-    common_arguments(parser, profile=False)
-    args = parser.parse_args(argv)
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(args.variants) - set(VARIANTS)
-    if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
-    return args
+    subset_argument(parser, VARIANTS)
+    return parse_benchmark_args(parser, argv, VARIANTS, profile=False)
 
 
 def steady_rss(sampler: ProcessSampler, name: str, seconds: float) -> tuple[int, list[int]]:
@@ -103,15 +93,7 @@ def run_variant(
         base = gateway_base(cluster, 0)
         path, expect = authenticated_endpoint(variant)
         sampler = ProcessSampler(server_processes(cluster))
-        warm = client.call(
-            0,
-            "open",
-            group="warm",
-            urls=[f"{base}{path}?token={t}" for t in warm_tokens],
-            expect=expect,
-        )
-        if warm["failed"]:
-            raise RuntimeError(f"warm-up connections failed: {warm['errors']}")
+        client.open_warm([f"{base}{path}?token={t}" for t in warm_tokens], expect)
         time.sleep(1.0)
         before, _ = steady_rss(sampler, "gateway-0", 1.0)
         started = time.monotonic()
@@ -121,9 +103,7 @@ def run_variant(
         if opened["failed"]:
             print(f"  {opened['failed']} connections failed: {opened['errors']}")
         if args.subscribe and variant == "switchboard":
-            for reply in client.all("subscribe", group="idle", prefix="idle-"):
-                if reply["errors"]:
-                    print(f"  subscribe errors: {reply['errors']}")
+            client.subscribe("idle", prefix="idle-")
         connect_s = time.monotonic() - started
         time.sleep(args.settle)
         sampler.start()
@@ -133,10 +113,6 @@ def run_variant(
         still_open = sum(s["open"].get("idle", 0) for s in stats)
         client.all("close", group="idle")
         client.call(0, "close", group="warm")
-    closes: dict[str, int] = {}
-    for stat in stats:
-        for code, count in stat["close_codes"].items():
-            closes[code] = closes.get(code, 0) + count
     count = opened["opened"]
     per_kib = (after - before) / count / 1024 if count else None
     return {
@@ -151,7 +127,7 @@ def run_variant(
         "rss_samples_mib": [round(s / MIB, 1) for s in samples],
         "kib_per_connection": round(per_kib, 2) if per_kib is not None else None,
         "idle_cpu_pct": processes["gateway-0"]["cpu_pct"],
-        "close_codes_after_open": closes,
+        "close_codes_after_open": sum_counts(s["close_codes"] for s in stats),
         "server_processes": processes,
     }
 
@@ -168,28 +144,10 @@ def print_variant(result: dict[str, Any]) -> None:
         f" {result['kib_per_connection']} KiB per connection;"
         f" CPU while idle {result['idle_cpu_pct']}% of a core"
     )
-    if result["close_codes_after_open"]:
-        print(f"  sockets closed by the server: {result['close_codes_after_open']}")
-    for line in describe_processes(result["server_processes"]):
-        print(line)
-    sys.stdout.flush()
+    print_server_report(result)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    params = dict(vars(args))
-    machine = print_header("bench.idle: gateway RSS per idle authenticated connection", params)
-    raise_open_files_limit(args.connections // max(1, args.client_procs) + WARM_CONNECTIONS + 1024)
-    env = BenchEnv("idle", args.redis_url, args.log_level)
-    results: dict[str, dict[str, Any]] = {}
-    try:
-        with LoadClient(args.client_procs, env.log_root / "loadgen") as client:
-            for variant in args.variants:
-                print(f"-- {variant} --")
-                results[variant] = run_variant(env, client, variant, args)
-                print_variant(results[variant])
-    finally:
-        env.cleanup()
+def conclude(results: Results, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     sb, base = results.get("switchboard"), results.get("plain")
     summary = {}
     if sb and base:
@@ -199,35 +157,33 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "switchboard/plain idle_cpu": ratio(sb["idle_cpu_pct"], base["idle_cpu_pct"]),
         }
-        print(
-            "-- ratio: switchboard / plain Channels RSS per connection:"
-            f" {fmt_ratio(summary['switchboard/plain kib_per_connection'])} --"
+        print_ratio(
+            "switchboard / plain Channels RSS per connection",
+            summary["switchboard/plain kib_per_connection"],
         )
     verdict = None
     if sb and sb["kib_per_connection"] is not None:
         full_size = sb["connections"] >= TARGET_CONNECTIONS
         verdict = sb["kib_per_connection"] <= TARGET_KIB if full_size else None
-        print(
-            f"target (<= {TARGET_KIB:.0f} KiB per connection at {TARGET_CONNECTIONS}):"
-            f" {verdict_text(verdict)} ({sb['kib_per_connection']} KiB at"
-            f" {sb['connections']} connections)"
+        print_target(
+            f"<= {TARGET_KIB:.0f} KiB per connection at {TARGET_CONNECTIONS}",
+            verdict,
+            f"{sb['kib_per_connection']} KiB at {sb['connections']} connections",
         )
-    path = write_results(
+    return summary, {"kib": TARGET_KIB, "connections": TARGET_CONNECTIONS, "met": verdict}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_benchmark(
         "idle",
-        env.stamp,
-        {
-            "benchmark": "idle",
-            "command": command_line(),
-            "machine": machine,
-            "parameters": params,
-            "results": results,
-            "ratios": summary,
-            "target": {"kib": TARGET_KIB, "connections": TARGET_CONNECTIONS, "met": verdict},
-            "logs": relative(env.log_root),
-        },
+        "gateway RSS per idle authenticated connection",
+        args,
+        run_variant,
+        print_variant,
+        conclude,
+        sockets=args.connections // max(1, args.client_procs) + WARM_CONNECTIONS,
     )
-    print(f"results: {relative(path)}  (server logs: {relative(env.log_root)})")
-    return 0
 
 
 if __name__ == "__main__":
