@@ -1,0 +1,73 @@
+"""A worker process killed in the middle of a step: the step is redelivered, and the run
+still ends with exactly one reply.done whose text is its deltas, none of them twice."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable
+
+import psutil
+import pytest
+
+from .conftest import KEY_PREFIX, TENANT, Connect, Switchboard
+from .support import collect_run, reply_text, split_run, wait_until
+
+pytestmark = pytest.mark.asyncio
+
+
+def _run_id(switchboard: Switchboard, client: str, message_id: str) -> str:
+    receipt = switchboard.redis().get(
+        f"{KEY_PREFIX}:m:{TENANT}:{len(client)}:{client}:{message_id}"
+    )
+    assert receipt is not None, "an acknowledged send has its dedupe receipt"
+    return receipt.decode().split(" ")[2]
+
+
+async def test_sigkill_of_the_process_running_a_step_still_ends_the_run_once(
+    switchboard: Switchboard, connect: Connect, unique: Callable[[str], str]
+) -> None:
+    client_id = unique("crash")
+    client = await connect(client=client_id)
+    stream = unique("crash")
+    text = "the reply survives a worker killed mid-step"
+    # Long enough to kill the step while the model "thinks", short of the soft limit.
+    ack = await client.send(
+        stream, "echo", text, options={"latency_ms": 1000, "chunks": 3}, id="m-crash"
+    )
+    run_key = f"{KEY_PREFIX}:run:{_run_id(switchboard, client_id, 'm-crash')}"
+    redis = switchboard.redis()
+
+    async def running() -> bool:
+        return redis.hget(run_key, "status") == b"running"
+
+    await wait_until(running, timeout=15, what="the step to start")
+    worker = psutil.Process(switchboard.cluster.processes["worker-0"].pid)
+    pool = worker.children()
+    assert pool, "a prefork worker has pool processes"
+    for child in pool:
+        os.kill(child.pid, signal.SIGKILL)
+
+    events = await collect_run(client, stream, "m-crash", timeout=30)
+    deltas, done = split_run(events, "m-crash")
+    assert done["data"]["status"] == "ok"
+    assert reply_text(deltas, done) == text
+    seqs = [event["seq"] for event in events]
+    assert seqs == list(range(ack["seq"], ack["seq"] + len(events))), "every seq once, in order"
+    assert int(redis.hget(run_key, "attempt")) >= 2, "the killed attempt was redelivered"
+
+    # Nothing more for this run arrives later (a second reply.done would be a bug).
+    marker = await client.publish(stream, {"after": "crash"})
+    following = await client.next_event(stream, timeout=10)
+    assert (following["seq"], following["kind"]) == (marker["seq"], "published")
+
+    # The worker replaced its children and serves the next run.
+    await wait_until(
+        lambda: asyncio.sleep(0, result=len(worker.children()) >= len(pool)),
+        timeout=30,
+        what="the worker to replace its pool processes",
+    )
+    again = await client.send(stream, "echo", "still serving", id="m-after")
+    deltas, done = split_run(await collect_run(client, stream, "m-after"), "m-after")
+    assert done["data"]["status"] == "ok" and again["duplicate"] is False
