@@ -27,6 +27,7 @@ from realtime.client import SwitchboardClient
 
 # Short limits so failure paths finish in seconds; tests read them from here.
 SOFT_LIMIT_S = 1.5
+RUN_DEADLINE_S = 8
 KEY_PREFIX = "sbtest"
 CLUSTER_ENV = {
     # Not the default prefix, so the key-isolation test proves the setting is honoured.
@@ -36,6 +37,9 @@ CLUSTER_ENV = {
     "SWITCHBOARD_MODEL_MAX_RETRIES": "3",
     # Tenant changes (disabling one) must reach the gateway within a test.
     "SWITCHBOARD_TENANT_CACHE_S": "0.3",
+    # A run nobody can finish is ended by beat's sweeper at its deadline: keep both short.
+    "SWITCHBOARD_RUN_DEADLINE_S": str(RUN_DEADLINE_S),
+    "SWITCHBOARD_SWEEP_INTERVAL_S": "0.5",
     "LOG_LEVEL": "INFO",
 }
 
@@ -114,6 +118,7 @@ def switchboard(request: pytest.FixtureRequest, test_redis_url: str) -> Iterator
         gateways=1,
         workers=1,
         worker_concurrency=2,
+        beat=True,
         env={**CLUSTER_ENV, "DATABASE_URL": f"sqlite:///{db_path}"},
         log_dir=work / "logs",
     )

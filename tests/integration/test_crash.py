@@ -1,5 +1,6 @@
-"""A worker process killed in the middle of a step: the step is redelivered, and the run
-still ends with exactly one reply.done whose text is its deltas, none of them twice."""
+"""Workers killed in the middle of a step. A killed pool process: the step is redelivered
+and the run still ends with exactly one reply.done whose text is its deltas, none twice. A
+killed worker: beat's sweeper ends the run with `failed` at its deadline."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import asyncio
 import os
 import signal
 from collections.abc import Callable
+from datetime import timedelta
 
 import psutil
 import pytest
 
-from .conftest import KEY_PREFIX, TENANT, Connect, Switchboard
-from .support import collect_run, reply_text, split_run, wait_until
+from .conftest import KEY_PREFIX, RUN_DEADLINE_S, TENANT, Connect, Switchboard
+from .support import collect_run, reply_text, split_run, ts, wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -71,3 +73,40 @@ async def test_sigkill_of_the_process_running_a_step_still_ends_the_run_once(
     again = await client.send(stream, "echo", "still serving", id="m-after")
     deltas, done = split_run(await collect_run(client, stream, "m-after"), "m-after")
     assert done["data"]["status"] == "ok" and again["duplicate"] is False
+
+
+async def test_a_run_whose_whole_worker_died_is_ended_by_the_sweeper(
+    switchboard: Switchboard, connect: Connect, unique: Callable[[str], str]
+) -> None:
+    client_id = unique("orphan")
+    client = await connect(client=client_id)
+    stream = unique("orphan")
+    await client.send(stream, "echo", "never answered", options={"latency_ms": 1000}, id="m-1")
+    run_key = f"{KEY_PREFIX}:run:{_run_id(switchboard, client_id, 'm-1')}"
+    redis = switchboard.redis()
+
+    async def running() -> bool:
+        return redis.hget(run_key, "status") == b"running"
+
+    await wait_until(running, timeout=15, what="the step to start")
+    cluster = switchboard.cluster
+    worker = psutil.Process(cluster.processes["worker-0"].pid)
+    # The whole worker, main process included: its message stays unacknowledged in Redis
+    # until the visibility timeout, long after the run's deadline. A new worker comes up at
+    # once (it runs beat's sweeps) but cannot see that message: nobody can finish the run.
+    for process in [*worker.children(), worker]:
+        os.kill(process.pid, signal.SIGKILL)
+    cluster.processes["worker-0"].popen.wait(10)
+    cluster.start_worker(0)
+
+    events = await collect_run(client, stream, "m-1", timeout=RUN_DEADLINE_S + 20)
+    deltas, done = split_run(events, "m-1")
+    assert done["data"]["status"] == "failed"
+    assert done["data"]["detail"] == {"reason": "deadline"}
+    assert reply_text(deltas, done) == ""
+    assert ts(done) - ts(events[0]) >= timedelta(seconds=RUN_DEADLINE_S - 1), "not before"
+
+    # A worker that picks the orphaned step up later finds the run finished.
+    marker = await client.publish(stream, {"after": "sweep"})
+    following = await client.next_event(stream, timeout=10)
+    assert (following["seq"], following["kind"]) == (marker["seq"], "published")
