@@ -51,6 +51,7 @@ from realtime.redis_clients import async_client
 from realtime.security import BrowserOriginValidator
 from realtime.sequencing import StreamCursor
 from realtime.streams import StreamStore
+from realtime.sweeper import ensure_sweeping
 from realtime.tenants import TenantConfig, tenant_cache
 from realtime.transport import DaphneSocket, daphne_protocol
 
@@ -176,6 +177,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         if not lifecycle.admit(self):
             self.close_for_restart()
             return
+        ensure_sweeping()
         self.push(
             dumps(
                 {

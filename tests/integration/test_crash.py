@@ -1,6 +1,6 @@
 """Workers killed in the middle of a step. A killed pool process: the step is redelivered
 and the run still ends with exactly one reply.done whose text is its deltas, none twice. A
-killed worker: beat's sweeper ends the run with `failed` at its deadline."""
+killed worker, and none left: the sweeper ends the run with `failed` at its deadline."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ async def test_sigkill_of_the_process_running_a_step_still_ends_the_run_once(
     assert done["data"]["status"] == "ok" and again["duplicate"] is False
 
 
-async def test_a_run_whose_whole_worker_died_is_ended_by_the_sweeper(
+async def test_a_run_with_no_worker_left_is_ended_by_the_sweeper_at_its_deadline(
     switchboard: Switchboard, connect: Connect, unique: Callable[[str], str]
 ) -> None:
     client_id = unique("orphan")
@@ -92,14 +92,15 @@ async def test_a_run_whose_whole_worker_died_is_ended_by_the_sweeper(
     cluster = switchboard.cluster
     worker = psutil.Process(cluster.processes["worker-0"].pid)
     # The whole worker, main process included: its message stays unacknowledged in Redis
-    # until the visibility timeout, long after the run's deadline. A new worker comes up at
-    # once (it runs beat's sweeps) but cannot see that message: nobody can finish the run.
+    # until the visibility timeout, long after the run's deadline, and no worker is left to
+    # run beat's sweep either. The gateways' sweepers end the run.
     for process in [*worker.children(), worker]:
         os.kill(process.pid, signal.SIGKILL)
-    cluster.processes["worker-0"].popen.wait(10)
-    cluster.start_worker(0)
-
-    events = await collect_run(client, stream, "m-1", timeout=RUN_DEADLINE_S + 20)
+    try:
+        events = await collect_run(client, stream, "m-1", timeout=RUN_DEADLINE_S + 20)
+    finally:
+        cluster.processes["worker-0"].popen.wait(10)
+        cluster.start_worker(0)
     deltas, done = split_run(events, "m-1")
     assert done["data"]["status"] == "failed"
     assert done["data"]["detail"] == {"reason": "deadline"}

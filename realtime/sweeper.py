@@ -1,0 +1,44 @@
+"""Gateways end overdue runs too, so a run's terminal event never waits for a worker.
+
+Beat schedules the same sweep as a Celery task, but a task needs a live worker; a gateway
+is up whenever a client could be waiting. Finishing a run is one atomic script that does
+nothing to a run already finished, so any number of sweepers are safe together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+from django.conf import settings
+
+from orchestration.runs import RunStore
+from orchestration.services import sweep_overdue_runs
+from realtime.redis_clients import sync_client
+
+logger = logging.getLogger(__name__)
+
+_task: asyncio.Task[None] | None = None
+
+
+def ensure_sweeping() -> None:
+    """Start this process's sweeper once (called when a socket is admitted)."""
+    global _task
+    if _task is None or _task.done():
+        _task = asyncio.get_running_loop().create_task(_sweep_forever())
+
+
+async def _sweep_forever() -> None:
+    interval = settings.SWEEP_INTERVAL_S
+    store = RunStore(sync_client())
+    while True:
+        # Jitter keeps many gateways from sweeping in step.
+        await asyncio.sleep(interval * random.uniform(0.5, 1.5))
+        try:
+            ended = await asyncio.to_thread(sweep_overdue_runs, store)
+        except Exception:
+            logger.exception("sweeping overdue runs failed; trying again next interval")
+            continue
+        if ended:
+            logger.warning("gateway sweeper ended %s overdue runs", ended)
