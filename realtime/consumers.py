@@ -59,6 +59,9 @@ logger = logging.getLogger(__name__)
 
 
 ORIGINS = BrowserOriginValidator(None, settings.WEBSOCKET_ALLOWED_ORIGINS)
+# Events a catch-up reads from the log at a time; the next page waits until the socket
+# has taken most of the last (outbox at most this long, Twisted not pushing back).
+CATCH_UP_PAGE = 200
 
 
 class ConnectionState(enum.Enum):
@@ -119,6 +122,7 @@ class SubscribeResult:
     recovered: bool
     expired: bool
     events: list[str]
+    more: bool = False  # missed events beyond the first page are still to be read
 
 
 class GatewayConsumer(AsyncWebsocketConsumer):
@@ -136,6 +140,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         )
         self.connection_id = secrets.token_hex(6)
         self.socket: DaphneSocket | None = None
+        self._room: asyncio.Event | None = None  # set when a paged catch-up may go on
 
     # --- ASGI plumbing ---------------------------------------------------------------
 
@@ -201,6 +206,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
         self.state = ConnectionState.CLOSED
+        self._signal_room()
         lifecycle.forget(self)
         streams = list(self.subscriptions)
         for stream in streams:
@@ -273,6 +279,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             if frame is None:
                 break
             socket.write(frame)
+        self._signal_room()
         return True
 
     async def flush(self) -> None:
@@ -284,12 +291,15 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         while self.state is ConnectionState.OPEN:
             frame = outbox.pop()
             if frame is None:
-                return
+                break
             await send({"type": "websocket.send", "text": frame})
+        self._signal_room()
 
     def _on_socket_resume(self) -> None:
         if len(self.outbox):
             get_flusher().mark(self)
+        else:
+            self._signal_room()
 
     def close_slow_consumer(self, detail: str) -> None:
         logger.warning(
@@ -307,6 +317,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self.state = ConnectionState.CLOSED
         while self.outbox.pop() is not None:
             pass
+        self._signal_room()
         if self.socket is not None:
             self.socket.close(code, reason)
             return
@@ -343,11 +354,14 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         if since is None or since == head:
             live = subscription.cursor.start_at(head + 1)
             return SubscribeResult(head, since is not None, False, live)
-        events = await store.read(tenant, stream, since + 1, head) if since < head else []
+        last = min(head, since + CATCH_UP_PAGE)
+        events = await store.read(tenant, stream, since + 1, last) if since < head else []
         if events and events[0][0] == since + 1:
             missed = [event for _, event in events]
             live = subscription.cursor.start_at(events[-1][0] + 1)
-            return SubscribeResult(head, True, False, missed + live)
+            # The rest is read page by page as the socket drains (see _repair).
+            more = events[-1][0] < head
+            return SubscribeResult(head, True, False, missed + live, more)
         live = subscription.cursor.start_at(head + 1)
         return SubscribeResult(head, False, True, live)
 
@@ -381,6 +395,8 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             )
         )
         self.push_many(result.events)
+        if result.more:
+            self.schedule_repair(self.subscriptions[frame.stream], to_head=True)
 
     async def handle_unsubscribe(self, frame: Unsubscribe) -> None:
         self._drop_subscription(frame.stream)
@@ -395,22 +411,26 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         asyncio.get_running_loop().create_task(self._repair(subscription, to_head))
 
     async def _repair(self, subscription: StreamSubscription, to_head: bool) -> None:
-        """Read what the live path missed from the log; never skip a retained event."""
+        """Read what the live path missed, or the rest of a catch-up, from the log: a page
+        at a time, each once the socket has taken the last, so a long backlog never fills
+        the outbox (which would close the client 4008 on every reconnect). Never skips a
+        retained event; one no longer retained is reported as history_expired."""
         tenant = self.identity.tenant
+        stream = subscription.stream
         store = stream_store()
         try:
-            await asyncio.sleep(settings.SWITCHBOARD["GAP_REPAIR_S"])
+            if not to_head:
+                await asyncio.sleep(settings.SWITCHBOARD["GAP_REPAIR_S"])  # it may yet arrive
+            target = await store.head(tenant, stream) if to_head else 0
             while subscription.active:
                 cursor = subscription.cursor
                 gap = cursor.missing()
-                if gap is None and to_head and cursor.next_seq is not None:
-                    head = await store.head(tenant, subscription.stream)
-                    gap = (cursor.next_seq, head) if head >= cursor.next_seq else None
-                    to_head = False
+                if gap is None and cursor.next_seq is not None and cursor.next_seq <= target:
+                    gap = (cursor.next_seq, target)
                 if gap is None:
                     return
-                first, last = gap
-                events = await store.read(tenant, subscription.stream, first, last)
+                first, last = gap[0], min(gap[1], gap[0] + CATCH_UP_PAGE - 1)
+                events = await store.read(tenant, stream, first, last)
                 if not subscription.active:
                     return
                 if not events or events[0][0] != first:
@@ -420,22 +440,39 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                             "history_expired",
                             f"events {first}..{resume_at - 1} are no longer retained",
                             None,
-                            stream=subscription.stream,
-                            head=await store.head(tenant, subscription.stream),
+                            stream=stream,
+                            head=await store.head(tenant, stream),
                         )
                     )
                     self.push_many(cursor.skip_to(resume_at))
                 for seq, event in events:
                     self.push_many(cursor.offer(seq, event))
+                await self._wait_for_room()
         except Exception:
             logger.exception(
                 "stream repair failed tenant=%s stream=%s conn=%s",
                 tenant,
-                subscription.stream,
+                stream,
                 self.connection_id,
             )
         finally:
             subscription.repairing = False
+
+    def _backlogged(self) -> bool:
+        return len(self.outbox) > CATCH_UP_PAGE or (self.socket is not None and self.socket.paused)
+
+    async def _wait_for_room(self) -> None:
+        while self.state is ConnectionState.OPEN and self._backlogged():
+            if self._room is None:
+                self._room = asyncio.Event()
+            self._room.clear()
+            await self._room.wait()
+
+    def _signal_room(self) -> None:
+        if self._room is not None and (
+            self.state is not ConnectionState.OPEN or not self._backlogged()
+        ):
+            self._room.set()
 
     async def _ensure_subscribed(self, stream: str) -> None:
         if stream not in self.subscriptions:
