@@ -45,9 +45,6 @@ class Hub:
         self._connected = asyncio.Event()
         self.closing = False
 
-    def listener_count(self) -> int:
-        return sum(len(group) for group in self._listeners.values())
-
     async def join(self, tenant: str, stream: str, listener: Listener) -> None:
         """Add a listener; returns once this process is sure to hear the stream's next event."""
         channel = keys.stream_channel(tenant, stream).encode()

@@ -32,11 +32,6 @@ def stream_channel(tenant: str, stream: str) -> str:
     return f"{STREAM_CHANNEL_PREFIX}{tenant}:{stream}"
 
 
-def parse_stream_channel(channel: str) -> tuple[str, str]:
-    tenant, _, stream = channel[len(STREAM_CHANNEL_PREFIX) :].partition(":")
-    return tenant, stream
-
-
 def client_message(tenant: str, client: str, message_id: str) -> str:
     return f"{PREFIX}:m:{tenant}:{len(client)}:{client}:{message_id}"
 

@@ -112,10 +112,11 @@ return {1, seq}
 # ARGV: channel, prefix, text_prefix, suffix, maxlen, owner_token ('' = any owner: sweeper),
 #       status, run_id, finished_ttl_s
 # Returns {1, seq}; {0, existing_seq} already finished; {-2, owner} fenced; {-1, ''} no run.
-FINALIZE_RUN = """
+FINALIZE_RUN = (
+    """
 local seq_key, log_key, run_key = KEYS[1], KEYS[2], KEYS[3]
 local text_key, deadlines_key = KEYS[4], KEYS[5]
-local channel, prefix, text_prefix, suffix, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local channel, prefix, text_prefix, tail, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local run = redis.call('HMGET', run_key, 'status', 'owner', 'done_seq')
 if not run[1] then
   redis.call('ZREM', deadlines_key, ARGV[8])
@@ -123,14 +124,14 @@ if not run[1] then
 end
 if run[1] == 'done' then return {0, run[3] or ''} end
 if ARGV[6] ~= '' and run[2] ~= ARGV[6] then return {-2, run[2] or ''} end
-local text = redis.call('GET', text_key) or ''
-local seq = redis.call('INCR', seq_key)
-local event = prefix .. seq .. text_prefix .. '"' .. text .. '"' .. suffix
-redis.call('XADD', log_key, 'MAXLEN', '~', maxlen, seq .. '-0', 'e', event)
-redis.call('PUBLISH', channel, seq .. '\\n' .. event)
+local suffix = text_prefix .. '"' .. (redis.call('GET', text_key) or '') .. '"' .. tail
+"""
+    + _APPEND
+    + """
 redis.call('HSET', run_key, 'status', 'done', 'final_status', ARGV[7], 'done_seq', seq)
 redis.call('EXPIRE', run_key, ARGV[9])
 redis.call('EXPIRE', text_key, ARGV[9])
 redis.call('ZREM', deadlines_key, ARGV[8])
 return {1, seq}
 """
+)

@@ -19,12 +19,20 @@ from .support import collect_run, reply_text, split_run, ts, wait_until
 pytestmark = pytest.mark.asyncio
 
 
-def _run_id(switchboard: Switchboard, client: str, message_id: str) -> str:
+async def _running_run_key(switchboard: Switchboard, client: str, message_id: str) -> str:
+    """The run key of an acknowledged send, once a worker has started its step."""
     receipt = switchboard.redis().get(
         f"{KEY_PREFIX}:m:{TENANT}:{len(client)}:{client}:{message_id}"
     )
     assert receipt is not None, "an acknowledged send has its dedupe receipt"
-    return receipt.decode().split(" ")[2]
+    run_key = f"{KEY_PREFIX}:run:{receipt.decode().split(' ')[2]}"
+    redis = switchboard.redis()
+
+    async def running() -> bool:
+        return redis.hget(run_key, "status") == b"running"
+
+    await wait_until(running, timeout=15, what="the step to start")
+    return run_key
 
 
 async def test_sigkill_of_the_process_running_a_step_still_ends_the_run_once(
@@ -38,13 +46,8 @@ async def test_sigkill_of_the_process_running_a_step_still_ends_the_run_once(
     ack = await client.send(
         stream, "echo", text, options={"latency_ms": 1000, "chunks": 3}, id="m-crash"
     )
-    run_key = f"{KEY_PREFIX}:run:{_run_id(switchboard, client_id, 'm-crash')}"
+    run_key = await _running_run_key(switchboard, client_id, "m-crash")
     redis = switchboard.redis()
-
-    async def running() -> bool:
-        return redis.hget(run_key, "status") == b"running"
-
-    await wait_until(running, timeout=15, what="the step to start")
     worker = psutil.Process(switchboard.cluster.processes["worker-0"].pid)
     pool = worker.children()
     assert pool, "a prefork worker has pool processes"
@@ -82,13 +85,7 @@ async def test_a_run_with_no_worker_left_is_ended_by_the_sweeper_at_its_deadline
     client = await connect(client=client_id)
     stream = unique("orphan")
     await client.send(stream, "echo", "never answered", options={"latency_ms": 1000}, id="m-1")
-    run_key = f"{KEY_PREFIX}:run:{_run_id(switchboard, client_id, 'm-1')}"
-    redis = switchboard.redis()
-
-    async def running() -> bool:
-        return redis.hget(run_key, "status") == b"running"
-
-    await wait_until(running, timeout=15, what="the step to start")
+    await _running_run_key(switchboard, client_id, "m-1")
     cluster = switchboard.cluster
     worker = psutil.Process(cluster.processes["worker-0"].pid)
     # The whole worker, main process included: its message stays unacknowledged in Redis
