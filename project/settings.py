@@ -209,6 +209,18 @@ SWITCHBOARD = {
     "GAP_REPAIR_S": env_float("SWITCHBOARD_GAP_REPAIR_S", 0.05),
     # How long a gateway drains on SIGTERM before closing connections with 1012.
     "DRAIN_S": env_float("SWITCHBOARD_DRAIN_S", 5.0),
+    # How long a session outlives its last connection; a reconnect within it resumes.
+    "SESSION_TTL_S": env_int("SWITCHBOARD_SESSION_TTL_S", 300),
+    # How often a gateway writes its open sessions' delivered positions to Redis: the most
+    # a session can be behind (events repeated, never skipped) after a gateway crash.
+    "SESSION_CHECKPOINT_S": env_float("SWITCHBOARD_SESSION_CHECKPOINT_S", 1.0),
+    # A presence entry not refreshed for this long is a ghost (its gateway died) and leaves.
+    "PRESENCE_TTL_S": env_float("SWITCHBOARD_PRESENCE_TTL_S", 30.0),
+    # How often a gateway refreshes the presence entries of its connections.
+    "PRESENCE_REFRESH_S": env_float("SWITCHBOARD_PRESENCE_REFRESH_S", 10.0),
+    # A claimed step's lease: a worker that stops renewing it for this long is taken for
+    # dead and the sweeper redelivers the step to another worker.
+    "RUN_LEASE_S": env_float("SWITCHBOARD_RUN_LEASE_S", 5.0),
 }
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
