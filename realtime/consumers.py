@@ -13,6 +13,7 @@ import asyncio
 import enum
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -30,6 +31,7 @@ from realtime.hub import get_hub
 from realtime.lifecycle import lifecycle
 from realtime.outbox import Outbox, OutboxFull
 from realtime.protocol import (
+    CLOSE_FORBIDDEN,
     CLOSE_SERVICE_RESTART,
     CLOSE_SLOW_CONSUMER,
     CLOSE_UNAUTHORIZED,
@@ -50,6 +52,15 @@ from realtime.protocol import (
 from realtime.redis_clients import async_client
 from realtime.security import BrowserOriginValidator
 from realtime.sequencing import StreamCursor
+from realtime.sessions import (
+    PendingSave,
+    SessionRefused,
+    checkpointer,
+    delivered_positions,
+    position_changes,
+    session_store,
+    undelivered_floor,
+)
 from realtime.streams import StreamStore
 from realtime.sweeper import ensure_sweeping
 from realtime.tenants import TenantConfig, tenant_cache
@@ -62,6 +73,8 @@ ORIGINS = BrowserOriginValidator(None, settings.WEBSOCKET_ALLOWED_ORIGINS)
 # Events a catch-up reads from the log at a time; the next page waits until the socket
 # has taken most of the last (outbox at most this long, Twisted not pushing back).
 CATCH_UP_PAGE = 200
+# A closing connection waits at most this long for its session to be saved.
+SESSION_SAVE_TIMEOUT_S = 2.0
 
 
 class ConnectionState(enum.Enum):
@@ -102,6 +115,12 @@ class StreamSubscription:
     def on_possible_loss(self) -> None:
         self.consumer.schedule_repair(self, to_head=True)
 
+    def position(self) -> int | None:
+        """The seq of the last event handed on for the socket, in order (None while the
+        subscription's catch-up read has not placed the cursor yet)."""
+        next_seq = self.cursor.next_seq
+        return None if next_seq is None else next_seq - 1
+
 
 # Frame type -> handler method name; one table for the class, not one per socket.
 HANDLERS: dict[type, str] = {
@@ -141,6 +160,10 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self.connection_id = secrets.token_hex(6)
         self.socket: DaphneSocket | None = None
         self._room: asyncio.Event | None = None  # set when a paged catch-up may go on
+        self.session_id = ""
+        self._saved_positions: dict[str, int] = {}  # what the session in Redis holds
+        self._session_refreshed_at = 0.0
+        self._session_ended = False
 
     # --- ASGI plumbing ---------------------------------------------------------------
 
@@ -183,18 +206,58 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             self.close_for_restart()
             return
         ensure_sweeping()
+        requested = (query.get("session") or [""])[0]
+        identity = self.identity
+        sessions = session_store()
+        restored: dict[str, int] = {}
+        try:
+            if requested:
+                record = await sessions.resume(identity.tenant, identity.client, requested)
+                self.session_id = requested
+                restored = record.positions
+                self._saved_positions = dict(restored)
+            else:
+                self.session_id = await sessions.create(identity.tenant, identity.client)
+        except SessionRefused as refused:
+            # Never silently a new session: the client learns its state was not restored
+            # and starts over with its own positions (subscribe with since).
+            self.push(error_frame(refused.code, refused.detail, None, session=requested))
+            self.close_with(CLOSE_FORBIDDEN, refused.detail[:100], save_session=False)
+            logger.info(
+                "session refused tenant=%s client=%s conn=%s: %s",
+                identity.tenant,
+                identity.client,
+                self.connection_id,
+                refused.detail,
+            )
+            return
+        self._session_refreshed_at = time.monotonic()
+        checkpointer().add(self)
         self.push(
             dumps(
                 {
                     "type": "welcome",
-                    "client": self.identity.client,
-                    "tenant": self.identity.tenant,
-                    "session": secrets.token_urlsafe(18),
+                    "client": identity.client,
+                    "tenant": identity.tenant,
+                    "session": self.session_id,
+                    "resumed": bool(requested),
                     "heartbeat_s": settings.SWITCHBOARD["HEARTBEAT_S"],
                     "limits": self.tenant.public_limits(),
                 }
             )
         )
+        for stream, position in restored.items():
+            if self.state is not ConnectionState.OPEN:
+                return
+            if not identity.may_use(stream):
+                # The new token no longer allows it: it is not restored.
+                self.push(
+                    error_frame(
+                        "forbidden", f"token does not allow stream {stream!r}", stream=stream
+                    )
+                )
+                continue
+            await self._subscribe_and_report(stream, position)
 
     async def _accept(self) -> None:
         await self.base_send({"type": "websocket.accept"})
@@ -205,8 +268,11 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             self.socket.start()
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        was_open = self.state is ConnectionState.OPEN
         self.state = ConnectionState.CLOSED
         self._signal_room()
+        if was_open:
+            self._end_session()
         lifecycle.forget(self)
         streams = list(self.subscriptions)
         for stream in streams:
@@ -311,13 +377,35 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         )
         self.close_with(CLOSE_SLOW_CONSUMER, "slow consumer")
 
-    def close_with(self, code: int, reason: str) -> None:
+    def close_with(self, code: int, reason: str, save_session: bool = True) -> None:
         if self.state is not ConnectionState.OPEN:
             return
         self.state = ConnectionState.CLOSED
+        saving = self._end_session() if save_session else None
         while self.outbox.pop() is not None:
             pass
         self._signal_room()
+        if saving is None:
+            self._send_close(code, reason)
+        else:
+            lifecycle.track(self._close_after(saving, code, reason))
+
+    async def _close_after(self, saving: asyncio.Task[None], code: int, reason: str) -> None:
+        """Close once the session is saved, so a client reconnecting at once to another
+        gateway resumes from where this one stopped (bounded: Redis may be away)."""
+        try:
+            await asyncio.wait_for(asyncio.shield(saving), SESSION_SAVE_TIMEOUT_S)
+        except Exception:
+            logger.warning(
+                "session not saved before close tenant=%s conn=%s session=%s",
+                self.identity.tenant,
+                self.connection_id,
+                self.session_id,
+                exc_info=True,
+            )
+        self._send_close(code, reason)
+
+    def _send_close(self, code: int, reason: str) -> None:
         if self.socket is not None:
             self.socket.close(code, reason)
             return
@@ -327,6 +415,58 @@ class GatewayConsumer(AsyncWebsocketConsumer):
 
     def close_for_restart(self) -> None:
         self.close_with(CLOSE_SERVICE_RESTART, "service restart")
+
+    # --- session -----------------------------------------------------------------------
+
+    def _delivered_positions(self) -> dict[str, int]:
+        cursors: dict[str, int] = {}
+        for stream, subscription in self.subscriptions.items():
+            position = subscription.position()
+            if position is None:
+                # Still reading its catch-up: the position written at subscribe stands.
+                position = self._saved_positions.get(stream)
+            if position is not None:
+                cursors[stream] = position
+        if not len(self.outbox):
+            return cursors
+        return delivered_positions(cursors, undelivered_floor(self.outbox.frames()))
+
+    def session_changes(self, now: float) -> PendingSave | None:
+        """For the checkpointer: what the session in Redis lacks (None: nothing)."""
+        if self.state is not ConnectionState.OPEN or not self.session_id:
+            return None
+        changed, gone = position_changes(self._saved_positions, self._delivered_positions())
+        refresh = now - self._session_refreshed_at > settings.SWITCHBOARD["SESSION_TTL_S"] / 3
+        if not (changed or gone or refresh):
+            return None
+        return PendingSave(self.identity.tenant, self.session_id, changed, gone, refresh)
+
+    def session_saved(self, save: PendingSave, now: float) -> None:
+        self._saved_positions.update(save.changed)
+        for stream in save.gone:
+            self._saved_positions.pop(stream, None)
+        if save.refresh:
+            self._session_refreshed_at = now
+
+    def _end_session(self) -> asyncio.Task[None] | None:
+        """Write the session's final positions (once) and start its after-disconnect TTL.
+        Must run before the outbox is emptied: what is still in it was not delivered."""
+        checkpointer().discard(self)
+        if self._session_ended or not self.session_id:
+            return None
+        self._session_ended = True
+        changed, gone = position_changes(self._saved_positions, self._delivered_positions())
+        task = asyncio.get_running_loop().create_task(
+            session_store().save(
+                self.identity.tenant,
+                self.session_id,
+                changed,
+                gone,
+                settings.SWITCHBOARD["SESSION_TTL_S"],
+            )
+        )
+        lifecycle.track(task)
+        return task
 
     # --- subscriptions -----------------------------------------------------------------
 
@@ -352,18 +492,29 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         store = stream_store()
         head = await store.head(tenant, stream)
         if since is None or since == head:
+            await self._session_subscribed(stream, head)
             live = subscription.cursor.start_at(head + 1)
             return SubscribeResult(head, since is not None, False, live)
         last = min(head, since + CATCH_UP_PAGE)
         events = await store.read(tenant, stream, since + 1, last) if since < head else []
         if events and events[0][0] == since + 1:
+            await self._session_subscribed(stream, since)
             missed = [event for _, event in events]
             live = subscription.cursor.start_at(events[-1][0] + 1)
             # The rest is read page by page as the socket drains (see _repair).
             more = events[-1][0] < head
             return SubscribeResult(head, True, False, missed + live, more)
+        await self._session_subscribed(stream, head)
         live = subscription.cursor.start_at(head + 1)
         return SubscribeResult(head, False, True, live)
+
+    async def _session_subscribed(self, stream: str, position: int) -> None:
+        """The session knows of a subscription as soon as it starts, not a checkpoint later."""
+        if self.session_id:
+            await session_store().subscribed(
+                self.identity.tenant, self.session_id, stream, position
+            )
+            self._saved_positions[stream] = position
 
     def _drop_subscription(self, stream: str) -> None:
         subscription = self.subscriptions.pop(stream, None)
@@ -373,14 +524,17 @@ class GatewayConsumer(AsyncWebsocketConsumer):
 
     async def handle_subscribe(self, frame: Subscribe) -> None:
         self._require_stream(frame.stream)
-        result = await self._subscribe(frame.stream, frame.since)
+        await self._subscribe_and_report(frame.stream, frame.since)
+
+    async def _subscribe_and_report(self, stream: str, since: int | None) -> None:
+        result = await self._subscribe(stream, since)
         if result.expired:
             self.push(
                 error_frame(
                     "history_expired",
-                    f"events after seq {frame.since} are no longer retained; go on from head",
+                    f"events after seq {since} are no longer retained; go on from head",
                     None,
-                    stream=frame.stream,
+                    stream=stream,
                     head=result.head,
                 )
             )
@@ -388,7 +542,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             dumps(
                 {
                     "type": "subscribed",
-                    "stream": frame.stream,
+                    "stream": stream,
                     "head": result.head,
                     "recovered": result.recovered,
                 }
@@ -396,10 +550,12 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         )
         self.push_many(result.events)
         if result.more:
-            self.schedule_repair(self.subscriptions[frame.stream], to_head=True)
+            self.schedule_repair(self.subscriptions[stream], to_head=True)
 
     async def handle_unsubscribe(self, frame: Unsubscribe) -> None:
         self._drop_subscription(frame.stream)
+        if self.session_id and self._saved_positions.pop(frame.stream, None) is not None:
+            await session_store().unsubscribed(self.identity.tenant, self.session_id, frame.stream)
         identity = self.identity
         await async_client().hdel(keys.presence(identity.tenant, frame.stream), identity.client)
         self.push(dumps({"type": "unsubscribed", "stream": frame.stream}))
@@ -422,6 +578,22 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             if not to_head:
                 await asyncio.sleep(settings.SWITCHBOARD["GAP_REPAIR_S"])  # it may yet arrive
             target = await store.head(tenant, stream) if to_head else 0
+            next_seq = subscription.cursor.next_seq
+            if to_head and next_seq is not None and target < next_seq - 1:
+                # The stream is behind what was delivered: Redis restarted without its
+                # data. Say so rather than wait for seqs that will be reused.
+                self.push(
+                    error_frame(
+                        "history_expired",
+                        f"the stream's history was lost (its head went back to {target})",
+                        None,
+                        stream=stream,
+                        head=target,
+                    )
+                )
+                subscription.cursor = StreamCursor()
+                self.push_many(subscription.cursor.start_at(target + 1))
+                return
             while subscription.active:
                 cursor = subscription.cursor
                 gap = cursor.missing()

@@ -47,6 +47,10 @@ def run_text(run_id: str) -> str:
 RUN_DEADLINES = f"{PREFIX}:runs:deadlines"
 
 
+def session(tenant: str, session_id: str) -> str:
+    return f"{PREFIX}:sess:{tenant}:{session_id}"
+
+
 def receipts(tenant: str, stream: str) -> str:
     return f"{PREFIX}:s:{tenant}:{stream}:receipts"
 

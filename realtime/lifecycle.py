@@ -13,7 +13,8 @@ import logging
 import signal
 import sys
 import time
-from typing import Protocol
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,13 @@ class Lifecycle:
     def __init__(self) -> None:
         self.connections: set[Drainable] = set()
         self.draining = False
+        # Work a drain must let finish (sessions being saved, closes waiting on them).
+        self._pending: set[asyncio.Future[Any]] = set()
+
+    def track(self, work: Coroutine[Any, Any, Any] | asyncio.Future[Any]) -> None:
+        future = asyncio.ensure_future(work)
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
 
     def admit(self, connection: Drainable) -> bool:
         if self.draining:
@@ -45,6 +53,8 @@ class Lifecycle:
         deadline = time.monotonic() + timeout_s
         while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=max(0.1, deadline - time.monotonic()))
         logger.info(
             "drained gateway: %s connections closed, %s left after %.1fs",
             open_at_start - len(self.connections),

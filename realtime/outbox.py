@@ -36,6 +36,10 @@ class Outbox:
         self._bytes -= len(frame)
         return frame
 
+    def frames(self) -> list[str]:
+        """What is waiting, oldest first (a copy)."""
+        return list(self._frames) if self._frames else []
+
     def __len__(self) -> int:
         return len(self._frames) if self._frames else 0
 

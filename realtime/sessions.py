@@ -1,0 +1,276 @@
+"""Sessions: what a reconnect restores. The subscriptions a connection had and, per stream,
+the seq of the last event the gateway handed to its socket.
+
+A session is a Redis hash (`client` plus one `s:STREAM` field per subscription) so any
+gateway process can resume it. Positions are written when a subscription starts, every
+SESSION_CHECKPOINT_S while the connection lives (only what changed), and exactly when the
+connection ends. A position never passes an event still waiting in the outbound buffer,
+so a resume after a slow-consumer close or a drain repeats nothing and skips nothing. A
+gateway that crashes leaves positions up to one checkpoint behind: the resumed connection
+then repeats those events (same seq), which clients drop; it never skips one.
+
+While a connection is open its session key lives 2 x SESSION_TTL_S and is refreshed every
+SESSION_TTL_S / 3; the connection's end sets it to SESSION_TTL_S. So a session outlives its
+last connection by SESSION_TTL_S after a clean end, and by 5/3 to 2 x that after a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+import redis.asyncio as aredis
+from django.conf import settings
+
+from realtime import keys
+
+logger = logging.getLogger(__name__)
+
+_STREAM_FIELD = "s:"
+# Commands per pipeline when many sessions are checkpointed at once.
+_CHECKPOINT_CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    client: str
+    positions: dict[str, int]  # stream -> seq of the last event handed to the socket
+
+
+class SessionRefused(Exception):
+    """A `?session=` that cannot be resumed: `code` is the protocol's error code."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(18)
+
+
+def undelivered_floor(frames: Iterable[str]) -> dict[str, int]:
+    """The lowest seq per stream among event frames still waiting to be written.
+
+    Only called when a connection ends (or is checkpointed) with frames still buffered,
+    so parsing them costs nothing on the delivery path."""
+    lowest: dict[str, int] = {}
+    for frame in frames:
+        if not frame.startswith('{"type":"event"'):
+            continue
+        event = orjson.loads(frame)
+        seq = event.get("seq")
+        if seq is None:
+            continue
+        stream = event["stream"]
+        if stream not in lowest or seq < lowest[stream]:
+            lowest[stream] = seq
+    return lowest
+
+
+def delivered_positions(
+    cursors: Mapping[str, int], undelivered: Mapping[str, int]
+) -> dict[str, int]:
+    """Per stream, the last seq the socket was handed: the cursor's, unless an earlier
+    event of the stream is still buffered (then just before that one)."""
+    positions = dict(cursors)
+    for stream, lowest in undelivered.items():
+        if stream in positions and lowest - 1 < positions[stream]:
+            positions[stream] = lowest - 1
+    return positions
+
+
+def position_changes(
+    saved: Mapping[str, int], current: Mapping[str, int]
+) -> tuple[dict[str, int], list[str]]:
+    """(streams whose position must be written, streams no longer subscribed)."""
+    changed = {stream: seq for stream, seq in current.items() if saved.get(stream) != seq}
+    gone = [stream for stream in saved if stream not in current]
+    return changed, gone
+
+
+class SessionStore:
+    def __init__(self, client: aredis.Redis) -> None:
+        self.client = client
+
+    @staticmethod
+    def _open_ttl() -> int:
+        return 2 * settings.SWITCHBOARD["SESSION_TTL_S"]
+
+    async def create(self, tenant: str, client_id: str) -> str:
+        session_id = new_session_id()
+        key = keys.session(tenant, session_id)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hset(key, "client", client_id)
+            pipe.expire(key, self._open_ttl())
+            await pipe.execute()
+        return session_id
+
+    async def resume(self, tenant: str, client_id: str, session_id: str) -> SessionRecord:
+        """The session's record, refreshed for its new connection; SessionRefused when it
+        has expired, never existed, or belongs to another client."""
+        key = keys.session(tenant, session_id)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(key)
+            pipe.expire(key, self._open_ttl())
+            raw, _ = await pipe.execute()
+        if not raw or b"client" not in raw:
+            raise SessionRefused(
+                "not_found",
+                "session expired or unknown; connect without it and subscribe with since",
+            )
+        owner = raw[b"client"].decode()
+        if owner != client_id:
+            raise SessionRefused("forbidden", "session belongs to another client")
+        positions = {
+            name.decode()[len(_STREAM_FIELD) :]: int(value)
+            for name, value in raw.items()
+            if name.startswith(_STREAM_FIELD.encode())
+        }
+        return SessionRecord(owner, positions)
+
+    async def subscribed(self, tenant: str, session_id: str, stream: str, position: int) -> None:
+        await self.client.hset(keys.session(tenant, session_id), _STREAM_FIELD + stream, position)
+
+    async def unsubscribed(self, tenant: str, session_id: str, stream: str) -> None:
+        await self.client.hdel(keys.session(tenant, session_id), _STREAM_FIELD + stream)
+
+    async def save(
+        self,
+        tenant: str,
+        session_id: str,
+        changed: Mapping[str, int],
+        gone: Iterable[str],
+        ttl_s: int | None = None,
+    ) -> None:
+        """Write changed positions; `ttl_s` also resets the key's lifetime."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            self.queue_save(pipe, tenant, session_id, changed, gone, ttl_s)
+            await pipe.execute()
+
+    def queue_save(
+        self,
+        pipe: Any,
+        tenant: str,
+        session_id: str,
+        changed: Mapping[str, int],
+        gone: Iterable[str],
+        ttl_s: int | None = None,
+    ) -> int:
+        """Add a save to a pipeline; returns how many commands it added."""
+        key = keys.session(tenant, session_id)
+        commands = 0
+        if changed:
+            pipe.hset(key, mapping={_STREAM_FIELD + s: seq for s, seq in changed.items()})
+            commands += 1
+        gone = list(gone)
+        if gone:
+            pipe.hdel(key, *(_STREAM_FIELD + s for s in gone))
+            commands += 1
+        if ttl_s is not None:
+            pipe.expire(key, ttl_s)
+            commands += 1
+        return commands
+
+
+@dataclass(slots=True)
+class PendingSave:
+    tenant: str
+    session_id: str
+    changed: dict[str, int]
+    gone: list[str]
+    refresh: bool  # the key's lifetime is due for a refresh
+
+
+class Checkpointed(Protocol):
+    """A connection whose session the checkpointer keeps current (GatewayConsumer)."""
+
+    def session_changes(self, now: float) -> PendingSave | None: ...
+
+    def session_saved(self, save: PendingSave, now: float) -> None: ...
+
+
+class Checkpointer:
+    """One task per gateway process writing every open session's progress, batched."""
+
+    def __init__(self, store: SessionStore) -> None:
+        self.store = store
+        self.connections: set[Checkpointed] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, connection: Checkpointed) -> None:
+        self.connections.add(connection)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def discard(self, connection: Checkpointed) -> None:
+        self.connections.discard(connection)
+
+    async def _run(self) -> None:
+        interval = settings.SWITCHBOARD["SESSION_CHECKPOINT_S"]
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.checkpoint()
+            except Exception:
+                # Redis away: what was not written stays pending and is written next time.
+                logger.warning("session checkpoint failed; retrying next interval", exc_info=True)
+
+    async def checkpoint(self) -> int:
+        """Write what changed since the last checkpoint; returns sessions written."""
+        now = time.monotonic()
+        open_ttl = SessionStore._open_ttl()
+        written = 0
+        batch: list[tuple[Checkpointed, PendingSave]] = []
+        pipe = self.store.client.pipeline(transaction=False)
+        queued = 0
+        for connection in list(self.connections):
+            save = connection.session_changes(now)
+            if save is None:
+                continue
+            ttl = open_ttl if save.refresh else None
+            queued += self.store.queue_save(
+                pipe, save.tenant, save.session_id, save.changed, save.gone, ttl
+            )
+            batch.append((connection, save))
+            if queued >= _CHECKPOINT_CHUNK:
+                written += await self._execute(pipe, batch, now)
+                pipe = self.store.client.pipeline(transaction=False)
+                batch, queued = [], 0
+        if batch:
+            written += await self._execute(pipe, batch, now)
+        return written
+
+    @staticmethod
+    async def _execute(pipe: Any, batch: list[tuple[Checkpointed, PendingSave]], now: float) -> int:
+        await pipe.execute()
+        for connection, save in batch:
+            connection.session_saved(save, now)
+        return len(batch)
+
+
+_store: SessionStore | None = None
+_checkpointer: Checkpointer | None = None
+
+
+def session_store() -> SessionStore:
+    global _store
+    if _store is None:
+        from realtime.redis_clients import async_client
+
+        _store = SessionStore(async_client())
+    return _store
+
+
+def checkpointer() -> Checkpointer:
+    global _checkpointer
+    if _checkpointer is None:
+        _checkpointer = Checkpointer(session_store())
+    return _checkpointer
