@@ -136,10 +136,13 @@ class SwitchboardClient:
         buffer_events: bool = True,
         on_event: Callable[[Event], None] | None = None,
         track_replies: bool = True,
+        on_frame: Callable[[Frame], None] | None = None,
     ) -> None:
         self._ws = ws
         self.buffer_events = buffer_events
         self.on_event = on_event
+        # Sees every frame but events, in arrival order, before it is routed.
+        self.on_frame = on_frame
         self.track_replies = track_replies
         self.welcome: Frame = {}
         self.client: str | None = None
@@ -178,6 +181,7 @@ class SwitchboardClient:
         buffer_events: bool = True,
         on_event: Callable[[Event], None] | None = None,
         track_replies: bool = True,
+        on_frame: Callable[[Frame], None] | None = None,
         **ws_options: Any,
     ) -> SwitchboardClient:
         """Open a connection and wait for the `welcome`.
@@ -202,7 +206,11 @@ class SwitchboardClient:
             **ws_options,
         )
         client = cls(
-            ws, buffer_events=buffer_events, on_event=on_event, track_replies=track_replies
+            ws,
+            buffer_events=buffer_events,
+            on_event=on_event,
+            track_replies=track_replies,
+            on_frame=on_frame,
         )
         if wait_welcome:
             try:
@@ -485,7 +493,10 @@ class SwitchboardClient:
         kind = frame.get("type")
         if kind == "event":
             self._on_event(frame)
-        elif kind == "ack":
+            return
+        if self.on_frame is not None:
+            self.on_frame(frame)
+        if kind == "ack":
             self._resolve_id(frame)
         elif kind == "error":
             self._on_error(frame)
@@ -580,9 +591,13 @@ class SwitchboardClient:
         stream = frame.get("stream")
         if kind == "subscribed":
             # Events follow from since + 1 when recovered, from head + 1 otherwise.
+            asked = stream in self._since
             since = self._since.pop(stream, None)  # type: ignore[arg-type]
-            base = since if frame.get("recovered") and since is not None else frame["head"]
-            self._stream(stream).last_seq = base  # type: ignore[arg-type]
+            if not asked and frame.get("recovered"):
+                pass  # a resumed session's stream: it goes on from the session's position
+            else:
+                base = since if frame.get("recovered") and since is not None else frame["head"]
+                self._stream(stream).last_seq = base  # type: ignore[arg-type]
         elif kind == "unsubscribed":
             state = self._streams.get(stream)  # type: ignore[arg-type]
             if state is not None:

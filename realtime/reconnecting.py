@@ -1,0 +1,414 @@
+"""A client that outlives its connections: what an application uses.
+
+`ReconnectingClient` keeps one `SwitchboardClient` connection at a time. When it drops
+(a gateway restarting with 1012, a slow-consumer close 4008, a crash, a network cut) it
+reconnects with exponential backoff and full jitter, to the next URL of its list, resuming
+its session; and it hands each stream's events to the application once, in seq order:
+
+- a resumed session restarts each stream after the last event the gateway handed to the
+  socket; events the client already has (a crashed gateway's checkpoint lags) are dropped
+  by seq, and a jump past the next seq (events lost in flight with the old socket) makes
+  the client subscribe again from its own last seq, dropping the stream's events until the
+  server answers that subscribe;
+- a refused session (expired, unknown) is dropped and every stream is subscribed again
+  with `since` = the last seq the application got;
+- `history_expired` is passed on (`expired`) and delivery goes on from what the server
+  sends next.
+
+`send` and `publish` are retried across reconnects with the same message id until acked,
+so a message is accepted once (the server answers a repeat with `duplicate: true`); a 429
+is retried after its `retry_after_ms`. 4001 (bad token) and a 4003 that is not about the
+session end the client: it needs a new token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.exceptions import WebSocketException
+
+from realtime.client import (
+    Event,
+    Frame,
+    SwitchboardClient,
+    SwitchboardClosed,
+    SwitchboardError,
+)
+
+logger = logging.getLogger(__name__)
+
+TERMINAL_CLOSE_CODES = frozenset({4001, 4003})
+RETRYABLE_ERRORS = frozenset({"rate_limited", "overloaded"})
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """One stream as the application sees it, across connections."""
+
+    last_seq: int | None = None
+    buffer: deque[Event] = field(default_factory=deque)
+    waiter: asyncio.Future[None] | None = None
+    resyncing: bool = False  # a subscribe from last_seq is in flight: drop until answered
+
+
+@dataclass(slots=True)
+class _Reply:
+    deltas: list[Event] = field(default_factory=list)
+    done: asyncio.Future[Event] | None = None
+
+
+def backoff_delay(attempt: int, initial_s: float, max_s: float) -> float:
+    """Full jitter: uniform in [0, min(max, initial * 2^attempt)]."""
+    return random.uniform(0, min(max_s, initial_s * (2**attempt)))
+
+
+class ClientStopped(ConnectionError):
+    """The client is closed, or the server refused it for good (4001, 4003)."""
+
+    def __init__(self, code: int | None, reason: str) -> None:
+        super().__init__(f"client stopped (close {code}: {reason})")
+        self.code = code
+        self.reason = reason
+
+
+class ReconnectingClient:
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        token: str,
+        *,
+        initial_backoff_s: float = 0.05,
+        max_backoff_s: float = 5.0,
+        connect_timeout_s: float = 10.0,
+        on_state: Callable[[str], None] | None = None,
+    ) -> None:
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        self.token = token
+        self.initial_backoff_s = initial_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.connect_timeout_s = connect_timeout_s
+        self.on_state = on_state
+        self.state = "connecting"
+        self.client: str | None = None
+        self.session: str | None = None
+        self.connections = 0  # welcomes received
+        self.close_codes: list[int | None] = []  # one per lost connection
+        self.refused_sessions: list[Frame] = []
+        self.expired: list[Frame] = []  # history_expired frames passed on
+        self._streams: dict[str, _Tracked] = {}
+        self._replies: dict[str, _Reply] = {}
+        self._conn: SwitchboardClient | None = None
+        self._open = asyncio.Event()
+        self._stopped: ClientStopped | None = None
+        self._state_changed = asyncio.Event()
+        self._url_index = 0
+        self._runner: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def connect(
+        cls, urls: str | Sequence[str], token: str, **options: Any
+    ) -> ReconnectingClient:
+        """Start, and return once the first connection is open."""
+        client = cls(urls, token, **options)
+        client._runner = asyncio.get_running_loop().create_task(client._run())
+        await client.wait_open(client.connect_timeout_s)
+        return client
+
+    # --- connection ------------------------------------------------------------------
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            if self.on_state is not None:
+                self.on_state(state)
+        self._state_changed.set()
+
+    async def wait_open(self, timeout: float = 10.0) -> SwitchboardClient:
+        async with asyncio.timeout(timeout):
+            while True:
+                if self._stopped is not None:
+                    raise self._stopped
+                if self._open.is_set() and self._conn is not None and not self._conn.closed:
+                    return self._conn
+                self._state_changed.clear()
+                await self._state_changed.wait()
+
+    async def _run(self) -> None:
+        attempt = 0
+        while self._stopped is None:
+            url = self.urls[self._url_index % len(self.urls)]
+            self._url_index += 1
+            try:
+                conn = await self._open_connection(url)
+            except SwitchboardClosed as refused:
+                if self._session_refused(refused):
+                    continue  # at once, without the session
+                if refused.code in TERMINAL_CLOSE_CODES:
+                    self._stop(refused.code, refused.reason)
+                    return
+                await asyncio.sleep(
+                    backoff_delay(attempt, self.initial_backoff_s, self.max_backoff_s)
+                )
+                attempt += 1
+                continue
+            except (OSError, TimeoutError, SwitchboardError, WebSocketException) as error:
+                logger.debug("connect to %s failed: %s", url, error)
+                await asyncio.sleep(
+                    backoff_delay(attempt, self.initial_backoff_s, self.max_backoff_s)
+                )
+                attempt += 1
+                continue
+            attempt = 0
+            self._conn = conn
+            self._open.set()
+            self._set_state("open")
+            code = await conn.wait_closed(timeout=float("inf"))
+            self._open.clear()
+            self.close_codes.append(code)
+            if self._stopped is not None:
+                return
+            if code in TERMINAL_CLOSE_CODES:
+                self._stop(code, conn.close_reason)
+                return
+            logger.info("connection lost (close %s); reconnecting", code)
+            self._set_state("reconnecting")
+            # Spread a gateway's clients over time instead of all at once.
+            await asyncio.sleep(backoff_delay(0, self.initial_backoff_s, self.max_backoff_s))
+
+    async def _open_connection(self, url: str) -> SwitchboardClient:
+        restored: set[str] = set()
+
+        def on_frame(frame: Frame) -> None:
+            if frame.get("type") == "subscribed":
+                restored.add(frame["stream"])
+            self._on_frame(frame)
+
+        conn = await SwitchboardClient.connect(
+            url,
+            self.token,
+            session=self.session,
+            timeout=self.connect_timeout_s,
+            buffer_events=False,
+            track_replies=False,
+            on_event=self._on_event,
+            on_frame=on_frame,
+        )
+        welcome = conn.welcome
+        self.client = welcome.get("client")
+        self.session = welcome.get("session")
+        self.connections += 1
+        try:
+            if welcome.get("resumed"):
+                # The server restores the session's streams before it reads any frame of
+                # ours, so once this ping is answered every restored `subscribed` is in.
+                for _ in range(len(restored) + 3):
+                    try:
+                        await conn.ping(self.connect_timeout_s)
+                        break
+                    except SwitchboardError:
+                        continue  # an id-less refusal of a restored stream came first
+            for stream, tracked in list(self._streams.items()):
+                if stream not in restored:
+                    tracked.resyncing = True
+                    await conn.subscribe(stream, tracked.last_seq, self.connect_timeout_s)
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    def _session_refused(self, refused: SwitchboardClosed) -> bool:
+        for frame in refused.frames:
+            if frame.get("type") == "error" and frame.get("session"):
+                self.refused_sessions.append(frame)
+                self.session = None
+                return True
+        return False
+
+    def _stop(self, code: int | None, reason: str) -> None:
+        self._stopped = ClientStopped(code, reason)
+        self._set_state("closed")
+        for tracked in self._streams.values():
+            if tracked.waiter is not None and not tracked.waiter.done():
+                tracked.waiter.set_result(None)
+        for reply in self._replies.values():
+            if reply.done is not None and not reply.done.done():
+                reply.done.set_exception(self._stopped)
+                reply.done.exception()
+
+    async def close(self) -> None:
+        if self._stopped is None:
+            self._stop(1000, "closed by the client")
+        if self._conn is not None:
+            await self._conn.close()
+        if self._runner is not None:
+            self._runner.cancel()
+            try:
+                await self._runner
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - closing anyway
+                pass
+
+    async def __aenter__(self) -> ReconnectingClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- requests --------------------------------------------------------------------
+
+    async def subscribe(
+        self, stream: str, since: int | None = None, timeout: float = 10.0
+    ) -> Frame:
+        tracked = self._streams.setdefault(stream, _Tracked())
+        if since is not None:
+            tracked.last_seq = since
+        tracked.resyncing = True
+        conn = await self.wait_open(timeout)
+        return await conn.subscribe(stream, tracked.last_seq, timeout)
+
+    async def send(
+        self,
+        stream: str,
+        agent: str,
+        text: str,
+        options: dict[str, Any] | None = None,
+        id: str | None = None,
+        timeout: float = 30.0,
+    ) -> Frame:
+        """Send to an agent; retried across reconnects with one id until acked."""
+        if stream not in self._streams:
+            await self.subscribe(stream, timeout=timeout)
+        message_id = id or f"m-{random.getrandbits(64):016x}"
+        self._replies.setdefault(message_id, _Reply())
+        return await self._until_acked(
+            lambda conn, left: conn.send(stream, agent, text, options, id=message_id, timeout=left),
+            timeout,
+        )
+
+    async def publish(
+        self, stream: str, data: Any, id: str | None = None, timeout: float = 30.0
+    ) -> Frame:
+        message_id = id or f"p-{random.getrandbits(64):016x}"
+        return await self._until_acked(
+            lambda conn, left: conn.publish(stream, data, id=message_id, timeout=left), timeout
+        )
+
+    async def _until_acked(
+        self, request: Callable[[SwitchboardClient, float], Any], timeout: float
+    ) -> Frame:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no ack before the timeout")
+            conn = await self.wait_open(left)
+            try:
+                return await request(conn, min(left, 10.0))
+            except SwitchboardClosed:
+                continue  # the same id again on the next connection: accepted at most once
+            except TimeoutError:
+                if conn.closed:
+                    continue
+                raise
+            except SwitchboardError as error:
+                if error.code not in RETRYABLE_ERRORS:
+                    raise
+                wait_s = (error.retry_after_ms or 100) / 1000 * random.uniform(1.0, 1.5)
+                if time.monotonic() + wait_s > deadline:
+                    raise
+                await asyncio.sleep(wait_s)
+
+    # --- events ----------------------------------------------------------------------
+
+    def last_seq(self, stream: str) -> int | None:
+        tracked = self._streams.get(stream)
+        return tracked.last_seq if tracked else None
+
+    async def next_event(self, stream: str, timeout: float = 10.0) -> Event:
+        tracked = self._streams.setdefault(stream, _Tracked())
+        async with asyncio.timeout(timeout):
+            while not tracked.buffer:
+                if self._stopped is not None:
+                    raise self._stopped
+                waiter = tracked.waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await waiter
+                finally:
+                    tracked.waiter = None
+        return tracked.buffer.popleft()
+
+    async def reply(self, message_id: str, timeout: float = 30.0) -> tuple[list[Event], Event]:
+        """(reply.delta events in order, reply.done) of one of this client's sends."""
+        collector = self._replies.setdefault(message_id, _Reply())
+        if collector.done is None:
+            collector.done = asyncio.get_running_loop().create_future()
+        async with asyncio.timeout(timeout):
+            done = await asyncio.shield(collector.done)
+        return collector.deltas, done
+
+    def _on_event(self, event: Event) -> None:
+        stream = event["stream"]
+        tracked = self._streams.get(stream)
+        if tracked is None:
+            tracked = self._streams[stream] = _Tracked()
+        seq = event.get("seq")
+        if seq is not None:
+            if tracked.resyncing:
+                return  # a subscribe from last_seq is coming; it delivers this again
+            last = tracked.last_seq
+            if last is not None and seq <= last:
+                return  # already delivered (a resume from a lagging checkpoint)
+            if last is not None and seq > last + 1:
+                # Lost in flight with the old socket: ask again from what we have.
+                tracked.resyncing = True
+                asyncio.get_running_loop().create_task(self._resync(stream))
+                return
+            tracked.last_seq = seq
+        self._deliver(tracked, event)
+
+    async def _resync(self, stream: str) -> None:
+        conn = self._conn
+        tracked = self._streams[stream]
+        if conn is None or conn.closed:
+            return  # the next connection subscribes every stream from last_seq
+        try:
+            await conn.subscribe(stream, tracked.last_seq, self.connect_timeout_s)
+        except (SwitchboardClosed, SwitchboardError, TimeoutError) as error:
+            logger.info("resubscribing %s failed (%s); the next connection will", stream, error)
+
+    def _deliver(self, tracked: _Tracked, event: Event) -> None:
+        kind = event["kind"]
+        if kind.startswith("reply.") and event["cause"].get("client") == self.client:
+            collector = self._replies.get(event["cause"].get("message"))
+            if collector is not None:
+                if kind == "reply.delta":
+                    collector.deltas.append(event)
+                elif kind == "reply.done":
+                    if collector.done is None:
+                        collector.done = asyncio.get_running_loop().create_future()
+                    if not collector.done.done():
+                        collector.done.set_result(event)
+        tracked.buffer.append(event)
+        if tracked.waiter is not None and not tracked.waiter.done():
+            tracked.waiter.set_result(None)
+
+    def _on_frame(self, frame: Frame) -> None:
+        kind = frame.get("type")
+        stream = frame.get("stream")
+        tracked = self._streams.get(stream) if stream is not None else None
+        if tracked is None:
+            return
+        if kind == "subscribed":
+            # Events follow from since + 1 when recovered, from head + 1 otherwise.
+            tracked.resyncing = False
+            if not frame.get("recovered"):
+                tracked.last_seq = frame["head"]
+        elif kind == "error" and frame.get("code") == "history_expired":
+            self.expired.append(frame)
+            tracked.last_seq = None  # go on from whatever the server sends next
