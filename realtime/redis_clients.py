@@ -7,15 +7,27 @@ from typing import Any
 import redis
 import redis.asyncio as aredis
 from django.conf import settings
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.retry import Retry
 
 _async_client: aredis.Redis | None = None
 _sync_client: redis.Redis | None = None
 
 
-def _pool_options() -> dict[str, Any]:
+def _pool_options(asynchronous: bool) -> dict[str, Any]:
     """A blocking pool waits for a free connection instead of raising MaxConnectionsError
-    in a handshake burst (redis-py 8's pool cap); reads outlive its 5 s default timeout."""
+    in a handshake burst (redis-py 8's pool cap); reads outlive its 5 s default timeout.
+
+    A command that finds its pooled connection closed (Redis restarted) is tried again on
+    a new one, a few times over about a second. That is safe for every write here: each
+    is idempotent or guarded by a dedupe key, an owner fence or an offset. Timeouts are
+    not retried: they already waited."""
+    retry_class = AsyncRetry if asynchronous else Retry
     return {
+        "retry": retry_class(ExponentialBackoff(cap=0.5, base=0.05), 4),
+        "retry_on_error": [RedisConnectionError],
         "max_connections": settings.REDIS_MAX_CONNECTIONS,
         "timeout": 10,
         "socket_timeout": settings.REDIS_SOCKET_TIMEOUT_S,
@@ -28,7 +40,9 @@ def async_client() -> aredis.Redis:
     """The event loop's client (gateways)."""
     global _async_client
     if _async_client is None:
-        pool = aredis.BlockingConnectionPool.from_url(settings.REDIS_URL, **_pool_options())
+        pool = aredis.BlockingConnectionPool.from_url(
+            settings.REDIS_URL, **_pool_options(asynchronous=True)
+        )
         _async_client = aredis.Redis(connection_pool=pool)
     return _async_client
 
@@ -37,7 +51,9 @@ def sync_client() -> redis.Redis:
     """The blocking client (Celery workers, management commands)."""
     global _sync_client
     if _sync_client is None:
-        pool = redis.BlockingConnectionPool.from_url(settings.REDIS_URL, **_pool_options())
+        pool = redis.BlockingConnectionPool.from_url(
+            settings.REDIS_URL, **_pool_options(asynchronous=False)
+        )
         _sync_client = redis.Redis(connection_pool=pool)
     return _sync_client
 

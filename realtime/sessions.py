@@ -146,13 +146,14 @@ class SessionStore:
         self,
         tenant: str,
         session_id: str,
+        client_id: str,
         changed: Mapping[str, int],
         gone: Iterable[str],
         ttl_s: int | None = None,
     ) -> None:
         """Write changed positions; `ttl_s` also resets the key's lifetime."""
         async with self.client.pipeline(transaction=False) as pipe:
-            self.queue_save(pipe, tenant, session_id, changed, gone, ttl_s)
+            self.queue_save(pipe, tenant, session_id, client_id, changed, gone, ttl_s)
             await pipe.execute()
 
     def queue_save(
@@ -160,6 +161,7 @@ class SessionStore:
         pipe: Any,
         tenant: str,
         session_id: str,
+        client_id: str,
         changed: Mapping[str, int],
         gone: Iterable[str],
         ttl_s: int | None = None,
@@ -167,8 +169,12 @@ class SessionStore:
         """Add a save to a pipeline; returns how many commands it added."""
         key = keys.session(tenant, session_id)
         commands = 0
-        if changed:
-            pipe.hset(key, mapping={_STREAM_FIELD + s: seq for s, seq in changed.items()})
+        if changed or ttl_s is not None:
+            # The owner goes with every write: a session lost with Redis's data comes back
+            # whole from its live connection rather than as positions nobody owns.
+            fields: dict[str, Any] = {_STREAM_FIELD + s: seq for s, seq in changed.items()}
+            fields["client"] = client_id
+            pipe.hset(key, mapping=fields)
             commands += 1
         gone = list(gone)
         if gone:
@@ -184,6 +190,7 @@ class SessionStore:
 class PendingSave:
     tenant: str
     session_id: str
+    client: str
     changed: dict[str, int]
     gone: list[str]
     refresh: bool  # the key's lifetime is due for a refresh
@@ -237,7 +244,7 @@ class Checkpointer:
                 continue
             ttl = open_ttl if save.refresh else None
             queued += self.store.queue_save(
-                pipe, save.tenant, save.session_id, save.changed, save.gone, ttl
+                pipe, save.tenant, save.session_id, save.client, save.changed, save.gone, ttl
             )
             batch.append((connection, save))
             if queued >= _CHECKPOINT_CHUNK:
