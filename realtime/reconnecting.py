@@ -45,7 +45,9 @@ from realtime.client import (
 logger = logging.getLogger(__name__)
 
 TERMINAL_CLOSE_CODES = frozenset({4001, 4003})
-RETRYABLE_ERRORS = frozenset({"rate_limited", "overloaded"})
+# 429s say when to come back; `internal` is what a frame gets while Redis is away, and a
+# retry with the same id cannot apply a message twice.
+RETRYABLE_ERRORS = frozenset({"rate_limited", "overloaded", "internal"})
 
 
 @dataclass(slots=True)
@@ -319,7 +321,7 @@ class ReconnectingClient:
             except SwitchboardError as error:
                 if error.code not in RETRYABLE_ERRORS:
                     raise
-                wait_s = (error.retry_after_ms or 100) / 1000 * random.uniform(1.0, 1.5)
+                wait_s = (error.retry_after_ms or 200) / 1000 * random.uniform(1.0, 1.5)
                 if time.monotonic() + wait_s > deadline:
                     raise
                 await asyncio.sleep(wait_s)
