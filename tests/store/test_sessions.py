@@ -1,0 +1,86 @@
+"""Session records in Redis: owner checks, positions, lifetimes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+import redis
+import redis.asyncio as aredis
+from django.conf import settings
+
+from realtime import keys
+from realtime.sessions import SessionRefused, SessionStore
+
+pytestmark = pytest.mark.asyncio
+
+TTL = settings.SWITCHBOARD["SESSION_TTL_S"]
+
+
+@pytest_asyncio.fixture
+async def sessions(r: redis.Redis, store_redis_url: str) -> AsyncIterator[SessionStore]:
+    client = aredis.Redis.from_url(store_redis_url)
+    yield SessionStore(client)
+    await client.aclose()
+
+
+async def test_a_new_session_belongs_to_its_client_and_lives_while_connected(
+    sessions: SessionStore, r: redis.Redis
+) -> None:
+    session = await sessions.create("acme", "alice")
+    key = keys.session("acme", session)
+    assert r.hgetall(key) == {b"client": b"alice"}
+    assert TTL < r.ttl(key) <= 2 * TTL
+
+
+async def test_resume_returns_positions_and_refreshes_the_lifetime(
+    sessions: SessionStore, r: redis.Redis
+) -> None:
+    session = await sessions.create("acme", "alice")
+    await sessions.subscribed("acme", session, "room:1", 4)
+    await sessions.save("acme", session, "alice", {"room:1": 9, "b": 0}, [], ttl_s=TTL)
+    assert r.ttl(keys.session("acme", session)) <= TTL
+    record = await sessions.resume("acme", "alice", session)
+    assert (record.client, record.positions) == ("alice", {"room:1": 9, "b": 0})
+    assert r.ttl(keys.session("acme", session)) > TTL
+
+
+async def test_streams_left_are_forgotten(sessions: SessionStore) -> None:
+    session = await sessions.create("acme", "alice")
+    await sessions.save("acme", session, "alice", {"a": 1, "b": 2}, [])
+    await sessions.unsubscribed("acme", session, "a")
+    await sessions.save("acme", session, "alice", {}, ["b"])
+    assert (await sessions.resume("acme", "alice", session)).positions == {}
+
+
+@pytest.mark.parametrize(
+    "tenant, client, code",
+    [("acme", "mallory", "forbidden"), ("globex", "alice", "not_found")],
+)
+async def test_another_client_or_tenant_is_refused(
+    sessions: SessionStore, tenant: str, client: str, code: str
+) -> None:
+    session = await sessions.create("acme", "alice")
+    with pytest.raises(SessionRefused) as refused:
+        await sessions.resume(tenant, client, session)
+    assert refused.value.code == code
+
+
+async def test_an_expired_session_is_refused_not_recreated(
+    sessions: SessionStore, r: redis.Redis
+) -> None:
+    session = await sessions.create("acme", "alice")
+    r.delete(keys.session("acme", session))
+    with pytest.raises(SessionRefused) as refused:
+        await sessions.resume("acme", "alice", session)
+    assert refused.value.code == "not_found"
+    # The refusal's EXPIRE must not have left a key behind either.
+    assert not r.exists(keys.session("acme", session))
+
+
+async def test_positions_alone_are_not_a_session(sessions: SessionStore, r: redis.Redis) -> None:
+    """A stray position write (a checkpoint racing the key's expiry) has no owner: refused."""
+    r.hset(keys.session("acme", "stray"), "s:a", 3)
+    with pytest.raises(SessionRefused):
+        await sessions.resume("acme", "alice", "stray")
