@@ -20,7 +20,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -205,12 +205,18 @@ class Checkpointed(Protocol):
 
 
 class Checkpointer:
-    """One task per gateway process writing every open session's progress, batched."""
+    """One task per gateway process writing every open session's progress, batched.
 
-    def __init__(self, store: SessionStore) -> None:
-        self.store = store
+    Each interval it looks only at connections that delivered events since the last one
+    (`dirty`); every SESSION_TTL_S / 6 it looks at all of them, to keep idle sessions'
+    keys alive. An idle socket costs nothing per interval."""
+
+    def __init__(self, store: Callable[[], SessionStore]) -> None:
+        self._store = store  # looked up when used: made before any Redis client is
         self.connections: set[Checkpointed] = set()
+        self.dirty: set[Checkpointed] = set()
         self._task: asyncio.Task[None] | None = None
+        self._next_full_pass = 0.0
 
     def add(self, connection: Checkpointed) -> None:
         self.connections.add(connection)
@@ -219,6 +225,7 @@ class Checkpointer:
 
     def discard(self, connection: Checkpointed) -> None:
         self.connections.discard(connection)
+        self.dirty.discard(connection)
 
     async def _run(self) -> None:
         interval = settings.SWITCHBOARD["SESSION_CHECKPOINT_S"]
@@ -230,34 +237,46 @@ class Checkpointer:
                 # Redis away: what was not written stays pending and is written next time.
                 logger.warning("session checkpoint failed; retrying next interval", exc_info=True)
 
-    async def checkpoint(self) -> int:
+    async def checkpoint(self, full: bool = False) -> int:
         """Write what changed since the last checkpoint; returns sessions written."""
         now = time.monotonic()
+        if now >= self._next_full_pass:
+            full = True
+            self._next_full_pass = now + settings.SWITCHBOARD["SESSION_TTL_S"] / 6
+        candidates = list(self.connections if full else self.dirty)
+        store = self._store()
+        self.dirty = set()
         open_ttl = SessionStore._open_ttl()
         written = 0
         batch: list[tuple[Checkpointed, PendingSave]] = []
-        pipe = self.store.client.pipeline(transaction=False)
+        pipe = store.client.pipeline(transaction=False)
         queued = 0
-        for connection in list(self.connections):
+        for connection in candidates:
             save = connection.session_changes(now)
             if save is None:
                 continue
             ttl = open_ttl if save.refresh else None
-            queued += self.store.queue_save(
+            queued += store.queue_save(
                 pipe, save.tenant, save.session_id, save.client, save.changed, save.gone, ttl
             )
             batch.append((connection, save))
             if queued >= _CHECKPOINT_CHUNK:
                 written += await self._execute(pipe, batch, now)
-                pipe = self.store.client.pipeline(transaction=False)
+                pipe = store.client.pipeline(transaction=False)
                 batch, queued = [], 0
         if batch:
             written += await self._execute(pipe, batch, now)
         return written
 
-    @staticmethod
-    async def _execute(pipe: Any, batch: list[tuple[Checkpointed, PendingSave]], now: float) -> int:
-        await pipe.execute()
+    async def _execute(
+        self, pipe: Any, batch: list[tuple[Checkpointed, PendingSave]], now: float
+    ) -> int:
+        try:
+            await pipe.execute()
+        except Exception:
+            # Not written: these are looked at again next interval.
+            self.dirty.update(connection for connection, _ in batch)
+            raise
         for connection, save in batch:
             connection.session_saved(save, now)
         return len(batch)
@@ -279,5 +298,5 @@ def session_store() -> SessionStore:
 def checkpointer() -> Checkpointer:
     global _checkpointer
     if _checkpointer is None:
-        _checkpointer = Checkpointer(session_store())
+        _checkpointer = Checkpointer(session_store)
     return _checkpointer

@@ -11,7 +11,13 @@ import redis.asyncio as aredis
 from django.conf import settings
 
 from realtime import keys
-from realtime.sessions import SessionRefused, SessionStore
+from realtime.sessions import (
+    Checkpointer,
+    PendingSave,
+    SessionRefused,
+    SessionStore,
+    position_changes,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -84,3 +90,45 @@ async def test_positions_alone_are_not_a_session(sessions: SessionStore, r: redi
     r.hset(keys.session("acme", "stray"), "s:a", 3)
     with pytest.raises(SessionRefused):
         await sessions.resume("acme", "alice", "stray")
+
+
+class Connection:
+    """What the checkpointer asks of a connection, with positions set by the test."""
+
+    def __init__(self, session: str, positions: dict[str, int]) -> None:
+        self.session = session
+        self.positions = positions
+        self.saved: dict[str, int] = {}
+        self.refreshed_at = 0.0
+
+    def session_changes(self, now: float) -> PendingSave | None:
+        changed, gone = position_changes(self.saved, self.positions)
+        refresh = now - self.refreshed_at > TTL / 3
+        if not (changed or gone or refresh):
+            return None
+        return PendingSave("acme", self.session, "alice", changed, gone, refresh)
+
+    def session_saved(self, save: PendingSave, now: float) -> None:
+        self.saved.update(save.changed)
+        if save.refresh:
+            self.refreshed_at = now
+
+
+async def test_the_checkpointer_writes_dirty_connections_and_all_on_a_full_pass(
+    sessions: SessionStore, r: redis.Redis
+) -> None:
+    checkpointer = Checkpointer(lambda: sessions)
+    busy, idle = Connection("busy", {"a": 1}), Connection("idle", {"b": 1})
+    checkpointer.connections.update((busy, idle))
+    assert await checkpointer.checkpoint() == 2  # the first pass is a full one
+    assert r.hgetall(keys.session("acme", "idle")) == {b"client": b"alice", b"s:b": b"1"}
+
+    busy.positions["a"], idle.positions["b"] = 5, 7
+    checkpointer.dirty.add(busy)
+    assert await checkpointer.checkpoint() == 1  # only what delivered since
+    assert r.hget(keys.session("acme", "busy"), "s:a") == b"5"
+    assert r.hget(keys.session("acme", "idle"), "s:b") == b"1"
+    assert await checkpointer.checkpoint() == 0
+
+    assert await checkpointer.checkpoint(full=True) == 1  # idle's change, found by a full pass
+    assert r.hget(keys.session("acme", "idle"), "s:b") == b"7"
