@@ -151,6 +151,10 @@ CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_DEFAULT_QUEUE = "switchboard.runs"
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A Redis blip must not cut a reply mid-stream: a step that loses the broker finishes (its
+# appends are fenced, its message comes back later as a no-op). Said explicitly because
+# Celery 6 changes the default.
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 # Unacked messages return to the queue after this: longer than any step's hard limit.
 CELERY_VISIBILITY_TIMEOUT_S = env_int("CELERY_VISIBILITY_TIMEOUT_S", 120)
 CELERY_BROKER_TRANSPORT_OPTIONS = {

@@ -8,12 +8,13 @@ import redis
 import redis.asyncio as aredis
 from django.conf import settings
 from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
 _async_client: aredis.Redis | None = None
 _sync_client: redis.Redis | None = None
+_pubsub_client: aredis.Redis | None = None
 
 
 def _pool_options(asynchronous: bool) -> dict[str, Any]:
@@ -47,6 +48,23 @@ def async_client() -> aredis.Redis:
     return _async_client
 
 
+def pubsub_client() -> aredis.Redis:
+    """The hub's own client, which never retries: a lost pub/sub connection must surface,
+    since the hub resubscribes and re-reads every stream's log after it (a transparent
+    reconnect would come back subscribed to nothing and say nothing)."""
+    global _pubsub_client
+    if _pubsub_client is None:
+        options = {
+            **_pool_options(asynchronous=True),
+            "retry": AsyncRetry(NoBackoff(), 0),
+            "retry_on_error": [],
+            "max_connections": 4,
+        }
+        pool = aredis.BlockingConnectionPool.from_url(settings.REDIS_URL, **options)
+        _pubsub_client = aredis.Redis(connection_pool=pool)
+    return _pubsub_client
+
+
 def sync_client() -> redis.Redis:
     """The blocking client (Celery workers, management commands)."""
     global _sync_client
@@ -60,6 +78,7 @@ def sync_client() -> redis.Redis:
 
 def reset_after_fork() -> None:
     """A forked Celery child must not share its parent's sockets."""
-    global _sync_client, _async_client
+    global _sync_client, _async_client, _pubsub_client
     _sync_client = None
     _async_client = None
+    _pubsub_client = None
