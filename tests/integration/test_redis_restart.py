@@ -125,7 +125,7 @@ def restartable() -> Iterator[Fixture]:
     finally:
         if fixture is not None and fixture.failed:
             for name, proc in cluster.processes.items():
-                print(f"----- {name} -----\n{proc.log_tail(60)}")
+                print(f"----- {name} -----\n{proc.log_tail(200)}")
         cluster.stop()
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
