@@ -19,7 +19,9 @@ Routing of what the server sends:
   stream and is attached to that stream's `subscribe` result.
 - `event` frames go to their stream's buffer (`next_event`, `events`), to the optional
   `on_event` callback, and, for `reply.*` events of this client's own `send`s, to the
-  reply collector `reply()` reads.
+  reply collector `reply()` reads. Presence changes (`join`/`leave`, which carry no seq)
+  are kept apart, in the stream's presence buffer (`next_presence`), so what `next_event`
+  and `on_event` see is exactly the stream's seq-ordered events.
 - Anything no request waits for (errors answering `send_raw`, for instance) is queued for
   `recv_frame()`. Raw frames and pending requests without ids should not be mixed: an
   id-less error is credited to the oldest pending request.
@@ -102,6 +104,8 @@ class _Stream:
     buffer: deque[Event] = field(default_factory=deque)
     waiter: asyncio.Future[None] | None = None
     last_seq: int | None = None
+    presence: deque[Event] = field(default_factory=deque)  # join/leave, in arrival order
+    presence_waiter: asyncio.Future[None] | None = None
 
 
 @dataclass(slots=True)
@@ -137,12 +141,14 @@ class SwitchboardClient:
         on_event: Callable[[Event], None] | None = None,
         track_replies: bool = True,
         on_frame: Callable[[Frame], None] | None = None,
+        on_presence: Callable[[Event], None] | None = None,
     ) -> None:
         self._ws = ws
         self.buffer_events = buffer_events
         self.on_event = on_event
         # Sees every frame but events, in arrival order, before it is routed.
         self.on_frame = on_frame
+        self.on_presence = on_presence  # join/leave events, whether buffered or not
         self.track_replies = track_replies
         self.welcome: Frame = {}
         self.client: str | None = None
@@ -182,6 +188,7 @@ class SwitchboardClient:
         on_event: Callable[[Event], None] | None = None,
         track_replies: bool = True,
         on_frame: Callable[[Frame], None] | None = None,
+        on_presence: Callable[[Event], None] | None = None,
         **ws_options: Any,
     ) -> SwitchboardClient:
         """Open a connection and wait for the `welcome`.
@@ -211,6 +218,7 @@ class SwitchboardClient:
             on_event=on_event,
             track_replies=track_replies,
             on_frame=on_frame,
+            on_presence=on_presence,
         )
         if wait_welcome:
             try:
@@ -380,6 +388,25 @@ class SwitchboardClient:
                     state.waiter = None
         return state.buffer.popleft()
 
+    async def next_presence(self, stream: str, timeout: float = 10.0) -> Event:
+        """The stream's next `join` or `leave` event (no seq); waits like `next_event`."""
+        state = self._stream(stream)
+        async with asyncio.timeout(timeout):
+            while not state.presence:
+                if self._closed:
+                    raise SwitchboardClosed(self.close_code, self.close_reason)
+                waiter = state.presence_waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await waiter
+                finally:
+                    state.presence_waiter = None
+        return state.presence.popleft()
+
+    def buffered_presence(self, stream: str) -> list[Event]:
+        """The stream's join/leave events received but not yet taken (a copy)."""
+        state = self._streams.get(stream)
+        return list(state.presence) if state else []
+
     async def events(self, stream: str) -> AsyncIterator[Event]:
         """Every event of `stream`, in arrival order, until the connection closes."""
         while True:
@@ -513,12 +540,19 @@ class SwitchboardClient:
         if state is None:
             state = self._streams[stream] = _Stream()
         seq = event.get("seq")
-        if seq is not None:  # join/leave carry no seq
-            last = state.last_seq
-            if last is not None and seq != last + 1:
-                self.seq_anomalies.append((stream, last + 1, seq))
-            if last is None or seq > last:
-                state.last_seq = seq
+        if seq is None:  # join/leave: outside the stream's order, so apart from its events
+            if self.on_presence is not None:
+                self.on_presence(event)
+            if self.buffer_events:
+                state.presence.append(event)
+                if state.presence_waiter is not None and not state.presence_waiter.done():
+                    state.presence_waiter.set_result(None)
+            return
+        last = state.last_seq
+        if last is not None and seq != last + 1:
+            self.seq_anomalies.append((stream, last + 1, seq))
+        if last is None or seq > last:
+            state.last_seq = seq
         if self._replies and event["kind"].startswith("reply."):
             self._collect_reply(event)
         if self.on_event is not None:
@@ -649,5 +683,7 @@ class SwitchboardClient:
         for state in self._streams.values():
             if state.waiter is not None and not state.waiter.done():
                 state.waiter.set_result(None)
+            if state.presence_waiter is not None and not state.presence_waiter.done():
+                state.presence_waiter.set_result(None)
         if self._unrouted_waiter is not None and not self._unrouted_waiter.done():
             self._unrouted_waiter.set_result(None)

@@ -21,15 +21,17 @@ from urllib.parse import parse_qs
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orchestration.agents import UnknownAgent, get_agent
-from realtime import keys
 from realtime.auth import AuthError, Identity, authenticate
 from realtime.events import dumps
 from realtime.flusher import get_flusher
 from realtime.hub import get_hub
 from realtime.lifecycle import lifecycle
 from realtime.outbox import Outbox, OutboxFull
+from realtime.presence import get_tracker
 from realtime.protocol import (
     CLOSE_FORBIDDEN,
     CLOSE_SERVICE_RESTART,
@@ -49,6 +51,7 @@ from realtime.protocol import (
     error_frame,
     parse_frame,
 )
+from realtime.receipts import BeyondHead, receipt_store
 from realtime.redis_clients import async_client
 from realtime.security import BrowserOriginValidator
 from realtime.sequencing import StreamCursor
@@ -70,9 +73,12 @@ logger = logging.getLogger(__name__)
 
 
 ORIGINS = BrowserOriginValidator(None, settings.WEBSOCKET_ALLOWED_ORIGINS)
+_CHECKPOINTER = checkpointer()
 # Events a catch-up reads from the log at a time; the next page waits until the socket
 # has taken most of the last (outbox at most this long, Twisted not pushing back).
 CATCH_UP_PAGE = 200
+# A repair that could not reach Redis is tried again after this long.
+REPAIR_RETRY_S = 0.5
 # A closing connection waits at most this long for its session to be saved.
 SESSION_SAVE_TIMEOUT_S = 2.0
 
@@ -96,7 +102,10 @@ def stream_store() -> StreamStore:
 class StreamSubscription:
     """One socket's interest in one stream: the Hub calls it, it keeps seq order."""
 
-    __slots__ = ("consumer", "stream", "cursor", "repairing", "active")
+    __slots__ = ("consumer", "stream", "cursor", "repairing", "active", "held")
+
+    # Unsequenced events kept while the catch-up read runs: they follow `subscribed`.
+    MAX_HELD = 1024
 
     def __init__(self, consumer: GatewayConsumer, stream: str) -> None:
         self.consumer = consumer
@@ -104,6 +113,24 @@ class StreamSubscription:
         self.cursor = StreamCursor()
         self.repairing = False
         self.active = True
+        self.held: list[str] = []
+
+    def start_at(self, next_seq: int) -> list[str]:
+        """Place the cursor after the catch-up read; returns what may be sent now."""
+        ready = self.cursor.start_at(next_seq)
+        if self.held:
+            ready.extend(self.held)
+            self.held = []
+        return ready
+
+    def on_unsequenced(self, event: str, sender: str | None) -> None:
+        # join/leave: outside the log, so no cursor; a client is not told of itself.
+        if sender == "client:" + self.consumer.identity.client:
+            return
+        if self.cursor.next_seq is not None:
+            self.consumer.push(event)
+        elif len(self.held) < self.MAX_HELD:
+            self.held.append(event)
 
     def on_event(self, seq: int, event: str) -> None:
         ready = self.cursor.offer(seq, event)
@@ -232,7 +259,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             )
             return
         self._session_refreshed_at = time.monotonic()
-        checkpointer().add(self)
+        _CHECKPOINTER.add(self)
         self.push(
             dumps(
                 {
@@ -277,12 +304,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         streams = list(self.subscriptions)
         for stream in streams:
             self._drop_subscription(stream)
-        if streams:
-            identity = self.identity
-            async with async_client().pipeline(transaction=False) as pipe:
-                for stream in streams:
-                    pipe.hdel(keys.presence(identity.tenant, stream), identity.client)
-                await pipe.execute()
+        await get_tracker().leave_connection(self.connection_id)
         raise StopConsumer()
 
     async def websocket_receive(self, message: dict[str, Any]) -> None:
@@ -329,8 +351,12 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         get_flusher().mark(self)
 
     def push_many(self, frames: list[str]) -> None:
+        """Deliver stream events (every delivery goes through here): the session's
+        positions moved, so the next checkpoint looks at this connection."""
         for frame in frames:
             self.push(frame)
+        if frames and self.session_id:
+            _CHECKPOINTER.dirty.add(self)
 
     def flush_now(self) -> bool:
         """Write what is buffered without awaiting; False when only `flush` can (not daphne).
@@ -439,7 +465,9 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         refresh = now - self._session_refreshed_at > settings.SWITCHBOARD["SESSION_TTL_S"] / 3
         if not (changed or gone or refresh):
             return None
-        return PendingSave(self.identity.tenant, self.session_id, changed, gone, refresh)
+        return PendingSave(
+            self.identity.tenant, self.session_id, self.identity.client, changed, gone, refresh
+        )
 
     def session_saved(self, save: PendingSave, now: float) -> None:
         self._saved_positions.update(save.changed)
@@ -451,7 +479,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
     def _end_session(self) -> asyncio.Task[None] | None:
         """Write the session's final positions (once) and start its after-disconnect TTL.
         Must run before the outbox is emptied: what is still in it was not delivered."""
-        checkpointer().discard(self)
+        _CHECKPOINTER.discard(self)
         if self._session_ended or not self.session_id:
             return None
         self._session_ended = True
@@ -460,6 +488,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             session_store().save(
                 self.identity.tenant,
                 self.session_id,
+                self.identity.client,
                 changed,
                 gone,
                 settings.SWITCHBOARD["SESSION_TTL_S"],
@@ -484,28 +513,26 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self.subscriptions[stream] = subscription
         hub = get_hub()
         await hub.join(tenant, stream, subscription)
-        await async_client().hset(
-            keys.presence(tenant, stream),
-            identity.client,
-            identity.name or "",
+        await get_tracker().join(
+            tenant, stream, identity.client, identity.name or "", self.connection_id
         )
         store = stream_store()
         head = await store.head(tenant, stream)
         if since is None or since == head:
             await self._session_subscribed(stream, head)
-            live = subscription.cursor.start_at(head + 1)
+            live = subscription.start_at(head + 1)
             return SubscribeResult(head, since is not None, False, live)
         last = min(head, since + CATCH_UP_PAGE)
         events = await store.read(tenant, stream, since + 1, last) if since < head else []
         if events and events[0][0] == since + 1:
             await self._session_subscribed(stream, since)
             missed = [event for _, event in events]
-            live = subscription.cursor.start_at(events[-1][0] + 1)
+            live = subscription.start_at(events[-1][0] + 1)
             # The rest is read page by page as the socket drains (see _repair).
             more = events[-1][0] < head
             return SubscribeResult(head, True, False, missed + live, more)
         await self._session_subscribed(stream, head)
-        live = subscription.cursor.start_at(head + 1)
+        live = subscription.start_at(head + 1)
         return SubscribeResult(head, False, True, live)
 
     async def _session_subscribed(self, stream: str, position: int) -> None:
@@ -557,7 +584,9 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         if self.session_id and self._saved_positions.pop(frame.stream, None) is not None:
             await session_store().unsubscribed(self.identity.tenant, self.session_id, frame.stream)
         identity = self.identity
-        await async_client().hdel(keys.presence(identity.tenant, frame.stream), identity.client)
+        await get_tracker().leave(
+            identity.tenant, frame.stream, identity.client, self.connection_id
+        )
         self.push(dumps({"type": "unsubscribed", "stream": frame.stream}))
 
     def schedule_repair(self, subscription: StreamSubscription, to_head: bool = False) -> None:
@@ -620,6 +649,20 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 for seq, event in events:
                     self.push_many(cursor.offer(seq, event))
                 await self._wait_for_room()
+        except (RedisConnectionError, RedisTimeoutError) as error:
+            # Redis is restarting or away: try again, or the client waits for events the
+            # log holds (or learns too late that the log lost them).
+            logger.warning(
+                "stream repair postponed tenant=%s stream=%s conn=%s: %s",
+                tenant,
+                stream,
+                self.connection_id,
+                error,
+            )
+            subscription.repairing = False
+            asyncio.get_running_loop().call_later(
+                REPAIR_RETRY_S, self.schedule_repair, subscription, True
+            )
         except Exception:
             logger.exception(
                 "stream repair failed tenant=%s stream=%s conn=%s",
@@ -693,11 +736,15 @@ class GatewayConsumer(AsyncWebsocketConsumer):
     async def handle_receipt(self, frame: Receipt) -> None:
         self._require_stream(frame.stream)
         identity = self.identity
-        await async_client().hset(
-            keys.receipts(identity.tenant, frame.stream),
-            identity.client,
-            frame.seq,
-        )
+        try:
+            # A receipt lower than the stored one (late, reordered) is ignored silently.
+            await receipt_store().record(identity.tenant, frame.stream, identity.client, frame.seq)
+        except BeyondHead as beyond:
+            # Refused rather than clamped: a seq the stream never assigned is a client bug,
+            # and a clamped position would claim events read that the client never saw.
+            raise ProtocolError(
+                "bad_request", str(beyond), None, stream=frame.stream, head=beyond.head
+            ) from None
 
     async def handle_cancel(self, frame: Cancel) -> None:
         from orchestration.intake import cancel_run
@@ -709,11 +756,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
 
     async def handle_presence(self, frame: Presence) -> None:
         self._require_stream(frame.stream)
-        raw = await async_client().hgetall(keys.presence(self.identity.tenant, frame.stream))
-        clients = [
-            {"client": client.decode(), "name": name.decode() or None}
-            for client, name in raw.items()
-        ]
+        clients = await get_tracker().clients(self.identity.tenant, frame.stream)
         self.push(dumps({"type": "presence", "stream": frame.stream, "clients": clients}))
 
     async def handle_ping(self, frame: Ping) -> None:

@@ -6,6 +6,9 @@ and hands each notification to every local subscription. Redis work per event is
 message per process however many sockets listen (plain `group_send` costs ~8 commands per
 member). Pub/sub is at-most-once, so it only says "seq N exists"; the log is the truth, and
 a subscription that sees a gap, or a reconnect that may have lost messages, reads the log.
+
+A message is `SEQ "\n" EVENT_JSON`; an empty SEQ marks an event outside the log (presence
+`join`/`leave`), which listeners take as it comes, with no ordering or repair.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
+import orjson
 import redis.asyncio as aredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -31,6 +35,8 @@ JOIN_TIMEOUT_S = 5.0
 
 class Listener(Protocol):
     def on_event(self, seq: int, event: str) -> None: ...
+
+    def on_unsequenced(self, event: str, sender: str | None) -> None: ...
 
     def on_possible_loss(self) -> None: ...
 
@@ -157,14 +163,28 @@ class Hub:
                 if not group:
                     continue
                 head, _, event = response[2].partition(b"\n")
-                seq = int(head)
                 text = event.decode()
+                if not head:
+                    self._deliver_unsequenced(group, text)
+                    continue
+                seq = int(head)
                 for listener in tuple(group):
                     listener.on_event(seq, text)
             elif kind == b"subscribe":
                 future = self._confirmed.get(response[1])
                 if future is not None and not future.done():
                     future.set_result(None)
+
+    @staticmethod
+    def _deliver_unsequenced(group: set[Listener], text: str) -> None:
+        # Parsed once per process, not once per socket: listeners may filter by sender.
+        try:
+            sender = orjson.loads(text).get("from")
+        except (orjson.JSONDecodeError, AttributeError):
+            logger.warning("hub dropped an unsequenced message that is not an event object")
+            return
+        for listener in tuple(group):
+            listener.on_unsequenced(text, sender)
 
     async def close(self) -> None:
         self.closing = True
@@ -183,7 +203,7 @@ _hub: Hub | None = None
 def get_hub() -> Hub:
     global _hub
     if _hub is None:
-        from realtime.redis_clients import async_client
+        from realtime.redis_clients import pubsub_client
 
-        _hub = Hub(async_client)
+        _hub = Hub(pubsub_client)
     return _hub

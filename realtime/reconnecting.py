@@ -58,6 +58,8 @@ class _Tracked:
     buffer: deque[Event] = field(default_factory=deque)
     waiter: asyncio.Future[None] | None = None
     resyncing: bool = False  # a subscribe from last_seq is in flight: drop until answered
+    presence: deque[Event] = field(default_factory=deque)  # join/leave, as they come
+    presence_waiter: asyncio.Future[None] | None = None
 
 
 @dataclass(slots=True)
@@ -201,6 +203,7 @@ class ReconnectingClient:
             track_replies=False,
             on_event=self._on_event,
             on_frame=on_frame,
+            on_presence=self._on_presence,
         )
         welcome = conn.welcome
         self.client = welcome.get("client")
@@ -237,8 +240,9 @@ class ReconnectingClient:
         self._stopped = ClientStopped(code, reason)
         self._set_state("closed")
         for tracked in self._streams.values():
-            if tracked.waiter is not None and not tracked.waiter.done():
-                tracked.waiter.set_result(None)
+            for waiter in (tracked.waiter, tracked.presence_waiter):
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
         for reply in self._replies.values():
             if reply.done is not None and not reply.done.done():
                 reply.done.set_exception(self._stopped)
@@ -353,6 +357,30 @@ class ReconnectingClient:
         async with asyncio.timeout(timeout):
             done = await asyncio.shield(collector.done)
         return collector.deltas, done
+
+    async def next_presence(self, stream: str, timeout: float = 10.0) -> Event:
+        """The stream's next `join` or `leave` (they have no seq and are not resumed)."""
+        tracked = self._streams.setdefault(stream, _Tracked())
+        async with asyncio.timeout(timeout):
+            while not tracked.presence:
+                if self._stopped is not None:
+                    raise self._stopped
+                waiter = tracked.presence_waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await waiter
+                finally:
+                    tracked.presence_waiter = None
+        return tracked.presence.popleft()
+
+    async def presence(self, stream: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+        conn = await self.wait_open(timeout)
+        return await conn.presence(stream, timeout)
+
+    def _on_presence(self, event: Event) -> None:
+        tracked = self._streams.setdefault(event["stream"], _Tracked())
+        tracked.presence.append(event)
+        if tracked.presence_waiter is not None and not tracked.presence_waiter.done():
+            tracked.presence_waiter.set_result(None)
 
     def _on_event(self, event: Event) -> None:
         stream = event["stream"]

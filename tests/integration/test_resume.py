@@ -293,9 +293,7 @@ async def test_sends_in_flight_when_a_gateway_dies_each_get_exactly_one_reply(
     client = await reconnecting([doomed_url, switchboard.url])
     stream = unique("sends")
     await client.subscribe(stream)
-    acks = [
-        await client.send(stream, "echo", f"message {n}", options=SLOW_REPLY) for n in range(3)
-    ]
+    acks = [await client.send(stream, "echo", f"message {n}", options=SLOW_REPLY) for n in range(3)]
     await client.next_event(stream)
     doomed.signal(signal.SIGKILL)
     more = [await client.send(stream, "echo", f"late {n}") for n in range(2)]
@@ -345,3 +343,22 @@ async def test_subscribers_on_three_gateways_see_one_publisher_in_one_order(
     assert seen[0] == seen[1] == seen[2]
     for client in (*subscribers, publisher):
         await client.close()
+
+
+async def test_the_reconnecting_client_hears_presence_apart_from_the_stream(
+    switchboard: Switchboard,
+    reconnecting: Callable[..., Awaitable[ReconnectingClient]],
+    unique: Callable[[str], str],
+) -> None:
+    stream = unique("who")
+    watcher = await reconnecting([switchboard.url])
+    await watcher.subscribe(stream)
+    arriving = unique("arriving")
+    newcomer = await reconnecting([switchboard.url], client=arriving)
+    await newcomer.subscribe(stream)
+    join = await watcher.next_presence(stream)
+    assert (join["kind"], join["data"]["client"]) == ("join", arriving)
+    assert {c["client"] for c in await watcher.presence(stream)} >= {arriving}
+    ack = await newcomer.publish(stream, {"hello": True})
+    event = await watcher.next_event(stream)
+    assert event["seq"] == ack["seq"]  # the join did not take a place in the stream
