@@ -244,7 +244,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 restored = record.positions
                 self._saved_positions = dict(restored)
             else:
-                self.session_id = await sessions.create(identity.tenant, identity.client)
+                self.session_id = sessions.create()
         except SessionRefused as refused:
             # Never silently a new session: the client learns its state was not restored
             # and starts over with its own positions (subscribe with since).
@@ -538,8 +538,9 @@ class GatewayConsumer(AsyncWebsocketConsumer):
     async def _session_subscribed(self, stream: str, position: int) -> None:
         """The session knows of a subscription as soon as it starts, not a checkpoint later."""
         if self.session_id:
+            identity = self.identity
             await session_store().subscribed(
-                self.identity.tenant, self.session_id, stream, position
+                identity.tenant, self.session_id, identity.client, stream, position
             )
             self._saved_positions[stream] = position
 

@@ -2,7 +2,9 @@
 the seq of the last event the gateway handed to its socket.
 
 A session is a Redis hash (`client` plus one `s:STREAM` field per subscription) so any
-gateway process can resume it. Positions are written when a subscription starts, every
+gateway process can resume it. It is first written by the connection's first subscription
+(a connect costs no Redis round trip for it). Positions are written when a subscription
+starts, every
 SESSION_CHECKPOINT_S while the connection lives (only what changed), and exactly when the
 connection ends. A position never passes an event still waiting in the outbound buffer,
 so a resume after a slow-consumer close or a drain repeats nothing and skips nothing. A
@@ -104,14 +106,11 @@ class SessionStore:
     def _open_ttl() -> int:
         return 2 * settings.SWITCHBOARD["SESSION_TTL_S"]
 
-    async def create(self, tenant: str, client_id: str) -> str:
-        session_id = new_session_id()
-        key = keys.session(tenant, session_id)
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.hset(key, "client", client_id)
-            pipe.expire(key, self._open_ttl())
-            await pipe.execute()
-        return session_id
+    def create(self) -> str:
+        """A new session's id. Nothing is written until its first subscription: a
+        connection costs no Redis round trip for a session it may never resume, and a
+        session without streams has nothing to restore."""
+        return new_session_id()
 
     async def resume(self, tenant: str, client_id: str, session_id: str) -> SessionRecord:
         """The session's record, refreshed for its new connection; SessionRefused when it
@@ -136,8 +135,14 @@ class SessionStore:
         }
         return SessionRecord(owner, positions)
 
-    async def subscribed(self, tenant: str, session_id: str, stream: str, position: int) -> None:
-        await self.client.hset(keys.session(tenant, session_id), _STREAM_FIELD + stream, position)
+    async def subscribed(
+        self, tenant: str, session_id: str, client_id: str, stream: str, position: int
+    ) -> None:
+        key = keys.session(tenant, session_id)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hset(key, mapping={"client": client_id, _STREAM_FIELD + stream: position})
+            pipe.expire(key, self._open_ttl())
+            await pipe.execute()
 
     async def unsubscribed(self, tenant: str, session_id: str, stream: str) -> None:
         await self.client.hdel(keys.session(tenant, session_id), _STREAM_FIELD + stream)

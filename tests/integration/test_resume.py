@@ -158,6 +158,7 @@ async def test_a_session_that_cannot_be_resumed_is_refused_not_made_new(
 ) -> None:
     owner = unique("owner")
     client = await SwitchboardClient.connect(switchboard.url, switchboard.token(owner))
+    await client.subscribe(unique("s"))  # a session is written from its first subscription
     session = client.session
     await client.close()
     token = switchboard.token(owner)

@@ -31,20 +31,22 @@ async def sessions(r: redis.Redis, store_redis_url: str) -> AsyncIterator[Sessio
     await client.aclose()
 
 
-async def test_a_new_session_belongs_to_its_client_and_lives_while_connected(
+async def test_a_session_is_written_at_its_first_subscription_and_lives_while_connected(
     sessions: SessionStore, r: redis.Redis
 ) -> None:
-    session = await sessions.create("acme", "alice")
+    session = sessions.create()
     key = keys.session("acme", session)
-    assert r.hgetall(key) == {b"client": b"alice"}
+    assert not r.exists(key)
+    await sessions.subscribed("acme", session, "alice", "room", 0)
+    assert r.hgetall(key) == {b"client": b"alice", b"s:room": b"0"}
     assert TTL < r.ttl(key) <= 2 * TTL
 
 
 async def test_resume_returns_positions_and_refreshes_the_lifetime(
     sessions: SessionStore, r: redis.Redis
 ) -> None:
-    session = await sessions.create("acme", "alice")
-    await sessions.subscribed("acme", session, "room:1", 4)
+    session = sessions.create()
+    await sessions.subscribed("acme", session, "alice", "room:1", 4)
     await sessions.save("acme", session, "alice", {"room:1": 9, "b": 0}, [], ttl_s=TTL)
     assert r.ttl(keys.session("acme", session)) <= TTL
     record = await sessions.resume("acme", "alice", session)
@@ -53,10 +55,11 @@ async def test_resume_returns_positions_and_refreshes_the_lifetime(
 
 
 async def test_streams_left_are_forgotten(sessions: SessionStore) -> None:
-    session = await sessions.create("acme", "alice")
+    session = sessions.create()
+    await sessions.subscribed("acme", session, "alice", "first", 0)
     await sessions.save("acme", session, "alice", {"a": 1, "b": 2}, [])
     await sessions.unsubscribed("acme", session, "a")
-    await sessions.save("acme", session, "alice", {}, ["b"])
+    await sessions.save("acme", session, "alice", {}, ["b", "first"])
     assert (await sessions.resume("acme", "alice", session)).positions == {}
 
 
@@ -67,7 +70,8 @@ async def test_streams_left_are_forgotten(sessions: SessionStore) -> None:
 async def test_another_client_or_tenant_is_refused(
     sessions: SessionStore, tenant: str, client: str, code: str
 ) -> None:
-    session = await sessions.create("acme", "alice")
+    session = sessions.create()
+    await sessions.subscribed("acme", session, "alice", "first", 0)
     with pytest.raises(SessionRefused) as refused:
         await sessions.resume(tenant, client, session)
     assert refused.value.code == code
@@ -76,7 +80,8 @@ async def test_another_client_or_tenant_is_refused(
 async def test_an_expired_session_is_refused_not_recreated(
     sessions: SessionStore, r: redis.Redis
 ) -> None:
-    session = await sessions.create("acme", "alice")
+    session = sessions.create()
+    await sessions.subscribed("acme", session, "alice", "first", 0)
     r.delete(keys.session("acme", session))
     with pytest.raises(SessionRefused) as refused:
         await sessions.resume("acme", "alice", session)
