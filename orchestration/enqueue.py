@@ -21,8 +21,14 @@ import orjson
 ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"
 
 
-def celery_message(task_name: str, args: list[Any], queue: str) -> tuple[str, str]:
-    """Return (task_id, message JSON) for a task with JSON args on a Redis-transport queue."""
+def celery_message(
+    task_name: str, args: list[Any], queue: str, retries: int = 0
+) -> tuple[str, str]:
+    """Return (task_id, message JSON) for a task with JSON args on a Redis-transport queue.
+
+    `retries` is what the task sees as `request.retries`: a redelivered step keeps counting
+    its model retries instead of starting the budget again.
+    """
     task_id = str(uuid.uuid4())
     body = orjson.dumps(
         [args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
@@ -40,7 +46,7 @@ def celery_message(task_name: str, args: list[Any], queue: str) -> tuple[str, st
             "expires": None,
             "group": None,
             "group_index": None,
-            "retries": 0,
+            "retries": retries,
             "timelimit": [None, None],
             "root_id": task_id,
             "parent_id": None,

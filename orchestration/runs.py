@@ -1,23 +1,33 @@
 """Run state in Redis and the fenced appends a run's owner makes (sync: Celery workers).
 
-A run's hash holds its step, owner, attempt, deadline and how many characters its reply
-has emitted. Only the current owner may append, and only at the current offset, so a
+A run's hash holds its step, owner, attempt, deadline, lease and how many characters its
+reply has emitted. Only the current owner may append, and only at the current offset, so a
 retried or redelivered step can never duplicate or reorder a delta, and only one
 `reply.done` can ever be written.
+
+A claimed step holds a lease (`RUN_LEASE_S`) that its worker renews with every append and,
+while the model is silent, from a `LeaseKeeper` thread. A lease that runs out means the
+worker died: the sweeper redelivers the step (`redeliver`) long before kombu would restore
+the dead worker's message (its visibility timeout), and the new attempt fences the old one.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 import orjson
 import redis
 from django.conf import settings
 
+from orchestration.enqueue import broker_is_redis_at, celery_message, enqueue_step
 from realtime import keys, scripts
 from realtime.events import (
     cause_of,
@@ -27,10 +37,14 @@ from realtime.events import (
     text_from_fragments,
     utc_now_iso,
 )
+from realtime.streams import RUN_RECORD_GRACE_S, RUN_STEP_TASK, RUNS_QUEUE
 
 logger = logging.getLogger(__name__)
 
 FINISHED_RUN_TTL_S = 3600
+# Lost leases a run survives. A step that keeps killing its worker (a prompt that runs it
+# out of memory, say) is ended with `failed` rather than handed to worker after worker.
+MAX_REDELIVERIES = 3
 
 
 class Fenced(Exception):
@@ -58,6 +72,10 @@ class Run:
     emitted: int
     step_base: int  # what the reply held when the current step started
     owner: str
+    step: int = 0
+    redeliveries: int = 0
+    # time.monotonic() of this owner's last lease renewal (claim, append or heartbeat).
+    renewed_at: float = 0.0
 
     @classmethod
     def from_hash(cls, run_id: str, fields: dict[str, str]) -> Run:
@@ -77,6 +95,8 @@ class Run:
             emitted=int(fields.get("emitted", 0)),
             step_base=int(fields.get("step_base", 0)),
             owner=fields.get("owner", ""),
+            step=int(fields.get("step") or 0),
+            redeliveries=int(fields.get("redeliveries") or 0),
         )
 
     def seconds_left(self) -> float:
@@ -86,12 +106,30 @@ class Run:
         return cause_of(self.client, self.message_id, self.message_event)
 
 
+@dataclass(frozen=True, slots=True)
+class Redelivery:
+    """What redeliver did: `redelivered`, `exhausted` (the caller ends the run) or `skipped`
+    (renewed meanwhile, finished, past its deadline, or another sweeper was first)."""
+
+    outcome: str
+    run_id: str
+    tenant: str = ""
+    step: int = 0
+    redeliveries: int = 0
+
+
 class RunStore:
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, lease_s: float | None = None) -> None:
         self.client = client
+        self.lease_s: float = (
+            lease_s if lease_s is not None else settings.SWITCHBOARD["RUN_LEASE_S"]
+        )
         self._claim = client.register_script(scripts.CLAIM_STEP)
         self._append_delta = client.register_script(scripts.APPEND_DELTA)
         self._finalize = client.register_script(scripts.FINALIZE_RUN)
+        self._renew = client.register_script(scripts.RENEW_LEASE)
+        self._hand_over = client.register_script(scripts.HAND_OVER)
+        self._redeliver = client.register_script(scripts.REDELIVER_STEP)
 
     def load(self, run_id: str) -> Run | None:
         raw = self.client.hgetall(keys.run(run_id))
@@ -99,14 +137,30 @@ class RunStore:
             return None
         return Run.from_hash(run_id, {k.decode(): v.decode() for k, v in raw.items()})
 
-    def claim(self, run_id: str, step: int) -> Run | None:
-        """Become the run's owner for this step; None when the run is gone or finished."""
+    def claim(self, run_id: str, step: int, retries: int = 0) -> Run | None:
+        """Become the run's owner for this step, with a fresh lease; None when the run is
+        gone, finished or already past this step. `retries` is the task's retry count,
+        kept for a redelivery of the step."""
         owner = uuid.uuid4().hex
-        flat = self._claim(keys=[keys.run(run_id)], args=[owner, step, FINISHED_RUN_TTL_S * 24])
+        renewed_at = time.monotonic()
+        flat = self._claim(
+            keys=[keys.run(run_id), keys.run_text(run_id), keys.RUN_LEASES],
+            args=[
+                owner,
+                step,
+                self.lease_s,
+                RUN_RECORD_GRACE_S,
+                run_id,
+                f"{socket.gethostname()}:{os.getpid()}",
+                retries,
+            ],
+        )
         if not flat:
             return None
         fields = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
-        return Run.from_hash(run_id, fields)
+        run = Run.from_hash(run_id, fields)
+        run.renewed_at = renewed_at
+        return run
 
     def append_delta(self, run: Run, piece: str) -> int:
         """Append one reply piece at the run's current offset; returns its seq."""
@@ -119,12 +173,14 @@ class RunStore:
             cause=run.cause(),
             data={"run": run.run_id, "offset": run.emitted, "text": piece},
         )
+        renewed_at = time.monotonic()
         code, value = self._append_delta(
             keys=[
                 keys.stream_seq(run.tenant, run.stream),
                 keys.stream_log(run.tenant, run.stream),
                 keys.run(run.run_id),
                 keys.run_text(run.run_id),
+                keys.RUN_LEASES,
             ],
             args=[
                 keys.stream_channel(run.tenant, run.stream),
@@ -135,10 +191,14 @@ class RunStore:
                 run.emitted,
                 len(piece),
                 json_fragment(piece),
+                self.lease_s,
+                RUN_RECORD_GRACE_S,
+                run.run_id,
             ],
         )
         if code == 1:
             run.emitted += len(piece)
+            run.renewed_at = renewed_at
             return int(value)
         if code == -1:
             raise RunFinished(run.run_id)
@@ -187,6 +247,7 @@ class RunStore:
                 keys.run(run_id),
                 keys.run_text(run_id),
                 keys.RUN_DEADLINES,
+                keys.RUN_LEASES,
             ],
             args=[
                 keys.stream_channel(tenant, stream),
@@ -220,3 +281,110 @@ class RunStore:
     def overdue(self, now: float, limit: int = 500) -> list[str]:
         ids = self.client.zrangebyscore(keys.RUN_DEADLINES, "-inf", now, start=0, num=limit)
         return [run_id.decode() for run_id in ids]
+
+    def renew_lease(self, run: Run, extra_s: float = 0.0) -> bool:
+        """Extend the owner's lease to `lease_s + extra_s` from now (never shortening it).
+        False when the caller no longer owns a running step: it must write nothing more."""
+        renewed_at = time.monotonic()
+        renewed = self._renew(
+            keys=[keys.run(run.run_id), keys.run_text(run.run_id), keys.RUN_LEASES],
+            args=[run.owner, self.lease_s + extra_s, RUN_RECORD_GRACE_S, run.run_id],
+        )
+        if renewed:
+            run.renewed_at = renewed_at
+        return bool(renewed)
+
+    def hand_over(self, run_id: str, owner: str) -> bool:
+        """Give up the lease once the next step's task is queued; False if no longer ours."""
+        return bool(self._hand_over(keys=[keys.run(run_id), keys.RUN_LEASES], args=[owner, run_id]))
+
+    def expired_leases(self, limit: int = 500) -> list[str]:
+        """Runs whose step lease has run out, by the Redis clock the leases are set with."""
+        seconds, micros = self.client.time()
+        ids = self.client.zrangebyscore(
+            keys.RUN_LEASES, "-inf", seconds + micros / 1e6, start=0, num=limit
+        )
+        return [run_id.decode() for run_id in ids]
+
+    def redeliver(self, run_id: str, max_redeliveries: int = MAX_REDELIVERIES) -> Redelivery:
+        """Enqueue a step whose lease ran out again, at most once however many sweepers try."""
+        tenant, step, retries = self.client.hmget(keys.run(run_id), "tenant", "step", "retries")
+        step_index = int(step) if step is not None else 0
+        message = ""
+        same_redis = broker_is_redis_at(settings.CELERY_BROKER_URL, settings.REDIS_URL)
+        if step is not None and same_redis:
+            # Pushed by the script that fences the lost owner, so the step is never both
+            # redelivered and still owned, nor marked redelivered without its message.
+            _, message = celery_message(
+                RUN_STEP_TASK, [run_id, step_index], RUNS_QUEUE, retries=int(retries or 0)
+            )
+        code, value = self._redeliver(
+            keys=[keys.run(run_id), keys.RUN_LEASES, keys.celery_queue(RUNS_QUEUE)],
+            args=[run_id, step if step is not None else "", message, max_redeliveries],
+        )
+        found = Redelivery("skipped", run_id, tenant.decode() if tenant else "", step_index)
+        if code == 1:
+            if not message:
+                # Another broker: published after the script. A crash in between leaves the
+                # run queued without a message; the deadline sweep still ends it.
+                enqueue_step(run_id, step_index)
+            return Redelivery("redelivered", run_id, found.tenant, step_index, int(value))
+        if code == -2:
+            return Redelivery("exhausted", run_id, found.tenant, step_index, int(value))
+        return found
+
+
+class LeaseKeeper:
+    """Renews a claimed step's lease from a thread while the step runs.
+
+    A model call can be silent for longer than a lease (a slow first token, a stalled
+    provider) and a stalled backend iterator blocks the step's own loop, so the renewal
+    cannot live there. Renewal is fenced by the owner token in Redis: once the step has
+    lost the run (redelivered, finished, handed over) the keeper writes nothing and stops.
+    """
+
+    def __init__(self, store: RunStore, run: Run) -> None:
+        self.store = store
+        self.run = run
+        # Three chances to renew before the lease runs out, so one slow round trip is not
+        # taken for a dead worker (and never a busy loop, however short the lease).
+        self.every_s = max(store.lease_s / 3, 0.05)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._keep, name=f"lease-{run.run_id}", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.store.lease_s)
+
+    def _keep(self) -> None:
+        run = self.run
+        retry_at = 0.0
+        while True:
+            wake_at = max(run.renewed_at + self.every_s, retry_at)
+            if self._stop.wait(max(wake_at - time.monotonic(), 0.01)):
+                return
+            # Appends renew the lease too: only a silent stretch needs a heartbeat.
+            if time.monotonic() - run.renewed_at < self.every_s:
+                continue
+            try:
+                if not self.store.renew_lease(run):
+                    logger.info(
+                        "lease keeper stops: the step no longer owns tenant=%s run=%s",
+                        run.tenant,
+                        run.run_id,
+                    )
+                    return
+            except Exception:
+                # Tried again shortly; should the lease lapse meanwhile, the step is
+                # redelivered and this attempt fenced, which is safe.
+                logger.exception("lease renewal failed tenant=%s run=%s", run.tenant, run.run_id)
+                retry_at = time.monotonic() + min(self.every_s, 0.5)

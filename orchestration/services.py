@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from celery.exceptions import SoftTimeLimitExceeded
 
 from orchestration.agents import Step, UnknownAgent, get_agent
-from orchestration.runs import Fenced, Run, RunFinished, RunStore
+from orchestration.runs import Fenced, LeaseKeeper, Run, RunFinished, RunStore
 from workers.backends import ModelError, ModelRequest, get_backend
 
 logger = logging.getLogger(__name__)
@@ -20,24 +20,47 @@ MIN_CALL_BUDGET_S = 0.05
 
 @dataclass(frozen=True, slots=True)
 class StepOutcome:
-    """What the task wrapper must do next: nothing, retry after a delay, or run a step."""
+    """What the task wrapper must do next: nothing, retry after a delay, or run a step
+    (then `hand_over` with `owner` once that step's task is queued)."""
 
     retry_in_s: float | None = None
     next_step: int | None = None
+    owner: str = field(default="", compare=False)
 
 
 def execute_step(store: RunStore, run_id: str, step_index: int, retries_so_far: int) -> StepOutcome:
-    run = store.claim(run_id, step_index)
+    run = store.claim(run_id, step_index, retries_so_far)
     if run is None:
         logger.info("step skipped: run finished or gone run=%s step=%s", run_id, step_index)
         return StepOutcome()
     try:
-        return _execute_claimed(store, run, step_index, retries_so_far)
+        with LeaseKeeper(store, run):
+            outcome = _execute_claimed(store, run, step_index, retries_so_far)
+        if outcome.retry_in_s is not None:
+            # The retry waits out its backoff in this worker's memory: the lease covers the
+            # wait, so only a worker that dies meanwhile has the step redelivered.
+            store.renew_lease(run, extra_s=outcome.retry_in_s)
+        if outcome.next_step is not None:
+            return StepOutcome(next_step=outcome.next_step, owner=run.owner)
+        return outcome
     except Fenced:
-        logger.warning("step fenced: a newer attempt owns run=%s step=%s", run_id, step_index)
+        logger.warning(
+            "step fenced: a newer attempt owns tenant=%s run=%s step=%s",
+            run.tenant,
+            run_id,
+            step_index,
+        )
         return StepOutcome()
     except RunFinished:
         return StepOutcome()
+
+
+def hand_over(store: RunStore, run_id: str, outcome: StepOutcome) -> None:
+    """After the next step's task is queued: the run waits for it without a lease. Done
+    after the enqueue, so a worker that dies in between has the finished step redelivered
+    (it regenerates nothing new and enqueues the next step again), never a lost run."""
+    if outcome.owner:
+        store.hand_over(run_id, outcome.owner)
 
 
 def _execute_claimed(
@@ -126,3 +149,44 @@ def sweep_overdue_runs(store: RunStore, now: float | None = None) -> int:
             ended += 1
             logger.warning("run swept at its deadline run=%s", run_id)
     return ended
+
+
+def sweep_expired_leases(store: RunStore) -> int:
+    """Redeliver every step whose worker stopped renewing its lease; returns how many.
+
+    A step whose run is out of redeliveries is ended with `failed` instead.
+    """
+    redelivered = 0
+    for run_id in store.expired_leases():
+        result = store.redeliver(run_id)
+        if result.outcome == "redelivered":
+            redelivered += 1
+            logger.warning(
+                "step redelivered after its lease ran out tenant=%s run=%s step=%s redelivery=%s",
+                result.tenant,
+                run_id,
+                result.step,
+                result.redeliveries,
+            )
+        elif result.outcome == "exhausted":
+            if store.finalize(run_id, "failed", {"reason": "worker_lost"}):
+                logger.error(
+                    "run failed: its step lost its worker %s times tenant=%s run=%s step=%s",
+                    result.redeliveries + 1,
+                    result.tenant,
+                    run_id,
+                    result.step,
+                )
+    return redelivered
+
+
+@dataclass(frozen=True, slots=True)
+class Swept:
+    ended: int  # runs ended at their deadline
+    redelivered: int  # steps enqueued again after their lease ran out
+
+
+def sweep_runs(store: RunStore) -> Swept:
+    """One sweep, by beat's task and every gateway: deadlines first (a run past its deadline
+    is ended, not redelivered), then expired leases."""
+    return Swept(ended=sweep_overdue_runs(store), redelivered=sweep_expired_leases(store))

@@ -33,13 +33,16 @@ _run_store: RunStore | None = None
     ignore_result=True,
 )
 def run_step(self, run_id: str, step: int) -> None:  # type: ignore[no-untyped-def]
-    outcome = services.execute_step(_store(), run_id, step, self.request.retries)
+    store = _store()
+    outcome = services.execute_step(store, run_id, step, self.request.retries)
     if outcome.retry_in_s is not None:
         raise self.retry(countdown=outcome.retry_in_s)
     if outcome.next_step is not None:
         run_step.apply_async(args=[run_id, outcome.next_step])
+        services.hand_over(store, run_id, outcome)
 
 
 @shared_task(name="switchboard.runs.sweep", ignore_result=True, time_limit=60)
 def sweep_runs() -> int:
-    return services.sweep_overdue_runs(_store())
+    """Ends overdue runs and redelivers steps whose worker died; returns how many ended."""
+    return services.sweep_runs(_store()).ended

@@ -45,6 +45,8 @@ def run_text(run_id: str) -> str:
 
 
 RUN_DEADLINES = f"{PREFIX}:runs:deadlines"
+# Sorted set: run id -> when its claimed step's lease runs out (epoch s, Redis clock).
+RUN_LEASES = f"{PREFIX}:runs:leases"
 
 
 def session(tenant: str, session_id: str) -> str:
@@ -52,11 +54,34 @@ def session(tenant: str, session_id: str) -> str:
 
 
 def receipts(tenant: str, stream: str) -> str:
+    """Hash: client -> the last seq it said it processed."""
     return f"{PREFIX}:s:{tenant}:{stream}:receipts"
 
 
-def presence(tenant: str, stream: str) -> str:
-    return f"{PREFIX}:s:{tenant}:{stream}:presence"
+def receipt_index(tenant: str) -> str:
+    """Sorted set: stream -> when it last got a receipt (epoch s, Redis clock); the admin
+    lists a tenant's receipts from it without a SCAN."""
+    return f"{PREFIX}:receipts:{tenant}"
+
+
+# Presence. The suffixes hold no ':', so no stream's keys can end like another stream's.
+def presence_members(tenant: str, stream: str) -> str:
+    """Sorted set: "GATEWAY CLIENT" -> when that gateway's entry expires (ms, Redis clock)."""
+    return f"{PREFIX}:s:{tenant}:{stream}:presence.gw"
+
+
+def presence_counts(tenant: str, stream: str) -> str:
+    """Hash: client -> how many gateway entries it has (the client is present while > 0)."""
+    return f"{PREFIX}:s:{tenant}:{stream}:presence.n"
+
+
+def presence_names(tenant: str, stream: str) -> str:
+    """Hash: client -> display name, for every present client."""
+    return f"{PREFIX}:s:{tenant}:{stream}:presence.names"
+
+
+# Sorted set: "TENANT:STREAM" -> the earliest expiry among the stream's presence entries.
+PRESENCE_INDEX = f"{PREFIX}:presence:due"
 
 
 def celery_queue(queue: str) -> str:

@@ -68,37 +68,75 @@ return {1, receipt}
 """
 )
 
-# A worker takes a run's step: it becomes the owner, and every earlier owner is fenced off.
-# KEYS: run   ARGV: owner_token, step, run_ttl_s
-# Returns {} when the run is gone or finished, else the run hash as a flat list.
-CLAIM_STEP = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if (not status) or status == 'done' then return {} end
-if redis.call('HGET', KEYS[1], 'step') ~= ARGV[2] then
-  -- A new step starts where the reply stands now; a retry of the same step keeps its base.
-  redis.call('HSET', KEYS[1], 'step_base', redis.call('HGET', KEYS[1], 'emitted') or 0)
+# Shared head of the run scripts that hold a lease: the Redis clock, so every worker and
+# sweeper compares leases against one clock whatever their own, and two helpers.
+_RUN_LEASE = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local function set_lease(run_key, leases_key, run_id, lease)
+  -- Rounded down to the millisecond: a lease never lasts longer than asked.
+  local score = string.format('%.3f', math.floor(lease * 1000) / 1000)
+  redis.call('HSET', run_key, 'lease', score)
+  redis.call('ZADD', leases_key, score, run_id)
 end
-redis.call('HSET', KEYS[1], 'status', 'running', 'owner', ARGV[1], 'step', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return redis.call('HGETALL', KEYS[1])
+-- Each claim and renewal sets the TTL of the record and its text to the run's deadline plus
+-- the grace, whatever it was: they last as long as a late step or the sweeper may need them.
+local function keep_run(run_key, text_key, deadline, grace)
+  local left = math.max(0, math.ceil((tonumber(deadline) or now) - now))
+  redis.call('EXPIRE', run_key, left + tonumber(grace))
+  redis.call('EXPIRE', text_key, left + tonumber(grace))
+end
 """
 
+# A worker takes a run's step: it becomes the owner, every earlier owner is fenced off, and
+# the step holds a lease that the owner renews while it works (APPEND_DELTA, RENEW_LEASE).
+# KEYS: run, run_text, run_leases
+# ARGV: owner_token, step, lease_s, grace_s, run_id, worker, retries
+# Returns {} when the run is gone, finished or past this step, else the run hash as a flat
+# list.
+CLAIM_STEP = (
+    _RUN_LEASE
+    + """
+local run_key, text_key, leases_key = KEYS[1], KEYS[2], KEYS[3]
+local run = redis.call('HMGET', run_key, 'status', 'step', 'emitted', 'deadline')
+if (not run[1]) or run[1] == 'done' then return {} end
+-- A message for an earlier step (kombu restores a dead worker's message late) must not
+-- run that step again: its text is already in the reply.
+if run[2] and tonumber(ARGV[2]) < tonumber(run[2]) then return {} end
+if run[2] ~= ARGV[2] then
+  -- A new step starts where the reply stands now; a retry of the same step keeps its base.
+  redis.call('HSET', run_key, 'step_base', run[3] or 0)
+end
+redis.call('HSET', run_key, 'status', 'running', 'owner', ARGV[1], 'step', ARGV[2],
+  'worker', ARGV[6], 'retries', ARGV[7])
+redis.call('HINCRBY', run_key, 'attempt', 1)
+set_lease(run_key, leases_key, ARGV[5], now + tonumber(ARGV[3]))
+keep_run(run_key, text_key, run[4], ARGV[4])
+return redis.call('HGETALL', run_key)
+"""
+)
+
 # One piece of a reply, appended only by the run's current owner at the expected offset.
-# KEYS: seq, log, run, run_text
-# ARGV: channel, prefix, suffix, maxlen, owner_token, offset, piece_chars, piece_json_fragment
-# Returns {1, seq}; {-1, status} not running; {-2, owner} fenced; {-3, emitted} wrong offset.
+# It renews the owner's lease: a streaming step needs no other heartbeat.
+# KEYS: seq, log, run, run_text, run_leases
+# ARGV: channel, prefix, suffix, maxlen, owner_token, offset, piece_chars, piece_json_fragment,
+#       lease_s, grace_s, run_id
+# Returns {1, seq}; {-1, status} finished or gone; {-2, owner} fenced (another owner, or the
+# step was redelivered); {-3, emitted} wrong offset.
 APPEND_DELTA = (
-    """
+    _RUN_LEASE
+    + """
 local seq_key, log_key, run_key, text_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local channel, prefix, suffix, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local run = redis.call('HMGET', run_key, 'status', 'owner', 'emitted')
-if run[1] ~= 'running' then return {-1, run[1] or 'missing'} end
-if run[2] ~= ARGV[5] then return {-2, run[2] or ''} end
+local run = redis.call('HMGET', run_key, 'status', 'owner', 'emitted', 'deadline')
+if (not run[1]) or run[1] == 'done' then return {-1, run[1] or 'missing'} end
+if run[1] ~= 'running' or run[2] ~= ARGV[5] then return {-2, run[2] or ''} end
 local emitted = tonumber(run[3] or '0')
 if tonumber(ARGV[6]) ~= emitted then return {-3, tostring(emitted)} end
 redis.call('APPEND', text_key, ARGV[8])
 redis.call('HSET', run_key, 'emitted', emitted + tonumber(ARGV[7]))
+set_lease(run_key, KEYS[5], ARGV[11], now + tonumber(ARGV[9]))
+keep_run(run_key, text_key, run[4], ARGV[10])
 """
     + _APPEND
     + """
@@ -108,18 +146,19 @@ return {1, seq}
 
 # The run's one terminal event. Its text is everything the deltas appended, so the final
 # text always equals their concatenation, whoever finishes the run (worker or sweeper).
-# KEYS: seq, log, run, run_text, run_deadlines
+# KEYS: seq, log, run, run_text, run_deadlines, run_leases
 # ARGV: channel, prefix, text_prefix, suffix, maxlen, owner_token ('' = any owner: sweeper),
 #       status, run_id, finished_ttl_s
 # Returns {1, seq}; {0, existing_seq} already finished; {-2, owner} fenced; {-1, ''} no run.
 FINALIZE_RUN = (
     """
 local seq_key, log_key, run_key = KEYS[1], KEYS[2], KEYS[3]
-local text_key, deadlines_key = KEYS[4], KEYS[5]
+local text_key, deadlines_key, leases_key = KEYS[4], KEYS[5], KEYS[6]
 local channel, prefix, text_prefix, tail, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local run = redis.call('HMGET', run_key, 'status', 'owner', 'done_seq')
 if not run[1] then
   redis.call('ZREM', deadlines_key, ARGV[8])
+  redis.call('ZREM', leases_key, ARGV[8])
   return {-1, ''}
 end
 if run[1] == 'done' then return {0, run[3] or ''} end
@@ -129,9 +168,104 @@ local suffix = text_prefix .. '"' .. (redis.call('GET', text_key) or '') .. '"' 
     + _APPEND
     + """
 redis.call('HSET', run_key, 'status', 'done', 'final_status', ARGV[7], 'done_seq', seq)
+redis.call('HDEL', run_key, 'lease')
 redis.call('EXPIRE', run_key, ARGV[9])
 redis.call('EXPIRE', text_key, ARGV[9])
 redis.call('ZREM', deadlines_key, ARGV[8])
+redis.call('ZREM', leases_key, ARGV[8])
 return {1, seq}
 """
 )
+
+# The owner's heartbeat while its model call is silent: extend the step's lease (never
+# shortening it: a retry's backoff may have extended it further) and the run's TTL.
+# KEYS: run, run_text, run_leases   ARGV: owner_token, lease_s, grace_s, run_id
+# Returns 1 renewed; 0 the caller no longer owns a running step and must stop renewing.
+RENEW_LEASE = (
+    _RUN_LEASE
+    + """
+local run_key, text_key, leases_key = KEYS[1], KEYS[2], KEYS[3]
+local run = redis.call('HMGET', run_key, 'status', 'owner', 'lease', 'deadline')
+if run[1] ~= 'running' or run[2] ~= ARGV[1] then return 0 end
+set_lease(run_key, leases_key, ARGV[4], math.max(now + tonumber(ARGV[2]), tonumber(run[3]) or 0))
+keep_run(run_key, text_key, run[4], ARGV[3])
+return 1
+"""
+)
+
+# A step handed the run to its next step's task: nobody holds the run until that task claims
+# it. A message waiting in the queue is safe in Redis, so a queued run has no lease.
+# KEYS: run, run_leases   ARGV: owner_token, run_id
+# Returns 1, or 0 when the caller no longer owns the run.
+HAND_OVER = """
+local run = redis.call('HMGET', KEYS[1], 'status', 'owner')
+if run[1] ~= 'running' or run[2] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'queued')
+redis.call('HDEL', KEYS[1], 'owner', 'lease')
+redis.call('ZREM', KEYS[2], ARGV[2])
+return 1
+"""
+
+# A step whose lease ran out: its worker died or stalled. Enqueue the same step again,
+# fence the lost owner and leave the run queued, without a lease, until the new attempt
+# claims it. One script, so any number of sweepers redeliver a lost step exactly once.
+# KEYS: run, run_leases, celery_queue
+# ARGV: run_id, step, celery_message ('' = the caller enqueues), max_redeliveries
+# Returns {1, redeliveries} enqueued; {0, why} nothing to do; {-2, redeliveries} none left:
+# the caller ends the run.
+REDELIVER_STEP = (
+    _RUN_LEASE
+    + """
+local run_key, leases_key = KEYS[1], KEYS[2]
+local run = redis.call('HMGET', run_key, 'status', 'lease', 'step', 'redeliveries', 'deadline')
+if run[1] ~= 'running' then
+  redis.call('ZREM', leases_key, ARGV[1])
+  return {0, run[1] or 'missing'}
+end
+local lease = tonumber(run[2]) or 0
+if lease > now then
+  -- Renewed since the sweeper listed it.
+  redis.call('ZADD', leases_key, run[2], ARGV[1])
+  return {0, 'leased'}
+end
+if run[3] ~= ARGV[2] then return {0, 'step'} end
+-- Past its deadline the deadline sweep ends the run; a new attempt could not finish it.
+if (tonumber(run[5]) or 0) <= now then return {0, 'deadline'} end
+local count = tonumber(run[4]) or 0
+if count >= tonumber(ARGV[4]) then return {-2, count} end
+redis.call('HSET', run_key, 'status', 'queued', 'redeliveries', count + 1)
+redis.call('HDEL', run_key, 'owner', 'lease')
+redis.call('ZREM', leases_key, ARGV[1])
+if ARGV[3] ~= '' then redis.call('LPUSH', KEYS[3], ARGV[3]) end
+return {1, count + 1}
+"""
+)
+
+# A client's receipt: how far it has processed a stream. It only moves forward (a late or
+# reordered receipt must not undo a newer one) and never past the stream's head (a seq the
+# stream has not assigned is a client bug, not a position). Every receipt, even an ignored
+# one, keeps the stream's receipts and the tenant's index alive for another TTL, and the
+# index sheds streams whose receipts have expired, so it never outgrows what it lists.
+# KEYS: seq, receipts, receipt_index   ARGV: client, seq, stream, ttl_s
+# Returns {1, seq} recorded; {0, stored} not newer than the stored one; {-1, head} beyond head.
+RECORD_RECEIPT = """
+local seq_key, receipts_key, index_key = KEYS[1], KEYS[2], KEYS[3]
+local client, stream, ttl = ARGV[1], ARGV[3], tonumber(ARGV[4])
+local seq = tonumber(ARGV[2])
+local head = tonumber(redis.call('GET', seq_key) or '0')
+if seq > head then return {-1, head} end
+local outcome
+local stored = redis.call('HGET', receipts_key, client)
+if stored and tonumber(stored) >= seq then
+  outcome = {0, tonumber(stored)}
+else
+  redis.call('HSET', receipts_key, client, ARGV[2])
+  outcome = {1, seq}
+end
+local now = tonumber(redis.call('TIME')[1])
+redis.call('EXPIRE', receipts_key, ttl)
+redis.call('ZADD', index_key, now, stream)
+redis.call('ZREMRANGEBYSCORE', index_key, '-inf', '(' .. (now - ttl))
+redis.call('EXPIRE', index_key, ttl)
+return outcome
+"""

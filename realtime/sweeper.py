@@ -1,8 +1,10 @@
-"""Gateways end overdue runs too, so a run's terminal event never waits for a worker.
+"""Gateways sweep runs too, so a run's terminal event never waits for a worker.
 
 Beat schedules the same sweep as a Celery task, but a task needs a live worker; a gateway
-is up whenever a client could be waiting. Finishing a run is one atomic script that does
-nothing to a run already finished, so any number of sweepers are safe together.
+is up whenever a client could be waiting. The sweep ends runs past their deadline and
+redelivers steps whose worker stopped renewing their lease (it died). Both are atomic
+scripts that do nothing to a run already finished or redelivered, so any number of
+sweepers are safe together.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import random
 from django.conf import settings
 
 from orchestration.runs import RunStore
-from orchestration.services import sweep_overdue_runs
+from orchestration.services import sweep_runs
 from realtime.redis_clients import sync_client
 
 logger = logging.getLogger(__name__)
@@ -36,9 +38,9 @@ async def _sweep_forever() -> None:
         # Jitter keeps many gateways from sweeping in step.
         await asyncio.sleep(interval * random.uniform(0.5, 1.5))
         try:
-            ended = await asyncio.to_thread(sweep_overdue_runs, store)
+            swept = await asyncio.to_thread(sweep_runs, store)
         except Exception:
-            logger.exception("sweeping overdue runs failed; trying again next interval")
+            logger.exception("sweeping runs failed; trying again next interval")
             continue
-        if ended:
-            logger.warning("gateway sweeper ended %s overdue runs", ended)
+        if swept.ended:
+            logger.warning("gateway sweeper ended %s overdue runs", swept.ended)

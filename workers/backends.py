@@ -60,25 +60,34 @@ def _sleep_until(moment: float, deadline: float) -> None:
 
 class SimulatedBackend:
     """Echoes the prompt, shaped by options so load and failure can be rehearsed:
-    `latency_ms` before the first piece, `chunks` pieces, `fail` "error" (a transient error
-    on every attempt), "error_once" (only on the first attempt) or "timeout" (stalls)."""
+    `latency_ms` before the first piece, `chunks` pieces, `chunk_delay_ms` between pieces,
+    `fail` "error" (a transient error on every attempt), "error_once" (only on the first
+    attempt) or "timeout" (stalls). Every wait is bounded by the call's deadline."""
 
     name = "simulated"
     MAX_CHUNKS = 1000
     MAX_LATENCY_MS = 600_000
+    MAX_CHUNK_DELAY_MS = 600_000
 
     def stream(self, request: ModelRequest, deadline: float) -> Iterator[str]:
         options = request.options
         latency_ms = _bounded_int(options.get("latency_ms"), 0, 0, self.MAX_LATENCY_MS)
         chunks = _bounded_int(options.get("chunks"), 4, 1, self.MAX_CHUNKS)
+        chunk_delay_ms = _bounded_int(options.get("chunk_delay_ms"), 0, 0, self.MAX_CHUNK_DELAY_MS)
         fail = options.get("fail")
         start = time.monotonic()
         if fail == "timeout":
             _sleep_until(float("inf"), deadline)
         if fail == "error" or (fail == "error_once" and request.attempt <= 1):
             raise ModelError("simulated model error", transient=True)
-        _sleep_until(start + latency_ms / 1000, deadline)
-        yield from split_evenly(request.prompt, chunks)
+        first = start + latency_ms / 1000
+        _sleep_until(first, deadline)
+        for index, piece in enumerate(split_evenly(request.prompt, chunks)):
+            if index and chunk_delay_ms:
+                # Scheduled from the first piece, not from the previous yield, so time the
+                # consumer spends between pieces does not stretch the whole reply.
+                _sleep_until(first + index * chunk_delay_ms / 1000, deadline)
+            yield piece
 
 
 def _bounded_int(value: Any, default: int, low: int, high: int) -> int:

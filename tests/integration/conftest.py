@@ -40,6 +40,7 @@ CLUSTER_ENV = {
     # A run nobody can finish is ended by beat's sweeper at its deadline: keep both short.
     "SWITCHBOARD_RUN_DEADLINE_S": str(RUN_DEADLINE_S),
     "SWITCHBOARD_SWEEP_INTERVAL_S": "0.5",
+    "SWITCHBOARD_RUN_LEASE_S": "1",
     "LOG_LEVEL": "INFO",
 }
 

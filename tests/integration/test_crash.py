@@ -1,10 +1,15 @@
 """Workers killed in the middle of a step. A killed pool process: the step is redelivered
 and the run still ends with exactly one reply.done whose text is its deltas, none twice. A
-killed worker, and none left: the sweeper ends the run with `failed` at its deadline."""
+whole worker killed mid-reply while another is alive: its lease runs out and the sweeper
+redelivers the step to the other worker, long before kombu's visibility timeout would; the
+dead worker's own message, restored later, does nothing. A killed worker, and none left:
+the sweeper ends the run with `failed` at its deadline."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 import signal
 from collections.abc import Callable
@@ -13,8 +18,10 @@ from datetime import timedelta
 import psutil
 import pytest
 
-from .conftest import KEY_PREFIX, RUN_DEADLINE_S, TENANT, Connect, Switchboard
-from .support import collect_run, reply_text, split_run, ts, wait_until
+from project.launcher import Proc
+
+from .conftest import CLUSTER_ENV, KEY_PREFIX, RUN_DEADLINE_S, TENANT, Connect, Switchboard
+from .support import collect_run, collect_until, reply_text, split_run, ts, wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -108,3 +115,117 @@ async def test_a_run_with_no_worker_left_is_ended_by_the_sweeper_at_its_deadline
     marker = await client.publish(stream, {"after": "sweep"})
     following = await client.next_event(stream, timeout=10)
     assert (following["seq"], following["kind"]) == (marker["seq"], "published")
+
+
+def _kill_worker(proc: Proc) -> None:
+    """SIGKILL a whole Celery worker: its main process and every pool process."""
+    main = psutil.Process(proc.pid)
+    for process in [*main.children(recursive=True), main]:
+        try:
+            os.kill(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.popen.wait(10)
+
+
+def _unacked_steps(switchboard: Switchboard, run_id: str) -> list[str]:
+    """Delivery tags of the run's step messages a worker took and never acknowledged."""
+    tags = []
+    unacked = switchboard.redis().hgetall(f"{KEY_PREFIX}:celery:unacked")
+    for tag, raw in unacked.items():
+        message = json.loads(raw)[0]
+        args = json.loads(base64.b64decode(message["body"]))[0]
+        if message["headers"]["task"] == "switchboard.run.step" and args[0] == run_id:
+            tags.append(tag.decode())
+    return tags
+
+
+async def test_sigkill_of_a_whole_worker_mid_reply_hands_the_step_to_another_worker(
+    switchboard: Switchboard, connect: Connect, unique: Callable[[str], str]
+) -> None:
+    cluster = switchboard.cluster
+    lease_s = float(CLUSTER_ENV["SWITCHBOARD_RUN_LEASE_S"])
+    redis = switchboard.redis()
+    cluster.start_worker(1)  # whichever worker takes the step, another one is left
+    killed: str | None = None
+    try:
+        client_id = unique("kill9")
+        client = await connect(client=client_id)
+        stream = unique("kill9")
+        text = "a reply streamed slowly, cut off by kill -9, finished by another worker"
+        # Ten pieces 120 ms apart: the whole reply takes ~1.1 s, inside the 1.5 s soft limit
+        # of one model call, so the redelivered attempt can stream it all again.
+        ack = await client.send(
+            stream, "echo", text, options={"chunks": 10, "chunk_delay_ms": 120}, id="m-kill9"
+        )
+        run_key = await _running_run_key(switchboard, client_id, "m-kill9")
+        run_id = run_key.rpartition(":")[2]
+
+        # Up to the second delta (the first one at an offset past 0).
+        before = await collect_until(
+            client,
+            stream,
+            lambda event: event["kind"] == "reply.delta" and event["data"]["offset"] > 0,
+            timeout=15,
+        )
+        assert not any(event["kind"] == "reply.done" for event in before)
+        # The pool process that claimed the step wrote its pid into the run; kill the
+        # worker it belongs to, main process and all, mid-reply.
+        holder = int(redis.hget(run_key, "worker").decode().rpartition(":")[2])
+        parent = psutil.Process(holder).ppid()
+        killed = next(
+            name
+            for name, proc in cluster.processes.items()
+            if name.startswith("worker-") and proc.pid == parent
+        )
+        _kill_worker(cluster.processes[killed])
+        loop = asyncio.get_running_loop()
+        killed_at = loop.time()
+
+        after = await collect_run(client, stream, "m-kill9", timeout=RUN_DEADLINE_S + 10)
+        finished_in = loop.time() - killed_at
+        events = before + after
+        deltas, done = split_run(events, "m-kill9")
+        assert done["data"]["status"] == "ok", done
+        assert reply_text(deltas, done) == text
+        seqs = [event["seq"] for event in events]
+        assert seqs == list(range(ack["seq"], ack["seq"] + len(events))), "every seq once"
+        assert [event["kind"] for event in events].count("reply.done") == 1
+        assert redis.hget(run_key, "redeliveries") == b"1", "redelivered once, by a sweeper"
+        assert int(redis.hget(run_key, "attempt")) == 2
+        # The lease, one sweep (0.5 s; a gateway's up to 0.75 s), the ~1.1 s reply again, and
+        # slack for a loaded machine: nowhere near kombu's 120 s visibility timeout.
+        assert finished_in < lease_s + 0.75 + 1.1 + 3, f"done {finished_in:.1f}s after the kill"
+
+        # The dead worker's message is still unacknowledged; kombu puts it back once it is
+        # older than the visibility timeout. A worker with a 1 s timeout restores it as it
+        # starts, and running it must change nothing: the run is finished.
+        [orphan] = _unacked_steps(switchboard, run_id)
+        saved = dict(cluster.env)
+        cluster.env["CELERY_VISIBILITY_TIMEOUT_S"] = "1"
+        try:
+            restorer = cluster.start_worker(2)
+        finally:
+            cluster.env.clear()
+            cluster.env.update(saved)
+
+        async def orphan_ran() -> bool:
+            skipped = f"step skipped: run finished or gone run={run_id}"
+            return any(
+                skipped in proc.log_path.read_text(errors="replace")
+                for name, proc in cluster.processes.items()
+                if name.startswith("worker-")
+            ) and orphan not in _unacked_steps(switchboard, run_id)
+
+        await wait_until(orphan_ran, timeout=30, what="the restored message to run")
+        restorer.stop()
+        marker = await client.publish(stream, {"after": "kill -9"})
+        following = await client.next_event(stream, timeout=10)
+        assert (following["seq"], following["kind"]) == (marker["seq"], "published")
+    finally:
+        for name in ("worker-1", "worker-2"):
+            proc = cluster.processes.pop(name, None)
+            if proc is not None:
+                proc.stop()
+        if killed == "worker-0" or not cluster.processes["worker-0"].alive():
+            cluster.start_worker(0)

@@ -19,6 +19,7 @@ import redis
 from celery.worker.request import Request
 
 from orchestration.enqueue import celery_message
+from orchestration.runs import RunStore
 from orchestration.tasks import run_step
 from project.celery import app as celery_app
 from realtime import keys
@@ -155,3 +156,23 @@ def test_celery_worker_decodes_and_runs_the_pushed_message(
     assert done["data"]["status"] == "ok"
     assert done["data"]["text"] == 'héllo "wörld" 🎉'
     assert len(of_kind(events, "reply.delta")) == 3
+
+
+def test_a_redelivered_step_message_carries_its_retries_to_celery(
+    streams: Streams, r: redis.Redis, store_redis_url: str
+) -> None:
+    appended = streams.send("room", "m-1", "again", options={"chunks": 2})
+    assert appended.run_id is not None
+    r.delete(keys.celery_queue(RUNS_QUEUE))
+    lost = RunStore(r, lease_s=0.0).claim(appended.run_id, 0, retries=2)  # a dead worker's
+    assert lost is not None
+    assert RunStore(r).redeliver(appended.run_id).outcome == "redelivered"
+    with celery_app.connection_for_read(store_redis_url) as connection:
+        message = connection.default_channel.basic_get(RUNS_QUEUE, no_ack=True)
+    assert message is not None
+    request = Request(message, app=celery_app, task=run_step)
+    assert (request.name, request.args) == (RUN_STEP_TASK, [appended.run_id, 0])
+    assert request.request_dict["retries"] == 2
+    request.execute()
+    [done] = of_kind(log_events(r, "room"), "reply.done")
+    assert (done["data"]["status"], done["data"]["text"]) == ("ok", "again")

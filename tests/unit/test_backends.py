@@ -110,3 +110,38 @@ def test_backend_registry() -> None:
     assert isinstance(get_backend("simulated"), SimulatedBackend)
     with pytest.raises(KeyError):
         get_backend("no-such-backend")
+
+
+def test_chunk_delay_spaces_the_pieces() -> None:
+    request = ModelRequest(
+        model="echo", prompt="hello there", options={"chunks": 3, "chunk_delay_ms": 40}
+    )
+    arrivals = []
+    start = time.monotonic()
+    for piece in SimulatedBackend().stream(request, FAR):
+        arrivals.append((time.monotonic() - start, piece))
+    assert "".join(piece for _, piece in arrivals) == "hello there"
+    assert arrivals[0][0] < 0.04  # no delay before the first piece
+    assert arrivals[1][0] >= 0.04
+    assert arrivals[2][0] >= 0.08
+
+
+@pytest.mark.parametrize("delay", [0, -5, "100", None, True])
+def test_chunk_delay_ignores_nonsense_values(delay: object) -> None:
+    started = time.monotonic()
+    assert "".join(collect({"chunks": 5, "chunk_delay_ms": delay})) == "hello there"
+    assert time.monotonic() - started < 0.5
+
+
+def test_chunk_delay_past_the_deadline_times_out_after_the_pieces_in_time() -> None:
+    # Ten minutes between pieces against a deadline in 50 ms: the first piece arrives, the
+    # second wait hits the deadline and gives up there instead of sleeping it out.
+    request = ModelRequest(
+        model="echo", prompt="hello there", options={"chunks": 3, "chunk_delay_ms": 600_000}
+    )
+    stream = SimulatedBackend().stream(request, time.monotonic() + 0.05)
+    assert next(stream) == "hell"
+    started = time.monotonic()
+    with pytest.raises(ModelTimeout):
+        next(stream)
+    assert time.monotonic() - started < 5
