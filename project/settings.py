@@ -220,6 +220,10 @@ SWITCHBOARD = {
     "SESSION_CHECKPOINT_S": env_float("SWITCHBOARD_SESSION_CHECKPOINT_S", 1.0),
     # A presence entry not refreshed for this long is a ghost (its gateway died) and leaves.
     "PRESENCE_TTL_S": env_float("SWITCHBOARD_PRESENCE_TTL_S", 30.0),
+    # join/leave are announced on streams with at most this many present clients (every
+    # subscriber gets every join: a crowd would cost the square of its size in frames);
+    # the presence query answers on any stream.
+    "PRESENCE_ANNOUNCE_MAX": env_int("SWITCHBOARD_PRESENCE_ANNOUNCE_MAX", 100),
     # How often a gateway refreshes the presence entries of its connections.
     "PRESENCE_REFRESH_S": env_float("SWITCHBOARD_PRESENCE_REFRESH_S", 10.0),
     # A claimed step's lease: a worker that stops renewing it for this long is taken for

@@ -49,11 +49,12 @@ PIPELINE_CHUNK = 100
 
 # Shared head of the per-stream scripts.
 # KEYS: members (zset), counts (hash), names (hash), index (zset)
-# ARGV: channel, index_member, stream_json, event_id_prefix, ts_json, then the script's own.
+# ARGV: channel, index_member, stream_json, event_id_prefix, ts_json, announce_max, then
+# the script's own.
 _COMMON = """
 local members, counts, names, index = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local channel, index_member, stream_json = ARGV[1], ARGV[2], ARGV[3]
-local id_prefix, ts_json = ARGV[4], ARGV[5]
+local id_prefix, ts_json, announce_max = ARGV[4], ARGV[5], tonumber(ARGV[6])
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -62,8 +63,11 @@ end
 
 local announced = 0
 -- An event without a seq: an empty head before the newline tells gateways so.
+-- Not on a stream with more than announce_max present clients: every subscriber gets
+-- every join, so a crowd joining would cost the square of its size in frames.
 local function announce(kind, client, name)
   announced = announced + 1
+  if redis.call('HLEN', counts) > announce_max then return end
   local client_json = cjson.encode(client)
   local name_json = 'null'
   if name and name ~= '' then name_json = cjson.encode(name) end
@@ -105,13 +109,13 @@ local function reindex()
 end
 """
 
-# ARGV[6..]: gateway_id, ttl_ms, client, name. Returns 1 when the client joined.
+# ARGV[7..]: gateway_id, ttl_ms, client, name. Returns 1 when the client joined.
 JOIN = (
     _COMMON
     + """
-local client, name = ARGV[8], ARGV[9]
-local expiry = string.format('%d', now_ms() + tonumber(ARGV[7]))
-if redis.call('ZADD', members, expiry, ARGV[6] .. ' ' .. client) == 1 then
+local client, name = ARGV[9], ARGV[10]
+local expiry = string.format('%d', now_ms() + tonumber(ARGV[8]))
+if redis.call('ZADD', members, expiry, ARGV[7] .. ' ' .. client) == 1 then
   if redis.call('HINCRBY', counts, client, 1) == 1 then
     redis.call('HSET', names, client, name)
     announce('join', client, name)
@@ -122,26 +126,26 @@ return announced
 """
 )
 
-# ARGV[6..]: gateway_id, client. Returns 1 when the client left.
+# ARGV[7..]: gateway_id, client. Returns 1 when the client left.
 LEAVE = (
     _COMMON
     + """
-drop(ARGV[6] .. ' ' .. ARGV[7])
+drop(ARGV[7] .. ' ' .. ARGV[8])
 reindex()
 return announced
 """
 )
 
-# ARGV[6..]: gateway_id, ttl_ms, client... Extends this gateway's members; never creates
+# ARGV[7..]: gateway_id, ttl_ms, client... Extends this gateway's members; never creates
 # one (a refresh racing a leave must not bring the entry back). Returns the clients that
 # had no member (swept while this gateway could not refresh): the tracker joins them again.
 REFRESH = (
     _COMMON
     + """
-local expiry = string.format('%d', now_ms() + tonumber(ARGV[7]))
+local expiry = string.format('%d', now_ms() + tonumber(ARGV[8]))
 local missing = {}
-for i = 8, #ARGV do
-  local member = ARGV[6] .. ' ' .. ARGV[i]
+for i = 9, #ARGV do
+  local member = ARGV[7] .. ' ' .. ARGV[i]
   if redis.call('ZSCORE', members, member) then
     redis.call('ZADD', members, expiry, member)
   else
@@ -153,11 +157,11 @@ return missing
 """
 )
 
-# ARGV[6]: limit. Removes up to `limit` expired members; returns how many it removed.
+# ARGV[7]: limit. Removes up to `limit` expired members; returns how many it removed.
 SWEEP = (
     _COMMON
     + """
-local removed = sweep(tonumber(ARGV[6]))
+local removed = sweep(tonumber(ARGV[7]))
 reindex()
 return removed
 """
@@ -286,6 +290,7 @@ class PresenceStore:
             # Event ids are 32 hex digits like every other event's: 24 random, 8 counted.
             secrets.token_hex(12),
             dumps(utc_now_iso()),
+            settings.SWITCHBOARD["PRESENCE_ANNOUNCE_MAX"],
         ]
 
     async def join(self, tenant: str, stream: str, client: str, name: str) -> bool:

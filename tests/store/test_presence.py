@@ -325,3 +325,23 @@ async def test_names_and_ids_of_any_shape_survive_the_event(
     assert await g1.clients(TENANT, ROOM) == [{"client": odd_client, "name": odd_name}]
     assert await g1.leave(TENANT, ROOM, odd_client) is True
     assert (await channel.next())["data"] == {"client": odd_client, "name": odd_name}
+
+
+async def test_a_crowd_is_not_announced_but_still_answers_the_query(
+    client: aredis.Redis,
+    listen: Callable[..., Awaitable[Channel]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from django.conf import settings
+
+    monkeypatch.setitem(settings.SWITCHBOARD, "PRESENCE_ANNOUNCE_MAX", 2)
+    channel = await listen()
+    gateway = PresenceStore(client, "g1", 30)
+    for name in ("a", "b", "c"):
+        await gateway.join(TENANT, ROOM, name, "")
+    assert [(await channel.next())["data"]["client"] for _ in range(2)] == ["a", "b"]
+    await gateway.leave(TENANT, ROOM, "a")  # 2 present after it: announced again
+    left = await channel.next()
+    assert (left["kind"], left["data"]["client"]) == ("leave", "a")
+    await channel.nothing_more()  # c's join went unannounced
+    assert sorted(names(await gateway.clients(TENANT, ROOM))) == ["b", "c"]
