@@ -97,21 +97,77 @@ class SwitchboardClosed(ConnectionError):
         self.frames = frames or []
 
 
+class Inbox:
+    """Events in arrival order, and the one reader waiting for the next."""
+
+    __slots__ = ("items", "_waiter")
+
+    def __init__(self) -> None:
+        self.items: deque[Event] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, event: Event) -> None:
+        self.items.append(event)
+        self.wake()
+
+    def wake(self) -> None:
+        """Let the waiting reader look again (an event came, or the source ended)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self, timeout: float, ended: Callable[[], BaseException | None]) -> Event:
+        """The next event; waits up to `timeout` (TimeoutError), raising what `ended`
+        returns once the source has ended and nothing is left."""
+        items = self.items
+        if items:
+            return items.popleft()
+        async with asyncio.timeout(timeout):
+            while not items:
+                error = ended()
+                if error is not None:
+                    raise error
+                waiter = self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await waiter
+                finally:
+                    self._waiter = None
+        return items.popleft()
+
+
+class ReplyCollector:
+    """One run's reply as it streams: its deltas in order, then its reply.done."""
+
+    __slots__ = ("deltas", "done")
+
+    def __init__(self) -> None:
+        self.deltas: list[Event] = []
+        self.done: asyncio.Future[Event] | None = None
+
+    def add(self, event: Event) -> None:
+        if event["kind"] == "reply.delta":
+            self.deltas.append(event)
+        elif event["kind"] == "reply.done":
+            if self.done is None:
+                self.done = asyncio.get_running_loop().create_future()
+            if not self.done.done():
+                self.done.set_result(event)
+
+    async def wait(self, timeout: float) -> tuple[list[Event], Event]:
+        if self.done is None:
+            self.done = asyncio.get_running_loop().create_future()
+        async with asyncio.timeout(timeout):
+            done = await asyncio.shield(self.done)
+        return self.deltas, done
+
+
 @dataclass(slots=True)
 class _Stream:
     """What the client knows of one stream on this connection."""
 
-    buffer: deque[Event] = field(default_factory=deque)
-    waiter: asyncio.Future[None] | None = None
+    buffer: Inbox = field(default_factory=Inbox)
     last_seq: int | None = None
-    presence: deque[Event] = field(default_factory=deque)  # join/leave, in arrival order
-    presence_waiter: asyncio.Future[None] | None = None
-
-
-@dataclass(slots=True)
-class _Reply:
-    deltas: list[Event] = field(default_factory=list)
-    done: asyncio.Future[Event] | None = None
+    presence: Inbox = field(default_factory=Inbox)  # join/leave, in arrival order
 
 
 @dataclass(slots=True)
@@ -163,7 +219,7 @@ class SwitchboardClient:
         self._cancels: dict[str, asyncio.Future[Frame]] = {}
         self._idless: deque[_IdlessRequest] = deque()
         self._streams: dict[str, _Stream] = {}
-        self._replies: dict[str, _Reply] = {}
+        self._replies: dict[str, ReplyCollector] = {}
         self._since: dict[str, int | None] = {}
         self._unrouted: deque[Frame] = deque()
         self._unrouted_waiter: asyncio.Future[None] | None = None
@@ -261,7 +317,7 @@ class SwitchboardClient:
         collector = None
         if self.track_replies and message_id not in self._replies:
             # Before the frame leaves: the reply may arrive before the ack is read.
-            collector = self._replies[message_id] = _Reply()
+            collector = self._replies[message_id] = ReplyCollector()
         try:
             return await self._request(message_id, frame, timeout)
         except SwitchboardError:
@@ -374,38 +430,19 @@ class SwitchboardClient:
     async def next_event(self, stream: str, timeout: float = 10.0) -> Event:
         """The stream's next buffered event; waits up to `timeout` (TimeoutError) for one.
         Raises SwitchboardClosed once the connection is closed and the buffer is empty."""
-        state = self._stream(stream)
-        if state.buffer:
-            return state.buffer.popleft()
-        async with asyncio.timeout(timeout):
-            while not state.buffer:
-                if self._closed:
-                    raise SwitchboardClosed(self.close_code, self.close_reason)
-                waiter = state.waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await waiter
-                finally:
-                    state.waiter = None
-        return state.buffer.popleft()
+        return await self._stream(stream).buffer.get(timeout, self._ended)
 
     async def next_presence(self, stream: str, timeout: float = 10.0) -> Event:
         """The stream's next `join` or `leave` event (no seq); waits like `next_event`."""
-        state = self._stream(stream)
-        async with asyncio.timeout(timeout):
-            while not state.presence:
-                if self._closed:
-                    raise SwitchboardClosed(self.close_code, self.close_reason)
-                waiter = state.presence_waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await waiter
-                finally:
-                    state.presence_waiter = None
-        return state.presence.popleft()
+        return await self._stream(stream).presence.get(timeout, self._ended)
+
+    def _ended(self) -> SwitchboardClosed | None:
+        return SwitchboardClosed(self.close_code, self.close_reason) if self._closed else None
 
     def buffered_presence(self, stream: str) -> list[Event]:
         """The stream's join/leave events received but not yet taken (a copy)."""
         state = self._streams.get(stream)
-        return list(state.presence) if state else []
+        return list(state.presence.items) if state else []
 
     async def events(self, stream: str) -> AsyncIterator[Event]:
         """Every event of `stream`, in arrival order, until the connection closes."""
@@ -418,7 +455,7 @@ class SwitchboardClient:
     def buffered(self, stream: str) -> list[Event]:
         """The events of `stream` received but not yet taken (a copy)."""
         state = self._streams.get(stream)
-        return list(state.buffer) if state else []
+        return list(state.buffer.items) if state else []
 
     async def reply(self, key: str, timeout: float = 30.0) -> tuple[list[Event], Event]:
         """Wait for a run's `reply.done`; returns (its reply.delta events in order, it).
@@ -428,14 +465,11 @@ class SwitchboardClient:
         """
         collector = self._replies.get(key)
         if collector is None:
-            collector = self._replies[key] = _Reply()
-        if collector.done is None:
-            collector.done = asyncio.get_running_loop().create_future()
-        async with asyncio.timeout(timeout):
-            done = await asyncio.shield(collector.done)
+            collector = self._replies[key] = ReplyCollector()
+        answer = await collector.wait(timeout)
         if self._replies.get(key) is collector:
             del self._replies[key]
-        return collector.deltas, done
+        return answer
 
     def _stream(self, stream: str) -> _Stream:
         state = self._streams.get(stream)
@@ -544,9 +578,7 @@ class SwitchboardClient:
             if self.on_presence is not None:
                 self.on_presence(event)
             if self.buffer_events:
-                state.presence.append(event)
-                if state.presence_waiter is not None and not state.presence_waiter.done():
-                    state.presence_waiter.set_result(None)
+                state.presence.put(event)
             return
         last = state.last_seq
         if last is not None and seq != last + 1:
@@ -558,25 +590,15 @@ class SwitchboardClient:
         if self.on_event is not None:
             self.on_event(event)
         if self.buffer_events:
-            state.buffer.append(event)
-            waiter = state.waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+            state.buffer.put(event)
 
     def _collect_reply(self, event: Event) -> None:
         data = event["data"]
         collector = self._replies.get(data["run"])
         if collector is None and event["cause"].get("client") == self.client:
             collector = self._replies.get(event["cause"].get("message"))
-        if collector is None:
-            return
-        if event["kind"] == "reply.delta":
-            collector.deltas.append(event)
-        elif event["kind"] == "reply.done":
-            if collector.done is None:
-                collector.done = asyncio.get_running_loop().create_future()
-            if not collector.done.done():
-                collector.done.set_result(event)
+        if collector is not None:
+            collector.add(event)
 
     def _resolve_id(self, frame: Frame) -> bool:
         future = self._pending.pop(frame.get("id"), None)  # type: ignore[arg-type]
@@ -681,9 +703,7 @@ class SwitchboardClient:
                 future.set_exception(closed)
                 future.exception()
         for state in self._streams.values():
-            if state.waiter is not None and not state.waiter.done():
-                state.waiter.set_result(None)
-            if state.presence_waiter is not None and not state.presence_waiter.done():
-                state.presence_waiter.set_result(None)
+            state.buffer.wake()
+            state.presence.wake()
         if self._unrouted_waiter is not None and not self._unrouted_waiter.done():
             self._unrouted_waiter.set_result(None)

@@ -27,7 +27,6 @@ import asyncio
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +36,8 @@ from websockets.exceptions import WebSocketException
 from realtime.client import (
     Event,
     Frame,
+    Inbox,
+    ReplyCollector,
     SwitchboardClient,
     SwitchboardClosed,
     SwitchboardError,
@@ -55,17 +56,9 @@ class _Tracked:
     """One stream as the application sees it, across connections."""
 
     last_seq: int | None = None
-    buffer: deque[Event] = field(default_factory=deque)
-    waiter: asyncio.Future[None] | None = None
+    buffer: Inbox = field(default_factory=Inbox)
     resyncing: bool = False  # a subscribe from last_seq is in flight: drop until answered
-    presence: deque[Event] = field(default_factory=deque)  # join/leave, as they come
-    presence_waiter: asyncio.Future[None] | None = None
-
-
-@dataclass(slots=True)
-class _Reply:
-    deltas: list[Event] = field(default_factory=list)
-    done: asyncio.Future[Event] | None = None
+    presence: Inbox = field(default_factory=Inbox)  # join/leave, as they come
 
 
 def backoff_delay(attempt: int, initial_s: float, max_s: float) -> float:
@@ -107,7 +100,7 @@ class ReconnectingClient:
         self.refused_sessions: list[Frame] = []
         self.expired: list[Frame] = []  # history_expired frames passed on
         self._streams: dict[str, _Tracked] = {}
-        self._replies: dict[str, _Reply] = {}
+        self._replies: dict[str, ReplyCollector] = {}
         self._conn: SwitchboardClient | None = None
         self._open = asyncio.Event()
         self._stopped: ClientStopped | None = None
@@ -240,9 +233,8 @@ class ReconnectingClient:
         self._stopped = ClientStopped(code, reason)
         self._set_state("closed")
         for tracked in self._streams.values():
-            for waiter in (tracked.waiter, tracked.presence_waiter):
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(None)
+            tracked.buffer.wake()
+            tracked.presence.wake()
         for reply in self._replies.values():
             if reply.done is not None and not reply.done.done():
                 reply.done.set_exception(self._stopped)
@@ -291,7 +283,7 @@ class ReconnectingClient:
         if stream not in self._streams:
             await self.subscribe(stream, timeout=timeout)
         message_id = id or f"m-{random.getrandbits(64):016x}"
-        self._replies.setdefault(message_id, _Reply())
+        self._replies.setdefault(message_id, ReplyCollector())
         return await self._until_acked(
             lambda conn, left: conn.send(stream, agent, text, options, id=message_id, timeout=left),
             timeout,
@@ -338,49 +330,23 @@ class ReconnectingClient:
 
     async def next_event(self, stream: str, timeout: float = 10.0) -> Event:
         tracked = self._streams.setdefault(stream, _Tracked())
-        async with asyncio.timeout(timeout):
-            while not tracked.buffer:
-                if self._stopped is not None:
-                    raise self._stopped
-                waiter = tracked.waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await waiter
-                finally:
-                    tracked.waiter = None
-        return tracked.buffer.popleft()
+        return await tracked.buffer.get(timeout, lambda: self._stopped)
 
     async def reply(self, message_id: str, timeout: float = 30.0) -> tuple[list[Event], Event]:
         """(reply.delta events in order, reply.done) of one of this client's sends."""
-        collector = self._replies.setdefault(message_id, _Reply())
-        if collector.done is None:
-            collector.done = asyncio.get_running_loop().create_future()
-        async with asyncio.timeout(timeout):
-            done = await asyncio.shield(collector.done)
-        return collector.deltas, done
+        return await self._replies.setdefault(message_id, ReplyCollector()).wait(timeout)
 
     async def next_presence(self, stream: str, timeout: float = 10.0) -> Event:
         """The stream's next `join` or `leave` (they have no seq and are not resumed)."""
         tracked = self._streams.setdefault(stream, _Tracked())
-        async with asyncio.timeout(timeout):
-            while not tracked.presence:
-                if self._stopped is not None:
-                    raise self._stopped
-                waiter = tracked.presence_waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await waiter
-                finally:
-                    tracked.presence_waiter = None
-        return tracked.presence.popleft()
+        return await tracked.presence.get(timeout, lambda: self._stopped)
 
     async def presence(self, stream: str, timeout: float = 10.0) -> list[dict[str, Any]]:
         conn = await self.wait_open(timeout)
         return await conn.presence(stream, timeout)
 
     def _on_presence(self, event: Event) -> None:
-        tracked = self._streams.setdefault(event["stream"], _Tracked())
-        tracked.presence.append(event)
-        if tracked.presence_waiter is not None and not tracked.presence_waiter.done():
-            tracked.presence_waiter.set_result(None)
+        self._streams.setdefault(event["stream"], _Tracked()).presence.put(event)
 
     def _on_event(self, event: Event) -> None:
         stream = event["stream"]
@@ -417,16 +383,8 @@ class ReconnectingClient:
         if kind.startswith("reply.") and event["cause"].get("client") == self.client:
             collector = self._replies.get(event["cause"].get("message"))
             if collector is not None:
-                if kind == "reply.delta":
-                    collector.deltas.append(event)
-                elif kind == "reply.done":
-                    if collector.done is None:
-                        collector.done = asyncio.get_running_loop().create_future()
-                    if not collector.done.done():
-                        collector.done.set_result(event)
-        tracked.buffer.append(event)
-        if tracked.waiter is not None and not tracked.waiter.done():
-            tracked.waiter.set_result(None)
+                collector.add(event)
+        tracked.buffer.put(event)
 
     def _on_frame(self, frame: Frame) -> None:
         kind = frame.get("type")

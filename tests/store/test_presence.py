@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,6 +15,7 @@ import redis.asyncio as aredis
 
 from realtime import keys
 from realtime.presence import PresenceStore, PresenceTracker
+from tests.integration.support import wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -79,18 +79,6 @@ async def listen(client: aredis.Redis) -> AsyncIterator[Callable[..., Awaitable[
     yield subscribe
     for pubsub in pubsubs:
         await pubsub.aclose()
-
-
-async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
-    """Poll a condition (each poll is a Redis round trip) until it holds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def stream_keys(tenant: str = TENANT, stream: str = ROOM) -> list[str]:
@@ -198,7 +186,7 @@ async def test_a_dead_gateways_entry_expires_and_leaves(
     async def swept() -> dict[tuple[str, str], int]:
         return await live.sweep()
 
-    assert await wait_for(swept, 5, "the ghost to be swept") == {(TENANT, ROOM): 1}
+    assert await wait_until(swept, 5, "the ghost to be swept") == {(TENANT, ROOM): 1}
     left = await channel.next()
     assert (left["kind"], left["data"]) == ("leave", {"client": "ghost", "name": "Ghost"})
     assert await live.clients(TENANT, ROOM) == [{"client": "alice", "name": None}]
@@ -221,7 +209,7 @@ async def test_a_query_never_lists_a_ghost_even_before_a_sweep(
     async def ghost_gone() -> bool:
         return await live.clients(TENANT, ROOM) == []
 
-    await wait_for(ghost_gone, 5, "the query to drop the expired entry")
+    await wait_until(ghost_gone, 5, "the query to drop the expired entry")
     # Pruning it announced the leave: the sweeper has nothing left to say.
     assert (await channel.next())["kind"] == "leave"
     assert await live.sweep() == {}
@@ -241,7 +229,7 @@ async def test_a_ghost_of_a_client_present_elsewhere_leaves_silently(
     async def swept() -> dict[tuple[str, str], int]:
         return await live.sweep()
 
-    await wait_for(swept, 5, "the dead gateway's member to be swept")
+    await wait_until(swept, 5, "the dead gateway's member to be swept")
     assert names(await live.clients(TENANT, ROOM)) == ["alice"]
     await channel.nothing_more()
 
