@@ -213,6 +213,18 @@ SWITCHBOARD = {
     "GAP_REPAIR_S": env_float("SWITCHBOARD_GAP_REPAIR_S", 0.05),
     # How long a gateway drains on SIGTERM before closing connections with 1012.
     "DRAIN_S": env_float("SWITCHBOARD_DRAIN_S", 5.0),
+    # Default per-tenant bounds (each editable per tenant in the admin). Past one, the
+    # client is answered at once (429 or close 4029); nothing is queued for later.
+    "MAX_CONNECTIONS_PER_TENANT": env_int("SWITCHBOARD_MAX_CONNECTIONS_PER_TENANT", 20_000),
+    "MAX_CONNECTIONS_PER_CLIENT": env_int("SWITCHBOARD_MAX_CONNECTIONS_PER_CLIENT", 20),
+    "MAX_RUNS_IN_FLIGHT_PER_CONNECTION": env_int(
+        "SWITCHBOARD_MAX_RUNS_IN_FLIGHT_PER_CONNECTION", 8
+    ),
+    "MAX_QUEUED_RUNS_PER_TENANT": env_int("SWITCHBOARD_MAX_QUEUED_RUNS_PER_TENANT", 2_000),
+    "CLIENT_MESSAGES_PER_S": env_int("SWITCHBOARD_CLIENT_MESSAGES_PER_S", 20),
+    "CLIENT_BURST": env_int("SWITCHBOARD_CLIENT_BURST", 40),
+    "TENANT_MESSAGES_PER_S": env_int("SWITCHBOARD_TENANT_MESSAGES_PER_S", 2_000),
+    "TENANT_BURST": env_int("SWITCHBOARD_TENANT_BURST", 4_000),
     # How long a session outlives its last connection; a reconnect within it resumes.
     "SESSION_TTL_S": env_int("SWITCHBOARD_SESSION_TTL_S", 300),
     # How often a gateway writes its open sessions' delivered positions to Redis: the most

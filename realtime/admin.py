@@ -35,6 +35,24 @@ class TenantAdmin(admin.ModelAdmin):
     list_filter = ("enabled",)
     search_fields = ("slug", "name")
     readonly_fields = ("created_at", "updated_at", "receipts_link")
+    fieldsets = (
+        (None, {"fields": ("slug", "name", "enabled", "signing_secret")}),
+        (
+            "Limits (past one, clients are answered at once: 429 or close 4029)",
+            {
+                "fields": (
+                    "max_frame_bytes",
+                    "stream_retention",
+                    ("max_connections", "max_connections_per_client"),
+                    ("max_runs_in_flight_per_connection", "max_queued_runs"),
+                    ("client_messages_per_s", "client_burst"),
+                    ("tenant_messages_per_s", "tenant_burst"),
+                    "weight",
+                )
+            },
+        ),
+        (None, {"fields": ("receipts_link", "created_at", "updated_at")}),
+    )
 
     @admin.display(description="receipts")
     def receipts_link(self, obj: Tenant | None) -> str:

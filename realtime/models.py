@@ -32,6 +32,43 @@ class Tenant(models.Model):
         default=settings.SWITCHBOARD["STREAM_RETENTION"],
         help_text="Events kept per stream for resume; older ones answer history_expired.",
     )
+    # Flow control (issue: every bound answers 429 at once instead of queueing).
+    max_connections = models.PositiveIntegerField(
+        default=settings.SWITCHBOARD["MAX_CONNECTIONS_PER_TENANT"],
+        help_text="Open WebSocket connections for the whole tenant; past it, close 4029.",
+    )
+    max_connections_per_client = models.PositiveIntegerField(
+        default=settings.SWITCHBOARD["MAX_CONNECTIONS_PER_CLIENT"],
+        help_text="Open connections of one client id; past it, close 4029.",
+    )
+    max_runs_in_flight_per_connection = models.PositiveIntegerField(
+        default=settings.SWITCHBOARD["MAX_RUNS_IN_FLIGHT_PER_CONNECTION"],
+        help_text="Runs a connection may have unfinished; past it, send answers rate_limited.",
+    )
+    max_queued_runs = models.PositiveIntegerField(
+        default=settings.SWITCHBOARD["MAX_QUEUED_RUNS_PER_TENANT"],
+        help_text="Runs of the tenant waiting for a worker; past it, send answers overloaded.",
+    )
+    client_messages_per_s = models.PositiveIntegerField(
+        default=settings.SWITCHBOARD["CLIENT_MESSAGES_PER_S"],
+        help_text="Sustained send/publish rate of one client (token bucket, all gateways).",
+    )
+    client_burst = models.PositiveIntegerField(
+        default=settings.SWITCHBOARD["CLIENT_BURST"],
+        help_text="Messages one client may send at once above its rate.",
+    )
+    tenant_messages_per_s = models.PositiveIntegerField(
+        default=settings.SWITCHBOARD["TENANT_MESSAGES_PER_S"],
+        help_text="Sustained send/publish rate of the whole tenant (all gateways).",
+    )
+    tenant_burst = models.PositiveIntegerField(
+        default=settings.SWITCHBOARD["TENANT_BURST"],
+        help_text="Messages the tenant may send at once above its rate.",
+    )
+    weight = models.PositiveIntegerField(
+        default=1,
+        help_text="Share of worker time when tenants compete (fair scheduling).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -42,4 +79,19 @@ class Tenant(models.Model):
         return self.slug
 
     def limits(self) -> dict[str, int]:
-        return {"max_frame_bytes": self.max_frame_bytes, "stream_retention": self.stream_retention}
+        return {name: getattr(self, name) for name in LIMIT_FIELDS}
+
+
+# The tenant's limits: told to clients in `welcome`, cached by gateways (TenantConfig).
+LIMIT_FIELDS = (
+    "max_frame_bytes",
+    "stream_retention",
+    "max_connections",
+    "max_connections_per_client",
+    "max_runs_in_flight_per_connection",
+    "max_queued_runs",
+    "client_messages_per_s",
+    "client_burst",
+    "tenant_messages_per_s",
+    "tenant_burst",
+)

@@ -22,9 +22,20 @@ class TenantConfig:
     enabled: bool
     max_frame_bytes: int
     stream_retention: int
+    max_connections: int
+    max_connections_per_client: int
+    max_runs_in_flight_per_connection: int
+    max_queued_runs: int
+    client_messages_per_s: int
+    client_burst: int
+    tenant_messages_per_s: int
+    tenant_burst: int
+    weight: int = 1
 
     def public_limits(self) -> dict[str, int]:
-        return {"max_frame_bytes": self.max_frame_bytes, "stream_retention": self.stream_retention}
+        from realtime.models import LIMIT_FIELDS
+
+        return {name: getattr(self, name) for name in LIMIT_FIELDS}
 
 
 def load_tenant(slug: str) -> TenantConfig | None:
@@ -33,12 +44,14 @@ def load_tenant(slug: str) -> TenantConfig | None:
     tenant = Tenant.objects.filter(slug=slug).first()
     if tenant is None:
         return None
+    from realtime.models import LIMIT_FIELDS
+
     return TenantConfig(
         slug=tenant.slug,
         signing_secret=tenant.signing_secret,
         enabled=tenant.enabled,
-        max_frame_bytes=tenant.max_frame_bytes,
-        stream_retention=tenant.stream_retention,
+        weight=tenant.weight,
+        **{name: getattr(tenant, name) for name in LIMIT_FIELDS},
     )
 
 

@@ -57,7 +57,9 @@ def test_good_token_is_accepted(tenant: Tenant, tenants: TenantCache) -> None:
     assert time.time() < identity.expires_at <= time.time() + 601
     assert isinstance(config, TenantConfig)
     assert (config.slug, config.max_frame_bytes, config.stream_retention) == ("acme", 1234, 77)
-    assert config.public_limits() == {"max_frame_bytes": 1234, "stream_retention": 77}
+    limits = config.public_limits()
+    assert (limits["max_frame_bytes"], limits["stream_retention"]) == (1234, 77)
+    assert limits == tenant.limits()  # every limit the tenant has, as the database holds it
 
 
 def test_token_with_stream_patterns(tenant: Tenant, tenants: TenantCache) -> None:
