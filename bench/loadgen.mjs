@@ -308,6 +308,17 @@ const commands = {
     };
   },
 
+  // The group's sockets stop reading (or read again): the kernel's receive buffers fill,
+  // the server's writes back up, as with a client stuck on a slow network.
+  async reading({ group: name, on }) {
+    for (const conn of group(name)) {
+      if (conn.closed || !conn.ws._socket) continue;
+      if (on) conn.ws._socket.resume();
+      else conn.ws._socket.pause();
+    }
+    return { sockets: group(name).length };
+  },
+
   // Close every socket of a group and forget it.
   async close({ group: name, timeout_ms = 10000 }) {
     const conns = groups.get(name) || [];
