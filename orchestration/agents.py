@@ -13,6 +13,10 @@ class Step:
     model: str = ""
     soft_limit_s: float = field(default_factory=lambda: settings.SWITCHBOARD["MODEL_SOFT_LIMIT_S"])
     max_retries: int = field(default_factory=lambda: settings.SWITCHBOARD["MODEL_MAX_RETRIES"])
+    # The least time a call of this step can do anything useful in. With less left before
+    # the run's deadline (or before its backend's rate limit would let it start) the call
+    # is not made: the client gets the fallback at once, reason `deadline` (`rate_limited`).
+    min_budget_s: float = 0.5
     # What the client reads when this step cannot answer (time, errors, deadline).
     fallback_text: str = "Sorry, the assistant could not answer in time. Please try again."
 

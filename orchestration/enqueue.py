@@ -19,6 +19,8 @@ from typing import Any
 import orjson
 
 ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"
+# A ticket: "run the first step of whichever queued run is fairly next" (fairness.py).
+RUN_NEXT_TASK = "switchboard.run.next"
 
 
 def celery_message(
@@ -81,3 +83,10 @@ def enqueue_step(run_id: str, step: int) -> None:
     from orchestration.tasks import run_step
 
     run_step.apply_async(args=[run_id, step])
+
+
+def enqueue_ticket() -> None:
+    """Publish one fair-queue ticket through Celery itself (any broker)."""
+    from orchestration.tasks import run_next
+
+    run_next.apply_async()

@@ -12,21 +12,33 @@ from realtime.redis_clients import async_client, sync_client
 async def cancel_run(tenant: str, client: str, message_id: str) -> tuple[str, str] | None:
     """End the run a client's `send` started with reply.done `cancelled`.
 
-    Returns None when cancelled, else (error code, detail). The model call notices at its
-    next append (the run is no longer running) and stops.
+    Returns None when cancelled, else (error code, detail):
+    - `not_found`: this client sent no message with that id (or so long ago that its id is
+      forgotten); another client's message ids are never visible, so they answer the same;
+    - `bad_request`: the id was a `publish`, which starts no run, or the run has already
+      finished (the detail names its status: `ok`, `degraded`, `cancelled` or `failed`).
+
+    The step running the model call learns of it from its lease keeper within
+    `CANCEL_CHECK_S` and abandons the call without another write.
     """
     receipt = await async_client().get(keys.client_message(tenant, client, message_id))
     if receipt is None:
-        return "not_found", f"no message {message_id!r} from this client"
+        return "not_found", f"no send with id {message_id!r} from this client"
     parts = receipt.decode().split(" ")
     if len(parts) < 3:
-        return "bad_request", f"message {message_id!r} was a publish, not a send"
+        return "bad_request", f"message {message_id!r} was a publish, which starts no run"
     run_id = parts[2]
-    finished = await asyncio.to_thread(_finalize_cancelled, run_id)
+    finished, status = await asyncio.to_thread(_finalize_cancelled, run_id)
     if not finished:
-        return "bad_request", f"run of message {message_id!r} has already finished"
+        ended = f" with status {status!r}" if status else ""
+        return "bad_request", f"the run of message {message_id!r} has already finished{ended}"
     return None
 
 
-def _finalize_cancelled(run_id: str) -> bool:
-    return RunStore(sync_client()).finalize(run_id, "cancelled", {"reason": "cancelled by client"})
+def _finalize_cancelled(run_id: str) -> tuple[bool, str]:
+    """(True, "") when this call ended the run; else (False, its final status if known)."""
+    store = RunStore(sync_client())
+    if store.finalize(run_id, "cancelled", {"reason": "cancelled by client"}):
+        return True, ""
+    status = store.client.hget(keys.run(run_id), "final_status")
+    return False, status.decode() if status else ""

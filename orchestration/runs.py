@@ -294,6 +294,11 @@ class RunStore:
             run.renewed_at = renewed_at
         return bool(renewed)
 
+    def owns(self, run: Run) -> bool:
+        """Whether the caller still owns a running step (a read: nothing is renewed)."""
+        status, owner = self.client.hmget(keys.run(run.run_id), "status", "owner")
+        return status == b"running" and owner == run.owner.encode()
+
     def hand_over(self, run_id: str, owner: str) -> bool:
         """Give up the lease once the next step's task is queued; False if no longer ours."""
         return bool(self._hand_over(keys=[keys.run(run_id), keys.RUN_LEASES], args=[owner, run_id]))
@@ -340,15 +345,26 @@ class LeaseKeeper:
     A model call can be silent for longer than a lease (a slow first token, a stalled
     provider) and a stalled backend iterator blocks the step's own loop, so the renewal
     cannot live there. Renewal is fenced by the owner token in Redis: once the step has
-    lost the run (redelivered, finished, handed over) the keeper writes nothing and stops.
+    lost the run (redelivered, finished, handed over) the keeper writes nothing and stops,
+    and sets `lost` so the step abandons its model call (a cancel is noticed so).
     """
 
-    def __init__(self, store: RunStore, run: Run) -> None:
+    def __init__(
+        self,
+        store: RunStore,
+        run: Run,
+        lost: threading.Event | None = None,
+        check_s: float | None = None,
+    ) -> None:
         self.store = store
         self.run = run
         # Three chances to renew before the lease runs out, so one slow round trip is not
         # taken for a dead worker (and never a busy loop, however short the lease).
         self.every_s = max(store.lease_s / 3, 0.05)
+        # Set once the step no longer owns a running run (cancelled, swept, fenced), so its
+        # model call is abandoned; between renewals a cheap read finds that out sooner.
+        self.lost = lost if lost is not None else threading.Event()
+        self.check_s = max(min(check_s or self.every_s, self.every_s), 0.05)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._keep, name=f"lease-{run.run_id}", daemon=True)
 
@@ -368,15 +384,23 @@ class LeaseKeeper:
     def _keep(self) -> None:
         run = self.run
         retry_at = 0.0
+        checked_at = time.monotonic()
         while True:
-            wake_at = max(run.renewed_at + self.every_s, retry_at)
+            wake_at = max(min(run.renewed_at + self.every_s, checked_at + self.check_s), retry_at)
             if self._stop.wait(max(wake_at - time.monotonic(), 0.01)):
                 return
-            # Appends renew the lease too: only a silent stretch needs a heartbeat.
-            if time.monotonic() - run.renewed_at < self.every_s:
-                continue
             try:
-                if not self.store.renew_lease(run):
+                # Appends renew the lease too: only a silent stretch needs a heartbeat.
+                if time.monotonic() - run.renewed_at < self.every_s:
+                    checked_at = time.monotonic()
+                    if self.store.owns(run):
+                        continue
+                    renewed = False
+                else:
+                    renewed = self.store.renew_lease(run)
+                    checked_at = time.monotonic()
+                if not renewed:
+                    self.lost.set()
                     logger.info(
                         "lease keeper stops: the step no longer owns tenant=%s run=%s",
                         run.tenant,

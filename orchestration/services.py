@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -10,12 +11,15 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from orchestration.agents import Step, UnknownAgent, get_agent
 from orchestration.runs import Fenced, LeaseKeeper, Run, RunFinished, RunStore
-from workers.backends import ModelError, ModelRequest, get_backend
+from realtime.buckets import SyncBuckets
+from workers import limits
+from workers.backends import ModelCancelled, ModelError, ModelRequest, get_backend
 
 logger = logging.getLogger(__name__)
 
-# A model call is not started with less time than this left before the run's deadline.
-MIN_CALL_BUDGET_S = 0.05
+# Kept back from the run's deadline for the fallback and the reply.done: a call cut off by
+# the deadline still answers `degraded` before the sweeper would end the run `failed`.
+FINISH_RESERVE_S = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,9 +37,12 @@ def execute_step(store: RunStore, run_id: str, step_index: int, retries_so_far: 
     if run is None:
         logger.info("step skipped: run finished or gone run=%s step=%s", run_id, step_index)
         return StepOutcome()
+    # Set by the lease keeper once the run is no longer this step's (cancelled, swept,
+    # fenced): the model call and any wait for its backend's budget are abandoned.
+    lost = threading.Event()
     try:
-        with LeaseKeeper(store, run):
-            outcome = _execute_claimed(store, run, step_index, retries_so_far)
+        with LeaseKeeper(store, run, lost=lost, check_s=_cancel_check_s()):
+            outcome = _execute_claimed(store, run, step_index, retries_so_far, lost)
         if outcome.retry_in_s is not None:
             # The retry waits out its backoff in this worker's memory: the lease covers the
             # wait, so only a worker that dies meanwhile has the step redelivered.
@@ -64,7 +71,7 @@ def hand_over(store: RunStore, run_id: str, outcome: StepOutcome) -> None:
 
 
 def _execute_claimed(
-    store: RunStore, run: Run, step_index: int, retries_so_far: int
+    store: RunStore, run: Run, step_index: int, retries_so_far: int, lost: threading.Event
 ) -> StepOutcome:
     try:
         agent = get_agent(run.agent)
@@ -72,14 +79,26 @@ def _execute_claimed(
     except (UnknownAgent, IndexError):
         store.finalize(run.run_id, "failed", {"reason": "agent not available"}, owner=run.owner)
         return StepOutcome()
-    seconds_left = run.seconds_left()
-    if seconds_left < MIN_CALL_BUDGET_S:
+    # Deadline propagation: a call that cannot get its minimum useful time is not started.
+    if _time_for_call(run) < step.min_budget_s:
         return _fall_back(store, run, step, "deadline")
-    call_budget = min(step.soft_limit_s, seconds_left)
+    waited = _take_backend_budget(store, run, step, lost)
+    if waited == "lost":
+        return _abandoned(run, step_index)
+    if waited == "rate_limited":
+        return _fall_back(store, run, step, "rate_limited")
+    time_for_call = _time_for_call(run)  # again: the budget may have been waited for
+    if time_for_call < step.min_budget_s:
+        return _fall_back(store, run, step, "deadline")
+    call_budget = min(step.soft_limit_s, time_for_call)
     deadline = time.monotonic() + call_budget
     backend = get_backend(step.backend)
     request = ModelRequest(
-        model=step.model, prompt=run.text, options=run.options, attempt=retries_so_far + 1
+        model=step.model,
+        prompt=run.text,
+        options=run.options,
+        attempt=retries_so_far + 1,
+        cancelled=lost,
     )
     # A retried call regenerates from the start; what earlier attempts already emitted is
     # skipped so the client never sees a character twice.
@@ -87,6 +106,10 @@ def _execute_claimed(
     started = time.monotonic()
     try:
         for piece in backend.stream(request, deadline):
+            if lost.is_set():
+                # A backend that does not watch the event is still stopped here, at its
+                # next piece, without a write.
+                raise ModelCancelled()
             if to_skip:
                 dropped = min(to_skip, len(piece))
                 piece, to_skip = piece[dropped:], to_skip - dropped
@@ -95,6 +118,8 @@ def _execute_claimed(
             if time.monotonic() > deadline:
                 raise ModelError("model call passed its soft time limit", transient=False)
     except ModelError as error:
+        if lost.is_set():
+            return _abandoned(run, step_index)
         elapsed = time.monotonic() - started
         logger.warning(
             "model call failed tenant=%s run=%s step=%s attempt=%s transient=%s after=%.3fs: %s",
@@ -108,7 +133,7 @@ def _execute_claimed(
         )
         if error.transient and retries_so_far < step.max_retries:
             backoff = _backoff_s(retries_so_far)
-            if run.seconds_left() > backoff + MIN_CALL_BUDGET_S:
+            if _time_for_call(run) > backoff + step.min_budget_s:
                 return StepOutcome(retry_in_s=backoff)
         reason = "timeout" if "time limit" in str(error) else "model_error"
         return _fall_back(store, run, step, reason)
@@ -125,6 +150,79 @@ def _execute_claimed(
         return StepOutcome(next_step=step_index + 1)
     store.finalize(run.run_id, "ok", None, owner=run.owner, run=run)
     return StepOutcome()
+
+
+def _time_for_call(run: Run) -> float:
+    """What a model call may use: the time left before the run's deadline, less what the
+    fallback and reply.done need."""
+    return run.seconds_left() - FINISH_RESERVE_S
+
+
+def _abandoned(run: Run, step_index: int) -> StepOutcome:
+    """The run stopped needing this step (cancelled, ended by the sweeper, taken over by a
+    newer attempt): whoever did that owns its reply.done, so nothing is written."""
+    logger.info(
+        "model call abandoned: the run is no longer this step's tenant=%s run=%s step=%s",
+        run.tenant,
+        run.run_id,
+        step_index,
+    )
+    return StepOutcome()
+
+
+def _take_backend_budget(store: RunStore, run: Run, step: Step, lost: threading.Event) -> str:
+    """Take one call's worth from the backend's rate limits (global, in Redis), waiting for
+    it while the run can afford to. "ok" (paid, or the backend is not limited),
+    "rate_limited" (it would come back too late to make a useful call before the deadline,
+    or never) or "lost" (the run stopped needing the call while it waited). The wait
+    never passes the deadline; the lease keeper keeps the lease alive meanwhile."""
+    limit = _backend_limits().get(step.backend)
+    if limit is None:
+        return "ok"
+    budget = limits.BackendBudget(_buckets(store), step.backend, limit, run.text)
+    while (wait_ms := budget.take()) != 0:
+        if limits.decide(wait_ms, _time_for_call(run), step.min_budget_s) == limits.GIVE_UP:
+            logger.warning(
+                "model call not started: backend %s over its rate limit tenant=%s run=%s "
+                "wait_ms=%s",
+                step.backend,
+                run.tenant,
+                run.run_id,
+                wait_ms,
+            )
+            return "rate_limited"
+        if lost.wait(wait_ms / 1000):
+            return "lost"
+    return "ok"
+
+
+_limits_cache: tuple[object, dict[str, limits.BackendLimit]] | None = None
+_buckets_cache: tuple[object, SyncBuckets] | None = None
+
+
+def _backend_limits() -> dict[str, limits.BackendLimit]:
+    global _limits_cache
+    from django.conf import settings
+
+    raw = settings.SWITCHBOARD.get("BACKEND_LIMITS") or {}
+    if _limits_cache is None or _limits_cache[0] is not raw:
+        _limits_cache = (raw, limits.parse_limits(raw))
+    return _limits_cache[1]
+
+
+def _buckets(store: RunStore) -> SyncBuckets:
+    """Buckets over the store's client: the worker's sync Redis client (the runs' Redis)."""
+    global _buckets_cache
+    client = store.client
+    if _buckets_cache is None or _buckets_cache[0] is not client:
+        _buckets_cache = (client, SyncBuckets(client))
+    return _buckets_cache[1]
+
+
+def _cancel_check_s() -> float:
+    from django.conf import settings
+
+    return settings.SWITCHBOARD.get("CANCEL_CHECK_S", 0.5)
 
 
 def _fall_back(store: RunStore, run: Run, step: Step, reason: str) -> StepOutcome:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -241,6 +242,15 @@ SWITCHBOARD = {
     # A claimed step's lease: a worker that stops renewing it for this long is taken for
     # dead and the sweeper redelivers the step to another worker.
     "RUN_LEASE_S": env_float("SWITCHBOARD_RUN_LEASE_S", 5.0),
+    # How often a step in a model call checks that its run still needs it: a cancelled
+    # run's call is abandoned within this, freeing the worker process.
+    "CANCEL_CHECK_S": env_float("SWITCHBOARD_CANCEL_CHECK_S", 0.5),
+    # Providers' rate limits per backend name, global across workers, e.g.
+    # {"openai": {"rpm": 500, "tpm": 90000}}; a call waits for them only while its run can.
+    "BACKEND_LIMITS": json.loads(env_str("SWITCHBOARD_BACKEND_LIMITS", "") or "{}"),
+    # New runs wait in per-tenant queues and workers take them by weighted deficit round
+    # robin across tenants (orchestration/fairness.py); 0: one FIFO Celery queue for all.
+    "FAIR_QUEUE": env_bool("SWITCHBOARD_FAIR_QUEUE", True),
 }
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")

@@ -30,12 +30,14 @@ from realtime.events import dumps
 from realtime.flusher import get_flusher
 from realtime.hub import get_hub
 from realtime.lifecycle import lifecycle
+from realtime.limits import connection_registry, limit_retry_ms, rate_limiter
 from realtime.outbox import Outbox, OutboxFull
 from realtime.presence import get_tracker
 from realtime.protocol import (
     CLOSE_FORBIDDEN,
     CLOSE_SERVICE_RESTART,
     CLOSE_SLOW_CONSUMER,
+    CLOSE_TOO_MANY_CONNECTIONS,
     CLOSE_UNAUTHORIZED,
     PONG,
     Cancel,
@@ -64,7 +66,7 @@ from realtime.sessions import (
     session_store,
     undelivered_floor,
 )
-from realtime.streams import StreamStore
+from realtime.streams import LimitReached, RunLimits, StreamStore
 from realtime.sweeper import ensure_sweeping
 from realtime.tenants import TenantConfig, tenant_cache
 from realtime.transport import DaphneSocket, daphne_protocol
@@ -191,6 +193,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self._saved_positions: dict[str, int] = {}  # what the session in Redis holds
         self._session_refreshed_at = 0.0
         self._session_ended = False
+        self._counted = False  # in the tenant's and client's connection counts
 
     # --- ASGI plumbing ---------------------------------------------------------------
 
@@ -233,8 +236,23 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             self.close_for_restart()
             return
         ensure_sweeping()
-        requested = (query.get("session") or [""])[0]
         identity = self.identity
+        refused_why = await connection_registry().admit(
+            self.tenant, identity.client, self.connection_id
+        )
+        if refused_why is not None:
+            # Like 4001: accepted, then closed with a reason, and nothing else sent.
+            self.close_with(CLOSE_TOO_MANY_CONNECTIONS, refused_why, save_session=False)
+            logger.info(
+                "connection refused tenant=%s client=%s conn=%s: %s",
+                identity.tenant,
+                identity.client,
+                self.connection_id,
+                refused_why,
+            )
+            return
+        self._counted = True
+        requested = (query.get("session") or [""])[0]
         sessions = session_store()
         restored: dict[str, int] = {}
         try:
@@ -305,6 +323,15 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         for stream in streams:
             self._drop_subscription(stream)
         await get_tracker().leave_connection(self.connection_id)
+        if self._counted:
+            self._counted = False
+            try:
+                await connection_registry().release(self.connection_id)
+            except Exception:
+                # Not fatal: the entry expires unless renewed, and nothing renews it now.
+                logger.warning(
+                    "connection count release failed conn=%s", self.connection_id, exc_info=True
+                )
         raise StopConsumer()
 
     async def websocket_receive(self, message: dict[str, Any]) -> None:
@@ -702,15 +729,33 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             agent = get_agent(frame.agent)
         except UnknownAgent:
             raise ProtocolError("not_found", f"no agent named {frame.agent!r}", frame.id) from None
+        limits = await self._take_message_token(frame.id)
         await self._ensure_subscribed(frame.stream)
         identity = self.identity
-        appended = await stream_store().accept_send(
-            identity.tenant,
-            identity.client,
-            frame,
-            agent,
-            self.tenant.stream_retention,
-        )
+        try:
+            appended = await stream_store().accept_send(
+                identity.tenant,
+                identity.client,
+                frame,
+                agent,
+                self.tenant.stream_retention,
+                RunLimits(
+                    connection_registry().run_slot(self.connection_id),
+                    limits.max_runs_in_flight_per_connection,
+                    limits.max_queued_runs,
+                ),
+            )
+        except LimitReached as reached:
+            if reached.code == "rate_limited":
+                detail = (
+                    f"this connection has {limits.max_runs_in_flight_per_connection} "
+                    "runs in flight; wait for a reply.done"
+                )
+            else:
+                detail = f"the tenant has {limits.max_queued_runs} runs waiting for a worker"
+            raise ProtocolError(
+                reached.code, detail, frame.id, retry_after_ms=limit_retry_ms(reached.wait_ms)
+            ) from None
         self.push(ack_frame(frame.id, appended.event_id, appended.seq, appended.duplicate))
         if not appended.duplicate:
             logger.debug(
@@ -725,6 +770,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
 
     async def handle_publish(self, frame: Publish) -> None:
         self._require_stream(frame.stream, frame.id)
+        await self._take_message_token(frame.id)
         identity = self.identity
         appended = await stream_store().publish(
             identity.tenant,
@@ -733,6 +779,26 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             self.tenant.stream_retention,
         )
         self.push(ack_frame(frame.id, appended.event_id, appended.seq, appended.duplicate))
+
+    async def _take_message_token(self, frame_id: str) -> TenantConfig:
+        """A `send` or `publish` pays its client's and its tenant's rate (before its dedupe
+        lookup: a repeat costs a token too). Returns the tenant's current limits."""
+        limits = self.tenant
+        try:
+            # The cached settings (not the connection's snapshot), so an operator's change
+            # reaches open connections within SWITCHBOARD_TENANT_CACHE_S.
+            limits = await tenant_cache.get(limits.slug) or limits
+        except Exception:
+            logger.warning("tenant settings unavailable; using the connection's", exc_info=True)
+        wait_ms = await rate_limiter().wait_ms(limits, self.identity.client)
+        if wait_ms:
+            raise ProtocolError(
+                "rate_limited",
+                "too many messages from this client or tenant; retry after retry_after_ms",
+                frame_id,
+                retry_after_ms=wait_ms,
+            )
+        return limits
 
     async def handle_receipt(self, frame: Receipt) -> None:
         self._require_stream(frame.stream)

@@ -87,3 +87,52 @@ PRESENCE_INDEX = f"{PREFIX}:presence:due"
 def celery_queue(queue: str) -> str:
     """The list kombu's Redis transport keeps a queue in (it prefixes every key)."""
     return settings.CELERY_BROKER_TRANSPORT_OPTIONS.get("global_keyprefix", "") + queue
+
+
+# Flow control (realtime/limits.py). Client keys carry the client id's length, like dedupe
+# keys, so no client id can end like another's.
+def rate_client(tenant: str, client: str) -> str:
+    """Token bucket (hash) of one client's send/publish rate."""
+    return f"{PREFIX}:rate:{tenant}:{len(client)}:{client}"
+
+
+def rate_tenant(tenant: str) -> str:
+    """Token bucket (hash) of the whole tenant's send/publish rate."""
+    return f"{PREFIX}:rate:{tenant}"
+
+
+def connections_tenant(tenant: str) -> str:
+    """Sorted set: "GATEWAY CONNECTION" -> when the entry expires (ms, Redis clock)."""
+    return f"{PREFIX}:conns:{tenant}"
+
+
+def connections_client(tenant: str, client: str) -> str:
+    """Sorted set: the same entries, for one client id."""
+    return f"{PREFIX}:conns:{tenant}:{len(client)}:{client}"
+
+
+def runs_in_flight(tenant: str, connection: str) -> str:
+    """Sorted set: run id -> until when it may count (epoch s): one connection's unfinished
+    runs."""
+    return f"{PREFIX}:runs:inflight:{tenant}:{connection}"
+
+
+def runs_queued(tenant: str) -> str:
+    """Sorted set: run id -> until when it may count (epoch s): the tenant's runs accepted
+    and never claimed by a worker."""
+    return f"{PREFIX}:runs:queued:{tenant}"
+
+
+# Fair scheduling (orchestration/fairness.py). Tenants in the ring are values, not key
+# parts, so only the queue key embeds a slug.
+def fair_queue(tenant: str) -> str:
+    """List: the tenant's run ids waiting for a worker (LPUSH on accept, RPOP on pick)."""
+    return f"{PREFIX}:fq:q:{tenant}"
+
+
+# List: the tenants with queued runs, in round-robin order (head: the one picked next).
+FAIR_RING = f"{PREFIX}:fq:ring"
+# Hash: tenant -> picks left in its current turn.
+FAIR_DEFICITS = f"{PREFIX}:fq:deficits"
+# Hash: tenant -> weight (picks per turn), written with each accepted send.
+FAIR_WEIGHTS = f"{PREFIX}:fq:weights"

@@ -37,10 +37,17 @@ return {1, receipt}
 )
 
 # A client's `send`: the message event, the run record, its deadline and its first task.
-# KEYS: seq, log, dedupe, run, run_deadlines, celery_queue
+# KEYS: seq, log, dedupe, run, run_deadlines, celery_queue, runs_in_flight, runs_queued,
+#       fair_queue, fair_ring, fair_weights
 # ARGV: channel, prefix, suffix, maxlen, dedupe_ttl_s, event_id,
 #       run_id, deadline_epoch_s, run_ttl_s, celery_message ('' = the caller enqueues),
+#       max_in_flight, max_queued (both -1 = not counted), counted_until_epoch_s,
+#       fair_tenant ('' = no fair queue: the message is the run's own step), fair_weight,
 #       then the run's fields as name/value pairs
+# Returns {1, "SEQ EVENT_ID RUN_ID"} accepted; {0, receipt} duplicate; {-1, wait_ms} the
+# connection has max_in_flight runs unfinished; {-2, wait_ms} the tenant has max_queued
+# runs waiting for a worker. wait_ms: until the earliest of those runs' deadlines (-1: the
+# limit is 0).
 ACCEPT_SEND = (
     """
 local seq_key, log_key, dedupe_key = KEYS[1], KEYS[2], KEYS[3]
@@ -50,19 +57,65 @@ local dedupe_ttl, event_id = ARGV[5], ARGV[6]
 local run_id, deadline, run_ttl, celery_message = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local existing = redis.call('GET', dedupe_key)
 if existing then return {0, existing} end
+
+-- Flow control (realtime/limits.py). After the dedupe check (a repeat always gets its
+-- ack) and before any write (a refused send leaves no trace). A run counts in its
+-- connection's in-flight set until FINALIZE_RUN and in its tenant's queued set until its
+-- first CLAIM_STEP (or FINALIZE_RUN); each member's score is counted_until, its deadline
+-- plus a grace, after which a run whose record was lost stops counting.
+local inflight_key, queued_key = KEYS[7], KEYS[8]
+local max_in_flight, max_queued = tonumber(ARGV[11]), tonumber(ARGV[12])
+local counted_until = tonumber(ARGV[13])
+local function count_run() end
+do
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+  -- nil when there is room, else the ms until the earliest counted run's deadline.
+  local function full(key, max)
+    if max < 0 then return nil end
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    if redis.call('ZCARD', key) < max then return nil end
+    local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    if #first == 0 then return -1 end
+    local earliest = tonumber(first[2]) - (counted_until - tonumber(deadline))
+    return math.max(0, math.ceil((earliest - now) * 1000))
+  end
+  local wait = full(inflight_key, max_in_flight)
+  if wait then return {-1, wait} end
+  wait = full(queued_key, max_queued)
+  if wait then return {-2, wait} end
+  local function add(key, max)
+    if max < 0 then return end
+    redis.call('ZADD', key, counted_until, run_id)
+    local left = math.ceil(counted_until - now)
+    if redis.call('TTL', key) < left then redis.call('EXPIRE', key, left) end
+  end
+  count_run = function()
+    add(inflight_key, max_in_flight)
+    add(queued_key, max_queued)
+  end
+end
 """
     + _APPEND
     + """
 local receipt = seq .. ' ' .. event_id .. ' ' .. run_id
 redis.call('SET', dedupe_key, receipt, 'EX', dedupe_ttl)
+count_run()
 local fields = {'status', 'queued', 'emitted', 0, 'attempt', 0, 'message_seq', seq}
-for i = 11, #ARGV, 2 do
+for i = 16, #ARGV, 2 do
   fields[#fields + 1] = ARGV[i]
   fields[#fields + 1] = ARGV[i + 1]
 end
 redis.call('HSET', run_key, unpack(fields))
 redis.call('EXPIRE', run_key, run_ttl)
 redis.call('ZADD', deadlines_key, deadline, run_id)
+if ARGV[14] ~= '' then
+  -- Fair queue (orchestration/fairness.py): the run waits in its tenant's queue and the
+  -- message is a ticket for whichever run is fairly next. A tenant is in the ring exactly
+  -- while its queue is not empty.
+  if redis.call('LPUSH', KEYS[9], run_id) == 1 then redis.call('RPUSH', KEYS[10], ARGV[14]) end
+  redis.call('HSET', KEYS[11], ARGV[14], ARGV[15])
+end
 if celery_message ~= '' then redis.call('LPUSH', queue_key, celery_message) end
 return {1, receipt}
 """
@@ -103,6 +156,12 @@ if (not run[1]) or run[1] == 'done' then return {} end
 -- A message for an earlier step (kombu restores a dead worker's message late) must not
 -- run that step again: its text is already in the reply.
 if run[2] and tonumber(ARGV[2]) < tonumber(run[2]) then return {} end
+-- Flow control: the run no longer waits for a worker (only its first claim counts).
+local queued_key = redis.call('HGET', run_key, 'queued_key')
+if queued_key then
+  redis.call('ZREM', queued_key, ARGV[5])
+  redis.call('HDEL', run_key, 'queued_key')
+end
 if run[2] ~= ARGV[2] then
   -- A new step starts where the reply stands now; a retry of the same step keeps its base.
   redis.call('HSET', run_key, 'step_base', run[3] or 0)
@@ -168,6 +227,10 @@ local suffix = text_prefix .. '"' .. (redis.call('GET', text_key) or '') .. '"' 
     + _APPEND
     + """
 redis.call('HSET', run_key, 'status', 'done', 'final_status', ARGV[7], 'done_seq', seq)
+-- Flow control: the run no longer counts as in flight, nor as queued if never claimed.
+local counted = redis.call('HMGET', run_key, 'inflight_key', 'queued_key')
+if counted[1] then redis.call('ZREM', counted[1], ARGV[8]) end
+if counted[2] then redis.call('ZREM', counted[2], ARGV[8]) end
 redis.call('HDEL', run_key, 'lease')
 redis.call('EXPIRE', run_key, ARGV[9])
 redis.call('EXPIRE', text_key, ARGV[9])
@@ -218,7 +281,8 @@ REDELIVER_STEP = (
     + """
 local run_key, leases_key = KEYS[1], KEYS[2]
 local run = redis.call('HMGET', run_key, 'status', 'lease', 'step', 'redeliveries', 'deadline')
-if run[1] ~= 'running' then
+-- A queued run holds a lease only between its fair pick and its claim (fairness.py).
+if run[1] ~= 'running' and not (run[1] == 'queued' and run[2]) then
   redis.call('ZREM', leases_key, ARGV[1])
   return {0, run[1] or 'missing'}
 end

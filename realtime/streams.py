@@ -11,7 +11,14 @@ import redis.asyncio as aredis
 from django.conf import settings
 
 from orchestration.agents import Agent
-from orchestration.enqueue import broker_is_redis_at, celery_message, enqueue_step
+from orchestration.enqueue import (
+    RUN_NEXT_TASK,
+    broker_is_redis_at,
+    celery_message,
+    enqueue_step,
+    enqueue_ticket,
+)
+from orchestration.fairness import quantum
 from realtime import keys, scripts
 from realtime.events import cause_of, dumps, event_parts, new_event_id, new_run_id
 from realtime.protocol import Publish, Send
@@ -21,6 +28,29 @@ RUNS_QUEUE = "switchboard.runs"
 # The run record outlives its deadline long enough for a late step to find it finished.
 RUN_RECORD_GRACE_S = 3600
 READ_PAGE = 500
+
+
+# A counted run stops counting this long after its deadline even without its reply.done
+# (only a run whose record was lost can get there: the deadline sweep finishes the rest).
+COUNTED_GRACE_S = 60
+
+
+@dataclass(frozen=True, slots=True)
+class RunLimits:
+    """The bounds a `send` is accepted under (ACCEPT_SEND checks and counts them)."""
+
+    connection: str  # unique across gateways: names the connection's runs-in-flight set
+    max_in_flight: int  # unfinished runs of the connection
+    max_queued: int  # runs of the tenant not yet claimed by a worker
+
+
+class LimitReached(Exception):
+    """A `send` refused by a bound: nothing was written."""
+
+    def __init__(self, code: str, wait_ms: int) -> None:
+        super().__init__(code)
+        self.code = code  # rate_limited (runs in flight) or overloaded (queued runs)
+        self.wait_ms = wait_ms  # until the earliest counted run's deadline; -1: bound is 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +113,12 @@ class StreamStore:
         frame: Send,
         agent: Agent,
         retention: int | None = None,
+        limits: RunLimits | None = None,
+        weight: int | None = None,
     ) -> Appended:
-        """Append the message and create its run with its first task, all or nothing."""
+        """Append the message and create its run with its first task, all or nothing.
+        Raises LimitReached, having written nothing, when `limits` refuse the run.
+        `weight` is the tenant's share in the fair queue (default: its cached setting)."""
         event_id = new_event_id()
         run_id = new_run_id()
         prefix, suffix = event_parts(
@@ -96,10 +130,16 @@ class StreamStore:
             data={"text": frame.text, "agent": frame.agent},
         )
         deadline = time.time() + agent.deadline_s
-        if self.enqueue_atomically:
-            _, message = celery_message(RUN_STEP_TASK, [run_id, 0], RUNS_QUEUE)
-        else:
+        fair = settings.SWITCHBOARD["FAIR_QUEUE"]
+        if not self.enqueue_atomically:
             message = ""
+        elif fair:
+            # A ticket: the worker that takes it runs whichever queued run is fairly next.
+            _, message = celery_message(RUN_NEXT_TASK, [], RUNS_QUEUE)
+        else:
+            _, message = celery_message(RUN_STEP_TASK, [run_id, 0], RUNS_QUEUE)
+        if weight is None:
+            weight = _cached_weight(tenant)
         run_fields: dict[str, Any] = {
             "run": run_id,
             "tenant": tenant,
@@ -114,6 +154,20 @@ class StreamStore:
             "retention": retention or self.retention,
             "created": f"{time.time():.3f}",
         }
+        queued_key = keys.runs_queued(tenant)
+        if limits is None:
+            in_flight_key = queued_key  # not counted: -1 below
+            counting: list[Any] = [-1, -1, f"{deadline:.3f}"]
+        else:
+            in_flight_key = keys.runs_in_flight(tenant, limits.connection)
+            # Where FINALIZE_RUN and CLAIM_STEP uncount the run.
+            run_fields["inflight_key"] = in_flight_key
+            run_fields["queued_key"] = queued_key
+            counting = [
+                limits.max_in_flight,
+                limits.max_queued,
+                f"{deadline + COUNTED_GRACE_S:.3f}",
+            ]
         flat: list[Any] = []
         for name, value in run_fields.items():
             flat += [name, value]
@@ -125,6 +179,11 @@ class StreamStore:
                 keys.run(run_id),
                 keys.RUN_DEADLINES,
                 keys.celery_queue(RUNS_QUEUE),
+                in_flight_key,
+                queued_key,
+                keys.fair_queue(tenant),
+                keys.FAIR_RING,
+                keys.FAIR_WEIGHTS,
             ],
             args=[
                 keys.stream_channel(tenant, frame.stream),
@@ -137,14 +196,22 @@ class StreamStore:
                 f"{deadline:.3f}",
                 int(agent.deadline_s + RUN_RECORD_GRACE_S),
                 message,
+                *counting,
+                tenant if fair else "",
+                quantum(weight),
                 *flat,
             ],
         )
+        if flag < 0:
+            raise LimitReached("rate_limited" if flag == -1 else "overloaded", int(receipt))
         seq, event_id, duplicate = _receipt(flag, receipt)
         if not duplicate and not message:
             # Another broker: publish after the append. A crash in between leaves the run
             # queued; the sweeper ends it at its deadline, so it still gets its reply.done.
-            await asyncio.to_thread(enqueue_step, run_id, 0)
+            if fair:
+                await asyncio.to_thread(enqueue_ticket)
+            else:
+                await asyncio.to_thread(enqueue_step, run_id, 0)
         return Appended(seq, event_id, duplicate, run_id=None if duplicate else run_id)
 
     async def head(self, tenant: str, stream: str) -> int:
@@ -168,6 +235,14 @@ class StreamStore:
                 events.append((_entry_seq(entry_id), fields[b"e"].decode()))
             first = events[-1][0] + 1
         return events
+
+
+def _cached_weight(tenant: str) -> int:
+    """The tenant's weight as this gateway process last loaded it (no database read)."""
+    from realtime.tenants import tenant_cache
+
+    config = tenant_cache.cached(tenant)
+    return config.weight if config is not None else 1
 
 
 def _entry_seq(entry_id: bytes | str) -> int:

@@ -88,6 +88,11 @@ class TenantCache:
         loading.set_result(config)
         return config
 
+    def cached(self, slug: str) -> TenantConfig | None:
+        """The last loaded settings of a tenant, expired or not, without a database read."""
+        entry = self._entries.get(slug)
+        return entry[0] if entry is not None else None
+
     def get_sync(self, slug: str) -> TenantConfig | None:
         now = time.monotonic()
         entry = self._entries.get(slug)

@@ -3,3 +3,12 @@ from django.apps import AppConfig
 
 class WorkersConfig(AppConfig):
     name = "workers"
+
+    def ready(self) -> None:
+        from django.conf import settings
+
+        from workers.limits import parse_limits
+
+        # A malformed SWITCHBOARD_BACKEND_LIMITS stops every process at start, rather than
+        # failing each model call of the backend it meant to limit.
+        parse_limits(settings.SWITCHBOARD.get("BACKEND_LIMITS"))

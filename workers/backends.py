@@ -1,11 +1,17 @@
 """Model backends behind one small interface: a stream of text pieces, or a ModelError.
 
 A backend honours `deadline` (time.monotonic()) itself: it must not block past it, so a
-stalled model is abandoned when its soft limit runs out rather than left hanging.
+stalled model is abandoned when its soft limit runs out rather than left hanging. It also
+honours `request.cancelled`: once that event is set (the run was cancelled, finished by
+someone else or taken over by a newer attempt) it stops waiting at once and raises
+ModelCancelled (or simply stops yielding), so the worker is free again in moments rather
+than at the call's soft limit. Wait with `request.cancelled.wait(seconds)`, never
+`time.sleep`.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,12 +29,23 @@ class ModelTimeout(ModelError):
         super().__init__(detail, transient=False)
 
 
+class ModelCancelled(ModelError):
+    """The call was abandoned because `request.cancelled` was set; the caller owes nobody
+    an answer for it (whoever cancelled the run has written its reply.done)."""
+
+    def __init__(self, detail: str = "model call abandoned: the run no longer needs it") -> None:
+        super().__init__(detail, transient=False)
+
+
 @dataclass(frozen=True, slots=True)
 class ModelRequest:
     model: str
     prompt: str
     options: dict[str, Any] = field(default_factory=dict)
     attempt: int = 1
+    # Set by the step's lease keeper when the run stops needing this call (cancelled,
+    # ended by the sweeper, or fenced by a newer attempt). Backends must honour it.
+    cancelled: threading.Event = field(default_factory=threading.Event, compare=False)
 
 
 class ModelBackend(Protocol):
@@ -49,20 +66,23 @@ def split_evenly(text: str, pieces: int) -> list[str]:
     return parts
 
 
-def _sleep_until(moment: float, deadline: float) -> None:
+def _sleep_until(moment: float, deadline: float, cancelled: threading.Event) -> None:
+    """Wait until `moment`, or until the deadline (ModelTimeout) if that comes first; a
+    cancellation ends the wait at once (ModelCancelled)."""
+    until = min(moment, deadline)
+    delay = until - time.monotonic()
+    if cancelled.wait(delay) if delay > 0 else cancelled.is_set():
+        raise ModelCancelled()
     if moment > deadline:
-        time.sleep(max(0.0, deadline - time.monotonic()))
         raise ModelTimeout()
-    delay = moment - time.monotonic()
-    if delay > 0:
-        time.sleep(delay)
 
 
 class SimulatedBackend:
     """Echoes the prompt, shaped by options so load and failure can be rehearsed:
     `latency_ms` before the first piece, `chunks` pieces, `chunk_delay_ms` between pieces,
     `fail` "error" (a transient error on every attempt), "error_once" (only on the first
-    attempt) or "timeout" (stalls). Every wait is bounded by the call's deadline."""
+    attempt) or "timeout" (stalls). Every wait is bounded by the call's deadline and ends
+    at once when the request is cancelled."""
 
     name = "simulated"
     MAX_CHUNKS = 1000
@@ -75,18 +95,19 @@ class SimulatedBackend:
         chunks = _bounded_int(options.get("chunks"), 4, 1, self.MAX_CHUNKS)
         chunk_delay_ms = _bounded_int(options.get("chunk_delay_ms"), 0, 0, self.MAX_CHUNK_DELAY_MS)
         fail = options.get("fail")
+        cancelled = request.cancelled
         start = time.monotonic()
         if fail == "timeout":
-            _sleep_until(float("inf"), deadline)
+            _sleep_until(float("inf"), deadline, cancelled)
         if fail == "error" or (fail == "error_once" and request.attempt <= 1):
             raise ModelError("simulated model error", transient=True)
         first = start + latency_ms / 1000
-        _sleep_until(first, deadline)
+        _sleep_until(first, deadline, cancelled)
         for index, piece in enumerate(split_evenly(request.prompt, chunks)):
             if index and chunk_delay_ms:
                 # Scheduled from the first piece, not from the previous yield, so time the
                 # consumer spends between pieces does not stretch the whole reply.
-                _sleep_until(first + index * chunk_delay_ms / 1000, deadline)
+                _sleep_until(first + index * chunk_delay_ms / 1000, deadline, cancelled)
             yield piece
 
 

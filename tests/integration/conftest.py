@@ -41,6 +41,12 @@ CLUSTER_ENV = {
     "SWITCHBOARD_RUN_DEADLINE_S": str(RUN_DEADLINE_S),
     "SWITCHBOARD_SWEEP_INTERVAL_S": "0.5",
     "SWITCHBOARD_RUN_LEASE_S": "1",
+    # Tests publish far faster than a client may by default (20/s); tenants' default rates
+    # are raised so that only the LIMITED_TENANTS below are rate limited.
+    "SWITCHBOARD_CLIENT_MESSAGES_PER_S": "100000",
+    "SWITCHBOARD_CLIENT_BURST": "100000",
+    "SWITCHBOARD_TENANT_MESSAGES_PER_S": "100000",
+    "SWITCHBOARD_TENANT_BURST": "100000",
     "LOG_LEVEL": "INFO",
 }
 
@@ -49,13 +55,33 @@ OTHER_TENANT = "globex"  # same stream names, must see nothing of TENANT
 SMALL_TENANT = "tiny"  # stream_retention 5, for history_expired
 DOOMED_TENANT = "doomed"  # disabled by a test
 SMALL_RETENTION = 5
+# Tiny flow-control limits (tests/integration/test_limits.py), one tenant per kind of bound
+# so their counts and buckets never meet.
+LIMITED_TENANTS = {
+    "strict": {
+        "client_messages_per_s": 1,
+        "client_burst": 3,
+        "tenant_messages_per_s": 1,
+        "tenant_burst": 5,
+    },
+    "busy": {"max_runs_in_flight_per_connection": 2, "max_queued_runs": 3},
+    "crowded": {"max_connections": 3, "max_connections_per_client": 2},
+    "capped": {"max_connections": 2, "max_connections_per_client": 2},
+}
+# Fair scheduling (tests/integration/test_fairness.py): a tenant whose flood must be
+# accepted (its per-connection and burst bounds raised) and a quiet one, both weight 1.
+FLOOD_TENANT, QUIET_TENANT = "flood", "quiet"
+LIMITED_TENANTS[FLOOD_TENANT] = {"max_runs_in_flight_per_connection": 100, "client_burst": 100}
+LIMITED_TENANTS[QUIET_TENANT] = {"weight": 1}
 
 _TENANT_SETUP = f"""
 import json
 from realtime.models import Tenant
-for slug in {[OTHER_TENANT, SMALL_TENANT, DOOMED_TENANT]!r}:
+for slug in {[OTHER_TENANT, SMALL_TENANT, DOOMED_TENANT, *LIMITED_TENANTS]!r}:
     Tenant.objects.get_or_create(slug=slug)
 Tenant.objects.filter(slug={SMALL_TENANT!r}).update(stream_retention={SMALL_RETENTION})
+for slug, limits in {LIMITED_TENANTS!r}.items():
+    Tenant.objects.filter(slug=slug).update(**limits)
 print(json.dumps(sorted(Tenant.objects.values_list("slug", flat=True))))
 """
 
@@ -132,7 +158,7 @@ def switchboard(request: pytest.FixtureRequest, test_redis_url: str) -> Iterator
         cluster.migrate()
         assert cluster.manage("create_tenant", TENANT) == f"tenant {TENANT} created"
         slugs = json.loads(board.shell(_TENANT_SETUP).splitlines()[-1])
-        assert set(slugs) >= {TENANT, OTHER_TENANT, SMALL_TENANT, DOOMED_TENANT}
+        assert set(slugs) >= {TENANT, OTHER_TENANT, SMALL_TENANT, DOOMED_TENANT, *LIMITED_TENANTS}
         cluster.start()
     except BaseException:
         print(board.log_tails())

@@ -129,13 +129,15 @@ def _kill_worker(proc: Proc) -> None:
 
 
 def _unacked_steps(switchboard: Switchboard, run_id: str) -> list[str]:
-    """Delivery tags of the run's step messages a worker took and never acknowledged."""
+    """Delivery tags of the run's step messages a worker took and never acknowledged, and
+    of fair-queue tickets (they name no run: compare with the tickets unacked before)."""
     tags = []
     unacked = switchboard.redis().hgetall(f"{KEY_PREFIX}:celery:unacked")
     for tag, raw in unacked.items():
         message = json.loads(raw)[0]
         args = json.loads(base64.b64decode(message["body"]))[0]
-        if message["headers"]["task"] == "switchboard.run.step" and args[0] == run_id:
+        task = message["headers"]["task"]
+        if task == "switchboard.run.next" or (task == "switchboard.run.step" and args[0] == run_id):
             tags.append(tag.decode())
     return tags
 
@@ -151,6 +153,7 @@ async def test_sigkill_of_a_whole_worker_mid_reply_hands_the_step_to_another_wor
     try:
         client_id = unique("kill9")
         client = await connect(client=client_id)
+        earlier = set(_unacked_steps(switchboard, ""))  # earlier tests' tickets
         stream = unique("kill9")
         text = "a reply streamed slowly, cut off by kill -9, finished by another worker"
         # Ten pieces 120 ms apart: the whole reply takes ~1.1 s, inside the 1.5 s soft limit
@@ -200,7 +203,19 @@ async def test_sigkill_of_a_whole_worker_mid_reply_hands_the_step_to_another_wor
         # The dead worker's message is still unacknowledged; kombu puts it back once it is
         # older than the visibility timeout. A worker with a 1 s timeout restores it as it
         # starts, and running it must change nothing: the run is finished.
-        [orphan] = _unacked_steps(switchboard, run_id)
+        [orphan] = set(_unacked_steps(switchboard, run_id)) - earlier
+
+        def worker_logs() -> list[str]:
+            return [
+                proc.log_path.read_text(errors="replace")
+                for name, proc in cluster.processes.items()
+                if name.startswith("worker-")
+            ]
+
+        skipped = f"step skipped: run finished or gone run={run_id}"
+        spare = "ticket found no queued run"  # when the message was the run's ticket
+        spares_before = sum(log.count(spare) for log in worker_logs())
+
         saved = dict(cluster.env)
         cluster.env["CELERY_VISIBILITY_TIMEOUT_S"] = "1"
         try:
@@ -210,12 +225,11 @@ async def test_sigkill_of_a_whole_worker_mid_reply_hands_the_step_to_another_wor
             cluster.env.update(saved)
 
         async def orphan_ran() -> bool:
-            skipped = f"step skipped: run finished or gone run={run_id}"
-            return any(
-                skipped in proc.log_path.read_text(errors="replace")
-                for name, proc in cluster.processes.items()
-                if name.startswith("worker-")
-            ) and orphan not in _unacked_steps(switchboard, run_id)
+            logs = worker_logs()
+            ran = any(skipped in log for log in logs) or (
+                sum(log.count(spare) for log in logs) > spares_before
+            )
+            return ran and orphan not in _unacked_steps(switchboard, run_id)
 
         await wait_until(orphan_ran, timeout=30, what="the restored message to run")
         restorer.stop()

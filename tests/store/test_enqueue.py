@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 import redis
 from celery.worker.request import Request
+from django.conf import settings
 
-from orchestration.enqueue import celery_message
+from orchestration.enqueue import RUN_NEXT_TASK, celery_message
 from orchestration.runs import RunStore
-from orchestration.tasks import run_step
+from orchestration.tasks import run_next, run_step
 from project.celery import app as celery_app
 from realtime import keys
 from realtime.events import new_run_id
@@ -56,10 +57,12 @@ def pop_queued(r: redis.Redis) -> dict[str, Any]:
     return json.loads(raw)
 
 
-def kombu_message(r: redis.Redis, url: str, args: list[Any]) -> dict[str, Any]:
+def kombu_message(
+    r: redis.Redis, url: str, args: list[Any], task: str = RUN_STEP_TASK
+) -> dict[str, Any]:
     """What Celery and kombu themselves push for this task onto this queue."""
     with celery_app.connection_for_write(url) as connection:
-        celery_app.send_task(RUN_STEP_TASK, args=args, queue=RUNS_QUEUE, connection=connection)
+        celery_app.send_task(task, args=args, queue=RUNS_QUEUE, connection=connection)
     return pop_queued(r)
 
 
@@ -75,7 +78,8 @@ def assert_same_format(ours: dict[str, Any], theirs: dict[str, Any], args: list[
     for message in (ours, theirs):
         headers = message["headers"]
         assert headers["id"] == headers["root_id"] == message["properties"]["correlation_id"]
-        assert ast.literal_eval(headers["argsrepr"]) == args
+        # Celery writes no arguments as "()", ours as "[]": both read back as none.
+        assert list(ast.literal_eval(headers["argsrepr"])) == args
     ours, theirs = comparable(ours), comparable(theirs)
     # Section by section, so a failure names the header or property that changed.
     assert ours.pop("headers") == theirs.pop("headers")
@@ -92,13 +96,21 @@ def test_celery_message_matches_kombus(r: redis.Redis, store_redis_url: str) -> 
     assert_same_format(ours, kombu_message(r, store_redis_url, args), args)
 
 
+@pytest.mark.parametrize("fair", [True, False], ids=["ticket", "step"])
 def test_message_pushed_with_an_accepted_send_matches_kombus(
-    streams: Streams, r: redis.Redis, store_redis_url: str
+    streams: Streams,
+    r: redis.Redis,
+    store_redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    fair: bool,
 ) -> None:
+    monkeypatch.setitem(settings.SWITCHBOARD, "FAIR_QUEUE", fair)
     appended = streams.send("room", "m-1", "hello")
     ours = pop_queued(r)
-    args = [appended.run_id, 0]
-    assert_same_format(ours, kombu_message(r, store_redis_url, args), args)
+    args: list[Any] = [] if fair else [appended.run_id, 0]
+    task = RUN_NEXT_TASK if fair else RUN_STEP_TASK
+    assert ours["headers"]["task"] == task
+    assert_same_format(ours, kombu_message(r, store_redis_url, args, task), args)
 
 
 @pytest.mark.parametrize("args", [["r1", 0], ['r"quoted\\', 12], ["ré🎉", 1]])
@@ -120,25 +132,29 @@ class RecordingPool:
         self.timeout = options["timeout"]
 
 
+@pytest.mark.parametrize("fair", [True, False], ids=["ticket", "step"])
 def test_celery_worker_decodes_and_runs_the_pushed_message(
-    streams: Streams, r: redis.Redis, store_redis_url: str
+    streams: Streams,
+    r: redis.Redis,
+    store_redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    fair: bool,
 ) -> None:
+    monkeypatch.setitem(settings.SWITCHBOARD, "FAIR_QUEUE", fair)
     appended = streams.send("room", "m-1", 'héllo "wörld" 🎉', options={"chunks": 3})
     assert appended.run_id is not None
     # Taken off the queue by kombu's Redis transport, as a worker's consumer takes it.
     with celery_app.connection_for_read(store_redis_url) as connection:
         message = connection.default_channel.basic_get(RUNS_QUEUE, no_ack=True)
     assert message is not None
-    assert message.decode() == [[appended.run_id, 0], {}, EMBED]
-    assert message.headers["task"] == RUN_STEP_TASK
+    args: list[Any] = [] if fair else [appended.run_id, 0]
+    task, name = (run_next, RUN_NEXT_TASK) if fair else (run_step, RUN_STEP_TASK)
+    assert message.decode() == [args, {}, EMBED]
+    assert message.headers["task"] == name
 
     # The worker's request object parses protocol 2 exactly as for a kombu-sent message.
-    request = Request(message, app=celery_app, task=run_step)
-    assert (request.name, request.args, request.kwargs) == (
-        RUN_STEP_TASK,
-        [appended.run_id, 0],
-        {},
-    )
+    request = Request(message, app=celery_app, task=task)
+    assert (request.name, request.args, request.kwargs) == (name, args, {})
     assert request.id == message.headers["id"]
     assert request.delivery_info["routing_key"] == RUNS_QUEUE
     assert request.request_dict["retries"] == 0
@@ -146,7 +162,7 @@ def test_celery_worker_decodes_and_runs_the_pushed_message(
     # Handed to a pool, it runs under the task's own soft and hard limits.
     pool = RecordingPool()
     request.execute_using_pool(pool)
-    assert (pool.soft_timeout, pool.timeout) == (run_step.soft_time_limit, run_step.time_limit)
+    assert (pool.soft_timeout, pool.timeout) == (task.soft_time_limit, task.time_limit)
     assert pool.soft_timeout is not None and pool.timeout is not None
 
     # And executes it through Celery's tracer: the run streams and completes.

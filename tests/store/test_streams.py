@@ -13,6 +13,7 @@ import redis
 from django.conf import settings
 
 from orchestration import agents
+from orchestration.enqueue import RUN_NEXT_TASK
 from orchestration.runs import RunStore
 from realtime import keys
 from realtime import streams as streams_module
@@ -217,10 +218,25 @@ def test_accept_send_creates_the_run_and_queues_one_task(streams: Streams, r: re
     assert r.ttl(keys.run(run_id)) > settings.SWITCHBOARD["RUN_DEADLINE_S"]
     assert r.zscore(keys.RUN_DEADLINES, run_id) == pytest.approx(deadline, abs=0.001)
 
+    # The run waits in its tenant's fair queue; the message is a ticket for the next run.
+    [message] = queued_messages(r)
+    assert message["headers"]["task"] == RUN_NEXT_TASK
+    assert message_args(message) == []
+    assert message["properties"]["delivery_info"]["routing_key"] == RUNS_QUEUE
+    assert r.lrange(keys.fair_queue(TENANT), 0, -1) == [run_id.encode()]
+    assert r.lrange(keys.FAIR_RING, 0, -1) == [TENANT.encode()]
+
+
+def test_without_the_fair_queue_a_send_queues_its_own_step(
+    streams: Streams, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(settings.SWITCHBOARD, "FAIR_QUEUE", False)
+    appended = streams.send("room", "m-1", "hi")
     [message] = queued_messages(r)
     assert message["headers"]["task"] == RUN_STEP_TASK
-    assert message_args(message) == [run_id, 0]
+    assert message_args(message) == [appended.run_id, 0]
     assert message["properties"]["delivery_info"]["routing_key"] == RUNS_QUEUE
+    assert not r.exists(keys.fair_queue(TENANT), keys.FAIR_RING)
 
 
 def test_send_records_the_retention_its_replies_use(streams: Streams, r: redis.Redis) -> None:
@@ -274,4 +290,6 @@ def test_messages_and_publishes_share_one_sequence(streams: Streams, r: redis.Re
         "published",
         "message",
     ]
-    assert [message_args(message)[1] for message in queued_messages(r)] == [0, 0]
+    # One ticket per send; the runs wait in the tenant's fair queue.
+    assert [message["headers"]["task"] for message in queued_messages(r)] == [RUN_NEXT_TASK] * 2
+    assert r.llen(keys.fair_queue(TENANT)) == 2

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import pytest
 
 from workers.backends import (
+    ModelCancelled,
     ModelError,
     ModelRequest,
     ModelTimeout,
@@ -145,3 +147,53 @@ def test_chunk_delay_past_the_deadline_times_out_after_the_pieces_in_time() -> N
     with pytest.raises(ModelTimeout):
         next(stream)
     assert time.monotonic() - started < 5
+
+
+def cancelled_request(options: dict[str, object]) -> ModelRequest:
+    request = ModelRequest(model="echo", prompt="hello there", options=options)
+    request.cancelled.set()
+    return request
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"latency_ms": 600_000},
+        {"fail": "timeout"},
+        {"chunks": 2, "chunk_delay_ms": 600_000},
+    ],
+)
+def test_a_cancelled_call_stops_waiting_at_once(options: dict[str, object]) -> None:
+    # Ten minutes of waiting against a far deadline: only the cancellation can end it
+    # (pytest-timeout would stop a backend that slept it out).
+    with pytest.raises(ModelCancelled) as caught:
+        list(SimulatedBackend().stream(cancelled_request(options), FAR))
+    assert not caught.value.transient
+
+
+def test_a_call_cancelled_from_another_thread_mid_wait_returns() -> None:
+    request = ModelRequest(model="echo", prompt="hello there", options={"latency_ms": 600_000})
+    canceller = threading.Thread(target=request.cancelled.set)
+    canceller.start()
+    with pytest.raises(ModelCancelled):
+        list(SimulatedBackend().stream(request, FAR))
+    canceller.join()
+
+
+def test_a_call_cancelled_between_pieces_yields_no_more() -> None:
+    request = ModelRequest(
+        model="echo", prompt="hello there", options={"chunks": 3, "chunk_delay_ms": 600_000}
+    )
+    stream = SimulatedBackend().stream(request, FAR)
+    first = next(stream)
+    request.cancelled.set()
+    with pytest.raises(ModelCancelled):
+        next(stream)
+    assert first == split_evenly("hello there", 3)[0]
+
+
+def test_requests_compare_without_their_cancellation_event() -> None:
+    assert ModelRequest(model="m", prompt="p") == ModelRequest(model="m", prompt="p")
+    assert ModelRequest(model="m", prompt="p").cancelled is not (
+        ModelRequest(model="m", prompt="p").cancelled
+    )

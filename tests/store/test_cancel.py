@@ -1,0 +1,164 @@
+"""Cancellation reaches the model call (orchestration/services.py, intake.py, the lease
+keeper in orchestration/runs.py) on a real Redis: a step whose run is cancelled while its
+model call stalls stops at once, writes nothing more, and frees its worker; the run has
+exactly one reply.done, `cancelled`."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from pytest_django.fixtures import Settings
+
+from orchestration.agents import Agent, Step
+from orchestration.intake import _finalize_cancelled
+from orchestration.runs import RunStore
+from orchestration.services import StepOutcome, execute_step
+from realtime import keys
+from tests.store.conftest import Streams, log_events, of_kind
+from workers.backends import split_evenly
+
+PROMPT = "a reply nobody will wait for"
+# Far beyond any wait below: only the cancellation can end these calls in time.
+STALL_MS = 600_000
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+    return result
+
+
+@pytest.fixture
+def patient(register_agent: Callable[..., Agent]) -> Agent:
+    """Calls that may stall for 10 minutes within a deadline of an hour."""
+    return register_agent("patient", Step(backend="simulated", soft_limit_s=600), deadline_s=3600)
+
+
+class StepThread:
+    """execute_step on its own thread, as a worker process runs it."""
+
+    def __init__(self, store: RunStore, run_id: str) -> None:
+        self.outcome: StepOutcome | None = None
+        self.thread = threading.Thread(target=self._run, args=(store, run_id), daemon=True)
+        self.thread.start()
+
+    def _run(self, store: RunStore, run_id: str) -> None:
+        self.outcome = execute_step(store, run_id, 0, 0)
+
+    def finished_within(self, seconds: float) -> bool:
+        self.thread.join(timeout=seconds)
+        return not self.thread.is_alive()
+
+
+@pytest.fixture
+def steps() -> Iterator[list[StepThread]]:
+    started: list[StepThread] = []
+    yield started
+    for step in started:
+        step.thread.join(timeout=30)
+
+
+def status(r: redis.Redis, run_id: str) -> bytes | None:
+    return r.hget(keys.run(run_id), "status")
+
+
+@pytest.mark.parametrize(
+    ("lease_s", "check_s"),
+    [(5.0, 0.05), (0.3, 10.0)],
+    ids=["found-by-the-cheap-check", "found-by-the-lease-renewal"],
+)
+@pytest.mark.parametrize(
+    "options",
+    [{"latency_ms": STALL_MS}, {"fail": "timeout"}],
+    ids=["slow-first-token", "stalled"],
+)
+def test_cancelling_a_stalled_call_abandons_it_and_frees_the_worker(
+    streams: Streams,
+    r: redis.Redis,
+    patient: Agent,
+    settings: Settings,
+    steps: list[StepThread],
+    lease_s: float,
+    check_s: float,
+    options: dict[str, Any],
+) -> None:
+    settings.SWITCHBOARD = {**settings.SWITCHBOARD, "CANCEL_CHECK_S": check_s}
+    run_id = streams.send("room", "m-1", PROMPT, agent=patient.name, options=options).run_id
+    assert run_id is not None
+    step = StepThread(RunStore(r, lease_s=lease_s), run_id)
+    steps.append(step)
+    wait_for(lambda: status(r, run_id) == b"running", "the step to claim the run")
+
+    assert _finalize_cancelled(run_id) == (True, "")  # what the gateway's cancel does
+
+    # The call would stall for ten minutes: the step ends now, and owes nothing more.
+    assert step.finished_within(10), "the cancelled model call was not abandoned"
+    assert step.outcome == StepOutcome()
+    events = log_events(r, "room")
+    assert [event["kind"] for event in events] == ["message", "reply.done"]
+    assert events[-1]["data"] == {
+        "run": run_id,
+        "status": "cancelled",
+        "text": "",
+        "detail": {"reason": "cancelled by client"},
+    }
+    assert r.zscore(keys.RUN_LEASES, run_id) is None
+
+
+def test_a_call_cancelled_mid_reply_appends_nothing_after_the_reply_done(
+    streams: Streams,
+    r: redis.Redis,
+    patient: Agent,
+    settings: Settings,
+    steps: list[StepThread],
+) -> None:
+    settings.SWITCHBOARD = {**settings.SWITCHBOARD, "CANCEL_CHECK_S": 0.05}
+    options = {"chunks": 4, "chunk_delay_ms": STALL_MS}
+    run_id = streams.send("room", "m-1", PROMPT, agent=patient.name, options=options).run_id
+    assert run_id is not None
+    step = StepThread(RunStore(r), run_id)
+    steps.append(step)
+    first = split_evenly(PROMPT, 4)[0]
+    wait_for(lambda: of_kind(log_events(r, "room"), "reply.delta"), "the first piece")
+
+    assert _finalize_cancelled(run_id) == (True, "")
+
+    assert step.finished_within(10), "the cancelled model call was not abandoned"
+    events = log_events(r, "room")
+    assert [event["kind"] for event in events] == ["message", "reply.delta", "reply.done"]
+    assert events[1]["data"]["text"] == first
+    assert (events[2]["data"]["status"], events[2]["data"]["text"]) == ("cancelled", first)
+
+
+def test_a_run_cancelled_before_its_step_starts_is_never_called(
+    streams: Streams, r: redis.Redis, runs: RunStore
+) -> None:
+    run_id = streams.send("room", "m-1", PROMPT).run_id
+    assert run_id is not None
+    assert _finalize_cancelled(run_id) == (True, "")
+    assert execute_step(runs, run_id, 0, 0) == StepOutcome()
+    assert [event["kind"] for event in log_events(r, "room")] == ["message", "reply.done"]
+
+
+def test_cancelling_a_finished_run_changes_nothing_and_says_how_it_ended(
+    streams: Streams, r: redis.Redis, runs: RunStore
+) -> None:
+    run_id = streams.send("room", "m-1", PROMPT).run_id
+    assert run_id is not None
+    assert execute_step(runs, run_id, 0, 0) == StepOutcome()
+    assert _finalize_cancelled(run_id) == (False, "ok")
+    [done] = of_kind(log_events(r, "room"), "reply.done")
+    assert done["data"]["status"] == "ok"
+
+    again = streams.send("room", "m-2", PROMPT).run_id
+    assert again is not None
+    assert _finalize_cancelled(again) == (True, "")
+    assert _finalize_cancelled(again) == (False, "cancelled")
+    assert len(of_kind(log_events(r, "room"), "reply.done")) == 2

@@ -1,0 +1,115 @@
+"""Model-call rate limits per backend: requests and tokens per minute, as providers impose
+them, held in Redis token buckets (realtime/buckets.py) so one limit binds every worker.
+
+Configured per backend name in `SWITCHBOARD["BACKEND_LIMITS"]`, e.g.
+`{"openai": {"rpm": 500, "tpm": 90000}}`; a backend without an entry is not limited. Each
+bucket holds one minute's worth (a provider's per-minute quota may be spent at once) and
+refills at a sixtieth of it a second. A call costs one request and its estimated tokens.
+
+The parts here are pure except `BackendBudget.take`, one script call per bucket.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from realtime import keys
+from realtime.buckets import NEVER, Bucket, SyncBuckets
+
+# Rough characters per token of English text; only an estimate of what a call will cost.
+CHARS_PER_TOKEN = 4
+
+
+@dataclass(frozen=True, slots=True)
+class BackendLimit:
+    rpm: int | None = None  # requests per minute
+    tpm: int | None = None  # tokens per minute
+
+
+class BadLimits(ValueError):
+    pass
+
+
+def parse_limits(raw: Mapping[str, Any] | None) -> dict[str, BackendLimit]:
+    """{"backend": {"rpm": N, "tpm": M}} -> BackendLimit per backend; refuses nonsense so a
+    typo fails at start, not as an unlimited backend."""
+    limits: dict[str, BackendLimit] = {}
+    for name, spec in (raw or {}).items():
+        if not isinstance(spec, Mapping) or not set(spec) <= {"rpm", "tpm"}:
+            raise BadLimits(f"backend limit {name!r}: expected an object with rpm and/or tpm")
+        values = {}
+        for unit in ("rpm", "tpm"):
+            value = spec.get(unit)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value <= 0
+            ):
+                raise BadLimits(f"backend limit {name!r}: {unit} must be a positive integer")
+            values[unit] = value
+        limits[name] = BackendLimit(**values)
+    return limits
+
+
+def estimated_tokens(prompt: str) -> int:
+    """What a call is charged against `tpm` before it is made: the prompt's tokens, roughly."""
+    return max(1, math.ceil(len(prompt) / CHARS_PER_TOKEN))
+
+
+def buckets_for(backend: str, limit: BackendLimit) -> list[tuple[Bucket, str]]:
+    """The backend's buckets with what each counts ("requests" or "tokens")."""
+    found = []
+    if limit.rpm:
+        found.append(
+            (Bucket(f"{keys.PREFIX}:backend:{backend}:rpm", limit.rpm / 60, limit.rpm), "requests")
+        )
+    if limit.tpm:
+        found.append(
+            (Bucket(f"{keys.PREFIX}:backend:{backend}:tpm", limit.tpm / 60, limit.tpm), "tokens")
+        )
+    return found
+
+
+# What a step does about a budget it could not take at once.
+WAIT = "wait"
+GIVE_UP = "give_up"
+
+
+def decide(wait_ms: int, seconds_left: float, min_budget_s: float) -> str:
+    """WAIT when the budget comes back early enough to still make a useful call before the
+    deadline; GIVE_UP (the fallback, reason `rate_limited`) when it never comes back or
+    only too late."""
+    if wait_ms == NEVER or wait_ms < 0:
+        return GIVE_UP
+    return WAIT if wait_ms / 1000 <= seconds_left - min_budget_s else GIVE_UP
+
+
+class BackendBudget:
+    """Takes one call's worth (a request and its estimated tokens) from a backend's buckets.
+
+    The buckets are paid one at a time and a paid one is remembered, so a step waiting for
+    tokens does not pay for its request again on every try. That over-counts by at most
+    one request per waiting step (kept if the step gives up): conservative, never above the
+    provider's limit."""
+
+    def __init__(
+        self, buckets: SyncBuckets, backend: str, limit: BackendLimit, prompt: str
+    ) -> None:
+        self._buckets = buckets
+        tokens = estimated_tokens(prompt)
+        self._unpaid = [
+            (bucket, 1 if unit == "requests" else tokens)
+            for bucket, unit in buckets_for(backend, limit)
+        ]
+
+    def take(self) -> int:
+        """0 when every bucket is paid; else ms until the first unpaid one could be (NEVER:
+        it cannot be, e.g. a prompt estimated above a whole minute's tokens)."""
+        while self._unpaid:
+            bucket, cost = self._unpaid[0]
+            wait_ms = self._buckets.take([bucket], cost)
+            if wait_ms != 0:
+                return wait_ms
+            self._unpaid.pop(0)
+        return 0
