@@ -206,6 +206,7 @@ const commands = {
     const pending = new Map(); // id -> {t, conn, measured, ack}
     const ackMs = [];
     const doneMs = [];
+    const refusedMs = []; // send -> error frame (a 429, say), measured sends only
     const errors = {};
     const statuses = {};
     let sent = 0;
@@ -231,7 +232,10 @@ const commands = {
       if (msg.type === "error") {
         bump(errors, msg.code || "error");
         const p = msg.id != null ? pending.get(msg.id) : undefined;
-        if (p) pending.delete(msg.id);
+        if (p) {
+          pending.delete(msg.id);
+          if (p.measured) refusedMs.push(t - p.t);
+        }
         return;
       }
       if (mode === "switchboard") {
@@ -302,7 +306,7 @@ const commands = {
     return {
       sent, measured_sent: measuredSent, window_done: windowDone,
       window_s: (end - warmEnd) / 1000, send_span_s: (sendEnd - start) / 1000,
-      ack_ms: ackMs, done_ms: doneMs, errors, statuses, lost, unanswered,
+      ack_ms: ackMs, done_ms: doneMs, refused_ms: refusedMs, errors, statuses, lost, unanswered,
       max_send_lag_ms: maxLag, late_sends: lateSends,
       client_cpu_s: (cpu.user + cpu.system) / 1e6,
     };
