@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 import redis
 
-from project.launcher import Cluster
+from project.launcher import Cluster, Proc
 from realtime.auth import issue_token
 from realtime.client import SwitchboardClient
 
@@ -230,3 +230,36 @@ async def connect(switchboard: Switchboard, unique: Callable[[str], str]) -> Asy
     yield open_client
     for opened in clients:
         await opened.close()
+
+
+StartGateway = Callable[..., tuple[str, Proc]]
+
+
+@pytest.fixture
+def start_gateway(switchboard: Switchboard) -> Iterator[StartGateway]:
+    """`start_gateway(**env)` starts one more gateway process (1, 2, ...), with `env` added
+    to the cluster's environment, and returns (its URL, its process); every gateway started
+    is stopped after the test."""
+    cluster = switchboard.cluster
+    started: list[Proc] = []
+
+    def start(**env: str) -> tuple[str, Proc]:
+        saved = dict(cluster.env)
+        cluster.env.update(env)
+        index = len(cluster.gateway_ports)
+        try:
+            proc = cluster.start_gateway(index)
+        finally:
+            cluster.env.clear()
+            cluster.env.update(saved)
+        started.append(proc)
+        return cluster.gateway_url(index), proc
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            if proc.alive():
+                proc.stop()
+            cluster.processes.pop(proc.name, None)
+        del cluster.gateway_ports[1:]

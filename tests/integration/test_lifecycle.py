@@ -8,7 +8,7 @@ import asyncio
 import json
 import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import pytest
@@ -17,7 +17,7 @@ import websockets
 from project.launcher import Proc
 from realtime.client import SwitchboardClient
 
-from .conftest import TENANT, Connect, Switchboard
+from .conftest import TENANT, Connect, StartGateway, Switchboard
 
 pytestmark = pytest.mark.asyncio
 
@@ -25,22 +25,9 @@ SMALL_OUTBOX = 20
 
 
 @pytest.fixture
-def second_gateway(switchboard: Switchboard) -> Iterator[tuple[str, Proc]]:
+def second_gateway(start_gateway: StartGateway) -> tuple[str, Proc]:
     """Gateway 1 with a tiny outbound buffer, so a slow reader trips it quickly."""
-    cluster = switchboard.cluster
-    saved = dict(cluster.env)
-    cluster.env["SWITCHBOARD_OUTBOX_MAX_EVENTS"] = str(SMALL_OUTBOX)
-    try:
-        proc = cluster.start_gateway(1)
-    finally:
-        cluster.env.clear()
-        cluster.env.update(saved)
-    try:
-        yield cluster.gateway_url(1), proc
-    finally:
-        proc.stop()
-        cluster.processes.pop("gateway-1", None)
-        del cluster.gateway_ports[1:]
+    return start_gateway(SWITCHBOARD_OUTBOX_MAX_EVENTS=str(SMALL_OUTBOX))
 
 
 async def _closed_code(client: SwitchboardClient, timeout: float = 15) -> int | None:

@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,7 +18,7 @@ from project.launcher import Proc
 from realtime.client import SwitchboardClient, SwitchboardClosed, SwitchboardError
 from realtime.reconnecting import ReconnectingClient
 
-from .conftest import LIMITED_TENANTS, Connect, Switchboard
+from .conftest import LIMITED_TENANTS, Connect, StartGateway, Switchboard
 from .support import wait_until
 
 pytestmark = pytest.mark.asyncio
@@ -265,25 +265,11 @@ async def test_connections_past_the_client_and_tenant_caps_are_closed_4029(
 
 
 @pytest.fixture
-def short_ttl_gateway(switchboard: Switchboard) -> Iterator[tuple[str, Proc]]:
+def short_ttl_gateway(start_gateway: StartGateway) -> tuple[str, Proc]:
     """An extra gateway whose connection entries expire TTL_S after its last renewal."""
-    cluster = switchboard.cluster
-    saved = dict(cluster.env)
-    cluster.env["SWITCHBOARD_PRESENCE_TTL_S"] = str(TTL_S)
-    cluster.env["SWITCHBOARD_PRESENCE_REFRESH_S"] = str(REFRESH_S)
-    index = len(cluster.gateway_ports)
-    try:
-        proc = cluster.start_gateway(index)
-    finally:
-        cluster.env.clear()
-        cluster.env.update(saved)
-    try:
-        yield cluster.gateway_url(index), proc
-    finally:
-        if proc.alive():
-            proc.stop()
-        cluster.processes.pop(proc.name, None)
-        del cluster.gateway_ports[1:]
+    return start_gateway(
+        SWITCHBOARD_PRESENCE_TTL_S=str(TTL_S), SWITCHBOARD_PRESENCE_REFRESH_S=str(REFRESH_S)
+    )
 
 
 async def test_a_killed_gateways_connections_stop_counting_within_its_ttl(

@@ -5,7 +5,7 @@ cleaning up leaves no ghost beyond the bound (its PRESENCE_TTL_S + the sweep int
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -13,7 +13,7 @@ import pytest
 from project.launcher import Proc
 from realtime.client import Event, SwitchboardClient
 
-from .conftest import CLUSTER_ENV, OTHER_TENANT, TENANT, Connect, Switchboard
+from .conftest import CLUSTER_ENV, OTHER_TENANT, TENANT, Connect, StartGateway, Switchboard
 from .support import wait_until
 
 pytestmark = pytest.mark.asyncio
@@ -58,25 +58,12 @@ def clients_of(present: list[dict[str, Any]]) -> list[str]:
 
 
 @pytest.fixture
-def short_ttl_gateway(switchboard: Switchboard) -> Iterator[tuple[str, Proc]]:
+def short_ttl_gateway(start_gateway: StartGateway) -> tuple[str, Proc]:
     """An extra gateway whose presence entries expire GHOST_TTL_S after its last refresh."""
-    cluster = switchboard.cluster
-    saved = dict(cluster.env)
-    cluster.env["SWITCHBOARD_PRESENCE_TTL_S"] = str(GHOST_TTL_S)
-    cluster.env["SWITCHBOARD_PRESENCE_REFRESH_S"] = str(GHOST_REFRESH_S)
-    index = len(cluster.gateway_ports)
-    try:
-        proc = cluster.start_gateway(index)
-    finally:
-        cluster.env.clear()
-        cluster.env.update(saved)
-    try:
-        yield cluster.gateway_url(index), proc
-    finally:
-        if proc.alive():
-            proc.stop()
-        cluster.processes.pop(proc.name, None)
-        del cluster.gateway_ports[1:]
+    return start_gateway(
+        SWITCHBOARD_PRESENCE_TTL_S=str(GHOST_TTL_S),
+        SWITCHBOARD_PRESENCE_REFRESH_S=str(GHOST_REFRESH_S),
+    )
 
 
 async def test_subscribers_see_each_others_join_and_leave(

@@ -6,46 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 import pytest_asyncio
 
-from project.launcher import Proc
 from realtime.client import Event, SwitchboardClient, SwitchboardClosed
 from realtime.reconnecting import ReconnectingClient
 
-from .conftest import OTHER_TENANT, TENANT, Connect, Switchboard
+from .conftest import OTHER_TENANT, TENANT, Connect, StartGateway, Switchboard
 from .support import assert_contiguous, reply_text, wait_until
 
 pytestmark = pytest.mark.asyncio
 
 SLOW_REPLY = {"chunks": 24, "chunk_delay_ms": 60}  # about 1.5 s of streaming
-
-StartGateway = Callable[[], tuple[str, Proc]]
-
-
-@pytest.fixture
-def start_gateway(switchboard: Switchboard) -> Iterator[StartGateway]:
-    """Start extra gateway processes (1, 2, ...) for one test; all stopped afterwards."""
-    cluster = switchboard.cluster
-    started: list[Proc] = []
-
-    def start() -> tuple[str, Proc]:
-        index = len(cluster.gateway_ports)
-        proc = cluster.start_gateway(index)
-        started.append(proc)
-        return cluster.gateway_url(index), proc
-
-    try:
-        yield start
-    finally:
-        for proc in started:
-            if proc.alive():
-                proc.stop()
-            cluster.processes.pop(proc.name, None)
-        del cluster.gateway_ports[1:]
 
 
 @pytest_asyncio.fixture
