@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from celery.exceptions import SoftTimeLimitExceeded
 
 from orchestration.agents import Step, UnknownAgent, get_agent
+from orchestration.coalesce import Coalescer
 from orchestration.runs import Fenced, LeaseKeeper, Run, RunFinished, RunStore
 from realtime.buckets import SyncBuckets
 from workers import limits
@@ -103,6 +104,10 @@ def _execute_claimed(
     # A retried call regenerates from the start; what earlier attempts already emitted is
     # skipped so the client never sees a character twice.
     to_skip = run.emitted - run.step_base
+    # Pieces are appended in coalesced deltas (orchestration/coalesce.py); what is still
+    # buffered is appended before the call's outcome is acted on, or dropped if the run
+    # stopped needing it.
+    coalescer = _coalescer()
     started = time.monotonic()
     try:
         for piece in backend.stream(request, deadline):
@@ -113,13 +118,16 @@ def _execute_claimed(
             if to_skip:
                 dropped = min(to_skip, len(piece))
                 piece, to_skip = piece[dropped:], to_skip - dropped
-            if piece:
-                store.append_delta(run, piece)
+            if text := coalescer.add(piece):
+                store.append_delta(run, text)
             if time.monotonic() > deadline:
                 raise ModelError("model call passed its soft time limit", transient=False)
+        _append_pending(store, run, coalescer, lost)
     except ModelError as error:
         if lost.is_set():
+            coalescer.discard()
             return _abandoned(run, step_index)
+        _append_pending(store, run, coalescer, lost)
         elapsed = time.monotonic() - started
         logger.warning(
             "model call failed tenant=%s run=%s step=%s attempt=%s transient=%s after=%.3fs: %s",
@@ -141,15 +149,33 @@ def _execute_claimed(
         raise
     except SoftTimeLimitExceeded:
         logger.warning("step hit Celery's soft time limit run=%s step=%s", run.run_id, step_index)
+        _append_pending(store, run, coalescer, lost)
         return _fall_back(store, run, step, "timeout")
     except Exception:
         # A bug or an unclassified backend failure still owes the client its reply.done.
         logger.exception("step failed run=%s step=%s", run.run_id, step_index)
+        _append_pending(store, run, coalescer, lost)
         return _fall_back(store, run, step, "internal")
     if step_index + 1 < len(agent.steps):
         return StepOutcome(next_step=step_index + 1)
     store.finalize(run.run_id, "ok", None, owner=run.owner, run=run)
     return StepOutcome()
+
+
+def _coalescer() -> Coalescer:
+    from django.conf import settings
+
+    config = settings.SWITCHBOARD
+    return Coalescer(config.get("DELTA_FLUSH_CHARS", 64), config.get("DELTA_FLUSH_MS", 50) / 1000)
+
+
+def _append_pending(store: RunStore, run: Run, coalescer: Coalescer, lost: threading.Event) -> None:
+    """Append what the coalescer still holds, unless the run stopped needing this step
+    (then it is dropped: whoever took the run over writes its reply)."""
+    if lost.is_set():
+        coalescer.discard()
+    elif text := coalescer.flush():
+        store.append_delta(run, text)
 
 
 def _time_for_call(run: Run) -> float:

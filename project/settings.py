@@ -245,6 +245,12 @@ SWITCHBOARD = {
     # How often a step in a model call checks that its run still needs it: a cancelled
     # run's call is abandoned within this, freeing the worker process.
     "CANCEL_CHECK_S": env_float("SWITCHBOARD_CANCEL_CHECK_S", 0.5),
+    # A reply's pieces are appended in deltas of up to this many characters, so a fast
+    # model does not cost a Redis write and a frame per token (0: one delta per piece).
+    "DELTA_FLUSH_CHARS": env_int("SWITCHBOARD_DELTA_FLUSH_CHARS", 64),
+    # ...or as soon as a piece arrives this long after the last delta: the most coalescing
+    # delays a streaming reply (0: one delta per piece).
+    "DELTA_FLUSH_MS": env_float("SWITCHBOARD_DELTA_FLUSH_MS", 50.0),
     # Providers' rate limits per backend name, global across workers, e.g.
     # {"openai": {"rpm": 500, "tpm": 90000}}; a call waits for them only while its run can.
     "BACKEND_LIMITS": json.loads(env_str("SWITCHBOARD_BACKEND_LIMITS", "") or "{}"),

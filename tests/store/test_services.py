@@ -47,7 +47,9 @@ def test_ok_path_streams_the_echo_and_finishes_once(
 ) -> None:
     run_id = started(streams, chunks=3)
     assert execute_step(runs, run_id, 0, 0) == StepOutcome()
-    assert delta_texts(r) == split_evenly(PROMPT, 3)
+    # The first piece goes out at once; the other two arrive together and are coalesced.
+    first, second, third = split_evenly(PROMPT, 3)
+    assert delta_texts(r) == [first, second + third]
     assert_contiguous(r)
     [done] = done_events(r)
     assert done["data"] == {"run": run_id, "status": "ok", "text": PROMPT, "detail": None}
@@ -55,12 +57,41 @@ def test_ok_path_streams_the_echo_and_finishes_once(
         "message",
         "reply.delta",
         "reply.delta",
-        "reply.delta",
         "reply.done",
     ]
     # A redelivered message for the finished run does nothing.
     assert execute_step(runs, run_id, 0, 0) == StepOutcome()
-    assert len(log_events(r, "room")) == 5
+    assert len(log_events(r, "room")) == 4
+
+
+@pytest.mark.parametrize("setting", ["DELTA_FLUSH_CHARS", "DELTA_FLUSH_MS"])
+def test_coalescing_off_appends_one_delta_per_piece(
+    streams: Streams, runs: RunStore, r: redis.Redis, settings: Any, setting: str
+) -> None:
+    settings.SWITCHBOARD = {**settings.SWITCHBOARD, setting: 0}
+    run_id = started(streams, chunks=3)
+    assert execute_step(runs, run_id, 0, 0) == StepOutcome()
+    assert delta_texts(r) == split_evenly(PROMPT, 3)
+    assert_contiguous(r)
+
+
+def test_a_fast_200_piece_reply_is_appended_in_few_deltas(
+    streams: Streams, runs: RunStore, r: redis.Redis, settings: Any
+) -> None:
+    # Only the size limit at work, whatever the machine's speed.
+    settings.SWITCHBOARD = {**settings.SWITCHBOARD, "DELTA_FLUSH_MS": 60_000}
+    text = "".join(f"tok{i % 10}" for i in range(200))  # 800 characters, 4 per piece
+    run_id = started(streams, text, chunks=200)
+    assert execute_step(runs, run_id, 0, 0) == StepOutcome()
+    texts = delta_texts(r)
+    assert "".join(texts) == text
+    assert_contiguous(r)
+    # The first piece at once, then at least DELTA_FLUSH_CHARS (64) per delta but the last.
+    assert texts[0] == "tok0"
+    assert 2 <= len(texts) <= 1 + -(-(len(text) - 4) // 64)
+    assert all(len(piece) >= 64 for piece in texts[1:-1])
+    [done] = done_events(r)
+    assert (done["data"]["status"], done["data"]["text"]) == ("ok", text)
 
 
 def test_transient_error_is_retried_without_duplicating_text(
@@ -209,3 +240,52 @@ def test_sweep_ends_overdue_runs_once_with_failed(
     # The swept run's worker, still going, can append nothing more.
     assert execute_step(runs, overdue[1], 0, 0) == StepOutcome()
     assert len(done_events(r)) == 2
+
+
+class BurstThenBackend:
+    """Three pieces at once (the first appended, two buffered), then an ending: a
+    permanent error, or the run stops needing the call (its cancelled event set)."""
+
+    name = "burst"
+
+    def __init__(self, ending: str) -> None:
+        self.ending = ending
+
+    def stream(self, request: ModelRequest, deadline: float) -> Iterator[str]:
+        yield from ("one ", "two ", "three")
+        if self.ending == "cancelled":
+            request.cancelled.set()
+            raise backends.ModelCancelled()
+        raise ModelError("bad request", transient=False)
+
+
+def test_buffered_pieces_are_appended_before_the_fallback(
+    streams: Streams,
+    runs: RunStore,
+    r: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    register_agent: Callable[..., Agent],
+) -> None:
+    monkeypatch.setitem(backends._backends, "burst", BurstThenBackend("error"))
+    agent = register_agent("burst", Step(backend="burst", fallback_text="sorry"))
+    run_id = started(streams, agent=agent.name)
+    assert execute_step(runs, run_id, 0, 0) == StepOutcome()
+    assert delta_texts(r) == ["one ", "two three", "\nsorry"]
+    assert_contiguous(r)
+    [done] = done_events(r)
+    assert (done["data"]["status"], done["data"]["text"]) == ("degraded", "one two three\nsorry")
+
+
+def test_buffered_pieces_are_dropped_when_the_call_is_cancelled(
+    streams: Streams,
+    runs: RunStore,
+    r: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    register_agent: Callable[..., Agent],
+) -> None:
+    monkeypatch.setitem(backends._backends, "burst", BurstThenBackend("cancelled"))
+    agent = register_agent("burst", Step(backend="burst"))
+    run_id = started(streams, agent=agent.name)
+    assert execute_step(runs, run_id, 0, 0) == StepOutcome()
+    assert delta_texts(r) == ["one "]
+    assert done_events(r) == []
