@@ -257,6 +257,14 @@ SWITCHBOARD = {
     # New runs wait in per-tenant queues and workers take them by weighted deficit round
     # robin across tenants (orchestration/fairness.py); 0: one FIFO Celery queue for all.
     "FAIR_QUEUE": env_bool("SWITCHBOARD_FAIR_QUEUE", True),
+    # The "openai" backend (workers/openai_backend.py): any OpenAI-compatible server
+    # (OpenAI, vLLM, Ollama, llama.cpp), so the URL is configurable.
+    "OPENAI_BASE_URL": env_str("SWITCHBOARD_OPENAI_BASE_URL", "https://api.openai.com/v1"),
+    # The NAME of the variable holding the API key, so the key stays out of settings and
+    # the database ("" sends no key, as local servers need none).
+    "OPENAI_API_KEY_ENV": env_str("SWITCHBOARD_OPENAI_API_KEY_ENV", "OPENAI_API_KEY"),
+    # The model of a step that names none (Step.model wins).
+    "OPENAI_MODEL": env_str("SWITCHBOARD_OPENAI_MODEL", ""),
 }
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
@@ -272,5 +280,7 @@ LOGGING = {
         # Daphne logs every connection at INFO; that is CPU on the hot path.
         "daphne": {"level": "WARNING"},
         "django.channels.server": {"level": "WARNING"},
+        # httpx2 (the openai backend's client) logs every request at INFO.
+        "httpx2": {"level": "WARNING"},
     },
 }

@@ -11,6 +11,7 @@ than at the call's soft limit. Wait with `request.cancelled.wait(seconds)`, neve
 
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 from collections.abc import Iterator
@@ -19,14 +20,20 @@ from typing import Any, Protocol
 
 
 class ModelError(Exception):
-    def __init__(self, detail: str, transient: bool) -> None:
+    """`transient`: the same call may succeed if tried again. `retry_after_s`: how long the
+    provider asked us to wait before that (its Retry-After), when it said."""
+
+    def __init__(self, detail: str, transient: bool, retry_after_s: float | None = None) -> None:
         super().__init__(detail)
         self.transient = transient
+        self.retry_after_s = retry_after_s
 
 
 class ModelTimeout(ModelError):
-    def __init__(self, detail: str = "model call passed its soft time limit") -> None:
-        super().__init__(detail, transient=False)
+    def __init__(
+        self, detail: str = "model call passed its soft time limit", transient: bool = False
+    ) -> None:
+        super().__init__(detail, transient=transient)
 
 
 class ModelCancelled(ModelError):
@@ -120,8 +127,23 @@ def _bounded_int(value: Any, default: int, low: int, high: int) -> int:
 _backends: dict[str, ModelBackend] = {"simulated": SimulatedBackend()}
 
 
+# Backends built on first use, from settings, in the process that uses them (after a
+# prefork worker's fork, so no connection pool is shared across processes).
+_factories: dict[str, str] = {"openai": "workers.openai_backend.from_settings"}
+_factory_lock = threading.Lock()
+
+
 def get_backend(name: str) -> ModelBackend:
-    return _backends[name]
+    try:
+        return _backends[name]
+    except KeyError:
+        if name not in _factories:
+            raise
+    with _factory_lock:
+        if name not in _backends:
+            module, _, attribute = _factories[name].rpartition(".")
+            register_backend(getattr(importlib.import_module(module), attribute)())
+        return _backends[name]
 
 
 def register_backend(backend: ModelBackend) -> None:

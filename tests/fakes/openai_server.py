@@ -1,0 +1,271 @@
+"""A local OpenAI-compatible chat-completions server for tests: real HTTP/1.1 over a real
+socket (ThreadingHTTPServer on a free port of 127.0.0.1), no internet.
+
+What it does is chosen per request by the model name, read as a query string:
+
+    "stream?pieces=4&delay_ms=20"  stream the prompt in 4 pieces, 20 ms apart (the default)
+    "stream?text=Hello"            stream this text instead of the prompt
+    "stall?after=1"                stream 1 piece, then send nothing until the client leaves
+    "status=429&retry_after=7"     answer 429 with Retry-After: 7 (any status works)
+    "disconnect?after=2"           stream 2 pieces, then drop the connection mid-body
+    "stream?done=0"                end the body cleanly but without `data: [DONE]`
+
+Every request is recorded (`server.calls`) with the pieces sent and how it ended:
+"completed", "client_closed" (the client went away before the end), "disconnected" (the
+server dropped it on purpose) or "error" (a status reply). `wait_for_outcome` lets a test
+wait until the server has seen the end of a call.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs
+
+MAX_WAIT_S = 30.0  # the longest a stall (or a delay) lasts, whatever the test does
+
+
+@dataclass
+class Call:
+    model: str
+    body: dict[str, Any]
+    headers: dict[str, str]
+    peer: tuple[str, int] = ("", 0)  # the client's address: the same for a reused connection
+    pieces_sent: int = 0
+    outcome: str | None = None
+    ended_at: float | None = None
+
+
+@dataclass
+class Behaviour:
+    kind: str = "stream"
+    pieces: int = 4
+    delay_s: float = 0.0
+    text: str | None = None
+    after: int = 0
+    status: int = 200
+    retry_after: str | None = None
+    done: bool = True
+
+    @classmethod
+    def parse(cls, model: str) -> Behaviour:
+        kind, _, query = model.partition("?")
+        if "=" in kind:  # "status=429&retry_after=7": no kind, only parameters
+            kind, query = "status", model
+        params = {name: values[-1] for name, values in parse_qs(query).items()}
+        return cls(
+            kind=kind or "stream",
+            pieces=int(params.get("pieces", 4)),
+            delay_s=float(params.get("delay_ms", 0)) / 1000,
+            text=params.get("text"),
+            after=int(params.get("after", 0)),
+            status=int(params.get("status", 200)),
+            retry_after=params.get("retry_after"),
+            done=params.get("done", "1") != "0",
+        )
+
+
+def split_evenly(text: str, pieces: int) -> list[str]:
+    pieces = max(1, min(pieces, len(text))) if text else 1
+    size, extra = divmod(len(text), pieces)
+    parts, start = [], 0
+    for index in range(pieces):
+        end = start + size + (1 if index < extra else 0)
+        parts.append(text[start:end])
+        start = end
+    return parts
+
+
+class ClientGone(Exception):
+    pass
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: FakeOpenAIServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+        pass
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length) or b"{}")
+        if self.path.rstrip("/").rsplit("/", 2)[-2:] != ["chat", "completions"]:
+            self._json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
+            return
+        model = str(body.get("model", ""))
+        call = Call(
+            model=model,
+            body=body,
+            headers=dict(self.headers.items()),
+            peer=tuple(self.client_address[:2]),
+        )
+        self.server.record(call)
+        behaviour = Behaviour.parse(model)
+        try:
+            if behaviour.kind == "status" or behaviour.status != 200:
+                self._error(behaviour)
+                self.server.end(call, "error")
+                return
+            self._stream(call, behaviour, body)
+        except ClientGone:
+            self.close_connection = True
+            self.server.end(call, "client_closed")
+        except OSError:
+            self.close_connection = True
+            self.server.end(call, "client_closed")
+
+    def _error(self, behaviour: Behaviour) -> None:
+        kinds = {400: "invalid_request_error", 401: "invalid_request_error", 429: "requests"}
+        payload = {
+            "error": {
+                "message": f"fake error {behaviour.status}",
+                "type": kinds.get(behaviour.status, "server_error"),
+                "param": None,
+                "code": "rate_limit_exceeded" if behaviour.status == 429 else None,
+            }
+        }
+        extra = {"Retry-After": behaviour.retry_after} if behaviour.retry_after else {}
+        self._json(behaviour.status, payload, extra)
+
+    def _json(self, status: int, payload: Any, extra: dict[str, str] | None = None) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _stream(self, call: Call, behaviour: Behaviour, body: dict[str, Any]) -> None:
+        text = behaviour.text
+        if text is None:
+            messages = body.get("messages") or [{}]
+            text = str(messages[-1].get("content", ""))
+        pieces = split_evenly(text, behaviour.pieces)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self._event(call.model, {"role": "assistant", "content": ""}, None)
+        limit = behaviour.after if behaviour.kind in ("stall", "disconnect") else len(pieces)
+        for index, piece in enumerate(pieces[:limit]):
+            if index and behaviour.delay_s:
+                self._wait(behaviour.delay_s)
+            self._event(call.model, {"content": piece}, None)
+            call.pieces_sent += 1
+        if behaviour.kind == "stall":
+            self._wait(MAX_WAIT_S)
+            raise ClientGone()  # only a test that forgot to leave gets here
+        if behaviour.kind == "disconnect":
+            # Without the closing chunk: the body is cut off, as when a proxy or the
+            # provider drops the connection.
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+            self.server.end(call, "disconnected")
+            return
+        self._event(call.model, {}, "stop")
+        if behaviour.done:
+            self._chunk(b"data: [DONE]\n\n")
+        self._chunk(b"")
+        self.server.end(call, "completed")
+
+    def _event(self, model: str, delta: dict[str, Any], finish: str | None) -> None:
+        chunk = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        self._chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+
+    def _chunk(self, data: bytes) -> None:
+        self._check_client()
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep, but notice at once a client that closes its end (or a server stop)."""
+        until = time.monotonic() + min(seconds, MAX_WAIT_S)
+        while (left := until - time.monotonic()) > 0 and not self.server.stopping.is_set():
+            readable, _, _ = select.select([self.connection], [], [], min(left, 0.05))
+            if readable:
+                self._check_client()
+        self._check_client()
+
+    def _check_client(self) -> None:
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        if readable:
+            try:
+                gone = self.connection.recv(1, socket.MSG_PEEK) == b""
+            except OSError:
+                gone = True
+            if gone:
+                raise ClientGone()
+
+
+class FakeOpenAIServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.calls: list[Call] = []
+        self.changed = threading.Condition()
+        self.stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> FakeOpenAIServer:
+        self._thread = threading.Thread(
+            target=self.serve_forever, args=(0.05,), name="fake-openai", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.shutdown()
+        self.server_close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client closing an idle keep-alive connection is normal, not worth a traceback."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+    def record(self, call: Call) -> None:
+        with self.changed:
+            self.calls.append(call)
+            self.changed.notify_all()
+
+    def end(self, call: Call, outcome: str) -> None:
+        with self.changed:
+            call.outcome = outcome
+            call.ended_at = time.monotonic()
+            self.changed.notify_all()
+
+    def wait_for_outcome(self, model: str, timeout: float = 5.0) -> Call:
+        """The last call for `model`, once the server has seen how it ended."""
+
+        def ended() -> Call | None:
+            found = [call for call in self.calls if call.model == model]
+            return found[-1] if found and found[-1].outcome else None
+
+        with self.changed:
+            if not self.changed.wait_for(ended, timeout):
+                raise TimeoutError(f"no ended call for {model!r} within {timeout}s")
+            return ended()  # type: ignore[return-value]
