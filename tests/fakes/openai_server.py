@@ -28,6 +28,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
 
+from workers.backends import split_evenly
+
 MAX_WAIT_S = 30.0  # the longest a stall (or a delay) lasts, whatever the test does
 
 
@@ -69,17 +71,6 @@ class Behaviour:
             retry_after=params.get("retry_after"),
             done=params.get("done", "1") != "0",
         )
-
-
-def split_evenly(text: str, pieces: int) -> list[str]:
-    pieces = max(1, min(pieces, len(text))) if text else 1
-    size, extra = divmod(len(text), pieces)
-    parts, start = [], 0
-    for index in range(pieces):
-        end = start + size + (1 if index < extra else 0)
-        parts.append(text[start:end])
-        start = end
-    return parts
 
 
 class ClientGone(Exception):
