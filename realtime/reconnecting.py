@@ -349,23 +349,23 @@ class ReconnectingClient:
         self._streams.setdefault(event["stream"], _Tracked()).presence.put(event)
 
     def _on_event(self, event: Event) -> None:
+        """A sequenced event (join/leave come through `_on_presence`)."""
         stream = event["stream"]
         tracked = self._streams.get(stream)
         if tracked is None:
             tracked = self._streams[stream] = _Tracked()
-        seq = event.get("seq")
-        if seq is not None:
-            if tracked.resyncing:
-                return  # a subscribe from last_seq is coming; it delivers this again
-            last = tracked.last_seq
-            if last is not None and seq <= last:
-                return  # already delivered (a resume from a lagging checkpoint)
-            if last is not None and seq > last + 1:
-                # Lost in flight with the old socket: ask again from what we have.
-                tracked.resyncing = True
-                asyncio.get_running_loop().create_task(self._resync(stream))
-                return
-            tracked.last_seq = seq
+        if tracked.resyncing:
+            return  # a subscribe from last_seq is coming; it delivers this again
+        seq = event["seq"]
+        last = tracked.last_seq
+        if last is not None and seq <= last:
+            return  # already delivered (a resume from a lagging checkpoint)
+        if last is not None and seq > last + 1:
+            # Lost in flight with the old socket: ask again from what we have.
+            tracked.resyncing = True
+            asyncio.get_running_loop().create_task(self._resync(stream))
+            return
+        tracked.last_seq = seq
         self._deliver(tracked, event)
 
     async def _resync(self, stream: str) -> None:
