@@ -1,43 +1,234 @@
-"""Agents: a name, a deadline and a pipeline of model-call steps. Pure definitions."""
+"""Agents: what runs when a message arrives, or when another agent's reply is done.
+
+An agent is a name, a deadline and a pipeline of steps. A step is a model call (`Step`,
+also exported as `ModelStep`) or plain Python (`PythonStep`); each step's output feeds the
+next, and only the steps marked `visible` stream into the reply the client reads. Each step
+runs as its own Celery task with its own soft time limit, retries, rate limit and fallback.
+
+An agent may also subscribe to other agents' events (`On`): a `reply.done` of agent
+`answer` on a stream matching `support:*` starts a run of the subscriber on that stream,
+with the reply's text as its message. How far such chains may go is bounded per tenant
+(its maximum causal depth).
+
+Agents are defined in code, in any installed app's `agents.py` (found at start-up, as
+Celery finds `tasks.py`), and registered with `register` or the `@agent` decorator. This
+module is pure: definitions and the registry, no I/O.
+
+    from orchestration.agents import Agent, On, PythonStep, Step, register
+
+    register(Agent(
+        name="summariser",
+        steps=(Step(backend="openai", prompt="Summarise in one line:\\n{input}"),),
+        subscribes=(On("reply.done", agent="assistant", streams="support:*"),),
+    ))
+"""
 
 from __future__ import annotations
 
+import fnmatch
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from django.conf import settings
+
+# Event kinds an agent may subscribe to. `reply.done` is written by the run's own
+# transaction (FINALIZE_RUN), which also enqueues its subscribers, so no trigger is lost.
+SUBSCRIBABLE_KINDS = frozenset({"reply.done"})
+AGENT_NAME = re.compile(r"\A[a-z0-9][a-z0-9_.-]{0,62}\Z")
+DEFAULT_FALLBACK = "Sorry, the assistant could not answer in time. Please try again."
+
+
+@dataclass(frozen=True, slots=True)
+class StepContext:
+    """What a step sees: the run's message, the previous step's output and every earlier
+    step's output by name. For a run started by a subscription, `message` is the text of
+    the triggering reply and `trigger` says where it came from."""
+
+    tenant: str
+    stream: str
+    agent: str
+    run_id: str
+    message: str
+    input: str
+    outputs: Mapping[str, str]
+    options: Mapping[str, Any]
+    depth: int = 0
+    # {"agent", "run", "event", "status"} of the triggering event; None for a client's send.
+    trigger: Mapping[str, Any] | None = None
+
+
+Prompt = str | Callable[[StepContext], str] | None
 
 
 @dataclass(frozen=True, slots=True)
 class Step:
+    """A model call. `prompt` builds what the model is asked from the context: None sends
+    the step's input; a string is a template over `{input}`, `{message}` and the earlier
+    outputs by name (`{route}`); a function gets the StepContext."""
+
     backend: str
     model: str = ""
+    name: str = ""
+    prompt: Prompt = None
+    # Whether the model's text streams into the reply (reply.delta) or only feeds the
+    # next step.
+    visible: bool = True
     soft_limit_s: float = field(default_factory=lambda: settings.SWITCHBOARD["MODEL_SOFT_LIMIT_S"])
     max_retries: int = field(default_factory=lambda: settings.SWITCHBOARD["MODEL_MAX_RETRIES"])
     # The least time a call of this step can do anything useful in. With less left before
     # the run's deadline (or before its backend's rate limit would let it start) the call
     # is not made: the client gets the fallback at once, reason `deadline` (`rate_limited`).
     min_budget_s: float = 0.5
-    # What the client reads when this step cannot answer (time, errors, deadline).
-    fallback_text: str = "Sorry, the assistant could not answer in time. Please try again."
+    # The step's output when it cannot answer (time, errors, deadline). A run stops there,
+    # `degraded`, with this text as the end of its reply, unless `continue_on_fallback`:
+    # then the text is the step's output and the pipeline goes on (the run still ends
+    # `degraded`, naming the step).
+    fallback_text: str = DEFAULT_FALLBACK
+    continue_on_fallback: bool = False
+    # Calls of this step per tenant: {"rpm": N, "tpm": M} (workers/limits.py), in Redis so
+    # one limit binds every worker. A step waits for its budget while its deadline allows.
+    rate_limit: Mapping[str, int] | None = None
+
+    @property
+    def calls_model(self) -> bool:
+        return True
+
+
+ModelStep = Step
+
+
+@dataclass(frozen=True, slots=True)
+class PythonStep:
+    """Plain Python: `run(context)` returns the step's output. An exception, or a run
+    longer than `soft_limit_s`, gives the fallback. A step past its limit is abandoned,
+    not killed (Python cannot stop a thread), so keep I/O in it bounded by timeouts."""
+
+    run: Callable[[StepContext], str]
+    name: str = ""
+    visible: bool = False
+    soft_limit_s: float = 5.0
+    fallback_text: str = DEFAULT_FALLBACK
+    continue_on_fallback: bool = False
+    min_budget_s: float = 0.05
+
+    @property
+    def calls_model(self) -> bool:
+        return False
+
+
+AnyStep = Step | PythonStep
+
+
+@dataclass(frozen=True, slots=True)
+class On:
+    """An event pattern: `kind` from agent `agent` on streams matching `streams` (shell
+    globs: `support:*`), for `reply.done` only with a status in `statuses`."""
+
+    kind: str = "reply.done"
+    agent: str = "*"
+    streams: str = "*"
+    statuses: tuple[str, ...] = ("ok",)
+
+    def matches(self, kind: str, agent: str, stream: str, status: str | None = None) -> bool:
+        return (
+            kind == self.kind
+            and fnmatch.fnmatchcase(agent, self.agent)
+            and fnmatch.fnmatchcase(stream, self.streams)
+            and (status is None or status in self.statuses)
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class Agent:
     name: str
-    steps: tuple[Step, ...]
+    steps: tuple[AnyStep, ...]
     deadline_s: float = field(default_factory=lambda: settings.SWITCHBOARD["RUN_DEADLINE_S"])
+    subscribes: tuple[On, ...] = ()
+    description: str = ""
+
+    def step_names(self) -> list[str]:
+        """Each step's name: its own, else `step1`, `step2`, ... by position."""
+        return [step.name or f"step{index + 1}" for index, step in enumerate(self.steps)]
 
 
 class UnknownAgent(LookupError):
     pass
 
 
+class BadAgent(ValueError):
+    """A definition that could never run as written; raised at registration (start-up)."""
+
+
 _registry: dict[str, Agent] = {}
 
 
+def validate(agent: Agent) -> None:
+    if not AGENT_NAME.match(agent.name):
+        raise BadAgent(f"agent name {agent.name!r}: lowercase letters, digits, '.', '-', '_'")
+    if not agent.steps:
+        raise BadAgent(f"agent {agent.name!r} has no steps")
+    for step in agent.steps:
+        if not isinstance(step, (Step, PythonStep)):
+            raise BadAgent(f"agent {agent.name!r}: {step!r} is neither a Step nor a PythonStep")
+    names = agent.step_names()
+    if len(set(names)) != len(names):
+        raise BadAgent(f"agent {agent.name!r}: step names must differ, got {names}")
+    for step in agent.steps:
+        if step.soft_limit_s <= 0:
+            raise BadAgent(f"agent {agent.name!r}: a step's soft_limit_s must be positive")
+        if isinstance(step, Step) and step.rate_limit is not None:
+            from workers.limits import BadLimits, parse_limits
+
+            try:
+                parse_limits({agent.name: step.rate_limit})
+            except BadLimits as error:
+                raise BadAgent(f"agent {agent.name!r}: a step's rate_limit: {error}") from None
+    if agent.deadline_s < 0:
+        raise BadAgent(f"agent {agent.name!r}: deadline_s must not be negative")
+    for pattern in agent.subscribes:
+        if pattern.kind not in SUBSCRIBABLE_KINDS:
+            raise BadAgent(
+                f"agent {agent.name!r} subscribes to {pattern.kind!r}; "
+                f"supported: {sorted(SUBSCRIBABLE_KINDS)}"
+            )
+
+
 def register(agent: Agent) -> Agent:
+    """Make the agent available by name (a later definition of the name replaces it)."""
+    validate(agent)
     _registry[agent.name] = agent
     return agent
+
+
+def agent(
+    name: str,
+    *,
+    deadline_s: float | None = None,
+    subscribes: tuple[On, ...] = (),
+    description: str = "",
+) -> Callable[[Callable[[], tuple[AnyStep, ...] | list[AnyStep]]], Agent]:
+    """Decorator form: the decorated function returns the agent's steps.
+
+    @agent("triage", subscribes=(On(agent="intake"),))
+    def triage():
+        return [Step(backend="openai", name="route", visible=False), ...]
+    """
+
+    def define(build: Callable[[], tuple[AnyStep, ...] | list[AnyStep]]) -> Agent:
+        extra: dict[str, Any] = {} if deadline_s is None else {"deadline_s": deadline_s}
+        return register(
+            Agent(
+                name=name,
+                steps=tuple(build()),
+                subscribes=tuple(subscribes),
+                description=description or (build.__doc__ or "").strip(),
+                **extra,
+            )
+        )
+
+    return define
 
 
 def get_agent(name: str) -> Agent:
@@ -49,6 +240,38 @@ def get_agent(name: str) -> Agent:
 
 def agent_names() -> list[str]:
     return sorted(_registry)
+
+
+def subscribers(kind: str, from_agent: str, stream: str, status: str | None = None) -> list[Agent]:
+    """The agents an event starts, by name (each once, whatever number of its patterns
+    match)."""
+    return [
+        candidate
+        for name, candidate in sorted(_registry.items())
+        if any(p.matches(kind, from_agent, stream, status) for p in candidate.subscribes)
+    ]
+
+
+class _Outputs(dict[str, str]):
+    """Template lookups: an unknown name is left as written rather than failing the step
+    (a prompt may contain braces of its own, e.g. JSON examples)."""
+
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def render_prompt(prompt: Prompt, context: StepContext) -> str:
+    if prompt is None:
+        return context.input
+    if callable(prompt):
+        return prompt(context)
+    values = _Outputs(context.outputs)
+    values.update(input=context.input, message=context.message)
+    try:
+        return prompt.format_map(values)
+    except (ValueError, IndexError, AttributeError, KeyError):
+        # Braces the template did not mean as fields ("{" alone, "{0}"): taken literally.
+        return prompt
 
 
 # The built-in agent: replies with the message text through the simulated backend.

@@ -21,6 +21,8 @@ import orjson
 ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"
 # A ticket: "run the first step of whichever queued run is fairly next" (fairness.py).
 RUN_NEXT_TASK = "switchboard.run.next"
+# "An agent's reply is done: start the agents subscribed to it" (triggers.py).
+TRIGGER_TASK = "switchboard.agents.trigger"
 
 
 def celery_message(
@@ -90,3 +92,10 @@ def enqueue_ticket() -> None:
     from orchestration.tasks import run_next
 
     run_next.apply_async()
+
+
+def enqueue_trigger(run_id: str, event_id: str) -> None:
+    """Publish a subscription trigger through Celery itself (any broker)."""
+    from orchestration.tasks import trigger_subscribers
+
+    trigger_subscribers.apply_async(args=[run_id, event_id])

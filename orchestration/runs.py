@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -27,7 +27,13 @@ import orjson
 import redis
 from django.conf import settings
 
-from orchestration.enqueue import broker_is_redis_at, celery_message, enqueue_step
+from orchestration.enqueue import (
+    TRIGGER_TASK,
+    broker_is_redis_at,
+    celery_message,
+    enqueue_step,
+    enqueue_trigger,
+)
 from realtime import keys, scripts
 from realtime.events import (
     cause_of,
@@ -42,6 +48,8 @@ from realtime.streams import RUN_RECORD_GRACE_S, RUN_STEP_TASK, RUNS_QUEUE
 logger = logging.getLogger(__name__)
 
 FINISHED_RUN_TTL_S = 3600
+# Run hash fields `out.0`, `out.1`, ...: each finished step's output, for the steps after it.
+OUTPUT_FIELD = "out."
 # Lost leases a run survives. A step that keeps killing its worker (a prompt that runs it
 # out of memory, say) is ended with `failed` rather than handed to worker after worker.
 MAX_REDELIVERIES = 3
@@ -76,6 +84,16 @@ class Run:
     redeliveries: int = 0
     # time.monotonic() of this owner's last lease renewal (claim, append or heartbeat).
     renewed_at: float = 0.0
+    # Runs started by a subscription (orchestration/triggers.py): how many runs led here
+    # from a client's message, and the events along the way (that message first).
+    depth: int = 0
+    chain: list[str] = field(default_factory=list)
+    trigger: dict[str, Any] | None = None
+    # The tenant's overrides for this agent (model, api_key_env, base_url), as accepted.
+    agent_config: dict[str, str] = field(default_factory=dict)
+    # Earlier steps' outputs by index, and the step that gave its fallback and went on.
+    outputs: dict[int, str] = field(default_factory=dict)
+    fell_back: str = ""
 
     @classmethod
     def from_hash(cls, run_id: str, fields: dict[str, str]) -> Run:
@@ -97,13 +115,33 @@ class Run:
             owner=fields.get("owner", ""),
             step=int(fields.get("step") or 0),
             redeliveries=int(fields.get("redeliveries") or 0),
+            depth=int(fields.get("depth") or 0),
+            chain=orjson.loads(fields["chain"]) if fields.get("chain") else [],
+            trigger=orjson.loads(fields["trigger"]) if fields.get("trigger") else None,
+            agent_config=orjson.loads(fields["agent_cfg"]) if fields.get("agent_cfg") else {},
+            outputs={
+                int(name[len(OUTPUT_FIELD) :]): value
+                for name, value in fields.items()
+                if name.startswith(OUTPUT_FIELD)
+            },
+            fell_back=fields.get("fell_back", ""),
         )
 
     def seconds_left(self) -> float:
         return self.deadline - time.time()
 
     def cause(self) -> dict[str, Any]:
-        return cause_of(self.client, self.message_id, self.message_event)
+        cause = cause_of(self.client, self.message_id, self.message_event)
+        if self.depth:
+            # A triggered run: `prev` is the event that started it, `chain` every event from
+            # the client's message to that one.
+            cause["depth"] = self.depth
+            cause["chain"] = self.chain
+        return cause
+
+    def events_so_far(self) -> list[str]:
+        """The chain a run started by this run's events carries before its own trigger."""
+        return self.chain if self.chain else [self.message_event]
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +168,9 @@ class RunStore:
         self._renew = client.register_script(scripts.RENEW_LEASE)
         self._hand_over = client.register_script(scripts.HAND_OVER)
         self._redeliver = client.register_script(scripts.REDELIVER_STEP)
+        self._save_output = client.register_script(scripts.SAVE_OUTPUT)
+        # Called by orchestration/triggers.py, which builds its keys and arguments.
+        self.start_triggered_run = client.register_script(scripts.START_TRIGGERED_RUN)
 
     def load(self, run_id: str) -> Run | None:
         raw = self.client.hgetall(keys.run(run_id))
@@ -240,6 +281,8 @@ class RunStore:
         data_at = suffix.index(',"data":') + len(',"data":')
         detail_at = suffix.index(',"detail":', data_at)
         text_prefix = suffix[:detail_at] + ',"text":'
+        # Agents subscribed to this reply: their trigger task goes in with the event.
+        trigger_message, enqueue_after = _trigger_message(run, status, event_id)
         code, value = self._finalize(
             keys=[
                 keys.stream_seq(tenant, stream),
@@ -248,6 +291,7 @@ class RunStore:
                 keys.run_text(run_id),
                 keys.RUN_DEADLINES,
                 keys.RUN_LEASES,
+                keys.celery_queue(RUNS_QUEUE),
             ],
             args=[
                 keys.stream_channel(tenant, stream),
@@ -259,10 +303,15 @@ class RunStore:
                 status,
                 run_id,
                 FINISHED_RUN_TTL_S,
+                trigger_message,
             ],
         )
         if code == -2:
             raise Fenced(run_id)
+        if code == 1 and enqueue_after:
+            # Another broker: published after the script. A crash in between loses this
+            # trigger (its subscribers do not run); with the broker in this Redis it cannot.
+            enqueue_trigger(run_id, event_id)
         if code == 1:
             logger.info(
                 "run finished tenant=%s stream=%s run=%s status=%s seq=%s",
@@ -273,6 +322,18 @@ class RunStore:
                 value,
             )
         return code == 1
+
+    def save_output(self, run: Run, step: int, output: str, fell_back: str = "") -> None:
+        """Keep a finished step's output for the steps after it (owner only)."""
+        saved = self._save_output(
+            keys=[keys.run(run.run_id)],
+            args=[run.owner, f"{OUTPUT_FIELD}{step}", output, fell_back],
+        )
+        if not saved:
+            raise Fenced(run.run_id)
+        run.outputs[step] = output
+        if fell_back:
+            run.fell_back = fell_back
 
     def text_of(self, run_id: str) -> str:
         raw = self.client.get(keys.run_text(run_id))
@@ -337,6 +398,19 @@ class RunStore:
         if code == -2:
             return Redelivery("exhausted", run_id, found.tenant, step_index, int(value))
         return found
+
+
+def _trigger_message(run: Run, status: str, event_id: str) -> tuple[str, bool]:
+    """(Celery message for the trigger task, or "", whether to publish it after instead)
+    when some agent subscribes to this run's reply.done."""
+    from orchestration.agents import subscribers
+
+    if not subscribers("reply.done", run.agent, run.stream, status):
+        return "", False
+    if not broker_is_redis_at(settings.CELERY_BROKER_URL, settings.REDIS_URL):
+        return "", True
+    _, message = celery_message(TRIGGER_TASK, [run.run_id, event_id], RUNS_QUEUE)
+    return message, False
 
 
 class LeaseKeeper:

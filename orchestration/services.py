@@ -6,15 +6,24 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from orchestration.agents import Step, UnknownAgent, get_agent
+from orchestration.agents import (
+    Agent,
+    PythonStep,
+    Step,
+    StepContext,
+    UnknownAgent,
+    get_agent,
+    render_prompt,
+)
 from orchestration.coalesce import Coalescer
 from orchestration.runs import Fenced, LeaseKeeper, Run, RunFinished, RunStore
 from realtime.buckets import SyncBuckets
 from workers import limits
-from workers.backends import ModelCancelled, ModelError, ModelRequest, get_backend
+from workers.backends import ModelCancelled, ModelError, ModelRequest, ModelTimeout, get_backend
 
 logger = logging.getLogger(__name__)
 
@@ -82,32 +91,46 @@ def _execute_claimed(
         return StepOutcome()
     # Deadline propagation: a call that cannot get its minimum useful time is not started.
     if _time_for_call(run) < step.min_budget_s:
-        return _fall_back(store, run, step, "deadline")
-    waited = _take_backend_budget(store, run, step, lost)
+        return _fall_back(store, run, agent, step_index, "deadline")
+    try:
+        context = step_context(run, agent, step_index)
+        prompt = render_prompt(step.prompt, context) if isinstance(step, Step) else ""
+    except Exception:
+        logger.exception(
+            "step's prompt failed tenant=%s run=%s step=%s", run.tenant, run.run_id, step_index
+        )
+        return _fall_back(store, run, agent, step_index, "internal")
+    if isinstance(step, PythonStep):
+        return _execute_python(store, run, agent, step_index, context, lost)
+    waited = _take_budgets(store, run, agent, step_index, prompt, lost)
     if waited == "lost":
         return _abandoned(run, step_index)
     if waited == "rate_limited":
-        return _fall_back(store, run, step, "rate_limited")
+        return _fall_back(store, run, agent, step_index, "rate_limited")
     time_for_call = _time_for_call(run)  # again: the budget may have been waited for
     if time_for_call < step.min_budget_s:
-        return _fall_back(store, run, step, "deadline")
+        return _fall_back(store, run, agent, step_index, "deadline")
     call_budget = min(step.soft_limit_s, time_for_call)
     deadline = time.monotonic() + call_budget
     backend = get_backend(step.backend)
+    overrides = run.agent_config if step.backend != "simulated" else {}
     request = ModelRequest(
-        model=step.model,
-        prompt=run.text,
+        model=overrides.get("model") or step.model,
+        prompt=prompt,
         options=run.options,
         attempt=retries_so_far + 1,
         cancelled=lost,
+        api_key_env=overrides.get("api_key_env", ""),
+        base_url=overrides.get("base_url", ""),
     )
     # A retried call regenerates from the start; what earlier attempts already emitted is
-    # skipped so the client never sees a character twice.
-    to_skip = run.emitted - run.step_base
+    # skipped so the client never sees a character twice. A hidden step emits nothing.
+    to_skip = run.emitted - run.step_base if step.visible else 0
     # Pieces are appended in coalesced deltas (orchestration/coalesce.py); what is still
     # buffered is appended before the call's outcome is acted on, or dropped if the run
-    # stopped needing it.
+    # stopped needing it. A hidden step's pieces are only collected, for the next step.
     coalescer = _coalescer()
+    produced: list[str] = []
     started = time.monotonic()
     try:
         for piece in backend.stream(request, deadline):
@@ -115,11 +138,15 @@ def _execute_claimed(
                 # A backend that does not watch the event is still stopped here, at its
                 # next piece, without a write.
                 raise ModelCancelled()
-            if to_skip:
-                dropped = min(to_skip, len(piece))
-                piece, to_skip = piece[dropped:], to_skip - dropped
-            if text := coalescer.add(piece):
-                store.append_delta(run, text)
+            if not step.visible:
+                produced.append(piece)
+            else:
+                if to_skip:
+                    dropped = min(to_skip, len(piece))
+                    piece, to_skip = piece[dropped:], to_skip - dropped
+                produced.append(piece)
+                if text := coalescer.add(piece):
+                    store.append_delta(run, text)
             if time.monotonic() > deadline:
                 raise ModelError("model call passed its soft time limit", transient=False)
         _append_pending(store, run, coalescer, lost)
@@ -140,26 +167,138 @@ def _execute_claimed(
             error,
         )
         if error.transient and retries_so_far < step.max_retries:
-            backoff = _backoff_s(retries_so_far)
+            # The provider's Retry-After, when it gave one, is the least wait.
+            backoff = max(_backoff_s(retries_so_far), error.retry_after_s or 0.0)
             if _time_for_call(run) > backoff + step.min_budget_s:
                 return StepOutcome(retry_in_s=backoff)
         reason = "timeout" if "time limit" in str(error) else "model_error"
-        return _fall_back(store, run, step, reason)
+        return _fall_back(store, run, agent, step_index, reason)
     except (Fenced, RunFinished):
         raise
     except SoftTimeLimitExceeded:
         logger.warning("step hit Celery's soft time limit run=%s step=%s", run.run_id, step_index)
         _append_pending(store, run, coalescer, lost)
-        return _fall_back(store, run, step, "timeout")
+        return _fall_back(store, run, agent, step_index, "timeout")
     except Exception:
         # A bug or an unclassified backend failure still owes the client its reply.done.
         logger.exception("step failed run=%s step=%s", run.run_id, step_index)
         _append_pending(store, run, coalescer, lost)
-        return _fall_back(store, run, step, "internal")
+        return _fall_back(store, run, agent, step_index, "internal")
+    output = "".join(produced)
+    if step.visible and run.emitted - run.step_base != len(output):
+        # A retry skipped what an earlier attempt streamed: the output is what the client
+        # read, from the reply itself.
+        output = store.text_of(run.run_id)[run.step_base :]
+    return _step_done(store, run, agent, step_index, output)
+
+
+def step_context(run: Run, agent: Agent, step_index: int) -> StepContext:
+    """What step `step_index` of the run sees: the earlier steps' outputs by name."""
+    names = agent.step_names()
+    outputs = {
+        names[index]: run.outputs[index] for index in range(step_index) if index in run.outputs
+    }
+    previous = run.outputs.get(step_index - 1) if step_index else None
+    return StepContext(
+        tenant=run.tenant,
+        stream=run.stream,
+        agent=run.agent,
+        run_id=run.run_id,
+        message=run.text,
+        input=run.text if previous is None else previous,
+        outputs=outputs,
+        options=run.options,
+        depth=run.depth,
+        trigger=run.trigger,
+    )
+
+
+def _step_done(
+    store: RunStore, run: Run, agent: Agent, step_index: int, output: str, fell_back: str = ""
+) -> StepOutcome:
+    """A step has its output: hand it to the next step, or end the run."""
     if step_index + 1 < len(agent.steps):
+        store.save_output(run, step_index, output, fell_back)
         return StepOutcome(next_step=step_index + 1)
-    store.finalize(run.run_id, "ok", None, owner=run.owner, run=run)
+    fell_back = fell_back or run.fell_back
+    if fell_back:
+        # An earlier step gave its fallback and the pipeline went on.
+        reason, _, step_name = fell_back.partition(":")
+        detail = {"reason": reason, "step": step_name}
+        store.finalize(run.run_id, "degraded", detail, owner=run.owner, run=run)
+    else:
+        store.finalize(run.run_id, "ok", None, owner=run.owner, run=run)
     return StepOutcome()
+
+
+def _execute_python(
+    store: RunStore,
+    run: Run,
+    agent: Agent,
+    step_index: int,
+    context: StepContext,
+    lost: threading.Event,
+) -> StepOutcome:
+    step = agent.steps[step_index]
+    assert isinstance(step, PythonStep)
+    budget = min(step.soft_limit_s, _time_for_call(run))
+    try:
+        output = _call_in_thread(step, context, budget, lost, f"{run.run_id}:{step_index}")
+    except ModelCancelled:
+        return _abandoned(run, step_index)
+    except ModelTimeout:
+        logger.warning(
+            "python step passed its soft limit tenant=%s run=%s step=%s limit=%.3fs",
+            run.tenant,
+            run.run_id,
+            step_index,
+            budget,
+        )
+        return _fall_back(store, run, agent, step_index, "timeout")
+    except Exception:
+        logger.exception(
+            "python step failed tenant=%s run=%s step=%s", run.tenant, run.run_id, step_index
+        )
+        return _fall_back(store, run, agent, step_index, "internal")
+    if step.visible and output and run.emitted == run.step_base:
+        # Not on a redelivery that already streamed it.
+        store.append_delta(run, output)
+    return _step_done(store, run, agent, step_index, output)
+
+
+def _call_in_thread(
+    step: PythonStep, context: StepContext, budget_s: float, lost: threading.Event, label: str
+) -> str:
+    """Run the step's function with a time limit. Python cannot stop a thread, so one that
+    overruns is left to finish in the background (daemon) while the run moves on."""
+    result: dict[str, Any] = {}
+    finished = threading.Event()
+
+    def target() -> None:
+        try:
+            result["value"] = step.run(context)
+        except BaseException as error:  # handed to the step's thread, re-raised there
+            result["error"] = error
+        finally:
+            finished.set()
+
+    threading.Thread(target=target, name=f"python-step-{label}", daemon=True).start()
+    until = time.monotonic() + budget_s
+    while not finished.wait(min(max(until - time.monotonic(), 0), 0.1)):
+        if lost.is_set():
+            raise ModelCancelled()
+        if time.monotonic() >= until:
+            raise ModelTimeout()
+    if "error" in result:
+        raise result["error"]
+    value = result.get("value")
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise TypeError(
+            f"python step {step.name or step.run!r} returned {type(value).__name__}, not str"
+        )
+    return value
 
 
 def _coalescer() -> Coalescer:
@@ -196,29 +335,44 @@ def _abandoned(run: Run, step_index: int) -> StepOutcome:
     return StepOutcome()
 
 
-def _take_backend_budget(store: RunStore, run: Run, step: Step, lost: threading.Event) -> str:
-    """Take one call's worth from the backend's rate limits (global, in Redis), waiting for
-    it while the run can afford to. "ok" (paid, or the backend is not limited),
-    "rate_limited" (it would come back too late to make a useful call before the deadline,
-    or never) or "lost" (the run stopped needing the call while it waited). The wait
-    never passes the deadline; the lease keeper keeps the lease alive meanwhile."""
-    limit = _backend_limits().get(step.backend)
-    if limit is None:
-        return "ok"
-    budget = limits.BackendBudget(_buckets(store), step.backend, limit, run.text)
-    while (wait_ms := budget.take()) != 0:
-        if limits.decide(wait_ms, _time_for_call(run), step.min_budget_s) == limits.GIVE_UP:
-            logger.warning(
-                "model call not started: backend %s over its rate limit tenant=%s run=%s "
-                "wait_ms=%s",
+def _take_budgets(
+    store: RunStore, run: Run, agent: Agent, step_index: int, prompt: str, lost: threading.Event
+) -> str:
+    """Take one call's worth from the backend's rate limits (global) and the step's own
+    (per tenant), in Redis, waiting for them while the run can afford to. "ok" (paid, or
+    not limited), "rate_limited" (they would come back too late to make a useful call
+    before the deadline, or never) or "lost" (the run stopped needing the call while it
+    waited). The wait never passes the deadline; the lease keeper keeps the lease alive."""
+    step = agent.steps[step_index]
+    assert isinstance(step, Step)
+    budgets = []
+    backend_limit = _backend_limits().get(step.backend)
+    if backend_limit is not None:
+        budgets.append(
+            (
                 step.backend,
-                run.tenant,
-                run.run_id,
-                wait_ms,
+                limits.BackendBudget(_buckets(store), step.backend, backend_limit, prompt),
             )
-            return "rate_limited"
-        if lost.wait(wait_ms / 1000):
-            return "lost"
+        )
+    if step.rate_limit:
+        scope = f"{run.tenant}:{agent.name}:{agent.step_names()[step_index]}"
+        step_limit = limits.parse_limits({scope: step.rate_limit})[scope]
+        budgets.append(
+            (scope, limits.BackendBudget(_buckets(store), scope, step_limit, prompt, kind="step"))
+        )
+    for scope, budget in budgets:
+        while (wait_ms := budget.take()) != 0:
+            if limits.decide(wait_ms, _time_for_call(run), step.min_budget_s) == limits.GIVE_UP:
+                logger.warning(
+                    "model call not started: %s over its rate limit tenant=%s run=%s wait_ms=%s",
+                    scope,
+                    run.tenant,
+                    run.run_id,
+                    wait_ms,
+                )
+                return "rate_limited"
+            if lost.wait(wait_ms / 1000):
+                return "lost"
     return "ok"
 
 
@@ -251,11 +405,24 @@ def _cancel_check_s() -> float:
     return settings.SWITCHBOARD.get("CANCEL_CHECK_S", 0.5)
 
 
-def _fall_back(store: RunStore, run: Run, step: Step, reason: str) -> StepOutcome:
-    """The degraded answer: the step's fallback text after whatever was already streamed."""
+def _fall_back(
+    store: RunStore, run: Run, agent: Agent, step_index: int, reason: str
+) -> StepOutcome:
+    """The step cannot answer: its fallback text. The run ends `degraded` with that text
+    after whatever was already streamed, or, for a step that continues on fallback, the
+    text is its output and the pipeline goes on."""
+    step = agent.steps[step_index]
+    name = agent.step_names()[step_index]
+    if step.continue_on_fallback and step_index + 1 < len(agent.steps):
+        if step.visible and step.fallback_text and run.emitted == run.step_base:
+            store.append_delta(run, step.fallback_text)
+        return _step_done(store, run, agent, step_index, step.fallback_text, f"{reason}:{name}")
     separator = "\n" if run.emitted else ""
     store.append_delta(run, separator + step.fallback_text)
-    store.finalize(run.run_id, "degraded", {"reason": reason}, owner=run.owner, run=run)
+    detail = {"reason": reason}
+    if len(agent.steps) > 1:
+        detail["step"] = name
+    store.finalize(run.run_id, "degraded", detail, owner=run.owner, run=run)
     return StepOutcome()
 
 

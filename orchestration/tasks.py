@@ -7,7 +7,7 @@ import logging
 from celery import shared_task
 from django.conf import settings
 
-from orchestration import services
+from orchestration import services, triggers
 from orchestration.fairness import FairQueue
 from orchestration.runs import RunStore
 from realtime.redis_clients import sync_client
@@ -87,3 +87,16 @@ def run_next() -> None:
 def sweep_runs() -> int:
     """Ends overdue runs and redelivers steps whose worker died; returns how many ended."""
     return services.sweep_runs(_store()).ended
+
+
+@shared_task(
+    name="switchboard.agents.trigger",
+    ignore_result=True,
+    # A few Redis round trips and at most one database read per subscriber.
+    soft_time_limit=30,
+    time_limit=60,
+)
+def trigger_subscribers(run_id: str, event_id: str) -> None:
+    """An agent's reply.done that other agents subscribe to: start each of them once
+    (orchestration/triggers.py). Queued by FINALIZE_RUN with the event itself."""
+    triggers.start_subscribers(_store(), run_id, event_id)

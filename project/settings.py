@@ -56,6 +56,12 @@ INSTALLED_APPS = [
     "orchestration",
     "workers",
 ]
+# The example agents (examples/agents.py: a streaming assistant and a summariser that
+# reacts to it) are on unless turned off; they call the "openai" backend.
+if env_bool("SWITCHBOARD_EXAMPLE_AGENTS", True):
+    INSTALLED_APPS.append("examples")
+# Your own apps with agents.py modules, without editing this file (comma-separated).
+INSTALLED_APPS += env_list("SWITCHBOARD_EXTRA_APPS", "")
 # Benchmarks add their baseline consumers and tasks; never on in production.
 if env_bool("SWITCHBOARD_BENCH", False):
     INSTALLED_APPS.append("bench")
@@ -226,6 +232,8 @@ SWITCHBOARD = {
     "CLIENT_BURST": env_int("SWITCHBOARD_CLIENT_BURST", 40),
     "TENANT_MESSAGES_PER_S": env_int("SWITCHBOARD_TENANT_MESSAGES_PER_S", 2_000),
     "TENANT_BURST": env_int("SWITCHBOARD_TENANT_BURST", 4_000),
+    # Default per-tenant chain of runs triggered by runs' events: stops agents' ping-pong.
+    "MAX_CAUSAL_DEPTH": env_int("SWITCHBOARD_MAX_CAUSAL_DEPTH", 3),
     # How long a session outlives its last connection; a reconnect within it resumes.
     "SESSION_TTL_S": env_int("SWITCHBOARD_SESSION_TTL_S", 300),
     # How often a gateway writes its open sessions' delivered positions to Redis: the most

@@ -2,15 +2,18 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+from django import forms
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
+from django.db import models
 from django.http import Http404, HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html
 from redis.exceptions import RedisError
 
-from realtime.models import Tenant
+from orchestration.agents import agent_names
+from realtime.models import Tenant, TenantAgent
 from realtime.receipts import RECEIPT_TTL_S, tenant_receipts
 from realtime.redis_clients import sync_client
 
@@ -19,6 +22,34 @@ logger = logging.getLogger(__name__)
 # The receipts page is a look, not an export: bounded whatever a tenant has.
 RECEIPT_STREAMS_SHOWN = 100
 RECEIPT_CLIENTS_SHOWN = 200
+
+
+class TenantAgentForm(forms.ModelForm):
+    """`agent` is a choice of the agents defined in code, read when the form is built (the
+    registry is code, not data), so a typo cannot be saved as a grant that never matches."""
+
+    agent = forms.ChoiceField(choices=())
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        names = agent_names()
+        saved = self.instance.agent if self.instance.pk else ""
+        choices = [("", "---------")] + [(name, name) for name in names]
+        if saved and saved not in names:
+            # An agent removed from code: its old row stays shown and savable (to disable or
+            # delete it), instead of failing validation for a field nobody changed.
+            choices.append((saved, f"{saved} (not defined in code)"))
+        field = self.fields["agent"]
+        assert isinstance(field, forms.ChoiceField)
+        field.choices = choices
+
+
+class TenantAgentInline(admin.TabularInline):
+    model = TenantAgent
+    form = TenantAgentForm
+    extra = 0
+    # Django 6's default, said now: a base URL typed without a scheme is taken as https.
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
 
 
 @admin.register(Tenant)
@@ -51,8 +82,20 @@ class TenantAdmin(admin.ModelAdmin):
                 )
             },
         ),
+        (
+            "Agents",
+            {
+                "fields": ("all_agents", "max_causal_depth"),
+                "description": (
+                    "The grants below enable or disable single agents and may change their "
+                    "model and provider for this tenant's runs. API keys are referenced by "
+                    "environment variable name, never stored here."
+                ),
+            },
+        ),
         (None, {"fields": ("receipts_link", "created_at", "updated_at")}),
     )
+    inlines = (TenantAgentInline,)
 
     @admin.display(description="receipts")
     def receipts_link(self, obj: Tenant | None) -> str:

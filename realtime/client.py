@@ -135,6 +135,14 @@ class Inbox:
         return items.popleft()
 
 
+def answers_own_send(event: Event, client: str | None) -> bool:
+    """Whether a reply event belongs to the run one of `client`'s sends started. Runs that
+    other agents' replies started (their cause has a `depth`) keep the sender's client and
+    message id in their cause too, but are not that send's reply."""
+    cause = event["cause"]
+    return cause.get("client") == client and not cause.get("depth")
+
+
 class ReplyCollector:
     """One run's reply as it streams: its deltas in order, then its reply.done."""
 
@@ -595,7 +603,7 @@ class SwitchboardClient:
     def _collect_reply(self, event: Event) -> None:
         data = event["data"]
         collector = self._replies.get(data["run"])
-        if collector is None and event["cause"].get("client") == self.client:
+        if collector is None and answers_own_send(event, self.client):
             collector = self._replies.get(event["cause"].get("message"))
         if collector is not None:
             collector.add(event)

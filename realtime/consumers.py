@@ -730,6 +730,12 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         except UnknownAgent:
             raise ProtocolError("not_found", f"no agent named {frame.agent!r}", frame.id) from None
         limits = await self._take_message_token(frame.id)
+        # Checked on the tenant's cached settings (fresh within SWITCHBOARD_TENANT_CACHE_S,
+        # no database read here), after the token: refused sends are paid for like others.
+        if not limits.may_use(agent.name):
+            raise ProtocolError(
+                "forbidden", f"agent {agent.name!r} is not enabled for this tenant", frame.id
+            )
         await self._ensure_subscribed(frame.stream)
         identity = self.identity
         try:
@@ -744,6 +750,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                     limits.max_runs_in_flight_per_connection,
                     limits.max_queued_runs,
                 ),
+                agent_config=limits.agent_overrides(agent.name),
             )
         except LimitReached as reached:
             if reached.code == "rate_limited":

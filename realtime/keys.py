@@ -44,6 +44,11 @@ def run_text(run_id: str) -> str:
     return f"{PREFIX}:run:{run_id}:text"
 
 
+def trigger(tenant: str, event_id: str, agent: str) -> str:
+    """String: the run an event started for a subscribed agent (at most one per pair)."""
+    return f"{PREFIX}:trig:{tenant}:{event_id}:{agent}"
+
+
 RUN_DEADLINES = f"{PREFIX}:runs:deadlines"
 # Sorted set: run id -> when its claimed step's lease runs out (epoch s, Redis clock).
 RUN_LEASES = f"{PREFIX}:runs:leases"

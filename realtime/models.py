@@ -69,6 +69,22 @@ class Tenant(models.Model):
         default=1,
         help_text="Share of worker time when tenants compete (fair scheduling).",
     )
+    # Which agents the tenant may run (issue: every tenant could run every agent in code).
+    all_agents = models.BooleanField(
+        default=True,
+        help_text=(
+            "Allow every agent defined in code; untick to allow only the agents enabled below."
+        ),
+    )
+    # Agents triggered by other agents' events could otherwise loop forever.
+    max_causal_depth = models.PositiveSmallIntegerField(
+        default=settings.SWITCHBOARD["MAX_CAUSAL_DEPTH"],
+        help_text=(
+            "How many agent runs may follow one another by subscription (a run caused by an "
+            "event of a run caused by ...). A client's own message starts depth 0; a "
+            "triggered run deeper than this is refused."
+        ),
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -95,3 +111,58 @@ LIMIT_FIELDS = (
     "tenant_messages_per_s",
     "tenant_burst",
 )
+
+
+# An environment variable name, not a value: API keys never reach the database.
+ENV_NAME_PATTERN = r"\A[A-Z_][A-Z0-9_]*\Z"
+
+
+class TenantAgent(models.Model):
+    """One agent's enablement and overrides for one tenant. A grant decides for its agent
+    whatever Tenant.all_agents says; the overrides apply to the tenant's runs only."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="agent_grants")
+    # A name from the code's registry (orchestration.agents); the admin offers only those.
+    agent = models.CharField(max_length=100)
+    enabled = models.BooleanField(default=True)
+    model = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text=(
+            "Model name used instead of the one in the agent's code for this tenant's runs "
+            "(model-calling steps other than the simulated backend)."
+        ),
+    )
+    api_key_env = models.CharField(
+        max_length=100,
+        blank=True,
+        validators=[
+            RegexValidator(
+                ENV_NAME_PATTERN, "an environment variable name: A-Z, 0-9 and _, not a key"
+            )
+        ],
+        help_text=(
+            "NAME of the environment variable holding this tenant's API key for the model "
+            "provider. The key itself is never stored."
+        ),
+    )
+    base_url = models.URLField(
+        blank=True,
+        help_text=(
+            "OpenAI-compatible endpoint for this tenant's calls, instead of "
+            "SWITCHBOARD_OPENAI_BASE_URL."
+        ),
+    )
+
+    class Meta:
+        ordering = ["agent"]
+        unique_together = [("tenant", "agent")]
+        verbose_name = "agent grant"
+
+    def __str__(self) -> str:
+        state = "enabled" if self.enabled else "disabled"
+        return f"{self.agent} ({state})"
+
+
+# What a grant may override in the agent's code, passed to workers with the run.
+AGENT_OVERRIDE_FIELDS = ("model", "api_key_env", "base_url")

@@ -41,6 +41,7 @@ from realtime.client import (
     SwitchboardClient,
     SwitchboardClosed,
     SwitchboardError,
+    answers_own_send,
 )
 
 logger = logging.getLogger(__name__)
@@ -380,7 +381,7 @@ class ReconnectingClient:
 
     def _deliver(self, tracked: _Tracked, event: Event) -> None:
         kind = event["kind"]
-        if kind.startswith("reply.") and event["cause"].get("client") == self.client:
+        if kind.startswith("reply.") and answers_own_send(event, self.client):
             collector = self._replies.get(event["cause"].get("message"))
             if collector is not None:
                 collector.add(event)

@@ -205,9 +205,9 @@ return {1, seq}
 
 # The run's one terminal event. Its text is everything the deltas appended, so the final
 # text always equals their concatenation, whoever finishes the run (worker or sweeper).
-# KEYS: seq, log, run, run_text, run_deadlines, run_leases
+# KEYS: seq, log, run, run_text, run_deadlines, run_leases, celery_queue
 # ARGV: channel, prefix, text_prefix, suffix, maxlen, owner_token ('' = any owner: sweeper),
-#       status, run_id, finished_ttl_s
+#       status, run_id, finished_ttl_s, trigger_message ('' = no agent subscribes)
 # Returns {1, seq}; {0, existing_seq} already finished; {-2, owner} fenced; {-1, ''} no run.
 FINALIZE_RUN = (
     """
@@ -236,9 +236,69 @@ redis.call('EXPIRE', run_key, ARGV[9])
 redis.call('EXPIRE', text_key, ARGV[9])
 redis.call('ZREM', deadlines_key, ARGV[8])
 redis.call('ZREM', leases_key, ARGV[8])
+-- Agents subscribed to this reply.done (orchestration/triggers.py): their trigger task is
+-- queued by the same transaction that writes the event, so no trigger is ever lost.
+if ARGV[10] and ARGV[10] ~= '' then redis.call('LPUSH', KEYS[7], ARGV[10]) end
 return {1, seq}
 """
 )
+
+# A step's output, for the steps after it (orchestration/services.py), written only by the
+# step's current owner. `fell_back` records that a step gave its fallback and the run went
+# on: the run then ends `degraded`, naming it.
+# KEYS: run   ARGV: owner_token, field, output, fell_back ('' = none)
+# Returns 1, or 0 when the caller no longer owns a running step.
+SAVE_OUTPUT = """
+local run = redis.call('HMGET', KEYS[1], 'status', 'owner')
+if run[1] ~= 'running' or run[2] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'fell_back', ARGV[4]) end
+return 1
+"""
+
+# A run started by an event an agent subscribed to (orchestration/triggers.py): its record,
+# deadline and first task, at most once per (triggering event, agent) however often the
+# trigger is delivered. It counts as queued for its tenant like a client's run.
+# KEYS: trigger_dedupe, run, run_deadlines, celery_queue, runs_queued, fair_queue,
+#       fair_ring, fair_weights
+# ARGV: run_id, deadline_epoch_s, run_ttl_s, dedupe_ttl_s, celery_message ('' = the caller
+#       enqueues), max_queued (-1 = not counted), counted_until_epoch_s,
+#       fair_tenant ('' = no fair queue), fair_weight, then the run's fields as pairs
+# Returns {1, run_id} started; {0, run_id} this event already started this agent;
+# {-2, ''} the tenant's queue is full (nothing written).
+START_TRIGGERED_RUN = """
+local dedupe_key, run_key, deadlines_key, queue_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local run_id, deadline, run_ttl, dedupe_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local existing = redis.call('GET', dedupe_key)
+if existing then return {0, existing} end
+local max_queued, counted_until = tonumber(ARGV[6]), ARGV[7]
+local fields = {'status', 'queued', 'emitted', 0, 'attempt', 0}
+if max_queued >= 0 then
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+  if redis.call('ZCARD', KEYS[5]) >= max_queued then return {-2, ''} end
+  redis.call('ZADD', KEYS[5], counted_until, run_id)
+  local left = math.ceil(tonumber(counted_until) - now)
+  if redis.call('TTL', KEYS[5]) < left then redis.call('EXPIRE', KEYS[5], left) end
+  fields[#fields + 1] = 'queued_key'
+  fields[#fields + 1] = KEYS[5]
+end
+redis.call('SET', dedupe_key, run_id, 'EX', dedupe_ttl)
+for i = 10, #ARGV, 2 do
+  fields[#fields + 1] = ARGV[i]
+  fields[#fields + 1] = ARGV[i + 1]
+end
+redis.call('HSET', run_key, unpack(fields))
+redis.call('EXPIRE', run_key, run_ttl)
+redis.call('ZADD', deadlines_key, deadline, run_id)
+if ARGV[8] ~= '' then
+  if redis.call('LPUSH', KEYS[6], run_id) == 1 then redis.call('RPUSH', KEYS[7], ARGV[8]) end
+  redis.call('HSET', KEYS[8], ARGV[8], ARGV[9])
+end
+if ARGV[5] ~= '' then redis.call('LPUSH', queue_key, ARGV[5]) end
+return {1, run_id}
+"""
 
 # The owner's heartbeat while its model call is silent: extend the step's lease (never
 # shortening it: a retry's backoff may have extended it further) and the run's TTL.

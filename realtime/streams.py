@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,10 +116,13 @@ class StreamStore:
         retention: int | None = None,
         limits: RunLimits | None = None,
         weight: int | None = None,
+        agent_config: Mapping[str, str] | None = None,
     ) -> Appended:
         """Append the message and create its run with its first task, all or nothing.
         Raises LimitReached, having written nothing, when `limits` refuse the run.
-        `weight` is the tenant's share in the fair queue (default: its cached setting)."""
+        `weight` is the tenant's share in the fair queue (default: its cached setting).
+        `agent_config` is the tenant's overrides of the agent's code (model, api_key_env,
+        base_url: TenantConfig.agent_overrides), kept with the run for its workers."""
         event_id = new_event_id()
         run_id = new_run_id()
         prefix, suffix = event_parts(
@@ -154,6 +158,8 @@ class StreamStore:
             "retention": retention or self.retention,
             "created": f"{time.time():.3f}",
         }
+        if agent_config:
+            run_fields["agent_cfg"] = dumps(dict(agent_config))  # orjson takes dicts only
         queued_key = keys.runs_queued(tenant)
         if limits is None:
             in_flight_key = queued_key  # not counted: -1 below

@@ -16,6 +16,18 @@ from django.conf import settings
 
 
 @dataclass(frozen=True, slots=True)
+class AgentGrant:
+    """A TenantAgent row: whether the tenant may run the agent, and what its runs use
+    instead of the agent's code ("" keeps the code's; api_key_env names a variable)."""
+
+    agent: str
+    enabled: bool = True
+    model: str = ""
+    api_key_env: str = ""
+    base_url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class TenantConfig:
     slug: str
     signing_secret: str
@@ -31,26 +43,63 @@ class TenantConfig:
     tenant_messages_per_s: int
     tenant_burst: int
     weight: int = 1
+    # Not limits: public_limits (the welcome) leaves them out, clients are not told them.
+    all_agents: bool = True
+    agent_grants: tuple[AgentGrant, ...] = ()
+    max_causal_depth: int = 3
 
     def public_limits(self) -> dict[str, int]:
         from realtime.models import LIMIT_FIELDS
 
         return {name: getattr(self, name) for name in LIMIT_FIELDS}
 
+    def _grant(self, agent: str) -> AgentGrant | None:
+        # A handful of grants per tenant: a scan is cheaper than keeping a dict per snapshot.
+        for grant in self.agent_grants:
+            if grant.agent == agent:
+                return grant
+        return None
+
+    def may_use(self, agent: str) -> bool:
+        """A grant for the agent decides, enabled or not; without one, all_agents does."""
+        grant = self._grant(agent)
+        return self.all_agents if grant is None else grant.enabled
+
+    def agent_overrides(self, agent: str) -> dict[str, str]:
+        """What the tenant's runs of `agent` use instead of its code: the non-empty ones of
+        model, api_key_env and base_url of an enabled grant ({} without one)."""
+        grant = self._grant(agent)
+        if grant is None or not grant.enabled:
+            return {}
+        from realtime.models import AGENT_OVERRIDE_FIELDS
+
+        overrides = {name: getattr(grant, name) for name in AGENT_OVERRIDE_FIELDS}
+        return {name: value for name, value in overrides.items() if value}
+
 
 def load_tenant(slug: str) -> TenantConfig | None:
     from realtime.models import Tenant
 
-    tenant = Tenant.objects.filter(slug=slug).first()
+    tenant = Tenant.objects.filter(slug=slug).prefetch_related("agent_grants").first()
     if tenant is None:
         return None
-    from realtime.models import LIMIT_FIELDS
+    from realtime.models import AGENT_OVERRIDE_FIELDS, LIMIT_FIELDS
 
     return TenantConfig(
         slug=tenant.slug,
         signing_secret=tenant.signing_secret,
         enabled=tenant.enabled,
         weight=tenant.weight,
+        all_agents=tenant.all_agents,
+        agent_grants=tuple(
+            AgentGrant(
+                agent=row.agent,
+                enabled=row.enabled,
+                **{name: getattr(row, name) for name in AGENT_OVERRIDE_FIELDS},
+            )
+            for row in tenant.agent_grants.all()
+        ),
+        max_causal_depth=tenant.max_causal_depth,
         **{name: getattr(tenant, name) for name in LIMIT_FIELDS},
     )
 

@@ -53,6 +53,10 @@ class ModelRequest:
     # Set by the step's lease keeper when the run stops needing this call (cancelled,
     # ended by the sweeper, or fenced by a newer attempt). Backends must honour it.
     cancelled: threading.Event = field(default_factory=threading.Event, compare=False)
+    # The tenant's overrides for this agent (admin): the NAME of the variable holding its
+    # API key, and its endpoint. Empty: the backend's own configuration.
+    api_key_env: str = ""
+    base_url: str = ""
 
 
 class ModelBackend(Protocol):

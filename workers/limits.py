@@ -57,16 +57,19 @@ def estimated_tokens(prompt: str) -> int:
     return max(1, math.ceil(len(prompt) / CHARS_PER_TOKEN))
 
 
-def buckets_for(backend: str, limit: BackendLimit) -> list[tuple[Bucket, str]]:
-    """The backend's buckets with what each counts ("requests" or "tokens")."""
+def buckets_for(
+    backend: str, limit: BackendLimit, kind: str = "backend"
+) -> list[tuple[Bucket, str]]:
+    """The buckets of a backend (or, kind "step", of an agent's step for one tenant) with
+    what each counts ("requests" or "tokens")."""
     found = []
     if limit.rpm:
         found.append(
-            (Bucket(f"{keys.PREFIX}:backend:{backend}:rpm", limit.rpm / 60, limit.rpm), "requests")
+            (Bucket(f"{keys.PREFIX}:{kind}:{backend}:rpm", limit.rpm / 60, limit.rpm), "requests")
         )
     if limit.tpm:
         found.append(
-            (Bucket(f"{keys.PREFIX}:backend:{backend}:tpm", limit.tpm / 60, limit.tpm), "tokens")
+            (Bucket(f"{keys.PREFIX}:{kind}:{backend}:tpm", limit.tpm / 60, limit.tpm), "tokens")
         )
     return found
 
@@ -94,13 +97,18 @@ class BackendBudget:
     provider's limit."""
 
     def __init__(
-        self, buckets: SyncBuckets, backend: str, limit: BackendLimit, prompt: str
+        self,
+        buckets: SyncBuckets,
+        backend: str,
+        limit: BackendLimit,
+        prompt: str,
+        kind: str = "backend",
     ) -> None:
         self._buckets = buckets
         tokens = estimated_tokens(prompt)
         self._unpaid = [
             (bucket, 1 if unit == "requests" else tokens)
-            for bucket, unit in buckets_for(backend, limit)
+            for bucket, unit in buckets_for(backend, limit, kind)
         ]
 
     def take(self) -> int:

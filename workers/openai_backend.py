@@ -82,10 +82,17 @@ class OpenAIBackend:
         if not model:
             raise ModelError("openai backend: no model (set SWITCHBOARD_OPENAI_MODEL)", False)
         headers = {"Accept": "text/event-stream"}
-        if self.api_key_env:
-            key = os.environ.get(self.api_key_env, "")
+        # A tenant's own key and endpoint (admin, by reference) win over the backend's.
+        key_env = request.api_key_env or self.api_key_env
+        if key_env:
+            key = os.environ.get(key_env, "")
             if key:
                 headers["Authorization"] = f"Bearer {key}"
+            elif request.api_key_env:
+                raise ModelError(
+                    f"openai backend: the tenant's key variable {key_env} is not set", False
+                )
+        base_url = (request.base_url or self.base_url).rstrip("/")
         body = {
             "model": model,
             "messages": [{"role": "user", "content": request.prompt}],
@@ -105,7 +112,7 @@ class OpenAIBackend:
         try:
             with self._client.stream(
                 "POST",
-                f"{self.base_url}/chat/completions",
+                f"{base_url}/chat/completions",
                 json=body,
                 headers=headers,
                 timeout=timeout,

@@ -28,7 +28,7 @@ import redis.asyncio as aredis
 from django.conf import settings
 
 from orchestration import agents
-from orchestration.agents import Agent, Step
+from orchestration.agents import Agent, PythonStep, Step
 from orchestration.runs import RunStore
 from project.celery import app as celery_app
 from project.launcher import Cluster
@@ -157,7 +157,10 @@ def register_agent(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Agent]:
     """Register an agent for one test only."""
     monkeypatch.setattr(agents, "_registry", dict(agents._registry))
 
-    def register(name: str, *steps: Step, deadline_s: float = 30.0) -> Agent:
-        return agents.register(Agent(name=name, steps=steps, deadline_s=deadline_s))
+    def register(
+        name: str, *steps: Step | PythonStep, deadline_s: float = 30.0, **extra: Any
+    ) -> Agent:
+        steps = steps or (Step(backend="simulated"),)
+        return agents.register(Agent(name=name, steps=steps, deadline_s=deadline_s, **extra))
 
     return register

@@ -248,6 +248,25 @@ def test_send_records_the_retention_its_replies_use(streams: Streams, r: redis.R
     assert run is not None and run.retention == 7
 
 
+def test_send_keeps_the_tenants_agent_overrides_with_its_run(
+    streams: Streams, r: redis.Redis
+) -> None:
+    echo = agents.get_agent("echo")
+
+    def send(message_id: str, config: dict[str, str] | None) -> bytes | None:
+        frame = Send(message_id, "room", "echo", "hi", {}, None)
+        appended = streams.run(
+            lambda store: store.accept_send(TENANT, CLIENT, frame, echo, agent_config=config)
+        )
+        return r.hget(keys.run(appended.run_id or ""), "agent_cfg")  # type: ignore[return-value]
+
+    overrides = {"model": "m", "api_key_env": "ACME_KEY"}
+    assert json.loads(send("m-1", overrides) or "") == overrides
+    # None and {} add nothing: runs without overrides look as they always did.
+    assert send("m-2", None) is None
+    assert send("m-3", {}) is None
+
+
 def test_send_with_prev_names_its_causal_parent(streams: Streams, r: redis.Redis) -> None:
     streams.send("room", "m-1", "hi", prev="e-parent")
     assert log_events(r, "room")[0]["cause"]["prev"] == "e-parent"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from pytest_django.fixtures import Settings
 
@@ -44,7 +46,7 @@ def test_registering_a_name_again_replaces_it() -> None:
 
 def test_names_are_sorted() -> None:
     for name in ("zeta", "alpha", "mid"):
-        register(Agent(name=name, steps=()))
+        register(Agent(name=name, steps=(Step(backend="simulated"),)))
     names = agent_names()
     assert names == sorted(names)
     assert {"alpha", "mid", "zeta", "echo"} <= set(names)
@@ -73,3 +75,127 @@ def test_agents_and_steps_are_immutable() -> None:
         step.backend = "other"  # type: ignore[misc]
     with pytest.raises(AttributeError):
         get_agent("echo").name = "other"  # type: ignore[misc]
+
+
+# --- definitions: validation, the decorator, patterns, prompts -----------------------------
+
+
+def _one_step() -> tuple[Step]:
+    return (Step(backend="simulated"),)
+
+
+@pytest.mark.parametrize(
+    ("definition", "complaint"),
+    [
+        (lambda: Agent(name="Bad Name", steps=_one_step()), "agent name"),
+        (lambda: Agent(name="empty", steps=()), "no steps"),
+        (
+            lambda: Agent(
+                name="twins",
+                steps=(Step(backend="simulated", name="a"), Step(backend="simulated", name="a")),
+            ),
+            "step names must differ",
+        ),
+        (lambda: Agent(name="odd", steps=("not a step",)), "neither a Step"),  # type: ignore[arg-type]
+        (
+            lambda: Agent(name="rushed", steps=(Step(backend="simulated", soft_limit_s=0),)),
+            "soft_limit_s",
+        ),
+        (lambda: Agent(name="neg", steps=_one_step(), deadline_s=-1), "deadline_s"),
+        (
+            lambda: Agent(name="deaf", steps=_one_step(), subscribes=(agents.On("message"),)),
+            "supported",
+        ),
+        (
+            lambda: Agent(
+                name="metered", steps=(Step(backend="simulated", rate_limit={"rps": 1}),)
+            ),
+            "rate_limit",
+        ),
+    ],
+)
+def test_a_definition_that_could_never_run_is_refused_at_registration(
+    definition: Callable[[], Agent], complaint: str
+) -> None:
+    with pytest.raises(agents.BadAgent, match=complaint):
+        register(definition())
+
+
+def test_the_decorator_registers_the_steps_it_returns() -> None:
+    @agents.agent("decorated", deadline_s=12, subscribes=(agents.On(agent="echo"),))
+    def decorated() -> list[Step]:
+        """Says what it does."""
+        return [Step(backend="simulated", name="only")]
+
+    assert get_agent("decorated") is decorated
+    assert decorated.deadline_s == 12
+    assert decorated.description == "Says what it does."
+    assert decorated.step_names() == ["only"]
+
+
+def test_steps_without_names_are_named_by_position() -> None:
+    defined = Agent(
+        name="positions",
+        steps=(Step(backend="simulated"), agents.PythonStep(str, name="mine"), Step(backend="x")),
+    )
+    assert defined.step_names() == ["step1", "mine", "step3"]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "event", "matches"),
+    [
+        (agents.On(agent="answer", streams="support:*"), ("answer", "support:1", "ok"), True),
+        (agents.On(agent="answer", streams="support:*"), ("answer", "sales:1", "ok"), False),
+        (agents.On(agent="answer", streams="support:*"), ("other", "support:1", "ok"), False),
+        (agents.On(agent="answer"), ("answer", "support:1", "degraded"), False),
+        (agents.On(statuses=("ok", "degraded")), ("any", "s", "degraded"), True),
+        (agents.On(agent="a?"), ("ab", "s", "ok"), True),
+    ],
+)
+def test_patterns_match_kind_agent_stream_and_status(
+    pattern: agents.On, event: tuple[str, str, str], matches: bool
+) -> None:
+    assert pattern.matches("reply.done", *event) is matches
+    assert pattern.matches("message", *event) is False
+
+
+def test_subscribers_lists_each_agent_once_however_many_patterns_match() -> None:
+    register(
+        Agent(
+            name="watcher",
+            steps=_one_step(),
+            subscribes=(agents.On(agent="echo"), agents.On(streams="room*")),
+        )
+    )
+    assert [a.name for a in agents.subscribers("reply.done", "echo", "room1", "ok")] == ["watcher"]
+    assert agents.subscribers("reply.done", "echo", "room1", "failed") == []
+
+
+def _context(**extra: object) -> agents.StepContext:
+    fields: dict = {
+        "tenant": "t",
+        "stream": "s",
+        "agent": "a",
+        "run_id": "r",
+        "message": "the message",
+        "input": "the input",
+        "outputs": {"route": "billing"},
+        "options": {},
+    }
+    fields.update(extra)
+    return agents.StepContext(**fields)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "rendered"),
+    [
+        (None, "the input"),
+        ("{input} / {message} / {route}", "the input / the message / billing"),
+        ("{missing} stays", "{missing} stays"),
+        ("a lone { brace", "a lone { brace"),
+        ("{0} positional", "{0} positional"),
+        (lambda ctx: ctx.message.upper(), "THE MESSAGE"),
+    ],
+)
+def test_render_prompt(prompt: agents.Prompt, rendered: str) -> None:
+    assert agents.render_prompt(prompt, _context()) == rendered

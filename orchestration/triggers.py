@@ -1,0 +1,206 @@
+"""Multi-agent workflows: an agent's `reply.done` starts the agents subscribed to it.
+
+FINALIZE_RUN queues the trigger task in the same transaction as the reply.done it is about
+(only when some agent's pattern matches), so a trigger is never lost between the event and
+its subscribers. The task lands here: for each subscriber the tenant may use, one run on
+the same stream, whose message is the reply's text and whose `cause` carries the chain of
+events from the client's message. Each (event, subscriber) pair starts at most one run
+however often the trigger is delivered (START_TRIGGERED_RUN's dedupe key), and a run
+deeper than the tenant's maximum causal depth is refused, which bounds loops (an agent that
+answers itself, two agents that answer each other).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+
+from orchestration.agents import Agent, subscribers
+from orchestration.enqueue import (
+    RUN_NEXT_TASK,
+    broker_is_redis_at,
+    celery_message,
+    enqueue_step,
+    enqueue_ticket,
+)
+from orchestration.fairness import quantum
+from orchestration.runs import Run, RunStore
+from realtime import keys
+from realtime.events import dumps, new_run_id
+from realtime.streams import COUNTED_GRACE_S, RUN_RECORD_GRACE_S, RUN_STEP_TASK, RUNS_QUEUE
+
+logger = logging.getLogger(__name__)
+
+# How long an event remembers which subscriber runs it started: longer than any trigger
+# message can wait in the queue (the deadline sweep and leases bound those to minutes).
+TRIGGER_DEDUPE_TTL_S = 86400
+
+
+@dataclass(frozen=True, slots=True)
+class Triggered:
+    """What the trigger did for one subscriber: `started`, `duplicate` (this event had
+    already started it), `too_deep`, `forbidden` or `overloaded`."""
+
+    agent: str
+    outcome: str
+    run_id: str = ""
+
+
+def start_subscribers(store: RunStore, run_id: str, event_id: str) -> list[Triggered]:
+    """Start every agent subscribed to the reply.done `event_id` of run `run_id`."""
+    run = store.load(run_id)
+    if run is None:
+        logger.warning("trigger: run gone before its subscribers started run=%s", run_id)
+        return []
+    status = store.client.hget(keys.run(run_id), "final_status")
+    status_text = status.decode() if status else None
+    if status_text is None:
+        logger.warning("trigger: run not finished run=%s event=%s", run_id, event_id)
+        return []
+    agents = subscribers("reply.done", run.agent, run.stream, status_text)
+    if not agents:
+        return []
+    config = _tenant(run.tenant)
+    if config is None or not config.enabled:
+        logger.info("trigger: tenant gone or disabled tenant=%s run=%s", run.tenant, run_id)
+        return []
+    text = store.text_of(run_id)
+    results = []
+    for agent in agents:
+        results.append(_start_one(store, run, event_id, status_text, text, agent, config))
+    return results
+
+
+def _start_one(
+    store: RunStore,
+    cause: Run,
+    event_id: str,
+    status: str,
+    text: str,
+    agent: Agent,
+    config: Any,
+) -> Triggered:
+    depth = cause.depth + 1
+    if not config.may_use(agent.name):
+        logger.info(
+            "trigger: agent not enabled for tenant tenant=%s agent=%s event=%s",
+            cause.tenant,
+            agent.name,
+            event_id,
+        )
+        return Triggered(agent.name, "forbidden")
+    if depth > config.max_causal_depth:
+        logger.warning(
+            "trigger refused: causal depth %s over the tenant's %s tenant=%s stream=%s "
+            "agent=%s event=%s",
+            depth,
+            config.max_causal_depth,
+            cause.tenant,
+            cause.stream,
+            agent.name,
+            event_id,
+        )
+        return Triggered(agent.name, "too_deep")
+    new_id = new_run_id()
+    deadline = time.time() + agent.deadline_s
+    fair = settings.SWITCHBOARD["FAIR_QUEUE"]
+    same_redis = broker_is_redis_at(settings.CELERY_BROKER_URL, settings.REDIS_URL)
+    message = ""
+    if same_redis:
+        task, args = (RUN_NEXT_TASK, []) if fair else (RUN_STEP_TASK, [new_id, 0])
+        _, message = celery_message(task, args, RUNS_QUEUE)
+    fields: dict[str, Any] = {
+        "run": new_id,
+        "tenant": cause.tenant,
+        "stream": cause.stream,
+        "agent": agent.name,
+        # The human origin stays the client whose message began the chain.
+        "client": cause.client,
+        "message_id": cause.message_id,
+        "message_event": event_id,
+        "text": text,
+        "options": "{}",
+        "deadline": f"{deadline:.3f}",
+        "retention": cause.retention,
+        "created": f"{time.time():.3f}",
+        "depth": depth,
+        "chain": dumps([*cause.events_so_far(), event_id]),
+        "trigger": dumps(
+            {"agent": cause.agent, "run": cause.run_id, "event": event_id, "status": status}
+        ),
+    }
+    overrides = config.agent_overrides(agent.name)
+    if overrides:
+        fields["agent_cfg"] = dumps(overrides)
+    flat: list[Any] = []
+    for name, value in fields.items():
+        flat += [name, value]
+    code, value = store.start_triggered_run(
+        keys=[
+            keys.trigger(cause.tenant, event_id, agent.name),
+            keys.run(new_id),
+            keys.RUN_DEADLINES,
+            keys.celery_queue(RUNS_QUEUE),
+            keys.runs_queued(cause.tenant),
+            keys.fair_queue(cause.tenant),
+            keys.FAIR_RING,
+            keys.FAIR_WEIGHTS,
+        ],
+        args=[
+            new_id,
+            f"{deadline:.3f}",
+            int(agent.deadline_s + RUN_RECORD_GRACE_S),
+            TRIGGER_DEDUPE_TTL_S,
+            message,
+            config.max_queued_runs,
+            f"{deadline + COUNTED_GRACE_S:.3f}",
+            cause.tenant if fair else "",
+            quantum(config.weight),
+            *flat,
+        ],
+    )
+    started_id = value.decode() if isinstance(value, bytes) else str(value)
+    if code == 0:
+        logger.info(
+            "trigger: already started tenant=%s agent=%s event=%s run=%s",
+            cause.tenant,
+            agent.name,
+            event_id,
+            started_id,
+        )
+        return Triggered(agent.name, "duplicate", started_id)
+    if code == -2:
+        logger.warning(
+            "trigger refused: tenant's run queue is full tenant=%s agent=%s event=%s",
+            cause.tenant,
+            agent.name,
+            event_id,
+        )
+        return Triggered(agent.name, "overloaded")
+    if not message:
+        # Another broker: published after the script; a crash in between leaves the run
+        # queued, and the deadline sweep still ends it with its reply.done.
+        if fair:
+            enqueue_ticket()
+        else:
+            enqueue_step(new_id, 0)
+    logger.info(
+        "run started by subscription tenant=%s stream=%s agent=%s run=%s event=%s depth=%s",
+        cause.tenant,
+        cause.stream,
+        agent.name,
+        new_id,
+        event_id,
+        depth,
+    )
+    return Triggered(agent.name, "started", new_id)
+
+
+def _tenant(slug: str) -> Any:
+    from realtime.tenants import tenant_cache
+
+    return tenant_cache.get_sync(slug)

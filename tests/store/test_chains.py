@@ -1,0 +1,338 @@
+"""Agents of several steps (orchestration/services.py) on a real Redis, without Celery:
+each step's output feeds the next, only visible steps stream, each step falls back alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from orchestration.agents import Agent, PythonStep, Step, StepContext
+from orchestration.runs import RunStore
+from orchestration.services import StepOutcome, execute_step
+from realtime import keys
+from tests.store.conftest import Streams, log_events, of_kind
+from workers import backends
+from workers.backends import ModelError, ModelRequest
+
+STREAM = "room"
+
+
+def start(streams: Streams, agent: str, text: str = "hello", **options: Any) -> str:
+    appended = streams.send(STREAM, f"m-{time.monotonic_ns()}", text, agent=agent, options=options)
+    assert appended.run_id is not None
+    return appended.run_id
+
+
+def run_to_end(runs: RunStore, run_id: str, steps: int) -> None:
+    """Execute the run's steps in order as the Celery tasks would, retries included."""
+    step, retries = 0, 0
+    while True:
+        outcome = execute_step(runs, run_id, step, retries)
+        if outcome.retry_in_s is not None:
+            retries += 1
+            continue
+        if outcome.next_step is None:
+            return
+        assert outcome.next_step == step + 1 < steps
+        runs.hand_over(run_id, outcome.owner)
+        step, retries = outcome.next_step, 0
+
+
+def events(r: redis.Redis) -> list[dict[str, Any]]:
+    return log_events(r, STREAM)
+
+
+def the_done(r: redis.Redis) -> dict[str, Any]:
+    [done] = of_kind(events(r), "reply.done")
+    return done["data"]
+
+
+class Recording:
+    """A model that answers `<model>(<prompt>)` and records each prompt, so a test sees
+    what every step was asked."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.prompts: list[tuple[str, str]] = []
+        self.requests: list[ModelRequest] = []
+
+    def stream(self, request: ModelRequest, deadline: float) -> Iterator[str]:
+        self.prompts.append((request.model, request.prompt))
+        self.requests.append(request)
+        if request.model == "broken":
+            raise ModelError("the model refused", transient=False)
+        if request.model == "busy" and request.attempt == 1:
+            raise ModelError("slow down", transient=True, retry_after_s=0.3)
+        yield f"{request.model}("
+        yield request.prompt
+        yield ")"
+
+
+@pytest.fixture
+def model(monkeypatch: pytest.MonkeyPatch) -> Recording:
+    recording = Recording()
+    monkeypatch.setitem(backends._backends, "recording", recording)
+    return recording
+
+
+def test_each_steps_output_feeds_the_next_and_only_visible_steps_stream(
+    streams: Streams,
+    runs: RunStore,
+    r: redis.Redis,
+    model: Recording,
+    register_agent: Callable[..., Agent],
+) -> None:
+    register_agent(
+        "chain",
+        Step(backend="recording", model="route", name="route", visible=False),
+        Step(backend="recording", model="answer", name="answer", prompt="{route} / {message}"),
+        PythonStep(
+            lambda ctx: f" [checked {len(ctx.outputs['answer'])}]", name="check", visible=True
+        ),
+    )
+    run_id = start(streams, "chain", "hi")
+    run_to_end(runs, run_id, 3)
+
+    assert model.prompts == [("route", "hi"), ("answer", "route(hi) / hi")]
+    answer = "answer(route(hi) / hi)"
+    data = the_done(r)
+    assert (data["status"], data["detail"]) == ("ok", None)
+    assert data["text"] == f"{answer} [checked {len(answer)}]"
+    deltas = of_kind(events(r), "reply.delta")
+    assert "".join(d["data"]["text"] for d in deltas) == data["text"]
+    # The hidden step streamed nothing: the reply starts with the answer step's text.
+    assert deltas[0]["data"]["text"].startswith("answer(")
+    assert {event["kind"] for event in events(r)} == {"message", "reply.delta", "reply.done"}
+
+
+def test_a_step_sees_every_earlier_output_and_the_run(
+    streams: Streams, runs: RunStore, r: redis.Redis, register_agent: Callable[..., Agent]
+) -> None:
+    seen: list[StepContext] = []
+
+    def remember(ctx: StepContext) -> str:
+        seen.append(ctx)
+        return f"<{ctx.input}>"
+
+    register_agent(
+        "contexts",
+        PythonStep(remember, name="one"),
+        PythonStep(remember, name="two"),
+        PythonStep(remember, name="three", visible=True),
+    )
+    run_id = start(streams, "contexts", "msg", temperature=0.2)
+    run_to_end(runs, run_id, 3)
+    assert [ctx.input for ctx in seen] == ["msg", "<msg>", "<<msg>>"]
+    assert seen[2].outputs == {"one": "<msg>", "two": "<<msg>>"}
+    assert {ctx.message for ctx in seen} == {"msg"}
+    assert seen[0].run_id == run_id and seen[0].stream == STREAM and seen[0].agent == "contexts"
+    assert seen[0].options == {"temperature": 0.2}
+    assert (seen[0].depth, seen[0].trigger) == (0, None)
+    assert the_done(r)["text"] == "<<<msg>>>"
+
+
+def test_a_failed_step_that_continues_gives_its_fallback_as_output_and_degrades_the_run(
+    streams: Streams,
+    runs: RunStore,
+    r: redis.Redis,
+    model: Recording,
+    register_agent: Callable[..., Agent],
+) -> None:
+    register_agent(
+        "routed",
+        Step(
+            backend="recording",
+            model="broken",
+            name="route",
+            visible=False,
+            fallback_text="general",
+            continue_on_fallback=True,
+        ),
+        Step(backend="recording", model="answer", name="answer", prompt="topic={route}"),
+    )
+    run_id = start(streams, "routed")
+    run_to_end(runs, run_id, 2)
+    assert model.prompts[-1] == ("answer", "topic=general")
+    data = the_done(r)
+    assert data["status"] == "degraded"
+    assert data["detail"] == {"reason": "model_error", "step": "route"}
+    assert data["text"] == "answer(topic=general)"
+
+
+def test_a_failed_step_that_stops_ends_the_run_with_its_fallback(
+    streams: Streams,
+    runs: RunStore,
+    r: redis.Redis,
+    model: Recording,
+    register_agent: Callable[..., Agent],
+) -> None:
+    register_agent(
+        "stops",
+        Step(backend="recording", model="first", name="first"),
+        Step(backend="recording", model="broken", name="second", fallback_text="sorry"),
+        Step(backend="recording", model="never", name="third"),
+    )
+    run_id = start(streams, "stops", "x")
+    run_to_end(runs, run_id, 3)
+    assert [m for m, _ in model.prompts] == ["first", "broken"]
+    data = the_done(r)
+    assert (data["status"], data["detail"]) == (
+        "degraded",
+        {"reason": "model_error", "step": "second"},
+    )
+    assert data["text"] == "first(x)\nsorry"
+
+
+def test_a_python_step_that_raises_falls_back(
+    streams: Streams, runs: RunStore, r: redis.Redis, register_agent: Callable[..., Agent]
+) -> None:
+    def boom(ctx: StepContext) -> str:
+        raise RuntimeError("bug in the step")
+
+    register_agent("buggy", PythonStep(boom, name="only", visible=True, fallback_text="oops"))
+    run_to_end(runs, start(streams, "buggy"), 1)
+    data = the_done(r)
+    assert (data["status"], data["text"], data["detail"]) == (
+        "degraded",
+        "oops",
+        {"reason": "internal"},
+    )
+
+
+def test_a_python_step_that_returns_no_text_falls_back(
+    streams: Streams, runs: RunStore, r: redis.Redis, register_agent: Callable[..., Agent]
+) -> None:
+    register_agent("typed", PythonStep(lambda ctx: 42, name="only", fallback_text="bad"))  # type: ignore[arg-type,return-value]
+    run_to_end(runs, start(streams, "typed"), 1)
+    assert (the_done(r)["status"], the_done(r)["text"]) == ("degraded", "bad")
+
+
+def test_a_python_step_past_its_soft_limit_is_abandoned_with_its_fallback(
+    streams: Streams, runs: RunStore, r: redis.Redis, register_agent: Callable[..., Agent]
+) -> None:
+    release = threading.Event()
+
+    def stuck(ctx: StepContext) -> str:
+        release.wait(10)
+        return "too late"
+
+    register_agent(
+        "stuck",
+        PythonStep(stuck, name="only", visible=True, soft_limit_s=0.2, fallback_text="slow"),
+    )
+    try:
+        run_to_end(runs, start(streams, "stuck"), 1)
+        data = the_done(r)
+        assert (data["status"], data["text"], data["detail"]) == (
+            "degraded",
+            "slow",
+            {"reason": "timeout"},
+        )
+    finally:
+        release.set()
+
+
+def test_a_retry_waits_at_least_the_providers_retry_after(
+    streams: Streams,
+    runs: RunStore,
+    r: redis.Redis,
+    model: Recording,
+    register_agent: Callable[..., Agent],
+) -> None:
+    register_agent("patient", Step(backend="recording", model="busy", max_retries=2))
+    run_id = start(streams, "patient")
+    outcome = execute_step(runs, run_id, 0, 0)
+    # The configured backoff in tests is far below the 0.3 s the provider asked for.
+    assert outcome == StepOutcome(retry_in_s=0.3)
+    assert execute_step(runs, run_id, 0, 1) == StepOutcome()
+    assert the_done(r)["text"] == "busy(hello)"
+
+
+def test_prompt_templates_leave_unknown_fields_and_stray_braces_alone(
+    streams: Streams,
+    runs: RunStore,
+    r: redis.Redis,
+    model: Recording,
+    register_agent: Callable[..., Agent],
+) -> None:
+    register_agent(
+        "templated",
+        Step(backend="recording", model="m", prompt='{"json": {input}} {nobody} {'),
+    )
+    run_to_end(runs, start(streams, "templated", "q"), 1)
+    [(_, prompt)] = model.prompts
+    assert prompt == '{"json": {input}} {nobody} {'
+
+
+def test_a_prompt_template_fills_input_message_and_outputs(
+    streams: Streams,
+    runs: RunStore,
+    r: redis.Redis,
+    model: Recording,
+    register_agent: Callable[..., Agent],
+) -> None:
+    register_agent(
+        "filled",
+        PythonStep(lambda ctx: "R", name="route"),
+        Step(backend="recording", model="m", prompt="{input}|{message}|{route}|{nobody}"),
+    )
+    run_to_end(runs, start(streams, "filled", "q"), 2)
+    assert model.prompts == [("m", "R|q|R|{nobody}")]
+
+
+def test_tenant_overrides_reach_the_model_call_but_not_the_simulated_backend(
+    streams: Streams,
+    runs: RunStore,
+    r: redis.Redis,
+    model: Recording,
+    register_agent: Callable[..., Agent],
+) -> None:
+    register_agent("overridden", Step(backend="recording", model="code-model"))
+    run_id = start(streams, "overridden")
+    r.hset(
+        keys.run(run_id),
+        "agent_cfg",
+        '{"model": "tenant-model", "api_key_env": "ACME_KEY", "base_url": "http://llm.local/v1"}',
+    )
+    run_to_end(runs, run_id, 1)
+    [request] = model.requests
+    assert (request.model, request.api_key_env, request.base_url) == (
+        "tenant-model",
+        "ACME_KEY",
+        "http://llm.local/v1",
+    )
+
+
+def test_a_step_rate_limit_is_per_tenant_and_falls_back_when_it_cannot_wait(
+    streams: Streams,
+    runs: RunStore,
+    r: redis.Redis,
+    model: Recording,
+    register_agent: Callable[..., Agent],
+) -> None:
+    register_agent(
+        "metered",
+        Step(backend="recording", model="m", rate_limit={"rpm": 1}, fallback_text="later"),
+        deadline_s=2,
+    )
+    run_to_end(runs, start(streams, "metered", "one"), 1)
+    # The second call of the minute would have to wait about 60 s: more than the run has.
+    run_to_end(runs, start(streams, "metered", "two"), 1)
+    dones = [done["data"] for done in of_kind(events(r), "reply.done")]
+    assert [(d["status"], d["text"]) for d in dones] == [
+        ("ok", "m(one)"),
+        ("degraded", "later"),
+    ]
+    assert dones[1]["detail"] == {"reason": "rate_limited"}
+    assert len(model.prompts) == 1
+    # Another tenant's calls of the same step have their own budget.
+    other = streams.send(STREAM, "m-other", "three", agent="metered", tenant="globex")
+    assert other.run_id is not None
+    run_to_end(runs, other.run_id, 1)
+    assert model.prompts[-1] == ("m", "three")

@@ -1,0 +1,203 @@
+"""Multi-agent workflows on a real Redis (orchestration/triggers.py): a reply.done that an
+agent subscribes to queues its trigger with the event, the trigger starts each subscriber
+once, and chains stop at the tenant's maximum causal depth."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from orchestration.agents import Agent, On, Step
+from orchestration.enqueue import TRIGGER_TASK
+from orchestration.runs import RunStore
+from orchestration.services import execute_step
+from orchestration.triggers import start_subscribers
+from realtime import keys
+from realtime.models import Tenant, TenantAgent
+from realtime.streams import RUNS_QUEUE
+from realtime.tenants import tenant_cache
+from tests.store.conftest import TENANT, Streams, log_events, of_kind
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def tenant() -> Iterator[Tenant]:
+    tenant_cache._entries.clear()
+    yield Tenant.objects.create(slug=TENANT, max_causal_depth=2)
+    tenant_cache._entries.clear()
+
+
+@pytest.fixture
+def workflow(register_agent: Callable[..., Agent]) -> None:
+    register_agent("answer", Step(backend="simulated", name="answer"))
+    register_agent(
+        "summary",
+        Step(backend="simulated", name="summary", prompt="summary of: {input}"),
+        subscribes=(On("reply.done", agent="answer", streams="support:*"),),
+    )
+
+
+def queued_tasks(r: redis.Redis) -> list[tuple[str, list[Any]]]:
+    """(task name, args) of every message in the runs queue, oldest first."""
+    found = []
+    for raw in reversed(r.lrange(keys.celery_queue(RUNS_QUEUE), 0, -1)):
+        message = json.loads(raw)
+        args = json.loads(base64.b64decode(message["body"]))[0]
+        found.append((message["headers"]["task"], args))
+    return found
+
+
+def triggers(r: redis.Redis) -> list[list[Any]]:
+    return [args for name, args in queued_tasks(r) if name == TRIGGER_TASK]
+
+
+def finish(streams: Streams, runs: RunStore, stream: str, agent: str = "answer") -> str:
+    appended = streams.send(stream, f"m-{time.monotonic_ns()}", "question", agent=agent)
+    assert appended.run_id is not None
+    run_to_end(runs, appended.run_id)
+    return appended.run_id
+
+
+def run_to_end(runs: RunStore, run_id: str) -> None:
+    step = 0
+    while (outcome := execute_step(runs, run_id, step, 0)).next_step is not None:
+        runs.hand_over(run_id, outcome.owner)
+        step = outcome.next_step
+
+
+def done_of(r: redis.Redis, stream: str, run_id: str) -> dict[str, Any]:
+    [done] = [e for e in of_kind(log_events(r, stream), "reply.done") if e["data"]["run"] == run_id]
+    return done
+
+
+@pytest.mark.usefixtures("workflow")
+def test_a_subscribed_reply_done_queues_its_trigger_with_the_event(
+    streams: Streams, runs: RunStore, r: redis.Redis
+) -> None:
+    run_id = finish(streams, runs, "support:1")
+    done = done_of(r, "support:1", run_id)
+    assert triggers(r) == [[run_id, done["id"]]]
+
+
+@pytest.mark.usefixtures("workflow")
+def test_no_trigger_where_no_pattern_matches(
+    streams: Streams, runs: RunStore, r: redis.Redis
+) -> None:
+    finish(streams, runs, "sales:1")  # not support:*
+    finish(streams, runs, "support:2", agent="echo")  # not from answer
+    assert triggers(r) == []
+
+
+@pytest.mark.usefixtures("workflow")
+def test_a_cancelled_reply_triggers_nothing(
+    streams: Streams, runs: RunStore, r: redis.Redis
+) -> None:
+    appended = streams.send("support:3", "m-1", "question", agent="answer")
+    assert appended.run_id is not None
+    assert runs.finalize(appended.run_id, "cancelled", {"reason": "cancelled by client"})
+    assert triggers(r) == []
+
+
+@pytest.mark.usefixtures("workflow")
+def test_the_trigger_starts_the_subscriber_once_with_the_chain_in_its_cause(
+    streams: Streams, runs: RunStore, r: redis.Redis
+) -> None:
+    run_id = finish(streams, runs, "support:4")
+    done = done_of(r, "support:4", run_id)
+    [started] = start_subscribers(runs, run_id, done["id"])
+    assert started.outcome == "started" and started.agent == "summary"
+    # Delivered again (a redelivered or repeated task): the same run, nothing new.
+    [again] = start_subscribers(runs, run_id, done["id"])
+    assert (again.outcome, again.run_id) == ("duplicate", started.run_id)
+
+    run_to_end(runs, started.run_id)
+    summary = done_of(r, "support:4", started.run_id)
+    message = of_kind(log_events(r, "support:4"), "message")[0]
+    assert summary["from"] == "agent:summary"
+    assert summary["data"]["text"] == "summary of: question"
+    assert summary["cause"] == {
+        "client": message["cause"]["client"],
+        "message": message["cause"]["message"],
+        "prev": done["id"],
+        "depth": 1,
+        "chain": [message["id"], done["id"]],
+    }
+    summaries = [e for e in log_events(r, "support:4") if e["from"] == "agent:summary"]
+    assert {e["data"]["run"] for e in summaries} == {started.run_id}
+
+
+def test_a_loop_stops_at_the_tenants_causal_depth(
+    streams: Streams, runs: RunStore, r: redis.Redis, register_agent: Callable[..., Agent]
+) -> None:
+    register_agent(
+        "ping", Step(backend="simulated"), subscribes=(On(agent="pong", streams="loop"),)
+    )
+    register_agent(
+        "pong", Step(backend="simulated"), subscribes=(On(agent="ping", streams="loop"),)
+    )
+    run_id = finish(streams, runs, "loop", agent="ping")
+    depths = [0]
+    while True:
+        done = done_of(r, "loop", run_id)
+        [result] = start_subscribers(runs, run_id, done["id"])
+        if result.outcome != "started":
+            break
+        run_id = result.run_id
+        run_to_end(runs, run_id)
+        depths.append(done_of(r, "loop", run_id)["cause"]["depth"])
+    assert result.outcome == "too_deep"
+    assert depths == [0, 1, 2]  # the tenant's max_causal_depth is 2
+    dones = of_kind(log_events(r, "loop"), "reply.done")
+    assert [e["from"] for e in dones] == ["agent:ping", "agent:pong", "agent:ping"]
+    assert len(dones[-1]["cause"]["chain"]) == 3
+
+
+@pytest.mark.usefixtures("workflow")
+def test_a_subscriber_the_tenant_may_not_use_is_not_started(
+    streams: Streams, runs: RunStore, r: redis.Redis, tenant: Tenant
+) -> None:
+    TenantAgent.objects.create(tenant=tenant, agent="summary", enabled=False)
+    tenant_cache._entries.clear()
+    run_id = finish(streams, runs, "support:5")
+    [result] = start_subscribers(runs, run_id, done_of(r, "support:5", run_id)["id"])
+    assert result.outcome == "forbidden"
+    assert not r.exists(keys.trigger(TENANT, done_of(r, "support:5", run_id)["id"], "summary"))
+
+
+@pytest.mark.usefixtures("workflow")
+def test_a_triggered_run_carries_the_tenants_overrides_for_its_agent(
+    streams: Streams, runs: RunStore, r: redis.Redis, tenant: Tenant
+) -> None:
+    TenantAgent.objects.create(tenant=tenant, agent="summary", model="small", api_key_env="K")
+    tenant_cache._entries.clear()
+    run_id = finish(streams, runs, "support:6")
+    [result] = start_subscribers(runs, run_id, done_of(r, "support:6", run_id)["id"])
+    loaded = runs.load(result.run_id)
+    assert loaded is not None
+    assert loaded.agent_config == {"model": "small", "api_key_env": "K"}
+    assert (loaded.depth, loaded.trigger and loaded.trigger["agent"]) == (1, "answer")
+
+
+@pytest.mark.usefixtures("workflow")
+def test_a_full_tenant_queue_refuses_the_triggered_run_and_writes_nothing(
+    streams: Streams, runs: RunStore, r: redis.Redis, tenant: Tenant
+) -> None:
+    run_id = finish(streams, runs, "support:7")
+    Tenant.objects.filter(pk=tenant.pk).update(max_queued_runs=0)
+    tenant_cache._entries.clear()
+    event_id = done_of(r, "support:7", run_id)["id"]
+    [result] = start_subscribers(runs, run_id, event_id)
+    assert result.outcome == "overloaded"
+    assert not r.exists(keys.trigger(TENANT, event_id, "summary"))
+    # Room again: the same trigger, delivered again, now starts it.
+    Tenant.objects.filter(pk=tenant.pk).update(max_queued_runs=10)
+    tenant_cache._entries.clear()
+    [result] = start_subscribers(runs, run_id, event_id)
+    assert result.outcome == "started"
