@@ -133,7 +133,10 @@ _backends: dict[str, ModelBackend] = {"simulated": SimulatedBackend()}
 
 # Backends built on first use, from settings, in the process that uses them (after a
 # prefork worker's fork, so no connection pool is shared across processes).
-_factories: dict[str, str] = {"openai": "workers.openai_backend.from_settings"}
+_factories: dict[str, str] = {
+    "openai": "workers.openai_backend.from_settings",
+    "anthropic": "workers.anthropic_backend.from_settings",
+}
 _factory_lock = threading.Lock()
 
 

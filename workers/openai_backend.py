@@ -80,28 +80,16 @@ class OpenAIBackend:
     def stream(self, request: ModelRequest, deadline: float) -> Iterator[str]:
         model = request.model or self.model
         if not model:
-            raise ModelError("openai backend: no model (set SWITCHBOARD_OPENAI_MODEL)", False)
-        headers = {"Accept": "text/event-stream"}
+            raise ModelError(f"{self.name} backend: no model configured", False)
         # A tenant's own key and endpoint (admin, by reference) win over the backend's.
         key_env = request.api_key_env or self.api_key_env
-        if key_env:
-            key = os.environ.get(key_env, "")
-            if key:
-                headers["Authorization"] = f"Bearer {key}"
-            elif request.api_key_env:
-                raise ModelError(
-                    f"openai backend: the tenant's key variable {key_env} is not set", False
-                )
+        key = os.environ.get(key_env, "") if key_env else ""
+        if request.api_key_env and not key:
+            raise ModelError(
+                f"{self.name} backend: the tenant's key variable {key_env} is not set", False
+            )
         base_url = (request.base_url or self.base_url).rstrip("/")
-        body = {
-            "model": model,
-            "messages": [{"role": "user", "content": request.prompt}],
-            "stream": True,
-        }
-        for option, types in PASSED_OPTIONS.items():
-            value = request.options.get(option)
-            if isinstance(value, types) and not isinstance(value, bool):
-                body[option] = value
+        url, headers, body = self.build_request(base_url, model, key, request)
         left = deadline - time.monotonic()
         if request.cancelled.is_set():
             raise ModelCancelled()
@@ -112,7 +100,7 @@ class OpenAIBackend:
         try:
             with self._client.stream(
                 "POST",
-                f"{base_url}/chat/completions",
+                url,
                 json=body,
                 headers=headers,
                 timeout=timeout,
@@ -120,7 +108,7 @@ class OpenAIBackend:
                 abort.watch(response)
                 if response.status_code != 200:
                     raise _status_error(response)
-                yield from _pieces(response)
+                yield from self.pieces(response)
         except ModelError:
             if abort.reason:
                 raise abort.error() from None
@@ -143,30 +131,60 @@ class OpenAIBackend:
         finally:
             abort.stop()
 
+    def build_request(
+        self, base_url: str, model: str, key: str, request: ModelRequest
+    ) -> tuple[str, dict[str, str], dict[str, Any]]:
+        """(URL, headers, JSON body) of the streaming call: OpenAI's chat completions."""
+        headers = {"Accept": "text/event-stream"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": [{"role": "user", "content": request.prompt}],
+            "stream": True,
+        }
+        body.update(passed_options(request.options))
+        return f"{base_url}/chat/completions", headers, body
+
+    def pieces(self, response: httpx2.Response) -> Iterator[str]:
+        return _pieces(response)
+
+
+def passed_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The run options a provider is sent: only known ones, of the types each accepts
+    (options come from clients)."""
+    passed = {}
+    for option, types in PASSED_OPTIONS.items():
+        value = options.get(option)
+        if isinstance(value, types) and not isinstance(value, bool):
+            passed[option] = value
+    return passed
+
+
+def sse_events(response: httpx2.Response) -> Iterator[tuple[str, str]]:
+    """(event name, data) of each server-sent event of the response, in order."""
+    name, data = "", []
+    for line in response.iter_lines():
+        if line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif line.startswith("event:"):
+            name = line[6:].strip()
+        elif not line and data:
+            yield name, "\n".join(data)
+            name, data = "", []
+
 
 def _pieces(response: httpx2.Response) -> Iterator[str]:
     """The content pieces of an SSE chat-completion stream; ModelError if it ends without
     `[DONE]` (or a finish_reason) or carries an error."""
     finished = False
-    data: list[str] = []
-    for line in response.iter_lines():
-        if line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
-            continue
-        if line or not data:
-            continue  # comments (":"), other fields, blank lines between events
-        payload, data = "\n".join(data), []
+    for _, payload in sse_events(response):
         if payload.strip() == "[DONE]":
             # Read on to the body's end (its last chunk, at once) so the connection goes
             # back to the pool for the next call rather than being closed.
             finished = True
             continue
-        try:
-            event = json.loads(payload)
-        except ValueError:
-            raise ModelError(f"model stream: malformed event {payload[:200]!r}", False) from None
-        if not isinstance(event, dict):
-            raise ModelError(f"model stream: unexpected event {payload[:200]!r}", False)
+        event = _json_event(payload)
         if "error" in event:
             raise ModelError(f"model stream error: {_error_message(event)}", True)
         for choice in event.get("choices") or ():
@@ -179,6 +197,16 @@ def _pieces(response: httpx2.Response) -> Iterator[str]:
                 finished = True
     if not finished:
         raise ModelError("model stream ended before its end ([DONE])", True)
+
+
+def _json_event(payload: str) -> dict[str, Any]:
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        raise ModelError(f"model stream: malformed event {payload[:200]!r}", False) from None
+    if not isinstance(event, dict):
+        raise ModelError(f"model stream: unexpected event {payload[:200]!r}", False)
+    return event
 
 
 def _status_error(response: httpx2.Response) -> ModelError:

@@ -10,10 +10,17 @@ What it does is chosen per request by the model name, read as a query string:
     "disconnect?after=2"           stream 2 pieces, then drop the connection mid-body
     "stream?done=0"                end the body cleanly but without `data: [DONE]`
 
-Every request is recorded (`server.calls`) with the pieces sent and how it ended:
-"completed", "client_closed" (the client went away before the end), "disconnected" (the
-server dropped it on purpose) or "error" (a status reply). `wait_for_outcome` lets a test
-wait until the server has seen the end of a call.
+`fail_first=N` makes a failure (a status, a stall, a disconnect) happen only to the first N
+calls with the same model and prompt; later ones stream as "stream" would, with the same
+pieces, delay and text: "status=429&retry_after=1&fail_first=1" answers 429 once, then
+streams. Parameters the fake does not know are ignored, so a test can make a model name
+its own ("stream?tag=mine").
+
+Every request is recorded (`server.calls`) with when it started, the pieces sent and how
+it ended: "completed", "client_closed" (the client went away before the end),
+"disconnected" (the server dropped it on purpose) or "error" (a status reply).
+`wait_for_outcome` lets a test wait until the server has seen the end of a call, and
+`wait_for_calls` until it has seen calls that match.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ import select
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
@@ -39,9 +47,32 @@ class Call:
     body: dict[str, Any]
     headers: dict[str, str]
     peer: tuple[str, int] = ("", 0)  # the client's address: the same for a reused connection
+    path: str = ""
     pieces_sent: int = 0
     outcome: str | None = None
     ended_at: float | None = None
+    # time.monotonic() when the request was read (ended_at uses the same clock).
+    started_at: float = 0.0
+    # The pieces of content streamed, in order.
+    sent: list[str] = field(default_factory=list)
+    # 1 for the first call with this model and prompt, 2 for the next, ...
+    nth: int = 1
+
+    @property
+    def prompt(self) -> str:
+        """The content of the last message: what the backend asked."""
+        messages = self.body.get("messages") or [{}]
+        return str(messages[-1].get("content", ""))
+
+    @property
+    def text(self) -> str:
+        """What was streamed back."""
+        return "".join(self.sent)
+
+    def header(self, name: str) -> str | None:
+        """A request header by name, whatever its case."""
+        wanted = name.lower()
+        return next((v for k, v in self.headers.items() if k.lower() == wanted), None)
 
 
 @dataclass
@@ -54,6 +85,7 @@ class Behaviour:
     status: int = 200
     retry_after: str | None = None
     done: bool = True
+    fail_first: int | None = None
 
     @classmethod
     def parse(cls, model: str) -> Behaviour:
@@ -70,7 +102,15 @@ class Behaviour:
             status=int(params.get("status", 200)),
             retry_after=params.get("retry_after"),
             done=params.get("done", "1") != "0",
+            fail_first=int(params["fail_first"]) if "fail_first" in params else None,
         )
+
+    def for_call(self, nth: int) -> Behaviour:
+        """What the `nth` call with the same model and prompt gets: past `fail_first`
+        calls, a plain stream."""
+        if self.fail_first is None or nth <= self.fail_first:
+            return self
+        return replace(self, kind="stream", status=200, retry_after=None)
 
 
 class ClientGone(Exception):
@@ -96,9 +136,10 @@ class _Handler(BaseHTTPRequestHandler):
             body=body,
             headers=dict(self.headers.items()),
             peer=tuple(self.client_address[:2]),
+            path=self.path,
         )
         self.server.record(call)
-        behaviour = Behaviour.parse(model)
+        behaviour = Behaviour.parse(model).for_call(call.nth)
         try:
             if behaviour.kind == "status" or behaviour.status != 200:
                 self._error(behaviour)
@@ -152,6 +193,7 @@ class _Handler(BaseHTTPRequestHandler):
             if index and behaviour.delay_s:
                 self._wait(behaviour.delay_s)
             self._event(call.model, {"content": piece}, None)
+            call.sent.append(piece)
             call.pieces_sent += 1
         if behaviour.kind == "stall":
             self._wait(MAX_WAIT_S)
@@ -240,6 +282,10 @@ class FakeOpenAIServer(ThreadingHTTPServer):
 
     def record(self, call: Call) -> None:
         with self.changed:
+            call.started_at = time.monotonic()
+            call.nth = 1 + sum(
+                1 for seen in self.calls if seen.model == call.model and seen.prompt == call.prompt
+            )
             self.calls.append(call)
             self.changed.notify_all()
 
@@ -260,3 +306,28 @@ class FakeOpenAIServer(ThreadingHTTPServer):
             if not self.changed.wait_for(ended, timeout):
                 raise TimeoutError(f"no ended call for {model!r} within {timeout}s")
             return ended()  # type: ignore[return-value]
+
+    def calls_where(self, predicate: Callable[[Call], bool]) -> list[Call]:
+        """The calls so far that match, in the order they came."""
+        with self.changed:
+            return [call for call in self.calls if predicate(call)]
+
+    def wait_for_calls(
+        self,
+        predicate: Callable[[Call], bool],
+        count: int = 1,
+        timeout: float = 5.0,
+        ended: bool = False,
+    ) -> list[Call]:
+        """The matching calls once there are at least `count` (all ended, if `ended`)."""
+
+        def enough() -> list[Call] | None:
+            found = [call for call in self.calls if predicate(call)]
+            if len(found) < count or (ended and any(c.outcome is None for c in found)):
+                return None
+            return found
+
+        with self.changed:
+            if not self.changed.wait_for(enough, timeout):
+                raise TimeoutError(f"fewer than {count} matching calls within {timeout}s")
+            return enough()  # type: ignore[return-value]

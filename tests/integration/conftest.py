@@ -1,6 +1,10 @@
 """One real Switchboard for the integration suite: Redis, a daphne gateway and a Celery
 worker as separate processes (project/launcher.py), driven over real sockets.
 
+The "openai" backend of the cluster talks to a fake OpenAI-compatible provider
+(tests/fakes/openai_server.py) run by this process, so tests can read every call it got;
+the test-only agents of tests/integration/agents_app are installed beside the examples.
+
 Tenants live in the cluster's own SQLite file. pytest-django's test database is in memory
 and the cluster's processes cannot see it, so nothing here goes through it: tenants are
 made by the management commands, and tokens are signed with secrets read from that file.
@@ -24,11 +28,22 @@ import redis
 from project.launcher import Cluster, Proc
 from realtime.auth import issue_token
 from realtime.client import SwitchboardClient
+from tests.fakes.openai_server import FakeOpenAIServer
 
 # Short limits so failure paths finish in seconds; tests read them from here.
 SOFT_LIMIT_S = 1.5
 RUN_DEADLINE_S = 8
 KEY_PREFIX = "sbtest"
+# The fake provider's default model: the prompt streamed back in 4 pieces 150 ms apart, so
+# each piece is its own reply.delta (pieces further apart than DELTA_FLUSH_MS, 50 ms, are
+# not coalesced).
+PROVIDER_MODEL = "stream?pieces=4&delay_ms=150"
+# API keys the provider must see: the backend's (by variable name, as in production) and
+# one a tenant's agent grant names instead.
+PROVIDER_KEY_ENV = "SWITCHBOARD_TEST_PROVIDER_KEY"
+PROVIDER_KEY = "sk-switchboard-test-provider"
+TENANT_KEY_ENV = "SWITCHBOARD_TEST_TENANT_KEY"
+TENANT_KEY = "sk-switchboard-test-tenant"
 CLUSTER_ENV = {
     # Not the default prefix, so the key-isolation test proves the setting is honoured.
     "SWITCHBOARD_KEY_PREFIX": KEY_PREFIX,
@@ -48,6 +63,13 @@ CLUSTER_ENV = {
     "SWITCHBOARD_TENANT_MESSAGES_PER_S": "100000",
     "SWITCHBOARD_TENANT_BURST": "100000",
     "LOG_LEVEL": "INFO",
+    # The "openai" backend; its base URL (the fake's port) is added by the fixture.
+    "SWITCHBOARD_OPENAI_MODEL": PROVIDER_MODEL,
+    "SWITCHBOARD_OPENAI_API_KEY_ENV": PROVIDER_KEY_ENV,
+    PROVIDER_KEY_ENV: PROVIDER_KEY,
+    TENANT_KEY_ENV: TENANT_KEY,
+    # Test-only agents (tests/integration/agents_app/agents.py).
+    "SWITCHBOARD_EXTRA_APPS": "tests.integration.agents_app",
 }
 
 TENANT = "acme"  # where most tests run
@@ -93,6 +115,8 @@ class Switchboard:
     cluster: Cluster
     db_path: Path
     key_prefix: str
+    # The fake model provider the cluster's "openai" backend calls.
+    provider: FakeOpenAIServer
 
     @property
     def url(self) -> str:
@@ -129,6 +153,10 @@ class Switchboard:
         """Run Python in a Django shell of the cluster (its env, its database)."""
         return self.cluster.manage("shell", "-v", "0", "-c", code)
 
+    def log(self, name: str) -> str:
+        """Everything a process of the cluster ("worker-0", "gateway-0", ...) logged so far."""
+        return self.cluster.processes[name].log_path.read_text(errors="replace")
+
     def log_tails(self, lines: int = 40) -> str:
         return "\n".join(
             f"----- {name} ({proc.log_path}) -----\n{proc.log_tail(lines)}"
@@ -140,16 +168,22 @@ class Switchboard:
 def switchboard(request: pytest.FixtureRequest, test_redis_url: str) -> Iterator[Switchboard]:
     work = Path(tempfile.mkdtemp(prefix="switchboard-it-"))
     db_path = work / "db.sqlite3"
+    # Up before the cluster: its processes read the provider's URL at start.
+    provider = FakeOpenAIServer().start()
     cluster = Cluster(
         redis_url=test_redis_url,
         gateways=1,
         workers=1,
         worker_concurrency=2,
         beat=True,
-        env={**CLUSTER_ENV, "DATABASE_URL": f"sqlite:///{db_path}"},
+        env={
+            **CLUSTER_ENV,
+            "DATABASE_URL": f"sqlite:///{db_path}",
+            "SWITCHBOARD_OPENAI_BASE_URL": provider.base_url,
+        },
         log_dir=work / "logs",
     )
-    board = Switchboard(cluster, db_path, KEY_PREFIX)
+    board = Switchboard(cluster, db_path, KEY_PREFIX, provider)
     try:
         url = cluster.ensure_redis()
         # The atomic enqueue needs the broker to be this very database.
@@ -163,15 +197,23 @@ def switchboard(request: pytest.FixtureRequest, test_redis_url: str) -> Iterator
     except BaseException:
         print(board.log_tails())
         cluster.stop()
+        provider.stop()
         raise
     try:
         yield board
     finally:
         cluster.stop()
+        provider.stop()
         if request.session.testsfailed:
             print(f"\nintegration cluster logs and database kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture
+def provider(switchboard: Switchboard) -> FakeOpenAIServer:
+    """The fake OpenAI-compatible provider behind the cluster's "openai" backend."""
+    return switchboard.provider
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -17,7 +17,7 @@ from orchestration.services import StepOutcome, execute_step
 from realtime import keys
 from tests.store.conftest import Streams, log_events, of_kind
 from workers import backends
-from workers.backends import ModelError, ModelRequest
+from workers.backends import ModelError, ModelRequest, ModelTimeout
 
 STREAM = "room"
 
@@ -67,6 +67,8 @@ class Recording:
         self.requests.append(request)
         if request.model == "broken":
             raise ModelError("the model refused", transient=False)
+        if request.model == "stalls":
+            raise ModelTimeout("model call passed its soft time limit (stalled)", transient=True)
         if request.model == "busy" and request.attempt == 1:
             raise ModelError("slow down", transient=True, retry_after_s=0.3)
         yield f"{request.model}("
@@ -336,3 +338,18 @@ def test_a_step_rate_limit_is_per_tenant_and_falls_back_when_it_cannot_wait(
     assert other.run_id is not None
     run_to_end(runs, other.run_id, 1)
     assert model.prompts[-1] == ("m", "three")
+
+
+def test_a_call_that_ran_out_its_soft_limit_is_not_retried_however_transient(
+    streams: Streams,
+    runs: RunStore,
+    r: redis.Redis,
+    model: Recording,
+    register_agent: Callable[..., Agent],
+) -> None:
+    register_agent("stalled", Step(backend="recording", model="stalls", max_retries=3))
+    run_id = start(streams, "stalled")
+    assert execute_step(runs, run_id, 0, 0) == StepOutcome()
+    assert len(model.prompts) == 1
+    data = the_done(r)
+    assert (data["status"], data["detail"]) == ("degraded", {"reason": "timeout"})
