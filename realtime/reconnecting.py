@@ -373,7 +373,16 @@ class ReconnectingClient:
         conn = self._conn
         tracked = self._streams[stream]
         if conn is None or conn.closed:
-            return  # the next connection subscribes every stream from last_seq
+            # The gap showed while a new connection was being opened (its resume restored
+            # the stream past what reached us), and `_conn` is still the old one: that new
+            # connection will not subscribe a stream it restored, so do it once it is open,
+            # unless a `subscribed` has ended the resync meanwhile.
+            try:
+                conn = await self.wait_open(float("inf"))
+            except ClientStopped:
+                return
+            if not tracked.resyncing:
+                return
         try:
             await conn.subscribe(stream, tracked.last_seq, self.connect_timeout_s)
         except (SwitchboardClosed, SwitchboardError, TimeoutError) as error:

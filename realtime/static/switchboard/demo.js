@@ -1,0 +1,468 @@
+// @ts-check
+// The demo page: chat with an agent through the JavaScript client, watch replies stream in,
+// see who is here, drop the connection and flood the server to see recovery and 429s.
+// Everything the page knows is also in window.__switchboardDebug (the browser tests read it).
+import { ReplyAssembler, SwitchboardClient, SwitchboardError } from "/client/switchboard.js";
+
+const FLOOD_COUNT = 60;
+const DEFAULT_STREAM = "lobby";
+const STREAM_NAME = /^[A-Za-z0-9][A-Za-z0-9_.:@/+=-]{0,199}$/;
+const MAX_ITEMS = 500; // rendered events kept on the page
+const STREAMS_KEY = "switchboard-demo-streams";
+const CLIENT_KEY = "switchboard-demo-client";
+
+/** @param {string} id */
+const $ = (id) => /** @type {HTMLElement} */ (document.getElementById(id));
+const params = new URLSearchParams(location.search);
+
+/** @typedef {import("/client/switchboard.js").StreamEvent} StreamEvent */
+/** @typedef {import("/client/switchboard.js").StateChange} StateChange */
+
+const debug = {
+  /** @type {SwitchboardClient|null} */
+  client: null,
+  /** @type {StateChange[]} */
+  states: [],
+  /** @type {Record<string, number[]>} seqs delivered per stream, in delivery order */
+  seqs: {},
+  /** @type {Record<string, any[]>} events delivered per stream (kind, seq, id, data) */
+  events: {},
+  /** @type {string|null} */
+  stream: null,
+  subscribed: false,
+  rateLimited: 0,
+  /** @type {number[]} retry_after_ms of each 429 */
+  retryAfterMs: [],
+  flood: { sent: 0, acked: 0, failed: 0, done: false },
+  /** @type {{client: string, name: string|null}[]} */
+  presence: [],
+  get state() {
+    return this.client ? this.client.state : "idle";
+  },
+  get reconnects() {
+    return this.client ? this.client.reconnects : 0;
+  },
+};
+// @ts-ignore - for the tests and the curious
+window.__switchboardDebug = debug;
+
+// --- the token -------------------------------------------------------------------------
+
+/** @typedef {{token: string, client: string, name: string, expires_at: number, agents: string[]}} Grant */
+/** @type {Grant|null} */
+let grant = null;
+
+/** @param {string|null} client @param {string|null} name @returns {Promise<Grant>} */
+async function fetchGrant(client, name) {
+  const response = await fetch("/demo/token", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ client, name }),
+    cache: "no-store",
+  });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(body.detail || `token request failed (${response.status})`);
+  return body;
+}
+
+/** The token for each connection attempt: the one we have while it has a minute left. */
+async function token() {
+  if (!grant || grant.expires_at * 1000 - Date.now() < 60_000) {
+    grant = await fetchGrant(grant ? grant.client : null, grant ? grant.name : null);
+  }
+  return grant.token;
+}
+
+// --- small helpers -----------------------------------------------------------------------
+
+/** @param {string} tag @param {Record<string, string>} [attrs] @param {(Node|string)[]} [children] */
+function el(tag, attrs = {}, children = []) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "class") node.className = value;
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+/** @param {string} text @param {string} [tone] */
+function activity(text, tone = "") {
+  const list = $("activity");
+  const time = new Date().toLocaleTimeString([], { hour12: false });
+  list.prepend(el("li", tone ? { class: tone } : {}, [el("time", {}, [time]), text]));
+  while (list.children.length > 200) list.lastElementChild?.remove();
+}
+
+/** Display names of the clients seen in presence (events carry only client ids). */
+/** @type {Map<string, string>} */
+const names = new Map();
+
+/** @param {string} from `client:ID` or `agent:NAME` */
+const who = (from) => {
+  const id = from.replace(/^(client|agent):/, "");
+  return from.startsWith("client:") ? names.get(id) ?? id : id;
+};
+
+// --- streams -------------------------------------------------------------------------------
+
+/** @returns {string[]} */
+function knownStreams() {
+  try {
+    const saved = JSON.parse(localStorage.getItem(STREAMS_KEY) || "[]");
+    if (Array.isArray(saved)) return saved.filter((s) => typeof s === "string" && STREAM_NAME.test(s));
+  } catch {
+    // Unreadable: start again.
+  }
+  return [];
+}
+
+/** @param {string} stream */
+function rememberStream(stream) {
+  const streams = knownStreams().filter((s) => s !== stream);
+  streams.unshift(stream);
+  try {
+    localStorage.setItem(STREAMS_KEY, JSON.stringify(streams.slice(0, 12)));
+  } catch {
+    // Private mode: the list is just not kept.
+  }
+}
+
+function renderStreams() {
+  const list = $("streams");
+  list.replaceChildren();
+  const streams = knownStreams();
+  if (!streams.includes(DEFAULT_STREAM)) streams.push(DEFAULT_STREAM);
+  for (const stream of streams) {
+    const link = el("a", { href: `?stream=${encodeURIComponent(stream)}`, "data-stream": stream }, [`#${stream}`]);
+    if (stream === debug.stream) link.setAttribute("aria-current", "true");
+    link.addEventListener("click", (event) => {
+      event.preventDefault();
+      openStream(stream);
+    });
+    list.append(el("li", {}, [link]));
+  }
+}
+
+// --- the event list ----------------------------------------------------------------------
+
+const assembler = new ReplyAssembler();
+/** @type {Map<string, HTMLElement>} run id -> its reply item */
+const replyItems = new Map();
+
+function scrolledToBottom() {
+  const list = $("events");
+  return list.scrollHeight - list.scrollTop - list.clientHeight < 60;
+}
+
+/** @param {HTMLElement} item @param {boolean} follow */
+function addItem(item, follow) {
+  const list = $("events");
+  list.append(item);
+  while (list.children.length > MAX_ITEMS) list.firstElementChild?.remove();
+  if (follow) list.scrollTop = list.scrollHeight;
+}
+
+/** @param {HTMLElement} item @param {number} seq */
+function noteSeq(item, seq) {
+  const first = item.dataset.firstSeq || String(seq);
+  item.dataset.firstSeq = first;
+  item.dataset.seq = String(seq);
+  const label = item.querySelector(".seq");
+  if (label) label.textContent = first === String(seq) ? `#${seq}` : `#${first}–${seq}`;
+}
+
+/** @param {StreamEvent} event */
+function onEvent(event) {
+  if (event.stream !== debug.stream) return;
+  const seq = /** @type {number} */ (event.seq);
+  (debug.seqs[event.stream] ||= []).push(seq);
+  (debug.events[event.stream] ||= []).push({ seq, kind: event.kind, id: event.id, from: event.from, data: event.data });
+  const follow = scrolledToBottom();
+  const mine = event.cause && event.cause.client === debug.client?.client;
+
+  if (event.kind === "message") {
+    const item = el("li", { class: `msg${event.from === `client:${debug.client?.client}` ? " mine" : ""}`, "data-kind": "message" }, [
+      el("div", { class: "meta" }, [`${who(event.from)} → ${event.data.agent}`, el("span", { class: "seq" })]),
+      el("div", { class: "bubble" }, [String(event.data.text ?? "")]),
+    ]);
+    noteSeq(item, seq);
+    addItem(item, follow);
+  } else if (event.kind === "published") {
+    const data = event.data && typeof event.data === "object" && "text" in event.data ? String(event.data.text) : JSON.stringify(event.data);
+    const item = el("li", { class: "published", "data-kind": "published" }, [
+      `${who(event.from)} published `,
+      el("span", { class: "data" }, [data]),
+      el("span", { class: "seq" }),
+    ]);
+    noteSeq(item, seq);
+    addItem(item, follow);
+  } else if (event.kind === "reply.delta" || event.kind === "reply.done") {
+    const reply = assembler.add(event);
+    if (!reply || !reply.run) return;
+    let item = replyItems.get(reply.run);
+    if (!item || !item.isConnected) {
+      const cause = reply.cause || { client: null };
+      item = el("li", { class: "reply", "data-kind": "reply", "data-run": reply.run, "data-status": "streaming" }, [
+        el("div", { class: "meta" }, [
+          `${reply.agent} → ${cause.client ? who(`client:${cause.client}`) : "?"}${mine ? " (you)" : ""}`,
+          el("span", { class: "status-tag" }),
+          el("span", { class: "seq" }),
+        ]),
+        el("div", { class: "bubble" }),
+      ]);
+      replyItems.set(reply.run, item);
+      addItem(item, follow);
+    }
+    /** @type {HTMLElement} */ (item.querySelector(".bubble")).textContent = reply.text;
+    noteSeq(item, seq);
+    if (reply.done) {
+      item.dataset.status = reply.status || "done";
+      const tag = /** @type {HTMLElement} */ (item.querySelector(".status-tag"));
+      tag.textContent = reply.status === "ok" ? "✓" : String(reply.status);
+      tag.className = `status-tag ${reply.status === "ok" ? "ok" : "other"}`;
+    }
+    if (follow) $("events").scrollTop = $("events").scrollHeight;
+  }
+  debug.client?.receipt(event.stream, seq);
+  updateSeqCheck();
+}
+
+/** @param {StreamEvent} event */
+function onPresenceEvent(event) {
+  if (event.stream !== debug.stream || !event.data) return;
+  if (event.data.name) names.set(event.data.client, event.data.name);
+  const verb = event.kind === "join" ? "joined" : "left";
+  addItem(el("li", { class: "system", "data-kind": event.kind }, [`${event.data.name || event.data.client} ${verb}`]), scrolledToBottom());
+}
+
+function updateSeqCheck() {
+  const stream = debug.stream;
+  const seqs = stream ? debug.seqs[stream] || [] : [];
+  const node = $("seq-check");
+  if (!seqs.length) {
+    node.textContent = "no events yet";
+    node.className = "";
+    return;
+  }
+  let gaps = 0;
+  let repeats = 0;
+  for (let i = 1; i < seqs.length; i += 1) {
+    if (seqs[i] <= seqs[i - 1]) repeats += 1;
+    else if (seqs[i] !== seqs[i - 1] + 1) gaps += 1;
+  }
+  const range = `#${seqs[0]}–${seqs[seqs.length - 1]}`;
+  node.textContent = gaps || repeats ? `${range}: ${gaps} gaps, ${repeats} repeats` : `${range} in order, none missed or repeated`;
+  node.className = gaps || repeats ? "bad" : "good";
+  $("head-info").textContent = `last seq ${seqs[seqs.length - 1]}`;
+}
+
+// --- presence ------------------------------------------------------------------------------
+
+/** @type {(() => void)|null} */
+let stopWatching = null;
+
+/** @param {{client: string, name: string|null}[]} members */
+function renderPresence(members) {
+  debug.presence = members;
+  for (const member of members) if (member.name) names.set(member.client, member.name);
+  const list = $("presence");
+  list.replaceChildren(
+    ...members.map((member) => {
+      const label = member.name && member.name !== member.client ? `${member.name} (${member.client})` : member.client;
+      const item = el("li", { "data-client": member.client }, [label]);
+      if (member.client === debug.client?.client) item.append(el("span", { class: "you" }, ["you"]));
+      return item;
+    }),
+  );
+  $("presence-count").textContent = String(members.length);
+}
+
+// --- opening a stream ----------------------------------------------------------------------
+
+/** @param {string} stream */
+async function openStream(stream) {
+  const client = debug.client;
+  if (!client || stream === debug.stream) return;
+  const previous = debug.stream;
+  if (stopWatching) stopWatching();
+  if (previous) client.unsubscribe(previous).catch(() => {});
+  debug.stream = stream;
+  debug.subscribed = false;
+  debug.seqs[stream] = [];
+  debug.events[stream] = [];
+  document.body.dataset.stream = stream;
+  delete document.body.dataset.subscribed;
+  replyItems.clear();
+  $("events").replaceChildren();
+  $("stream-title").textContent = `#${stream}`;
+  $("head-info").textContent = "";
+  rememberStream(stream);
+  renderStreams();
+  renderPresence([]);
+  updateSeqCheck();
+  const url = new URL(location.href);
+  url.searchParams.set("stream", stream);
+  history.replaceState(null, "", url);
+  stopWatching = client.watchPresence(stream, renderPresence);
+  try {
+    // since 0: the stream's whole retained history, then live events.
+    const answer = await client.subscribe(stream, onEvent, { since: 0 });
+    if (debug.stream !== stream) return;
+    debug.subscribed = true;
+    document.body.dataset.subscribed = "true";
+    activity(`subscribed to #${stream} (head ${answer.head ?? "?"})`);
+  } catch (error) {
+    activity(`subscribing to #${stream} failed: ${error}`, "bad");
+  }
+}
+
+// --- sending, dropping, flooding -----------------------------------------------------------
+
+/** @param {SubmitEvent} event */
+async function onSend(event) {
+  event.preventDefault();
+  const client = debug.client;
+  const input = /** @type {HTMLInputElement} */ ($("text"));
+  const text = input.value.trim();
+  if (!client || !debug.stream || !text) return;
+  input.value = "";
+  const agent = /** @type {HTMLSelectElement} */ ($("agent")).value;
+  /** @type {Record<string, number>|undefined} */
+  let options;
+  if (agent === "echo") {
+    const chunks = Number(/** @type {HTMLInputElement} */ ($("chunks")).value) || 1;
+    const delay = Number(/** @type {HTMLInputElement} */ ($("delay")).value) || 0;
+    options = { chunks, chunk_delay_ms: delay };
+  }
+  try {
+    const ack = await client.send(debug.stream, agent, text, { options });
+    if (ack.duplicate) activity(`message ${ack.id} was already accepted (seq ${ack.seq})`);
+  } catch (error) {
+    const detail = error instanceof SwitchboardError ? `${error.code}: ${error.detail}` : String(error);
+    activity(`send refused — ${detail}`, "bad");
+  }
+}
+
+async function flood() {
+  const client = debug.client;
+  const stream = debug.stream;
+  if (!client || !stream) return;
+  const button = /** @type {HTMLButtonElement} */ ($("flood"));
+  button.disabled = true;
+  const before = debug.rateLimited;
+  debug.flood = { sent: FLOOD_COUNT, acked: 0, failed: 0, done: false };
+  const show = () => {
+    const f = debug.flood;
+    $("flood-status").textContent = `${f.acked}/${f.sent} acked${f.failed ? `, ${f.failed} failed` : ""}, ${debug.rateLimited - before} × 429`;
+  };
+  show();
+  activity(`flood: publishing ${FLOOD_COUNT} messages at once`);
+  const batch = Date.now().toString(36);
+  await Promise.all(
+    Array.from({ length: FLOOD_COUNT }, (_, index) =>
+      client
+        .publish(stream, { text: `flood ${index + 1}/${FLOOD_COUNT}`, batch })
+        .then(() => {
+          debug.flood.acked += 1;
+        })
+        .catch((error) => {
+          debug.flood.failed += 1;
+          activity(`flood message ${index + 1} failed: ${error}`, "bad");
+        })
+        .finally(show),
+    ),
+  );
+  debug.flood.done = true;
+  activity(`flood: ${debug.flood.acked} acked, each once; ${debug.rateLimited - before} answers were 429 and retried after retry_after_ms`);
+  button.disabled = false;
+}
+
+// --- connection state ------------------------------------------------------------------------
+
+/** @param {StateChange} change */
+function onState(change) {
+  debug.states.push(change);
+  document.body.dataset.state = change.state;
+  const badge = $("state");
+  badge.textContent = change.state;
+  badge.dataset.state = change.state;
+  $("reconnects").textContent = String(change.reconnects);
+  if (change.state === "open") {
+    const resumed = change.resumed ? "resumed" : "new";
+    $("resumed").textContent = `${resumed} (${debug.client?.session?.slice(0, 8) ?? "?"}…)`;
+    activity(change.reconnects ? `open again — session ${resumed}, reconnect #${change.reconnects}` : "open", "good");
+  } else if (change.state === "reconnecting") {
+    $("last-close").textContent = `${change.closeCode}${change.reason ? ` (${change.reason})` : ""}`;
+    activity(`connection lost (close ${change.closeCode}${change.reason ? `: ${change.reason}` : ""}); reconnecting`, "bad");
+  } else if (change.state === "closed") {
+    $("last-close").textContent = `${change.closeCode} (${change.reason})`;
+    activity(`closed for good: ${change.reason}`, "bad");
+  }
+}
+
+// --- start -----------------------------------------------------------------------------------
+
+async function main() {
+  $("new-stream").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const input = /** @type {HTMLInputElement} */ ($("stream-name"));
+    const stream = input.value.trim();
+    if (!STREAM_NAME.test(stream)) {
+      activity(`'${stream}' is not a stream name: letters, digits and _ . : @ / + = -`, "bad");
+      return;
+    }
+    input.value = "";
+    openStream(stream);
+  });
+  $("composer").addEventListener("submit", (event) => onSend(/** @type {SubmitEvent} */ (event)));
+  $("drop").addEventListener("click", () => {
+    activity("dropping the connection");
+    debug.client?.drop();
+  });
+  $("flood").addEventListener("click", () => flood());
+  $("agent").addEventListener("change", () => {
+    $("echo-options").hidden = /** @type {HTMLSelectElement} */ ($("agent")).value !== "echo";
+  });
+
+  const requested = params.get("client") || sessionStorage.getItem(CLIENT_KEY);
+  let first;
+  try {
+    first = await fetchGrant(requested, params.get("name"));
+  } catch (error) {
+    activity(`no demo token: ${error instanceof Error ? error.message : error}`, "bad");
+    $("state").textContent = "no token";
+    return;
+  }
+  grant = first;
+  // Kept per tab: a reload is the same person, another tab another one.
+  sessionStorage.setItem(CLIENT_KEY, first.client);
+  names.set(first.client, first.name);
+  $("me").textContent = first.name && first.name !== first.client ? `${first.name} (${first.client})` : first.client;
+  const select = /** @type {HTMLSelectElement} */ ($("agent"));
+  select.replaceChildren(...first.agents.map((agent) => el("option", { value: agent }, [agent])));
+
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const client = new SwitchboardClient(`${scheme}://${location.host}/ws/v1/`, token, { onState });
+  debug.client = client;
+  client.on("presence", onPresenceEvent);
+  client.on("retry", (/** @type {import("/client/switchboard.js").RetryInfo} */ info) => {
+    if (info.status === 429) {
+      debug.rateLimited += 1;
+      if (info.retryAfterMs !== null) debug.retryAfterMs.push(info.retryAfterMs);
+      $("rate-limited").textContent = `${debug.rateLimited} — last asked ${info.retryAfterMs} ms, waited ${Math.round(info.delayMs)}`;
+    }
+  });
+  client.on("expired", (/** @type {any} */ frame) => activity(`#${frame.stream}: older events no longer retained; going on from seq ${frame.head}`));
+  client.on("error", (/** @type {any} */ frame) => activity(`server: ${frame.code} — ${frame.detail}`, "bad"));
+  try {
+    await client.start();
+  } catch (error) {
+    activity(`could not connect: ${error}`, "bad");
+    return;
+  }
+  const wanted = params.get("stream") || knownStreams()[0] || DEFAULT_STREAM;
+  await openStream(STREAM_NAME.test(wanted) ? wanted : DEFAULT_STREAM);
+}
+
+main();

@@ -1,0 +1,98 @@
+"""What the gateway serves over HTTP for browsers: the JavaScript client and the demo page
+(content types, caching), and the demo token endpoint (a token of the demo tenant only)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+
+from realtime.client import SwitchboardClient
+from tests.browser.conftest import DEMO_TENANT, DemoCluster
+
+
+def fetch(
+    url: str, method: str = "GET", body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [
+        ("/client/switchboard.js", "text/javascript"),
+        ("/demo/", "text/html"),
+        ("/demo/demo.js", "text/javascript"),
+        ("/demo/demo.css", "text/css"),
+    ],
+)
+def test_assets_have_their_content_type_and_revalidate(
+    demo_cluster: DemoCluster, path: str, content_type: str
+) -> None:
+    status, headers, body = fetch(demo_cluster.base_url + path)
+    assert status == 200 and body
+    assert headers["Content-Type"].startswith(content_type)
+    assert headers["Cache-Control"] == "no-cache"
+    etag = headers["ETag"]
+    status, headers, body = fetch(demo_cluster.base_url + path, headers={"If-None-Match": etag})
+    assert status == 304 and body == b""
+
+
+def test_unknown_demo_asset_is_404(demo_cluster: DemoCluster) -> None:
+    status, _, _ = fetch(demo_cluster.base_url + "/demo/settings.py")
+    assert status == 404
+
+
+def test_demo_token_is_a_short_lived_token_of_the_demo_tenant(demo_cluster: DemoCluster) -> None:
+    status, headers, body = fetch(
+        demo_cluster.base_url + "/demo/token", "POST", {"client": "zoe", "name": "Zoë"}
+    )
+    assert status == 200, body
+    assert headers["Cache-Control"] == "no-store"
+    assert "Access-Control-Allow-Origin" not in headers  # no other site may read it
+    grant = json.loads(body)
+    assert grant["tenant"] == DEMO_TENANT and grant["client"] == "zoe"
+    assert grant["agents"][0] == "echo"
+
+    async def connect() -> dict[str, Any]:
+        url = f"ws://127.0.0.1:{demo_cluster.port}/ws/v1/"
+        client = await SwitchboardClient.connect(url, grant["token"])
+        await client.close()
+        return client.welcome
+
+    welcome = asyncio.run(connect())
+    assert welcome["tenant"] == DEMO_TENANT and welcome["client"] == "zoe"
+
+    # Without a client id it makes one up.
+    status, _, body = fetch(demo_cluster.base_url + "/demo/token", "POST", {})
+    assert status == 200 and json.loads(body)["client"].startswith("guest-")
+
+
+@pytest.mark.parametrize(
+    ("method", "body", "status"),
+    [
+        ("GET", None, 405),
+        ("POST", {"client": "no spaces allowed"}, 400),
+        ("POST", {"client": "x" * 41}, 400),
+        ("POST", ["not", "an", "object"], 400),
+        ("POST", {"name": "n" * 61}, 400),
+    ],
+)
+def test_demo_token_refuses_bad_requests(
+    demo_cluster: DemoCluster, method: str, body: Any, status: int
+) -> None:
+    got, _, answer = fetch(demo_cluster.base_url + "/demo/token", method, body)
+    assert got == status, answer
+    assert json.loads(answer)["status"] == status
