@@ -18,15 +18,20 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     DJANGO_SETTINGS_MODULE=project.settings \
+    LOG_FORMAT=json \
+    PROMETHEUS_MULTIPROC_DIR=/tmp/switchboard-metrics \
     PORT=8000
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY . /app
 # The code stays read-only for the service user; var/ holds what processes write
 # (beat's schedule, the SQLite file when DATABASE_URL is not set).
+# PROMETHEUS_MULTIPROC_DIR: the container's processes (a worker's pool) write their metrics
+# there and /metrics or the worker's exporter sums them; docker-compose.yml mounts a fresh
+# tmpfs over it so a restarted container starts with no gauges of its dead processes.
 RUN useradd --system --uid 10001 --no-create-home --home-dir /app switchboard \
-    && mkdir -p /app/var \
-    && chown switchboard /app/var
+    && mkdir -p /app/var "$PROMETHEUS_MULTIPROC_DIR" \
+    && chown switchboard /app/var "$PROMETHEUS_MULTIPROC_DIR"
 USER switchboard
 EXPOSE 8000
 # backlog: Twisted's default of 50 refuses bursts of handshakes; -v 0: no per-request access log.

@@ -27,6 +27,7 @@ import orjson
 import redis
 from django.conf import settings
 
+from history.records import outbox_head, problem_entry, reason_of
 from orchestration.enqueue import (
     TRIGGER_TASK,
     broker_is_redis_at,
@@ -53,6 +54,8 @@ OUTPUT_FIELD = "out."
 # Lost leases a run survives. A step that keeps killing its worker (a prompt that runs it
 # out of memory, say) is ended with `failed` rather than handed to worker after worker.
 MAX_REDELIVERIES = 3
+# Failed and degraded runs kept for the admin's live queue page: a look, not an archive.
+RECENT_PROBLEMS_MAX = 200
 
 
 class Fenced(Exception):
@@ -268,6 +271,7 @@ class RunStore:
                 return False
         tenant, stream = run.tenant, run.stream
         event_id = new_event_id()
+        at = utc_now_iso()
         prefix, suffix = event_parts(
             stream=stream,
             event_id=event_id,
@@ -275,7 +279,7 @@ class RunStore:
             sender=f"agent:{run.agent}",
             cause=run.cause(),
             data={"run": run_id, "status": status, "detail": detail},
-            ts=utc_now_iso(),
+            ts=at,
         )
         # Split the data object so the stored text can be spliced in before "detail".
         data_at = suffix.index(',"data":') + len(',"data":')
@@ -283,6 +287,22 @@ class RunStore:
         text_prefix = suffix[:detail_at] + ',"text":'
         # Agents subscribed to this reply: their trigger task goes in with the event.
         trigger_message, enqueue_after = _trigger_message(run, status, event_id)
+        # Written by the same script, so only the finalize that wins records the run.
+        history_max = settings.SWITCHBOARD["HISTORY_OUTBOX_MAX"]
+        history_head = (
+            outbox_head(tenant, stream, run_id, status, event_id, at, reason_of(detail))
+            if history_max > 0
+            else ""
+        )
+        problem = problem_entry(
+            run_id=run_id,
+            tenant=tenant,
+            stream=stream,
+            agent=run.agent,
+            status=status,
+            detail=detail,
+            at=at,
+        )
         code, value = self._finalize(
             keys=[
                 keys.stream_seq(tenant, stream),
@@ -292,6 +312,9 @@ class RunStore:
                 keys.RUN_DEADLINES,
                 keys.RUN_LEASES,
                 keys.celery_queue(RUNS_QUEUE),
+                keys.HISTORY_OUTBOX,
+                keys.HISTORY_DROPPED,
+                keys.RECENT_PROBLEMS,
             ],
             args=[
                 keys.stream_channel(tenant, stream),
@@ -304,6 +327,10 @@ class RunStore:
                 run_id,
                 FINISHED_RUN_TTL_S,
                 trigger_message,
+                history_head,
+                history_max,
+                problem,
+                RECENT_PROBLEMS_MAX,
             ],
         )
         if code == -2:

@@ -21,6 +21,7 @@ from orchestration.agents import (
 )
 from orchestration.coalesce import Coalescer
 from orchestration.runs import Fenced, LeaseKeeper, Run, RunFinished, RunStore
+from realtime import logcontext, metrics
 from realtime.buckets import SyncBuckets
 from workers import limits
 from workers.backends import ModelCancelled, ModelError, ModelRequest, ModelTimeout, get_backend
@@ -47,6 +48,8 @@ def execute_step(store: RunStore, run_id: str, step_index: int, retries_so_far: 
     if run is None:
         logger.info("step skipped: run finished or gone run=%s step=%s", run_id, step_index)
         return StepOutcome()
+    # Log lines of the step name its tenant and message too (within the task's scope).
+    logcontext.update(tenant=run.tenant, event=run.message_event)
     # Set by the lease keeper once the run is no longer this step's (cancelled, swept,
     # fenced): the model call and any wait for its backend's budget are abandoned.
     lost = threading.Event()
@@ -152,6 +155,7 @@ def _execute_claimed(
         _append_pending(store, run, coalescer, lost)
     except ModelError as error:
         if lost.is_set():
+            metrics.model_call(step.backend, "cancelled", time.monotonic() - started)
             coalescer.discard()
             return _abandoned(run, step_index)
         _append_pending(store, run, coalescer, lost)
@@ -166,24 +170,34 @@ def _execute_claimed(
             elapsed,
             error,
         )
-        if error.transient and retries_so_far < step.max_retries:
+        # A call that ran out its soft limit has had the step's time: the fallback now,
+        # not another attempt (however transient a stall is), so the client waits at most
+        # the soft limit for an answer.
+        spent = isinstance(error, ModelTimeout) or "time limit" in str(error)
+        if error.transient and not spent and retries_so_far < step.max_retries:
             # The provider's Retry-After, when it gave one, is the least wait.
             backoff = max(_backoff_s(retries_so_far), error.retry_after_s or 0.0)
             if _time_for_call(run) > backoff + step.min_budget_s:
+                metrics.model_call(step.backend, "error", elapsed)
                 return StepOutcome(retry_in_s=backoff)
-        reason = "timeout" if "time limit" in str(error) else "model_error"
+        reason = "timeout" if spent else "model_error"
+        metrics.model_call(step.backend, "timeout" if reason == "timeout" else "fallback", elapsed)
         return _fall_back(store, run, agent, step_index, reason)
     except (Fenced, RunFinished):
+        metrics.model_call(step.backend, "cancelled", time.monotonic() - started)
         raise
     except SoftTimeLimitExceeded:
+        metrics.model_call(step.backend, "timeout", time.monotonic() - started)
         logger.warning("step hit Celery's soft time limit run=%s step=%s", run.run_id, step_index)
         _append_pending(store, run, coalescer, lost)
         return _fall_back(store, run, agent, step_index, "timeout")
     except Exception:
         # A bug or an unclassified backend failure still owes the client its reply.done.
+        metrics.model_call(step.backend, "fallback", time.monotonic() - started)
         logger.exception("step failed run=%s step=%s", run.run_id, step_index)
         _append_pending(store, run, coalescer, lost)
         return _fall_back(store, run, agent, step_index, "internal")
+    metrics.model_call(step.backend, "ok", time.monotonic() - started)
     output = "".join(produced)
     if step.visible and run.emitted - run.step_base != len(output):
         # A retry skipped what an earlier attempt streamed: the output is what the client

@@ -10,6 +10,7 @@ from django.conf import settings
 from orchestration import services, triggers
 from orchestration.fairness import FairQueue
 from orchestration.runs import RunStore
+from realtime import logcontext
 from realtime.redis_clients import sync_client
 
 logger = logging.getLogger(__name__)
@@ -38,13 +39,16 @@ _fair: FairQueue | None = None
 
 def _step(store: RunStore, run_id: str, step: int, retries: int) -> float | None:
     """Execute one step and queue what follows it; returns the retry delay, if any."""
-    outcome = services.execute_step(store, run_id, step, retries)
-    if outcome.retry_in_s is not None:
-        return outcome.retry_in_s
-    if outcome.next_step is not None:
-        run_step.apply_async(args=[run_id, outcome.next_step])
-        services.hand_over(store, run_id, outcome)
-    return None
+    # Log lines name the run (and, once it is claimed, its tenant); reset after the step,
+    # as the pool process goes on to other runs.
+    with logcontext.bound(run=run_id):
+        outcome = services.execute_step(store, run_id, step, retries)
+        if outcome.retry_in_s is not None:
+            return outcome.retry_in_s
+        if outcome.next_step is not None:
+            run_step.apply_async(args=[run_id, outcome.next_step])
+            services.hand_over(store, run_id, outcome)
+        return None
 
 
 @shared_task(
@@ -99,4 +103,5 @@ def sweep_runs() -> int:
 def trigger_subscribers(run_id: str, event_id: str) -> None:
     """An agent's reply.done that other agents subscribe to: start each of them once
     (orchestration/triggers.py). Queued by FINALIZE_RUN with the event itself."""
-    triggers.start_subscribers(_store(), run_id, event_id)
+    with logcontext.bound(run=run_id, event=event_id):
+        triggers.start_subscribers(_store(), run_id, event_id)

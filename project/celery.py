@@ -3,7 +3,7 @@
 import os
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 from kombu import Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
@@ -15,7 +15,11 @@ app.conf.task_queues = (
     Queue("switchboard.runs", routing_key="switchboard.runs"),
     Queue("switchboard.maintenance", routing_key="switchboard.maintenance"),
 )
-app.conf.task_routes = {"switchboard.runs.sweep": {"queue": "switchboard.maintenance"}}
+app.conf.task_routes = {
+    "switchboard.runs.sweep": {"queue": "switchboard.maintenance"},
+    "switchboard.history.persist": {"queue": "switchboard.maintenance"},
+    "switchboard.history.purge": {"queue": "switchboard.maintenance"},
+}
 app.autodiscover_tasks()
 
 
@@ -34,3 +38,23 @@ def _fresh_redis_clients(**kwargs: object) -> None:
     from realtime.redis_clients import reset_after_fork
 
     reset_after_fork()
+
+
+@worker_process_shutdown.connect
+def _metrics_process_dead(**kwargs: object) -> None:
+    """A pool process's gauges leave the host's sums when it stops (realtime/metrics.py);
+    pool processes exit without running atexit handlers."""
+    from realtime.metrics import mark_process_dead
+
+    mark_process_dead()
+
+
+@worker_ready.connect
+def _serve_worker_metrics(**kwargs: object) -> None:
+    """SWITCHBOARD_WORKER_METRICS_PORT: the host's metrics from the worker's main process."""
+    from django.conf import settings
+
+    if settings.WORKER_METRICS_PORT:
+        from realtime.metrics import start_worker_exporter
+
+        start_worker_exporter(settings.WORKER_METRICS_PORT)

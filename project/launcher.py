@@ -23,6 +23,8 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# prometheus_client's multiprocess directory (realtime/metrics.py).
+METRICS_DIR_VAR = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def free_port() -> int:
@@ -113,6 +115,14 @@ class Cluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._ready_dir = Path(tempfile.mkdtemp(prefix="switchboard-ready-"))
         self._scratch_dirs: list[Path] = []
+        # The cluster is one host for metrics: its processes write theirs here and any
+        # gateway's /metrics sums them. Emptied first, so no gauge of an earlier run's
+        # processes lingers; one the caller's environment names is used as it is.
+        given = self.env.get(METRICS_DIR_VAR) or os.environ.get(METRICS_DIR_VAR)
+        self.metrics_dir = Path(given or self.log_dir / "metrics")
+        if not given:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        self.metrics_dir.mkdir(parents=True, exist_ok=True)
 
     # --- environment ---------------------------------------------------------------------
 
@@ -123,6 +133,7 @@ class Cluster:
         env.setdefault("CELERY_BROKER_URL", env["REDIS_URL"])
         env["PYTHONUNBUFFERED"] = "1"
         env["DJANGO_SETTINGS_MODULE"] = "project.settings"
+        env.setdefault(METRICS_DIR_VAR, str(self.metrics_dir))
         return env
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
@@ -321,7 +332,10 @@ def cluster(**kwargs: object) -> Iterator[Cluster]:
 def main() -> None:
     """`bin/dev start`: the whole system with a demo tenant, until Ctrl-C."""
     port = int(os.environ.get("PORT", "8000"))
-    running = Cluster(beat=True, log_dir=ROOT / "var" / "log")
+    # The demo page's token endpoint is for this local, loopback-only run alone (see
+    # realtime/web.py); SWITCHBOARD_DEMO_TENANT= (empty) turns it off here too.
+    demo_env = {"SWITCHBOARD_DEMO_TENANT": os.environ.get("SWITCHBOARD_DEMO_TENANT", "demo")}
+    running = Cluster(beat=True, log_dir=ROOT / "var" / "log", env=demo_env)
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -352,10 +366,17 @@ def main() -> None:
         running.start_gateway(0, port)
         running.start_worker(0)
         running.start_beat()
+        demo_page = (
+            f"  Demo page: http://127.0.0.1:{port}/demo/\n"
+            if demo_env["SWITCHBOARD_DEMO_TENANT"]
+            else ""
+        )
         print(
             f"\nSwitchboard is running. Logs: {running.log_dir}\n"
             f"  WebSocket: ws://127.0.0.1:{port}/ws/v1/?token={token}\n"
             f"  Token (tenant demo, client demo-user, 24 h): {token}\n"
+            f"{demo_page}"
+            f"  Metrics (Prometheus): http://127.0.0.1:{port}/metrics\n"
             "Press Ctrl-C to stop.\n",
             flush=True,
         )

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from celery.schedules import crontab
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -55,6 +56,7 @@ INSTALLED_APPS = [
     "realtime",
     "orchestration",
     "workers",
+    "history",
 ]
 # The example agents (examples/agents.py: a streaming assistant and a summariser that
 # reacts to it) are on unless turned off; they call the "openai" backend.
@@ -184,13 +186,37 @@ CELERY_WORKER_MAX_TASKS_PER_CHILD = env_int("CELERY_WORKER_MAX_TASKS_PER_CHILD",
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # The sweeper ends runs whose deadline has passed; it must run often relative to deadlines.
 SWEEP_INTERVAL_S = env_float("SWITCHBOARD_SWEEP_INTERVAL_S", 2.0)
+# How often finished runs are moved from Redis into the history tables: how far behind the
+# database (not the clients, who read Redis) may be.
+HISTORY_FLUSH_S = env_float("SWITCHBOARD_HISTORY_FLUSH_S", 2.0)
 CELERY_BEAT_SCHEDULE = {
     "sweep-overdue-runs": {
         "task": "switchboard.runs.sweep",
         "schedule": SWEEP_INTERVAL_S,
         "options": {"expires": SWEEP_INTERVAL_S * 5},
-    }
+    },
+    "persist-history": {
+        "task": "switchboard.history.persist",
+        "schedule": HISTORY_FLUSH_S,
+        # A late one is redundant: the next drains whatever it would have.
+        "options": {"expires": HISTORY_FLUSH_S * 5},
+    },
+    "purge-history": {
+        "task": "switchboard.history.purge",
+        # Daily at a fixed time (UTC), not every 24 h from beat's start: a beat restarted
+        # more often than daily would otherwise never purge.
+        "schedule": crontab(hour=3, minute=17),
+        "options": {"expires": 3600},
+    },
 }
+
+# --- Metrics ---------------------------------------------------------------------------
+# prometheus_client's own variable (it reads it too, at import): when set, every process
+# writes its metrics to files there and /metrics sums the host's (realtime/metrics.py).
+PROMETHEUS_MULTIPROC_DIR = env_str("PROMETHEUS_MULTIPROC_DIR", "")
+# A Celery worker's main process serves its host's metrics on this port (0: off), for
+# hosts or containers with no gateway whose /metrics would include them.
+WORKER_METRICS_PORT = env_int("SWITCHBOARD_WORKER_METRICS_PORT", 0)
 
 # --- Switchboard -----------------------------------------------------------------------
 SWITCHBOARD = {
@@ -216,6 +242,12 @@ SWITCHBOARD = {
     "MODEL_RETRY_BACKOFF_S": env_float("SWITCHBOARD_MODEL_RETRY_BACKOFF_S", 0.2),
     # How long tenant settings are cached inside a gateway process.
     "TENANT_CACHE_S": env_float("SWITCHBOARD_TENANT_CACHE_S", 5.0),
+    # How often a gateway re-checks the tenants of its open connections (disabled, secret
+    # rotated): the backstop for a missed control message (realtime/control.py).
+    "TENANT_CHECK_S": env_float("SWITCHBOARD_TENANT_CHECK_S", 2.0),
+    # Tokens signed with a tenant's previous secret stay valid this long after a rotation,
+    # so issuers can deploy the new secret without cutting their users off.
+    "SECRET_ROTATION_GRACE_S": env_float("SWITCHBOARD_SECRET_ROTATION_GRACE_S", 3600.0),
     # Gap repair: how long a connection waits for a missing seq before reading the log.
     "GAP_REPAIR_S": env_float("SWITCHBOARD_GAP_REPAIR_S", 0.05),
     # How long a gateway drains on SIGTERM before closing connections with 1012.
@@ -273,16 +305,46 @@ SWITCHBOARD = {
     "OPENAI_API_KEY_ENV": env_str("SWITCHBOARD_OPENAI_API_KEY_ENV", "OPENAI_API_KEY"),
     # The model of a step that names none (Step.model wins).
     "OPENAI_MODEL": env_str("SWITCHBOARD_OPENAI_MODEL", ""),
+    # The "anthropic" backend (workers/anthropic_backend.py), Anthropic's Messages API;
+    # configured like "openai", the key by the NAME of its variable.
+    "ANTHROPIC_BASE_URL": env_str("SWITCHBOARD_ANTHROPIC_BASE_URL", "https://api.anthropic.com/v1"),
+    "ANTHROPIC_API_KEY_ENV": env_str("SWITCHBOARD_ANTHROPIC_API_KEY_ENV", "ANTHROPIC_API_KEY"),
+    "ANTHROPIC_MODEL": env_str("SWITCHBOARD_ANTHROPIC_MODEL", ""),
+    # The tenant whose tokens /demo/token hands to anyone who asks, for the demo page
+    # (realtime/web.py says why that is for development only); "": no demo. bin/dev start
+    # sets it to "demo"; never set it on a deployment reachable by others.
+    "DEMO_TENANT": env_str("SWITCHBOARD_DEMO_TENANT", ""),
+    # Finished runs waiting in Redis for the history persister, at most: past it the oldest
+    # are dropped (and counted) so a persister down for long cannot fill Redis; 0: no history.
+    "HISTORY_OUTBOX_MAX": env_int("SWITCHBOARD_HISTORY_OUTBOX_MAX", 100_000),
+    # Finished runs the persister inserts per batch (two rows each): one bulk insert each.
+    "HISTORY_BATCH": env_int("SWITCHBOARD_HISTORY_BATCH", 500),
+    # Days conversation history is kept in the database (0: forever); purged daily.
+    "HISTORY_RETENTION_DAYS": env_int("SWITCHBOARD_HISTORY_RETENTION_DAYS", 30),
 }
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
+# "json" (one object per line, for log collectors; the Docker image sets it) or "plain" (for
+# people). Both carry the tenant, connection, client, run and event ids (realtime/logcontext.py).
+LOG_FORMAT = env_str("LOG_FORMAT", "plain")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
+    "filters": {"context": {"()": "realtime.logcontext.ContextFilter"}},
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"},
+        "plain": {
+            # The ids go before the message, so a message still ends the line it starts.
+            "format": "%(asctime)s %(levelname)s %(process)d %(name)s:%(log_context)s %(message)s"
+        },
+        "json": {"()": "realtime.logcontext.json_formatter"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json" if LOG_FORMAT == "json" else "plain",
+            "filters": ["context"],
+        }
+    },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         # Daphne logs every connection at INFO; that is CPU on the hot path.

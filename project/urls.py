@@ -1,8 +1,10 @@
 from django.contrib import admin
 from django.http import HttpRequest, JsonResponse
-from django.urls import include, path
+from django.urls import path
 
+from realtime.metrics import metrics_view
 from realtime.views import stream_receipts
+from realtime.web import client_module, demo_asset, demo_token
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -13,5 +15,12 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("healthz", healthz),
     path("api/v1/receipts", stream_receipts, name="stream-receipts"),
-    path("", include("django_prometheus.urls")),
+    # The JavaScript client, and the demo page when SWITCHBOARD_DEMO_TENANT is set.
+    path("client/switchboard.js", client_module, name="client-module"),
+    path("demo/token", demo_token, name="demo-token"),
+    path("demo/", demo_asset, name="demo"),
+    path("demo/<str:name>", demo_asset, name="demo-asset"),
+    # django-prometheus' metrics and ours, summed over the host's processes, with the
+    # cluster's queue and run gauges (realtime/metrics.py).
+    path("metrics", metrics_view, name="prometheus-django-metrics"),
 ]

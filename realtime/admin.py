@@ -3,17 +3,24 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django import forms
-from django.contrib import admin
+from django.conf import settings
+from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db import models
-from django.http import Http404, HttpRequest, HttpResponse
+from django.db import models, transaction
+from django.db.models import QuerySet
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
+from django.utils import timezone
+from django.utils.formats import date_format
 from django.utils.html import format_html
 from redis.exceptions import RedisError
 
+from history.admin import history_url
 from orchestration.agents import agent_names
+from realtime.control import announce_tenant_change
 from realtime.models import Tenant, TenantAgent
+from realtime.operations import TENANTS_SHOWN, snapshot
 from realtime.receipts import RECEIPT_TTL_S, tenant_receipts
 from realtime.redis_clients import sync_client
 
@@ -65,7 +72,13 @@ class TenantAdmin(admin.ModelAdmin):
     )
     list_filter = ("enabled",)
     search_fields = ("slug", "name")
-    readonly_fields = ("created_at", "updated_at", "receipts_link")
+    readonly_fields = (
+        "created_at",
+        "updated_at",
+        "receipts_link",
+        "history_link",
+        "signing_secret_status",
+    )
     fieldsets = (
         (None, {"fields": ("slug", "name", "enabled", "signing_secret")}),
         (
@@ -93,7 +106,7 @@ class TenantAdmin(admin.ModelAdmin):
                 ),
             },
         ),
-        (None, {"fields": ("receipts_link", "created_at", "updated_at")}),
+        (None, {"fields": ("receipts_link", "history_link", "created_at", "updated_at")}),
     )
     inlines = (TenantAgentInline,)
 
@@ -104,6 +117,12 @@ class TenantAdmin(admin.ModelAdmin):
         url = reverse("admin:realtime_tenant_receipts", args=[obj.pk])
         return format_html('<a href="{}">streams and clients</a>', url)
 
+    @admin.display(description="history")
+    def history_link(self, obj: Tenant | None) -> str:
+        if obj is None or obj.pk is None:
+            return "-"
+        return format_html('<a href="{}">Conversation history</a>', history_url(obj))
+
     def get_urls(self) -> list[URLPattern]:
         # Before the defaults: their "<path:object_id>/" catch-all would take this path.
         receipts = path(
@@ -111,7 +130,7 @@ class TenantAdmin(admin.ModelAdmin):
             self.admin_site.admin_view(self.receipts_view),
             name="realtime_tenant_receipts",
         )
-        return [receipts, *super().get_urls()]
+        return [*self._operations_urls(), receipts, *super().get_urls()]
 
     def receipts_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         """The tenant's streams with receipts, read from Redis: head and each client's seq."""
@@ -156,3 +175,168 @@ class TenantAdmin(admin.ModelAdmin):
             "redis_error": redis_error,
         }
         return TemplateResponse(request, "admin/realtime/tenant/receipts.html", context)
+
+    # --- operating: secret rotation, changes reaching the gateways, the live page -----------
+
+    def _operations_urls(self) -> list[URLPattern]:
+        view = self.admin_site.admin_view
+        return [
+            path("live/", view(self.live_view), name="realtime_tenant_live"),
+            path("live/data/", view(self.live_data_view), name="realtime_tenant_live_data"),
+            path(
+                "<path:object_id>/rotate-secret/",
+                view(self.rotate_secret_view),
+                name="realtime_tenant_rotate_secret",
+            ),
+        ]
+
+    def get_fieldsets(self, request: HttpRequest, obj: Tenant | None = None) -> Any:
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is None:
+            return fieldsets  # a new tenant's secret may be typed in (or the generated kept)
+        # An existing tenant's secret changes only by rotation: an edited secret would cut
+        # every token off at once, with no grace, and the form would show it to every viewer.
+        return [
+            (
+                name,
+                {
+                    **options,
+                    "fields": tuple(
+                        "signing_secret_status" if field == "signing_secret" else field
+                        for field in options["fields"]
+                    ),
+                },
+            )
+            for name, options in fieldsets
+        ]
+
+    @admin.display(description="signing secret")
+    def signing_secret_status(self, obj: Tenant | None) -> str:
+        if obj is None or obj.pk is None:
+            return "-"
+        url = reverse("admin:realtime_tenant_rotate_secret", args=[obj.pk])
+        until = obj.previous_secret_until()
+        if obj.secret_rotated_at is None or until is None:
+            state = "never rotated"
+        elif until > timezone.now():
+            state = (
+                f"rotated {_when(obj.secret_rotated_at)}; tokens signed with the previous "
+                f"secret are accepted until {_when(until)}"
+            )
+        else:
+            state = f"rotated {_when(obj.secret_rotated_at)}; the previous secret is refused"
+        return format_html(
+            '<code>…{}</code> ({}) <a class="button" href="{}">Rotate signing secret</a>',
+            obj.signing_secret[-4:],
+            state,
+            url,
+        )
+
+    def save_model(self, request: HttpRequest, obj: Tenant, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if change:
+            # Disabled (or its limits changed): open connections on every gateway hear of it.
+            slugs = {obj.slug, form.initial.get("slug") or obj.slug}
+            for slug in slugs:
+                self._announce(request, slug, "disabled" if not obj.enabled else "changed")
+
+    def delete_model(self, request: HttpRequest, obj: Tenant) -> None:
+        slug = obj.slug
+        super().delete_model(request, obj)
+        self._announce(request, slug, "deleted")
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> None:
+        slugs = list(queryset.values_list("slug", flat=True))
+        super().delete_queryset(request, queryset)
+        for slug in slugs:
+            self._announce(request, slug, "deleted")
+
+    def _announce(self, request: HttpRequest, slug: str, why: str) -> None:
+        """Tell the gateways once the change is committed (they read the database then)."""
+
+        def send() -> None:
+            if not announce_tenant_change(slug, why):
+                self.message_user(
+                    request,
+                    f"The gateways could not be told about {slug} at once (Redis did not "
+                    f"answer); they apply the change within {_apply_within_s()} s by themselves.",
+                    messages.WARNING,
+                )
+
+        transaction.on_commit(send)
+
+    def rotate_secret_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """GET: what rotating does, and the button. POST: rotate, and show the new secret
+        this once (the change form shows only its last characters)."""
+        tenant = self.get_object(request, object_id)
+        if tenant is None:
+            raise Http404(f"no tenant with id {object_id!r}")
+        if not self.has_change_permission(request, tenant):
+            raise PermissionDenied
+        new_secret = ""
+        if request.method == "POST":
+            new_secret = tenant.rotate_signing_secret()
+            until = tenant.previous_secret_until()
+            logger.warning(
+                "signing secret rotated tenant=%s by=%s previous accepted until %s",
+                tenant.slug,
+                request.user.get_username(),
+                until.isoformat() if until else "-",
+            )
+            self._announce(request, tenant.slug, "rotated")
+        until = tenant.previous_secret_until()
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Rotate the signing secret of {tenant.slug}",
+            "opts": self.opts,
+            "tenant": tenant,
+            "new_secret": new_secret,
+            "grace_s": settings.SWITCHBOARD["SECRET_ROTATION_GRACE_S"],
+            "previous_until": until if new_secret else None,
+            "apply_within_s": _apply_within_s(),
+        }
+        return TemplateResponse(request, "admin/realtime/tenant/rotate_secret.html", context)
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        extra = {"live_url": reverse("admin:realtime_tenant_live"), **(extra_context or {})}
+        return super().changelist_view(request, extra)
+
+    def _live_data(self) -> dict[str, Any]:
+        tenants = list(Tenant.objects.order_by("slug").values("slug", "enabled", "weight"))
+        return snapshot(sync_client(), tenants[:TENANTS_SHOWN], len(tenants))
+
+    def live_view(self, request: HttpRequest) -> HttpResponse:
+        """Queues, workers, runs, problems, connections and refusals, refreshed every 2 s by
+        the page's script from live_data_view (no reload)."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Live queues, workers and runs",
+            "opts": self.opts,
+            "initial": self._live_data(),
+            "data_url": reverse("admin:realtime_tenant_live_data"),
+            "refresh_ms": LIVE_REFRESH_MS,
+        }
+        return TemplateResponse(request, "admin/realtime/tenant/live.html", context)
+
+    def live_data_view(self, request: HttpRequest) -> JsonResponse:
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        return JsonResponse(self._live_data())
+
+
+# The live page asks for new data this often (each answer asks the workers for up to 1 s).
+LIVE_REFRESH_MS = 2000
+
+
+def _when(moment: datetime) -> str:
+    return date_format(timezone.localtime(moment), "DATETIME_FORMAT")
+
+
+def _apply_within_s() -> float:
+    """How long a gateway that missed the control message takes to apply a change."""
+    config = settings.SWITCHBOARD
+    return round(config["TENANT_CACHE_S"] + config["TENANT_CHECK_S"], 1)

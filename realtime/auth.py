@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import fnmatch
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
@@ -14,6 +14,10 @@ import orjson
 from realtime.tenants import TenantCache
 
 TOKEN_ALGORITHM = "HS256"
+# Why a token signed with the tenant's previous secret is refused once the rotation's grace
+# is over; also the 4001 reason that closes an open connection whose token's secret is no
+# longer accepted (realtime/control.py).
+SECRET_ROTATED = "signing secret rotated"
 
 
 class AuthError(Exception):
@@ -27,6 +31,9 @@ class Identity:
     name: str | None
     stream_patterns: tuple[str, ...] | None  # None: every stream of the tenant
     expires_at: int
+    # The secret that verified the token (the tenant's current or previous one): the gateway
+    # closes the connection once the tenant stops accepting it (realtime/control.py).
+    secret: str = field(default="", repr=False, compare=False)
 
     def may_use(self, stream: str) -> bool:
         if self.stream_patterns is None:
@@ -79,19 +86,20 @@ async def authenticate(token: str | None, tenants: TenantCache) -> tuple[Identit
         raise AuthError("unknown tenant")
     if not tenant.enabled:
         raise AuthError("tenant disabled")
+    secret = tenant.signing_secret
     try:
-        claims = jwt.decode(
-            token,
-            tenant.signing_secret,
-            algorithms=[TOKEN_ALGORITHM],
-            options={"require": ["exp", "sub", "tnt"]},
-        )
-    except jwt.ExpiredSignatureError:
-        raise AuthError("token expired") from None
+        claims = _decode(token, secret)
     except jwt.InvalidSignatureError:
-        raise AuthError("bad signature") from None
-    except jwt.PyJWTError as error:
-        raise AuthError(f"invalid token: {error}") from None
+        # Not the current secret: the previous one, during the grace after a rotation.
+        secret = tenant.previous_signing_secret
+        if not secret:
+            raise AuthError("bad signature") from None
+        try:
+            claims = _decode(token, secret)
+        except jwt.InvalidSignatureError:
+            raise AuthError("bad signature") from None
+        if time.time() >= tenant.previous_secret_until:
+            raise AuthError(SECRET_ROTATED) from None
     client = claims["sub"]
     if not isinstance(client, str) or not client or len(client) > 200:
         raise AuthError("invalid client id")
@@ -107,5 +115,24 @@ async def authenticate(token: str | None, tenants: TenantCache) -> tuple[Identit
         name=name if isinstance(name, str) else None,
         stream_patterns=tuple(patterns) if patterns is not None else None,
         expires_at=int(claims["exp"]),
+        secret=secret,
     )
     return identity, tenant
+
+
+def _decode(token: str, secret: str) -> dict[str, Any]:
+    """The verified claims; AuthError for anything but a signature made with another secret
+    (PyJWT checks the signature before the claims, so "expired" means the secret matched)."""
+    try:
+        return jwt.decode(
+            token,
+            secret,
+            algorithms=[TOKEN_ALGORITHM],
+            options={"require": ["exp", "sub", "tnt"]},
+        )
+    except jwt.InvalidSignatureError:
+        raise
+    except jwt.ExpiredSignatureError:
+        raise AuthError("token expired") from None
+    except jwt.PyJWTError as error:
+        raise AuthError(f"invalid token: {error}") from None

@@ -25,12 +25,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orchestration.agents import UnknownAgent, get_agent
+from realtime import logcontext, metrics
 from realtime.auth import AuthError, Identity, authenticate
+from realtime.control import tenant_control
 from realtime.events import dumps
 from realtime.flusher import get_flusher
 from realtime.hub import get_hub
 from realtime.lifecycle import lifecycle
 from realtime.limits import connection_registry, limit_retry_ms, rate_limiter
+from realtime.operations import throttle_counter
 from realtime.outbox import Outbox, OutboxFull
 from realtime.presence import get_tracker
 from realtime.protocol import (
@@ -54,6 +57,7 @@ from realtime.protocol import (
     parse_frame,
 )
 from realtime.receipts import BeyondHead, receipt_store
+from realtime.recording import get_recorder
 from realtime.redis_clients import async_client
 from realtime.security import BrowserOriginValidator
 from realtime.sequencing import StreamCursor
@@ -76,6 +80,8 @@ logger = logging.getLogger(__name__)
 
 ORIGINS = BrowserOriginValidator(None, settings.WEBSOCKET_ALLOWED_ORIGINS)
 _CHECKPOINTER = checkpointer()
+# Traffic recording for load replay: a dict lookup per frame while a tenant is not recorded.
+_RECORDER = get_recorder()
 # Events a catch-up reads from the log at a time; the next page waits until the socket
 # has taken most of the last (outbox at most this long, Twisted not pushing back).
 CATCH_UP_PAGE = 200
@@ -194,6 +200,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self._session_refreshed_at = 0.0
         self._session_ended = False
         self._counted = False  # in the tenant's and client's connection counts
+        self.reply_clock = metrics.ReplyClock()  # its sends awaiting their reply.done
 
     # --- ASGI plumbing ---------------------------------------------------------------
 
@@ -217,6 +224,8 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             await self.websocket_disconnect(message)
 
     async def websocket_connect(self, message: dict[str, Any]) -> None:
+        # This task runs the whole connection: its log lines carry these ids from here on.
+        logcontext.bind(connection=self.connection_id)
         if not ORIGINS.allows(self.scope):
             await self.base_send({"type": "websocket.close"})  # refused: HTTP 403
             self.state = ConnectionState.CLOSED
@@ -231,11 +240,14 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             self.close_with(CLOSE_UNAUTHORIZED, str(error))
             logger.info("connection refused conn=%s: %s", self.connection_id, error)
             return
+        logcontext.bind(tenant=self.identity.tenant, client=self.identity.client)
         await self._accept()
         if not lifecycle.admit(self):
             self.close_for_restart()
             return
         ensure_sweeping()
+        # Findable by tenant, so an operator's change (disable, rotation) reaches it.
+        tenant_control().watch(self)
         identity = self.identity
         refused_why = await connection_registry().admit(
             self.tenant, identity.client, self.connection_id
@@ -243,6 +255,8 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         if refused_why is not None:
             # Like 4001: accepted, then closed with a reason, and nothing else sent.
             self.close_with(CLOSE_TOO_MANY_CONNECTIONS, refused_why, save_session=False)
+            throttle_counter().count(identity.tenant, "connections")
+            metrics.refused(identity.tenant, "connections")
             logger.info(
                 "connection refused tenant=%s client=%s conn=%s: %s",
                 identity.tenant,
@@ -252,6 +266,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             )
             return
         self._counted = True
+        metrics.connection_opened(identity.tenant)
         requested = (query.get("session") or [""])[0]
         sessions = session_store()
         restored: dict[str, int] = {}
@@ -291,6 +306,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 }
             )
         )
+        _RECORDER.opened(identity.tenant, identity.client, self.connection_id, bool(requested))
         for stream, position in restored.items():
             if self.state is not ConnectionState.OPEN:
                 return
@@ -319,12 +335,15 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         if was_open:
             self._end_session()
         lifecycle.forget(self)
+        tenant_control().forget(self)
+        _RECORDER.closed(self.connection_id, message.get("code"))
         streams = list(self.subscriptions)
         for stream in streams:
             self._drop_subscription(stream)
         await get_tracker().leave_connection(self.connection_id)
         if self._counted:
             self._counted = False
+            metrics.connection_closed(self.identity.tenant)
             try:
                 await connection_registry().release(self.connection_id)
             except Exception:
@@ -339,14 +358,18 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             return
         text = message.get("text")
         if text is None:
+            metrics.error_answered("bad_request")
             self.push(error_frame("bad_request", "binary frames are not supported; send JSON text"))
             return
         frame_id = None
         try:
             frame = parse_frame(text, self.tenant.max_frame_bytes)
             frame_id = getattr(frame, "id", None)
+            metrics.frame_in(frame)
+            _RECORDER.frame(self.identity.tenant, self.identity.client, self.connection_id, frame)
             await getattr(self, HANDLERS[type(frame)])(frame)
         except ProtocolError as error:
+            metrics.error_answered(error.code)
             self.push(error.frame())
         except Exception:
             logger.exception(
@@ -355,6 +378,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 self.identity.client,
                 self.connection_id,
             )
+            metrics.error_answered("internal")
             self.push(
                 error_frame("internal", "internal error; the frame was not applied", frame_id)
             )
@@ -364,6 +388,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
     def push(self, frame: str) -> None:
         if self.state is not ConnectionState.OPEN:
             return
+        metrics.frame_out(frame)
         socket = self.socket
         if socket is not None and not len(self.outbox) and not socket.paused and socket.open:
             # Nothing is queued ahead of this frame, so writing it now keeps the order and
@@ -384,6 +409,8 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             self.push(frame)
         if frames and self.session_id:
             _CHECKPOINTER.dirty.add(self)
+        if self.reply_clock.started:
+            self.reply_clock.delivered(self.identity.tenant, frames)
 
     def flush_now(self) -> bool:
         """Write what is buffered without awaiting; False when only `flush` can (not daphne).
@@ -428,6 +455,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             self.connection_id,
             detail,
         )
+        metrics.slow_consumer_closed(self.identity.tenant)
         self.close_with(CLOSE_SLOW_CONSUMER, "slow consumer")
 
     def close_with(self, code: int, reason: str, save_session: bool = True) -> None:
@@ -538,6 +566,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self._drop_subscription(stream)
         subscription = StreamSubscription(self, stream)
         self.subscriptions[stream] = subscription
+        metrics.subscribed(tenant)
         hub = get_hub()
         await hub.join(tenant, stream, subscription)
         await get_tracker().join(
@@ -576,6 +605,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         if subscription is not None:
             subscription.active = False
             get_hub().leave(self.identity.tenant, stream, subscription)
+            metrics.unsubscribed(self.identity.tenant)
 
     async def handle_subscribe(self, frame: Subscribe) -> None:
         self._require_stream(frame.stream)
@@ -724,6 +754,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
     # --- frame handlers ----------------------------------------------------------------
 
     async def handle_send(self, frame: Send) -> None:
+        started = time.monotonic()  # where its send→reply.done latency starts
         self._require_stream(frame.stream, frame.id)
         try:
             agent = get_agent(frame.agent)
@@ -753,6 +784,9 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 agent_config=limits.agent_overrides(agent.name),
             )
         except LimitReached as reached:
+            reason = "runs_in_flight" if reached.code == "rate_limited" else "queued_runs"
+            throttle_counter().count(identity.tenant, reason)
+            metrics.refused(identity.tenant, reason)
             if reached.code == "rate_limited":
                 detail = (
                     f"this connection has {limits.max_runs_in_flight_per_connection} "
@@ -764,7 +798,9 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 reached.code, detail, frame.id, retry_after_ms=limit_retry_ms(reached.wait_ms)
             ) from None
         self.push(ack_frame(frame.id, appended.event_id, appended.seq, appended.duplicate))
+        metrics.acked(identity.tenant, appended.duplicate)
         if not appended.duplicate:
+            self.reply_clock.sent(appended.run_id, started)
             logger.debug(
                 "send accepted tenant=%s client=%s conn=%s stream=%s event=%s run=%s",
                 identity.tenant,
@@ -786,6 +822,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             self.tenant.stream_retention,
         )
         self.push(ack_frame(frame.id, appended.event_id, appended.seq, appended.duplicate))
+        metrics.acked(identity.tenant, appended.duplicate)
 
     async def _take_message_token(self, frame_id: str) -> TenantConfig:
         """A `send` or `publish` pays its client's and its tenant's rate (before its dedupe
@@ -799,6 +836,8 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             logger.warning("tenant settings unavailable; using the connection's", exc_info=True)
         wait_ms = await rate_limiter().wait_ms(limits, self.identity.client)
         if wait_ms:
+            throttle_counter().count(limits.slug, "messages")
+            metrics.refused(limits.slug, "messages")
             raise ProtocolError(
                 "rate_limited",
                 "too many messages from this client or tenant; retry after retry_after_ms",

@@ -23,7 +23,7 @@ import redis.asyncio as aredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from realtime import keys
+from realtime import keys, metrics
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +170,8 @@ class Hub:
                 seq = int(head)
                 for listener in tuple(group):
                     listener.on_event(seq, text)
+                # Once per event per process: the lag to the last local socket.
+                metrics.event_delivered(text)
             elif kind == b"subscribe":
                 future = self._confirmed.get(response[1])
                 if future is not None and not future.done():

@@ -18,6 +18,9 @@ _DATABASE = (
     else 0
 )
 STREAM_CHANNEL_PREFIX = f"{PREFIX}:{_DATABASE}:e:"
+# Pub/sub channel: a tenant was changed by an operator (disabled, secret rotated, ...); every
+# gateway listens and re-checks that tenant's open connections (realtime/control.py).
+TENANT_CONTROL = f"{PREFIX}:{_DATABASE}:tenants"
 
 
 def stream_seq(tenant: str, stream: str) -> str:
@@ -52,6 +55,19 @@ def trigger(tenant: str, event_id: str, agent: str) -> str:
 RUN_DEADLINES = f"{PREFIX}:runs:deadlines"
 # Sorted set: run id -> when its claimed step's lease runs out (epoch s, Redis clock).
 RUN_LEASES = f"{PREFIX}:runs:leases"
+# List (newest first, capped): failed and degraded runs as JSON {run, tenant, stream, agent,
+# status, reason, at}, pushed by FINALIZE_RUN for the admin's live queue page.
+RECENT_PROBLEMS = f"{PREFIX}:runs:recent"
+
+# Conversation history (history/persist.py). The outbox is a list (newest first, capped) of
+# finished runs FINALIZE_RUN queued for the database; the persister moves a batch at a time
+# to the processing list and drops it only once its rows are inserted. The dropped counter
+# counts records the cap discarded (a persister down for long); the lock keeps persisters
+# from taking batches at the same time.
+HISTORY_OUTBOX = f"{PREFIX}:history:outbox"
+HISTORY_PROCESSING = f"{PREFIX}:history:processing"
+HISTORY_DROPPED = f"{PREFIX}:history:dropped"
+HISTORY_LOCK = f"{PREFIX}:history:lock"
 
 
 def session(tenant: str, session_id: str) -> str:
@@ -116,6 +132,12 @@ def connections_client(tenant: str, client: str) -> str:
     return f"{PREFIX}:conns:{tenant}:{len(client)}:{client}"
 
 
+def throttled(minute: int) -> str:
+    """Hash, TTL: "TENANT:REASON" -> refusals (429s, 4029s) gateways counted in that minute
+    (epoch s // 60), for the admin's live page (realtime/operations.py)."""
+    return f"{PREFIX}:throttled:{minute}"
+
+
 def runs_in_flight(tenant: str, connection: str) -> str:
     """Sorted set: run id -> until when it may count (epoch s): one connection's unfinished
     runs."""
@@ -141,3 +163,15 @@ FAIR_RING = f"{PREFIX}:fq:ring"
 FAIR_DEFICITS = f"{PREFIX}:fq:deficits"
 # Hash: tenant -> weight (picks per turn), written with each accepted send.
 FAIR_WEIGHTS = f"{PREFIX}:fq:weights"
+
+
+# Traffic recording (realtime/recording.py, manage.py record_traffic).
+def recording(tenant: str) -> str:
+    """String, TTL: the tenant's recording switch (JSON: sample rate, salt, redaction); it
+    expires unless its recorder renews it, so a crashed recorder stops the recording."""
+    return f"{PREFIX}:rec:{tenant}"
+
+
+def recording_log(tenant: str) -> str:
+    """Stream, capped: the sampled frames and connection markers of the tenant's recording."""
+    return f"{PREFIX}:rec:{tenant}:frames"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import secrets
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.core.validators import RegexValidator
-from django.db import models
+from django.db import models, transaction
+from django.utils import timezone
 
 TENANT_SLUG_PATTERN = r"\A[a-z0-9][a-z0-9_-]{0,62}\Z"
 
@@ -23,6 +25,11 @@ class Tenant(models.Model):
     )
     name = models.CharField(max_length=200, blank=True)
     signing_secret = models.CharField(max_length=200, default=new_signing_secret)
+    # Secret rotation (realtime/auth.py): tokens signed with the secret the last rotation
+    # replaced verify until secret_rotated_at + SWITCHBOARD_SECRET_ROTATION_GRACE_S. Set by
+    # rotate_signing_secret only, so no form edits them.
+    previous_signing_secret = models.CharField(max_length=200, blank=True, editable=False)
+    secret_rotated_at = models.DateTimeField(null=True, blank=True, editable=False)
     enabled = models.BooleanField(default=True)
     max_frame_bytes = models.PositiveIntegerField(
         default=settings.SWITCHBOARD["MAX_FRAME_BYTES"],
@@ -96,6 +103,36 @@ class Tenant(models.Model):
 
     def limits(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in LIMIT_FIELDS}
+
+    def rotate_signing_secret(self) -> str:
+        """Replace the signing secret with a new one (returned); the current one becomes the
+        previous, accepted for SWITCHBOARD_SECRET_ROTATION_GRACE_S. Callers then tell the
+        gateways (realtime.control.announce_tenant_change)."""
+        with transaction.atomic():
+            # Locked: two operators rotating at once must not both keep the same previous.
+            locked = Tenant.objects.select_for_update().get(pk=self.pk)
+            locked.previous_signing_secret = locked.signing_secret
+            locked.signing_secret = new_signing_secret()
+            locked.secret_rotated_at = timezone.now()
+            locked.save(
+                update_fields=[
+                    "signing_secret",
+                    "previous_signing_secret",
+                    "secret_rotated_at",
+                    "updated_at",
+                ]
+            )
+        for name in ("signing_secret", "previous_signing_secret", "secret_rotated_at"):
+            setattr(self, name, getattr(locked, name))
+        self.updated_at = locked.updated_at
+        return self.signing_secret
+
+    def previous_secret_until(self) -> datetime | None:
+        """When tokens signed with the previous secret stop verifying (None: no previous)."""
+        if not self.previous_signing_secret or self.secret_rotated_at is None:
+            return None
+        grace = timedelta(seconds=settings.SWITCHBOARD["SECRET_ROTATION_GRACE_S"])
+        return self.secret_rotated_at + grace
 
 
 # The tenant's limits: told to clients in `welcome`, cached by gateways (TenantConfig).

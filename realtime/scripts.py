@@ -205,9 +205,12 @@ return {1, seq}
 
 # The run's one terminal event. Its text is everything the deltas appended, so the final
 # text always equals their concatenation, whoever finishes the run (worker or sweeper).
-# KEYS: seq, log, run, run_text, run_deadlines, run_leases, celery_queue
+# KEYS: seq, log, run, run_text, run_deadlines, run_leases, celery_queue,
+#       history_outbox, history_dropped, recent_problems
 # ARGV: channel, prefix, text_prefix, suffix, maxlen, owner_token ('' = any owner: sweeper),
-#       status, run_id, finished_ttl_s, trigger_message ('' = no agent subscribes)
+#       status, run_id, finished_ttl_s, trigger_message ('' = no agent subscribes),
+#       history_head ('' = history off: history/records.py outbox_head), history_max,
+#       problem_entry ('' = not failed nor degraded), problems_max
 # Returns {1, seq}; {0, existing_seq} already finished; {-2, owner} fenced; {-1, ''} no run.
 FINALIZE_RUN = (
     """
@@ -239,6 +242,24 @@ redis.call('ZREM', leases_key, ARGV[8])
 -- Agents subscribed to this reply.done (orchestration/triggers.py): their trigger task is
 -- queued by the same transaction that writes the event, so no trigger is ever lost.
 if ARGV[10] and ARGV[10] ~= '' then redis.call('LPUSH', KEYS[7], ARGV[10]) end
+-- History (history/persist.py): the run goes on the persister's outbox with its reply.done,
+-- so no finished run is missed. The cap drops the oldest records, counted, rather than let
+-- a persister that is down for long fill Redis.
+if ARGV[11] and ARGV[11] ~= '' then
+  local message_seq = redis.call('HGET', run_key, 'message_seq') or 'null'
+  local waiting = redis.call('LPUSH', KEYS[8],
+    ARGV[11] .. ',"message_seq":' .. message_seq .. ',"done_seq":' .. seq .. '}')
+  local history_max = tonumber(ARGV[12])
+  if waiting > history_max then
+    redis.call('LTRIM', KEYS[8], 0, history_max - 1)
+    redis.call('INCRBY', KEYS[9], waiting - history_max)
+  end
+end
+-- Failed and degraded runs, newest first, for the admin's live queue page.
+if ARGV[13] and ARGV[13] ~= '' then
+  redis.call('LPUSH', KEYS[10], ARGV[13])
+  redis.call('LTRIM', KEYS[10], 0, tonumber(ARGV[14]) - 1)
+end
 return {1, seq}
 """
 )

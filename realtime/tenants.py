@@ -47,6 +47,10 @@ class TenantConfig:
     all_agents: bool = True
     agent_grants: tuple[AgentGrant, ...] = ()
     max_causal_depth: int = 3
+    # Secret rotation (realtime/auth.py): the secret before the last rotation, which still
+    # verifies tokens until previous_secret_until (epoch s); "" and 0.0 when there is none.
+    previous_signing_secret: str = ""
+    previous_secret_until: float = 0.0
 
     def public_limits(self) -> dict[str, int]:
         from realtime.models import LIMIT_FIELDS
@@ -85,6 +89,7 @@ def load_tenant(slug: str) -> TenantConfig | None:
         return None
     from realtime.models import AGENT_OVERRIDE_FIELDS, LIMIT_FIELDS
 
+    until = tenant.previous_secret_until()
     return TenantConfig(
         slug=tenant.slug,
         signing_secret=tenant.signing_secret,
@@ -100,6 +105,8 @@ def load_tenant(slug: str) -> TenantConfig | None:
             for row in tenant.agent_grants.all()
         ),
         max_causal_depth=tenant.max_causal_depth,
+        previous_signing_secret=tenant.previous_signing_secret if until else "",
+        previous_secret_until=until.timestamp() if until else 0.0,
         **{name: getattr(tenant, name) for name in LIMIT_FIELDS},
     )
 
@@ -136,6 +143,10 @@ class TenantCache:
         self._entries[slug] = (config, time.monotonic() + self.ttl_s)
         loading.set_result(config)
         return config
+
+    def forget(self, slug: str) -> None:
+        """Drop a tenant's entry, so the next get reads the database (an operator changed it)."""
+        self._entries.pop(slug, None)
 
     def cached(self, slug: str) -> TenantConfig | None:
         """The last loaded settings of a tenant, expired or not, without a database read."""

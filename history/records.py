@@ -1,0 +1,213 @@
+"""What a finished run leaves for the operators, as plain data (no Redis, no database).
+
+FINALIZE_RUN (realtime/scripts.py) writes two small records with a run's reply.done:
+
+- an *outbox record* on `keys.HISTORY_OUTBOX`, which the persister (history/persist.py)
+  turns into database rows: the run's message and its reply. Python builds the record's
+  head (`outbox_head`); the script closes it with the two seqs only it knows, so the JSON
+  is `HEAD,"message_seq":N|null,"done_seq":N}`;
+- for a failed or degraded run, a *problem entry* on `keys.RECENT_PROBLEMS`, which the
+  admin's live queue page lists (`problem_entry`).
+
+Both sides of each format live here, so the writer and the reader cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from realtime.events import dumps, text_from_fragments
+
+MESSAGE = "message"
+REPLY_DONE = "reply.done"
+# Statuses the live queue page lists; `cancelled` is a client's choice, not a problem.
+PROBLEM_STATUSES = frozenset({"failed", "degraded"})
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRecord:
+    """One finished run, as FINALIZE_RUN queued it for the persister."""
+
+    tenant: str
+    stream: str
+    run: str
+    status: str
+    event: str  # the reply.done's event id
+    at: str  # the reply.done's ts (ISO 8601, UTC)
+    reason: str
+    message_seq: int | None  # None: a run started by a trigger, not by a client's message
+    done_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One history row, before it meets the database (history.models.HistoryEntry)."""
+
+    tenant: str
+    stream: str
+    seq: int
+    kind: str
+    sender: str
+    run_id: str
+    event_id: str
+    status: str
+    reason: str
+    text: str
+    created_at: datetime
+
+
+def outbox_head(
+    tenant: str, stream: str, run_id: str, status: str, event_id: str, at: str, reason: str
+) -> str:
+    """The record's JSON up to its seqs, without the closing brace (see the module doc)."""
+    return dumps(
+        {
+            "tenant": tenant,
+            "stream": stream,
+            "run": run_id,
+            "status": status,
+            "event": event_id,
+            "at": at,
+            "reason": reason,
+        }
+    )[:-1]
+
+
+def parse_outbox_record(raw: bytes | str) -> OutboxRecord:
+    """Raises ValueError (json.JSONDecodeError included), KeyError or TypeError for a
+    malformed one."""
+    fields = json.loads(raw)
+    if not isinstance(fields, dict):
+        raise ValueError(f"an outbox record is a JSON object, not {type(fields).__name__}")
+    message_seq = fields.get("message_seq")
+    return OutboxRecord(
+        tenant=str(fields["tenant"]),
+        stream=str(fields["stream"]),
+        run=str(fields["run"]),
+        status=str(fields["status"]),
+        event=str(fields.get("event") or ""),
+        at=str(fields.get("at") or ""),
+        reason=str(fields.get("reason") or ""),
+        message_seq=int(message_seq) if message_seq is not None else None,
+        done_seq=int(fields["done_seq"]),
+    )
+
+
+def reason_of(detail: Any) -> str:
+    """The short reason a reply.done's `detail` gives (`{"reason": "deadline", ...}`)."""
+    if isinstance(detail, Mapping):
+        return str(detail.get("reason") or "")
+    return "" if detail is None else str(detail)
+
+
+def problem_entry(
+    *,
+    run_id: str,
+    tenant: str,
+    stream: str,
+    agent: str,
+    status: str,
+    detail: Any,
+    at: str,
+) -> str:
+    """The recent-problems entry of a finished run, or "" when its status is no problem."""
+    if status not in PROBLEM_STATUSES:
+        return ""
+    entry = {
+        "run": run_id,
+        "tenant": tenant,
+        "stream": stream,
+        "agent": agent,
+        "status": status,
+        "reason": reason_of(detail),
+        "at": at,
+    }
+    if isinstance(detail, Mapping) and detail.get("step"):
+        entry["step"] = str(detail["step"])  # which step of a chain gave up
+    return dumps(entry)
+
+
+def parse_ts(ts: str) -> datetime:
+    """An event's ts ("2026-01-02T03:04:05.678Z") as an aware datetime."""
+    parsed = datetime.fromisoformat(ts)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def entry_from_event(record: OutboxRecord, event_json: str | bytes) -> Entry:
+    """A history row from an event as the stream log holds it (a message or a reply.done)."""
+    event = json.loads(event_json)
+    data = event.get("data") or {}
+    kind = event["kind"]
+    if kind == REPLY_DONE:
+        status, reason = str(data.get("status") or ""), reason_of(data.get("detail"))
+    else:
+        status, reason = "", ""
+    return Entry(
+        tenant=record.tenant,
+        stream=record.stream,
+        seq=int(event["seq"]),
+        kind=kind,
+        sender=str(event.get("from") or ""),
+        run_id=record.run,
+        event_id=str(event.get("id") or ""),
+        status=status,
+        reason=reason,
+        text=str(data.get("text") or ""),
+        created_at=parse_ts(event["ts"]),
+    )
+
+
+def message_from_run(record: OutboxRecord, run: Mapping[str, str]) -> Entry | None:
+    """The message row rebuilt from the run's hash, for a message the log no longer holds;
+    None when the hash is gone too (or the run had no client message)."""
+    if record.message_seq is None or "text" not in run:
+        return None
+    created = run.get("created")
+    return Entry(
+        tenant=record.tenant,
+        stream=record.stream,
+        seq=record.message_seq,
+        kind=MESSAGE,
+        sender=f"client:{run.get('client', '')}",
+        run_id=record.run,
+        event_id=run.get("message_event", ""),
+        status="",
+        reason="",
+        text=run["text"],
+        created_at=(
+            datetime.fromtimestamp(float(created), UTC) if created else parse_ts(record.at)
+        ),
+    )
+
+
+def reply_from_run(
+    record: OutboxRecord, run: Mapping[str, str], reply_fragments: str | None
+) -> Entry | None:
+    """The reply.done row rebuilt from the run's hash and text (the text the event carried:
+    FINALIZE_RUN splices exactly that key's value in); None when they are gone."""
+    if reply_fragments is None or "agent" not in run:
+        return None
+    return Entry(
+        tenant=record.tenant,
+        stream=record.stream,
+        seq=record.done_seq,
+        kind=REPLY_DONE,
+        sender=f"agent:{run['agent']}",
+        run_id=record.run,
+        event_id=record.event,
+        status=record.status,
+        reason=record.reason,
+        text=text_from_fragments(reply_fragments),
+        created_at=parse_ts(record.at),
+    )
+
+
+def retention_cutoff(now: datetime, retention_days: int) -> datetime | None:
+    """Rows created before this are purged; None keeps everything (retention 0)."""
+    if retention_days <= 0:
+        return None
+    return now - timedelta(days=retention_days)

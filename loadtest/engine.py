@@ -1,0 +1,406 @@
+"""The load engine: plays `ConnectionPlan`s against a gateway and measures what happens.
+
+One task per planned connection (asyncio, the `websockets` library) connects at its
+offset, sends each planned frame at its offset and reads everything the server says:
+
+- ack latency: a `send` or `publish` leaving -> its `ack` (or `error`, counted by code);
+- reply latency: a `send` leaving -> the `reply.done` of its run, matched by the event's
+  `cause` (this connection's client id and the message id; runs other agents' replies
+  started carry a `depth` and are not that send's reply);
+- delivery latency: a `publish` leaving -> each copy of its `published` event any
+  connection of the run receives (fan-out);
+- connect latency: the handshake starting -> `welcome`.
+
+A connection holds a `send` back while it has as many runs without their `reply.done` as
+the server allows per connection (the welcome's `max_runs_in_flight_per_connection`, or
+`max_in_flight`), like a well-behaved client: a replay faster than the recorded traffic
+then shows as schedule lag and latency instead of 429s. It holds an `unsubscribe` back
+until its replies on that stream are in (the recorded client saw them, so it had them).
+Frames of one connection leave in order. A connection stays open past its planned close
+until its sends are answered, for at most `drain_timeout_s`; what is still unanswered
+then is counted. A connection the server closes is reopened (with its session) for its
+next frame, as a client would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+
+from loadtest.report import Measurements
+from loadtest.schedule import ConnectionPlan, prepare_frame, total_frames
+from realtime.client import with_query
+
+logger = logging.getLogger(__name__)
+
+# Consecutive failed connects after which a planned connection gives up its remaining frames.
+MAX_CONNECT_FAILURES = 3
+CLOSE_FORBIDDEN = 4003  # a refused session: connect again without it
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    # Runs without reply.done a connection may have before it holds sends back; None: the
+    # server's limit from the welcome; 0: no bound (the server answers 429 past its own).
+    max_in_flight: int | None = None
+    drain_timeout_s: float = 30.0
+    connect_timeout_s: float = 10.0
+    # Handshakes in progress at once: a storm of thousands must not exhaust the client.
+    connect_concurrency: int = 500
+    # Tasks are created before the clock starts, so the first offsets are kept.
+    start_delay_s: float = 0.2
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str, code: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+class Engine:
+    def __init__(
+        self, url: str, tokens: Mapping[str, str], options: EngineOptions | None = None
+    ) -> None:
+        self.url = url
+        self.tokens = tokens
+        self.options = options or EngineOptions()
+        self.m = Measurements()
+        self.frames_sent = 0  # read by the progress bar
+        self.frames_planned = 0
+        # (client, message id) -> when that publish left, for delivery latency.
+        self.published: dict[tuple[str, str], float] = {}
+        self._start = 0.0
+        self._last_activity = 0.0
+        self._connect_slots: asyncio.Semaphore | None = None
+
+    def now(self) -> float:
+        """Seconds since the run started."""
+        return asyncio.get_running_loop().time() - self._start
+
+    def touch(self) -> float:
+        now = self.now()
+        self._last_activity = max(self._last_activity, now)
+        return now
+
+    async def sleep_until(self, at: float) -> None:
+        delay = at - self.now()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def run(self, plans: list[ConnectionPlan]) -> Measurements:
+        loop = asyncio.get_running_loop()
+        self._start = loop.time() + self.options.start_delay_s
+        self._connect_slots = asyncio.Semaphore(self.options.connect_concurrency)
+        self.frames_planned = self.m.frames_planned = total_frames(plans)
+        self.m.connections_planned = len(plans)
+        connections = [_Connection(self, plan) for plan in plans]
+        await asyncio.gather(*(connection.run() for connection in connections))
+        planned_end = max((plan.end() for plan in plans), default=0.0)
+        self.m.duration_s = max(self._last_activity, planned_end)
+        return self.m
+
+
+class _Connection:
+    def __init__(self, engine: Engine, plan: ConnectionPlan) -> None:
+        self.engine = engine
+        self.plan = plan
+        self.client = plan.client
+        self.ws: ClientConnection | None = None
+        self.session: str | None = None
+        self.max_in_flight = engine.options.max_in_flight
+        self.last_seqs: dict[str, int] = {}
+        self.acks: dict[str, tuple[float, str]] = {}  # message id -> (sent at, frame type)
+        # message id of a send -> (sent at, its stream)
+        self.replies: dict[str, tuple[float, str]] = {}
+        self.answered = asyncio.Event()  # set whenever an answer (or the close) arrives
+        self.failures = 0
+        self.opened_once = False
+        self._welcome: asyncio.Future[dict[str, Any]] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._leaving = False  # we are closing or dropping the socket ourselves
+
+    # --- the plan --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        engine = self.engine
+        await engine.sleep_until(self.plan.open_at)
+        await self.open()
+        for action in self.plan.actions:
+            await engine.sleep_until(action.at)
+            if action.reconnect:
+                await self.drop_and_resume()
+                continue
+            if action.frame is None:
+                continue
+            if self.ws is None and not await self.open(resume=self.session is not None):
+                engine.m.frames_skipped += 1
+                continue
+            await self.send(action.frame, action.at)
+        if self.plan.close_at is not None:
+            await engine.sleep_until(self.plan.close_at)
+        await self.wait_answered(self.engine.options.drain_timeout_s)
+        engine.m.unanswered_acks += len(self.acks)
+        engine.m.unanswered_replies += len(self.replies)
+        self.acks.clear()  # counted: the close must not count them again
+        self.replies.clear()
+        await self.close()
+
+    async def wait_answered(self, timeout: float) -> None:
+        """Until every ack and reply is in, the timeout, or the socket is gone."""
+        try:
+            async with asyncio.timeout(timeout):
+                while (self.acks or self.replies) and self.ws is not None:
+                    self.answered.clear()
+                    await self.answered.wait()
+        except TimeoutError:
+            pass
+
+    # --- connecting ------------------------------------------------------------------
+
+    async def open(self, resume: bool = False) -> bool:
+        """Connect (with the session when resuming); False when it failed."""
+        if self.failures >= MAX_CONNECT_FAILURES:
+            return False
+        engine = self.engine
+        session = self.session if resume else None
+        try:
+            welcome = await self._connect(session)
+        except _Refused as refused:
+            if session is not None and refused.code == CLOSE_FORBIDDEN:
+                # The session could not be resumed: start over, as a client must.
+                self.session = None
+                return await self.open()
+            self.failures += 1
+            engine.m.connect_failures[refused.reason] += 1
+            return False
+        self.failures = 0
+        self.session = welcome.get("session")
+        if self.max_in_flight is None:
+            limits = welcome.get("limits") or {}
+            self.max_in_flight = limits.get("max_runs_in_flight_per_connection") or 0
+        if self.opened_once:
+            engine.m.reconnects += 1
+            if welcome.get("resumed"):
+                engine.m.resumed += 1
+        else:
+            self.opened_once = True
+            engine.m.connections_opened += 1
+        return True
+
+    async def _connect(self, session: str | None) -> dict[str, Any]:
+        engine = self.engine
+        assert engine._connect_slots is not None
+        url = with_query(engine.url, token=engine.tokens[self.client], session=session)
+        timeout = engine.options.connect_timeout_s
+        async with engine._connect_slots:
+            started = engine.now()
+            try:
+                ws = await ws_connect(
+                    url,
+                    compression=None,
+                    open_timeout=timeout,
+                    ping_interval=None,
+                    close_timeout=2,
+                    max_size=None,
+                    proxy=None,
+                )
+            except InvalidStatus as error:
+                raise _Refused(f"http {error.response.status_code}") from None
+            except (OSError, TimeoutError, WebSocketException) as error:
+                raise _Refused(type(error).__name__) from None
+            self._welcome = asyncio.get_running_loop().create_future()
+            self.ws = ws
+            self._leaving = False
+            self._reader = asyncio.get_running_loop().create_task(self._read(ws))
+            try:
+                async with asyncio.timeout(timeout):
+                    welcome = await asyncio.shield(self._welcome)
+            except TimeoutError:
+                await self._abandon(ws)
+                raise _Refused("no welcome") from None
+            except _Refused:
+                await self._abandon(ws)
+                raise
+        engine.m.connect.append((engine.touch(), (engine.now() - started) * 1000))
+        return welcome
+
+    async def _abandon(self, ws: ClientConnection) -> None:
+        self._leaving = True
+        if ws.transport is not None:
+            ws.transport.abort()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+        self.ws = None
+
+    async def drop_and_resume(self) -> None:
+        """Cut the socket without a close frame (a network blip, a dead gateway) and come
+        back at once with the session."""
+        if self.ws is not None:
+            await self._abandon(self.ws)
+        await self.open(resume=self.session is not None)
+
+    async def close(self) -> None:
+        ws = self.ws
+        if ws is None:
+            return
+        self._leaving = True
+        try:
+            await ws.close()
+        except Exception:  # noqa: BLE001 - a socket that will not close is left to the GC
+            logger.debug("close failed client=%s", self.client, exc_info=True)
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+        self.ws = None
+
+    # --- sending ---------------------------------------------------------------------
+
+    async def send(self, planned: dict[str, Any], at: float) -> None:
+        engine = self.engine
+        frame = prepare_frame(planned, self.last_seqs)
+        kind = frame.get("type")
+        if kind == "send" and self.max_in_flight:
+            await self._wait_until(lambda: len(self.replies) < self.max_in_flight)
+        elif kind == "unsubscribe":
+            # The recorded client had its replies before it left the stream (it would not
+            # have seen them otherwise); a faster replay must not leave before they come.
+            stream = frame.get("stream")
+            await self._wait_until(lambda: all(s != stream for _, s in self.replies.values()))
+        ws = self.ws
+        if ws is None:
+            engine.m.frames_skipped += 1
+            return
+        now = engine.touch()
+        message_id = frame.get("id")
+        tracked = kind in ("send", "publish") and isinstance(message_id, str)
+        if tracked:
+            self.acks[message_id] = (now, kind)
+            if kind == "send":
+                self.replies[message_id] = (now, str(frame.get("stream")))
+            else:
+                engine.published[(self.client, message_id)] = now
+        try:
+            await ws.send(orjson.dumps(frame).decode())
+        except ConnectionClosed:
+            if tracked:
+                self.acks.pop(message_id, None)
+                self.replies.pop(message_id, None)
+            engine.m.frames_skipped += 1
+            return
+        engine.m.lag.append((now, max(0.0, now - at) * 1000))
+        engine.m.frames_by_type[str(kind)] += 1
+        engine.frames_sent += 1
+
+    async def _wait_until(self, ready: Callable[[], bool]) -> None:
+        """Hold the next frame until `ready()` (checked as answers arrive), at most
+        drain_timeout_s: replies lost or very late must not stall the plan for good."""
+        try:
+            async with asyncio.timeout(self.engine.options.drain_timeout_s):
+                while not ready() and self.ws is not None:
+                    self.answered.clear()
+                    await self.answered.wait()
+        except TimeoutError:
+            pass
+
+    # --- receiving -------------------------------------------------------------------
+
+    async def _read(self, ws: ClientConnection) -> None:
+        try:
+            while True:
+                self._on_frame(orjson.loads(await ws.recv(decode=False)))
+        except ConnectionClosed:
+            pass
+        except Exception:
+            logger.exception("load connection failed to read client=%s", self.client)
+            if ws.transport is not None:
+                ws.transport.abort()
+        finally:
+            code = ws.close_code
+            if self._welcome is not None and not self._welcome.done():
+                self._welcome.set_exception(_Refused(f"close {code}", code))
+                self._welcome.exception()  # retrieved: the connect may have timed out first
+            elif not self._leaving:
+                self.engine.m.server_closes[str(code)] += 1
+            if self.ws is ws:
+                self.ws = None
+                # Lost with the socket; replies may still come after a resume.
+                self.engine.m.unanswered_acks += len(self.acks)
+                self.acks.clear()
+            self.answered.set()
+
+    def _on_frame(self, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        if kind == "event":
+            self._on_event(frame)
+        elif kind == "ack":
+            self._on_answer(frame, error=False)
+        elif kind == "error":
+            self._on_answer(frame, error=True)
+        elif kind == "welcome":
+            if self._welcome is not None and not self._welcome.done():
+                self._welcome.set_result(frame)
+
+    def _on_answer(self, frame: dict[str, Any], error: bool) -> None:
+        engine = self.engine
+        m = engine.m
+        message_id = frame.get("id")
+        sent = self.acks.pop(message_id, None) if isinstance(message_id, str) else None
+        now = engine.touch()
+        if error:
+            code = str(frame.get("code"))
+            m.errors[code] += 1
+            if frame.get("status") == 429:
+                m.rate_limited[code] += 1
+            if isinstance(message_id, str):
+                self.replies.pop(message_id, None)  # refused: no run, no reply
+        elif sent is not None:
+            m.ack.append((now, (now - sent[0]) * 1000))
+            m.acks_by_type[sent[1]] += 1
+            if frame.get("duplicate"):
+                m.duplicates += 1
+        self.answered.set()
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        stream = event.get("stream")
+        seq = event.get("seq")
+        if isinstance(seq, int) and isinstance(stream, str):
+            if seq > self.last_seqs.get(stream, 0):
+                self.last_seqs[stream] = seq
+        kind = event.get("kind")
+        if kind == "reply.done":
+            cause = event.get("cause") or {}
+            if cause.get("client") != self.client or cause.get("depth"):
+                return
+            sent = self.replies.pop(cause.get("message"), None)
+            if sent is not None:
+                engine = self.engine
+                now = engine.touch()
+                engine.m.reply.append((now, (now - sent[0]) * 1000))
+                engine.m.reply_status[str((event.get("data") or {}).get("status"))] += 1
+                self.answered.set()
+        elif kind == "published":
+            engine = self.engine
+            if engine.published:
+                cause = event.get("cause") or {}
+                sent = engine.published.get((cause.get("client"), cause.get("message")))
+                if sent is not None:
+                    now = engine.touch()
+                    engine.m.delivery.append((now, (now - sent) * 1000))
+
+
+async def run_plans(
+    url: str,
+    tokens: Mapping[str, str],
+    plans: list[ConnectionPlan],
+    options: EngineOptions | None = None,
+) -> Measurements:
+    """Play `plans` and return what was measured."""
+    return await Engine(url, tokens, options).run(plans)

@@ -1,0 +1,223 @@
+"""What a load run measured, and the report made of it. Pure.
+
+The engine fills a `Measurements` (raw samples, each with the time it was taken, and
+counters); `build_report` turns it into the JSON the commands print and write, and
+`timeline` into the per-interval percentiles the plot draws. Percentiles are nearest-rank
+(bench/common.py uses the same definition), in milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99.9", 99.9))
+# Plot buckets: the smallest of these widths giving at most MAX_BUCKETS buckets.
+BUCKET_WIDTHS_S = (0.25, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600)
+MAX_BUCKETS = 120
+
+Sample = tuple[float, float]  # (seconds since the run started, latency in ms)
+
+
+@dataclass
+class Measurements:
+    duration_s: float = 0.0
+    ack: list[Sample] = field(default_factory=list)  # send/publish -> ack
+    reply: list[Sample] = field(default_factory=list)  # send -> its reply.done
+    delivery: list[Sample] = field(default_factory=list)  # publish -> a subscriber's copy
+    connect: list[Sample] = field(default_factory=list)  # handshake -> welcome
+    # How late each frame left its schedule (one sample per frame sent: also the send times).
+    lag: list[Sample] = field(default_factory=list)
+    frames_planned: int = 0
+    frames_skipped: int = 0  # never sent: their connection was gone
+    frames_by_type: Counter[str] = field(default_factory=Counter)
+    acks_by_type: Counter[str] = field(default_factory=Counter)
+    duplicates: int = 0
+    errors: Counter[str] = field(default_factory=Counter)  # error frames by code
+    rate_limited: Counter[str] = field(default_factory=Counter)  # those with status 429
+    reply_status: Counter[str] = field(default_factory=Counter)
+    connections_planned: int = 0
+    connections_opened: int = 0
+    connect_failures: Counter[str] = field(default_factory=Counter)  # by reason
+    server_closes: Counter[str] = field(default_factory=Counter)  # by close code
+    reconnects: int = 0
+    resumed: int = 0
+    unanswered_acks: int = 0
+    unanswered_replies: int = 0
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float | None:
+    """Nearest-rank percentile of already sorted values."""
+    if not sorted_values:
+        return None
+    # Rounded first: 99.9 / 100 * 1000 is 999.0000000000001 in floating point.
+    rank = max(1, math.ceil(round(p / 100 * len(sorted_values), 9)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def summarize(values: Sequence[float]) -> dict[str, Any]:
+    """count, p50, p90, p99, p99.9, max and mean (ms, None when there are no values)."""
+    ordered = sorted(values)
+    summary: dict[str, Any] = {"count": len(ordered)}
+    for name, p in PERCENTILES:
+        summary[name] = _ms(percentile(ordered, p))
+    summary["max"] = _ms(ordered[-1] if ordered else None)
+    summary["mean"] = _ms(sum(ordered) / len(ordered) if ordered else None)
+    return summary
+
+
+def bucket_width(duration_s: float) -> float:
+    for width in BUCKET_WIDTHS_S:
+        if duration_s / width <= MAX_BUCKETS:
+            return float(width)
+    return float(BUCKET_WIDTHS_S[-1])
+
+
+def _bucket_count(duration_s: float, width: float) -> int:
+    return max(1, math.ceil(duration_s / width))
+
+
+def timeline(samples: Sequence[Sample], duration_s: float, width: float) -> list[dict[str, Any]]:
+    """Per interval of `width` seconds: its start, how many samples ended in it, and their
+    p50 and p99 (None for an interval without samples)."""
+    buckets: list[list[float]] = [[] for _ in range(_bucket_count(duration_s, width))]
+    for t, value in samples:
+        index = min(len(buckets) - 1, max(0, int(t // width)))
+        buckets[index].append(value)
+    out = []
+    for index, values in enumerate(buckets):
+        values.sort()
+        out.append(
+            {
+                "t": round(index * width, 3),
+                "count": len(values),
+                "p50": _ms(percentile(values, 50)),
+                "p99": _ms(percentile(values, 99)),
+            }
+        )
+    return out
+
+
+def rates(times: Sequence[float], duration_s: float, width: float) -> list[float]:
+    """Events per second in each interval of `width` seconds."""
+    counts = [0] * _bucket_count(duration_s, width)
+    for t in times:
+        counts[min(len(counts) - 1, max(0, int(t // width)))] += 1
+    return [round(count / width, 2) for count in counts]
+
+
+def build_report(m: Measurements, meta: dict[str, Any]) -> dict[str, Any]:
+    """The run's report: `meta` (what was run: command, URL, tenant, speed, scale...)
+    followed by latencies, throughput, errors and counts."""
+    width = bucket_width(m.duration_s)
+    # Rates over at least one plot interval, so a run shorter than one never reports an
+    # overall rate above its peak interval's.
+    duration = max(m.duration_s, width)
+    sends = m.frames_by_type.get("send", 0)
+    frames_sent = sum(m.frames_by_type.values())
+    report: dict[str, Any] = dict(meta)
+    report["duration_s"] = round(m.duration_s, 3)
+    report["latency_ms"] = {
+        "ack": summarize([v for _, v in m.ack]),
+        "reply": summarize([v for _, v in m.reply]),
+    }
+    if m.delivery:
+        report["latency_ms"]["delivery"] = summarize([v for _, v in m.delivery])
+    if m.connect:
+        report["latency_ms"]["connect"] = summarize([v for _, v in m.connect])
+    report["schedule_lag_ms"] = summarize([v for _, v in m.lag])
+    per_interval = rates([t for t, _ in m.lag], m.duration_s, width)
+    report["throughput"] = {
+        "frames_per_s": round(frames_sent / duration, 2),
+        "acks_per_s": round(len(m.ack) / duration, 2),
+        "replies_per_s": round(len(m.reply) / duration, 2),
+        "peak_frames_per_s": max(per_interval, default=0.0),
+    }
+    if m.delivery:
+        report["throughput"]["deliveries_per_s"] = round(len(m.delivery) / duration, 2)
+    report["errors"] = {"total": sum(m.errors.values()), "by_code": dict(sorted(m.errors.items()))}
+    report["rate_limited"] = {
+        "total": sum(m.rate_limited.values()),
+        "by_code": dict(sorted(m.rate_limited.items())),
+    }
+    report["counts"] = {
+        "connections_planned": m.connections_planned,
+        "connections_opened": m.connections_opened,
+        "connect_failures": dict(sorted(m.connect_failures.items())),
+        "closed_by_server": dict(sorted(m.server_closes.items())),
+        "reconnects": m.reconnects,
+        "resumed": m.resumed,
+        "frames_planned": m.frames_planned,
+        "frames_sent": frames_sent,
+        "frames_skipped": m.frames_skipped,
+        "frames_by_type": dict(sorted(m.frames_by_type.items())),
+        "sends": sends,
+        "publishes": m.frames_by_type.get("publish", 0),
+        "acks": len(m.ack),
+        "acks_by_type": dict(sorted(m.acks_by_type.items())),
+        "duplicates": m.duplicates,
+        "replies": len(m.reply),
+        "reply_status": dict(sorted(m.reply_status.items())),
+        "deliveries": len(m.delivery),
+        "unanswered_acks": m.unanswered_acks,
+        "unanswered_replies": m.unanswered_replies,
+    }
+    report["timeline"] = {
+        "bucket_s": width,
+        "frames_per_s": per_interval,
+        "replies_per_s": rates([t for t, _ in m.reply], m.duration_s, width),
+        "ack": timeline(m.ack, m.duration_s, width),
+        "reply": timeline(m.reply, m.duration_s, width),
+    }
+    if m.delivery:
+        report["timeline"]["delivery"] = timeline(m.delivery, m.duration_s, width)
+    if m.connect:
+        report["timeline"]["connect"] = timeline(m.connect, m.duration_s, width)
+    return report
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def describe(report: dict[str, Any]) -> str:
+    """The report's headline figures, a few lines for a terminal."""
+    lines = []
+    for name, stats in report["latency_ms"].items():
+        lines.append(
+            f"{name} latency: p50 {_fmt(stats['p50'])} ms, p90 {_fmt(stats['p90'])} ms,"
+            f" p99 {_fmt(stats['p99'])} ms, p99.9 {_fmt(stats['p99.9'])} ms,"
+            f" max {_fmt(stats['max'])} ms (n={stats['count']})"
+        )
+    throughput = report["throughput"]
+    counts = report["counts"]
+    lines.append(
+        f"throughput: {throughput['frames_per_s']} frames/s (peak"
+        f" {throughput['peak_frames_per_s']}), {throughput['replies_per_s']} replies/s over"
+        f" {report['duration_s']} s"
+    )
+    lines.append(
+        f"frames: {counts['frames_sent']} sent of {counts['frames_planned']} planned;"
+        f" {counts['acks']} acks, {counts['replies']} replies;"
+        f" unanswered: {counts['unanswered_acks']} acks, {counts['unanswered_replies']} replies"
+    )
+    lines.append(
+        f"connections: {counts['connections_opened']} opened of"
+        f" {counts['connections_planned']}, {counts['reconnects']} reconnects"
+        f" ({counts['resumed']} resumed), failures {counts['connect_failures'] or 'none'},"
+        f" closed by server {counts['closed_by_server'] or 'none'}"
+    )
+    lines.append(
+        f"errors: {report['errors']['by_code'] or 'none'};"
+        f" 429s: {report['rate_limited']['by_code'] or 'none'}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,550 @@
+"""Prometheus metrics: every series Switchboard exports is defined here, named `switchboard_*`.
+
+Labels stay low-cardinality: tenant, type/kind (fixed sets), code/reason, backend, outcome.
+Never a client id, stream name, message or run id: each distinct value is a series kept by
+every process and by Prometheus forever.
+
+Several processes per host (daphne gateways, Celery's pool children, beat) each count
+their own share. With PROMETHEUS_MULTIPROC_DIR set (prometheus_client's own variable, read
+by it when it is first imported), every process writes its values to files of its own in
+that directory and `/metrics` of any gateway sums the files of the whole host
+(MultiProcessCollector): counters and histograms add up, and the gauges below are
+"livesum", the sum over processes still alive. A process that exits marks itself dead
+(`mark_process_dead`: at exit, and in Celery's pool children when they stop) so its gauges
+leave the sum; one killed with SIGKILL leaves its gauges behind until the directory is
+cleared, which whoever starts the host's processes does first (project/launcher.py,
+the compose file's tmpfs). Without the variable each process serves only its own values.
+
+Cluster-wide state (queue depths, runs in flight) is read from Redis at scrape time by
+`RedisStateCollector`, on gateways only: no process counts it, and the hot path gains no
+Redis call. Every gateway reports the same values, so dashboards take `max`, not `sum`.
+
+Hot-path cost: one counter increment per frame in or out (a few hundred nanoseconds, a
+write to a memory-mapped file in multiprocess mode); the kind of a frame going out is read
+from its first bytes, once per event however many sockets it is fanned out to.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+import orjson
+import redis
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from redis.exceptions import RedisError
+
+from realtime import keys
+
+logger = logging.getLogger(__name__)
+
+
+def geometric_buckets(low: float, high: float, count: int) -> tuple[float, ...]:
+    """`count` histogram bounds from `low` to `high`, each a constant factor above the last
+    (rounded to 3 significant digits), so every decade has the same resolution: a quantile
+    read anywhere between them is off by at most one bucket's width."""
+    ratio = (high / low) ** (1 / (count - 1))
+    return tuple(float(f"{low * ratio**index:.3g}") for index in range(count))
+
+
+# 5 ms to 60 s in 28 steps of ~1.42x: fine enough that histogram_quantile(0.999, ...) of a
+# reply (run deadline 30 s by default) or a model call is within ~40% of the true value.
+LATENCY_BUCKETS = geometric_buckets(0.005, 60.0, 28)
+# Event ts → socket. Event timestamps have millisecond precision, so nothing below 1 ms.
+DELIVERY_LAG_BUCKETS = geometric_buckets(0.001, 30.0, 24)
+
+# --- gateways ------------------------------------------------------------------------------
+
+CONNECTIONS = Gauge(
+    "switchboard_connections",
+    "WebSockets open and admitted (past auth and the connection caps), per tenant.",
+    ["tenant"],
+    multiprocess_mode="livesum",
+)
+SUBSCRIPTIONS = Gauge(
+    "switchboard_subscriptions",
+    "Stream subscriptions of open connections, per tenant.",
+    ["tenant"],
+    multiprocess_mode="livesum",
+)
+FRAMES_IN = Counter(
+    "switchboard_frames_in",
+    "Client frames parsed, by frame type (frames that do not parse count as error answers).",
+    ["type"],
+)
+FRAMES_OUT = Counter(
+    "switchboard_frames_out",
+    "Frames handed to connections (written, or queued in their outbox), by event kind for "
+    "stream events and by frame type otherwise.",
+    ["kind"],
+)
+ACKS = Counter(
+    "switchboard_acks",
+    "send and publish frames acknowledged, per tenant; duplicate=true: a resent message id "
+    "answered from its dedupe record, nothing appended (a dedupe hit).",
+    ["tenant", "duplicate"],
+)
+ERROR_ANSWERS = Counter(
+    "switchboard_error_answers",
+    "error frames answered to client frames, by error code.",
+    ["code"],
+)
+REFUSALS = Counter(
+    "switchboard_refusals",
+    "Work refused by a flow-control bound, per tenant: code is what the client got "
+    "(rate_limited or overloaded, both 429, or the close code 4029), reason which bound.",
+    ["tenant", "code", "reason"],
+)
+SLOW_CONSUMER_CLOSES = Counter(
+    "switchboard_slow_consumer_closes",
+    "Connections closed with 4008 because their outbound buffer filled, per tenant.",
+    ["tenant"],
+)
+SEND_TO_REPLY_DONE = Histogram(
+    "switchboard_send_to_reply_done_seconds",
+    "From a gateway receiving a send to it handing that run's reply.done to the sending "
+    "connection, per tenant.",
+    ["tenant"],
+    buckets=LATENCY_BUCKETS,
+)
+DELIVERY_LAG = Histogram(
+    "switchboard_delivery_lag_seconds",
+    "From a stream event's ts (when it was appended) to a gateway having handed it to all "
+    "its subscribed connections; once per event per gateway process. Across hosts it "
+    "includes their clock difference.",
+    buckets=DELIVERY_LAG_BUCKETS,
+)
+
+# --- workers -------------------------------------------------------------------------------
+
+MODEL_CALL_SECONDS = Histogram(
+    "switchboard_model_call_seconds",
+    "Duration of model calls (a backend's stream, first byte to last), by backend and outcome.",
+    ["backend", "outcome"],
+    buckets=LATENCY_BUCKETS,
+)
+MODEL_CALLS = Counter(
+    "switchboard_model_calls",
+    "Model calls by backend and outcome: ok; error (failed, will be retried); fallback "
+    "(failed, not retried: the step's fallback answers); timeout (passed its soft limit: "
+    "the fallback answers); cancelled (the run stopped needing it).",
+    ["backend", "outcome"],
+)
+MODEL_OUTCOMES = ("ok", "error", "fallback", "timeout", "cancelled")
+
+# The bound each refusal reason belongs to, as the client saw it (realtime/operations.py
+# names the same reasons for the admin's live page).
+REFUSAL_CODES = {
+    "messages": "rate_limited",
+    "runs_in_flight": "rate_limited",
+    "queued_runs": "overloaded",
+    "connections": "4029",
+}
+# Labels of frames going out: anything else (a kind a later version adds) is "other", so a
+# frame can never mint a series.
+OUT_KINDS = frozenset(
+    {
+        "message",
+        "published",
+        "reply.delta",
+        "reply.done",
+        "join",
+        "leave",
+        "welcome",
+        "ack",
+        "error",
+        "subscribed",
+        "unsubscribed",
+        "presence",
+        "pong",
+    }
+)
+_EVENT_PREFIX = '{"type":"event"'
+_TYPE_PREFIX = '{"type":"'
+_KIND_KEY = '"kind":"'
+_TS_KEY = ',"ts":"'
+
+
+def frame_kind(frame: str) -> str:
+    """The event kind of a stream event, the type of any other server frame, from the text.
+
+    Events are built with type, stream, seq and id first (realtime/events.py, the presence
+    script), and no stream name or id may hold a quote, so the first `"kind":"` is the
+    event's own."""
+    if frame.startswith(_EVENT_PREFIX):
+        start = frame.find(_KIND_KEY, len(_EVENT_PREFIX))
+        if start < 0:
+            return "other"
+        start += len(_KIND_KEY)
+        kind = frame[start : frame.find('"', start)]
+    elif frame.startswith(_TYPE_PREFIX):
+        start = len(_TYPE_PREFIX)
+        kind = frame[start : frame.find('"', start)]
+    else:
+        return "other"
+    return kind if kind in OUT_KINDS else "other"
+
+
+# Children of labelled metrics cached per label value: .labels() takes a lock and builds a
+# key each time, several times the cost of the increment itself.
+_frames_in: dict[type, Any] = {}
+_frames_out: dict[str, Any] = {}
+# One event is pushed to every subscribed socket as the very same string: its kind is read
+# once per fan-out, not once per socket.
+_last_out: str | None = None
+_last_out_kind = "other"
+
+
+def frame_in(frame: object) -> None:
+    child = _frames_in.get(type(frame))
+    if child is None:
+        child = _frames_in[type(frame)] = FRAMES_IN.labels(type(frame).__name__.lower())
+    child.inc()
+
+
+def cached_frame_kind(frame: str) -> str:
+    global _last_out, _last_out_kind
+    if frame is not _last_out:
+        _last_out_kind = frame_kind(frame)
+        _last_out = frame
+    return _last_out_kind
+
+
+def frame_out(frame: str) -> None:
+    kind = cached_frame_kind(frame)
+    child = _frames_out.get(kind)
+    if child is None:
+        child = _frames_out[kind] = FRAMES_OUT.labels(kind)
+    child.inc()
+
+
+def connection_opened(tenant: str) -> None:
+    CONNECTIONS.labels(tenant).inc()
+
+
+def connection_closed(tenant: str) -> None:
+    CONNECTIONS.labels(tenant).dec()
+
+
+def subscribed(tenant: str) -> None:
+    SUBSCRIPTIONS.labels(tenant).inc()
+
+
+def unsubscribed(tenant: str) -> None:
+    SUBSCRIPTIONS.labels(tenant).dec()
+
+
+def acked(tenant: str, duplicate: bool) -> None:
+    ACKS.labels(tenant, "true" if duplicate else "false").inc()
+
+
+def error_answered(code: str) -> None:
+    ERROR_ANSWERS.labels(code).inc()
+
+
+def refused(tenant: str, reason: str) -> None:
+    """One refusal; `reason` as realtime/operations.py's ThrottleCounter counts it."""
+    REFUSALS.labels(tenant, REFUSAL_CODES.get(reason, "other"), reason).inc()
+
+
+def slow_consumer_closed(tenant: str) -> None:
+    SLOW_CONSUMER_CLOSES.labels(tenant).inc()
+
+
+def event_lag_s(event: str, now: float) -> float | None:
+    """Seconds from the event's ts to `now` (epoch), or None when it has no ts."""
+    start = event.find(_TS_KEY)
+    if start < 0:
+        return None
+    start += len(_TS_KEY)
+    try:
+        stamp = datetime.fromisoformat(event[start : event.find('"', start)]).timestamp()
+    except ValueError:
+        return None
+    # Another host's clock may be ahead: a negative lag is no lag.
+    return max(0.0, now - stamp)
+
+
+def event_delivered(event: str) -> None:
+    """An event was handed to every local subscriber (the hub, once per event)."""
+    lag = event_lag_s(event, time.time())
+    if lag is not None:
+        DELIVERY_LAG.observe(lag)
+
+
+class ReplyClock:
+    """One connection's sends awaiting their reply.done: run id -> when the send arrived.
+
+    Looked at only while it holds something, so the fan-out to sockets that sent nothing
+    costs one truthiness test."""
+
+    # Runs in flight per connection are bounded far below this (the tenant's limit); the
+    # cap only keeps a connection that never reads its replies from growing it.
+    MAX_WAITING = 256
+
+    __slots__ = ("started",)
+
+    def __init__(self) -> None:
+        self.started: dict[str, float] = {}
+
+    def sent(self, run_id: str | None, started: float) -> None:
+        if run_id and len(self.started) < self.MAX_WAITING:
+            self.started[run_id] = started
+
+    def delivered(self, tenant: str, frames: Iterable[str]) -> None:
+        for frame in frames:
+            if cached_frame_kind(frame) != "reply.done":
+                continue
+            try:
+                run_id = orjson.loads(frame)["data"]["run"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                continue
+            started = self.started.pop(run_id, None)
+            if started is not None:
+                SEND_TO_REPLY_DONE.labels(tenant).observe(time.monotonic() - started)
+
+
+def model_call(backend: str, outcome: str, seconds: float) -> None:
+    """One model call ended (orchestration/services.py); `outcome` is one of MODEL_OUTCOMES."""
+    MODEL_CALLS.labels(backend, outcome).inc()
+    MODEL_CALL_SECONDS.labels(backend, outcome).observe(seconds)
+
+
+# --- cluster state, read from Redis at scrape time -----------------------------------------
+
+# A scrape reads at most this many tenants of the fair ring, and exports the deepest of
+# them one series each: bounded whatever the number of tenants.
+FAIR_RING_READ = 1000
+FAIR_TENANTS_EXPORTED = 20
+# A scrape must answer within Prometheus' scrape timeout (10 s by default) even when Redis
+# does not.
+STATE_TIMEOUT_S = 2.0
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+class RedisStateCollector:
+    """Queue depths and runs in flight, read from Redis when Prometheus scrapes."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        broker: redis.Redis | None,
+        queue_names: Callable[[], list[str]],
+    ) -> None:
+        self.client = client
+        self.broker = broker  # Celery's broker, when it is Redis
+        self.queue_names = queue_names
+
+    def describe(self) -> list[Metric]:
+        # Registering must not read Redis (prometheus_client calls collect otherwise).
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "switchboard_state_up",
+            "1 when this scrape read the queue and run gauges from Redis, 0 when it could not.",
+        )
+        try:
+            families = self._read()
+        except (RedisError, OSError) as error:
+            logger.warning("metrics: Redis state not read: %s", error)
+            up.add_metric([], 0)
+            yield up
+            return
+        yield from families
+        up.add_metric([], 1)
+        yield up
+
+    def _read(self) -> list[Metric]:
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.zcard(keys.RUN_DEADLINES)
+            pipe.zcard(keys.RUN_LEASES)
+            pipe.llen(keys.FAIR_RING)
+            pipe.lrange(keys.FAIR_RING, 0, FAIR_RING_READ - 1)
+            unfinished, leased, ring_length, ring = pipe.execute()
+        tenants = [_text(slug) for slug in ring]
+        with self.client.pipeline(transaction=False) as pipe:
+            for slug in tenants:
+                pipe.llen(keys.fair_queue(slug))
+            lengths = [int(length) for length in pipe.execute()] if tenants else []
+        families: list[Metric] = [
+            GaugeMetricFamily(
+                "switchboard_runs_unfinished",
+                "Runs accepted and not finished (queued, waiting for a step, or running).",
+                value=int(unfinished),
+            ),
+            GaugeMetricFamily(
+                "switchboard_runs_leased",
+                "Runs whose step a worker holds (picked or claimed), expired leases included until "
+                "the sweeper redelivers them.",
+                value=int(leased),
+            ),
+            GaugeMetricFamily(
+                "switchboard_fair_queue_tenants",
+                "Tenants with runs waiting in their fair queue.",
+                value=int(ring_length),
+            ),
+            GaugeMetricFamily(
+                "switchboard_fair_queue_runs",
+                f"Runs waiting in fair queues (of the first {FAIR_RING_READ} tenants waiting).",
+                value=sum(lengths),
+            ),
+        ]
+        deepest = GaugeMetricFamily(
+            "switchboard_fair_queue_depth",
+            f"Runs waiting in a tenant's fair queue, for the {FAIR_TENANTS_EXPORTED} tenants "
+            "with the most.",
+            labels=["tenant"],
+        )
+        ranked = sorted(zip(tenants, lengths, strict=True), key=lambda pair: -pair[1])
+        for slug, length in ranked[:FAIR_TENANTS_EXPORTED]:
+            deepest.add_metric([slug], length)
+        families.append(deepest)
+        if self.broker is not None:
+            families.extend(self._read_broker())
+        return families
+
+    def _read_broker(self) -> list[Metric]:
+        assert self.broker is not None
+        names = self.queue_names()
+        with self.broker.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.llen(keys.celery_queue(name))
+            pipe.hlen(keys.celery_queue("unacked"))
+            *depths, unacked = pipe.execute()
+        depth = GaugeMetricFamily(
+            "switchboard_queue_depth",
+            "Messages waiting in a Celery queue (with fair queues on, one ticket per queued run).",
+            labels=["queue"],
+        )
+        for name, length in zip(names, depths, strict=True):
+            depth.add_metric([name], int(length))
+        return [
+            depth,
+            GaugeMetricFamily(
+                "switchboard_queue_unacked",
+                "Celery messages delivered to a worker and not yet acknowledged.",
+                value=int(unacked),
+            ),
+        ]
+
+
+def _celery_queue_names() -> list[str]:
+    from project.celery import app
+
+    return [queue.name for queue in app.conf.task_queues or ()]
+
+
+_state: RedisStateCollector | None = None
+
+
+def state_collector() -> RedisStateCollector:
+    """This process's collector, on its own short-timeout clients (never the hot path's)."""
+    global _state
+    if _state is None:
+        from orchestration.enqueue import broker_is_redis_at
+
+        options = {"socket_timeout": STATE_TIMEOUT_S, "socket_connect_timeout": STATE_TIMEOUT_S}
+        client = redis.Redis.from_url(settings.REDIS_URL, **options)
+        broker_url = settings.CELERY_BROKER_URL
+        broker: redis.Redis | None = None
+        if broker_is_redis_at(broker_url, settings.REDIS_URL):
+            broker = client
+        elif broker_url.startswith(("redis://", "rediss://", "unix://")):
+            broker = redis.Redis.from_url(broker_url, **options)
+        _state = RedisStateCollector(client, broker, _celery_queue_names)
+    return _state
+
+
+# --- exposition ----------------------------------------------------------------------------
+
+
+def multiprocess_dir() -> str:
+    return settings.PROMETHEUS_MULTIPROC_DIR
+
+
+class _ThisProcess:
+    """The default registry (this process's metrics, django-prometheus' included)."""
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        return REGISTRY.collect()
+
+
+def exposition_registry(with_state: bool) -> CollectorRegistry:
+    """What a scrape returns: every process of the host (multiprocess mode) or this one,
+    plus the cluster state from Redis when `with_state`."""
+    registry = CollectorRegistry()
+    if multiprocess_dir():
+        multiprocess.MultiProcessCollector(registry, path=multiprocess_dir())
+    else:
+        registry.register(_ThisProcess())
+    if with_state:
+        registry.register(state_collector())
+    return registry
+
+
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    """GET /metrics on gateways: the host's processes and the cluster state."""
+    body = generate_latest(exposition_registry(with_state=True))
+    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)
+
+
+def start_worker_exporter(port: int, addr: str = "0.0.0.0") -> WSGIServer | None:
+    """Serve the host's metrics (no cluster state: gateways export that) on `port`, from
+    a Celery worker's main process, for hosts that run no gateway. Returns the server (in
+    a daemon thread), or None when the port is taken."""
+    from prometheus_client import start_http_server
+
+    if not multiprocess_dir():
+        logger.warning(
+            "worker metrics on port %s: PROMETHEUS_MULTIPROC_DIR is not set, so the pool "
+            "processes' metrics (model calls) are not included",
+            port,
+        )
+    try:
+        server, _ = start_http_server(port, addr, registry=exposition_registry(with_state=False))
+    except OSError as error:
+        # Another worker of this host serves the same directory already: nothing is lost.
+        logger.warning("worker metrics not served on port %s: %s", port, error)
+        return None
+    logger.info("worker metrics served on port %s", port)
+    return server
+
+
+def mark_process_dead(pid: int | None = None) -> None:
+    """Take an exiting process's gauges out of the host's sums (multiprocess mode)."""
+    if not multiprocess_dir():
+        return
+    try:
+        multiprocess.mark_process_dead(pid or os.getpid(), multiprocess_dir())
+    except OSError as error:
+        logger.warning("metrics: process %s not marked dead: %s", pid or os.getpid(), error)
+
+
+# At the exit of any process that loaded this module (gateways, beat, a worker's main
+# process; pool children exit without atexit, so Celery's signal handles them).
+atexit.register(mark_process_dead)

@@ -1,0 +1,139 @@
+"""Prometheus metrics on the real cluster: a gateway's /metrics moves with the traffic, and
+includes what the Celery worker's pool processes counted (multiprocess mode: the launcher
+gives the cluster's processes one PROMETHEUS_MULTIPROC_DIR)."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import Callable
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from realtime.client import SwitchboardError
+
+from .conftest import LIMITED_TENANTS, Connect, Switchboard
+from .support import wait_until
+
+pytestmark = pytest.mark.asyncio
+
+# "busy" allows 2 runs in flight per connection: a third send is refused with 429.
+TENANT = "busy"
+# Slow enough that both runs are still in flight when the third send arrives, and below
+# the cluster's model soft limit.
+SLOW = {"latency_ms": 1000, "chunks": 2}
+SCRAPE_TIMEOUT_S = 30.0
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.status == 200
+        return response.read().decode()
+
+
+async def scrape(switchboard: Switchboard) -> Samples:
+    """Every sample of gateway-0's /metrics, by (name, labels)."""
+    port = switchboard.cluster.gateway_ports[0]
+    text = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """Summed over the labels not given."""
+    wanted = set(labels.items())
+    return sum(v for (n, found), v in samples.items() if n == name and wanted <= found)
+
+
+async def test_metrics_move_with_connections_frames_refusals_and_runs(
+    switchboard: Switchboard, connect: Connect, unique: Callable[[str], str]
+) -> None:
+    assert LIMITED_TENANTS[TENANT]["max_runs_in_flight_per_connection"] == 2
+    before = await scrape(switchboard)
+    stream = unique("metrics")
+    alice = await connect(tenant=TENANT)
+    await alice.subscribe(stream)
+
+    async def connected() -> Samples | None:
+        now = await scrape(switchboard)
+        opened = value(now, "switchboard_connections", tenant=TENANT)
+        subscribed = value(now, "switchboard_subscriptions", tenant=TENANT)
+        if opened >= value(before, "switchboard_connections", tenant=TENANT) + 1 and (
+            subscribed >= value(before, "switchboard_subscriptions", tenant=TENANT) + 1
+        ):
+            return now
+        return None
+
+    await wait_until(connected, SCRAPE_TIMEOUT_S, "the connection and subscription gauges")
+
+    await alice.send(stream, "echo", "first", SLOW, id="m-1")
+    await alice.send(stream, "echo", "second", SLOW, id="m-2")
+    with pytest.raises(SwitchboardError) as refused:
+        await alice.send(stream, "echo", "one too many", SLOW, id="m-3")
+    assert (refused.value.code, refused.value.status) == ("rate_limited", 429)
+    await alice.reply("m-1", timeout=30)
+    await alice.reply("m-2", timeout=30)
+    # The same id again: answered from its dedupe record, a dedupe hit.
+    assert (await alice.send(stream, "echo", "first", SLOW, id="m-1"))["duplicate"] is True
+
+    def grown(now: Samples, name: str, by: float, **labels: str) -> bool:
+        return total(now, name, **labels) >= total(before, name, **labels) + by
+
+    async def counted() -> Samples | None:
+        now = await scrape(switchboard)
+        ready = (
+            grown(now, "switchboard_send_to_reply_done_seconds_count", 2, tenant=TENANT)
+            # Counted in the worker's pool processes, read by the gateway's /metrics.
+            and grown(now, "switchboard_model_calls_total", 2, backend="simulated")
+            and grown(now, "switchboard_acks_total", 1, tenant=TENANT, duplicate="true")
+        )
+        return now if ready else None
+
+    after = await wait_until(counted, SCRAPE_TIMEOUT_S, "the run's metrics")
+
+    def delta(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    # Only this test uses the tenant while it runs: its series moved by exactly this much.
+    assert delta("switchboard_send_to_reply_done_seconds_count", tenant=TENANT) == 2
+    assert delta("switchboard_send_to_reply_done_seconds_bucket", tenant=TENANT, le="+Inf") == 2
+    assert delta("switchboard_send_to_reply_done_seconds_sum", tenant=TENANT) > 0
+    assert delta("switchboard_acks_total", tenant=TENANT, duplicate="false") == 2
+    assert delta("switchboard_acks_total", tenant=TENANT, duplicate="true") == 1
+    refusal = {"tenant": TENANT, "code": "rate_limited", "reason": "runs_in_flight"}
+    assert delta("switchboard_refusals_total", **refusal) == 1
+    # The cluster's other series: at least this traffic.
+    assert delta("switchboard_frames_in_total", type="send") >= 4
+    assert delta("switchboard_frames_in_total", type="subscribe") >= 1
+    assert delta("switchboard_error_answers_total", code="rate_limited") >= 1
+    assert delta("switchboard_frames_out_total", kind="ack") >= 3
+    assert delta("switchboard_frames_out_total", kind="reply.done") >= 2
+    assert delta("switchboard_frames_out_total", kind="message") >= 2
+    assert delta("switchboard_model_call_seconds_count", backend="simulated") >= 2
+    assert delta("switchboard_delivery_lag_seconds_count") >= 4  # 2 messages, 2 reply.dones
+    # Read from Redis at scrape time.
+    assert value(after, "switchboard_state_up") == 1
+    assert ("switchboard_runs_unfinished", frozenset()) in after
+    assert ("switchboard_queue_depth", frozenset({("queue", "switchboard.runs")})) in after
+
+    await alice.close()
+
+    async def closed() -> bool:
+        now = await scrape(switchboard)
+        return value(now, "switchboard_connections", tenant=TENANT) == value(
+            before, "switchboard_connections", tenant=TENANT
+        ) and value(now, "switchboard_subscriptions", tenant=TENANT) == value(
+            before, "switchboard_subscriptions", tenant=TENANT
+        )
+
+    await wait_until(closed, SCRAPE_TIMEOUT_S, "the gauges back where they were")
