@@ -199,7 +199,8 @@ def test_accept_send_creates_the_run_and_queues_one_task(streams: Streams, r: re
     run = {name.decode(): value.decode() for name, value in r.hgetall(keys.run(run_id)).items()}
     deadline = float(run.pop("deadline"))
     assert run.pop("retention") == str(settings.SWITCHBOARD["STREAM_RETENTION"])
-    assert before < float(run.pop("created")) <= time.time()
+    # Stored rounded to the millisecond: up to 0.5 ms either side of the true moment.
+    assert before - 0.001 < float(run.pop("created")) <= time.time() + 0.001
     assert run == {
         "status": "queued",
         "emitted": "0",
