@@ -26,6 +26,9 @@ from realtime.redis_clients import sync_client
 
 logger = logging.getLogger(__name__)
 
+# The admin's front page with a link to the live page: the operators' first stop.
+admin.site.index_template = "admin/switchboard_index.html"
+
 # The receipts page is a look, not an export: bounded whatever a tenant has.
 RECEIPT_STREAMS_SHOWN = 100
 RECEIPT_CLIENTS_SHOWN = 200

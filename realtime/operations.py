@@ -282,6 +282,15 @@ def read_problems(client: redis.Redis) -> list[dict[str, Any]]:
     return problems
 
 
+def read_history_outbox(client: redis.Redis) -> dict[str, int]:
+    """Finished runs waiting to be written to the conversation history, and how many the
+    outbox's cap dropped since it began (the persister fell behind or was down)."""
+    from history.persist import outbox_status
+
+    status = outbox_status(client)
+    return {"waiting": status.waiting, "processing": status.processing, "dropped": status.dropped}
+
+
 def read_throttles(client: redis.Redis, now: float) -> dict[str, Any]:
     """Refusals per tenant and reason in each of the last minutes (oldest first)."""
     current = int(now // 60)
@@ -402,6 +411,7 @@ def snapshot(
         "tenants": [],
         "tenants_total": tenants_total,
         "problems": [],
+        "history": None,
         "throttles": {"minutes": [], "rows": []},
         "workers": {"answered": False, "workers": [], "note": "not asked"},
         "limits": {"runs": RUNS_SHOWN, "tenants": TENANTS_SHOWN, "problems": PROBLEMS_SHOWN},
@@ -422,6 +432,7 @@ def snapshot(
         data["fair"] = read_fair_queues(client)
         data["runs"] = read_runs(client, now)
         data["problems"] = read_problems(client)
+        data["history"] = read_history_outbox(client)
         data["throttles"] = read_throttles(client, now)
         data["tenants"] = _tenant_rows(client, tenants, data, now)
     except RedisError as error:

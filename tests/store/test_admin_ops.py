@@ -136,6 +136,9 @@ def test_the_live_data_shows_what_redis_holds(
         "deadline",
     )
 
+    # The finished run waits in the history outbox for the persister.
+    assert data["history"] == {"waiting": 1, "processing": 0, "dropped": 0}
+
     row = {row["slug"]: row for row in data["tenants"]}[TENANT]
     assert (row["enabled"], row["weight"], row["connections"]) == (True, 3, 1)
     assert (row["present"], row["presence_streams"], row["fair_queue"]) == (1, 1, 3)
@@ -398,3 +401,14 @@ def test_the_periodic_check_ends_a_grace_and_catches_a_silent_disable(
             await control.close()
 
     asyncio.run(main())
+
+
+def test_the_admin_front_page_links_the_live_page_for_those_who_may_see_it(
+    admin_client: Client, client: Client
+) -> None:
+    front = admin_client.get("/admin/")
+    assert front.status_code == 200
+    assert LIVE_URL in front.content.decode()
+    staff = User.objects.create_user("staff-without-rights", password="x", is_staff=True)
+    client.force_login(staff)
+    assert LIVE_URL not in client.get("/admin/").content.decode()
