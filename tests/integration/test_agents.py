@@ -300,6 +300,42 @@ async def test_a_failed_step_that_continues_gives_its_fallback_to_the_next(
     assert answer.started_at > route.started_at
 
 
+async def test_a_steps_rate_limit_binds_per_tenant_and_answers_at_once_when_spent(
+    switchboard: Switchboard,
+    connect: Connect,
+    provider: FakeOpenAIServer,
+    unique: Callable[[str], str],
+) -> None:
+    # Fresh tenants: the step's budget is per tenant and lasts the cluster's lifetime.
+    first_tenant, second_tenant = unique("metered-a"), unique("metered-b")
+    make_tenant(switchboard, first_tenant)
+    make_tenant(switchboard, second_tenant)
+    client = await connect(tenant=first_tenant)
+    stream = unique("metered")
+    texts = [unique("first"), unique("second")]
+    dones = []
+    for text in texts:
+        ack = await client.send(stream, it.METERED, text)
+        _, done = split_run(await collect_run(client, stream, ack["id"]), ack["id"])
+        dones.append(done["data"])
+    assert dones[0]["status"] == "ok"
+    assert (dones[1]["status"], dones[1]["text"], dones[1]["detail"]) == (
+        "degraded",
+        it.METERED_FALLBACK,
+        {"reason": "rate_limited"},
+    )
+    # The spent call never reached the provider.
+    assert provider.calls_where(prompted(it.METERED_PROMPT.format(message=texts[1]))) == []
+
+    other = await connect(tenant=second_tenant)
+    text = unique("another tenant")
+    ack = await other.send(stream, it.METERED, text)
+    _, done = split_run(await collect_run(other, stream, ack["id"]), ack["id"])
+    assert done["data"]["status"] == "ok"
+    [call] = await provider_calls(provider, it.METERED_PROMPT.format(message=text))
+    assert call.outcome == "completed"
+
+
 # --- agents triggered by agents ----------------------------------------------------------
 
 

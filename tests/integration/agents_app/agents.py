@@ -119,3 +119,19 @@ register(
         subscribes=(On("reply.done", agent=c.PING, streams=c.LOOP_STREAMS),),
     )
 )
+
+register(
+    Agent(
+        name=c.METERED,
+        steps=(
+            Step(
+                backend="openai",
+                name="answer",
+                model=c.METERED_MODEL,
+                prompt=c.METERED_PROMPT,
+                rate_limit={"rpm": c.METERED_RPM},
+                fallback_text=c.METERED_FALLBACK,
+            ),
+        ),
+    )
+)

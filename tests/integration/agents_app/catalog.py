@@ -58,3 +58,12 @@ LOOP_STREAMS = "loop:*"
 PING_PROMPT = "ping:{input}"
 PONG_PROMPT = "pong:{input}"
 LOOP_MODEL = "stream?pieces=2"
+
+# A step with a per-tenant rate limit of one call a minute: a tenant's second call within
+# the minute would wait about 60 s, far past the run's deadline, so it answers at once
+# with the fallback, reason rate_limited; another tenant's budget is its own.
+METERED = "it-metered"
+METERED_RPM = 1
+METERED_MODEL = "stream?pieces=2"
+METERED_PROMPT = "metered:{message}"
+METERED_FALLBACK = "it-metered: over this tenant's rate for the step"
