@@ -33,9 +33,10 @@ from typing import Any
 
 from django.conf import settings
 
-# Event kinds an agent may subscribe to. `reply.done` is written by the run's own
-# transaction (FINALIZE_RUN), which also enqueues its subscribers, so no trigger is lost.
-SUBSCRIBABLE_KINDS = frozenset({"reply.done"})
+# Event kinds an agent may subscribe to: each is written by one transaction that also
+# enqueues its subscribers (FINALIZE_RUN for `reply.done`, APPEND_EVENT for a client's
+# `published`), so no trigger is lost.
+SUBSCRIBABLE_KINDS = frozenset({"reply.done", "published"})
 AGENT_NAME = re.compile(r"\A[a-z0-9][a-z0-9_.-]{0,62}\Z")
 DEFAULT_FALLBACK = "Sorry, the assistant could not answer in time. Please try again."
 
@@ -55,7 +56,9 @@ class StepContext:
     outputs: Mapping[str, str]
     options: Mapping[str, Any]
     depth: int = 0
-    # {"agent", "run", "event", "status"} of the triggering event; None for a client's send.
+    # What started a run by subscription; None for a client's send. {"kind": "reply.done",
+    # "agent", "run", "event", "status"} or {"kind": "published", "client", "event",
+    # "data"} (the published JSON as sent; `message` is it as text).
     trigger: Mapping[str, Any] | None = None
 
 
@@ -124,7 +127,8 @@ AnyStep = Step | PythonStep
 @dataclass(frozen=True, slots=True)
 class On:
     """An event pattern: `kind` from agent `agent` on streams matching `streams` (shell
-    globs: `support:*`), for `reply.done` only with a status in `statuses`."""
+    globs: `support:*`), for `reply.done` only with a status in `statuses`. A
+    `published` event comes from a client, not an agent: its pattern names streams only."""
 
     kind: str = "reply.done"
     agent: str = "*"
@@ -162,6 +166,9 @@ class BadAgent(ValueError):
 
 
 _registry: dict[str, Agent] = {}
+# Kinds some agent ever subscribed to: a `publish` with no subscriber anywhere costs a set
+# lookup (never shrunk: a replaced definition at worst costs the full check).
+_subscribed_kinds: set[str] = set()
 
 
 def validate(agent: Agent) -> None:
@@ -193,12 +200,18 @@ def validate(agent: Agent) -> None:
                 f"agent {agent.name!r} subscribes to {pattern.kind!r}; "
                 f"supported: {sorted(SUBSCRIBABLE_KINDS)}"
             )
+        if pattern.kind == "published" and pattern.agent != "*":
+            raise BadAgent(
+                f"agent {agent.name!r}: published events come from clients; "
+                "their pattern names streams, not an agent"
+            )
 
 
 def register(agent: Agent) -> Agent:
     """Make the agent available by name (a later definition of the name replaces it)."""
     validate(agent)
     _registry[agent.name] = agent
+    _subscribed_kinds.update(pattern.kind for pattern in agent.subscribes)
     return agent
 
 
@@ -245,6 +258,8 @@ def agent_names() -> list[str]:
 def subscribers(kind: str, from_agent: str, stream: str, status: str | None = None) -> list[Agent]:
     """The agents an event starts, by name (each once, whatever number of its patterns
     match)."""
+    if kind not in _subscribed_kinds:
+        return []
     return [
         candidate
         for name, candidate in sorted(_registry.items())

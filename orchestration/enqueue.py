@@ -23,6 +23,8 @@ ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"
 RUN_NEXT_TASK = "switchboard.run.next"
 # "An agent's reply is done: start the agents subscribed to it" (triggers.py).
 TRIGGER_TASK = "switchboard.agents.trigger"
+# "A client published an event: start the agents subscribed to it" (triggers.py).
+PUBLISHED_TRIGGER_TASK = "switchboard.agents.trigger_published"
 
 
 def celery_message(
@@ -99,3 +101,10 @@ def enqueue_trigger(run_id: str, event_id: str) -> None:
     from orchestration.tasks import trigger_subscribers
 
     trigger_subscribers.apply_async(args=[run_id, event_id])
+
+
+def enqueue_published_trigger(args: list[Any]) -> None:
+    """Publish a published-event trigger through Celery itself (any broker)."""
+    from orchestration.tasks import trigger_published_subscribers
+
+    trigger_published_subscribers.apply_async(args=args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery import shared_task
 from django.conf import settings
@@ -105,3 +106,20 @@ def trigger_subscribers(run_id: str, event_id: str) -> None:
     (orchestration/triggers.py). Queued by FINALIZE_RUN with the event itself."""
     with logcontext.bound(run=run_id, event=event_id):
         triggers.start_subscribers(_store(), run_id, event_id)
+
+
+@shared_task(
+    name="switchboard.agents.trigger_published",
+    ignore_result=True,
+    soft_time_limit=30,
+    time_limit=60,
+)
+def trigger_published_subscribers(
+    tenant: str, stream: str, event_id: str, client: str, message_id: str, data: Any
+) -> None:
+    """A client's published event that agents subscribe to: start each of them once
+    (orchestration/triggers.py). Queued by APPEND_EVENT with the event itself."""
+    with logcontext.bound(tenant=tenant, event=event_id):
+        triggers.start_published_subscribers(
+            _store(), tenant, stream, event_id, client, message_id, data
+        )

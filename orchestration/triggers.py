@@ -1,10 +1,12 @@
-"""Multi-agent workflows: an agent's `reply.done` starts the agents subscribed to it.
+"""Multi-agent workflows: an agent's `reply.done`, or a client's `published` event, starts
+the agents subscribed to it.
 
 FINALIZE_RUN queues the trigger task in the same transaction as the reply.done it is about
 (only when some agent's pattern matches), so a trigger is never lost between the event and
 its subscribers. The task lands here: for each subscriber the tenant may use, one run on
 the same stream, whose message is the reply's text and whose `cause` carries the chain of
-events from the client's message. Each (event, subscriber) pair starts at most one run
+events from the client's message. APPEND_EVENT does the same for a client's `publish`
+(the run's message is the published data). Each (event, subscriber) pair starts at most one run
 however often the trigger is delivered (START_TRIGGERED_RUN's dedupe key), and a run
 deeper than the tenant's maximum causal depth is refused, which bounds loops (an agent that
 answers itself, two agents that answer each other).
@@ -28,7 +30,7 @@ from orchestration.enqueue import (
     enqueue_ticket,
 )
 from orchestration.fairness import quantum
-from orchestration.runs import Run, RunStore
+from orchestration.runs import RunStore
 from realtime import keys
 from realtime.events import dumps, new_run_id
 from realtime.streams import COUNTED_GRACE_S, RUN_RECORD_GRACE_S, RUN_STEP_TASK, RUNS_QUEUE
@@ -68,23 +70,79 @@ def start_subscribers(store: RunStore, run_id: str, event_id: str) -> list[Trigg
     if config is None or not config.enabled:
         logger.info("trigger: tenant gone or disabled tenant=%s run=%s", run.tenant, run_id)
         return []
-    text = store.text_of(run_id)
-    results = []
-    for agent in agents:
-        results.append(_start_one(store, run, event_id, status_text, text, agent, config))
-    return results
+    cause = Cause(
+        tenant=run.tenant,
+        stream=run.stream,
+        event_id=event_id,
+        # The human origin stays the client whose message began the chain.
+        client=run.client,
+        message_id=run.message_id,
+        text=store.text_of(run_id),
+        retention=run.retention,
+        depth=run.depth + 1,
+        chain=[*run.events_so_far(), event_id],
+        trigger={
+            "kind": "reply.done",
+            "agent": run.agent,
+            "run": run.run_id,
+            "event": event_id,
+            "status": status_text,
+        },
+    )
+    return [_start_one(store, cause, agent, config) for agent in agents]
 
 
-def _start_one(
+def start_published_subscribers(
     store: RunStore,
-    cause: Run,
+    tenant: str,
+    stream: str,
     event_id: str,
-    status: str,
-    text: str,
-    agent: Agent,
-    config: Any,
-) -> Triggered:
-    depth = cause.depth + 1
+    client: str,
+    message_id: str,
+    data: Any,
+) -> list[Triggered]:
+    """Start every agent subscribed to a client's `published` event on `stream`. Its
+    message is the data: a string as it is, anything else as JSON."""
+    agents = subscribers("published", "", stream)
+    if not agents:
+        return []
+    config = _tenant(tenant)
+    if config is None or not config.enabled:
+        logger.info("trigger: tenant gone or disabled tenant=%s event=%s", tenant, event_id)
+        return []
+    cause = Cause(
+        tenant=tenant,
+        stream=stream,
+        event_id=event_id,
+        client=client,
+        message_id=message_id,
+        text=data if isinstance(data, str) else dumps(data),
+        retention=config.stream_retention,
+        depth=1,
+        chain=[event_id],
+        trigger={"kind": "published", "client": client, "event": event_id, "data": data},
+    )
+    return [_start_one(store, cause, agent, config) for agent in agents]
+
+
+@dataclass(frozen=True, slots=True)
+class Cause:
+    """The event a subscriber's run starts from, and what its run record carries of it."""
+
+    tenant: str
+    stream: str
+    event_id: str
+    client: str
+    message_id: str
+    text: str
+    retention: int
+    depth: int  # of the run it starts
+    chain: list[str]  # event ids from the client's event to this one
+    trigger: dict[str, Any]
+
+
+def _start_one(store: RunStore, cause: Cause, agent: Agent, config: Any) -> Triggered:
+    depth, event_id = cause.depth, cause.event_id
     if not config.may_use(agent.name):
         logger.info(
             "trigger: agent not enabled for tenant tenant=%s agent=%s event=%s",
@@ -118,20 +176,17 @@ def _start_one(
         "tenant": cause.tenant,
         "stream": cause.stream,
         "agent": agent.name,
-        # The human origin stays the client whose message began the chain.
         "client": cause.client,
         "message_id": cause.message_id,
         "message_event": event_id,
-        "text": text,
+        "text": cause.text,
         "options": "{}",
         "deadline": f"{deadline:.3f}",
         "retention": cause.retention,
         "created": f"{time.time():.3f}",
         "depth": depth,
-        "chain": dumps([*cause.events_so_far(), event_id]),
-        "trigger": dumps(
-            {"agent": cause.agent, "run": cause.run_id, "event": event_id, "status": status}
-        ),
+        "chain": dumps(cause.chain),
+        "trigger": dumps(cause.trigger),
     }
     overrides = config.agent_overrides(agent.name)
     if overrides:

@@ -16,8 +16,9 @@ redis.call('XADD', log_key, 'MAXLEN', '~', maxlen, seq .. '-0', 'e', event)
 redis.call('PUBLISH', channel, seq .. '\\n' .. event)
 """
 
-# KEYS: seq, log, dedupe (or an unused key when ARGV[6] is '')
-# ARGV: channel, prefix, suffix, maxlen, dedupe_ttl_s, event_id ('' = no dedupe)
+# KEYS: seq, log, dedupe (or an unused key when ARGV[6] is ''), celery_queue
+# ARGV: channel, prefix, suffix, maxlen, dedupe_ttl_s, event_id ('' = no dedupe),
+#       trigger_message ('' = no agent subscribes to this event: orchestration/triggers.py)
 # Returns {1, "SEQ EVENT_ID"} when appended, {0, "SEQ EVENT_ID"} for a duplicate.
 # (ACCEPT_SEND's receipt adds " RUN_ID".)
 APPEND_EVENT = (
@@ -32,6 +33,9 @@ if existing then return {0, existing} end
     + """
 local receipt = seq .. ' ' .. event_id
 redis.call('SET', dedupe_key, receipt, 'EX', dedupe_ttl)
+-- Agents subscribed to this event start from the same transaction that writes it (a
+-- duplicate, answered above, starts nothing again).
+if ARGV[7] and ARGV[7] ~= '' then redis.call('LPUSH', KEYS[4], ARGV[7]) end
 return {1, receipt}
 """
 )

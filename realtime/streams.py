@@ -11,11 +11,13 @@ from typing import Any
 import redis.asyncio as aredis
 from django.conf import settings
 
-from orchestration.agents import Agent
+from orchestration.agents import Agent, subscribers
 from orchestration.enqueue import (
+    PUBLISHED_TRIGGER_TASK,
     RUN_NEXT_TASK,
     broker_is_redis_at,
     celery_message,
+    enqueue_published_trigger,
     enqueue_step,
     enqueue_ticket,
 )
@@ -90,11 +92,22 @@ class StreamStore:
             cause=cause_of(client, frame.id, None),
             data=frame.data,
         )
+        # Agents subscribed to published events on this stream: their trigger goes in with
+        # the event (a registry lookup, no Redis, when none subscribes).
+        trigger_args: list[Any] | None = None
+        trigger_message = ""
+        if subscribers("published", "", frame.stream):
+            trigger_args = [tenant, frame.stream, event_id, client, frame.id, frame.data]
+            if self.enqueue_atomically:
+                _, trigger_message = celery_message(
+                    PUBLISHED_TRIGGER_TASK, trigger_args, RUNS_QUEUE
+                )
         flag, receipt = await self._append_event(
             keys=[
                 keys.stream_seq(tenant, frame.stream),
                 keys.stream_log(tenant, frame.stream),
                 keys.client_message(tenant, client, frame.id),
+                keys.celery_queue(RUNS_QUEUE),
             ],
             args=[
                 keys.stream_channel(tenant, frame.stream),
@@ -103,9 +116,15 @@ class StreamStore:
                 retention or self.retention,
                 self.dedupe_ttl_s,
                 event_id,
+                trigger_message,
             ],
         )
-        return Appended(*_receipt(flag, receipt))
+        appended = Appended(*_receipt(flag, receipt))
+        if trigger_args is not None and not trigger_message and not appended.duplicate:
+            # Another broker: published after the append; a crash in between loses the
+            # trigger (documented), never the event.
+            await asyncio.to_thread(enqueue_published_trigger, trigger_args)
+        return appended
 
     async def accept_send(
         self,

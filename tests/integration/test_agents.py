@@ -421,6 +421,36 @@ async def test_a_stream_the_subscription_does_not_match_starts_no_summariser(
     assert await quiet_until_marker(client, stream) == []
 
 
+async def test_a_published_event_starts_its_subscriber_once_even_when_published_twice(
+    connect: Connect, provider: FakeOpenAIServer, unique: Callable[[str], str]
+) -> None:
+    client = await connect()
+    stream = f"inbox:{unique('tickets')}"
+    data = {"ticket": unique("printer on fire")}
+    await client.subscribe(stream)  # a publish, unlike a send, does not subscribe
+    published = await client.publish(stream, data, id="ticket-1")
+    # The client's retry of the same publish (same id) is a duplicate: nothing starts again.
+    again = await client.publish(stream, data, id="ticket-1")
+    assert again["duplicate"] and again["seq"] == published["seq"]
+
+    done = await collect_until(client, stream, is_done_from(it.INTAKE), timeout=15)
+    reply = done[-1]
+    assert reply["data"]["status"] == "ok"
+    message = json.dumps(data, separators=(",", ":"))
+    assert reply["data"]["text"] == it.INTAKE_PROMPT.format(message=message)
+    assert reply["cause"] == {
+        "client": client.client,
+        "message": "ticket-1",
+        "prev": published["event_id"],
+        "depth": 1,
+        "chain": [published["event_id"]],
+    }
+    events = done + await quiet_until_marker(client, stream)
+    assert len([e for e in events if e["kind"] == "reply.done"]) == 1
+    [call] = await provider_calls(provider, it.INTAKE_PROMPT.format(message=message))
+    assert call.outcome == "completed"
+
+
 async def test_a_trigger_delivered_twice_starts_its_subscriber_once(
     switchboard: Switchboard,
     connect: Connect,

@@ -14,10 +14,10 @@ import pytest
 import redis
 
 from orchestration.agents import Agent, On, Step
-from orchestration.enqueue import TRIGGER_TASK
+from orchestration.enqueue import PUBLISHED_TRIGGER_TASK, TRIGGER_TASK
 from orchestration.runs import RunStore
 from orchestration.services import execute_step
-from orchestration.triggers import start_subscribers
+from orchestration.triggers import start_published_subscribers, start_subscribers
 from realtime import keys
 from realtime.models import Tenant, TenantAgent
 from realtime.streams import RUNS_QUEUE
@@ -201,3 +201,81 @@ def test_a_full_tenant_queue_refuses_the_triggered_run_and_writes_nothing(
     tenant_cache._entries.clear()
     [result] = start_subscribers(runs, run_id, event_id)
     assert result.outcome == "started"
+
+
+# --- a client's published event ------------------------------------------------------------
+
+
+@pytest.fixture
+def intake(register_agent: Callable[..., Agent]) -> None:
+    register_agent(
+        "intake",
+        Step(backend="simulated", name="read", prompt="new ticket: {message}"),
+        subscribes=(On("published", streams="tickets:*"),),
+    )
+
+
+@pytest.mark.usefixtures("intake")
+def test_a_published_event_queues_its_trigger_once_with_the_event(
+    streams: Streams, r: redis.Redis
+) -> None:
+    data = {"title": "printer on fire", "priority": 1}
+    appended = streams.publish("tickets:1", "p-1", data)
+    again = streams.publish("tickets:1", "p-1", data)  # a retry of the same publish
+    assert again.duplicate
+    published = [args for name, args in queued_tasks(r) if name == PUBLISHED_TRIGGER_TASK]
+    assert published == [[TENANT, "tickets:1", appended.event_id, "alice", "p-1", data]]
+    # Streams the pattern does not name, and no subscriber at all: nothing queued.
+    streams.publish("sales:1", "p-2", data)
+    assert len([1 for name, _ in queued_tasks(r) if name == PUBLISHED_TRIGGER_TASK]) == 1
+
+
+@pytest.mark.usefixtures("intake")
+def test_a_published_event_starts_its_subscriber_once_with_the_data_as_message(
+    streams: Streams, runs: RunStore, r: redis.Redis
+) -> None:
+    data = {"title": "printer on fire"}
+    appended = streams.publish("tickets:2", "p-1", data)
+    args = (TENANT, "tickets:2", appended.event_id, "alice", "p-1", data)
+    [started] = start_published_subscribers(runs, *args)
+    assert started.outcome == "started"
+    [again] = start_published_subscribers(runs, *args)
+    assert (again.outcome, again.run_id) == ("duplicate", started.run_id)
+
+    run_to_end(runs, started.run_id)
+    done = done_of(r, "tickets:2", started.run_id)
+    assert done["data"]["text"] == 'new ticket: {"title":"printer on fire"}'
+    assert done["cause"] == {
+        "client": "alice",
+        "message": "p-1",
+        "prev": appended.event_id,
+        "depth": 1,
+        "chain": [appended.event_id],
+    }
+    loaded = runs.load(started.run_id)
+    assert loaded is not None and loaded.trigger == {
+        "kind": "published",
+        "client": "alice",
+        "event": appended.event_id,
+        "data": data,
+    }
+
+
+@pytest.mark.usefixtures("intake")
+def test_a_tenant_that_allows_no_triggered_run_refuses_published_ones_too(
+    streams: Streams, runs: RunStore, tenant: Tenant
+) -> None:
+    Tenant.objects.filter(pk=tenant.pk).update(max_causal_depth=0)
+    tenant_cache._entries.clear()
+    appended = streams.publish("tickets:3", "p-1", "plain text")
+    [result] = start_published_subscribers(
+        runs, TENANT, "tickets:3", appended.event_id, "alice", "p-1", "plain text"
+    )
+    assert result.outcome == "too_deep"
+
+
+def test_a_published_pattern_names_no_agent(register_agent: Callable[..., Agent]) -> None:
+    from orchestration.agents import BadAgent
+
+    with pytest.raises(BadAgent, match="published events come from clients"):
+        register_agent("bad", subscribes=(On("published", agent="someone"),))

@@ -199,3 +199,13 @@ def _context(**extra: object) -> agents.StepContext:
 )
 def test_render_prompt(prompt: agents.Prompt, rendered: str) -> None:
     assert agents.render_prompt(prompt, _context()) == rendered
+
+
+def test_published_patterns_match_streams_and_only_subscribed_kinds_are_looked_at() -> None:
+    pattern = agents.On("published", streams="tickets:*")
+    assert pattern.matches("published", "", "tickets:9")
+    assert not pattern.matches("published", "", "sales:9")
+    assert not pattern.matches("reply.done", "echo", "tickets:9", "ok")
+    register(Agent(name="intake", steps=_one_step(), subscribes=(pattern,)))
+    assert [a.name for a in agents.subscribers("published", "", "tickets:9")] == ["intake"]
+    assert agents.subscribers("no.such.kind", "", "tickets:9") == []

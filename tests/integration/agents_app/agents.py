@@ -135,3 +135,11 @@ register(
         ),
     )
 )
+
+register(
+    Agent(
+        name=c.INTAKE,
+        steps=(Step(backend="openai", name="read", model=c.INTAKE_MODEL, prompt=c.INTAKE_PROMPT),),
+        subscribes=(On("published", streams=c.INTAKE_STREAMS),),
+    )
+)

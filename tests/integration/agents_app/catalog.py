@@ -67,3 +67,9 @@ METERED_RPM = 1
 METERED_MODEL = "stream?pieces=2"
 METERED_PROMPT = "metered:{message}"
 METERED_FALLBACK = "it-metered: over this tenant's rate for the step"
+
+# Started by a client's `publish` on streams matching inbox:*; its message is the data.
+INTAKE = "it-intake"
+INTAKE_STREAMS = "inbox:*"
+INTAKE_MODEL = "stream?pieces=2"
+INTAKE_PROMPT = "intake:{message}"
