@@ -135,27 +135,28 @@ def _execute_claimed(
     coalescer = _coalescer()
     produced: list[str] = []
     started = time.monotonic()
+
+    def called(outcome: str) -> None:
+        metrics.model_call(step.backend, outcome, time.monotonic() - started)
+
     try:
         for piece in backend.stream(request, deadline):
             if lost.is_set():
                 # A backend that does not watch the event is still stopped here, at its
                 # next piece, without a write.
                 raise ModelCancelled()
-            if not step.visible:
-                produced.append(piece)
-            else:
-                if to_skip:
-                    dropped = min(to_skip, len(piece))
-                    piece, to_skip = piece[dropped:], to_skip - dropped
-                produced.append(piece)
-                if text := coalescer.add(piece):
-                    store.append_delta(run, text)
+            if to_skip:
+                dropped = min(to_skip, len(piece))
+                piece, to_skip = piece[dropped:], to_skip - dropped
+            produced.append(piece)
+            if step.visible and (text := coalescer.add(piece)):
+                store.append_delta(run, text)
             if time.monotonic() > deadline:
-                raise ModelError("model call passed its soft time limit", transient=False)
+                raise ModelTimeout()
         _append_pending(store, run, coalescer, lost)
     except ModelError as error:
         if lost.is_set():
-            metrics.model_call(step.backend, "cancelled", time.monotonic() - started)
+            called("cancelled")
             coalescer.discard()
             return _abandoned(run, step_index)
         _append_pending(store, run, coalescer, lost)
@@ -173,31 +174,30 @@ def _execute_claimed(
         # A call that ran out its soft limit has had the step's time: the fallback now,
         # not another attempt (however transient a stall is), so the client waits at most
         # the soft limit for an answer.
-        spent = isinstance(error, ModelTimeout) or "time limit" in str(error)
+        spent = isinstance(error, ModelTimeout)
         if error.transient and not spent and retries_so_far < step.max_retries:
             # The provider's Retry-After, when it gave one, is the least wait.
             backoff = max(_backoff_s(retries_so_far), error.retry_after_s or 0.0)
             if _time_for_call(run) > backoff + step.min_budget_s:
-                metrics.model_call(step.backend, "error", elapsed)
+                called("error")
                 return StepOutcome(retry_in_s=backoff)
-        reason = "timeout" if spent else "model_error"
-        metrics.model_call(step.backend, "timeout" if reason == "timeout" else "fallback", elapsed)
-        return _fall_back(store, run, agent, step_index, reason)
+        called("timeout" if spent else "fallback")
+        return _fall_back(store, run, agent, step_index, "timeout" if spent else "model_error")
     except (Fenced, RunFinished):
-        metrics.model_call(step.backend, "cancelled", time.monotonic() - started)
+        called("cancelled")
         raise
     except SoftTimeLimitExceeded:
-        metrics.model_call(step.backend, "timeout", time.monotonic() - started)
+        called("timeout")
         logger.warning("step hit Celery's soft time limit run=%s step=%s", run.run_id, step_index)
         _append_pending(store, run, coalescer, lost)
         return _fall_back(store, run, agent, step_index, "timeout")
     except Exception:
         # A bug or an unclassified backend failure still owes the client its reply.done.
-        metrics.model_call(step.backend, "fallback", time.monotonic() - started)
+        called("fallback")
         logger.exception("step failed run=%s step=%s", run.run_id, step_index)
         _append_pending(store, run, coalescer, lost)
         return _fall_back(store, run, agent, step_index, "internal")
-    metrics.model_call(step.backend, "ok", time.monotonic() - started)
+    called("ok")
     output = "".join(produced)
     if step.visible and run.emitted - run.step_base != len(output):
         # A retry skipped what an earlier attempt streamed: the output is what the client

@@ -22,18 +22,18 @@ from typing import Any
 from django.conf import settings
 
 from orchestration.agents import Agent, subscribers
-from orchestration.enqueue import (
-    RUN_NEXT_TASK,
-    broker_is_redis_at,
-    celery_message,
-    enqueue_step,
-    enqueue_ticket,
-)
+from orchestration.enqueue import broker_is_redis_at
 from orchestration.fairness import quantum
 from orchestration.runs import RunStore
 from realtime import keys
 from realtime.events import dumps, new_run_id
-from realtime.streams import COUNTED_GRACE_S, RUN_RECORD_GRACE_S, RUN_STEP_TASK, RUNS_QUEUE
+from realtime.streams import (
+    COUNTED_GRACE_S,
+    RUN_RECORD_GRACE_S,
+    RUNS_QUEUE,
+    enqueue_first_task,
+    first_task_message,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -167,10 +167,7 @@ def _start_one(store: RunStore, cause: Cause, agent: Agent, config: Any) -> Trig
     deadline = time.time() + agent.deadline_s
     fair = settings.SWITCHBOARD["FAIR_QUEUE"]
     same_redis = broker_is_redis_at(settings.CELERY_BROKER_URL, settings.REDIS_URL)
-    message = ""
-    if same_redis:
-        task, args = (RUN_NEXT_TASK, []) if fair else (RUN_STEP_TASK, [new_id, 0])
-        _, message = celery_message(task, args, RUNS_QUEUE)
+    message = first_task_message(new_id) if same_redis else ""
     fields: dict[str, Any] = {
         "run": new_id,
         "tenant": cause.tenant,
@@ -239,10 +236,7 @@ def _start_one(store: RunStore, cause: Cause, agent: Agent, config: Any) -> Trig
     if not message:
         # Another broker: published after the script; a crash in between leaves the run
         # queued, and the deadline sweep still ends it with its reply.done.
-        if fair:
-            enqueue_ticket()
-        else:
-            enqueue_step(new_id, 0)
+        enqueue_first_task(new_id)
     logger.info(
         "run started by subscription tenant=%s stream=%s agent=%s run=%s event=%s depth=%s",
         cause.tenant,

@@ -107,6 +107,12 @@ def stream_store() -> StreamStore:
     return _store
 
 
+def _count_refusal(tenant: str, reason: str) -> None:
+    """One refusal, for the admin's live page (per minute, in Redis) and for Prometheus."""
+    throttle_counter().count(tenant, reason)
+    metrics.refused(tenant, reason)
+
+
 class StreamSubscription:
     """One socket's interest in one stream: the Hub calls it, it keeps seq order."""
 
@@ -255,8 +261,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         if refused_why is not None:
             # Like 4001: accepted, then closed with a reason, and nothing else sent.
             self.close_with(CLOSE_TOO_MANY_CONNECTIONS, refused_why, save_session=False)
-            throttle_counter().count(identity.tenant, "connections")
-            metrics.refused(identity.tenant, "connections")
+            _count_refusal(identity.tenant, "connections")
             logger.info(
                 "connection refused tenant=%s client=%s conn=%s: %s",
                 identity.tenant,
@@ -785,8 +790,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             )
         except LimitReached as reached:
             reason = "runs_in_flight" if reached.code == "rate_limited" else "queued_runs"
-            throttle_counter().count(identity.tenant, reason)
-            metrics.refused(identity.tenant, reason)
+            _count_refusal(identity.tenant, reason)
             if reached.code == "rate_limited":
                 detail = (
                     f"this connection has {limits.max_runs_in_flight_per_connection} "
@@ -836,8 +840,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             logger.warning("tenant settings unavailable; using the connection's", exc_info=True)
         wait_ms = await rate_limiter().wait_ms(limits, self.identity.client)
         if wait_ms:
-            throttle_counter().count(limits.slug, "messages")
-            metrics.refused(limits.slug, "messages")
+            _count_refusal(limits.slug, "messages")
             raise ProtocolError(
                 "rate_limited",
                 "too many messages from this client or tenant; retry after retry_after_ms",

@@ -33,6 +33,23 @@ RUN_RECORD_GRACE_S = 3600
 READ_PAGE = 500
 
 
+def first_task_message(run_id: str) -> str:
+    """The Celery message that starts a new run, for the script creating the run to push:
+    a fair-queue ticket (the worker that takes it runs whichever queued run is fairly
+    next) or, with SWITCHBOARD_FAIR_QUEUE off, the run's own first step."""
+    if settings.SWITCHBOARD["FAIR_QUEUE"]:
+        return celery_message(RUN_NEXT_TASK, [], RUNS_QUEUE)[1]
+    return celery_message(RUN_STEP_TASK, [run_id, 0], RUNS_QUEUE)[1]
+
+
+def enqueue_first_task(run_id: str) -> None:
+    """The same through Celery itself, when its broker is not the streams' Redis."""
+    if settings.SWITCHBOARD["FAIR_QUEUE"]:
+        enqueue_ticket()
+    else:
+        enqueue_step(run_id, 0)
+
+
 # A counted run stops counting this long after its deadline even without its reply.done
 # (only a run whose record was lost can get there: the deadline sweep finishes the rest).
 COUNTED_GRACE_S = 60
@@ -154,13 +171,7 @@ class StreamStore:
         )
         deadline = time.time() + agent.deadline_s
         fair = settings.SWITCHBOARD["FAIR_QUEUE"]
-        if not self.enqueue_atomically:
-            message = ""
-        elif fair:
-            # A ticket: the worker that takes it runs whichever queued run is fairly next.
-            _, message = celery_message(RUN_NEXT_TASK, [], RUNS_QUEUE)
-        else:
-            _, message = celery_message(RUN_STEP_TASK, [run_id, 0], RUNS_QUEUE)
+        message = first_task_message(run_id) if self.enqueue_atomically else ""
         if weight is None:
             weight = _cached_weight(tenant)
         run_fields: dict[str, Any] = {
@@ -233,10 +244,7 @@ class StreamStore:
         if not duplicate and not message:
             # Another broker: publish after the append. A crash in between leaves the run
             # queued; the sweeper ends it at its deadline, so it still gets its reply.done.
-            if fair:
-                await asyncio.to_thread(enqueue_ticket)
-            else:
-                await asyncio.to_thread(enqueue_step, run_id, 0)
+            await asyncio.to_thread(enqueue_first_task, run_id)
         return Appended(seq, event_id, duplicate, run_id=None if duplicate else run_id)
 
     async def head(self, tenant: str, stream: str) -> int:
