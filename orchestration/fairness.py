@@ -37,6 +37,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import redis
+import redis.asyncio as aredis
 
 from realtime import keys
 
@@ -113,20 +114,29 @@ class Pick:
     skipped: int  # finished or overdue runs dropped from the queues on the way
 
 
+_PICK_KEYS = (keys.FAIR_RING, keys.FAIR_DEFICITS, keys.FAIR_WEIGHTS, keys.RUN_LEASES)
+
+
+def _picked(answer: list[bytes | str | int]) -> Pick:
+    run_id, skipped = answer
+    text = run_id.decode() if isinstance(run_id, bytes) else str(run_id)
+    return Pick(text or None, int(skipped))
+
+
 class FairQueue:
-    """The worker's side: pick the next run (sync Redis, as in Celery workers)."""
+    """The fair pick through a blocking client (tests, tools)."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self._pick = client.register_script(FAIR_PICK)
 
     def pick(self, lease_s: float) -> Pick:
-        run_id, skipped = self._pick(
-            keys=[keys.FAIR_RING, keys.FAIR_DEFICITS, keys.FAIR_WEIGHTS, keys.RUN_LEASES],
-            args=[keys.fair_queue(""), keys.run(""), lease_s, MAX_SKIPPED_PER_PICK],
+        return _picked(
+            self._pick(
+                keys=list(_PICK_KEYS),
+                args=[keys.fair_queue(""), keys.run(""), lease_s, MAX_SKIPPED_PER_PICK],
+            )
         )
-        text = run_id.decode() if isinstance(run_id, bytes) else str(run_id)
-        return Pick(text or None, int(skipped))
 
     def depth(self, tenant: str) -> int:
         """Runs of the tenant waiting for a worker in its fair queue."""
@@ -137,6 +147,21 @@ class FairQueue:
 
 
 @dataclass
+class AsyncFairQueue:
+    """The worker's side: pick the next run on the model-call runtime."""
+
+    def __init__(self, client: aredis.Redis) -> None:
+        self._pick = client.register_script(FAIR_PICK)
+
+    async def pick(self, lease_s: float) -> Pick:
+        return _picked(
+            await self._pick(
+                keys=list(_PICK_KEYS),
+                args=[keys.fair_queue(""), keys.run(""), lease_s, MAX_SKIPPED_PER_PICK],
+            )
+        )
+
+
 class DeficitRoundRobin:
     """FAIR_PICK without Redis: `push` is ACCEPT_SEND's part, `pick` the worker's.
 

@@ -18,8 +18,8 @@ async def cancel_run(tenant: str, client: str, message_id: str) -> tuple[str, st
     - `bad_request`: the id was a `publish`, which starts no run, or the run has already
       finished (the detail names its status: `ok`, `degraded`, `cancelled` or `failed`).
 
-    The step running the model call learns of it from its lease keeper within
-    `CANCEL_CHECK_S` and abandons the call without another write.
+    The worker holding the run hears of it at once (FINALIZE_RUN publishes on its stop
+    channel, orchestration/inflight.py) and abandons the call without another write.
     """
     receipt = await async_client().get(keys.client_message(tenant, client, message_id))
     if receipt is None:

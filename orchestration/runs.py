@@ -1,4 +1,4 @@
-"""Run state in Redis and the fenced appends a run's owner makes (sync: Celery workers).
+"""Run state in Redis and the fenced appends a run's owner makes.
 
 A run's hash holds its step, owner, attempt, deadline, lease and how many characters its
 reply has emitted. Only the current owner may append, and only at the current offset, so a
@@ -6,25 +6,26 @@ retried or redelivered step can never duplicate or reorder a delta, and only one
 `reply.done` can ever be written.
 
 A claimed step holds a lease (`RUN_LEASE_S`) that its worker renews with every append and,
-while the model is silent, from a `LeaseKeeper` thread. A lease that runs out means the
-worker died: the sweeper redelivers the step (`redeliver`) long before kombu would restore
-the dead worker's message (its visibility timeout), and the new attempt fences the old one.
+while the model is silent, in one pipeline for all the steps the worker holds
+(orchestration/inflight.py). A lease that runs out means the worker died: the sweeper
+redelivers the step (`redeliver`) long before kombu would restore the dead worker's message
+(its visibility timeout), and the new attempt fences the old one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 import orjson
 import redis
+import redis.asyncio as aredis
 from django.conf import settings
 
 from history.records import outbox_head, problem_entry, reason_of
@@ -36,6 +37,7 @@ from orchestration.enqueue import (
     enqueue_trigger,
 )
 from realtime import keys, scripts
+from realtime.buckets import AsyncBuckets
 from realtime.events import (
     cause_of,
     event_parts,
@@ -47,6 +49,13 @@ from realtime.events import (
 from realtime.streams import RUN_RECORD_GRACE_S, RUN_STEP_TASK, RUNS_QUEUE
 
 logger = logging.getLogger(__name__)
+
+
+def worker_id() -> str:
+    """This process as a run's holder: the run hash's `worker`, and the name of the channel
+    on which it hears that a run it holds was ended by someone else (after a fork, too)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
 
 FINISHED_RUN_TTL_S = 3600
 # Run hash fields `out.0`, `out.1`, ...: each finished step's output, for the steps after it.
@@ -60,6 +69,15 @@ RECENT_PROBLEMS_MAX = 200
 
 class Fenced(Exception):
     """Another attempt owns the run now; this one must stop without writing."""
+
+
+class StaleOffset(Fenced):
+    """The reply's offset in the store is not where this attempt thought it was: another
+    attempt moved it, or this attempt's own last append went through unanswered."""
+
+    def __init__(self, run_id: str, expected: int, stored: int) -> None:
+        super().__init__(f"{run_id}: offset {expected}, store has {stored}")
+        self.stored = stored
 
 
 class RunFinished(Exception):
@@ -160,11 +178,12 @@ class Redelivery:
 
 
 class RunStore:
+    """The runs' Redis through a blocking client: the sweeper, cancels, triggers and
+    management code. Workers execute steps through `AsyncRunStore`."""
+
     def __init__(self, client: redis.Redis, lease_s: float | None = None) -> None:
         self.client = client
-        self.lease_s: float = (
-            lease_s if lease_s is not None else settings.SWITCHBOARD["RUN_LEASE_S"]
-        )
+        self.lease_s: float = lease_s if lease_s is not None else _lease_s()
         self._claim = client.register_script(scripts.CLAIM_STEP)
         self._append_delta = client.register_script(scripts.APPEND_DELTA)
         self._finalize = client.register_script(scripts.FINALIZE_RUN)
@@ -176,80 +195,19 @@ class RunStore:
         self.start_triggered_run = client.register_script(scripts.START_TRIGGERED_RUN)
 
     def load(self, run_id: str) -> Run | None:
-        raw = self.client.hgetall(keys.run(run_id))
-        if not raw or b"tenant" not in raw:
-            return None
-        return Run.from_hash(run_id, {k.decode(): v.decode() for k, v in raw.items()})
+        return _loaded(run_id, self.client.hgetall(keys.run(run_id)))
 
     def claim(self, run_id: str, step: int, retries: int = 0) -> Run | None:
         """Become the run's owner for this step, with a fresh lease; None when the run is
-        gone, finished or already past this step. `retries` is the task's retry count,
-        kept for a redelivery of the step."""
-        owner = uuid.uuid4().hex
-        renewed_at = time.monotonic()
-        flat = self._claim(
-            keys=[keys.run(run_id), keys.run_text(run_id), keys.RUN_LEASES],
-            args=[
-                owner,
-                step,
-                self.lease_s,
-                RUN_RECORD_GRACE_S,
-                run_id,
-                f"{socket.gethostname()}:{os.getpid()}",
-                retries,
-            ],
-        )
-        if not flat:
-            return None
-        fields = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
-        run = Run.from_hash(run_id, fields)
-        run.renewed_at = renewed_at
-        return run
+        gone, finished or already past this step. `retries` is the model retries spent so
+        far, kept for a redelivery of the step."""
+        call = _ClaimCall(run_id, step, retries, self.lease_s)
+        return call.result(self._claim(keys=call.keys, args=call.args))
 
     def append_delta(self, run: Run, piece: str) -> int:
         """Append one reply piece at the run's current offset; returns its seq."""
-        event_id = new_event_id()
-        prefix, suffix = event_parts(
-            stream=run.stream,
-            event_id=event_id,
-            kind="reply.delta",
-            sender=f"agent:{run.agent}",
-            cause=run.cause(),
-            data={"run": run.run_id, "offset": run.emitted, "text": piece},
-        )
-        renewed_at = time.monotonic()
-        code, value = self._append_delta(
-            keys=[
-                keys.stream_seq(run.tenant, run.stream),
-                keys.stream_log(run.tenant, run.stream),
-                keys.run(run.run_id),
-                keys.run_text(run.run_id),
-                keys.RUN_LEASES,
-            ],
-            args=[
-                keys.stream_channel(run.tenant, run.stream),
-                prefix,
-                suffix,
-                run.retention,
-                run.owner,
-                run.emitted,
-                len(piece),
-                json_fragment(piece),
-                self.lease_s,
-                RUN_RECORD_GRACE_S,
-                run.run_id,
-            ],
-        )
-        if code == 1:
-            run.emitted += len(piece)
-            run.renewed_at = renewed_at
-            return int(value)
-        if code == -1:
-            raise RunFinished(run.run_id)
-        if code == -2:
-            raise Fenced(run.run_id)
-        # -3: our idea of the offset is stale; only a fenced attempt can get here.
-        raise Fenced(f"{run.run_id}: offset {run.emitted}, store has {value!r}")
+        call = _AppendCall(run, piece, self.lease_s)
+        return call.result(*self._append_delta(keys=call.keys, args=call.args))
 
     def finalize(
         self,
@@ -269,102 +227,21 @@ class RunStore:
             if run is None:
                 self.client.zrem(keys.RUN_DEADLINES, run_id)
                 return False
-        tenant, stream = run.tenant, run.stream
-        event_id = new_event_id()
-        at = utc_now_iso()
-        prefix, suffix = event_parts(
-            stream=stream,
-            event_id=event_id,
-            kind="reply.done",
-            sender=f"agent:{run.agent}",
-            cause=run.cause(),
-            data={"run": run_id, "status": status, "detail": detail},
-            ts=at,
-        )
-        # Split the data object so the stored text can be spliced in before "detail".
-        data_at = suffix.index(',"data":') + len(',"data":')
-        detail_at = suffix.index(',"detail":', data_at)
-        text_prefix = suffix[:detail_at] + ',"text":'
-        # Agents subscribed to this reply: their trigger task goes in with the event.
-        trigger_message, enqueue_after = _trigger_message(run, status, event_id)
-        # Written by the same script, so only the finalize that wins records the run.
-        history_max = settings.SWITCHBOARD["HISTORY_OUTBOX_MAX"]
-        history_head = (
-            outbox_head(tenant, stream, run_id, status, event_id, at, reason_of(detail))
-            if history_max > 0
-            else ""
-        )
-        problem = problem_entry(
-            run_id=run_id,
-            tenant=tenant,
-            stream=stream,
-            agent=run.agent,
-            status=status,
-            detail=detail,
-            at=at,
-        )
-        code, value = self._finalize(
-            keys=[
-                keys.stream_seq(tenant, stream),
-                keys.stream_log(tenant, stream),
-                keys.run(run_id),
-                keys.run_text(run_id),
-                keys.RUN_DEADLINES,
-                keys.RUN_LEASES,
-                keys.celery_queue(RUNS_QUEUE),
-                keys.HISTORY_OUTBOX,
-                keys.HISTORY_DROPPED,
-                keys.RECENT_PROBLEMS,
-            ],
-            args=[
-                keys.stream_channel(tenant, stream),
-                prefix,
-                text_prefix,
-                suffix[detail_at:],
-                run.retention,
-                owner,
-                status,
-                run_id,
-                FINISHED_RUN_TTL_S,
-                trigger_message,
-                history_head,
-                history_max,
-                problem,
-                RECENT_PROBLEMS_MAX,
-            ],
-        )
-        if code == -2:
-            raise Fenced(run_id)
-        if code == 1 and enqueue_after:
+        call = _FinalizeCall(run, status, detail, owner)
+        finished = call.result(*self._finalize(keys=call.keys, args=call.args))
+        if finished and call.enqueue_after:
             # Another broker: published after the script. A crash in between loses this
             # trigger (its subscribers do not run); with the broker in this Redis it cannot.
-            enqueue_trigger(run_id, event_id)
-        if code == 1:
-            logger.info(
-                "run finished tenant=%s stream=%s run=%s status=%s seq=%s",
-                tenant,
-                stream,
-                run_id,
-                status,
-                value,
-            )
-        return code == 1
+            enqueue_trigger(run_id, call.event_id)
+        return finished
 
     def save_output(self, run: Run, step: int, output: str, fell_back: str = "") -> None:
         """Keep a finished step's output for the steps after it (owner only)."""
-        saved = self._save_output(
-            keys=[keys.run(run.run_id)],
-            args=[run.owner, f"{OUTPUT_FIELD}{step}", output, fell_back],
-        )
-        if not saved:
-            raise Fenced(run.run_id)
-        run.outputs[step] = output
-        if fell_back:
-            run.fell_back = fell_back
+        call = _SaveOutputCall(run, step, output, fell_back)
+        call.result(self._save_output(keys=call.keys, args=call.args))
 
     def text_of(self, run_id: str) -> str:
-        raw = self.client.get(keys.run_text(run_id))
-        return text_from_fragments(raw.decode()) if raw else ""
+        return _text(self.client.get(keys.run_text(run_id)))
 
     def overdue(self, now: float, limit: int = 500) -> list[str]:
         ids = self.client.zrangebyscore(keys.RUN_DEADLINES, "-inf", now, start=0, num=limit)
@@ -373,14 +250,8 @@ class RunStore:
     def renew_lease(self, run: Run, extra_s: float = 0.0) -> bool:
         """Extend the owner's lease to `lease_s + extra_s` from now (never shortening it).
         False when the caller no longer owns a running step: it must write nothing more."""
-        renewed_at = time.monotonic()
-        renewed = self._renew(
-            keys=[keys.run(run.run_id), keys.run_text(run.run_id), keys.RUN_LEASES],
-            args=[run.owner, self.lease_s + extra_s, RUN_RECORD_GRACE_S, run.run_id],
-        )
-        if renewed:
-            run.renewed_at = renewed_at
-        return bool(renewed)
+        call = _RenewCall(run, self.lease_s + extra_s)
+        return call.result(self._renew(keys=call.keys, args=call.args))
 
     def owns(self, run: Run) -> bool:
         """Whether the caller still owns a running step (a read: nothing is renewed)."""
@@ -389,7 +260,8 @@ class RunStore:
 
     def hand_over(self, run_id: str, owner: str) -> bool:
         """Give up the lease once the next step's task is queued; False if no longer ours."""
-        return bool(self._hand_over(keys=[keys.run(run_id), keys.RUN_LEASES], args=[owner, run_id]))
+        call = _HandOverCall(run_id, owner, "")
+        return bool(self._hand_over(keys=call.keys, args=call.args))
 
     def expired_leases(self, limit: int = 500) -> list[str]:
         """Runs whose step lease has run out, by the Redis clock the leases are set with."""
@@ -404,8 +276,7 @@ class RunStore:
         tenant, step, retries = self.client.hmget(keys.run(run_id), "tenant", "step", "retries")
         step_index = int(step) if step is not None else 0
         message = ""
-        same_redis = broker_is_redis_at(settings.CELERY_BROKER_URL, settings.REDIS_URL)
-        if step is not None and same_redis:
+        if step is not None and broker_in_streams_redis():
             # Pushed by the script that fences the lost owner, so the step is never both
             # redelivered and still owned, nor marked redelivered without its message.
             _, message = celery_message(
@@ -427,6 +298,348 @@ class RunStore:
         return found
 
 
+class AsyncRunStore:
+    """The runs' Redis through an asyncio client: what a worker's model-call runtime uses to
+    claim, stream, hand over and finish steps. The same scripts, keys and arguments as
+    `RunStore` (the `_...Call` builders below), awaited instead of blocking."""
+
+    def __init__(self, client: aredis.Redis, lease_s: float | None = None) -> None:
+        self.client = client
+        self.lease_s: float = lease_s if lease_s is not None else _lease_s()
+        self._claim = client.register_script(scripts.CLAIM_STEP)
+        self._append_delta = client.register_script(scripts.APPEND_DELTA)
+        self._finalize = client.register_script(scripts.FINALIZE_RUN)
+        self._renew = client.register_script(scripts.RENEW_LEASE)
+        self._hand_over = client.register_script(scripts.HAND_OVER)
+        self._save_output = client.register_script(scripts.SAVE_OUTPUT)
+        self._restart = client.register_script(scripts.RESTART_REPLY)
+        # Model-call rate limits (workers/limits.py) through the same client.
+        self.buckets = AsyncBuckets(client)
+
+    async def claim(self, run_id: str, step: int, retries: int = 0) -> Run | None:
+        call = _ClaimCall(run_id, step, retries, self.lease_s)
+        return call.result(await self._claim(keys=call.keys, args=call.args))
+
+    async def append_delta(self, run: Run, piece: str) -> int:
+        call = _AppendCall(run, piece, self.lease_s)
+        return call.result(*await self._append_delta(keys=call.keys, args=call.args))
+
+    async def restart_reply(self, run: Run, attempt: int, reason: str, kept: str) -> None:
+        """Void what the run's current step streamed (reply.restart) and start the reply
+        again at offset 0 with `kept`, the text earlier steps streamed."""
+        call = _RestartCall(run, attempt, reason, kept, self.lease_s)
+        call.result(*await self._restart(keys=call.keys, args=call.args))
+
+    async def finalize(self, run: Run, status: str, detail: Any = None) -> bool:
+        """The run's one reply.done, by its owner; False when it already had one."""
+        call = _FinalizeCall(run, status, detail, run.owner)
+        finished = call.result(*await self._finalize(keys=call.keys, args=call.args))
+        if finished and call.enqueue_after:
+            await asyncio.to_thread(enqueue_trigger, run.run_id, call.event_id)
+        return finished
+
+    async def save_output(self, run: Run, step: int, output: str, fell_back: str = "") -> None:
+        call = _SaveOutputCall(run, step, output, fell_back)
+        call.result(await self._save_output(keys=call.keys, args=call.args))
+
+    async def text_of(self, run_id: str) -> str:
+        return _text(await self.client.get(keys.run_text(run_id)))
+
+    async def renew_leases(self, runs: list[Run], extra_s: float = 0.0) -> list[bool]:
+        """Renew many owners' leases in one round trip (a pipeline of RENEW_LEASE); for
+        each run, whether it is still its owner's."""
+        if not runs:
+            return []
+        calls = [_RenewCall(run, self.lease_s + extra_s) for run in runs]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for call in calls:
+                await self._renew(keys=call.keys, args=call.args, client=pipe)
+            results = await pipe.execute()
+        return [call.result(result) for call, result in zip(calls, results, strict=True)]
+
+    async def hand_over(self, run: Run, step: int) -> bool:
+        """Queue `step` of the run (the next one, or this one again for another worker) and
+        give up the run, in one script when the broker is this Redis; False when the run is
+        no longer this owner's (nothing is queued then)."""
+        message = ""
+        if broker_in_streams_redis():
+            _, message = celery_message(RUN_STEP_TASK, [run.run_id, step], RUNS_QUEUE)
+        call = _HandOverCall(run.run_id, run.owner, message)
+        handed = bool(await self._hand_over(keys=call.keys, args=call.args))
+        if handed and not message:
+            # Another broker: the run is queued first and its message published after; a
+            # crash in between leaves it to the deadline sweep (docs/guarantees.md).
+            await asyncio.to_thread(enqueue_step, run.run_id, step)
+        return handed
+
+
+def _lease_s() -> float:
+    return float(settings.SWITCHBOARD["RUN_LEASE_S"])
+
+
+def broker_in_streams_redis() -> bool:
+    """Whether Celery's broker is the streams' own Redis database, so our scripts can push
+    task messages atomically with the writes they belong to."""
+    return broker_is_redis_at(settings.CELERY_BROKER_URL, settings.REDIS_URL)
+
+
+def _loaded(run_id: str, raw: dict[bytes, bytes]) -> Run | None:
+    if not raw or b"tenant" not in raw:
+        return None
+    return Run.from_hash(run_id, {k.decode(): v.decode() for k, v in raw.items()})
+
+
+def _text(raw: bytes | None) -> str:
+    return text_from_fragments(raw.decode()) if raw else ""
+
+
+# One builder per script call: its keys and arguments, and what its answer means. The sync
+# and async stores share them, so the two can never disagree on a script's contract.
+
+
+class _ClaimCall:
+    def __init__(self, run_id: str, step: int, retries: int, lease_s: float) -> None:
+        self.run_id = run_id
+        self.owner = uuid.uuid4().hex
+        self.renewed_at = time.monotonic()
+        self.keys = [keys.run(run_id), keys.run_text(run_id), keys.RUN_LEASES]
+        self.args = [
+            self.owner,
+            step,
+            lease_s,
+            RUN_RECORD_GRACE_S,
+            run_id,
+            worker_id(),
+            retries,
+        ]
+
+    def result(self, flat: list[bytes]) -> Run | None:
+        if not flat:
+            return None
+        fields = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+        run = Run.from_hash(self.run_id, fields)
+        run.renewed_at = self.renewed_at
+        return run
+
+
+class _AppendCall:
+    def __init__(self, run: Run, piece: str, lease_s: float) -> None:
+        self.run = run
+        self.piece = piece
+        prefix, suffix = event_parts(
+            stream=run.stream,
+            event_id=new_event_id(),
+            kind="reply.delta",
+            sender=f"agent:{run.agent}",
+            cause=run.cause(),
+            data={"run": run.run_id, "offset": run.emitted, "text": piece},
+        )
+        self.renewed_at = time.monotonic()
+        self.keys = _stream_and_run_keys(run)
+        self.args = [
+            keys.stream_channel(run.tenant, run.stream),
+            prefix,
+            suffix,
+            run.retention,
+            run.owner,
+            run.emitted,
+            len(piece),
+            json_fragment(piece),
+            lease_s,
+            RUN_RECORD_GRACE_S,
+            run.run_id,
+        ]
+
+    def result(self, code: int, value: Any) -> int:
+        run = self.run
+        if code == 1:
+            run.emitted += len(self.piece)
+            run.renewed_at = self.renewed_at
+            return int(value)
+        if code == -1:
+            raise RunFinished(run.run_id)
+        if code == -2:
+            raise Fenced(run.run_id)
+        # -3: our idea of the offset is stale: a fenced attempt, or a lost answer.
+        raise StaleOffset(run.run_id, run.emitted, int(value))
+
+
+class _RestartCall:
+    def __init__(self, run: Run, attempt: int, reason: str, kept: str, lease_s: float) -> None:
+        self.run = run
+        self.kept = kept
+        sender, cause = f"agent:{run.agent}", run.cause()
+        restart_prefix, restart_suffix = event_parts(
+            stream=run.stream,
+            event_id=new_event_id(),
+            kind="reply.restart",
+            sender=sender,
+            cause=cause,
+            data={"run": run.run_id, "attempt": attempt, "reason": reason},
+        )
+        delta_prefix = delta_suffix = ""
+        if kept:
+            delta_prefix, delta_suffix = event_parts(
+                stream=run.stream,
+                event_id=new_event_id(),
+                kind="reply.delta",
+                sender=sender,
+                cause=cause,
+                data={"run": run.run_id, "offset": 0, "text": kept},
+            )
+        self.renewed_at = time.monotonic()
+        self.keys = _stream_and_run_keys(run)
+        self.args = [
+            keys.stream_channel(run.tenant, run.stream),
+            restart_prefix,
+            restart_suffix,
+            run.retention,
+            run.owner,
+            len(kept),
+            json_fragment(kept),
+            delta_prefix,
+            delta_suffix,
+            lease_s,
+            RUN_RECORD_GRACE_S,
+            run.run_id,
+        ]
+
+    def result(self, code: int, value: Any) -> None:
+        if code == -1:
+            raise RunFinished(self.run.run_id)
+        if code == -2:
+            raise Fenced(self.run.run_id)
+        self.run.emitted = self.run.step_base = len(self.kept)
+        self.run.renewed_at = self.renewed_at
+
+
+class _FinalizeCall:
+    def __init__(self, run: Run, status: str, detail: Any, owner: str) -> None:
+        self.run = run
+        self.status = status
+        tenant, stream, run_id = run.tenant, run.stream, run.run_id
+        self.event_id = new_event_id()
+        at = utc_now_iso()
+        prefix, suffix = event_parts(
+            stream=stream,
+            event_id=self.event_id,
+            kind="reply.done",
+            sender=f"agent:{run.agent}",
+            cause=run.cause(),
+            data={"run": run_id, "status": status, "detail": detail},
+            ts=at,
+        )
+        # Split the data object so the stored text can be spliced in before "detail".
+        data_at = suffix.index(',"data":') + len(',"data":')
+        detail_at = suffix.index(',"detail":', data_at)
+        text_prefix = suffix[:detail_at] + ',"text":'
+        # Agents subscribed to this reply: their trigger task goes in with the event.
+        trigger_message, self.enqueue_after = _trigger_message(run, status, self.event_id)
+        # Written by the same script, so only the finalize that wins records the run.
+        history_max = settings.SWITCHBOARD["HISTORY_OUTBOX_MAX"]
+        history_head = (
+            outbox_head(tenant, stream, run_id, status, self.event_id, at, reason_of(detail))
+            if history_max > 0
+            else ""
+        )
+        problem = problem_entry(
+            run_id=run_id,
+            tenant=tenant,
+            stream=stream,
+            agent=run.agent,
+            status=status,
+            detail=detail,
+            at=at,
+        )
+        self.keys = [
+            keys.stream_seq(tenant, stream),
+            keys.stream_log(tenant, stream),
+            keys.run(run_id),
+            keys.run_text(run_id),
+            keys.RUN_DEADLINES,
+            keys.RUN_LEASES,
+            keys.celery_queue(RUNS_QUEUE),
+            keys.HISTORY_OUTBOX,
+            keys.HISTORY_DROPPED,
+            keys.RECENT_PROBLEMS,
+        ]
+        self.args = [
+            keys.stream_channel(tenant, stream),
+            prefix,
+            text_prefix,
+            suffix[detail_at:],
+            run.retention,
+            owner,
+            status,
+            run_id,
+            FINISHED_RUN_TTL_S,
+            trigger_message,
+            history_head,
+            history_max,
+            problem,
+            RECENT_PROBLEMS_MAX,
+            keys.WORKER_STOP_PREFIX,
+        ]
+
+    def result(self, code: int, value: Any) -> bool:
+        run = self.run
+        if code == -2:
+            raise Fenced(run.run_id)
+        if code == 1:
+            logger.info(
+                "run finished tenant=%s stream=%s run=%s status=%s seq=%s",
+                run.tenant,
+                run.stream,
+                run.run_id,
+                self.status,
+                value,
+            )
+        return code == 1
+
+
+class _SaveOutputCall:
+    def __init__(self, run: Run, step: int, output: str, fell_back: str) -> None:
+        self.run, self.step, self.output, self.fell_back = run, step, output, fell_back
+        self.keys = [keys.run(run.run_id)]
+        self.args = [run.owner, f"{OUTPUT_FIELD}{step}", output, fell_back]
+
+    def result(self, saved: int) -> None:
+        if not saved:
+            raise Fenced(self.run.run_id)
+        self.run.outputs[self.step] = self.output
+        if self.fell_back:
+            self.run.fell_back = self.fell_back
+
+
+class _RenewCall:
+    def __init__(self, run: Run, lease_s: float) -> None:
+        self.run = run
+        self.renewed_at = time.monotonic()
+        self.keys = [keys.run(run.run_id), keys.run_text(run.run_id), keys.RUN_LEASES]
+        self.args = [run.owner, lease_s, RUN_RECORD_GRACE_S, run.run_id]
+
+    def result(self, renewed: int) -> bool:
+        if renewed:
+            self.run.renewed_at = self.renewed_at
+        return bool(renewed)
+
+
+class _HandOverCall:
+    def __init__(self, run_id: str, owner: str, message: str) -> None:
+        self.keys = [keys.run(run_id), keys.RUN_LEASES, keys.celery_queue(RUNS_QUEUE)]
+        self.args = [owner, run_id, message]
+
+
+def _stream_and_run_keys(run: Run) -> list[str]:
+    return [
+        keys.stream_seq(run.tenant, run.stream),
+        keys.stream_log(run.tenant, run.stream),
+        keys.run(run.run_id),
+        keys.run_text(run.run_id),
+        keys.RUN_LEASES,
+    ]
+
+
 def _trigger_message(run: Run, status: str, event_id: str) -> tuple[str, bool]:
     """(Celery message for the trigger task, or "", whether to publish it after instead)
     when some agent subscribes to this run's reply.done."""
@@ -434,82 +647,7 @@ def _trigger_message(run: Run, status: str, event_id: str) -> tuple[str, bool]:
 
     if not subscribers("reply.done", run.agent, run.stream, status):
         return "", False
-    if not broker_is_redis_at(settings.CELERY_BROKER_URL, settings.REDIS_URL):
+    if not broker_in_streams_redis():
         return "", True
     _, message = celery_message(TRIGGER_TASK, [run.run_id, event_id], RUNS_QUEUE)
     return message, False
-
-
-class LeaseKeeper:
-    """Renews a claimed step's lease from a thread while the step runs.
-
-    A model call can be silent for longer than a lease (a slow first token, a stalled
-    provider) and a stalled backend iterator blocks the step's own loop, so the renewal
-    cannot live there. Renewal is fenced by the owner token in Redis: once the step has
-    lost the run (redelivered, finished, handed over) the keeper writes nothing and stops,
-    and sets `lost` so the step abandons its model call (a cancel is noticed so).
-    """
-
-    def __init__(
-        self,
-        store: RunStore,
-        run: Run,
-        lost: threading.Event | None = None,
-        check_s: float | None = None,
-    ) -> None:
-        self.store = store
-        self.run = run
-        # Three chances to renew before the lease runs out, so one slow round trip is not
-        # taken for a dead worker (and never a busy loop, however short the lease).
-        self.every_s = max(store.lease_s / 3, 0.05)
-        # Set once the step no longer owns a running run (cancelled, swept, fenced), so its
-        # model call is abandoned; between renewals a cheap read finds that out sooner.
-        self.lost = lost if lost is not None else threading.Event()
-        self.check_s = max(min(check_s or self.every_s, self.every_s), 0.05)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._keep, name=f"lease-{run.run_id}", daemon=True)
-
-    def __enter__(self) -> LeaseKeeper:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self.store.lease_s)
-
-    def _keep(self) -> None:
-        run = self.run
-        retry_at = 0.0
-        checked_at = time.monotonic()
-        while True:
-            wake_at = max(min(run.renewed_at + self.every_s, checked_at + self.check_s), retry_at)
-            if self._stop.wait(max(wake_at - time.monotonic(), 0.01)):
-                return
-            try:
-                # Appends renew the lease too: only a silent stretch needs a heartbeat.
-                if time.monotonic() - run.renewed_at < self.every_s:
-                    checked_at = time.monotonic()
-                    if self.store.owns(run):
-                        continue
-                    renewed = False
-                else:
-                    renewed = self.store.renew_lease(run)
-                    checked_at = time.monotonic()
-                if not renewed:
-                    self.lost.set()
-                    logger.info(
-                        "lease keeper stops: the step no longer owns tenant=%s run=%s",
-                        run.tenant,
-                        run.run_id,
-                    )
-                    return
-            except Exception:
-                # Tried again shortly; should the lease lapse meanwhile, the step is
-                # redelivered and this attempt fenced, which is safe.
-                logger.exception("lease renewal failed tenant=%s run=%s", run.tenant, run.run_id)
-                retry_at = time.monotonic() + min(self.every_s, 0.5)

@@ -1,4 +1,5 @@
-"""Celery tasks: thin wrappers that load by id and call orchestration.services."""
+"""Celery tasks: thin wrappers that take ids and call orchestration's services (steps go
+to the worker's model-call runtime through orchestration/dispatch.py)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,19 @@ import logging
 from typing import Any
 
 from celery import shared_task
-from django.conf import settings
 
-from orchestration import services, triggers
-from orchestration.fairness import FairQueue
+from orchestration import dispatch, services, triggers
 from orchestration.runs import RunStore
 from realtime import logcontext
 from realtime.redis_clients import sync_client
 
 logger = logging.getLogger(__name__)
 
-SOFT_LIMIT_S = settings.SWITCHBOARD["RUN_DEADLINE_S"] + 5
-HARD_LIMIT_S = SOFT_LIMIT_S + 10
+# Dispatchers return once their step is claimed (orchestration/dispatch.py); the step itself
+# is bounded by its run's deadline on the model-call runtime. These limits are backstops for
+# a dispatcher that cannot reach Redis, enforced where the pool supports them.
+DISPATCH_SOFT_LIMIT_S = 60
+DISPATCH_HARD_LIMIT_S = 90
 
 
 def _store() -> RunStore:
@@ -27,65 +29,33 @@ def _store() -> RunStore:
     return _run_store
 
 
-def _fair_queue() -> FairQueue:
-    global _fair
-    if _fair is None:
-        _fair = FairQueue(sync_client())
-    return _fair
-
-
 _run_store: RunStore | None = None
-_fair: FairQueue | None = None
-
-
-def _step(store: RunStore, run_id: str, step: int, retries: int) -> float | None:
-    """Execute one step and queue what follows it; returns the retry delay, if any."""
-    # Log lines name the run (and, once it is claimed, its tenant); reset after the step,
-    # as the pool process goes on to other runs.
-    with logcontext.bound(run=run_id):
-        outcome = services.execute_step(store, run_id, step, retries)
-        if outcome.retry_in_s is not None:
-            return outcome.retry_in_s
-        if outcome.next_step is not None:
-            run_step.apply_async(args=[run_id, outcome.next_step])
-            services.hand_over(store, run_id, outcome)
-        return None
 
 
 @shared_task(
     name="switchboard.run.step",
     bind=True,
-    # Backstops behind the run's own deadline: Celery interrupts, then kills, a stuck step.
-    soft_time_limit=SOFT_LIMIT_S,
-    time_limit=HARD_LIMIT_S,
-    max_retries=None,
+    soft_time_limit=DISPATCH_SOFT_LIMIT_S,
+    time_limit=DISPATCH_HARD_LIMIT_S,
     ignore_result=True,
 )
 def run_step(self, run_id: str, step: int) -> None:  # type: ignore[no-untyped-def]
-    retry_in_s = _step(_store(), run_id, step, self.request.retries)
-    if retry_in_s is not None:
-        raise self.retry(countdown=retry_in_s)
+    """Run one step of a run on this worker's model-call runtime. `retries` (the message's
+    header) carries the model retries a redelivered step had already spent."""
+    with logcontext.bound(run=run_id):
+        dispatch.run_step(run_id, step, self.request.retries or 0)
 
 
 @shared_task(
     name="switchboard.run.next",
-    soft_time_limit=SOFT_LIMIT_S,
-    time_limit=HARD_LIMIT_S,
+    soft_time_limit=DISPATCH_SOFT_LIMIT_S,
+    time_limit=DISPATCH_HARD_LIMIT_S,
     ignore_result=True,
 )
 def run_next() -> None:
     """A ticket: run the first step of whichever queued run is fairly next
     (orchestration/fairness.py). From then on the run is addressed by id."""
-    store = _store()
-    picked = _fair_queue().pick(store.lease_s)
-    if picked.run_id is None:
-        # A spare ticket (a requeued or restored message): its run was started by another.
-        logger.info("ticket found no queued run skipped=%s", picked.skipped)
-        return
-    retry_in_s = _step(store, picked.run_id, 0, 0)
-    if retry_in_s is not None:
-        # Not self.retry: that would queue another ticket, not this run.
-        run_step.apply_async(args=[picked.run_id, 0], countdown=retry_in_s, retries=1)
+    dispatch.run_next()
 
 
 @shared_task(name="switchboard.runs.sweep", ignore_result=True, time_limit=60)

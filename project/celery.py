@@ -3,7 +3,14 @@
 import os
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
+from celery.signals import (
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 from kombu import Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
@@ -34,10 +41,44 @@ def _announce_ready(**kwargs: object) -> None:
 
 @worker_process_init.connect
 def _fresh_redis_clients(**kwargs: object) -> None:
-    """A pool process starts with its own Redis connections, never its parent's."""
+    """A pool process starts with its own Redis connections and runtime, never its parent's."""
     from realtime.redis_clients import reset_after_fork
+    from workers.runtime import reset_after_fork as reset_runtime
 
     reset_after_fork()
+    reset_runtime()
+
+
+@worker_init.connect
+def _room_for_many_calls(**kwargs: object) -> None:
+    """Each model call in flight holds a socket: lift the soft open-files limit to the hard
+    one, as servers do, so WORKER_MAX_CALLS calls fit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            pass
+
+
+@worker_shutting_down.connect
+def _stop_taking_steps(**kwargs: object) -> None:
+    """Warm shutdown begins: the model-call runtime takes no new steps."""
+    from orchestration.dispatch import begin_drain
+
+    begin_drain()
+
+
+@worker_shutdown.connect
+def _drain_model_calls(**kwargs: object) -> None:
+    """After Celery stopped consuming: let calls in flight finish within WORKER_DRAIN_S and
+    hand the rest to other workers (orchestration/dispatch.py)."""
+    from orchestration.dispatch import drain
+
+    drain()
 
 
 @worker_process_shutdown.connect

@@ -164,7 +164,9 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # appends are fenced, its message comes back later as a no-op). Said explicitly because
 # Celery 6 changes the default.
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
-# Unacked messages return to the queue after this: longer than any step's hard limit.
+# Unacked messages return to the queue after this. A step's message is acknowledged once the
+# step is claimed (its lease protects it from then on), so only a dispatcher that died
+# between fetching and claiming waits this long.
 CELERY_VISIBILITY_TIMEOUT_S = env_int("CELERY_VISIBILITY_TIMEOUT_S", 120)
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": CELERY_VISIBILITY_TIMEOUT_S,
@@ -173,11 +175,13 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     # Celery's queues and bookkeeping live beside our keys, under the same prefix.
     "global_keyprefix": f"{KEY_PREFIX}:celery:",
 }
-# A step holds its process for the whole model call: size for calls in flight, not for CPUs.
-CELERY_WORKER_CONCURRENCY = env_int("CELERY_WORKER_CONCURRENCY", 8)
-# prefork enforces Celery's hard time limit (it kills a stuck child); "threads" skips the
-# parent/child hand-off per task, but only the run's own deadline and the sweeper bound it.
-CELERY_WORKER_POOL = env_str("CELERY_WORKER_POOL", "prefork")
+# Pool threads dispatch steps to the process's model-call runtime (workers/runtime.py) and
+# return once a step is claimed: a few suffice, since none waits on a model. They also bound
+# prefetch: a full runtime parks them, so the worker stops taking messages.
+CELERY_WORKER_CONCURRENCY = env_int("CELERY_WORKER_CONCURRENCY", 4)
+# "threads": dispatchers share the process, and so its runtime and its connections; the
+# model calls themselves run on the runtime's event loop whatever the pool.
+CELERY_WORKER_POOL = env_str("CELERY_WORKER_POOL", "threads")
 # Celery's rate limits are per worker and unused (limits are global, in Redis); checking
 # them costs the consumer time on every task.
 CELERY_WORKER_DISABLE_RATE_LIMITS = True
@@ -282,9 +286,17 @@ SWITCHBOARD = {
     # A claimed step's lease: a worker that stops renewing it for this long is taken for
     # dead and the sweeper redelivers the step to another worker.
     "RUN_LEASE_S": env_float("SWITCHBOARD_RUN_LEASE_S", 5.0),
-    # How often a step in a model call checks that its run still needs it: a cancelled
-    # run's call is abandoned within this, freeing the worker process.
-    "CANCEL_CHECK_S": env_float("SWITCHBOARD_CANCEL_CHECK_S", 0.5),
+    # The model-call runtime of each worker process (workers/runtime.py): calls in flight at
+    # most (past it the worker stops taking messages, so queues grow in Redis, not here).
+    "WORKER_MAX_CALLS": env_int("SWITCHBOARD_WORKER_MAX_CALLS", 5_000),
+    # Threads for blocking work beside the event loop: Python steps and blocking backends.
+    "WORKER_THREADS": env_int("SWITCHBOARD_WORKER_THREADS", 32),
+    # A loop that has not turned for this long is wedged by blocking code: the worker exits
+    # and its steps are redelivered (what Celery's hard time limit did for a stuck task).
+    "WORKER_LOOP_STALL_S": env_float("SWITCHBOARD_WORKER_LOOP_STALL_S", 30.0),
+    # On SIGTERM, how long calls in flight may finish before the rest are handed to other
+    # workers (and their replies restart there).
+    "WORKER_DRAIN_S": env_float("SWITCHBOARD_WORKER_DRAIN_S", 10.0),
     # A reply's pieces are appended in deltas of up to this many characters, so a fast
     # model does not cost a Redis write and a frame per token (0: one delta per piece).
     "DELTA_FLUSH_CHARS": env_int("SWITCHBOARD_DELTA_FLUSH_CHARS", 64),

@@ -21,6 +21,14 @@ STREAM_CHANNEL_PREFIX = f"{PREFIX}:{_DATABASE}:e:"
 # Pub/sub channel: a tenant was changed by an operator (disabled, secret rotated, ...); every
 # gateway listens and re-checks that tenant's open connections (realtime/control.py).
 TENANT_CONTROL = f"{PREFIX}:{_DATABASE}:tenants"
+# Pub/sub channel per worker process (+ its "host:pid" id, the run hash's `worker`): a run it
+# holds was ended by someone else (cancel, deadline sweep), so it stops the model call now
+# instead of at its next lease renewal (orchestration/inflight.py).
+WORKER_STOP_PREFIX = f"{PREFIX}:{_DATABASE}:stop:"
+
+
+def worker_stop_channel(worker: str) -> str:
+    return f"{WORKER_STOP_PREFIX}{worker}"
 
 
 def stream_seq(tenant: str, stream: str) -> str:

@@ -214,14 +214,15 @@ return {1, seq}
 # ARGV: channel, prefix, text_prefix, suffix, maxlen, owner_token ('' = any owner: sweeper),
 #       status, run_id, finished_ttl_s, trigger_message ('' = no agent subscribes),
 #       history_head ('' = history off: history/records.py outbox_head), history_max,
-#       problem_entry ('' = not failed nor degraded), problems_max
+#       problem_entry ('' = not failed nor degraded), problems_max, worker_stop_prefix
 # Returns {1, seq}; {0, existing_seq} already finished; {-2, owner} fenced; {-1, ''} no run.
 FINALIZE_RUN = (
     """
 local seq_key, log_key, run_key = KEYS[1], KEYS[2], KEYS[3]
 local text_key, deadlines_key, leases_key = KEYS[4], KEYS[5], KEYS[6]
 local channel, prefix, text_prefix, tail, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local run = redis.call('HMGET', run_key, 'status', 'owner', 'done_seq')
+local worker_stop_prefix = ARGV[15]
+local run = redis.call('HMGET', run_key, 'status', 'owner', 'done_seq', 'worker')
 if not run[1] then
   redis.call('ZREM', deadlines_key, ARGV[8])
   redis.call('ZREM', leases_key, ARGV[8])
@@ -234,6 +235,11 @@ local suffix = text_prefix .. '"' .. (redis.call('GET', text_key) or '') .. '"' 
     + _APPEND
     + """
 redis.call('HSET', run_key, 'status', 'done', 'final_status', ARGV[7], 'done_seq', seq)
+-- Ended by someone other than its owner (a cancel, the deadline sweep) while a worker holds
+-- it: that worker hears at once and stops the model call (orchestration/inflight.py).
+if ARGV[6] == '' and run[1] == 'running' and run[4] and worker_stop_prefix ~= '' then
+  redis.call('PUBLISH', worker_stop_prefix .. run[4], ARGV[8])
+end
 -- Flow control: the run no longer counts as in flight, nor as queued if never claimed.
 local counted = redis.call('HMGET', run_key, 'inflight_key', 'queued_key')
 if counted[1] then redis.call('ZREM', counted[1], ARGV[8]) end
@@ -341,18 +347,62 @@ return 1
 """
 )
 
-# A step handed the run to its next step's task: nobody holds the run until that task claims
-# it. A message waiting in the queue is safe in Redis, so a queued run has no lease.
-# KEYS: run, run_leases   ARGV: owner_token, run_id
-# Returns 1, or 0 when the caller no longer owns the run.
+# A step hands the run to a step's task: nobody holds the run until that task claims it. A
+# message waiting in the queue is safe in Redis, so a queued run has no lease. Used for the
+# next step of a pipeline and by a worker that drains on shutdown to hand its unfinished
+# step to another worker at once (the same step again; its claim restarts the reply).
+# KEYS: run, run_leases, celery_queue
+# ARGV: owner_token, run_id, celery_message ('' = the caller enqueues after)
+# Returns 1, or 0 when the caller no longer owns the run (nothing is written or queued).
 HAND_OVER = """
-local run = redis.call('HMGET', KEYS[1], 'status', 'owner')
-if run[1] ~= 'running' or run[2] ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'queued')
-redis.call('HDEL', KEYS[1], 'owner', 'lease')
-redis.call('ZREM', KEYS[2], ARGV[2])
+local run_key, leases_key, queue_key = KEYS[1], KEYS[2], KEYS[3]
+local owner, run_id, message = ARGV[1], ARGV[2], ARGV[3]
+local run = redis.call('HMGET', run_key, 'status', 'owner')
+if run[1] ~= 'running' or run[2] ~= owner then return 0 end
+redis.call('HSET', run_key, 'status', 'queued')
+redis.call('HDEL', run_key, 'owner', 'lease')
+redis.call('ZREM', leases_key, run_id)
+if message ~= '' then redis.call('LPUSH', queue_key, message) end
 return 1
 """
+
+# A retried or redelivered model call after the reply already streamed part of an earlier
+# attempt: that text is void (a model is not deterministic; two outputs must never be
+# spliced). Appends `reply.restart`, then, when earlier steps of the pipeline streamed text
+# (the first `keep_chars` of the reply), that text again as a delta at offset 0, and leaves
+# the reply holding just it. Written only by the current owner.
+# KEYS: seq, log, run, run_text, run_leases
+# ARGV: channel, restart_prefix, restart_suffix, maxlen, owner_token, keep_chars,
+#       keep_fragment (the kept text as a JSON string fragment), delta_prefix,
+#       delta_suffix ('' = nothing kept), lease_s, grace_s, run_id
+# Returns {1, seq of the last event}; {-1, status} finished or gone; {-2, owner} fenced.
+RESTART_REPLY = (
+    _RUN_LEASE
+    + """
+local seq_key, log_key, run_key, text_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local channel, maxlen, owner = ARGV[1], ARGV[4], ARGV[5]
+local run = redis.call('HMGET', run_key, 'status', 'owner', 'deadline')
+if (not run[1]) or run[1] == 'done' then return {-1, run[1] or 'missing'} end
+if run[1] ~= 'running' or run[2] ~= owner then return {-2, run[2] or ''} end
+redis.call('SET', text_key, ARGV[7])
+redis.call('HSET', run_key, 'emitted', tonumber(ARGV[6]), 'step_base', tonumber(ARGV[6]))
+redis.call('HINCRBY', run_key, 'restarts', 1)
+set_lease(run_key, KEYS[5], ARGV[12], now + tonumber(ARGV[10]))
+keep_run(run_key, text_key, run[3], ARGV[11])
+local prefix, suffix = ARGV[2], ARGV[3]
+"""
+    + _APPEND
+    + """
+if ARGV[9] ~= '' then
+  local prefix, suffix = ARGV[8], ARGV[9]
+"""
+    + _APPEND
+    + """
+  return {1, seq}
+end
+return {1, seq}
+"""
+)
 
 # A step whose lease ran out: its worker died or stalled. Enqueue the same step again,
 # fence the lost owner and leave the run queued, without a lease, until the new attempt

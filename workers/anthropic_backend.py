@@ -1,6 +1,6 @@
 """A model backend speaking Anthropic's Messages API with streaming (server-sent events).
 
-The same client, timeouts, cancellation and error classification as the OpenAI-compatible
+The same aiohttp client, cancellation and error classification as the OpenAI-compatible
 backend (workers/openai_backend.py), which this subclasses; only the request and the event
 format differ. One POST to `{base_url}/messages` with `"stream": true`; each
 `content_block_delta` event's `text_delta` is yielded as a piece, until `message_stop`.
@@ -13,10 +13,10 @@ SWITCHBOARD_ANTHROPIC_API_KEY_ENV (the NAME of the variable holding the key, sen
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx2
+import aiohttp
 
 from workers.backends import ModelError, ModelRequest
 from workers.openai_backend import (
@@ -56,15 +56,15 @@ class AnthropicBackend(OpenAIBackend):
         body.update({k: v for k, v in options.items() if k not in UNSUPPORTED_OPTIONS})
         return f"{base_url}/messages", headers, body
 
-    def pieces(self, response: httpx2.Response) -> Iterator[str]:
+    def pieces(self, response: aiohttp.ClientResponse) -> AsyncIterator[str]:
         return _pieces(response)
 
 
-def _pieces(response: httpx2.Response) -> Iterator[str]:
+async def _pieces(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
     """Text pieces of a Messages stream; ModelError if it ends without `message_stop` or
     carries an `error` event."""
     finished = False
-    for name, payload in sse_events(response):
+    async for name, payload in sse_events(response):
         event = _json_event(payload)
         kind = event.get("type") or name
         if kind == "content_block_delta":

@@ -1,22 +1,28 @@
-"""Model backends behind one small interface: a stream of text pieces, or a ModelError.
+"""Model backends behind one small interface: an async stream of text pieces, or a ModelError.
 
-A backend honours `deadline` (time.monotonic()) itself: it must not block past it, so a
-stalled model is abandoned when its soft limit runs out rather than left hanging. It also
-honours `request.cancelled`: once that event is set (the run was cancelled, finished by
-someone else or taken over by a newer attempt) it stops waiting at once and raises
-ModelCancelled (or simply stops yielding), so the worker is free again in moments rather
-than at the call's soft limit. Wait with `request.cancelled.wait(seconds)`, never
-`time.sleep`.
+Backends run on the worker's model-call runtime (workers/runtime.py): one asyncio event loop
+per worker process holding thousands of calls at once, so a backend must never block the
+loop. `astream(request)` is an async iterator of pieces. The runtime bounds it in time (the
+step's soft limit and the run's deadline, as asyncio timeouts) and stops it by cancelling
+its task (a cancelled run, a run taken over by a newer attempt, a worker draining); a
+backend only has to let `asyncio.CancelledError` through and close what it opened, which
+`async with` does.
+
+A backend that only has a blocking `stream(request, deadline)` iterator (the interface of
+earlier versions) still works: it runs in the runtime's thread pool, and must then honour
+`deadline` (time.monotonic()) and `request.cancelled` itself, waiting with
+`request.cancelled.wait(seconds)`, never `time.sleep`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 class ModelError(Exception):
@@ -50,8 +56,8 @@ class ModelRequest:
     prompt: str
     options: dict[str, Any] = field(default_factory=dict)
     attempt: int = 1
-    # Set by the step's lease keeper when the run stops needing this call (cancelled,
-    # ended by the sweeper, or fenced by a newer attempt). Backends must honour it.
+    # Set when the run stops needing this call (cancelled, ended by the sweeper, fenced by a
+    # newer attempt): what a blocking `stream` backend watches. Async backends are cancelled.
     cancelled: threading.Event = field(default_factory=threading.Event, compare=False)
     # The tenant's overrides for this agent (admin): the NAME of the variable holding its
     # API key, and its endpoint. Empty: the backend's own configuration.
@@ -59,7 +65,15 @@ class ModelRequest:
     base_url: str = ""
 
 
+@runtime_checkable
 class ModelBackend(Protocol):
+    name: str
+
+    def astream(self, request: ModelRequest) -> AsyncIterator[str]: ...
+
+
+@runtime_checkable
+class BlockingModelBackend(Protocol):
     name: str
 
     def stream(self, request: ModelRequest, deadline: float) -> Iterator[str]: ...
@@ -77,49 +91,93 @@ def split_evenly(text: str, pieces: int) -> list[str]:
     return parts
 
 
-def _sleep_until(moment: float, deadline: float, cancelled: threading.Event) -> None:
-    """Wait until `moment`, or until the deadline (ModelTimeout) if that comes first; a
-    cancellation ends the wait at once (ModelCancelled)."""
-    until = min(moment, deadline)
-    delay = until - time.monotonic()
-    if cancelled.wait(delay) if delay > 0 else cancelled.is_set():
-        raise ModelCancelled()
-    if moment > deadline:
-        raise ModelTimeout()
+async def _sleep_until(moment: float) -> None:
+    delay = moment - time.monotonic()
+    if delay > 0:
+        await asyncio.sleep(delay)
 
 
 class SimulatedBackend:
     """Echoes the prompt, shaped by options so load and failure can be rehearsed:
     `latency_ms` before the first piece, `chunks` pieces, `chunk_delay_ms` between pieces,
     `fail` "error" (a transient error on every attempt), "error_once" (only on the first
-    attempt) or "timeout" (stalls). Every wait is bounded by the call's deadline and ends
-    at once when the request is cancelled."""
+    attempt) or "timeout" (stalls until the runtime's soft limit ends the call). A waiting
+    call is a sleeping coroutine: it costs the worker nothing but a timer."""
 
     name = "simulated"
     MAX_CHUNKS = 1000
     MAX_LATENCY_MS = 600_000
     MAX_CHUNK_DELAY_MS = 600_000
 
-    def stream(self, request: ModelRequest, deadline: float) -> Iterator[str]:
+    async def astream(self, request: ModelRequest) -> AsyncIterator[str]:
         options = request.options
         latency_ms = _bounded_int(options.get("latency_ms"), 0, 0, self.MAX_LATENCY_MS)
         chunks = _bounded_int(options.get("chunks"), 4, 1, self.MAX_CHUNKS)
         chunk_delay_ms = _bounded_int(options.get("chunk_delay_ms"), 0, 0, self.MAX_CHUNK_DELAY_MS)
         fail = options.get("fail")
-        cancelled = request.cancelled
         start = time.monotonic()
         if fail == "timeout":
-            _sleep_until(float("inf"), deadline, cancelled)
+            await asyncio.Event().wait()
         if fail == "error" or (fail == "error_once" and request.attempt <= 1):
             raise ModelError("simulated model error", transient=True)
         first = start + latency_ms / 1000
-        _sleep_until(first, deadline, cancelled)
+        await _sleep_until(first)
         for index, piece in enumerate(split_evenly(request.prompt, chunks)):
             if index and chunk_delay_ms:
                 # Scheduled from the first piece, not from the previous yield, so time the
                 # consumer spends between pieces does not stretch the whole reply.
-                _sleep_until(first + index * chunk_delay_ms / 1000, deadline, cancelled)
+                await _sleep_until(first + index * chunk_delay_ms / 1000)
             yield piece
+
+
+async def blocking_stream(
+    backend: BlockingModelBackend, request: ModelRequest, deadline: float
+) -> AsyncIterator[str]:
+    """A blocking `stream` backend's pieces, read in the loop's default executor (the
+    runtime's bounded thread pool) and handed to the loop one by one. Leaving early (a
+    cancel, a timeout) sets `request.cancelled`, which such a backend must watch."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def hand(kind: str, value: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(pieces.put_nowait, (kind, value))
+        except RuntimeError:  # the loop has closed: nobody is waiting any more
+            pass
+
+    def produce() -> None:
+        try:
+            for piece in backend.stream(request, deadline):
+                if request.cancelled.is_set():
+                    return
+                hand("piece", piece)
+        except BaseException as error:  # re-raised in the loop, where the step handles it
+            hand("error", error)
+        finally:
+            hand("end", None)
+
+    producer = loop.run_in_executor(None, produce)
+    try:
+        while True:
+            kind, value = await pieces.get()
+            if kind == "piece":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+    finally:
+        request.cancelled.set()
+        producer.cancel()
+
+
+def open_stream(
+    backend: ModelBackend | BlockingModelBackend, request: ModelRequest, deadline: float
+) -> AsyncIterator[str]:
+    """The call's pieces, whichever interface the backend has."""
+    if isinstance(backend, ModelBackend):
+        return backend.astream(request)
+    return blocking_stream(backend, request, deadline)
 
 
 def _bounded_int(value: Any, default: int, low: int, high: int) -> int:
@@ -128,7 +186,7 @@ def _bounded_int(value: Any, default: int, low: int, high: int) -> int:
     return int(min(max(value, low), high))
 
 
-_backends: dict[str, ModelBackend] = {"simulated": SimulatedBackend()}
+_backends: dict[str, ModelBackend | BlockingModelBackend] = {"simulated": SimulatedBackend()}
 
 
 # Backends built on first use, from settings, in the process that uses them (after a
@@ -140,7 +198,7 @@ _factories: dict[str, str] = {
 _factory_lock = threading.Lock()
 
 
-def get_backend(name: str) -> ModelBackend:
+def get_backend(name: str) -> ModelBackend | BlockingModelBackend:
     try:
         return _backends[name]
     except KeyError:
@@ -153,5 +211,7 @@ def get_backend(name: str) -> ModelBackend:
         return _backends[name]
 
 
-def register_backend(backend: ModelBackend) -> None:
+def register_backend(backend: ModelBackend | BlockingModelBackend) -> None:
+    if not isinstance(backend, (ModelBackend, BlockingModelBackend)):
+        raise TypeError(f"{backend!r} has neither astream(request) nor stream(request, deadline)")
     _backends[backend.name] = backend

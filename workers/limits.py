@@ -6,7 +6,8 @@ Configured per backend name in `SWITCHBOARD["BACKEND_LIMITS"]`, e.g.
 bucket holds one minute's worth (a provider's per-minute quota may be spent at once) and
 refills at a sixtieth of it a second. A call costs one request and its estimated tokens.
 
-The parts here are pure except `BackendBudget.take`, one script call per bucket.
+The parts here are pure except `BackendBudget.take`, one script call per bucket (awaited on
+the worker's model-call runtime).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from realtime import keys
-from realtime.buckets import NEVER, Bucket, SyncBuckets
+from realtime.buckets import NEVER, AsyncBuckets, Bucket
 
 # Rough characters per token of English text; only an estimate of what a call will cost.
 CHARS_PER_TOKEN = 4
@@ -98,7 +99,7 @@ class BackendBudget:
 
     def __init__(
         self,
-        buckets: SyncBuckets,
+        buckets: AsyncBuckets,
         backend: str,
         limit: BackendLimit,
         prompt: str,
@@ -111,12 +112,12 @@ class BackendBudget:
             for bucket, unit in buckets_for(backend, limit, kind)
         ]
 
-    def take(self) -> int:
+    async def take(self) -> int:
         """0 when every bucket is paid; else ms until the first unpaid one could be (NEVER:
         it cannot be, e.g. a prompt estimated above a whole minute's tokens)."""
         while self._unpaid:
             bucket, cost = self._unpaid[0]
-            wait_ms = self._buckets.take([bucket], cost)
+            wait_ms = await self._buckets.take([bucket], cost)
             if wait_ms != 0:
                 return wait_ms
             self._unpaid.pop(0)

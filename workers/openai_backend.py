@@ -8,10 +8,13 @@ One POST to `{base_url}/chat/completions` with `"stream": true`; each `data:` ev
 - **Secrets.** The API key is read from the environment variable named in the
   configuration, at each call; the key itself is never in settings or the database. No
   variable configured, or an empty one: no `Authorization` header (local servers need none).
-- **Time.** Every network wait is bounded by the call's `deadline`, and a watcher thread
-  aborts the connection when the deadline passes or `request.cancelled` is set, so a
-  stalled or cancelled call frees its worker at once and the server sees the connection
-  closed.
+- **Runtime.** aiohttp on the worker's event loop (workers/runtime.py): a call waiting on
+  the model is a socket and a suspended coroutine, so one process holds thousands. aiohttp,
+  not httpx2's async client, because it costs about a fourteenth of the CPU and under half
+  the memory per held stream (docs/performance.md, "Holding model streams").
+- **Time.** The runtime bounds each call by its soft limit and the run's deadline and stops
+  it by cancelling it, so a stalled or cancelled call closes its connection at once and the
+  server sees it closed.
 - **Errors.** 408, 429, 5xx, connection failures, a connection lost mid-stream and a
   stalled stream are transient (`ModelError.transient`); any other 4xx, a malformed reply
   or missing configuration are permanent. The provider's Retry-After (or retry-after-ms),
@@ -20,18 +23,17 @@ One POST to `{base_url}/chat/completions` with `"stream": true`; each `data:` ev
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import os
-import socket
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import httpx2
+import aiohttp
 
-from workers.backends import ModelCancelled, ModelError, ModelRequest, ModelTimeout
+from workers.backends import ModelError, ModelRequest
 
 # Request options a run may pass through to the provider, with the types each accepts;
 # anything else in the run's options is not sent (they come from clients).
@@ -50,8 +52,8 @@ MAX_RETRY_AFTER_S = 3600.0
 
 
 class OpenAIBackend:
-    """Streams chat completions from an OpenAI-compatible server. Thread-safe: one
-    connection pool per process, shared by the calls in it."""
+    """Streams chat completions from an OpenAI-compatible server. One aiohttp session (and
+    connection pool) per event loop, shared by the calls on it."""
 
     name = "openai"
 
@@ -63,21 +65,40 @@ class OpenAIBackend:
         *,
         connect_timeout_s: float = 5.0,
         name: str = "openai",
-        transport: httpx2.BaseTransport | None = None,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key_env = api_key_env
         self.connect_timeout_s = connect_timeout_s
-        # No redirects: a compatible server does not redirect an API call, and following
-        # one could send the key elsewhere.
-        self._client = httpx2.Client(follow_redirects=False, transport=transport)
+        self._sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
 
-    def close(self) -> None:
-        self._client.close()
+    def _session(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        session = self._sessions.get(loop)
+        if session is None or session.closed:
+            # No pool cap here: the runtime bounds calls in flight, and a cap would queue
+            # calls inside aiohttp, out of sight of the soft limits' accounting.
+            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+            session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s),
+            )
+            self._sessions = {
+                known: open_session
+                for known, open_session in self._sessions.items()
+                if not known.is_closed()
+            }
+            self._sessions[loop] = session
+        return session
 
-    def stream(self, request: ModelRequest, deadline: float) -> Iterator[str]:
+    async def aclose(self) -> None:
+        loop = asyncio.get_running_loop()
+        session = self._sessions.pop(loop, None)
+        if session is not None:
+            await session.close()
+
+    async def astream(self, request: ModelRequest) -> AsyncIterator[str]:
         model = request.model or self.model
         if not model:
             raise ModelError(f"{self.name} backend: no model configured", False)
@@ -90,46 +111,32 @@ class OpenAIBackend:
             )
         base_url = (request.base_url or self.base_url).rstrip("/")
         url, headers, body = self.build_request(base_url, model, key, request)
-        left = deadline - time.monotonic()
-        if request.cancelled.is_set():
-            raise ModelCancelled()
-        if left <= 0:
-            raise ModelTimeout(transient=True)
-        timeout = httpx2.Timeout(left, connect=min(self.connect_timeout_s, left))
-        abort = _Abort(request.cancelled, deadline)
+        finished = False
         try:
-            with self._client.stream(
-                "POST",
-                url,
-                json=body,
-                headers=headers,
-                timeout=timeout,
+            # No redirects: a compatible server does not redirect an API call, and following
+            # one could send the key elsewhere.
+            async with self._session().post(
+                url, json=body, headers=headers, allow_redirects=False
             ) as response:
-                abort.watch(response)
-                if response.status_code != 200:
-                    raise _status_error(response)
-                yield from self.pieces(response)
+                try:
+                    if response.status != 200:
+                        raise await _status_error(response)
+                    async for piece in self.pieces(response):
+                        yield piece
+                    finished = True
+                finally:
+                    if not finished:
+                        # Cancelled, timed out or failed mid-body: close the connection so
+                        # the provider stops generating, rather than return it to the pool.
+                        response.close()
         except ModelError:
-            if abort.reason:
-                raise abort.error() from None
             raise
-        except httpx2.TimeoutException as error:
-            if abort.reason == "cancelled":
-                raise ModelCancelled() from None
-            raise ModelTimeout(
-                f"model call passed its soft time limit ({type(error).__name__})", transient=True
-            ) from None
-        except (httpx2.TransportError, OSError) as error:
-            if abort.reason:
-                raise abort.error() from None
+        except (aiohttp.ClientError, OSError) as error:
+            # Refused, reset, cut mid-body, or no connection within connect_timeout_s.
             raise ModelError(f"connection to the model failed: {error!r}", True) from None
-        except Exception:
-            # Whatever a connection torn down under a read raises (after an abort).
-            if abort.reason:
-                raise abort.error() from None
-            raise
-        finally:
-            abort.stop()
+        except ValueError as error:
+            # aiohttp's line reader refuses a line past its buffer: not a stream we can read.
+            raise ModelError(f"model stream unreadable: {error}", False) from None
 
     def build_request(
         self, base_url: str, model: str, key: str, request: ModelRequest
@@ -146,7 +153,7 @@ class OpenAIBackend:
         body.update(passed_options(request.options))
         return f"{base_url}/chat/completions", headers, body
 
-    def pieces(self, response: httpx2.Response) -> Iterator[str]:
+    def pieces(self, response: aiohttp.ClientResponse) -> AsyncIterator[str]:
         return _pieces(response)
 
 
@@ -161,10 +168,11 @@ def passed_options(options: dict[str, Any]) -> dict[str, Any]:
     return passed
 
 
-def sse_events(response: httpx2.Response) -> Iterator[tuple[str, str]]:
+async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, str]]:
     """(event name, data) of each server-sent event of the response, in order."""
     name, data = "", []
-    for line in response.iter_lines():
+    async for raw in response.content:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
         if line.startswith("data:"):
             data.append(line[5:].removeprefix(" "))
         elif line.startswith("event:"):
@@ -174,11 +182,11 @@ def sse_events(response: httpx2.Response) -> Iterator[tuple[str, str]]:
             name, data = "", []
 
 
-def _pieces(response: httpx2.Response) -> Iterator[str]:
+async def _pieces(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
     """The content pieces of an SSE chat-completion stream; ModelError if it ends without
     `[DONE]` (or a finish_reason) or carries an error."""
     finished = False
-    for _, payload in sse_events(response):
+    async for _, payload in sse_events(response):
         if payload.strip() == "[DONE]":
             # Read on to the body's end (its last chunk, at once) so the connection goes
             # back to the pool for the next call rather than being closed.
@@ -209,16 +217,12 @@ def _json_event(payload: str) -> dict[str, Any]:
     return event
 
 
-def _status_error(response: httpx2.Response) -> ModelError:
-    status = response.status_code
-    raw = b""
+async def _status_error(response: aiohttp.ClientResponse) -> ModelError:
+    status = response.status
     try:
-        for chunk in response.iter_bytes():
-            raw += chunk
-            if len(raw) >= MAX_ERROR_BODY:
-                break
-    except httpx2.HTTPError:
-        pass
+        raw = await response.content.read(MAX_ERROR_BODY)
+    except (aiohttp.ClientError, OSError):
+        raw = b""
     text = raw[:MAX_ERROR_BODY].decode("utf-8", "replace")
     try:
         message = _error_message(json.loads(text))
@@ -239,7 +243,7 @@ def _error_message(body: Any) -> str:
     return str(error or body)[:300]
 
 
-def retry_after(headers: httpx2.Headers) -> float | None:
+def retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds the provider asks to wait: `retry-after-ms`, else `Retry-After` in seconds
     or as an HTTP date; None when absent or unreadable. Capped at an hour."""
     seconds: float | None = None
@@ -260,54 +264,6 @@ def retry_after(headers: httpx2.Headers) -> float | None:
     if seconds is None or seconds != seconds:  # NaN
         return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
-
-
-class _Abort:
-    """Watches a call from a thread: when `cancelled` is set or the deadline passes, shuts
-    the response's socket down, which wakes the read blocked on it and tells the server."""
-
-    def __init__(self, cancelled: threading.Event, deadline: float) -> None:
-        self.cancelled = cancelled
-        self.deadline = deadline
-        self.reason: str | None = None
-        self._done = False
-        self._lock = threading.Lock()
-
-    def watch(self, response: httpx2.Response) -> None:
-        stream = response.extensions.get("network_stream")
-        sock = stream.get_extra_info("socket") if stream is not None else None
-        threading.Thread(target=self._run, args=(sock,), name="openai-watch", daemon=True).start()
-
-    def _run(self, sock: socket.socket | None) -> None:
-        while True:
-            # Woken at once by a cancellation; at the latest every 0.1 s to see the end.
-            self.cancelled.wait(min(max(self.deadline - time.monotonic(), 0), 0.1))
-            with self._lock:
-                if self._done:
-                    return
-                if self.cancelled.is_set():
-                    self.reason = "cancelled"
-                elif time.monotonic() >= self.deadline:
-                    self.reason = "deadline"
-                else:
-                    continue
-                if sock is not None:
-                    try:
-                        # The plain socket's shutdown, also under TLS: it wakes a blocked
-                        # read at once (close() alone would not) and sends the server a FIN.
-                        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-                return
-
-    def stop(self) -> None:
-        with self._lock:
-            self._done = True
-
-    def error(self) -> ModelError:
-        if self.reason == "cancelled":
-            return ModelCancelled()
-        return ModelTimeout("model call passed its soft time limit (stalled)", transient=True)
 
 
 def from_settings() -> OpenAIBackend:

@@ -13,8 +13,9 @@ What it does is chosen per request by the model name, read as a query string:
 `fail_first=N` makes a failure (a status, a stall, a disconnect) happen only to the first N
 calls with the same model and prompt; later ones stream as "stream" would, with the same
 pieces, delay and text: "status=429&retry_after=1&fail_first=1" answers 429 once, then
-streams. Parameters the fake does not know are ignored, so a test can make a model name
-its own ("stream?tag=mine").
+streams. `retry_text=T` makes those later calls stream T instead, as a model that answers
+differently when asked again. Parameters the fake does not know are ignored, so a test can
+make a model name its own ("stream?tag=mine").
 
 Every request is recorded (`server.calls`) with when it started, the pieces sent and how
 it ended: "completed", "client_closed" (the client went away before the end),
@@ -86,6 +87,9 @@ class Behaviour:
     retry_after: str | None = None
     done: bool = True
     fail_first: int | None = None
+    # What calls past `fail_first` answer instead of the prompt: a model that answers
+    # differently when asked again, as a real one does.
+    retry_text: str | None = None
 
     @classmethod
     def parse(cls, model: str) -> Behaviour:
@@ -103,6 +107,7 @@ class Behaviour:
             retry_after=params.get("retry_after"),
             done=params.get("done", "1") != "0",
             fail_first=int(params["fail_first"]) if "fail_first" in params else None,
+            retry_text=params.get("retry_text"),
         )
 
     def for_call(self, nth: int) -> Behaviour:
@@ -110,7 +115,8 @@ class Behaviour:
         calls, a plain stream."""
         if self.fail_first is None or nth <= self.fail_first:
             return self
-        return replace(self, kind="stream", status=200, retry_after=None)
+        text = self.retry_text if self.retry_text is not None else self.text
+        return replace(self, kind="stream", status=200, retry_after=None, text=text)
 
 
 class ClientGone(Exception):

@@ -68,12 +68,25 @@ def reply_text(deltas: list[Event], done: Event) -> str:
 
 
 def split_run(events: list[Event], message_id: str) -> tuple[list[Event], Event]:
-    """(deltas, done) of one run among a stream's events."""
+    """(deltas, done) of one run among a stream's events: the deltas after its last
+    `reply.restart` (what a client assembles; see `restarts`)."""
     mine = [e for e in events if e["cause"]["message"] == message_id]
-    deltas = [e for e in mine if e["kind"] == "reply.delta"]
     dones = [e for e in mine if e["kind"] == "reply.done"]
     assert len(dones) == 1, dones
+    last_restart = max(
+        (index for index, e in enumerate(mine) if e["kind"] == "reply.restart"), default=-1
+    )
+    deltas = [e for e in mine[last_restart + 1 :] if e["kind"] == "reply.delta"]
     return deltas, dones[0]
+
+
+def restarts(events: list[Event], message_id: str) -> list[Event]:
+    """The `reply.restart` events of one run among a stream's events."""
+    return [
+        e
+        for e in events
+        if e["cause"]["message"] == message_id and e["kind"] == "reply.restart"
+    ]
 
 
 def ts(event: Event) -> datetime:

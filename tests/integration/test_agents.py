@@ -39,6 +39,7 @@ from .support import (
     collect_run,
     collect_until,
     reply_text,
+    restarts,
     split_run,
     ts,
     wait_until,
@@ -169,7 +170,7 @@ async def test_a_429_is_retried_after_the_providers_retry_after(
     assert reply_text(deltas, done) == prompt
 
 
-async def test_a_stream_cut_mid_reply_is_retried_without_duplicating_text(
+async def test_a_stream_cut_mid_reply_restarts_the_reply_and_never_splices_two_answers(
     connect: Connect, provider: FakeOpenAIServer, unique: Callable[[str], str]
 ) -> None:
     client = await connect()
@@ -185,11 +186,17 @@ async def test_a_stream_cut_mid_reply_is_retried_without_duplicating_text(
     cut, retried = await provider_calls(provider, prompt, count=2)
     assert (cut.outcome, retried.outcome) == ("disconnected", "completed")
     assert len(cut.sent) == it.CUT_PIECES_BEFORE
-    # The retry streamed the whole reply again; what the client had already read was
-    # skipped: each piece reached the client once, at contiguous offsets (reply_text).
-    assert retried.text == prompt
+    # The first answer's pieces reached the client, then one reply.restart voided them, and
+    # the second answer (a different text) streamed from offset 0: the reply is the second
+    # answer alone, never the first one's prefix glued to the rest of the second.
+    [restart] = restarts(events, ack["id"])
+    assert restart["data"]["run"] == done["data"]["run"]
+    assert restart["data"]["reason"] == "retry"
+    before = [e for e in events if e["kind"] == "reply.delta" and e["seq"] < restart["seq"]]
+    assert "".join(e["data"]["text"] for e in before) == "".join(cut.sent)
+    assert retried.text == it.CUT_RETRY_TEXT
     assert [delta["data"]["text"] for delta in deltas] == retried.sent
-    assert reply_text(deltas, done) == prompt
+    assert reply_text(deltas, done) == it.CUT_RETRY_TEXT
 
 
 async def test_a_stalled_call_ends_at_its_soft_limit_with_the_fallback(

@@ -29,7 +29,10 @@ from django.conf import settings
 
 from orchestration import agents
 from orchestration.agents import Agent, PythonStep, Step
-from orchestration.runs import RunStore
+from orchestration.inflight import InFlight
+from orchestration.runs import AsyncRunStore, RunStore
+from orchestration.steps import StepOutcome
+from orchestration.steps import execute_step as execute_step_async
 from project.celery import app as celery_app
 from project.launcher import Cluster
 from realtime import keys, redis_clients
@@ -136,6 +139,36 @@ def streams(r: redis.Redis, store_redis_url: str) -> Streams:
 @pytest.fixture
 def runs(r: redis.Redis) -> RunStore:
     return RunStore(r)
+
+
+def execute_step(store: RunStore, run_id: str, step: int, retries: int = 0) -> StepOutcome:
+    """One step as a worker's runtime runs it (orchestration/steps.py), on an event loop of
+    its own, with what a worker runs beside it: the lease renewal and the stop listener."""
+
+    async def main() -> StepOutcome:
+        url = settings.REDIS_URL
+        client = aredis.Redis.from_url(url)
+        listener_client = aredis.Redis.from_url(url)
+        async_store = AsyncRunStore(client, lease_s=store.lease_s)
+        inflight = InFlight(async_store)
+        services = [
+            asyncio.create_task(inflight.keep_leases()),
+            asyncio.create_task(inflight.listen(listener_client)),
+        ]
+        try:
+            # Subscribed before the step starts, so a stop published at once is heard.
+            await asyncio.sleep(0.05)
+            return await asyncio.create_task(
+                execute_step_async(async_store, inflight, run_id, step, retries)
+            )
+        finally:
+            for service in services:
+                service.cancel()
+            await asyncio.gather(*services, return_exceptions=True)
+            await client.aclose()
+            await listener_client.aclose()
+
+    return asyncio.run(main())
 
 
 def log_events(r: redis.Redis, stream: str, tenant: str = TENANT) -> list[dict[str, Any]]:

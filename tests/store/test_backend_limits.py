@@ -18,10 +18,10 @@ from pytest_django.fixtures import Settings
 from orchestration.agents import Agent, Step
 from orchestration.intake import _finalize_cancelled
 from orchestration.runs import RunStore
-from orchestration.services import StepOutcome, execute_step
+from orchestration.steps import StepOutcome
 from realtime import keys
 from realtime.buckets import SyncBuckets
-from tests.store.conftest import Streams, log_events, of_kind
+from tests.store.conftest import Streams, execute_step, log_events, of_kind
 from workers import backends
 from workers.backends import ModelRequest, SimulatedBackend
 from workers.limits import BackendLimit, buckets_for, estimated_tokens

@@ -17,9 +17,9 @@ from pytest_django.fixtures import Settings
 from orchestration.agents import Agent, Step
 from orchestration.intake import _finalize_cancelled
 from orchestration.runs import RunStore
-from orchestration.services import StepOutcome, execute_step
+from orchestration.steps import StepOutcome
 from realtime import keys
-from tests.store.conftest import Streams, log_events, of_kind
+from tests.store.conftest import Streams, execute_step, log_events, of_kind
 from workers.backends import split_evenly
 
 PROMPT = "a reply nobody will wait for"

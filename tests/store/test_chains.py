@@ -13,9 +13,9 @@ import redis
 
 from orchestration.agents import Agent, PythonStep, Step, StepContext
 from orchestration.runs import RunStore
-from orchestration.services import StepOutcome, execute_step
+from orchestration.steps import StepOutcome
 from realtime import keys
-from tests.store.conftest import Streams, log_events, of_kind
+from tests.store.conftest import Streams, execute_step, log_events, of_kind
 from workers import backends
 from workers.backends import ModelError, ModelRequest, ModelTimeout
 

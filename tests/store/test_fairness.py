@@ -18,11 +18,10 @@ from orchestration import agents
 from orchestration.fairness import DeficitRoundRobin, FairQueue
 from orchestration.runs import MAX_REDELIVERIES, RunStore
 from orchestration.services import sweep_expired_leases
-from orchestration.tasks import run_next, run_step
 from realtime import keys
 from realtime.protocol import Send
 from realtime.streams import RUN_STEP_TASK, RUNS_QUEUE, StreamStore
-from tests.store.conftest import CLIENT, Streams, log_events, of_kind
+from tests.store.conftest import CLIENT, Streams, execute_step, log_events, of_kind
 from tests.store.test_leases import queued_steps
 
 
@@ -126,7 +125,7 @@ def test_a_worker_that_dies_between_pick_and_claim_loses_nothing(
     [(args, headers)] = queued_steps(r)
     assert (args, headers["task"]) == ([run_id, 0], RUN_STEP_TASK)
     assert sweep_expired_leases(runs) == 0  # once, however many sweeps
-    run_step.apply(args=args)  # the redelivered step, as a worker runs it
+    execute_step(runs, *args)  # the redelivered step, as a worker runs it
     [done] = of_kind(log_events(r, "room-a", tenant="a"), "reply.done")
     assert (done["data"]["status"], done["data"]["text"]) == ("ok", "hi")
 
@@ -182,16 +181,17 @@ def test_the_tenants_weight_comes_from_the_gateways_cache(
     assert settings.SWITCHBOARD["FAIR_QUEUE"]
 
 
-def test_a_picked_runs_retry_addresses_the_run_not_another_ticket(
-    streams: Streams, r: redis.Redis
+def test_a_picked_runs_retry_stays_with_the_run_and_queues_nothing(
+    streams: Streams, r: redis.Redis, runs: RunStore
 ) -> None:
     [run_id] = accept(streams, "a", 1)
     r.hset(keys.run(run_id), "options", '{"fail": "error_once"}')
     r.delete(keys.celery_queue(RUNS_QUEUE))
-    run_next.apply()  # the ticket: picks the run; its first call fails transiently
-    [(args, headers)] = queued_steps(r)
-    assert (args, headers["task"], headers["retries"]) == ([run_id, 0], RUN_STEP_TASK, 1)
-    assert headers["eta"] is not None  # after the backoff
-    run_step.apply(args=args, retries=1)
+    picked = FairQueue(r).pick(runs.lease_s)  # the ticket: picks the run
+    assert picked.run_id == run_id
+    # Its first call fails transiently; the runtime retries it after the backoff, in place:
+    # no other ticket or message is queued for it.
+    execute_step(runs, run_id, 0)
+    assert queued_steps(r) == []
     [done] = of_kind(log_events(r, "room-a", tenant="a"), "reply.done")
     assert (done["data"]["status"], done["data"]["text"]) == ("ok", "hi")

@@ -20,10 +20,10 @@ from history.records import parse_ts
 from history.tasks import persist_history
 from orchestration.agents import Agent, Step
 from orchestration.runs import RunStore
-from orchestration.services import execute_step, sweep_overdue_runs
+from orchestration.services import sweep_overdue_runs
 from realtime import keys
 from realtime.models import Tenant
-from tests.store.conftest import TENANT, Streams, log_events, of_kind
+from tests.store.conftest import TENANT, Streams, execute_step, log_events, of_kind
 
 pytestmark = pytest.mark.django_db
 

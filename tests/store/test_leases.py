@@ -6,6 +6,7 @@ to make a worker look dead.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import threading
@@ -15,19 +16,16 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aredis
 
 from orchestration.agents import Agent, Step
-from orchestration.runs import MAX_REDELIVERIES, Fenced, LeaseKeeper, RunStore
-from orchestration.services import (
-    StepOutcome,
-    execute_step,
-    hand_over,
-    sweep_expired_leases,
-    sweep_runs,
-)
+from orchestration.inflight import LOST, InFlight
+from orchestration.runs import MAX_REDELIVERIES, AsyncRunStore, Fenced, RunStore
+from orchestration.services import sweep_expired_leases, sweep_runs
+from orchestration.steps import StepOutcome
 from realtime import keys
 from realtime.streams import RUN_RECORD_GRACE_S, RUN_STEP_TASK, RUNS_QUEUE
-from tests.store.conftest import Streams, log_events, of_kind
+from tests.store.conftest import Streams, execute_step, log_events, of_kind
 from workers import backends
 from workers.backends import ModelRequest, split_evenly
 
@@ -270,11 +268,12 @@ def test_a_step_handed_to_the_next_holds_no_lease_and_old_messages_cannot_rerun_
 ) -> None:
     agent = register_agent("two", Step(backend="simulated"), Step(backend="simulated"))
     run_id = started(streams, agent=agent.name, chunks=2)
+    r.delete(QUEUE)
     store = RunStore(r)
-    outcome = execute_step(store, run_id, 0, 0)
-    assert outcome == StepOutcome(next_step=1) and outcome.owner
-    assert r.zscore(keys.RUN_LEASES, run_id) is not None  # until the next task is queued
-    hand_over(store, run_id, outcome)
+    assert execute_step(store, run_id, 0, 0) == StepOutcome(next_step=1)
+    # One script queued the next step and gave up the lease: no moment holds neither.
+    [(args, headers)] = queued_steps(r)
+    assert (args, headers["task"]) == ([run_id, 1], RUN_STEP_TASK)
     assert r.zscore(keys.RUN_LEASES, run_id) is None
     assert field(r, run_id, "status") == "queued"
     assert execute_step(store, run_id, 1, 0) == StepOutcome()
@@ -327,11 +326,7 @@ def wait_for(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
     return result
 
 
-def keeper_threads(run_id: str) -> list[threading.Thread]:
-    return [thread for thread in threading.enumerate() if thread.name == f"lease-{run_id}"]
-
-
-def test_a_silent_model_call_keeps_its_lease_from_the_heartbeat(
+def test_a_silent_model_call_keeps_its_lease_from_the_shared_renewal(
     streams: Streams, r: redis.Redis, stalled: StalledBackend
 ) -> None:
     run_id = started(streams, agent="stalled")
@@ -340,8 +335,8 @@ def test_a_silent_model_call_keeps_its_lease_from_the_heartbeat(
     step.start()
     try:
         stalled.silent.wait(10)
-        first = float(wait_for(lambda: field(r, run_id, "lease"), "the first lease") or 0)
-        # Three lease lengths of silence: the heartbeat renews; the step is never lost.
+        first = float(wait_for(lambda: field(r, run_id, "lease") or 0, "the first lease"))
+        # Three lease lengths of silence: the renewal keeps it; the step is never lost.
         wait_for(lambda: float(field(r, run_id, "lease") or 0) > first + 0.9, "renewals")
         assert field(r, run_id, "redeliveries") is None
         assert sweep_expired_leases(RunStore(r, lease_s=0.3)) == 0
@@ -350,11 +345,10 @@ def test_a_silent_model_call_keeps_its_lease_from_the_heartbeat(
         step.join(timeout=30)
     assert not step.is_alive()
     assert_reply(r, run_id, "ok", PROMPT)
-    assert keeper_threads(run_id) == []  # the heartbeat stopped with the step
 
 
-def test_the_heartbeat_stops_and_writes_nothing_once_the_step_lost_the_run(
-    streams: Streams, r: redis.Redis, stalled: StalledBackend
+def test_a_step_whose_renewal_is_refused_stops_and_writes_nothing_more(
+    streams: Streams, r: redis.Redis, stalled: StalledBackend, caplog: pytest.LogCaptureFixture
 ) -> None:
     run_id = started(streams, agent="stalled")
     store = RunStore(r, lease_s=0.3)
@@ -365,24 +359,51 @@ def test_the_heartbeat_stops_and_writes_nothing_once_the_step_lost_the_run(
         newer = dead(r).claim(run_id, 0)  # another attempt takes over with a 0 s lease
         assert newer is not None
         taken = field(r, run_id, "lease")
-        wait_for(lambda: not keeper_threads(run_id), "the fenced heartbeat to stop")
+        wait_for(lambda: f"step stopped reason={LOST}" in caplog.text, "the step to stop")
         assert field(r, run_id, "lease") == taken  # never renewed the newer owner's lease
         assert field(r, run_id, "owner") == newer.owner
     finally:
         stalled.release.set()
         step.join(timeout=30)
     assert not step.is_alive()
-    # The stalled attempt woke up fenced: it appended nothing after its first piece.
+    # The stalled attempt stopped fenced: it appended nothing after its first piece.
     assert [delta["data"]["text"] for delta in deltas(r)] == [split_evenly(PROMPT, 2)[0]]
     assert of_kind(log_events(r, "room"), "reply.done") == []
 
 
-def test_a_lease_keeper_outside_a_step_stops_when_asked(streams: Streams, r: redis.Redis) -> None:
-    run_id = started(streams)
-    store = RunStore(r, lease_s=0.3)
-    run = store.claim(run_id, 0)
-    assert run is not None
-    with LeaseKeeper(store, run):
-        claimed = float(field(r, run_id, "lease") or 0)
-        wait_for(lambda: float(field(r, run_id, "lease") or 0) > claimed, "a renewal")
-    assert keeper_threads(run_id) == []
+def test_due_leases_are_renewed_in_one_pipeline_and_lost_ones_stopped(
+    streams: Streams, r: redis.Redis, store_redis_url: str
+) -> None:
+    kept_id, lost_id = started(streams), started(streams)
+
+    async def main() -> list[str]:
+        client = aredis.Redis.from_url(store_redis_url)
+        store = AsyncRunStore(client, lease_s=0.3)
+        inflight = InFlight(store)
+        stopped: list[str] = []
+
+        async def hold(run_id: str) -> None:
+            run = await store.claim(run_id, 0)
+            assert run is not None
+            held = inflight.hold(run)
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                stopped.append(f"{run_id}:{held.stop_reason}")
+
+        tasks = [asyncio.create_task(hold(kept_id)), asyncio.create_task(hold(lost_id))]
+        while len(inflight) < 2:
+            await asyncio.sleep(0.01)
+        claimed = float(r.hget(keys.run(kept_id), "lease") or 0)
+        dead(r).claim(lost_id, 0)  # fenced: its renewal will be refused
+        await asyncio.sleep(inflight.every_s)  # both are due now
+        assert await inflight.renew_due() == 1
+        await asyncio.gather(*tasks[1:])
+        renewed = float(r.hget(keys.run(kept_id), "lease") or 0)
+        tasks[0].cancel()
+        await asyncio.gather(tasks[0], return_exceptions=True)
+        await client.aclose()
+        assert renewed > claimed
+        return stopped
+
+    assert asyncio.run(main()) == [f"{lost_id}:{LOST}"]

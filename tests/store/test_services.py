@@ -12,9 +12,10 @@ from django.conf import settings
 
 from orchestration.agents import Agent, Step
 from orchestration.runs import RunStore
-from orchestration.services import StepOutcome, execute_step, sweep_overdue_runs
+from orchestration.services import sweep_overdue_runs
+from orchestration.steps import StepOutcome
 from realtime import keys
-from tests.store.conftest import Streams, log_events, of_kind
+from tests.store.conftest import Streams, execute_step, log_events, of_kind
 from workers import backends
 from workers.backends import ModelError, ModelRequest, split_evenly
 

@@ -16,13 +16,12 @@ import redis
 from orchestration.agents import Agent, On, Step
 from orchestration.enqueue import PUBLISHED_TRIGGER_TASK, TRIGGER_TASK
 from orchestration.runs import RunStore
-from orchestration.services import execute_step
 from orchestration.triggers import start_published_subscribers, start_subscribers
 from realtime import keys
 from realtime.models import Tenant, TenantAgent
 from realtime.streams import RUNS_QUEUE
 from realtime.tenants import tenant_cache
-from tests.store.conftest import TENANT, Streams, log_events, of_kind
+from tests.store.conftest import TENANT, Streams, execute_step, log_events, of_kind
 
 pytestmark = pytest.mark.django_db
 

@@ -25,7 +25,13 @@ FLAKY_PROMPT = "flaky:{message}"
 # it-cut: the connection is dropped after two pieces once, then the prompt streams.
 CUT = "it-cut"
 CUT_PIECES_BEFORE = 2
-CUT_MODEL = f"disconnect?after={CUT_PIECES_BEFORE}&fail_first=1&pieces=4&delay_ms=150"
+# The retry answers differently, as a real model does: the client must never see the two
+# answers spliced.
+CUT_RETRY_TEXT = "a different answer the second time"
+CUT_MODEL = (
+    f"disconnect?after={CUT_PIECES_BEFORE}&fail_first=1&pieces=4&delay_ms=150"
+    f"&retry_text={CUT_RETRY_TEXT.replace(' ', '+')}"
+)
 CUT_PROMPT = "cut:{message}"
 
 # it-stall: one piece, then silence past the step's soft limit; never retried.

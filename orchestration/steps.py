@@ -1,0 +1,527 @@
+"""What a run step does on the model-call runtime: claim, call the model, append, finish.
+
+One coroutine per step (workers/runtime.py runs thousands at once). The order of a step:
+
+1. claim the run in Redis (a fresh owner token and lease) and *admit* itself: the Celery
+   message that brought it may now be acknowledged, since from here the lease protects it;
+2. hold it in `InFlight`, which renews its lease with everyone else's and stops it when the
+   run is ended elsewhere;
+3. if an earlier attempt of this step already streamed text (a retry, a redelivery), void
+   that text with `reply.restart`: a reply is one model output, never a splice of two;
+4. call the model within the step's soft limit and the run's deadline, retrying transient
+   errors with backoff (and the provider's Retry-After) while the run can afford it;
+5. hand the run to its next step's task, or write its one reply.done.
+
+Redis writes ride out a Redis restart: a write that fails on a lost connection is tried
+again with backoff until the run's deadline, and a write whose answer was lost is recognised
+when tried again (an append already made, a run already finished or handed over).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from django.conf import settings
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from orchestration.agents import (
+    Agent,
+    PythonStep,
+    Step,
+    StepContext,
+    UnknownAgent,
+    get_agent,
+    render_prompt,
+)
+from orchestration.coalesce import Coalescer
+from orchestration.inflight import DRAIN, Held, InFlight
+from orchestration.runs import AsyncRunStore, Fenced, Run, RunFinished, StaleOffset
+from realtime import logcontext, metrics
+from workers import limits
+from workers.backends import (
+    ModelError,
+    ModelRequest,
+    ModelTimeout,
+    get_backend,
+    open_stream,
+)
+
+logger = logging.getLogger(__name__)
+
+# Kept back from the run's deadline for the fallback and the reply.done: a call cut off by
+# the deadline still answers `degraded` before the sweeper would end the run `failed`.
+FINISH_RESERVE_S = 0.2
+# How long a claim is retried through a Redis outage before the step gives up and leaves its
+# message to Celery (the run's deadline is unknown until the claim answers).
+CLAIM_RETRY_S = 30.0
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutcome:
+    """How a step ended, for callers and tests: `next_step` queued for the run, or
+    `handed_back` (a draining worker gave its unfinished step to another), or neither (the
+    run finished, or no longer needed this step)."""
+
+    next_step: int | None = None
+    handed_back: bool = False
+
+
+async def execute_step(
+    store: AsyncRunStore,
+    inflight: InFlight,
+    run_id: str,
+    step_index: int,
+    retries_so_far: int = 0,
+    admit: Callable[[Any], None] | None = None,
+) -> StepOutcome:
+    """Run one step of a run to its end. `admit` is called once the step no longer needs
+    its Celery message (claimed, or found to have nothing to do)."""
+    admit = admit or (lambda value: None)
+    run = await _durably(
+        lambda: store.claim(run_id, step_index, retries_so_far), time.time() + CLAIM_RETRY_S
+    )
+    admit(run is not None)
+    if run is None:
+        logger.info("step skipped: run finished or gone run=%s step=%s", run_id, step_index)
+        return StepOutcome()
+    # Log lines of the step name its tenant and message too (within this task's context).
+    logcontext.update(tenant=run.tenant, event=run.message_event)
+    held = inflight.hold(run)
+    step = _Step(store, run, step_index, retries_so_far)
+    try:
+        return await step.execute()
+    except asyncio.CancelledError:
+        if held.stop_reason == DRAIN:
+            return await _hand_back(store, held, step_index)
+        if held.stop_reason:
+            step.abandoned()
+            return StepOutcome()
+        raise
+    except Fenced:
+        logger.warning(
+            "step fenced: a newer attempt owns tenant=%s run=%s step=%s",
+            run.tenant,
+            run_id,
+            step_index,
+        )
+        return StepOutcome()
+    except RunFinished:
+        return StepOutcome()
+    finally:
+        inflight.release(held)
+
+
+async def _hand_back(store: AsyncRunStore, held: Held, step_index: int) -> StepOutcome:
+    """A draining worker gives its unfinished step to another worker at once, rather than
+    leave it until its lease lapses. The new attempt voids what this one streamed."""
+    run = held.run
+    try:
+        handed = await store.hand_over(run, step_index)
+    except Exception:
+        # The lease still lapses and the sweeper redelivers the step: slower, as safe.
+        logger.warning(
+            "could not hand back step tenant=%s run=%s step=%s",
+            run.tenant,
+            run.run_id,
+            step_index,
+            exc_info=True,
+        )
+        return StepOutcome()
+    logger.info(
+        "step handed back on shutdown tenant=%s run=%s step=%s handed=%s",
+        run.tenant,
+        run.run_id,
+        step_index,
+        handed,
+    )
+    return StepOutcome(handed_back=handed)
+
+
+async def _durably(write: Callable[[], Awaitable[T]], until: float) -> T:
+    """A Redis write that rides out a lost connection (a Redis restart): tried again with
+    backoff until `until` (epoch seconds). Every write here is idempotent or fenced."""
+    delay = 0.05
+    while True:
+        try:
+            return await write()
+        except REDIS_ERRORS:
+            if time.time() + delay >= until:
+                raise
+            logger.warning("redis write failed; retrying in %.2fs", delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+class _Step:
+    """One claimed step of one run: the model call and the writes it owes."""
+
+    def __init__(self, store: AsyncRunStore, run: Run, index: int, retries_so_far: int) -> None:
+        self.store = store
+        self.run = run
+        self.index = index
+        self.retries = retries_so_far
+        self.agent: Agent | None = None
+
+    async def execute(self) -> StepOutcome:
+        run = self.run
+        try:
+            agent = self.agent = get_agent(run.agent)
+            step = agent.steps[self.index]
+        except (UnknownAgent, IndexError):
+            await self.finalize("failed", {"reason": "agent not available"})
+            return StepOutcome()
+        if step.visible and run.emitted != run.step_base:
+            await self.restart("redelivered")
+        # Deadline propagation: a call that cannot get its minimum useful time is not started.
+        if self.time_for_call() < step.min_budget_s:
+            return await self.fall_back("deadline")
+        try:
+            context = step_context(run, agent, self.index)
+            prompt = render_prompt(step.prompt, context) if isinstance(step, Step) else ""
+        except Exception:
+            logger.exception(
+                "step's prompt failed tenant=%s run=%s step=%s", run.tenant, run.run_id, self.index
+            )
+            return await self.fall_back("internal")
+        if isinstance(step, PythonStep):
+            return await self.execute_python(step, context)
+        return await self.execute_model(step, prompt)
+
+    # --- model steps -----------------------------------------------------------------------
+
+    async def execute_model(self, step: Step, prompt: str) -> StepOutcome:
+        run = self.run
+        if not await self.take_budgets(step, prompt):
+            return await self.fall_back("rate_limited")
+        while True:
+            if self.time_for_call() < step.min_budget_s:
+                return await self.fall_back("deadline")
+            started = time.monotonic()
+            try:
+                output = await self.call_model(step, prompt)
+            except ModelError as error:
+                elapsed = time.monotonic() - started
+                logger.warning(
+                    "model call failed tenant=%s run=%s step=%s attempt=%s transient=%s "
+                    "after=%.3fs: %s",
+                    run.tenant,
+                    run.run_id,
+                    self.index,
+                    self.retries + 1,
+                    error.transient,
+                    elapsed,
+                    error,
+                )
+                # A call that ran out its soft limit has had the step's time: the fallback
+                # now, not another attempt, so the client waits at most the soft limit.
+                spent = isinstance(error, ModelTimeout)
+                if error.transient and not spent and self.retries < step.max_retries:
+                    # The provider's Retry-After, when it gave one, is the least wait.
+                    backoff = max(_backoff_s(self.retries), error.retry_after_s or 0.0)
+                    if self.time_for_call() > backoff + step.min_budget_s:
+                        self.called(step, "error", started)
+                        await asyncio.sleep(backoff)
+                        self.retries += 1
+                        if step.visible and run.emitted != run.step_base:
+                            await self.restart("retry")
+                        continue
+                self.called(step, "timeout" if spent else "fallback", started)
+                return await self.fall_back("timeout" if spent else "model_error")
+            except (Fenced, RunFinished, asyncio.CancelledError):
+                self.called(step, "cancelled", started)
+                raise
+            except Exception:
+                # A bug or an unclassified backend failure still owes the client its reply.
+                self.called(step, "fallback", started)
+                logger.exception("step failed run=%s step=%s", run.run_id, self.index)
+                return await self.fall_back("internal")
+            self.called(step, "ok", started)
+            return await self.done(output)
+
+    async def call_model(self, step: Step, prompt: str) -> str:
+        """One attempt: stream the model's pieces into the reply (coalesced), within the
+        step's soft limit and the run's deadline. Returns the step's whole output."""
+        run = self.run
+        budget = min(step.soft_limit_s, self.time_for_call())
+        overrides = run.agent_config if step.backend != "simulated" else {}
+        request = ModelRequest(
+            model=overrides.get("model") or step.model,
+            prompt=prompt,
+            options=run.options,
+            attempt=self.retries + 1,
+            api_key_env=overrides.get("api_key_env", ""),
+            base_url=overrides.get("base_url", ""),
+        )
+        backend = get_backend(step.backend)
+        coalescer = _coalescer()
+        produced: list[str] = []
+        loop = asyncio.get_running_loop()
+        last_moment = loop.time() + self.time_for_call()
+        try:
+            async with asyncio.timeout(budget) as limit:
+                pieces: AsyncIterator[str] = open_stream(
+                    backend, request, time.monotonic() + budget
+                )
+                async with aclosing(pieces):  # type: ignore[type-var]
+                    async for piece in pieces:
+                        produced.append(piece)
+                        if step.visible and (text := coalescer.add(piece)):
+                            began = loop.time()
+                            await self.append(text)
+                            # The soft limit times the model, not Redis: time an append spent
+                            # riding out a Redis restart is given back, up to the deadline.
+                            when = limit.when()
+                            if when is not None:
+                                limit.reschedule(min(when + loop.time() - began, last_moment))
+        except TimeoutError:
+            # What was produced before the limit is kept: the fallback follows it.
+            await self.append_pending(coalescer)
+            raise ModelTimeout() from None
+        except ModelError:
+            await self.append_pending(coalescer)
+            raise
+        except asyncio.CancelledError:
+            request.cancelled.set()
+            raise
+        await self.append_pending(coalescer)
+        return "".join(produced)
+
+    async def append_pending(self, coalescer: Coalescer) -> None:
+        if text := coalescer.flush():
+            await self.append(text)
+
+    async def take_budgets(self, step: Step, prompt: str) -> bool:
+        """One call's worth from the backend's rate limits (global) and the step's own (per
+        tenant), in Redis, waiting for them while the run can afford to. False: they would
+        come back too late for a useful call before the deadline, or never."""
+        run = self.run
+        assert self.agent is not None
+        budgets: list[tuple[str, limits.BackendBudget]] = []
+        buckets = self.store.buckets
+        backend_limit = _backend_limits().get(step.backend)
+        if backend_limit is not None:
+            budgets.append(
+                (step.backend, limits.BackendBudget(buckets, step.backend, backend_limit, prompt))
+            )
+        if step.rate_limit:
+            scope = f"{run.tenant}:{self.agent.name}:{self.agent.step_names()[self.index]}"
+            step_limit = limits.parse_limits({scope: step.rate_limit})[scope]
+            budgets.append(
+                (scope, limits.BackendBudget(buckets, scope, step_limit, prompt, kind="step"))
+            )
+        for scope, budget in budgets:
+            while (wait_ms := await budget.take()) != 0:
+                if (
+                    limits.decide(wait_ms, self.time_for_call(), step.min_budget_s)
+                    == limits.GIVE_UP
+                ):
+                    logger.warning(
+                        "model call not started: %s over its rate limit tenant=%s run=%s "
+                        "wait_ms=%s",
+                        scope,
+                        run.tenant,
+                        run.run_id,
+                        wait_ms,
+                    )
+                    return False
+                await asyncio.sleep(wait_ms / 1000)
+        return True
+
+    def called(self, step: Step, outcome: str, started: float) -> None:
+        metrics.model_call(step.backend, outcome, time.monotonic() - started)
+
+    # --- Python steps ----------------------------------------------------------------------
+
+    async def execute_python(self, step: PythonStep, context: StepContext) -> StepOutcome:
+        run = self.run
+        budget = min(step.soft_limit_s, self.time_for_call())
+        try:
+            async with asyncio.timeout(budget):
+                output = await _run_python(step, context)
+        except TimeoutError:
+            logger.warning(
+                "python step passed its soft limit tenant=%s run=%s step=%s limit=%.3fs",
+                run.tenant,
+                run.run_id,
+                self.index,
+                budget,
+            )
+            return await self.fall_back("timeout")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception(
+                "python step failed tenant=%s run=%s step=%s", run.tenant, run.run_id, self.index
+            )
+            return await self.fall_back("internal")
+        if step.visible and output:
+            await self.append(output)
+        return await self.done(output)
+
+    # --- the writes ------------------------------------------------------------------------
+
+    def time_for_call(self) -> float:
+        """What a call may use: the time left before the run's deadline, less what the
+        fallback and reply.done need."""
+        return self.run.seconds_left() - FINISH_RESERVE_S
+
+    async def append(self, text: str) -> None:
+        run = self.run
+        expected = run.emitted + len(text)
+        tried = False
+
+        async def write() -> int:
+            nonlocal tried
+            try:
+                return await self.store.append_delta(run, text)
+            except StaleOffset as stale:
+                # Our earlier try went through but its answer was lost on the connection.
+                if tried and stale.stored == expected:
+                    run.emitted = expected
+                    return 0
+                raise
+            finally:
+                tried = True
+
+        await _durably(write, run.deadline)
+
+    async def restart(self, reason: str) -> None:
+        """Void what this step streamed so far; the reply starts again at offset 0 with what
+        the steps before it streamed."""
+        run = self.run
+        kept = (await _durably(lambda: self.store.text_of(run.run_id), run.deadline))[
+            : run.step_base
+        ]
+        attempt = run.attempt + self.retries
+        await _durably(lambda: self.store.restart_reply(run, attempt, reason, kept), run.deadline)
+        logger.info(
+            "reply restarted reason=%s tenant=%s run=%s step=%s attempt=%s",
+            reason,
+            run.tenant,
+            run.run_id,
+            self.index,
+            attempt,
+        )
+
+    async def finalize(self, status: str, detail: Any) -> None:
+        run = self.run
+        await _durably(lambda: self.store.finalize(run, status, detail), run.deadline + 60)
+
+    async def done(self, output: str, fell_back: str = "") -> StepOutcome:
+        """The step has its output: hand it to the next step, or end the run."""
+        run, agent = self.run, self.agent
+        assert agent is not None
+        if self.index + 1 < len(agent.steps):
+            await _durably(
+                lambda: self.store.save_output(run, self.index, output, fell_back), run.deadline
+            )
+            await _durably(lambda: self.store.hand_over(run, self.index + 1), run.deadline)
+            return StepOutcome(next_step=self.index + 1)
+        fell_back = fell_back or run.fell_back
+        if fell_back:
+            # An earlier step gave its fallback and the pipeline went on.
+            reason, _, step_name = fell_back.partition(":")
+            await self.finalize("degraded", {"reason": reason, "step": step_name})
+        else:
+            await self.finalize("ok", None)
+        return StepOutcome()
+
+    async def fall_back(self, reason: str) -> StepOutcome:
+        """The step cannot answer: its fallback text. The run ends `degraded` with that text
+        after whatever was already streamed, or, for a step that continues on fallback, the
+        text is its output and the pipeline goes on."""
+        run, agent = self.run, self.agent
+        assert agent is not None
+        step = agent.steps[self.index]
+        name = agent.step_names()[self.index]
+        if step.continue_on_fallback and self.index + 1 < len(agent.steps):
+            if step.visible and step.fallback_text:
+                await self.append(step.fallback_text)
+            return await self.done(step.fallback_text, f"{reason}:{name}")
+        separator = "\n" if run.emitted else ""
+        await self.append(separator + step.fallback_text)
+        detail = {"reason": reason}
+        if len(agent.steps) > 1:
+            detail["step"] = name
+        await self.finalize("degraded", detail)
+        return StepOutcome()
+
+    def abandoned(self) -> None:
+        """The run stopped needing this step (cancelled, ended by the sweeper, taken over by
+        a newer attempt): whoever did that owns its reply.done, so nothing is written."""
+        logger.info(
+            "model call abandoned: the run is no longer this step's tenant=%s run=%s step=%s",
+            self.run.tenant,
+            self.run.run_id,
+            self.index,
+        )
+
+
+async def _run_python(step: PythonStep, context: StepContext) -> str:
+    """A Python step's function: awaited when it is a coroutine function, otherwise run in
+    the runtime's bounded thread pool (never on the loop). Python cannot stop a thread, so
+    one that overruns its soft limit is left to finish in the background, holding its
+    pool thread until it does."""
+    if inspect.iscoroutinefunction(step.run):
+        value = await step.run(context)
+    else:
+        value = await asyncio.get_running_loop().run_in_executor(None, step.run, context)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise TypeError(
+            f"python step {step.name or step.run!r} returned {type(value).__name__}, not str"
+        )
+    return value
+
+
+def step_context(run: Run, agent: Agent, step_index: int) -> StepContext:
+    """What step `step_index` of the run sees: the earlier steps' outputs by name."""
+    names = agent.step_names()
+    outputs = {
+        names[index]: run.outputs[index] for index in range(step_index) if index in run.outputs
+    }
+    previous = run.outputs.get(step_index - 1) if step_index else None
+    return StepContext(
+        tenant=run.tenant,
+        stream=run.stream,
+        agent=run.agent,
+        run_id=run.run_id,
+        message=run.text,
+        input=run.text if previous is None else previous,
+        outputs=outputs,
+        options=run.options,
+        depth=run.depth,
+        trigger=run.trigger,
+    )
+
+
+def _coalescer() -> Coalescer:
+    config = settings.SWITCHBOARD
+    return Coalescer(config.get("DELTA_FLUSH_CHARS", 64), config.get("DELTA_FLUSH_MS", 50) / 1000)
+
+
+_limits_cache: tuple[object, dict[str, limits.BackendLimit]] | None = None
+
+
+def _backend_limits() -> dict[str, limits.BackendLimit]:
+    global _limits_cache
+    raw = settings.SWITCHBOARD.get("BACKEND_LIMITS") or {}
+    if _limits_cache is None or _limits_cache[0] is not raw:
+        _limits_cache = (raw, limits.parse_limits(raw))
+    return _limits_cache[1]
+
+
+def _backoff_s(retries_so_far: int) -> float:
+    return settings.SWITCHBOARD["MODEL_RETRY_BACKOFF_S"] * (2**retries_so_far)
