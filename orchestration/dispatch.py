@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from celery.exceptions import Reject
@@ -23,7 +24,7 @@ from django.conf import settings
 from orchestration.fairness import AsyncFairQueue
 from orchestration.inflight import DRAIN, InFlight
 from orchestration.runs import AsyncRunStore
-from orchestration.steps import StepOutcome, execute_step
+from orchestration.steps import CLAIM_RETRY_S, StepOutcome, durably, execute_step
 from realtime.redis_clients import async_client, pubsub_client
 from workers.runtime import Admit, ModelCallRuntime, RuntimeClosed, runtime
 
@@ -78,7 +79,9 @@ def run_next() -> bool:
     side = worker_side()
 
     async def call(admit: Admit) -> StepOutcome:
-        picked = await side.fair.pick(side.store.lease_s)
+        picked = await durably(
+            lambda: side.fair.pick(side.store.lease_s), time.time() + CLAIM_RETRY_S
+        )
         if picked.run_id is None:
             # A spare ticket (a requeued or restored message): its run was started by another.
             logger.info("ticket found no queued run skipped=%s", picked.skipped)

@@ -88,7 +88,7 @@ async def execute_step(
     """Run one step of a run to its end. `admit` is called once the step no longer needs
     its Celery message (claimed, or found to have nothing to do)."""
     admit = admit or (lambda value: None)
-    run = await _durably(
+    run = await durably(
         lambda: store.claim(run_id, step_index, retries_so_far), time.time() + CLAIM_RETRY_S
     )
     admit(run is not None)
@@ -148,7 +148,7 @@ async def _hand_back(store: AsyncRunStore, held: Held, step_index: int) -> StepO
     return StepOutcome(handed_back=handed)
 
 
-async def _durably(write: Callable[[], Awaitable[T]], until: float) -> T:
+async def durably(write: Callable[[], Awaitable[T]], until: float) -> T:
     """A Redis write that rides out a lost connection (a Redis restart): tried again with
     backoff until `until` (epoch seconds). Every write here is idempotent or fenced."""
     delay = 0.05
@@ -267,23 +267,25 @@ class _Step:
         coalescer = _coalescer()
         produced: list[str] = []
         loop = asyncio.get_running_loop()
+        # The soft limit times the model, not Redis: only waits for the next piece count
+        # against it, so a write riding out a Redis restart does not use the model's time
+        # (the run's deadline still bounds everything).
+        limit_at = loop.time() + budget
         last_moment = loop.time() + self.time_for_call()
         try:
-            async with asyncio.timeout(budget) as limit:
-                pieces: AsyncIterator[str] = open_stream(
-                    backend, request, time.monotonic() + budget
-                )
-                async with aclosing(pieces):  # type: ignore[type-var]
-                    async for piece in pieces:
-                        produced.append(piece)
-                        if step.visible and (text := coalescer.add(piece)):
-                            began = loop.time()
-                            await self.append(text)
-                            # The soft limit times the model, not Redis: time an append spent
-                            # riding out a Redis restart is given back, up to the deadline.
-                            when = limit.when()
-                            if when is not None:
-                                limit.reschedule(min(when + loop.time() - began, last_moment))
+            pieces: AsyncIterator[str] = open_stream(backend, request, time.monotonic() + budget)
+            async with aclosing(pieces):  # type: ignore[type-var]
+                while True:
+                    try:
+                        async with asyncio.timeout_at(limit_at):
+                            piece = await anext(pieces)
+                    except StopAsyncIteration:
+                        break
+                    produced.append(piece)
+                    if step.visible and (text := coalescer.add(piece)):
+                        began = loop.time()
+                        await self.append(text)
+                        limit_at = min(limit_at + loop.time() - began, last_moment)
         except TimeoutError:
             # What was produced before the limit is kept: the fallback follows it.
             await self.append_pending(coalescer)
@@ -394,17 +396,17 @@ class _Step:
             finally:
                 tried = True
 
-        await _durably(write, run.deadline)
+        await durably(write, run.deadline)
 
     async def restart(self, reason: str) -> None:
         """Void what this step streamed so far; the reply starts again at offset 0 with what
         the steps before it streamed."""
         run = self.run
-        kept = (await _durably(lambda: self.store.text_of(run.run_id), run.deadline))[
+        kept = (await durably(lambda: self.store.text_of(run.run_id), run.deadline))[
             : run.step_base
         ]
         attempt = run.attempt + self.retries
-        await _durably(lambda: self.store.restart_reply(run, attempt, reason, kept), run.deadline)
+        await durably(lambda: self.store.restart_reply(run, attempt, reason, kept), run.deadline)
         logger.info(
             "reply restarted reason=%s tenant=%s run=%s step=%s attempt=%s",
             reason,
@@ -416,17 +418,17 @@ class _Step:
 
     async def finalize(self, status: str, detail: Any) -> None:
         run = self.run
-        await _durably(lambda: self.store.finalize(run, status, detail), run.deadline + 60)
+        await durably(lambda: self.store.finalize(run, status, detail), run.deadline + 60)
 
     async def done(self, output: str, fell_back: str = "") -> StepOutcome:
         """The step has its output: hand it to the next step, or end the run."""
         run, agent = self.run, self.agent
         assert agent is not None
         if self.index + 1 < len(agent.steps):
-            await _durably(
+            await durably(
                 lambda: self.store.save_output(run, self.index, output, fell_back), run.deadline
             )
-            await _durably(lambda: self.store.hand_over(run, self.index + 1), run.deadline)
+            await durably(lambda: self.store.hand_over(run, self.index + 1), run.deadline)
             return StepOutcome(next_step=self.index + 1)
         fell_back = fell_back or run.fell_back
         if fell_back:
