@@ -11,6 +11,7 @@ import asyncio
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,11 +71,13 @@ class RestartableRedis:
             self.proc.terminate()
             self.proc.wait(15)
 
-    def restart(self, keep_data: bool) -> None:
+    def restart(self, keep_data: bool, down_s: float = 0.0) -> None:
+        """Stop the server and start it again, after `down_s` seconds of outage."""
         self.stop()
         if not keep_data:
             shutil.rmtree(self.dir)
             self.dir.mkdir()
+        time.sleep(down_s)  # the outage itself, not a wait for anything
         self.start()
 
 
@@ -168,6 +171,37 @@ async def test_redis_restarting_with_its_data_loses_nothing(
     assert_contiguous(events)
     assert [e["data"]["n"] for e in events if e["kind"] == "published"] == list(range(6))
     assert client.expired == []
+
+
+async def test_a_redis_restart_under_steady_sends_costs_a_pause_not_replies(
+    restartable: Fixture, client: ReconnectingClient
+) -> None:
+    """Runs in flight while Redis is down wait for it (their writes are retried, their soft
+    limit times only the model) and queued runs keep their tickets: every run ends ok."""
+    stream = "steady"
+    await client.subscribe(stream)
+    acks: list[dict[str, object]] = []
+    options = {"latency_ms": 200, "chunks": 3, "chunk_delay_ms": 100}
+
+    async def send_steadily() -> None:
+        for n in range(30):
+            acks.append(await client.send(stream, "echo", f"steady {n}", options, timeout=30))
+            await asyncio.sleep(0.05)  # the client's pace
+
+    sender = asyncio.create_task(send_steadily())
+    await wait_until_async(
+        lambda: asyncio.sleep(0, result=len(acks) >= 10), 30, "the first sends accepted"
+    )
+    await asyncio.to_thread(restartable.redis.restart, True, 1.5)
+    await sender
+
+    statuses = []
+    for ack in acks:
+        deltas, done = await client.reply(str(ack["id"]), timeout=30)
+        statuses.append(done["data"]["status"])
+        assert done["data"]["text"] == "".join(d["data"]["text"] for d in deltas)
+    assert statuses == ["ok"] * 30, statuses
+    assert len({ack["id"] for ack in acks}) == 30
 
 
 async def test_redis_restarting_empty_tells_clients_what_was_lost(
