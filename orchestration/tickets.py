@@ -127,17 +127,9 @@ def count_tickets(client: redis.Redis, now: float | None = None) -> tuple[int, i
     """(runs queued, tickets waiting, tickets reserved within the grace), in one script."""
     unacked, unacked_index = keys.celery_unacked()
     now = time.time() if now is None else now  # kombu scores deliveries with its host's clock
-    queued, waiting, reserved = client.eval(
-        COUNT_TICKETS,
-        3 + len(runs_queue_lists()),
-        keys.FAIR_RING,
-        unacked,
-        unacked_index,
-        *runs_queue_lists(),
-        keys.fair_queue(""),
-        f"{now - TICKET_PICK_GRACE_S:.3f}",
-        SCAN_CHUNK,
-        *TICKET_MARKS,
+    queued, waiting, reserved = client.register_script(COUNT_TICKETS)(
+        keys=[keys.FAIR_RING, unacked, unacked_index, *runs_queue_lists()],
+        args=[keys.fair_queue(""), f"{now - TICKET_PICK_GRACE_S:.3f}", SCAN_CHUNK, *TICKET_MARKS],
     )
     return int(queued), int(waiting), int(reserved)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -180,3 +181,17 @@ def test_a_long_queue_with_its_tickets_is_counted_cheaply_and_right(
     accept(streams, "a", 1200)
     lose_tickets(r, lost)
     assert sweep(r) == lost
+
+
+def test_sweepers_racing_add_each_lost_ticket_once(
+    streams: Streams, r: redis.Redis, store_redis_url: str
+) -> None:
+    accept(streams, "a", 6)
+    lose_tickets(r, 4)
+    clients = [redis.Redis.from_url(store_redis_url) for _ in range(8)]
+    with ThreadPoolExecutor(len(clients)) as pool:
+        added = list(pool.map(lambda client: sweep_runs(RunStore(client)).tickets, clients))
+    assert sum(added) == 4
+    assert tickets_waiting(r) == 6
+    for client in clients:
+        client.close()
