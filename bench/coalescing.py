@@ -115,6 +115,7 @@ def run_variant(variant: str, args: argparse.Namespace, redis_url: str) -> dict[
     from orchestration.runs import RunStore
     from orchestration.services import StepOutcome, execute_step
     from realtime import keys
+    from realtime.client import since_last_restart
 
     flush_chars = 0 if variant == "per_piece" else args.flush_chars
     settings.SWITCHBOARD = {
@@ -161,7 +162,8 @@ def run_variant(variant: str, args: argparse.Namespace, redis_url: str) -> dict[
             pipe.xrange(keys.stream_log(TENANT, f"s-{index}"))
         for position, entries in enumerate(pipe.execute()):
             events = [orjson.loads(fields[b"e"]) for _, fields in entries]
-            pieces = [e["data"]["text"] for e in events if e["kind"] == "reply.delta"]
+            # The deltas since the run's last reply.restart make its text.
+            pieces = [e["data"]["text"] for e in since_last_restart(events)]
             last = events[-1]
             assert last["kind"] == "reply.done" and last["data"]["status"] == "ok", last
             assert "".join(pieces) == text == last["data"]["text"]

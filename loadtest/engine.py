@@ -386,6 +386,13 @@ class _Connection:
                 engine.m.reply.append((now, (now - sent[0]) * 1000))
                 engine.m.reply_status[str((event.get("data") or {}).get("status"))] += 1
                 self.answered.set()
+        elif kind == "reply.restart":
+            # Only counted: replies are timed to their reply.done, whose text is the whole
+            # reply whatever restarted before it.
+            cause = event.get("cause") or {}
+            if cause.get("client") == self.client and not cause.get("depth"):
+                if cause.get("message") in self.replies:
+                    self.engine.m.reply_restarts += 1
         elif kind == "published":
             engine = self.engine
             if engine.published:

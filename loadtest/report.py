@@ -39,6 +39,8 @@ class Measurements:
     errors: Counter[str] = field(default_factory=Counter)  # error frames by code
     rate_limited: Counter[str] = field(default_factory=Counter)  # those with status 429
     reply_status: Counter[str] = field(default_factory=Counter)
+    # reply.restart events of the sends' own runs: model output voided and streamed again.
+    reply_restarts: int = 0
     connections_planned: int = 0
     connections_opened: int = 0
     connect_failures: Counter[str] = field(default_factory=Counter)  # by reason
@@ -165,6 +167,7 @@ def build_report(m: Measurements, meta: dict[str, Any]) -> dict[str, Any]:
         "duplicates": m.duplicates,
         "replies": len(m.reply),
         "reply_status": dict(sorted(m.reply_status.items())),
+        "reply_restarts": m.reply_restarts,
         "deliveries": len(m.delivery),
         "unanswered_acks": m.unanswered_acks,
         "unanswered_replies": m.unanswered_replies,
@@ -207,7 +210,8 @@ def describe(report: dict[str, Any]) -> str:
     )
     lines.append(
         f"frames: {counts['frames_sent']} sent of {counts['frames_planned']} planned;"
-        f" {counts['acks']} acks, {counts['replies']} replies;"
+        f" {counts['acks']} acks, {counts['replies']} replies"
+        f" ({counts.get('reply_restarts', 0)} restarted);"
         f" unanswered: {counts['unanswered_acks']} acks, {counts['unanswered_replies']} replies"
     )
     lines.append(

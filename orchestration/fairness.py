@@ -23,6 +23,10 @@ the run (CLAIM_STEP), which replaces that lease with its own. A worker that dies
 the two leaves a queued run with an expiring lease, and the lease sweeper redelivers it
 like any lost step (REDELIVER_STEP), as a direct `switchboard.run.step` message.
 
+A ticket lost without its run (a task that took it failed on a dead Redis connection) is
+replaced by the sweep: orchestration/tickets.py counts runs queued against tickets pending
+and enqueues the difference.
+
 Later steps of a multi-step run, retries and redeliveries keep addressing their run
 directly (`switchboard.run.step`): the run was admitted once, and fairness is about who
 gets admitted next.

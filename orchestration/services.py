@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 from orchestration.runs import RunStore
+from orchestration.tickets import reconcile_tickets
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +58,14 @@ def sweep_expired_leases(store: RunStore) -> int:
 class Swept:
     ended: int  # runs ended at their deadline
     redelivered: int  # steps enqueued again after their lease ran out
+    tickets: int = 0  # fair-queue tickets enqueued for queued runs that had none
 
 
 def sweep_runs(store: RunStore) -> Swept:
     """One sweep, by beat's task and every gateway: deadlines first (a run past its deadline
-    is ended, not redelivered), then expired leases."""
-    return Swept(ended=sweep_overdue_runs(store), redelivered=sweep_expired_leases(store))
+    is ended, not redelivered), then expired leases, then lost tickets (tickets.py)."""
+    return Swept(
+        ended=sweep_overdue_runs(store),
+        redelivered=sweep_expired_leases(store),
+        tickets=reconcile_tickets(store.client),
+    )

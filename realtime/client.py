@@ -19,7 +19,8 @@ Routing of what the server sends:
   stream and is attached to that stream's `subscribe` result.
 - `event` frames go to their stream's buffer (`next_event`, `events`), to the optional
   `on_event` callback, and, for `reply.*` events of this client's own `send`s, to the
-  reply collector `reply()` reads. Presence changes (`join`/`leave`, which carry no seq)
+  reply collector `reply()` reads (a `reply.restart` voids the run's deltas so far: the
+  reply starts again at offset 0). Presence changes (`join`/`leave`, which carry no seq)
   are kept apart, in the stream's presence buffer (`next_presence`), so what `next_event`
   and `on_event` see is exactly the stream's seq-ordered events.
 - Anything no request waits for (errors answering `send_raw`, for instance) is queued for
@@ -143,19 +144,75 @@ def answers_own_send(event: Event, client: str | None) -> bool:
     return cause.get("client") == client and not cause.get("depth")
 
 
-class ReplyCollector:
-    """One run's reply as it streams: its deltas in order, then its reply.done."""
+def since_last_restart(events: list[Event]) -> list[Event]:
+    """A run's `reply.delta` events after its last `reply.restart` (all of them when it has
+    none), in the order given: the deltas whose texts make its `reply.done` text. A restart
+    voids what the run streamed before it, and the reply starts again at offset 0."""
+    deltas: list[Event] = []
+    for event in events:
+        kind = event["kind"]
+        if kind == "reply.restart":
+            deltas.clear()
+        elif kind == "reply.delta":
+            deltas.append(event)
+    return deltas
 
-    __slots__ = ("deltas", "done")
+
+def reply_problems(events: list[Event], done: Event | None = None) -> list[str]:
+    """What is wrong with one run's reply events (deltas, restarts, in stream order), empty
+    when nothing is: after each `reply.restart` the offsets start again at 0, and the
+    deltas after the last one are contiguous and make the `reply.done` text."""
+    problems: list[str] = []
+    offset = 0
+    for event in events:
+        data = event["data"]
+        if event["kind"] == "reply.restart":
+            offset = 0
+        elif event["kind"] == "reply.delta":
+            if data["offset"] != offset:
+                problems.append(
+                    f"seq {event.get('seq')}: offset {data['offset']}, expected {offset}"
+                )
+            offset = data["offset"] + len(data["text"])
+    if done is not None:
+        text = "".join(delta["data"]["text"] for delta in since_last_restart(events))
+        if done["data"]["text"] != text:
+            problems.append("the reply.done text is not the deltas' since the last restart")
+    return problems
+
+
+class ReplyCollector:
+    """One run's reply as it streams: its deltas in order, then its reply.done.
+
+    A `reply.restart` voids the deltas so far (kept in `restarts`, counted per attempt):
+    `deltas` are always those of the current attempt. An event whose seq is not past the
+    last one taken is a repeat (a resume from a lagging checkpoint) and is ignored, so a
+    restart delivered twice never voids the deltas that followed it.
+    """
+
+    __slots__ = ("deltas", "done", "restarts", "voided", "_last_seq")
 
     def __init__(self) -> None:
         self.deltas: list[Event] = []
         self.done: asyncio.Future[Event] | None = None
+        self.restarts: list[Event] = []
+        self.voided = 0  # deltas discarded by restarts
+        self._last_seq: int | None = None
 
     def add(self, event: Event) -> None:
-        if event["kind"] == "reply.delta":
+        seq = event.get("seq")
+        if isinstance(seq, int):
+            if self._last_seq is not None and seq <= self._last_seq:
+                return
+            self._last_seq = seq
+        kind = event["kind"]
+        if kind == "reply.delta":
             self.deltas.append(event)
-        elif event["kind"] == "reply.done":
+        elif kind == "reply.restart":
+            self.restarts.append(event)
+            self.voided += len(self.deltas)
+            self.deltas = []
+        elif kind == "reply.done":
             if self.done is None:
                 self.done = asyncio.get_running_loop().create_future()
             if not self.done.done():
@@ -467,6 +524,8 @@ class SwitchboardClient:
 
     async def reply(self, key: str, timeout: float = 30.0) -> tuple[list[Event], Event]:
         """Wait for a run's `reply.done`; returns (its reply.delta events in order, it).
+        After a `reply.restart` the deltas are those since the last restart, whose texts
+        make the reply.done text; the collector's `restarts` says how many came.
 
         `key` is the id of one of this client's `send`s (collected from the moment it was
         sent), or a run id (collected from now on: deltas before this call are missed).

@@ -118,6 +118,18 @@ def celery_queue(queue: str) -> str:
     return settings.CELERY_BROKER_TRANSPORT_OPTIONS.get("global_keyprefix", "") + queue
 
 
+def celery_unacked() -> tuple[str, str]:
+    """kombu's Redis transport's messages delivered to a worker and not yet acknowledged: a
+    hash (delivery tag -> [message, exchange, routing key]) and its index (sorted set:
+    delivery tag -> when it was delivered, epoch s)."""
+    options = settings.CELERY_BROKER_TRANSPORT_OPTIONS
+    prefix = options.get("global_keyprefix", "")
+    return (
+        prefix + options.get("unacked_key", "unacked"),
+        prefix + options.get("unacked_index_key", "unacked_index"),
+    )
+
+
 # Flow control (realtime/limits.py). Client keys carry the client id's length, like dedupe
 # keys, so no client id can end like another's.
 def rate_client(tenant: str, client: str) -> str:
@@ -171,6 +183,8 @@ FAIR_RING = f"{PREFIX}:fq:ring"
 FAIR_DEFICITS = f"{PREFIX}:fq:deficits"
 # Hash: tenant -> weight (picks per turn), written with each accepted send.
 FAIR_WEIGHTS = f"{PREFIX}:fq:weights"
+# String, TTL one sweep interval: a sweeper reconciled tickets (orchestration/tickets.py).
+TICKETS_RECONCILED = f"{PREFIX}:fq:reconciled"
 
 
 # Traffic recording (realtime/recording.py, manage.py record_traffic).

@@ -165,6 +165,7 @@ OUT_KINDS = frozenset(
         "message",
         "published",
         "reply.delta",
+        "reply.restart",
         "reply.done",
         "join",
         "leave",

@@ -334,7 +334,8 @@ class ReconnectingClient:
         return await tracked.buffer.get(timeout, lambda: self._stopped)
 
     async def reply(self, message_id: str, timeout: float = 30.0) -> tuple[list[Event], Event]:
-        """(reply.delta events in order, reply.done) of one of this client's sends."""
+        """(reply.delta events in order, reply.done) of one of this client's sends; after a
+        `reply.restart`, the deltas since the last one (the reply started again at 0)."""
         return await self._replies.setdefault(message_id, ReplyCollector()).wait(timeout)
 
     async def next_presence(self, stream: str, timeout: float = 10.0) -> Event:

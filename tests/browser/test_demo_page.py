@@ -5,9 +5,12 @@ window.__switchboardDebug, where the page records every event it was handed."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlencode
 
+from realtime.client import since_last_restart
 from tests.browser.conftest import WAIT_MS, DemoCluster, OpenPage, save_screenshot
 
 
@@ -26,18 +29,23 @@ def assert_each_seq_once_in_order(page: Any, stream: str) -> list[int]:
     return seqs
 
 
-def run_events(page: Any, stream: str, text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The reply.delta events and the reply.done of the reply to the message `text`."""
+def run_events(
+    page: Any, stream: str, text: str, done_text: str | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The reply.delta events (since the run's last reply.restart) and the reply.done of the
+    reply to the message `text` (echo's: `done_text` is `text`)."""
     seen = events(page, stream)
     message = next(e for e in seen if e["kind"] == "message" and e["data"]["text"] == text)
     done = next(
         e
         for e in seen
-        if e["kind"] == "reply.done" and e["seq"] > message["seq"] and e["data"]["text"] == text
+        if e["kind"] == "reply.done"
+        and e["seq"] > message["seq"]
+        and e["data"]["text"] == (text if done_text is None else done_text)
     )
     run = done["data"]["run"]
-    deltas = [e for e in seen if e["kind"] == "reply.delta" and e["data"]["run"] == run]
-    return deltas, done
+    mine = [e for e in seen if isinstance(e["data"], dict) and e["data"].get("run") == run]
+    return since_last_restart(mine), done
 
 
 def assert_assembled(deltas: list[dict[str, Any]], done: dict[str, Any], text: str) -> None:
@@ -201,3 +209,129 @@ def test_flood_gets_429s_and_every_message_lands_once(
     assert sorted(published) == sorted(f"flood {i}/60" for i in range(1, 61))
     assert_each_seq_once_in_order(page, stream)
     assert "× 429" in page.inner_text("#flood-status")
+
+
+def test_a_restarted_reply_is_cleared_and_assembled_again(
+    browser: Any, demo_cluster: DemoCluster, unique: Callable[[str], str]
+) -> None:
+    """A `reply.restart` (a retried model call answered differently): the page empties the
+    partial reply, marks it restarted and shows only the new attempt, never a splice. The
+    page and its token come from the real cluster; its socket is played by the test, which
+    is how a restart can be sent at a chosen moment."""
+    stream = unique("restart")
+    sockets: list[Any] = []
+    errors: list[str] = []
+
+    def play_gateway(ws: Any) -> None:
+        sockets.append(ws)
+        ws.send(json.dumps(scripted_welcome()))
+
+        def on_message(message: str | bytes) -> None:
+            frame = json.loads(message)
+            kind = frame["type"]
+            if kind == "subscribe":
+                ws.send(
+                    json.dumps(
+                        {
+                            "type": "subscribed",
+                            "stream": frame["stream"],
+                            "head": 0,
+                            "recovered": True,
+                        }
+                    )
+                )
+            elif kind == "presence":
+                ws.send(json.dumps({"type": "presence", "stream": frame["stream"], "clients": []}))
+            elif kind == "ping":
+                ws.send(json.dumps({"type": "pong"}))
+            elif kind == "send":
+                ws.send(
+                    json.dumps(
+                        {
+                            "type": "ack",
+                            "id": frame["id"],
+                            "event_id": "e1",
+                            "seq": 1,
+                            "duplicate": False,
+                        }
+                    )
+                )
+                for event in scripted_run(stream, frame["id"], frame["text"])[:3]:
+                    ws.send(json.dumps(event))
+
+        ws.on_message(on_message)
+
+    context = browser.new_context(viewport={"width": 1280, "height": 820})
+    try:
+        page = context.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.route_web_socket(lambda url: "/ws/v1/" in url, play_gateway)
+        page.goto(f"{demo_cluster.base_url}/demo/?{urlencode({'stream': stream})}")
+        page.wait_for_selector("body[data-subscribed='true']", timeout=WAIT_MS)
+        [ws] = sockets
+
+        send(page, "hi")
+        bubble = page.locator("li.reply .bubble")
+        page.wait_for_selector("li.reply .bubble:text-is('lorem lo')", timeout=WAIT_MS)
+        assert page.locator("li.reply .restart-tag").is_hidden()
+
+        *_, restart, first_piece, second_piece, done = scripted_run(stream, "m", "hi")
+        ws.send(json.dumps(restart))
+        page.wait_for_selector("li.reply[data-restarts='1']", timeout=WAIT_MS)
+        assert bubble.inner_text() == "", "the void answer is cleared at once"
+        assert page.locator("li.reply .restart-tag").inner_text() == "↻ restarted"
+
+        ws.send(json.dumps(first_piece))
+        page.wait_for_selector("li.reply .bubble:text-is('ipsum ')", timeout=WAIT_MS)
+        ws.send(json.dumps(second_piece))
+        ws.send(json.dumps(done))
+        page.wait_for_selector("li.reply[data-status='ok']", timeout=WAIT_MS)
+        assert bubble.inner_text() == "ipsum dolor"
+        assert_each_seq_once_in_order(page, stream)
+        deltas, final = run_events(page, stream, "hi", done_text="ipsum dolor")
+        assert [d["data"]["text"] for d in deltas] == ["ipsum ", "dolor"]
+        assert final["data"]["text"] == "ipsum dolor"
+        save_screenshot(page, "demo-restarted-reply.png")
+        assert errors == []
+    finally:
+        context.close()
+
+
+def scripted_welcome() -> dict[str, Any]:
+    return {
+        "type": "welcome",
+        "client": "ann",
+        "tenant": "demo",
+        "session": "s1",
+        "heartbeat_s": 25,
+        "limits": {},
+    }
+
+
+def scripted_run(stream: str, message_id: str, text: str) -> list[dict[str, Any]]:
+    """The message and its run's events: "lorem lo", a restart, then "ipsum dolor"."""
+    cause = {"client": "ann", "message": message_id, "prev": "e1"}
+
+    def event(seq: int, kind: str, data: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "type": "event",
+            "stream": stream,
+            "seq": seq,
+            "id": f"e{seq}",
+            "kind": kind,
+            "from": "agent:echo" if kind != "message" else "client:ann",
+            "cause": cause if kind != "message" else {**cause, "prev": None},
+            "ts": "2026-01-01T00:00:00Z",
+            "data": {"run": "r1", **data} if kind != "message" else data,
+        }
+
+    return [
+        event(1, "message", {"text": text, "agent": "echo"}),
+        event(2, "reply.delta", {"offset": 0, "text": "lorem "}),
+        event(3, "reply.delta", {"offset": 6, "text": "lo"}),
+        event(4, "reply.restart", {"attempt": 2, "reason": "model_error"}),
+        event(5, "reply.delta", {"offset": 0, "text": "ipsum "}),
+        event(6, "reply.delta", {"offset": 6, "text": "dolor"}),
+        event(7, "reply.done", {"status": "ok", "text": "ipsum dolor", "detail": None}),
+    ]

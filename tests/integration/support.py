@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
-from realtime.client import Event, SwitchboardClient
+from realtime.client import Event, SwitchboardClient, reply_problems, since_last_restart
 
 
 async def collect_until(
@@ -54,7 +54,8 @@ def assert_contiguous(events: list[Event]) -> None:
 
 
 def reply_text(deltas: list[Event], done: Event) -> str:
-    """Check a run's deltas against its reply.done and return the text they make."""
+    """Check a run's deltas (since its last `reply.restart`) against its reply.done and
+    return the text they make."""
     run = done["data"]["run"]
     offset = 0
     for delta in deltas:
@@ -68,15 +69,14 @@ def reply_text(deltas: list[Event], done: Event) -> str:
 
 
 def split_run(events: list[Event], message_id: str) -> tuple[list[Event], Event]:
-    """(deltas, done) of one run among a stream's events: the deltas after its last
-    `reply.restart` (what a client assembles; see `restarts`)."""
+    """(deltas, done) of one run among a stream's events; the deltas are those after the
+    run's last `reply.restart`, if it had any (each restart is checked to start again at
+    offset 0)."""
     mine = [e for e in events if e["cause"]["message"] == message_id]
+    assert not reply_problems([e for e in mine if e["kind"] != "reply.done"])
+    deltas = since_last_restart(mine)
     dones = [e for e in mine if e["kind"] == "reply.done"]
     assert len(dones) == 1, dones
-    last_restart = max(
-        (index for index, e in enumerate(mine) if e["kind"] == "reply.restart"), default=-1
-    )
-    deltas = [e for e in mine[last_restart + 1 :] if e["kind"] == "reply.delta"]
     return deltas, dones[0]
 
 

@@ -330,3 +330,86 @@ test("receipts are coalesced per stream and only move forward", async () => {
   assert.deepEqual(socket.sentOf("receipt"), [{ type: "receipt", stream: "room", seq: 5 }]);
   await client.close();
 });
+
+// --- reply.restart: the run's text so far is void; the reply starts again at offset 0 ---------
+
+/** Events of run r1 answering alice's message m1, with seqs. */
+function runEvent(seq, kind, data) {
+  return { ...event("room", seq, kind), from: "agent:echo", cause: { client: "alice", message: "m1", prev: "e1" }, data: { run: "r1", ...data } };
+}
+const delta = (seq, offset, text) => runEvent(seq, "reply.delta", { offset, text });
+const restart = (seq, attempt = 2) => runEvent(seq, "reply.restart", { attempt, reason: "model_error" });
+const finished = (seq, text) => runEvent(seq, "reply.done", { status: "ok", text, detail: null });
+
+test("a restart mid-reply voids the text so far; the pieces after it start again at 0", () => {
+  const assembler = new ReplyAssembler();
+  assembler.add(delta(2, 0, "lorem "));
+  assembler.add(delta(3, 6, "lo"));
+  const reply = assembler.add(restart(4));
+  assert.equal(reply.text, "");
+  assert.deepEqual(reply.deltas, []);
+  assert.equal(reply.restarts, 1);
+  assert.equal(reply.attempt, 2);
+  assembler.add(delta(5, 0, "ipsum "));
+  assembler.add(delta(6, 6, "dolor"));
+  assert.equal(reply.text, "ipsum dolor", "never a splice: no 'lorem loipsum'");
+  assert.equal(reply.gap, false);
+  assert.deepEqual(reply.deltas.map((d) => d.seq), [5, 6]);
+  assembler.add(finished(7, "ipsum dolor"));
+  assert.equal(reply.text, "ipsum dolor");
+  assert.equal(reply.status, "ok");
+});
+
+test("a restart delivered twice does not void the pieces that followed it", () => {
+  const reply = new ReplyAssembler().add(delta(2, 0, "lorem "));
+  for (const e of [restart(4), delta(5, 0, "ipsum ")]) applyReplyEvent(reply, e);
+  // A resume from a lagging checkpoint repeats seqs 4 and 5.
+  assert.equal(applyReplyEvent(reply, restart(4)), false);
+  assert.equal(applyReplyEvent(reply, delta(5, 0, "ipsum ")), false);
+  applyReplyEvent(reply, delta(6, 6, "dolor"));
+  assert.equal(reply.text, "ipsum dolor");
+  assert.equal(reply.restarts, 1);
+  // Restarts in a row, and one before any piece of its attempt, are fine too.
+  for (const e of [restart(7, 3), restart(8, 4), delta(9, 0, "b"), finished(10, "b")]) applyReplyEvent(reply, e);
+  assert.equal(reply.text, "b");
+  assert.equal(reply.restarts, 3);
+  assert.equal(reply.attempt, 4);
+});
+
+test("a restart caught up after a reconnect: the reply is the final text, callbacks in order", async () => {
+  const { client, socket } = await connected();
+  const seen = await subscribed(client, socket, "room");
+  const pieces = [];
+  const restarts = [];
+  const acked = client.send("room", "echo", "hi", {
+    id: "m1",
+    onDelta: (_, text) => pieces.push(text),
+    onRestart: (e, reply) => restarts.push([e.data.attempt, reply.text]),
+  });
+  await until(() => socket.sentOf("send")[0], "send");
+  socket.push({ type: "ack", id: "m1", event_id: "e1", seq: 1, duplicate: false });
+  await acked;
+  socket.push({ ...event("room", 1, "message"), from: "client:alice", cause: { client: "alice", message: "m1", prev: null } });
+  socket.push(delta(2, 0, "lorem "));
+  socket.push(delta(3, 6, "lo"));
+  assert.equal(client.replySoFar("m1").text, "lorem lo");
+  socket.serverClose(1006);
+
+  const second = await until(() => FakeSocket.sockets[1], "a reconnect");
+  welcome(second, { resumed: true });
+  // A lagging checkpoint: the resume repeats seq 3, then what the client missed.
+  second.push({ type: "subscribed", stream: "room", head: 7, recovered: true });
+  for (const e of [delta(3, 6, "lo"), restart(4), delta(5, 0, "ipsum "), restart(4), delta(6, 6, "dolor"), finished(7, "ipsum dolor")]) {
+    second.push(e);
+  }
+  await until(() => second.sentOf("ping")[0], "ping");
+  second.push({ type: "pong" });
+  const reply = await client.reply("m1");
+  assert.equal(reply.text, "ipsum dolor");
+  assert.equal(reply.restarts, 1);
+  assert.deepEqual(reply.deltas.map((d) => d.data.text), ["ipsum ", "dolor"]);
+  assert.deepEqual(pieces, ["lorem ", "lorem lo", "ipsum ", "ipsum dolor"]);
+  assert.deepEqual(restarts, [[2, ""]]);
+  assert.deepEqual(seen.map((e) => e.seq), [1, 2, 3, 4, 5, 6, 7], "the application sees the restart once");
+  await client.close();
+});

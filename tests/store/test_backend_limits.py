@@ -1,4 +1,4 @@
-"""Model-call rate limits per backend and deadline propagation (orchestration/services.py,
+"""Model-call rate limits per backend and deadline propagation (orchestration/steps.py,
 workers/limits.py) on a real Redis: a step takes a request and its estimated tokens from
 its backend's global buckets before calling; it waits for them only while a useful call
 still fits before the run's deadline, else answers the fallback (`rate_limited`); and it
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -38,9 +38,9 @@ class CountingBackend(SimulatedBackend):
     def __init__(self) -> None:
         self.calls = 0
 
-    def stream(self, request: ModelRequest, deadline: float) -> Iterator[str]:
+    def astream(self, request: ModelRequest) -> AsyncIterator[str]:
         self.calls += 1
-        return super().stream(request, deadline)
+        return super().astream(request)
 
 
 @pytest.fixture
@@ -197,11 +197,9 @@ def test_a_run_cancelled_while_waiting_for_its_budget_stops_waiting(
     register_agent: Callable[..., Agent],
     metered: CountingBackend,
     limit: Callable[..., BackendLimit],
-    settings: Settings,
 ) -> None:
     # The request comes back in a minute and the deadline is an hour away: the step waits,
-    # holding its lease, until the cancellation ends the wait.
-    settings.SWITCHBOARD = {**settings.SWITCHBOARD, "CANCEL_CHECK_S": 0.05}
+    # holding its lease, until the cancellation (pushed to the worker) ends the wait.
     agent(register_agent, deadline_s=3600)
     drain(r, limit(rpm=1), "rpm")
     run_id = send(streams, "m-1")
@@ -215,7 +213,7 @@ def test_a_run_cancelled_while_waiting_for_its_budget_stops_waiting(
             assert time.monotonic() < deadline, "the step never claimed the run"
             time.sleep(0.01)
         first_lease = float(r.hget(keys.run(run_id), "lease") or 0)
-        # The heartbeat keeps the lease while the step waits for its budget.
+        # The shared renewal keeps the lease while the step waits for its budget.
         while float(r.hget(keys.run(run_id), "lease") or 0) <= first_lease + 0.3:
             assert time.monotonic() < deadline, "the lease was not renewed during the wait"
             time.sleep(0.01)

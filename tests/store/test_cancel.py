@@ -1,10 +1,12 @@
-"""Cancellation reaches the model call (orchestration/services.py, intake.py, the lease
-keeper in orchestration/runs.py) on a real Redis: a step whose run is cancelled while its
-model call stalls stops at once, writes nothing more, and frees its worker; the run has
-exactly one reply.done, `cancelled`."""
+"""Cancellation reaches the model call (orchestration/intake.py, steps.py, inflight.py) on a
+real Redis: a step whose run is cancelled while its model call stalls stops at once, writes
+nothing more, and frees its worker; the run has exactly one reply.done, `cancelled`. The
+stop is pushed to the holding worker; a worker that missed the push finds it when its lease
+renewal is refused."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,12 +14,15 @@ from typing import Any
 
 import pytest
 import redis
-from pytest_django.fixtures import Settings
+import redis.asyncio as aredis
+from django.conf import settings
 
 from orchestration.agents import Agent, Step
+from orchestration.inflight import InFlight
 from orchestration.intake import _finalize_cancelled
-from orchestration.runs import RunStore
+from orchestration.runs import AsyncRunStore, RunStore
 from orchestration.steps import StepOutcome
+from orchestration.steps import execute_step as execute_step_async
 from realtime import keys
 from tests.store.conftest import Streams, execute_step, log_events, of_kind
 from workers.backends import split_evenly
@@ -41,16 +46,37 @@ def patient(register_agent: Callable[..., Agent]) -> Agent:
     return register_agent("patient", Step(backend="simulated", soft_limit_s=600), deadline_s=3600)
 
 
+def execute_step_without_stop_channel(store: RunStore, run_id: str, step: int) -> StepOutcome:
+    """A step on a worker whose stop channel is down (the push was missed while it
+    resubscribed): only its lease renewal can find that the run was ended."""
+
+    async def main() -> StepOutcome:
+        client = aredis.Redis.from_url(settings.REDIS_URL)
+        async_store = AsyncRunStore(client, lease_s=store.lease_s)
+        inflight = InFlight(async_store)
+        renewal = asyncio.create_task(inflight.keep_leases())
+        try:
+            return await asyncio.create_task(
+                execute_step_async(async_store, inflight, run_id, step)
+            )
+        finally:
+            renewal.cancel()
+            await asyncio.gather(renewal, return_exceptions=True)
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
 class StepThread:
-    """execute_step on its own thread, as a worker process runs it."""
+    """execute_step on its own thread and event loop, as a worker's runtime runs it."""
 
-    def __init__(self, store: RunStore, run_id: str) -> None:
+    def __init__(self, store: RunStore, run_id: str, stop_channel: bool = True) -> None:
         self.outcome: StepOutcome | None = None
-        self.thread = threading.Thread(target=self._run, args=(store, run_id), daemon=True)
+        run = execute_step if stop_channel else execute_step_without_stop_channel
+        self.thread = threading.Thread(
+            target=lambda: setattr(self, "outcome", run(store, run_id, 0)), daemon=True
+        )
         self.thread.start()
-
-    def _run(self, store: RunStore, run_id: str) -> None:
-        self.outcome = execute_step(store, run_id, 0, 0)
 
     def finished_within(self, seconds: float) -> bool:
         self.thread.join(timeout=seconds)
@@ -70,9 +96,11 @@ def status(r: redis.Redis, run_id: str) -> bytes | None:
 
 
 @pytest.mark.parametrize(
-    ("lease_s", "check_s"),
-    [(5.0, 0.05), (0.3, 10.0)],
-    ids=["found-by-the-cheap-check", "found-by-the-lease-renewal"],
+    ("lease_s", "stop_channel"),
+    # A lease of a minute is renewed every 20 s: within the wait below only the push can
+    # stop the step. Without the channel, a 0.3 s lease's refused renewal must.
+    [(60.0, True), (0.3, False)],
+    ids=["pushed-to-the-worker", "found-by-the-lease-renewal"],
 )
 @pytest.mark.parametrize(
     "options",
@@ -83,16 +111,14 @@ def test_cancelling_a_stalled_call_abandons_it_and_frees_the_worker(
     streams: Streams,
     r: redis.Redis,
     patient: Agent,
-    settings: Settings,
     steps: list[StepThread],
     lease_s: float,
-    check_s: float,
+    stop_channel: bool,
     options: dict[str, Any],
 ) -> None:
-    settings.SWITCHBOARD = {**settings.SWITCHBOARD, "CANCEL_CHECK_S": check_s}
     run_id = streams.send("room", "m-1", PROMPT, agent=patient.name, options=options).run_id
     assert run_id is not None
-    step = StepThread(RunStore(r, lease_s=lease_s), run_id)
+    step = StepThread(RunStore(r, lease_s=lease_s), run_id, stop_channel)
     steps.append(step)
     wait_for(lambda: status(r, run_id) == b"running", "the step to claim the run")
 
@@ -116,14 +142,13 @@ def test_a_call_cancelled_mid_reply_appends_nothing_after_the_reply_done(
     streams: Streams,
     r: redis.Redis,
     patient: Agent,
-    settings: Settings,
     steps: list[StepThread],
 ) -> None:
-    settings.SWITCHBOARD = {**settings.SWITCHBOARD, "CANCEL_CHECK_S": 0.05}
+    # A minute's lease, renewed every 20 s: only the stop pushed to the worker ends the call.
     options = {"chunks": 4, "chunk_delay_ms": STALL_MS}
     run_id = streams.send("room", "m-1", PROMPT, agent=patient.name, options=options).run_id
     assert run_id is not None
-    step = StepThread(RunStore(r), run_id)
+    step = StepThread(RunStore(r, lease_s=60.0), run_id)
     steps.append(step)
     first = split_evenly(PROMPT, 4)[0]
     wait_for(lambda: of_kind(log_events(r, "room"), "reply.delta"), "the first piece")

@@ -1,8 +1,9 @@
-"""Agents of several steps (orchestration/services.py) on a real Redis, without Celery:
+"""Agents of several steps (orchestration/steps.py) on a real Redis, without Celery:
 each step's output feeds the next, only visible steps stream, each step falls back alone."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +16,9 @@ from orchestration.agents import Agent, PythonStep, Step, StepContext
 from orchestration.runs import RunStore
 from orchestration.steps import StepOutcome
 from realtime import keys
+from realtime.streams import RUN_STEP_TASK
 from tests.store.conftest import Streams, execute_step, log_events, of_kind
+from tests.store.test_leases import QUEUE, queued_steps
 from workers import backends
 from workers.backends import ModelError, ModelRequest, ModelTimeout
 
@@ -29,18 +32,20 @@ def start(streams: Streams, agent: str, text: str = "hello", **options: Any) -> 
 
 
 def run_to_end(runs: RunStore, run_id: str, steps: int) -> None:
-    """Execute the run's steps in order as the Celery tasks would, retries included."""
-    step, retries = 0, 0
+    """Execute the run's steps in order as the Celery tasks would: a finished step queues
+    its successor's message as it hands the run over (retries happen inside a step)."""
+    runs.client.delete(QUEUE)
+    step = 0
     while True:
-        outcome = execute_step(runs, run_id, step, retries)
-        if outcome.retry_in_s is not None:
-            retries += 1
-            continue
+        outcome = execute_step(runs, run_id, step)
         if outcome.next_step is None:
+            assert queued_steps(runs.client) == []
             return
         assert outcome.next_step == step + 1 < steps
-        runs.hand_over(run_id, outcome.owner)
-        step, retries = outcome.next_step, 0
+        [(args, headers)] = queued_steps(runs.client)
+        assert (args, headers["task"]) == ([run_id, step + 1], RUN_STEP_TASK)
+        runs.client.delete(QUEUE)  # taken by the worker that runs it
+        step = outcome.next_step
 
 
 def events(r: redis.Redis) -> list[dict[str, Any]]:
@@ -228,8 +233,17 @@ def test_a_python_step_past_its_soft_limit_is_abandoned_with_its_fallback(
         "stuck",
         PythonStep(stuck, name="only", visible=True, soft_limit_s=0.2, fallback_text="slow"),
     )
+    run_id = start(streams, "stuck")
+    # On a thread: the step's loop waits for its executor's stuck thread when it closes.
+    worker = threading.Thread(target=run_to_end, args=(runs, run_id, 1), daemon=True)
+    worker.start()
     try:
-        run_to_end(runs, start(streams, "stuck"), 1)
+        deadline = time.monotonic() + 10
+        while not of_kind(events(r), "reply.done"):
+            assert time.monotonic() < deadline, "the stuck step never fell back"
+            time.sleep(0.01)
+        # Answered while the step's function is still stuck.
+        assert not release.is_set()
         data = the_done(r)
         assert (data["status"], data["text"], data["detail"]) == (
             "degraded",
@@ -238,6 +252,8 @@ def test_a_python_step_past_its_soft_limit_is_abandoned_with_its_fallback(
         )
     finally:
         release.set()
+        worker.join(timeout=10)
+    assert not worker.is_alive()
 
 
 def test_a_retry_waits_at_least_the_providers_retry_after(
@@ -246,13 +262,28 @@ def test_a_retry_waits_at_least_the_providers_retry_after(
     r: redis.Redis,
     model: Recording,
     register_agent: Callable[..., Agent],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recorded_sleep(delay: float, *args: Any) -> Any:
+        waits.append(delay)
+        return await real_sleep(delay, *args)
+
+    monkeypatch.setattr(asyncio, "sleep", recorded_sleep)
     register_agent("patient", Step(backend="recording", model="busy", max_retries=2))
     run_id = start(streams, "patient")
-    outcome = execute_step(runs, run_id, 0, 0)
+    r.delete(QUEUE)
+    # Retried within the step, after the wait: nothing is queued, the run claimed once.
+    assert execute_step(runs, run_id, 0, 0) == StepOutcome()
+    assert queued_steps(r) == []
+    assert r.hget(keys.run(run_id), "attempt") == b"1"
     # The configured backoff in tests is far below the 0.3 s the provider asked for.
-    assert outcome == StepOutcome(retry_in_s=0.3)
-    assert execute_step(runs, run_id, 0, 1) == StepOutcome()
+    assert 0.3 in waits
+    assert [request.attempt for request in model.requests] == [1, 2]
+    # The refused call streamed nothing, so there is nothing to restart.
+    assert of_kind(events(r), "reply.restart") == []
     assert the_done(r)["text"] == "busy(hello)"
 
 

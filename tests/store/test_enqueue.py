@@ -12,6 +12,8 @@ import ast
 import base64
 import copy
 import json
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,14 +21,16 @@ import redis
 from celery.worker.request import Request
 from django.conf import settings
 
+from orchestration import dispatch
 from orchestration.enqueue import RUN_NEXT_TASK, celery_message
 from orchestration.runs import RunStore
 from orchestration.tasks import run_next, run_step
 from project.celery import app as celery_app
-from realtime import keys
+from realtime import keys, redis_clients
 from realtime.events import new_run_id
 from realtime.streams import RUN_STEP_TASK, RUNS_QUEUE
 from tests.store.conftest import Streams, log_events, of_kind
+from workers import runtime
 
 # Differ per message or per process by design; everything else must be identical.
 VOLATILE_HEADERS = {"id", "root_id", "origin", "argsrepr", "ignore_result"}
@@ -87,6 +91,30 @@ def assert_same_format(ours: dict[str, Any], theirs: dict[str, Any], args: list[
     assert ours == theirs
 
 
+@pytest.fixture
+def worker_runtime() -> Iterator[None]:
+    """A task executed here hands its step to this process's model-call runtime, as in a
+    worker; stopped afterwards so no loop or client outlives the test."""
+    yield
+    side = dispatch._side
+    if side is not None:
+        side.runtime.stop()
+    dispatch._side = None
+    runtime.reset_after_fork()
+    redis_clients.reset_after_fork()
+
+
+def reply_done(r: redis.Redis, stream: str = "room") -> dict[str, Any]:
+    """The run's reply.done, waited for: the task returns once its step is claimed, and
+    the step goes on on the runtime's loop."""
+    deadline = time.monotonic() + 10
+    while not (dones := of_kind(log_events(r, stream), "reply.done")):
+        assert time.monotonic() < deadline, "the step never finished"
+        time.sleep(0.01)
+    [done] = dones
+    return done
+
+
 def test_celery_message_matches_kombus(r: redis.Redis, store_redis_url: str) -> None:
     args = [new_run_id(), 0]
     task_id, text = celery_message(RUN_STEP_TASK, args, RUNS_QUEUE)
@@ -138,6 +166,7 @@ def test_celery_worker_decodes_and_runs_the_pushed_message(
     r: redis.Redis,
     store_redis_url: str,
     monkeypatch: pytest.MonkeyPatch,
+    worker_runtime: None,
     fair: bool,
 ) -> None:
     monkeypatch.setitem(settings.SWITCHBOARD, "FAIR_QUEUE", fair)
@@ -167,8 +196,8 @@ def test_celery_worker_decodes_and_runs_the_pushed_message(
 
     # And executes it through Celery's tracer: the run streams and completes.
     request.execute()
+    done = reply_done(r)
     events = log_events(r, "room")
-    [done] = of_kind(events, "reply.done")
     assert done["data"]["status"] == "ok"
     assert done["data"]["text"] == 'héllo "wörld" 🎉'
     # Three pieces at once: the first is appended on its own, the other two coalesced.
@@ -177,7 +206,7 @@ def test_celery_worker_decodes_and_runs_the_pushed_message(
 
 
 def test_a_redelivered_step_message_carries_its_retries_to_celery(
-    streams: Streams, r: redis.Redis, store_redis_url: str
+    streams: Streams, r: redis.Redis, store_redis_url: str, worker_runtime: None
 ) -> None:
     appended = streams.send("room", "m-1", "again", options={"chunks": 2})
     assert appended.run_id is not None
@@ -192,5 +221,5 @@ def test_a_redelivered_step_message_carries_its_retries_to_celery(
     assert (request.name, request.args) == (RUN_STEP_TASK, [appended.run_id, 0])
     assert request.request_dict["retries"] == 2
     request.execute()
-    [done] = of_kind(log_events(r, "room"), "reply.done")
+    done = reply_done(r)
     assert (done["data"]["status"], done["data"]["text"]) == ("ok", "again")

@@ -351,3 +351,34 @@ def test_purge_reads_the_retention_setting(tenant: Tenant, settings: Any) -> Non
         created_at=datetime.now(UTC) - timedelta(days=2),
     )
     assert persister.purge() == 1
+
+
+def restarted(streams: Streams, runs: RunStore, r: redis.Redis) -> str:
+    """A run that streamed "lorem lo", had its text reset (as a `reply.restart` voids it:
+    the stored text emptied and the offset back to 0) and then answered "ipsum dolor"."""
+    appended = streams.send(ROOM, f"m-{time.monotonic_ns()}", "hi")
+    assert appended.run_id is not None
+    run = runs.claim(appended.run_id, 0)
+    assert run is not None
+    runs.append_delta(run, "lorem ")
+    runs.append_delta(run, "lo")
+    r.delete(keys.run_text(run.run_id))
+    r.hset(keys.run(run.run_id), "emitted", 0)
+    run.emitted = 0
+    runs.append_delta(run, "ipsum ")
+    runs.append_delta(run, "dolor")
+    assert runs.finalize(run.run_id, "ok", owner=run.owner, run=run)
+    return run.run_id
+
+
+@pytest.mark.parametrize("log_trimmed", [False, True], ids=["from the log", "from the run"])
+def test_a_reset_run_text_is_what_the_history_keeps(
+    tenant: Tenant, streams: Streams, runs: RunStore, r: redis.Redis, log_trimmed: bool
+) -> None:
+    run_id = restarted(streams, runs, r)
+    [done] = of_kind(log_events(r, ROOM), "reply.done")
+    assert done["data"]["text"] == "ipsum dolor"
+    if log_trimmed:
+        r.delete(keys.stream_log(TENANT, ROOM))
+    assert persister.persist(r) == 1
+    assert HistoryEntry.objects.get(kind="reply.done", run_id=run_id).text == "ipsum dolor"

@@ -71,12 +71,16 @@ def deltas(r: redis.Redis) -> list[dict[str, Any]]:
 
 
 def assert_reply(r: redis.Redis, run_id: str, status: str, text: str) -> None:
-    """Exactly one reply.done for the run, its text the contiguous deltas."""
+    """Exactly one reply.done for the run, its text the contiguous deltas since the last
+    reply.restart (which voids what was streamed before it)."""
+    events = log_events(r, "room")
+    restarts = [index for index, event in enumerate(events) if event["kind"] == "reply.restart"]
+    current = of_kind(events[restarts[-1] + 1 :] if restarts else events, "reply.delta")
     offset = 0
-    for delta in deltas(r):
+    for delta in current:
         assert delta["data"]["offset"] == offset
         offset += len(delta["data"]["text"])
-    assert "".join(delta["data"]["text"] for delta in deltas(r)) == text
+    assert "".join(delta["data"]["text"] for delta in current) == text
     [done] = of_kind(log_events(r, "room"), "reply.done")
     assert (done["data"]["run"], done["data"]["status"], done["data"]["text"]) == (
         run_id,
@@ -173,7 +177,7 @@ def test_an_expired_lease_is_redelivered_once_by_concurrent_sweepers(
     assert len(queued_steps(r)) == rounds
 
 
-def test_a_redelivered_step_fences_the_lost_owner_and_finishes_without_repeats(
+def test_a_redelivered_step_fences_the_lost_owner_and_restarts_the_reply(
     streams: Streams, r: redis.Redis
 ) -> None:
     run_id = started(streams, chunks=4)
@@ -192,10 +196,17 @@ def test_a_redelivered_step_fences_the_lost_owner_and_finishes_without_repeats(
         dead(r).finalize(run_id, "ok", owner=lost.owner, run=lost)
     assert not dead(r).renew_lease(lost)
 
-    # The redelivered message runs the step again; the client sees each character once.
+    # The redelivered message runs the step again. What the lost attempt streamed is voided
+    # by one reply.restart, and the new attempt's reply starts again at offset 0.
     assert execute_step(RunStore(r), args[0], args[1], 0) == StepOutcome()
     assert_reply(r, run_id, "ok", PROMPT)
+    kinds = [event["kind"] for event in log_events(r, "room")]
+    assert kinds[:3] == ["message", "reply.delta", "reply.restart"]
+    assert kinds.count("reply.restart") == 1
     assert deltas(r)[0]["data"]["text"] == first
+    [restart] = of_kind(log_events(r, "room"), "reply.restart")
+    assert restart["data"] == {"run": run_id, "attempt": 2, "reason": "redelivered"}
+    assert deltas(r)[1]["data"]["offset"] == 0
     assert field(r, run_id, "attempt") == "2"
     assert r.zscore(keys.RUN_LEASES, run_id) is None
 
@@ -389,7 +400,10 @@ def test_due_leases_are_renewed_in_one_pipeline_and_lost_ones_stopped(
             try:
                 await asyncio.Event().wait()
             except asyncio.CancelledError:
-                stopped.append(f"{run_id}:{held.stop_reason}")
+                if held.stop_reason:  # stopped by InFlight, not by the test's cleanup
+                    stopped.append(f"{run_id}:{held.stop_reason}")
+            finally:
+                inflight.release(held)
 
         tasks = [asyncio.create_task(hold(kept_id)), asyncio.create_task(hold(lost_id))]
         while len(inflight) < 2:

@@ -1,20 +1,22 @@
-"""A run step end to end without Celery (orchestration/services.py) on a real Redis."""
+"""A run step end to end without Celery (orchestration/steps.py) on a real Redis."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import redis
-from django.conf import settings
 
 from orchestration.agents import Agent, Step
+from orchestration.intake import _finalize_cancelled
 from orchestration.runs import RunStore
 from orchestration.services import sweep_overdue_runs
 from orchestration.steps import StepOutcome
 from realtime import keys
+from realtime.streams import RUNS_QUEUE
 from tests.store.conftest import Streams, execute_step, log_events, of_kind
 from workers import backends
 from workers.backends import ModelError, ModelRequest, split_evenly
@@ -37,10 +39,14 @@ def delta_texts(r: redis.Redis) -> list[str]:
 
 
 def assert_contiguous(r: redis.Redis) -> None:
+    """Each delta continues where the reply stood; a reply.restart starts it again at 0."""
     offset = 0
-    for delta in of_kind(log_events(r, "room"), "reply.delta"):
-        assert delta["data"]["offset"] == offset
-        offset += len(delta["data"]["text"])
+    for event in log_events(r, "room"):
+        if event["kind"] == "reply.restart":
+            offset = 0
+        elif event["kind"] == "reply.delta":
+            assert event["data"]["offset"] == offset
+            offset += len(event["data"]["text"])
 
 
 def test_ok_path_streams_the_echo_and_finishes_once(
@@ -95,23 +101,30 @@ def test_a_fast_200_piece_reply_is_appended_in_few_deltas(
     assert (done["data"]["status"], done["data"]["text"]) == ("ok", text)
 
 
-def test_transient_error_is_retried_without_duplicating_text(
+def queued_messages(r: redis.Redis) -> list[bytes]:
+    return r.lrange(keys.celery_queue(RUNS_QUEUE), 0, -1)
+
+
+def test_transient_error_is_retried_in_place_without_duplicating_text(
     streams: Streams, runs: RunStore, r: redis.Redis
 ) -> None:
     run_id = started(streams, fail="error_once", chunks=2)
-    outcome = execute_step(runs, run_id, 0, 0)
-    backoff = settings.SWITCHBOARD["MODEL_RETRY_BACKOFF_S"]
-    assert outcome == StepOutcome(retry_in_s=backoff)
-    assert done_events(r) == []
-    assert execute_step(runs, run_id, 0, 1) == StepOutcome()
+    r.delete(keys.celery_queue(RUNS_QUEUE))
+    # The first call fails before any text; the step sleeps its backoff and calls again.
+    assert execute_step(runs, run_id, 0, 0) == StepOutcome()
+    assert queued_messages(r) == []  # retried inside the step: no message is queued
     assert "".join(delta_texts(r)) == PROMPT
+    assert_contiguous(r)
+    # Nothing had streamed, so there is nothing to void.
+    assert of_kind(log_events(r, "room"), "reply.restart") == []
     [done] = done_events(r)
     assert (done["data"]["status"], done["data"]["text"]) == ("ok", PROMPT)
 
 
 class FlakyBackend:
     """Streams part of the reply, then fails transiently, on the first attempt only; later
-    attempts regenerate from the start in differently sized pieces."""
+    attempts regenerate from the start in differently sized pieces. A blocking backend: it
+    runs in the runtime's thread pool (workers.backends.blocking_stream)."""
 
     name = "flaky"
 
@@ -128,19 +141,28 @@ def flaky_agent(monkeypatch: pytest.MonkeyPatch, register_agent: Callable[..., A
     return register_agent("flaky", Step(backend="flaky", max_retries=2))
 
 
-def test_retry_after_partial_output_skips_what_was_already_sent(
+def test_retry_after_partial_output_restarts_the_reply(
     streams: Streams, runs: RunStore, r: redis.Redis, flaky_agent: Agent
 ) -> None:
     run_id = started(streams, agent=flaky_agent.name)
-    first = execute_step(runs, run_id, 0, 0)
-    assert first.retry_in_s is not None
-    sent_before_retry = "".join(delta_texts(r))
-    assert sent_before_retry and PROMPT.startswith(sent_before_retry)
-    assert execute_step(runs, run_id, 0, 1) == StepOutcome()
-    assert "".join(delta_texts(r)) == PROMPT
+    r.delete(keys.celery_queue(RUNS_QUEUE))
+    assert execute_step(runs, run_id, 0, 0) == StepOutcome()
+    assert queued_messages(r) == []
+    events = log_events(r, "room")
+    [restart] = of_kind(events, "reply.restart")
+    at = events.index(restart)
+    before = [e["data"]["text"] for e in of_kind(events[:at], "reply.delta")]
+    after = of_kind(events[at + 1 :], "reply.delta")
+    # The first attempt's text went out, then was voided: never spliced with the second's.
+    assert "".join(before) == "".join(split_evenly(PROMPT, 5)[:2])
+    assert restart["data"] == {"run": run_id, "attempt": 2, "reason": "retry"}
+    # The new attempt streams the whole reply again from offset 0.
+    assert after[0]["data"]["offset"] == 0
+    assert "".join(delta["data"]["text"] for delta in after) == PROMPT
     assert_contiguous(r)
     [done] = done_events(r)
     assert (done["data"]["status"], done["data"]["text"]) == ("ok", PROMPT)
+    assert events[-1] == done
 
 
 def test_errors_past_the_retry_budget_answer_degraded(
@@ -148,9 +170,11 @@ def test_errors_past_the_retry_budget_answer_degraded(
 ) -> None:
     agent = register_agent("fragile", Step(backend="simulated", max_retries=2, fallback_text="no"))
     run_id = started(streams, agent=agent.name, fail="error")
-    assert execute_step(runs, run_id, 0, 0).retry_in_s is not None
-    assert execute_step(runs, run_id, 0, 1).retry_in_s is not None
-    assert execute_step(runs, run_id, 0, 2) == StepOutcome()
+    r.delete(keys.celery_queue(RUNS_QUEUE))
+    # Three calls (the first and two retries), all in the one step.
+    assert execute_step(runs, run_id, 0, 0) == StepOutcome()
+    assert queued_messages(r) == []
+    assert r.hget(keys.run(run_id), "attempt") == b"1"  # claimed once
     [done] = done_events(r)
     assert done["data"]["status"] == "degraded"
     assert done["data"]["text"] == "no"
@@ -245,17 +269,20 @@ def test_sweep_ends_overdue_runs_once_with_failed(
 
 class BurstThenBackend:
     """Three pieces at once (the first appended, two buffered), then an ending: a
-    permanent error, or the run stops needing the call (its cancelled event set)."""
+    permanent error, or a stall that only the run's stop ends (a blocking backend waits
+    on `request.cancelled`, which the runtime sets when it abandons the call)."""
 
     name = "burst"
 
     def __init__(self, ending: str) -> None:
         self.ending = ending
+        self.stalled = threading.Event()
 
     def stream(self, request: ModelRequest, deadline: float) -> Iterator[str]:
         yield from ("one ", "two ", "three")
-        if self.ending == "cancelled":
-            request.cancelled.set()
+        if self.ending == "stall":
+            self.stalled.set()
+            request.cancelled.wait(600)
             raise backends.ModelCancelled()
         raise ModelError("bad request", transient=False)
 
@@ -277,16 +304,29 @@ def test_buffered_pieces_are_appended_before_the_fallback(
     assert (done["data"]["status"], done["data"]["text"]) == ("degraded", "one two three\nsorry")
 
 
-def test_buffered_pieces_are_dropped_when_the_call_is_cancelled(
+def test_a_cancel_published_while_a_step_streams_stops_it_and_drops_its_buffer(
     streams: Streams,
     runs: RunStore,
     r: redis.Redis,
     monkeypatch: pytest.MonkeyPatch,
     register_agent: Callable[..., Agent],
 ) -> None:
-    monkeypatch.setitem(backends._backends, "burst", BurstThenBackend("cancelled"))
-    agent = register_agent("burst", Step(backend="burst"))
+    burst = BurstThenBackend("stall")
+    monkeypatch.setitem(backends._backends, "burst", burst)
+    agent = register_agent("burst", Step(backend="burst", soft_limit_s=600), deadline_s=3600)
     run_id = started(streams, agent=agent.name)
-    assert execute_step(runs, run_id, 0, 0) == StepOutcome()
+    outcome: list[StepOutcome] = []
+    step = threading.Thread(target=lambda: outcome.append(execute_step(runs, run_id, 0, 0)))
+    step.start()
+    try:
+        assert burst.stalled.wait(10), "the model call never started"
+        assert _finalize_cancelled(run_id) == (True, "")  # publishes the stop to the worker
+    finally:
+        step.join(timeout=10)
+    assert not step.is_alive(), "the stop did not end the stalled call"
+    assert outcome == [StepOutcome()]
+    # The two buffered pieces were never appended: the reply ends with what was sent.
     assert delta_texts(r) == ["one "]
-    assert done_events(r) == []
+    [done] = done_events(r)
+    assert (done["data"]["status"], done["data"]["text"]) == ("cancelled", "one ")
+    assert [event["kind"] for event in log_events(r, "room")][-1] == "reply.done"

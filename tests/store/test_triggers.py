@@ -65,9 +65,10 @@ def finish(streams: Streams, runs: RunStore, stream: str, agent: str = "answer")
 
 
 def run_to_end(runs: RunStore, run_id: str) -> None:
+    """The run's steps in order; a finished step has already handed the run to the next
+    (and queued its message) by the time it returns."""
     step = 0
     while (outcome := execute_step(runs, run_id, step, 0)).next_step is not None:
-        runs.hand_over(run_id, outcome.owner)
         step = outcome.next_step
 
 

@@ -1,20 +1,26 @@
-"""Model backends (workers/backends.py): even splitting and the simulated model."""
+"""Model backends (workers/backends.py): even splitting, the simulated model (an async
+stream, bounded and stopped by the runtime through asyncio timeouts and cancellation), and
+blocking backends read through the runtime's thread pool."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
 from workers.backends import (
-    ModelCancelled,
     ModelError,
     ModelRequest,
-    ModelTimeout,
     SimulatedBackend,
+    blocking_stream,
     get_backend,
+    open_stream,
+    register_backend,
     split_evenly,
 )
 
@@ -51,9 +57,15 @@ def test_split_evenly_properties(seed: int) -> None:
     assert [len(part) for part in parts] == sorted((len(part) for part in parts), reverse=True)
 
 
-def collect(options: dict[str, object], attempt: int = 1, deadline: float = FAR) -> list[str]:
+def collect(options: dict[str, object], attempt: int = 1, within_s: float = 60.0) -> list[str]:
+    """The simulated call's pieces, under a runtime-style time bound."""
     request = ModelRequest(model="echo", prompt="hello there", options=options, attempt=attempt)
-    return list(SimulatedBackend().stream(request, deadline))
+
+    async def main() -> list[str]:
+        async with asyncio.timeout(within_s):
+            return [piece async for piece in SimulatedBackend().astream(request)]
+
+    return asyncio.run(main())
 
 
 def test_simulated_backend_echoes_in_four_pieces_by_default() -> None:
@@ -90,38 +102,44 @@ def test_simulated_backend_unknown_fail_mode_is_ignored() -> None:
     assert "".join(collect({"fail": "sometimes"})) == "hello there"
 
 
-def test_fail_timeout_stalls_until_the_deadline_then_times_out() -> None:
-    with pytest.raises(ModelTimeout) as caught:
-        collect({"fail": "timeout"}, deadline=time.monotonic() + 0.05)
-    assert not caught.value.transient
-    assert isinstance(caught.value, ModelError)
+def test_fail_timeout_stalls_until_the_runtimes_time_bound() -> None:
+    # The backend never answers; the step's asyncio timeout ends it (the step reads that
+    # as ModelTimeout).
+    with pytest.raises(TimeoutError):
+        collect({"fail": "timeout"}, within_s=0.05)
 
 
-def test_latency_past_the_deadline_times_out_without_waiting_it_out() -> None:
-    # Ten minutes of latency against a deadline already passed: the backend must give up
-    # at the deadline (pytest-timeout would stop a backend that slept the latency out).
-    with pytest.raises(ModelTimeout):
-        collect({"latency_ms": 600_000}, deadline=time.monotonic() - 1)
+def test_latency_past_the_time_bound_is_not_waited_out() -> None:
+    # Ten minutes of latency against a bound of 50 ms (pytest-timeout would stop a backend
+    # that slept the latency out).
+    with pytest.raises(TimeoutError):
+        collect({"latency_ms": 600_000}, within_s=0.05)
 
 
-def test_latency_within_the_deadline_answers() -> None:
-    assert "".join(collect({"latency_ms": 1}, deadline=time.monotonic() + 60)) == "hello there"
+def test_latency_within_the_time_bound_answers() -> None:
+    assert "".join(collect({"latency_ms": 1})) == "hello there"
 
 
 def test_backend_registry() -> None:
     assert isinstance(get_backend("simulated"), SimulatedBackend)
     with pytest.raises(KeyError):
         get_backend("no-such-backend")
+    with pytest.raises(TypeError):
+        register_backend(object())  # type: ignore[arg-type]
 
 
 def test_chunk_delay_spaces_the_pieces() -> None:
     request = ModelRequest(
         model="echo", prompt="hello there", options={"chunks": 3, "chunk_delay_ms": 40}
     )
-    arrivals = []
-    start = time.monotonic()
-    for piece in SimulatedBackend().stream(request, FAR):
-        arrivals.append((time.monotonic() - start, piece))
+
+    async def main() -> list[tuple[float, str]]:
+        start = time.monotonic()
+        return [
+            (time.monotonic() - start, piece) async for piece in SimulatedBackend().astream(request)
+        ]
+
+    arrivals = asyncio.run(main())
     assert "".join(piece for _, piece in arrivals) == "hello there"
     assert arrivals[0][0] < 0.04  # no delay before the first piece
     assert arrivals[1][0] >= 0.04
@@ -130,29 +148,26 @@ def test_chunk_delay_spaces_the_pieces() -> None:
 
 @pytest.mark.parametrize("delay", [0, -5, "100", None, True])
 def test_chunk_delay_ignores_nonsense_values(delay: object) -> None:
-    started = time.monotonic()
-    assert "".join(collect({"chunks": 5, "chunk_delay_ms": delay})) == "hello there"
-    assert time.monotonic() - started < 0.5
+    # A nonsense delay is no delay: done well within a bound far below any real spacing.
+    assert "".join(collect({"chunks": 5, "chunk_delay_ms": delay}, within_s=0.5)) == "hello there"
 
 
-def test_chunk_delay_past_the_deadline_times_out_after_the_pieces_in_time() -> None:
-    # Ten minutes between pieces against a deadline in 50 ms: the first piece arrives, the
-    # second wait hits the deadline and gives up there instead of sleeping it out.
+def test_chunk_delay_past_the_time_bound_ends_after_the_pieces_in_time() -> None:
+    # Ten minutes between pieces against a bound of 50 ms: the first piece arrives, the
+    # wait for the second is cut off by the bound instead of being slept out.
     request = ModelRequest(
         model="echo", prompt="hello there", options={"chunks": 3, "chunk_delay_ms": 600_000}
     )
-    stream = SimulatedBackend().stream(request, time.monotonic() + 0.05)
-    assert next(stream) == "hell"
-    started = time.monotonic()
-    with pytest.raises(ModelTimeout):
-        next(stream)
-    assert time.monotonic() - started < 5
+    received: list[str] = []
 
+    async def main() -> None:
+        async with asyncio.timeout(0.05):
+            async for piece in SimulatedBackend().astream(request):
+                received.append(piece)
 
-def cancelled_request(options: dict[str, object]) -> ModelRequest:
-    request = ModelRequest(model="echo", prompt="hello there", options=options)
-    request.cancelled.set()
-    return request
+    with pytest.raises(TimeoutError):
+        asyncio.run(main())
+    assert received == ["hell"]
 
 
 @pytest.mark.parametrize(
@@ -164,32 +179,23 @@ def cancelled_request(options: dict[str, object]) -> ModelRequest:
     ],
 )
 def test_a_cancelled_call_stops_waiting_at_once(options: dict[str, object]) -> None:
-    # Ten minutes of waiting against a far deadline: only the cancellation can end it
-    # (pytest-timeout would stop a backend that slept it out).
-    with pytest.raises(ModelCancelled) as caught:
-        list(SimulatedBackend().stream(cancelled_request(options), FAR))
-    assert not caught.value.transient
+    # Ten minutes of waiting with no time bound: only the cancellation (a stop) can end it.
+    request = ModelRequest(model="echo", prompt="hello there", options=options)
+    received: list[str] = []
 
+    async def main() -> None:
+        async def call() -> None:
+            async for piece in SimulatedBackend().astream(request):
+                received.append(piece)
 
-def test_a_call_cancelled_from_another_thread_mid_wait_returns() -> None:
-    request = ModelRequest(model="echo", prompt="hello there", options={"latency_ms": 600_000})
-    canceller = threading.Thread(target=request.cancelled.set)
-    canceller.start()
-    with pytest.raises(ModelCancelled):
-        list(SimulatedBackend().stream(request, FAR))
-    canceller.join()
+        task = asyncio.create_task(call())
+        await asyncio.sleep(0.02)  # let it reach its wait
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
-
-def test_a_call_cancelled_between_pieces_yields_no_more() -> None:
-    request = ModelRequest(
-        model="echo", prompt="hello there", options={"chunks": 3, "chunk_delay_ms": 600_000}
-    )
-    stream = SimulatedBackend().stream(request, FAR)
-    first = next(stream)
-    request.cancelled.set()
-    with pytest.raises(ModelCancelled):
-        next(stream)
-    assert first == split_evenly("hello there", 3)[0]
+    asyncio.run(main())
+    assert received == ([] if "latency_ms" in options or "fail" in options else ["hello "])
 
 
 def test_requests_compare_without_their_cancellation_event() -> None:
@@ -197,3 +203,88 @@ def test_requests_compare_without_their_cancellation_event() -> None:
     assert ModelRequest(model="m", prompt="p").cancelled is not (
         ModelRequest(model="m", prompt="p").cancelled
     )
+
+
+class BlockingEcho:
+    """A backend of the earlier, blocking interface: one word at a time, waiting on the
+    request's cancellation between words as such a backend must; or a failure."""
+
+    name = "blocking-echo"
+
+    def __init__(self, gap_s: float = 0.0, fail_after: int | None = None) -> None:
+        self.gap_s = gap_s
+        self.fail_after = fail_after
+        self.finished = threading.Event()
+        self.thread: str = ""
+
+    def stream(self, request: ModelRequest, deadline: float) -> Iterator[str]:
+        self.thread = threading.current_thread().name
+        try:
+            for index, word in enumerate(request.prompt.split(" ")):
+                if index == self.fail_after:
+                    raise ModelError("provider went away", transient=True)
+                if index and request.cancelled.wait(self.gap_s):
+                    return
+                yield word if index == 0 else " " + word
+        finally:
+            self.finished.set()
+
+
+def read_all(pieces: AsyncIterator[str]) -> list[str]:
+    async def main() -> list[str]:
+        return [piece async for piece in pieces]
+
+    return asyncio.run(main())
+
+
+def test_a_blocking_backend_streams_through_a_thread_off_the_loop() -> None:
+    backend = BlockingEcho()
+    request = ModelRequest(model="m", prompt="one two three")
+
+    async def main() -> tuple[list[str], str]:
+        pieces = open_stream(backend, request, time.monotonic() + 60)
+        return [piece async for piece in pieces], threading.current_thread().name
+
+    pieces, loop_thread = asyncio.run(main())
+    assert pieces == ["one", " two", " three"]
+    assert backend.thread and backend.thread != loop_thread
+
+
+def test_a_blocking_backends_error_is_raised_in_the_loop() -> None:
+    backend = BlockingEcho(fail_after=1)
+    request = ModelRequest(model="m", prompt="one two three")
+    received: list[str] = []
+
+    async def main() -> None:
+        async for piece in blocking_stream(backend, request, FAR):
+            received.append(piece)
+
+    with pytest.raises(ModelError) as caught:
+        asyncio.run(main())
+    assert caught.value.transient
+    assert received == ["one"]
+
+
+def test_leaving_a_blocking_stream_early_cancels_its_call() -> None:
+    # Ten minutes between words: only request.cancelled, set when the reader leaves (a
+    # stop, a timeout), lets the backend's thread finish.
+    backend = BlockingEcho(gap_s=600)
+    request = ModelRequest(model="m", prompt="one two three")
+
+    async def main() -> list[str]:
+        received: list[str] = []
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):
+                async for piece in blocking_stream(backend, request, FAR):
+                    received.append(piece)
+        return received
+
+    assert asyncio.run(main()) == ["one"]
+    assert request.cancelled.is_set()
+    assert backend.finished.wait(5)
+
+
+def test_open_stream_takes_the_async_interface_when_there_is_one() -> None:
+    request = ModelRequest(model="m", prompt="hello there", options={"chunks": 2})
+    pieces: Any = open_stream(SimulatedBackend(), request, FAR)
+    assert read_all(pieces) == ["hello ", "there"]

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+import pytest_asyncio
+from websockets.asyncio.server import serve
 
-from realtime.client import answers_own_send
+from realtime.client import ReplyCollector, answers_own_send, reply_problems, since_last_restart
+from realtime.reconnecting import ReconnectingClient
+from tests.unit.test_reconnecting_gap import ScriptedServer, receive, send, welcome
 
 
 def reply(cause: dict[str, Any]) -> dict[str, Any]:
@@ -29,3 +35,172 @@ def reply(cause: dict[str, Any]) -> dict[str, Any]:
 )
 def test_answers_own_send(cause: dict[str, Any], client: str, own: bool) -> None:
     assert answers_own_send(reply(cause), client) is own
+
+
+# --- reply.restart: the run's text so far is void, the reply starts again at offset 0 ----------
+
+CAUSE = {"client": "alice", "message": "m1", "prev": "e1"}
+
+
+def reply_event(seq: int, kind: str, **data: Any) -> dict[str, Any]:
+    return {
+        "type": "event",
+        "stream": "room",
+        "seq": seq,
+        "id": f"e{seq}",
+        "kind": kind,
+        "from": "agent:echo",
+        "cause": CAUSE,
+        "ts": "2026-01-01T00:00:00Z",
+        "data": {"run": "r1", **data},
+    }
+
+
+def delta(seq: int, offset: int, text: str) -> dict[str, Any]:
+    return reply_event(seq, "reply.delta", offset=offset, text=text)
+
+
+def restart(seq: int, attempt: int = 2) -> dict[str, Any]:
+    return reply_event(seq, "reply.restart", attempt=attempt, reason="model_error")
+
+
+def done(seq: int, text: str) -> dict[str, Any]:
+    return reply_event(seq, "reply.done", status="ok", text=text, detail=None)
+
+
+# A provider dropped its stream after "lorem lo" and answered differently on the retry.
+RESTARTED = [
+    delta(2, 0, "lorem "),
+    delta(3, 6, "lo"),
+    restart(4),
+    delta(5, 0, "ipsum "),
+    delta(6, 6, "dolor"),
+]
+
+
+def texts(deltas: list[dict[str, Any]]) -> str:
+    return "".join(event["data"]["text"] for event in deltas)
+
+
+async def collected(events: list[dict[str, Any]]) -> tuple[ReplyCollector, str]:
+    collector = ReplyCollector()
+    for event in events:
+        collector.add(event)
+    deltas, final = await collector.wait(1)
+    return collector, texts(deltas) if final["data"]["text"] == texts(deltas) else "MISMATCH"
+
+
+@pytest.mark.asyncio
+async def test_a_restart_mid_reply_voids_the_deltas_before_it() -> None:
+    collector, text = await collected([*RESTARTED, done(7, "ipsum dolor")])
+    assert text == "ipsum dolor"
+    assert [event["seq"] for event in collector.deltas] == [5, 6]
+    assert [event["data"]["attempt"] for event in collector.restarts] == [2]
+    assert collector.voided == 2
+
+
+@pytest.mark.asyncio
+async def test_a_restart_delivered_twice_does_not_void_what_followed_it() -> None:
+    # A resume from a lagging checkpoint repeats seqs 4 to 6.
+    repeated = [*RESTARTED, restart(4), delta(5, 0, "ipsum "), delta(6, 6, "dolor")]
+    collector, text = await collected([*repeated, done(7, "ipsum dolor")])
+    assert text == "ipsum dolor"
+    assert len(collector.restarts) == 1
+
+
+@pytest.mark.asyncio
+async def test_restarts_in_a_row_and_a_restart_before_any_delta() -> None:
+    events = [
+        restart(2),
+        delta(3, 0, "a"),
+        restart(4, attempt=3),
+        restart(5, attempt=4),
+        delta(6, 0, "b"),
+        done(7, "b"),
+    ]
+    collector, text = await collected(events)
+    assert text == "b"
+    assert [event["data"]["attempt"] for event in collector.restarts] == [2, 3, 4]
+
+
+@pytest.mark.asyncio
+async def test_events_without_seqs_are_taken_as_they_come() -> None:
+    events = [{**event, "seq": None} for event in [*RESTARTED, done(7, "ipsum dolor")]]
+    _, text = await collected(events)
+    assert text == "ipsum dolor"
+
+
+def test_since_last_restart_and_offset_checks_accept_the_reset_to_zero() -> None:
+    assert texts(since_last_restart(RESTARTED)) == "ipsum dolor"
+    assert texts(since_last_restart(RESTARTED[:2])) == "lorem lo"
+    assert reply_problems(RESTARTED, done(7, "ipsum dolor")) == []
+    # Without the restart, offset 0 after 8 characters is a broken reply.
+    broken = [event for event in RESTARTED if event["kind"] != "reply.restart"]
+    assert reply_problems(broken) == ["seq 5: offset 0, expected 8"]
+    # The reply.done text must be the last attempt's, not a splice of the two.
+    assert reply_problems(RESTARTED, done(7, "lorem loipsum dolor")) == [
+        "the reply.done text is not the deltas' since the last restart"
+    ]
+    # A restart must start again at 0, not go on where the void attempt stopped.
+    assert reply_problems([*RESTARTED[:3], delta(5, 8, "x")]) == ["seq 5: offset 8, expected 0"]
+
+
+# --- the same through ReconnectingClient, across a reconnect -----------------------------------
+
+
+@pytest_asyncio.fixture
+async def server() -> AsyncIterator[ScriptedServer]:
+    scripted = ScriptedServer()
+    async with serve(scripted.handler, "127.0.0.1", 0) as running:
+        port = running.sockets[0].getsockname()[1]
+        scripted.url = f"ws://127.0.0.1:{port}/ws/v1/"
+        yield scripted
+
+
+@pytest.mark.asyncio
+async def test_a_restart_caught_up_after_a_reconnect_gives_the_final_text(
+    server: ScriptedServer,
+) -> None:
+    connecting = asyncio.create_task(
+        ReconnectingClient.connect(server.url, "TOKEN", initial_backoff_s=0.001)
+    )
+    first = await server.next()
+    await send(first, welcome(resumed=False))
+    client = await connecting
+    try:
+        subscribing = asyncio.create_task(client.subscribe("room"))
+        await receive(first, "subscribe")
+        await send(first, {"type": "subscribed", "stream": "room", "head": 0, "recovered": False})
+        await subscribing
+        sending = asyncio.create_task(client.send("room", "echo", "hi", id="m1"))
+        await receive(first, "send")
+        await send(first, {"type": "ack", "id": "m1", "event_id": "e1", "seq": 1})
+        await sending
+        message = {**reply_event(1, "message", text="hi"), "from": "client:alice"}
+        for event in [message, *RESTARTED[:2]]:  # "lorem lo", then the connection drops
+            await send(first, event)
+        await wait_for(lambda: client.last_seq("room") == 3)
+        await first.close(1012, "restart")
+
+        second = await server.next()
+        await send(second, welcome(resumed=True))
+        # A lagging checkpoint: the resume repeats seq 3, then what was missed.
+        await send(second, {"type": "subscribed", "stream": "room", "head": 7, "recovered": True})
+        await receive(second, "ping")
+        await send(second, {"type": "pong"})
+        for event in [RESTARTED[1], *RESTARTED[2:], restart(4), done(7, "ipsum dolor")]:
+            await send(second, event)
+        deltas, final = await client.reply("m1", timeout=10)
+        assert texts(deltas) == final["data"]["text"] == "ipsum dolor"
+        assert reply_problems(deltas, final) == []
+        # The application sees each event once, the restart included.
+        seen = [(await client.next_event("room"))["seq"] for _ in range(7)]
+        assert seen == [1, 2, 3, 4, 5, 6, 7]
+    finally:
+        await client.close()
+
+
+async def wait_for(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(10):
+        while not condition():
+            await asyncio.sleep(0.01)

@@ -309,6 +309,10 @@ class FakeGateway:
             nonlocal in_flight
             await asyncio.sleep(self.reply_delay_s)
             in_flight -= 1
+            # Each reply restarts once (a retried model call), which the engine counts.
+            await self.event(
+                ws, frame["stream"], "reply.restart", client, frame["id"], {"attempt": 2}
+            )
             await self.event(
                 ws, frame["stream"], "reply.done", client, frame["id"], {"status": "ok"}
             )
@@ -392,6 +396,7 @@ def test_engine_measures_acks_replies_and_deliveries_and_bounds_runs_in_flight()
     assert gateway.most_in_flight == 2
     assert len(m.ack) == 6 and len(m.reply) == 5
     assert m.reply_status == Counter(ok=5)
+    assert m.reply_restarts == 5
     assert m.rate_limited == Counter(rate_limited=1) and m.errors == Counter(rate_limited=1)
     assert len(m.delivery) == 2  # the publish reached both sockets
     assert m.frames_by_type == Counter(send=6, publish=1)

@@ -197,7 +197,7 @@ function onEvent(event) {
     ]);
     noteSeq(item, seq);
     addItem(item, follow);
-  } else if (event.kind === "reply.delta" || event.kind === "reply.done") {
+  } else if (event.kind === "reply.delta" || event.kind === "reply.restart" || event.kind === "reply.done") {
     const reply = assembler.add(event);
     if (!reply || !reply.run) return;
     let item = replyItems.get(reply.run);
@@ -207,6 +207,7 @@ function onEvent(event) {
         el("div", { class: "meta" }, [
           `${reply.agent} → ${cause.client ? who(`client:${cause.client}`) : "?"}${mine ? " (you)" : ""}`,
           el("span", { class: "status-tag" }),
+          el("span", { class: "restart-tag", hidden: "" }),
           el("span", { class: "seq" }),
         ]),
         el("div", { class: "bubble" }),
@@ -215,6 +216,16 @@ function onEvent(event) {
       addItem(item, follow);
     }
     /** @type {HTMLElement} */ (item.querySelector(".bubble")).textContent = reply.text;
+    if (reply.restarts) {
+      // The model's answer so far was void (a retried call answered differently): the
+      // bubble starts again from nothing, and says so.
+      item.dataset.restarts = String(reply.restarts);
+      const tag = /** @type {HTMLElement} */ (item.querySelector(".restart-tag"));
+      tag.hidden = false;
+      tag.textContent = reply.restarts === 1 ? "↻ restarted" : `↻ restarted ×${reply.restarts}`;
+      tag.title = `the answer so far was discarded and started again (attempt ${reply.attempt ?? "?"})`;
+      if (event.kind === "reply.restart") activity(`${reply.agent}'s answer restarted (attempt ${reply.attempt ?? "?"})`);
+    }
     noteSeq(item, seq);
     if (reply.done) {
       item.dataset.status = reply.status || "done";

@@ -19,7 +19,9 @@
  *   acked (the server answers a repeat with `duplicate: true`, so a message is accepted
  *   once); a 429 (`rate_limited`, `overloaded`) or `internal` error is retried after its
  *   `retry_after_ms`, with up to 50% jitter;
- * - replies to this client's own sends are assembled from their `reply.delta` pieces.
+ * - replies to this client's own sends are assembled from their `reply.delta` pieces; a
+ *   `reply.restart` voids the run's text so far and the reply is assembled again from
+ *   offset 0 (a retried model call answered differently, and a reply is never a splice).
  *
  * ```js
  * import { SwitchboardClient } from "/client/switchboard.js";
@@ -54,7 +56,8 @@ export const CLOSE_DROPPED = 4000;
  * @property {string} stream
  * @property {number} [seq]  absent on join/leave
  * @property {string} id
- * @property {string} kind  message, published, reply.delta, reply.done, join, leave
+ * @property {string} kind  message, published, reply.delta, reply.restart, reply.done,
+ *   join, leave
  * @property {string} from  `client:ID` or `agent:NAME`
  * @property {Cause} cause
  * @property {string} ts
@@ -64,11 +67,15 @@ export const CLOSE_DROPPED = 4000;
  * @property {string|null} run
  * @property {string|null} agent
  * @property {Cause|null} cause
- * @property {string} text  the pieces so far; once done, the reply.done's text
- * @property {StreamEvent[]} deltas  in offset order, each once
+ * @property {string} text  the pieces so far (since the last restart); once done, the
+ *   reply.done's text
+ * @property {StreamEvent[]} deltas  in offset order, each once, since the last restart
  * @property {StreamEvent|null} done
  * @property {string|null} status  ok, degraded, cancelled, failed once done
  * @property {boolean} gap  pieces before the first one seen were missed (joined mid-reply)
+ * @property {number} restarts  `reply.restart` events taken: each voided the text so far
+ * @property {number|null} attempt  the last restart's attempt number
+ * @property {number|null} lastSeq  the seq of the last event taken (repeats are ignored)
  *
  * @typedef {"idle"|"connecting"|"open"|"reconnecting"|"closed"} ConnectionState
  *
@@ -194,13 +201,28 @@ export function withQuery(url, params) {
 
 /** @returns {Reply} */
 function newReply() {
-  return { run: null, agent: null, cause: null, text: "", deltas: [], done: null, status: null, gap: false };
+  return {
+    run: null,
+    agent: null,
+    cause: null,
+    text: "",
+    deltas: [],
+    done: null,
+    status: null,
+    gap: false,
+    restarts: 0,
+    attempt: null,
+    lastSeq: null,
+  };
 }
 
 /**
- * Apply one `reply.delta` or `reply.done` to a reply. Pieces are placed by offset: one
- * already covered is ignored, one past the end (pieces missed before a mid-reply
- * subscribe) is kept and marks a gap; the `reply.done` text is the whole reply.
+ * Apply one `reply.delta`, `reply.restart` or `reply.done` to a reply. Pieces are placed
+ * by offset: one already covered is ignored, one past the end (pieces missed before a
+ * mid-reply subscribe) is kept and marks a gap; a restart voids the text so far, and the
+ * pieces after it start again at offset 0; the `reply.done` text is the whole reply. An
+ * event whose seq is not past the last one taken is a repeat and is ignored, so a restart
+ * delivered twice never voids the pieces that followed it.
  * Returns whether the reply changed.
  * @param {Reply} reply @param {StreamEvent} event
  */
@@ -211,8 +233,20 @@ export function applyReplyEvent(reply, event) {
     reply.agent = typeof event.from === "string" ? event.from.replace(/^agent:/, "") : null;
     reply.cause = event.cause ?? null;
   }
+  if (reply.done) return false;
+  if (typeof event.seq === "number") {
+    if (reply.lastSeq !== null && event.seq <= reply.lastSeq) return false;
+    reply.lastSeq = event.seq;
+  }
+  if (event.kind === "reply.restart") {
+    reply.text = "";
+    reply.deltas = [];
+    reply.gap = false;
+    reply.restarts += 1;
+    reply.attempt = typeof data.attempt === "number" ? data.attempt : null;
+    return true;
+  }
   if (event.kind === "reply.delta") {
-    if (reply.done) return false;
     const offset = data.offset ?? 0;
     const piece = data.text ?? "";
     if (offset < reply.text.length) return false;
@@ -222,7 +256,6 @@ export function applyReplyEvent(reply, event) {
     return true;
   }
   if (event.kind === "reply.done") {
-    if (reply.done) return false;
     reply.done = event;
     reply.status = data.status ?? null;
     reply.text = data.text ?? reply.text;
@@ -552,6 +585,7 @@ export class Connection {
  * @property {Reply} reply
  * @property {ReturnType<typeof deferred<Reply>>} finished
  * @property {((delta: StreamEvent, text: string) => void)|null} onDelta
+ * @property {((restart: StreamEvent, reply: Reply) => void)|null} onRestart
  */
 
 /** A client that outlives its connections: what an application uses. */
@@ -1001,7 +1035,9 @@ export class SwitchboardClient {
    * acked. Resolves with the `ack`; the reply is `reply(ack.id)`.
    * @param {string} stream @param {string} agent @param {string} text
    * @param {{options?: Record<string, any>, id?: string, prev?: string,
-   *   timeoutMs?: number, onDelta?: (delta: StreamEvent, text: string) => void}} [extra]
+   *   timeoutMs?: number, onDelta?: (delta: StreamEvent, text: string) => void,
+   *   onRestart?: (restart: StreamEvent, reply: Reply) => void}} [extra]  `onRestart`: the
+   *   reply's text so far is void (a `reply.restart`); the next `onDelta` starts it again
    * @returns {Promise<Frame>}
    */
   async send(stream, agent, text, extra = {}) {
@@ -1010,6 +1046,7 @@ export class SwitchboardClient {
     const id = extra.id ?? this.newId();
     const collector = this._collector(id);
     if (extra.onDelta) collector.onDelta = extra.onDelta;
+    if (extra.onRestart) collector.onRestart = extra.onRestart;
     /** @type {Frame} */
     const frame = { type: "send", id, stream, agent, text };
     if (extra.options) frame.options = extra.options;
@@ -1092,7 +1129,7 @@ export class SwitchboardClient {
   _collector(id) {
     let collector = this._replies.get(id);
     if (!collector) {
-      collector = { reply: newReply(), finished: deferred(), onDelta: null };
+      collector = { reply: newReply(), finished: deferred(), onDelta: null, onRestart: null };
       this._replies.set(id, collector);
     }
     return collector;
@@ -1277,6 +1314,12 @@ export class SwitchboardClient {
             collector.onDelta(event, collector.reply.text);
           } catch (error) {
             console.error("switchboard: an onDelta callback failed", error);
+          }
+        } else if (event.kind === "reply.restart" && collector.onRestart) {
+          try {
+            collector.onRestart(event, collector.reply);
+          } catch (error) {
+            console.error("switchboard: an onRestart callback failed", error);
           }
         }
         if (collector.reply.done) collector.finished.resolve(collector.reply);

@@ -1,0 +1,163 @@
+"""No queued run without a ticket: the sweeper reconciles fair queues against tickets.
+
+Each run waiting in a tenant's fair queue (orchestration/fairness.py) is owed one ticket, a
+`switchboard.run.next` message in the runs queue; the worker that takes a ticket picks the
+fairly-next run. Tickets are interchangeable, so what must hold is a count: tickets not yet
+spent >= runs queued. A ticket can be lost without its run: a task that took it and then
+failed on a dead Redis connection (a Redis restart under load) is acknowledged, or a worker
+dies between kombu's BRPOP and its bookkeeping. Its run would then wait, with a worker idle,
+until its deadline ends it `failed`.
+
+So every sweep (orchestration/services.py sweep_runs, by beat and every gateway) counts, in
+one read-only script:
+
+- the runs queued: the lengths of the fair queues of the tenants in the ring;
+- the tickets waiting in the runs queue's lists (one per kombu priority);
+- the tickets a worker reserved in the last TICKET_PICK_GRACE_S, from kombu's `unacked`
+  hash and its `unacked_index` (delivery tag -> delivery time): such a ticket may not have
+  picked its run yet. An older one has either picked its run already (a late ack holds it
+  there for the whole first step) or belongs to a worker that died and comes back only
+  after the visibility timeout, too late to count on;
+
+and enqueues the difference (`missing_tickets`). A spare ticket is harmless: the pick finds
+no run and does nothing. Spares stay bounded: a sweep adds tickets only while fewer are
+counted than runs are queued, tickets leave with the runs they pick, and only one
+reconciliation runs per SWEEP_INTERVAL_S across all sweepers (a lock with that TTL), so two
+sweepers never add the same tickets twice; the surplus at any time is at most the tickets
+workers reserved more than the grace ago without starting them (their prefetch) plus those
+in flight between BRPOP and kombu's bookkeeping. Each sweep adds at most
+MAX_TICKETS_PER_SWEEP.
+
+The count reads the broker's own keys, so it needs the broker to be the streams' Redis
+database (the default). With another broker (RabbitMQ, or another Redis) the queue cannot
+be read beside the fair queues and reconciliation is skipped: a lost ticket's run then ends
+at its deadline, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import redis
+from django.conf import settings
+from kombu.transport.redis import PRIORITY_STEPS, Channel
+
+from orchestration.enqueue import RUN_NEXT_TASK, broker_is_redis_at, celery_message
+from realtime import keys
+from realtime.streams import RUNS_QUEUE
+
+logger = logging.getLogger(__name__)
+
+# A reserved ticket younger than this may not have picked its run yet, so it still counts.
+TICKET_PICK_GRACE_S = 5.0
+# Tickets one sweep enqueues at most: a wrong count can only cost this many spare picks.
+MAX_TICKETS_PER_SWEEP = 500
+# Messages the count reads per LRANGE/HMGET inside the script.
+SCAN_CHUNK = 500
+# How a ticket's headers name its task, in the compact JSON our scripts push
+# (orchestration/enqueue.py) and the spaced JSON kombu writes. Quotes inside a JSON string
+# are escaped, so no argument text a client chose can contain either.
+TICKET_MARKS = tuple(f'"task":{space}"{RUN_NEXT_TASK}"' for space in ("", " "))
+
+# KEYS: fair_ring, unacked, unacked_index, then each list of the runs queue
+# ARGV: fair_queue_prefix, reserved_since (epoch s), chunk, then the ticket marks
+# Returns {queued, waiting, reserved}. Stops counting tickets once they cover the queued
+# runs (nothing is missing then), so a long queue with its tickets costs little.
+COUNT_TICKETS = """
+local ring, unacked, unacked_index = KEYS[1], KEYS[2], KEYS[3]
+local queue_prefix, reserved_since, chunk = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local marks = {}
+for i = 4, #ARGV do marks[#marks + 1] = ARGV[i] end
+local function is_ticket(message)
+  for _, mark in ipairs(marks) do
+    if string.find(message, mark, 1, true) then return true end
+  end
+  return false
+end
+local queued = 0
+for _, tenant in ipairs(redis.call('LRANGE', ring, 0, -1)) do
+  queued = queued + redis.call('LLEN', queue_prefix .. tenant)
+end
+if queued == 0 then return {0, 0, 0} end
+local reserved = 0
+local tags = redis.call('ZRANGEBYSCORE', unacked_index, reserved_since, '+inf')
+for first = 1, #tags, chunk do
+  local last = math.min(first + chunk - 1, #tags)
+  local messages = redis.call('HMGET', unacked, unpack(tags, first, last))
+  for _, message in ipairs(messages) do
+    if message and is_ticket(message) then reserved = reserved + 1 end
+  end
+end
+local waiting = 0
+for i = 4, #KEYS do
+  local length = redis.call('LLEN', KEYS[i])
+  for start = 0, length - 1, chunk do
+    for _, message in ipairs(redis.call('LRANGE', KEYS[i], start, start + chunk - 1)) do
+      if is_ticket(message) then waiting = waiting + 1 end
+    end
+    if waiting + reserved >= queued then return {queued, waiting, reserved} end
+  end
+end
+return {queued, waiting, reserved}
+"""
+
+_skipped_logged = False
+
+
+def missing_tickets(
+    queued: int, waiting: int, reserved: int, cap: int = MAX_TICKETS_PER_SWEEP
+) -> int:
+    """Tickets to enqueue so every queued run has one: the runs queued beyond the tickets
+    counted (waiting in the queue, or reserved recently by a worker), at most `cap`."""
+    return max(0, min(cap, queued - waiting - reserved))
+
+
+def runs_queue_lists() -> list[str]:
+    """The Redis lists kombu keeps the runs queue in: one per priority step (priority 0,
+    every message we send, is the queue's own name)."""
+    base = keys.celery_queue(RUNS_QUEUE)
+    options = settings.CELERY_BROKER_TRANSPORT_OPTIONS
+    separator = options.get("sep", Channel.sep)
+    steps = options.get("priority_steps", PRIORITY_STEPS)
+    return [base if step == 0 else f"{base}{separator}{step}" for step in steps]
+
+
+def count_tickets(client: redis.Redis, now: float | None = None) -> tuple[int, int, int]:
+    """(runs queued, tickets waiting, tickets reserved within the grace), in one script."""
+    unacked, unacked_index = keys.celery_unacked()
+    now = time.time() if now is None else now  # kombu scores deliveries with its host's clock
+    queued, waiting, reserved = client.register_script(COUNT_TICKETS)(
+        keys=[keys.FAIR_RING, unacked, unacked_index, *runs_queue_lists()],
+        args=[keys.fair_queue(""), f"{now - TICKET_PICK_GRACE_S:.3f}", SCAN_CHUNK, *TICKET_MARKS],
+    )
+    return int(queued), int(waiting), int(reserved)
+
+
+def reconcile_tickets(client: redis.Redis) -> int:
+    """Enqueue a ticket for each queued run that has none; returns how many were enqueued.
+    At most once per SWEEP_INTERVAL_S across all sweepers; skipped (0) with a broker that
+    is not the streams' Redis."""
+    global _skipped_logged
+    if not broker_is_redis_at(settings.CELERY_BROKER_URL, settings.REDIS_URL):
+        if not _skipped_logged:
+            _skipped_logged = True
+            logger.info("ticket reconciliation off: the Celery broker is not the streams' Redis")
+        return 0
+    interval_ms = max(1, int(settings.SWEEP_INTERVAL_S * 1000))
+    if not client.set(keys.TICKETS_RECONCILED, "1", nx=True, px=interval_ms):
+        return 0  # another sweeper reconciled within the interval
+    queued, waiting, reserved = count_tickets(client)
+    missing = missing_tickets(queued, waiting, reserved)
+    if missing:
+        # LPUSH like ACCEPT_SEND: behind the tickets already waiting (kombu BRPOPs the right).
+        tickets = [celery_message(RUN_NEXT_TASK, [], RUNS_QUEUE)[1] for _ in range(missing)]
+        client.lpush(keys.celery_queue(RUNS_QUEUE), *tickets)
+        logger.warning(
+            "queued runs without a ticket: enqueued %s tickets (queued=%s waiting=%s reserved=%s)",
+            missing,
+            queued,
+            waiting,
+            reserved,
+        )
+    return missing
