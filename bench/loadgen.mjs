@@ -206,6 +206,7 @@ const commands = {
     const pending = new Map(); // id -> {t, conn, measured, ack}
     const ackMs = [];
     const doneMs = [];
+    const firstMs = []; // send -> the reply's first reply.delta, measured sends only
     const refusedMs = []; // send -> error frame (a 429, say), measured sends only
     const errors = {};
     const statuses = {};
@@ -244,6 +245,12 @@ const commands = {
           if (p && p.ack === null) {
             p.ack = t - p.t;
             if (p.measured) ackMs.push(p.ack);
+          }
+        } else if (msg.type === "event" && msg.kind === "reply.delta") {
+          const p = pending.get(msg.cause && msg.cause.message);
+          if (p && p.first === undefined) {
+            p.first = t - p.t;
+            if (p.measured) firstMs.push(p.first);
           }
         } else if (msg.type === "event" && msg.kind === "reply.done") {
           const id = msg.cause && msg.cause.message;
@@ -306,7 +313,7 @@ const commands = {
     return {
       sent, measured_sent: measuredSent, window_done: windowDone,
       window_s: (end - warmEnd) / 1000, send_span_s: (sendEnd - start) / 1000,
-      ack_ms: ackMs, done_ms: doneMs, refused_ms: refusedMs, errors, statuses, lost, unanswered,
+      ack_ms: ackMs, done_ms: doneMs, first_ms: firstMs, refused_ms: refusedMs, errors, statuses, lost, unanswered,
       max_send_lag_ms: maxLag, late_sends: lateSends,
       client_cpu_s: (cpu.user + cpu.system) / 1e6,
     };
