@@ -34,6 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from realtime import keys
 from realtime.buckets import NEVER, AsyncBuckets, Bucket, retry_after_ms
+from realtime.protocol import ProtocolError
 from realtime.tenants import TenantConfig
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,38 @@ def message_buckets(tenant: TenantConfig, client: str) -> list[Bucket]:
         ),
         Bucket(keys.rate_tenant(tenant.slug), tenant.tenant_messages_per_s, tenant.tenant_burst),
     ]
+
+
+# The simulated backend's options that stall or fail a run (workers/backends.py): a run
+# that stalls holds a worker process every tenant shares, so a tenant gets them only when
+# the deployment (SWITCHBOARD_FAULT_INJECTION) or its own settings allow them.
+FAULT_OPTIONS = ("fail", "latency_ms", "chunk_delay_ms")
+
+
+def run_options(options: dict[str, Any], tenant: TenantConfig) -> dict[str, Any]:
+    """A send's options as its run keeps them: without FAULT_OPTIONS unless allowed."""
+    if tenant.fault_injection or settings.SWITCHBOARD["FAULT_INJECTION"]:
+        return options
+    if not any(name in options for name in FAULT_OPTIONS):
+        return options
+    return {name: value for name, value in options.items() if name not in FAULT_OPTIONS}
+
+
+def subscription_refusal(
+    tenant: TenantConfig, subscribed: int, frame_id: str | None
+) -> ProtocolError | None:
+    """The error for one subscription more than the tenant's per-connection cap, or None
+    while `subscribed` (the connection's count) leaves room."""
+    cap = tenant.max_subscriptions_per_connection
+    if subscribed < cap:
+        return None
+    return ProtocolError(
+        "rate_limited",
+        f"this connection is subscribed to {subscribed} streams, the most the tenant allows "
+        f"({cap}); unsubscribe from one first",
+        frame_id,
+        retry_after_ms=NEVER_RETRY_MS,
+    )
 
 
 def limit_retry_ms(wait_ms: int) -> int:
