@@ -623,7 +623,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         """A new subscription must fit the tenant's per-connection cap."""
         if stream in self.subscriptions:
             return
-        refusal = subscription_refusal(self.tenant, len(self.subscriptions), frame_id)
+        refusal = subscription_refusal(self.tenant, len(self.subscriptions), stream, frame_id)
         if refusal is not None:
             _count_refusal(self.identity.tenant, "subscriptions")
             raise refusal

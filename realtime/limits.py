@@ -75,7 +75,7 @@ def run_options(options: dict[str, Any], tenant: TenantConfig) -> dict[str, Any]
 
 
 def subscription_refusal(
-    tenant: TenantConfig, subscribed: int, frame_id: str | None
+    tenant: TenantConfig, subscribed: int, stream: str, frame_id: str | None = None
 ) -> ProtocolError | None:
     """The error for one subscription more than the tenant's per-connection cap, or None
     while `subscribed` (the connection's count) leaves room."""
@@ -88,6 +88,7 @@ def subscription_refusal(
         f"({cap}); unsubscribe from one first",
         frame_id,
         retry_after_ms=NEVER_RETRY_MS,
+        stream=stream,
     )
 
 

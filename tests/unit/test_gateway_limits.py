@@ -35,7 +35,7 @@ def test_fault_options_are_dropped_unless_allowed() -> None:
 @pytest.mark.parametrize(("subscribed", "refused"), [(0, False), (2, False), (3, True)])
 def test_subscriptions_past_the_tenant_cap_are_refused(subscribed: int, refused: bool) -> None:
     tenant = dataclasses.replace(TENANT, max_subscriptions_per_connection=3)
-    error = subscription_refusal(tenant, subscribed, "f-1")
+    error = subscription_refusal(tenant, subscribed, "room", "f-1")
     assert (error is not None) == refused
     if error is not None:
         assert (error.code, error.frame_id, error.retry_after_ms) == (
@@ -43,4 +43,4 @@ def test_subscriptions_past_the_tenant_cap_are_refused(subscribed: int, refused:
             "f-1",
             NEVER_RETRY_MS,
         )
-        assert "(3)" in error.detail
+        assert "(3)" in error.detail and error.extra == {"stream": "room"}
