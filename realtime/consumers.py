@@ -850,9 +850,12 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self.push(ack_frame(frame.id, appended.event_id, appended.seq, appended.duplicate))
         metrics.acked(identity.tenant, appended.duplicate)
 
-    async def _take_message_token(self, frame_id: str | None) -> TenantConfig:
-        """A `send`, `publish` or `receipt` pays its client's and its tenant's rate (before
-        any dedupe lookup: a repeat costs a token too). Returns the tenant's current limits."""
+    async def _take_message_token(
+        self, frame_id: str | None, receipt: bool = False, **extra: Any
+    ) -> TenantConfig:
+        """A `send` or `publish` pays its client's and its tenant's rate (before its dedupe
+        lookup: a repeat costs a token too), a `receipt` its client's receipt rate; `extra`
+        goes into the refusal. Returns the tenant's current limits."""
         limits = self.tenant
         try:
             # The cached settings (not the connection's snapshot), so an operator's change
@@ -860,21 +863,24 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             limits = await tenant_cache.get(limits.slug) or limits
         except Exception:
             logger.warning("tenant settings unavailable; using the connection's", exc_info=True)
-        wait_ms = await rate_limiter().wait_ms(limits, self.identity.client)
+        wait_ms = await rate_limiter().wait_ms(limits, self.identity.client, receipt)
         if wait_ms:
-            _count_refusal(limits.slug, "messages")
+            _count_refusal(limits.slug, "receipts" if receipt else "messages")
             raise ProtocolError(
                 "rate_limited",
-                "too many messages from this client or tenant; retry after retry_after_ms",
+                "too many receipts from this client; retry after retry_after_ms"
+                if receipt
+                else "too many messages from this client or tenant; retry after retry_after_ms",
                 frame_id,
                 retry_after_ms=wait_ms,
+                **extra,
             )
         return limits
 
     async def handle_receipt(self, frame: Receipt) -> None:
         self._require_stream(frame.stream)
-        # Paid like a message: every receipt is a Redis write (clients coalesce them).
-        await self._take_message_token(None)
+        # Every receipt is a Redis write: it pays a token of the client's receipt bucket.
+        await self._take_message_token(None, receipt=True, stream=frame.stream)
         identity = self.identity
         try:
             # A receipt lower than the stored one (late, reordered) is ignored silently.

@@ -2,7 +2,8 @@
 
 - **Message rates.** Each `send` and `publish` draws one token from its client's bucket and
   its tenant's bucket together (`realtime/buckets.py`, all or nothing); short, it is
-  refused with `rate_limited` and the buckets' honest wait. The rate check comes before
+  refused with `rate_limited` and the buckets' honest wait. A `receipt` (a Redis write
+  too) pays into a bucket of its own per client, of the same size. The rate check comes before
   the message's dedupe lookup: a repeated id also costs a token, and a rate-limited repeat
   gets its duplicate `ack` once it is tried again after `retry_after_ms`.
 - **Runs in flight per connection, queued runs per tenant.** Counted in Redis by
@@ -59,6 +60,18 @@ def message_buckets(tenant: TenantConfig, client: str) -> list[Bucket]:
     ]
 
 
+def receipt_buckets(tenant: TenantConfig, client: str) -> list[Bucket]:
+    """The bucket a client's `receipt` pays into: its own, sized like the client's message
+    bucket, so reading many streams never eats into what the client may send."""
+    return [
+        Bucket(
+            keys.rate_receipts(tenant.slug, client),
+            tenant.client_messages_per_s,
+            tenant.client_burst,
+        )
+    ]
+
+
 # The simulated backend's options that stall or fail a run (workers/backends.py): a run
 # that stalls holds a worker process every tenant shares, so a tenant gets them only when
 # the deployment (SWITCHBOARD_FAULT_INJECTION) or its own settings allow them.
@@ -105,9 +118,10 @@ class RateLimiter:
     def __init__(self, client: aredis.Redis) -> None:
         self.buckets = AsyncBuckets(client)
 
-    async def wait_ms(self, tenant: TenantConfig, client: str) -> int:
-        """0 when the message may go; else the `retry_after_ms` to answer with."""
-        wait = await self.buckets.take(message_buckets(tenant, client))
+    async def wait_ms(self, tenant: TenantConfig, client: str, receipt: bool = False) -> int:
+        """0 when the message (or receipt) may go; else the `retry_after_ms` to answer with."""
+        buckets = receipt_buckets(tenant, client) if receipt else message_buckets(tenant, client)
+        wait = await self.buckets.take(buckets)
         if wait == 0:
             return 0
         return NEVER_RETRY_MS if wait == NEVER else retry_after_ms(wait)

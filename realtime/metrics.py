@@ -172,6 +172,7 @@ REFUSAL_CODES = {
     "queued_runs": "overloaded",
     "connections": "4029",
     "subscriptions": "rate_limited",
+    "receipts": "rate_limited",
 }
 # Labels of frames going out: anything else (a kind a later version adds) is "other", so a
 # frame can never mint a series.

@@ -297,7 +297,7 @@ async def test_receipts_on_streams_with_no_events_write_nothing(
     assert stream_keys(switchboard, prefix) == []
 
 
-async def test_receipts_pay_the_clients_rate(
+async def test_receipts_pay_a_rate_of_their_own(
     switchboard: Switchboard, connect: Connect, unique: Callable[[str], str]
 ) -> None:
     client = await connect(tenant=FRUGAL_TENANT)  # 1 message a second, a burst of 3
@@ -307,7 +307,10 @@ async def test_receipts_pay_the_clients_rate(
     errors = await frames_until_pong(client)
     assert errors, "receipts were never rate limited"
     assert {(e["type"], e["code"], e["status"]) for e in errors} == {("error", "rate_limited", 429)}
-    assert all(e["retry_after_ms"] > 0 for e in errors)
+    assert all(e["retry_after_ms"] > 0 and e["stream"].startswith(prefix) for e in errors)
+    # A bucket of their own: what the client may send is untouched.
+    for n in range(3):
+        await client.publish(f"{prefix}-sent", {"n": n})
 
 
 async def echo_status(client: SwitchboardClient, stream: str, options: dict[str, Any]) -> str:
