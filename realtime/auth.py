@@ -24,9 +24,9 @@ SECRET_ROTATED = "signing secret rotated"
 # are answered 414 before they reach the gateway (realtime/daphne_tuning.py).
 MAX_TOKEN_CHARS = 8192
 MAX_CLIENT_ID = 200
-# A client id goes into log lines and Redis keys: no control characters (a newline would
-# forge a log line).
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# A client id goes into log lines and Redis keys: no control characters or line separators
+# (a newline would forge a log line).
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class AuthError(Exception):

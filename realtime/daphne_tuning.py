@@ -7,13 +7,12 @@ restarts on each), and daphne's own timeouts (`--http-timeout`, the WebSocket ha
 timeout) only start once a whole request has been read. A client sending one header line
 every few seconds held its socket for ever. Here every request must have arrived whole
 (line, headers, body) within SWITCHBOARD_REQUEST_TIMEOUT_S of the connection opening, or
-of the last response on a kept-alive connection, else it is answered 408 and closed. And
-where Twisted drops a request line over 16 KiB without a word (a long token in the URL),
-it is answered 414 (431 for headers over 16 KiB in all), so a client learns why.
+of the last response on a kept-alive connection, else it is answered 408 and closed (a
+kept-alive connection on which nothing of a next request came is just closed). And where
+Twisted drops a request line over 16 KiB without a word (a long token in the URL), it is
+answered 414 (431 for headers over 16 KiB in all), so a client learns why.
 
-Costs:
-
-Both were measured on the handshake path and in idle memory (docs/performance.md):
+Costs, both measured on the handshake path and in idle memory (docs/performance.md):
 
 1. Every new protocol copies about forty options from its factory into its own
    `__dict__` (autobahn's `_connectionMade` copies each one the instance does not already
@@ -106,6 +105,7 @@ _CHANNEL_NEEDS = (
     "_HTTPChannel__first_line",
 )
 _DEADLINE = "_switchboard_request_deadline"
+_KEPT_ALIVE = "_switchboard_kept_alive"
 _bounded = False
 
 
@@ -144,6 +144,17 @@ def bound_http_requests(timeout_s: float) -> None:
 
     def overdue(channel: Any) -> None:
         channel.__dict__.pop(_DEADLINE, None)
+        idle = (
+            channel.__dict__.get(_KEPT_ALIVE)
+            and not channel._receivedHeaderSize
+            and not getattr(channel, "_buffer", b"")
+        )
+        if idle:
+            # Kept alive after a response and nothing of another request came: just close,
+            # as a client reusing the connection expects.
+            if channel.transport is not None and not channel.transport.disconnecting:
+                channel.loseConnection()
+            return
         _answer_and_close(channel, b"408 Request Timeout")
 
     def arm(channel: Any) -> None:
@@ -172,6 +183,7 @@ def bound_http_requests(timeout_s: float) -> None:
 
     def requestDone(self: Any, request: Any) -> None:  # noqa: N802
         # Armed before the next request's buffered bytes are read, which may complete it.
+        setattr(self, _KEPT_ALIVE, True)
         arm(self)
         request_done(self, request)
 

@@ -165,13 +165,15 @@ async def trickle(port: int, first: bytes | None, lines: int, every_s: float) ->
 
 
 async def test_a_request_that_trickles_in_is_answered_408_and_closed(
-    start_gateway: StartGateway,
+    switchboard: Switchboard, start_gateway: StartGateway
 ) -> None:
     """Partial requests used to hold their sockets for ever (one header line every few
     seconds kept Twisted's idle timeout from firing). Every client here keeps trickling
     for far longer than the bound; each is cut off, answered 408."""
-    _, gateway = start_gateway(SWITCHBOARD_REQUEST_TIMEOUT_S="2")
+    url, gateway = start_gateway(SWITCHBOARD_REQUEST_TIMEOUT_S="2")
     port = gateway.port  # type: ignore[attr-defined]
+    # A WebSocket's handshake was whole: it outlives the bound.
+    connected = await SwitchboardClient.connect(url, switchboard.token("patient"))
     handshake = b"GET /ws/v1/?token=x HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
     page = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
     answers = await asyncio.gather(
@@ -181,6 +183,20 @@ async def test_a_request_that_trickles_in_is_answered_408_and_closed(
     )
     assert all(answer is not None for answer in answers), "a trickling client stayed open"
     assert {answer.split(b"\r\n")[0] for answer in answers} == {b"HTTP/1.1 408 Request Timeout"}
+    assert (await connected.ping())["type"] == "pong"
+    await connected.close()
+    # A kept-alive HTTP connection serves request after request, each within the bound.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for _ in range(3):
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            await writer.drain()
+            assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
+            await reader.readuntil(b'{"ok": true}')
+        # Then, idle past the bound, it is closed without a word.
+        assert await read_answer(reader, 30) == b""
+    finally:
+        writer.close()
 
 
 async def raw_request(port: int, request: bytes) -> bytes:
