@@ -268,6 +268,10 @@ SWITCHBOARD = {
     "CLIENT_BURST": env_int("SWITCHBOARD_CLIENT_BURST", 40),
     "TENANT_MESSAGES_PER_S": env_int("SWITCHBOARD_TENANT_MESSAGES_PER_S", 2_000),
     "TENANT_BURST": env_int("SWITCHBOARD_TENANT_BURST", 4_000),
+    # Receipts pay a bucket of their own per client (each is a Redis write): roomier than
+    # messages, as a client reading many streams sends one per stream it reads.
+    "CLIENT_RECEIPTS_PER_S": env_int("SWITCHBOARD_CLIENT_RECEIPTS_PER_S", 100),
+    "CLIENT_RECEIPT_BURST": env_int("SWITCHBOARD_CLIENT_RECEIPT_BURST", 200),
     # Default per-tenant cap on one connection's stream subscriptions (subscribe, and the
     # streams it sends to); past it, rate_limited. Each costs presence keys and session fields.
     "MAX_SUBSCRIPTIONS_PER_CONNECTION": env_int(

@@ -94,6 +94,7 @@ class TenantAdmin(admin.ModelAdmin):
                     ("max_runs_in_flight_per_connection", "max_queued_runs"),
                     ("client_messages_per_s", "client_burst"),
                     ("tenant_messages_per_s", "tenant_burst"),
+                    ("client_receipts_per_s", "client_receipt_burst"),
                     "max_subscriptions_per_connection",
                     "max_token_lifetime_s",
                     "weight",

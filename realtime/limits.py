@@ -3,7 +3,8 @@
 - **Message rates.** Each `send` and `publish` draws one token from its client's bucket and
   its tenant's bucket together (`realtime/buckets.py`, all or nothing); short, it is
   refused with `rate_limited` and the buckets' honest wait. A `receipt` (a Redis write
-  too) pays into a bucket of its own per client, of the same size. The rate check comes before
+  too) pays into a bucket of its own per client (`client_receipts_per_s`,
+  `client_receipt_burst`). The rate check comes before
   the message's dedupe lookup: a repeated id also costs a token, and a rate-limited repeat
   gets its duplicate `ack` once it is tried again after `retry_after_ms`.
 - **Runs in flight per connection, queued runs per tenant.** Counted in Redis by
@@ -61,13 +62,13 @@ def message_buckets(tenant: TenantConfig, client: str) -> list[Bucket]:
 
 
 def receipt_buckets(tenant: TenantConfig, client: str) -> list[Bucket]:
-    """The bucket a client's `receipt` pays into: its own, sized like the client's message
-    bucket, so reading many streams never eats into what the client may send."""
+    """The bucket a client's `receipt` pays into: its own, so reading many streams never
+    eats into what the client may send."""
     return [
         Bucket(
             keys.rate_receipts(tenant.slug, client),
-            tenant.client_messages_per_s,
-            tenant.client_burst,
+            tenant.client_receipts_per_s,
+            tenant.client_receipt_burst,
         )
     ]
 

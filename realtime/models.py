@@ -72,6 +72,14 @@ class Tenant(models.Model):
         default=settings.SWITCHBOARD["TENANT_BURST"],
         help_text="Messages the tenant may send at once above its rate.",
     )
+    client_receipts_per_s = models.PositiveIntegerField(
+        default=settings.SWITCHBOARD["CLIENT_RECEIPTS_PER_S"],
+        help_text="Sustained receipt rate of one client (a bucket apart from its messages').",
+    )
+    client_receipt_burst = models.PositiveIntegerField(
+        default=settings.SWITCHBOARD["CLIENT_RECEIPT_BURST"],
+        help_text="Receipts one client may send at once above that rate.",
+    )
     max_subscriptions_per_connection = models.PositiveIntegerField(
         default=settings.SWITCHBOARD["MAX_SUBSCRIPTIONS_PER_CONNECTION"],
         help_text=(
@@ -167,6 +175,8 @@ LIMIT_FIELDS = (
     "client_burst",
     "tenant_messages_per_s",
     "tenant_burst",
+    "client_receipts_per_s",
+    "client_receipt_burst",
     "max_subscriptions_per_connection",
 )
 

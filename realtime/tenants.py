@@ -49,6 +49,8 @@ class TenantConfig:
     tenant_messages_per_s: int
     tenant_burst: int
     weight: int = 1
+    client_receipts_per_s: int = 100
+    client_receipt_burst: int = 200
     max_subscriptions_per_connection: int = 1_000
     # Not limits: public_limits (the welcome) leaves them out, clients are not told them.
     all_agents: bool = True

@@ -63,6 +63,8 @@ CLUSTER_ENV = {
     "SWITCHBOARD_CLIENT_BURST": "100000",
     "SWITCHBOARD_TENANT_MESSAGES_PER_S": "100000",
     "SWITCHBOARD_TENANT_BURST": "100000",
+    "SWITCHBOARD_CLIENT_RECEIPTS_PER_S": "100000",
+    "SWITCHBOARD_CLIENT_RECEIPT_BURST": "100000",
     "LOG_LEVEL": "INFO",
     # The "openai" backend; its base URL (the fake's port) is added by the fixture.
     "SWITCHBOARD_OPENAI_MODEL": PROVIDER_MODEL,
@@ -105,7 +107,12 @@ LIMITED_TENANTS[NARROW_TENANT] = {
     "max_subscriptions_per_connection": 3,
     "max_token_lifetime_s": 7200,
 }
-LIMITED_TENANTS[FRUGAL_TENANT] = {"client_messages_per_s": 1, "client_burst": 3}
+LIMITED_TENANTS[FRUGAL_TENANT] = {
+    "client_receipts_per_s": 1,
+    "client_receipt_burst": 3,
+    "client_messages_per_s": 1,
+    "client_burst": 3,
+}
 LIMITED_TENANTS[REHEARSAL_TENANT] = {"fault_injection": True}
 
 _TENANT_SETUP = f"""

@@ -316,7 +316,8 @@ async def test_receipts_on_streams_with_no_events_write_nothing(
 async def test_receipts_pay_a_rate_of_their_own(
     switchboard: Switchboard, connect: Connect, unique: Callable[[str], str]
 ) -> None:
-    client = await connect(tenant=FRUGAL_TENANT)  # 1 message a second, a burst of 3
+    # 1 receipt a second, a burst of 3; and the same for messages.
+    client = await connect(tenant=FRUGAL_TENANT)
     prefix = unique("frugal")
     for n in range(12):
         await client.send_raw(json.dumps({"type": "receipt", "stream": f"{prefix}-{n}", "seq": 0}))
