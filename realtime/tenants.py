@@ -161,6 +161,7 @@ class TenantCache:
         return False, None
 
     def _store(self, slug: str, config: TenantConfig | None, now: float) -> None:
+        # Imported here: realtime.models imports this module while Django loads its apps.
         from realtime import metrics
 
         expires_at = now + self.ttl_s
