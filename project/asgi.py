@@ -20,7 +20,7 @@ from channels.routing import URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 
 from realtime.consumers import GatewayConsumer  # noqa: E402
-from realtime.daphne_tuning import defer_debug_formatting  # noqa: E402
+from realtime.daphne_tuning import bound_http_requests, defer_debug_formatting  # noqa: E402
 from realtime.lifecycle import install_daphne_drain  # noqa: E402
 from realtime.routing import GATEWAY_PATH  # noqa: E402
 from realtime.security import BrowserOriginValidator  # noqa: E402
@@ -56,3 +56,4 @@ application._asgi_single_callable = True  # type: ignore[attr-defined]
 install_daphne_drain(settings.SWITCHBOARD["DRAIN_S"])
 if "daphne.server" in sys.modules:
     defer_debug_formatting()
+    bound_http_requests(settings.SWITCHBOARD["REQUEST_TIMEOUT_S"])

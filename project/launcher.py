@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -134,6 +135,9 @@ class Cluster:
         env["PYTHONUNBUFFERED"] = "1"
         env["DJANGO_SETTINGS_MODULE"] = "project.settings"
         env.setdefault(METRICS_DIR_VAR, str(self.metrics_dir))
+        # The simulated backend's fault and delay options (fail, latency_ms, ...) are what
+        # the tests, the benchmarks and the demo rehearse with; a deployment has them off.
+        env.setdefault("SWITCHBOARD_FAULT_INJECTION", "1")
         return env
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
@@ -334,7 +338,12 @@ def main() -> None:
     port = int(os.environ.get("PORT", "8000"))
     # The demo page's token endpoint is for this local, loopback-only run alone (see
     # realtime/web.py); SWITCHBOARD_DEMO_TENANT= (empty) turns it off here too.
-    demo_env = {"SWITCHBOARD_DEMO_TENANT": os.environ.get("SWITCHBOARD_DEMO_TENANT", "demo")}
+    demo_env = {
+        "SWITCHBOARD_DEMO_TENANT": os.environ.get("SWITCHBOARD_DEMO_TENANT", "demo"),
+        # /metrics answers only with this bearer token (it names every tenant).
+        "SWITCHBOARD_METRICS_TOKEN": os.environ.get("SWITCHBOARD_METRICS_TOKEN")
+        or secrets.token_urlsafe(16),
+    }
     running = Cluster(beat=True, log_dir=ROOT / "var" / "log", env=demo_env)
     stopping = False
 
@@ -376,7 +385,8 @@ def main() -> None:
             f"  WebSocket: ws://127.0.0.1:{port}/ws/v1/?token={token}\n"
             f"  Token (tenant demo, client demo-user, 24 h): {token}\n"
             f"{demo_page}"
-            f"  Metrics (Prometheus): http://127.0.0.1:{port}/metrics\n"
+            f"  Metrics (Prometheus): http://127.0.0.1:{port}/metrics with the header\n"
+            f"    Authorization: Bearer {demo_env['SWITCHBOARD_METRICS_TOKEN']}\n"
             "Press Ctrl-C to stop.\n",
             flush=True,
         )

@@ -246,6 +246,10 @@ SWITCHBOARD = {
     "MODEL_RETRY_BACKOFF_S": env_float("SWITCHBOARD_MODEL_RETRY_BACKOFF_S", 0.2),
     # How long tenant settings are cached inside a gateway process.
     "TENANT_CACHE_S": env_float("SWITCHBOARD_TENANT_CACHE_S", 5.0),
+    # Tenants a gateway process keeps cached, and slugs it remembers as "no such tenant"
+    # (in a table of their own): token floods naming made-up tenants cost bounded memory.
+    "TENANT_CACHE_MAX": env_int("SWITCHBOARD_TENANT_CACHE_MAX", 10_000),
+    "TENANT_CACHE_MAX_MISSES": env_int("SWITCHBOARD_TENANT_CACHE_MAX_MISSES", 10_000),
     # How often a gateway re-checks the tenants of its open connections (disabled, secret
     # rotated): the backstop for a missed control message (realtime/control.py).
     "TENANT_CHECK_S": env_float("SWITCHBOARD_TENANT_CHECK_S", 2.0),
@@ -268,6 +272,30 @@ SWITCHBOARD = {
     "CLIENT_BURST": env_int("SWITCHBOARD_CLIENT_BURST", 40),
     "TENANT_MESSAGES_PER_S": env_int("SWITCHBOARD_TENANT_MESSAGES_PER_S", 2_000),
     "TENANT_BURST": env_int("SWITCHBOARD_TENANT_BURST", 4_000),
+    # Receipts pay a bucket of their own per client (each is a Redis write): roomier than
+    # messages, as a client reading many streams sends one per stream it reads.
+    "CLIENT_RECEIPTS_PER_S": env_int("SWITCHBOARD_CLIENT_RECEIPTS_PER_S", 100),
+    "CLIENT_RECEIPT_BURST": env_int("SWITCHBOARD_CLIENT_RECEIPT_BURST", 200),
+    # Default per-tenant cap on one connection's stream subscriptions (subscribe, and the
+    # streams it sends to); past it, rate_limited. Each costs presence keys and session fields.
+    "MAX_SUBSCRIPTIONS_PER_CONNECTION": env_int(
+        "SWITCHBOARD_MAX_SUBSCRIPTIONS_PER_CONNECTION", 1_000
+    ),
+    # Default per-tenant longest token lifetime: a token whose exp is further away is
+    # refused (4001), so a leaked token cannot be valid for ever.
+    "MAX_TOKEN_LIFETIME_S": env_int("SWITCHBOARD_MAX_TOKEN_LIFETIME_S", 30 * 24 * 3600),
+    # The simulated backend's fault and delay options (fail, latency_ms, chunk_delay_ms)
+    # for every tenant: for rehearsals and tests only, since one tenant's stalls take
+    # worker time from all. Off, they are honoured only for tenants with fault_injection.
+    "FAULT_INJECTION": env_bool("SWITCHBOARD_FAULT_INJECTION", False),
+    # A request's line and headers (and a body) must arrive within this many seconds of
+    # the connection opening, or of the last response on it; else 408 and closed
+    # (realtime/daphne_tuning.py). Daphne has no such bound: a trickling client held a
+    # socket for ever. 0: no bound.
+    "REQUEST_TIMEOUT_S": env_float("SWITCHBOARD_REQUEST_TIMEOUT_S", 10.0),
+    # GET /metrics answers only with "Authorization: Bearer <this>": it names every tenant
+    # and its traffic. "": /metrics is off on gateways (403).
+    "METRICS_TOKEN": env_str("SWITCHBOARD_METRICS_TOKEN", ""),
     # Default per-tenant chain of runs triggered by runs' events: stops agents' ping-pong.
     "MAX_CAUSAL_DEPTH": env_int("SWITCHBOARD_MAX_CAUSAL_DEPTH", 3),
     # How long a session outlives its last connection; a reconnect within it resumes.

@@ -94,6 +94,9 @@ class TenantAdmin(admin.ModelAdmin):
                     ("max_runs_in_flight_per_connection", "max_queued_runs"),
                     ("client_messages_per_s", "client_burst"),
                     ("tenant_messages_per_s", "tenant_burst"),
+                    ("client_receipts_per_s", "client_receipt_burst"),
+                    "max_subscriptions_per_connection",
+                    "max_token_lifetime_s",
                     "weight",
                 )
             },
@@ -101,7 +104,7 @@ class TenantAdmin(admin.ModelAdmin):
         (
             "Agents",
             {
-                "fields": ("all_agents", "max_causal_depth"),
+                "fields": ("all_agents", "max_causal_depth", "fault_injection"),
                 "description": (
                     "The grants below enable or disable single agents and may change their "
                     "model and provider for this tenant's runs. API keys are referenced by "

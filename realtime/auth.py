@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,13 +12,21 @@ from typing import Any
 import jwt
 import orjson
 
-from realtime.tenants import TenantCache
+from realtime.tenants import TenantCache, valid_slug
 
 TOKEN_ALGORITHM = "HS256"
 # Why a token signed with the tenant's previous secret is refused once the rotation's grace
 # is over; also the 4001 reason that closes an open connection whose token's secret is no
 # longer accepted (realtime/control.py).
 SECRET_ROTATED = "signing secret rotated"
+# Longest token read at all: refused before it is decoded (a legitimate token with a long
+# list of stream patterns is still far shorter). Longer request lines than daphne's 16 KiB
+# are answered 414 before they reach the gateway (realtime/daphne_tuning.py).
+MAX_TOKEN_CHARS = 8192
+MAX_CLIENT_ID = 200
+# A client id goes into log lines and Redis keys: no control characters or line separators
+# (a newline would forge a log line).
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class AuthError(Exception):
@@ -75,12 +84,17 @@ async def authenticate(token: str | None, tenants: TenantCache) -> tuple[Identit
     """Return the identity and tenant config a token proves, or raise AuthError."""
     if not token:
         raise AuthError("missing token")
+    if len(token) > MAX_TOKEN_CHARS:
+        raise AuthError(f"token longer than {MAX_TOKEN_CHARS} characters")
     unverified = _unverified_claims(token)
     if unverified is None:
         raise AuthError("malformed token")
     slug = unverified.get("tnt")
     if not isinstance(slug, str) or not slug:
         raise AuthError("token has no tenant")
+    if not valid_slug(slug):
+        # Never looked up, so never cached: the claim is not yet known to be signed.
+        raise AuthError("unknown tenant")
     tenant = await tenants.get(slug)
     if tenant is None:
         raise AuthError("unknown tenant")
@@ -101,8 +115,18 @@ async def authenticate(token: str | None, tenants: TenantCache) -> tuple[Identit
         if time.time() >= tenant.previous_secret_until:
             raise AuthError(SECRET_ROTATED) from None
     client = claims["sub"]
-    if not isinstance(client, str) or not client or len(client) > 200:
+    if (
+        not isinstance(client, str)
+        or not client
+        or len(client) > MAX_CLIENT_ID
+        or _CONTROL_CHARACTERS.search(client)
+    ):
         raise AuthError("invalid client id")
+    expires_at = int(claims["exp"])
+    if expires_at - time.time() > tenant.max_token_lifetime_s:
+        raise AuthError(
+            f"token lifetime exceeds the tenant's maximum of {tenant.max_token_lifetime_s} s"
+        )
     patterns = claims.get("streams")
     if patterns is not None and (
         not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns)
@@ -114,7 +138,7 @@ async def authenticate(token: str | None, tenants: TenantCache) -> tuple[Identit
         client=client,
         name=name if isinstance(name, str) else None,
         stream_patterns=tuple(patterns) if patterns is not None else None,
-        expires_at=int(claims["exp"]),
+        expires_at=expires_at,
         secret=secret,
     )
     return identity, tenant

@@ -434,7 +434,7 @@ class SwitchboardClient:
 
     async def receipt(self, stream: str, seq: int) -> None:
         """Record that this client has processed `stream` up to `seq`. The server answers
-        nothing; an error (forbidden stream) fails the next id-less request."""
+        nothing; an error (forbidden stream, rate_limited) fails the next id-less request."""
         await self._ws.send(_dumps({"type": "receipt", "stream": stream, "seq": seq}), text=True)
 
     async def cancel(self, id: str, timeout: float = 10.0) -> None:

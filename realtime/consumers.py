@@ -10,6 +10,7 @@ Deliberate departures from a stock Channels consumer, both for the per-frame hot
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import secrets
@@ -32,7 +33,13 @@ from realtime.events import dumps
 from realtime.flusher import get_flusher
 from realtime.hub import get_hub
 from realtime.lifecycle import lifecycle
-from realtime.limits import connection_registry, limit_retry_ms, rate_limiter
+from realtime.limits import (
+    connection_registry,
+    limit_retry_ms,
+    rate_limiter,
+    run_options,
+    subscription_refusal,
+)
 from realtime.operations import throttle_counter
 from realtime.outbox import Outbox, OutboxFull
 from realtime.presence import get_tracker
@@ -612,8 +619,18 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             get_hub().leave(self.identity.tenant, stream, subscription)
             metrics.unsubscribed(self.identity.tenant)
 
+    def _require_room_for(self, stream: str, frame_id: str | None = None) -> None:
+        """A new subscription must fit the tenant's per-connection cap."""
+        if stream in self.subscriptions:
+            return
+        refusal = subscription_refusal(self.tenant, len(self.subscriptions), stream, frame_id)
+        if refusal is not None:
+            _count_refusal(self.identity.tenant, "subscriptions")
+            raise refusal
+
     async def handle_subscribe(self, frame: Subscribe) -> None:
         self._require_stream(frame.stream)
+        self._require_room_for(frame.stream)
         await self._subscribe_and_report(frame.stream, frame.since)
 
     async def _subscribe_and_report(self, stream: str, since: int | None) -> None:
@@ -643,6 +660,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             self.schedule_repair(self.subscriptions[stream], to_head=True)
 
     async def handle_unsubscribe(self, frame: Unsubscribe) -> None:
+        self._require_stream(frame.stream)
         self._drop_subscription(frame.stream)
         if self.session_id and self._saved_positions.pop(frame.stream, None) is not None:
             await session_store().unsubscribed(self.identity.tenant, self.session_id, frame.stream)
@@ -772,7 +790,11 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             raise ProtocolError(
                 "forbidden", f"agent {agent.name!r} is not enabled for this tenant", frame.id
             )
+        self._require_room_for(frame.stream, frame.id)
         await self._ensure_subscribed(frame.stream)
+        options = run_options(frame.options, limits)
+        if options is not frame.options:
+            frame = dataclasses.replace(frame, options=options)
         identity = self.identity
         try:
             appended = await stream_store().accept_send(
@@ -828,9 +850,12 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self.push(ack_frame(frame.id, appended.event_id, appended.seq, appended.duplicate))
         metrics.acked(identity.tenant, appended.duplicate)
 
-    async def _take_message_token(self, frame_id: str) -> TenantConfig:
+    async def _take_message_token(
+        self, frame_id: str | None, receipt: bool = False, **extra: Any
+    ) -> TenantConfig:
         """A `send` or `publish` pays its client's and its tenant's rate (before its dedupe
-        lookup: a repeat costs a token too). Returns the tenant's current limits."""
+        lookup: a repeat costs a token too), a `receipt` its client's receipt rate; `extra`
+        goes into the refusal. Returns the tenant's current limits."""
         limits = self.tenant
         try:
             # The cached settings (not the connection's snapshot), so an operator's change
@@ -838,19 +863,24 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             limits = await tenant_cache.get(limits.slug) or limits
         except Exception:
             logger.warning("tenant settings unavailable; using the connection's", exc_info=True)
-        wait_ms = await rate_limiter().wait_ms(limits, self.identity.client)
+        wait_ms = await rate_limiter().wait_ms(limits, self.identity.client, receipt)
         if wait_ms:
-            _count_refusal(limits.slug, "messages")
+            _count_refusal(limits.slug, "receipts" if receipt else "messages")
             raise ProtocolError(
                 "rate_limited",
-                "too many messages from this client or tenant; retry after retry_after_ms",
+                "too many receipts from this client; retry after retry_after_ms"
+                if receipt
+                else "too many messages from this client or tenant; retry after retry_after_ms",
                 frame_id,
                 retry_after_ms=wait_ms,
+                **extra,
             )
         return limits
 
     async def handle_receipt(self, frame: Receipt) -> None:
         self._require_stream(frame.stream)
+        # Every receipt is a Redis write: it pays a token of the client's receipt bucket.
+        await self._take_message_token(None, receipt=True, stream=frame.stream)
         identity = self.identity
         try:
             # A receipt lower than the stored one (late, reordered) is ignored silently.

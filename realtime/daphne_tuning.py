@@ -1,6 +1,18 @@
-"""Two per-connection costs of autobahn (daphne's WebSocket library), paid once per process.
+"""Daphne's HTTP side bounded, and two per-connection costs of autobahn (daphne's WebSocket
+library) paid once per process.
 
-Both were measured on the handshake path and in idle memory (docs/performance.md):
+Bounds (`bound_http_requests`): daphne reads requests with Twisted's HTTPChannel, which
+waits up to twelve hours for a request's headers while any byte arrives (its idle timeout
+restarts on each), and daphne's own timeouts (`--http-timeout`, the WebSocket handshake
+timeout) only start once a whole request has been read. A client sending one header line
+every few seconds held its socket for ever. Here every request must have arrived whole
+(line, headers, body) within SWITCHBOARD_REQUEST_TIMEOUT_S of the connection opening, or
+of the last response on a kept-alive connection, else it is answered 408 and closed (a
+kept-alive connection on which nothing of a next request came is just closed). And where
+Twisted drops a request line over 16 KiB without a word (a long token in the URL), it is
+answered 414 (431 for headers over 16 KiB in all), so a client learns why.
+
+Costs, both measured on the handshake path and in idle memory (docs/performance.md):
 
 1. Every new protocol copies about forty options from its factory into its own
    `__dict__` (autobahn's `_connectionMade` copies each one the instance does not already
@@ -77,3 +89,117 @@ def share_factory_options(protocol: Any) -> None:
         # argument (perMessageCompressionAccept is one): keep it a plain callable.
         setattr(cls, name, staticmethod(value) if inspect.isfunction(value) else value)
     logger.debug("autobahn options shared on %s: %s", cls.__name__, len(names))
+
+
+# Twisted's HTTPChannel internals the bounds rely on; each is checked before patching.
+_CHANNEL_NEEDS = (
+    "connectionMade",
+    "connectionLost",
+    "allContentReceived",
+    "requestDone",
+    "lineReceived",
+    "lineLengthExceeded",
+    "loseConnection",
+    "totalHeadersSize",
+    "_receivedHeaderSize",
+    "_HTTPChannel__first_line",
+)
+_DEADLINE = "_switchboard_request_deadline"
+_KEPT_ALIVE = "_switchboard_kept_alive"
+_bounded = False
+
+
+def _answer_and_close(channel: Any, status: bytes) -> None:
+    transport = channel.transport
+    if transport is None or getattr(transport, "disconnecting", False):
+        return
+    transport.write(b"HTTP/1.1 " + status + b"\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+    channel.loseConnection()
+
+
+def _too_large_status(channel: Any) -> bytes:
+    # Still on the request line (the URL, where a token goes): 414; else the headers: 431.
+    if getattr(channel, "_HTTPChannel__first_line", 0):
+        return b"414 URI Too Long"
+    return b"431 Request Header Fields Too Large"
+
+
+def bound_http_requests(timeout_s: float) -> None:
+    """Patch Twisted's HTTPChannel (daphne's) as the module doc says; once per process."""
+    global _bounded
+    if _bounded:
+        return
+    from twisted.web.http import HTTPChannel
+
+    missing = [name for name in _CHANNEL_NEEDS if not hasattr(HTTPChannel, name)]
+    if missing:
+        logger.warning("HTTP requests not bounded: Twisted's HTTPChannel lacks %s", missing)
+        return
+    _bounded = True
+
+    def disarm(channel: Any) -> None:
+        call = channel.__dict__.pop(_DEADLINE, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def overdue(channel: Any) -> None:
+        channel.__dict__.pop(_DEADLINE, None)
+        idle = (
+            channel.__dict__.get(_KEPT_ALIVE)
+            and not channel._receivedHeaderSize
+            and not getattr(channel, "_buffer", b"")
+        )
+        if idle:
+            # Kept alive after a response and nothing of another request came: just close,
+            # as a client reusing the connection expects.
+            if channel.transport is not None and not channel.transport.disconnecting:
+                channel.loseConnection()
+            return
+        _answer_and_close(channel, b"408 Request Timeout")
+
+    def arm(channel: Any) -> None:
+        disarm(channel)
+        if timeout_s > 0:
+            setattr(channel, _DEADLINE, channel.callLater(timeout_s, lambda: overdue(channel)))
+
+    connection_made = HTTPChannel.connectionMade
+    connection_lost = HTTPChannel.connectionLost
+    all_content_received = HTTPChannel.allContentReceived
+    request_done = HTTPChannel.requestDone
+    line_received = HTTPChannel.lineReceived
+
+    def connectionMade(self: Any) -> None:  # noqa: N802 - Twisted's names
+        connection_made(self)
+        arm(self)
+
+    def connectionLost(self: Any, reason: Any) -> None:  # noqa: N802
+        disarm(self)
+        connection_lost(self, reason)
+
+    def allContentReceived(self: Any) -> None:  # noqa: N802
+        # The request is whole: daphne answers it, or hands the socket to the WebSocket.
+        disarm(self)
+        all_content_received(self)
+
+    def requestDone(self: Any, request: Any) -> None:  # noqa: N802
+        # Armed before the next request's buffered bytes are read, which may complete it.
+        setattr(self, _KEPT_ALIVE, True)
+        arm(self)
+        request_done(self, request)
+
+    def lineReceived(self: Any, line: bytes) -> None:  # noqa: N802
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            _answer_and_close(self, _too_large_status(self))
+            return
+        line_received(self, line)
+
+    def lineLengthExceeded(self: Any, line: bytes) -> None:  # noqa: N802
+        _answer_and_close(self, _too_large_status(self))
+
+    HTTPChannel.connectionMade = connectionMade
+    HTTPChannel.connectionLost = connectionLost
+    HTTPChannel.allContentReceived = allContentReceived
+    HTTPChannel.requestDone = requestDone
+    HTTPChannel.lineReceived = lineReceived
+    HTTPChannel.lineLengthExceeded = lineLengthExceeded
+    logger.debug("HTTP requests bounded to %s s", timeout_s)

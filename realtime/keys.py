@@ -137,6 +137,11 @@ def rate_client(tenant: str, client: str) -> str:
     return f"{PREFIX}:rate:{tenant}:{len(client)}:{client}"
 
 
+def rate_receipts(tenant: str, client: str) -> str:
+    """Token bucket (hash) of one client's receipt rate (apart from its messages')."""
+    return f"{PREFIX}:rate:{tenant}:r:{len(client)}:{client}"
+
+
 def rate_tenant(tenant: str) -> str:
     """Token bucket (hash) of the whole tenant's send/publish rate."""
     return f"{PREFIX}:rate:{tenant}"

@@ -2,7 +2,9 @@
 
 - **Message rates.** Each `send` and `publish` draws one token from its client's bucket and
   its tenant's bucket together (`realtime/buckets.py`, all or nothing); short, it is
-  refused with `rate_limited` and the buckets' honest wait. The rate check comes before
+  refused with `rate_limited` and the buckets' honest wait. A `receipt` (a Redis write
+  too) pays into a bucket of its own per client (`client_receipts_per_s`,
+  `client_receipt_burst`). The rate check comes before
   the message's dedupe lookup: a repeated id also costs a token, and a rate-limited repeat
   gets its duplicate `ack` once it is tried again after `retry_after_ms`.
 - **Runs in flight per connection, queued runs per tenant.** Counted in Redis by
@@ -34,6 +36,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from realtime import keys
 from realtime.buckets import NEVER, AsyncBuckets, Bucket, retry_after_ms
+from realtime.protocol import ProtocolError
 from realtime.tenants import TenantConfig
 
 logger = logging.getLogger(__name__)
@@ -58,6 +61,51 @@ def message_buckets(tenant: TenantConfig, client: str) -> list[Bucket]:
     ]
 
 
+def receipt_buckets(tenant: TenantConfig, client: str) -> list[Bucket]:
+    """The bucket a client's `receipt` pays into: its own, so reading many streams never
+    eats into what the client may send."""
+    return [
+        Bucket(
+            keys.rate_receipts(tenant.slug, client),
+            tenant.client_receipts_per_s,
+            tenant.client_receipt_burst,
+        )
+    ]
+
+
+# The simulated backend's options that stall or fail a run (workers/backends.py): a run
+# that stalls holds a worker process every tenant shares, so a tenant gets them only when
+# the deployment (SWITCHBOARD_FAULT_INJECTION) or its own settings allow them.
+FAULT_OPTIONS = ("fail", "latency_ms", "chunk_delay_ms")
+
+
+def run_options(options: dict[str, Any], tenant: TenantConfig) -> dict[str, Any]:
+    """A send's options as its run keeps them: without FAULT_OPTIONS unless allowed."""
+    if tenant.fault_injection or settings.SWITCHBOARD["FAULT_INJECTION"]:
+        return options
+    if not any(name in options for name in FAULT_OPTIONS):
+        return options
+    return {name: value for name, value in options.items() if name not in FAULT_OPTIONS}
+
+
+def subscription_refusal(
+    tenant: TenantConfig, subscribed: int, stream: str, frame_id: str | None = None
+) -> ProtocolError | None:
+    """The error for one subscription more than the tenant's per-connection cap, or None
+    while `subscribed` (the connection's count) leaves room."""
+    cap = tenant.max_subscriptions_per_connection
+    if subscribed < cap:
+        return None
+    return ProtocolError(
+        "rate_limited",
+        f"this connection is subscribed to {subscribed} streams, the most the tenant allows "
+        f"({cap}); unsubscribe from one first",
+        frame_id,
+        retry_after_ms=NEVER_RETRY_MS,
+        stream=stream,
+    )
+
+
 def limit_retry_ms(wait_ms: int) -> int:
     """The retry hint of a refusal for runs in flight or queued (see the module doc)."""
     if wait_ms < 0:
@@ -71,9 +119,10 @@ class RateLimiter:
     def __init__(self, client: aredis.Redis) -> None:
         self.buckets = AsyncBuckets(client)
 
-    async def wait_ms(self, tenant: TenantConfig, client: str) -> int:
-        """0 when the message may go; else the `retry_after_ms` to answer with."""
-        wait = await self.buckets.take(message_buckets(tenant, client))
+    async def wait_ms(self, tenant: TenantConfig, client: str, receipt: bool = False) -> int:
+        """0 when the message (or receipt) may go; else the `retry_after_ms` to answer with."""
+        buckets = receipt_buckets(tenant, client) if receipt else message_buckets(tenant, client)
+        wait = await self.buckets.take(buckets)
         if wait == 0:
             return 0
         return NEVER_RETRY_MS if wait == NEVER else retry_after_ms(wait)

@@ -27,6 +27,7 @@ from its first bytes, once per event however many sockets it is fanned out to.
 from __future__ import annotations
 
 import atexit
+import hmac
 import logging
 import os
 import time
@@ -84,6 +85,19 @@ SUBSCRIPTIONS = Gauge(
     "Stream subscriptions of open connections, per tenant.",
     ["tenant"],
     multiprocess_mode="livesum",
+)
+TENANT_CACHE_ENTRIES = Gauge(
+    "switchboard_tenant_cache_entries",
+    "Tenants cached by gateway processes (realtime/tenants.py): kind=tenant for tenants "
+    "found, kind=missing for slugs that name no tenant; each kind is bounded per process.",
+    ["kind"],
+    multiprocess_mode="livesum",
+)
+TENANT_LOOKUPS = Counter(
+    "switchboard_tenant_lookups",
+    "Database reads of a tenant by a gateway's or worker's tenant cache, by result "
+    "(found, missing): at most one per slug per SWITCHBOARD_TENANT_CACHE_S and process.",
+    ["result"],
 )
 FRAMES_IN = Counter(
     "switchboard_frames_in",
@@ -157,6 +171,8 @@ REFUSAL_CODES = {
     "runs_in_flight": "rate_limited",
     "queued_runs": "overloaded",
     "connections": "4029",
+    "subscriptions": "rate_limited",
+    "receipts": "rate_limited",
 }
 # Labels of frames going out: anything else (a kind a later version adds) is "other", so a
 # frame can never mint a series.
@@ -251,6 +267,13 @@ def subscribed(tenant: str) -> None:
 
 def unsubscribed(tenant: str) -> None:
     SUBSCRIPTIONS.labels(tenant).dec()
+
+
+def tenant_cache_loaded(found: bool, tenants: int, missing: int) -> None:
+    """A tenant cache read the database; it now holds `tenants` and `missing` entries."""
+    TENANT_LOOKUPS.labels("found" if found else "missing").inc()
+    TENANT_CACHE_ENTRIES.labels("tenant").set(tenants)
+    TENANT_CACHE_ENTRIES.labels("missing").set(missing)
 
 
 def acked(tenant: str, duplicate: bool) -> None:
@@ -509,7 +532,25 @@ def exposition_registry(with_state: bool) -> CollectorRegistry:
 
 
 def metrics_view(request: HttpRequest) -> HttpResponse:
-    """GET /metrics on gateways: the host's processes and the cluster state."""
+    """GET /metrics on gateways: the host's processes and the cluster state. It names every
+    tenant and its traffic, and the gateway's port is the clients' too: only a scraper
+    with SWITCHBOARD_METRICS_TOKEN as its bearer token is answered."""
+    expected = settings.SWITCHBOARD["METRICS_TOKEN"]
+    if not expected:
+        return HttpResponse(
+            "metrics are off: set SWITCHBOARD_METRICS_TOKEN and scrape with it as a bearer token\n",
+            status=403,
+            content_type="text/plain",
+        )
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), expected.encode()
+    ):
+        response = HttpResponse(
+            "a bearer token is required\n", status=401, content_type="text/plain"
+        )
+        response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+        return response
     body = generate_latest(exposition_registry(with_state=True))
     return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)
 

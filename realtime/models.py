@@ -10,7 +10,7 @@ from django.core.validators import RegexValidator
 from django.db import models, transaction
 from django.utils import timezone
 
-TENANT_SLUG_PATTERN = r"\A[a-z0-9][a-z0-9_-]{0,62}\Z"
+from realtime.tenants import TENANT_SLUG_PATTERN
 
 
 def new_signing_secret() -> str:
@@ -71,6 +71,34 @@ class Tenant(models.Model):
     tenant_burst = models.PositiveIntegerField(
         default=settings.SWITCHBOARD["TENANT_BURST"],
         help_text="Messages the tenant may send at once above its rate.",
+    )
+    client_receipts_per_s = models.PositiveIntegerField(
+        default=settings.SWITCHBOARD["CLIENT_RECEIPTS_PER_S"],
+        help_text="Sustained receipt rate of one client (a bucket apart from its messages').",
+    )
+    client_receipt_burst = models.PositiveIntegerField(
+        default=settings.SWITCHBOARD["CLIENT_RECEIPT_BURST"],
+        help_text="Receipts one client may send at once above that rate.",
+    )
+    max_subscriptions_per_connection = models.PositiveIntegerField(
+        default=settings.SWITCHBOARD["MAX_SUBSCRIPTIONS_PER_CONNECTION"],
+        help_text=(
+            "Streams one connection may be subscribed to at once (subscribe, and streams it "
+            "sends to); past it, rate_limited until it unsubscribes."
+        ),
+    )
+    max_token_lifetime_s = models.PositiveIntegerField(
+        default=settings.SWITCHBOARD["MAX_TOKEN_LIFETIME_S"],
+        help_text="Longest a token may still be valid for: a later exp is refused (4001).",
+    )
+    fault_injection = models.BooleanField(
+        default=False,
+        help_text=(
+            "Honour the simulated backend's fault and delay options (fail, latency_ms, "
+            "chunk_delay_ms) in this tenant's sends: for rehearsals only, as stalled runs "
+            "hold workers every tenant shares. SWITCHBOARD_FAULT_INJECTION turns them on "
+            "for all tenants."
+        ),
     )
     weight = models.PositiveIntegerField(
         default=1,
@@ -147,6 +175,9 @@ LIMIT_FIELDS = (
     "client_burst",
     "tenant_messages_per_s",
     "tenant_burst",
+    "client_receipts_per_s",
+    "client_receipt_burst",
+    "max_subscriptions_per_connection",
 )
 
 

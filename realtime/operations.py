@@ -39,6 +39,8 @@ THROTTLE_REASONS = {
     "runs_in_flight": "runs in flight per connection (rate_limited)",
     "queued_runs": "queued runs of the tenant (overloaded)",
     "connections": "connections (close 4029)",
+    "subscriptions": "subscriptions per connection (rate_limited)",
+    "receipts": "receipt rate (rate_limited)",
 }
 THROTTLE_FLUSH_S = 1.0
 # Minute hashes live this long; the page shows the last THROTTLE_MINUTES_SHOWN of them.

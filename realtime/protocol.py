@@ -33,6 +33,10 @@ CLOSE_SLOW_CONSUMER = 4008
 CLOSE_TOO_MANY_CONNECTIONS = 4029
 
 MAX_AGENT_NAME = 100
+# Deepest nesting of a frame's free-form JSON (`publish` data, `send` options). orjson reads
+# up to 1,024 levels but writes only 254, and the event wraps what it carries in two more:
+# deeper frames would be accepted and then fail to be written.
+MAX_JSON_DEPTH = 64
 
 
 class ProtocolError(Exception):
@@ -171,6 +175,23 @@ class _Fields:
         return value
 
 
+def json_depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether `value` nests arrays and objects more than `limit` deep (a scalar: 0)."""
+    level: list[Any] = [value]
+    depth = 0
+    while level:
+        containers = [item for item in level if isinstance(item, (dict, list))]
+        if not containers:
+            return False
+        depth += 1
+        if depth > limit:
+            return True
+        level = []
+        for container in containers:
+            level.extend(container.values() if isinstance(container, dict) else container)
+    return False
+
+
 def _parse_send(fields: _Fields) -> Send:
     raw = fields.raw
     message_id = fields.message_id()
@@ -184,6 +205,8 @@ def _parse_send(fields: _Fields) -> Send:
         options = {}
     if not isinstance(options, dict):
         raise fields._bad("'options' must be an object")
+    if json_depth_exceeds(options, MAX_JSON_DEPTH):
+        raise fields._bad(f"'options' nests deeper than {MAX_JSON_DEPTH} levels")
     prev = raw.get("prev")
     if prev is not None and not isinstance(prev, str):
         raise fields._bad("'prev' must be an event id string or null")
@@ -193,7 +216,10 @@ def _parse_send(fields: _Fields) -> Send:
 def _parse_publish(fields: _Fields) -> Publish:
     if "data" not in fields.raw:
         raise fields._bad("'data' is required")
-    return Publish(fields.message_id(), fields.stream(), fields.raw["data"])
+    message_id, stream, data = fields.message_id(), fields.stream(), fields.raw["data"]
+    if json_depth_exceeds(data, MAX_JSON_DEPTH):
+        raise fields._bad(f"'data' nests deeper than {MAX_JSON_DEPTH} levels")
+    return Publish(message_id, stream, data)
 
 
 PARSERS = {

@@ -8,11 +8,17 @@ SWITCHBOARD["TENANT_CACHE_S"] seconds.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+
+# The shape of Tenant.slug (its validator, realtime/models.py): 1 to 63 characters.
+TENANT_SLUG_PATTERN = r"\A[a-z0-9][a-z0-9_-]{0,62}\Z"
+_SLUG = re.compile(TENANT_SLUG_PATTERN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +49,15 @@ class TenantConfig:
     tenant_messages_per_s: int
     tenant_burst: int
     weight: int = 1
+    client_receipts_per_s: int = 100
+    client_receipt_burst: int = 200
+    max_subscriptions_per_connection: int = 1_000
     # Not limits: public_limits (the welcome) leaves them out, clients are not told them.
     all_agents: bool = True
     agent_grants: tuple[AgentGrant, ...] = ()
     max_causal_depth: int = 3
+    max_token_lifetime_s: int = 30 * 24 * 3600
+    fault_injection: bool = False
     # Secret rotation (realtime/auth.py): the secret before the last rotation, which still
     # verifies tokens until previous_secret_until (epoch s); "" and 0.0 when there is none.
     previous_signing_secret: str = ""
@@ -105,6 +116,8 @@ def load_tenant(slug: str) -> TenantConfig | None:
             for row in tenant.agent_grants.all()
         ),
         max_causal_depth=tenant.max_causal_depth,
+        max_token_lifetime_s=tenant.max_token_lifetime_s,
+        fault_injection=tenant.fault_injection,
         previous_signing_secret=tenant.previous_signing_secret if until else "",
         previous_secret_until=until.timestamp() if until else 0.0,
         **{name: getattr(tenant, name) for name in LIMIT_FIELDS},
@@ -112,19 +125,64 @@ def load_tenant(slug: str) -> TenantConfig | None:
 
 
 class TenantCache:
-    """slug -> (TenantConfig | None, expires_at). Misses are cached too, against token floods."""
+    """slug -> TenantConfig, each kept ttl_s; misses ("no such tenant") are kept as long,
+    against floods of tokens naming tenants that do not exist.
 
-    def __init__(self, ttl_s: float) -> None:
+    The slug comes from a token whose signature cannot be checked before the tenant is
+    known, so callers check its shape first (`valid_slug`), and both tables are bounded:
+    past `max_tenants` (or `max_misses`) the least recently used entry goes. Misses have a
+    table of their own, so a flood of unknown slugs never pushes a real tenant out: it
+    costs at most one database read per slug per ttl_s and `max_misses` entries."""
+
+    def __init__(self, ttl_s: float, max_tenants: int = 10_000, max_misses: int = 10_000) -> None:
         self.ttl_s = ttl_s
-        self._entries: dict[str, tuple[TenantConfig | None, float]] = {}
+        self.max_tenants = max(1, max_tenants)
+        self.max_misses = max(1, max_misses)
+        self._entries: OrderedDict[str, tuple[TenantConfig, float]] = OrderedDict()
+        self._misses: OrderedDict[str, float] = OrderedDict()  # slug -> expires_at
         # One database read per slug at a time: a reconnect storm that finds the entry
         # expired waits for that read instead of sending thousands of identical queries.
         self._loading: dict[str, asyncio.Future[TenantConfig | None]] = {}
 
-    async def get(self, slug: str) -> TenantConfig | None:
+    def sizes(self) -> tuple[int, int]:
+        """(tenants, misses) held now."""
+        return len(self._entries), len(self._misses)
+
+    def _fresh(self, slug: str, now: float) -> tuple[bool, TenantConfig | None]:
+        """(True, the cached answer) while it is fresh, else (False, None)."""
         entry = self._entries.get(slug)
-        if entry is not None and entry[1] > time.monotonic():
-            return entry[0]
+        if entry is not None and entry[1] > now:
+            self._entries.move_to_end(slug)
+            return True, entry[0]
+        missed_until = self._misses.get(slug)
+        if missed_until is not None and missed_until > now:
+            self._misses.move_to_end(slug)
+            return True, None
+        return False, None
+
+    def _store(self, slug: str, config: TenantConfig | None, now: float) -> None:
+        # Imported here: realtime.models imports this module while Django loads its apps.
+        from realtime import metrics
+
+        expires_at = now + self.ttl_s
+        if config is None:
+            self._entries.pop(slug, None)
+            self._misses[slug] = expires_at
+            self._misses.move_to_end(slug)
+            while len(self._misses) > self.max_misses:
+                self._misses.popitem(last=False)
+        else:
+            self._misses.pop(slug, None)
+            self._entries[slug] = (config, expires_at)
+            self._entries.move_to_end(slug)
+            while len(self._entries) > self.max_tenants:
+                self._entries.popitem(last=False)
+        metrics.tenant_cache_loaded(config is not None, len(self._entries), len(self._misses))
+
+    async def get(self, slug: str) -> TenantConfig | None:
+        fresh, config = self._fresh(slug, time.monotonic())
+        if fresh:
+            return config
         loading = self._loading.get(slug)
         if loading is not None:
             return await asyncio.shield(loading)
@@ -140,13 +198,14 @@ class TenantCache:
             raise
         finally:
             del self._loading[slug]
-        self._entries[slug] = (config, time.monotonic() + self.ttl_s)
+        self._store(slug, config, time.monotonic())
         loading.set_result(config)
         return config
 
     def forget(self, slug: str) -> None:
         """Drop a tenant's entry, so the next get reads the database (an operator changed it)."""
         self._entries.pop(slug, None)
+        self._misses.pop(slug, None)
 
     def cached(self, slug: str) -> TenantConfig | None:
         """The last loaded settings of a tenant, expired or not, without a database read."""
@@ -155,12 +214,22 @@ class TenantCache:
 
     def get_sync(self, slug: str) -> TenantConfig | None:
         now = time.monotonic()
-        entry = self._entries.get(slug)
-        if entry is not None and entry[1] > now:
-            return entry[0]
+        fresh, config = self._fresh(slug, now)
+        if fresh:
+            return config
         config = load_tenant(slug)
-        self._entries[slug] = (config, now + self.ttl_s)
+        self._store(slug, config, now)
         return config
 
 
-tenant_cache = TenantCache(settings.SWITCHBOARD["TENANT_CACHE_S"])
+def valid_slug(slug: object) -> bool:
+    """Whether `slug` has a tenant slug's shape (realtime/models.py), checked before any
+    lookup: what a token claims is read before its signature can be verified."""
+    return isinstance(slug, str) and _SLUG.match(slug) is not None
+
+
+tenant_cache = TenantCache(
+    settings.SWITCHBOARD["TENANT_CACHE_S"],
+    settings.SWITCHBOARD["TENANT_CACHE_MAX"],
+    settings.SWITCHBOARD["TENANT_CACHE_MAX_MISSES"],
+)

@@ -44,6 +44,7 @@ PROVIDER_KEY_ENV = "SWITCHBOARD_TEST_PROVIDER_KEY"
 PROVIDER_KEY = "sk-switchboard-test-provider"
 TENANT_KEY_ENV = "SWITCHBOARD_TEST_TENANT_KEY"
 TENANT_KEY = "sk-switchboard-test-tenant"
+METRICS_TOKEN = "switchboard-test-metrics-token"
 CLUSTER_ENV = {
     # Not the default prefix, so the key-isolation test proves the setting is honoured.
     "SWITCHBOARD_KEY_PREFIX": KEY_PREFIX,
@@ -62,6 +63,8 @@ CLUSTER_ENV = {
     "SWITCHBOARD_CLIENT_BURST": "100000",
     "SWITCHBOARD_TENANT_MESSAGES_PER_S": "100000",
     "SWITCHBOARD_TENANT_BURST": "100000",
+    "SWITCHBOARD_CLIENT_RECEIPTS_PER_S": "100000",
+    "SWITCHBOARD_CLIENT_RECEIPT_BURST": "100000",
     "LOG_LEVEL": "INFO",
     # The "openai" backend; its base URL (the fake's port) is added by the fixture.
     "SWITCHBOARD_OPENAI_MODEL": PROVIDER_MODEL,
@@ -70,6 +73,8 @@ CLUSTER_ENV = {
     TENANT_KEY_ENV: TENANT_KEY,
     # Test-only agents (tests/integration/agents_app/agents.py).
     "SWITCHBOARD_EXTRA_APPS": "tests.integration.agents_app",
+    # /metrics answers only this bearer token (tests/integration/test_metrics.py).
+    "SWITCHBOARD_METRICS_TOKEN": METRICS_TOKEN,
 }
 
 TENANT = "acme"  # where most tests run
@@ -95,6 +100,20 @@ LIMITED_TENANTS = {
 FLOOD_TENANT, QUIET_TENANT = "flood", "quiet"
 LIMITED_TENANTS[FLOOD_TENANT] = {"max_runs_in_flight_per_connection": 100, "client_burst": 100}
 LIMITED_TENANTS[QUIET_TENANT] = {"weight": 1}
+# Hostile input (tests/integration/test_hostile.py): a few subscriptions and a short token
+# lifetime; a slow receipt rate; the simulated backend's faults allowed by the tenant.
+NARROW_TENANT, FRUGAL_TENANT, REHEARSAL_TENANT = "narrow", "frugal", "rehearsal"
+LIMITED_TENANTS[NARROW_TENANT] = {
+    "max_subscriptions_per_connection": 3,
+    "max_token_lifetime_s": 7200,
+}
+LIMITED_TENANTS[FRUGAL_TENANT] = {
+    "client_receipts_per_s": 1,
+    "client_receipt_burst": 3,
+    "client_messages_per_s": 1,
+    "client_burst": 3,
+}
+LIMITED_TENANTS[REHEARSAL_TENANT] = {"fault_injection": True}
 
 _TENANT_SETUP = f"""
 import json

@@ -29,6 +29,15 @@ def _without(frame: dict, field: str) -> dict:
     return {k: v for k, v in frame.items() if k != field}
 
 
+def _nested_frame(kind: str, field: str, depth: int) -> str:
+    """A send or publish whose `field` nests `depth` levels (built as text: orjson would
+    refuse to write it)."""
+    base = dict(SEND if kind == "send" else PUBLISH)
+    base.pop(field, None)
+    inner = "[" * (depth - 1) + "]" * (depth - 1)
+    return _json(base)[:-1] + f',"{field}":{{"x":{inner}}}}}'
+
+
 # (raw frame, the error's expected id). Every one is a bad_request (400).
 BAD_FRAMES: dict[str, tuple[str | bytes, str | None]] = {
     "not-json": ("this is not json", None),
@@ -76,6 +85,12 @@ BAD_FRAMES: dict[str, tuple[str | bytes, str | None]] = {
     "cancel-id-not-string": (_json({"type": "cancel", "id": 1}), None),
     "presence-missing-stream": (_json({"type": "presence"}), None),
     "presence-stream-not-string": (_json({"type": "presence", "stream": None}), None),
+    # Nested past MAX_JSON_DEPTH (64). Up to 1,023 levels parse, but from 255 on they could
+    # not be written back out and were answered `internal` (which clients retry).
+    "publish-data-nested-65": (_nested_frame("publish", "data", 65), "b-2"),
+    "publish-data-nested-300": (_nested_frame("publish", "data", 300), "b-2"),
+    "publish-data-nested-1000": (_nested_frame("publish", "data", 1000), "b-2"),
+    "send-options-nested-300": (_nested_frame("send", "options", 300), "b-1"),
 }
 
 

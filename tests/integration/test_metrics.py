@@ -5,6 +5,7 @@ gives the cluster's processes one PROMETHEUS_MULTIPROC_DIR)."""
 from __future__ import annotations
 
 import asyncio
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 
@@ -13,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from realtime.client import SwitchboardError
 
-from .conftest import LIMITED_TENANTS, Connect, Switchboard
+from .conftest import LIMITED_TENANTS, METRICS_TOKEN, Connect, StartGateway, Switchboard
 from .support import wait_until
 
 pytestmark = pytest.mark.asyncio
@@ -29,14 +30,15 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as response:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 200
         return response.read().decode()
 
 
-async def scrape(switchboard: Switchboard) -> Samples:
-    """Every sample of gateway-0's /metrics, by (name, labels)."""
-    port = switchboard.cluster.gateway_ports[0]
+async def scrape(switchboard: Switchboard, gateway: int = 0) -> Samples:
+    """Every sample of a gateway's /metrics (gateway-0's by default), by (name, labels)."""
+    port = switchboard.cluster.gateway_ports[gateway]
     text = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
     return {
         (sample.name, frozenset(sample.labels.items())): sample.value
@@ -137,3 +139,28 @@ async def test_metrics_move_with_connections_frames_refusals_and_runs(
         )
 
     await wait_until(closed, SCRAPE_TIMEOUT_S, "the gauges back where they were")
+
+
+def _status(url: str, token: str | None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10):
+            return 200
+    except urllib.error.HTTPError as error:
+        error.close()
+        return error.code
+
+
+async def test_metrics_answer_only_the_metrics_token(
+    switchboard: Switchboard, start_gateway: StartGateway
+) -> None:
+    """/metrics names every tenant and its traffic, on the port clients connect to."""
+    url = f"http://127.0.0.1:{switchboard.cluster.gateway_ports[0]}/metrics"
+    for token in (None, "", "wrong", METRICS_TOKEN + "x"):
+        assert await asyncio.to_thread(_status, url, token) == 401, token
+    assert await asyncio.to_thread(_status, url, METRICS_TOKEN) == 200
+    # A gateway given no token serves no metrics at all.
+    _, gateway = start_gateway(SWITCHBOARD_METRICS_TOKEN="")
+    url = f"http://127.0.0.1:{gateway.port}/metrics"  # type: ignore[attr-defined]
+    for token in (None, METRICS_TOKEN):
+        assert await asyncio.to_thread(_status, url, token) == 403

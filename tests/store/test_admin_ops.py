@@ -293,6 +293,7 @@ def test_the_admin_announces_a_disable_and_a_rotation(
         **tenant.limits(),
         "weight": 3,
         "max_causal_depth": 3,
+        "max_token_lifetime_s": tenant.max_token_lifetime_s,
     }  # "enabled" left out: unticked
     with django_capture_on_commit_callbacks(execute=True):
         page = admin_client.post(f"/admin/realtime/tenant/{tenant.pk}/change/", data)

@@ -105,6 +105,23 @@ def test_a_receipt_beyond_the_head_is_refused_and_records_nothing(
     assert receipts.record("room", "alice", 3) == (True, 3)  # the head itself is fine
 
 
+def test_a_receipt_of_seq_0_writes_nothing(
+    streams: Streams, receipts: Receipts, r: redis.Redis
+) -> None:
+    """Seq 0 is where every client starts: recording it on a stream with no events (stream
+    names are the clients' to choose) would let one socket create a 30-day key per name."""
+    before = r.dbsize()
+    for n in range(50):
+        assert receipts.record(f"never-written-{n}", "alice", 0) == (False, 0)
+    assert r.dbsize() == before
+    assert r.exists(keys.receipt_index(TENANT)) == 0
+
+    publish(streams, "room", 2)
+    assert receipts.record("room", "alice", 0) == (False, 0)
+    assert r.exists(keys.receipts(TENANT, "room"), keys.receipt_index(TENANT)) == 0
+    assert receipts.record("room", "alice", 1) == (True, 1)
+
+
 def test_receipts_are_per_tenant(streams: Streams, receipts: Receipts, r: redis.Redis) -> None:
     publish(streams, "room", 4)
     publish(streams, "room", 2, tenant=OTHER)

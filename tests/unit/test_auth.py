@@ -9,7 +9,7 @@ from typing import Any
 import jwt
 import pytest
 
-from realtime.auth import AuthError, Identity, authenticate, issue_token
+from realtime.auth import MAX_TOKEN_CHARS, AuthError, Identity, authenticate, issue_token
 from realtime.models import Tenant
 from realtime.tenants import TenantCache, TenantConfig
 
@@ -175,6 +175,81 @@ def test_tenant_cache_remembers_misses_until_they_expire(db: None) -> None:
     Tenant.objects.create(slug="later")
     assert cache.get_sync("later") is None  # a flood of bad tokens does not hit the database
     assert TenantCache(ttl_s=0).get_sync("later") is not None
+
+
+def test_tenant_cache_bounds_misses_apart_from_tenants(tenant: Tenant) -> None:
+    """A flood of made-up slugs costs at most max_misses entries, and never evicts a real
+    tenant: misses have their own table."""
+    cache = TenantCache(ttl_s=3600, max_tenants=5, max_misses=10)
+    assert cache.get_sync("acme") is not None
+    for n in range(200):
+        assert cache.get_sync(f"made-up-{n}") is None
+    assert cache.sizes() == (1, 10)
+    assert cache.cached("acme") is not None
+    for n in range(7):
+        Tenant.objects.create(slug=f"real-{n}")
+        assert cache.get_sync(f"real-{n}") is not None
+    assert cache.sizes() == (5, 10)
+
+
+def test_tenant_cache_reads_an_unknown_slug_once_per_interval(
+    transactional_db: None, django_assert_num_queries: Any
+) -> None:
+    cache = TenantCache(ttl_s=3600)
+    with django_assert_num_queries(1):
+        for _ in range(20):
+            assert cache.get_sync("nobody") is None
+
+    async def many() -> None:
+        await asyncio.gather(*(cache.get("someone") for _ in range(20)))
+        await asyncio.gather(*(cache.get("someone") for _ in range(20)))
+
+    asyncio.run(many())
+    assert cache.sizes() == (0, 2)
+
+
+@pytest.mark.parametrize("tnt", ["x" * 4000, "x" * 64, "Acme", "ac me", "acme\n", "-acme", "é"])
+def test_a_tenant_claim_not_shaped_like_a_slug_is_never_looked_up(
+    tnt: str, tenant: Tenant, tenants: TenantCache
+) -> None:
+    # Signed or not, the claim is refused before any lookup: nothing is cached for it.
+    assert refusal(signed(good_claims(tnt=tnt), "any-secret-" + "x" * 32), tenants) == (
+        "unknown tenant"
+    )
+    assert tenants.sizes() == (0, 0)
+
+
+def test_an_over_long_token_is_refused_before_it_is_read(
+    tenant: Tenant, tenants: TenantCache
+) -> None:
+    token = signed(good_claims(name="n" * MAX_TOKEN_CHARS), tenant.signing_secret)
+    assert refusal(token, tenants) == f"token longer than {MAX_TOKEN_CHARS} characters"
+    assert tenants.sizes() == (0, 0)
+
+
+@pytest.mark.parametrize("exp_in_s", [10**30, 31 * 24 * 3600])
+def test_a_token_valid_for_longer_than_the_tenant_allows_is_refused(
+    exp_in_s: int, tenant: Tenant, tenants: TenantCache
+) -> None:
+    token = signed(good_claims(exp=int(time.time()) + exp_in_s), tenant.signing_secret)
+    assert refusal(token, tenants).startswith("token lifetime exceeds the tenant's maximum")
+
+
+def test_the_token_lifetime_cap_is_per_tenant(tenant: Tenant, tenants: TenantCache) -> None:
+    Tenant.objects.filter(slug="acme").update(max_token_lifetime_s=60)
+    assert refusal(issue_token(tenant.signing_secret, "acme", "alice", ttl_s=600), tenants) == (
+        "token lifetime exceeds the tenant's maximum of 60 s"
+    )
+    auth(issue_token(tenant.signing_secret, "acme", "alice", ttl_s=50), tenants)
+
+
+@pytest.mark.parametrize("sub", ["alice\nINFO forged line", "a\rb", "a\x00b", "a\x1bb", "a\x85b"])
+def test_a_client_id_with_control_characters_is_refused(
+    sub: str, tenant: Tenant, tenants: TenantCache
+) -> None:
+    assert refusal(signed(good_claims(sub=sub), tenant.signing_secret), tenants) == (
+        "invalid client id"
+    )
 
 
 def identity(patterns: tuple[str, ...] | None) -> Identity:

@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
+from realtime.events import dumps
 from realtime.protocol import (
+    MAX_JSON_DEPTH,
     PONG,
     STATUS_BY_CODE,
     Cancel,
@@ -21,6 +23,7 @@ from realtime.protocol import (
     Unsubscribe,
     ack_frame,
     error_frame,
+    json_depth_exceeds,
     parse_frame,
 )
 
@@ -333,3 +336,49 @@ def test_protocol_error_frame_matches_error_frame() -> None:
 
 def test_pong() -> None:
     assert json.loads(PONG) == {"type": "pong"}
+
+
+# --- nesting -----------------------------------------------------------------------------
+
+
+def nested(depth: int, leaf: Any = 1) -> Any:
+    """`depth` levels of alternating arrays and objects around `leaf`."""
+    value = leaf
+    for level in range(depth):
+        value = [value] if level % 2 else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("depth", [0, 1, MAX_JSON_DEPTH])
+def test_free_form_json_up_to_the_documented_depth_is_accepted(depth: int) -> None:
+    parsed = parse_frame(frame(type="publish", id="p", stream="s", data=nested(depth)), LIMIT)
+    assert isinstance(parsed, Publish)
+    dumps(parsed.data)  # and it can be written back out, inside an event
+    options = {"k": nested(max(depth, 1) - 1)}  # the options object is a level itself
+    assert isinstance(
+        parse_frame(
+            frame(type="send", id="m", stream="s", agent="a", text="", options=options), LIMIT
+        ),
+        Send,
+    )
+
+
+# 255 and beyond parse (orjson reads 1,024 levels) but could not be written back out.
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 255, 1000])
+def test_deeper_free_form_json_is_a_bad_request(depth: int) -> None:
+    text = "[" * depth + "]" * depth
+    assert_bad_request(
+        f'{{"type":"publish","id":"p","stream":"s","data":{text}}}', "p", "nests deeper"
+    )
+    assert_bad_request(
+        f'{{"type":"send","id":"m","stream":"s","agent":"a","text":"","options":{{"x":{text}}}}}',
+        "m",
+        "nests deeper",
+    )
+
+
+def test_json_depth() -> None:
+    assert not json_depth_exceeds("scalar", 0)
+    assert json_depth_exceeds([], 0)
+    assert not json_depth_exceeds({"a": [1, {"b": 2}]}, 3)
+    assert json_depth_exceeds({"a": [1, {"b": []}]}, 3)

@@ -177,6 +177,7 @@ def test_the_change_form_cannot_change_the_secret(admin_client: Client) -> None:
         **{name: value for name, value in tenant.limits().items()},
         "weight": 1,
         "max_causal_depth": 3,
+        "max_token_lifetime_s": tenant.max_token_lifetime_s,
     }
     page = admin_client.post(f"/admin/realtime/tenant/{tenant.pk}/change/", data)
     assert page.status_code == 302, page.content.decode()
