@@ -43,6 +43,7 @@ from orchestration.agents import (
 )
 from orchestration.coalesce import Coalescer
 from orchestration.inflight import DRAIN, Held, InFlight
+from orchestration.reasons import degraded_message
 from orchestration.runs import AsyncRunStore, Fenced, Run, RunFinished, StaleOffset
 from realtime import logcontext, metrics
 from workers import limits
@@ -237,7 +238,7 @@ class _Step:
                             await self.restart("retry")
                         continue
                 self.called(step, "timeout" if spent else "fallback", started)
-                return await self.fall_back("timeout" if spent else "model_error")
+                return await self.fall_back("timeout" if spent else "model_error", error)
             except (Fenced, RunFinished, asyncio.CancelledError):
                 self.called(step, "cancelled", started)
                 raise
@@ -434,12 +435,13 @@ class _Step:
         if fell_back:
             # An earlier step gave its fallback and the pipeline went on.
             reason, _, step_name = fell_back.partition(":")
-            await self.finalize("degraded", {"reason": reason, "step": step_name})
+            detail = {"reason": reason, "message": degraded_message(reason), "step": step_name}
+            await self.finalize("degraded", detail)
         else:
             await self.finalize("ok", None)
         return StepOutcome()
 
-    async def fall_back(self, reason: str) -> StepOutcome:
+    async def fall_back(self, reason: str, error: BaseException | None = None) -> StepOutcome:
         """The step cannot answer: its fallback text. The run ends `degraded` with that text
         after whatever was already streamed, or, for a step that continues on fallback, the
         text is its output and the pipeline goes on."""
@@ -453,7 +455,8 @@ class _Step:
             return await self.done(step.fallback_text, f"{reason}:{name}")
         separator = "\n" if run.emitted else ""
         await self.append(separator + step.fallback_text)
-        detail = {"reason": reason}
+        # `message`: the reason in words for whoever reads the reply (orchestration/reasons.py).
+        detail = {"reason": reason, "message": degraded_message(reason, error)}
         if len(agent.steps) > 1:
             detail["step"] = name
         await self.finalize("degraded", detail)

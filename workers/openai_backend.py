@@ -101,13 +101,17 @@ class OpenAIBackend:
     async def astream(self, request: ModelRequest) -> AsyncIterator[str]:
         model = request.model or self.model
         if not model:
-            raise ModelError(f"{self.name} backend: no model configured", False)
+            raise ModelError(
+                f"{self.name} backend: no model configured", False, summary="model not configured"
+            )
         # A tenant's own key and endpoint (admin, by reference) win over the backend's.
         key_env = request.api_key_env or self.api_key_env
         key = os.environ.get(key_env, "") if key_env else ""
         if request.api_key_env and not key:
             raise ModelError(
-                f"{self.name} backend: the tenant's key variable {key_env} is not set", False
+                f"{self.name} backend: the tenant's key variable {key_env} is not set",
+                False,
+                summary="model API key not configured",
             )
         base_url = (request.base_url or self.base_url).rstrip("/")
         url, headers, body = self.build_request(base_url, model, key, request)
@@ -133,7 +137,9 @@ class OpenAIBackend:
             raise
         except (aiohttp.ClientError, OSError) as error:
             # Refused, reset, cut mid-body, or no connection within connect_timeout_s.
-            raise ModelError(f"connection to the model failed: {error!r}", True) from None
+            raise ModelError(
+                f"connection to the model failed: {error!r}", True, summary="model unreachable"
+            ) from None
         except ValueError as error:
             # aiohttp's line reader refuses a line past its buffer: not a stream we can read.
             raise ModelError(f"model stream unreadable: {error}", False) from None
@@ -233,6 +239,7 @@ async def _status_error(response: aiohttp.ClientResponse) -> ModelError:
         f"model server answered {status}: {message}",
         transient,
         retry_after_s=retry_after(response.headers) if transient else None,
+        summary=f"provider error {status}",
     )
 
 
