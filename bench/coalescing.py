@@ -1,8 +1,9 @@
 """Delta coalescing: how fast one worker process streams replies of many small pieces.
 
 A worker process runs steps of the echo agent back to back through
-`orchestration.services.execute_step` (what the Celery task runs, without Celery's
-dispatch), each reply `--chunks` (200) pieces of `--piece-chars` (4) characters with no
+`orchestration.steps.execute_step` on one event loop (as its model-call runtime does, with
+the shared lease renewal and the stop listener beside them, without Celery's dispatch), each
+reply `--chunks` (200) pieces of `--piece-chars` (4) characters with no
 delay between them: a fast model at the worker's full speed. Variant `coalesced` uses the
 default policy (SWITCHBOARD_DELTA_FLUSH_CHARS=64, _MS=50, or `--flush-chars`/`--flush-ms`);
 `per_piece` sets DELTA_FLUSH_CHARS=0, one `reply.delta` per piece as before coalescing.
@@ -76,29 +77,20 @@ def setup_django(redis_url: str, log_level: str) -> None:
     django.setup()
 
 
-def create_runs(redis_url: str, first: int, count: int, text: str, chunks: int) -> list[str]:
-    import redis.asyncio as aredis
-
+async def create_runs(client: Any, first: int, count: int, text: str, chunks: int) -> list[str]:
     from orchestration.agents import get_agent
     from realtime.protocol import Send
     from realtime.streams import StreamStore
 
-    async def main() -> list[str]:
-        client = aredis.Redis.from_url(redis_url)
-        try:
-            store = StreamStore(client)
-            agent = get_agent("echo")
-            run_ids = []
-            for index in range(first, first + count):
-                frame = Send(f"m-{index}", f"s-{index}", "echo", text, {"chunks": chunks}, None)
-                appended = await store.accept_send(TENANT, "bench", frame, agent, weight=1)
-                assert appended.run_id is not None
-                run_ids.append(appended.run_id)
-            return run_ids
-        finally:
-            await client.aclose()
-
-    return asyncio.run(main())
+    store = StreamStore(client)
+    agent = get_agent("echo")
+    run_ids = []
+    for index in range(first, first + count):
+        frame = Send(f"m-{index}", f"s-{index}", "echo", text, {"chunks": chunks}, None)
+        appended = await store.accept_send(TENANT, "bench", frame, agent, weight=1)
+        assert appended.run_id is not None
+        run_ids.append(appended.run_id)
+    return run_ids
 
 
 def redis_counters(client: Any) -> tuple[int, float]:
@@ -108,12 +100,18 @@ def redis_counters(client: Any) -> tuple[int, float]:
 
 
 def run_variant(variant: str, args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
+    return asyncio.run(measure_variant(variant, args, redis_url))
+
+
+async def measure_variant(variant: str, args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
     import orjson
     import redis
+    import redis.asyncio as aredis
     from django.conf import settings
 
-    from orchestration.runs import RunStore
-    from orchestration.services import StepOutcome, execute_step
+    from orchestration.inflight import InFlight
+    from orchestration.runs import AsyncRunStore
+    from orchestration.steps import StepOutcome, execute_step
     from realtime import keys
     from realtime.client import since_last_restart
 
@@ -125,7 +123,15 @@ def run_variant(variant: str, args: argparse.Namespace, redis_url: str) -> dict[
     }
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
-    store = RunStore(client)
+    # The worker's side: its loop's client, the shared renewal and the stop listener.
+    worker_client = aredis.Redis.from_url(redis_url)
+    listener_client = aredis.Redis.from_url(redis_url)
+    store = AsyncRunStore(worker_client)
+    inflight = InFlight(store)
+    services = [
+        asyncio.create_task(inflight.keep_leases()),
+        asyncio.create_task(inflight.listen(listener_client)),
+    ]
     word = "abcdefghijklmnopqrstuvwxyz"[: max(1, args.piece_chars)]
     text = (word * args.chunks)[: args.piece_chars * args.chunks]
 
@@ -136,40 +142,47 @@ def run_variant(variant: str, args: argparse.Namespace, redis_url: str) -> dict[
     redis_cpu = 0.0
     measured_s = 0.0
     done = 0
-    while done < total:
-        count = min(args.batch, total - done)
-        run_ids = create_runs(redis_url, done, count, text, args.chunks)
-        before_commands, before_cpu = redis_counters(client)
-        batch_durations = []
-        for run_id in run_ids:
-            started = time.perf_counter()
-            outcome = execute_step(store, run_id, 0, 0)
-            batch_durations.append(time.perf_counter() - started)
-            assert outcome == StepOutcome(), outcome
-        after_commands, after_cpu = redis_counters(client)
-        # Which replies of this batch are measured (the first `warmup` overall are not).
-        skip = max(0, args.warmup - done)
-        if skip < count:
-            share = (count - skip) / count
-            durations += batch_durations[skip:]
-            measured_s += sum(batch_durations[skip:])
-            # INFO itself is two commands per snapshot; the rest is the steps'.
-            commands += round((after_commands - before_commands - 2) * share)
-            redis_cpu += (after_cpu - before_cpu) * share
-        # Every reply complete and whole; its deltas counted (outside the measured time).
-        pipe = client.pipeline(transaction=False)
-        for index in range(done, done + count):
-            pipe.xrange(keys.stream_log(TENANT, f"s-{index}"))
-        for position, entries in enumerate(pipe.execute()):
-            events = [orjson.loads(fields[b"e"]) for _, fields in entries]
-            # The deltas since the run's last reply.restart make its text.
-            pieces = [e["data"]["text"] for e in since_last_restart(events)]
-            last = events[-1]
-            assert last["kind"] == "reply.done" and last["data"]["status"] == "ok", last
-            assert "".join(pieces) == text == last["data"]["text"]
-            if done + position >= args.warmup:
-                deltas.append(len(pieces))
-        done += count
+    try:
+        while done < total:
+            count = min(args.batch, total - done)
+            run_ids = await create_runs(worker_client, done, count, text, args.chunks)
+            before_commands, before_cpu = redis_counters(client)
+            batch_durations = []
+            for run_id in run_ids:
+                started = time.perf_counter()
+                outcome = await execute_step(store, inflight, run_id, 0, 0)
+                batch_durations.append(time.perf_counter() - started)
+                assert outcome == StepOutcome(), outcome
+            after_commands, after_cpu = redis_counters(client)
+            # Which replies of this batch are measured (the first `warmup` overall are not).
+            skip = max(0, args.warmup - done)
+            if skip < count:
+                share = (count - skip) / count
+                durations += batch_durations[skip:]
+                measured_s += sum(batch_durations[skip:])
+                # INFO itself is two commands per snapshot; the rest is the steps'.
+                commands += round((after_commands - before_commands - 2) * share)
+                redis_cpu += (after_cpu - before_cpu) * share
+            # Every reply complete and whole; its deltas counted (outside the measured time).
+            pipe = client.pipeline(transaction=False)
+            for index in range(done, done + count):
+                pipe.xrange(keys.stream_log(TENANT, f"s-{index}"))
+            for position, entries in enumerate(pipe.execute()):
+                events = [orjson.loads(fields[b"e"]) for _, fields in entries]
+                # The deltas since the run's last reply.restart make its text.
+                pieces = [e["data"]["text"] for e in since_last_restart(events)]
+                last = events[-1]
+                assert last["kind"] == "reply.done" and last["data"]["status"] == "ok", last
+                assert "".join(pieces) == text == last["data"]["text"]
+                if done + position >= args.warmup:
+                    deltas.append(len(pieces))
+            done += count
+    finally:
+        for service in services:
+            service.cancel()
+        await asyncio.gather(*services, return_exceptions=True)
+        await worker_client.aclose()
+        await listener_client.aclose()
     client.flushdb()
     client.close()
     replies = len(durations)

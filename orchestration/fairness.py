@@ -150,7 +150,6 @@ class FairQueue:
 # --- the same algorithm in plain Python -----------------------------------------------------
 
 
-@dataclass
 class AsyncFairQueue:
     """The worker's side: pick the next run on the model-call runtime."""
 
@@ -166,6 +165,7 @@ class AsyncFairQueue:
         )
 
 
+@dataclass
 class DeficitRoundRobin:
     """FAIR_PICK without Redis: `push` is ACCEPT_SEND's part, `pick` the worker's.
 

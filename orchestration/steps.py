@@ -429,7 +429,9 @@ class _Step:
             await durably(
                 lambda: self.store.save_output(run, self.index, output, fell_back), run.deadline
             )
-            await durably(lambda: self.store.hand_over(run, self.index + 1), run.deadline)
+            if not await durably(lambda: self.store.hand_over(run, self.index + 1), run.deadline):
+                # Taken over (or ended) since the output was saved: its new owner goes on.
+                raise Fenced(run.run_id)
             return StepOutcome(next_step=self.index + 1)
         fell_back = fell_back or run.fell_back
         if fell_back:

@@ -70,6 +70,7 @@ class ModelCallRuntime:
         self._services: list[Callable[[], Awaitable[None]]] = []
         self._service_tasks: list[asyncio.Task[None]] = []
         self._beat = time.monotonic()
+        self._stopped = threading.Event()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -236,6 +237,8 @@ class ModelCallRuntime:
         return self.in_flight
 
     def stop(self) -> None:
+        # First, so the watchdog never takes a loop that was stopped on purpose for wedged.
+        self._stopped.set()
         loop = self._loop
         if loop is None or loop.is_closed():
             return
@@ -259,8 +262,7 @@ class ModelCallRuntime:
         self._loop.call_later(0.5, self._heartbeat)
 
     def _watch(self) -> None:
-        while True:
-            time.sleep(1.0)
+        while not self._stopped.wait(1.0):
             stalled = time.monotonic() - self._beat
             if stalled > self.stall_s:
                 thread = self._thread

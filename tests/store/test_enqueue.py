@@ -94,7 +94,7 @@ def assert_same_format(ours: dict[str, Any], theirs: dict[str, Any], args: list[
 @pytest.fixture
 def worker_runtime() -> Iterator[None]:
     """A task executed here hands its step to this process's model-call runtime, as in a
-    worker; stopped afterwards so no loop or client outlives the test."""
+    worker; the runtime is stopped after the test and the next one builds its own."""
     yield
     side = dispatch._side
     if side is not None:

@@ -82,11 +82,6 @@ def test_each_tenants_runs_are_picked_in_the_order_accepted(
     assert [run for run in picked if run in b_runs] == b_runs
 
 
-@pytest.mark.xfail(
-    reason="orchestration/fairness.py: AsyncFairQueue was inserted between @dataclass and "
-    "DeficitRoundRobin, so the model lost its dataclass fields (Field objects, no __init__)",
-    strict=True,
-)
 def test_the_script_picks_what_the_python_model_picks(streams: Streams, r: redis.Redis) -> None:
     chooser = random.Random(7)
     model = DeficitRoundRobin()

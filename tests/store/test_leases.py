@@ -19,10 +19,11 @@ import redis
 import redis.asyncio as aredis
 
 from orchestration.agents import Agent, Step
-from orchestration.inflight import LOST, InFlight
+from orchestration.inflight import DRAIN, LOST, InFlight
 from orchestration.runs import MAX_REDELIVERIES, AsyncRunStore, Fenced, RunStore
 from orchestration.services import sweep_expired_leases, sweep_runs
 from orchestration.steps import StepOutcome
+from orchestration.steps import execute_step as execute_step_async
 from realtime import keys
 from realtime.streams import RUN_RECORD_GRACE_S, RUN_STEP_TASK, RUNS_QUEUE
 from tests.store.conftest import Streams, execute_step, log_events, of_kind
@@ -367,6 +368,7 @@ def test_a_step_whose_renewal_is_refused_stops_and_writes_nothing_more(
     step.start()
     try:
         stalled.silent.wait(10)
+        wait_for(lambda: deltas(r), "the first piece's append")  # else the append is fenced
         newer = dead(r).claim(run_id, 0)  # another attempt takes over with a 0 s lease
         assert newer is not None
         taken = field(r, run_id, "lease")
@@ -421,3 +423,66 @@ def test_due_leases_are_renewed_in_one_pipeline_and_lost_ones_stopped(
         return stopped
 
     assert asyncio.run(main()) == [f"{lost_id}:{LOST}"]
+
+
+def test_a_redelivered_later_step_restarts_the_reply_with_the_earlier_steps_text(
+    streams: Streams, r: redis.Redis, register_agent: Callable[..., Agent]
+) -> None:
+    agent = register_agent("two", Step(backend="simulated"), Step(backend="simulated"))
+    run_id = started(streams, agent=agent.name, chunks=2)
+    r.delete(QUEUE)
+    assert execute_step(RunStore(r), run_id, 0, 0) == StepOutcome(next_step=1)
+    r.delete(QUEUE)
+    # Step 1's first worker streams a little of its output, then dies.
+    lost = dead(r).claim(run_id, 1)
+    assert lost is not None
+    dead(r).append_delta(lost, "half of")
+    assert sweep_expired_leases(RunStore(r)) == 1
+    [(args, _)] = queued_steps(r)
+    assert args == [run_id, 1]
+
+    assert execute_step(RunStore(r), run_id, 1, 0) == StepOutcome()
+    events = log_events(r, "room")
+    [restart] = of_kind(events, "reply.restart")
+    assert restart["data"]["reason"] == "redelivered"
+    after = of_kind(events[events.index(restart) + 1 :], "reply.delta")
+    # Step 0's text again, as one delta at offset 0, then step 1's own from where it ends.
+    assert after[0]["data"] == {"run": run_id, "offset": 0, "text": PROMPT}
+    assert after[1]["data"]["offset"] == len(PROMPT)
+    assert_reply(r, run_id, "ok", PROMPT + PROMPT)
+
+
+def test_a_draining_worker_hands_its_unfinished_step_to_another_at_once(
+    streams: Streams, r: redis.Redis, store_redis_url: str, stalled: StalledBackend
+) -> None:
+    run_id = started(streams, agent="stalled")
+    r.delete(QUEUE)
+
+    async def main() -> StepOutcome:
+        client = aredis.Redis.from_url(store_redis_url)
+        store = AsyncRunStore(client)
+        inflight = InFlight(store)
+        try:
+            step = asyncio.create_task(execute_step_async(store, inflight, run_id, 0))
+            async with asyncio.timeout(10):
+                # Held, and its first piece appended: the model is silent now.
+                while not (len(inflight) and stalled.silent.is_set() and deltas(r)):
+                    await asyncio.sleep(0.01)
+            assert inflight.stop_all(DRAIN) == 1  # what the runtime's drain asks at its bound
+            return await step
+        finally:
+            stalled.release.set()
+            await client.aclose()
+
+    assert asyncio.run(main()) == StepOutcome(handed_back=True)
+    # The same step is queued again for another worker, and the run holds no lease meanwhile.
+    [(args, headers)] = queued_steps(r)
+    assert (args, headers["task"]) == ([run_id, 0], RUN_STEP_TASK)
+    assert field(r, run_id, "status") == "queued"
+    assert r.zscore(keys.RUN_LEASES, run_id) is None
+    assert of_kind(log_events(r, "room"), "reply.done") == []
+    # Its next attempt voids what the drained one streamed and finishes the reply.
+    assert execute_step(RunStore(r), run_id, 0, 0) == StepOutcome()
+    [restart] = of_kind(log_events(r, "room"), "reply.restart")
+    assert restart["data"]["reason"] == "redelivered"
+    assert_reply(r, run_id, "ok", PROMPT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -178,7 +179,7 @@ def test_errors_past_the_retry_budget_answer_degraded(
     [done] = done_events(r)
     assert done["data"]["status"] == "degraded"
     assert done["data"]["text"] == "no"
-    assert done["data"]["detail"] == {"reason": "model_error"}
+    assert done["data"]["detail"] == {"reason": "model_error", "message": "model error"}
 
 
 def test_timeout_answers_degraded_with_the_steps_fallback(
@@ -196,7 +197,7 @@ def test_timeout_answers_degraded_with_the_steps_fallback(
         "run": run_id,
         "status": "degraded",
         "text": fallback,
-        "detail": {"reason": "timeout"},
+        "detail": {"reason": "timeout", "message": "timeout"},
     }
 
 
@@ -207,7 +208,10 @@ def test_passed_deadline_answers_degraded_without_calling_the_model(
     run_id = started(streams, agent=agent.name)
     assert execute_step(runs, run_id, 0, 0) == StepOutcome()
     [done] = done_events(r)
-    assert (done["data"]["text"], done["data"]["detail"]) == ("late", {"reason": "deadline"})
+    assert (done["data"]["text"], done["data"]["detail"]) == (
+        "late",
+        {"reason": "deadline", "message": "no time left before the run's deadline"},
+    )
 
 
 def test_unknown_agent_fails_the_run(
@@ -304,6 +308,37 @@ def test_buffered_pieces_are_appended_before_the_fallback(
     assert (done["data"]["status"], done["data"]["text"]) == ("degraded", "one two three\nsorry")
 
 
+class RefusingBackend:
+    """A provider that refuses the call, in its own words (which may quote the request)."""
+
+    name = "refusing"
+
+    def stream(self, request: ModelRequest, deadline: float) -> Iterator[str]:
+        raise ModelError(
+            "provider answered 400: prompt rejected, key sk-live-123",
+            False,
+            summary="provider error 400",
+        )
+        yield ""  # a generator, as a streaming backend is
+
+
+def test_a_degraded_reply_says_why_in_the_backends_words_for_clients(
+    streams: Streams,
+    runs: RunStore,
+    r: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    register_agent: Callable[..., Agent],
+) -> None:
+    monkeypatch.setitem(backends._backends, "refusing", RefusingBackend())
+    agent = register_agent("refused", Step(backend="refusing", fallback_text="sorry"))
+    run_id = started(streams, agent=agent.name)
+    assert execute_step(runs, run_id, 0, 0) == StepOutcome()
+    [done] = done_events(r)
+    assert done["data"]["detail"] == {"reason": "model_error", "message": "provider error 400"}
+    # The provider's own words (and what they quote) stay in the worker's log.
+    assert "sk-live-123" not in json.dumps(log_events(r, "room"))
+
+
 def test_a_cancel_published_while_a_step_streams_stops_it_and_drops_its_buffer(
     streams: Streams,
     runs: RunStore,
@@ -320,6 +355,10 @@ def test_a_cancel_published_while_a_step_streams_stops_it_and_drops_its_buffer(
     step.start()
     try:
         assert burst.stalled.wait(10), "the model call never started"
+        deadline = time.monotonic() + 10
+        while not delta_texts(r):  # the first piece is appended at once, the rest buffered
+            assert time.monotonic() < deadline, "the first piece was never appended"
+            time.sleep(0.01)
         assert _finalize_cancelled(run_id) == (True, "")  # publishes the stop to the worker
     finally:
         step.join(timeout=10)

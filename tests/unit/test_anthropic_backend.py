@@ -1,18 +1,23 @@
 """The Anthropic Messages backend (workers/anthropic_backend.py): its request and its
-reading of the event stream. The provider is played by httpx2's MockTransport (a third
-party's API); the same byte streams are also read by Anthropic's official client here, so
-what the backend accepts is what the real API sends."""
+reading of the event stream. The provider (a third party's API, which the OpenAI fake does
+not speak) is played by a small aiohttp server on loopback answering canned bytes; the same
+byte streams are also read by Anthropic's official client here, so what the backend
+accepts is what the real API sends."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import threading
-import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import anthropic
-import httpx2
 import pytest
+from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from workers.anthropic_backend import AnthropicBackend
 from workers.backends import ModelError, ModelRequest
@@ -79,50 +84,101 @@ def message_stream(*texts: str, stop: bool = True) -> bytes:
     return sse(*events)
 
 
+@dataclass(frozen=True)
+class Seen:
+    path: str
+    headers: CIMultiDictProxy[str]
+    content: bytes
+
+
 class Provider:
-    """Answers every call with one canned response and records the requests."""
+    """Answers every call with one canned response, over real HTTP on 127.0.0.1 (an
+    aiohttp server on a thread of its own), and records the requests."""
 
     def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
         self.status, self.body, self.headers = status, body, headers or {}
-        self.requests: list[httpx2.Request] = []
+        self.requests: list[Seen] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+        self.url = ""
 
-    def __call__(self, request: httpx2.Request) -> httpx2.Response:
-        self.requests.append(request)
+    async def answer(self, request: web.Request) -> web.Response:
+        self.requests.append(Seen(request.path, request.headers, await request.read()))
         content_type = "text/event-stream" if self.status == 200 else "application/json"
-        return httpx2.Response(
-            self.status, content=self.body, headers={"content-type": content_type, **self.headers}
+        return web.Response(
+            status=self.status,
+            body=self.body,
+            headers={"Content-Type": content_type, **self.headers},
         )
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/{path:.*}", self.answer)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{listening.getsockname()[1]}"
+        await web.SockSite(self._runner, listening).start()
+
+    def start(self) -> Provider:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
+        return self
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Provider]]:
+    started: list[Provider] = []
+
+    def start(status: int, body: bytes, headers: dict[str, str] | None = None) -> Provider:
+        provider = Provider(status, body, headers).start()
+        started.append(provider)
+        return provider
+
+    yield start
+    for provider in started:
+        provider.stop()
 
 
 def backend(provider: Provider, api_key_env: str = "") -> AnthropicBackend:
-    return AnthropicBackend(
-        "https://anthropic.test/v1",
-        "claude-test",
-        api_key_env,
-        name="anthropic",
-        transport=httpx2.MockTransport(provider),
-    )
+    return AnthropicBackend(f"{provider.url}/v1", "claude-test", api_key_env, name="anthropic")
 
 
 def official(provider: Provider) -> anthropic.Anthropic:
-    return anthropic.Anthropic(
-        api_key="k",
-        base_url="https://anthropic.test",
-        max_retries=0,
-        http_client=httpx2.Client(transport=httpx2.MockTransport(provider)),
-    )
+    return anthropic.Anthropic(api_key="k", base_url=provider.url, max_retries=0)
+
+
+def stream(model: AnthropicBackend, request: ModelRequest) -> list[str]:
+    """The call's pieces on an event loop of its own, bounded as the runtime bounds it."""
+
+    async def main() -> list[str]:
+        try:
+            async with asyncio.timeout(5):
+                return [piece async for piece in model.astream(request)]
+        finally:
+            await model.aclose()
+
+    return asyncio.run(main())
 
 
 def call(model: AnthropicBackend, **options: Any) -> list[str]:
-    request = ModelRequest(model="", prompt="Hi there", options=options)
-    return list(model.stream(request, time.monotonic() + 5))
+    return stream(model, ModelRequest(model="", prompt="Hi there", options=options))
 
 
 def test_streams_the_text_deltas_as_the_official_client_reads_them(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, serve: Callable[..., Provider]
 ) -> None:
     monkeypatch.setenv("TEST_ANTHROPIC_KEY", "sk-ant-test")
-    provider = Provider(200, message_stream("Hel", "lo ", "wörld"))
+    provider = serve(200, message_stream("Hel", "lo ", "wörld"))
     assert call(backend(provider, "TEST_ANTHROPIC_KEY"), max_tokens=50, temperature=0.5) == [
         "Hel",
         "lo ",
@@ -133,7 +189,7 @@ def test_streams_the_text_deltas_as_the_official_client_reads_them(
     ) as stream:
         assert "".join(stream.text_stream) == "Hello wörld"
     ours, theirs = provider.requests
-    assert ours.url.path == theirs.url.path == "/v1/messages"
+    assert ours.path == theirs.path == "/v1/messages"
     assert ours.headers["x-api-key"] == "sk-ant-test"
     # The API version the event format above is documented for; the SDK may ask newer.
     assert ours.headers["anthropic-version"] == "2023-06-01"
@@ -148,8 +204,10 @@ def test_streams_the_text_deltas_as_the_official_client_reads_them(
     }
 
 
-def test_options_anthropic_lacks_are_not_sent_and_stop_becomes_stop_sequences() -> None:
-    provider = Provider(200, message_stream("x"))
+def test_options_anthropic_lacks_are_not_sent_and_stop_becomes_stop_sequences(
+    serve: Callable[..., Provider],
+) -> None:
+    provider = serve(200, message_stream("x"))
     call(backend(provider), seed=3, presence_penalty=0.1, stop="END")
     body = json.loads(provider.requests[0].content)
     assert body["stop_sequences"] == ["END"]
@@ -157,18 +215,20 @@ def test_options_anthropic_lacks_are_not_sent_and_stop_becomes_stop_sequences() 
     assert not {"seed", "presence_penalty", "stop"} & set(body)
 
 
-def test_a_stream_without_message_stop_is_a_transient_error() -> None:
+def test_a_stream_without_message_stop_is_a_transient_error(
+    serve: Callable[..., Provider],
+) -> None:
     with pytest.raises(ModelError, match="message_stop") as caught:
-        call(backend(Provider(200, message_stream("partial", stop=False))))
+        call(backend(serve(200, message_stream("partial", stop=False))))
     assert caught.value.transient
 
 
-def test_an_error_event_mid_stream_is_transient() -> None:
+def test_an_error_event_mid_stream_is_transient(serve: Callable[..., Provider]) -> None:
     body = message_stream("a", stop=False) + sse(
         ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
     )
     with pytest.raises(ModelError, match="Overloaded") as caught:
-        call(backend(Provider(200, body)))
+        call(backend(serve(200, body)))
     assert caught.value.transient
 
 
@@ -181,12 +241,12 @@ def test_an_error_event_mid_stream_is_transient() -> None:
     ],
 )
 def test_status_errors_are_classified_with_the_providers_retry_after(
-    status: int, transient: bool, sdk_error: type[Exception]
+    serve: Callable[..., Provider], status: int, transient: bool, sdk_error: type[Exception]
 ) -> None:
     error_body = json.dumps(
         {"type": "error", "error": {"type": "some_error", "message": f"status {status}"}}
     ).encode()
-    provider = Provider(status, error_body, {"retry-after": "3"})
+    provider = serve(status, error_body, {"retry-after": "3"})
     with pytest.raises(ModelError, match=f"status {status}") as caught:
         call(backend(provider))
     assert caught.value.transient is transient
@@ -197,13 +257,12 @@ def test_status_errors_are_classified_with_the_providers_retry_after(
         )
 
 
-def test_a_tenant_key_variable_that_is_not_set_is_a_permanent_error() -> None:
-    request = ModelRequest(
-        model="",
-        prompt="x",
-        api_key_env="SWITCHBOARD_SURELY_UNSET_KEY",
-        cancelled=threading.Event(),
-    )
+def test_a_tenant_key_variable_that_is_not_set_is_a_permanent_error(
+    serve: Callable[..., Provider],
+) -> None:
+    provider = serve(200, message_stream("x"))
+    request = ModelRequest(model="", prompt="x", api_key_env="SWITCHBOARD_SURELY_UNSET_KEY")
     with pytest.raises(ModelError, match="SWITCHBOARD_SURELY_UNSET_KEY") as caught:
-        list(backend(Provider(200, message_stream("x"))).stream(request, time.monotonic() + 5))
+        stream(backend(provider), request)
     assert not caught.value.transient
+    assert provider.requests == []  # nothing was sent without the key
