@@ -20,6 +20,7 @@ from orchestration.agents import (
     render_prompt,
 )
 from orchestration.coalesce import Coalescer
+from orchestration.reasons import degraded_message
 from orchestration.runs import Fenced, LeaseKeeper, Run, RunFinished, RunStore
 from realtime import logcontext, metrics
 from realtime.buckets import SyncBuckets
@@ -182,7 +183,8 @@ def _execute_claimed(
                 called("error")
                 return StepOutcome(retry_in_s=backoff)
         called("timeout" if spent else "fallback")
-        return _fall_back(store, run, agent, step_index, "timeout" if spent else "model_error")
+        reason = "timeout" if spent else "model_error"
+        return _fall_back(store, run, agent, step_index, reason, error)
     except (Fenced, RunFinished):
         called("cancelled")
         raise
@@ -238,7 +240,7 @@ def _step_done(
     if fell_back:
         # An earlier step gave its fallback and the pipeline went on.
         reason, _, step_name = fell_back.partition(":")
-        detail = {"reason": reason, "step": step_name}
+        detail = {"reason": reason, "message": degraded_message(reason), "step": step_name}
         store.finalize(run.run_id, "degraded", detail, owner=run.owner, run=run)
     else:
         store.finalize(run.run_id, "ok", None, owner=run.owner, run=run)
@@ -420,7 +422,12 @@ def _cancel_check_s() -> float:
 
 
 def _fall_back(
-    store: RunStore, run: Run, agent: Agent, step_index: int, reason: str
+    store: RunStore,
+    run: Run,
+    agent: Agent,
+    step_index: int,
+    reason: str,
+    error: BaseException | None = None,
 ) -> StepOutcome:
     """The step cannot answer: its fallback text. The run ends `degraded` with that text
     after whatever was already streamed, or, for a step that continues on fallback, the
@@ -433,7 +440,8 @@ def _fall_back(
         return _step_done(store, run, agent, step_index, step.fallback_text, f"{reason}:{name}")
     separator = "\n" if run.emitted else ""
     store.append_delta(run, separator + step.fallback_text)
-    detail = {"reason": reason}
+    # `message`: the reason in words for the person reading the reply (orchestration/reasons.py).
+    detail = {"reason": reason, "message": degraded_message(reason, error)}
     if len(agent.steps) > 1:
         detail["step"] = name
     store.finalize(run.run_id, "degraded", detail, owner=run.owner, run=run)

@@ -16,12 +16,16 @@ a worker thread instead.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from asgiref.sync import markcoroutinefunction
 from django.http import HttpRequest, HttpResponse
 from whitenoise.middleware import WhiteNoiseMiddleware
+
+logger = logging.getLogger(__name__)
 
 
 class StaticFilesMiddleware(WhiteNoiseMiddleware):
@@ -40,6 +44,17 @@ class StaticFilesMiddleware(WhiteNoiseMiddleware):
         if static_file is None:
             return await self.get_response(request)
         return await asyncio.to_thread(self._read, static_file, request)
+
+    def add_files(self, root: str, prefix: str | None = None) -> None:
+        if os.path.isdir(root):
+            super().add_files(root, prefix)
+        else:
+            # Said once at start-up, in the log rather than as a Python warning.
+            logger.warning(
+                "no static files at %s: the admin has no CSS or JavaScript until"
+                " `manage.py collectstatic` fills it",
+                root,
+            )
 
     @staticmethod
     def _read(static_file: Any, request: HttpRequest) -> HttpResponse:

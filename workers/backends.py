@@ -21,12 +21,21 @@ from typing import Any, Protocol
 
 class ModelError(Exception):
     """`transient`: the same call may succeed if tried again. `retry_after_s`: how long the
-    provider asked us to wait before that (its Retry-After), when it said."""
+    provider asked us to wait before that (its Retry-After), when it said. `summary`: what
+    the client may be told of it (a degraded reply.done's detail.message), short and free
+    of keys, URLs and the provider's own words; "" lets the caller say something generic."""
 
-    def __init__(self, detail: str, transient: bool, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        detail: str,
+        transient: bool,
+        retry_after_s: float | None = None,
+        summary: str = "",
+    ) -> None:
         super().__init__(detail)
         self.transient = transient
         self.retry_after_s = retry_after_s
+        self.summary = summary
 
 
 class ModelTimeout(ModelError):

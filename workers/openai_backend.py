@@ -80,13 +80,17 @@ class OpenAIBackend:
     def stream(self, request: ModelRequest, deadline: float) -> Iterator[str]:
         model = request.model or self.model
         if not model:
-            raise ModelError(f"{self.name} backend: no model configured", False)
+            raise ModelError(
+                f"{self.name} backend: no model configured", False, summary="model not configured"
+            )
         # A tenant's own key and endpoint (admin, by reference) win over the backend's.
         key_env = request.api_key_env or self.api_key_env
         key = os.environ.get(key_env, "") if key_env else ""
         if request.api_key_env and not key:
             raise ModelError(
-                f"{self.name} backend: the tenant's key variable {key_env} is not set", False
+                f"{self.name} backend: the tenant's key variable {key_env} is not set",
+                False,
+                summary="model API key not configured",
             )
         base_url = (request.base_url or self.base_url).rstrip("/")
         url, headers, body = self.build_request(base_url, model, key, request)
@@ -122,7 +126,9 @@ class OpenAIBackend:
         except (httpx2.TransportError, OSError) as error:
             if abort.reason:
                 raise abort.error() from None
-            raise ModelError(f"connection to the model failed: {error!r}", True) from None
+            raise ModelError(
+                f"connection to the model failed: {error!r}", True, summary="model unreachable"
+            ) from None
         except Exception:
             # Whatever a connection torn down under a read raises (after an abort).
             if abort.reason:
@@ -229,6 +235,7 @@ def _status_error(response: httpx2.Response) -> ModelError:
         f"model server answered {status}: {message}",
         transient,
         retry_after_s=retry_after(response.headers) if transient else None,
+        summary=f"provider error {status}",
     )
 
 

@@ -127,7 +127,10 @@ def test_the_budget_is_one_for_every_worker(
         worker.client.close()
     statuses = [dones(r)[run_id] for run_id in run_ids]
     assert [done["status"] for done in statuses] == ["ok", "ok", "degraded"]
-    assert statuses[2]["detail"] == {"reason": "rate_limited"}
+    assert statuses[2]["detail"] == {
+        "reason": "rate_limited",
+        "message": "model rate limit reached",
+    }
     assert statuses[2]["text"] == FALLBACK
     assert metered.calls == 2
 
@@ -150,7 +153,7 @@ def test_a_budget_that_comes_back_too_late_answers_rate_limited_at_once(
         "run": run_id,
         "status": "degraded",
         "text": FALLBACK,
-        "detail": {"reason": "rate_limited"},
+        "detail": {"reason": "rate_limited", "message": "model rate limit reached"},
     }
     assert metered.calls == 0
 
@@ -167,7 +170,10 @@ def test_a_prompt_above_a_minutes_tokens_is_never_sent(
     limit(rpm=100, tpm=estimated_tokens(PROMPT) - 1)
     run_id = send(streams, "m-1")
     assert execute_step(runs, run_id, 0, 0) == StepOutcome()
-    assert dones(r)[run_id]["detail"] == {"reason": "rate_limited"}
+    assert dones(r)[run_id]["detail"] == {
+        "reason": "rate_limited",
+        "message": "model rate limit reached",
+    }
     assert metered.calls == 0
 
 
@@ -244,7 +250,7 @@ def test_a_call_with_less_time_left_than_its_minimum_is_not_started(
         "run": run_id,
         "status": "degraded",
         "text": FALLBACK,
-        "detail": {"reason": "deadline"},
+        "detail": {"reason": "deadline", "message": "no time left before the run's deadline"},
     }
     assert metered.calls == 0
 
@@ -264,7 +270,10 @@ def test_a_call_is_cut_off_before_the_deadline_to_leave_time_for_the_fallback(
     assert run_id is not None
     assert execute_step(runs, run_id, 0, 0) == StepOutcome()
     done = dones(r)[run_id]
-    assert (done["status"], done["detail"]) == ("degraded", {"reason": "timeout"})
+    assert (done["status"], done["detail"]) == (
+        "degraded",
+        {"reason": "timeout", "message": "timeout"},
+    )
     finished_at = float(r.hget(keys.run(run_id), "deadline") or 0)
     assert time.time() < finished_at, "the fallback must come before the run's deadline"
     assert metered.calls == 1

@@ -163,7 +163,7 @@ def test_a_failed_step_that_continues_gives_its_fallback_as_output_and_degrades_
     assert model.prompts[-1] == ("answer", "topic=general")
     data = the_done(r)
     assert data["status"] == "degraded"
-    assert data["detail"] == {"reason": "model_error", "step": "route"}
+    assert data["detail"] == {"reason": "model_error", "message": "model error", "step": "route"}
     assert data["text"] == "answer(topic=general)"
 
 
@@ -186,7 +186,7 @@ def test_a_failed_step_that_stops_ends_the_run_with_its_fallback(
     data = the_done(r)
     assert (data["status"], data["detail"]) == (
         "degraded",
-        {"reason": "model_error", "step": "second"},
+        {"reason": "model_error", "message": "model error", "step": "second"},
     )
     assert data["text"] == "first(x)\nsorry"
 
@@ -203,7 +203,7 @@ def test_a_python_step_that_raises_falls_back(
     assert (data["status"], data["text"], data["detail"]) == (
         "degraded",
         "oops",
-        {"reason": "internal"},
+        {"reason": "internal", "message": "internal error"},
     )
 
 
@@ -234,7 +234,7 @@ def test_a_python_step_past_its_soft_limit_is_abandoned_with_its_fallback(
         assert (data["status"], data["text"], data["detail"]) == (
             "degraded",
             "slow",
-            {"reason": "timeout"},
+            {"reason": "timeout", "message": "timeout"},
         )
     finally:
         release.set()
@@ -331,7 +331,7 @@ def test_a_step_rate_limit_is_per_tenant_and_falls_back_when_it_cannot_wait(
         ("ok", "m(one)"),
         ("degraded", "later"),
     ]
-    assert dones[1]["detail"] == {"reason": "rate_limited"}
+    assert dones[1]["detail"] == {"reason": "rate_limited", "message": "model rate limit reached"}
     assert len(model.prompts) == 1
     # Another tenant's calls of the same step have their own budget.
     other = streams.send(STREAM, "m-other", "three", agent="metered", tenant="globex")
@@ -352,4 +352,7 @@ def test_a_call_that_ran_out_its_soft_limit_is_not_retried_however_transient(
     assert execute_step(runs, run_id, 0, 0) == StepOutcome()
     assert len(model.prompts) == 1
     data = the_done(r)
-    assert (data["status"], data["detail"]) == ("degraded", {"reason": "timeout"})
+    assert (data["status"], data["detail"]) == (
+        "degraded",
+        {"reason": "timeout", "message": "timeout"},
+    )

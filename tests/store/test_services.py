@@ -153,7 +153,7 @@ def test_errors_past_the_retry_budget_answer_degraded(
     [done] = done_events(r)
     assert done["data"]["status"] == "degraded"
     assert done["data"]["text"] == "no"
-    assert done["data"]["detail"] == {"reason": "model_error"}
+    assert done["data"]["detail"] == {"reason": "model_error", "message": "model error"}
 
 
 def test_timeout_answers_degraded_with_the_steps_fallback(
@@ -171,7 +171,7 @@ def test_timeout_answers_degraded_with_the_steps_fallback(
         "run": run_id,
         "status": "degraded",
         "text": fallback,
-        "detail": {"reason": "timeout"},
+        "detail": {"reason": "timeout", "message": "timeout"},
     }
 
 
@@ -182,7 +182,10 @@ def test_passed_deadline_answers_degraded_without_calling_the_model(
     run_id = started(streams, agent=agent.name)
     assert execute_step(runs, run_id, 0, 0) == StepOutcome()
     [done] = done_events(r)
-    assert (done["data"]["text"], done["data"]["detail"]) == ("late", {"reason": "deadline"})
+    assert (done["data"]["text"], done["data"]["detail"]) == (
+        "late",
+        {"reason": "deadline", "message": "no time left before the run's deadline"},
+    )
 
 
 def test_unknown_agent_fails_the_run(

@@ -286,3 +286,30 @@ class socket_closed_port:
 
     def __exit__(self, *exc: object) -> None:
         pass
+
+
+@pytest.mark.parametrize(
+    ("model", "summary"),
+    [
+        ("status=500", "provider error 500"),
+        ("status=429", "provider error 429"),
+        ("", "model not configured"),
+    ],
+)
+def test_errors_carry_a_summary_a_client_may_be_shown(
+    backend: OpenAIBackend, model: str, summary: str
+) -> None:
+    unconfigured = OpenAIBackend(backend.base_url, model="")
+    with pytest.raises(ModelError) as raised:
+        list((backend if model else unconfigured).stream(call(model), soon()))
+    unconfigured.close()
+    assert raised.value.summary == summary
+
+
+def test_a_refused_connection_says_the_model_is_unreachable() -> None:
+    with socket_closed_port() as port:
+        nowhere = OpenAIBackend(f"http://127.0.0.1:{port}/v1", model="m")
+        with pytest.raises(ModelError) as raised:
+            list(nowhere.stream(call("m"), soon()))
+        nowhere.close()
+    assert raised.value.summary == "model unreachable"
