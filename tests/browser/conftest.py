@@ -13,13 +13,15 @@ in one pytest session; its own SQLite file, with the `demo` tenant; and the demo
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import pytest
@@ -28,6 +30,7 @@ import redis
 from project.launcher import ROOT, Cluster
 from tests.conftest import neighbour_database
 
+T = TypeVar("T")
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
 DEMO_TENANT = "demo"
@@ -162,6 +165,13 @@ def demo_cluster(test_redis_url: str) -> Iterator[DemoCluster]:
             print(f"\nbrowser cluster logs kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run in a thread of its own: once Playwright's sync API has started, this
+    thread has an event loop running and asyncio.run refuses to start another."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 # Screenshots written this session, listed at the end of the run.

@@ -6,11 +6,9 @@ fails the test on any console error or failed request, and is saved as a screens
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -22,6 +20,7 @@ from tests.browser.conftest import (
     DEMO_TENANT,
     WAIT_MS,
     DemoCluster,
+    run_async,
     save_screenshot,
     watch_for_problems,
 )
@@ -131,13 +130,11 @@ def _say_hello(demo_cluster: DemoCluster, stream: str, text: str) -> None:
         )
         try:
             ack = await client.send(stream, "echo", text, options={"chunks": 2})
-            await asyncio.wait_for(client.reply(ack["id"]), WAIT_MS / 1000)
+            await client.reply(ack["id"], timeout=WAIT_MS / 1000)
         finally:
             await client.close()
 
-    # Playwright's sync API keeps an event loop running in this thread: another thread.
-    with ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, run()).result()
+    run_async(run())
 
 
 def test_history_reads_as_a_thread(

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import json
 import re
@@ -14,7 +13,7 @@ from typing import Any
 import pytest
 
 from realtime.client import SwitchboardClient
-from tests.browser.conftest import DEMO_TENANT, DemoCluster
+from tests.browser.conftest import DEMO_TENANT, DemoCluster, run_async
 
 
 def fetch(
@@ -77,7 +76,7 @@ def test_demo_token_is_a_short_lived_token_of_the_demo_tenant(demo_cluster: Demo
         await client.close()
         return client.welcome
 
-    welcome = asyncio.run(connect())
+    welcome = run_async(connect())
     assert welcome["tenant"] == DEMO_TENANT and welcome["client"] == "zoe"
 
     # Without a client id it makes one up.
