@@ -20,7 +20,7 @@ import pytest
 from orchestration import agents
 from project.launcher import ROOT
 
-from .conftest import Switchboard
+from .conftest import Connect, Switchboard
 
 SETTINGS = (ROOT / "project" / "settings.py").read_text()
 
@@ -144,3 +144,25 @@ def test_agents_doc_definitions_register(marker: str) -> None:
     finally:
         agents._registry.clear()
         agents._registry.update(saved)
+
+
+@pytest.mark.asyncio
+async def test_protocol_doc_frames_have_the_fields_real_frames_have(
+    connect: Connect, unique: Callable[[str], str]
+) -> None:
+    """docs/protocol.md's example frames: the same fields as what the gateway sends."""
+    text = (ROOT / "docs" / "protocol.md").read_text()
+    welcome_doc, ack_doc, error_doc, delta_doc, join_doc, limited_doc = (
+        json.loads(block) for block in code_blocks_in(text, "json")[:6]
+    )
+    client = await connect()
+    assert set(client.welcome) == set(welcome_doc)
+    assert set(client.welcome["limits"]) == set(welcome_doc["limits"])
+    ack = await client.send(unique("room"), "echo", "Hello", options={"chunks": 2})
+    assert set(ack) == set(ack_doc)
+    deltas, done = await client.reply(ack["id"])
+    assert set(deltas[0]) == set(delta_doc)
+    assert set(deltas[0]["data"]) == set(delta_doc["data"])
+    assert set(done["data"]) >= {"run", "status", "text"}
+    assert set(error_doc) == set(limited_doc) - {"retry_after_ms"}
+    assert join_doc["kind"] == "join" and set(join_doc) == set(delta_doc) - {"seq"}
