@@ -166,3 +166,20 @@ async def test_protocol_doc_frames_have_the_fields_real_frames_have(
     assert set(done["data"]) >= {"run", "status", "text"}
     assert set(error_doc) == set(limited_doc) - {"retry_after_ms"}
     assert join_doc["kind"] == "join" and set(join_doc) == set(delta_doc) - {"seq"}
+
+
+def test_every_variable_the_docs_shell_examples_set_is_read() -> None:
+    """A variable set in a shell example of the README or docs/ is one Switchboard (its
+    settings) or the Artillery processor reads: no example sets a misspelt or removed one."""
+    processor = (ROOT / "loadtest" / "artillery" / "processor.js").read_text()
+    documents = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    checked = 0
+    for document in documents:
+        for block in code_blocks_in(document.read_text(), "sh"):
+            for name in re.findall(r"\b(SWITCHBOARD_[A-Z0-9_]+)=", block):
+                assert f'"{name}"' in SETTINGS or f"process.env.{name}" in processor, (
+                    document.name,
+                    name,
+                )
+                checked += 1
+    assert checked >= 8
