@@ -121,6 +121,14 @@ def test_admin_static_files_have_hashed_names_cached_for_a_year(
     )
     assert status == 200 and headers.get("Content-Encoding") == "gzip"
     assert gzip.decompress(compressed) == css
+    # HEAD, revalidation and byte ranges, as browsers and proxies use them.
+    url = demo_cluster.base_url + found.group(1)
+    status, headers, body = fetch(url, "HEAD")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) == len(css)
+    status, _, body = fetch(url, headers={"If-None-Match": headers["ETag"]})
+    assert status == 304 and body == b""
+    status, headers, body = fetch(url, headers={"Range": "bytes=0-9"})
+    assert status == 206 and body == css[:10]
     # Names without the hash are served too, briefly cached.
     status, headers, _ = fetch(demo_cluster.base_url + "/static/admin/css/base.css")
     assert status == 200 and "immutable" not in headers["Cache-Control"]
