@@ -183,3 +183,32 @@ def test_every_variable_the_docs_shell_examples_set_is_read() -> None:
                 )
                 checked += 1
     assert checked >= 8
+
+
+@pytest.mark.asyncio
+async def test_operations_sample_trace_replay_runs_as_written(
+    switchboard: Switchboard, tmp_path: Path
+) -> None:
+    """docs/operations.md's "small trace to try", its command as written, the URL aside."""
+    docs = ROOT / "docs" / "operations.md"
+    command = block_after(docs, "sh", "The repository has a small trace to try")
+    assert "ws://127.0.0.1:8000/ws/v1/" in command and "--tenant demo" in command
+    await asyncio.to_thread(switchboard.cluster.manage, "create_tenant", "demo")
+    command = command.replace("ws://127.0.0.1:8000/ws/v1/", switchboard.url).replace(
+        "sample.png", str(tmp_path / "sample.png")
+    )
+    result = await asyncio.to_thread(
+        subprocess.run,
+        ["bash", "-c", command],
+        cwd=ROOT,
+        env={**switchboard.cluster.child_env()},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The report's lines as the docs show them.
+    for start in ("ack latency:", "reply latency:", "throughput:", "frames: 150 sent of 150"):
+        assert any(line.startswith(start) for line in result.stdout.splitlines()), start
+    assert "errors: none" in result.stdout
+    assert (tmp_path / "sample.png").read_bytes().startswith(b"\x89PNG")
