@@ -24,6 +24,9 @@ ENV PATH=/opt/venv/bin:$PATH \
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY . /app
+# The admin's CSS and JavaScript, with content-hashed names, into STATIC_ROOT (var/static),
+# where the gateway serves them from (realtime/staticfiles.py); read-only at run time.
+RUN python manage.py collectstatic --noinput -v 0
 # The code stays read-only for the service user; var/ holds what processes write
 # (beat's schedule, the SQLite file when DATABASE_URL is not set).
 # PROMETHEUS_MULTIPROC_DIR: the container's processes (a worker's pool) write their metrics

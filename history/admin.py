@@ -1,16 +1,28 @@
 from __future__ import annotations
 
 from django.contrib import admin
-from django.http import HttpRequest
-from django.urls import reverse
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html
 from django.utils.http import urlencode
 from django.utils.text import Truncator
 
 from history.models import HistoryEntry
+from history.thread import turns
 from realtime.models import Tenant
 
 SHORT_TEXT_CHARS = 80
+# A thread page shows a stream's latest rows, at most this many (messages and replies).
+THREAD_ROWS_SHOWN = 400
+
+
+def thread_url(tenant_id: int, stream: str) -> str:
+    """A stream's conversation as a thread (HistoryEntryAdmin.thread_view)."""
+    query = urlencode({"tenant": tenant_id, "stream": stream})
+    return reverse("admin:history_historyentry_thread") + f"?{query}"
 
 
 def history_url(tenant: Tenant) -> str:
@@ -59,10 +71,44 @@ class HistoryEntryAdmin(admin.ModelAdmin):
 
     @admin.display(description="stream", ordering="stream")
     def stream_link(self, entry: HistoryEntry) -> str:
-        """The stream's whole conversation: this tenant's entries on this stream."""
-        query = urlencode({"tenant__id__exact": entry.tenant_id, "stream": entry.stream})
-        url = reverse("admin:history_historyentry_changelist") + f"?{query}"
-        return format_html('<a href="{}">{}</a>', url, entry.stream)
+        """The stream's conversation as a thread: this tenant's entries on this stream."""
+        return format_html(
+            '<a href="{}">{}</a>', thread_url(entry.tenant_id, entry.stream), entry.stream
+        )
+
+    def get_urls(self) -> list[URLPattern]:
+        # Before the defaults: their "<path:object_id>/" catch-all would take this path.
+        thread = path(
+            "thread/",
+            self.admin_site.admin_view(self.thread_view),
+            name="history_historyentry_thread",
+        )
+        return [thread, *super().get_urls()]
+
+    def thread_view(self, request: HttpRequest) -> HttpResponse:
+        """One tenant's stream as a conversation: each message followed by its reply."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        tenant_id, stream = request.GET.get("tenant", ""), request.GET.get("stream", "")
+        if not tenant_id.isdigit() or not stream or len(stream) > 200:
+            raise Http404("a thread needs ?tenant=ID&stream=NAME")
+        tenant = get_object_or_404(Tenant, pk=int(tenant_id))
+        rows = HistoryEntry.objects.filter(tenant=tenant, stream=stream).order_by("-seq")
+        latest = list(rows[: THREAD_ROWS_SHOWN + 1])
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": f"{tenant.slug} / {stream}",
+            "tenant": tenant,
+            "stream": stream,
+            "turns": turns(latest[:THREAD_ROWS_SHOWN]),
+            "truncated": len(latest) > THREAD_ROWS_SHOWN,
+            "rows_shown": THREAD_ROWS_SHOWN,
+            "rows_url": reverse("admin:history_historyentry_changelist")
+            + "?"
+            + urlencode({"tenant__id__exact": tenant.pk, "stream": stream}),
+        }
+        return TemplateResponse(request, "admin/history/historyentry/thread.html", context)
 
     @admin.display(description="text")
     def short_text(self, entry: HistoryEntry) -> str:

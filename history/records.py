@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from orchestration.reasons import degraded_message
 from realtime.events import dumps, text_from_fragments
 
 MESSAGE = "message"
@@ -97,11 +98,21 @@ def parse_outbox_record(raw: bytes | str) -> OutboxRecord:
     )
 
 
+# The history's reason column holds this many characters.
+REASON_MAX_CHARS = 100
+
+
 def reason_of(detail: Any) -> str:
-    """The short reason a reply.done's `detail` gives (`{"reason": "deadline", ...}`)."""
+    """The short reason a reply.done's `detail` gives (`{"reason": "deadline", ...}`),
+    with its words for people when they say more than the code's usual ones
+    ("model_error: model not configured")."""
     if isinstance(detail, Mapping):
-        return str(detail.get("reason") or "")
-    return "" if detail is None else str(detail)
+        reason = str(detail.get("reason") or "")
+        message = str(detail.get("message") or "")
+        if message and message != degraded_message(reason):
+            reason = f"{reason}: {message}" if reason else message
+        return reason[:REASON_MAX_CHARS]
+    return "" if detail is None else str(detail)[:REASON_MAX_CHARS]
 
 
 def problem_entry(

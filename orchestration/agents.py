@@ -255,6 +255,23 @@ def agent_names() -> list[str]:
     return sorted(_registry)
 
 
+# Backends that call nothing without a model name: the settings naming their default.
+MODEL_SETTINGS = {"openai": "OPENAI_MODEL", "anthropic": "ANTHROPIC_MODEL"}
+
+
+def missing_configuration(agent: Agent, overrides: Mapping[str, str]) -> str:
+    """Why every run of `agent` would end on its fallback, as a short phrase for people
+    ("model not configured"), or "" when nothing it needs is known to be missing.
+    `overrides` are the tenant's for this agent (TenantConfig.agent_overrides)."""
+    for step in agent.steps:
+        setting = MODEL_SETTINGS.get(step.backend) if isinstance(step, Step) else None
+        if setting is None:
+            continue
+        if not (overrides.get("model") or step.model or settings.SWITCHBOARD.get(setting)):
+            return "model not configured"
+    return ""
+
+
 def subscribers(kind: str, from_agent: str, stream: str, status: str | None = None) -> list[Agent]:
     """The agents an event starts, by name (each once, whatever number of its patterns
     match)."""

@@ -275,6 +275,16 @@ class Cluster:
             check=True,
         )
 
+    def collectstatic(self) -> None:
+        """The admin's static files into STATIC_ROOT, which the gateway serves: without
+        them every admin page renders as unstyled HTML."""
+        subprocess.run(
+            [sys.executable, "manage.py", "collectstatic", "--noinput", "-v", "0"],
+            cwd=ROOT,
+            env=self.child_env(),
+            check=True,
+        )
+
     def manage(self, *args: str) -> str:
         result = subprocess.run(
             [sys.executable, "manage.py", *args],
@@ -368,6 +378,7 @@ def main() -> None:
             print(f"Using the Redis at {url}.")
     try:
         running.migrate()
+        running.collectstatic()
         print(running.manage("create_tenant", "demo", "--name", "Demo tenant"))
         token = running.manage(
             "issue_token", "demo", "demo-user", "--ttl", "86400", "--name", "Demo user"

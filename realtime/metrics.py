@@ -352,6 +352,105 @@ def model_call(backend: str, outcome: str, seconds: float) -> None:
     MODEL_CALL_SECONDS.labels(backend, outcome).observe(seconds)
 
 
+# --- series that exist before anything touches them --------------------------------------
+
+# In multiprocess mode a labelled series is exported only once some process has used it,
+# so after a start a dashboard would show "No data" and `absent()` alerts would fire until
+# traffic came. Every series whose labels are known in advance is created at zero instead,
+# by the process that serves the scrape: tenant series for the first this many enabled
+# tenants (by slug), re-read every KNOWN_TENANTS_REFRESH_S so new tenants appear too.
+KNOWN_TENANTS_MAX = 200
+KNOWN_TENANTS_REFRESH_S = 60.0
+# Client frame types (realtime/protocol.py's parsers) and error codes.
+FRAME_TYPES = (
+    "send",
+    "publish",
+    "subscribe",
+    "unsubscribe",
+    "receipt",
+    "cancel",
+    "presence",
+    "ping",
+)
+ERROR_CODES = (
+    "bad_request",
+    "forbidden",
+    "not_found",
+    "history_expired",
+    "too_large",
+    "rate_limited",
+    "overloaded",
+    "internal",
+)
+
+
+def initialise_series(tenants: Iterable[str], backends: Iterable[str]) -> None:
+    """Create, at zero, every series of these label values (idempotent: an existing one
+    keeps its value)."""
+    for frame_type in FRAME_TYPES:
+        FRAMES_IN.labels(frame_type)
+    for kind in (*OUT_KINDS, "other"):
+        FRAMES_OUT.labels(kind)
+    for code in ERROR_CODES:
+        ERROR_ANSWERS.labels(code)
+    for backend in backends:
+        for outcome in MODEL_OUTCOMES:
+            MODEL_CALLS.labels(backend, outcome)
+            MODEL_CALL_SECONDS.labels(backend, outcome)
+    for tenant in tenants:
+        CONNECTIONS.labels(tenant)
+        SUBSCRIPTIONS.labels(tenant)
+        ACKS.labels(tenant, "false")
+        ACKS.labels(tenant, "true")
+        for reason, code in REFUSAL_CODES.items():
+            REFUSALS.labels(tenant, code, reason)
+        SLOW_CONSUMER_CLOSES.labels(tenant)
+        SEND_TO_REPLY_DONE.labels(tenant)
+
+
+def known_tenants() -> list[str]:
+    from realtime.models import Tenant
+
+    enabled = Tenant.objects.filter(enabled=True).order_by("slug")
+    return list(enabled.values_list("slug", flat=True)[:KNOWN_TENANTS_MAX])
+
+
+def known_backends() -> list[str]:
+    """The model backends the registered agents' steps call."""
+    from orchestration.agents import Step, agent_names, get_agent
+
+    return sorted(
+        {
+            step.backend
+            for name in agent_names()
+            for step in get_agent(name).steps
+            if isinstance(step, Step)
+        }
+    )
+
+
+_initialised_at: float | None = None
+
+
+def initialise_known_series() -> list[str]:
+    """initialise_series for the tenants in the database and the agents' backends, at
+    most once every KNOWN_TENANTS_REFRESH_S in this process; returns the tenants."""
+    global _initialised_at, _known_tenants
+    now = time.monotonic()
+    if _initialised_at is None or now - _initialised_at >= KNOWN_TENANTS_REFRESH_S:
+        try:
+            _known_tenants = known_tenants()
+        except Exception:
+            # The scrape must still answer when the database does not.
+            logger.warning("metrics: tenants not read for zero-valued series", exc_info=True)
+        initialise_series(_known_tenants, known_backends())
+        _initialised_at = now
+    return _known_tenants
+
+
+_known_tenants: list[str] = []
+
+
 # --- cluster state, read from Redis at scrape time -----------------------------------------
 
 # A scrape reads at most this many tenants of the fair ring, and exports the deepest of
@@ -375,10 +474,12 @@ class RedisStateCollector:
         client: redis.Redis,
         broker: redis.Redis | None,
         queue_names: Callable[[], list[str]],
+        idle_tenants: Callable[[], list[str]] = list,
     ) -> None:
         self.client = client
         self.broker = broker  # Celery's broker, when it is Redis
         self.queue_names = queue_names
+        self.idle_tenants = idle_tenants  # tenants to show at depth 0 when few wait
 
     def describe(self) -> list[Metric]:
         # Registering must not read Redis (prometheus_client calls collect otherwise).
@@ -442,7 +543,11 @@ class RedisStateCollector:
             labels=["tenant"],
         )
         ranked = sorted(zip(tenants, lengths, strict=True), key=lambda pair: -pair[1])
-        for slug, length in ranked[:FAIR_TENANTS_EXPORTED]:
+        # With fewer tenants waiting than exported, known idle ones fill in at 0, so the
+        # series exists (and a panel has data) when nothing waits.
+        waiting = {slug for slug, _ in ranked}
+        idle = [(slug, 0) for slug in self.idle_tenants() if slug not in waiting]
+        for slug, length in [*ranked, *idle][:FAIR_TENANTS_EXPORTED]:
             deepest.add_metric([slug], length)
         families.append(deepest)
         if self.broker is not None:
@@ -497,7 +602,9 @@ def state_collector() -> RedisStateCollector:
             broker = client
         elif broker_url.startswith(("redis://", "rediss://", "unix://")):
             broker = redis.Redis.from_url(broker_url, **options)
-        _state = RedisStateCollector(client, broker, _celery_queue_names)
+        _state = RedisStateCollector(
+            client, broker, _celery_queue_names, lambda: list(_known_tenants)
+        )
     return _state
 
 
@@ -551,6 +658,7 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
         )
         response["WWW-Authenticate"] = 'Bearer realm="metrics"'
         return response
+    initialise_known_series()
     body = generate_latest(exposition_registry(with_state=True))
     return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)
 
@@ -567,6 +675,8 @@ def start_worker_exporter(port: int, addr: str = "0.0.0.0") -> WSGIServer | None
             "processes' metrics (model calls) are not included",
             port,
         )
+    # The backends' series at zero from the first scrape (tenants are the gateways').
+    initialise_series((), known_backends())
     try:
         server, _ = start_http_server(port, addr, registry=exposition_registry(with_state=False))
     except OSError as error:

@@ -42,7 +42,7 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotModif
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_safe
 
-from orchestration.agents import agent_names
+from orchestration.agents import agent_names, get_agent, missing_configuration
 from realtime.auth import issue_token
 from realtime.tenants import tenant_cache
 
@@ -187,6 +187,12 @@ async def demo_token(request: HttpRequest) -> HttpResponse:
     agents = [agent for agent in agent_names() if tenant.may_use(agent)]
     # echo first: it needs no model provider, so it is the demo's default.
     agents.sort(key=lambda agent: (agent != "echo", agent))
+    # Agents whose runs could only answer with their fallback, and why: the menu says so.
+    unavailable = {
+        agent: reason
+        for agent in agents
+        if (reason := missing_configuration(get_agent(agent), tenant.agent_overrides(agent)))
+    }
     return _json(
         {
             "token": token,
@@ -195,5 +201,6 @@ async def demo_token(request: HttpRequest) -> HttpResponse:
             "name": name,
             "expires_at": int(time.time()) + DEMO_TOKEN_TTL_S,
             "agents": agents,
+            "unavailable": unavailable,
         }
     )

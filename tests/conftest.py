@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
+from django.conf import settings
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _static_files_without_collectstatic() -> Iterator[None]:
+    """Pages rendered in-process (Django's test client) name static files as they are: the
+    manifest storage needs `collectstatic`'s output, which only the browser tests' and
+    `bin/dev start`'s gateways are given."""
+    from django.test.utils import override_settings
+
+    plain = {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}
+    with override_settings(STORAGES={**settings.STORAGES, "staticfiles": plain}):
+        yield
+
 
 # Tests get their own Redis database, flushed before use: never a deployment's.
 DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/15"

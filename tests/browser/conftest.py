@@ -13,12 +13,15 @@ in one pytest session; its own SQLite file, with the `demo` tenant; and the demo
 
 from __future__ import annotations
 
+import asyncio
+import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import pytest
@@ -27,6 +30,7 @@ import redis
 from project.launcher import ROOT, Cluster
 from tests.conftest import neighbour_database
 
+T = TypeVar("T")
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
 DEMO_TENANT = "demo"
@@ -39,7 +43,14 @@ CLUSTER_ENV = {
     # A restarted gateway must not spend the default 5 s draining.
     "SWITCHBOARD_DRAIN_S": "0.5",
     "LOG_LEVEL": "INFO",
+    # No model for the example agents (whatever this machine's environment says): the demo
+    # page must mark them and show why their replies degrade.
+    "SWITCHBOARD_OPENAI_MODEL": "",
+    # The history persister runs (beat) often enough for a test to wait on it.
+    "SWITCHBOARD_HISTORY_FLUSH_S": "0.5",
 }
+ADMIN_USER = "operator"
+ADMIN_PASSWORD = "a-browser-test-password"
 
 
 def browser_redis_url(test_redis_url: str) -> str:
@@ -113,7 +124,13 @@ def demo_cluster(test_redis_url: str) -> Iterator[DemoCluster]:
         gateways=1,
         workers=1,
         worker_concurrency=2,
-        env={**CLUSTER_ENV, "DATABASE_URL": f"sqlite:///{work / 'db.sqlite3'}"},
+        beat=True,
+        env={
+            **CLUSTER_ENV,
+            "DATABASE_URL": f"sqlite:///{work / 'db.sqlite3'}",
+            # The admin's static files, collected as `bin/dev start` does.
+            "SWITCHBOARD_STATIC_ROOT": str(work / "static"),
+        },
         log_dir=work / "logs",
     )
     demo = DemoCluster(cluster, work)
@@ -124,7 +141,14 @@ def demo_cluster(test_redis_url: str) -> Iterator[DemoCluster]:
         cluster.env["CELERY_BROKER_URL"] = url
         redis.Redis.from_url(url).flushdb()
         cluster.migrate()
+        cluster.collectstatic()
         cluster.manage("create_tenant", DEMO_TENANT)
+        cluster.manage(
+            "shell",
+            "-c",
+            "from django.contrib.auth.models import User; "
+            f"User.objects.create_superuser({ADMIN_USER!r}, password={ADMIN_PASSWORD!r})",
+        )
         cluster.start()
     except BaseException:
         print(demo.log_tails())
@@ -141,6 +165,13 @@ def demo_cluster(test_redis_url: str) -> Iterator[DemoCluster]:
             print(f"\nbrowser cluster logs kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run in a thread of its own: once Playwright's sync API has started, this
+    thread has an event loop running and asyncio.run refuses to start another."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 # Screenshots written this session, listed at the end of the run.
@@ -182,6 +213,7 @@ def open_page(
     test fails, each page's screenshot and console and the cluster's logs are kept."""
     contexts: list[Any] = []
     consoles: dict[int, list[str]] = {}
+    problems: list[str] = []
 
     def open_demo(stream: str, client: str | None = None, name: str | None = None) -> Any:
         context = browser.new_context(viewport={"width": 1280, "height": 820})
@@ -190,6 +222,7 @@ def open_page(
         lines = consoles.setdefault(len(contexts), [])
         page.on("console", lambda message: lines.append(f"{message.type}: {message.text}"))
         page.on("pageerror", lambda error: lines.append(f"pageerror: {error}"))
+        watch_for_problems(page, problems)
 
         def on_websocket(ws: Any) -> None:
             # Every frame, to tell a client's mistake from a server's when a test fails.
@@ -206,7 +239,12 @@ def open_page(
         page.wait_for_selector("body[data-subscribed='true']", timeout=WAIT_MS)
         return page
 
+    # `open_page.allow(REGEX)`: a problem the test causes on purpose (a gateway restart's
+    # refused reconnects) does not fail it.
+    allowed: list[str] = []
+    open_demo.allow = allowed.append  # type: ignore[attr-defined]
     yield open_demo
+    unexpected = [p for p in problems if not any(re.search(a, p) for a in allowed)]
     report = getattr(request.node, "browser_report_call", None)
     failed = report is not None and report.failed
     if failed:
@@ -221,3 +259,25 @@ def open_page(
         print(demo_cluster.log_tails())
     for context in contexts:
         context.close()
+    if not failed:
+        assert not unexpected, f"console errors or failed requests: {unexpected}"
+
+
+def watch_for_problems(page: Any, problems: list[str]) -> None:
+    """Record what a person would see go wrong: console errors, uncaught exceptions,
+    requests that failed or were answered with an error status."""
+    page.on(
+        "console",
+        lambda message: message.type == "error" and problems.append(f"console: {message.text}"),
+    )
+    page.on("pageerror", lambda error: problems.append(f"uncaught: {error}"))
+    page.on(
+        "requestfailed",
+        lambda req: problems.append(f"request failed: {req.url} ({req.failure})"),
+    )
+    page.on(
+        "response",
+        lambda response: (
+            response.status >= 400 and problems.append(f"HTTP {response.status}: {response.url}")
+        ),
+    )

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-import asyncio
+import gzip
 import json
+import re
 import urllib.error
 import urllib.request
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from realtime.client import SwitchboardClient
-from tests.browser.conftest import DEMO_TENANT, DemoCluster
+from tests.browser.conftest import DEMO_TENANT, DemoCluster, run_async
 
 
 def fetch(
@@ -65,6 +66,9 @@ def test_demo_token_is_a_short_lived_token_of_the_demo_tenant(demo_cluster: Demo
     grant = json.loads(body)
     assert grant["tenant"] == DEMO_TENANT and grant["client"] == "zoe"
     assert grant["agents"][0] == "echo"
+    # The example agents have no model in this cluster; echo needs none.
+    assert grant["unavailable"]["assistant"] == "model not configured"
+    assert "echo" not in grant["unavailable"]
 
     async def connect() -> dict[str, Any]:
         url = f"ws://127.0.0.1:{demo_cluster.port}/ws/v1/"
@@ -72,7 +76,7 @@ def test_demo_token_is_a_short_lived_token_of_the_demo_tenant(demo_cluster: Demo
         await client.close()
         return client.welcome
 
-    welcome = asyncio.run(connect())
+    welcome = run_async(connect())
     assert welcome["tenant"] == DEMO_TENANT and welcome["client"] == "zoe"
 
     # Without a client id it makes one up.
@@ -96,3 +100,37 @@ def test_demo_token_refuses_bad_requests(
     got, _, answer = fetch(demo_cluster.base_url + "/demo/token", method, body)
     assert got == status, answer
     assert json.loads(answer)["status"] == status
+
+
+def test_admin_static_files_have_hashed_names_cached_for_a_year(
+    demo_cluster: DemoCluster,
+) -> None:
+    status, _, body = fetch(demo_cluster.base_url + "/admin/login/")
+    assert status == 200
+    html = body.decode()
+    found = re.search(r'href="(/static/admin/css/base\.[0-9a-f]{12}\.css)"', html)
+    assert found, "the admin's stylesheet is linked by its content-hashed name"
+    status, headers, css = fetch(demo_cluster.base_url + found.group(1))
+    assert status == 200 and css
+    assert headers["Content-Type"].startswith("text/css")
+    assert (
+        "immutable" in headers["Cache-Control"] and "max-age=315360000" in headers["Cache-Control"]
+    )
+    status, headers, compressed = fetch(
+        demo_cluster.base_url + found.group(1), headers={"Accept-Encoding": "gzip"}
+    )
+    assert status == 200 and headers.get("Content-Encoding") == "gzip"
+    assert gzip.decompress(compressed) == css
+    # HEAD, revalidation and byte ranges, as browsers and proxies use them.
+    url = demo_cluster.base_url + found.group(1)
+    status, headers, body = fetch(url, "HEAD")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) == len(css)
+    status, _, body = fetch(url, headers={"If-None-Match": headers["ETag"]})
+    assert status == 304 and body == b""
+    status, headers, body = fetch(url, headers={"Range": "bytes=0-9"})
+    assert status == 206 and body == css[:10]
+    # Names without the hash are served too, briefly cached.
+    status, headers, _ = fetch(demo_cluster.base_url + "/static/admin/css/base.css")
+    assert status == 200 and "immutable" not in headers["Cache-Control"]
+    status, _, _ = fetch(demo_cluster.base_url + "/static/admin/css/nothing-here.css")
+    assert status == 404

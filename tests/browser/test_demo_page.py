@@ -162,6 +162,9 @@ def test_gateway_restart_resumes_mid_reply_without_gap_or_duplicate(
     open_page: OpenPage, demo_cluster: DemoCluster, unique: Callable[[str], str]
 ) -> None:
     stream = unique("restart")
+    # While the gateway is down the client's reconnect attempts are refused, and Chromium
+    # logs each one.
+    open_page.allow(r"WebSocket connection to .* failed")
     page = open_page(stream, client=unique("gus"))
     text = "the gateway restarts while this reply is streaming to the page"
     send(page, text, chunks=14, delay_ms=200)
@@ -335,3 +338,38 @@ def scripted_run(stream: str, message_id: str, text: str) -> list[dict[str, Any]
         event(6, "reply.delta", {"offset": 6, "text": "dolor"}),
         event(7, "reply.done", {"status": "ok", "text": "ipsum dolor", "detail": None}),
     ]
+
+
+def test_agents_without_a_model_are_marked_and_their_degraded_reply_says_why(
+    open_page: OpenPage, unique: Callable[[str], str]
+) -> None:
+    stream = unique("degraded")
+    page = open_page(stream, client=unique("deb"))
+    # The browser cluster configures no model: the example agents cannot answer.
+    option = page.locator("#agent option[value='assistant']")
+    assert option.get_attribute("data-unavailable") == "model not configured"
+    assert option.inner_text() == "assistant — model not configured"
+    assert page.locator("#agent option[value='echo']").inner_text() == "echo"
+
+    page.select_option("#agent", "assistant")
+    page.fill("#text", "is anyone there?")
+    page.click("#send")
+    reply = page.locator("li.reply[data-status='degraded']")
+    reply.wait_for(timeout=WAIT_MS)
+    assert reply.locator(".reason").inner_text() == "model not configured"
+    assert "unavailable" in reply.locator(".bubble").inner_text()
+    done = next(e for e in events(page, stream) if e["kind"] == "reply.done")
+    assert done["data"]["detail"] == {"reason": "model_error", "message": "model not configured"}
+    save_screenshot(page, "demo-degraded.png")
+
+
+def test_a_bad_stream_name_is_refused_by_the_browser_itself(
+    open_page: OpenPage, unique: Callable[[str], str]
+) -> None:
+    page = open_page(unique("names"), client=unique("nia"))
+    field = page.locator("#stream-name")
+    # The pattern compiles (under the `v` flag): the browser validates the field.
+    field.fill("no spaces/here")
+    assert field.evaluate("input => input.validity.patternMismatch") is True
+    field.fill("support:room/42+a=b@c-d_e.f")
+    assert field.evaluate("input => input.validity.valid") is True

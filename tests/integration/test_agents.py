@@ -210,7 +210,7 @@ async def test_a_stalled_call_ends_at_its_soft_limit_with_the_fallback(
     assert_contiguous(events)
     deltas, done = split_run(events, ack["id"])
     assert done["data"]["status"] == "degraded"
-    assert done["data"]["detail"] == {"reason": "timeout"}
+    assert done["data"]["detail"] == {"reason": "timeout", "message": "timeout"}
 
     [call] = await provider_calls(provider, it.STALL_PROMPT.format(message=text))
     # The worker closed the connection: the stalled call did not hold on to it.
@@ -291,7 +291,11 @@ async def test_a_failed_step_that_continues_gives_its_fallback_to_the_next(
     assert_contiguous(events)
     deltas, done = split_run(events, ack["id"])
     assert done["data"]["status"] == "degraded"
-    assert done["data"]["detail"] == {"reason": "model_error", "step": "route"}
+    assert done["data"]["detail"] == {
+        "reason": "model_error",
+        "message": "model error",
+        "step": "route",
+    }
 
     # The hidden step's fallback fed the answer step (which echoes its prompt) and was not
     # streamed itself.
@@ -329,7 +333,7 @@ async def test_a_steps_rate_limit_binds_per_tenant_and_answers_at_once_when_spen
     assert (dones[1]["status"], dones[1]["text"], dones[1]["detail"]) == (
         "degraded",
         it.METERED_FALLBACK,
-        {"reason": "rate_limited"},
+        {"reason": "rate_limited", "message": "model rate limit reached"},
     )
     # The spent call never reached the provider.
     assert provider.calls_where(prompted(it.METERED_PROMPT.format(message=texts[1]))) == []

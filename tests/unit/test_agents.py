@@ -209,3 +209,16 @@ def test_published_patterns_match_streams_and_only_subscribed_kinds_are_looked_a
     register(Agent(name="intake", steps=_one_step(), subscribes=(pattern,)))
     assert [a.name for a in agents.subscribers("published", "", "tickets:9")] == ["intake"]
     assert agents.subscribers("no.such.kind", "", "tickets:9") == []
+
+
+def test_missing_configuration_names_a_model_step_without_a_model(settings: Settings) -> None:
+    settings.SWITCHBOARD = {**settings.SWITCHBOARD, "OPENAI_MODEL": "", "ANTHROPIC_MODEL": ""}
+    needs_model = Agent(name="needs", steps=(Step(backend="openai"),))
+    assert agents.missing_configuration(needs_model, {}) == "model not configured"
+    # The tenant's override, the step's own model or the backend's default is enough.
+    assert agents.missing_configuration(needs_model, {"model": "m"}) == ""
+    assert agents.missing_configuration(Agent(name="own", steps=(Step("openai", "m"),)), {}) == ""
+    settings.SWITCHBOARD = {**settings.SWITCHBOARD, "OPENAI_MODEL": "default"}
+    assert agents.missing_configuration(needs_model, {}) == ""
+    # Backends that need no model name (the simulated one, echo) always can run.
+    assert agents.missing_configuration(get_agent("echo"), {}) == ""

@@ -8,7 +8,7 @@ import pytest
 from django.contrib.auth.models import Permission, User
 from django.test import Client
 
-from history.admin import history_url
+from history.admin import history_url, thread_url
 from history.models import HistoryEntry
 from realtime.models import Tenant
 
@@ -112,3 +112,63 @@ def test_non_staff_are_sent_to_the_login(tenants: tuple[Tenant, Tenant]) -> None
     member.force_login(User.objects.create_user("customer", password="pw"))
     page = member.get(CHANGELIST)
     assert page.status_code == 302 and "/admin/login/" in page["Location"]
+
+
+def test_a_stream_reads_as_a_thread_each_message_followed_by_its_reply(
+    staff: Client, tenants: tuple[Tenant, Tenant]
+) -> None:
+    acme, _ = tenants
+    # A second run on the same stream, degraded, its rows appended after the first's.
+    HistoryEntry.objects.create(
+        tenant=acme,
+        stream="room",
+        seq=3,
+        kind="message",
+        sender="client:bob",
+        run_id="r-second",
+        text="and my other parcel?",
+        created_at=T0 + timedelta(seconds=3),
+    )
+    HistoryEntry.objects.create(
+        tenant=acme,
+        stream="room",
+        seq=4,
+        kind="reply.done",
+        sender="agent:assistant",
+        run_id="r-second",
+        status="degraded",
+        reason="model_error: model not configured",
+        text="Sorry, the assistant is unavailable right now.",
+        created_at=T0 + timedelta(seconds=4, milliseconds=500),
+    )
+    # The first pair shares a run id only in this test's fixture naming: give it one.
+    HistoryEntry.objects.filter(tenant=acme, stream="room", seq__in=[1, 2]).update(run_id="r-first")
+
+    changelist = staff.get(CHANGELIST).content.decode()
+    url = thread_url(acme.pk, "room")
+    assert f'href="{url}"'.replace("&", "&amp;") in changelist
+
+    page = staff.get(url)
+    assert page.status_code == 200
+    html = page.content.decode()
+    order = [
+        "where is my parcel?",
+        "It left the depot this morning.",
+        "and my other parcel?",
+        "Sorry, the assistant is unavailable right now.",
+    ]
+    positions = [html.index(text) for text in order]
+    assert positions == sorted(positions), "each message followed by its reply"
+    assert "assistant" in html and "degraded" in html and "1.50 s" in html
+    assert "model_error: model not configured" in html
+    assert (
+        "refund the second invoice" not in html
+        and "globex" not in html.lower().split("<body")[-1].split("breadcrumbs")[-1]
+    )
+
+
+def test_a_thread_needs_a_tenant_and_a_stream(staff: Client) -> None:
+    assert staff.get(CHANGELIST + "thread/").status_code == 404
+    assert staff.get(CHANGELIST + "thread/", {"tenant": "x", "stream": "s"}).status_code == 404
+    assert staff.get(CHANGELIST + "thread/", {"tenant": "999", "stream": "s"}).status_code == 404
+    assert Client().get(CHANGELIST + "thread/").status_code == 302  # to the login

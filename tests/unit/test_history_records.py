@@ -77,6 +77,12 @@ def test_reason_of_a_detail() -> None:
     assert reason_of(None) == ""
     assert reason_of({"tokens": 7}) == ""
     assert reason_of("odd") == "odd"
+    # A degraded reply's words for people, when they say more than the code.
+    detail = {"reason": "model_error", "message": "model not configured"}
+    assert reason_of(detail) == "model_error: model not configured"
+    assert reason_of({"reason": "timeout", "message": "timeout"}) == "timeout"
+    assert reason_of({"reason": "model_error", "message": "model error"}) == "model_error"
+    assert len(reason_of({"reason": "x", "message": "m" * 300})) == 100
 
 
 @pytest.mark.parametrize("status", ["failed", "degraded"])

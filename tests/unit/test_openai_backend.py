@@ -220,6 +220,22 @@ def test_a_finish_reason_without_done_is_a_complete_reply(backend: OpenAIBackend
     assert "".join(collect(backend, call("stream?done=0"))) == PROMPT
 
 
+class socket_closed_port:
+    """A port on 127.0.0.1 nobody listens on (bound, then released)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        return self.port
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
 def test_a_refused_connection_is_transient() -> None:
     with socket_closed_port() as port:
         nowhere = OpenAIBackend(f"http://127.0.0.1:{port}/v1", model="m")
@@ -342,19 +358,3 @@ def test_registered_as_openai_from_settings(settings, monkeypatch: pytest.Monkey
         backends._backends.pop("openai", None)
     with pytest.raises(KeyError):
         backends.get_backend("no-such-backend")
-
-
-class socket_closed_port:
-    """A port on 127.0.0.1 nobody listens on (bound, then released)."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = probe.getsockname()[1]
-        probe.close()
-        return self.port
-
-    def __exit__(self, *exc: object) -> None:
-        pass

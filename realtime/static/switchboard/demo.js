@@ -48,7 +48,7 @@ window.__switchboardDebug = debug;
 
 // --- the token -------------------------------------------------------------------------
 
-/** @typedef {{token: string, client: string, name: string, expires_at: number, agents: string[]}} Grant */
+/** @typedef {{token: string, client: string, name: string, expires_at: number, agents: string[], unavailable?: Record<string, string>}} Grant */
 /** @type {Grant|null} */
 let grant = null;
 
@@ -232,11 +232,24 @@ function onEvent(event) {
       const tag = /** @type {HTMLElement} */ (item.querySelector(".status-tag"));
       tag.textContent = reply.status === "ok" ? "✓" : String(reply.status);
       tag.className = `status-tag ${reply.status === "ok" ? "ok" : "other"}`;
+      const why = reason(reply.done.data?.detail);
+      if (reply.status !== "ok" && why && !item.querySelector(".reason")) item.append(el("div", { class: "reason" }, [why]));
     }
     if (follow) $("events").scrollTop = $("events").scrollHeight;
   }
   debug.client?.receipt(event.stream, seq);
   updateSeqCheck();
+}
+
+/**
+ * Why a run did not end `ok`, for people: the reply.done detail's message (`model not
+ * configured`, `timeout`, `provider error 500`), else its reason code; the step, if named.
+ * @param {any} detail
+ */
+function reason(detail) {
+  if (!detail || typeof detail !== "object") return "";
+  const why = String(detail.message || detail.reason || "");
+  return why && detail.step ? `${why} (step ${detail.step})` : why;
 }
 
 /** @param {StreamEvent} event */
@@ -451,7 +464,16 @@ async function main() {
   names.set(first.client, first.name);
   $("me").textContent = first.name && first.name !== first.client ? `${first.name} (${first.client})` : first.client;
   const select = /** @type {HTMLSelectElement} */ ($("agent"));
-  select.replaceChildren(...first.agents.map((agent) => el("option", { value: agent }, [agent])));
+  // Agents that can only answer with their fallback (no model configured) stay choosable,
+  // so their degraded reply can be seen, but the menu says why they will not answer.
+  const unavailable = first.unavailable || {};
+  select.replaceChildren(
+    ...first.agents.map((agent) =>
+      unavailable[agent]
+        ? el("option", { value: agent, "data-unavailable": unavailable[agent] }, [`${agent} — ${unavailable[agent]}`])
+        : el("option", { value: agent }, [agent]),
+    ),
+  );
 
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const client = new SwitchboardClient(`${scheme}://${location.host}/ws/v1/`, token, { onState });
