@@ -26,6 +26,7 @@ from orchestration.inflight import DRAIN, InFlight
 from orchestration.runs import AsyncRunStore
 from orchestration.steps import CLAIM_RETRY_S, StepOutcome, durably, execute_step
 from realtime.redis_clients import async_client, pubsub_client
+from workers.backends import close_backends
 from workers.runtime import Admit, ModelCallRuntime, RuntimeClosed, runtime
 
 logger = logging.getLogger(__name__)
@@ -119,4 +120,8 @@ def drain() -> None:
 
     left = side.runtime.drain(bound, hand_over)
     logger.info("model-call runtime drained; handed over=%s", left)
+    try:
+        side.runtime.call_soon(close_backends).result(timeout=5)
+    except Exception:
+        logger.warning("model backends did not close cleanly", exc_info=True)
     side.runtime.stop()

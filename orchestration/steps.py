@@ -451,6 +451,14 @@ class _Step:
         assert agent is not None
         step = agent.steps[self.index]
         name = agent.step_names()[self.index]
+        logger.info(
+            "step falls back reason=%s tenant=%s run=%s step=%s left=%.3fs",
+            reason,
+            run.tenant,
+            run.run_id,
+            self.index,
+            run.seconds_left(),
+        )
         if step.continue_on_fallback and self.index + 1 < len(agent.steps):
             if step.visible and step.fallback_text:
                 await self.append(step.fallback_text)

@@ -220,6 +220,14 @@ def get_backend(name: str) -> ModelBackend | BlockingModelBackend:
         return _backends[name]
 
 
+async def close_backends() -> None:
+    """Close what backends hold open on the calling loop (HTTP sessions), at shutdown."""
+    for backend in list(_backends.values()):
+        close = getattr(backend, "aclose", None)
+        if close is not None:
+            await close()
+
+
 def register_backend(backend: ModelBackend | BlockingModelBackend) -> None:
     if not isinstance(backend, (ModelBackend, BlockingModelBackend)):
         raise TypeError(f"{backend!r} has neither astream(request) nor stream(request, deadline)")
