@@ -177,11 +177,10 @@ class Redelivery:
     redeliveries: int = 0
 
 
-class RunStore:
-    """The runs' Redis through a blocking client: the sweeper, cancels, triggers and
-    management code. Workers execute steps through `AsyncRunStore`."""
+class _RunScripts:
+    """The run scripts both stores call, registered on their client."""
 
-    def __init__(self, client: redis.Redis, lease_s: float | None = None) -> None:
+    def __init__(self, client: Any, lease_s: float | None) -> None:
         self.client = client
         self.lease_s: float = lease_s if lease_s is not None else _lease_s()
         self._claim = client.register_script(scripts.CLAIM_STEP)
@@ -189,8 +188,18 @@ class RunStore:
         self._finalize = client.register_script(scripts.FINALIZE_RUN)
         self._renew = client.register_script(scripts.RENEW_LEASE)
         self._hand_over = client.register_script(scripts.HAND_OVER)
-        self._redeliver = client.register_script(scripts.REDELIVER_STEP)
         self._save_output = client.register_script(scripts.SAVE_OUTPUT)
+
+
+class RunStore(_RunScripts):
+    """The runs' Redis through a blocking client: the sweeper, cancels, triggers and
+    management code. Workers execute steps through `AsyncRunStore`."""
+
+    client: redis.Redis
+
+    def __init__(self, client: redis.Redis, lease_s: float | None = None) -> None:
+        super().__init__(client, lease_s)
+        self._redeliver = client.register_script(scripts.REDELIVER_STEP)
         # Called by orchestration/triggers.py, which builds its keys and arguments.
         self.start_triggered_run = client.register_script(scripts.START_TRIGGERED_RUN)
 
@@ -298,20 +307,15 @@ class RunStore:
         return found
 
 
-class AsyncRunStore:
+class AsyncRunStore(_RunScripts):
     """The runs' Redis through an asyncio client: what a worker's model-call runtime uses to
     claim, stream, hand over and finish steps. The same scripts, keys and arguments as
     `RunStore` (the `_...Call` builders below), awaited instead of blocking."""
 
+    client: aredis.Redis
+
     def __init__(self, client: aredis.Redis, lease_s: float | None = None) -> None:
-        self.client = client
-        self.lease_s: float = lease_s if lease_s is not None else _lease_s()
-        self._claim = client.register_script(scripts.CLAIM_STEP)
-        self._append_delta = client.register_script(scripts.APPEND_DELTA)
-        self._finalize = client.register_script(scripts.FINALIZE_RUN)
-        self._renew = client.register_script(scripts.RENEW_LEASE)
-        self._hand_over = client.register_script(scripts.HAND_OVER)
-        self._save_output = client.register_script(scripts.SAVE_OUTPUT)
+        super().__init__(client, lease_s)
         self._restart = client.register_script(scripts.RESTART_REPLY)
         # Model-call rate limits (workers/limits.py) through the same client.
         self.buckets = AsyncBuckets(client)
