@@ -220,6 +220,38 @@ def test_a_python_step_that_returns_no_text_falls_back(
     assert (the_done(r)["status"], the_done(r)["text"]) == ("degraded", "bad")
 
 
+def test_an_async_python_step_is_awaited_and_bounded_by_its_soft_limit(
+    streams: Streams, runs: RunStore, r: redis.Redis, register_agent: Callable[..., Agent]
+) -> None:
+    async def shout(ctx: StepContext) -> str:
+        await asyncio.sleep(0)
+        return ctx.input.upper()
+
+    async def dawdle(ctx: StepContext) -> str:
+        await asyncio.sleep(30)
+        return "too late"
+
+    register_agent("async-ok", PythonStep(shout, name="only", visible=True))
+    run_id = start(streams, "async-ok", text="quiet")
+    run_to_end(runs, run_id, 1)
+    data = the_done(r)
+    assert (data["status"], data["text"]) == ("ok", "QUIET")
+
+    r.delete(*r.keys("*"))
+    register_agent(
+        "async-slow",
+        PythonStep(dawdle, name="only", visible=True, soft_limit_s=0.2, fallback_text="slow"),
+    )
+    run_id = start(streams, "async-slow")
+    run_to_end(runs, run_id, 1)
+    data = the_done(r)
+    assert (data["status"], data["text"], data["detail"]["reason"]) == (
+        "degraded",
+        "slow",
+        "timeout",
+    )
+
+
 def test_a_python_step_past_its_soft_limit_is_abandoned_with_its_fallback(
     streams: Streams, runs: RunStore, r: redis.Redis, register_agent: Callable[..., Agent]
 ) -> None:
