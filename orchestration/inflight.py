@@ -25,7 +25,7 @@ import redis.asyncio as aredis
 from redis.exceptions import RedisError
 
 from orchestration.runs import AsyncRunStore, Run, worker_id
-from realtime import keys
+from realtime import keys, metrics
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +59,13 @@ class InFlight:
         assert task is not None, "a step is held from inside its own task"
         held = Held(run, task)
         self._held[run.run_id] = held
+        metrics.worker_calls_in_flight(+1)
         return held
 
     def release(self, held: Held) -> None:
         if self._held.get(held.run.run_id) is held:
             del self._held[held.run.run_id]
+            metrics.worker_calls_in_flight(-1)
 
     def stop(self, run_id: str, reason: str) -> bool:
         """Cancel the step holding `run_id`, saying why; False when none is held here."""

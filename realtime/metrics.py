@@ -86,6 +86,12 @@ SUBSCRIPTIONS = Gauge(
     ["tenant"],
     multiprocess_mode="livesum",
 )
+WORKER_CALLS_IN_FLIGHT = Gauge(
+    "switchboard_worker_calls_in_flight",
+    "Model-call steps held by worker processes' runtimes (workers/runtime.py), summed over "
+    "the host's live workers; each process holds at most SWITCHBOARD_WORKER_MAX_CALLS.",
+    multiprocess_mode="livesum",
+)
 TENANT_CACHE_ENTRIES = Gauge(
     "switchboard_tenant_cache_entries",
     "Tenants cached by gateway processes (realtime/tenants.py): kind=tenant for tenants "
@@ -346,8 +352,13 @@ class ReplyClock:
                 SEND_TO_REPLY_DONE.labels(tenant).observe(time.monotonic() - started)
 
 
+def worker_calls_in_flight(change: int) -> None:
+    """A worker's runtime took (+1) or ended (-1) a model-call step."""
+    WORKER_CALLS_IN_FLIGHT.inc(change)
+
+
 def model_call(backend: str, outcome: str, seconds: float) -> None:
-    """One model call ended (orchestration/services.py); `outcome` is one of MODEL_OUTCOMES."""
+    """One model call ended (orchestration/steps.py); `outcome` is one of MODEL_OUTCOMES."""
     MODEL_CALLS.labels(backend, outcome).inc()
     MODEL_CALL_SECONDS.labels(backend, outcome).observe(seconds)
 

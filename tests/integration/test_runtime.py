@@ -18,6 +18,7 @@ from realtime.streams import RUNS_QUEUE
 
 from .conftest import KEY_PREFIX, Connect, Switchboard
 from .support import collect_run, collect_until, reply_text, restarts, split_run, wait_until
+from .test_metrics import scrape, value
 
 pytestmark = pytest.mark.asyncio
 
@@ -90,6 +91,9 @@ async def test_one_worker_process_holds_many_model_calls_at_once(
     assert len(holders) == 1, holders
     [holder] = holders
     assert holder.endswith(f":{switchboard.cluster.processes['worker-0'].pid}")
+    # What an operator sees: the calls the host's workers hold, on the gateway's /metrics.
+    samples = await scrape(switchboard)
+    assert value(samples, "switchboard_worker_calls_in_flight") >= len(acks)
 
     # Every client sees every reply of the stream: all of them end ok.
     dones = await reply_dones(clients[0], stream, len(acks))
