@@ -23,6 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from project.launcher import ROOT, Cluster
 
+from .conftest import METRICS_TOKEN
+
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "switchboard.json"
 TENANT = "fresh"
 SERIES = re.compile(r"\bswitchboard_[a-z0-9_]+")
@@ -59,6 +61,7 @@ def fresh_cluster(test_redis_url: str) -> Iterator[Cluster]:
         env={
             "SWITCHBOARD_KEY_PREFIX": prefix,
             "DATABASE_URL": f"sqlite:///{work / 'db.sqlite3'}",
+            "SWITCHBOARD_METRICS_TOKEN": METRICS_TOKEN,
         },
         log_dir=work / "logs",
     )
@@ -81,7 +84,8 @@ def fresh_cluster(test_redis_url: str) -> Iterator[Cluster]:
 def scrape_names(cluster: Cluster) -> dict[str, list[dict[str, str]]]:
     """Series name -> the label sets of its samples, from the first scrape."""
     url = f"http://127.0.0.1:{cluster.gateway_ports[0]}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
         text = response.read().decode()
     names: dict[str, list[dict[str, str]]] = {}
     for family in text_string_to_metric_families(text):
