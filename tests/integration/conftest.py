@@ -95,6 +95,11 @@ LIMITED_TENANTS = {
 FLOOD_TENANT, QUIET_TENANT = "flood", "quiet"
 LIMITED_TENANTS[FLOOD_TENANT] = {"max_runs_in_flight_per_connection": 100, "client_burst": 100}
 LIMITED_TENANTS[QUIET_TENANT] = {"weight": 1}
+# Resume positions (tests/integration/test_resume.py): a frame limit a URL can exceed (a
+# 64 KiB one is beyond what daphne reads of a request), and one connection, so a refusal
+# that came after admission would say 4029 instead.
+NARROW_TENANT = "narrow"
+LIMITED_TENANTS[NARROW_TENANT] = {"max_frame_bytes": 1024, "max_connections": 1}
 
 _TENANT_SETUP = f"""
 import json
