@@ -318,7 +318,10 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             )
             return
         self._session_refreshed_at = time.monotonic()
-        _CHECKPOINTER.add(self)
+        if requested:
+            # A new session is in Redis only from its first subscription: until then the
+            # checkpointer has nothing to keep (see _session_subscribed).
+            _CHECKPOINTER.add(self)
         self.push(
             dumps(
                 {
@@ -648,6 +651,8 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 identity.tenant, self.session_id, identity.client, stream, position
             )
             self._saved_positions[stream] = position
+            if self.state is ConnectionState.OPEN and not self._session_ended:
+                _CHECKPOINTER.add(self)
 
     def _drop_subscription(self, stream: str) -> None:
         subscription = self.subscriptions.pop(stream, None)

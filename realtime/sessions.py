@@ -281,8 +281,9 @@ class Checkpointer:
     """One task per gateway process writing every open session's progress, batched.
 
     Each interval it looks only at connections that delivered events since the last one
-    (`dirty`); every SESSION_TTL_S / 6 it looks at all of them, to keep idle sessions'
-    keys alive. An idle socket costs nothing per interval."""
+    (`dirty`); every SESSION_TTL_S / 6 it looks at all it holds, to keep idle sessions'
+    keys alive. It holds only connections whose session is in Redis (resumed, or
+    subscribed at least once): a socket that never subscribed costs nothing here."""
 
     def __init__(self, store: Callable[[], SessionStore]) -> None:
         self._store = store  # looked up when used: made before any Redis client is
