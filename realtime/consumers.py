@@ -27,6 +27,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from orchestration.agents import UnknownAgent, get_agent
 from realtime import logcontext, metrics
 from realtime.auth import AuthError, Identity, authenticate
+from realtime.collector import tune_for_long_lived_connections
 from realtime.control import tenant_control
 from realtime.events import dumps
 from realtime.flusher import get_flusher
@@ -373,6 +374,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         )
 
     async def _accept(self) -> None:
+        tune_for_long_lived_connections(settings.SWITCHBOARD["GC_YOUNG_THRESHOLD"])
         await self.base_send({"type": "websocket.accept"})
         self.state = ConnectionState.OPEN
         protocol = daphne_protocol(self.base_send)
