@@ -9,7 +9,8 @@ reported too. Baseline, on a freshly started daphne: a stock Channels consumer t
 the same token (bench/consumers.py PlainConsumer), with its channel-layer channel.
 
 Target (issue 2): <= 20 KiB per connection at 15,000 connections (plain Channels on daphne
-measured 33.5 KiB here).
+measured 33.5 KiB here). Target (issue 13): CPU while idle at 15,000 no more than the
+baseline's in the same run, and 50,000 connections held by 4 gateways.
 
 With `--gateways N` the connections are spread over N gateway processes (round robin)
 and the figures are their sums: RSS growth over all of them per connection, and their CPU
