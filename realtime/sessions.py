@@ -96,7 +96,7 @@ def parse_positions(raw: str, max_bytes: int) -> dict[str, int]:
         raise BadPositions("positions must be a JSON object of stream -> seq")
     for stream, seq in value.items():
         if not STREAM_NAME.match(stream):
-            raise BadPositions(f"positions names an invalid stream {stream[:200]!r}")
+            raise BadPositions(f"positions names an invalid stream {stream[:100]!a}")
         if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
             raise BadPositions(
                 f"position of stream {stream!r} must be a non-negative integer", stream=stream

@@ -95,6 +95,7 @@ def test_positions_round_trip_from_the_clients_encoding() -> None:
         (encode_raw(b'{"room": 99999999999999999999999}'), "non-negative integer"),
         (encode_raw(b'{"bad name": 1}'), "invalid stream"),
         (encode_raw(b'{"": 1}'), "invalid stream"),
+        (encode_raw('{"caf\u00e9 \u2603": 1}'.encode()), r"invalid stream 'caf\\xe9 \\u2603'"),
     ],
 )
 def test_malformed_positions_are_refused_naming_the_problem(raw: str, problem: str) -> None:
