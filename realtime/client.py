@@ -38,10 +38,11 @@ a resume (`?session=...`, or `subscribe` with `since`) needs.
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import secrets
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -243,6 +244,12 @@ class _IdlessRequest:
     history_expired: Frame | None = None
 
 
+def encode_positions(positions: Mapping[str, int]) -> str:
+    """A resume's `positions` parameter: base64url, without padding, of the JSON object
+    stream -> last seq processed."""
+    return base64.urlsafe_b64encode(_dumps(dict(positions))).rstrip(b"=").decode()
+
+
 def with_query(url: str, **params: str | None) -> str:
     """`url` with the given query parameters added (None values left out)."""
     parts = urlsplit(url)
@@ -302,6 +309,7 @@ class SwitchboardClient:
         token: str | None = None,
         session: str | None = None,
         *,
+        positions: Mapping[str, int] | None = None,
         token_in_header: bool = False,
         wait_welcome: bool = True,
         timeout: float = 10.0,
@@ -315,7 +323,9 @@ class SwitchboardClient:
         """Open a connection and wait for the `welcome`.
 
         The token goes in the query string, or in `Authorization: Bearer` when
-        `token_in_header`. A refused connection (close 4001, say) raises
+        `token_in_header`. With `session`, `positions` (stream -> the last seq the
+        caller processed) makes the resume go on from those seqs rather than from what the
+        server wrote to the old socket. A refused connection (close 4001, say) raises
         `SwitchboardClosed` with the close code and what, if anything, came before it.
         `ws_options` go to `websockets.connect` (`max_size`, `proxy`, ...); compression is
         off by default: it costs CPU on both ends for small JSON frames.
@@ -329,7 +339,12 @@ class SwitchboardClient:
         ws_options.setdefault("compression", None)
         ws_options.setdefault("open_timeout", timeout)
         ws = await ws_connect(
-            with_query(url, token=token, session=session),
+            with_query(
+                url,
+                token=token,
+                session=session,
+                positions=encode_positions(positions) if positions is not None else None,
+            ),
             additional_headers=headers or None,
             **ws_options,
         )

@@ -28,6 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from orchestration.agents import UnknownAgent, get_agent
 from realtime import logcontext, metrics
 from realtime.auth import AuthError, Identity, authenticate
+from realtime.collector import tune_for_long_lived_connections
 from realtime.control import tenant_control
 from realtime.events import dumps
 from realtime.flusher import get_flusher
@@ -69,11 +70,14 @@ from realtime.redis_clients import async_client
 from realtime.security import BrowserOriginValidator
 from realtime.sequencing import StreamCursor
 from realtime.sessions import (
+    BadPositions,
     PendingSave,
     SessionRefused,
     checkpointer,
     delivered_positions,
+    parse_positions,
     position_changes,
+    resume_problem,
     session_store,
     undelivered_floor,
 )
@@ -255,6 +259,17 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             return
         logcontext.bind(tenant=self.identity.tenant, client=self.identity.client)
         await self._accept()
+        requested = (query.get("session") or [""])[0]
+        positions: dict[str, int] | None = None
+        if "positions" in query:
+            # Size and shape first: nothing the client sent reaches Redis unchecked.
+            try:
+                positions = parse_positions(query["positions"][0], self.tenant.max_frame_bytes)
+                if not requested:
+                    raise BadPositions("positions given without a session to resume")
+            except BadPositions as bad:
+                self._refuse_resume(bad, requested)
+                return
         if not lifecycle.admit(self):
             self.close_for_restart()
             return
@@ -279,15 +294,22 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             return
         self._counted = True
         metrics.connection_opened(identity.tenant)
-        requested = (query.get("session") or [""])[0]
         sessions = session_store()
         restored: dict[str, int] = {}
         try:
             if requested:
                 record = await sessions.resume(identity.tenant, identity.client, requested)
+                restored = dict(record.positions)
+                if positions:
+                    problem = await self._positions_problem(positions, restored)
+                    if problem is not None:
+                        self._refuse_resume(problem, requested)
+                        return
+                    # The client's own positions: what it processed, not what was written
+                    # to its old socket (some of which it may never have read).
+                    restored.update(positions)
                 self.session_id = requested
-                restored = record.positions
-                self._saved_positions = dict(restored)
+                self._saved_positions = dict(record.positions)
             else:
                 self.session_id = sessions.create()
         except SessionRefused as refused:
@@ -304,7 +326,10 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             )
             return
         self._session_refreshed_at = time.monotonic()
-        _CHECKPOINTER.add(self)
+        if requested:
+            # A new session is in Redis only from its first subscription: until then the
+            # checkpointer has nothing to keep (see _session_subscribed).
+            _CHECKPOINTER.add(self)
         self.push(
             dumps(
                 {
@@ -332,7 +357,31 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 continue
             await self._subscribe_and_report(stream, position)
 
+    async def _positions_problem(
+        self, positions: dict[str, int], held: dict[str, int]
+    ) -> BadPositions | None:
+        """Why the resume's positions cannot be honoured (None: they can)."""
+        identity = self.identity
+        checked = [s for s in positions if s in held and identity.may_use(s)]
+        heads = await stream_store().heads(identity.tenant, checked)
+        return resume_problem(positions, held, heads)
+
+    def _refuse_resume(self, bad: BadPositions, requested: str) -> None:
+        """Refused positions end the connection like a refused session: the client learns
+        its state was not restored (its libraries then resubscribe with `since`)."""
+        metrics.error_answered("bad_request")
+        self.push(error_frame("bad_request", bad.detail, None, session=requested, **bad.extra))
+        self.close_with(CLOSE_FORBIDDEN, bad.detail[:100], save_session=False)
+        logger.info(
+            "resume positions refused tenant=%s client=%s conn=%s: %s",
+            self.identity.tenant,
+            self.identity.client,
+            self.connection_id,
+            bad.detail,
+        )
+
     async def _accept(self) -> None:
+        tune_for_long_lived_connections(settings.SWITCHBOARD["GC_YOUNG_THRESHOLD"])
         await self.base_send({"type": "websocket.accept"})
         self.state = ConnectionState.OPEN
         protocol = daphne_protocol(self.base_send)
@@ -611,6 +660,8 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 identity.tenant, self.session_id, identity.client, stream, position
             )
             self._saved_positions[stream] = position
+            if self.state is ConnectionState.OPEN and not self._session_ended:
+                _CHECKPOINTER.add(self)
 
     def _drop_subscription(self, stream: str) -> None:
         subscription = self.subscriptions.pop(stream, None)

@@ -101,8 +101,10 @@ class TenantControl:
         self.tenants = tenants
         self.check_s = check_s
         self._client_factory = client_factory
-        self._by_tenant: dict[str, set[Controlled]] = {}
-        self._tenant_of: dict[Controlled, str] = {}
+        # tenant -> the secret its connections' tokens verified with -> those connections:
+        # a check judges each secret once, so it costs per tenant, not per connection.
+        self._by_tenant: dict[str, dict[str, set[Controlled]]] = {}
+        self._tenant_of: dict[Controlled, tuple[str, str]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._checker: asyncio.Task[None] | None = None
         self._handling: set[asyncio.Task[Any]] = set()
@@ -112,25 +114,31 @@ class TenantControl:
 
     def watch(self, connection: Controlled) -> None:
         """Register an admitted connection (its identity is known)."""
-        slug = connection.identity.tenant
-        self._by_tenant.setdefault(slug, set()).add(connection)
-        self._tenant_of[connection] = slug
+        slug, secret = connection.identity.tenant, connection.identity.secret
+        self._by_tenant.setdefault(slug, {}).setdefault(secret, set()).add(connection)
+        self._tenant_of[connection] = (slug, secret)
         self._ensure_running()
 
     def forget(self, connection: Controlled) -> None:
         """The connection is gone (never watched: nothing to do)."""
-        slug = self._tenant_of.pop(connection, None)
-        if slug is None:
+        place = self._tenant_of.pop(connection, None)
+        if place is None:
             return
-        group = self._by_tenant.get(slug)
+        slug, secret = place
+        by_secret = self._by_tenant.get(slug)
+        if by_secret is None:
+            return
+        group = by_secret.get(secret)
         if group is not None:
             group.discard(connection)
             if not group:
-                del self._by_tenant[slug]
+                del by_secret[secret]
+        if not by_secret:
+            del self._by_tenant[slug]
 
     def connections(self, slug: str) -> list[Controlled]:
         """The tenant's open connections in this process."""
-        return list(self._by_tenant.get(slug, ()))
+        return [c for group in self._by_tenant.get(slug, {}).values() for c in group]
 
     def tenants_open(self) -> list[str]:
         return list(self._by_tenant)
@@ -140,17 +148,18 @@ class TenantControl:
     async def enforce(self, slug: str) -> int:
         """Close the tenant's connections that may not stay, judged on its cached settings;
         returns how many were closed."""
-        connections = self.connections(slug)
-        if not connections:
+        by_secret = self._by_tenant.get(slug)
+        if not by_secret:
             return 0
         tenant = await self.tenants.get(slug)
         now = time.time()
+        closing: list[tuple[Controlled, tuple[int, str]]] = []
+        for secret, group in by_secret.items():
+            verdict = close_verdict(secret, tenant, now)
+            if verdict is not None:
+                closing.extend((connection, verdict) for connection in group)
         closed = 0
-        for connection in connections:
-            verdict = close_verdict(connection.identity.secret, tenant, now)
-            if verdict is None:
-                continue
-            code, reason = verdict
+        for connection, (code, reason) in closing:
             connection.close_with(code, reason)
             # Closed now: a close that races its disconnect must not be counted twice.
             self.forget(connection)

@@ -148,13 +148,25 @@ def rate_tenant(tenant: str) -> str:
 
 
 def connections_tenant(tenant: str) -> str:
-    """Sorted set: "GATEWAY CONNECTION" -> when the entry expires (ms, Redis clock)."""
-    return f"{PREFIX}:conns:{tenant}"
+    """Hash: gateway process id -> how many of the tenant's connections it holds (a dead
+    process's count stops counting when its lease in GATEWAY_LEASES lapses)."""
+    return f"{PREFIX}:conn:{tenant}"
 
 
 def connections_client(tenant: str, client: str) -> str:
-    """Sorted set: the same entries, for one client id."""
-    return f"{PREFIX}:conns:{tenant}:{len(client)}:{client}"
+    """Hash: the same counts, for one client id."""
+    return f"{PREFIX}:conn:{tenant}:{len(client)}:{client}"
+
+
+# Sorted set: gateway process id -> until when it is alive (ms, Redis clock), renewed by
+# the process every PRESENCE_REFRESH_S: one command per process, however many connections.
+GATEWAY_LEASES = f"{PREFIX}:gateways"
+
+
+def gateway_connection_keys(gateway: str) -> str:
+    """Set: the connection-count hashes a gateway process has a count in, so its counts
+    can be removed once it is dead."""
+    return f"{PREFIX}:gateway:{gateway}:conn"
 
 
 def throttled(minute: int) -> str:

@@ -14,11 +14,13 @@
   `overloaded`) with a hint: the shorter of `LIMIT_RETRY_CAP_MS` and the time until the
   earliest deadline among the runs counted, by which one of them is certain to end.
 - **Connections per tenant and per client id**, across every gateway process:
-  `ConnectionRegistry`. Per tenant and per client a sorted set holds one member per open
-  connection, scored by when it expires on the Redis clock; the gateway renews its own
-  members every `PRESENCE_REFRESH_S`, the admission script prunes expired ones before it
-  counts, so a dead gateway's connections stop counting `PRESENCE_TTL_S` after its last
-  renewal. Admission is one script; past a bound the socket is closed with 4029.
+  `ConnectionRegistry`. Per tenant and per client a hash holds each gateway process's
+  count of open connections; each process renews one lease (a sorted set of gateway ids
+  scored by when their lease ends, on the Redis clock) every `PRESENCE_REFRESH_S`. The
+  admission script sums the counts of gateways whose lease is current, so a dead
+  gateway's connections stop counting `PRESENCE_TTL_S` after its last renewal, and the
+  next renewal of any gateway removes them. Admission is one script; past a bound the
+  socket is closed with 4029.
 """
 
 from __future__ import annotations
@@ -46,9 +48,6 @@ logger = logging.getLogger(__name__)
 LIMIT_RETRY_CAP_MS = 1000
 # The hint when a limit is 0 (the tenant allows no such thing): ask an operator.
 NEVER_RETRY_MS = 60_000
-# Members renewed per script call, and script calls per pipeline round trip.
-REFRESH_BATCH = 500
-PIPELINE_CHUNK = 100
 
 
 def message_buckets(tenant: TenantConfig, client: str) -> list[Bucket]:
@@ -128,64 +127,134 @@ class RateLimiter:
         return NEVER_RETRY_MS if wait == NEVER else retry_after_ms(wait)
 
 
-# KEYS: the tenant's set, the client's set. ARGV: member, ttl_ms, max_tenant, max_client.
-# Returns 0 admitted (the member is in both sets), 1 the tenant is full, 2 the client is.
-ADMIT = """
+# Redis's clock, in ms, for every script here (gateway clocks never matter).
+_NOW_MS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for i, key in ipairs(KEYS) do
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%d', now))
-  if redis.call('ZCARD', key) >= tonumber(ARGV[2 + i]) then return i end
-end
-local expiry = string.format('%d', now + tonumber(ARGV[2]))
-for _, key in ipairs(KEYS) do
-  redis.call('ZADD', key, expiry, ARGV[1])
-  redis.call('PEXPIRE', key, ARGV[2])
-end
-return 0
 """
 
-# KEYS: one set. ARGV: ttl_ms, members... Extends the members still in the set and never
-# adds one: a renewal racing a release (or an expiry) must not bring a member back.
-REFRESH = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local expiry = string.format('%d', now + tonumber(ARGV[1]))
-local args = {'XX'}
-for i = 2, #ARGV do
-  args[#args + 1] = expiry
-  args[#args + 1] = ARGV[i]
+# KEYS: the tenant's hash, the client's hash, the leases, this gateway's held keys.
+# ARGV: gateway id, lease ms, max for the tenant, max for the client.
+# Returns {refused, lease_created}: refused is 0 (admitted and counted), 1 (the tenant is
+# full) or 2 (the client is); lease_created 1 when this gateway had no lease (its first
+# admission, or its lease lapsed and was reaped: the registry then writes its counts back).
+ADMIT = (
+    _NOW_MS
+    + """
+local tenant_counts, client_counts, leases, held = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local gateway, lease_ms = ARGV[1], tonumber(ARGV[2])
+local maxima = {tonumber(ARGV[3]), tonumber(ARGV[4])}
+local created = 0
+if not redis.call('ZSCORE', leases, gateway) then
+  redis.call('ZADD', leases, string.format('%d', now + lease_ms), gateway)
+  created = 1
 end
-if #args > 1 then redis.call('ZADD', KEYS[1], unpack(args)) end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return 1
+for i, counts in ipairs({tenant_counts, client_counts}) do
+  local fields = redis.call('HGETALL', counts)
+  local total = 0
+  for j = 1, #fields, 2 do
+    local expiry = redis.call('ZSCORE', leases, fields[j])
+    if expiry and tonumber(expiry) > now then
+      total = total + tonumber(fields[j + 1])
+    else
+      -- A dead gateway's connections stop counting as soon as its lease has lapsed.
+      redis.call('HDEL', counts, fields[j])
+    end
+  end
+  if total >= maxima[i] then return {i, created} end
+end
+for _, counts in ipairs({tenant_counts, client_counts}) do
+  if redis.call('HINCRBY', counts, gateway, 1) == 1 then redis.call('SADD', held, counts) end
+end
+return {0, created}
 """
+)
 
-# KEYS: the tenant's set, the client's set. ARGV: member. One round trip, no pipeline.
+# KEYS: the tenant's hash, the client's hash, this gateway's held keys. ARGV: gateway id.
 RELEASE = """
-for _, key in ipairs(KEYS) do redis.call('ZREM', key, ARGV[1]) end
+local tenant_counts, client_counts, held = KEYS[1], KEYS[2], KEYS[3]
+local gateway = ARGV[1]
+for _, counts in ipairs({tenant_counts, client_counts}) do
+  if redis.call('HINCRBY', counts, gateway, -1) <= 0 then
+    redis.call('HDEL', counts, gateway)
+    redis.call('SREM', held, counts)
+  end
+end
 return 1
 """
+
+# KEYS: the leases. ARGV: gateway id, lease ms, how many dead gateways to return.
+# Returns {lost, dead gateway ids...}: lost is 1 when this gateway's lease had lapsed (its
+# counts may have been reaped: it writes them back).
+RENEW = (
+    _NOW_MS
+    + """
+local leases = KEYS[1]
+local gateway, lease_ms, dead_max = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local expiry = redis.call('ZSCORE', leases, gateway)
+local lost = 0
+if not expiry or tonumber(expiry) <= now then lost = 1 end
+redis.call('ZADD', leases, string.format('%d', now + lease_ms), gateway)
+local result = {lost}
+local dead = redis.call('ZRANGEBYSCORE', leases, '-inf', string.format('(%d', now),
+  'LIMIT', 0, dead_max)
+for _, id in ipairs(dead) do result[#result + 1] = id end
+return result
+"""
+)
+
+# KEYS: the leases, the dead gateway's held keys. ARGV: its id, how many counts to remove.
+# Removes a dead gateway's counts a slice at a time, then its lease; nothing if it is
+# alive again. Returns how many counts are left to remove.
+REAP = (
+    _NOW_MS
+    + """
+local leases, held = KEYS[1], KEYS[2]
+local gateway, limit = ARGV[1], tonumber(ARGV[2])
+local expiry = redis.call('ZSCORE', leases, gateway)
+if expiry and tonumber(expiry) > now then return 0 end
+for _, counts in ipairs(redis.call('SPOP', held, limit)) do
+  redis.call('HDEL', counts, gateway)
+end
+local left = redis.call('SCARD', held)
+if left == 0 then redis.call('ZREM', leases, gateway) end
+return left
+"""
+)
 
 REFUSALS = {1: "too many connections for the tenant", 2: "too many connections for the client"}
+# Dead gateways looked at, and counts removed per script call, per renewal.
+REAP_GATEWAYS = 10
+REAP_BATCH = 1000
 
 
 class ConnectionRegistry:
-    """A gateway process's open connections as the tenants' connection limits count them."""
+    """A gateway process's open connections as the tenants' connection limits count them.
+
+    Per tenant and per client id a hash holds each gateway process's count: an admission
+    adds one (one script, which first sums the counts of gateways whose lease is current),
+    a release takes it away. Liveness is per process, not per connection: the process
+    renews one lease every PRESENCE_REFRESH_S (one command whatever it holds), and the
+    counts of a process whose lease lapsed stop counting at once and are removed by the
+    next renewal of any gateway. An idle connection costs nothing per interval."""
 
     def __init__(self, client_factory: Callable[[], aredis.Redis]) -> None:
         config = settings.SWITCHBOARD
         self.ttl_ms = max(1, round(config["PRESENCE_TTL_S"] * 1000))
         self.refresh_s: float = config["PRESENCE_REFRESH_S"]
-        # Random per process: a restarted gateway never renews its predecessor's members.
+        # Random per process: a restarted gateway never renews its predecessor's lease.
         self.gateway_id = secrets.token_hex(8)
         self._client_factory = client_factory
         self._client: aredis.Redis | None = None
         self._admit: Any = None
-        self._refresh: Any = None
+        self._renew: Any = None
+        self._reap: Any = None
         self._release: Any = None
-        # member -> (tenant set, client set) of every connection admitted here and open.
+        # member -> (tenant hash, client hash) of every connection admitted here and open.
         self.members: dict[str, tuple[str, str]] = {}
+        # Counts Redis may have wrong (a release that failed): written whole next renewal.
+        self._unsure: set[str] = set()
+        self._changes = 0  # admissions and releases so far: a write-back racing one retries
         self._loop_task: asyncio.Task[None] | None = None
         # Admissions waiting for the next pipeline, and the task sending them.
         self._waiting: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
@@ -198,13 +267,18 @@ class ConnectionRegistry:
         assert self._client is not None
         return self._client
 
-    def _scripts(self) -> tuple[Any, Any]:
+    @property
+    def held_key(self) -> str:
+        return keys.gateway_connection_keys(self.gateway_id)
+
+    def _scripts(self) -> Any:
         if self._client is None:
             self._client = self._client_factory()
             self._admit = self._client.register_script(ADMIT)
-            self._refresh = self._client.register_script(REFRESH)
+            self._renew = self._client.register_script(RENEW)
+            self._reap = self._client.register_script(REAP)
             self._release = self._client.register_script(RELEASE)
-        return self._admit, self._refresh
+        return self._admit
 
     def member(self, connection_id: str) -> str:
         return f"{self.gateway_id} {connection_id}"
@@ -219,10 +293,20 @@ class ConnectionRegistry:
         Redis unreachable: admitted without being counted (logged), like a connection
         that needs no Redis until its first frame."""
         member = self.member(connection_id)
-        sets = (keys.connections_tenant(tenant.slug), keys.connections_client(tenant.slug, client))
-        args = [member, self.ttl_ms, tenant.max_connections, tenant.max_connections_per_client]
+        counts = (
+            keys.connections_tenant(tenant.slug),
+            keys.connections_client(tenant.slug, client),
+        )
+        args = [
+            self.gateway_id,
+            self.ttl_ms,
+            tenant.max_connections,
+            tenant.max_connections_per_client,
+        ]
         try:
-            refused = int(await self._admit_pipelined(list(sets), args))
+            refused, created = await self._admit_pipelined(
+                [*counts, keys.GATEWAY_LEASES, self.held_key], args
+            )
         except (RedisConnectionError, RedisTimeoutError):
             logger.warning(
                 "connection admitted without counting (Redis unreachable) tenant=%s client=%s",
@@ -231,35 +315,39 @@ class ConnectionRegistry:
                 exc_info=True,
             )
             return None
-        if refused:
-            return REFUSALS[refused]
-        self.members[member] = sets
+        if int(created) and self.members:
+            # Our lease was gone: whatever we counted before may have been reaped.
+            self._unsure.update(key for pair in self.members.values() for key in pair)
+        if int(refused):
+            return REFUSALS[int(refused)]
+        self.members[member] = counts
+        self._changes += 1
         self._ensure_running()
         return None
 
-    def _admit_pipelined(self, sets: list[str], args: list[Any]) -> asyncio.Future[Any]:
+    def _admit_pipelined(self, script_keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
         """One ADMIT script call, sent with whatever other admissions are waiting: during a
         handshake storm each connect still costs one script, but the round trips (and
         their client CPU) are shared. One pipeline is in flight at a time; the next one
         takes every admission that arrived meanwhile."""
         future = asyncio.get_running_loop().create_future()
-        self._waiting.append((sets, args, future))
+        self._waiting.append((script_keys, args, future))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.get_running_loop().create_task(self._send_admissions())
         return future
 
     async def _send_admissions(self) -> None:
-        admit = self._scripts()[0]
+        admit = self._scripts()
         while self._waiting:
             batch, self._waiting = self._waiting, []
             try:
                 if len(batch) == 1:  # alone: a pipeline would only add client CPU
-                    sets, args, _ = batch[0]
-                    results = [await admit(keys=sets, args=args)]
+                    script_keys, args, _ = batch[0]
+                    results = [await admit(keys=script_keys, args=args)]
                 else:
                     async with self.client.pipeline(transaction=False) as pipe:
-                        for sets, args, _ in batch:
-                            await admit(keys=sets, args=args, client=pipe)
+                        for script_keys, args, _ in batch:
+                            await admit(keys=script_keys, args=args, client=pipe)
                         results = await pipe.execute(raise_on_error=False)
             except Exception as error:
                 results = [error] * len(batch)
@@ -274,28 +362,68 @@ class ConnectionRegistry:
     async def release(self, connection_id: str) -> None:
         """The connection closed: it no longer counts (at once, on every gateway)."""
         member = self.member(connection_id)
-        sets = self.members.pop(member, None)
-        if sets is None:
+        counts = self.members.pop(member, None)
+        if counts is None:
             return
+        self._changes += 1
         self._scripts()
-        await self._release(keys=list(sets), args=[member])
+        try:
+            await self._release(keys=[*counts, self.held_key], args=[self.gateway_id])
+        except Exception:
+            # Our counts in Redis may be one too high now: the next renewal writes them.
+            self._unsure.update(counts)
+            raise
+
+    def local_counts(self, wanted: set[str] | None = None) -> dict[str, int]:
+        """This process's count per hash (of those `wanted`; every one by default)."""
+        counts: dict[str, int] = dict.fromkeys(wanted or (), 0)
+        for pair in self.members.values():
+            for key in pair:
+                if wanted is None or key in wanted:
+                    counts[key] = counts.get(key, 0) + 1
+        return counts
 
     async def refresh(self) -> None:
-        """Extend every member of this process (pipelined, a batch per script call)."""
-        by_set: dict[str, list[str]] = {}
-        for member, sets in list(self.members.items()):
-            for key in sets:
-                by_set.setdefault(key, []).append(member)
-        calls = [
-            (key, members[start : start + REFRESH_BATCH])
-            for key, members in by_set.items()
-            for start in range(0, len(members), REFRESH_BATCH)
-        ]
-        refresh = self._scripts()[1]
-        for start in range(0, len(calls), PIPELINE_CHUNK):
+        """Renew this process's lease (one command), remove dead gateways' counts, and
+        write back any of our counts Redis may have wrong. Costs nothing per connection
+        unless the lease had lapsed."""
+        self._scripts()
+        lost, *dead = await self._renew(
+            keys=[keys.GATEWAY_LEASES], args=[self.gateway_id, self.ttl_ms, REAP_GATEWAYS]
+        )
+        if int(lost):
+            logger.warning("gateway lease had lapsed; writing its connection counts back")
+            self._unsure.update(self.local_counts())
+        if self._unsure:
+            unsure, self._unsure = self._unsure, set()
+            changes = self._changes
+            try:
+                await self._write_counts(self.local_counts(unsure))
+            except Exception:
+                self._unsure |= unsure
+                raise
+            if self._changes != changes:
+                # An admission or release ran meanwhile and the write may have undone it.
+                self._unsure |= unsure
+        for gateway in dead:
+            gateway = gateway.decode() if isinstance(gateway, bytes) else gateway
+            held = keys.gateway_connection_keys(gateway)
+            left = await self._reap(keys=[keys.GATEWAY_LEASES, held], args=[gateway, REAP_BATCH])
+            logger.info(
+                "dead gateway's connection counts removed gateway=%s left=%s", gateway, left
+            )
+
+    async def _write_counts(self, counts: dict[str, int]) -> None:
+        items = list(counts.items())
+        for start in range(0, len(items), REAP_BATCH):
             async with self.client.pipeline(transaction=False) as pipe:
-                for key, members in calls[start : start + PIPELINE_CHUNK]:
-                    await refresh(keys=[key], args=[self.ttl_ms, *members], client=pipe)
+                for key, count in items[start : start + REAP_BATCH]:
+                    if count:
+                        pipe.hset(key, self.gateway_id, count)
+                        pipe.sadd(self.held_key, key)
+                    else:
+                        pipe.hdel(key, self.gateway_id)
+                        pipe.srem(self.held_key, key)
                 await pipe.execute()
 
     def _ensure_running(self) -> None:
@@ -308,7 +436,7 @@ class ConnectionRegistry:
             try:
                 await self.refresh()
             except Exception:
-                logger.warning("connection count refresh failed; trying again", exc_info=True)
+                logger.warning("gateway lease renewal failed; trying again", exc_info=True)
 
 
 _registry: ConnectionRegistry | None = None

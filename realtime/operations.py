@@ -233,15 +233,23 @@ def read_runs(client: redis.Redis, now: float) -> dict[str, Any]:
 
 
 def read_tenants(client: redis.Redis, slugs: list[str], now: float) -> dict[str, dict[str, int]]:
-    """Per tenant: open connections (unexpired entries, all gateways) and runs queued."""
+    """Per tenant: open connections (counts of gateways whose lease is current) and runs
+    queued."""
     now_ms = int(now * 1000)
     with client.pipeline(transaction=False) as pipe:
+        pipe.zrangebyscore(keys.GATEWAY_LEASES, now_ms, "+inf")
         for slug in slugs:
-            pipe.zcount(keys.connections_tenant(slug), now_ms, "+inf")
+            pipe.hgetall(keys.connections_tenant(slug))
             pipe.zcount(keys.runs_queued(slug), now, "+inf")
         results = pipe.execute()
+    alive = set(results[0])
     return {
-        slug: {"connections": int(results[2 * i]), "queued": int(results[2 * i + 1])}
+        slug: {
+            "connections": sum(
+                int(count) for gateway, count in results[1 + 2 * i].items() if gateway in alive
+            ),
+            "queued": int(results[2 + 2 * i]),
+        }
         for i, slug in enumerate(slugs)
     }
 

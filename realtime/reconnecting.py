@@ -5,13 +5,13 @@
 reconnects with exponential backoff and full jitter, to the next URL of its list, resuming
 its session; and it hands each stream's events to the application once, in seq order:
 
-- a resumed session restarts each stream after the last event the gateway handed to the
-  socket; events the client already has (a crashed gateway's checkpoint lags) are dropped
-  by seq, and a jump past the next seq (events lost in flight with the old socket) makes
-  the client subscribe again from its own last seq, dropping the stream's events until the
-  server answers that subscribe;
-- a refused session (expired, unknown) is dropped and every stream is subscribed again
-  with `since` = the last seq the application got;
+- a resume sends the session and, as `positions`, the last seq the application got on
+  each stream the session holds, so the gateway goes on from there (not from what it wrote
+  to the old socket, some of which never arrived); events the client already has are
+  still dropped by seq, and a jump past the next seq still makes the client subscribe again
+  from its own last seq, dropping the stream's events until the server answers;
+- a refused session (expired, unknown) or refused positions are dropped and every stream
+  is subscribed again with `since` = the last seq the application got;
 - `history_expired` is passed on (`expired`) and delivery goes on from what the server
   sends next.
 
@@ -101,6 +101,9 @@ class ReconnectingClient:
         self.refused_sessions: list[Frame] = []
         self.expired: list[Frame] = []  # history_expired frames passed on
         self._streams: dict[str, _Tracked] = {}
+        # Streams the session is known to hold (a `subscribed` came under it): only these
+        # may be named in a resume's positions.
+        self._held: set[str] = set()
         self._replies: dict[str, ReplyCollector] = {}
         self._conn: SwitchboardClient | None = None
         self._open = asyncio.Event()
@@ -188,10 +191,13 @@ class ReconnectingClient:
                 restored.add(frame["stream"])
             self._on_frame(frame)
 
+        if self.session is None:
+            self._held.clear()  # a new session holds nothing yet
         conn = await SwitchboardClient.connect(
             url,
             self.token,
             session=self.session,
+            positions=self.resume_positions() if self.session is not None else None,
             timeout=self.connect_timeout_s,
             buffer_events=False,
             track_replies=False,
@@ -221,6 +227,15 @@ class ReconnectingClient:
             await conn.close()
             raise
         return conn
+
+    def resume_positions(self) -> dict[str, int]:
+        """What a resume sends as `positions`: per stream the session holds, the last seq
+        the application got (streams without one go on from the session's record)."""
+        return {
+            stream: tracked.last_seq
+            for stream, tracked in self._streams.items()
+            if stream in self._held and tracked.last_seq is not None
+        }
 
     def _session_refused(self, refused: SwitchboardClosed) -> bool:
         for frame in refused.frames:
@@ -400,6 +415,8 @@ class ReconnectingClient:
     def _on_frame(self, frame: Frame) -> None:
         kind = frame.get("type")
         stream = frame.get("stream")
+        if kind == "subscribed":
+            self._held.add(stream)  # written to the session before it is answered
         tracked = self._streams.get(stream) if stream is not None else None
         if tracked is None:
             return

@@ -1,5 +1,7 @@
 """Sessions: what a reconnect restores. The subscriptions a connection had and, per stream,
-the seq of the last event the gateway handed to its socket.
+the seq of the last event the gateway handed to its socket. A client that sends its own
+`positions` with the resume (what it processed) goes on from those instead: only it knows
+which written frames it never read (`parse_positions`, `resume_problem`).
 
 A session is a Redis hash (`client` plus one `s:STREAM` field per subscription) so any
 gateway process can resume it. It is first written by the connection's first subscription
@@ -19,7 +21,10 @@ last connection by SESSION_TTL_S after a clean end, and by 5/3 to 2 x that after
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -31,6 +36,7 @@ import redis.asyncio as aredis
 from django.conf import settings
 
 from realtime import keys
+from realtime.events import STREAM_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +62,68 @@ class SessionRefused(Exception):
 
 def new_session_id() -> str:
     return secrets.token_urlsafe(18)
+
+
+# The alphabet of base64url; the protocol sends it without padding.
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*\Z")
+
+
+class BadPositions(ValueError):
+    """A resume's `positions` the gateway refuses (bad_request, then close 4003)."""
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+
+def parse_positions(raw: str, max_bytes: int) -> dict[str, int]:
+    """A resume's `positions` (base64url without padding of a JSON object: stream -> the
+    last seq the client processed; `realtime.client.encode_positions` writes it), checked
+    for size and shape only, so it is refused before any lookup. Whether the session holds
+    each stream, and whether each position is within its stream, can only be checked
+    against Redis (`resume_problem`)."""
+    if len(raw) > max_bytes:
+        raise BadPositions(f"positions longer than the frame limit ({max_bytes} bytes)")
+    if not raw or not _BASE64URL.match(raw) or len(raw) % 4 == 1:
+        raise BadPositions("positions is not base64url without padding")
+    try:
+        decoded = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+        value = orjson.loads(decoded)
+    except (binascii.Error, ValueError):  # orjson.JSONDecodeError is a ValueError
+        raise BadPositions("positions is not a JSON object encoded as base64url") from None
+    if not isinstance(value, dict):
+        raise BadPositions("positions must be a JSON object of stream -> seq")
+    for stream, seq in value.items():
+        if not STREAM_NAME.match(stream):
+            raise BadPositions(f"positions names an invalid stream {stream[:100]!a}")
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise BadPositions(
+                f"position of stream {stream!r} must be a non-negative integer", stream=stream
+            )
+    return value
+
+
+def resume_problem(
+    positions: Mapping[str, int], held: Mapping[str, int], heads: Mapping[str, int]
+) -> BadPositions | None:
+    """Why a resume's positions cannot be honoured (None: they can). `held` is what the
+    session records, `heads` the head now of each stream to check (one the token no longer
+    allows is not looked at: it is not restored at all)."""
+    for stream, seq in positions.items():
+        if stream not in held:
+            return BadPositions(
+                f"positions names stream {stream!r}, which the session does not hold",
+                stream=stream,
+            )
+        head = heads.get(stream)
+        if head is not None and seq > head:
+            return BadPositions(
+                f"position {seq} of stream {stream!r} is beyond its head ({head})",
+                stream=stream,
+                head=head,
+            )
+    return None
 
 
 def undelivered_floor(frames: Iterable[str]) -> dict[str, int]:
@@ -213,8 +281,9 @@ class Checkpointer:
     """One task per gateway process writing every open session's progress, batched.
 
     Each interval it looks only at connections that delivered events since the last one
-    (`dirty`); every SESSION_TTL_S / 6 it looks at all of them, to keep idle sessions'
-    keys alive. An idle socket costs nothing per interval."""
+    (`dirty`); every SESSION_TTL_S / 6 it looks at all it holds, to keep idle sessions'
+    keys alive. It holds only connections whose session is in Redis (resumed, or
+    subscribed at least once): a socket that never subscribed costs nothing here."""
 
     def __init__(self, store: Callable[[], SessionStore]) -> None:
         self._store = store  # looked up when used: made before any Redis client is

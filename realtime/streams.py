@@ -251,6 +251,13 @@ class StreamStore:
         value = await self.client.get(keys.stream_seq(tenant, stream))
         return int(value) if value else 0
 
+    async def heads(self, tenant: str, streams: list[str]) -> dict[str, int]:
+        """Several streams' heads in one round trip."""
+        if not streams:
+            return {}
+        values = await self.client.mget([keys.stream_seq(tenant, s) for s in streams])
+        return {s: int(v) if v else 0 for s, v in zip(streams, values, strict=True)}
+
     async def first_retained(self, tenant: str, stream: str) -> int | None:
         entries = await self.client.xrange(keys.stream_log(tenant, stream), count=1)
         return _entry_seq(entries[0][0]) if entries else None

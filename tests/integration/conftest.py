@@ -114,6 +114,11 @@ LIMITED_TENANTS[FRUGAL_TENANT] = {
     "client_burst": 3,
 }
 LIMITED_TENANTS[REHEARSAL_TENANT] = {"fault_injection": True}
+# Resume positions (tests/integration/test_resume.py): a frame limit a URL can exceed (a
+# 64 KiB one is beyond what daphne reads of a request), and one connection, so a refusal
+# that came after admission would say 4029 instead.
+POSITIONS_TENANT = "tight"
+LIMITED_TENANTS[POSITIONS_TENANT] = {"max_frame_bytes": 1024, "max_connections": 1}
 
 _TENANT_SETUP = f"""
 import json

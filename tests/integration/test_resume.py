@@ -5,17 +5,22 @@ and every accepted send with exactly one reply.done whose text its deltas make."
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 import pytest_asyncio
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as plain_ws_connect
 
 from realtime.client import Event, SwitchboardClient, SwitchboardClosed
 from realtime.reconnecting import ReconnectingClient
 
-from .conftest import OTHER_TENANT, TENANT, Connect, StartGateway, Switchboard
+from .conftest import OTHER_TENANT, POSITIONS_TENANT, TENANT, Connect, StartGateway, Switchboard
 from .support import assert_contiguous, reply_text, wait_until
 
 pytestmark = pytest.mark.asyncio
@@ -345,3 +350,192 @@ async def test_the_reconnecting_client_hears_presence_apart_from_the_stream(
     ack = await newcomer.publish(stream, {"hello": True})
     event = await watcher.next_event(stream)
     assert event["seq"] == ack["seq"]  # the join did not take a place in the stream
+
+
+# --- resume positions, with a plain WebSocket client (not this project's) ---------------
+
+
+def b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def positions_param(positions: dict[str, int]) -> str:
+    return b64url(json.dumps(positions).encode())
+
+
+async def plain_connect(url: str, **params: str) -> ClientConnection:
+    return await plain_ws_connect(f"{url}?{urlencode(params)}", compression=None)
+
+
+async def plain_frame(ws: ClientConnection) -> dict[str, Any]:
+    return json.loads(await asyncio.wait_for(ws.recv(), 10))
+
+
+async def plain_until(ws: ClientConnection, kind: str) -> tuple[dict[str, Any], list[Event]]:
+    """Read up to the next frame of `kind`; returns it and the sequenced events before it."""
+    events: list[Event] = []
+    while True:
+        frame = await plain_frame(ws)
+        if frame["type"] == kind:
+            return frame, events
+        if frame["type"] == "event" and frame.get("seq") is not None:
+            events.append(frame)
+
+
+async def plain_events(ws: ClientConnection, count: int) -> list[Event]:
+    events: list[Event] = []
+    while len(events) < count:
+        frame = await plain_frame(ws)
+        if frame["type"] == "event" and frame.get("seq") is not None:
+            events.append(frame)
+    return events
+
+
+async def test_a_plain_client_resumes_from_what_it_processed_not_what_was_written(
+    switchboard: Switchboard, connect: Connect, unique: Callable[[str], str]
+) -> None:
+    stream = unique("positions")
+    token = switchboard.token(unique("plain"))
+    ws = await plain_connect(switchboard.url, token=token)
+    welcome = await plain_frame(ws)
+    session = welcome["session"]
+    await ws.send(json.dumps({"type": "subscribe", "stream": stream}))
+    await plain_until(ws, "subscribed")
+    publisher = await connect()
+    for n in range(1, 11):
+        await publisher.publish(stream, {"n": n})
+    # The application processes four events; the other six were written to the socket and
+    # sit unread in the client's buffers when the network goes.
+    processed = await plain_events(ws, 4)
+    assert [e["seq"] for e in processed] == [1, 2, 3, 4]
+    ws.transport.abort()
+    # The gateway's record of the session says it handed all ten to the socket: a resume
+    # from that record alone would skip 5..10.
+    r = switchboard.redis()
+    key = f"{switchboard.key_prefix}:sess:{TENANT}:{session}"
+    await wait_until(
+        lambda: asyncio.to_thread(lambda: r.hget(key, f"s:{stream}") == b"10"),
+        10,
+        "the session saved at the abrupt close",
+    )
+    for n in range(11, 13):
+        await publisher.publish(stream, {"n": n})
+
+    resumed = await plain_connect(
+        switchboard.url, token=token, session=session, positions=positions_param({stream: 4})
+    )
+    welcome = await plain_frame(resumed)
+    assert (welcome["type"], welcome["resumed"], welcome["session"]) == ("welcome", True, session)
+    restored, early = await plain_until(resumed, "subscribed")
+    assert early == []
+    assert (restored["stream"], restored["recovered"], restored["head"]) == (stream, True, 12)
+    missed = await plain_events(resumed, 8)
+    live = await publisher.publish(stream, {"n": 13})
+    assert live["seq"] == 13
+    missed += await plain_events(resumed, 1)
+    await resumed.send(json.dumps({"type": "ping"}))
+    _, extra = await plain_until(resumed, "pong")
+    assert extra == []
+    everything = processed + missed
+    assert_contiguous(everything)
+    assert [e["data"]["n"] for e in everything] == list(range(1, 14))
+    await resumed.close()
+
+
+async def _a_session_of(
+    switchboard: Switchboard, client_id: str, stream: str, publisher: SwitchboardClient
+) -> str:
+    """A session holding `stream` (head 2), its connection gone."""
+    client = await SwitchboardClient.connect(switchboard.url, switchboard.token(client_id))
+    await client.subscribe(stream)
+    for n in range(2):
+        await publisher.publish(stream, {"n": n})
+    await drain_events(client, stream, 2)
+    await client.close()
+    return client.session  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(
+    ("case", "problem"),
+    [
+        ("not base64url", "not base64url"),
+        ("padded", "not base64url"),
+        ("not JSON", "not a JSON object"),
+        ("not an object", "must be a JSON object"),
+        ("negative seq", "non-negative integer"),
+        ("string seq", "non-negative integer"),
+        ("invalid stream name", "invalid stream"),
+        ("stream not held", "does not hold"),
+        ("beyond head", "beyond its head (2)"),
+        ("no session", "without a session"),
+    ],
+)
+async def test_positions_that_cannot_be_honoured_are_a_bad_request_and_close_4003(
+    switchboard: Switchboard,
+    connect: Connect,
+    unique: Callable[[str], str],
+    case: str,
+    problem: str,
+) -> None:
+    stream = unique("held")
+    client_id = unique("c")
+    session: str | None = await _a_session_of(switchboard, client_id, stream, await connect())
+    raw = {
+        "not base64url": "e30!",
+        "padded": b64url(b"{}") + "=",
+        "not JSON": b64url(b"{room"),
+        "not an object": b64url(b"[1, 2]"),
+        "negative seq": positions_param({stream: -1}),
+        "string seq": b64url(json.dumps({stream: "1"}).encode()),
+        "invalid stream name": positions_param({"no spaces": 1}),
+        "stream not held": positions_param({stream: 1, unique("other"): 1}),
+        "beyond head": positions_param({stream: 3}),
+        "no session": positions_param({stream: 1}),
+    }[case]
+    if case == "no session":
+        session = None
+    with pytest.raises(SwitchboardClosed) as refused:
+        await SwitchboardClient.connect(
+            f"{switchboard.url}?positions={raw}", switchboard.token(client_id), session=session
+        )
+    assert refused.value.code == 4003
+    [error] = refused.value.frames  # no welcome
+    assert (error["type"], error["code"], error["status"]) == ("error", "bad_request", 400)
+    assert problem in error["detail"], error
+    if case == "beyond head":
+        assert (error["stream"], error["head"]) == (stream, 2)
+    if session is not None:
+        # The session is untouched: resumed with positions it can honour, it goes on.
+        again = await SwitchboardClient.connect(
+            switchboard.url, switchboard.token(client_id), session=session, positions={stream: 1}
+        )
+        assert again.welcome["resumed"] is True
+        assert [e["seq"] for e in await drain_events(again, stream, 2)] == [2]
+        await again.close()
+
+
+async def test_positions_are_checked_before_the_connection_is_admitted(
+    switchboard: Switchboard, unique: Callable[[str], str]
+) -> None:
+    # The tenant allows one connection and 1 KiB frames: its only place is taken.
+    holder = await SwitchboardClient.connect(
+        switchboard.url, switchboard.token(unique("holder"), POSITIONS_TENANT)
+    )
+    try:
+        token = switchboard.token(unique("c"), POSITIONS_TENANT)
+        oversized = positions_param({f"stream-{i}": i for i in range(100)})
+        assert len(oversized) > 1024
+        for raw, problem in ((oversized, "frame limit (1024 bytes)"), ("!", "not base64url")):
+            with pytest.raises(SwitchboardClosed) as refused:
+                await SwitchboardClient.connect(
+                    f"{switchboard.url}?positions={raw}", token, session="any"
+                )
+            # Not 4029 (too many connections): refused before admission, which reads Redis.
+            assert refused.value.code == 4003
+            [error] = refused.value.frames
+            assert error["code"] == "bad_request" and problem in error["detail"], error
+        with pytest.raises(SwitchboardClosed) as full:
+            await SwitchboardClient.connect(switchboard.url, token)
+        assert full.value.code == 4029
+    finally:
+        await holder.close()

@@ -9,7 +9,15 @@ import { test } from "node:test";
 // Imported from its source as a data: URL, so Node needs no package.json "type": "module".
 const source = readFileSync(new URL("../../realtime/static/switchboard/switchboard.js", import.meta.url));
 const sb = await import(`data:text/javascript;base64,${source.toString("base64")}`);
-const { SwitchboardClient, ReplyAssembler, applyReplyEvent, backoffDelay, withQuery, ClientStopped, SwitchboardError } = sb;
+const { SwitchboardClient, ReplyAssembler, applyReplyEvent, backoffDelay, withQuery, encodePositions, ClientStopped, SwitchboardError } = sb;
+
+/** The positions a resume URL carries, decoded (null: none). */
+function positionsOf(socket) {
+  const raw = socket.url.searchParams.get("positions");
+  if (raw === null) return null;
+  assert.match(raw, /^[A-Za-z0-9_-]*$/, "base64url without padding");
+  return JSON.parse(Buffer.from(raw, "base64url").toString("utf8"));
+}
 
 /** A WebSocket whose server side the test plays. */
 class FakeSocket {
@@ -103,6 +111,64 @@ test("backoff is full jitter below an exponential cap", () => {
 test("withQuery adds parameters, leaving out null ones", () => {
   assert.equal(withQuery("ws://h/ws/v1/", { token: "a.b", session: null }), "ws://h/ws/v1/?token=a.b");
   assert.equal(withQuery("ws://h/ws/v1/?x=1", { token: "t", session: "s/+" }), "ws://h/ws/v1/?x=1&token=t&session=s%2F%2B");
+});
+
+test("positions are base64url without padding of the JSON object", () => {
+  const encoded = encodePositions({ room: 7, "a/b+c": 12 });
+  assert.match(encoded, /^[A-Za-z0-9_-]+$/);
+  assert.deepEqual(JSON.parse(Buffer.from(encoded, "base64url").toString("utf8")), { room: 7, "a/b+c": 12 });
+  assert.equal(encodePositions({}), "e30");
+});
+
+test("a resume sends the last seq delivered on each stream the session holds", async () => {
+  const { client, socket } = await connected();
+  const events = await subscribed(client, socket, "room");
+  await subscribed(client, socket, "quiet", 4);
+  assert.equal(positionsOf(socket), null, "a first connection has nothing to resume");
+  socket.push(event("room", 1));
+  socket.push(event("room", 2));
+  // Never answered: the session may not hold it, so it is not named.
+  client.subscribe("pending", () => {}).catch(() => {});
+  await until(() => socket.sentOf("subscribe").find((f) => f.stream === "pending"), "subscribe");
+  socket.serverClose(1006);
+  const second = await until(() => FakeSocket.sockets[1], "a reconnect");
+  assert.equal(second.url.searchParams.get("session"), "s1");
+  assert.deepEqual(positionsOf(second), { room: 2, quiet: 4 });
+  welcome(second, { resumed: true });
+  // The gateway goes on from the client's positions: seq 3 next, nothing repeated.
+  second.push({ type: "subscribed", stream: "room", head: 3, recovered: true });
+  second.push({ type: "subscribed", stream: "quiet", head: 4, recovered: true });
+  second.push(event("room", 3));
+  await until(() => second.sentOf("ping")[0], "the resume's ping");
+  second.push({ type: "pong" });
+  await until(() => events.length === 3, "seq 3");
+  assert.deepEqual(events.map((e) => e.seq), [1, 2, 3]);
+  assert.equal(client.duplicatesDropped, 0);
+  await client.close();
+});
+
+test("refused positions are dropped with the session, and streams subscribed from their last seq", async () => {
+  const { client, socket } = await connected();
+  const events = await subscribed(client, socket, "room");
+  socket.push(event("room", 1));
+  socket.serverClose(1006);
+  const second = await until(() => FakeSocket.sockets[1], "a reconnect");
+  assert.deepEqual(positionsOf(second), { room: 1 });
+  second.push({ type: "error", id: null, code: "bad_request", status: 400, detail: "beyond its head", session: "s1", stream: "room", head: 0 });
+  second.serverClose(4003, "beyond its head");
+  const third = await until(() => FakeSocket.sockets[2], "a reconnect without the session");
+  assert.equal(third.url.searchParams.get("session"), null);
+  assert.equal(positionsOf(third), null);
+  welcome(third, { session: "s2" });
+  const again = await until(() => third.sentOf("subscribe")[0], "a subscribe");
+  assert.deepEqual(again, { type: "subscribe", stream: "room", since: 1 });
+  third.push({ type: "subscribed", stream: "room", head: 1, recovered: true });
+  third.serverClose(1006);
+  const fourth = await until(() => FakeSocket.sockets[3], "a reconnect with the new session");
+  assert.equal(fourth.url.searchParams.get("session"), "s2");
+  assert.deepEqual(positionsOf(fourth), { room: 1 });
+  assert.equal(events.length, 1);
+  await client.close();
 });
 
 test("replies are assembled by offset: repeats ignored, missed pieces flagged, done wins", () => {

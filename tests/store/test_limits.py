@@ -1,12 +1,13 @@
 """Flow control in Redis (realtime/limits.py, ACCEPT_SEND/CLAIM_STEP/FINALIZE_RUN): runs in
 flight per connection and queued runs per tenant counted exactly under concurrency and
 uncounted once; a refused send leaves no trace; connection counts across gateway processes
-that expire with a dead gateway."""
+that stop counting with a dead gateway's lease."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -226,6 +227,11 @@ def registry(client: aredis.Redis, ttl_s: float = 30) -> ConnectionRegistry:
     return gateway
 
 
+def counted(r: redis.Redis, key: str) -> dict[str, int]:
+    """A connection-count hash: gateway id -> its count."""
+    return {gateway.decode(): int(count) for gateway, count in r.hgetall(key).items()}
+
+
 async def test_connections_are_counted_exactly_across_gateways(
     client: aredis.Redis, r: redis.Redis
 ) -> None:
@@ -236,7 +242,7 @@ async def test_connections_are_counted_exactly_across_gateways(
     )
     assert results.count(None) == 10
     assert set(results) == {None, "too many connections for the tenant"}
-    assert r.zcard(keys.connections_tenant(TENANT)) == 10
+    assert sum(counted(r, keys.connections_tenant(TENANT)).values()) == 10
 
     per_client = tenant_config(max_connections=100, max_connections_per_client=3)
     results = await asyncio.gather(
@@ -244,8 +250,8 @@ async def test_connections_are_counted_exactly_across_gateways(
     )
     assert results.count(None) == 3
     assert set(results) == {None, "too many connections for the client"}
-    assert r.zcard(keys.connections_client(TENANT, "bob")) == 3
-    assert r.zcard(keys.connections_tenant(TENANT)) == 13
+    assert sum(counted(r, keys.connections_client(TENANT, "bob")).values()) == 3
+    assert sum(counted(r, keys.connections_tenant(TENANT)).values()) == 13
 
 
 async def test_a_released_connection_frees_its_place_at_once(
@@ -260,43 +266,88 @@ async def test_a_released_connection_frees_its_place_at_once(
     await gateway.release("a1")  # twice: no effect
     await gateway.release("never-admitted")
     assert await gateway.admit(tenant, "carol", "c1") is None
-    assert r.zcard(keys.connections_tenant(TENANT)) == 2
-    assert r.zcard(keys.connections_client(TENANT, "alice")) == 0
+    assert counted(r, keys.connections_tenant(TENANT)) == {gateway.gateway_id: 2}
+    assert not r.exists(keys.connections_client(TENANT, "alice"))
+    assert r.smembers(gateway.held_key) == {
+        keys.connections_tenant(TENANT).encode(),
+        keys.connections_client(TENANT, "bob").encode(),
+        keys.connections_client(TENANT, "carol").encode(),
+    }
 
 
-async def test_a_dead_gateways_connections_stop_counting_after_the_ttl(
+async def test_a_dead_gateways_connections_stop_counting_after_its_lease(
     client: aredis.Redis, r: redis.Redis
 ) -> None:
     tenant = tenant_config(max_connections=2, max_connections_per_client=2)
-    dead = registry(client, ttl_s=0.3)  # never refreshes
+    dead = registry(client, ttl_s=0.3)  # never renews
     live = registry(client)
     assert await dead.admit(tenant, "alice", "a1") is None
     assert await dead.admit(tenant, "alice", "a2") is None
     assert await live.admit(tenant, "alice", "a3") == "too many connections for the tenant"
-    assert 0 < r.pttl(keys.connections_tenant(TENANT)) <= 300
 
     async def admitted() -> bool:
         return await live.admit(tenant, "alice", "a3") is None
 
-    await wait_until(admitted, 5, "the dead gateway's connections to expire")
-    assert r.zrange(keys.connections_client(TENANT, "alice"), 0, -1) == [
-        f"{live.gateway_id} a3".encode()
-    ]
+    await wait_until(admitted, 5, "the dead gateway's connections to stop counting")
+    assert counted(r, keys.connections_client(TENANT, "alice")) == {live.gateway_id: 1}
+    # Any gateway's renewal removes what is left of the dead one: its lease and its counts.
+    r.hset(keys.connections_client(TENANT, "other"), dead.gateway_id, 1)
+    r.sadd(dead.held_key, keys.connections_client(TENANT, "other"))
+    await live.refresh()
+    assert not r.exists(keys.connections_client(TENANT, "other"))
+    assert not r.exists(dead.held_key)
+    assert r.zscore(keys.GATEWAY_LEASES, dead.gateway_id) is None
+    assert r.zscore(keys.GATEWAY_LEASES, live.gateway_id) is not None
 
 
-async def test_refresh_extends_members_but_never_brings_a_released_one_back(
+class CountingRedis(aredis.Redis):
+    """Counts the commands and pipelines a registry sends (Redis's own command statistics
+    are server-wide, and the server is shared)."""
+
+    sent = 0
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        CountingRedis.sent += 1
+        return await super().execute_command(*args, **options)
+
+    def pipeline(self, *args: Any, **options: Any) -> Any:
+        CountingRedis.sent += 1
+        return super().pipeline(*args, **options)
+
+
+async def test_renewing_costs_one_command_whatever_the_connections(
+    store_redis_url: str, r: redis.Redis
+) -> None:
+    counting = CountingRedis.from_url(store_redis_url)
+    try:
+        tenant = tenant_config(max_connections=1000, max_connections_per_client=10)
+        gateway = ConnectionRegistry(lambda: counting)
+        for i in range(200):
+            assert await gateway.admit(tenant, f"client-{i}", f"conn-{i}") is None
+        CountingRedis.sent = 0
+        await gateway.refresh()
+        assert CountingRedis.sent == 1  # the renewal script, for 200 connections
+        assert r.zscore(keys.GATEWAY_LEASES, gateway.gateway_id) is not None
+    finally:
+        await counting.aclose()
+
+
+async def test_a_gateway_whose_lease_lapsed_writes_its_counts_back(
     client: aredis.Redis, r: redis.Redis
 ) -> None:
     tenant = tenant_config()
     gateway = registry(client, ttl_s=10)
+    other = registry(client)
     await gateway.admit(tenant, "alice", "a1")
     await gateway.admit(tenant, "alice", "a2")
-    key = keys.connections_client(TENANT, "alice")
-    before = r.zscore(key, gateway.member("a1"))
-    r.zadd(key, {gateway.member("a1"): 1})  # as if about to expire
+    await gateway.admit(tenant, "bob", "b1")
     await gateway.release("a2")
-    gateway.members[gateway.member("a2")] = (keys.connections_tenant(TENANT), key)  # a race
+    # Its lease lapsed (Redis was out of reach, say) and another gateway reaped its counts.
+    r.zadd(keys.GATEWAY_LEASES, {gateway.gateway_id: 1})
+    await other.refresh()
+    assert not r.exists(keys.connections_tenant(TENANT))
+    await gateway.release("b1")  # a release meanwhile never goes below zero
     await gateway.refresh()
-    assert (r.zscore(key, gateway.member("a1")) or 0) >= (before or 0)
-    assert r.zscore(key, gateway.member("a2")) is None
-    assert r.zscore(keys.connections_tenant(TENANT), gateway.member("a2")) is None
+    assert counted(r, keys.connections_tenant(TENANT)) == {gateway.gateway_id: 1}
+    assert counted(r, keys.connections_client(TENANT, "alice")) == {gateway.gateway_id: 1}
+    assert not r.exists(keys.connections_client(TENANT, "bob"))

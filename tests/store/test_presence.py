@@ -333,3 +333,32 @@ async def test_a_crowd_is_not_announced_but_still_answers_the_query(
     assert (left["kind"], left["data"]["client"]) == ("leave", "a")
     await channel.nothing_more()  # c's join went unannounced
     assert sorted(names(await gateway.clients(TENANT, ROOM))) == ["b", "c"]
+
+
+async def test_one_refresh_call_covers_many_streams(client: aredis.Redis, r: redis.Redis) -> None:
+    """A gateway whose sockets each follow their own stream pays per batch of clients, not
+    per stream."""
+    g1 = PresenceStore(client, "g1", 30)
+    streams = [f"own-{i}" for i in range(300)]
+    for stream in streams:
+        await g1.join(TENANT, stream, f"c-{stream}", "")
+    for stream in streams:
+        r.zadd(keys.presence_members(TENANT, stream), {f"g1 c-{stream}": 1})
+    r.zrem(keys.presence_members(TENANT, "own-7"), "g1 c-own-7")  # swept meanwhile
+    calls = 0
+    refresh = g1._refresh
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await refresh(*args, **kwargs)
+
+    g1._refresh = counted  # type: ignore[method-assign]
+    missing = await g1.refresh([(TENANT, stream, [f"c-{stream}"]) for stream in streams])
+    assert calls == 1
+    assert missing == [(TENANT, "own-7", "c-own-7")]
+    for stream in ("own-0", "own-299"):
+        expiry = r.zscore(keys.presence_members(TENANT, stream), f"g1 c-{stream}")
+        assert expiry is not None and expiry > 1
+        assert r.zscore(keys.PRESENCE_INDEX, f"{TENANT}:{stream}") == expiry
+    assert r.zscore(keys.PRESENCE_INDEX, f"{TENANT}:own-7") is None

@@ -1,13 +1,16 @@
-"""ReconnectingClient against a scripted in-process server: a gap seen while a session is
-being resumed (events written to the old socket and lost with it) must make the client
-subscribe again on the new connection; the old one is closed and cannot."""
+"""ReconnectingClient against a scripted in-process server: a resume names the client's own
+positions; a gap seen while a session is being resumed (events written to the old socket
+and lost with it) must make the client subscribe again on the new connection; the old one
+is closed and cannot."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import pytest_asyncio
@@ -112,5 +115,100 @@ async def test_a_gap_seen_while_resuming_resubscribes_on_the_new_connection(
         for seq in (2, 3, 4):
             await send(second, event(seq))
         assert [(await client.next_event("room"))["seq"] for _ in range(3)] == [2, 3, 4]
+    finally:
+        await client.close()
+
+
+def positions_of(ws: ServerConnection) -> dict[str, int] | None:
+    """The `positions` a connection's URL carried, decoded (None: none)."""
+    query = parse_qs(urlsplit(ws.request.path).query)
+    if "positions" not in query:
+        return None
+    raw = query["positions"][0]
+    assert "=" not in raw and "+" not in raw and "/" not in raw  # base64url, no padding
+    return json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+
+
+async def test_a_resume_sends_the_last_seq_the_application_got_on_each_held_stream(
+    server: ScriptedServer,
+) -> None:
+    connecting = asyncio.create_task(
+        ReconnectingClient.connect(server.url, "TOKEN", initial_backoff_s=0.001)
+    )
+    first = await server.next()
+    assert positions_of(first) is None  # nothing to resume yet
+    await send(first, welcome(resumed=False))
+    client = await connecting
+    try:
+        subscribing = asyncio.create_task(client.subscribe("room"))
+        await receive(first, "subscribe")
+        await send(first, {"type": "subscribed", "stream": "room", "head": 0, "recovered": False})
+        await subscribing
+        for seq in (1, 2):
+            await send(first, event(seq))
+        assert [(await client.next_event("room"))["seq"] for _ in range(2)] == [1, 2]
+        # A subscribe the server never answered: the session may not hold it.
+        pending = asyncio.create_task(client.subscribe("pending", timeout=30))
+        await receive(first, "subscribe")
+        await first.close(1012, "restart")
+
+        second = await server.next()
+        assert positions_of(second) == {"room": 2}
+        await send(second, welcome(resumed=True))
+        await send(second, {"type": "subscribed", "stream": "room", "head": 3, "recovered": True})
+        await send(second, event(3))
+        await receive(second, "ping")
+        await send(second, {"type": "pong"})
+        assert (await client.next_event("room"))["seq"] == 3
+        pending.cancel()
+    finally:
+        await client.close()
+
+
+async def test_refused_positions_drop_the_session_and_resubscribe_from_the_last_seq(
+    server: ScriptedServer,
+) -> None:
+    connecting = asyncio.create_task(
+        ReconnectingClient.connect(server.url, "TOKEN", initial_backoff_s=0.001)
+    )
+    first = await server.next()
+    await send(first, welcome(resumed=False))
+    client = await connecting
+    try:
+        subscribing = asyncio.create_task(client.subscribe("room"))
+        await receive(first, "subscribe")
+        await send(first, {"type": "subscribed", "stream": "room", "head": 0, "recovered": False})
+        await subscribing
+        await send(first, event(1))
+        assert (await client.next_event("room"))["seq"] == 1
+        await first.close(1012, "restart")
+
+        second = await server.next()
+        assert positions_of(second) == {"room": 1}
+        await send(
+            second,
+            {
+                "type": "error",
+                "id": None,
+                "code": "bad_request",
+                "status": 400,
+                "detail": "position 1 of stream 'room' is beyond its head (0)",
+                "session": "s1",
+                "stream": "room",
+                "head": 0,
+            },
+        )
+        await second.close(4003, "beyond its head")
+
+        third = await server.next()
+        assert positions_of(third) is None
+        assert "session" not in parse_qs(urlsplit(third.request.path).query)
+        await send(third, welcome(resumed=False))
+        assert await receive(third, "subscribe") == {
+            "type": "subscribe",
+            "stream": "room",
+            "since": 1,
+        }
+        assert client.refused_sessions[-1]["code"] == "bad_request"
     finally:
         await client.close()

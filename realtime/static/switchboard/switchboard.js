@@ -7,14 +7,15 @@
  * (realtime/reconnecting.py) over one `SwitchboardClient` connection at a time:
  *
  * - it reconnects after any loss but 4001 and 4003 (a bad or withdrawn token) with
- *   exponential backoff and full jitter, resuming its session (`?session=`);
+ *   exponential backoff and full jitter, resuming its session (`?session=`) with its own
+ *   `positions`: the last seq it delivered on each stream the session holds, so the
+ *   gateway goes on from there and not from what it wrote to the old socket;
  * - each stream's events reach the application once, in seq order: a resume that
- *   repeats events (a crashed gateway's lagging checkpoint) is deduplicated by seq, and a
- *   jump past the next seq (frames lost in flight with the old socket) makes the client
+ *   repeats events is deduplicated by seq, and a jump past the next seq makes the client
  *   subscribe again with `since` = the last seq it delivered, dropping that stream's
  *   events until the server answers;
- * - a refused session (expired, unknown) is dropped and every stream is subscribed again
- *   with `since`;
+ * - a refused session (expired, unknown) or refused positions are dropped and every
+ *   stream is subscribed again with `since`;
  * - `send` and `publish` are retried across reconnects with the same message id until
  *   acked (the server answers a repeat with `duplicate: true`, so a message is accepted
  *   once); a 429 (`rate_limited`, `overloaded`) or `internal` error is retried after its
@@ -197,6 +198,18 @@ export function withQuery(url, params) {
   const fragment = hash < 0 ? "" : url.slice(hash);
   const sep = base.includes("?") ? (base.endsWith("?") || base.endsWith("&") ? "" : "&") : "?";
   return `${base}${sep}${extra}${fragment}`;
+}
+
+/**
+ * A resume's `positions` parameter: base64url, without padding, of the JSON object
+ * stream -> last seq processed.
+ * @param {Record<string, number>} positions
+ */
+export function encodePositions(positions) {
+  const bytes = new TextEncoder().encode(JSON.stringify(positions));
+  let binary = "";
+  for (const byte of bytes) binary += String.fromCharCode(byte);
+  return btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
 }
 
 /** @returns {Reply} */
@@ -628,6 +641,9 @@ export class SwitchboardClient {
     this.duplicatesDropped = 0;
     /** @type {Map<string, Tracked>} */
     this._streams = new Map();
+    /** @type {Set<string>} streams the session is known to hold (a `subscribed` came under
+     * it): only these may be named in a resume's positions */
+    this._held = new Set();
     /** @type {Map<string, Collector>} */
     this._replies = new Map();
     /** @type {Connection|null} */
@@ -845,7 +861,9 @@ export class SwitchboardClient {
     const token = typeof this.token === "function" ? await this.token() : this.token;
     /** @type {Set<string>} */
     const restored = new Set();
-    const ws = new this.WebSocket(withQuery(url, { token, session: this.session }));
+    if (this.session === null) this._held.clear(); // a new session holds nothing yet
+    const positions = this.session === null ? null : encodePositions(this.resumePositions());
+    const ws = new this.WebSocket(withQuery(url, { token, session: this.session, positions }));
     const conn = new Connection(ws, {
       onFrame: (frame) => {
         if (frame.type === "subscribed") restored.add(frame.stream);
@@ -893,6 +911,20 @@ export class SwitchboardClient {
       this._opening = null;
     }
     return conn;
+  }
+
+  /**
+   * What a resume sends as `positions`: per stream the session holds, the last seq
+   * delivered (streams without one go on from the session's record).
+   * @returns {Record<string, number>}
+   */
+  resumePositions() {
+    /** @type {Record<string, number>} */
+    const positions = {};
+    for (const [stream, tracked] of this._streams) {
+      if (this._held.has(stream) && tracked.lastSeq !== null) positions[stream] = tracked.lastSeq;
+    }
+    return positions;
   }
 
   /** @param {SwitchboardClosed} refused */
@@ -1342,7 +1374,10 @@ export class SwitchboardClient {
       this.expired.push(frame);
       this._emit("expired", frame);
     }
-    if (frame.type === "subscribed") this._emit("subscribed", frame);
+    if (frame.type === "subscribed") {
+      this._held.add(frame.stream); // written to the session before it is answered
+      this._emit("subscribed", frame);
+    }
     const tracked = stream !== undefined && stream !== null ? this._streams.get(stream) : undefined;
     if (!tracked) return;
     if (frame.type === "subscribed") {

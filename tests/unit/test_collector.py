@@ -1,0 +1,36 @@
+"""The gateway's collector tuning: applied once per process, and only when asked."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+from realtime import collector
+
+
+@pytest.fixture
+def untuned() -> Iterator[None]:
+    saved = gc.get_threshold()
+    collector._tuned = False
+    yield
+    collector._tuned = False
+    gc.unfreeze()
+    gc.set_threshold(*saved)
+
+
+def test_the_young_threshold_is_raised_once_and_what_exists_is_frozen(untuned: None) -> None:
+    _, middle, old = gc.get_threshold()
+    assert collector.tune_for_long_lived_connections(50_000) is True
+    assert gc.get_threshold() == (50_000, middle, old)
+    assert gc.get_freeze_count() > 0
+    assert collector.tune_for_long_lived_connections(1_000) is False  # once per process
+    assert gc.get_threshold()[0] == 50_000
+
+
+def test_zero_leaves_the_collector_as_python_sets_it(untuned: None) -> None:
+    before = gc.get_threshold()
+    assert collector.tune_for_long_lived_connections(0) is False
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
