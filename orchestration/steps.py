@@ -96,8 +96,14 @@ async def execute_step(
     if run is None:
         logger.info("step skipped: run finished or gone run=%s step=%s", run_id, step_index)
         return StepOutcome()
-    # Log lines of the step name its tenant and message too (within this task's context).
-    logcontext.update(tenant=run.tenant, event=run.message_event)
+    # Log lines of the step name its run, tenant and message (this task's context only).
+    with logcontext.bound(run=run_id, tenant=run.tenant, event=run.message_event):
+        return await _execute_held(store, inflight, run, step_index, retries_so_far)
+
+
+async def _execute_held(
+    store: AsyncRunStore, inflight: InFlight, run: Run, step_index: int, retries_so_far: int
+) -> StepOutcome:
     held = inflight.hold(run)
     step = _Step(store, run, step_index, retries_so_far)
     try:
@@ -113,7 +119,7 @@ async def execute_step(
         logger.warning(
             "step fenced: a newer attempt owns tenant=%s run=%s step=%s",
             run.tenant,
-            run_id,
+            run.run_id,
             step_index,
         )
         return StepOutcome()

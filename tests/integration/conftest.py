@@ -17,6 +17,7 @@ import shutil
 import sqlite3
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -329,3 +330,26 @@ def start_gateway(switchboard: Switchboard) -> Iterator[StartGateway]:
                 proc.stop()
             cluster.processes.pop(proc.name, None)
         del cluster.gateway_ports[1:]
+
+
+@contextmanager
+def replaced_worker(switchboard: Switchboard, concurrency: int = 2, **env: str) -> Iterator[Proc]:
+    """worker-0 swapped for a worker with `env` added (and `concurrency` pool threads) for
+    the block, so it alone takes the runs; worker-0 is back afterwards."""
+    cluster = switchboard.cluster
+    cluster.processes["worker-0"].stop()
+    saved_env, saved_concurrency = dict(cluster.env), cluster.worker_concurrency
+    cluster.env.update(env)
+    cluster.worker_concurrency = concurrency
+    try:
+        proc = cluster.start_worker(0)
+    finally:
+        cluster.env.clear()
+        cluster.env.update(saved_env)
+        cluster.worker_concurrency = saved_concurrency
+    try:
+        yield proc
+    finally:
+        for name in [name for name in cluster.processes if name.startswith("worker-")]:
+            cluster.processes.pop(name).stop()
+        cluster.start_worker(0)

@@ -1,6 +1,7 @@
 """Fair scheduling across tenants on the real cluster (orchestration/fairness.py).
 
-The cluster's one worker has two processes. A tenant that floods them with slow runs must
+The cluster's worker is swapped for one that holds two model calls at once
+(SWITCHBOARD_WORKER_MAX_CALLS=2), so runs queue. A tenant that floods it with slow runs must
 not make another tenant's few runs wait behind its whole backlog: with deficit round robin
 the quiet tenant's runs are picked every other time, so they finish while most of the
 flood is still queued. Asserted on the order replies complete, never on milliseconds.
@@ -15,14 +16,14 @@ import pytest
 
 from realtime.client import Event, SwitchboardClient
 
-from .conftest import FLOOD_TENANT, QUIET_TENANT, Connect
+from .conftest import FLOOD_TENANT, QUIET_TENANT, Connect, Switchboard, replaced_worker
 from .support import collect_until
 
 pytestmark = pytest.mark.asyncio
 
 FLOOD_RUNS = 20
 QUIET_RUNS = 4
-# Each run holds a worker process this long: the flood is about 3 s of the two processes.
+# Each run holds one of the worker's two slots this long: the flood is about 3 s of them.
 SLOW = {"latency_ms": 300, "chunks": 1}
 
 
@@ -31,8 +32,13 @@ def is_at(seq: int) -> Callable[[Event], bool]:
 
 
 async def test_a_flooding_tenant_does_not_starve_a_quiet_one(
-    connect: Connect, unique: Callable[[str], str]
+    switchboard: Switchboard, connect: Connect, unique: Callable[[str], str]
 ) -> None:
+    with replaced_worker(switchboard, SWITCHBOARD_WORKER_MAX_CALLS="2"):
+        await flood_and_quiet(connect, unique)
+
+
+async def flood_and_quiet(connect: Connect, unique: Callable[[str], str]) -> None:
     flooder = await connect(tenant=FLOOD_TENANT)
     quiet = await connect(tenant=QUIET_TENANT)
     flood_stream, quiet_stream = unique("flood"), unique("quiet")

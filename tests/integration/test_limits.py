@@ -18,7 +18,7 @@ from project.launcher import Proc
 from realtime.client import SwitchboardClient, SwitchboardClosed, SwitchboardError
 from realtime.reconnecting import ReconnectingClient
 
-from .conftest import LIMITED_TENANTS, Connect, StartGateway, Switchboard
+from .conftest import LIMITED_TENANTS, Connect, StartGateway, Switchboard, replaced_worker
 from .support import wait_until
 
 pytestmark = pytest.mark.asyncio
@@ -155,8 +155,15 @@ async def test_a_connection_past_its_runs_in_flight_is_refused_until_one_ends(
 async def test_a_tenant_past_its_queued_runs_is_overloaded(
     switchboard: Switchboard, connect: Connect, unique: Callable[[str], str]
 ) -> None:
-    """The worker runs 2 steps at once, each held for a second: of 6 sends in a row at
+    """A worker that holds 2 model calls at once, each for a second: of 6 sends in a row at
     most 2 are claimed while the others arrive, so the queue bound (3) must refuse some."""
+    with replaced_worker(switchboard, concurrency=1, SWITCHBOARD_WORKER_MAX_CALLS="2"):
+        await six_slow_sends(switchboard, connect, unique)
+
+
+async def six_slow_sends(
+    switchboard: Switchboard, connect: Connect, unique: Callable[[str], str]
+) -> None:
     tenant = "busy"
     limit = LIMITED_TENANTS[tenant]["max_queued_runs"]
     stream = unique("queued")

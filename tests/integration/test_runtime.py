@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from project.launcher import Proc
 from realtime.client import Event, SwitchboardClient
 from realtime.streams import RUNS_QUEUE
 
-from .conftest import KEY_PREFIX, Connect, Switchboard
+from .conftest import KEY_PREFIX, Connect, Switchboard, replaced_worker
 from .support import collect_run, collect_until, reply_text, restarts, split_run, wait_until
 from .test_metrics import scrape, value
 
@@ -24,29 +22,6 @@ pytestmark = pytest.mark.asyncio
 
 LEASES = f"{KEY_PREFIX}:runs:leases"
 RUNS_QUEUE_KEY = f"{KEY_PREFIX}:celery:{RUNS_QUEUE}"
-
-
-@contextmanager
-def replaced_worker(switchboard: Switchboard, concurrency: int = 2, **env: str) -> Iterator[Proc]:
-    """worker-0 swapped for a worker with `env` added (and `concurrency` pool threads) for
-    the block, so it alone takes the runs; worker-0 is back afterwards."""
-    cluster = switchboard.cluster
-    cluster.processes["worker-0"].stop()
-    saved_env, saved_concurrency = dict(cluster.env), cluster.worker_concurrency
-    cluster.env.update(env)
-    cluster.worker_concurrency = concurrency
-    try:
-        proc = cluster.start_worker(0)
-    finally:
-        cluster.env.clear()
-        cluster.env.update(saved_env)
-        cluster.worker_concurrency = saved_concurrency
-    try:
-        yield proc
-    finally:
-        for name in [name for name in cluster.processes if name.startswith("worker-")]:
-            cluster.processes.pop(name).stop()
-        cluster.start_worker(0)
 
 
 def held_by(switchboard: Switchboard) -> dict[str, str]:

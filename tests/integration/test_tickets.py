@@ -1,9 +1,9 @@
 """Queued runs whose tickets were lost (orchestration/tickets.py) on the real cluster.
 
 A Redis restart under load can lose fair-queue tickets: the tasks that had taken them
-failed on the dead connection. Here the tickets are deleted from the runs queue while the
-worker's two processes are busy, which leaves three runs queued with none; without the
-sweepers' reconciliation they would wait, the worker idle, until their deadline.
+failed on the dead connection. Here the tickets are deleted from the runs queue while no
+worker is running, which leaves three runs queued with none; without the sweepers'
+reconciliation they would wait, the restarted worker idle, until their deadline.
 """
 
 from __future__ import annotations
@@ -36,17 +36,19 @@ async def test_queued_runs_whose_tickets_were_lost_still_end_ok(
     async def queue_length(length: int) -> bool:
         return r.llen(RUNS_QUEUE) == length
 
-    # Two runs take the worker's two processes (and its whole prefetch)...
-    acks = [await client.send(stream, "echo", "busy", options=SLOW) for _ in range(2)]
-    await wait_until(lambda: queue_length(0), 10, "the worker to take both runs")
-    # ...so the next three wait in the fair queue, their tickets in the runs queue.
-    acks += [await client.send(stream, "echo", f"queued {n}", options=SLOW) for n in range(3)]
-    await wait_until(lambda: queue_length(3), 10, "three tickets waiting")
-    lost = 0
-    for raw in r.lrange(RUNS_QUEUE, 0, -1):
-        if json.loads(raw)["headers"]["task"] == RUN_NEXT_TASK:
-            lost += r.lrem(RUNS_QUEUE, 1, raw)
-    assert lost == 3, "the tickets were deleted before a worker took them"
+    worker = switchboard.cluster.processes["worker-0"]
+    worker.stop()
+    try:
+        # No worker: three runs wait in the fair queue, their tickets in the runs queue.
+        acks = [await client.send(stream, "echo", f"queued {n}", options=SLOW) for n in range(3)]
+        await wait_until(lambda: queue_length(3), 10, "three tickets waiting")
+        lost = 0
+        for raw in r.lrange(RUNS_QUEUE, 0, -1):
+            if json.loads(raw)["headers"]["task"] == RUN_NEXT_TASK:
+                lost += r.lrem(RUNS_QUEUE, 1, raw)
+        assert lost == 3, "the tickets were deleted before a worker took them"
+    finally:
+        switchboard.cluster.start_worker(0)
 
     for ack in acks:
         _, done = await client.reply(ack["id"], timeout=30)
