@@ -2,7 +2,8 @@
 its token, its messages acked and answered, and a session the gateway refuses (4029, one
 client id past its connection cap) is counted as refused, not as a success.
 
-Needs `npm ci` in loadtest/artillery (docs/operations.md); skips, saying so, without it."""
+Needs `npm ci` in loadtest/artillery, which `bin/dev test` runs when npm is there
+(docs/operations.md); skips, saying so, without it."""
 
 from __future__ import annotations
 
@@ -26,7 +27,10 @@ def run_artillery(
     switchboard: Switchboard, tenant: str, report: Path, phases: list[dict], variables: dict
 ) -> dict[str, float]:
     if not ARTILLERY.exists() or shutil.which("node") is None:
-        pytest.skip("Artillery is not installed: cd loadtest/artillery && npm ci")
+        pytest.skip(
+            "Artillery is not installed (bin/dev test installs it when npm is there): "
+            "cd loadtest/artillery && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci"
+        )
     target = switchboard.url.replace("ws://", "http://").removesuffix("/ws/v1/")
     env = {
         "SWITCHBOARD_TENANT": tenant,
