@@ -58,6 +58,8 @@ def worker_id() -> str:
 
 
 FINISHED_RUN_TTL_S = 3600
+# Leases one RENEW_LEASES call renews at most: about a millisecond of Redis time.
+RENEW_LEASE_BATCH = 500
 # Run hash fields `out.0`, `out.1`, ...: each finished step's output, for the steps after it.
 OUTPUT_FIELD = "out."
 # Lost leases a run survives. A step that keeps killing its worker (a prompt that runs it
@@ -317,6 +319,7 @@ class AsyncRunStore(_RunScripts):
     def __init__(self, client: aredis.Redis, lease_s: float | None = None) -> None:
         super().__init__(client, lease_s)
         self._restart = client.register_script(scripts.RESTART_REPLY)
+        self._renew_many = client.register_script(scripts.RENEW_LEASES)
         # Model-call rate limits (workers/limits.py) through the same client.
         self.buckets = AsyncBuckets(client)
 
@@ -349,17 +352,22 @@ class AsyncRunStore(_RunScripts):
     async def text_of(self, run_id: str) -> str:
         return _text(await self.client.get(keys.run_text(run_id)))
 
-    async def renew_leases(self, runs: list[Run], extra_s: float = 0.0) -> list[bool]:
-        """Renew many owners' leases in one round trip (a pipeline of RENEW_LEASE); for
-        each run, whether it is still its owner's."""
-        if not runs:
-            return []
-        calls = [_RenewCall(run, self.lease_s + extra_s) for run in runs]
-        async with self.client.pipeline(transaction=False) as pipe:
-            for call in calls:
-                await self._renew(keys=call.keys, args=call.args, client=pipe)
-            results = await pipe.execute()
-        return [call.result(result) for call, result in zip(calls, results, strict=True)]
+    async def renew_leases(self, runs: list[Run]) -> list[bool]:
+        """Renew many owners' leases, a batch of RENEW_LEASE_BATCH per script call (so the
+        loop and Redis are never held long); for each run, whether it is still its owner's."""
+        renewed: list[bool] = []
+        for start in range(0, len(runs), RENEW_LEASE_BATCH):
+            batch = runs[start : start + RENEW_LEASE_BATCH]
+            renewed_at = time.monotonic()
+            args: list[Any] = [self.lease_s, RUN_RECORD_GRACE_S, keys.run("")]
+            for run in batch:
+                args += [run.run_id, run.owner]
+            answers = await self._renew_many(keys=[keys.RUN_LEASES], args=args)
+            for run, answer in zip(batch, answers, strict=True):
+                if answer:
+                    run.renewed_at = renewed_at
+                renewed.append(bool(answer))
+        return renewed
 
     async def hand_over(self, run: Run, step: int) -> bool:
         """Queue `step` of the run (the next one, or this one again for another worker) and

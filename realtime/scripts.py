@@ -347,6 +347,33 @@ return 1
 """
 )
 
+# RENEW_LEASE for many owners at once: one call per batch of a worker's silent steps
+# (orchestration/inflight.py), so holding thousands of calls costs one round trip and one
+# command per interval, not one per call.
+# KEYS: run_leases   ARGV: lease_s, grace_s, run_key_prefix, then (run_id, owner_token) pairs
+# Returns one 1 (renewed) or 0 (no longer that owner's running step) per pair, in order.
+RENEW_LEASES = (
+    _RUN_LEASE
+    + """
+local leases_key = KEYS[1]
+local lease_s, grace, run_prefix = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local renewed = {}
+for i = 4, #ARGV, 2 do
+  local run_id, owner = ARGV[i], ARGV[i + 1]
+  local run_key = run_prefix .. run_id
+  local run = redis.call('HMGET', run_key, 'status', 'owner', 'lease', 'deadline')
+  if run[1] ~= 'running' or run[2] ~= owner then
+    renewed[#renewed + 1] = 0
+  else
+    set_lease(run_key, leases_key, run_id, math.max(now + lease_s, tonumber(run[3]) or 0))
+    keep_run(run_key, run_key .. ':text', run[4], grace)
+    renewed[#renewed + 1] = 1
+  end
+end
+return renewed
+"""
+)
+
 # A step hands the run to a step's task: nobody holds the run until that task claims it. A
 # message waiting in the queue is safe in Redis, so a queued run has no lease. Used for the
 # next step of a pipeline and by a worker that drains on shutdown to hand its unfinished
