@@ -1,8 +1,9 @@
 """Noisy neighbour: one tenant floods at ten times its share while another sends a little.
 
 Two tenants of weight 1 share one worker. Capacity is set by the model time, not the CPU:
-the echo agent answers after `--latency-ms` (default 200 ms), so `--worker-concurrency`
-processes (default 8) finish at most concurrency * 1000 / latency runs per second (40/s),
+the echo agent answers after `--latency-ms` (default 200 ms), so a worker holding
+`--worker-concurrency` calls at once (default 8, its SWITCHBOARD_WORKER_MAX_CALLS) finishes
+at most concurrency * 1000 / latency runs per second (40/s),
 and each tenant's fair share is half of that (20/s). The noisy tenant offers
 `--noisy-factor` (10) times its share (200/s, five times the capacity); the quiet tenant
 offers `--quiet-rate` (5/s). Reported per tenant: send -> reply.done p50/p99/p99.9 of the
@@ -66,7 +67,9 @@ OPEN_LIMITS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = benchmark_parser("noisy_neighbour", __doc__)
     parser.add_argument("--latency-ms", type=int, default=200, help="model time of each run")
-    parser.add_argument("--worker-concurrency", type=int, default=8, help="worker pool size")
+    parser.add_argument(
+        "--worker-concurrency", type=int, default=8, help="model calls the worker holds at once"
+    )
     parser.add_argument(
         "--noisy-factor", type=float, default=10, help="the noisy tenant's rate / its share"
     )
@@ -109,8 +112,11 @@ def run_variant(env: BenchEnv, client: LoadClient, variant: str, args: argparse.
     with env.cluster(
         variant,
         workers=1,
-        worker_concurrency=args.worker_concurrency,
-        env={"SWITCHBOARD_FAIR_QUEUE": fair},
+        # The capacity this benchmark reasons in: that many model calls at once.
+        env={
+            "SWITCHBOARD_FAIR_QUEUE": fair,
+            "SWITCHBOARD_WORKER_MAX_CALLS": str(args.worker_concurrency),
+        },
     ) as cluster:
         base = gateway_base(cluster, 0)
         loads = {QUIET: (1, args.quiet_rate, tokens(env.secret, QUIET, args.quiet_connections))}

@@ -3,7 +3,8 @@
 One tenant sends open loop at the measured capacity (variant `capacity`) and then at
 `--factor` (3) times it (variant `overload`), each on freshly started processes. Capacity
 is set by the model time: the echo agent answers after `--latency-ms` (200), so
-`--worker-concurrency` (8) processes finish at most 40 runs/s. The tenant's queue bound
+a worker holding `--worker-concurrency` (8) calls at once (SWITCHBOARD_WORKER_MAX_CALLS)
+finishes at most 40 runs/s. The tenant's queue bound
 (`max_queued_runs`) is `--queue-seconds` (2) of capacity, so a run that is accepted waits
 at most that long; everything past it is answered `overloaded` (429) at once.
 
@@ -52,7 +53,9 @@ VARIANTS = ("capacity", "overload")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = benchmark_parser("overload", __doc__)
     parser.add_argument("--latency-ms", type=int, default=200, help="model time of each run")
-    parser.add_argument("--worker-concurrency", type=int, default=8, help="worker pool size")
+    parser.add_argument(
+        "--worker-concurrency", type=int, default=8, help="model calls the worker holds at once"
+    )
     parser.add_argument("--factor", type=float, default=3, help="offered load / capacity")
     parser.add_argument("--queue-seconds", type=float, default=2, help="queue bound, in seconds")
     parser.add_argument("--connections", type=int, default=60)
@@ -72,7 +75,9 @@ def run_variant(env: BenchEnv, client: LoadClient, variant: str, args: argparse.
     queue_bound = max(1, round(args.queue_seconds * args.capacity_per_s))
     Tenant.objects.filter(slug=TENANT).update(**OPEN_LIMITS, max_queued_runs=queue_bound)
     rate = args.capacity_per_s * (args.factor if variant == "overload" else 1)
-    with env.cluster(variant, workers=1, worker_concurrency=args.worker_concurrency) as cluster:
+    # The capacity this benchmark reasons in: that many model calls at once.
+    bounded = {"SWITCHBOARD_WORKER_MAX_CALLS": str(args.worker_concurrency)}
+    with env.cluster(variant, workers=1, env=bounded) as cluster:
         base = gateway_base(cluster, 0)
         urls = [f"{base}/ws/v1/?token={token}" for token in env.tokens(args.connections)]
         opened = client.call(
