@@ -321,9 +321,9 @@ SWITCHBOARD = {
     "PRESENCE_ANNOUNCE_MAX": env_int("SWITCHBOARD_PRESENCE_ANNOUNCE_MAX", 100),
     # How often a gateway refreshes the presence entries of its connections.
     "PRESENCE_REFRESH_S": env_float("SWITCHBOARD_PRESENCE_REFRESH_S", 10.0),
-    # A gateway's young-generation GC threshold (Python's default is 700): with thousands
-    # of long-lived sockets, the default turns per-second scans into full collections of
-    # the whole heap (0: leave the collector as Python sets it).
+    # Gateways' and workers' young-generation GC threshold (Python's default is 700): with
+    # thousands of long-lived sockets or model calls, the default turns short-lived bursts
+    # into full collections of the whole heap (0: leave the collector as Python sets it).
     "GC_YOUNG_THRESHOLD": env_int("SWITCHBOARD_GC_YOUNG_THRESHOLD", 50_000),
     # A claimed step's lease: a worker that stops renewing it for this long is taken for
     # dead and the sweeper redelivers the step to another worker.
