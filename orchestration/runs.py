@@ -162,6 +162,21 @@ class Run:
             cause["chain"] = self.chain
         return cause
 
+    def reply_event(
+        self, kind: str, data: dict[str, Any], event_id: str = "", ts: str | None = None
+    ) -> tuple[str, str]:
+        """(prefix, suffix) of one of this run's reply events (`event_parts`): sent by its
+        agent, caused by what caused the run."""
+        return event_parts(
+            stream=self.stream,
+            event_id=event_id or new_event_id(),
+            kind=kind,
+            sender=f"agent:{self.agent}",
+            cause=self.cause(),
+            data=data,
+            ts=ts,
+        )
+
     def events_so_far(self) -> list[str]:
         """The chain a run started by this run's events carries before its own trigger."""
         return self.chain if self.chain else [self.message_event]
@@ -263,11 +278,6 @@ class RunStore(_RunScripts):
         False when the caller no longer owns a running step: it must write nothing more."""
         call = _RenewCall(run, self.lease_s + extra_s)
         return call.result(self._renew(keys=call.keys, args=call.args))
-
-    def owns(self, run: Run) -> bool:
-        """Whether the caller still owns a running step (a read: nothing is renewed)."""
-        status, owner = self.client.hmget(keys.run(run.run_id), "status", "owner")
-        return status == b"running" and owner == run.owner.encode()
 
     def hand_over(self, run_id: str, owner: str) -> bool:
         """Give up the lease once the next step's task is queued; False if no longer ours."""
@@ -438,13 +448,8 @@ class _AppendCall:
     def __init__(self, run: Run, piece: str, lease_s: float) -> None:
         self.run = run
         self.piece = piece
-        prefix, suffix = event_parts(
-            stream=run.stream,
-            event_id=new_event_id(),
-            kind="reply.delta",
-            sender=f"agent:{run.agent}",
-            cause=run.cause(),
-            data={"run": run.run_id, "offset": run.emitted, "text": piece},
+        prefix, suffix = run.reply_event(
+            "reply.delta", {"run": run.run_id, "offset": run.emitted, "text": piece}
         )
         self.renewed_at = time.monotonic()
         self.keys = _stream_and_run_keys(run)
@@ -480,24 +485,13 @@ class _RestartCall:
     def __init__(self, run: Run, attempt: int, reason: str, kept: str, lease_s: float) -> None:
         self.run = run
         self.kept = kept
-        sender, cause = f"agent:{run.agent}", run.cause()
-        restart_prefix, restart_suffix = event_parts(
-            stream=run.stream,
-            event_id=new_event_id(),
-            kind="reply.restart",
-            sender=sender,
-            cause=cause,
-            data={"run": run.run_id, "attempt": attempt, "reason": reason},
+        restart_prefix, restart_suffix = run.reply_event(
+            "reply.restart", {"run": run.run_id, "attempt": attempt, "reason": reason}
         )
         delta_prefix = delta_suffix = ""
         if kept:
-            delta_prefix, delta_suffix = event_parts(
-                stream=run.stream,
-                event_id=new_event_id(),
-                kind="reply.delta",
-                sender=sender,
-                cause=cause,
-                data={"run": run.run_id, "offset": 0, "text": kept},
+            delta_prefix, delta_suffix = run.reply_event(
+                "reply.delta", {"run": run.run_id, "offset": 0, "text": kept}
             )
         self.renewed_at = time.monotonic()
         self.keys = _stream_and_run_keys(run)
@@ -532,14 +526,8 @@ class _FinalizeCall:
         tenant, stream, run_id = run.tenant, run.stream, run.run_id
         self.event_id = new_event_id()
         at = utc_now_iso()
-        prefix, suffix = event_parts(
-            stream=stream,
-            event_id=self.event_id,
-            kind="reply.done",
-            sender=f"agent:{run.agent}",
-            cause=run.cause(),
-            data={"run": run_id, "status": status, "detail": detail},
-            ts=at,
+        prefix, suffix = run.reply_event(
+            "reply.done", {"run": run_id, "status": status, "detail": detail}, self.event_id, at
         )
         # Split the data object so the stored text can be spliced in before "detail".
         data_at = suffix.index(',"data":') + len(',"data":')
