@@ -3,7 +3,7 @@
 bench.generations holds calls for a minute or more, so its agents get a soft limit and a
 run deadline that fit (the defaults are 10 s and 30 s)."""
 
-from orchestration.agents import Agent, Step, register
+from agents import Agent, Step, register
 
 # Long enough for bench.generations' longest model time (--model-seconds) and its queueing.
 SOFT_LIMIT_S = 600.0

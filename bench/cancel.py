@@ -98,13 +98,12 @@ def through_switchboard(env: BenchEnv, provider: Provider, args: argparse.Namesp
 async def hold_and_cancel(
     url: str, provider: Provider, args: argparse.Namespace
 ) -> tuple[dict[str, float], dict[str, float]]:
-    from realtime.client import SwitchboardClient
+    from client.connection import SwitchboardClient
 
     base, _, query = url.partition("?token=")
     client = await SwitchboardClient.connect(base, query)
     acks = [
-        await client.send("held", "bench-openai", f"tag:c{n} hold this")
-        for n in range(args.calls)
+        await client.send("held", "bench-openai", f"tag:c{n} hold this") for n in range(args.calls)
     ]
     # Every call is streaming once it has sent its first delta.
     started: set[str] = set()

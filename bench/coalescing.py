@@ -78,9 +78,9 @@ def setup_django(redis_url: str, log_level: str) -> None:
 
 
 async def create_runs(client: Any, first: int, count: int, text: str, chunks: int) -> list[str]:
-    from orchestration.agents import get_agent
+    from agents import get_agent
     from realtime.protocol import Send
-    from realtime.streams import StreamStore
+    from streams.log import StreamStore
 
     store = StreamStore(client)
     agent = get_agent("echo")
@@ -109,11 +109,11 @@ async def measure_variant(variant: str, args: argparse.Namespace, redis_url: str
     import redis.asyncio as aredis
     from django.conf import settings
 
+    from client.connection import since_last_restart
     from orchestration.inflight import InFlight
-    from orchestration.runs import AsyncRunStore
     from orchestration.steps import StepOutcome, execute_step
-    from realtime import keys
-    from realtime.client import since_last_restart
+    from streams import keys
+    from streams.runs import AsyncRunStore
 
     flush_chars = 0 if variant == "per_piece" else args.flush_chars
     settings.SWITCHBOARD = {

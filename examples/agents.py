@@ -17,7 +17,7 @@ server, ...).
 
 from __future__ import annotations
 
-from orchestration.agents import Agent, On, PythonStep, Step, StepContext, agent, register
+from agents import Agent, On, PythonStep, Step, StepContext, agent, register
 
 ASSISTANT_PROMPT = (
     "You are a helpful support assistant. Answer briefly and precisely.\n\nUser: {message}"

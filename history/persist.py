@@ -33,8 +33,8 @@ from history.records import (
     reply_from_run,
     retention_cutoff,
 )
-from realtime import keys
 from realtime.models import Tenant
+from streams import keys
 
 logger = logging.getLogger(__name__)
 

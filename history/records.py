@@ -1,6 +1,6 @@
 """What a finished run leaves for the operators, as plain data (no Redis, no database).
 
-FINALIZE_RUN (realtime/scripts.py) writes two small records with a run's reply.done:
+FINALIZE_RUN (streams/scripts.py) writes two small records with a run's reply.done:
 
 - an *outbox record* on `keys.HISTORY_OUTBOX`, which the persister (history/persist.py)
   turns into database rows: the run's message and its reply. Python builds the record's
@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from orchestration.reasons import degraded_message
-from realtime.events import dumps, text_from_fragments
+from streams.events import dumps, text_from_fragments
 
 MESSAGE = "message"
 REPLY_DONE = "reply.done"

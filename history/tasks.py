@@ -8,7 +8,7 @@ from __future__ import annotations
 from celery import shared_task
 
 from history import persist
-from realtime.redis_clients import sync_client
+from streams.redis_clients import sync_client
 
 # A batch of 500 runs is two Redis round trips and one bulk insert: a call of up to
 # persist.MAX_BATCHES batches ends long before these; persist.LOCK_S outlasts the hard one.

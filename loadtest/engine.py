@@ -35,9 +35,9 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
+from client.connection import with_query
 from loadtest.report import Measurements
 from loadtest.schedule import ConnectionPlan, prepare_frame, total_frames
-from realtime.client import with_query
 
 logger = logging.getLogger(__name__)
 

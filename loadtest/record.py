@@ -23,8 +23,8 @@ import orjson
 import redis
 
 from loadtest.trace import dumps_line, header_line, trace_line
-from realtime import keys
 from realtime.recording import FLUSH_S, RecordingConfig
+from streams import keys
 
 logger = logging.getLogger(__name__)
 

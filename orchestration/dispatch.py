@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from celery.exceptions import Reject
 from django.conf import settings
 
-from orchestration.fairness import AsyncFairQueue
+from ops.collector import tune_for_long_lived_connections
 from orchestration.inflight import DRAIN, InFlight
-from orchestration.runs import AsyncRunStore
 from orchestration.steps import CLAIM_RETRY_S, StepOutcome, durably, execute_step
-from realtime.collector import tune_for_long_lived_connections
-from realtime.redis_clients import async_client, pubsub_client
+from streams.fairness import AsyncFairQueue
+from streams.redis_clients import async_client, pubsub_client
+from streams.runs import AsyncRunStore
 from workers.backends import close_backends
 from workers.runtime import Admit, ModelCallRuntime, RuntimeClosed, runtime
 
@@ -55,7 +55,7 @@ def worker_side() -> WorkerSide:
     with _side_lock:
         if _side is None:
             # Thousands of held calls make the heap large and long-lived, like a gateway's
-            # sockets: full collections of it would stall the loop (realtime/collector.py).
+            # sockets: full collections of it would stall the loop (ops/collector.py).
             tune_for_long_lived_connections(settings.SWITCHBOARD["GC_YOUNG_THRESHOLD"])
             engine = runtime()
             store = AsyncRunStore(async_client())

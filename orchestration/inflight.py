@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 import redis.asyncio as aredis
 from redis.exceptions import RedisError
 
-from orchestration.runs import AsyncRunStore, Run, worker_id
-from realtime import keys, metrics
+from ops import metrics
+from streams import keys
+from streams.runs import AsyncRunStore, Run, worker_id
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from django.conf import settings
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from orchestration.agents import (
+from agents import (
     Agent,
     PythonStep,
     Step,
@@ -41,12 +41,12 @@ from orchestration.agents import (
     get_agent,
     render_prompt,
 )
+from ops import logcontext, metrics
 from orchestration.coalesce import Coalescer
 from orchestration.inflight import DRAIN, Held, InFlight
 from orchestration.reasons import degraded_message
-from orchestration.runs import AsyncRunStore, Fenced, Run, RunFinished, StaleOffset
-from realtime import logcontext, metrics
-from workers import limits
+from streams.runs import AsyncRunStore, Fenced, Run, RunFinished, StaleOffset
+from workers import quotas
 from workers.backends import (
     ModelError,
     ModelRequest,
@@ -316,24 +316,24 @@ class _Step:
         come back too late for a useful call before the deadline, or never."""
         run = self.run
         assert self.agent is not None
-        budgets: list[tuple[str, limits.BackendBudget]] = []
+        budgets: list[tuple[str, quotas.BackendBudget]] = []
         buckets = self.store.buckets
         backend_limit = _backend_limits().get(step.backend)
         if backend_limit is not None:
             budgets.append(
-                (step.backend, limits.BackendBudget(buckets, step.backend, backend_limit, prompt))
+                (step.backend, quotas.BackendBudget(buckets, step.backend, backend_limit, prompt))
             )
         if step.rate_limit:
             scope = f"{run.tenant}:{self.agent.name}:{self.agent.step_names()[self.index]}"
-            step_limit = limits.parse_limits({scope: step.rate_limit})[scope]
+            step_limit = quotas.parse_limits({scope: step.rate_limit})[scope]
             budgets.append(
-                (scope, limits.BackendBudget(buckets, scope, step_limit, prompt, kind="step"))
+                (scope, quotas.BackendBudget(buckets, scope, step_limit, prompt, kind="step"))
             )
         for scope, budget in budgets:
             while (wait_ms := await budget.take()) != 0:
                 if (
-                    limits.decide(wait_ms, self.time_for_call(), step.min_budget_s)
-                    == limits.GIVE_UP
+                    quotas.decide(wait_ms, self.time_for_call(), step.min_budget_s)
+                    == quotas.GIVE_UP
                 ):
                     logger.warning(
                         "model call not started: %s over its rate limit tenant=%s run=%s "
@@ -533,14 +533,14 @@ def _coalescer() -> Coalescer:
     return Coalescer(config.get("DELTA_FLUSH_CHARS", 64), config.get("DELTA_FLUSH_MS", 50) / 1000)
 
 
-_limits_cache: tuple[object, dict[str, limits.BackendLimit]] | None = None
+_limits_cache: tuple[object, dict[str, quotas.BackendLimit]] | None = None
 
 
-def _backend_limits() -> dict[str, limits.BackendLimit]:
+def _backend_limits() -> dict[str, quotas.BackendLimit]:
     global _limits_cache
     raw = settings.SWITCHBOARD.get("BACKEND_LIMITS") or {}
     if _limits_cache is None or _limits_cache[0] is not raw:
-        _limits_cache = (raw, limits.parse_limits(raw))
+        _limits_cache = (raw, quotas.parse_limits(raw))
     return _limits_cache[1]
 
 

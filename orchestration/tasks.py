@@ -8,10 +8,10 @@ from typing import Any
 
 from celery import shared_task
 
-from orchestration import dispatch, services, triggers
-from orchestration.runs import RunStore
-from realtime import logcontext
-from realtime.redis_clients import sync_client
+from ops import logcontext
+from orchestration import dispatch, sweeping, triggers
+from streams.redis_clients import sync_client
+from streams.runs import RunStore
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +54,14 @@ def run_step(self, run_id: str, step: int) -> None:  # type: ignore[no-untyped-d
 )
 def run_next() -> None:
     """A ticket: run the first step of whichever queued run is fairly next
-    (orchestration/fairness.py). From then on the run is addressed by id."""
+    (streams/fairness.py). From then on the run is addressed by id."""
     dispatch.run_next()
 
 
 @shared_task(name="switchboard.runs.sweep", ignore_result=True, time_limit=60)
 def sweep_runs() -> int:
     """Ends overdue runs and redelivers steps whose worker died; returns how many ended."""
-    return services.sweep_runs(_store()).ended
+    return sweeping.sweep_runs(_store()).ended
 
 
 @shared_task(

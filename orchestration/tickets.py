@@ -1,6 +1,6 @@
 """No queued run without a ticket: the sweeper reconciles fair queues against tickets.
 
-Each run waiting in a tenant's fair queue (orchestration/fairness.py) is owed one ticket, a
+Each run waiting in a tenant's fair queue (streams/fairness.py) is owed one ticket, a
 `switchboard.run.next` message in the runs queue; the worker that takes a ticket picks the
 fairly-next run. Tickets are interchangeable, so what must hold is a count: tickets not yet
 spent >= runs queued. A ticket can be lost without its run: a task that took it and then
@@ -8,7 +8,7 @@ failed on a dead Redis connection (a Redis restart under load) is acknowledged, 
 dies between kombu's BRPOP and its bookkeeping. Its run would then wait, with a worker idle,
 until its deadline ends it `failed`.
 
-So every sweep (orchestration/services.py sweep_runs, by beat and every gateway) counts, in
+So every sweep (orchestration/sweeping.py sweep_runs, by beat and every gateway) counts, in
 one read-only script:
 
 - the runs queued: the lengths of the fair queues of the tenants in the ring;
@@ -43,9 +43,9 @@ import redis
 from django.conf import settings
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
-from orchestration.enqueue import RUN_NEXT_TASK, broker_is_redis_at, celery_message
-from realtime import keys
-from realtime.streams import RUNS_QUEUE
+from streams import keys
+from streams.enqueue import RUN_NEXT_TASK, broker_is_redis_at, celery_message
+from streams.log import RUNS_QUEUE
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ MAX_TICKETS_PER_SWEEP = 500
 # Messages the count reads per LRANGE/HMGET inside the script.
 SCAN_CHUNK = 500
 # How a ticket's headers name its task, in the compact JSON our scripts push
-# (orchestration/enqueue.py) and the spaced JSON kombu writes. Quotes inside a JSON string
+# (streams/enqueue.py) and the spaced JSON kombu writes. Quotes inside a JSON string
 # are escaped, so no argument text a client chose can contain either.
 TICKET_MARKS = tuple(f'"task":{space}"{RUN_NEXT_TASK}"' for space in ("", " "))
 

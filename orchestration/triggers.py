@@ -21,19 +21,19 @@ from typing import Any
 
 from django.conf import settings
 
-from orchestration.agents import Agent, subscribers
-from orchestration.enqueue import broker_is_redis_at
-from orchestration.fairness import quantum
-from orchestration.runs import RunStore
-from realtime import keys
-from realtime.events import dumps, new_run_id
-from realtime.streams import (
+from agents import Agent, subscribers
+from streams import keys
+from streams.enqueue import broker_is_redis_at
+from streams.events import dumps, new_run_id
+from streams.fairness import quantum
+from streams.log import (
     COUNTED_GRACE_S,
     RUN_RECORD_GRACE_S,
     RUNS_QUEUE,
     enqueue_first_task,
     first_task_message,
 )
+from streams.runs import RunStore
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 The application is a plain callable that returns the handling coroutine rather than a
 chain of middleware coroutines: every open WebSocket keeps its whole await chain alive for
 as long as it is connected, and each coroutine frame in it costs memory per socket. The
-gateway consumer checks the origin itself (realtime/consumers.py).
+gateway consumer checks the origin itself (realtime/consumer.py).
 """
 
 import os
@@ -19,7 +19,7 @@ django_asgi_app = get_asgi_application()
 from channels.routing import URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 
-from realtime.consumers import GatewayConsumer  # noqa: E402
+from realtime.consumer import GatewayConsumer  # noqa: E402
 from realtime.daphne_tuning import bound_http_requests, defer_debug_formatting  # noqa: E402
 from realtime.lifecycle import install_daphne_drain  # noqa: E402
 from realtime.routing import GATEWAY_PATH  # noqa: E402

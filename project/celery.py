@@ -42,7 +42,7 @@ def _announce_ready(**kwargs: object) -> None:
 @worker_process_init.connect
 def _fresh_redis_clients(**kwargs: object) -> None:
     """A pool process starts with its own Redis connections and runtime, never its parent's."""
-    from realtime.redis_clients import reset_after_fork
+    from streams.redis_clients import reset_after_fork
     from workers.runtime import reset_after_fork as reset_runtime
 
     reset_after_fork()
@@ -83,9 +83,9 @@ def _drain_model_calls(**kwargs: object) -> None:
 
 @worker_process_shutdown.connect
 def _metrics_process_dead(**kwargs: object) -> None:
-    """A pool process's gauges leave the host's sums when it stops (realtime/metrics.py);
+    """A pool process's gauges leave the host's sums when it stops (ops/metrics.py);
     pool processes exit without running atexit handlers."""
-    from realtime.metrics import mark_process_dead
+    from ops.metrics import mark_process_dead
 
     mark_process_dead()
 
@@ -96,6 +96,6 @@ def _serve_worker_metrics(**kwargs: object) -> None:
     from django.conf import settings
 
     if settings.WORKER_METRICS_PORT:
-        from realtime.metrics import start_worker_exporter
+        from ops.metrics import start_worker_exporter
 
         start_worker_exporter(settings.WORKER_METRICS_PORT)

@@ -24,7 +24,7 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-# prometheus_client's multiprocess directory (realtime/metrics.py).
+# prometheus_client's multiprocess directory (ops/metrics.py).
 METRICS_DIR_VAR = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -347,7 +347,7 @@ def main() -> None:
     """`bin/dev start`: the whole system with a demo tenant, until Ctrl-C."""
     port = int(os.environ.get("PORT", "8000"))
     # The demo page's token endpoint is for this local, loopback-only run alone (see
-    # realtime/web.py); SWITCHBOARD_DEMO_TENANT= (empty) turns it off here too.
+    # realtime/pages.py); SWITCHBOARD_DEMO_TENANT= (empty) turns it off here too.
     demo_env = {
         "SWITCHBOARD_DEMO_TENANT": os.environ.get("SWITCHBOARD_DEMO_TENANT", "demo"),
         # /metrics answers only with this bearer token (it names every tenant).

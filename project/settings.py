@@ -57,6 +57,7 @@ INSTALLED_APPS = [
     "orchestration",
     "workers",
     "history",
+    "loadtest",
 ]
 # The example agents (examples/agents.py: a streaming assistant and a summariser that
 # reacts to it) are on unless turned off; they call the "openai" backend.
@@ -226,7 +227,7 @@ CELERY_BEAT_SCHEDULE = {
 
 # --- Metrics ---------------------------------------------------------------------------
 # prometheus_client's own variable (it reads it too, at import): when set, every process
-# writes its metrics to files there and /metrics sums the host's (realtime/metrics.py).
+# writes its metrics to files there and /metrics sums the host's (ops/metrics.py).
 PROMETHEUS_MULTIPROC_DIR = env_str("PROMETHEUS_MULTIPROC_DIR", "")
 # A Celery worker's main process serves its host's metrics on this port (0: off), for
 # hosts or containers with no gateway whose /metrics would include them.
@@ -349,7 +350,7 @@ SWITCHBOARD = {
     # {"openai": {"rpm": 500, "tpm": 90000}}; a call waits for them only while its run can.
     "BACKEND_LIMITS": json.loads(env_str("SWITCHBOARD_BACKEND_LIMITS", "") or "{}"),
     # New runs wait in per-tenant queues and workers take them by weighted deficit round
-    # robin across tenants (orchestration/fairness.py); 0: one FIFO Celery queue for all.
+    # robin across tenants (streams/fairness.py); 0: one FIFO Celery queue for all.
     "FAIR_QUEUE": env_bool("SWITCHBOARD_FAIR_QUEUE", True),
     # The "openai" backend (workers/openai_backend.py): any OpenAI-compatible server
     # (OpenAI, vLLM, Ollama, llama.cpp), so the URL is configurable.
@@ -365,7 +366,7 @@ SWITCHBOARD = {
     "ANTHROPIC_API_KEY_ENV": env_str("SWITCHBOARD_ANTHROPIC_API_KEY_ENV", "ANTHROPIC_API_KEY"),
     "ANTHROPIC_MODEL": env_str("SWITCHBOARD_ANTHROPIC_MODEL", ""),
     # The tenant whose tokens /demo/token hands to anyone who asks, for the demo page
-    # (realtime/web.py says why that is for development only); "": no demo. bin/dev start
+    # (realtime/pages.py says why that is for development only); "": no demo. bin/dev start
     # sets it to "demo"; never set it on a deployment reachable by others.
     "DEMO_TENANT": env_str("SWITCHBOARD_DEMO_TENANT", ""),
     # Finished runs waiting in Redis for the history persister, at most: past it the oldest
@@ -379,18 +380,18 @@ SWITCHBOARD = {
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
 # "json" (one object per line, for log collectors; the Docker image sets it) or "plain" (for
-# people). Both carry the tenant, connection, client, run and event ids (realtime/logcontext.py).
+# people). Both carry the tenant, connection, client, run and event ids (ops/logcontext.py).
 LOG_FORMAT = env_str("LOG_FORMAT", "plain")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"context": {"()": "realtime.logcontext.ContextFilter"}},
+    "filters": {"context": {"()": "ops.logcontext.ContextFilter"}},
     "formatters": {
         "plain": {
             # The ids go before the message, so a message still ends the line it starts.
             "format": "%(asctime)s %(levelname)s %(process)d %(name)s:%(log_context)s %(message)s"
         },
-        "json": {"()": "realtime.logcontext.json_formatter"},
+        "json": {"()": "ops.logcontext.json_formatter"},
     },
     "handlers": {
         "console": {

@@ -2,9 +2,9 @@ from django.contrib import admin
 from django.http import HttpRequest, JsonResponse
 from django.urls import path
 
-from realtime.metrics import metrics_view
-from realtime.views import stream_receipts
-from realtime.web import client_module, demo_asset, demo_token
+from ops.metrics import metrics_view
+from realtime.api import stream_receipts
+from realtime.pages import client_module, demo_asset, demo_token
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -21,6 +21,6 @@ urlpatterns = [
     path("demo/", demo_asset, name="demo"),
     path("demo/<str:name>", demo_asset, name="demo-asset"),
     # django-prometheus' metrics and ours, summed over the host's processes, with the
-    # cluster's queue and run gauges (realtime/metrics.py).
+    # cluster's queue and run gauges (ops/metrics.py).
     path("metrics", metrics_view, name="prometheus-django-metrics"),
 ]

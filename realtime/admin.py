@@ -16,13 +16,13 @@ from django.utils.formats import date_format
 from django.utils.html import format_html
 from redis.exceptions import RedisError
 
+from agents import agent_names
 from history.admin import history_url
-from orchestration.agents import agent_names
 from realtime.control import announce_tenant_change
 from realtime.models import Tenant, TenantAgent
 from realtime.operations import TENANTS_SHOWN, snapshot
-from realtime.receipts import RECEIPT_TTL_S, tenant_receipts
-from realtime.redis_clients import sync_client
+from streams.receipts import RECEIPT_TTL_S, tenant_receipts
+from streams.redis_clients import sync_client
 
 logger = logging.getLogger(__name__)
 

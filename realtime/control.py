@@ -35,10 +35,10 @@ import redis.asyncio as aredis
 from django.conf import settings
 from redis.exceptions import RedisError
 
-from realtime import keys
 from realtime.auth import SECRET_ROTATED, Identity
 from realtime.protocol import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED
 from realtime.tenants import TenantCache, TenantConfig
+from streams import keys
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def announce_tenant_change(slug: str, why: str = "changed") -> bool:
     """Tell every gateway to re-check the tenant's open connections now (call it after the
     change is committed). False when Redis could not be reached: the gateways then apply the
     change within TENANT_CACHE_S + TENANT_CHECK_S by themselves."""
-    from realtime.redis_clients import sync_client
+    from streams.redis_clients import sync_client
 
     payload = orjson.dumps({"tenant": slug, "why": why})
     try:
@@ -271,8 +271,8 @@ _control: TenantControl | None = None
 def tenant_control() -> TenantControl:
     global _control
     if _control is None:
-        from realtime.redis_clients import pubsub_client
         from realtime.tenants import tenant_cache
+        from streams.redis_clients import pubsub_client
 
         _control = TenantControl(
             tenant_cache, pubsub_client, settings.SWITCHBOARD["TENANT_CHECK_S"]

@@ -23,7 +23,8 @@ import redis.asyncio as aredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from realtime import keys, metrics
+from ops import metrics
+from streams import keys
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ _hub: Hub | None = None
 def get_hub() -> Hub:
     global _hub
     if _hub is None:
-        from realtime.redis_clients import pubsub_client
+        from streams.redis_clients import pubsub_client
 
         _hub = Hub(pubsub_client)
     return _hub

@@ -190,7 +190,7 @@ class TenantAgent(models.Model):
     whatever Tenant.all_agents says; the overrides apply to the tenant's runs only."""
 
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="agent_grants")
-    # A name from the code's registry (orchestration.agents); the admin offers only those.
+    # A name from the code's registry (agents); the admin offers only those.
     agent = models.CharField(max_length=100)
     enabled = models.BooleanField(default=True)
     model = models.CharField(

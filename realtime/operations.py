@@ -28,12 +28,12 @@ import redis.asyncio as aredis
 from django.conf import settings
 from redis.exceptions import RedisError
 
-from orchestration.enqueue import broker_is_redis_at
-from realtime import keys
+from streams import keys
+from streams.enqueue import broker_is_redis_at
 
 logger = logging.getLogger(__name__)
 
-# Refusal reasons, as counted by the gateway (realtime/consumers.py).
+# Refusal reasons, as counted by the gateway (realtime/consumer.py).
 THROTTLE_REASONS = {
     "messages": "message rate (rate_limited)",
     "runs_in_flight": "runs in flight per connection (rate_limited)",
@@ -119,7 +119,7 @@ _throttles: ThrottleCounter | None = None
 def throttle_counter() -> ThrottleCounter:
     global _throttles
     if _throttles is None:
-        from realtime.redis_clients import async_client
+        from streams.redis_clients import async_client
 
         _throttles = ThrottleCounter(async_client)
     return _throttles

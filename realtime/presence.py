@@ -30,8 +30,8 @@ from typing import Any
 import redis.asyncio as aredis
 from django.conf import settings
 
-from realtime import keys
-from realtime.events import dumps, utc_now_iso
+from streams import keys
+from streams.events import dumps, utc_now_iso
 
 logger = logging.getLogger(__name__)
 
@@ -547,7 +547,7 @@ _tracker: PresenceTracker | None = None
 def get_tracker() -> PresenceTracker:
     global _tracker
     if _tracker is None:
-        from realtime.redis_clients import async_client
+        from streams.redis_clients import async_client
 
         _tracker = PresenceTracker(async_client)
     return _tracker

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from realtime.events import MESSAGE_ID, STREAM_NAME, dumps
+from streams.events import MESSAGE_ID, STREAM_NAME, dumps
 
 STATUS_BY_CODE = {
     "bad_request": 400,

@@ -1,6 +1,6 @@
 """Traffic recording in the gateway, for load replay (`manage.py record_traffic`).
 
-An operator's `record_traffic` writes a tenant's switch key (realtime/keys.py) holding a
+An operator's `record_traffic` writes a tenant's switch key (streams/keys.py) holding a
 `RecordingConfig`, renews it while it runs and deletes it at the end; the key expires on
 its own when the recorder dies. Gateways never read it per frame: each process keeps the
 last answer per tenant and looks again, in the background, at most once every
@@ -32,7 +32,6 @@ from typing import Any
 import orjson
 import redis.asyncio as aredis
 
-from realtime import keys
 from realtime.protocol import (
     Cancel,
     Frame,
@@ -44,6 +43,7 @@ from realtime.protocol import (
     Subscribe,
     Unsubscribe,
 )
+from streams import keys
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ _recorder: Recorder | None = None
 def get_recorder() -> Recorder:
     global _recorder
     if _recorder is None:
-        from realtime.redis_clients import async_client
+        from streams.redis_clients import async_client
 
         _recorder = Recorder(async_client)
     return _recorder

@@ -35,8 +35,8 @@ import orjson
 import redis.asyncio as aredis
 from django.conf import settings
 
-from realtime import keys
-from realtime.events import STREAM_NAME
+from streams import keys
+from streams.events import STREAM_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class BadPositions(ValueError):
 
 def parse_positions(raw: str, max_bytes: int) -> dict[str, int]:
     """A resume's `positions` (base64url without padding of a JSON object: stream -> the
-    last seq the client processed; `realtime.client.encode_positions` writes it), checked
+    last seq the client processed; `client.connection.encode_positions` writes it), checked
     for size and shape only, so it is refused before any lookup. Whether the session holds
     each stream, and whether each position is within its stream, can only be checked
     against Redis (`resume_problem`)."""
@@ -363,7 +363,7 @@ _checkpointer: Checkpointer | None = None
 def session_store() -> SessionStore:
     global _store
     if _store is None:
-        from realtime.redis_clients import async_client
+        from streams.redis_clients import async_client
 
         _store = SessionStore(async_client())
     return _store

@@ -15,9 +15,9 @@ import random
 
 from django.conf import settings
 
-from orchestration.runs import RunStore
-from orchestration.services import sweep_runs
-from realtime.redis_clients import sync_client
+from orchestration.sweeping import sweep_runs
+from streams.redis_clients import sync_client
+from streams.runs import RunStore
 
 logger = logging.getLogger(__name__)
 

@@ -162,7 +162,7 @@ class TenantCache:
 
     def _store(self, slug: str, config: TenantConfig | None, now: float) -> None:
         # Imported here: realtime.models imports this module while Django loads its apps.
-        from realtime import metrics
+        from ops import metrics
 
         expires_at = now + self.ttl_s
         if config is None:

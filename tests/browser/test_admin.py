@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from realtime.client import SwitchboardClient
+from client.connection import SwitchboardClient
 from tests.browser.conftest import (
     ADMIN_PASSWORD,
     ADMIN_USER,

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from realtime.client import SwitchboardClient
+from client.connection import SwitchboardClient
 from tests.browser.conftest import DEMO_TENANT, DemoCluster, run_async
 
 

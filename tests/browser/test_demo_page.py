@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
-from realtime.client import since_last_restart
+from client.connection import since_last_restart
 from tests.browser.conftest import WAIT_MS, DemoCluster, OpenPage, save_screenshot
 
 

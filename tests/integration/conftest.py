@@ -26,9 +26,9 @@ import pytest
 import pytest_asyncio
 import redis
 
+from client.connection import SwitchboardClient
 from project.launcher import Cluster, Proc
 from realtime.auth import issue_token
-from realtime.client import SwitchboardClient
 from tests.fakes.openai_server import FakeOpenAIServer
 
 # Short limits so failure paths finish in seconds; tests read them from here.

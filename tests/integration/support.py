@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
-from realtime.client import Event, SwitchboardClient, reply_problems, since_last_restart
+from client.connection import Event, SwitchboardClient, reply_problems, since_last_restart
 
 
 async def collect_until(
@@ -83,9 +83,7 @@ def split_run(events: list[Event], message_id: str) -> tuple[list[Event], Event]
 def restarts(events: list[Event], message_id: str) -> list[Event]:
     """The `reply.restart` events of one run among a stream's events."""
     return [
-        e
-        for e in events
-        if e["cause"]["message"] == message_id and e["kind"] == "reply.restart"
+        e for e in events if e["cause"]["message"] == message_id and e["kind"] == "reply.restart"
     ]
 
 

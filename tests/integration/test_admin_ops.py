@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import pytest
 
+from client.connection import SwitchboardClient, SwitchboardClosed
 from realtime.auth import SECRET_ROTATED
-from realtime.client import SwitchboardClient, SwitchboardClosed
 from realtime.control import TENANT_DISABLED
 
 from .conftest import TENANT, Connect, Switchboard

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from realtime.client import Frame, SwitchboardClient, SwitchboardError
+from client.connection import Frame, SwitchboardClient, SwitchboardError
 
 from .conftest import Connect, Switchboard
 from .support import wait_until

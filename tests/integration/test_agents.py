@@ -17,9 +17,9 @@ from datetime import timedelta
 import celery
 import pytest
 
+from client.connection import Event, SwitchboardClient
 from examples.agents import ASSISTANT_PROMPT, SUMMARY_PROMPT
-from orchestration.enqueue import TRIGGER_TASK
-from realtime.client import Event, SwitchboardClient
+from streams.enqueue import TRIGGER_TASK
 from tests.fakes.openai_server import Call, FakeOpenAIServer
 
 from .agents_app import catalog as it

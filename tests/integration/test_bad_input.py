@@ -7,7 +7,7 @@ from collections.abc import Callable
 import orjson
 import pytest
 
-from realtime.client import SwitchboardClosed, SwitchboardError
+from client.connection import SwitchboardClosed, SwitchboardError
 
 from .conftest import Connect
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from realtime.client import SwitchboardClient, SwitchboardError
+from client.connection import SwitchboardClient, SwitchboardError
 
 from .conftest import KEY_PREFIX, SOFT_LIMIT_S, TENANT, Connect, Switchboard
 from .support import collect_run, collect_until, reply_text, split_run, wait_until

@@ -9,8 +9,8 @@ import jwt
 import pytest
 import websockets
 
+from client.connection import SwitchboardClient, SwitchboardClosed
 from realtime.auth import issue_token
-from realtime.client import SwitchboardClient, SwitchboardClosed
 
 from .conftest import DOOMED_TENANT, TENANT, Connect, Switchboard
 from .support import wait_until

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from orchestration import agents
+import agents
 from project.launcher import ROOT
 
 from .conftest import Connect, Switchboard

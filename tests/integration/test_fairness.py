@@ -1,4 +1,4 @@
-"""Fair scheduling across tenants on the real cluster (orchestration/fairness.py).
+"""Fair scheduling across tenants on the real cluster (streams/fairness.py).
 
 The cluster's worker is swapped for one that holds two model calls at once
 (SWITCHBOARD_WORKER_MAX_CALLS=2), so runs queue. A tenant that floods it with slow runs must
@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
-from realtime.client import Event, SwitchboardClient
+from client.connection import Event, SwitchboardClient
 
 from .conftest import FLOOD_TENANT, QUIET_TENANT, Connect, Switchboard, replaced_worker
 from .support import collect_until

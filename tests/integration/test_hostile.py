@@ -18,8 +18,8 @@ from typing import Any
 import jwt
 import pytest
 
+from client.connection import SwitchboardClient, SwitchboardClosed, SwitchboardError
 from realtime.auth import MAX_TOKEN_CHARS, issue_token
-from realtime.client import SwitchboardClient, SwitchboardClosed, SwitchboardError
 
 from .conftest import (
     FRUGAL_TENANT,

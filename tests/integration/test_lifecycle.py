@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 import pytest
 import websockets
 
+from client.connection import SwitchboardClient
 from project.launcher import Proc
-from realtime.client import SwitchboardClient
 
 from .conftest import TENANT, Connect, StartGateway, Switchboard
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from client.connection import SwitchboardClient, SwitchboardClosed, SwitchboardError
+from client.reconnecting import ReconnectingClient
 from project.launcher import Proc
-from realtime.client import SwitchboardClient, SwitchboardClosed, SwitchboardError
-from realtime.reconnecting import ReconnectingClient
 
 from .conftest import LIMITED_TENANTS, Connect, StartGateway, Switchboard, replaced_worker
 from .support import wait_until

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from realtime.client import SwitchboardError
+from client.connection import SwitchboardError
 
 from .conftest import LIMITED_TENANTS, METRICS_TOKEN, Connect, StartGateway, Switchboard
 from .support import wait_until

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from client.connection import Event, SwitchboardClient
 from project.launcher import Proc
-from realtime.client import Event, SwitchboardClient
 
 from .conftest import CLUSTER_ENV, OTHER_TENANT, TENANT, Connect, StartGateway, Switchboard
 from .support import wait_until

@@ -13,8 +13,8 @@ from urllib.parse import urlencode, urlsplit
 
 import pytest
 
+from client.connection import SwitchboardClient
 from realtime.auth import issue_token
-from realtime.client import SwitchboardClient
 
 from .conftest import OTHER_TENANT, TENANT, Connect, Switchboard
 from .support import take

@@ -20,9 +20,9 @@ import pytest
 import pytest_asyncio
 import redis
 
+from client.reconnecting import ReconnectingClient
 from project.launcher import Cluster, embedded_redis_binary, free_port, redis_answers, wait_until
 from realtime.auth import issue_token
-from realtime.reconnecting import ReconnectingClient
 
 from .conftest import CLUSTER_ENV, TENANT
 from .support import assert_contiguous

@@ -17,8 +17,8 @@ import pytest_asyncio
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as plain_ws_connect
 
-from realtime.client import Event, SwitchboardClient, SwitchboardClosed
-from realtime.reconnecting import ReconnectingClient
+from client.connection import Event, SwitchboardClient, SwitchboardClosed
+from client.reconnecting import ReconnectingClient
 
 from .conftest import OTHER_TENANT, POSITIONS_TENANT, TENANT, Connect, StartGateway, Switchboard
 from .support import assert_contiguous, reply_text, wait_until

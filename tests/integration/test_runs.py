@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytest
 
-from realtime.client import Event, SwitchboardError
+from client.connection import Event, SwitchboardError
 
 from .conftest import SOFT_LIMIT_S, Connect, Switchboard
 from .support import (

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from orchestration.enqueue import RUN_NEXT_TASK
+from streams.enqueue import RUN_NEXT_TASK
 
 from .conftest import KEY_PREFIX, SOFT_LIMIT_S, Connect, Switchboard
 from .support import wait_until

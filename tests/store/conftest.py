@@ -9,7 +9,7 @@ pytest_load_initial_conftests hook, before any conftest.py is imported, so setti
 in the environment from here (module level or pytest_configure) comes too late for the
 settings to read it. The package fixture below therefore points the loaded settings at the
 test Redis instead: REDIS_URL and CELERY_BROKER_URL, the Celery app's broker, the cached
-clients of realtime.redis_clients, and realtime.keys, whose pub/sub channel names embed the
+clients of streams.redis_clients, and streams.keys, whose pub/sub channel names embed the
 database number read at import. Everything that reads settings at call time then uses the
 test database; `REDIS_URL=... pytest` in the environment works as well.
 """
@@ -27,17 +27,17 @@ import redis
 import redis.asyncio as aredis
 from django.conf import settings
 
-from orchestration import agents
-from orchestration.agents import Agent, PythonStep, Step
+import agents
+from agents import Agent, PythonStep, Step
 from orchestration.inflight import InFlight
-from orchestration.runs import AsyncRunStore, RunStore
 from orchestration.steps import StepOutcome
 from orchestration.steps import execute_step as execute_step_async
 from project.celery import app as celery_app
 from project.launcher import Cluster
-from realtime import keys, redis_clients
 from realtime.protocol import Publish, Send
-from realtime.streams import Appended, StreamStore
+from streams import keys, redis_clients
+from streams.log import Appended, StreamStore
+from streams.runs import AsyncRunStore, RunStore
 from tests.conftest import neighbour_database
 
 T = TypeVar("T")

@@ -23,16 +23,17 @@ from django.utils import timezone
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from orchestration.runs import RunStore
 from realtime import admin as realtime_admin
-from realtime import keys, operations
+from realtime import operations
+from realtime.admission import ConnectionRegistry
 from realtime.auth import SECRET_ROTATED, Identity
 from realtime.control import TENANT_DISABLED, TenantControl, announce_tenant_change
-from realtime.limits import ConnectionRegistry
 from realtime.models import Tenant
 from realtime.operations import ThrottleCounter, snapshot
 from realtime.presence import PresenceStore
 from realtime.tenants import TenantCache, load_tenant
+from streams import keys
+from streams.runs import RunStore
 
 from .conftest import CLIENT, TENANT, Streams
 
@@ -69,7 +70,7 @@ def fill(streams: Streams, runs: RunStore, url: str) -> dict[str, str]:
     failed = streams.send("room", "m3", "hi")
     assert queued.run_id and running.run_id and failed.run_id
     assert runs.claim(running.run_id, 0) is not None
-    # What the deadline sweep writes (orchestration/services.py).
+    # What the deadline sweep writes (orchestration/sweeping.py).
     assert runs.finalize(failed.run_id, "failed", {"reason": "deadline"})
 
     config = load_tenant(TENANT)

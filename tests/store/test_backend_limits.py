@@ -1,5 +1,5 @@
 """Model-call rate limits per backend and deadline propagation (orchestration/steps.py,
-workers/limits.py) on a real Redis: a step takes a request and its estimated tokens from
+workers/quotas.py) on a real Redis: a step takes a request and its estimated tokens from
 its backend's global buckets before calling; it waits for them only while a useful call
 still fits before the run's deadline, else answers the fallback (`rate_limited`); and it
 never starts a call it has no time for (`deadline`)."""
@@ -15,16 +15,16 @@ import pytest
 import redis
 from pytest_django.fixtures import Settings
 
-from orchestration.agents import Agent, Step
-from orchestration.intake import _finalize_cancelled
-from orchestration.runs import RunStore
+from agents import Agent, Step
+from orchestration.cancel import _finalize_cancelled
 from orchestration.steps import StepOutcome
-from realtime import keys
-from realtime.buckets import SyncBuckets
+from streams import keys
+from streams.buckets import SyncBuckets
+from streams.runs import RunStore
 from tests.store.conftest import Streams, execute_step, log_events, of_kind
 from workers import backends
 from workers.backends import ModelRequest, SimulatedBackend
-from workers.limits import BackendLimit, buckets_for, estimated_tokens
+from workers.quotas import BackendLimit, buckets_for, estimated_tokens
 
 PROMPT = "twelve chars" * 10  # 120 characters: 30 estimated tokens
 FALLBACK = "busy, try again"

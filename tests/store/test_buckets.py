@@ -6,7 +6,7 @@ import time
 
 import redis
 
-from realtime.buckets import NEVER, Bucket, SyncBuckets
+from streams.buckets import NEVER, Bucket, SyncBuckets
 
 
 def test_a_burst_is_allowed_then_the_wait_is_told(r: redis.Redis) -> None:

@@ -1,4 +1,4 @@
-"""Cancellation reaches the model call (orchestration/intake.py, steps.py, inflight.py) on a
+"""Cancellation reaches the model call (orchestration/cancel.py, steps.py, inflight.py) on a
 real Redis: a step whose run is cancelled while its model call stalls stops at once, writes
 nothing more, and frees its worker; the run has exactly one reply.done, `cancelled`. The
 stop is pushed to the holding worker; a worker that missed the push finds it when its lease
@@ -17,13 +17,13 @@ import redis
 import redis.asyncio as aredis
 from django.conf import settings
 
-from orchestration.agents import Agent, Step
+from agents import Agent, Step
+from orchestration.cancel import _finalize_cancelled
 from orchestration.inflight import InFlight
-from orchestration.intake import _finalize_cancelled
-from orchestration.runs import AsyncRunStore, RunStore
 from orchestration.steps import StepOutcome
 from orchestration.steps import execute_step as execute_step_async
-from realtime import keys
+from streams import keys
+from streams.runs import AsyncRunStore, RunStore
 from tests.store.conftest import Streams, execute_step, log_events, of_kind
 from workers.backends import split_evenly
 

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import redis
 
-from orchestration.agents import Agent, PythonStep, Step, StepContext
-from orchestration.runs import RunStore
+from agents import Agent, PythonStep, Step, StepContext
 from orchestration.steps import StepOutcome
-from realtime import keys
-from realtime.streams import RUN_STEP_TASK
+from streams import keys
+from streams.log import RUN_STEP_TASK
+from streams.runs import RunStore
 from tests.store.conftest import Streams, execute_step, log_events, of_kind
 from tests.store.test_leases import QUEUE, queued_steps
 from workers import backends

@@ -1,4 +1,4 @@
-"""The Celery message our Lua scripts push (orchestration/enqueue.py) against Celery itself.
+"""The Celery message our Lua scripts push (streams/enqueue.py) against Celery itself.
 
 The gateway writes a run's first task message without kombu, so nothing else would notice
 a kombu or Celery upgrade that changes the message format. These tests compare it, field by
@@ -22,13 +22,13 @@ from celery.worker.request import Request
 from django.conf import settings
 
 from orchestration import dispatch
-from orchestration.enqueue import RUN_NEXT_TASK, celery_message
-from orchestration.runs import RunStore
 from orchestration.tasks import run_next, run_step
 from project.celery import app as celery_app
-from realtime import keys, redis_clients
-from realtime.events import new_run_id
-from realtime.streams import RUN_STEP_TASK, RUNS_QUEUE
+from streams import keys, redis_clients
+from streams.enqueue import RUN_NEXT_TASK, celery_message
+from streams.events import new_run_id
+from streams.log import RUN_STEP_TASK, RUNS_QUEUE
+from streams.runs import RunStore
 from tests.store.conftest import Streams, log_events, of_kind
 from workers import runtime
 

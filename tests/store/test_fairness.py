@@ -14,13 +14,13 @@ import pytest
 import redis
 from django.conf import settings
 
-from orchestration import agents
-from orchestration.fairness import DeficitRoundRobin, FairQueue
-from orchestration.runs import MAX_REDELIVERIES, RunStore
-from orchestration.services import sweep_expired_leases
-from realtime import keys
+import agents
+from orchestration.sweeping import sweep_expired_leases
 from realtime.protocol import Send
-from realtime.streams import RUN_STEP_TASK, RUNS_QUEUE, StreamStore
+from streams import keys
+from streams.fairness import DeficitRoundRobin, FairQueue
+from streams.log import RUN_STEP_TASK, RUNS_QUEUE, StreamStore
+from streams.runs import MAX_REDELIVERIES, RunStore
 from tests.store.conftest import CLIENT, Streams, execute_step, log_events, of_kind
 from tests.store.test_leases import queued_steps
 

@@ -14,15 +14,15 @@ import pytest
 import redis
 from django.db import DataError
 
+from agents import Agent, Step
 from history import persist as persister
 from history.models import HistoryEntry
 from history.records import parse_ts
 from history.tasks import persist_history
-from orchestration.agents import Agent, Step
-from orchestration.runs import RunStore
-from orchestration.services import sweep_overdue_runs
-from realtime import keys
+from orchestration.sweeping import sweep_overdue_runs
 from realtime.models import Tenant
+from streams import keys
+from streams.runs import RunStore
 from tests.store.conftest import TENANT, Streams, execute_step, log_events, of_kind
 
 pytestmark = pytest.mark.django_db
@@ -298,7 +298,7 @@ def test_failed_and_degraded_runs_are_listed_with_their_reason(
 def test_recent_problems_are_capped(
     streams: Streams, runs: RunStore, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from orchestration import runs as runs_module
+    from streams import runs as runs_module
 
     monkeypatch.setattr(runs_module, "RECENT_PROBLEMS_MAX", 2)
     failed = [streams.send(ROOM, f"m{index}", "hi").run_id for index in range(3)]

@@ -1,4 +1,4 @@
-"""Step leases and redelivery (orchestration/runs.py, realtime/scripts.py) on a real Redis.
+"""Step leases and redelivery (streams/runs.py, streams/scripts.py) on a real Redis.
 
 A lease of 0 s has run out by the time anything looks at it, so these tests need no waiting
 to make a worker look dead.
@@ -18,14 +18,14 @@ import pytest
 import redis
 import redis.asyncio as aredis
 
-from orchestration.agents import Agent, Step
+from agents import Agent, Step
 from orchestration.inflight import DRAIN, LOST, InFlight
-from orchestration.runs import MAX_REDELIVERIES, AsyncRunStore, Fenced, RunStore
-from orchestration.services import sweep_expired_leases, sweep_runs
 from orchestration.steps import StepOutcome
 from orchestration.steps import execute_step as execute_step_async
-from realtime import keys
-from realtime.streams import RUN_RECORD_GRACE_S, RUN_STEP_TASK, RUNS_QUEUE
+from orchestration.sweeping import sweep_expired_leases, sweep_runs
+from streams import keys
+from streams.log import RUN_RECORD_GRACE_S, RUN_STEP_TASK, RUNS_QUEUE
+from streams.runs import MAX_REDELIVERIES, AsyncRunStore, Fenced, RunStore
 from tests.store.conftest import Streams, execute_step, log_events, of_kind
 from workers import backends
 from workers.backends import ModelRequest, split_evenly

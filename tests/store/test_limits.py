@@ -1,4 +1,4 @@
-"""Flow control in Redis (realtime/limits.py, ACCEPT_SEND/CLAIM_STEP/FINALIZE_RUN): runs in
+"""Flow control in Redis (realtime/admission.py, ACCEPT_SEND/CLAIM_STEP/FINALIZE_RUN): runs in
 flight per connection and queued runs per tenant counted exactly under concurrency and
 uncounted once; a refused send leaves no trace; connection counts across gateway processes
 that stop counting with a dead gateway's lease."""
@@ -14,14 +14,14 @@ import pytest_asyncio
 import redis
 import redis.asyncio as aredis
 
-from orchestration import agents
-from orchestration.agents import Agent
-from orchestration.runs import RunStore
-from realtime import keys, streams
-from realtime.limits import ConnectionRegistry
+import agents
+from agents import Agent
+from realtime.admission import ConnectionRegistry
 from realtime.protocol import Send
-from realtime.streams import RUNS_QUEUE, Appended, LimitReached, RunLimits, StreamStore
 from realtime.tenants import TenantConfig
+from streams import keys, log
+from streams.log import RUNS_QUEUE, Appended, LimitReached, RunLimits, StreamStore
+from streams.runs import RunStore
 from tests.integration.support import wait_until
 
 pytestmark = pytest.mark.asyncio
@@ -201,7 +201,7 @@ async def test_counts_expire_with_their_runs(
 ) -> None:
     """A run whose record was lost (never finished) stops counting after its deadline plus
     the grace, and the count's key does not outlive its last run."""
-    monkeypatch.setattr(streams, "COUNTED_GRACE_S", 0)
+    monkeypatch.setattr(log, "COUNTED_GRACE_S", 0)
     brief = register_agent("brief", deadline_s=0.3)
     limits = RunLimits("gw.conn", max_in_flight=1, max_queued=1)
     lost = await send(store, "m-1", limits, agent=brief)

@@ -1,4 +1,4 @@
-"""The scrape-time gauges (realtime/metrics.py's RedisStateCollector) against a real Redis."""
+"""The scrape-time gauges (ops/metrics.py's RedisStateCollector) against a real Redis."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from typing import Any
 
 import redis
 
+from ops.metrics import FAIR_TENANTS_EXPORTED, RedisStateCollector
 from project.launcher import free_port
-from realtime import keys
-from realtime.metrics import FAIR_TENANTS_EXPORTED, RedisStateCollector
+from streams import keys
 
 QUEUES = ["switchboard.runs", "switchboard.maintenance"]
 

@@ -13,8 +13,8 @@ import pytest_asyncio
 import redis
 import redis.asyncio as aredis
 
-from realtime import keys
 from realtime.presence import PresenceStore, PresenceTracker
+from streams import keys
 from tests.integration.support import wait_until
 
 pytestmark = pytest.mark.asyncio

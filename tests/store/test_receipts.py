@@ -1,4 +1,4 @@
-"""Receipts (realtime/receipts.py, RECORD_RECEIPT) on a real Redis, and the admin page that
+"""Receipts (streams/receipts.py, RECORD_RECEIPT) on a real Redis, and the admin page that
 shows them."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import redis
 import redis.asyncio as aredis
 from django.test import Client
 
-from realtime import keys
 from realtime.models import Tenant
-from realtime.receipts import RECEIPT_TTL_S, BeyondHead, ReceiptStore, tenant_receipts
+from streams import keys
+from streams.receipts import RECEIPT_TTL_S, BeyondHead, ReceiptStore, tenant_receipts
 from tests.store.conftest import TENANT, Streams
 
 T = TypeVar("T")

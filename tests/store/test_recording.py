@@ -14,9 +14,9 @@ import redis.asyncio as aredis
 
 from loadtest.record import LEASE_S, RecordingBusy, TrafficRecorder, new_config
 from loadtest.trace import read_trace
-from realtime import keys
 from realtime.protocol import Ping, Send
 from realtime.recording import FLUSH_S, Recorder
+from streams import keys
 
 TENANT = "acme"
 

@@ -1,4 +1,4 @@
-"""Run records and fenced appends (orchestration/runs.py) on a real Redis."""
+"""Run records and fenced appends (streams/runs.py) on a real Redis."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import time
 import pytest
 import redis
 
-from orchestration.runs import Fenced, RunFinished, RunStore
-from realtime import keys
+from streams import keys
+from streams.runs import Fenced, RunFinished, RunStore
 from tests.store.conftest import CLIENT, TENANT, Streams, log_events, of_kind
 
 PIECES = ['He said "hi"', " \\ back", "slash\n", "\x00\x1f ctl", " né 中", " 🎉👍🏽", ""]

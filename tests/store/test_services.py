@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 import redis
 
-from orchestration.agents import Agent, Step
-from orchestration.intake import _finalize_cancelled
-from orchestration.runs import RunStore
-from orchestration.services import sweep_overdue_runs
+from agents import Agent, Step
+from orchestration.cancel import _finalize_cancelled
 from orchestration.steps import StepOutcome
-from realtime import keys
-from realtime.streams import RUNS_QUEUE
+from orchestration.sweeping import sweep_overdue_runs
+from streams import keys
+from streams.log import RUNS_QUEUE
+from streams.runs import RunStore
 from tests.store.conftest import Streams, execute_step, log_events, of_kind
 from workers import backends
 from workers.backends import ModelError, ModelRequest, split_evenly
@@ -221,7 +221,7 @@ def test_unknown_agent_fails_the_run(
     register_agent: Callable[..., Agent],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from orchestration import agents
+    import agents
 
     agent = register_agent("retired", Step(backend="simulated"))
     run_id = started(streams, agent=agent.name)

@@ -10,7 +10,6 @@ import redis
 import redis.asyncio as aredis
 from django.conf import settings
 
-from realtime import keys
 from realtime.sessions import (
     Checkpointer,
     PendingSave,
@@ -18,6 +17,7 @@ from realtime.sessions import (
     SessionStore,
     position_changes,
 )
+from streams import keys
 
 pytestmark = pytest.mark.asyncio
 

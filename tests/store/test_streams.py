@@ -1,4 +1,4 @@
-"""The gateway's StreamStore (realtime/streams.py) and its Lua scripts on a real Redis."""
+"""The gateway's StreamStore (streams/log.py) and its Lua scripts on a real Redis."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import pytest
 import redis
 from django.conf import settings
 
-from orchestration import agents
-from orchestration.enqueue import RUN_NEXT_TASK
-from orchestration.runs import RunStore
-from realtime import keys
-from realtime import streams as streams_module
+import agents
 from realtime.protocol import Publish, Send
-from realtime.streams import RUN_STEP_TASK, RUNS_QUEUE, StreamStore
+from streams import keys
+from streams import log as streams_module
+from streams.enqueue import RUN_NEXT_TASK
+from streams.log import RUN_STEP_TASK, RUNS_QUEUE, StreamStore
+from streams.runs import RunStore
 from tests.store.conftest import CLIENT, TENANT, Streams, log_events
 
 TRICKY_DATA = {

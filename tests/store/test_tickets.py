@@ -12,10 +12,7 @@ import pytest
 import redis
 from django.conf import settings
 
-from orchestration.enqueue import RUN_NEXT_TASK, celery_message
-from orchestration.fairness import FairQueue
-from orchestration.runs import RunStore
-from orchestration.services import sweep_runs
+from orchestration.sweeping import sweep_runs
 from orchestration.tasks import run_next, run_step
 from orchestration.tickets import (
     MAX_TICKETS_PER_SWEEP,
@@ -24,8 +21,11 @@ from orchestration.tickets import (
     reconcile_tickets,
     runs_queue_lists,
 )
-from realtime import keys
-from realtime.streams import RUN_STEP_TASK, RUNS_QUEUE
+from streams import keys
+from streams.enqueue import RUN_NEXT_TASK, celery_message
+from streams.fairness import FairQueue
+from streams.log import RUN_STEP_TASK, RUNS_QUEUE
+from streams.runs import RunStore
 from tests.store.conftest import Streams
 from tests.store.test_fairness import accept
 

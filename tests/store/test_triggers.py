@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 import redis
 
-from orchestration.agents import Agent, On, Step
-from orchestration.enqueue import PUBLISHED_TRIGGER_TASK, TRIGGER_TASK
-from orchestration.runs import RunStore
+from agents import Agent, On, Step
 from orchestration.triggers import start_published_subscribers, start_subscribers
-from realtime import keys
 from realtime.models import Tenant, TenantAgent
-from realtime.streams import RUNS_QUEUE
 from realtime.tenants import tenant_cache
+from streams import keys
+from streams.enqueue import PUBLISHED_TRIGGER_TASK, TRIGGER_TASK
+from streams.log import RUNS_QUEUE
+from streams.runs import RunStore
 from tests.store.conftest import TENANT, Streams, execute_step, log_events, of_kind
 
 pytestmark = pytest.mark.django_db
@@ -275,7 +275,7 @@ def test_a_tenant_that_allows_no_triggered_run_refuses_published_ones_too(
 
 
 def test_a_published_pattern_names_no_agent(register_agent: Callable[..., Agent]) -> None:
-    from orchestration.agents import BadAgent
+    from agents import BadAgent
 
     with pytest.raises(BadAgent, match="published events come from clients"):
         register_agent("bad", subscribes=(On("published", agent="someone"),))

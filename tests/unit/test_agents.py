@@ -1,4 +1,4 @@
-"""The agent registry (orchestration/agents.py)."""
+"""The agent registry (agents/__init__.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import Callable
 import pytest
 from pytest_django.fixtures import Settings
 
-from orchestration import agents
-from orchestration.agents import Agent, Step, UnknownAgent, agent_names, get_agent, register
+import agents
+from agents import Agent, Step, UnknownAgent, agent_names, get_agent, register
 
 
 @pytest.fixture(autouse=True)

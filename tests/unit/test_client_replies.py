@@ -10,8 +10,8 @@ import pytest
 import pytest_asyncio
 from websockets.asyncio.server import serve
 
-from realtime.client import ReplyCollector, answers_own_send, reply_problems, since_last_restart
-from realtime.reconnecting import ReconnectingClient
+from client.connection import ReplyCollector, answers_own_send, reply_problems, since_last_restart
+from client.reconnecting import ReconnectingClient
 from tests.unit.test_reconnecting_gap import ScriptedServer, receive, send, welcome
 
 

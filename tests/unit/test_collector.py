@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from realtime import collector
+from ops import collector
 
 
 @pytest.fixture

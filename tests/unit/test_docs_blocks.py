@@ -94,7 +94,7 @@ def check_cause_example(block: Block) -> None:
 def check_restart_sequence(block: Block) -> None:
     """docs/protocol.md's reply.restart walk-through: the data fields the worker writes,
     offsets as a client must see them, and the done text made of the last attempt only."""
-    from orchestration.runs import _RestartCall
+    from streams.runs import _RestartCall
 
     events = restart_sequence_events(block)
     kinds = [event["kind"] for event in events]
@@ -126,7 +126,7 @@ def restart_sequence_events(block: Block) -> list[dict[str, Any]]:
 
 def check_positions_example(block: Block) -> None:
     """`{"room":41,"alerts":7}  →  positions=...`: what the clients' encoder sends."""
-    from realtime.client import encode_positions
+    from client.connection import encode_positions
 
     source, encoded = (part.strip() for part in block.text.split("→"))
     assert encoded == "positions=" + encode_positions(json.loads(source))
@@ -136,7 +136,7 @@ def check_receipts_example(block: Block) -> None:
     """The receipts answer's body: the fields `StreamReceipts.as_json` gives."""
     from django.urls import resolve
 
-    from realtime.receipts import StreamReceipts
+    from streams.receipts import StreamReceipts
 
     request, _, response = block.text.partition("\n\n")
     assert request.startswith("GET /api/v1/receipts?stream=")
@@ -230,7 +230,7 @@ def check_docker_example(block: Block) -> None:
 
 
 def _run(**fields: Any) -> Any:
-    from orchestration.runs import Run
+    from streams.runs import Run
 
     return Run(
         run_id="r1",

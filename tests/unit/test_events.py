@@ -1,4 +1,4 @@
-"""Stream event JSON (realtime/events.py): valid around any seq, and text fragments that
+"""Stream event JSON (streams/events.py): valid around any seq, and text fragments that
 concatenate into exactly the text that was split."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from realtime.events import (
+from streams.events import (
     MESSAGE_ID,
     STREAM_NAME,
     cause_of,

@@ -1,4 +1,4 @@
-"""Deficit round robin across tenants, in plain Python (orchestration/fairness.py).
+"""Deficit round robin across tenants, in plain Python (streams/fairness.py).
 
 The same scenarios run against the Lua script in tests/store/test_fairness.py, which also
 checks that script and this model pick the same sequence.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from orchestration.fairness import DeficitRoundRobin, quantum
+from streams.fairness import DeficitRoundRobin, quantum
 
 
 def queued(**backlog: tuple[int, int]) -> DeficitRoundRobin:

@@ -1,4 +1,4 @@
-"""Per-tenant bounds of realtime/limits.py that need no Redis: fault options, subscriptions."""
+"""Per-tenant bounds of realtime/admission.py that need no Redis: fault options, subscriptions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from django.test import override_settings
 
-from realtime.limits import FAULT_OPTIONS, NEVER_RETRY_MS, run_options, subscription_refusal
+from realtime.admission import FAULT_OPTIONS, NEVER_RETRY_MS, run_options, subscription_refusal
 from realtime.tenants import TenantConfig
 
 TENANT = TenantConfig("acme", "s", True, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1)

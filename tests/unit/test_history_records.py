@@ -19,14 +19,14 @@ from history.records import (
     reply_from_run,
     retention_cutoff,
 )
-from realtime.events import event_parts, json_fragment
+from streams.events import event_parts, json_fragment
 
 AT = "2026-03-04T05:06:07.890Z"
 AT_DT = datetime(2026, 3, 4, 5, 6, 7, 890_000, tzinfo=UTC)
 
 
 def closed(head: str, message_seq: str, done_seq: int) -> str:
-    """What FINALIZE_RUN makes of the head (see realtime/scripts.py)."""
+    """What FINALIZE_RUN makes of the head (see streams/scripts.py)."""
     return head + ',"message_seq":' + message_seq + ',"done_seq":' + str(done_seq) + "}"
 
 

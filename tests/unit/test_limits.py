@@ -1,12 +1,12 @@
-"""Backend rate limits (workers/limits.py): configuration, estimates and the wait policy."""
+"""Backend rate limits (workers/quotas.py): configuration, estimates and the wait policy."""
 
 from __future__ import annotations
 
 import pytest
 
-from realtime import keys
-from realtime.buckets import NEVER
-from workers.limits import (
+from streams import keys
+from streams.buckets import NEVER
+from workers.quotas import (
     GIVE_UP,
     WAIT,
     BackendLimit,

@@ -1,4 +1,4 @@
-"""realtime/logcontext.py: ids bound in a context reach every record, in plain and JSON."""
+"""ops/logcontext.py: ids bound in a context reach every record, in plain and JSON."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import pytest
 
-from realtime import logcontext
+from ops import logcontext
 
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-"""realtime/metrics.py without Redis: buckets, reading frames, the reply clock, and the
+"""ops/metrics.py without Redis: buckets, reading frames, the reply clock, and the
 multiprocess aggregation of several real processes' files."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
 
+from ops import metrics
 from project.launcher import free_port
-from realtime import metrics
-from realtime.events import dumps, event_parts
 from realtime.protocol import PONG, Ping, Send, ack_frame, error_frame
+from streams.events import dumps, event_parts
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -189,7 +189,7 @@ def test_without_a_multiprocess_directory_the_process_serves_its_own() -> None:
 CHILD = """
 import os, sys
 from project.launcher import free_port
-from realtime import metrics
+from ops import metrics
 from realtime.protocol import Ping
 for _ in range(int(sys.argv[1])):
     metrics.connection_opened("acme")
@@ -237,9 +237,7 @@ def test_the_dashboard_loads_and_asks_only_for_series_that_exist() -> None:
         for name in re.findall(r"\bswitchboard_\w+", expr)
     }
     missing = {name for name in used if f'"{name}"' not in source}
-    assert not missing, (
-        f"the dashboard asks for series realtime/metrics.py never exports: {missing}"
-    )
+    assert not missing, f"the dashboard asks for series ops/metrics.py never exports: {missing}"
     # Every panel's data source is the dashboard's variable, so it loads in any Grafana.
     for panel in dashboard["panels"]:
         if panel["type"] != "row":

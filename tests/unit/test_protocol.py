@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from realtime.events import dumps
 from realtime.protocol import (
     MAX_JSON_DEPTH,
     PONG,
@@ -26,6 +25,7 @@ from realtime.protocol import (
     json_depth_exceeds,
     parse_frame,
 )
+from streams.events import dumps
 
 LIMIT = 64 * 1024
 

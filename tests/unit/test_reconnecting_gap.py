@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 from websockets.asyncio.server import ServerConnection, serve
 
-from realtime.reconnecting import ReconnectingClient
+from client.reconnecting import ReconnectingClient
 
 pytestmark = pytest.mark.asyncio
 

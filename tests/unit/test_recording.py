@@ -9,7 +9,6 @@ from typing import Any
 import orjson
 import pytest
 
-from realtime import keys
 from realtime.protocol import (
     Cancel,
     Ping,
@@ -29,6 +28,7 @@ from realtime.recording import (
     label,
     sample_point,
 )
+from streams import keys
 
 CONFIG = RecordingConfig(id="rec1", salt="salt", rate=1.0)
 REDACTED = RecordingConfig(id="rec1", salt="salt", rate=1.0, redact_text=True)

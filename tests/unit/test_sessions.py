@@ -8,8 +8,8 @@ import base64
 import orjson
 import pytest
 
-from realtime.client import encode_positions
-from realtime.reconnecting import backoff_delay
+from client.connection import encode_positions
+from client.reconnecting import backoff_delay
 from realtime.sessions import (
     BadPositions,
     delivered_positions,

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from orchestration.enqueue import RUN_NEXT_TASK, celery_message
 from orchestration.tickets import MAX_TICKETS_PER_SWEEP, TICKET_MARKS, missing_tickets
+from streams.enqueue import RUN_NEXT_TASK, celery_message
 
 
 @pytest.mark.parametrize(

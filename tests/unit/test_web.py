@@ -1,4 +1,4 @@
-"""realtime/web.py without a cluster: the JavaScript client is always served, the demo page
+"""realtime/pages.py without a cluster: the JavaScript client is always served, the demo page
 and its token endpoint only when SWITCHBOARD_DEMO_TENANT names a tenant (off by default).
 The token endpoint itself is tested against a real gateway in tests/browser/test_assets.py."""
 

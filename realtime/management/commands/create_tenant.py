@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
-from orchestration.agents import agent_names
+from agents import agent_names
 from realtime.models import Tenant, TenantAgent
 
 

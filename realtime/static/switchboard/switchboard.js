@@ -4,7 +4,7 @@
  *
  * One ES module, no build step, no dependencies; the gateway serves it at
  * `/client/switchboard.js`. It has the semantics of the Python `ReconnectingClient`
- * (realtime/reconnecting.py) over one `SwitchboardClient` connection at a time:
+ * (client/reconnecting.py) over one `SwitchboardClient` connection at a time:
  *
  * - it reconnects after any loss but 4001 and 4003 (a bad or withdrawn token) with
  *   exponential backoff and full jitter, resuming its session (`?session=`) with its own

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestration.agents import Agent, On, PythonStep, Step, StepContext, register
+from agents import Agent, On, PythonStep, Step, StepContext, register
 
 from . import catalog as c
 

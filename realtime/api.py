@@ -15,9 +15,9 @@ from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from realtime.auth import AuthError, authenticate
-from realtime.events import STREAM_NAME, dumps
-from realtime.receipts import receipt_store
 from realtime.tenants import tenant_cache
+from streams.events import STREAM_NAME, dumps
+from streams.receipts import receipt_store
 
 logger = logging.getLogger(__name__)
 

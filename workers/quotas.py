@@ -1,5 +1,5 @@
 """Model-call rate limits per backend: requests and tokens per minute, as providers impose
-them, held in Redis token buckets (realtime/buckets.py) so one limit binds every worker.
+them, held in Redis token buckets (streams/buckets.py) so one limit binds every worker.
 
 Configured per backend name in `SWITCHBOARD["BACKEND_LIMITS"]`, e.g.
 `{"openai": {"rpm": 500, "tpm": 90000}}`; a backend without an entry is not limited. Each
@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from realtime import keys
-from realtime.buckets import NEVER, AsyncBuckets, Bucket
+from streams import keys
+from streams.buckets import NEVER, AsyncBuckets, Bucket
 
 # Rough characters per token of English text; only an estimate of what a call will cost.
 CHARS_PER_TOKEN = 4

@@ -62,7 +62,7 @@ local run_id, deadline, run_ttl, celery_message = ARGV[7], ARGV[8], ARGV[9], ARG
 local existing = redis.call('GET', dedupe_key)
 if existing then return {0, existing} end
 
--- Flow control (realtime/limits.py). After the dedupe check (a repeat always gets its
+-- Flow control (realtime/admission.py). After the dedupe check (a repeat always gets its
 -- ack) and before any write (a refused send leaves no trace). A run counts in its
 -- connection's in-flight set until FINALIZE_RUN and in its tenant's queued set until its
 -- first CLAIM_STEP (or FINALIZE_RUN); each member's score is counted_until, its deadline
@@ -114,7 +114,7 @@ redis.call('HSET', run_key, unpack(fields))
 redis.call('EXPIRE', run_key, run_ttl)
 redis.call('ZADD', deadlines_key, deadline, run_id)
 if ARGV[14] ~= '' then
-  -- Fair queue (orchestration/fairness.py): the run waits in its tenant's queue and the
+  -- Fair queue (streams/fairness.py): the run waits in its tenant's queue and the
   -- message is a ticket for whichever run is fairly next. A tenant is in the ring exactly
   -- while its queue is not empty.
   if redis.call('LPUSH', KEYS[9], run_id) == 1 then redis.call('RPUSH', KEYS[10], ARGV[14]) end
@@ -274,7 +274,7 @@ return {1, seq}
 """
 )
 
-# A step's output, for the steps after it (orchestration/services.py), written only by the
+# A step's output, for the steps after it (orchestration/sweeping.py), written only by the
 # step's current owner. `fell_back` records that a step gave its fallback and the run went
 # on: the run then ends `degraded`, naming it.
 # KEYS: run   ARGV: owner_token, field, output, fell_back ('' = none)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from orchestration.runs import RunStore
-from realtime import keys
-from realtime.redis_clients import async_client, sync_client
+from streams import keys
+from streams.redis_clients import async_client, sync_client
+from streams.runs import RunStore
 
 
 async def cancel_run(tenant: str, client: str, message_id: str) -> tuple[str, str] | None:

@@ -14,7 +14,7 @@ Agents are defined in code, in any installed app's `agents.py` (found at start-u
 Celery finds `tasks.py`), and registered with `register` or the `@agent` decorator. This
 module is pure: definitions and the registry, no I/O.
 
-    from orchestration.agents import Agent, On, PythonStep, Step, register
+    from agents import Agent, On, PythonStep, Step, register
 
     register(Agent(
         name="summariser",
@@ -90,7 +90,7 @@ class Step:
     # `degraded`, naming the step).
     fallback_text: str = DEFAULT_FALLBACK
     continue_on_fallback: bool = False
-    # Calls of this step per tenant: {"rpm": N, "tpm": M} (workers/limits.py), in Redis so
+    # Calls of this step per tenant: {"rpm": N, "tpm": M} (workers/quotas.py), in Redis so
     # one limit binds every worker. A step waits for its budget while its deadline allows.
     rate_limit: Mapping[str, int] | None = None
 
@@ -186,7 +186,7 @@ def validate(agent: Agent) -> None:
         if step.soft_limit_s <= 0:
             raise BadAgent(f"agent {agent.name!r}: a step's soft_limit_s must be positive")
         if isinstance(step, Step) and step.rate_limit is not None:
-            from workers.limits import BadLimits, parse_limits
+            from workers.quotas import BadLimits, parse_limits
 
             try:
                 parse_limits({agent.name: step.rate_limit})

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import redis
 import redis.asyncio as aredis
 
-from realtime import keys
+from streams import keys
 
 # Runs popped and skipped (already finished, or past their deadline) in one pick at most.
 # The ticket is spent either way; a skipped run needs none (the sweeper ends it).

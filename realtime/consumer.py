@@ -25,22 +25,21 @@ from django.conf import settings
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from orchestration.agents import UnknownAgent, get_agent
-from realtime import logcontext, metrics
-from realtime.auth import AuthError, Identity, authenticate
-from realtime.collector import tune_for_long_lived_connections
-from realtime.control import tenant_control
-from realtime.events import dumps
-from realtime.flusher import get_flusher
-from realtime.hub import get_hub
-from realtime.lifecycle import lifecycle
-from realtime.limits import (
+from agents import UnknownAgent, get_agent
+from ops import logcontext, metrics
+from ops.collector import tune_for_long_lived_connections
+from realtime.admission import (
     connection_registry,
     limit_retry_ms,
     rate_limiter,
     run_options,
     subscription_refusal,
 )
+from realtime.auth import AuthError, Identity, authenticate
+from realtime.control import tenant_control
+from realtime.flusher import get_flusher
+from realtime.hub import get_hub
+from realtime.lifecycle import lifecycle
 from realtime.operations import throttle_counter
 from realtime.outbox import Outbox, OutboxFull
 from realtime.presence import get_tracker
@@ -64,9 +63,7 @@ from realtime.protocol import (
     error_frame,
     parse_frame,
 )
-from realtime.receipts import BeyondHead, receipt_store
 from realtime.recording import get_recorder
-from realtime.redis_clients import async_client
 from realtime.security import BrowserOriginValidator
 from realtime.sequencing import StreamCursor
 from realtime.sessions import (
@@ -81,10 +78,13 @@ from realtime.sessions import (
     session_store,
     undelivered_floor,
 )
-from realtime.streams import LimitReached, RunLimits, StreamStore
 from realtime.sweeper import ensure_sweeping
 from realtime.tenants import TenantConfig, tenant_cache
 from realtime.transport import DaphneSocket, daphne_protocol
+from streams.events import dumps
+from streams.log import LimitReached, RunLimits, StreamStore
+from streams.receipts import BeyondHead, receipt_store
+from streams.redis_clients import async_client
 
 logger = logging.getLogger(__name__)
 
@@ -944,7 +944,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             ) from None
 
     async def handle_cancel(self, frame: Cancel) -> None:
-        from orchestration.intake import cancel_run
+        from orchestration.cancel import cancel_run
 
         identity = self.identity
         outcome = await cancel_run(identity.tenant, identity.client, frame.id)

@@ -29,16 +29,16 @@ import redis.asyncio as aredis
 from django.conf import settings
 
 from history.records import outbox_head, problem_entry, reason_of
-from orchestration.enqueue import (
+from streams import keys, scripts
+from streams.buckets import AsyncBuckets
+from streams.enqueue import (
     TRIGGER_TASK,
     broker_is_redis_at,
     celery_message,
     enqueue_step,
     enqueue_trigger,
 )
-from realtime import keys, scripts
-from realtime.buckets import AsyncBuckets
-from realtime.events import (
+from streams.events import (
     cause_of,
     event_parts,
     json_fragment,
@@ -46,7 +46,7 @@ from realtime.events import (
     text_from_fragments,
     utc_now_iso,
 )
-from realtime.streams import RUN_RECORD_GRACE_S, RUN_STEP_TASK, RUNS_QUEUE
+from streams.log import RUN_RECORD_GRACE_S, RUN_STEP_TASK, RUNS_QUEUE
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ class AsyncRunStore(_RunScripts):
         super().__init__(client, lease_s)
         self._restart = client.register_script(scripts.RESTART_REPLY)
         self._renew_many = client.register_script(scripts.RENEW_LEASES)
-        # Model-call rate limits (workers/limits.py) through the same client.
+        # Model-call rate limits (workers/quotas.py) through the same client.
         self.buckets = AsyncBuckets(client)
 
     async def claim(self, run_id: str, step: int, retries: int = 0) -> Run | None:
@@ -643,7 +643,7 @@ def _stream_and_run_keys(run: Run) -> list[str]:
 def _trigger_message(run: Run, status: str, event_id: str) -> tuple[str, bool]:
     """(Celery message for the trigger task, or "", whether to publish it after instead)
     when some agent subscribes to this run's reply.done."""
-    from orchestration.agents import subscribers
+    from agents import subscribers
 
     if not subscribers("reply.done", run.agent, run.stream, status):
         return "", False

@@ -130,7 +130,7 @@ def celery_unacked() -> tuple[str, str]:
     )
 
 
-# Flow control (realtime/limits.py). Client keys carry the client id's length, like dedupe
+# Flow control (realtime/admission.py). Client keys carry the client id's length, like dedupe
 # keys, so no client id can end like another's.
 def rate_client(tenant: str, client: str) -> str:
     """Token bucket (hash) of one client's send/publish rate."""
@@ -187,7 +187,7 @@ def runs_queued(tenant: str) -> str:
     return f"{PREFIX}:runs:queued:{tenant}"
 
 
-# Fair scheduling (orchestration/fairness.py). Tenants in the ring are values, not key
+# Fair scheduling (streams/fairness.py). Tenants in the ring are values, not key
 # parts, so only the queue key embeds a slug.
 def fair_queue(tenant: str) -> str:
     """List: the tenant's run ids waiting for a worker (LPUSH on accept, RPOP on pick)."""

@@ -11,8 +11,10 @@ from typing import Any
 import redis.asyncio as aredis
 from django.conf import settings
 
-from orchestration.agents import Agent, subscribers
-from orchestration.enqueue import (
+from agents import Agent, subscribers
+from realtime.protocol import Publish, Send
+from streams import keys, scripts
+from streams.enqueue import (
     PUBLISHED_TRIGGER_TASK,
     RUN_NEXT_TASK,
     broker_is_redis_at,
@@ -21,10 +23,8 @@ from orchestration.enqueue import (
     enqueue_step,
     enqueue_ticket,
 )
-from orchestration.fairness import quantum
-from realtime import keys, scripts
-from realtime.events import cause_of, dumps, event_parts, new_event_id, new_run_id
-from realtime.protocol import Publish, Send
+from streams.events import cause_of, dumps, event_parts, new_event_id, new_run_id
+from streams.fairness import quantum
 
 RUN_STEP_TASK = "switchboard.run.step"
 RUNS_QUEUE = "switchboard.runs"

@@ -8,7 +8,7 @@ shows them in brackets before the message.
 
 Where ids are bound:
 - the gateway binds connection, tenant and client in the connection's own asyncio task
-  (realtime/consumers.py), which runs every frame of that connection;
+  (realtime/consumer.py), which runs every frame of that connection;
 - a Celery step binds run (orchestration/tasks.py) and, once the run is claimed, tenant and
   event (the client's message that started it); the trigger task binds run and event.
 

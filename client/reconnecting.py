@@ -33,7 +33,7 @@ from typing import Any
 
 from websockets.exceptions import WebSocketException
 
-from realtime.client import (
+from client.connection import (
     Event,
     Frame,
     Inbox,

@@ -17,8 +17,8 @@ from typing import Any
 import redis
 import redis.asyncio as aredis
 
-from realtime import keys, scripts
-from realtime.redis_clients import async_client
+from streams import keys, scripts
+from streams.redis_clients import async_client
 
 RECEIPT_TTL_S = 30 * 24 * 3600
 

@@ -11,7 +11,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from loadtest.record import RecordingBusy, TrafficRecorder, new_config
 from realtime.models import Tenant
-from realtime.redis_clients import sync_client
+from streams.redis_clients import sync_client
 
 DEFAULT_DURATION_S = 60.0
 

@@ -42,7 +42,7 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotModif
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_safe
 
-from orchestration.agents import agent_names, get_agent, missing_configuration
+from agents import agent_names, get_agent, missing_configuration
 from realtime.auth import issue_token
 from realtime.tenants import tenant_cache
 

@@ -1,7 +1,7 @@
 """Flow control at the gateway: every bound is answered at once, nothing waits in a queue.
 
 - **Message rates.** Each `send` and `publish` draws one token from its client's bucket and
-  its tenant's bucket together (`realtime/buckets.py`, all or nothing); short, it is
+  its tenant's bucket together (`streams/buckets.py`, all or nothing); short, it is
   refused with `rate_limited` and the buckets' honest wait. A `receipt` (a Redis write
   too) pays into a bucket of its own per client (`client_receipts_per_s`,
   `client_receipt_burst`). The rate check comes before
@@ -10,7 +10,7 @@
 - **Runs in flight per connection, queued runs per tenant.** Counted in Redis by
   `ACCEPT_SEND` (check and count in the same script that accepts) and uncounted by
   `CLAIM_STEP` (a run's first claim) and `FINALIZE_RUN` (its reply.done): see
-  `realtime/scripts.py`. Past either bound a `send` is refused (`rate_limited`,
+  `streams/scripts.py`. Past either bound a `send` is refused (`rate_limited`,
   `overloaded`) with a hint: the shorter of `LIMIT_RETRY_CAP_MS` and the time until the
   earliest deadline among the runs counted, by which one of them is certain to end.
 - **Connections per tenant and per client id**, across every gateway process:
@@ -36,10 +36,10 @@ from django.conf import settings
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from realtime import keys
-from realtime.buckets import NEVER, AsyncBuckets, Bucket, retry_after_ms
 from realtime.protocol import ProtocolError
 from realtime.tenants import TenantConfig
+from streams import keys
+from streams.buckets import NEVER, AsyncBuckets, Bucket, retry_after_ms
 
 logger = logging.getLogger(__name__)
 
@@ -446,7 +446,7 @@ _rates: RateLimiter | None = None
 def connection_registry() -> ConnectionRegistry:
     global _registry
     if _registry is None:
-        from realtime.redis_clients import async_client
+        from streams.redis_clients import async_client
 
         _registry = ConnectionRegistry(async_client)
     return _registry
@@ -455,7 +455,7 @@ def connection_registry() -> ConnectionRegistry:
 def rate_limiter() -> RateLimiter:
     global _rates
     if _rates is None:
-        from realtime.redis_clients import async_client
+        from streams.redis_clients import async_client
 
         _rates = RateLimiter(async_client())
     return _rates

@@ -53,7 +53,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from redis.exceptions import RedisError
 
-from realtime import keys
+from streams import keys
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ _TS_KEY = ',"ts":"'
 def frame_kind(frame: str) -> str:
     """The event kind of a stream event, the type of any other server frame, from the text.
 
-    Events are built with type, stream, seq and id first (realtime/events.py, the presence
+    Events are built with type, stream, seq and id first (streams/events.py, the presence
     script), and no stream name or id may hold a quote, so the first `"kind":"` is the
     event's own."""
     if frame.startswith(_EVENT_PREFIX):
@@ -428,7 +428,7 @@ def known_tenants() -> list[str]:
 
 def known_backends() -> list[str]:
     """The model backends the registered agents' steps call."""
-    from orchestration.agents import Step, agent_names, get_agent
+    from agents import Step, agent_names, get_agent
 
     return sorted(
         {
@@ -603,7 +603,7 @@ def state_collector() -> RedisStateCollector:
     """This process's collector, on its own short-timeout clients (never the hot path's)."""
     global _state
     if _state is None:
-        from orchestration.enqueue import broker_is_redis_at
+        from streams.enqueue import broker_is_redis_at
 
         options = {"socket_timeout": STATE_TIMEOUT_S, "socket_connect_timeout": STATE_TIMEOUT_S}
         client = redis.Redis.from_url(settings.REDIS_URL, **options)

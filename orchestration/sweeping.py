@@ -9,8 +9,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from orchestration.runs import RunStore
 from orchestration.tickets import reconcile_tickets
+from streams.runs import RunStore
 
 logger = logging.getLogger(__name__)
 
