@@ -626,6 +626,28 @@ class BenchEnv:
         shutil.rmtree(self._db_dir, ignore_errors=True)
 
 
+# Log lines (WARNING and up, which benchmarks keep) that explain a latency tail: each is a
+# run that waited for something other than its model.
+INCIDENTS = {
+    "lease lapsed, step redelivered": "step redelivered after its lease ran out",
+    "runtime full, message handed back": "reject requeue=True: model-call runtime full",
+    "queued run without a ticket": "queued runs without a ticket",
+    "loop wedged, worker exited": "its event loop has not run for",
+}
+
+
+def count_incidents(log_dir: Path) -> dict[str, int]:
+    """How often the servers' logs in `log_dir` report each of INCIDENTS (absent: 0)."""
+    counts = dict.fromkeys(INCIDENTS, 0)
+    for path in log_dir.glob("*.log"):
+        with open(path, encoding="utf-8", errors="replace") as log:
+            for line in log:
+                for label, needle in INCIDENTS.items():
+                    if needle in line:
+                        counts[label] += 1
+    return {label: count for label, count in counts.items() if count}
+
+
 def server_processes(cluster: Cluster) -> dict[str, int]:
     """The processes whose memory and CPU a benchmark reports (an embedded Redis included)."""
     return {name: proc.pid for name, proc in cluster.processes.items()}

@@ -48,6 +48,7 @@ from bench.common import (
     MeasuredWindow,
     Results,
     benchmark_parser,
+    count_incidents,
     fmt_ms,
     fmt_ratio,
     gateway_base,
@@ -230,9 +231,11 @@ def run_switchboard(
         processes, profile = window.stop()
         stats = client.all("stats")
         client.all("close", group="load")
-    return summarise_switchboard(
+    summary = summarise_switchboard(
         opened, replies, processes, stats, profile, calls, args, idle_rss, worker
     )
+    # Read after the cluster stopped, so the logs are complete.
+    return summary | {"incidents": count_incidents(cluster.log_dir)}
 
 
 def summarise_switchboard(
@@ -338,6 +341,12 @@ def print_variant(result: dict) -> None:
         f" peak RSS {result['worker_peak_rss_mib']} MiB,"
         f" {result['worker_rss_per_1000_calls_mib']} MiB per 1,000 calls in flight"
     )
+    if "incidents" in result:
+        incidents = result["incidents"]
+        print(
+            "  incidents: "
+            + (", ".join(f"{label} x{count}" for label, count in incidents.items()) or "none")
+        )
     if result["server_processes"]:
         print_server_report(result)
 
