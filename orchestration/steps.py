@@ -28,7 +28,6 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from django.conf import settings
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -45,6 +44,7 @@ from ops import logcontext, metrics
 from orchestration.coalesce import Coalescer
 from orchestration.inflight import DRAIN, Held, InFlight
 from orchestration.reasons import degraded_message
+from project.conf import conf
 from streams.runs import AsyncRunStore, Fenced, Run, RunFinished, StaleOffset
 from workers import quotas
 from workers.backends import (
@@ -529,8 +529,8 @@ def step_context(run: Run, agent: Agent, step_index: int) -> StepContext:
 
 
 def _coalescer() -> Coalescer:
-    config = settings.SWITCHBOARD
-    return Coalescer(config.get("DELTA_FLUSH_CHARS", 64), config.get("DELTA_FLUSH_MS", 50) / 1000)
+    config = conf()
+    return Coalescer(config.delta_flush_chars, config.delta_flush_ms / 1000)
 
 
 _limits_cache: tuple[object, dict[str, quotas.BackendLimit]] | None = None
@@ -538,11 +538,11 @@ _limits_cache: tuple[object, dict[str, quotas.BackendLimit]] | None = None
 
 def _backend_limits() -> dict[str, quotas.BackendLimit]:
     global _limits_cache
-    raw = settings.SWITCHBOARD.get("BACKEND_LIMITS") or {}
+    raw = conf().backend_limits
     if _limits_cache is None or _limits_cache[0] is not raw:
         _limits_cache = (raw, quotas.parse_limits(raw))
     return _limits_cache[1]
 
 
 def _backoff_s(retries_so_far: int) -> float:
-    return settings.SWITCHBOARD["MODEL_RETRY_BACKOFF_S"] * (2**retries_so_far)
+    return conf().model_retry_backoff_s * (2**retries_so_far)
