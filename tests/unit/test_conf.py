@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 from django.conf import settings as django_settings
 from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 from pytest_django.fixtures import Settings
 
+import project.conf as conf_module
 from project.conf import Conf, conf
 from streams import keys
 
@@ -66,3 +70,16 @@ def test_a_missing_setting_is_named(settings: Settings) -> None:
     settings.SWITCHBOARD = incomplete
     with pytest.raises(ImproperlyConfigured, match="FAIR_QUEUE"):
         conf()
+
+
+def test_conf_imports_nothing_of_switchboard() -> None:
+    # Every package imports project.conf, so it must sit below all of them.
+    source = Path(conf_module.__file__).read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    standard = {"__future__", "collections", "dataclasses", "threading", "typing"}
+    assert imported <= standard | {"django", "redis"}, imported
