@@ -6,6 +6,10 @@ across tenants whatever the stream name holds.
 
 from __future__ import annotations
 
+from typing import Any
+
+from django.core.signals import setting_changed
+
 from project.conf import Conf, conf
 
 # The fixed names, read as module attributes (`keys.RUN_LEASES`) but built from the settings
@@ -73,9 +77,21 @@ def _names() -> dict[str, str]:
 
 def __getattr__(name: str) -> str:
     try:
-        return _names()[name]
+        value = _names()[name]
     except KeyError:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    # Kept as a module global from now on, so later reads are plain ones (a module
+    # __getattr__ costs about half a microsecond); _forget drops them on a settings change.
+    globals()[name] = value
+    return value
+
+
+def _forget(**kwargs: Any) -> None:
+    for name in _NAMES:
+        globals().pop(name, None)
+
+
+setting_changed.connect(_forget, dispatch_uid="switchboard-keys-forget")
 
 
 def _prefix() -> str:
