@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.conf import settings
+from project.conf import Conf, conf
 
 # Event kinds an agent may subscribe to: each is written by one transaction that also
 # enqueues its subscribers (FINALIZE_RUN for `reply.done`, APPEND_EVENT for a client's
@@ -78,8 +78,8 @@ class Step:
     # Whether the model's text streams into the reply (reply.delta) or only feeds the
     # next step.
     visible: bool = True
-    soft_limit_s: float = field(default_factory=lambda: settings.SWITCHBOARD["MODEL_SOFT_LIMIT_S"])
-    max_retries: int = field(default_factory=lambda: settings.SWITCHBOARD["MODEL_MAX_RETRIES"])
+    soft_limit_s: float = field(default_factory=lambda: conf().model_soft_limit_s)
+    max_retries: int = field(default_factory=lambda: conf().model_max_retries)
     # The least time a call of this step can do anything useful in. With less left before
     # the run's deadline (or before its backend's rate limit would let it start) the call
     # is not made: the client gets the fallback at once, reason `deadline` (`rate_limited`).
@@ -148,7 +148,7 @@ class On:
 class Agent:
     name: str
     steps: tuple[AnyStep, ...]
-    deadline_s: float = field(default_factory=lambda: settings.SWITCHBOARD["RUN_DEADLINE_S"])
+    deadline_s: float = field(default_factory=lambda: conf().run_deadline_s)
     subscribes: tuple[On, ...] = ()
     description: str = ""
 
@@ -255,8 +255,11 @@ def agent_names() -> list[str]:
     return sorted(_registry)
 
 
-# Backends that call nothing without a model name: the settings naming their default.
-MODEL_SETTINGS = {"openai": "OPENAI_MODEL", "anthropic": "ANTHROPIC_MODEL"}
+# Backends that call nothing without a model name, and the setting naming their default.
+DEFAULT_MODELS: dict[str, Callable[[Conf], str]] = {
+    "openai": lambda config: config.openai_model,
+    "anthropic": lambda config: config.anthropic_model,
+}
 
 
 def missing_configuration(agent: Agent, overrides: Mapping[str, str]) -> str:
@@ -264,10 +267,10 @@ def missing_configuration(agent: Agent, overrides: Mapping[str, str]) -> str:
     ("model not configured"), or "" when nothing it needs is known to be missing.
     `overrides` are the tenant's for this agent (TenantConfig.agent_overrides)."""
     for step in agent.steps:
-        setting = MODEL_SETTINGS.get(step.backend) if isinstance(step, Step) else None
-        if setting is None:
+        default_model = DEFAULT_MODELS.get(step.backend) if isinstance(step, Step) else None
+        if default_model is None:
             continue
-        if not (overrides.get("model") or step.model or settings.SWITCHBOARD.get(setting)):
+        if not (overrides.get("model") or step.model or default_model(conf())):
             return "model not configured"
     return ""
 

@@ -108,6 +108,7 @@ async def measure_variant(variant: str, args: argparse.Namespace, redis_url: str
     import redis
     import redis.asyncio as aredis
     from django.conf import settings
+    from django.test import override_settings
 
     from client.connection import since_last_restart
     from orchestration.inflight import InFlight
@@ -116,11 +117,15 @@ async def measure_variant(variant: str, args: argparse.Namespace, redis_url: str
     from streams.runs import AsyncRunStore
 
     flush_chars = 0 if variant == "per_piece" else args.flush_chars
-    settings.SWITCHBOARD = {
-        **settings.SWITCHBOARD,
-        "DELTA_FLUSH_CHARS": flush_chars,
-        "DELTA_FLUSH_MS": args.flush_ms,
-    }
+    # Through override_settings, whose signal makes project.conf read the settings again.
+    variant_settings = override_settings(
+        SWITCHBOARD={
+            **settings.SWITCHBOARD,
+            "DELTA_FLUSH_CHARS": flush_chars,
+            "DELTA_FLUSH_MS": args.flush_ms,
+        }
+    )
+    variant_settings.enable()
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
     # The worker's side: its loop's client, the shared renewal and the stop listener.
@@ -183,6 +188,7 @@ async def measure_variant(variant: str, args: argparse.Namespace, redis_url: str
         await asyncio.gather(*services, return_exceptions=True)
         await worker_client.aclose()
         await listener_client.aclose()
+        variant_settings.disable()
     client.flushdb()
     client.close()
     replies = len(durations)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import redis
-from django.conf import settings
 from django.db import DataError, IntegrityError, transaction
 from django.utils import timezone
 from redis.exceptions import LockError
@@ -33,6 +32,7 @@ from history.records import (
     reply_from_run,
     retention_cutoff,
 )
+from project.conf import conf
 from realtime.models import Tenant
 from streams import keys
 
@@ -90,7 +90,7 @@ def persist(client: redis.Redis, batch_size: int | None = None) -> int:
         return 0
     try:
         _report_dropped(client)
-        size = min(max(batch_size or settings.SWITCHBOARD["HISTORY_BATCH"], 1), MAX_BATCH)
+        size = min(max(batch_size or conf().history_batch, 1), MAX_BATCH)
         take = client.register_script(TAKE_BATCH)
         handled = 0
         for _ in range(MAX_BATCHES):
@@ -254,16 +254,14 @@ def _report_dropped(client: redis.Redis) -> None:
             "history outbox overflowed: %s finished runs in all were dropped before they "
             "were persisted (SWITCHBOARD_HISTORY_OUTBOX_MAX=%s)",
             dropped,
-            settings.SWITCHBOARD["HISTORY_OUTBOX_MAX"],
+            conf().history_outbox_max,
         )
     _dropped_seen = dropped
 
 
 def purge(retention_days: int | None = None, now: datetime | None = None) -> int:
     """Delete rows older than the retention, in chunks; returns how many."""
-    days = (
-        settings.SWITCHBOARD["HISTORY_RETENTION_DAYS"] if retention_days is None else retention_days
-    )
+    days = conf().history_retention_days if retention_days is None else retention_days
     cutoff = retention_cutoff(now or timezone.now(), days)
     if cutoff is None:
         return 0

@@ -38,7 +38,6 @@ from wsgiref.simple_server import WSGIServer
 
 import orjson
 import redis
-from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -53,6 +52,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from redis.exceptions import RedisError
 
+from project.conf import conf
 from streams import keys
 
 logger = logging.getLogger(__name__)
@@ -603,13 +603,12 @@ def state_collector() -> RedisStateCollector:
     """This process's collector, on its own short-timeout clients (never the hot path's)."""
     global _state
     if _state is None:
-        from streams.enqueue import broker_is_redis_at
-
+        config = conf()
         options = {"socket_timeout": STATE_TIMEOUT_S, "socket_connect_timeout": STATE_TIMEOUT_S}
-        client = redis.Redis.from_url(settings.REDIS_URL, **options)
-        broker_url = settings.CELERY_BROKER_URL
+        client = redis.Redis.from_url(config.redis_url, **options)
+        broker_url = config.broker_url
         broker: redis.Redis | None = None
-        if broker_is_redis_at(broker_url, settings.REDIS_URL):
+        if config.broker_in_streams_redis:
             broker = client
         elif broker_url.startswith(("redis://", "rediss://", "unix://")):
             broker = redis.Redis.from_url(broker_url, **options)
@@ -623,7 +622,7 @@ def state_collector() -> RedisStateCollector:
 
 
 def multiprocess_dir() -> str:
-    return settings.PROMETHEUS_MULTIPROC_DIR
+    return conf().prometheus_multiproc_dir
 
 
 class _ThisProcess:
@@ -653,7 +652,7 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
     """GET /metrics on gateways: the host's processes and the cluster state. It names every
     tenant and its traffic, and the gateway's port is the clients' too: only a scraper
     with SWITCHBOARD_METRICS_TOKEN as its bearer token is answered."""
-    expected = settings.SWITCHBOARD["METRICS_TOKEN"]
+    expected = conf().metrics_token
     if not expected:
         return HttpResponse(
             "metrics are off: set SWITCHBOARD_METRICS_TOKEN and scrape with it as a bearer token\n",

@@ -19,11 +19,11 @@ import time
 from dataclasses import dataclass
 
 from celery.exceptions import Reject
-from django.conf import settings
 
 from ops.collector import tune_for_long_lived_connections
 from orchestration.inflight import DRAIN, InFlight
 from orchestration.steps import CLAIM_RETRY_S, StepOutcome, durably, execute_step
+from project.conf import conf
 from streams.fairness import AsyncFairQueue
 from streams.redis_clients import async_client, pubsub_client
 from streams.runs import AsyncRunStore
@@ -56,7 +56,7 @@ def worker_side() -> WorkerSide:
         if _side is None:
             # Thousands of held calls make the heap large and long-lived, like a gateway's
             # sockets: full collections of it would stall the loop (ops/collector.py).
-            tune_for_long_lived_connections(settings.SWITCHBOARD["GC_YOUNG_THRESHOLD"])
+            tune_for_long_lived_connections(conf().gc_young_threshold)
             engine = runtime()
             store = AsyncRunStore(async_client())
             inflight = InFlight(store)
@@ -117,7 +117,7 @@ def drain() -> None:
     side = _side
     if side is None:
         return
-    bound = settings.SWITCHBOARD["WORKER_DRAIN_S"]
+    bound = conf().worker_drain_s
 
     async def hand_over() -> int:
         return side.inflight.stop_all(DRAIN)

@@ -28,7 +28,6 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from django.conf import settings
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -45,6 +44,7 @@ from ops import logcontext, metrics
 from orchestration.coalesce import Coalescer
 from orchestration.inflight import DRAIN, Held, InFlight
 from orchestration.reasons import degraded_message
+from project.conf import conf
 from streams.runs import AsyncRunStore, Fenced, Run, RunFinished, StaleOffset
 from workers import quotas
 from workers.backends import (
@@ -208,7 +208,8 @@ class _Step:
     # --- model steps -----------------------------------------------------------------------
 
     async def execute_model(self, step: Step, prompt: str) -> StepOutcome:
-        run = self.run
+        """Attempts of the model call until one answers, the step must fall back, or the run
+        is ended elsewhere (Fenced, RunFinished, cancelled: raised to the caller)."""
         if not await self.take_budgets(step, prompt):
             return await self.fall_back("rate_limited")
         while True:
@@ -218,81 +219,66 @@ class _Step:
             try:
                 output = await self.call_model(step, prompt)
             except ModelError as error:
-                elapsed = time.monotonic() - started
-                logger.warning(
-                    "model call failed tenant=%s run=%s step=%s attempt=%s transient=%s "
-                    "after=%.3fs: %s",
-                    run.tenant,
-                    run.run_id,
-                    self.index,
-                    self.retries + 1,
-                    error.transient,
-                    elapsed,
-                    error,
-                )
-                # A call that ran out its soft limit has had the step's time: the fallback
-                # now, not another attempt, so the client waits at most the soft limit.
-                spent = isinstance(error, ModelTimeout)
-                if error.transient and not spent and self.retries < step.max_retries:
-                    # The provider's Retry-After, when it gave one, is the least wait.
-                    backoff = max(_backoff_s(self.retries), error.retry_after_s or 0.0)
-                    if self.time_for_call() > backoff + step.min_budget_s:
-                        self.called(step, "error", started)
-                        await asyncio.sleep(backoff)
-                        self.retries += 1
-                        if step.visible and run.emitted != run.step_base:
-                            await self.restart("retry")
-                        continue
-                self.called(step, "timeout" if spent else "fallback", started)
-                return await self.fall_back("timeout" if spent else "model_error", error)
+                self.log_failed_call(error, started)
+                backoff = self.retry_backoff(step, error)
+                if backoff is None:
+                    spent = isinstance(error, ModelTimeout)
+                    self.called(step, "timeout" if spent else "fallback", started)
+                    return await self.fall_back("timeout" if spent else "model_error", error)
+                self.called(step, "error", started)
+                await self.next_attempt(step, backoff)
+                continue
             except (Fenced, RunFinished, asyncio.CancelledError):
                 self.called(step, "cancelled", started)
                 raise
             except Exception:
                 # A bug or an unclassified backend failure still owes the client its reply.
                 self.called(step, "fallback", started)
-                logger.exception("step failed run=%s step=%s", run.run_id, self.index)
+                logger.exception("step failed run=%s step=%s", self.run.run_id, self.index)
                 return await self.fall_back("internal")
             self.called(step, "ok", started)
             return await self.done(output)
 
+    def log_failed_call(self, error: ModelError, started: float) -> None:
+        logger.warning(
+            "model call failed tenant=%s run=%s step=%s attempt=%s transient=%s after=%.3fs: %s",
+            self.run.tenant,
+            self.run.run_id,
+            self.index,
+            self.retries + 1,
+            error.transient,
+            time.monotonic() - started,
+            error,
+        )
+
+    def retry_backoff(self, step: Step, error: ModelError) -> float | None:
+        """How long to wait before another attempt, or None: the step falls back now."""
+        # A call that ran out its soft limit has had the step's time: the fallback now, not
+        # another attempt, so the client waits at most the soft limit.
+        spent = isinstance(error, ModelTimeout)
+        if not error.transient or spent or self.retries >= step.max_retries:
+            return None
+        # The provider's Retry-After, when it gave one, is the least wait.
+        backoff = max(_backoff_s(self.retries), error.retry_after_s or 0.0)
+        if self.time_for_call() <= backoff + step.min_budget_s:
+            return None  # no time left for a useful attempt after the wait
+        return backoff
+
+    async def next_attempt(self, step: Step, backoff: float) -> None:
+        """Wait, then void what the failed attempt streamed: a reply is one model output."""
+        await asyncio.sleep(backoff)
+        self.retries += 1
+        if step.visible and self.run.emitted != self.run.step_base:
+            await self.restart("retry")
+
     async def call_model(self, step: Step, prompt: str) -> str:
         """One attempt: stream the model's pieces into the reply (coalesced), within the
         step's soft limit and the run's deadline. Returns the step's whole output."""
-        run = self.run
         budget = min(step.soft_limit_s, self.time_for_call())
-        overrides = run.agent_config if step.backend != "simulated" else {}
-        request = ModelRequest(
-            model=overrides.get("model") or step.model,
-            prompt=prompt,
-            options=run.options,
-            attempt=self.retries + 1,
-            api_key_env=overrides.get("api_key_env", ""),
-            base_url=overrides.get("base_url", ""),
-        )
-        backend = get_backend(step.backend)
+        request = self.model_request(step, prompt)
         coalescer = _coalescer()
-        produced: list[str] = []
-        loop = asyncio.get_running_loop()
-        # The soft limit times the model, not Redis: only waits for the next piece count
-        # against it, so a write riding out a Redis restart does not use the model's time
-        # (the run's deadline still bounds everything).
-        limit_at = loop.time() + budget
-        last_moment = loop.time() + self.time_for_call()
         try:
-            pieces: AsyncIterator[str] = open_stream(backend, request, time.monotonic() + budget)
-            async with aclosing(pieces):  # type: ignore[type-var]
-                while True:
-                    try:
-                        async with asyncio.timeout_at(limit_at):
-                            piece = await anext(pieces)
-                    except StopAsyncIteration:
-                        break
-                    produced.append(piece)
-                    if step.visible and (text := coalescer.add(piece)):
-                        began = loop.time()
-                        await self.append(text)
-                        limit_at = min(limit_at + loop.time() - began, last_moment)
+            output = await self.stream_pieces(step, request, budget, coalescer)
         except TimeoutError:
             # What was produced before the limit is kept: the fallback follows it.
             await self.append_pending(coalescer)
@@ -304,6 +290,47 @@ class _Step:
             request.cancelled.set()
             raise
         await self.append_pending(coalescer)
+        return output
+
+    def model_request(self, step: Step, prompt: str) -> ModelRequest:
+        """The call as the backend gets it, with the tenant's overrides for this agent (none
+        for the simulated backend, whose options are the test's)."""
+        overrides = self.run.agent_config if step.backend != "simulated" else {}
+        return ModelRequest(
+            model=overrides.get("model") or step.model,
+            prompt=prompt,
+            options=self.run.options,
+            attempt=self.retries + 1,
+            api_key_env=overrides.get("api_key_env", ""),
+            base_url=overrides.get("base_url", ""),
+        )
+
+    async def stream_pieces(
+        self, step: Step, request: ModelRequest, budget: float, coalescer: Coalescer
+    ) -> str:
+        """The model's pieces, appended as the coalescer lets them go; raises TimeoutError
+        past the soft limit. Returns every piece, appended or still pending."""
+        backend = get_backend(step.backend)
+        produced: list[str] = []
+        loop = asyncio.get_running_loop()
+        # The soft limit times the model, not Redis: only waits for the next piece count
+        # against it, so a write riding out a Redis restart does not use the model's time
+        # (the run's deadline still bounds everything).
+        limit_at = loop.time() + budget
+        last_moment = loop.time() + self.time_for_call()
+        pieces: AsyncIterator[str] = open_stream(backend, request, time.monotonic() + budget)
+        async with aclosing(pieces):  # type: ignore[type-var]
+            while True:
+                try:
+                    async with asyncio.timeout_at(limit_at):
+                        piece = await anext(pieces)
+                except StopAsyncIteration:
+                    break
+                produced.append(piece)
+                if step.visible and (text := coalescer.add(piece)):
+                    began = loop.time()
+                    await self.append(text)
+                    limit_at = min(limit_at + loop.time() - began, last_moment)
         return "".join(produced)
 
     async def append_pending(self, coalescer: Coalescer) -> None:
@@ -529,8 +556,8 @@ def step_context(run: Run, agent: Agent, step_index: int) -> StepContext:
 
 
 def _coalescer() -> Coalescer:
-    config = settings.SWITCHBOARD
-    return Coalescer(config.get("DELTA_FLUSH_CHARS", 64), config.get("DELTA_FLUSH_MS", 50) / 1000)
+    config = conf()
+    return Coalescer(config.delta_flush_chars, config.delta_flush_ms / 1000)
 
 
 _limits_cache: tuple[object, dict[str, quotas.BackendLimit]] | None = None
@@ -538,11 +565,11 @@ _limits_cache: tuple[object, dict[str, quotas.BackendLimit]] | None = None
 
 def _backend_limits() -> dict[str, quotas.BackendLimit]:
     global _limits_cache
-    raw = settings.SWITCHBOARD.get("BACKEND_LIMITS") or {}
+    raw = conf().backend_limits
     if _limits_cache is None or _limits_cache[0] is not raw:
         _limits_cache = (raw, quotas.parse_limits(raw))
     return _limits_cache[1]
 
 
 def _backoff_s(retries_so_far: int) -> float:
-    return settings.SWITCHBOARD["MODEL_RETRY_BACKOFF_S"] * (2**retries_so_far)
+    return conf().model_retry_backoff_s * (2**retries_so_far)

@@ -40,11 +40,11 @@ import logging
 import time
 
 import redis
-from django.conf import settings
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
+from project.conf import conf
 from streams import keys
-from streams.enqueue import RUN_NEXT_TASK, broker_is_redis_at, celery_message
+from streams.enqueue import RUN_NEXT_TASK, celery_message
 from streams.log import RUNS_QUEUE
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def runs_queue_lists() -> list[str]:
     """The Redis lists kombu keeps the runs queue in: one per priority step (priority 0,
     every message we send, is the queue's own name)."""
     base = keys.celery_queue(RUNS_QUEUE)
-    options = settings.CELERY_BROKER_TRANSPORT_OPTIONS
+    options = conf().broker_transport_options
     separator = options.get("sep", Channel.sep)
     steps = options.get("priority_steps", PRIORITY_STEPS)
     return [base if step == 0 else f"{base}{separator}{step}" for step in steps]
@@ -139,12 +139,12 @@ def reconcile_tickets(client: redis.Redis) -> int:
     At most once per SWEEP_INTERVAL_S across all sweepers; skipped (0) with a broker that
     is not the streams' Redis."""
     global _skipped_logged
-    if not broker_is_redis_at(settings.CELERY_BROKER_URL, settings.REDIS_URL):
+    if not conf().broker_in_streams_redis:
         if not _skipped_logged:
             _skipped_logged = True
             logger.info("ticket reconciliation off: the Celery broker is not the streams' Redis")
         return 0
-    interval_ms = max(1, int(settings.SWEEP_INTERVAL_S * 1000))
+    interval_ms = max(1, int(conf().sweep_interval_s * 1000))
     if not client.set(keys.TICKETS_RECONCILED, "1", nx=True, px=interval_ms):
         return 0  # another sweeper reconciled within the interval
     queued, waiting, reserved = count_tickets(client)

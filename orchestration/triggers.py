@@ -19,11 +19,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from django.conf import settings
-
 from agents import Agent, subscribers
+from project.conf import conf
 from streams import keys
-from streams.enqueue import broker_is_redis_at
 from streams.events import dumps, new_run_id
 from streams.fairness import quantum
 from streams.log import (
@@ -165,8 +163,8 @@ def _start_one(store: RunStore, cause: Cause, agent: Agent, config: Any) -> Trig
         return Triggered(agent.name, "too_deep")
     new_id = new_run_id()
     deadline = time.time() + agent.deadline_s
-    fair = settings.SWITCHBOARD["FAIR_QUEUE"]
-    same_redis = broker_is_redis_at(settings.CELERY_BROKER_URL, settings.REDIS_URL)
+    fair = conf().fair_queue
+    same_redis = conf().broker_in_streams_redis
     message = first_task_message(new_id) if same_redis else ""
     fields: dict[str, Any] = {
         "run": new_id,

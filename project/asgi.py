@@ -19,6 +19,7 @@ django_asgi_app = get_asgi_application()
 from channels.routing import URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 
+from project.conf import conf  # noqa: E402
 from realtime.consumer import GatewayConsumer  # noqa: E402
 from realtime.daphne_tuning import bound_http_requests, defer_debug_formatting  # noqa: E402
 from realtime.lifecycle import install_daphne_drain  # noqa: E402
@@ -30,7 +31,7 @@ if "bench" in settings.INSTALLED_APPS:
     from bench.routing import websocket_urlpatterns as bench_routes
 
     other_websockets = BrowserOriginValidator(
-        URLRouter(bench_routes), settings.WEBSOCKET_ALLOWED_ORIGINS
+        URLRouter(bench_routes), conf().websocket_allowed_origins
     )
 
 
@@ -53,7 +54,7 @@ def application(scope: dict[str, Any], receive: Any, send: Any) -> Awaitable[Non
 application._asgi_single_callable = True  # type: ignore[attr-defined]
 
 
-install_daphne_drain(settings.SWITCHBOARD["DRAIN_S"])
+install_daphne_drain(conf().drain_s)
 if "daphne.server" in sys.modules:
     defer_debug_formatting()
-    bound_http_requests(settings.SWITCHBOARD["REQUEST_TIMEOUT_S"])
+    bound_http_requests(conf().request_timeout_s)

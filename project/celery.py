@@ -93,9 +93,9 @@ def _metrics_process_dead(**kwargs: object) -> None:
 @worker_ready.connect
 def _serve_worker_metrics(**kwargs: object) -> None:
     """SWITCHBOARD_WORKER_METRICS_PORT: the host's metrics from the worker's main process."""
-    from django.conf import settings
+    from project.conf import conf
 
-    if settings.WORKER_METRICS_PORT:
+    if conf().worker_metrics_port:
         from ops.metrics import start_worker_exporter
 
-        start_worker_exporter(settings.WORKER_METRICS_PORT)
+        start_worker_exporter(conf().worker_metrics_port)

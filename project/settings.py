@@ -354,7 +354,8 @@ SWITCHBOARD = {
     "FAIR_QUEUE": env_bool("SWITCHBOARD_FAIR_QUEUE", True),
     # The "openai" backend (workers/openai_backend.py): any OpenAI-compatible server
     # (OpenAI, vLLM, Ollama, llama.cpp), so the URL is configurable.
-    "OPENAI_BASE_URL": env_str("SWITCHBOARD_OPENAI_BASE_URL", "https://api.openai.com/v1"),
+    # (Set but empty, as a compose file may leave it, means the default, like unset.)
+    "OPENAI_BASE_URL": env_str("SWITCHBOARD_OPENAI_BASE_URL", "") or "https://api.openai.com/v1",
     # The NAME of the variable holding the API key, so the key stays out of settings and
     # the database ("" sends no key, as local servers need none).
     "OPENAI_API_KEY_ENV": env_str("SWITCHBOARD_OPENAI_API_KEY_ENV", "OPENAI_API_KEY"),
@@ -362,7 +363,8 @@ SWITCHBOARD = {
     "OPENAI_MODEL": env_str("SWITCHBOARD_OPENAI_MODEL", ""),
     # The "anthropic" backend (workers/anthropic_backend.py), Anthropic's Messages API;
     # configured like "openai", the key by the NAME of its variable.
-    "ANTHROPIC_BASE_URL": env_str("SWITCHBOARD_ANTHROPIC_BASE_URL", "https://api.anthropic.com/v1"),
+    "ANTHROPIC_BASE_URL": env_str("SWITCHBOARD_ANTHROPIC_BASE_URL", "")
+    or "https://api.anthropic.com/v1",
     "ANTHROPIC_API_KEY_ENV": env_str("SWITCHBOARD_ANTHROPIC_API_KEY_ENV", "ANTHROPIC_API_KEY"),
     "ANTHROPIC_MODEL": env_str("SWITCHBOARD_ANTHROPIC_MODEL", ""),
     # The tenant whose tokens /demo/token hands to anyone who asks, for the demo page

@@ -3,7 +3,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django import forms
-from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db import models, transaction
@@ -18,6 +17,7 @@ from redis.exceptions import RedisError
 
 from agents import agent_names
 from history.admin import history_url
+from project.conf import conf
 from realtime.control import announce_tenant_change
 from realtime.models import Tenant, TenantAgent
 from realtime.operations import TENANTS_SHOWN, snapshot
@@ -297,7 +297,7 @@ class TenantAdmin(admin.ModelAdmin):
             "opts": self.opts,
             "tenant": tenant,
             "new_secret": new_secret,
-            "grace_s": settings.SWITCHBOARD["SECRET_ROTATION_GRACE_S"],
+            "grace_s": conf().secret_rotation_grace_s,
             "previous_until": until if new_secret else None,
             "apply_within_s": _apply_within_s(),
         }
@@ -344,5 +344,5 @@ def _when(moment: datetime) -> str:
 
 def _apply_within_s() -> float:
     """How long a gateway that missed the control message takes to apply a change."""
-    config = settings.SWITCHBOARD
-    return round(config["TENANT_CACHE_S"] + config["TENANT_CHECK_S"], 1)
+    config = conf()
+    return round(config.tenant_cache_s + config.tenant_check_s, 1)

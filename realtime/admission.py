@@ -32,10 +32,10 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aredis
-from django.conf import settings
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from project.conf import conf
 from realtime.protocol import ProtocolError
 from realtime.tenants import TenantConfig
 from streams import keys
@@ -80,7 +80,7 @@ FAULT_OPTIONS = ("fail", "latency_ms", "chunk_delay_ms")
 
 def run_options(options: dict[str, Any], tenant: TenantConfig) -> dict[str, Any]:
     """A send's options as its run keeps them: without FAULT_OPTIONS unless allowed."""
-    if tenant.fault_injection or settings.SWITCHBOARD["FAULT_INJECTION"]:
+    if tenant.fault_injection or conf().fault_injection:
         return options
     if not any(name in options for name in FAULT_OPTIONS):
         return options
@@ -239,9 +239,9 @@ class ConnectionRegistry:
     next renewal of any gateway. An idle connection costs nothing per interval."""
 
     def __init__(self, client_factory: Callable[[], aredis.Redis]) -> None:
-        config = settings.SWITCHBOARD
-        self.ttl_ms = max(1, round(config["PRESENCE_TTL_S"] * 1000))
-        self.refresh_s: float = config["PRESENCE_REFRESH_S"]
+        config = conf()
+        self.ttl_ms = max(1, round(config.presence_ttl_s * 1000))
+        self.refresh_s: float = config.presence_refresh_s
         # Random per process: a restarted gateway never renews its predecessor's lease.
         self.gateway_id = secrets.token_hex(8)
         self._client_factory = client_factory

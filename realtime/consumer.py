@@ -21,13 +21,13 @@ from urllib.parse import parse_qs
 
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
-from django.conf import settings
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agents import UnknownAgent, get_agent
 from ops import logcontext, metrics
 from ops.collector import tune_for_long_lived_connections
+from project.conf import conf
 from realtime.admission import (
     connection_registry,
     limit_retry_ms,
@@ -89,7 +89,6 @@ from streams.redis_clients import async_client
 logger = logging.getLogger(__name__)
 
 
-ORIGINS = BrowserOriginValidator(None, settings.WEBSOCKET_ALLOWED_ORIGINS)
 _CHECKPOINTER = checkpointer()
 # Traffic recording for load replay: a dict lookup per frame while a tenant is not recorded.
 _RECORDER = get_recorder()
@@ -206,9 +205,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         super().__init__(*args, **kwargs)
         self.state = ConnectionState.CONNECTING
         self.subscriptions: dict[str, StreamSubscription] = {}
-        self.outbox = Outbox(
-            settings.SWITCHBOARD["OUTBOX_MAX_EVENTS"], settings.SWITCHBOARD["OUTBOX_MAX_BYTES"]
-        )
+        self.outbox = Outbox(conf().outbox_max_events, conf().outbox_max_bytes)
         self.connection_id = secrets.token_hex(6)
         self.socket: DaphneSocket | None = None
         self._room: asyncio.Event | None = None  # set when a paged catch-up may go on
@@ -243,7 +240,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
     async def websocket_connect(self, message: dict[str, Any]) -> None:
         # This task runs the whole connection: its log lines carry these ids from here on.
         logcontext.bind(connection=self.connection_id)
-        if not ORIGINS.allows(self.scope):
+        if not BrowserOriginValidator(None, conf().websocket_allowed_origins).allows(self.scope):
             await self.base_send({"type": "websocket.close"})  # refused: HTTP 403
             self.state = ConnectionState.CLOSED
             return
@@ -338,7 +335,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                     "tenant": identity.tenant,
                     "session": self.session_id,
                     "resumed": bool(requested),
-                    "heartbeat_s": settings.SWITCHBOARD["HEARTBEAT_S"],
+                    "heartbeat_s": conf().heartbeat_s,
                     "limits": self.tenant.public_limits(),
                 }
             )
@@ -381,7 +378,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         )
 
     async def _accept(self) -> None:
-        tune_for_long_lived_connections(settings.SWITCHBOARD["GC_YOUNG_THRESHOLD"])
+        tune_for_long_lived_connections(conf().gc_young_threshold)
         await self.base_send({"type": "websocket.accept"})
         self.state = ConnectionState.OPEN
         protocol = daphne_protocol(self.base_send)
@@ -578,7 +575,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         if self.state is not ConnectionState.OPEN or not self.session_id:
             return None
         changed, gone = position_changes(self._saved_positions, self._delivered_positions())
-        refresh = now - self._session_refreshed_at > settings.SWITCHBOARD["SESSION_TTL_S"] / 3
+        refresh = now - self._session_refreshed_at > conf().session_ttl_s / 3
         if not (changed or gone or refresh):
             return None
         return PendingSave(
@@ -607,7 +604,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 self.identity.client,
                 changed,
                 gone,
-                settings.SWITCHBOARD["SESSION_TTL_S"],
+                conf().session_ttl_s,
             )
         )
         lifecycle.track(task)
@@ -737,7 +734,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         store = stream_store()
         try:
             if not to_head:
-                await asyncio.sleep(settings.SWITCHBOARD["GAP_REPAIR_S"])  # it may yet arrive
+                await asyncio.sleep(conf().gap_repair_s)  # it may yet arrive
             target = await store.head(tenant, stream) if to_head else 0
             next_seq = subscription.cursor.next_seq
             if to_head and next_seq is not None and target < next_seq - 1:

@@ -32,9 +32,9 @@ from typing import Any, Protocol
 
 import orjson
 import redis.asyncio as aredis
-from django.conf import settings
 from redis.exceptions import RedisError
 
+from project.conf import conf
 from realtime.auth import SECRET_ROTATED, Identity
 from realtime.protocol import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED
 from realtime.tenants import TenantCache, TenantConfig
@@ -274,7 +274,5 @@ def tenant_control() -> TenantControl:
         from realtime.tenants import tenant_cache
         from streams.redis_clients import pubsub_client
 
-        _control = TenantControl(
-            tenant_cache, pubsub_client, settings.SWITCHBOARD["TENANT_CHECK_S"]
-        )
+        _control = TenantControl(tenant_cache, pubsub_client, conf().tenant_check_s)
     return _control

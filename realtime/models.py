@@ -5,11 +5,11 @@ from __future__ import annotations
 import secrets
 from datetime import datetime, timedelta
 
-from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models, transaction
 from django.utils import timezone
 
+from project.conf import conf
 from realtime.tenants import TENANT_SLUG_PATTERN
 
 
@@ -31,64 +31,66 @@ class Tenant(models.Model):
     previous_signing_secret = models.CharField(max_length=200, blank=True, editable=False)
     secret_rotated_at = models.DateTimeField(null=True, blank=True, editable=False)
     enabled = models.BooleanField(default=True)
+    # The per-tenant bounds' defaults are the settings' when the class is made (at import):
+    # migrations record a field's default as a value, and changing one is an operator's edit.
     max_frame_bytes = models.PositiveIntegerField(
-        default=settings.SWITCHBOARD["MAX_FRAME_BYTES"],
+        default=conf().max_frame_bytes,
         help_text="Largest client frame accepted; larger ones get too_large.",
     )
     stream_retention = models.PositiveIntegerField(
-        default=settings.SWITCHBOARD["STREAM_RETENTION"],
+        default=conf().stream_retention,
         help_text="Events kept per stream for resume; older ones answer history_expired.",
     )
     # Flow control (issue: every bound answers 429 at once instead of queueing).
     max_connections = models.PositiveIntegerField(
-        default=settings.SWITCHBOARD["MAX_CONNECTIONS_PER_TENANT"],
+        default=conf().max_connections_per_tenant,
         help_text="Open WebSocket connections for the whole tenant; past it, close 4029.",
     )
     max_connections_per_client = models.PositiveIntegerField(
-        default=settings.SWITCHBOARD["MAX_CONNECTIONS_PER_CLIENT"],
+        default=conf().max_connections_per_client,
         help_text="Open connections of one client id; past it, close 4029.",
     )
     max_runs_in_flight_per_connection = models.PositiveIntegerField(
-        default=settings.SWITCHBOARD["MAX_RUNS_IN_FLIGHT_PER_CONNECTION"],
+        default=conf().max_runs_in_flight_per_connection,
         help_text="Runs a connection may have unfinished; past it, send answers rate_limited.",
     )
     max_queued_runs = models.PositiveIntegerField(
-        default=settings.SWITCHBOARD["MAX_QUEUED_RUNS_PER_TENANT"],
+        default=conf().max_queued_runs_per_tenant,
         help_text="Runs of the tenant waiting for a worker; past it, send answers overloaded.",
     )
     client_messages_per_s = models.PositiveIntegerField(
-        default=settings.SWITCHBOARD["CLIENT_MESSAGES_PER_S"],
+        default=conf().client_messages_per_s,
         help_text="Sustained send/publish rate of one client (token bucket, all gateways).",
     )
     client_burst = models.PositiveIntegerField(
-        default=settings.SWITCHBOARD["CLIENT_BURST"],
+        default=conf().client_burst,
         help_text="Messages one client may send at once above its rate.",
     )
     tenant_messages_per_s = models.PositiveIntegerField(
-        default=settings.SWITCHBOARD["TENANT_MESSAGES_PER_S"],
+        default=conf().tenant_messages_per_s,
         help_text="Sustained send/publish rate of the whole tenant (all gateways).",
     )
     tenant_burst = models.PositiveIntegerField(
-        default=settings.SWITCHBOARD["TENANT_BURST"],
+        default=conf().tenant_burst,
         help_text="Messages the tenant may send at once above its rate.",
     )
     client_receipts_per_s = models.PositiveIntegerField(
-        default=settings.SWITCHBOARD["CLIENT_RECEIPTS_PER_S"],
+        default=conf().client_receipts_per_s,
         help_text="Sustained receipt rate of one client (a bucket apart from its messages').",
     )
     client_receipt_burst = models.PositiveIntegerField(
-        default=settings.SWITCHBOARD["CLIENT_RECEIPT_BURST"],
+        default=conf().client_receipt_burst,
         help_text="Receipts one client may send at once above that rate.",
     )
     max_subscriptions_per_connection = models.PositiveIntegerField(
-        default=settings.SWITCHBOARD["MAX_SUBSCRIPTIONS_PER_CONNECTION"],
+        default=conf().max_subscriptions_per_connection,
         help_text=(
             "Streams one connection may be subscribed to at once (subscribe, and streams it "
             "sends to); past it, rate_limited until it unsubscribes."
         ),
     )
     max_token_lifetime_s = models.PositiveIntegerField(
-        default=settings.SWITCHBOARD["MAX_TOKEN_LIFETIME_S"],
+        default=conf().max_token_lifetime_s,
         help_text="Longest a token may still be valid for: a later exp is refused (4001).",
     )
     fault_injection = models.BooleanField(
@@ -113,7 +115,7 @@ class Tenant(models.Model):
     )
     # Agents triggered by other agents' events could otherwise loop forever.
     max_causal_depth = models.PositiveSmallIntegerField(
-        default=settings.SWITCHBOARD["MAX_CAUSAL_DEPTH"],
+        default=conf().max_causal_depth,
         help_text=(
             "How many agent runs may follow one another by subscription (a run caused by an "
             "event of a run caused by ...). A client's own message starts depth 0; a "
@@ -159,7 +161,7 @@ class Tenant(models.Model):
         """When tokens signed with the previous secret stop verifying (None: no previous)."""
         if not self.previous_signing_secret or self.secret_rotated_at is None:
             return None
-        grace = timedelta(seconds=settings.SWITCHBOARD["SECRET_ROTATION_GRACE_S"])
+        grace = timedelta(seconds=conf().secret_rotation_grace_s)
         return self.secret_rotated_at + grace
 
 

@@ -25,11 +25,10 @@ from typing import Any
 import orjson
 import redis
 import redis.asyncio as aredis
-from django.conf import settings
 from redis.exceptions import RedisError
 
+from project.conf import conf
 from streams import keys
-from streams.enqueue import broker_is_redis_at
 
 logger = logging.getLogger(__name__)
 
@@ -395,8 +394,8 @@ def attach_runs(workers: list[dict[str, Any]], runs: Iterable[dict[str, Any]], n
 
 def broker_client(client: redis.Redis) -> redis.Redis | None:
     """The Redis holding Celery's queues: this one, another Redis, or None (not Redis)."""
-    broker_url = settings.CELERY_BROKER_URL
-    if broker_is_redis_at(broker_url, settings.REDIS_URL):
+    broker_url = conf().broker_url
+    if conf().broker_in_streams_redis:
         return client
     if broker_url.startswith(("redis://", "rediss://", "unix://")):
         return redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=5)
@@ -449,7 +448,7 @@ def snapshot(
         redis_ok = False
         logger.warning("live page: Redis not read: %s", error)
         errors.append(f"Redis could not be read: {error}")
-    if redis_ok or not broker_is_redis_at(settings.CELERY_BROKER_URL, settings.REDIS_URL):
+    if redis_ok or not conf().broker_in_streams_redis:
         try:
             workers = read_workers(ask_workers)
         except Exception as error:  # noqa: BLE001 - any failure of the broadcast: say it

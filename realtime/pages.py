@@ -37,12 +37,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from django.conf import settings
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotModified
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_safe
 
 from agents import agent_names, get_agent, missing_configuration
+from project.conf import conf
 from realtime.auth import issue_token
 from realtime.tenants import tenant_cache
 
@@ -104,7 +104,7 @@ def _serve(request: HttpRequest, name: str) -> HttpResponse:
 
 
 def demo_tenant() -> str:
-    return settings.SWITCHBOARD["DEMO_TENANT"]
+    return conf().demo_tenant
 
 
 def _require_demo() -> str:

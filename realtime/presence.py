@@ -28,8 +28,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import redis.asyncio as aredis
-from django.conf import settings
 
+from project.conf import conf
 from streams import keys
 from streams.events import dumps, utc_now_iso
 
@@ -308,7 +308,7 @@ class PresenceStore:
             # Event ids are 32 hex digits like every other event's: 24 random, 8 counted.
             secrets.token_hex(12),
             dumps(utc_now_iso()),
-            settings.SWITCHBOARD["PRESENCE_ANNOUNCE_MAX"],
+            conf().presence_announce_max,
         ]
 
     async def join(self, tenant: str, stream: str, client: str, name: str) -> bool:
@@ -395,10 +395,10 @@ class PresenceTracker:
     """A gateway process's presence: local counts, their Redis entries, refresh and sweep."""
 
     def __init__(self, client_factory: Callable[[], aredis.Redis]) -> None:
-        config = settings.SWITCHBOARD
-        self.ttl_s: float = config["PRESENCE_TTL_S"]
-        self.refresh_s: float = config["PRESENCE_REFRESH_S"]
-        self.sweep_s: float = settings.SWEEP_INTERVAL_S
+        config = conf()
+        self.ttl_s: float = config.presence_ttl_s
+        self.refresh_s: float = config.presence_refresh_s
+        self.sweep_s: float = config.sweep_interval_s
         # Random per process: a restarted gateway never extends its predecessor's members,
         # which therefore expire as the ghosts they are.
         self.gateway_id = secrets.token_hex(8)

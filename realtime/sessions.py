@@ -33,8 +33,8 @@ from typing import Any, Protocol
 
 import orjson
 import redis.asyncio as aredis
-from django.conf import settings
 
+from project.conf import conf
 from streams import keys
 from streams.events import STREAM_NAME
 
@@ -172,7 +172,7 @@ class SessionStore:
 
     @staticmethod
     def _open_ttl() -> int:
-        return 2 * settings.SWITCHBOARD["SESSION_TTL_S"]
+        return 2 * conf().session_ttl_s
 
     def create(self) -> str:
         """A new session's id. Nothing is written until its first subscription: a
@@ -302,7 +302,7 @@ class Checkpointer:
         self.dirty.discard(connection)
 
     async def _run(self) -> None:
-        interval = settings.SWITCHBOARD["SESSION_CHECKPOINT_S"]
+        interval = conf().session_checkpoint_s
         while True:
             await asyncio.sleep(interval)
             try:
@@ -316,7 +316,7 @@ class Checkpointer:
         now = time.monotonic()
         if now >= self._next_full_pass:
             full = True
-            self._next_full_pass = now + settings.SWITCHBOARD["SESSION_TTL_S"] / 6
+            self._next_full_pass = now + conf().session_ttl_s / 6
         candidates = list(self.connections if full else self.dirty)
         store = self._store()
         self.dirty = set()

@@ -13,9 +13,8 @@ import asyncio
 import logging
 import random
 
-from django.conf import settings
-
 from orchestration.sweeping import sweep_runs
+from project.conf import conf
 from streams.redis_clients import sync_client
 from streams.runs import RunStore
 
@@ -32,7 +31,7 @@ def ensure_sweeping() -> None:
 
 
 async def _sweep_forever() -> None:
-    interval = settings.SWEEP_INTERVAL_S
+    interval = conf().sweep_interval_s
     store = RunStore(sync_client())
     while True:
         # Jitter keeps many gateways from sweeping in step.

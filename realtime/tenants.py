@@ -14,7 +14,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
-from django.conf import settings
+
+from project.conf import conf
 
 # The shape of Tenant.slug (its validator, realtime/models.py): 1 to 63 characters.
 TENANT_SLUG_PATTERN = r"\A[a-z0-9][a-z0-9_-]{0,62}\Z"
@@ -132,17 +133,38 @@ class TenantCache:
     known, so callers check its shape first (`valid_slug`), and both tables are bounded:
     past `max_tenants` (or `max_misses`) the least recently used entry goes. Misses have a
     table of their own, so a flood of unknown slugs never pushes a real tenant out: it
-    costs at most one database read per slug per ttl_s and `max_misses` entries."""
+    costs at most one database read per slug per ttl_s and `max_misses` entries.
 
-    def __init__(self, ttl_s: float, max_tenants: int = 10_000, max_misses: int = 10_000) -> None:
-        self.ttl_s = ttl_s
-        self.max_tenants = max(1, max_tenants)
-        self.max_misses = max(1, max_misses)
+    A bound not given is the setting's (SWITCHBOARD_TENANT_CACHE_S, _MAX, _MAX_MISSES), read
+    when used, so the process's cache, made at import, follows a settings change."""
+
+    def __init__(
+        self,
+        ttl_s: float | None = None,
+        max_tenants: int | None = None,
+        max_misses: int | None = None,
+    ) -> None:
+        self._ttl_s = ttl_s
+        self._max_tenants = max_tenants
+        self._max_misses = max_misses
         self._entries: OrderedDict[str, tuple[TenantConfig, float]] = OrderedDict()
         self._misses: OrderedDict[str, float] = OrderedDict()  # slug -> expires_at
         # One database read per slug at a time: a reconnect storm that finds the entry
         # expired waits for that read instead of sending thousands of identical queries.
         self._loading: dict[str, asyncio.Future[TenantConfig | None]] = {}
+
+    @property
+    def ttl_s(self) -> float:
+        return conf().tenant_cache_s if self._ttl_s is None else self._ttl_s
+
+    @property
+    def max_tenants(self) -> int:
+        return max(1, conf().tenant_cache_max if self._max_tenants is None else self._max_tenants)
+
+    @property
+    def max_misses(self) -> int:
+        limit = self._max_misses
+        return max(1, conf().tenant_cache_max_misses if limit is None else limit)
 
     def sizes(self) -> tuple[int, int]:
         """(tenants, misses) held now."""
@@ -228,8 +250,4 @@ def valid_slug(slug: object) -> bool:
     return isinstance(slug, str) and _SLUG.match(slug) is not None
 
 
-tenant_cache = TenantCache(
-    settings.SWITCHBOARD["TENANT_CACHE_S"],
-    settings.SWITCHBOARD["TENANT_CACHE_MAX"],
-    settings.SWITCHBOARD["TENANT_CACHE_MAX_MISSES"],
-)
+tenant_cache = TenantCache()

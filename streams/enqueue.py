@@ -77,11 +77,6 @@ def celery_message(
     return task_id, orjson.dumps(message).decode()
 
 
-def broker_is_redis_at(broker_url: str, redis_url: str) -> bool:
-    """True when Celery's broker is the very Redis database the streams live in."""
-    return broker_url.rstrip("/") == redis_url.rstrip("/")
-
-
 def enqueue_step(run_id: str, step: int) -> None:
     """Publish a run step through Celery itself (any broker)."""
     from orchestration.tasks import run_step

@@ -118,7 +118,8 @@ class Pick:
     skipped: int  # finished or overdue runs dropped from the queues on the way
 
 
-_PICK_KEYS = (keys.FAIR_RING, keys.FAIR_DEFICITS, keys.FAIR_WEIGHTS, keys.RUN_LEASES)
+def _pick_keys() -> list[str]:
+    return [keys.FAIR_RING, keys.FAIR_DEFICITS, keys.FAIR_WEIGHTS, keys.RUN_LEASES]
 
 
 def _picked(answer: list[bytes | str | int]) -> Pick:
@@ -137,7 +138,7 @@ class FairQueue:
     def pick(self, lease_s: float) -> Pick:
         return _picked(
             self._pick(
-                keys=list(_PICK_KEYS),
+                keys=_pick_keys(),
                 args=[keys.fair_queue(""), keys.run(""), lease_s, MAX_SKIPPED_PER_PICK],
             )
         )
@@ -159,7 +160,7 @@ class AsyncFairQueue:
     async def pick(self, lease_s: float) -> Pick:
         return _picked(
             await self._pick(
-                keys=list(_PICK_KEYS),
+                keys=_pick_keys(),
                 args=[keys.fair_queue(""), keys.run(""), lease_s, MAX_SKIPPED_PER_PICK],
             )
         )

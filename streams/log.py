@@ -9,15 +9,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aredis
-from django.conf import settings
 
 from agents import Agent, subscribers
+from project.conf import conf
 from realtime.protocol import Publish, Send
 from streams import keys, scripts
 from streams.enqueue import (
     PUBLISHED_TRIGGER_TASK,
     RUN_NEXT_TASK,
-    broker_is_redis_at,
     celery_message,
     enqueue_published_trigger,
     enqueue_step,
@@ -37,14 +36,14 @@ def first_task_message(run_id: str) -> str:
     """The Celery message that starts a new run, for the script creating the run to push:
     a fair-queue ticket (the worker that takes it runs whichever queued run is fairly
     next) or, with SWITCHBOARD_FAIR_QUEUE off, the run's own first step."""
-    if settings.SWITCHBOARD["FAIR_QUEUE"]:
+    if conf().fair_queue:
         return celery_message(RUN_NEXT_TASK, [], RUNS_QUEUE)[1]
     return celery_message(RUN_STEP_TASK, [run_id, 0], RUNS_QUEUE)[1]
 
 
 def enqueue_first_task(run_id: str) -> None:
     """The same through Celery itself, when its broker is not the streams' Redis."""
-    if settings.SWITCHBOARD["FAIR_QUEUE"]:
+    if conf().fair_queue:
         enqueue_ticket()
     else:
         enqueue_step(run_id, 0)
@@ -92,10 +91,10 @@ class StreamStore:
         self.client = client
         self._append_event = client.register_script(scripts.APPEND_EVENT)
         self._accept_send = client.register_script(scripts.ACCEPT_SEND)
-        self.retention = settings.SWITCHBOARD["STREAM_RETENTION"]
-        self.dedupe_ttl_s = settings.SWITCHBOARD["DEDUPE_TTL_S"]
+        self.retention = conf().stream_retention
+        self.dedupe_ttl_s = conf().dedupe_ttl_s
         # Atomic enqueue needs the broker to be this Redis; otherwise see accept_send.
-        self.enqueue_atomically = broker_is_redis_at(settings.CELERY_BROKER_URL, settings.REDIS_URL)
+        self.enqueue_atomically = conf().broker_in_streams_redis
 
     async def publish(
         self, tenant: str, client: str, frame: Publish, retention: int | None = None
@@ -170,7 +169,7 @@ class StreamStore:
             data={"text": frame.text, "agent": frame.agent},
         )
         deadline = time.time() + agent.deadline_s
-        fair = settings.SWITCHBOARD["FAIR_QUEUE"]
+        fair = conf().fair_queue
         message = first_task_message(run_id) if self.enqueue_atomically else ""
         if weight is None:
             weight = _cached_weight(tenant)

@@ -6,11 +6,12 @@ from typing import Any
 
 import redis
 import redis.asyncio as aredis
-from django.conf import settings
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
+
+from project.conf import conf
 
 _async_client: aredis.Redis | None = None
 _sync_client: redis.Redis | None = None
@@ -29,9 +30,9 @@ def _pool_options(asynchronous: bool) -> dict[str, Any]:
     return {
         "retry": retry_class(ExponentialBackoff(cap=0.5, base=0.05), 4),
         "retry_on_error": [RedisConnectionError],
-        "max_connections": settings.REDIS_MAX_CONNECTIONS,
+        "max_connections": conf().redis_max_connections,
         "timeout": 10,
-        "socket_timeout": settings.REDIS_SOCKET_TIMEOUT_S,
+        "socket_timeout": conf().redis_socket_timeout_s,
         "socket_connect_timeout": 5,
         "health_check_interval": 15,
     }
@@ -42,7 +43,7 @@ def async_client() -> aredis.Redis:
     global _async_client
     if _async_client is None:
         pool = aredis.BlockingConnectionPool.from_url(
-            settings.REDIS_URL, **_pool_options(asynchronous=True)
+            conf().redis_url, **_pool_options(asynchronous=True)
         )
         _async_client = aredis.Redis(connection_pool=pool)
     return _async_client
@@ -60,7 +61,7 @@ def pubsub_client() -> aredis.Redis:
             "retry_on_error": [],
             "max_connections": 4,
         }
-        pool = aredis.BlockingConnectionPool.from_url(settings.REDIS_URL, **options)
+        pool = aredis.BlockingConnectionPool.from_url(conf().redis_url, **options)
         _pubsub_client = aredis.Redis(connection_pool=pool)
     return _pubsub_client
 
@@ -70,7 +71,7 @@ def sync_client() -> redis.Redis:
     global _sync_client
     if _sync_client is None:
         pool = redis.BlockingConnectionPool.from_url(
-            settings.REDIS_URL, **_pool_options(asynchronous=False)
+            conf().redis_url, **_pool_options(asynchronous=False)
         )
         _sync_client = redis.Redis(connection_pool=pool)
     return _sync_client

@@ -26,14 +26,13 @@ from typing import Any
 import orjson
 import redis
 import redis.asyncio as aredis
-from django.conf import settings
 
 from history.records import outbox_head, problem_entry, reason_of
+from project.conf import conf
 from streams import keys, scripts
 from streams.buckets import AsyncBuckets
 from streams.enqueue import (
     TRIGGER_TASK,
-    broker_is_redis_at,
     celery_message,
     enqueue_step,
     enqueue_trigger,
@@ -131,7 +130,7 @@ class Run:
             text=fields["text"],
             options=orjson.loads(fields.get("options") or "{}"),
             deadline=float(fields["deadline"]),
-            retention=int(fields.get("retention") or settings.SWITCHBOARD["STREAM_RETENTION"]),
+            retention=int(fields.get("retention") or conf().stream_retention),
             attempt=int(fields.get("attempt", 0)),
             emitted=int(fields.get("emitted", 0)),
             step_base=int(fields.get("step_base", 0)),
@@ -199,7 +198,7 @@ class _RunScripts:
 
     def __init__(self, client: Any, lease_s: float | None) -> None:
         self.client = client
-        self.lease_s: float = lease_s if lease_s is not None else _lease_s()
+        self.lease_s: float = lease_s if lease_s is not None else conf().run_lease_s
         self._claim = client.register_script(scripts.CLAIM_STEP)
         self._append_delta = client.register_script(scripts.APPEND_DELTA)
         self._finalize = client.register_script(scripts.FINALIZE_RUN)
@@ -297,7 +296,7 @@ class RunStore(_RunScripts):
         tenant, step, retries = self.client.hmget(keys.run(run_id), "tenant", "step", "retries")
         step_index = int(step) if step is not None else 0
         message = ""
-        if step is not None and broker_in_streams_redis():
+        if step is not None and conf().broker_in_streams_redis:
             # Pushed by the script that fences the lost owner, so the step is never both
             # redelivered and still owned, nor marked redelivered without its message.
             _, message = celery_message(
@@ -384,7 +383,7 @@ class AsyncRunStore(_RunScripts):
         give up the run, in one script when the broker is this Redis; False when the run is
         no longer this owner's (nothing is queued then)."""
         message = ""
-        if broker_in_streams_redis():
+        if conf().broker_in_streams_redis:
             _, message = celery_message(RUN_STEP_TASK, [run.run_id, step], RUNS_QUEUE)
         call = _HandOverCall(run.run_id, run.owner, message)
         handed = bool(await self._hand_over(keys=call.keys, args=call.args))
@@ -393,16 +392,6 @@ class AsyncRunStore(_RunScripts):
             # crash in between leaves it to the deadline sweep (docs/guarantees.md).
             await asyncio.to_thread(enqueue_step, run.run_id, step)
         return handed
-
-
-def _lease_s() -> float:
-    return float(settings.SWITCHBOARD["RUN_LEASE_S"])
-
-
-def broker_in_streams_redis() -> bool:
-    """Whether Celery's broker is the streams' own Redis database, so our scripts can push
-    task messages atomically with the writes they belong to."""
-    return broker_is_redis_at(settings.CELERY_BROKER_URL, settings.REDIS_URL)
 
 
 def _loaded(run_id: str, raw: dict[bytes, bytes]) -> Run | None:
@@ -536,7 +525,7 @@ class _FinalizeCall:
         # Agents subscribed to this reply: their trigger task goes in with the event.
         trigger_message, self.enqueue_after = _trigger_message(run, status, self.event_id)
         # Written by the same script, so only the finalize that wins records the run.
-        history_max = settings.SWITCHBOARD["HISTORY_OUTBOX_MAX"]
+        history_max = conf().history_outbox_max
         history_head = (
             outbox_head(tenant, stream, run_id, status, self.event_id, at, reason_of(detail))
             if history_max > 0
@@ -647,7 +636,7 @@ def _trigger_message(run: Run, status: str, event_id: str) -> tuple[str, bool]:
 
     if not subscribers("reply.done", run.agent, run.stream, status):
         return "", False
-    if not broker_in_streams_redis():
+    if not conf().broker_in_streams_redis:
         return "", True
     _, message = celery_message(TRIGGER_TASK, [run.run_id, event_id], RUNS_QUEUE)
     return message, False

@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 
+from project.conf import conf
 from workers.backends import ModelError, ModelRequest
 from workers.openai_backend import (
     OpenAIBackend,
@@ -81,12 +82,10 @@ async def _pieces(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
 
 
 def from_settings() -> AnthropicBackend:
-    from django.conf import settings
-
-    config = settings.SWITCHBOARD
+    config = conf()
     return AnthropicBackend(
-        base_url=config.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com/v1",
-        model=config.get("ANTHROPIC_MODEL") or "",
-        api_key_env=config.get("ANTHROPIC_API_KEY_ENV") or "",
+        base_url=config.anthropic_base_url,
+        model=config.anthropic_model,
+        api_key_env=config.anthropic_api_key_env,
         name="anthropic",
     )

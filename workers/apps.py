@@ -5,10 +5,9 @@ class WorkersConfig(AppConfig):
     name = "workers"
 
     def ready(self) -> None:
-        from django.conf import settings
-
+        from project.conf import conf
         from workers.quotas import parse_limits
 
         # A malformed SWITCHBOARD_BACKEND_LIMITS stops every process at start, rather than
         # failing each model call of the backend it meant to limit.
-        parse_limits(settings.SWITCHBOARD.get("BACKEND_LIMITS"))
+        parse_limits(conf().backend_limits)

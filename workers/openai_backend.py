@@ -33,6 +33,7 @@ from typing import Any
 
 import aiohttp
 
+from project.conf import conf
 from workers.backends import ModelError, ModelRequest
 
 # Request options a run may pass through to the provider, with the types each accepts;
@@ -274,11 +275,9 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
 
 
 def from_settings() -> OpenAIBackend:
-    from django.conf import settings
-
-    config = settings.SWITCHBOARD
+    config = conf()
     return OpenAIBackend(
-        base_url=config.get("OPENAI_BASE_URL") or "https://api.openai.com/v1",
-        model=config.get("OPENAI_MODEL") or "",
-        api_key_env=config.get("OPENAI_API_KEY_ENV") or "",
+        base_url=config.openai_base_url,
+        model=config.openai_model,
+        api_key_env=config.openai_api_key_env,
     )

@@ -36,6 +36,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from project.conf import conf
+
 logger = logging.getLogger(__name__)
 
 # The process exit status when the watchdog finds the loop wedged (EX_SOFTWARE).
@@ -292,13 +294,11 @@ def runtime() -> ModelCallRuntime:
     global _runtime
     with _runtime_lock:
         if _runtime is None:
-            from django.conf import settings
-
-            config = settings.SWITCHBOARD
+            config = conf()
             _runtime = ModelCallRuntime(
-                max_calls=config["WORKER_MAX_CALLS"],
-                threads=config["WORKER_THREADS"],
-                stall_s=config["WORKER_LOOP_STALL_S"],
+                max_calls=config.worker_max_calls,
+                threads=config.worker_threads,
+                stall_s=config.worker_loop_stall_s,
             )
         return _runtime
 

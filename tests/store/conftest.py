@@ -7,17 +7,16 @@ every test. When nothing answers there, an embedded Redis is started for these t
 Pointing Django at it: pytest-django loads project.settings in its own
 pytest_load_initial_conftests hook, before any conftest.py is imported, so setting REDIS_URL
 in the environment from here (module level or pytest_configure) comes too late for the
-settings to read it. The package fixture below therefore points the loaded settings at the
-test Redis instead: REDIS_URL and CELERY_BROKER_URL, the Celery app's broker, the cached
-clients of streams.redis_clients, and streams.keys, whose pub/sub channel names embed the
-database number read at import. Everything that reads settings at call time then uses the
-test database; `REDIS_URL=... pytest` in the environment works as well.
+settings to read it. The package fixture below therefore overrides the loaded settings with
+the test Redis instead (REDIS_URL and CELERY_BROKER_URL, through override_settings, so
+project.conf and the key names built from it follow), plus what was built from them before:
+the Celery app's broker and the cached clients of streams.redis_clients. `REDIS_URL=...
+pytest` in the environment works as well.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -26,6 +25,7 @@ import pytest
 import redis
 import redis.asyncio as aredis
 from django.conf import settings
+from django.test import override_settings
 
 import agents
 from agents import Agent, PythonStep, Step
@@ -51,23 +51,19 @@ def store_redis_url(test_redis_url: str) -> Iterator[str]:
     # The database below the integration suite's: its cluster runs while these flush.
     cluster = Cluster(redis_url=neighbour_database(test_redis_url, -1))
     url = cluster.ensure_redis()
-    saved = {name: getattr(settings, name) for name in ("REDIS_URL", "CELERY_BROKER_URL")}
+    test_redis = override_settings(REDIS_URL=url, CELERY_BROKER_URL=url)
     saved_broker = celery_app.conf.broker_url
     try:
-        settings.REDIS_URL = url
-        settings.CELERY_BROKER_URL = url
+        test_redis.enable()
         celery_app.conf.broker_url = url
-        importlib.reload(keys)
         redis_clients.reset_after_fork()
         yield url
     finally:
         # Leave the test database empty for whoever uses it next.
         with redis.Redis.from_url(url) as client:
             client.flushdb()
-        for name, value in saved.items():
-            setattr(settings, name, value)
+        test_redis.disable()
         celery_app.conf.broker_url = saved_broker
-        importlib.reload(keys)
         redis_clients.reset_after_fork()
         cluster.stop()
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import redis
 from celery.worker.request import Request
-from django.conf import settings
+from pytest_django.fixtures import Settings
 
 from orchestration import dispatch
 from orchestration.tasks import run_next, run_step
@@ -129,10 +129,10 @@ def test_message_pushed_with_an_accepted_send_matches_kombus(
     streams: Streams,
     r: redis.Redis,
     store_redis_url: str,
-    monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
     fair: bool,
 ) -> None:
-    monkeypatch.setitem(settings.SWITCHBOARD, "FAIR_QUEUE", fair)
+    settings.SWITCHBOARD = {**settings.SWITCHBOARD, "FAIR_QUEUE": fair}
     appended = streams.send("room", "m-1", "hello")
     ours = pop_queued(r)
     args: list[Any] = [] if fair else [appended.run_id, 0]
@@ -165,11 +165,11 @@ def test_celery_worker_decodes_and_runs_the_pushed_message(
     streams: Streams,
     r: redis.Redis,
     store_redis_url: str,
-    monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
     worker_runtime: None,
     fair: bool,
 ) -> None:
-    monkeypatch.setitem(settings.SWITCHBOARD, "FAIR_QUEUE", fair)
+    settings.SWITCHBOARD = {**settings.SWITCHBOARD, "FAIR_QUEUE": fair}
     appended = streams.send("room", "m-1", 'héllo "wörld" 🎉', options={"chunks": 3})
     assert appended.run_id is not None
     # Taken off the queue by kombu's Redis transport, as a worker's consumer takes it.

@@ -12,6 +12,7 @@ import pytest
 import pytest_asyncio
 import redis
 import redis.asyncio as aredis
+from pytest_django.fixtures import Settings
 
 from realtime.presence import PresenceStore, PresenceTracker
 from streams import keys
@@ -318,11 +319,9 @@ async def test_names_and_ids_of_any_shape_survive_the_event(
 async def test_a_crowd_is_not_announced_but_still_answers_the_query(
     client: aredis.Redis,
     listen: Callable[..., Awaitable[Channel]],
-    monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
 ) -> None:
-    from django.conf import settings
-
-    monkeypatch.setitem(settings.SWITCHBOARD, "PRESENCE_ANNOUNCE_MAX", 2)
+    settings.SWITCHBOARD = {**settings.SWITCHBOARD, "PRESENCE_ANNOUNCE_MAX": 2}
     channel = await listen()
     gateway = PresenceStore(client, "g1", 30)
     for name in ("a", "b", "c"):

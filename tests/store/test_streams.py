@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import redis
 from django.conf import settings
+from pytest_django.fixtures import Settings
 
 import agents
 from realtime.protocol import Publish, Send
@@ -229,9 +230,9 @@ def test_accept_send_creates_the_run_and_queues_one_task(streams: Streams, r: re
 
 
 def test_without_the_fair_queue_a_send_queues_its_own_step(
-    streams: Streams, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    streams: Streams, r: redis.Redis, settings: Settings
 ) -> None:
-    monkeypatch.setitem(settings.SWITCHBOARD, "FAIR_QUEUE", False)
+    settings.SWITCHBOARD = {**settings.SWITCHBOARD, "FAIR_QUEUE": False}
     appended = streams.send("room", "m-1", "hi")
     [message] = queued_messages(r)
     assert message["headers"]["task"] == RUN_STEP_TASK

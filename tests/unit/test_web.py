@@ -5,22 +5,17 @@ The token endpoint itself is tested against a real gateway in tests/browser/test
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import pytest
 from django.conf import settings
 from django.test import Client
+from pytest_django.fixtures import Settings
 
 
 @pytest.fixture
-def demo(request: pytest.FixtureRequest) -> Iterator[None]:
+def demo(request: pytest.FixtureRequest, settings: Settings) -> None:
     """Sets the demo tenant setting to the test's parameter for one test."""
-    saved = settings.SWITCHBOARD
-    settings.SWITCHBOARD = {**saved, "DEMO_TENANT": request.param}
-    try:
-        yield
-    finally:
-        settings.SWITCHBOARD = saved
+    settings.SWITCHBOARD = {**settings.SWITCHBOARD, "DEMO_TENANT": request.param}
 
 
 def test_the_demo_is_off_by_default() -> None:

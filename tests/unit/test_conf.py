@@ -1,0 +1,85 @@
+"""project/conf.py: one typed object for the settings, following every settings change."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from django.conf import settings as django_settings
+from django.core.exceptions import ImproperlyConfigured
+from django.test import override_settings
+from pytest_django.fixtures import Settings
+
+import project.conf as conf_module
+from project.conf import Conf, conf
+from streams import keys
+
+
+def test_every_switchboard_setting_has_a_typed_field() -> None:
+    # A setting added to project/settings.py without a field would be readable only by key.
+    names = {option.upper() for option in Conf.__dataclass_fields__}
+    assert set(django_settings.SWITCHBOARD) <= names
+
+
+def test_a_settings_change_is_seen_by_the_next_read(settings: Settings) -> None:
+    before = conf()
+    assert conf() is before  # built once, not per read
+    settings.SWITCHBOARD = {**settings.SWITCHBOARD, "RUN_LEASE_S": 7}
+    assert conf().run_lease_s == 7.0 and isinstance(conf().run_lease_s, float)
+    settings.SWEEP_INTERVAL_S = 0.5
+    assert conf().sweep_interval_s == 0.5
+
+
+def test_an_unrelated_setting_keeps_the_built_object(settings: Settings) -> None:
+    before = conf()
+    settings.TIME_ZONE = "Europe/Paris"
+    assert conf() is before
+
+
+def test_key_names_follow_the_prefix_and_database() -> None:
+    with override_settings(
+        REDIS_URL="redis://127.0.0.1:6379/7",
+        SWITCHBOARD={**django_settings.SWITCHBOARD, "KEY_PREFIX": "other"},
+    ):
+        assert keys.RUN_LEASES == "other:runs:leases"
+        assert keys.stream_channel("acme", "room") == "other:7:e:acme:room"
+        assert keys.run("r1") == "other:run:r1"
+    assert keys.RUN_LEASES == f"{django_settings.SWITCHBOARD['KEY_PREFIX']}:runs:leases"
+    with pytest.raises(AttributeError):
+        keys.NO_SUCH_NAME  # noqa: B018
+
+
+def test_the_broker_in_the_streams_redis_is_derived(settings: Settings) -> None:
+    settings.REDIS_URL = "redis://127.0.0.1:6379/3"
+    settings.CELERY_BROKER_URL = "redis://127.0.0.1:6379/3/"
+    assert conf().broker_in_streams_redis and conf().redis_database == 3
+    settings.CELERY_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
+    assert not conf().broker_in_streams_redis
+
+
+def test_a_value_of_the_wrong_type_is_refused(settings: Settings) -> None:
+    settings.SWITCHBOARD = {**settings.SWITCHBOARD, "HEARTBEAT_S": "25"}
+    with pytest.raises(ImproperlyConfigured, match="HEARTBEAT_S"):
+        conf()
+
+
+def test_a_missing_setting_is_named(settings: Settings) -> None:
+    incomplete = dict(settings.SWITCHBOARD)
+    del incomplete["FAIR_QUEUE"]
+    settings.SWITCHBOARD = incomplete
+    with pytest.raises(ImproperlyConfigured, match="FAIR_QUEUE"):
+        conf()
+
+
+def test_conf_imports_nothing_of_switchboard() -> None:
+    # Every package imports project.conf, so it must sit below all of them.
+    source = Path(conf_module.__file__).read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    standard = {"__future__", "collections", "dataclasses", "threading", "typing"}
+    assert imported <= standard | {"django", "redis"}, imported
