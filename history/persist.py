@@ -22,7 +22,8 @@ from django.utils import timezone
 from redis.exceptions import LockError
 
 from history.models import HistoryEntry
-from history.records import (
+from streams import keys
+from streams.records import (
     MESSAGE,
     REPLY_DONE,
     Entry,
@@ -33,8 +34,7 @@ from history.records import (
     reply_from_run,
     retention_cutoff,
 )
-from realtime.models import Tenant
-from streams import keys
+from tenants.models import Tenant
 
 logger = logging.getLogger(__name__)
 

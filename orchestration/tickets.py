@@ -44,8 +44,7 @@ from django.conf import settings
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
 from streams import keys
-from streams.enqueue import RUN_NEXT_TASK, broker_is_redis_at, celery_message
-from streams.log import RUNS_QUEUE
+from streams.enqueue import RUN_NEXT_TASK, RUNS_QUEUE, broker_is_redis_at, celery_message
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ class WorkersConfig(AppConfig):
     def ready(self) -> None:
         from django.conf import settings
 
-        from workers.quotas import parse_limits
+        from streams.rate_limits import parse_limits
 
         # A malformed SWITCHBOARD_BACKEND_LIMITS stops every process at start, rather than
         # failing each model call of the backend it meant to limit.

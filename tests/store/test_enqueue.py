@@ -25,9 +25,8 @@ from orchestration import dispatch
 from orchestration.tasks import run_next, run_step
 from project.celery import app as celery_app
 from streams import keys, redis_clients
-from streams.enqueue import RUN_NEXT_TASK, celery_message
+from streams.enqueue import RUN_NEXT_TASK, RUN_STEP_TASK, RUNS_QUEUE, celery_message
 from streams.events import new_run_id
-from streams.log import RUN_STEP_TASK, RUNS_QUEUE
 from streams.runs import RunStore
 from tests.store.conftest import Streams, log_events, of_kind
 from workers import runtime
