@@ -95,7 +95,7 @@ def test_login_and_front_page_are_styled(operator: Operator) -> None:
     assert_styled(page)
     # The front page links to the live page and lists the apps.
     assert page.locator("#switchboard-operating a").inner_text() == "Live queues, workers and runs"
-    assert page.locator("#content-main .app-realtime").count() == 1
+    assert page.locator("#content-main .app-tenants").count() == 1
     save_screenshot(page, "admin-index.png", full_page=True)
 
 
