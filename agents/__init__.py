@@ -186,7 +186,7 @@ def validate(agent: Agent) -> None:
         if step.soft_limit_s <= 0:
             raise BadAgent(f"agent {agent.name!r}: a step's soft_limit_s must be positive")
         if isinstance(step, Step) and step.rate_limit is not None:
-            from workers.quotas import BadLimits, parse_limits
+            from streams.rate_limits import BadLimits, parse_limits
 
             try:
                 parse_limits({agent.name: step.rate_limit})

@@ -558,7 +558,7 @@ class BenchEnv:
         import django
 
         django.setup()
-        from realtime.models import Tenant
+        from tenants.models import Tenant
 
         self.secret = Tenant.objects.get(slug=TENANT).signing_secret
         self._prepared = True
@@ -566,7 +566,7 @@ class BenchEnv:
     def tokens(self, count: int, prefix: str = "c", ttl_s: int = 6 * 3600) -> list[str]:
         """Tokens of clients prefix0, prefix1, ... (the same list on every call)."""
         self.prepare()
-        from realtime.auth import issue_token
+        from tenants.tokens import issue_token
 
         cached = self._tokens.setdefault(prefix, [])
         cached += [

@@ -34,7 +34,7 @@ _secrets: dict[str, str | None] = {}
 
 
 def _load_secret(slug: str) -> str | None:
-    from realtime.models import Tenant
+    from tenants.models import Tenant
 
     tenant = Tenant.objects.filter(slug=slug, enabled=True).first()
     return tenant.signing_secret if tenant else None

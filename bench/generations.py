@@ -158,7 +158,7 @@ def raise_tenant_limits(env: BenchEnv, calls: int) -> None:
     """The bench tenant may hold every call in flight (the defaults bound a connection to 8
     runs and a tenant's queue to 2,000), and send at the benchmark's rate."""
     env.prepare()
-    from realtime.models import Tenant
+    from tenants.models import Tenant
 
     Tenant.objects.filter(slug="bench").update(
         max_runs_in_flight_per_connection=calls,

@@ -154,7 +154,7 @@ def run_variant(
 
 def allow_connections(count: int) -> None:
     """The bench tenant may hold `count` connections (its default cap is lower)."""
-    from realtime.models import Tenant
+    from tenants.models import Tenant
 
     Tenant.objects.filter(slug=TENANT, max_connections__lt=count).update(max_connections=count)
 

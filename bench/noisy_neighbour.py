@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def prepare_tenants(env: BenchEnv) -> str:
     """Both tenants with open connection bounds; returns the noisy tenant's secret."""
     env.prepare()
-    from realtime.models import Tenant
+    from tenants.models import Tenant
 
     Tenant.objects.get_or_create(slug=NOISY)
     Tenant.objects.filter(slug__in=[QUIET, NOISY]).update(weight=1, **OPEN_LIMITS)
@@ -101,7 +101,7 @@ def prepare_tenants(env: BenchEnv) -> str:
 
 
 def tokens(secret: str, tenant: str, count: int) -> list[str]:
-    from realtime.auth import issue_token
+    from tenants.tokens import issue_token
 
     return [issue_token(secret, tenant, f"{tenant}{i}", 6 * 3600) for i in range(count)]
 

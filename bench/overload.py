@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_variant(env: BenchEnv, client: LoadClient, variant: str, args: argparse.Namespace) -> dict:
     env.prepare()
-    from realtime.models import Tenant
+    from tenants.models import Tenant
 
     queue_bound = max(1, round(args.queue_seconds * args.capacity_per_s))
     Tenant.objects.filter(slug=TENANT).update(**OPEN_LIMITS, max_queued_runs=queue_bound)

@@ -12,7 +12,7 @@ from django.utils.text import Truncator
 
 from history.models import HistoryEntry
 from history.thread import turns
-from realtime.models import Tenant
+from tenants.models import Tenant
 
 SHORT_TEXT_CHARS = 80
 # A thread page shows a stream's latest rows, at most this many (messages and replies).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from django.db import models
 
-from realtime.models import Tenant
+from tenants.models import Tenant
 
 
 class HistoryEntry(models.Model):

@@ -21,7 +21,9 @@ from django.utils import timezone
 from redis.exceptions import LockError
 
 from history.models import HistoryEntry
-from history.records import (
+from project.conf import conf
+from streams import keys
+from streams.records import (
     MESSAGE,
     REPLY_DONE,
     Entry,
@@ -32,9 +34,7 @@ from history.records import (
     reply_from_run,
     retention_cutoff,
 )
-from project.conf import conf
-from realtime.models import Tenant
-from streams import keys
+from tenants.models import Tenant
 
 logger = logging.getLogger(__name__)
 

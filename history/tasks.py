@@ -8,6 +8,7 @@ from __future__ import annotations
 from celery import shared_task
 
 from history import persist
+from streams.enqueue import HISTORY_PERSIST_TASK, HISTORY_PURGE_TASK
 from streams.redis_clients import sync_client
 
 # A batch of 500 runs is two Redis round trips and one bulk insert: a call of up to
@@ -18,7 +19,7 @@ assert persist.LOCK_S > PERSIST_HARD_LIMIT_S
 
 
 @shared_task(
-    name="switchboard.history.persist",
+    name=HISTORY_PERSIST_TASK,
     ignore_result=True,
     soft_time_limit=PERSIST_SOFT_LIMIT_S,
     time_limit=PERSIST_HARD_LIMIT_S,
@@ -29,7 +30,7 @@ def persist_history() -> int:
 
 
 @shared_task(
-    name="switchboard.history.purge",
+    name=HISTORY_PURGE_TASK,
     ignore_result=True,
     soft_time_limit=600,
     time_limit=660,

@@ -57,14 +57,14 @@ def new_run_id() -> str:
 
 
 def tenant_secret(slug: str) -> str | None:
-    from realtime.models import Tenant
+    from tenants.models import Tenant
 
     tenant = Tenant.objects.filter(slug=slug).first()
     return None if tenant is None else tenant.signing_secret
 
 
 def mint_tokens(secret: str, tenant: str, clients: list[str], ttl_s: int) -> dict[str, str]:
-    from realtime.auth import issue_token
+    from tenants.tokens import issue_token
 
     return {client: issue_token(secret, tenant, client, ttl_s) for client in clients}
 

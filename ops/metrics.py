@@ -94,7 +94,7 @@ WORKER_CALLS_IN_FLIGHT = Gauge(
 )
 TENANT_CACHE_ENTRIES = Gauge(
     "switchboard_tenant_cache_entries",
-    "Tenants cached by gateway processes (realtime/tenants.py): kind=tenant for tenants "
+    "Tenants cached by gateway processes (tenants/config.py): kind=tenant for tenants "
     "found, kind=missing for slugs that name no tenant; each kind is bounded per process.",
     ["kind"],
     multiprocess_mode="livesum",
@@ -170,7 +170,7 @@ MODEL_CALLS = Counter(
 )
 MODEL_OUTCOMES = ("ok", "error", "fallback", "timeout", "cancelled")
 
-# The bound each refusal reason belongs to, as the client saw it (realtime/operations.py
+# The bound each refusal reason belongs to, as the client saw it (console/live.py
 # names the same reasons for the admin's live page).
 REFUSAL_CODES = {
     "messages": "rate_limited",
@@ -291,7 +291,7 @@ def error_answered(code: str) -> None:
 
 
 def refused(tenant: str, reason: str) -> None:
-    """One refusal; `reason` as realtime/operations.py's ThrottleCounter counts it."""
+    """One refusal; `reason` as realtime/throttles.py's ThrottleCounter counts it."""
     REFUSALS.labels(tenant, REFUSAL_CODES.get(reason, "other"), reason).inc()
 
 
@@ -420,8 +420,11 @@ def initialise_series(tenants: Iterable[str], backends: Iterable[str]) -> None:
 
 
 def known_tenants() -> list[str]:
-    from realtime.models import Tenant
+    # Looked up through Django's registry: the tenants app reports its cache here, so this
+    # module does not import it back.
+    from django.apps import apps
 
+    Tenant = apps.get_model("tenants", "Tenant")
     enabled = Tenant.objects.filter(enabled=True).order_by("slug")
     return list(enabled.values_list("slug", flat=True)[:KNOWN_TENANTS_MAX])
 
@@ -591,9 +594,11 @@ class RedisStateCollector:
 
 
 def _celery_queue_names() -> list[str]:
-    from project.celery import app
+    # The project's Celery app (project/celery.py), found the way Celery finds it: this
+    # module is imported by that one's signal handlers, never the other way round.
+    from celery import current_app
 
-    return [queue.name for queue in app.conf.task_queues or ()]
+    return [queue.name for queue in current_app.conf.task_queues or ()]
 
 
 _state: RedisStateCollector | None = None

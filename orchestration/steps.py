@@ -43,8 +43,9 @@ from agents import (
 from ops import logcontext, metrics
 from orchestration.coalesce import Coalescer
 from orchestration.inflight import DRAIN, Held, InFlight
-from orchestration.reasons import degraded_message
 from project.conf import conf
+from streams.rate_limits import BackendLimit, parse_limits
+from streams.reasons import degraded_message
 from streams.runs import AsyncRunStore, Fenced, Run, RunFinished, StaleOffset
 from workers import quotas
 from workers.backends import (
@@ -352,7 +353,7 @@ class _Step:
             )
         if step.rate_limit:
             scope = f"{run.tenant}:{self.agent.name}:{self.agent.step_names()[self.index]}"
-            step_limit = quotas.parse_limits({scope: step.rate_limit})[scope]
+            step_limit = parse_limits({scope: step.rate_limit})[scope]
             budgets.append(
                 (scope, quotas.BackendBudget(buckets, scope, step_limit, prompt, kind="step"))
             )
@@ -498,7 +499,7 @@ class _Step:
             return await self.done(step.fallback_text, f"{reason}:{name}")
         separator = "\n" if run.emitted else ""
         await self.append(separator + step.fallback_text)
-        # `message`: the reason in words for whoever reads the reply (orchestration/reasons.py).
+        # `message`: the reason in words for whoever reads the reply (streams/reasons.py).
         detail = {"reason": reason, "message": degraded_message(reason, error)}
         if len(agent.steps) > 1:
             detail["step"] = name
@@ -560,14 +561,14 @@ def _coalescer() -> Coalescer:
     return Coalescer(config.delta_flush_chars, config.delta_flush_ms / 1000)
 
 
-_limits_cache: tuple[object, dict[str, quotas.BackendLimit]] | None = None
+_limits_cache: tuple[object, dict[str, BackendLimit]] | None = None
 
 
-def _backend_limits() -> dict[str, quotas.BackendLimit]:
+def _backend_limits() -> dict[str, BackendLimit]:
     global _limits_cache
     raw = conf().backend_limits
     if _limits_cache is None or _limits_cache[0] is not raw:
-        _limits_cache = (raw, quotas.parse_limits(raw))
+        _limits_cache = (raw, parse_limits(raw))
     return _limits_cache[1]
 
 

@@ -10,6 +10,13 @@ from celery import shared_task
 
 from ops import logcontext
 from orchestration import dispatch, sweeping, triggers
+from streams.enqueue import (
+    PUBLISHED_TRIGGER_TASK,
+    RUN_NEXT_TASK,
+    RUN_STEP_TASK,
+    SWEEP_TASK,
+    TRIGGER_TASK,
+)
 from streams.redis_clients import sync_client
 from streams.runs import RunStore
 
@@ -33,7 +40,7 @@ _run_store: RunStore | None = None
 
 
 @shared_task(
-    name="switchboard.run.step",
+    name=RUN_STEP_TASK,
     bind=True,
     soft_time_limit=DISPATCH_SOFT_LIMIT_S,
     time_limit=DISPATCH_HARD_LIMIT_S,
@@ -47,7 +54,7 @@ def run_step(self, run_id: str, step: int) -> None:  # type: ignore[no-untyped-d
 
 
 @shared_task(
-    name="switchboard.run.next",
+    name=RUN_NEXT_TASK,
     soft_time_limit=DISPATCH_SOFT_LIMIT_S,
     time_limit=DISPATCH_HARD_LIMIT_S,
     ignore_result=True,
@@ -58,14 +65,14 @@ def run_next() -> None:
     dispatch.run_next()
 
 
-@shared_task(name="switchboard.runs.sweep", ignore_result=True, time_limit=60)
+@shared_task(name=SWEEP_TASK, ignore_result=True, time_limit=60)
 def sweep_runs() -> int:
     """Ends overdue runs and redelivers steps whose worker died; returns how many ended."""
     return sweeping.sweep_runs(_store()).ended
 
 
 @shared_task(
-    name="switchboard.agents.trigger",
+    name=TRIGGER_TASK,
     ignore_result=True,
     # A few Redis round trips and at most one database read per subscriber.
     soft_time_limit=30,
@@ -79,7 +86,7 @@ def trigger_subscribers(run_id: str, event_id: str) -> None:
 
 
 @shared_task(
-    name="switchboard.agents.trigger_published",
+    name=PUBLISHED_TRIGGER_TASK,
     ignore_result=True,
     soft_time_limit=30,
     time_limit=60,

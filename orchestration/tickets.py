@@ -44,8 +44,7 @@ from kombu.transport.redis import PRIORITY_STEPS, Channel
 
 from project.conf import conf
 from streams import keys
-from streams.enqueue import RUN_NEXT_TASK, celery_message
-from streams.log import RUNS_QUEUE
+from streams.enqueue import RUN_NEXT_TASK, RUNS_QUEUE, celery_message
 
 logger = logging.getLogger(__name__)
 

@@ -22,16 +22,11 @@ from typing import Any
 from agents import Agent, subscribers
 from project.conf import conf
 from streams import keys
+from streams.enqueue import RUNS_QUEUE
 from streams.events import dumps, new_run_id
 from streams.fairness import quantum
-from streams.log import (
-    COUNTED_GRACE_S,
-    RUN_RECORD_GRACE_S,
-    RUNS_QUEUE,
-    enqueue_first_task,
-    first_task_message,
-)
-from streams.runs import RunStore
+from streams.log import COUNTED_GRACE_S, enqueue_first_task, first_task_message
+from streams.runs import RUN_RECORD_GRACE_S, RunRecord, RunStore
 
 logger = logging.getLogger(__name__)
 
@@ -166,29 +161,24 @@ def _start_one(store: RunStore, cause: Cause, agent: Agent, config: Any) -> Trig
     fair = conf().fair_queue
     same_redis = conf().broker_in_streams_redis
     message = first_task_message(new_id) if same_redis else ""
-    fields: dict[str, Any] = {
-        "run": new_id,
-        "tenant": cause.tenant,
-        "stream": cause.stream,
-        "agent": agent.name,
-        "client": cause.client,
-        "message_id": cause.message_id,
-        "message_event": event_id,
-        "text": cause.text,
-        "options": "{}",
-        "deadline": f"{deadline:.3f}",
-        "retention": cause.retention,
-        "created": f"{time.time():.3f}",
-        "depth": depth,
-        "chain": dumps(cause.chain),
-        "trigger": dumps(cause.trigger),
-    }
-    overrides = config.agent_overrides(agent.name)
-    if overrides:
-        fields["agent_cfg"] = dumps(overrides)
-    flat: list[Any] = []
-    for name, value in fields.items():
-        flat += [name, value]
+    record = RunRecord(
+        run=new_id,
+        tenant=cause.tenant,
+        stream=cause.stream,
+        agent=agent.name,
+        client=cause.client,
+        message_id=cause.message_id,
+        message_event=event_id,
+        text=cause.text,
+        options={},
+        deadline=deadline,
+        retention=cause.retention,
+        created=time.time(),
+        agent_config=config.agent_overrides(agent.name),
+        depth=depth,
+        chain=cause.chain,
+        trigger=cause.trigger,
+    )
     code, value = store.start_triggered_run(
         keys=[
             keys.trigger(cause.tenant, event_id, agent.name),
@@ -210,7 +200,7 @@ def _start_one(store: RunStore, cause: Cause, agent: Agent, config: Any) -> Trig
             f"{deadline + COUNTED_GRACE_S:.3f}",
             cause.tenant if fair else "",
             quantum(config.weight),
-            *flat,
+            *record.fields(),
         ],
     )
     started_id = value.decode() if isinstance(value, bytes) else str(value)
@@ -248,6 +238,6 @@ def _start_one(store: RunStore, cause: Cause, agent: Agent, config: Any) -> Trig
 
 
 def _tenant(slug: str) -> Any:
-    from realtime.tenants import tenant_cache
+    from tenants.config import tenant_cache
 
     return tenant_cache.get_sync(slug)

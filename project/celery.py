@@ -13,19 +13,27 @@ from celery.signals import (
 )
 from kombu import Queue
 
+from streams.enqueue import (
+    HISTORY_PERSIST_TASK,
+    HISTORY_PURGE_TASK,
+    MAINTENANCE_QUEUE,
+    RUNS_QUEUE,
+    SWEEP_TASK,
+)
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 
 app = Celery("switchboard")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 # Every queue the project uses is declared here, so a worker started with no -Q serves all.
 app.conf.task_queues = (
-    Queue("switchboard.runs", routing_key="switchboard.runs"),
-    Queue("switchboard.maintenance", routing_key="switchboard.maintenance"),
+    Queue(RUNS_QUEUE, routing_key=RUNS_QUEUE),
+    Queue(MAINTENANCE_QUEUE, routing_key=MAINTENANCE_QUEUE),
 )
 app.conf.task_routes = {
-    "switchboard.runs.sweep": {"queue": "switchboard.maintenance"},
-    "switchboard.history.persist": {"queue": "switchboard.maintenance"},
-    "switchboard.history.purge": {"queue": "switchboard.maintenance"},
+    SWEEP_TASK: {"queue": MAINTENANCE_QUEUE},
+    HISTORY_PERSIST_TASK: {"queue": MAINTENANCE_QUEUE},
+    HISTORY_PURGE_TASK: {"queue": MAINTENANCE_QUEUE},
 }
 app.autodiscover_tasks()
 

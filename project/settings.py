@@ -9,6 +9,15 @@ from pathlib import Path
 import dj_database_url
 from celery.schedules import crontab
 
+# Task and queue names are defined once, with the messages our scripts push (plain
+# constants: importing them loads nothing of Django's).
+from streams.enqueue import (
+    HISTORY_PERSIST_TASK,
+    HISTORY_PURGE_TASK,
+    RUNS_QUEUE,
+    SWEEP_TASK,
+)
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -53,11 +62,13 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_prometheus",
     "channels",
+    "tenants",
     "realtime",
     "orchestration",
     "workers",
     "history",
     "loadtest",
+    "console",
 ]
 # The example agents (examples/agents.py: a streaming assistant and a summariser that
 # reacts to it) are on unless turned off; they call the "openai" backend.
@@ -169,7 +180,7 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
-CELERY_TASK_DEFAULT_QUEUE = "switchboard.runs"
+CELERY_TASK_DEFAULT_QUEUE = RUNS_QUEUE
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A Redis blip must not cut a reply mid-stream: a step that loses the broker finishes (its
 # appends are fenced, its message comes back later as a no-op). Said explicitly because
@@ -206,18 +217,18 @@ SWEEP_INTERVAL_S = env_float("SWITCHBOARD_SWEEP_INTERVAL_S", 2.0)
 HISTORY_FLUSH_S = env_float("SWITCHBOARD_HISTORY_FLUSH_S", 2.0)
 CELERY_BEAT_SCHEDULE = {
     "sweep-overdue-runs": {
-        "task": "switchboard.runs.sweep",
+        "task": SWEEP_TASK,
         "schedule": SWEEP_INTERVAL_S,
         "options": {"expires": SWEEP_INTERVAL_S * 5},
     },
     "persist-history": {
-        "task": "switchboard.history.persist",
+        "task": HISTORY_PERSIST_TASK,
         "schedule": HISTORY_FLUSH_S,
         # A late one is redundant: the next drains whatever it would have.
         "options": {"expires": HISTORY_FLUSH_S * 5},
     },
     "purge-history": {
-        "task": "switchboard.history.purge",
+        "task": HISTORY_PURGE_TASK,
         # Daily at a fixed time (UTC), not every 24 h from beat's start: a beat restarted
         # more often than daily would otherwise never purge.
         "schedule": crontab(hour=3, minute=17),

@@ -1,6 +1,6 @@
 from django.contrib import admin
 from django.http import HttpRequest, JsonResponse
-from django.urls import path
+from django.urls import include, path
 
 from ops.metrics import metrics_view
 from realtime.api import stream_receipts
@@ -12,6 +12,8 @@ def healthz(request: HttpRequest) -> JsonResponse:
 
 
 urlpatterns = [
+    # Before the admin: its catch-all would answer the tenants' former addresses with 404.
+    path("", include("console.urls")),
     path("admin/", admin.site.urls),
     path("healthz", healthz),
     path("api/v1/receipts", stream_receipts, name="stream-receipts"),

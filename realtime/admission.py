@@ -37,9 +37,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from project.conf import conf
 from realtime.protocol import ProtocolError
-from realtime.tenants import TenantConfig
 from streams import keys
 from streams.buckets import NEVER, AsyncBuckets, Bucket, retry_after_ms
+from tenants.config import TenantConfig
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from realtime.auth import AuthError, authenticate
-from realtime.tenants import tenant_cache
 from streams.events import STREAM_NAME, dumps
 from streams.receipts import receipt_store
+from tenants.config import tenant_cache
+from tenants.tokens import AuthError, authenticate
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Deliberate departures from a stock Channels consumer, both for the per-frame hot
 - no channel-layer channel per socket (stream events reach sockets through the process's
   Hub, see realtime/hub.py), so an idle socket costs no receive task and no Redis key;
 - no `close_old_connections` database hop per frame: the gateway never touches the
-  database per frame (tenants are cached, see realtime/tenants.py).
+  database per frame (tenants are cached, see tenants/config.py).
 """
 
 from __future__ import annotations
@@ -35,12 +35,10 @@ from realtime.admission import (
     run_options,
     subscription_refusal,
 )
-from realtime.auth import AuthError, Identity, authenticate
 from realtime.control import tenant_control
 from realtime.flusher import get_flusher
 from realtime.hub import get_hub
 from realtime.lifecycle import lifecycle
-from realtime.operations import throttle_counter
 from realtime.outbox import Outbox, OutboxFull
 from realtime.presence import get_tracker
 from realtime.protocol import (
@@ -79,12 +77,14 @@ from realtime.sessions import (
     undelivered_floor,
 )
 from realtime.sweeper import ensure_sweeping
-from realtime.tenants import TenantConfig, tenant_cache
+from realtime.throttles import throttle_counter
 from realtime.transport import DaphneSocket, daphne_protocol
 from streams.events import dumps
 from streams.log import LimitReached, RunLimits, StreamStore
 from streams.receipts import BeyondHead, receipt_store
 from streams.redis_clients import async_client
+from tenants.config import TenantConfig, tenant_cache
+from tenants.tokens import AuthError, Identity, authenticate
 
 logger = logging.getLogger(__name__)
 
@@ -856,6 +856,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                     limits.max_runs_in_flight_per_connection,
                     limits.max_queued_runs,
                 ),
+                weight=limits.weight,
                 agent_config=limits.agent_overrides(agent.name),
             )
         except LimitReached as reached:

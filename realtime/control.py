@@ -1,6 +1,6 @@
 """Operators' tenant changes reaching open connections: disable, delete, secret rotation.
 
-A tenant's settings are checked at connect (realtime/auth.py); this module closes the
+A tenant's settings are checked at connect (tenants/tokens.py); this module closes the
 connections that were admitted before a change and may no longer stay open:
 
 - **disabled or deleted tenant**: closed with 4003 "tenant disabled" ("tenant deleted");
@@ -10,10 +10,11 @@ connections that were admitted before a change and may no longer stay open:
 
 Two paths, on every gateway process:
 
-1. **Control message.** The admin (or anyone calling `announce_tenant_change`) publishes
-   the tenant's slug on `keys.TENANT_CONTROL` after the change is committed. Each gateway's
-   `TenantControl` listens on its own pub/sub connection, drops the tenant from its
-   `TenantCache`, reads it again and closes what must go: within milliseconds.
+1. **Control message.** The admin (or anyone calling
+   `tenants.announcements.announce_tenant_change`) publishes the tenant's slug on
+   `keys.TENANT_CONTROL` after the change is committed. Each gateway's `TenantControl`
+   listens on its own pub/sub connection, drops the tenant from its `TenantCache`, reads it
+   again and closes what must go: within milliseconds.
 2. **Periodic check.** Pub/sub is at-most-once (a gateway reconnecting to Redis misses what
    was published meanwhile), a change may be made without a message (an `update()` in a
    shell), and a grace ends by the clock, not by an event. So every
@@ -32,13 +33,12 @@ from typing import Any, Protocol
 
 import orjson
 import redis.asyncio as aredis
-from redis.exceptions import RedisError
 
 from project.conf import conf
-from realtime.auth import SECRET_ROTATED, Identity
 from realtime.protocol import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED
-from realtime.tenants import TenantCache, TenantConfig
 from streams import keys
+from tenants.config import TenantCache, TenantConfig
+from tenants.tokens import SECRET_ROTATED, Identity
 
 logger = logging.getLogger(__name__)
 
@@ -70,22 +70,6 @@ def close_verdict(secret: str, tenant: TenantConfig | None, now: float) -> tuple
     if secret == tenant.previous_signing_secret and now < tenant.previous_secret_until:
         return None
     return CLOSE_UNAUTHORIZED, SECRET_ROTATED
-
-
-def announce_tenant_change(slug: str, why: str = "changed") -> bool:
-    """Tell every gateway to re-check the tenant's open connections now (call it after the
-    change is committed). False when Redis could not be reached: the gateways then apply the
-    change within TENANT_CACHE_S + TENANT_CHECK_S by themselves."""
-    from streams.redis_clients import sync_client
-
-    payload = orjson.dumps({"tenant": slug, "why": why})
-    try:
-        listeners = sync_client().publish(keys.TENANT_CONTROL, payload)
-    except RedisError as error:
-        logger.warning("tenant change not announced tenant=%s why=%s: %s", slug, why, error)
-        return False
-    logger.info("tenant change announced tenant=%s why=%s gateways=%s", slug, why, listeners)
-    return True
 
 
 class TenantControl:
@@ -271,8 +255,8 @@ _control: TenantControl | None = None
 def tenant_control() -> TenantControl:
     global _control
     if _control is None:
-        from realtime.tenants import tenant_cache
         from streams.redis_clients import pubsub_client
+        from tenants.config import tenant_cache
 
         _control = TenantControl(tenant_cache, pubsub_client, conf().tenant_check_s)
     return _control

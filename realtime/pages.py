@@ -43,8 +43,8 @@ from django.views.decorators.http import require_safe
 
 from agents import agent_names, get_agent, missing_configuration
 from project.conf import conf
-from realtime.auth import issue_token
-from realtime.tenants import tenant_cache
+from tenants.config import tenant_cache
+from tenants.tokens import issue_token
 
 STATIC_DIR = Path(__file__).resolve().parent / "static" / "switchboard"
 # Seconds a demo token is valid; the page fetches a new one before it runs out.

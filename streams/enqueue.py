@@ -19,12 +19,24 @@ from typing import Any
 import orjson
 
 ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"
+
+# Every Celery task and queue name of the project, defined here once: our scripts push
+# messages naming them, orchestration/tasks.py and history/tasks.py register the tasks under
+# them, project/celery.py declares and routes the queues.
+RUNS_QUEUE = "switchboard.runs"
+MAINTENANCE_QUEUE = "switchboard.maintenance"
+# "Run this step of this run" (orchestration/steps.py).
+RUN_STEP_TASK = "switchboard.run.step"
 # A ticket: "run the first step of whichever queued run is fairly next" (fairness.py).
 RUN_NEXT_TASK = "switchboard.run.next"
-# "An agent's reply is done: start the agents subscribed to it" (triggers.py).
+# "An agent's reply is done: start the agents subscribed to it" (orchestration/triggers.py).
 TRIGGER_TASK = "switchboard.agents.trigger"
-# "A client published an event: start the agents subscribed to it" (triggers.py).
+# "A client published an event: start the agents subscribed to it" (orchestration/triggers.py).
 PUBLISHED_TRIGGER_TASK = "switchboard.agents.trigger_published"
+# Maintenance, scheduled by beat: the run sweep and the conversation history's persister.
+SWEEP_TASK = "switchboard.runs.sweep"
+HISTORY_PERSIST_TASK = "switchboard.history.persist"
+HISTORY_PURGE_TASK = "switchboard.history.purge"
 
 
 def celery_message(
@@ -77,29 +89,32 @@ def celery_message(
     return task_id, orjson.dumps(message).decode()
 
 
+# Through Celery itself (any broker), by task name: the tasks are registered by
+# orchestration, which this package does not import. Celery applies the registered task's
+# options and routes as it does for the task's own apply_async.
+
+
+def _send(task_name: str, args: list[Any]) -> None:
+    from celery import current_app
+
+    current_app.send_task(task_name, args=args)
+
+
 def enqueue_step(run_id: str, step: int) -> None:
     """Publish a run step through Celery itself (any broker)."""
-    from orchestration.tasks import run_step
-
-    run_step.apply_async(args=[run_id, step])
+    _send(RUN_STEP_TASK, [run_id, step])
 
 
 def enqueue_ticket() -> None:
     """Publish one fair-queue ticket through Celery itself (any broker)."""
-    from orchestration.tasks import run_next
-
-    run_next.apply_async()
+    _send(RUN_NEXT_TASK, [])
 
 
 def enqueue_trigger(run_id: str, event_id: str) -> None:
     """Publish a subscription trigger through Celery itself (any broker)."""
-    from orchestration.tasks import trigger_subscribers
-
-    trigger_subscribers.apply_async(args=[run_id, event_id])
+    _send(TRIGGER_TASK, [run_id, event_id])
 
 
 def enqueue_published_trigger(args: list[Any]) -> None:
     """Publish a published-event trigger through Celery itself (any broker)."""
-    from orchestration.tasks import trigger_published_subscribers
-
-    trigger_published_subscribers.apply_async(args=args)
+    _send(PUBLISHED_TRIGGER_TASK, args)

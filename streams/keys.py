@@ -215,7 +215,7 @@ def gateway_connection_keys(gateway: str) -> str:
 
 def throttled(minute: int) -> str:
     """Hash, TTL: "TENANT:REASON" -> refusals (429s, 4029s) gateways counted in that minute
-    (epoch s // 60), for the admin's live page (realtime/operations.py)."""
+    (epoch s // 60), for the admin's live page (console/live.py)."""
     return f"{_prefix()}:throttled:{minute}"
 
 

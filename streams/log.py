@@ -1,4 +1,9 @@
-"""The gateway's side of the streams: append client events and read the log (async Redis)."""
+"""The gateway's side of the streams: append client events and read the log (async Redis).
+
+What it appends comes from the gateway's frames and the agents' registry, neither of which
+this package imports: a frame or an agent is anything with the attributes below
+(`PublishFrame`, `SendFrame`, `RunAgent`), and whether an event starts agents is asked of
+streams/subscriptions.py."""
 
 from __future__ import annotations
 
@@ -6,30 +11,65 @@ import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aredis
 
-from agents import Agent, subscribers
 from project.conf import conf
-from realtime.protocol import Publish, Send
 from streams import keys, scripts
 from streams.enqueue import (
     PUBLISHED_TRIGGER_TASK,
     RUN_NEXT_TASK,
+    RUN_STEP_TASK,
+    RUNS_QUEUE,
     celery_message,
     enqueue_published_trigger,
     enqueue_step,
     enqueue_ticket,
 )
-from streams.events import cause_of, dumps, event_parts, new_event_id, new_run_id
+from streams.events import cause_of, event_parts, new_event_id, new_run_id
 from streams.fairness import quantum
+from streams.runs import RUN_RECORD_GRACE_S, RunRecord
+from streams.subscriptions import subscribed
 
-RUN_STEP_TASK = "switchboard.run.step"
-RUNS_QUEUE = "switchboard.runs"
-# The run record outlives its deadline long enough for a late step to find it finished.
-RUN_RECORD_GRACE_S = 3600
 READ_PAGE = 500
+
+
+class PublishFrame(Protocol):
+    """A client's `publish` (realtime.protocol.Publish)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def stream(self) -> str: ...
+    @property
+    def data(self) -> Any: ...
+
+
+class SendFrame(Protocol):
+    """A client's `send` (realtime.protocol.Send)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def stream(self) -> str: ...
+    @property
+    def agent(self) -> str: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def options(self) -> dict[str, Any]: ...
+    @property
+    def prev(self) -> str | None: ...
+
+
+class RunAgent(Protocol):
+    """The agent a `send` names (agents.Agent): what its run record needs of it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def deadline_s(self) -> float: ...
 
 
 def first_task_message(run_id: str) -> str:
@@ -97,7 +137,7 @@ class StreamStore:
         self.enqueue_atomically = conf().broker_in_streams_redis
 
     async def publish(
-        self, tenant: str, client: str, frame: Publish, retention: int | None = None
+        self, tenant: str, client: str, frame: PublishFrame, retention: int | None = None
     ) -> Appended:
         event_id = new_event_id()
         prefix, suffix = event_parts(
@@ -112,7 +152,7 @@ class StreamStore:
         # the event (a registry lookup, no Redis, when none subscribes).
         trigger_args: list[Any] | None = None
         trigger_message = ""
-        if subscribers("published", "", frame.stream):
+        if subscribed("published", "", frame.stream):
             trigger_args = [tenant, frame.stream, event_id, client, frame.id, frame.data]
             if self.enqueue_atomically:
                 _, trigger_message = celery_message(
@@ -146,8 +186,8 @@ class StreamStore:
         self,
         tenant: str,
         client: str,
-        frame: Send,
-        agent: Agent,
+        frame: SendFrame,
+        agent: RunAgent,
         retention: int | None = None,
         limits: RunLimits | None = None,
         weight: int | None = None,
@@ -155,7 +195,7 @@ class StreamStore:
     ) -> Appended:
         """Append the message and create its run with its first task, all or nothing.
         Raises LimitReached, having written nothing, when `limits` refuse the run.
-        `weight` is the tenant's share in the fair queue (default: its cached setting).
+        `weight` is the tenant's share in the fair queue (TenantConfig.weight; default 1).
         `agent_config` is the tenant's overrides of the agent's code (model, api_key_env,
         base_url: TenantConfig.agent_overrides), kept with the run for its workers."""
         event_id = new_event_id()
@@ -171,41 +211,35 @@ class StreamStore:
         deadline = time.time() + agent.deadline_s
         fair = conf().fair_queue
         message = first_task_message(run_id) if self.enqueue_atomically else ""
-        if weight is None:
-            weight = _cached_weight(tenant)
-        run_fields: dict[str, Any] = {
-            "run": run_id,
-            "tenant": tenant,
-            "stream": frame.stream,
-            "agent": agent.name,
-            "client": client,
-            "message_id": frame.id,
-            "message_event": event_id,
-            "text": frame.text,
-            "options": dumps(frame.options),
-            "deadline": f"{deadline:.3f}",
-            "retention": retention or self.retention,
-            "created": f"{time.time():.3f}",
-        }
-        if agent_config:
-            run_fields["agent_cfg"] = dumps(dict(agent_config))  # orjson takes dicts only
         queued_key = keys.runs_queued(tenant)
         if limits is None:
             in_flight_key = queued_key  # not counted: -1 below
             counting: list[Any] = [-1, -1, f"{deadline:.3f}"]
         else:
             in_flight_key = keys.runs_in_flight(tenant, limits.connection)
-            # Where FINALIZE_RUN and CLAIM_STEP uncount the run.
-            run_fields["inflight_key"] = in_flight_key
-            run_fields["queued_key"] = queued_key
             counting = [
                 limits.max_in_flight,
                 limits.max_queued,
                 f"{deadline + COUNTED_GRACE_S:.3f}",
             ]
-        flat: list[Any] = []
-        for name, value in run_fields.items():
-            flat += [name, value]
+        record = RunRecord(
+            run=run_id,
+            tenant=tenant,
+            stream=frame.stream,
+            agent=agent.name,
+            client=client,
+            message_id=frame.id,
+            message_event=event_id,
+            text=frame.text,
+            options=frame.options,
+            deadline=deadline,
+            retention=retention or self.retention,
+            created=time.time(),
+            agent_config=dict(agent_config or {}),
+            # Where FINALIZE_RUN and CLAIM_STEP uncount a counted run.
+            inflight_key=in_flight_key if limits is not None else "",
+            queued_key=queued_key if limits is not None else "",
+        )
         flag, receipt = await self._accept_send(
             keys=[
                 keys.stream_seq(tenant, frame.stream),
@@ -233,8 +267,8 @@ class StreamStore:
                 message,
                 *counting,
                 tenant if fair else "",
-                quantum(weight),
-                *flat,
+                quantum(weight if weight is not None else 1),
+                *record.fields(),
             ],
         )
         if flag < 0:
@@ -274,14 +308,6 @@ class StreamStore:
                 events.append((_entry_seq(entry_id), fields[b"e"].decode()))
             first = events[-1][0] + 1
         return events
-
-
-def _cached_weight(tenant: str) -> int:
-    """The tenant's weight as this gateway process last loaded it (no database read)."""
-    from realtime.tenants import tenant_cache
-
-    config = tenant_cache.cached(tenant)
-    return config.weight if config is not None else 1
 
 
 def _entry_seq(entry_id: bytes | str) -> int:

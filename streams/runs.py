@@ -27,11 +27,12 @@ import orjson
 import redis
 import redis.asyncio as aredis
 
-from history.records import outbox_head, problem_entry, reason_of
 from project.conf import conf
 from streams import keys, scripts
 from streams.buckets import AsyncBuckets
 from streams.enqueue import (
+    RUN_STEP_TASK,
+    RUNS_QUEUE,
     TRIGGER_TASK,
     celery_message,
     enqueue_step,
@@ -39,13 +40,15 @@ from streams.enqueue import (
 )
 from streams.events import (
     cause_of,
+    dumps,
     event_parts,
     json_fragment,
     new_event_id,
     text_from_fragments,
     utc_now_iso,
 )
-from streams.log import RUN_RECORD_GRACE_S, RUN_STEP_TASK, RUNS_QUEUE
+from streams.records import outbox_head, problem_entry, reason_of
+from streams.subscriptions import subscribed
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,8 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+# The run record outlives its deadline long enough for a late step to find it finished.
+RUN_RECORD_GRACE_S = 3600
 FINISHED_RUN_TTL_S = 3600
 # Leases one RENEW_LEASES call renews at most: about a millisecond of Redis time.
 RENEW_LEASE_BATCH = 500
@@ -83,6 +88,66 @@ class StaleOffset(Fenced):
 
 class RunFinished(Exception):
     """The run already has its terminal event."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """A run's hash as it is created, by a client's `send` (streams/log.py, ACCEPT_SEND) or
+    by a subscription (orchestration/triggers.py, START_TRIGGERED_RUN): the one schema both
+    writers fill, which `Run.from_hash` reads back and the run scripts update."""
+
+    run: str
+    tenant: str
+    stream: str
+    agent: str
+    client: str
+    message_id: str
+    message_event: str  # the event the run answers: the client's message, or the trigger's
+    text: str
+    options: dict[str, Any]
+    deadline: float  # epoch seconds
+    retention: int  # the tenant's stream retention when the run was accepted
+    created: float  # epoch seconds
+    # The tenant's overrides for this agent (model, api_key_env, base_url).
+    agent_config: dict[str, str] = field(default_factory=dict)
+    # A run started by a subscription: its causal depth, the events from the client's
+    # message to the one that started it, and the trigger (None: a client's send).
+    depth: int = 0
+    chain: list[str] = field(default_factory=list)
+    trigger: dict[str, Any] | None = None
+    # Where FINALIZE_RUN and CLAIM_STEP uncount a run that counts against limits.
+    inflight_key: str = ""
+    queued_key: str = ""
+
+    def fields(self) -> list[Any]:
+        """The hash's fields as the scripts take them: name, value, name, value, ..."""
+        named: dict[str, Any] = {
+            "run": self.run,
+            "tenant": self.tenant,
+            "stream": self.stream,
+            "agent": self.agent,
+            "client": self.client,
+            "message_id": self.message_id,
+            "message_event": self.message_event,
+            "text": self.text,
+            "options": dumps(self.options),
+            "deadline": f"{self.deadline:.3f}",
+            "retention": self.retention,
+            "created": f"{self.created:.3f}",
+        }
+        if self.trigger is not None:
+            named["depth"] = self.depth
+            named["chain"] = dumps(self.chain)
+            named["trigger"] = dumps(self.trigger)
+        if self.agent_config:
+            named["agent_cfg"] = dumps(dict(self.agent_config))  # orjson takes dicts only
+        if self.inflight_key:
+            named["inflight_key"] = self.inflight_key
+            named["queued_key"] = self.queued_key
+        flat: list[Any] = []
+        for name, value in named.items():
+            flat += [name, value]
+        return flat
 
 
 @dataclass(slots=True)
@@ -119,6 +184,7 @@ class Run:
 
     @classmethod
     def from_hash(cls, run_id: str, fields: dict[str, str]) -> Run:
+        """A claimed run from its hash: RunRecord's fields and what the scripts added."""
         return cls(
             run_id=run_id,
             tenant=fields["tenant"],
@@ -632,9 +698,7 @@ def _stream_and_run_keys(run: Run) -> list[str]:
 def _trigger_message(run: Run, status: str, event_id: str) -> tuple[str, bool]:
     """(Celery message for the trigger task, or "", whether to publish it after instead)
     when some agent subscribes to this run's reply.done."""
-    from agents import subscribers
-
-    if not subscribers("reply.done", run.agent, run.stream, status):
+    if not subscribed("reply.done", run.agent, run.stream, status):
         return "", False
     if not conf().broker_in_streams_redis:
         return "", True

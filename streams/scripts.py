@@ -213,7 +213,7 @@ return {1, seq}
 #       history_outbox, history_dropped, recent_problems
 # ARGV: channel, prefix, text_prefix, suffix, maxlen, owner_token ('' = any owner: sweeper),
 #       status, run_id, finished_ttl_s, trigger_message ('' = no agent subscribes),
-#       history_head ('' = history off: history/records.py outbox_head), history_max,
+#       history_head ('' = history off: streams/records.py outbox_head), history_max,
 #       problem_entry ('' = not failed nor degraded), problems_max, worker_stop_prefix
 # Returns {1, seq}; {0, existing_seq} already finished; {-2, owner} fenced; {-1, ''} no run.
 FINALIZE_RUN = (

@@ -5,8 +5,9 @@ class WorkersConfig(AppConfig):
     name = "workers"
 
     def ready(self) -> None:
+
         from project.conf import conf
-        from workers.quotas import parse_limits
+        from streams.rate_limits import parse_limits
 
         # A malformed SWITCHBOARD_BACKEND_LIMITS stops every process at start, rather than
         # failing each model call of the backend it meant to limit.

@@ -13,44 +13,15 @@ the worker's model-call runtime).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
 
 from streams import keys
 from streams.buckets import NEVER, AsyncBuckets, Bucket
 
+# What the limits say (parsed from settings and agents' steps) is streams/rate_limits.py's.
+from streams.rate_limits import BackendLimit
+
 # Rough characters per token of English text; only an estimate of what a call will cost.
 CHARS_PER_TOKEN = 4
-
-
-@dataclass(frozen=True, slots=True)
-class BackendLimit:
-    rpm: int | None = None  # requests per minute
-    tpm: int | None = None  # tokens per minute
-
-
-class BadLimits(ValueError):
-    pass
-
-
-def parse_limits(raw: Mapping[str, Any] | None) -> dict[str, BackendLimit]:
-    """{"backend": {"rpm": N, "tpm": M}} -> BackendLimit per backend; refuses nonsense so a
-    typo fails at start, not as an unlimited backend."""
-    limits: dict[str, BackendLimit] = {}
-    for name, spec in (raw or {}).items():
-        if not isinstance(spec, Mapping) or not set(spec) <= {"rpm", "tpm"}:
-            raise BadLimits(f"backend limit {name!r}: expected an object with rpm and/or tpm")
-        values = {}
-        for unit in ("rpm", "tpm"):
-            value = spec.get(unit)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value <= 0
-            ):
-                raise BadLimits(f"backend limit {name!r}: {unit} must be a positive integer")
-            values[unit] = value
-        limits[name] = BackendLimit(**values)
-    return limits
 
 
 def estimated_tokens(prompt: str) -> int:

@@ -95,13 +95,13 @@ def test_login_and_front_page_are_styled(operator: Operator) -> None:
     assert_styled(page)
     # The front page links to the live page and lists the apps.
     assert page.locator("#switchboard-operating a").inner_text() == "Live queues, workers and runs"
-    assert page.locator("#content-main .app-realtime").count() == 1
+    assert page.locator("#content-main .app-tenants").count() == 1
     save_screenshot(page, "admin-index.png", full_page=True)
 
 
 def test_tenant_page_adds_agent_grants_inline(operator: Operator) -> None:
     operator.log_in()
-    page = operator.open("/admin/realtime/tenant/")
+    page = operator.open("/admin/tenants/tenant/")
     page.click(f"a:text-is('{DEMO_TENANT}')")
     page.wait_for_selector("#tenant_form", timeout=WAIT_MS)
     assert_styled(page)
@@ -167,7 +167,7 @@ def test_history_reads_as_a_thread(
 
 def test_live_page_renders_and_refreshes(operator: Operator) -> None:
     operator.log_in()
-    page = operator.open("/admin/realtime/tenant/live/")
+    page = operator.open("/admin/tenants/tenant/live/")
     page.wait_for_selector("#live-queues table, #live-queues p", timeout=WAIT_MS)
     # Its first refresh from live/data/ succeeds (a failure is shown in #live-errors).
     with page.expect_response(lambda r: "/live/data/" in r.url, timeout=WAIT_MS) as answer:

@@ -28,7 +28,7 @@ import redis
 
 from client.connection import SwitchboardClient
 from project.launcher import Cluster, Proc
-from realtime.auth import issue_token
+from tenants.tokens import issue_token
 from tests.fakes.openai_server import FakeOpenAIServer
 
 # Short limits so failure paths finish in seconds; tests read them from here.
@@ -123,7 +123,7 @@ LIMITED_TENANTS[POSITIONS_TENANT] = {"max_frame_bytes": 1024, "max_connections":
 
 _TENANT_SETUP = f"""
 import json
-from realtime.models import Tenant
+from tenants.models import Tenant
 for slug in {[OTHER_TENANT, SMALL_TENANT, DOOMED_TENANT, *LIMITED_TENANTS]!r}:
     Tenant.objects.get_or_create(slug=slug)
 Tenant.objects.filter(slug={SMALL_TENANT!r}).update(stream_retention={SMALL_RETENTION})

@@ -11,8 +11,8 @@ from collections.abc import Callable
 import pytest
 
 from client.connection import SwitchboardClient, SwitchboardClosed
-from realtime.auth import SECRET_ROTATED
 from realtime.control import TENANT_DISABLED
+from tenants.tokens import SECRET_ROTATED
 
 from .conftest import TENANT, Connect, Switchboard
 from .support import wait_until
@@ -39,8 +39,8 @@ async def test_disabling_a_tenant_closes_its_connections_with_4003(
 
     # What the admin's save does: save the row, then announce it once committed.
     switchboard.shell(
-        "from realtime.control import announce_tenant_change\n"
-        "from realtime.models import Tenant\n"
+        "from tenants.announcements import announce_tenant_change\n"
+        "from tenants.models import Tenant\n"
         f"tenant = Tenant.objects.get(slug={slug!r})\n"
         "tenant.enabled = False\n"
         "tenant.save()\n"
@@ -64,8 +64,8 @@ async def test_an_old_secret_works_during_the_grace_and_not_after(
     before = await connect(token=old_token)
 
     switchboard.shell(
-        "from realtime.control import announce_tenant_change\n"
-        "from realtime.models import Tenant\n"
+        "from tenants.announcements import announce_tenant_change\n"
+        "from tenants.models import Tenant\n"
         f"tenant = Tenant.objects.get(slug={slug!r})\n"
         "tenant.rotate_signing_secret()\n"
         "announce_tenant_change(tenant.slug, 'rotated')\n"
@@ -88,8 +88,8 @@ async def test_an_old_secret_works_during_the_grace_and_not_after(
         "from datetime import timedelta\n"
         "from django.conf import settings\n"
         "from django.utils import timezone\n"
-        "from realtime.control import announce_tenant_change\n"
-        "from realtime.models import Tenant\n"
+        "from tenants.announcements import announce_tenant_change\n"
+        "from tenants.models import Tenant\n"
         "grace = settings.SWITCHBOARD['SECRET_ROTATION_GRACE_S']\n"
         f"Tenant.objects.filter(slug={slug!r}).update(\n"
         "    secret_rotated_at=timezone.now() - timedelta(seconds=grace + 1))\n"
@@ -115,9 +115,7 @@ async def test_an_old_secret_works_during_the_grace_and_not_after(
 async def test_the_live_page_hears_the_clusters_workers(switchboard: Switchboard) -> None:
     # The inquiry the live page makes, from a process of the cluster (its broker).
     answer = switchboard.shell(
-        "import json\n"
-        "from realtime.operations import read_workers\n"
-        "print(json.dumps(read_workers()))\n"
+        "import json\nfrom console.live import read_workers\nprint(json.dumps(read_workers()))\n"
     )
     workers = json.loads(answer.splitlines()[-1])
     assert workers["answered"] is True, workers

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.asyncio
 
 def make_tenant(switchboard: Switchboard, slug: str, all_agents: bool) -> None:
     switchboard.shell(
-        "from realtime.models import Tenant\n"
+        "from tenants.models import Tenant\n"
         f"Tenant.objects.create(slug={slug!r}, all_agents={all_agents!r})\n"
     )
 
@@ -29,7 +29,7 @@ def make_tenant(switchboard: Switchboard, slug: str, all_agents: bool) -> None:
 def grant(switchboard: Switchboard, tenant: str, agent: str, **fields: Any) -> None:
     """What an operator does in the admin: a TenantAgent row (enabled unless said)."""
     switchboard.shell(
-        "from realtime.models import Tenant, TenantAgent\n"
+        "from tenants.models import Tenant, TenantAgent\n"
         "TenantAgent.objects.create(\n"
         f"    tenant=Tenant.objects.get(slug={tenant!r}), agent={agent!r}, **{fields!r}\n"
         ")\n"

@@ -109,7 +109,7 @@ def trigger_key(tenant: str, event_id: str, agent: str) -> str:
 
 def make_tenant(switchboard: Switchboard, slug: str, **fields: object) -> None:
     switchboard.shell(
-        f"from realtime.models import Tenant\nTenant.objects.create(slug={slug!r}, **{fields!r})\n"
+        f"from tenants.models import Tenant\nTenant.objects.create(slug={slug!r}, **{fields!r})\n"
     )
 
 
@@ -566,7 +566,7 @@ async def test_a_tenants_agent_grant_chooses_the_model_key_and_endpoint(
     grant = {"model": model, "api_key_env": TENANT_KEY_ENV, "base_url": base_url}
     await asyncio.to_thread(
         switchboard.shell,
-        "from realtime.models import Tenant, TenantAgent\n"
+        "from tenants.models import Tenant, TenantAgent\n"
         f"tenant = Tenant.objects.create(slug={tenant!r})\n"
         f"TenantAgent.objects.create(tenant=tenant, agent='assistant', **{grant!r})\n",
     )

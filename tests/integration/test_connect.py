@@ -10,7 +10,7 @@ import pytest
 import websockets
 
 from client.connection import SwitchboardClient, SwitchboardClosed
-from realtime.auth import issue_token
+from tenants.tokens import issue_token
 
 from .conftest import DOOMED_TENANT, TENANT, Connect, Switchboard
 from .support import wait_until
@@ -102,7 +102,7 @@ async def test_disabled_tenant_is_refused(switchboard: Switchboard, connect: Con
     client = await connect(token=token)
     assert client.welcome["tenant"] == DOOMED_TENANT
     switchboard.shell(
-        "from realtime.models import Tenant; "
+        "from tenants.models import Tenant; "
         f"Tenant.objects.filter(slug={DOOMED_TENANT!r}).update(enabled=False)"
     )
 

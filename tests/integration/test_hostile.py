@@ -19,7 +19,7 @@ import jwt
 import pytest
 
 from client.connection import SwitchboardClient, SwitchboardClosed, SwitchboardError
-from realtime.auth import MAX_TOKEN_CHARS, issue_token
+from tenants.tokens import MAX_TOKEN_CHARS, issue_token
 
 from .conftest import (
     FRUGAL_TENANT,

@@ -14,7 +14,7 @@ from urllib.parse import urlencode, urlsplit
 import pytest
 
 from client.connection import SwitchboardClient
-from realtime.auth import issue_token
+from tenants.tokens import issue_token
 
 from .conftest import OTHER_TENANT, TENANT, Connect, Switchboard
 from .support import take
@@ -168,7 +168,7 @@ async def test_bad_tokens_are_unauthorized(
     switchboard: Switchboard, unique: Callable[[str], str]
 ) -> None:
     switchboard.shell(
-        "from realtime.models import Tenant\n"
+        "from tenants.models import Tenant\n"
         f"Tenant.objects.get_or_create(slug={DISABLED_TENANT!r}, defaults={{'enabled': False}})"
     )
     secret = switchboard.secret(TENANT)

@@ -22,7 +22,7 @@ import redis
 
 from client.reconnecting import ReconnectingClient
 from project.launcher import Cluster, embedded_redis_binary, free_port, redis_answers, wait_until
-from realtime.auth import issue_token
+from tenants.tokens import issue_token
 
 from .conftest import CLUSTER_ENV, TENANT
 from .support import assert_contiguous
@@ -119,7 +119,7 @@ def restartable() -> Iterator[Fixture]:
             "-v",
             "0",
             "-c",
-            "from realtime.models import Tenant; "
+            "from tenants.models import Tenant; "
             f"print(Tenant.objects.get(slug={TENANT!r}).signing_secret)",
         ).strip()
         cluster.start()

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from client.connection import Event, SwitchboardClient
-from streams.log import RUNS_QUEUE
+from streams.enqueue import RUNS_QUEUE
 
 from .conftest import KEY_PREFIX, Connect, Switchboard, replaced_worker
 from .support import collect_run, collect_until, reply_text, restarts, split_run, wait_until

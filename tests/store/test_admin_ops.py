@@ -23,24 +23,26 @@ from django.utils import timezone
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from realtime import admin as realtime_admin
-from realtime import operations
+from console import admin as console_admin
+from console import live
+from console.live import snapshot
 from realtime.admission import ConnectionRegistry
-from realtime.auth import SECRET_ROTATED, Identity
-from realtime.control import TENANT_DISABLED, TenantControl, announce_tenant_change
-from realtime.models import Tenant
-from realtime.operations import ThrottleCounter, snapshot
+from realtime.control import TENANT_DISABLED, TenantControl
 from realtime.presence import PresenceStore
-from realtime.tenants import TenantCache, load_tenant
+from realtime.throttles import ThrottleCounter
 from streams import keys
 from streams.runs import RunStore
+from tenants.announcements import announce_tenant_change
+from tenants.config import TenantCache, load_tenant
+from tenants.models import Tenant
+from tenants.tokens import SECRET_ROTATED, Identity
 
 from .conftest import CLIENT, TENANT, Streams
 
 T = TypeVar("T")
 
-LIVE_URL = "/admin/realtime/tenant/live/"
-DATA_URL = "/admin/realtime/tenant/live/data/"
+LIVE_URL = "/admin/tenants/tenant/live/"
+DATA_URL = "/admin/tenants/tenant/live/data/"
 WAIT_S = 10.0
 GRACE_S = settings.SWITCHBOARD["SECRET_ROTATION_GRACE_S"]
 
@@ -48,7 +50,7 @@ GRACE_S = settings.SWITCHBOARD["SECRET_ROTATION_GRACE_S"]
 @pytest.fixture(autouse=True)
 def quick_inquiry(monkeypatch: pytest.MonkeyPatch) -> None:
     # No worker runs in these tests: the broadcast would wait its whole timeout each time.
-    monkeypatch.setattr(operations, "INSPECT_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(live, "INSPECT_TIMEOUT_S", 0.2)
 
 
 def on_redis(url: str, work: Callable[[aredis.Redis], Awaitable[T]]) -> T:
@@ -148,7 +150,7 @@ def test_the_live_data_shows_what_redis_holds(
     throttles = {(t["tenant"], t["reason"]): t for t in data["throttles"]["rows"]}
     assert throttles[(TENANT, "messages")]["counts"][-1] == 2
     assert throttles[(TENANT, "connections")]["total"] == 1
-    assert len(data["throttles"]["minutes"]) == operations.THROTTLE_MINUTES_SHOWN
+    assert len(data["throttles"]["minutes"]) == live.THROTTLE_MINUTES_SHOWN
 
     assert data["workers"]["answered"] is False  # no worker in this test
     assert data["workers"]["note"]
@@ -165,7 +167,7 @@ def test_the_live_page_embeds_the_data_and_refreshes_from_the_endpoint(
     assert f'data-url="{DATA_URL}"' in html
     assert "fetch(dataUrl" in html  # refreshed by the page's script, not by reloading
     # Linked from the tenants' list.
-    assert LIVE_URL in admin_client.get("/admin/realtime/tenant/").content.decode()
+    assert LIVE_URL in admin_client.get("/admin/tenants/tenant/").content.decode()
 
 
 def test_nothing_recent_is_an_empty_list(
@@ -198,7 +200,7 @@ def test_redis_unreachable_is_a_banner_not_a_500(
     admin_client: Client, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dead = redis.Redis(port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
-    monkeypatch.setattr(realtime_admin, "sync_client", lambda: dead)
+    monkeypatch.setattr(console_admin, "sync_client", lambda: dead)
     data = live_data(admin_client)
     assert any(error.startswith("Redis could not be read") for error in data["errors"])
     assert [row["slug"] for row in data["tenants"]] == []
@@ -297,11 +299,11 @@ def test_the_admin_announces_a_disable_and_a_rotation(
         "max_token_lifetime_s": tenant.max_token_lifetime_s,
     }  # "enabled" left out: unticked
     with django_capture_on_commit_callbacks(execute=True):
-        page = admin_client.post(f"/admin/realtime/tenant/{tenant.pk}/change/", data)
+        page = admin_client.post(f"/admin/tenants/tenant/{tenant.pk}/change/", data)
     assert page.status_code == 302, page.content.decode()
     assert not Tenant.objects.get(pk=tenant.pk).enabled
     with django_capture_on_commit_callbacks(execute=True):
-        page = admin_client.post(f"/admin/realtime/tenant/{tenant.pk}/rotate-secret/")
+        page = admin_client.post(f"/admin/tenants/tenant/{tenant.pk}/rotate-secret/")
     assert page.status_code == 200
     assert control_messages(2) == [
         {"tenant": TENANT, "why": "disabled"},

@@ -20,11 +20,12 @@ from orchestration.cancel import _finalize_cancelled
 from orchestration.steps import StepOutcome
 from streams import keys
 from streams.buckets import SyncBuckets
+from streams.rate_limits import BackendLimit
 from streams.runs import RunStore
 from tests.store.conftest import Streams, execute_step, log_events, of_kind
 from workers import backends
 from workers.backends import ModelRequest, SimulatedBackend
-from workers.quotas import BackendLimit, buckets_for, estimated_tokens
+from workers.quotas import buckets_for, estimated_tokens
 
 PROMPT = "twelve chars" * 10  # 120 characters: 30 estimated tokens
 FALLBACK = "busy, try again"

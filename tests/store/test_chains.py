@@ -15,7 +15,7 @@ import redis
 from agents import Agent, PythonStep, Step, StepContext
 from orchestration.steps import StepOutcome
 from streams import keys
-from streams.log import RUN_STEP_TASK
+from streams.enqueue import RUN_STEP_TASK
 from streams.runs import RunStore
 from tests.store.conftest import Streams, execute_step, log_events, of_kind
 from tests.store.test_leases import QUEUE, queued_steps

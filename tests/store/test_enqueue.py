@@ -22,12 +22,25 @@ from celery.worker.request import Request
 from pytest_django.fixtures import Settings
 
 from orchestration import dispatch
-from orchestration.tasks import run_next, run_step
+from orchestration.tasks import (
+    run_next,
+    run_step,
+    trigger_published_subscribers,
+    trigger_subscribers,
+)
 from project.celery import app as celery_app
 from streams import keys, redis_clients
-from streams.enqueue import RUN_NEXT_TASK, celery_message
+from streams.enqueue import (
+    RUN_NEXT_TASK,
+    RUN_STEP_TASK,
+    RUNS_QUEUE,
+    celery_message,
+    enqueue_published_trigger,
+    enqueue_step,
+    enqueue_ticket,
+    enqueue_trigger,
+)
 from streams.events import new_run_id
-from streams.log import RUN_STEP_TASK, RUNS_QUEUE
 from streams.runs import RunStore
 from tests.store.conftest import Streams, log_events, of_kind
 from workers import runtime
@@ -223,3 +236,31 @@ def test_a_redelivered_step_message_carries_its_retries_to_celery(
     request.execute()
     done = reply_done(r)
     assert (done["data"]["status"], done["data"]["text"]) == ("ok", "again")
+
+
+@pytest.mark.parametrize(
+    ("publish", "task", "args"),
+    [
+        (lambda: enqueue_step("run-1", 2), run_step, ["run-1", 2]),
+        (enqueue_ticket, run_next, []),
+        (lambda: enqueue_trigger("run-1", "event-1"), trigger_subscribers, ["run-1", "event-1"]),
+        (
+            lambda: enqueue_published_trigger(["acme", "room", "event-1", "bob", "p-1", {}]),
+            trigger_published_subscribers,
+            ["acme", "room", "event-1", "bob", "p-1", {}],
+        ),
+    ],
+)
+def test_publishing_by_task_name_queues_what_the_task_itself_would(
+    r: redis.Redis, store_redis_url: str, publish: Any, task: Any, args: list[Any]
+) -> None:
+    # With another broker than the streams' Redis, streams/enqueue.py publishes through
+    # Celery by name (it does not import orchestration): the same message, on the same
+    # queue, with the same options as the registered task's own apply_async.
+    publish()
+    by_name = pop_queued(r)
+    task.apply_async(args=args)
+    own = pop_queued(r)
+    assert by_name["headers"]["task"] == own["headers"]["task"] == task.name
+    assert body_of(by_name) == body_of(own) == [args, {}, EMBED]
+    assert comparable(by_name) == comparable(own)

@@ -18,8 +18,9 @@ import agents
 from orchestration.sweeping import sweep_expired_leases
 from realtime.protocol import Send
 from streams import keys
+from streams.enqueue import RUN_STEP_TASK, RUNS_QUEUE
 from streams.fairness import DeficitRoundRobin, FairQueue
-from streams.log import RUN_STEP_TASK, RUNS_QUEUE, StreamStore
+from streams.log import StreamStore
 from streams.runs import MAX_REDELIVERIES, RunStore
 from tests.store.conftest import CLIENT, Streams, execute_step, log_events, of_kind
 from tests.store.test_leases import queued_steps
@@ -168,15 +169,12 @@ def test_every_run_has_a_ticket(streams: Streams, r: redis.Redis) -> None:
     assert fair.pick(5.0).run_id is None
 
 
-def test_the_tenants_weight_comes_from_the_gateways_cache(
-    streams: Streams, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from realtime.tenants import TenantConfig, tenant_cache
-
-    config = TenantConfig("a", "secret", True, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, weight=4)
-    monkeypatch.setitem(tenant_cache._entries, "a", (config, 0.0))
+def test_the_tenants_weight_goes_in_with_its_send(streams: Streams, r: redis.Redis) -> None:
+    # The gateway passes the weight of the tenant's cached settings (TenantConfig.weight).
     frame = Send("m-1", "room", "echo", "hi", {}, None)
-    streams.run(lambda store: store.accept_send("a", CLIENT, frame, agents.get_agent("echo")))
+    streams.run(
+        lambda store: store.accept_send("a", CLIENT, frame, agents.get_agent("echo"), weight=4)
+    )
     assert r.hget(keys.FAIR_WEIGHTS, "a") == b"4"
     assert settings.SWITCHBOARD["FAIR_QUEUE"]
 

@@ -17,12 +17,12 @@ from django.db import DataError
 from agents import Agent, Step
 from history import persist as persister
 from history.models import HistoryEntry
-from history.records import parse_ts
 from history.tasks import persist_history
 from orchestration.sweeping import sweep_overdue_runs
-from realtime.models import Tenant
 from streams import keys
+from streams.records import parse_ts
 from streams.runs import RunStore
+from tenants.models import Tenant
 from tests.store.conftest import TENANT, Streams, execute_step, log_events, of_kind
 
 pytestmark = pytest.mark.django_db

@@ -24,8 +24,8 @@ from orchestration.steps import StepOutcome
 from orchestration.steps import execute_step as execute_step_async
 from orchestration.sweeping import sweep_expired_leases, sweep_runs
 from streams import keys
-from streams.log import RUN_RECORD_GRACE_S, RUN_STEP_TASK, RUNS_QUEUE
-from streams.runs import MAX_REDELIVERIES, AsyncRunStore, Fenced, RunStore
+from streams.enqueue import RUN_STEP_TASK, RUNS_QUEUE
+from streams.runs import MAX_REDELIVERIES, RUN_RECORD_GRACE_S, AsyncRunStore, Fenced, RunStore
 from tests.store.conftest import Streams, execute_step, log_events, of_kind
 from workers import backends
 from workers.backends import ModelRequest, split_evenly

@@ -18,10 +18,11 @@ import agents
 from agents import Agent
 from realtime.admission import ConnectionRegistry
 from realtime.protocol import Send
-from realtime.tenants import TenantConfig
 from streams import keys, log
-from streams.log import RUNS_QUEUE, Appended, LimitReached, RunLimits, StreamStore
+from streams.enqueue import RUNS_QUEUE
+from streams.log import Appended, LimitReached, RunLimits, StreamStore
 from streams.runs import RunStore
+from tenants.config import TenantConfig
 from tests.integration.support import wait_until
 
 pytestmark = pytest.mark.asyncio

@@ -13,9 +13,9 @@ import redis
 import redis.asyncio as aredis
 from django.test import Client
 
-from realtime.models import Tenant
 from streams import keys
 from streams.receipts import RECEIPT_TTL_S, BeyondHead, ReceiptStore, tenant_receipts
+from tenants.models import Tenant
 from tests.store.conftest import TENANT, Streams
 
 T = TypeVar("T")
@@ -211,11 +211,11 @@ def test_the_admin_shows_a_tenants_receipts_from_redis(
     publish(streams, "secret-room", 3, tenant=OTHER)
     receipts.record("secret-room", "mallory", 3, tenant=OTHER)
 
-    listing = admin_client.get("/admin/realtime/tenant/")
+    listing = admin_client.get("/admin/tenants/tenant/")
     assert listing.status_code == 200
-    url = f"/admin/realtime/tenant/{tenant.pk}/receipts/"
+    url = f"/admin/tenants/tenant/{tenant.pk}/receipts/"
     assert url in listing.content.decode()
-    assert url in admin_client.get(f"/admin/realtime/tenant/{tenant.pk}/change/").content.decode()
+    assert url in admin_client.get(f"/admin/tenants/tenant/{tenant.pk}/change/").content.decode()
 
     page = admin_client.get(url)
     assert page.status_code == 200
@@ -229,14 +229,14 @@ def test_the_admin_shows_a_tenants_receipts_from_redis(
 @pytest.mark.django_db
 def test_the_admin_says_when_a_tenant_has_no_receipts(admin_client: Client, r: redis.Redis) -> None:
     tenant = Tenant.objects.create(slug="initech")
-    page = admin_client.get(f"/admin/realtime/tenant/{tenant.pk}/receipts/")
+    page = admin_client.get(f"/admin/tenants/tenant/{tenant.pk}/receipts/")
     assert page.status_code == 200
     assert "No stream of this tenant has receipts" in page.content.decode()
-    assert admin_client.get("/admin/realtime/tenant/999999/receipts/").status_code == 404
+    assert admin_client.get("/admin/tenants/tenant/999999/receipts/").status_code == 404
 
 
 @pytest.mark.django_db
 def test_the_receipts_page_is_for_staff_only(client: Client, r: redis.Redis) -> None:
     tenant = Tenant.objects.create(slug=TENANT)
-    page = client.get(f"/admin/realtime/tenant/{tenant.pk}/receipts/")
+    page = client.get(f"/admin/tenants/tenant/{tenant.pk}/receipts/")
     assert page.status_code == 302 and "/admin/login/" in page["Location"]

@@ -16,7 +16,7 @@ from orchestration.cancel import _finalize_cancelled
 from orchestration.steps import StepOutcome
 from orchestration.sweeping import sweep_overdue_runs
 from streams import keys
-from streams.log import RUNS_QUEUE
+from streams.enqueue import RUNS_QUEUE
 from streams.runs import RunStore
 from tests.store.conftest import Streams, execute_step, log_events, of_kind
 from workers import backends

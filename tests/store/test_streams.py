@@ -17,8 +17,8 @@ import agents
 from realtime.protocol import Publish, Send
 from streams import keys
 from streams import log as streams_module
-from streams.enqueue import RUN_NEXT_TASK
-from streams.log import RUN_STEP_TASK, RUNS_QUEUE, StreamStore
+from streams.enqueue import RUN_NEXT_TASK, RUN_STEP_TASK, RUNS_QUEUE
+from streams.log import StreamStore
 from streams.runs import RunStore
 from tests.store.conftest import CLIENT, TENANT, Streams, log_events
 

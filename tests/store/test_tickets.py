@@ -22,9 +22,8 @@ from orchestration.tickets import (
     runs_queue_lists,
 )
 from streams import keys
-from streams.enqueue import RUN_NEXT_TASK, celery_message
+from streams.enqueue import RUN_NEXT_TASK, RUN_STEP_TASK, RUNS_QUEUE, celery_message
 from streams.fairness import FairQueue
-from streams.log import RUN_STEP_TASK, RUNS_QUEUE
 from streams.runs import RunStore
 from tests.store.conftest import Streams
 from tests.store.test_fairness import accept

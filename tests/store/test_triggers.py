@@ -15,12 +15,11 @@ import redis
 
 from agents import Agent, On, Step
 from orchestration.triggers import start_published_subscribers, start_subscribers
-from realtime.models import Tenant, TenantAgent
-from realtime.tenants import tenant_cache
 from streams import keys
-from streams.enqueue import PUBLISHED_TRIGGER_TASK, TRIGGER_TASK
-from streams.log import RUNS_QUEUE
+from streams.enqueue import PUBLISHED_TRIGGER_TASK, RUNS_QUEUE, TRIGGER_TASK
 from streams.runs import RunStore
+from tenants.config import tenant_cache
+from tenants.models import Tenant, TenantAgent
 from tests.store.conftest import TENANT, Streams, execute_step, log_events, of_kind
 
 pytestmark = pytest.mark.django_db

@@ -12,7 +12,7 @@ import jwt
 import pytest
 
 from project.launcher import ROOT
-from realtime.auth import TOKEN_ALGORITHM
+from tenants.tokens import TOKEN_ALGORITHM
 
 PROCESSOR = ROOT / "loadtest" / "artillery" / "processor.js"
 SECRET = "a-tenant-secret-of-at-least-32-bytes"

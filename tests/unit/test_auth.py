@@ -1,4 +1,4 @@
-"""Client tokens (realtime/auth.py) against real Tenant rows in the test database."""
+"""Client tokens (tenants/tokens.py) against real Tenant rows in the test database."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 import jwt
 import pytest
 
-from realtime.auth import MAX_TOKEN_CHARS, AuthError, Identity, authenticate, issue_token
-from realtime.models import Tenant
-from realtime.tenants import TenantCache, TenantConfig
+from tenants.config import TenantCache, TenantConfig
+from tenants.models import Tenant
+from tenants.tokens import MAX_TOKEN_CHARS, AuthError, Identity, authenticate, issue_token
 
 
 # transactional_db, not db: TenantCache.get loads tenants on a worker thread

@@ -8,7 +8,7 @@ import pytest
 from django.test import override_settings
 
 from realtime.admission import FAULT_OPTIONS, NEVER_RETRY_MS, run_options, subscription_refusal
-from realtime.tenants import TenantConfig
+from tenants.config import TenantConfig
 
 TENANT = TenantConfig("acme", "s", True, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1)
 FAULTY = {"fail": "timeout", "latency_ms": 600_000, "chunk_delay_ms": 5, "chunks": 3}

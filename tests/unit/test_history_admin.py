@@ -10,7 +10,7 @@ from django.test import Client
 
 from history.admin import history_url, thread_url
 from history.models import HistoryEntry
-from realtime.models import Tenant
+from tenants.models import Tenant
 
 pytestmark = pytest.mark.django_db
 
@@ -84,7 +84,7 @@ def test_history_is_listed_per_tenant_and_stream(
 
 def test_the_tenant_page_links_to_its_history(admin_client: Client) -> None:
     tenant = Tenant.objects.create(slug="acme")
-    html = admin_client.get(f"/admin/realtime/tenant/{tenant.pk}/change/").content.decode()
+    html = admin_client.get(f"/admin/tenants/tenant/{tenant.pk}/change/").content.decode()
     assert f'href="{history_url(tenant)}"' in html.replace("&amp;", "&")
     assert "Conversation history" in html
 

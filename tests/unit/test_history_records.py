@@ -1,4 +1,4 @@
-"""history/records.py: the outbox and recent-problems formats and turning events into rows."""
+"""streams/records.py: the outbox and recent-problems formats and turning events into rows."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from history.records import (
+from streams.events import event_parts, json_fragment
+from streams.records import (
     Entry,
     OutboxRecord,
     entry_from_event,
@@ -19,7 +20,6 @@ from history.records import (
     reply_from_run,
     retention_cutoff,
 )
-from streams.events import event_parts, json_fragment
 
 AT = "2026-03-04T05:06:07.890Z"
 AT_DT = datetime(2026, 3, 4, 5, 6, 7, 890_000, tzinfo=UTC)

@@ -1,4 +1,5 @@
-"""Backend rate limits (workers/quotas.py): configuration, estimates and the wait policy."""
+"""Backend rate limits (streams/rate_limits.py, workers/quotas.py): configuration, estimates
+and the wait policy."""
 
 from __future__ import annotations
 
@@ -6,16 +7,8 @@ import pytest
 
 from streams import keys
 from streams.buckets import NEVER
-from workers.quotas import (
-    GIVE_UP,
-    WAIT,
-    BackendLimit,
-    BadLimits,
-    buckets_for,
-    decide,
-    estimated_tokens,
-    parse_limits,
-)
+from streams.rate_limits import BackendLimit, BadLimits, parse_limits
+from workers.quotas import GIVE_UP, WAIT, buckets_for, decide, estimated_tokens
 
 
 def test_limits_parse_per_backend() -> None:

@@ -1,10 +1,10 @@
-"""What a degraded reply.done's detail.message says (orchestration/reasons.py)."""
+"""What a degraded reply.done's detail.message says (streams/reasons.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from orchestration.reasons import degraded_message
+from streams.reasons import degraded_message
 from workers.backends import ModelError, ModelTimeout
 
 

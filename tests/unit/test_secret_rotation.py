@@ -17,11 +17,11 @@ from django.contrib.auth.models import Permission, User
 from django.test import Client
 from django.utils import timezone
 
-from realtime.auth import SECRET_ROTATED, AuthError, Identity, authenticate, issue_token
 from realtime.control import TENANT_DELETED, TENANT_DISABLED, close_verdict
-from realtime.models import Tenant
 from realtime.protocol import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED
-from realtime.tenants import TenantCache, TenantConfig, load_tenant
+from tenants.config import TenantCache, TenantConfig, load_tenant
+from tenants.models import Tenant
+from tenants.tokens import SECRET_ROTATED, AuthError, Identity, authenticate, issue_token
 
 GRACE_S = settings.SWITCHBOARD["SECRET_ROTATION_GRACE_S"]
 
@@ -145,7 +145,7 @@ def test_close_verdicts() -> None:
 
 
 def rotate_url(tenant: Tenant) -> str:
-    return f"/admin/realtime/tenant/{tenant.pk}/rotate-secret/"
+    return f"/admin/tenants/tenant/{tenant.pk}/rotate-secret/"
 
 
 @pytest.mark.django_db
@@ -153,14 +153,14 @@ def test_the_change_form_shows_only_the_secrets_end_and_the_rotate_button(
     admin_client: Client,
 ) -> None:
     tenant = Tenant.objects.create(slug="acme")
-    html = admin_client.get(f"/admin/realtime/tenant/{tenant.pk}/change/").content.decode()
+    html = admin_client.get(f"/admin/tenants/tenant/{tenant.pk}/change/").content.decode()
     assert tenant.signing_secret not in html
     assert f"…{tenant.signing_secret[-4:]}" in html
     assert rotate_url(tenant) in html
     assert "never rotated" in html
     # A new tenant's secret can still be typed in.
     assert (
-        'name="signing_secret"' in admin_client.get("/admin/realtime/tenant/add/").content.decode()
+        'name="signing_secret"' in admin_client.get("/admin/tenants/tenant/add/").content.decode()
     )
 
 
@@ -179,7 +179,7 @@ def test_the_change_form_cannot_change_the_secret(admin_client: Client) -> None:
         "max_causal_depth": 3,
         "max_token_lifetime_s": tenant.max_token_lifetime_s,
     }
-    page = admin_client.post(f"/admin/realtime/tenant/{tenant.pk}/change/", data)
+    page = admin_client.post(f"/admin/tenants/tenant/{tenant.pk}/change/", data)
     assert page.status_code == 302, page.content.decode()
     assert Tenant.objects.get(pk=tenant.pk).signing_secret == tenant.signing_secret
 
@@ -201,7 +201,7 @@ def test_rotating_takes_a_post_and_shows_the_new_secret_once(admin_client: Clien
     assert stored.signing_secret != old
     assert stored.signing_secret in page.content.decode()
     # Not shown again: the change form has only its end.
-    html = admin_client.get(f"/admin/realtime/tenant/{tenant.pk}/change/").content.decode()
+    html = admin_client.get(f"/admin/tenants/tenant/{tenant.pk}/change/").content.decode()
     assert stored.signing_secret not in html
     assert "tokens signed with the previous secret are accepted until" in html
 

@@ -11,8 +11,8 @@ from django.core.management.base import CommandError
 from django.forms.models import model_to_dict
 from django.test import Client
 
-from realtime.models import Tenant, TenantAgent
-from realtime.tenants import AgentGrant, TenantConfig, load_tenant
+from tenants.config import AgentGrant, TenantConfig, load_tenant
+from tenants.models import Tenant, TenantAgent
 
 
 def config(all_agents: bool = True, *grants: AgentGrant) -> TenantConfig:
@@ -127,7 +127,7 @@ def change_form(tenant: Tenant, *rows: dict[str, Any], initial: int = 0) -> dict
 
 
 def change_url(tenant: Tenant) -> str:
-    return f"/admin/realtime/tenant/{tenant.pk}/change/"
+    return f"/admin/tenants/tenant/{tenant.pk}/change/"
 
 
 @pytest.mark.django_db

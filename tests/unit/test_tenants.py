@@ -1,11 +1,11 @@
-"""Tenant slug validation (realtime/models.py): no database needed to validate fields."""
+"""Tenant slug validation (tenants/models.py): no database needed to validate fields."""
 
 from __future__ import annotations
 
 import pytest
 from django.core.exceptions import ValidationError
 
-from realtime.models import Tenant
+from tenants.models import Tenant
 
 
 def validate(slug: str) -> None:

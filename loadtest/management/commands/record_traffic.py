@@ -10,8 +10,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 from loadtest.record import RecordingBusy, TrafficRecorder, new_config
-from realtime.models import Tenant
 from streams.redis_clients import sync_client
+from tenants.models import Tenant
 
 DEFAULT_DURATION_S = 60.0
 

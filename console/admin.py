@@ -16,13 +16,13 @@ from django.utils.html import format_html
 from redis.exceptions import RedisError
 
 from agents import agent_names
+from console.live import TENANTS_SHOWN, snapshot
 from history.admin import history_url
 from project.conf import conf
-from realtime.control import announce_tenant_change
-from realtime.models import Tenant, TenantAgent
-from realtime.operations import TENANTS_SHOWN, snapshot
 from streams.receipts import RECEIPT_TTL_S, tenant_receipts
 from streams.redis_clients import sync_client
+from tenants.announcements import announce_tenant_change
+from tenants.models import Tenant, TenantAgent
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class TenantAdmin(admin.ModelAdmin):
     def receipts_link(self, obj: Tenant | None) -> str:
         if obj is None or obj.pk is None:
             return "-"
-        url = reverse("admin:realtime_tenant_receipts", args=[obj.pk])
+        url = reverse("admin:tenants_tenant_receipts", args=[obj.pk])
         return format_html('<a href="{}">streams and clients</a>', url)
 
     @admin.display(description="history")
@@ -134,7 +134,7 @@ class TenantAdmin(admin.ModelAdmin):
         receipts = path(
             "<path:object_id>/receipts/",
             self.admin_site.admin_view(self.receipts_view),
-            name="realtime_tenant_receipts",
+            name="tenants_tenant_receipts",
         )
         return [*self._operations_urls(), receipts, *super().get_urls()]
 
@@ -180,19 +180,19 @@ class TenantAdmin(admin.ModelAdmin):
             "ttl_days": RECEIPT_TTL_S // 86400,
             "redis_error": redis_error,
         }
-        return TemplateResponse(request, "admin/realtime/tenant/receipts.html", context)
+        return TemplateResponse(request, "admin/tenants/tenant/receipts.html", context)
 
     # --- operating: secret rotation, changes reaching the gateways, the live page -----------
 
     def _operations_urls(self) -> list[URLPattern]:
         view = self.admin_site.admin_view
         return [
-            path("live/", view(self.live_view), name="realtime_tenant_live"),
-            path("live/data/", view(self.live_data_view), name="realtime_tenant_live_data"),
+            path("live/", view(self.live_view), name="tenants_tenant_live"),
+            path("live/data/", view(self.live_data_view), name="tenants_tenant_live_data"),
             path(
                 "<path:object_id>/rotate-secret/",
                 view(self.rotate_secret_view),
-                name="realtime_tenant_rotate_secret",
+                name="tenants_tenant_rotate_secret",
             ),
         ]
 
@@ -220,7 +220,7 @@ class TenantAdmin(admin.ModelAdmin):
     def signing_secret_status(self, obj: Tenant | None) -> str:
         if obj is None or obj.pk is None:
             return "-"
-        url = reverse("admin:realtime_tenant_rotate_secret", args=[obj.pk])
+        url = reverse("admin:tenants_tenant_rotate_secret", args=[obj.pk])
         until = obj.previous_secret_until()
         if obj.secret_rotated_at is None or until is None:
             state = "never rotated"
@@ -301,12 +301,12 @@ class TenantAdmin(admin.ModelAdmin):
             "previous_until": until if new_secret else None,
             "apply_within_s": _apply_within_s(),
         }
-        return TemplateResponse(request, "admin/realtime/tenant/rotate_secret.html", context)
+        return TemplateResponse(request, "admin/tenants/tenant/rotate_secret.html", context)
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
-        extra = {"live_url": reverse("admin:realtime_tenant_live"), **(extra_context or {})}
+        extra = {"live_url": reverse("admin:tenants_tenant_live"), **(extra_context or {})}
         return super().changelist_view(request, extra)
 
     def _live_data(self) -> dict[str, Any]:
@@ -323,10 +323,10 @@ class TenantAdmin(admin.ModelAdmin):
             "title": "Live queues, workers and runs",
             "opts": self.opts,
             "initial": self._live_data(),
-            "data_url": reverse("admin:realtime_tenant_live_data"),
+            "data_url": reverse("admin:tenants_tenant_live_data"),
             "refresh_ms": LIVE_REFRESH_MS,
         }
-        return TemplateResponse(request, "admin/realtime/tenant/live.html", context)
+        return TemplateResponse(request, "admin/tenants/tenant/live.html", context)
 
     def live_data_view(self, request: HttpRequest) -> JsonResponse:
         if not self.has_view_permission(request):

@@ -2,7 +2,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
 from agents import agent_names
-from realtime.models import Tenant, TenantAgent
+from tenants.models import Tenant, TenantAgent
 
 
 def parse_agents(value: str) -> list[str]:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from orchestration.reasons import degraded_message
 from streams.events import dumps, text_from_fragments
+from streams.reasons import degraded_message
 
 MESSAGE = "message"
 REPLY_DONE = "reply.done"

@@ -1,19 +1,15 @@
 """What the admin's live page shows, read from Redis and Celery as they are now.
 
-- `ThrottleCounter` (gateways): refusals (429s and 4029s) counted in memory per tenant and
-  reason, and added to a per-minute Redis hash once a second. A refusal does no I/O of its
-  own, so a refusal storm stays as cheap as before; a gateway that dies loses at most its
-  last second of counts.
 - `snapshot` (the admin, sync): Celery queue depths, the fair queues, runs not finished
   with their step and age, recent failed and degraded runs, connections and presence per
-  tenant, the refusal counts of the last minutes, and what each worker runs. Every list is
-  bounded, so the page costs Redis the same whatever a deployment holds; Redis and Celery
-  failures become messages in `errors`, never an exception.
+  tenant, the refusal counts of the last minutes (realtime/throttles.py), and what each
+  worker runs. Every list is bounded, so the page costs Redis the same whatever a
+  deployment holds; Redis and Celery failures become messages in `errors`, never an
+  exception.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import Counter
@@ -24,7 +20,6 @@ from typing import Any
 
 import orjson
 import redis
-import redis.asyncio as aredis
 from redis.exceptions import RedisError
 
 from project.conf import conf
@@ -41,9 +36,8 @@ THROTTLE_REASONS = {
     "subscriptions": "subscriptions per connection (rate_limited)",
     "receipts": "receipt rate (rate_limited)",
 }
-THROTTLE_FLUSH_S = 1.0
-# Minute hashes live this long; the page shows the last THROTTLE_MINUTES_SHOWN of them.
-THROTTLE_KEEP_S = 15 * 60
+# The gateways keep their per-minute refusal counts (realtime/throttles.py) for
+# THROTTLE_KEEP_S; the page shows the last THROTTLE_MINUTES_SHOWN minutes of them.
 THROTTLE_MINUTES_SHOWN = 5
 
 # The page is a look, not an export: bounded whatever Redis holds.
@@ -69,61 +63,6 @@ RUN_FIELDS = (
 )
 
 
-# --- counting refusals (gateways) ------------------------------------------------------
-
-
-class ThrottleCounter:
-    """A gateway process's refusals, per (tenant, reason), on their way to Redis."""
-
-    def __init__(self, client_factory: Callable[[], aredis.Redis]) -> None:
-        self._client_factory = client_factory
-        self._counts: Counter[tuple[str, str]] = Counter()
-        self._task: asyncio.Task[None] | None = None
-
-    def count(self, tenant: str, reason: str) -> None:
-        """One refusal; no I/O here (the refusal path must stay as fast as it was)."""
-        self._counts[(tenant, reason)] += 1
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._flush_forever())
-
-    async def flush(self, now: float | None = None) -> None:
-        """Add what was counted to the current minute's hash (one pipeline)."""
-        counts, self._counts = self._counts, Counter()
-        if not counts:
-            return
-        key = keys.throttled(int((time.time() if now is None else now) // 60))
-        try:
-            async with self._client_factory().pipeline(transaction=False) as pipe:
-                for (tenant, reason), count in counts.items():
-                    pipe.hincrby(key, f"{tenant}:{reason}", count)
-                pipe.expire(key, THROTTLE_KEEP_S)
-                await pipe.execute()
-        except Exception:
-            # Kept for the next flush: bounded by tenants x reasons, however long Redis is away.
-            self._counts.update(counts)
-            raise
-
-    async def _flush_forever(self) -> None:
-        while self._counts:
-            await asyncio.sleep(THROTTLE_FLUSH_S)
-            try:
-                await self.flush()
-            except Exception as error:  # noqa: BLE001 - counts wait for the next round
-                logger.warning("refusal counts not written (%s); trying again", error)
-
-
-_throttles: ThrottleCounter | None = None
-
-
-def throttle_counter() -> ThrottleCounter:
-    global _throttles
-    if _throttles is None:
-        from streams.redis_clients import async_client
-
-        _throttles = ThrottleCounter(async_client)
-    return _throttles
-
-
 # --- reading (the admin) ---------------------------------------------------------------
 
 
@@ -147,9 +86,10 @@ def redis_now(client: redis.Redis) -> float:
 
 
 def queue_names() -> list[str]:
-    from project.celery import app
+    # The project's Celery app (project/celery.py), found the way Celery finds it.
+    from celery import current_app
 
-    return [queue.name for queue in app.conf.task_queues or ()]
+    return [queue.name for queue in current_app.conf.task_queues or ()]
 
 
 def read_celery_queues(broker: redis.Redis) -> dict[str, Any]:
@@ -336,11 +276,11 @@ _inquiry: Future[Any] | None = None
 
 
 def _ask_workers() -> dict[str, Any] | None:
-    from project.celery import app
+    from celery import current_app
 
     # `active` alone: every worker that answers is online (with [] when idle), so a second
     # broadcast (`ping`) would only double the wait.
-    return app.control.inspect(timeout=INSPECT_TIMEOUT_S).active()
+    return current_app.control.inspect(timeout=INSPECT_TIMEOUT_S).active()
 
 
 def read_workers(ask: Callable[[], dict[str, Any] | None] = _ask_workers) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from realtime.auth import issue_token
-from realtime.models import Tenant
+from tenants.models import Tenant
+from tenants.tokens import issue_token
 
 
 class Command(BaseCommand):

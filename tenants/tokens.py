@@ -12,7 +12,7 @@ from typing import Any
 import jwt
 import orjson
 
-from realtime.tenants import TenantCache, valid_slug
+from tenants.config import TenantCache, valid_slug
 
 TOKEN_ALGORITHM = "HS256"
 # Why a token signed with the tenant's previous secret is refused once the rotation's grace

@@ -17,7 +17,7 @@ from asgiref.sync import sync_to_async
 
 from project.conf import conf
 
-# The shape of Tenant.slug (its validator, realtime/models.py): 1 to 63 characters.
+# The shape of Tenant.slug (its validator, tenants/models.py): 1 to 63 characters.
 TENANT_SLUG_PATTERN = r"\A[a-z0-9][a-z0-9_-]{0,62}\Z"
 _SLUG = re.compile(TENANT_SLUG_PATTERN)
 
@@ -59,13 +59,13 @@ class TenantConfig:
     max_causal_depth: int = 3
     max_token_lifetime_s: int = 30 * 24 * 3600
     fault_injection: bool = False
-    # Secret rotation (realtime/auth.py): the secret before the last rotation, which still
+    # Secret rotation (tenants/tokens.py): the secret before the last rotation, which still
     # verifies tokens until previous_secret_until (epoch s); "" and 0.0 when there is none.
     previous_signing_secret: str = ""
     previous_secret_until: float = 0.0
 
     def public_limits(self) -> dict[str, int]:
-        from realtime.models import LIMIT_FIELDS
+        from tenants.models import LIMIT_FIELDS
 
         return {name: getattr(self, name) for name in LIMIT_FIELDS}
 
@@ -87,19 +87,19 @@ class TenantConfig:
         grant = self._grant(agent)
         if grant is None or not grant.enabled:
             return {}
-        from realtime.models import AGENT_OVERRIDE_FIELDS
+        from tenants.models import AGENT_OVERRIDE_FIELDS
 
         overrides = {name: getattr(grant, name) for name in AGENT_OVERRIDE_FIELDS}
         return {name: value for name, value in overrides.items() if value}
 
 
 def load_tenant(slug: str) -> TenantConfig | None:
-    from realtime.models import Tenant
+    from tenants.models import Tenant
 
     tenant = Tenant.objects.filter(slug=slug).prefetch_related("agent_grants").first()
     if tenant is None:
         return None
-    from realtime.models import AGENT_OVERRIDE_FIELDS, LIMIT_FIELDS
+    from tenants.models import AGENT_OVERRIDE_FIELDS, LIMIT_FIELDS
 
     until = tenant.previous_secret_until()
     return TenantConfig(
@@ -183,7 +183,7 @@ class TenantCache:
         return False, None
 
     def _store(self, slug: str, config: TenantConfig | None, now: float) -> None:
-        # Imported here: realtime.models imports this module while Django loads its apps.
+        # Imported here: tenants.models imports this module while Django loads its apps.
         from ops import metrics
 
         expires_at = now + self.ttl_s
@@ -245,7 +245,7 @@ class TenantCache:
 
 
 def valid_slug(slug: object) -> bool:
-    """Whether `slug` has a tenant slug's shape (realtime/models.py), checked before any
+    """Whether `slug` has a tenant slug's shape (tenants/models.py), checked before any
     lookup: what a token claims is read before its signature can be verified."""
     return isinstance(slug, str) and _SLUG.match(slug) is not None
 

@@ -10,7 +10,7 @@ from django.db import models, transaction
 from django.utils import timezone
 
 from project.conf import conf
-from realtime.tenants import TENANT_SLUG_PATTERN
+from tenants.config import TENANT_SLUG_PATTERN
 
 
 def new_signing_secret() -> str:
@@ -25,7 +25,7 @@ class Tenant(models.Model):
     )
     name = models.CharField(max_length=200, blank=True)
     signing_secret = models.CharField(max_length=200, default=new_signing_secret)
-    # Secret rotation (realtime/auth.py): tokens signed with the secret the last rotation
+    # Secret rotation (tenants/tokens.py): tokens signed with the secret the last rotation
     # replaced verify until secret_rotated_at + SWITCHBOARD_SECRET_ROTATION_GRACE_S. Set by
     # rotate_signing_secret only, so no form edits them.
     previous_signing_secret = models.CharField(max_length=200, blank=True, editable=False)
@@ -126,6 +126,9 @@ class Tenant(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
+        # The table keeps the name it had when the model lived in the gateway's app: the
+        # move to this app changed no data (tenants/migrations/0001_initial.py).
+        db_table = "realtime_tenant"
         ordering = ["slug"]
 
     def __str__(self) -> str:
@@ -137,7 +140,7 @@ class Tenant(models.Model):
     def rotate_signing_secret(self) -> str:
         """Replace the signing secret with a new one (returned); the current one becomes the
         previous, accepted for SWITCHBOARD_SECRET_ROTATION_GRACE_S. Callers then tell the
-        gateways (realtime.control.announce_tenant_change)."""
+        gateways (tenants.announcements.announce_tenant_change)."""
         with transaction.atomic():
             # Locked: two operators rotating at once must not both keep the same previous.
             locked = Tenant.objects.select_for_update().get(pk=self.pk)
@@ -225,6 +228,7 @@ class TenantAgent(models.Model):
     )
 
     class Meta:
+        db_table = "realtime_tenantagent"
         ordering = ["agent"]
         unique_together = [("tenant", "agent")]
         verbose_name = "agent grant"
