@@ -81,6 +81,93 @@ class Appended:
     run_id: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _NewRun:
+    """A `send` about to become a run: its message event and what its record holds."""
+
+    tenant: str
+    client: str
+    frame: Send
+    agent: Agent
+    retention: int
+    event_id: str
+    run_id: str
+    prefix: str  # the message event's, around its seq
+    suffix: str
+    deadline: float  # epoch seconds
+
+    @classmethod
+    def of(cls, tenant: str, client: str, frame: Send, agent: Agent, retention: int) -> _NewRun:
+        event_id = new_event_id()
+        run_id = new_run_id()
+        prefix, suffix = event_parts(
+            stream=frame.stream,
+            event_id=event_id,
+            kind="message",
+            sender=f"client:{client}",
+            cause=cause_of(client, frame.id, frame.prev),
+            data={"text": frame.text, "agent": frame.agent},
+        )
+        deadline = time.time() + agent.deadline_s
+        return cls(
+            tenant, client, frame, agent, retention, event_id, run_id, prefix, suffix, deadline
+        )
+
+    def record(self, agent_config: Mapping[str, str] | None) -> dict[str, Any]:
+        """The run record's fields (streams/runs.py Run.from_hash reads them)."""
+        frame = self.frame
+        fields: dict[str, Any] = {
+            "run": self.run_id,
+            "tenant": self.tenant,
+            "stream": frame.stream,
+            "agent": self.agent.name,
+            "client": self.client,
+            "message_id": frame.id,
+            "message_event": self.event_id,
+            "text": frame.text,
+            "options": dumps(frame.options),
+            "deadline": f"{self.deadline:.3f}",
+            "retention": self.retention,
+            "created": f"{time.time():.3f}",
+        }
+        if agent_config:
+            fields["agent_cfg"] = dumps(dict(agent_config))  # orjson takes dicts only
+        return fields
+
+
+@dataclass(frozen=True, slots=True)
+class _FlowControl:
+    """How ACCEPT_SEND counts a new run against `RunLimits` (-1: not counted)."""
+
+    counted: bool
+    inflight_key: str
+    queued_key: str
+    max_in_flight: int
+    max_queued: int
+    counted_until: str  # epoch seconds: the run stops counting then, whatever happened
+
+    @classmethod
+    def of(cls, tenant: str, deadline: float, limits: RunLimits | None) -> _FlowControl:
+        queued_key = keys.runs_queued(tenant)
+        if limits is None:
+            # Not counted: the in-flight key is any key, the script does not touch it.
+            return cls(False, queued_key, queued_key, -1, -1, f"{deadline:.3f}")
+        return cls(
+            True,
+            keys.runs_in_flight(tenant, limits.connection),
+            queued_key,
+            limits.max_in_flight,
+            limits.max_queued,
+            f"{deadline + COUNTED_GRACE_S:.3f}",
+        )
+
+    def record_fields(self) -> dict[str, str]:
+        """Where FINALIZE_RUN and CLAIM_STEP uncount the run (nothing when not counted)."""
+        if not self.counted:
+            return {}
+        return {"inflight_key": self.inflight_key, "queued_key": self.queued_key}
+
+
 def _receipt(flag: int, receipt: bytes | str) -> tuple[int, str, bool]:
     text = receipt.decode() if isinstance(receipt, bytes) else receipt
     seq, event_id = text.split(" ")[:2]
@@ -90,8 +177,6 @@ def _receipt(flag: int, receipt: bytes | str) -> tuple[int, str, bool]:
 class StreamStore:
     def __init__(self, client: aredis.Redis) -> None:
         self.client = client
-        self._append_event = client.register_script(scripts.APPEND_EVENT)
-        self._accept_send = client.register_script(scripts.ACCEPT_SEND)
         self.retention = settings.SWITCHBOARD["STREAM_RETENTION"]
         self.dedupe_ttl_s = settings.SWITCHBOARD["DEDUPE_TTL_S"]
         # Atomic enqueue needs the broker to be this Redis; otherwise see accept_send.
@@ -119,24 +204,20 @@ class StreamStore:
                 _, trigger_message = celery_message(
                     PUBLISHED_TRIGGER_TASK, trigger_args, RUNS_QUEUE
                 )
-        flag, receipt = await self._append_event(
-            keys=[
-                keys.stream_seq(tenant, frame.stream),
-                keys.stream_log(tenant, frame.stream),
-                keys.client_message(tenant, client, frame.id),
-                keys.celery_queue(RUNS_QUEUE),
-            ],
-            args=[
-                keys.stream_channel(tenant, frame.stream),
-                prefix,
-                suffix,
-                retention or self.retention,
-                self.dedupe_ttl_s,
-                event_id,
-                trigger_message,
-            ],
-        )
-        appended = Appended(*_receipt(flag, receipt))
+        answer = await scripts.AppendEvent(
+            seq_key=keys.stream_seq(tenant, frame.stream),
+            log_key=keys.stream_log(tenant, frame.stream),
+            dedupe_key=keys.client_message(tenant, client, frame.id),
+            queue_key=keys.celery_queue(RUNS_QUEUE),
+            channel=keys.stream_channel(tenant, frame.stream),
+            prefix=prefix,
+            suffix=suffix,
+            maxlen=retention or self.retention,
+            dedupe_ttl=self.dedupe_ttl_s,
+            event_id=event_id,
+            trigger_message=trigger_message,
+        ).run_async(self.client)
+        appended = Appended(*_receipt(answer.code, answer.value))
         if trigger_args is not None and not trigger_message and not appended.duplicate:
             # Another broker: published after the append; a crash in between loses the
             # trigger (documented), never the event.
@@ -159,93 +240,63 @@ class StreamStore:
         `weight` is the tenant's share in the fair queue (default: its cached setting).
         `agent_config` is the tenant's overrides of the agent's code (model, api_key_env,
         base_url: TenantConfig.agent_overrides), kept with the run for its workers."""
-        event_id = new_event_id()
-        run_id = new_run_id()
-        prefix, suffix = event_parts(
-            stream=frame.stream,
-            event_id=event_id,
-            kind="message",
-            sender=f"client:{client}",
-            cause=cause_of(client, frame.id, frame.prev),
-            data={"text": frame.text, "agent": frame.agent},
-        )
-        deadline = time.time() + agent.deadline_s
-        fair = settings.SWITCHBOARD["FAIR_QUEUE"]
-        message = first_task_message(run_id) if self.enqueue_atomically else ""
+        run = _NewRun.of(tenant, client, frame, agent, retention or self.retention)
+        flow = _FlowControl.of(tenant, run.deadline, limits)
+        message = first_task_message(run.run_id) if self.enqueue_atomically else ""
         if weight is None:
             weight = _cached_weight(tenant)
-        run_fields: dict[str, Any] = {
-            "run": run_id,
-            "tenant": tenant,
-            "stream": frame.stream,
-            "agent": agent.name,
-            "client": client,
-            "message_id": frame.id,
-            "message_event": event_id,
-            "text": frame.text,
-            "options": dumps(frame.options),
-            "deadline": f"{deadline:.3f}",
-            "retention": retention or self.retention,
-            "created": f"{time.time():.3f}",
-        }
-        if agent_config:
-            run_fields["agent_cfg"] = dumps(dict(agent_config))  # orjson takes dicts only
-        queued_key = keys.runs_queued(tenant)
-        if limits is None:
-            in_flight_key = queued_key  # not counted: -1 below
-            counting: list[Any] = [-1, -1, f"{deadline:.3f}"]
-        else:
-            in_flight_key = keys.runs_in_flight(tenant, limits.connection)
-            # Where FINALIZE_RUN and CLAIM_STEP uncount the run.
-            run_fields["inflight_key"] = in_flight_key
-            run_fields["queued_key"] = queued_key
-            counting = [
-                limits.max_in_flight,
-                limits.max_queued,
-                f"{deadline + COUNTED_GRACE_S:.3f}",
-            ]
-        flat: list[Any] = []
-        for name, value in run_fields.items():
-            flat += [name, value]
-        flag, receipt = await self._accept_send(
-            keys=[
-                keys.stream_seq(tenant, frame.stream),
-                keys.stream_log(tenant, frame.stream),
-                keys.client_message(tenant, client, frame.id),
-                keys.run(run_id),
-                keys.RUN_DEADLINES,
-                keys.celery_queue(RUNS_QUEUE),
-                in_flight_key,
-                queued_key,
-                keys.fair_queue(tenant),
-                keys.FAIR_RING,
-                keys.FAIR_WEIGHTS,
-            ],
-            args=[
-                keys.stream_channel(tenant, frame.stream),
-                prefix,
-                suffix,
-                retention or self.retention,
-                self.dedupe_ttl_s,
-                event_id,
-                run_id,
-                f"{deadline:.3f}",
-                int(agent.deadline_s + RUN_RECORD_GRACE_S),
-                message,
-                *counting,
-                tenant if fair else "",
-                quantum(weight),
-                *flat,
-            ],
-        )
-        if flag < 0:
-            raise LimitReached("rate_limited" if flag == -1 else "overloaded", int(receipt))
-        seq, event_id, duplicate = _receipt(flag, receipt)
+        call = self._accept_send_call(run, flow, message, weight, agent_config)
+        answer = await call.run_async(self.client)
+        if answer.code < 0:
+            code = "rate_limited" if answer.code == -1 else "overloaded"
+            raise LimitReached(code, int(answer.value))
+        seq, event_id, duplicate = _receipt(answer.code, answer.value)
         if not duplicate and not message:
             # Another broker: publish after the append. A crash in between leaves the run
             # queued; the sweeper ends it at its deadline, so it still gets its reply.done.
-            await asyncio.to_thread(enqueue_first_task, run_id)
-        return Appended(seq, event_id, duplicate, run_id=None if duplicate else run_id)
+            await asyncio.to_thread(enqueue_first_task, run.run_id)
+        return Appended(seq, event_id, duplicate, run_id=None if duplicate else run.run_id)
+
+    def _accept_send_call(
+        self,
+        run: _NewRun,
+        flow: _FlowControl,
+        message: str,
+        weight: int,
+        agent_config: Mapping[str, str] | None,
+    ) -> scripts.AcceptSend:
+        """ACCEPT_SEND for the new run: its message event, record, bounds and fair queue."""
+        tenant, stream = run.tenant, run.frame.stream
+        record = run.record(agent_config) | flow.record_fields()
+        return scripts.AcceptSend(
+            seq_key=keys.stream_seq(tenant, stream),
+            log_key=keys.stream_log(tenant, stream),
+            dedupe_key=keys.client_message(tenant, run.client, run.frame.id),
+            run_key=keys.run(run.run_id),
+            deadlines_key=keys.RUN_DEADLINES,
+            queue_key=keys.celery_queue(RUNS_QUEUE),
+            inflight_key=flow.inflight_key,
+            queued_key=flow.queued_key,
+            fair_queue_key=keys.fair_queue(tenant),
+            fair_ring_key=keys.FAIR_RING,
+            fair_weights_key=keys.FAIR_WEIGHTS,
+            channel=keys.stream_channel(tenant, stream),
+            prefix=run.prefix,
+            suffix=run.suffix,
+            maxlen=run.retention,
+            dedupe_ttl=self.dedupe_ttl_s,
+            event_id=run.event_id,
+            run_id=run.run_id,
+            deadline=f"{run.deadline:.3f}",
+            run_ttl=int(run.agent.deadline_s + RUN_RECORD_GRACE_S),
+            celery_message=message,
+            max_in_flight=flow.max_in_flight,
+            max_queued=flow.max_queued,
+            counted_until=flow.counted_until,
+            fair_tenant=tenant if settings.SWITCHBOARD["FAIR_QUEUE"] else "",
+            fair_weight=quantum(weight),
+            run_fields=[item for pair in record.items() for item in pair],
+        )
 
     async def head(self, tenant: str, stream: str) -> int:
         value = await self.client.get(keys.stream_seq(tenant, stream))
