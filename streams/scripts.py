@@ -13,7 +13,7 @@ Logic several scripts share is a fragment in the same directory, which a script 
 with a line `-- #include NAME.lua`, resolved here when the script is loaded, so each piece
 of logic is written once.
 
-Here, one typed wrapper per script: a frozen dataclass whose fields are the script's keys
+Here, one typed wrapper per script: a dataclass whose fields are the script's keys
 and arguments, named as its header binds them (`KEYS` and `ARGV` list them in that order),
 and whose `result` turns the answer into Python values. `run` (blocking client) and
 `run_async` (asyncio client) call it: EVALSHA, loading the script first when the server
@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import re
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
@@ -57,12 +58,19 @@ class Lua:
         self.source = lua_source(name)
         # Keyed weakly: a client that is closed and dropped takes its registration along.
         self._registered: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        # The last client and its script: nearly every call finds it here (a process has
+        # one client of each kind), without the weak mapping's cost on the hot path.
+        self._last: tuple[weakref.ref[Any], Any] | None = None
 
     def on(self, client: redis.Redis | aredis.Redis) -> Any:
         """redis-py's Script (AsyncScript for an asyncio client) for `client`."""
+        last = self._last
+        if last is not None and last[0]() is client:
+            return last[1]
         script = self._registered.get(client)
         if script is None:
             script = self._registered[client] = client.register_script(self.source)
+        self._last = (weakref.ref(client), script)
         return script
 
 
@@ -83,13 +91,13 @@ class Script(Generic[R]):
     ARGV_TAIL: ClassVar[str] = ""
 
     def keys(self) -> list[Any]:
-        found = [getattr(self, name) for name in self.KEYS]
+        found = list(_getter(type(self), "KEYS")(self))
         if self.KEYS_TAIL:
             found.extend(getattr(self, self.KEYS_TAIL))
         return found
 
     def args(self) -> list[Any]:
-        found = [getattr(self, name) for name in self.ARGV]
+        found = list(_getter(type(self), "ARGV")(self))
         if self.ARGV_TAIL:
             found.extend(getattr(self, self.ARGV_TAIL))
         return found
@@ -108,6 +116,34 @@ class Script(Generic[R]):
         """Queue the call on `pipe`, a pipeline of `client`; pass its answer from
         `pipe.execute()` to `result`."""
         await self.LUA.on(client)(keys=self.keys(), args=self.args(), client=pipe)
+
+
+_GETTERS: dict[tuple[type, str], Callable[[Any], tuple[Any, ...]]] = {}
+
+
+def _getter(cls: type[Script[Any]], table: str) -> Callable[[Any], tuple[Any, ...]]:
+    """The fields named in `cls.KEYS` or `cls.ARGV` as a tuple, by one C-level call: this
+    runs on every script call of the hot path."""
+    getter = _GETTERS.get((cls, table))
+    if getter is None:
+        names: tuple[str, ...] = getattr(cls, table)
+        if not names:
+            getter = _nothing
+        elif len(names) == 1:
+            getter = _one(attrgetter(names[0]))
+        else:
+            getter = attrgetter(*names)
+        _GETTERS[(cls, table)] = getter
+    return getter
+
+
+def _nothing(call: Any) -> tuple[Any, ...]:
+    return ()
+
+
+def _one(get: Callable[[Any], Any]) -> Callable[[Any], tuple[Any, ...]]:
+    # attrgetter of one name answers the value itself, not a tuple of it.
+    return lambda call: (get(call),)
 
 
 class Coded(NamedTuple):
@@ -134,7 +170,7 @@ def _texts(raw: list[bytes | str]) -> list[str]:
 # --- streams: appends ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AppendEvent(Script[Coded]):
     """A client's `publish` (streams/log.py): value is "SEQ EVENT_ID"; code 0: duplicate."""
 
@@ -158,7 +194,7 @@ class AppendEvent(Script[Coded]):
         return _coded(raw)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AcceptSend(Script[Coded]):
     """A client's `send` and its run (streams/log.py): value is "SEQ EVENT_ID RUN_ID" (code
     1, or 0 for a duplicate), or the wait in ms when refused (-1 runs in flight, -2 queued)."""
@@ -228,7 +264,7 @@ class AcceptSend(Script[Coded]):
         return _coded(raw)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RecordReceipt(Script[Coded]):
     """A client's receipt (streams/receipts.py): code 1 recorded, 0 not newer (value: the
     stored seq), -1 beyond the head (value: the head)."""
@@ -252,7 +288,7 @@ class RecordReceipt(Script[Coded]):
 # --- runs ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ClaimStep(Script[dict[str, str]]):
     """A worker takes a run's step (streams/runs.py): the run hash, or {} when the run is
     gone, finished or past this step."""
@@ -276,7 +312,7 @@ class ClaimStep(Script[dict[str, str]]):
         return {_text(raw[i]): _text(raw[i + 1]) for i in range(0, len(raw), 2)}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AppendDelta(Script[Coded]):
     """One reply piece by the run's owner: code 1 (value: its seq), -1 finished, -2 fenced,
     -3 wrong offset (value: the stored offset)."""
@@ -318,7 +354,7 @@ class AppendDelta(Script[Coded]):
         return _coded(raw)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RestartReply(Script[Coded]):
     """Void a step's streamed text (reply.restart): code 1, -1 finished, -2 fenced."""
 
@@ -361,7 +397,7 @@ class RestartReply(Script[Coded]):
         return _coded(raw)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FinalizeRun(Script[Coded]):
     """The run's one reply.done: code 1 (value: its seq), 0 already finished, -2 fenced,
     -1 no run."""
@@ -427,7 +463,7 @@ class FinalizeRun(Script[Coded]):
         return _coded(raw)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SaveOutput(Script[bool]):
     """A finished step's output, by its owner: False when no longer the owner's."""
 
@@ -445,7 +481,7 @@ class SaveOutput(Script[bool]):
         return bool(raw)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RenewLease(Script[bool]):
     """The owner's heartbeat: False when it no longer owns a running step."""
 
@@ -465,7 +501,7 @@ class RenewLease(Script[bool]):
         return bool(raw)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RenewLeases(Script[list[bool]]):
     """RenewLease for many (run_id, owner) pairs: per pair, whether it was renewed."""
 
@@ -484,7 +520,7 @@ class RenewLeases(Script[list[bool]]):
         return [bool(answer) for answer in raw]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HandOver(Script[bool]):
     """The owner gives the run up to a queued step: False when no longer its owner."""
 
@@ -503,7 +539,7 @@ class HandOver(Script[bool]):
         return bool(raw)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RedeliverStep(Script[Coded]):
     """A lost step queued again: code 1 (value: redeliveries so far), 0 nothing to do
     (value: why), -2 none left (value: redeliveries)."""
@@ -524,7 +560,7 @@ class RedeliverStep(Script[Coded]):
         return _coded(raw)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StartTriggeredRun(Script[Coded]):
     """A run started by a subscription (orchestration/triggers.py): code 1 started, 0
     already started by this event (value: that run's id), -2 the tenant's queue is full."""
@@ -579,7 +615,7 @@ class StartTriggeredRun(Script[Coded]):
 # --- fair queue and rate buckets -------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FairPick(Script[tuple[str, int]]):
     """The fairly-next queued run (streams/fairness.py): (run id or "", runs skipped)."""
 
@@ -601,7 +637,7 @@ class FairPick(Script[tuple[str, int]]):
         return _text(run_id), int(skipped)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TakeTokens(Script[int]):
     """Tokens from several buckets, all or none (streams/buckets.py): 0 paid, else the ms
     until all could pay (-1: never)."""
@@ -626,7 +662,7 @@ _PRESENCE_KEYS = ("members", "counts", "names", "index")
 _PRESENCE_ARGV = ("channel", "index_member", "stream_json", "id_prefix", "ts_json", "announce_max")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PresenceStream:
     """What every per-stream presence script takes first (realtime/presence.py)."""
 
@@ -658,7 +694,7 @@ class _PresenceScript(Script[R]):
         return common + [getattr(self, name) for name in self.OWN_ARGV]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PresenceJoin(_PresenceScript[int]):
     """Add or extend this gateway's member: 1 when the client joined (announced)."""
 
@@ -676,7 +712,7 @@ class PresenceJoin(_PresenceScript[int]):
         return int(raw)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PresenceLeave(_PresenceScript[int]):
     """Remove this gateway's member: 1 when the client left (announced)."""
 
@@ -692,7 +728,7 @@ class PresenceLeave(_PresenceScript[int]):
         return int(raw)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PresenceSweep(_PresenceScript[int]):
     """Remove up to `limit` expired members of the stream: how many went."""
 
@@ -707,7 +743,7 @@ class PresenceSweep(_PresenceScript[int]):
         return int(raw)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PresenceQuery(_PresenceScript[list[str]]):
     """Who is present: [client, name, client, name, ...], expired members removed first."""
 
@@ -720,7 +756,7 @@ class PresenceQuery(_PresenceScript[list[str]]):
         return _texts(raw)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PresenceRefresh(Script[list[list[str]]]):
     """Extend this gateway's members of many streams: per stream, its clients that had no
     member any more."""
@@ -741,7 +777,7 @@ class PresenceRefresh(Script[list[list[str]]]):
         return [_texts(absent) for absent in raw]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PresenceDue(Script[list[str]]):
     """Up to `limit` streams ("TENANT:STREAM") whose earliest presence entry expired."""
 
@@ -756,7 +792,7 @@ class PresenceDue(Script[list[str]]):
         return _texts(raw)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AdmitConnection(Script[tuple[int, bool]]):
     """Count an opening connection (realtime/admission.py): (refused: 0 admitted, 1 tenant
     full, 2 client full; whether this gateway's lease was created)."""
@@ -779,7 +815,7 @@ class AdmitConnection(Script[tuple[int, bool]]):
         return int(refused), bool(int(created))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReleaseConnection(Script[None]):
     """A closed connection stops counting."""
 
@@ -796,7 +832,7 @@ class ReleaseConnection(Script[None]):
         return None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RenewGatewayLease(Script[tuple[bool, list[str]]]):
     """Renew this gateway's lease: (whether it had lapsed, dead gateways' ids)."""
 
@@ -814,7 +850,7 @@ class RenewGatewayLease(Script[tuple[bool, list[str]]]):
         return bool(int(lost)), _texts(dead)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReapGateway(Script[int]):
     """Remove a slice of a dead gateway's counts: how many are left."""
 
@@ -834,7 +870,7 @@ class ReapGateway(Script[int]):
 # --- orchestration, history, load tools ------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CountTickets(Script[tuple[int, int, int]]):
     """(runs queued, tickets waiting, tickets reserved recently) (orchestration/tickets.py)."""
 
@@ -858,7 +894,7 @@ class CountTickets(Script[tuple[int, int, int]]):
         return int(queued), int(waiting), int(reserved)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TakeHistoryBatch(Script[list[bytes]]):
     """The oldest `count` outbox records, moved to the processing list (history/persist.py),
     oldest first, as stored."""
@@ -875,7 +911,7 @@ class TakeHistoryBatch(Script[list[bytes]]):
         return list(raw)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RenewRecording(Script[bool]):
     """Extend a traffic recording's switch while it is this recording's (loadtest/record.py)."""
 
@@ -891,7 +927,7 @@ class RenewRecording(Script[bool]):
         return bool(raw)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReleaseRecording(Script[bool]):
     """Turn a traffic recording's switch off while it is this recording's."""
 
