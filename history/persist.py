@@ -22,7 +22,7 @@ from redis.exceptions import LockError
 
 from history.models import HistoryEntry
 from project.conf import conf
-from streams import keys
+from streams import keys, scripts
 from streams.records import (
     MESSAGE,
     REPLY_DONE,
@@ -46,17 +46,9 @@ LOCK_S = 70
 MAX_BATCHES = 20
 # Rows the purge deletes per statement: short transactions on a big table.
 PURGE_CHUNK = 5_000
-# TAKE_BATCH unpacks the batch onto Lua's stack, which holds about 8,000 values.
+# TAKE_HISTORY_BATCH (streams/lua/take_history_batch.lua) unpacks the batch onto Lua's
+# stack, which holds about 8,000 values.
 MAX_BATCH = 5_000
-
-# The oldest `count` records of the outbox move to the processing list, atomically.
-# KEYS: outbox, processing   ARGV: count   Returns the moved records, oldest first.
-TAKE_BATCH = """
-local taken = redis.call('RPOP', KEYS[1], ARGV[1])
-if not taken then return {} end
-redis.call('RPUSH', KEYS[2], unpack(taken))
-return taken
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,12 +83,11 @@ def persist(client: redis.Redis, batch_size: int | None = None) -> int:
     try:
         _report_dropped(client)
         size = min(max(batch_size or conf().history_batch, 1), MAX_BATCH)
-        take = client.register_script(TAKE_BATCH)
         handled = 0
         for _ in range(MAX_BATCHES):
             # A batch left by a persister that died goes first: it is older than the outbox.
             leftover = client.lrange(keys.HISTORY_PROCESSING, 0, -1)
-            raw = leftover or take(keys=[keys.HISTORY_OUTBOX, keys.HISTORY_PROCESSING], args=[size])
+            raw = leftover or take_batch(client, size)
             if not raw:
                 break
             store_batch(client, raw)
@@ -110,6 +101,14 @@ def persist(client: redis.Redis, batch_size: int | None = None) -> int:
             lock.release()
         except LockError:
             logger.warning("history lock expired before its persister finished")
+
+
+def take_batch(client: redis.Redis, count: int) -> list[bytes]:
+    """Move the oldest `count` outbox records onto the processing list (one script:
+    nothing is ever only in this process's memory); returns them, oldest first."""
+    return scripts.TakeHistoryBatch(
+        outbox=keys.HISTORY_OUTBOX, processing=keys.HISTORY_PROCESSING, count=count
+    ).run(client)
 
 
 def store_batch(client: redis.Redis, raw: list[bytes]) -> int:

@@ -24,7 +24,7 @@ import redis
 
 from loadtest.trace import dumps_line, header_line, trace_line
 from realtime.recording import FLUSH_S, RecordingConfig
-from streams import keys
+from streams import keys, scripts
 
 logger = logging.getLogger(__name__)
 
@@ -34,20 +34,6 @@ READ_COUNT = 1000
 # After the switch is off, gateways still write what they had buffered (FLUSH_S) and
 # what arrived before they looked again; entries stamped before the stop are kept.
 DRAIN_S = 4 * FLUSH_S + 0.3
-
-# Renew / delete the switch only while it is still this recording's.
-_RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('pexpire', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('del', KEYS[1])
-end
-return 0
-"""
 
 
 class RecordingBusy(Exception):
@@ -138,9 +124,9 @@ class TrafficRecorder:
                     stopped_by = "duration"
                     break
                 if now >= next_renewal:
-                    if not self.client.eval(
-                        _RENEW, 1, self.switch, self._value, int(LEASE_S * 1000)
-                    ):
+                    if not scripts.RenewRecording(
+                        switch=self.switch, recording=self._value, lease_ms=int(LEASE_S * 1000)
+                    ).run(self.client):
                         stopped_by = "switch gone"
                         break
                     next_renewal = now + LEASE_S / 3
@@ -151,7 +137,7 @@ class TrafficRecorder:
                     stopped_by = "frames"
         finally:
             stop_wall = time.time()
-            self.client.eval(_RELEASE, 1, self.switch, self._value)
+            scripts.ReleaseRecording(switch=self.switch, recording=self._value).run(self.client)
         if stopped_by != "frames":
             # What gateways had buffered when the switch went off.
             drain_until = time.monotonic() + DRAIN_S

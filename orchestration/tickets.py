@@ -43,7 +43,7 @@ import redis
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
 from project.conf import conf
-from streams import keys
+from streams import keys, scripts
 from streams.enqueue import RUN_NEXT_TASK, RUNS_QUEUE, celery_message
 
 logger = logging.getLogger(__name__)
@@ -58,48 +58,6 @@ SCAN_CHUNK = 500
 # (streams/enqueue.py) and the spaced JSON kombu writes. Quotes inside a JSON string
 # are escaped, so no argument text a client chose can contain either.
 TICKET_MARKS = tuple(f'"task":{space}"{RUN_NEXT_TASK}"' for space in ("", " "))
-
-# KEYS: fair_ring, unacked, unacked_index, then each list of the runs queue
-# ARGV: fair_queue_prefix, reserved_since (epoch s), chunk, then the ticket marks
-# Returns {queued, waiting, reserved}. Stops counting tickets once they cover the queued
-# runs (nothing is missing then), so a long queue with its tickets costs little.
-COUNT_TICKETS = """
-local ring, unacked, unacked_index = KEYS[1], KEYS[2], KEYS[3]
-local queue_prefix, reserved_since, chunk = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local marks = {}
-for i = 4, #ARGV do marks[#marks + 1] = ARGV[i] end
-local function is_ticket(message)
-  for _, mark in ipairs(marks) do
-    if string.find(message, mark, 1, true) then return true end
-  end
-  return false
-end
-local queued = 0
-for _, tenant in ipairs(redis.call('LRANGE', ring, 0, -1)) do
-  queued = queued + redis.call('LLEN', queue_prefix .. tenant)
-end
-if queued == 0 then return {0, 0, 0} end
-local reserved = 0
-local tags = redis.call('ZRANGEBYSCORE', unacked_index, reserved_since, '+inf')
-for first = 1, #tags, chunk do
-  local last = math.min(first + chunk - 1, #tags)
-  local messages = redis.call('HMGET', unacked, unpack(tags, first, last))
-  for _, message in ipairs(messages) do
-    if message and is_ticket(message) then reserved = reserved + 1 end
-  end
-end
-local waiting = 0
-for i = 4, #KEYS do
-  local length = redis.call('LLEN', KEYS[i])
-  for start = 0, length - 1, chunk do
-    for _, message in ipairs(redis.call('LRANGE', KEYS[i], start, start + chunk - 1)) do
-      if is_ticket(message) then waiting = waiting + 1 end
-    end
-    if waiting + reserved >= queued then return {queued, waiting, reserved} end
-  end
-end
-return {queued, waiting, reserved}
-"""
 
 _skipped_logged = False
 
@@ -126,11 +84,16 @@ def count_tickets(client: redis.Redis, now: float | None = None) -> tuple[int, i
     """(runs queued, tickets waiting, tickets reserved within the grace), in one script."""
     unacked, unacked_index = keys.celery_unacked()
     now = time.time() if now is None else now  # kombu scores deliveries with its host's clock
-    queued, waiting, reserved = client.register_script(COUNT_TICKETS)(
-        keys=[keys.FAIR_RING, unacked, unacked_index, *runs_queue_lists()],
-        args=[keys.fair_queue(""), f"{now - TICKET_PICK_GRACE_S:.3f}", SCAN_CHUNK, *TICKET_MARKS],
-    )
-    return int(queued), int(waiting), int(reserved)
+    return scripts.CountTickets(
+        ring=keys.FAIR_RING,
+        unacked=unacked,
+        unacked_index=unacked_index,
+        queue_lists=runs_queue_lists(),
+        queue_prefix=keys.fair_queue(""),
+        reserved_since=f"{now - TICKET_PICK_GRACE_S:.3f}",
+        chunk=SCAN_CHUNK,
+        marks=TICKET_MARKS,
+    ).run(client)
 
 
 def reconcile_tickets(client: redis.Redis) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 
 from agents import Agent, subscribers
 from project.conf import conf
-from streams import keys
+from streams import keys, scripts
 from streams.enqueue import RUNS_QUEUE
 from streams.events import dumps, new_run_id
 from streams.fairness import quantum
@@ -179,31 +179,26 @@ def _start_one(store: RunStore, cause: Cause, agent: Agent, config: Any) -> Trig
         chain=cause.chain,
         trigger=cause.trigger,
     )
-    code, value = store.start_triggered_run(
-        keys=[
-            keys.trigger(cause.tenant, event_id, agent.name),
-            keys.run(new_id),
-            keys.RUN_DEADLINES,
-            keys.celery_queue(RUNS_QUEUE),
-            keys.runs_queued(cause.tenant),
-            keys.fair_queue(cause.tenant),
-            keys.FAIR_RING,
-            keys.FAIR_WEIGHTS,
-        ],
-        args=[
-            new_id,
-            f"{deadline:.3f}",
-            int(agent.deadline_s + RUN_RECORD_GRACE_S),
-            TRIGGER_DEDUPE_TTL_S,
-            message,
-            config.max_queued_runs,
-            f"{deadline + COUNTED_GRACE_S:.3f}",
-            cause.tenant if fair else "",
-            quantum(config.weight),
-            *record.fields(),
-        ],
-    )
-    started_id = value.decode() if isinstance(value, bytes) else str(value)
+    code, started_id = scripts.StartTriggeredRun(
+        dedupe_key=keys.trigger(cause.tenant, event_id, agent.name),
+        run_key=keys.run(new_id),
+        deadlines_key=keys.RUN_DEADLINES,
+        queue_key=keys.celery_queue(RUNS_QUEUE),
+        queued_key=keys.runs_queued(cause.tenant),
+        fair_queue_key=keys.fair_queue(cause.tenant),
+        fair_ring_key=keys.FAIR_RING,
+        fair_weights_key=keys.FAIR_WEIGHTS,
+        run_id=new_id,
+        deadline=f"{deadline:.3f}",
+        run_ttl=int(agent.deadline_s + RUN_RECORD_GRACE_S),
+        dedupe_ttl=TRIGGER_DEDUPE_TTL_S,
+        celery_message=message,
+        max_queued=config.max_queued_runs,
+        counted_until=f"{deadline + COUNTED_GRACE_S:.3f}",
+        fair_tenant=cause.tenant if fair else "",
+        fair_weight=quantum(config.weight),
+        run_fields=record.fields(),
+    ).run(store.client)
     if code == 0:
         logger.info(
             "trigger: already started tenant=%s agent=%s event=%s run=%s",

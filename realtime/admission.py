@@ -10,7 +10,7 @@
 - **Runs in flight per connection, queued runs per tenant.** Counted in Redis by
   `ACCEPT_SEND` (check and count in the same script that accepts) and uncounted by
   `CLAIM_STEP` (a run's first claim) and `FINALIZE_RUN` (its reply.done): see
-  `streams/scripts.py`. Past either bound a `send` is refused (`rate_limited`,
+  `streams/lua/`. Past either bound a `send` is refused (`rate_limited`,
   `overloaded`) with a hint: the shorter of `LIMIT_RETRY_CAP_MS` and the time until the
   earliest deadline among the runs counted, by which one of them is certain to end.
 - **Connections per tenant and per client id**, across every gateway process:
@@ -37,7 +37,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from project.conf import conf
 from realtime.protocol import ProtocolError
-from streams import keys
+from streams import keys, scripts
 from streams.buckets import NEVER, AsyncBuckets, Bucket, retry_after_ms
 from tenants.config import TenantConfig
 
@@ -127,101 +127,6 @@ class RateLimiter:
         return NEVER_RETRY_MS if wait == NEVER else retry_after_ms(wait)
 
 
-# Redis's clock, in ms, for every script here (gateway clocks never matter).
-_NOW_MS = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
-
-# KEYS: the tenant's hash, the client's hash, the leases, this gateway's held keys.
-# ARGV: gateway id, lease ms, max for the tenant, max for the client.
-# Returns {refused, lease_created}: refused is 0 (admitted and counted), 1 (the tenant is
-# full) or 2 (the client is); lease_created 1 when this gateway had no lease (its first
-# admission, or its lease lapsed and was reaped: the registry then writes its counts back).
-ADMIT = (
-    _NOW_MS
-    + """
-local tenant_counts, client_counts, leases, held = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local gateway, lease_ms = ARGV[1], tonumber(ARGV[2])
-local maxima = {tonumber(ARGV[3]), tonumber(ARGV[4])}
-local created = 0
-if not redis.call('ZSCORE', leases, gateway) then
-  redis.call('ZADD', leases, string.format('%d', now + lease_ms), gateway)
-  created = 1
-end
-for i, counts in ipairs({tenant_counts, client_counts}) do
-  local fields = redis.call('HGETALL', counts)
-  local total = 0
-  for j = 1, #fields, 2 do
-    local expiry = redis.call('ZSCORE', leases, fields[j])
-    if expiry and tonumber(expiry) > now then
-      total = total + tonumber(fields[j + 1])
-    else
-      -- A dead gateway's connections stop counting as soon as its lease has lapsed.
-      redis.call('HDEL', counts, fields[j])
-    end
-  end
-  if total >= maxima[i] then return {i, created} end
-end
-for _, counts in ipairs({tenant_counts, client_counts}) do
-  if redis.call('HINCRBY', counts, gateway, 1) == 1 then redis.call('SADD', held, counts) end
-end
-return {0, created}
-"""
-)
-
-# KEYS: the tenant's hash, the client's hash, this gateway's held keys. ARGV: gateway id.
-RELEASE = """
-local tenant_counts, client_counts, held = KEYS[1], KEYS[2], KEYS[3]
-local gateway = ARGV[1]
-for _, counts in ipairs({tenant_counts, client_counts}) do
-  if redis.call('HINCRBY', counts, gateway, -1) <= 0 then
-    redis.call('HDEL', counts, gateway)
-    redis.call('SREM', held, counts)
-  end
-end
-return 1
-"""
-
-# KEYS: the leases. ARGV: gateway id, lease ms, how many dead gateways to return.
-# Returns {lost, dead gateway ids...}: lost is 1 when this gateway's lease had lapsed (its
-# counts may have been reaped: it writes them back).
-RENEW = (
-    _NOW_MS
-    + """
-local leases = KEYS[1]
-local gateway, lease_ms, dead_max = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local expiry = redis.call('ZSCORE', leases, gateway)
-local lost = 0
-if not expiry or tonumber(expiry) <= now then lost = 1 end
-redis.call('ZADD', leases, string.format('%d', now + lease_ms), gateway)
-local result = {lost}
-local dead = redis.call('ZRANGEBYSCORE', leases, '-inf', string.format('(%d', now),
-  'LIMIT', 0, dead_max)
-for _, id in ipairs(dead) do result[#result + 1] = id end
-return result
-"""
-)
-
-# KEYS: the leases, the dead gateway's held keys. ARGV: its id, how many counts to remove.
-# Removes a dead gateway's counts a slice at a time, then its lease; nothing if it is
-# alive again. Returns how many counts are left to remove.
-REAP = (
-    _NOW_MS
-    + """
-local leases, held = KEYS[1], KEYS[2]
-local gateway, limit = ARGV[1], tonumber(ARGV[2])
-local expiry = redis.call('ZSCORE', leases, gateway)
-if expiry and tonumber(expiry) > now then return 0 end
-for _, counts in ipairs(redis.call('SPOP', held, limit)) do
-  redis.call('HDEL', counts, gateway)
-end
-local left = redis.call('SCARD', held)
-if left == 0 then redis.call('ZREM', leases, gateway) end
-return left
-"""
-)
-
 REFUSALS = {1: "too many connections for the tenant", 2: "too many connections for the client"}
 # Dead gateways looked at, and counts removed per script call, per renewal.
 REAP_GATEWAYS = 10
@@ -246,10 +151,6 @@ class ConnectionRegistry:
         self.gateway_id = secrets.token_hex(8)
         self._client_factory = client_factory
         self._client: aredis.Redis | None = None
-        self._admit: Any = None
-        self._renew: Any = None
-        self._reap: Any = None
-        self._release: Any = None
         # member -> (tenant hash, client hash) of every connection admitted here and open.
         self.members: dict[str, tuple[str, str]] = {}
         # Counts Redis may have wrong (a release that failed): written whole next renewal.
@@ -257,28 +158,18 @@ class ConnectionRegistry:
         self._changes = 0  # admissions and releases so far: a write-back racing one retries
         self._loop_task: asyncio.Task[None] | None = None
         # Admissions waiting for the next pipeline, and the task sending them.
-        self._waiting: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._waiting: list[tuple[scripts.AdmitConnection, asyncio.Future[Any]]] = []
         self._sender: asyncio.Task[None] | None = None
 
     @property
     def client(self) -> aredis.Redis:
         if self._client is None:
-            self._scripts()
-        assert self._client is not None
+            self._client = self._client_factory()
         return self._client
 
     @property
     def held_key(self) -> str:
         return keys.gateway_connection_keys(self.gateway_id)
-
-    def _scripts(self) -> Any:
-        if self._client is None:
-            self._client = self._client_factory()
-            self._admit = self._client.register_script(ADMIT)
-            self._renew = self._client.register_script(RENEW)
-            self._reap = self._client.register_script(REAP)
-            self._release = self._client.register_script(RELEASE)
-        return self._admit
 
     def member(self, connection_id: str) -> str:
         return f"{self.gateway_id} {connection_id}"
@@ -297,16 +188,18 @@ class ConnectionRegistry:
             keys.connections_tenant(tenant.slug),
             keys.connections_client(tenant.slug, client),
         )
-        args = [
-            self.gateway_id,
-            self.ttl_ms,
-            tenant.max_connections,
-            tenant.max_connections_per_client,
-        ]
+        admission = scripts.AdmitConnection(
+            tenant_counts=counts[0],
+            client_counts=counts[1],
+            leases=keys.GATEWAY_LEASES,
+            held=self.held_key,
+            gateway=self.gateway_id,
+            lease_ms=self.ttl_ms,
+            tenant_max=tenant.max_connections,
+            client_max=tenant.max_connections_per_client,
+        )
         try:
-            refused, created = await self._admit_pipelined(
-                [*counts, keys.GATEWAY_LEASES, self.held_key], args
-            )
+            refused, created = await self._admit_pipelined(admission)
         except (RedisConnectionError, RedisTimeoutError):
             logger.warning(
                 "connection admitted without counting (Redis unreachable) tenant=%s client=%s",
@@ -315,43 +208,47 @@ class ConnectionRegistry:
                 exc_info=True,
             )
             return None
-        if int(created) and self.members:
+        if created and self.members:
             # Our lease was gone: whatever we counted before may have been reaped.
             self._unsure.update(key for pair in self.members.values() for key in pair)
-        if int(refused):
-            return REFUSALS[int(refused)]
+        if refused:
+            return REFUSALS[refused]
         self.members[member] = counts
         self._changes += 1
         self._ensure_running()
         return None
 
-    def _admit_pipelined(self, script_keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+    def _admit_pipelined(self, admission: scripts.AdmitConnection) -> asyncio.Future[Any]:
         """One ADMIT script call, sent with whatever other admissions are waiting: during a
         handshake storm each connect still costs one script, but the round trips (and
         their client CPU) are shared. One pipeline is in flight at a time; the next one
         takes every admission that arrived meanwhile."""
         future = asyncio.get_running_loop().create_future()
-        self._waiting.append((script_keys, args, future))
+        self._waiting.append((admission, future))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.get_running_loop().create_task(self._send_admissions())
         return future
 
     async def _send_admissions(self) -> None:
-        admit = self._scripts()
+        client = self.client
         while self._waiting:
             batch, self._waiting = self._waiting, []
             try:
                 if len(batch) == 1:  # alone: a pipeline would only add client CPU
-                    script_keys, args, _ = batch[0]
-                    results = [await admit(keys=script_keys, args=args)]
+                    admission, _ = batch[0]
+                    results: list[Any] = [await admission.run_async(client)]
                 else:
-                    async with self.client.pipeline(transaction=False) as pipe:
-                        for script_keys, args, _ in batch:
-                            await admit(keys=script_keys, args=args, client=pipe)
-                        results = await pipe.execute(raise_on_error=False)
+                    async with client.pipeline(transaction=False) as pipe:
+                        for admission, _ in batch:
+                            await admission.queue_async(client, pipe)
+                        answers = await pipe.execute(raise_on_error=False)
+                    results = [
+                        answer if isinstance(answer, BaseException) else admission.result(answer)
+                        for (admission, _), answer in zip(batch, answers, strict=True)
+                    ]
             except Exception as error:
                 results = [error] * len(batch)
-            for (_, _, future), result in zip(batch, results, strict=True):
+            for (_, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
                 if isinstance(result, BaseException):
@@ -366,9 +263,13 @@ class ConnectionRegistry:
         if counts is None:
             return
         self._changes += 1
-        self._scripts()
         try:
-            await self._release(keys=[*counts, self.held_key], args=[self.gateway_id])
+            await scripts.ReleaseConnection(
+                tenant_counts=counts[0],
+                client_counts=counts[1],
+                held=self.held_key,
+                gateway=self.gateway_id,
+            ).run_async(self.client)
         except Exception:
             # Our counts in Redis may be one too high now: the next renewal writes them.
             self._unsure.update(counts)
@@ -387,11 +288,13 @@ class ConnectionRegistry:
         """Renew this process's lease (one command), remove dead gateways' counts, and
         write back any of our counts Redis may have wrong. Costs nothing per connection
         unless the lease had lapsed."""
-        self._scripts()
-        lost, *dead = await self._renew(
-            keys=[keys.GATEWAY_LEASES], args=[self.gateway_id, self.ttl_ms, REAP_GATEWAYS]
-        )
-        if int(lost):
+        lost, dead = await scripts.RenewGatewayLease(
+            leases=keys.GATEWAY_LEASES,
+            gateway=self.gateway_id,
+            lease_ms=self.ttl_ms,
+            dead_max=REAP_GATEWAYS,
+        ).run_async(self.client)
+        if lost:
             logger.warning("gateway lease had lapsed; writing its connection counts back")
             self._unsure.update(self.local_counts())
         if self._unsure:
@@ -406,9 +309,12 @@ class ConnectionRegistry:
                 # An admission or release ran meanwhile and the write may have undone it.
                 self._unsure |= unsure
         for gateway in dead:
-            gateway = gateway.decode() if isinstance(gateway, bytes) else gateway
-            held = keys.gateway_connection_keys(gateway)
-            left = await self._reap(keys=[keys.GATEWAY_LEASES, held], args=[gateway, REAP_BATCH])
+            left = await scripts.ReapGateway(
+                leases=keys.GATEWAY_LEASES,
+                held=keys.gateway_connection_keys(gateway),
+                gateway=gateway,
+                limit=REAP_BATCH,
+            ).run_async(self.client)
             logger.info(
                 "dead gateway's connection counts removed gateway=%s left=%s", gateway, left
             )

@@ -5,12 +5,12 @@ Three layers:
 - `PresenceCounts` (pure): a gateway process counts its own connections per
   (tenant, stream, client). Only the first connection of a client on a stream and the last
   one to go reach Redis, so a client with several connections is one entry.
-- `PresenceStore`: the Lua scripts. Per stream, a sorted set holds one member per
-  (gateway process, client) scored by when it expires, on the Redis clock (gateway clocks
-  never matter); a hash counts each client's gateway members, another holds its name. A
-  client joins when its count becomes 1 and leaves when it returns to 0; both are announced
-  on the stream's channel in the same script, as events without a seq (`"\\n" EVENT`: they
-  are not in the log, so only live subscribers get them).
+- `PresenceStore`: the Lua scripts (streams/lua/presence_*.lua). Per stream, a sorted set
+  holds one member per (gateway process, client) scored by when it expires, on the Redis
+  clock (gateway clocks never matter); a hash counts each client's gateway members, another
+  holds its name. A client joins when its count becomes 1 and leaves when it returns to 0;
+  both are announced on the stream's channel in the same script, as events without a seq
+  (`"\\n" EVENT`: they are not in the log, so only live subscribers get them).
 - `PresenceTracker`: one per gateway process. It refreshes its members' expiry every
   PRESENCE_REFRESH_S and sweeps expired members of every stream every SWEEP_INTERVAL_S, so
   the entries of a gateway that died without cleaning up leave (with a leave event) at most
@@ -30,7 +30,7 @@ from typing import Any
 import redis.asyncio as aredis
 
 from project.conf import conf
-from streams import keys
+from streams import keys, scripts
 from streams.events import dumps, utc_now_iso
 
 logger = logging.getLogger(__name__)
@@ -47,161 +47,6 @@ DUE_BATCH = 100
 # pipeline round trip.
 REFRESH_BATCH = 500
 PIPELINE_CHUNK = 100
-
-# Shared head of the per-stream scripts.
-# KEYS: members (zset), counts (hash), names (hash), index (zset)
-# ARGV: channel, index_member, stream_json, event_id_prefix, ts_json, announce_max, then
-# the script's own.
-_COMMON = """
-local members, counts, names, index = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local channel, index_member, stream_json = ARGV[1], ARGV[2], ARGV[3]
-local id_prefix, ts_json, announce_max = ARGV[4], ARGV[5], tonumber(ARGV[6])
-
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
-local announced = 0
--- An event without a seq: an empty head before the newline tells gateways so.
--- Not on a stream with more than announce_max present clients: every subscriber gets
--- every join, so a crowd joining would cost the square of its size in frames.
-local function announce(kind, client, name)
-  announced = announced + 1
-  if redis.call('HLEN', counts) > announce_max then return end
-  local client_json = cjson.encode(client)
-  local name_json = 'null'
-  if name and name ~= '' then name_json = cjson.encode(name) end
-  redis.call('PUBLISH', channel, '\\n{"type":"event","stream":' .. stream_json
-    .. ',"id":"' .. id_prefix .. string.format('%08x', announced)
-    .. '","kind":"' .. kind .. '","from":' .. cjson.encode('client:' .. client)
-    .. ',"cause":{"client":' .. client_json .. ',"message":null,"prev":null}'
-    .. ',"ts":' .. ts_json
-    .. ',"data":{"client":' .. client_json .. ',"name":' .. name_json .. '}}')
-end
-
--- One gateway's member goes; the client leaves when it was its last.
-local function drop(member)
-  if redis.call('ZREM', members, member) == 0 then return end
-  local client = string.sub(member, string.find(member, ' ', 1, true) + 1)
-  if redis.call('HINCRBY', counts, client, -1) <= 0 then
-    local name = redis.call('HGET', names, client)
-    redis.call('HDEL', counts, client)
-    redis.call('HDEL', names, client)
-    announce('leave', client, name)
-  end
-end
-
-local function sweep(limit)
-  local expired = redis.call('ZRANGEBYSCORE', members, '-inf', string.format('%d', now_ms()),
-    'LIMIT', 0, limit)
-  for _, member in ipairs(expired) do drop(member) end
-  return #expired
-end
-
--- The index says when the stream next needs a sweep: its earliest expiry.
-local function reindex()
-  local first = redis.call('ZRANGE', members, 0, 0, 'WITHSCORES')
-  if #first == 0 then
-    redis.call('ZREM', index, index_member)
-  else
-    redis.call('ZADD', index, first[2], index_member)
-  end
-end
-"""
-
-# ARGV[7..]: gateway_id, ttl_ms, client, name. Returns 1 when the client joined.
-JOIN = (
-    _COMMON
-    + """
-local client, name = ARGV[9], ARGV[10]
-local expiry = string.format('%d', now_ms() + tonumber(ARGV[8]))
-if redis.call('ZADD', members, expiry, ARGV[7] .. ' ' .. client) == 1 then
-  if redis.call('HINCRBY', counts, client, 1) == 1 then
-    redis.call('HSET', names, client, name)
-    announce('join', client, name)
-  end
-end
-reindex()
-return announced
-"""
-)
-
-# ARGV[7..]: gateway_id, client. Returns 1 when the client left.
-LEAVE = (
-    _COMMON
-    + """
-drop(ARGV[7] .. ' ' .. ARGV[8])
-reindex()
-return announced
-"""
-)
-
-# KEYS: the index, then each stream's members. ARGV: gateway_id, ttl_ms, then per stream
-# its index member, how many clients follow, and those clients. Extends this gateway's
-# members of many streams in one call; never creates one (a refresh racing a leave must
-# not bring the entry back). Returns, per stream, the clients that had no member (swept
-# while this gateway could not refresh): the tracker joins them again.
-REFRESH = """
-local index = KEYS[1]
-local gateway, ttl_ms = ARGV[1], tonumber(ARGV[2])
-local t = redis.call('TIME')
-local expiry = string.format('%d',
-  tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl_ms)
-local missing = {}
-local arg = 3
-for k = 2, #KEYS do
-  local members = KEYS[k]
-  local index_member, count = ARGV[arg], tonumber(ARGV[arg + 1])
-  arg = arg + 2
-  local absent = {}
-  for i = arg, arg + count - 1 do
-    local member = gateway .. ' ' .. ARGV[i]
-    if redis.call('ZSCORE', members, member) then
-      redis.call('ZADD', members, expiry, member)
-    else
-      absent[#absent + 1] = ARGV[i]
-    end
-  end
-  arg = arg + count
-  local first = redis.call('ZRANGE', members, 0, 0, 'WITHSCORES')
-  if #first == 0 then
-    redis.call('ZREM', index, index_member)
-  else
-    redis.call('ZADD', index, first[2], index_member)
-  end
-  missing[#missing + 1] = absent
-end
-return missing
-"""
-
-# ARGV[7]: limit. Removes up to `limit` expired members; returns how many it removed.
-SWEEP = (
-    _COMMON
-    + """
-local removed = sweep(tonumber(ARGV[7]))
-reindex()
-return removed
-"""
-)
-
-# Every expired member goes first, so a ghost is never listed. Returns [client, name, ...].
-QUERY = (
-    _COMMON
-    + """
-while sweep(1000) == 1000 do end
-reindex()
-return redis.call('HGETALL', names)
-"""
-)
-
-# KEYS: index. ARGV: limit. The streams whose earliest presence entry has expired.
-DUE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now),
-  'LIMIT', 0, ARGV[1])
-"""
 
 
 class PresenceCounts:
@@ -283,43 +128,41 @@ class PresenceStore:
         self.client = client
         self.gateway_id = gateway_id
         self.ttl_ms = max(1, round(ttl_s * 1000))
-        self._join = client.register_script(JOIN)
-        self._leave = client.register_script(LEAVE)
-        self._refresh = client.register_script(REFRESH)
-        self._sweep = client.register_script(SWEEP)
-        self._query = client.register_script(QUERY)
-        self._due = client.register_script(DUE)
 
     @staticmethod
-    def _keys(tenant: str, stream: str) -> list[str]:
-        return [
-            keys.presence_members(tenant, stream),
-            keys.presence_counts(tenant, stream),
-            keys.presence_names(tenant, stream),
-            keys.PRESENCE_INDEX,
-        ]
-
-    @staticmethod
-    def _common(tenant: str, stream: str) -> list[Any]:
-        return [
-            keys.stream_channel(tenant, stream),
-            _index_member(tenant, stream),
-            dumps(stream),
+    def _stream(tenant: str, stream: str) -> scripts.PresenceStream:
+        """What every per-stream presence script takes first."""
+        return scripts.PresenceStream(
+            members=keys.presence_members(tenant, stream),
+            counts=keys.presence_counts(tenant, stream),
+            names=keys.presence_names(tenant, stream),
+            index=keys.PRESENCE_INDEX,
+            channel=keys.stream_channel(tenant, stream),
+            index_member=_index_member(tenant, stream),
+            stream_json=dumps(stream),
             # Event ids are 32 hex digits like every other event's: 24 random, 8 counted.
-            secrets.token_hex(12),
-            dumps(utc_now_iso()),
-            conf().presence_announce_max,
-        ]
+            id_prefix=secrets.token_hex(12),
+            ts_json=dumps(utc_now_iso()),
+            announce_max=conf().presence_announce_max,
+        )
 
     async def join(self, tenant: str, stream: str, client: str, name: str) -> bool:
         """Add or extend this gateway's member; True when the client joined (announced)."""
-        args = [*self._common(tenant, stream), self.gateway_id, self.ttl_ms, client, name]
-        return bool(await self._join(keys=self._keys(tenant, stream), args=args))
+        announced = await scripts.PresenceJoin(
+            stream=self._stream(tenant, stream),
+            gateway=self.gateway_id,
+            ttl_ms=self.ttl_ms,
+            client=client,
+            name=name,
+        ).run_async(self.client)
+        return bool(announced)
 
     async def leave(self, tenant: str, stream: str, client: str) -> bool:
         """Remove this gateway's member; True when the client left (announced)."""
-        args = [*self._common(tenant, stream), self.gateway_id, client]
-        return bool(await self._leave(keys=self._keys(tenant, stream), args=args))
+        announced = await scripts.PresenceLeave(
+            stream=self._stream(tenant, stream), gateway=self.gateway_id, client=client
+        ).run_async(self.client)
+        return bool(announced)
 
     async def refresh(self, streams: Iterable[tuple[str, str, list[str]]]) -> list[EntryKey]:
         """Extend this gateway's members of each (tenant, stream, clients); returns the
@@ -344,35 +187,48 @@ class PresenceStore:
         missing: list[EntryKey] = []
         for start in range(0, len(calls), PIPELINE_CHUNK):
             chunk = calls[start : start + PIPELINE_CHUNK]
+            refreshes = [self._refresh(streams_of_call) for streams_of_call in chunk]
             async with self.client.pipeline(transaction=False) as pipe:
-                for streams_of_call in chunk:
-                    script_keys = [keys.PRESENCE_INDEX]
-                    args: list[Any] = [self.gateway_id, self.ttl_ms]
-                    for tenant, stream, clients in streams_of_call:
-                        script_keys.append(keys.presence_members(tenant, stream))
-                        args += [_index_member(tenant, stream), len(clients), *clients]
-                    await self._refresh(keys=script_keys, args=args, client=pipe)
+                for refresh in refreshes:
+                    await refresh.queue_async(self.client, pipe)
                 results = await pipe.execute()
-            for streams_of_call, per_stream in zip(chunk, results, strict=True):
+            for streams_of_call, refresh, raw in zip(chunk, refreshes, results, strict=True):
+                per_stream = refresh.result(raw)
                 for (tenant, stream, _), absent in zip(streams_of_call, per_stream, strict=True):
-                    missing.extend((tenant, stream, client.decode()) for client in absent)
+                    missing.extend((tenant, stream, client) for client in absent)
         return missing
+
+    def _refresh(self, streams: list[tuple[str, str, list[str]]]) -> scripts.PresenceRefresh:
+        """One PRESENCE_REFRESH call for these (tenant, stream, clients)."""
+        per_stream: list[Any] = []
+        for tenant, stream, clients in streams:
+            per_stream += [_index_member(tenant, stream), len(clients), *clients]
+        return scripts.PresenceRefresh(
+            index=keys.PRESENCE_INDEX,
+            stream_members=[keys.presence_members(tenant, stream) for tenant, stream, _ in streams],
+            gateway=self.gateway_id,
+            ttl_ms=self.ttl_ms,
+            per_stream=per_stream,
+        )
 
     async def sweep_stream(self, tenant: str, stream: str, limit: int = SWEEP_BATCH) -> int:
         """Remove up to `limit` expired members of one stream; returns how many."""
-        args = [*self._common(tenant, stream), limit]
-        return int(await self._sweep(keys=self._keys(tenant, stream), args=args))
+        return await scripts.PresenceSweep(
+            stream=self._stream(tenant, stream), limit=limit
+        ).run_async(self.client)
 
     async def sweep(self, max_rounds: int = 100) -> dict[tuple[str, str], int]:
         """Sweep every stream with an expired member (any gateway's); returns the ghosts
         removed per (tenant, stream)."""
         removed: dict[tuple[str, str], int] = {}
         for _ in range(max_rounds):
-            due = await self._due(keys=[keys.PRESENCE_INDEX], args=[DUE_BATCH])
+            due = await scripts.PresenceDue(index=keys.PRESENCE_INDEX, limit=DUE_BATCH).run_async(
+                self.client
+            )
             if not due:
                 break
             for member in due:
-                tenant, _, stream = member.decode().partition(":")
+                tenant, _, stream = member.partition(":")
                 count = await self.sweep_stream(tenant, stream)
                 if count:
                     removed[(tenant, stream)] = removed.get((tenant, stream), 0) + count
@@ -382,11 +238,10 @@ class PresenceStore:
 
     async def clients(self, tenant: str, stream: str) -> list[dict[str, str | None]]:
         """The clients present on the stream now, expired members pruned first."""
-        flat = await self._query(keys=self._keys(tenant, stream), args=self._common(tenant, stream))
-        present = [
-            {"client": flat[i].decode(), "name": flat[i + 1].decode() or None}
-            for i in range(0, len(flat), 2)
-        ]
+        flat = await scripts.PresenceQuery(stream=self._stream(tenant, stream)).run_async(
+            self.client
+        )
+        present = [{"client": flat[i], "name": flat[i + 1] or None} for i in range(0, len(flat), 2)]
         present.sort(key=lambda entry: entry["client"] or "")
         return present
 

@@ -1,7 +1,7 @@
 """Celery task messages written by our own Lua scripts, atomically with the data they act on.
 
 A `send` is acknowledged only once its message event, its run record and its first task are
-in Redis together (see streams/scripts.py ACCEPT_SEND); publishing through kombu after the
+in Redis together (see streams/lua/accept_send.lua); publishing through kombu after the
 append would leave a window where a gateway crash loses an accepted run, and costs the
 gateway's event loop about a millisecond per message. This builds the same Celery protocol 2
 message kombu's Redis transport would LPUSH; tests/test_enqueue.py compares the two field by

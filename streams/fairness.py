@@ -5,8 +5,9 @@ and every other tenant would wait behind its backlog. Instead, an accepted `send
 run id on its tenant's own fair queue (a Redis list) and pushes a *ticket* onto the Celery
 queue: a `switchboard.run.next` message that names no run. There is one ticket per queued
 run, so Celery's length, prefetch and acknowledgements still count real work. The worker
-that takes a ticket runs FAIR_PICK, which chooses the run by deficit round robin across the
-tenants that have runs waiting, and then executes that run's first step as usual.
+that takes a ticket runs FAIR_PICK (streams/lua/fair_pick.lua), which chooses the run by
+deficit round robin across the tenants that have runs waiting, and then executes that
+run's first step as usual.
 
 Deficit round robin (DRR): the tenants with queued runs form a ring. The tenant at the head
 has a deficit (picks it may still take this turn); on reaching the head with less than one
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field
 import redis
 import redis.asyncio as aredis
 
-from streams import keys
+from streams import keys, scripts
 
 # Runs popped and skipped (already finished, or past their deadline) in one pick at most.
 # The ticket is spent either way; a skipped run needs none (the sweeper ends it).
@@ -58,74 +59,28 @@ def quantum(weight: int | str | None) -> int:
         return 1
 
 
-# The fair pick. Runs in one script: the ring, the deficits, the tenant's queue and the
-# run's pick lease change together or not at all.
-# KEYS: fair_ring, fair_deficits, fair_weights, run_leases
-# ARGV: queue_key_prefix, run_key_prefix, lease_s, max_skipped
-# Returns {RUN_ID, skipped} picked; {'', skipped} nothing (left) to pick.
-FAIR_PICK = """
-local ring, deficits, weights, leases_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local queue_prefix, run_prefix = ARGV[1], ARGV[2]
-local lease_s, max_skipped = tonumber(ARGV[3]), tonumber(ARGV[4])
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-local skipped = 0
-while true do
-  local tenant = redis.call('LINDEX', ring, 0)
-  if not tenant then return {'', skipped} end
-  local queue = queue_prefix .. tenant
-  local deficit = tonumber(redis.call('HGET', deficits, tenant)) or 0
-  if deficit < 1 then
-    -- At the head with no pick left: this turn's quantum.
-    deficit = deficit + math.max(1, math.floor(tonumber(redis.call('HGET', weights, tenant)) or 1))
-  end
-  local run_id = redis.call('RPOP', queue)
-  local live = false
-  if run_id then
-    local run = redis.call('HMGET', run_prefix .. run_id, 'status', 'deadline')
-    -- A run cancelled or ended by the sweeper while queued, or already past its deadline
-    -- (the deadline sweep ends it), costs no worker and no pick.
-    live = run[1] == 'queued' and (tonumber(run[2]) or 0) > now
-  end
-  if redis.call('LLEN', queue) == 0 then
-    -- Nothing more queued: the tenant leaves the ring and forfeits its deficit.
-    redis.call('LPOP', ring)
-    redis.call('HDEL', deficits, tenant)
-  else
-    if live then deficit = deficit - 1 end
-    if deficit < 1 then redis.call('RPUSH', ring, redis.call('LPOP', ring)) end
-    redis.call('HSET', deficits, tenant, deficit)
-  end
-  if live then
-    -- The pick lease: the run stays queued until its claim, which replaces the lease.
-    local run_key = run_prefix .. run_id
-    local lease = string.format('%.3f', math.floor((now + lease_s) * 1000) / 1000)
-    redis.call('HSET', run_key, 'step', 0, 'lease', lease)
-    redis.call('ZADD', leases_key, lease, run_id)
-    return {run_id, skipped}
-  end
-  if run_id then
-    skipped = skipped + 1
-    if skipped >= max_skipped then return {'', skipped} end
-  end
-end
-"""
-
-
 @dataclass(frozen=True, slots=True)
 class Pick:
     run_id: str | None  # None: no run was waiting
     skipped: int  # finished or overdue runs dropped from the queues on the way
 
 
-def _pick_keys() -> list[str]:
-    return [keys.FAIR_RING, keys.FAIR_DEFICITS, keys.FAIR_WEIGHTS, keys.RUN_LEASES]
+def _pick(lease_s: float) -> scripts.FairPick:
+    return scripts.FairPick(
+        ring=keys.FAIR_RING,
+        deficits=keys.FAIR_DEFICITS,
+        weights=keys.FAIR_WEIGHTS,
+        leases_key=keys.RUN_LEASES,
+        queue_prefix=keys.fair_queue(""),
+        run_prefix=keys.run(""),
+        lease_s=lease_s,
+        max_skipped=MAX_SKIPPED_PER_PICK,
+    )
 
 
-def _picked(answer: list[bytes | str | int]) -> Pick:
+def _picked(answer: tuple[str, int]) -> Pick:
     run_id, skipped = answer
-    text = run_id.decode() if isinstance(run_id, bytes) else str(run_id)
-    return Pick(text or None, int(skipped))
+    return Pick(run_id or None, skipped)
 
 
 class FairQueue:
@@ -133,15 +88,9 @@ class FairQueue:
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self._pick = client.register_script(FAIR_PICK)
 
     def pick(self, lease_s: float) -> Pick:
-        return _picked(
-            self._pick(
-                keys=_pick_keys(),
-                args=[keys.fair_queue(""), keys.run(""), lease_s, MAX_SKIPPED_PER_PICK],
-            )
-        )
+        return _picked(_pick(lease_s).run(self.client))
 
     def depth(self, tenant: str) -> int:
         """Runs of the tenant waiting for a worker in its fair queue."""
@@ -155,15 +104,10 @@ class AsyncFairQueue:
     """The worker's side: pick the next run on the model-call runtime."""
 
     def __init__(self, client: aredis.Redis) -> None:
-        self._pick = client.register_script(FAIR_PICK)
+        self.client = client
 
     async def pick(self, lease_s: float) -> Pick:
-        return _picked(
-            await self._pick(
-                keys=_pick_keys(),
-                args=[keys.fair_queue(""), keys.run(""), lease_s, MAX_SKIPPED_PER_PICK],
-            )
-        )
+        return _picked(await _pick(lease_s).run_async(self.client))
 
 
 @dataclass

@@ -120,6 +120,90 @@ class Appended:
     run_id: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _NewRun:
+    """A `send` about to become a run: its message event and what its record holds."""
+
+    tenant: str
+    client: str
+    frame: SendFrame
+    agent: RunAgent
+    retention: int
+    event_id: str
+    run_id: str
+    prefix: str  # the message event's, around its seq
+    suffix: str
+    deadline: float  # epoch seconds
+
+    @classmethod
+    def of(
+        cls, tenant: str, client: str, frame: SendFrame, agent: RunAgent, retention: int
+    ) -> _NewRun:
+        event_id = new_event_id()
+        run_id = new_run_id()
+        prefix, suffix = event_parts(
+            stream=frame.stream,
+            event_id=event_id,
+            kind="message",
+            sender=f"client:{client}",
+            cause=cause_of(client, frame.id, frame.prev),
+            data={"text": frame.text, "agent": frame.agent},
+        )
+        deadline = time.time() + agent.deadline_s
+        return cls(
+            tenant, client, frame, agent, retention, event_id, run_id, prefix, suffix, deadline
+        )
+
+    def record(self, agent_config: Mapping[str, str] | None, flow: _FlowControl) -> RunRecord:
+        """The run's record (streams/runs.py RunRecord, the one schema of a run's hash)."""
+        frame = self.frame
+        return RunRecord(
+            run=self.run_id,
+            tenant=self.tenant,
+            stream=frame.stream,
+            agent=self.agent.name,
+            client=self.client,
+            message_id=frame.id,
+            message_event=self.event_id,
+            text=frame.text,
+            options=frame.options,
+            deadline=self.deadline,
+            retention=self.retention,
+            created=time.time(),
+            agent_config=dict(agent_config or {}),
+            # Where FINALIZE_RUN and CLAIM_STEP uncount a counted run.
+            inflight_key=flow.inflight_key if flow.counted else "",
+            queued_key=flow.queued_key if flow.counted else "",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _FlowControl:
+    """How ACCEPT_SEND counts a new run against `RunLimits` (-1: not counted)."""
+
+    counted: bool
+    inflight_key: str
+    queued_key: str
+    max_in_flight: int
+    max_queued: int
+    counted_until: str  # epoch seconds: the run stops counting then, whatever happened
+
+    @classmethod
+    def of(cls, tenant: str, deadline: float, limits: RunLimits | None) -> _FlowControl:
+        queued_key = keys.runs_queued(tenant)
+        if limits is None:
+            # Not counted: the in-flight key is any key, the script does not touch it.
+            return cls(False, queued_key, queued_key, -1, -1, f"{deadline:.3f}")
+        return cls(
+            True,
+            keys.runs_in_flight(tenant, limits.connection),
+            queued_key,
+            limits.max_in_flight,
+            limits.max_queued,
+            f"{deadline + COUNTED_GRACE_S:.3f}",
+        )
+
+
 def _receipt(flag: int, receipt: bytes | str) -> tuple[int, str, bool]:
     text = receipt.decode() if isinstance(receipt, bytes) else receipt
     seq, event_id = text.split(" ")[:2]
@@ -129,8 +213,6 @@ def _receipt(flag: int, receipt: bytes | str) -> tuple[int, str, bool]:
 class StreamStore:
     def __init__(self, client: aredis.Redis) -> None:
         self.client = client
-        self._append_event = client.register_script(scripts.APPEND_EVENT)
-        self._accept_send = client.register_script(scripts.ACCEPT_SEND)
         self.retention = conf().stream_retention
         self.dedupe_ttl_s = conf().dedupe_ttl_s
         # Atomic enqueue needs the broker to be this Redis; otherwise see accept_send.
@@ -158,24 +240,20 @@ class StreamStore:
                 _, trigger_message = celery_message(
                     PUBLISHED_TRIGGER_TASK, trigger_args, RUNS_QUEUE
                 )
-        flag, receipt = await self._append_event(
-            keys=[
-                keys.stream_seq(tenant, frame.stream),
-                keys.stream_log(tenant, frame.stream),
-                keys.client_message(tenant, client, frame.id),
-                keys.celery_queue(RUNS_QUEUE),
-            ],
-            args=[
-                keys.stream_channel(tenant, frame.stream),
-                prefix,
-                suffix,
-                retention or self.retention,
-                self.dedupe_ttl_s,
-                event_id,
-                trigger_message,
-            ],
-        )
-        appended = Appended(*_receipt(flag, receipt))
+        answer = await scripts.AppendEvent(
+            seq_key=keys.stream_seq(tenant, frame.stream),
+            log_key=keys.stream_log(tenant, frame.stream),
+            dedupe_key=keys.client_message(tenant, client, frame.id),
+            queue_key=keys.celery_queue(RUNS_QUEUE),
+            channel=keys.stream_channel(tenant, frame.stream),
+            prefix=prefix,
+            suffix=suffix,
+            maxlen=retention or self.retention,
+            dedupe_ttl=self.dedupe_ttl_s,
+            event_id=event_id,
+            trigger_message=trigger_message,
+        ).run_async(self.client)
+        appended = Appended(*_receipt(answer.code, answer.value))
         if trigger_args is not None and not trigger_message and not appended.duplicate:
             # Another broker: published after the append; a crash in between loses the
             # trigger (documented), never the event.
@@ -198,87 +276,63 @@ class StreamStore:
         `weight` is the tenant's share in the fair queue (TenantConfig.weight; default 1).
         `agent_config` is the tenant's overrides of the agent's code (model, api_key_env,
         base_url: TenantConfig.agent_overrides), kept with the run for its workers."""
-        event_id = new_event_id()
-        run_id = new_run_id()
-        prefix, suffix = event_parts(
-            stream=frame.stream,
-            event_id=event_id,
-            kind="message",
-            sender=f"client:{client}",
-            cause=cause_of(client, frame.id, frame.prev),
-            data={"text": frame.text, "agent": frame.agent},
+        run = _NewRun.of(tenant, client, frame, agent, retention or self.retention)
+        flow = _FlowControl.of(tenant, run.deadline, limits)
+        message = first_task_message(run.run_id) if self.enqueue_atomically else ""
+        call = self._accept_send_call(
+            run, flow, message, weight if weight is not None else 1, agent_config
         )
-        deadline = time.time() + agent.deadline_s
-        fair = conf().fair_queue
-        message = first_task_message(run_id) if self.enqueue_atomically else ""
-        queued_key = keys.runs_queued(tenant)
-        if limits is None:
-            in_flight_key = queued_key  # not counted: -1 below
-            counting: list[Any] = [-1, -1, f"{deadline:.3f}"]
-        else:
-            in_flight_key = keys.runs_in_flight(tenant, limits.connection)
-            counting = [
-                limits.max_in_flight,
-                limits.max_queued,
-                f"{deadline + COUNTED_GRACE_S:.3f}",
-            ]
-        record = RunRecord(
-            run=run_id,
-            tenant=tenant,
-            stream=frame.stream,
-            agent=agent.name,
-            client=client,
-            message_id=frame.id,
-            message_event=event_id,
-            text=frame.text,
-            options=frame.options,
-            deadline=deadline,
-            retention=retention or self.retention,
-            created=time.time(),
-            agent_config=dict(agent_config or {}),
-            # Where FINALIZE_RUN and CLAIM_STEP uncount a counted run.
-            inflight_key=in_flight_key if limits is not None else "",
-            queued_key=queued_key if limits is not None else "",
-        )
-        flag, receipt = await self._accept_send(
-            keys=[
-                keys.stream_seq(tenant, frame.stream),
-                keys.stream_log(tenant, frame.stream),
-                keys.client_message(tenant, client, frame.id),
-                keys.run(run_id),
-                keys.RUN_DEADLINES,
-                keys.celery_queue(RUNS_QUEUE),
-                in_flight_key,
-                queued_key,
-                keys.fair_queue(tenant),
-                keys.FAIR_RING,
-                keys.FAIR_WEIGHTS,
-            ],
-            args=[
-                keys.stream_channel(tenant, frame.stream),
-                prefix,
-                suffix,
-                retention or self.retention,
-                self.dedupe_ttl_s,
-                event_id,
-                run_id,
-                f"{deadline:.3f}",
-                int(agent.deadline_s + RUN_RECORD_GRACE_S),
-                message,
-                *counting,
-                tenant if fair else "",
-                quantum(weight if weight is not None else 1),
-                *record.fields(),
-            ],
-        )
-        if flag < 0:
-            raise LimitReached("rate_limited" if flag == -1 else "overloaded", int(receipt))
-        seq, event_id, duplicate = _receipt(flag, receipt)
+        answer = await call.run_async(self.client)
+        if answer.code < 0:
+            code = "rate_limited" if answer.code == -1 else "overloaded"
+            raise LimitReached(code, int(answer.value))
+        seq, event_id, duplicate = _receipt(answer.code, answer.value)
         if not duplicate and not message:
             # Another broker: publish after the append. A crash in between leaves the run
             # queued; the sweeper ends it at its deadline, so it still gets its reply.done.
-            await asyncio.to_thread(enqueue_first_task, run_id)
-        return Appended(seq, event_id, duplicate, run_id=None if duplicate else run_id)
+            await asyncio.to_thread(enqueue_first_task, run.run_id)
+        return Appended(seq, event_id, duplicate, run_id=None if duplicate else run.run_id)
+
+    def _accept_send_call(
+        self,
+        run: _NewRun,
+        flow: _FlowControl,
+        message: str,
+        weight: int,
+        agent_config: Mapping[str, str] | None,
+    ) -> scripts.AcceptSend:
+        """ACCEPT_SEND for the new run: its message event, record, bounds and fair queue."""
+        tenant, stream = run.tenant, run.frame.stream
+        record = run.record(agent_config, flow)
+        return scripts.AcceptSend(
+            seq_key=keys.stream_seq(tenant, stream),
+            log_key=keys.stream_log(tenant, stream),
+            dedupe_key=keys.client_message(tenant, run.client, run.frame.id),
+            run_key=keys.run(run.run_id),
+            deadlines_key=keys.RUN_DEADLINES,
+            queue_key=keys.celery_queue(RUNS_QUEUE),
+            inflight_key=flow.inflight_key,
+            queued_key=flow.queued_key,
+            fair_queue_key=keys.fair_queue(tenant),
+            fair_ring_key=keys.FAIR_RING,
+            fair_weights_key=keys.FAIR_WEIGHTS,
+            channel=keys.stream_channel(tenant, stream),
+            prefix=run.prefix,
+            suffix=run.suffix,
+            maxlen=run.retention,
+            dedupe_ttl=self.dedupe_ttl_s,
+            event_id=run.event_id,
+            run_id=run.run_id,
+            deadline=f"{run.deadline:.3f}",
+            run_ttl=int(run.agent.deadline_s + RUN_RECORD_GRACE_S),
+            celery_message=message,
+            max_in_flight=flow.max_in_flight,
+            max_queued=flow.max_queued,
+            counted_until=flow.counted_until,
+            fair_tenant=tenant if conf().fair_queue else "",
+            fair_weight=quantum(weight),
+            run_fields=record.fields(),
+        )
 
     async def head(self, tenant: str, stream: str) -> int:
         value = await self.client.get(keys.stream_seq(tenant, stream))

@@ -67,18 +67,18 @@ class ReceiptStore:
     def __init__(self, client: aredis.Redis, ttl_s: int = RECEIPT_TTL_S) -> None:
         self.client = client
         self.ttl_s = ttl_s
-        self._record = client.register_script(scripts.RECORD_RECEIPT)
 
     async def record(self, tenant: str, stream: str, client: str, seq: int) -> Recorded:
         """Move the client's receipt forward to seq; raise BeyondHead past the head."""
-        outcome, value = await self._record(
-            keys=[
-                keys.stream_seq(tenant, stream),
-                keys.receipts(tenant, stream),
-                keys.receipt_index(tenant),
-            ],
-            args=[client, seq, stream, self.ttl_s],
-        )
+        outcome, value = await scripts.RecordReceipt(
+            seq_key=keys.stream_seq(tenant, stream),
+            receipts_key=keys.receipts(tenant, stream),
+            index_key=keys.receipt_index(tenant),
+            client=client,
+            seq=seq,
+            stream=stream,
+            ttl=self.ttl_s,
+        ).run_async(self.client)
         if outcome == -1:
             raise BeyondHead(seq, int(value))
         return Recorded(outcome == 1, int(value))

@@ -1,6 +1,6 @@
 """What a finished run leaves for the operators, as plain data (no Redis, no database).
 
-FINALIZE_RUN (streams/scripts.py) writes two small records with a run's reply.done:
+FINALIZE_RUN (streams/lua/finalize_run.lua) writes two small records with a run's reply.done:
 
 - an *outbox record* on `keys.HISTORY_OUTBOX`, which the persister (history/persist.py)
   turns into database rows: the run's message and its reply. Python builds the record's

@@ -259,21 +259,15 @@ class Redelivery:
     redeliveries: int = 0
 
 
-class _RunScripts:
-    """The run scripts both stores call, registered on their client."""
+class _RunStoreBase:
+    """What both stores hold: their client and the lease their claims take."""
 
     def __init__(self, client: Any, lease_s: float | None) -> None:
         self.client = client
         self.lease_s: float = lease_s if lease_s is not None else conf().run_lease_s
-        self._claim = client.register_script(scripts.CLAIM_STEP)
-        self._append_delta = client.register_script(scripts.APPEND_DELTA)
-        self._finalize = client.register_script(scripts.FINALIZE_RUN)
-        self._renew = client.register_script(scripts.RENEW_LEASE)
-        self._hand_over = client.register_script(scripts.HAND_OVER)
-        self._save_output = client.register_script(scripts.SAVE_OUTPUT)
 
 
-class RunStore(_RunScripts):
+class RunStore(_RunStoreBase):
     """The runs' Redis through a blocking client: the sweeper, cancels, triggers and
     management code. Workers execute steps through `AsyncRunStore`."""
 
@@ -281,9 +275,6 @@ class RunStore(_RunScripts):
 
     def __init__(self, client: redis.Redis, lease_s: float | None = None) -> None:
         super().__init__(client, lease_s)
-        self._redeliver = client.register_script(scripts.REDELIVER_STEP)
-        # Called by orchestration/triggers.py, which builds its keys and arguments.
-        self.start_triggered_run = client.register_script(scripts.START_TRIGGERED_RUN)
 
     def load(self, run_id: str) -> Run | None:
         return _loaded(run_id, self.client.hgetall(keys.run(run_id)))
@@ -293,12 +284,12 @@ class RunStore(_RunScripts):
         gone, finished or already past this step. `retries` is the model retries spent so
         far, kept for a redelivery of the step."""
         call = _ClaimCall(run_id, step, retries, self.lease_s)
-        return call.result(self._claim(keys=call.keys, args=call.args))
+        return call.result(call.script.run(self.client))
 
     def append_delta(self, run: Run, piece: str) -> int:
         """Append one reply piece at the run's current offset; returns its seq."""
         call = _AppendCall(run, piece, self.lease_s)
-        return call.result(*self._append_delta(keys=call.keys, args=call.args))
+        return call.result(call.script.run(self.client))
 
     def finalize(
         self,
@@ -319,7 +310,7 @@ class RunStore(_RunScripts):
                 self.client.zrem(keys.RUN_DEADLINES, run_id)
                 return False
         call = _FinalizeCall(run, status, detail, owner)
-        finished = call.result(*self._finalize(keys=call.keys, args=call.args))
+        finished = call.result(call.script.run(self.client))
         if finished and call.enqueue_after:
             # Another broker: published after the script. A crash in between loses this
             # trigger (its subscribers do not run); with the broker in this Redis it cannot.
@@ -329,7 +320,7 @@ class RunStore(_RunScripts):
     def save_output(self, run: Run, step: int, output: str, fell_back: str = "") -> None:
         """Keep a finished step's output for the steps after it (owner only)."""
         call = _SaveOutputCall(run, step, output, fell_back)
-        call.result(self._save_output(keys=call.keys, args=call.args))
+        call.result(call.script.run(self.client))
 
     def text_of(self, run_id: str) -> str:
         return _text(self.client.get(keys.run_text(run_id)))
@@ -342,12 +333,11 @@ class RunStore(_RunScripts):
         """Extend the owner's lease to `lease_s + extra_s` from now (never shortening it).
         False when the caller no longer owns a running step: it must write nothing more."""
         call = _RenewCall(run, self.lease_s + extra_s)
-        return call.result(self._renew(keys=call.keys, args=call.args))
+        return call.result(call.script.run(self.client))
 
     def hand_over(self, run_id: str, owner: str) -> bool:
         """Give up the lease once the next step's task is queued; False if no longer ours."""
-        call = _HandOverCall(run_id, owner, "")
-        return bool(self._hand_over(keys=call.keys, args=call.args))
+        return _hand_over(run_id, owner, "").run(self.client)
 
     def expired_leases(self, limit: int = 500) -> list[str]:
         """Runs whose step lease has run out, by the Redis clock the leases are set with."""
@@ -368,10 +358,15 @@ class RunStore(_RunScripts):
             _, message = celery_message(
                 RUN_STEP_TASK, [run_id, step_index], RUNS_QUEUE, retries=int(retries or 0)
             )
-        code, value = self._redeliver(
-            keys=[keys.run(run_id), keys.RUN_LEASES, keys.celery_queue(RUNS_QUEUE)],
-            args=[run_id, step if step is not None else "", message, max_redeliveries],
-        )
+        code, value = scripts.RedeliverStep(
+            run_key=keys.run(run_id),
+            leases_key=keys.RUN_LEASES,
+            queue_key=keys.celery_queue(RUNS_QUEUE),
+            run_id=run_id,
+            step=step.decode() if step is not None else "",
+            message=message,
+            max_redeliveries=max_redeliveries,
+        ).run(self.client)
         found = Redelivery("skipped", run_id, tenant.decode() if tenant else "", step_index)
         if code == 1:
             if not message:
@@ -384,7 +379,7 @@ class RunStore(_RunScripts):
         return found
 
 
-class AsyncRunStore(_RunScripts):
+class AsyncRunStore(_RunStoreBase):
     """The runs' Redis through an asyncio client: what a worker's model-call runtime uses to
     claim, stream, hand over and finish steps. The same scripts, keys and arguments as
     `RunStore` (the `_...Call` builders below), awaited instead of blocking."""
@@ -393,36 +388,34 @@ class AsyncRunStore(_RunScripts):
 
     def __init__(self, client: aredis.Redis, lease_s: float | None = None) -> None:
         super().__init__(client, lease_s)
-        self._restart = client.register_script(scripts.RESTART_REPLY)
-        self._renew_many = client.register_script(scripts.RENEW_LEASES)
         # Model-call rate limits (workers/quotas.py) through the same client.
         self.buckets = AsyncBuckets(client)
 
     async def claim(self, run_id: str, step: int, retries: int = 0) -> Run | None:
         call = _ClaimCall(run_id, step, retries, self.lease_s)
-        return call.result(await self._claim(keys=call.keys, args=call.args))
+        return call.result(await call.script.run_async(self.client))
 
     async def append_delta(self, run: Run, piece: str) -> int:
         call = _AppendCall(run, piece, self.lease_s)
-        return call.result(*await self._append_delta(keys=call.keys, args=call.args))
+        return call.result(await call.script.run_async(self.client))
 
     async def restart_reply(self, run: Run, attempt: int, reason: str, kept: str) -> None:
         """Void what the run's current step streamed (reply.restart) and start the reply
         again at offset 0 with `kept`, the text earlier steps streamed."""
         call = _RestartCall(run, attempt, reason, kept, self.lease_s)
-        call.result(*await self._restart(keys=call.keys, args=call.args))
+        call.result(await call.script.run_async(self.client))
 
     async def finalize(self, run: Run, status: str, detail: Any = None) -> bool:
         """The run's one reply.done, by its owner; False when it already had one."""
         call = _FinalizeCall(run, status, detail, run.owner)
-        finished = call.result(*await self._finalize(keys=call.keys, args=call.args))
+        finished = call.result(await call.script.run_async(self.client))
         if finished and call.enqueue_after:
             await asyncio.to_thread(enqueue_trigger, run.run_id, call.event_id)
         return finished
 
     async def save_output(self, run: Run, step: int, output: str, fell_back: str = "") -> None:
         call = _SaveOutputCall(run, step, output, fell_back)
-        call.result(await self._save_output(keys=call.keys, args=call.args))
+        call.result(await call.script.run_async(self.client))
 
     async def text_of(self, run_id: str) -> str:
         return _text(await self.client.get(keys.run_text(run_id)))
@@ -434,10 +427,13 @@ class AsyncRunStore(_RunScripts):
         for start in range(0, len(runs), RENEW_LEASE_BATCH):
             batch = runs[start : start + RENEW_LEASE_BATCH]
             renewed_at = time.monotonic()
-            args: list[Any] = [self.lease_s, RUN_RECORD_GRACE_S, keys.run("")]
-            for run in batch:
-                args += [run.run_id, run.owner]
-            answers = await self._renew_many(keys=[keys.RUN_LEASES], args=args)
+            answers = await scripts.RenewLeases(
+                leases_key=keys.RUN_LEASES,
+                lease_s=self.lease_s,
+                grace_s=RUN_RECORD_GRACE_S,
+                run_prefix=keys.run(""),
+                owners=[item for run in batch for item in (run.run_id, run.owner)],
+            ).run_async(self.client)
             for run, answer in zip(batch, answers, strict=True):
                 if answer:
                     run.renewed_at = renewed_at
@@ -451,8 +447,7 @@ class AsyncRunStore(_RunScripts):
         message = ""
         if conf().broker_in_streams_redis:
             _, message = celery_message(RUN_STEP_TASK, [run.run_id, step], RUNS_QUEUE)
-        call = _HandOverCall(run.run_id, run.owner, message)
-        handed = bool(await self._hand_over(keys=call.keys, args=call.args))
+        handed = await _hand_over(run.run_id, run.owner, message).run_async(self.client)
         if handed and not message:
             # Another broker: the run is queued first and its message published after; a
             # crash in between leaves it to the deadline sweep (docs/guarantees.md).
@@ -470,30 +465,31 @@ def _text(raw: bytes | None) -> str:
     return text_from_fragments(raw.decode()) if raw else ""
 
 
-# One builder per script call: its keys and arguments, and what its answer means. The sync
-# and async stores share them, so the two can never disagree on a script's contract.
+# One builder per script call: the script's call (streams/scripts.py) for a run, and what
+# its answer means for the run. The sync and async stores share them, so the two can never
+# disagree on a script's contract.
 
 
 class _ClaimCall:
     def __init__(self, run_id: str, step: int, retries: int, lease_s: float) -> None:
         self.run_id = run_id
-        self.owner = uuid.uuid4().hex
         self.renewed_at = time.monotonic()
-        self.keys = [keys.run(run_id), keys.run_text(run_id), keys.RUN_LEASES]
-        self.args = [
-            self.owner,
-            step,
-            lease_s,
-            RUN_RECORD_GRACE_S,
-            run_id,
-            worker_id(),
-            retries,
-        ]
+        self.script = scripts.ClaimStep(
+            run_key=keys.run(run_id),
+            text_key=keys.run_text(run_id),
+            leases_key=keys.RUN_LEASES,
+            owner=uuid.uuid4().hex,
+            step=step,
+            lease_s=lease_s,
+            grace_s=RUN_RECORD_GRACE_S,
+            run_id=run_id,
+            worker=worker_id(),
+            retries=retries,
+        )
 
-    def result(self, flat: list[bytes]) -> Run | None:
-        if not flat:
+    def result(self, fields: dict[str, str]) -> Run | None:
+        if not fields:
             return None
-        fields = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
         run = Run.from_hash(self.run_id, fields)
         run.renewed_at = self.renewed_at
         return run
@@ -507,33 +503,37 @@ class _AppendCall:
             "reply.delta", {"run": run.run_id, "offset": run.emitted, "text": piece}
         )
         self.renewed_at = time.monotonic()
-        self.keys = _stream_and_run_keys(run)
-        self.args = [
-            keys.stream_channel(run.tenant, run.stream),
-            prefix,
-            suffix,
-            run.retention,
-            run.owner,
-            run.emitted,
-            len(piece),
-            json_fragment(piece),
-            lease_s,
-            RUN_RECORD_GRACE_S,
-            run.run_id,
-        ]
+        self.script = scripts.AppendDelta(
+            seq_key=keys.stream_seq(run.tenant, run.stream),
+            log_key=keys.stream_log(run.tenant, run.stream),
+            run_key=keys.run(run.run_id),
+            text_key=keys.run_text(run.run_id),
+            leases_key=keys.RUN_LEASES,
+            channel=keys.stream_channel(run.tenant, run.stream),
+            prefix=prefix,
+            suffix=suffix,
+            maxlen=run.retention,
+            owner=run.owner,
+            offset=run.emitted,
+            piece_chars=len(piece),
+            piece_fragment=json_fragment(piece),
+            lease_s=lease_s,
+            grace_s=RUN_RECORD_GRACE_S,
+            run_id=run.run_id,
+        )
 
-    def result(self, code: int, value: Any) -> int:
+    def result(self, answer: scripts.Coded) -> int:
         run = self.run
-        if code == 1:
+        if answer.code == 1:
             run.emitted += len(self.piece)
             run.renewed_at = self.renewed_at
-            return int(value)
-        if code == -1:
+            return int(answer.value)
+        if answer.code == -1:
             raise RunFinished(run.run_id)
-        if code == -2:
+        if answer.code == -2:
             raise Fenced(run.run_id)
         # -3: our idea of the offset is stale: a fenced attempt, or a lost answer.
-        raise StaleOffset(run.run_id, run.emitted, int(value))
+        raise StaleOffset(run.run_id, run.emitted, int(answer.value))
 
 
 class _RestartCall:
@@ -549,116 +549,136 @@ class _RestartCall:
                 "reply.delta", {"run": run.run_id, "offset": 0, "text": kept}
             )
         self.renewed_at = time.monotonic()
-        self.keys = _stream_and_run_keys(run)
-        self.args = [
-            keys.stream_channel(run.tenant, run.stream),
-            restart_prefix,
-            restart_suffix,
-            run.retention,
-            run.owner,
-            len(kept),
-            json_fragment(kept),
-            delta_prefix,
-            delta_suffix,
-            lease_s,
-            RUN_RECORD_GRACE_S,
-            run.run_id,
-        ]
+        self.script = scripts.RestartReply(
+            seq_key=keys.stream_seq(run.tenant, run.stream),
+            log_key=keys.stream_log(run.tenant, run.stream),
+            run_key=keys.run(run.run_id),
+            text_key=keys.run_text(run.run_id),
+            leases_key=keys.RUN_LEASES,
+            channel=keys.stream_channel(run.tenant, run.stream),
+            restart_prefix=restart_prefix,
+            restart_suffix=restart_suffix,
+            maxlen=run.retention,
+            owner=run.owner,
+            keep_chars=len(kept),
+            keep_fragment=json_fragment(kept),
+            delta_prefix=delta_prefix,
+            delta_suffix=delta_suffix,
+            lease_s=lease_s,
+            grace_s=RUN_RECORD_GRACE_S,
+            run_id=run.run_id,
+        )
 
-    def result(self, code: int, value: Any) -> None:
-        if code == -1:
+    def result(self, answer: scripts.Coded) -> None:
+        if answer.code == -1:
             raise RunFinished(self.run.run_id)
-        if code == -2:
+        if answer.code == -2:
             raise Fenced(self.run.run_id)
         self.run.emitted = self.run.step_base = len(self.kept)
         self.run.renewed_at = self.renewed_at
 
 
 class _FinalizeCall:
+    """The run's reply.done, and with it whatever FINALIZE_RUN writes in the same script:
+    subscribers' trigger, the history outbox record, the admin's list of problems."""
+
     def __init__(self, run: Run, status: str, detail: Any, owner: str) -> None:
         self.run = run
         self.status = status
-        tenant, stream, run_id = run.tenant, run.stream, run.run_id
         self.event_id = new_event_id()
         at = utc_now_iso()
-        prefix, suffix = run.reply_event(
-            "reply.done", {"run": run_id, "status": status, "detail": detail}, self.event_id, at
-        )
-        # Split the data object so the stored text can be spliced in before "detail".
-        data_at = suffix.index(',"data":') + len(',"data":')
-        detail_at = suffix.index(',"detail":', data_at)
-        text_prefix = suffix[:detail_at] + ',"text":'
+        prefix, text_prefix, tail = _reply_done_parts(run, status, detail, self.event_id, at)
         # Agents subscribed to this reply: their trigger task goes in with the event.
         trigger_message, self.enqueue_after = _trigger_message(run, status, self.event_id)
-        # Written by the same script, so only the finalize that wins records the run.
-        history_max = conf().history_outbox_max
-        history_head = (
-            outbox_head(tenant, stream, run_id, status, self.event_id, at, reason_of(detail))
-            if history_max > 0
-            else ""
-        )
-        problem = problem_entry(
-            run_id=run_id,
-            tenant=tenant,
-            stream=stream,
-            agent=run.agent,
+        history_max, history_head = _history_head(run, status, detail, self.event_id, at)
+        self.script = scripts.FinalizeRun(
+            seq_key=keys.stream_seq(run.tenant, run.stream),
+            log_key=keys.stream_log(run.tenant, run.stream),
+            run_key=keys.run(run.run_id),
+            text_key=keys.run_text(run.run_id),
+            deadlines_key=keys.RUN_DEADLINES,
+            leases_key=keys.RUN_LEASES,
+            queue_key=keys.celery_queue(RUNS_QUEUE),
+            history_outbox_key=keys.HISTORY_OUTBOX,
+            history_dropped_key=keys.HISTORY_DROPPED,
+            problems_key=keys.RECENT_PROBLEMS,
+            channel=keys.stream_channel(run.tenant, run.stream),
+            prefix=prefix,
+            text_prefix=text_prefix,
+            tail=tail,
+            maxlen=run.retention,
+            owner=owner,
             status=status,
-            detail=detail,
-            at=at,
+            run_id=run.run_id,
+            finished_ttl=FINISHED_RUN_TTL_S,
+            trigger_message=trigger_message,
+            history_head=history_head,
+            history_max=history_max,
+            problem_entry=problem_entry(
+                run_id=run.run_id,
+                tenant=run.tenant,
+                stream=run.stream,
+                agent=run.agent,
+                status=status,
+                detail=detail,
+                at=at,
+            ),
+            problems_max=RECENT_PROBLEMS_MAX,
+            worker_stop_prefix=keys.WORKER_STOP_PREFIX,
         )
-        self.keys = [
-            keys.stream_seq(tenant, stream),
-            keys.stream_log(tenant, stream),
-            keys.run(run_id),
-            keys.run_text(run_id),
-            keys.RUN_DEADLINES,
-            keys.RUN_LEASES,
-            keys.celery_queue(RUNS_QUEUE),
-            keys.HISTORY_OUTBOX,
-            keys.HISTORY_DROPPED,
-            keys.RECENT_PROBLEMS,
-        ]
-        self.args = [
-            keys.stream_channel(tenant, stream),
-            prefix,
-            text_prefix,
-            suffix[detail_at:],
-            run.retention,
-            owner,
-            status,
-            run_id,
-            FINISHED_RUN_TTL_S,
-            trigger_message,
-            history_head,
-            history_max,
-            problem,
-            RECENT_PROBLEMS_MAX,
-            keys.WORKER_STOP_PREFIX,
-        ]
 
-    def result(self, code: int, value: Any) -> bool:
+    def result(self, answer: scripts.Coded) -> bool:
         run = self.run
-        if code == -2:
+        if answer.code == -2:
             raise Fenced(run.run_id)
-        if code == 1:
+        if answer.code == 1:
             logger.info(
                 "run finished tenant=%s stream=%s run=%s status=%s seq=%s",
                 run.tenant,
                 run.stream,
                 run.run_id,
                 self.status,
-                value,
+                answer.value,
             )
-        return code == 1
+        return answer.code == 1
+
+
+def _reply_done_parts(
+    run: Run, status: str, detail: Any, event_id: str, at: str
+) -> tuple[str, str, str]:
+    """The reply.done event around its seq and its text, which only the script knows (the
+    reply as the deltas stored it): (prefix, text_prefix, tail), the text going between
+    text_prefix and tail, just before "detail" in the data object."""
+    prefix, suffix = run.reply_event(
+        "reply.done", {"run": run.run_id, "status": status, "detail": detail}, event_id, at
+    )
+    data_at = suffix.index(',"data":') + len(',"data":')
+    detail_at = suffix.index(',"detail":', data_at)
+    return prefix, suffix[:detail_at] + ',"text":', suffix[detail_at:]
+
+
+def _history_head(run: Run, status: str, detail: Any, event_id: str, at: str) -> tuple[int, str]:
+    """(the outbox's cap, the run's outbox record head, "" with history off). Written by
+    the finalize script, so only the finalize that wins records the run."""
+    history_max = conf().history_outbox_max
+    if history_max <= 0:
+        return history_max, ""
+    head = outbox_head(run.tenant, run.stream, run.run_id, status, event_id, at, reason_of(detail))
+    return history_max, head
 
 
 class _SaveOutputCall:
     def __init__(self, run: Run, step: int, output: str, fell_back: str) -> None:
         self.run, self.step, self.output, self.fell_back = run, step, output, fell_back
-        self.keys = [keys.run(run.run_id)]
-        self.args = [run.owner, f"{OUTPUT_FIELD}{step}", output, fell_back]
+        self.script = scripts.SaveOutput(
+            run_key=keys.run(run.run_id),
+            owner=run.owner,
+            field=f"{OUTPUT_FIELD}{step}",
+            output=output,
+            fell_back=fell_back,
+        )
 
-    def result(self, saved: int) -> None:
+    def result(self, saved: bool) -> None:
         if not saved:
             raise Fenced(self.run.run_id)
         self.run.outputs[self.step] = self.output
@@ -670,29 +690,31 @@ class _RenewCall:
     def __init__(self, run: Run, lease_s: float) -> None:
         self.run = run
         self.renewed_at = time.monotonic()
-        self.keys = [keys.run(run.run_id), keys.run_text(run.run_id), keys.RUN_LEASES]
-        self.args = [run.owner, lease_s, RUN_RECORD_GRACE_S, run.run_id]
+        self.script = scripts.RenewLease(
+            run_key=keys.run(run.run_id),
+            text_key=keys.run_text(run.run_id),
+            leases_key=keys.RUN_LEASES,
+            owner=run.owner,
+            lease_s=lease_s,
+            grace_s=RUN_RECORD_GRACE_S,
+            run_id=run.run_id,
+        )
 
-    def result(self, renewed: int) -> bool:
+    def result(self, renewed: bool) -> bool:
         if renewed:
             self.run.renewed_at = self.renewed_at
-        return bool(renewed)
+        return renewed
 
 
-class _HandOverCall:
-    def __init__(self, run_id: str, owner: str, message: str) -> None:
-        self.keys = [keys.run(run_id), keys.RUN_LEASES, keys.celery_queue(RUNS_QUEUE)]
-        self.args = [owner, run_id, message]
-
-
-def _stream_and_run_keys(run: Run) -> list[str]:
-    return [
-        keys.stream_seq(run.tenant, run.stream),
-        keys.stream_log(run.tenant, run.stream),
-        keys.run(run.run_id),
-        keys.run_text(run.run_id),
-        keys.RUN_LEASES,
-    ]
+def _hand_over(run_id: str, owner: str, message: str) -> scripts.HandOver:
+    return scripts.HandOver(
+        run_key=keys.run(run_id),
+        leases_key=keys.RUN_LEASES,
+        queue_key=keys.celery_queue(RUNS_QUEUE),
+        owner=owner,
+        run_id=run_id,
+        message=message,
+    )
 
 
 def _trigger_message(run: Run, status: str, event_id: str) -> tuple[str, bool]:

@@ -4,498 +4,949 @@ Atomicity is what makes the promises hold: the dedupe check, the seq, the log en
 live notification and (for a `send`) the run record and its Celery message are written
 together or not at all, so a crash between two of them cannot lose or duplicate anything.
 
-A published notification is `SEQ "\n" EVENT_JSON` on the stream's channel.
+A published notification is `SEQ "\\n" EVENT_JSON` on the stream's channel.
+
+Layout. Each script is a file of its own in `streams/lua/`, named after it. Its first
+lines are a comment saying what it does atomically, its keys, its arguments and its answer,
+then the lines that bind KEYS and ARGV to named locals; the body uses only those names.
+Logic several scripts share is a fragment in the same directory, which a script pulls in
+with a line `-- #include NAME.lua`, resolved here when the script is loaded, so each piece
+of logic is written once.
+
+Here, one typed wrapper per script: a dataclass whose fields are the script's keys
+and arguments, named as its header binds them (`KEYS` and `ARGV` list them in that order),
+and whose `result` turns the answer into Python values. `run` (blocking client) and
+`run_async` (asyncio client) call it: EVALSHA, loading the script first when the server
+does not know it (redis-py's `register_script`), registered once per client.
+tests/unit/test_lua_scripts.py checks every wrapper against its file's header.
 """
 
-# Shared tail of every append: assign the next seq, keep it in the log, notify gateways.
-# Expects locals: seq_key, log_key, channel, prefix, suffix, maxlen. Leaves `seq`, `event`.
-_APPEND = """
-local seq = redis.call('INCR', seq_key)
-local event = prefix .. seq .. suffix
-redis.call('XADD', log_key, 'MAXLEN', '~', maxlen, seq .. '-0', 'e', event)
-redis.call('PUBLISH', channel, seq .. '\\n' .. event)
-"""
+from __future__ import annotations
 
-# KEYS: seq, log, dedupe (or an unused key when ARGV[6] is ''), celery_queue
-# ARGV: channel, prefix, suffix, maxlen, dedupe_ttl_s, event_id ('' = no dedupe),
-#       trigger_message ('' = no agent subscribes to this event: orchestration/triggers.py)
-# Returns {1, "SEQ EVENT_ID"} when appended, {0, "SEQ EVENT_ID"} for a duplicate.
-# (ACCEPT_SEND's receipt adds " RUN_ID".)
-APPEND_EVENT = (
-    """
-local seq_key, log_key, dedupe_key = KEYS[1], KEYS[2], KEYS[3]
-local channel, prefix, suffix, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local dedupe_ttl, event_id = ARGV[5], ARGV[6]
-local existing = redis.call('GET', dedupe_key)
-if existing then return {0, existing} end
-"""
-    + _APPEND
-    + """
-local receipt = seq .. ' ' .. event_id
-redis.call('SET', dedupe_key, receipt, 'EX', dedupe_ttl)
--- Agents subscribed to this event start from the same transaction that writes it (a
--- duplicate, answered above, starts nothing again).
-if ARGV[7] and ARGV[7] ~= '' then redis.call('LPUSH', KEYS[4], ARGV[7]) end
-return {1, receipt}
-"""
-)
+import re
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from operator import attrgetter
+from pathlib import Path
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
-# A client's `send`: the message event, the run record, its deadline and its first task.
-# KEYS: seq, log, dedupe, run, run_deadlines, celery_queue, runs_in_flight, runs_queued,
-#       fair_queue, fair_ring, fair_weights
-# ARGV: channel, prefix, suffix, maxlen, dedupe_ttl_s, event_id,
-#       run_id, deadline_epoch_s, run_ttl_s, celery_message ('' = the caller enqueues),
-#       max_in_flight, max_queued (both -1 = not counted), counted_until_epoch_s,
-#       fair_tenant ('' = no fair queue: the message is the run's own step), fair_weight,
-#       then the run's fields as name/value pairs
-# Returns {1, "SEQ EVENT_ID RUN_ID"} accepted; {0, receipt} duplicate; {-1, wait_ms} the
-# connection has max_in_flight runs unfinished; {-2, wait_ms} the tenant has max_queued
-# runs waiting for a worker. wait_ms: until the earliest of those runs' deadlines (-1: the
-# limit is 0).
-ACCEPT_SEND = (
-    """
-local seq_key, log_key, dedupe_key = KEYS[1], KEYS[2], KEYS[3]
-local run_key, deadlines_key, queue_key = KEYS[4], KEYS[5], KEYS[6]
-local channel, prefix, suffix, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local dedupe_ttl, event_id = ARGV[5], ARGV[6]
-local run_id, deadline, run_ttl, celery_message = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
-local existing = redis.call('GET', dedupe_key)
-if existing then return {0, existing} end
+import redis
+import redis.asyncio as aredis
 
--- Flow control (realtime/admission.py). After the dedupe check (a repeat always gets its
--- ack) and before any write (a refused send leaves no trace). A run counts in its
--- connection's in-flight set until FINALIZE_RUN and in its tenant's queued set until its
--- first CLAIM_STEP (or FINALIZE_RUN); each member's score is counted_until, its deadline
--- plus a grace, after which a run whose record was lost stops counting.
-local inflight_key, queued_key = KEYS[7], KEYS[8]
-local max_in_flight, max_queued = tonumber(ARGV[11]), tonumber(ARGV[12])
-local counted_until = tonumber(ARGV[13])
-local function count_run() end
-do
-  local clock = redis.call('TIME')
-  local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-  -- nil when there is room, else the ms until the earliest counted run's deadline.
-  local function full(key, max)
-    if max < 0 then return nil end
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    if redis.call('ZCARD', key) < max then return nil end
-    local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-    if #first == 0 then return -1 end
-    local earliest = tonumber(first[2]) - (counted_until - tonumber(deadline))
-    return math.max(0, math.ceil((earliest - now) * 1000))
-  end
-  local wait = full(inflight_key, max_in_flight)
-  if wait then return {-1, wait} end
-  wait = full(queued_key, max_queued)
-  if wait then return {-2, wait} end
-  local function add(key, max)
-    if max < 0 then return end
-    redis.call('ZADD', key, counted_until, run_id)
-    local left = math.ceil(counted_until - now)
-    if redis.call('TTL', key) < left then redis.call('EXPIRE', key, left) end
-  end
-  count_run = function()
-    add(inflight_key, max_in_flight)
-    add(queued_key, max_queued)
-  end
-end
-"""
-    + _APPEND
-    + """
-local receipt = seq .. ' ' .. event_id .. ' ' .. run_id
-redis.call('SET', dedupe_key, receipt, 'EX', dedupe_ttl)
-count_run()
-local fields = {'status', 'queued', 'emitted', 0, 'attempt', 0, 'message_seq', seq}
-for i = 16, #ARGV, 2 do
-  fields[#fields + 1] = ARGV[i]
-  fields[#fields + 1] = ARGV[i + 1]
-end
-redis.call('HSET', run_key, unpack(fields))
-redis.call('EXPIRE', run_key, run_ttl)
-redis.call('ZADD', deadlines_key, deadline, run_id)
-if ARGV[14] ~= '' then
-  -- Fair queue (streams/fairness.py): the run waits in its tenant's queue and the
-  -- message is a ticket for whichever run is fairly next. A tenant is in the ring exactly
-  -- while its queue is not empty.
-  if redis.call('LPUSH', KEYS[9], run_id) == 1 then redis.call('RPUSH', KEYS[10], ARGV[14]) end
-  redis.call('HSET', KEYS[11], ARGV[14], ARGV[15])
-end
-if celery_message ~= '' then redis.call('LPUSH', queue_key, celery_message) end
-return {1, receipt}
-"""
-)
+LUA_DIR = Path(__file__).resolve().parent / "lua"
+INCLUDE = re.compile(r"^[ \t]*-- #include (?P<name>\S+)[ \t]*$", re.MULTILINE)
 
-# Shared head of the run scripts that hold a lease: the Redis clock, so every worker and
-# sweeper compares leases against one clock whatever their own, and two helpers.
-_RUN_LEASE = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-local function set_lease(run_key, leases_key, run_id, lease)
-  -- Rounded down to the millisecond: a lease never lasts longer than asked.
-  local score = string.format('%.3f', math.floor(lease * 1000) / 1000)
-  redis.call('HSET', run_key, 'lease', score)
-  redis.call('ZADD', leases_key, score, run_id)
-end
--- Each claim and renewal sets the TTL of the record and its text to the run's deadline plus
--- the grace, whatever it was: they last as long as a late step or the sweeper may need them.
-local function keep_run(run_key, text_key, deadline, grace)
-  local left = math.max(0, math.ceil((tonumber(deadline) or now) - now))
-  redis.call('EXPIRE', run_key, left + tonumber(grace))
-  redis.call('EXPIRE', text_key, left + tonumber(grace))
-end
-"""
+# A script argument as redis-py encodes it.
+Arg = str | int | float
 
-# A worker takes a run's step: it becomes the owner, every earlier owner is fenced off, and
-# the step holds a lease that the owner renews while it works (APPEND_DELTA, RENEW_LEASE).
-# KEYS: run, run_text, run_leases
-# ARGV: owner_token, step, lease_s, grace_s, run_id, worker, retries
-# Returns {} when the run is gone, finished or past this step, else the run hash as a flat
-# list.
-CLAIM_STEP = (
-    _RUN_LEASE
-    + """
-local run_key, text_key, leases_key = KEYS[1], KEYS[2], KEYS[3]
-local run = redis.call('HMGET', run_key, 'status', 'step', 'emitted', 'deadline')
-if (not run[1]) or run[1] == 'done' then return {} end
--- A message for an earlier step (kombu restores a dead worker's message late) must not
--- run that step again: its text is already in the reply.
-if run[2] and tonumber(ARGV[2]) < tonumber(run[2]) then return {} end
--- Flow control: the run no longer waits for a worker (only its first claim counts).
-local queued_key = redis.call('HGET', run_key, 'queued_key')
-if queued_key then
-  redis.call('ZREM', queued_key, ARGV[5])
-  redis.call('HDEL', run_key, 'queued_key')
-end
-if run[2] ~= ARGV[2] then
-  -- A new step starts where the reply stands now; a retry of the same step keeps its base.
-  redis.call('HSET', run_key, 'step_base', run[3] or 0)
-end
-redis.call('HSET', run_key, 'status', 'running', 'owner', ARGV[1], 'step', ARGV[2],
-  'worker', ARGV[6], 'retries', ARGV[7])
-redis.call('HINCRBY', run_key, 'attempt', 1)
-set_lease(run_key, leases_key, ARGV[5], now + tonumber(ARGV[3]))
-keep_run(run_key, text_key, run[4], ARGV[4])
-return redis.call('HGETALL', run_key)
-"""
-)
 
-# One piece of a reply, appended only by the run's current owner at the expected offset.
-# It renews the owner's lease: a streaming step needs no other heartbeat.
-# KEYS: seq, log, run, run_text, run_leases
-# ARGV: channel, prefix, suffix, maxlen, owner_token, offset, piece_chars, piece_json_fragment,
-#       lease_s, grace_s, run_id
-# Returns {1, seq}; {-1, status} finished or gone; {-2, owner} fenced (another owner, or the
-# step was redelivered); {-3, emitted} wrong offset.
-APPEND_DELTA = (
-    _RUN_LEASE
-    + """
-local seq_key, log_key, run_key, text_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local channel, prefix, suffix, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local run = redis.call('HMGET', run_key, 'status', 'owner', 'emitted', 'deadline')
-if (not run[1]) or run[1] == 'done' then return {-1, run[1] or 'missing'} end
-if run[1] ~= 'running' or run[2] ~= ARGV[5] then return {-2, run[2] or ''} end
-local emitted = tonumber(run[3] or '0')
-if tonumber(ARGV[6]) ~= emitted then return {-3, tostring(emitted)} end
-redis.call('APPEND', text_key, ARGV[8])
-redis.call('HSET', run_key, 'emitted', emitted + tonumber(ARGV[7]))
-set_lease(run_key, KEYS[5], ARGV[11], now + tonumber(ARGV[9]))
-keep_run(run_key, text_key, run[4], ARGV[10])
-"""
-    + _APPEND
-    + """
-return {1, seq}
-"""
-)
+def lua_source(name: str, including: tuple[str, ...] = ()) -> str:
+    """The text of `streams/lua/<name>` with its includes replaced by the fragments' text
+    (which may include others in turn)."""
+    if name in including:
+        raise ValueError(f"Lua include cycle: {' -> '.join((*including, name))}")
+    text = (LUA_DIR / name).read_text(encoding="utf-8")
+    return INCLUDE.sub(lambda found: lua_source(found["name"], (*including, name)), text)
 
-# The run's one terminal event. Its text is everything the deltas appended, so the final
-# text always equals their concatenation, whoever finishes the run (worker or sweeper).
-# KEYS: seq, log, run, run_text, run_deadlines, run_leases, celery_queue,
-#       history_outbox, history_dropped, recent_problems
-# ARGV: channel, prefix, text_prefix, suffix, maxlen, owner_token ('' = any owner: sweeper),
-#       status, run_id, finished_ttl_s, trigger_message ('' = no agent subscribes),
-#       history_head ('' = history off: streams/records.py outbox_head), history_max,
-#       problem_entry ('' = not failed nor degraded), problems_max, worker_stop_prefix
-# Returns {1, seq}; {0, existing_seq} already finished; {-2, owner} fenced; {-1, ''} no run.
-FINALIZE_RUN = (
-    """
-local seq_key, log_key, run_key = KEYS[1], KEYS[2], KEYS[3]
-local text_key, deadlines_key, leases_key = KEYS[4], KEYS[5], KEYS[6]
-local channel, prefix, text_prefix, tail, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local worker_stop_prefix = ARGV[15]
-local run = redis.call('HMGET', run_key, 'status', 'owner', 'done_seq', 'worker')
-if not run[1] then
-  redis.call('ZREM', deadlines_key, ARGV[8])
-  redis.call('ZREM', leases_key, ARGV[8])
-  return {-1, ''}
-end
-if run[1] == 'done' then return {0, run[3] or ''} end
-if ARGV[6] ~= '' and run[2] ~= ARGV[6] then return {-2, run[2] or ''} end
-local suffix = text_prefix .. '"' .. (redis.call('GET', text_key) or '') .. '"' .. tail
-"""
-    + _APPEND
-    + """
-redis.call('HSET', run_key, 'status', 'done', 'final_status', ARGV[7], 'done_seq', seq)
--- Ended by someone other than its owner (a cancel, the deadline sweep) while a worker holds
--- it: that worker hears at once and stops the model call (orchestration/inflight.py).
-if ARGV[6] == '' and run[1] == 'running' and run[4] and worker_stop_prefix ~= '' then
-  redis.call('PUBLISH', worker_stop_prefix .. run[4], ARGV[8])
-end
--- Flow control: the run no longer counts as in flight, nor as queued if never claimed.
-local counted = redis.call('HMGET', run_key, 'inflight_key', 'queued_key')
-if counted[1] then redis.call('ZREM', counted[1], ARGV[8]) end
-if counted[2] then redis.call('ZREM', counted[2], ARGV[8]) end
-redis.call('HDEL', run_key, 'lease')
-redis.call('EXPIRE', run_key, ARGV[9])
-redis.call('EXPIRE', text_key, ARGV[9])
-redis.call('ZREM', deadlines_key, ARGV[8])
-redis.call('ZREM', leases_key, ARGV[8])
--- Agents subscribed to this reply.done (orchestration/triggers.py): their trigger task is
--- queued by the same transaction that writes the event, so no trigger is ever lost.
-if ARGV[10] and ARGV[10] ~= '' then redis.call('LPUSH', KEYS[7], ARGV[10]) end
--- History (history/persist.py): the run goes on the persister's outbox with its reply.done,
--- so no finished run is missed. The cap drops the oldest records, counted, rather than let
--- a persister that is down for long fill Redis.
-if ARGV[11] and ARGV[11] ~= '' then
-  local message_seq = redis.call('HGET', run_key, 'message_seq') or 'null'
-  local waiting = redis.call('LPUSH', KEYS[8],
-    ARGV[11] .. ',"message_seq":' .. message_seq .. ',"done_seq":' .. seq .. '}')
-  local history_max = tonumber(ARGV[12])
-  if waiting > history_max then
-    redis.call('LTRIM', KEYS[8], 0, history_max - 1)
-    redis.call('INCRBY', KEYS[9], waiting - history_max)
-  end
-end
--- Failed and degraded runs, newest first, for the admin's live queue page.
-if ARGV[13] and ARGV[13] ~= '' then
-  redis.call('LPUSH', KEYS[10], ARGV[13])
-  redis.call('LTRIM', KEYS[10], 0, tonumber(ARGV[14]) - 1)
-end
-return {1, seq}
-"""
-)
 
-# A step's output, for the steps after it (orchestration/sweeping.py), written only by the
-# step's current owner. `fell_back` records that a step gave its fallback and the run went
-# on: the run then ends `degraded`, naming it.
-# KEYS: run   ARGV: owner_token, field, output, fell_back ('' = none)
-# Returns 1, or 0 when the caller no longer owns a running step.
-SAVE_OUTPUT = """
-local run = redis.call('HMGET', KEYS[1], 'status', 'owner')
-if run[1] ~= 'running' or run[2] ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'fell_back', ARGV[4]) end
-return 1
-"""
+class Lua:
+    """One script file, read and resolved once, and its registration on each client."""
 
-# A run started by an event an agent subscribed to (orchestration/triggers.py): its record,
-# deadline and first task, at most once per (triggering event, agent) however often the
-# trigger is delivered. It counts as queued for its tenant like a client's run.
-# KEYS: trigger_dedupe, run, run_deadlines, celery_queue, runs_queued, fair_queue,
-#       fair_ring, fair_weights
-# ARGV: run_id, deadline_epoch_s, run_ttl_s, dedupe_ttl_s, celery_message ('' = the caller
-#       enqueues), max_queued (-1 = not counted), counted_until_epoch_s,
-#       fair_tenant ('' = no fair queue), fair_weight, then the run's fields as pairs
-# Returns {1, run_id} started; {0, run_id} this event already started this agent;
-# {-2, ''} the tenant's queue is full (nothing written).
-START_TRIGGERED_RUN = """
-local dedupe_key, run_key, deadlines_key, queue_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local run_id, deadline, run_ttl, dedupe_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local existing = redis.call('GET', dedupe_key)
-if existing then return {0, existing} end
-local max_queued, counted_until = tonumber(ARGV[6]), ARGV[7]
-local fields = {'status', 'queued', 'emitted', 0, 'attempt', 0}
-if max_queued >= 0 then
-  local clock = redis.call('TIME')
-  local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
-  if redis.call('ZCARD', KEYS[5]) >= max_queued then return {-2, ''} end
-  redis.call('ZADD', KEYS[5], counted_until, run_id)
-  local left = math.ceil(tonumber(counted_until) - now)
-  if redis.call('TTL', KEYS[5]) < left then redis.call('EXPIRE', KEYS[5], left) end
-  fields[#fields + 1] = 'queued_key'
-  fields[#fields + 1] = KEYS[5]
-end
-redis.call('SET', dedupe_key, run_id, 'EX', dedupe_ttl)
-for i = 10, #ARGV, 2 do
-  fields[#fields + 1] = ARGV[i]
-  fields[#fields + 1] = ARGV[i + 1]
-end
-redis.call('HSET', run_key, unpack(fields))
-redis.call('EXPIRE', run_key, run_ttl)
-redis.call('ZADD', deadlines_key, deadline, run_id)
-if ARGV[8] ~= '' then
-  if redis.call('LPUSH', KEYS[6], run_id) == 1 then redis.call('RPUSH', KEYS[7], ARGV[8]) end
-  redis.call('HSET', KEYS[8], ARGV[8], ARGV[9])
-end
-if ARGV[5] ~= '' then redis.call('LPUSH', queue_key, ARGV[5]) end
-return {1, run_id}
-"""
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.source = lua_source(name)
+        # Keyed weakly: a client that is closed and dropped takes its registration along.
+        self._registered: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        # The last client and its script: nearly every call finds it here (a process has
+        # one client of each kind), without the weak mapping's cost on the hot path.
+        self._last: tuple[weakref.ref[Any], Any] | None = None
 
-# The owner's heartbeat while its model call is silent: extend the step's lease (never
-# shortening it: a retry's backoff may have extended it further) and the run's TTL.
-# KEYS: run, run_text, run_leases   ARGV: owner_token, lease_s, grace_s, run_id
-# Returns 1 renewed; 0 the caller no longer owns a running step and must stop renewing.
-RENEW_LEASE = (
-    _RUN_LEASE
-    + """
-local run_key, text_key, leases_key = KEYS[1], KEYS[2], KEYS[3]
-local run = redis.call('HMGET', run_key, 'status', 'owner', 'lease', 'deadline')
-if run[1] ~= 'running' or run[2] ~= ARGV[1] then return 0 end
-set_lease(run_key, leases_key, ARGV[4], math.max(now + tonumber(ARGV[2]), tonumber(run[3]) or 0))
-keep_run(run_key, text_key, run[4], ARGV[3])
-return 1
-"""
-)
+    def on(self, client: redis.Redis | aredis.Redis) -> Any:
+        """redis-py's Script (AsyncScript for an asyncio client) for `client`."""
+        last = self._last
+        if last is not None and last[0]() is client:
+            return last[1]
+        script = self._registered.get(client)
+        if script is None:
+            script = self._registered[client] = client.register_script(self.source)
+        self._last = (weakref.ref(client), script)
+        return script
 
-# RENEW_LEASE for many owners at once: one call per batch of a worker's silent steps
-# (orchestration/inflight.py), so holding thousands of calls costs one round trip and one
-# command per interval, not one per call.
-# KEYS: run_leases   ARGV: lease_s, grace_s, run_key_prefix, then (run_id, owner_token) pairs
-# Returns one 1 (renewed) or 0 (no longer that owner's running step) per pair, in order.
-RENEW_LEASES = (
-    _RUN_LEASE
-    + """
-local leases_key = KEYS[1]
-local lease_s, grace, run_prefix = tonumber(ARGV[1]), ARGV[2], ARGV[3]
-local renewed = {}
-for i = 4, #ARGV, 2 do
-  local run_id, owner = ARGV[i], ARGV[i + 1]
-  local run_key = run_prefix .. run_id
-  local run = redis.call('HMGET', run_key, 'status', 'owner', 'lease', 'deadline')
-  if run[1] ~= 'running' or run[2] ~= owner then
-    renewed[#renewed + 1] = 0
-  else
-    set_lease(run_key, leases_key, run_id, math.max(now + lease_s, tonumber(run[3]) or 0))
-    keep_run(run_key, run_key .. ':text', run[4], grace)
-    renewed[#renewed + 1] = 1
-  end
-end
-return renewed
-"""
-)
 
-# A step hands the run to a step's task: nobody holds the run until that task claims it. A
-# message waiting in the queue is safe in Redis, so a queued run has no lease. Used for the
-# next step of a pipeline and by a worker that drains on shutdown to hand its unfinished
-# step to another worker at once (the same step again; its claim restarts the reply).
-# KEYS: run, run_leases, celery_queue
-# ARGV: owner_token, run_id, celery_message ('' = the caller enqueues after)
-# Returns 1, or 0 when the caller no longer owns the run (nothing is written or queued).
-HAND_OVER = """
-local run_key, leases_key, queue_key = KEYS[1], KEYS[2], KEYS[3]
-local owner, run_id, message = ARGV[1], ARGV[2], ARGV[3]
-local run = redis.call('HMGET', run_key, 'status', 'owner')
-if run[1] ~= 'running' or run[2] ~= owner then return 0 end
-redis.call('HSET', run_key, 'status', 'queued')
-redis.call('HDEL', run_key, 'owner', 'lease')
-redis.call('ZREM', leases_key, run_id)
-if message ~= '' then redis.call('LPUSH', queue_key, message) end
-return 1
-"""
+R = TypeVar("R")
 
-# A retried or redelivered model call after the reply already streamed part of an earlier
-# attempt: that text is void (a model is not deterministic; two outputs must never be
-# spliced). Appends `reply.restart`, then, when earlier steps of the pipeline streamed text
-# (the first `keep_chars` of the reply), that text again as a delta at offset 0, and leaves
-# the reply holding just it. Written only by the current owner.
-# KEYS: seq, log, run, run_text, run_leases
-# ARGV: channel, restart_prefix, restart_suffix, maxlen, owner_token, keep_chars,
-#       keep_fragment (the kept text as a JSON string fragment), delta_prefix,
-#       delta_suffix ('' = nothing kept), lease_s, grace_s, run_id
-# Returns {1, seq of the last event}; {-1, status} finished or gone; {-2, owner} fenced.
-RESTART_REPLY = (
-    _RUN_LEASE
-    + """
-local seq_key, log_key, run_key, text_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local channel, maxlen, owner = ARGV[1], ARGV[4], ARGV[5]
-local run = redis.call('HMGET', run_key, 'status', 'owner', 'deadline')
-if (not run[1]) or run[1] == 'done' then return {-1, run[1] or 'missing'} end
-if run[1] ~= 'running' or run[2] ~= owner then return {-2, run[2] or ''} end
-redis.call('SET', text_key, ARGV[7])
-redis.call('HSET', run_key, 'emitted', tonumber(ARGV[6]), 'step_base', tonumber(ARGV[6]))
-redis.call('HINCRBY', run_key, 'restarts', 1)
-set_lease(run_key, KEYS[5], ARGV[12], now + tonumber(ARGV[10]))
-keep_run(run_key, text_key, run[3], ARGV[11])
-local prefix, suffix = ARGV[2], ARGV[3]
-"""
-    + _APPEND
-    + """
-if ARGV[9] ~= '' then
-  local prefix, suffix = ARGV[8], ARGV[9]
-"""
-    + _APPEND
-    + """
-  return {1, seq}
-end
-return {1, seq}
-"""
-)
 
-# A step whose lease ran out: its worker died or stalled. Enqueue the same step again,
-# fence the lost owner and leave the run queued, without a lease, until the new attempt
-# claims it. One script, so any number of sweepers redeliver a lost step exactly once.
-# KEYS: run, run_leases, celery_queue
-# ARGV: run_id, step, celery_message ('' = the caller enqueues), max_redeliveries
-# Returns {1, redeliveries} enqueued; {0, why} nothing to do; {-2, redeliveries} none left:
-# the caller ends the run.
-REDELIVER_STEP = (
-    _RUN_LEASE
-    + """
-local run_key, leases_key = KEYS[1], KEYS[2]
-local run = redis.call('HMGET', run_key, 'status', 'lease', 'step', 'redeliveries', 'deadline')
--- A queued run holds a lease only between its fair pick and its claim (fairness.py).
-if run[1] ~= 'running' and not (run[1] == 'queued' and run[2]) then
-  redis.call('ZREM', leases_key, ARGV[1])
-  return {0, run[1] or 'missing'}
-end
-local lease = tonumber(run[2]) or 0
-if lease > now then
-  -- Renewed since the sweeper listed it.
-  redis.call('ZADD', leases_key, run[2], ARGV[1])
-  return {0, 'leased'}
-end
-if run[3] ~= ARGV[2] then return {0, 'step'} end
--- Past its deadline the deadline sweep ends the run; a new attempt could not finish it.
-if (tonumber(run[5]) or 0) <= now then return {0, 'deadline'} end
-local count = tonumber(run[4]) or 0
-if count >= tonumber(ARGV[4]) then return {-2, count} end
-redis.call('HSET', run_key, 'status', 'queued', 'redeliveries', count + 1)
-redis.call('HDEL', run_key, 'owner', 'lease')
-redis.call('ZREM', leases_key, ARGV[1])
-if ARGV[3] ~= '' then redis.call('LPUSH', KEYS[3], ARGV[3]) end
-return {1, count + 1}
-"""
-)
+class Script(Generic[R]):
+    """One call of a script: its keys and arguments as fields, in the order of `KEYS` and
+    `ARGV`; a script that takes a variable number of either has one more field, named by
+    `KEYS_TAIL` or `ARGV_TAIL`, holding the rest in order."""
 
-# A client's receipt: how far it has processed a stream. It only moves forward (a late or
-# reordered receipt must not undo a newer one) and never past the stream's head (a seq the
-# stream has not assigned is a client bug, not a position). Seq 0 (nothing processed, where
-# every client starts) writes nothing: stream names are the clients' to choose, and a receipt
-# on a stream with no events must not create keys. Every other receipt, even an ignored one,
-# keeps the stream's receipts and the tenant's index alive for another TTL, and the index
-# sheds streams whose receipts have expired, so it never outgrows what it lists.
-# KEYS: seq, receipts, receipt_index   ARGV: client, seq, stream, ttl_s
-# Returns {1, seq} recorded; {0, stored} not newer than the stored one (or seq 0);
-# {-1, head} beyond head.
-RECORD_RECEIPT = """
-local seq_key, receipts_key, index_key = KEYS[1], KEYS[2], KEYS[3]
-local client, stream, ttl = ARGV[1], ARGV[3], tonumber(ARGV[4])
-local seq = tonumber(ARGV[2])
-local head = tonumber(redis.call('GET', seq_key) or '0')
-if seq > head then return {-1, head} end
-local outcome
-local stored = redis.call('HGET', receipts_key, client)
-if seq == 0 then return {0, tonumber(stored or '0')} end
-if stored and tonumber(stored) >= seq then
-  outcome = {0, tonumber(stored)}
-else
-  redis.call('HSET', receipts_key, client, ARGV[2])
-  outcome = {1, seq}
-end
-local now = tonumber(redis.call('TIME')[1])
-redis.call('EXPIRE', receipts_key, ttl)
-redis.call('ZADD', index_key, now, stream)
-redis.call('ZREMRANGEBYSCORE', index_key, '-inf', '(' .. (now - ttl))
-redis.call('EXPIRE', index_key, ttl)
-return outcome
-"""
+    __slots__ = ()
+
+    LUA: ClassVar[Lua]
+    KEYS: ClassVar[tuple[str, ...]]
+    ARGV: ClassVar[tuple[str, ...]]
+    KEYS_TAIL: ClassVar[str] = ""
+    ARGV_TAIL: ClassVar[str] = ""
+
+    def keys(self) -> list[Any]:
+        found = list(_getter(type(self), "KEYS")(self))
+        if self.KEYS_TAIL:
+            found.extend(getattr(self, self.KEYS_TAIL))
+        return found
+
+    def args(self) -> list[Any]:
+        found = list(_getter(type(self), "ARGV")(self))
+        if self.ARGV_TAIL:
+            found.extend(getattr(self, self.ARGV_TAIL))
+        return found
+
+    def result(self, raw: Any) -> R:
+        """The script's answer as Python values."""
+        raise NotImplementedError
+
+    def run(self, client: redis.Redis) -> R:
+        return self.result(self.LUA.on(client)(keys=self.keys(), args=self.args()))
+
+    async def run_async(self, client: aredis.Redis) -> R:
+        return self.result(await self.LUA.on(client)(keys=self.keys(), args=self.args()))
+
+    async def queue_async(self, client: aredis.Redis, pipe: Any) -> None:
+        """Queue the call on `pipe`, a pipeline of `client`; pass its answer from
+        `pipe.execute()` to `result`."""
+        await self.LUA.on(client)(keys=self.keys(), args=self.args(), client=pipe)
+
+
+_GETTERS: dict[tuple[type, str], Callable[[Any], tuple[Any, ...]]] = {}
+
+
+def _getter(cls: type[Script[Any]], table: str) -> Callable[[Any], tuple[Any, ...]]:
+    """The fields named in `cls.KEYS` or `cls.ARGV` as a tuple, by one C-level call: this
+    runs on every script call of the hot path."""
+    getter = _GETTERS.get((cls, table))
+    if getter is None:
+        names: tuple[str, ...] = getattr(cls, table)
+        if not names:
+            getter = _nothing
+        elif len(names) == 1:
+            getter = _one(attrgetter(names[0]))
+        else:
+            getter = attrgetter(*names)
+        _GETTERS[(cls, table)] = getter
+    return getter
+
+
+def _nothing(call: Any) -> tuple[Any, ...]:
+    return ()
+
+
+def _one(get: Callable[[Any], Any]) -> Callable[[Any], tuple[Any, ...]]:
+    # attrgetter of one name answers the value itself, not a tuple of it.
+    return lambda call: (get(call),)
+
+
+class Coded(NamedTuple):
+    """The {code, value} answer of most scripts: what each code means is in the script's
+    header (1 done, 0 nothing to do, negative refused); `value` as text."""
+
+    code: int
+    value: str
+
+
+def _text(value: bytes | str | int) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _coded(raw: list[Any]) -> Coded:
+    code, value = raw
+    return Coded(int(code), _text(value))
+
+
+def _texts(raw: list[bytes | str]) -> list[str]:
+    return [_text(item) for item in raw]
+
+
+# --- streams: appends ------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class AppendEvent(Script[Coded]):
+    """A client's `publish` (streams/log.py): value is "SEQ EVENT_ID"; code 0: duplicate."""
+
+    LUA = Lua("append_event.lua")
+    KEYS = ("seq_key", "log_key", "dedupe_key", "queue_key")
+    ARGV = ("channel", "prefix", "suffix", "maxlen", "dedupe_ttl", "event_id", "trigger_message")
+
+    seq_key: str
+    log_key: str
+    dedupe_key: str
+    queue_key: str
+    channel: str
+    prefix: str
+    suffix: str
+    maxlen: int
+    dedupe_ttl: int
+    event_id: str
+    trigger_message: str
+
+    def result(self, raw: Any) -> Coded:
+        return _coded(raw)
+
+
+@dataclass(slots=True)
+class AcceptSend(Script[Coded]):
+    """A client's `send` and its run (streams/log.py): value is "SEQ EVENT_ID RUN_ID" (code
+    1, or 0 for a duplicate), or the wait in ms when refused (-1 runs in flight, -2 queued)."""
+
+    LUA = Lua("accept_send.lua")
+    KEYS = (
+        "seq_key",
+        "log_key",
+        "dedupe_key",
+        "run_key",
+        "deadlines_key",
+        "queue_key",
+        "inflight_key",
+        "queued_key",
+        "fair_queue_key",
+        "fair_ring_key",
+        "fair_weights_key",
+    )
+    ARGV = (
+        "channel",
+        "prefix",
+        "suffix",
+        "maxlen",
+        "dedupe_ttl",
+        "event_id",
+        "run_id",
+        "deadline",
+        "run_ttl",
+        "celery_message",
+        "max_in_flight",
+        "max_queued",
+        "counted_until",
+        "fair_tenant",
+        "fair_weight",
+    )
+    ARGV_TAIL = "run_fields"
+
+    seq_key: str
+    log_key: str
+    dedupe_key: str
+    run_key: str
+    deadlines_key: str
+    queue_key: str
+    inflight_key: str
+    queued_key: str
+    fair_queue_key: str
+    fair_ring_key: str
+    fair_weights_key: str
+    channel: str
+    prefix: str
+    suffix: str
+    maxlen: int
+    dedupe_ttl: int
+    event_id: str
+    run_id: str
+    deadline: str
+    run_ttl: int
+    celery_message: str
+    max_in_flight: int
+    max_queued: int
+    counted_until: str
+    fair_tenant: str
+    fair_weight: int
+    run_fields: Sequence[Arg]  # name, value, name, value, ...
+
+    def result(self, raw: Any) -> Coded:
+        return _coded(raw)
+
+
+@dataclass(slots=True)
+class RecordReceipt(Script[Coded]):
+    """A client's receipt (streams/receipts.py): code 1 recorded, 0 not newer (value: the
+    stored seq), -1 beyond the head (value: the head)."""
+
+    LUA = Lua("record_receipt.lua")
+    KEYS = ("seq_key", "receipts_key", "index_key")
+    ARGV = ("client", "seq", "stream", "ttl")
+
+    seq_key: str
+    receipts_key: str
+    index_key: str
+    client: str
+    seq: int
+    stream: str
+    ttl: int
+
+    def result(self, raw: Any) -> Coded:
+        return _coded(raw)
+
+
+# --- runs ------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ClaimStep(Script[dict[str, str]]):
+    """A worker takes a run's step (streams/runs.py): the run hash, or {} when the run is
+    gone, finished or past this step."""
+
+    LUA = Lua("claim_step.lua")
+    KEYS = ("run_key", "text_key", "leases_key")
+    ARGV = ("owner", "step", "lease_s", "grace_s", "run_id", "worker", "retries")
+
+    run_key: str
+    text_key: str
+    leases_key: str
+    owner: str
+    step: int
+    lease_s: float
+    grace_s: int
+    run_id: str
+    worker: str
+    retries: int
+
+    def result(self, raw: Any) -> dict[str, str]:
+        return {_text(raw[i]): _text(raw[i + 1]) for i in range(0, len(raw), 2)}
+
+
+@dataclass(slots=True)
+class AppendDelta(Script[Coded]):
+    """One reply piece by the run's owner: code 1 (value: its seq), -1 finished, -2 fenced,
+    -3 wrong offset (value: the stored offset)."""
+
+    LUA = Lua("append_delta.lua")
+    KEYS = ("seq_key", "log_key", "run_key", "text_key", "leases_key")
+    ARGV = (
+        "channel",
+        "prefix",
+        "suffix",
+        "maxlen",
+        "owner",
+        "offset",
+        "piece_chars",
+        "piece_fragment",
+        "lease_s",
+        "grace_s",
+        "run_id",
+    )
+
+    seq_key: str
+    log_key: str
+    run_key: str
+    text_key: str
+    leases_key: str
+    channel: str
+    prefix: str
+    suffix: str
+    maxlen: int
+    owner: str
+    offset: int
+    piece_chars: int
+    piece_fragment: str
+    lease_s: float
+    grace_s: int
+    run_id: str
+
+    def result(self, raw: Any) -> Coded:
+        return _coded(raw)
+
+
+@dataclass(slots=True)
+class RestartReply(Script[Coded]):
+    """Void a step's streamed text (reply.restart): code 1, -1 finished, -2 fenced."""
+
+    LUA = Lua("restart_reply.lua")
+    KEYS = ("seq_key", "log_key", "run_key", "text_key", "leases_key")
+    ARGV = (
+        "channel",
+        "restart_prefix",
+        "restart_suffix",
+        "maxlen",
+        "owner",
+        "keep_chars",
+        "keep_fragment",
+        "delta_prefix",
+        "delta_suffix",
+        "lease_s",
+        "grace_s",
+        "run_id",
+    )
+
+    seq_key: str
+    log_key: str
+    run_key: str
+    text_key: str
+    leases_key: str
+    channel: str
+    restart_prefix: str
+    restart_suffix: str
+    maxlen: int
+    owner: str
+    keep_chars: int
+    keep_fragment: str
+    delta_prefix: str
+    delta_suffix: str
+    lease_s: float
+    grace_s: int
+    run_id: str
+
+    def result(self, raw: Any) -> Coded:
+        return _coded(raw)
+
+
+@dataclass(slots=True)
+class FinalizeRun(Script[Coded]):
+    """The run's one reply.done: code 1 (value: its seq), 0 already finished, -2 fenced,
+    -1 no run."""
+
+    LUA = Lua("finalize_run.lua")
+    KEYS = (
+        "seq_key",
+        "log_key",
+        "run_key",
+        "text_key",
+        "deadlines_key",
+        "leases_key",
+        "queue_key",
+        "history_outbox_key",
+        "history_dropped_key",
+        "problems_key",
+    )
+    ARGV = (
+        "channel",
+        "prefix",
+        "text_prefix",
+        "tail",
+        "maxlen",
+        "owner",
+        "status",
+        "run_id",
+        "finished_ttl",
+        "trigger_message",
+        "history_head",
+        "history_max",
+        "problem_entry",
+        "problems_max",
+        "worker_stop_prefix",
+    )
+
+    seq_key: str
+    log_key: str
+    run_key: str
+    text_key: str
+    deadlines_key: str
+    leases_key: str
+    queue_key: str
+    history_outbox_key: str
+    history_dropped_key: str
+    problems_key: str
+    channel: str
+    prefix: str
+    text_prefix: str
+    tail: str
+    maxlen: int
+    owner: str
+    status: str
+    run_id: str
+    finished_ttl: int
+    trigger_message: str
+    history_head: str
+    history_max: int
+    problem_entry: str
+    problems_max: int
+    worker_stop_prefix: str
+
+    def result(self, raw: Any) -> Coded:
+        return _coded(raw)
+
+
+@dataclass(slots=True)
+class SaveOutput(Script[bool]):
+    """A finished step's output, by its owner: False when no longer the owner's."""
+
+    LUA = Lua("save_output.lua")
+    KEYS = ("run_key",)
+    ARGV = ("owner", "field", "output", "fell_back")
+
+    run_key: str
+    owner: str
+    field: str
+    output: str
+    fell_back: str
+
+    def result(self, raw: Any) -> bool:
+        return bool(raw)
+
+
+@dataclass(slots=True)
+class RenewLease(Script[bool]):
+    """The owner's heartbeat: False when it no longer owns a running step."""
+
+    LUA = Lua("renew_lease.lua")
+    KEYS = ("run_key", "text_key", "leases_key")
+    ARGV = ("owner", "lease_s", "grace_s", "run_id")
+
+    run_key: str
+    text_key: str
+    leases_key: str
+    owner: str
+    lease_s: float
+    grace_s: int
+    run_id: str
+
+    def result(self, raw: Any) -> bool:
+        return bool(raw)
+
+
+@dataclass(slots=True)
+class RenewLeases(Script[list[bool]]):
+    """RenewLease for many (run_id, owner) pairs: per pair, whether it was renewed."""
+
+    LUA = Lua("renew_leases.lua")
+    KEYS = ("leases_key",)
+    ARGV = ("lease_s", "grace_s", "run_prefix")
+    ARGV_TAIL = "owners"
+
+    leases_key: str
+    lease_s: float
+    grace_s: int
+    run_prefix: str
+    owners: Sequence[str]  # run_id, owner, run_id, owner, ...
+
+    def result(self, raw: Any) -> list[bool]:
+        return [bool(answer) for answer in raw]
+
+
+@dataclass(slots=True)
+class HandOver(Script[bool]):
+    """The owner gives the run up to a queued step: False when no longer its owner."""
+
+    LUA = Lua("hand_over.lua")
+    KEYS = ("run_key", "leases_key", "queue_key")
+    ARGV = ("owner", "run_id", "message")
+
+    run_key: str
+    leases_key: str
+    queue_key: str
+    owner: str
+    run_id: str
+    message: str
+
+    def result(self, raw: Any) -> bool:
+        return bool(raw)
+
+
+@dataclass(slots=True)
+class RedeliverStep(Script[Coded]):
+    """A lost step queued again: code 1 (value: redeliveries so far), 0 nothing to do
+    (value: why), -2 none left (value: redeliveries)."""
+
+    LUA = Lua("redeliver_step.lua")
+    KEYS = ("run_key", "leases_key", "queue_key")
+    ARGV = ("run_id", "step", "message", "max_redeliveries")
+
+    run_key: str
+    leases_key: str
+    queue_key: str
+    run_id: str
+    step: str
+    message: str
+    max_redeliveries: int
+
+    def result(self, raw: Any) -> Coded:
+        return _coded(raw)
+
+
+@dataclass(slots=True)
+class StartTriggeredRun(Script[Coded]):
+    """A run started by a subscription (orchestration/triggers.py): code 1 started, 0
+    already started by this event (value: that run's id), -2 the tenant's queue is full."""
+
+    LUA = Lua("start_triggered_run.lua")
+    KEYS = (
+        "dedupe_key",
+        "run_key",
+        "deadlines_key",
+        "queue_key",
+        "queued_key",
+        "fair_queue_key",
+        "fair_ring_key",
+        "fair_weights_key",
+    )
+    ARGV = (
+        "run_id",
+        "deadline",
+        "run_ttl",
+        "dedupe_ttl",
+        "celery_message",
+        "max_queued",
+        "counted_until",
+        "fair_tenant",
+        "fair_weight",
+    )
+    ARGV_TAIL = "run_fields"
+
+    dedupe_key: str
+    run_key: str
+    deadlines_key: str
+    queue_key: str
+    queued_key: str
+    fair_queue_key: str
+    fair_ring_key: str
+    fair_weights_key: str
+    run_id: str
+    deadline: str
+    run_ttl: int
+    dedupe_ttl: int
+    celery_message: str
+    max_queued: int
+    counted_until: str
+    fair_tenant: str
+    fair_weight: int
+    run_fields: Sequence[Arg]  # name, value, name, value, ...
+
+    def result(self, raw: Any) -> Coded:
+        return _coded(raw)
+
+
+# --- fair queue and rate buckets -------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class FairPick(Script[tuple[str, int]]):
+    """The fairly-next queued run (streams/fairness.py): (run id or "", runs skipped)."""
+
+    LUA = Lua("fair_pick.lua")
+    KEYS = ("ring", "deficits", "weights", "leases_key")
+    ARGV = ("queue_prefix", "run_prefix", "lease_s", "max_skipped")
+
+    ring: str
+    deficits: str
+    weights: str
+    leases_key: str
+    queue_prefix: str
+    run_prefix: str
+    lease_s: float
+    max_skipped: int
+
+    def result(self, raw: Any) -> tuple[str, int]:
+        run_id, skipped = raw
+        return _text(run_id), int(skipped)
+
+
+@dataclass(slots=True)
+class TakeTokens(Script[int]):
+    """Tokens from several buckets, all or none (streams/buckets.py): 0 paid, else the ms
+    until all could pay (-1: never)."""
+
+    LUA = Lua("take_tokens.lua")
+    KEYS = ()
+    KEYS_TAIL = "buckets"
+    ARGV = ("cost",)
+    ARGV_TAIL = "limits"
+
+    buckets: Sequence[str]
+    cost: float
+    limits: Sequence[float]  # rate_per_s, burst for each bucket in order
+
+    def result(self, raw: Any) -> int:
+        return int(raw)
+
+
+# --- gateway: presence and connection counts -------------------------------------------------
+
+_PRESENCE_KEYS = ("members", "counts", "names", "index")
+_PRESENCE_ARGV = ("channel", "index_member", "stream_json", "id_prefix", "ts_json", "announce_max")
+
+
+@dataclass(slots=True)
+class PresenceStream:
+    """What every per-stream presence script takes first (realtime/presence.py)."""
+
+    members: str
+    counts: str
+    names: str
+    index: str
+    channel: str
+    index_member: str
+    stream_json: str
+    id_prefix: str
+    ts_json: str
+    announce_max: int
+
+
+class _PresenceScript(Script[R]):
+    """A per-stream presence script: its `stream` part, then its own arguments."""
+
+    __slots__ = ()
+    OWN_ARGV: ClassVar[tuple[str, ...]] = ()
+    KEYS = _PRESENCE_KEYS
+    stream: PresenceStream
+
+    def keys(self) -> list[Any]:
+        return [getattr(self.stream, name) for name in _PRESENCE_KEYS]
+
+    def args(self) -> list[Any]:
+        common = [getattr(self.stream, name) for name in _PRESENCE_ARGV]
+        return common + [getattr(self, name) for name in self.OWN_ARGV]
+
+
+@dataclass(slots=True)
+class PresenceJoin(_PresenceScript[int]):
+    """Add or extend this gateway's member: 1 when the client joined (announced)."""
+
+    LUA = Lua("presence_join.lua")
+    OWN_ARGV = ("gateway", "ttl_ms", "client", "name")
+    ARGV = _PRESENCE_ARGV + OWN_ARGV
+
+    stream: PresenceStream
+    gateway: str
+    ttl_ms: int
+    client: str
+    name: str
+
+    def result(self, raw: Any) -> int:
+        return int(raw)
+
+
+@dataclass(slots=True)
+class PresenceLeave(_PresenceScript[int]):
+    """Remove this gateway's member: 1 when the client left (announced)."""
+
+    LUA = Lua("presence_leave.lua")
+    OWN_ARGV = ("gateway", "client")
+    ARGV = _PRESENCE_ARGV + OWN_ARGV
+
+    stream: PresenceStream
+    gateway: str
+    client: str
+
+    def result(self, raw: Any) -> int:
+        return int(raw)
+
+
+@dataclass(slots=True)
+class PresenceSweep(_PresenceScript[int]):
+    """Remove up to `limit` expired members of the stream: how many went."""
+
+    LUA = Lua("presence_sweep.lua")
+    OWN_ARGV = ("limit",)
+    ARGV = _PRESENCE_ARGV + OWN_ARGV
+
+    stream: PresenceStream
+    limit: int
+
+    def result(self, raw: Any) -> int:
+        return int(raw)
+
+
+@dataclass(slots=True)
+class PresenceQuery(_PresenceScript[list[str]]):
+    """Who is present: [client, name, client, name, ...], expired members removed first."""
+
+    LUA = Lua("presence_query.lua")
+    ARGV = _PRESENCE_ARGV
+
+    stream: PresenceStream
+
+    def result(self, raw: Any) -> list[str]:
+        return _texts(raw)
+
+
+@dataclass(slots=True)
+class PresenceRefresh(Script[list[list[str]]]):
+    """Extend this gateway's members of many streams: per stream, its clients that had no
+    member any more."""
+
+    LUA = Lua("presence_refresh.lua")
+    KEYS = ("index",)
+    KEYS_TAIL = "stream_members"
+    ARGV = ("gateway", "ttl_ms")
+    ARGV_TAIL = "per_stream"
+
+    index: str
+    stream_members: Sequence[str]
+    gateway: str
+    ttl_ms: int
+    per_stream: Sequence[Arg]  # per stream: index member, client count, the clients
+
+    def result(self, raw: Any) -> list[list[str]]:
+        return [_texts(absent) for absent in raw]
+
+
+@dataclass(slots=True)
+class PresenceDue(Script[list[str]]):
+    """Up to `limit` streams ("TENANT:STREAM") whose earliest presence entry expired."""
+
+    LUA = Lua("presence_due.lua")
+    KEYS = ("index",)
+    ARGV = ("limit",)
+
+    index: str
+    limit: int
+
+    def result(self, raw: Any) -> list[str]:
+        return _texts(raw)
+
+
+@dataclass(slots=True)
+class AdmitConnection(Script[tuple[int, bool]]):
+    """Count an opening connection (realtime/admission.py): (refused: 0 admitted, 1 tenant
+    full, 2 client full; whether this gateway's lease was created)."""
+
+    LUA = Lua("admit_connection.lua")
+    KEYS = ("tenant_counts", "client_counts", "leases", "held")
+    ARGV = ("gateway", "lease_ms", "tenant_max", "client_max")
+
+    tenant_counts: str
+    client_counts: str
+    leases: str
+    held: str
+    gateway: str
+    lease_ms: int
+    tenant_max: int
+    client_max: int
+
+    def result(self, raw: Any) -> tuple[int, bool]:
+        refused, created = raw
+        return int(refused), bool(int(created))
+
+
+@dataclass(slots=True)
+class ReleaseConnection(Script[None]):
+    """A closed connection stops counting."""
+
+    LUA = Lua("release_connection.lua")
+    KEYS = ("tenant_counts", "client_counts", "held")
+    ARGV = ("gateway",)
+
+    tenant_counts: str
+    client_counts: str
+    held: str
+    gateway: str
+
+    def result(self, raw: Any) -> None:
+        return None
+
+
+@dataclass(slots=True)
+class RenewGatewayLease(Script[tuple[bool, list[str]]]):
+    """Renew this gateway's lease: (whether it had lapsed, dead gateways' ids)."""
+
+    LUA = Lua("renew_gateway_lease.lua")
+    KEYS = ("leases",)
+    ARGV = ("gateway", "lease_ms", "dead_max")
+
+    leases: str
+    gateway: str
+    lease_ms: int
+    dead_max: int
+
+    def result(self, raw: Any) -> tuple[bool, list[str]]:
+        lost, *dead = raw
+        return bool(int(lost)), _texts(dead)
+
+
+@dataclass(slots=True)
+class ReapGateway(Script[int]):
+    """Remove a slice of a dead gateway's counts: how many are left."""
+
+    LUA = Lua("reap_gateway.lua")
+    KEYS = ("leases", "held")
+    ARGV = ("gateway", "limit")
+
+    leases: str
+    held: str
+    gateway: str
+    limit: int
+
+    def result(self, raw: Any) -> int:
+        return int(raw)
+
+
+# --- orchestration, history, load tools ------------------------------------------------------
+
+
+@dataclass(slots=True)
+class CountTickets(Script[tuple[int, int, int]]):
+    """(runs queued, tickets waiting, tickets reserved recently) (orchestration/tickets.py)."""
+
+    LUA = Lua("count_tickets.lua")
+    KEYS = ("ring", "unacked", "unacked_index")
+    KEYS_TAIL = "queue_lists"
+    ARGV = ("queue_prefix", "reserved_since", "chunk")
+    ARGV_TAIL = "marks"
+
+    ring: str
+    unacked: str
+    unacked_index: str
+    queue_lists: Sequence[str]
+    queue_prefix: str
+    reserved_since: str
+    chunk: int
+    marks: Sequence[str]
+
+    def result(self, raw: Any) -> tuple[int, int, int]:
+        queued, waiting, reserved = raw
+        return int(queued), int(waiting), int(reserved)
+
+
+@dataclass(slots=True)
+class TakeHistoryBatch(Script[list[bytes]]):
+    """The oldest `count` outbox records, moved to the processing list (history/persist.py),
+    oldest first, as stored."""
+
+    LUA = Lua("take_history_batch.lua")
+    KEYS = ("outbox", "processing")
+    ARGV = ("count",)
+
+    outbox: str
+    processing: str
+    count: int
+
+    def result(self, raw: Any) -> list[bytes]:
+        return list(raw)
+
+
+@dataclass(slots=True)
+class RenewRecording(Script[bool]):
+    """Extend a traffic recording's switch while it is this recording's (loadtest/record.py)."""
+
+    LUA = Lua("renew_recording.lua")
+    KEYS = ("switch",)
+    ARGV = ("recording", "lease_ms")
+
+    switch: str
+    recording: str
+    lease_ms: int
+
+    def result(self, raw: Any) -> bool:
+        return bool(raw)
+
+
+@dataclass(slots=True)
+class ReleaseRecording(Script[bool]):
+    """Turn a traffic recording's switch off while it is this recording's."""
+
+    LUA = Lua("release_recording.lua")
+    KEYS = ("switch",)
+    ARGV = ("recording",)
+
+    switch: str
+    recording: str
+
+    def result(self, raw: Any) -> bool:
+        return bool(raw)
+
+
+def all_scripts() -> list[type[Script[Any]]]:
+    """Every wrapper defined here (for the checks in tests/unit/test_lua_scripts.py)."""
+    found = [
+        value
+        for value in globals().values()
+        if isinstance(value, type) and issubclass(value, Script) and "LUA" in vars(value)
+    ]
+    return sorted(found, key=lambda cls: cls.__name__)

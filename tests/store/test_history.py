@@ -59,8 +59,7 @@ def outbox(r: redis.Redis) -> list[dict[str, Any]]:
 
 def take_batch(r: redis.Redis, count: int = 500) -> list[bytes]:
     """What a persister does before it inserts: the batch moves to the processing list."""
-    take = r.register_script(persister.TAKE_BATCH)
-    return take(keys=[keys.HISTORY_OUTBOX, keys.HISTORY_PROCESSING], args=[count])
+    return persister.take_batch(r, count)
 
 
 def test_a_finished_run_is_persisted_as_its_message_and_reply(

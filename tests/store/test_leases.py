@@ -1,4 +1,4 @@
-"""Step leases and redelivery (streams/runs.py, streams/scripts.py) on a real Redis.
+"""Step leases and redelivery (streams/runs.py, streams/lua/) on a real Redis.
 
 A lease of 0 s has run out by the time anything looks at it, so these tests need no waiting
 to make a worker look dead.

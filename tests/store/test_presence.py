@@ -347,10 +347,10 @@ async def test_one_refresh_call_covers_many_streams(client: aredis.Redis, r: red
     calls = 0
     refresh = g1._refresh
 
-    async def counted(*args: Any, **kwargs: Any) -> Any:
+    def counted(*args: Any, **kwargs: Any) -> Any:  # builds one script call
         nonlocal calls
         calls += 1
-        return await refresh(*args, **kwargs)
+        return refresh(*args, **kwargs)
 
     g1._refresh = counted  # type: ignore[method-assign]
     missing = await g1.refresh([(TENANT, stream, [f"c-{stream}"]) for stream in streams])

@@ -100,7 +100,8 @@ def check_restart_sequence(block: Block) -> None:
     kinds = [event["kind"] for event in events]
     assert kinds.count("reply.restart") == 1 and kinds[-1] == "reply.done"
     restart = _RestartCall(_run(), 2, "model_error", "", 1.0)
-    prefix, suffix = restart.args[1:3]  # the event around the seq the script gives it
+    # The event around the seq the script gives it.
+    prefix, suffix = restart.script.restart_prefix, restart.script.restart_suffix
     written = json.loads(prefix + "1" + suffix)
     documented = next(event for event in events if event["kind"] == "reply.restart")
     assert set(documented["data"]) == set(written["data"])

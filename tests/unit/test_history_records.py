@@ -26,7 +26,7 @@ AT_DT = datetime(2026, 3, 4, 5, 6, 7, 890_000, tzinfo=UTC)
 
 
 def closed(head: str, message_seq: str, done_seq: int) -> str:
-    """What FINALIZE_RUN makes of the head (see streams/scripts.py)."""
+    """What FINALIZE_RUN makes of the head (see streams/lua/finalize_run.lua)."""
     return head + ',"message_seq":' + message_seq + ',"done_seq":' + str(done_seq) + "}"
 
 

@@ -1,0 +1,57 @@
+-- Fragment: the shared helpers of the per-stream presence scripts (realtime/presence.py).
+-- Expects locals: members (zset: "GATEWAY CLIENT" scored by expiry ms), counts (hash:
+-- client -> gateway members), names (hash: client -> name), index (zset of streams by
+-- earliest expiry), channel, index_member, stream_json, id_prefix, ts_json, announce_max.
+-- Leaves locals: announced (events published so far), now_ms, announce, drop, sweep,
+-- reindex.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local announced = 0
+-- An event without a seq: an empty head before the newline tells gateways so.
+-- Not on a stream with more than announce_max present clients: every subscriber gets
+-- every join, so a crowd joining would cost the square of its size in frames.
+local function announce(kind, client, name)
+  announced = announced + 1
+  if redis.call('HLEN', counts) > announce_max then return end
+  local client_json = cjson.encode(client)
+  local name_json = 'null'
+  if name and name ~= '' then name_json = cjson.encode(name) end
+  redis.call('PUBLISH', channel, '\n{"type":"event","stream":' .. stream_json
+    .. ',"id":"' .. id_prefix .. string.format('%08x', announced)
+    .. '","kind":"' .. kind .. '","from":' .. cjson.encode('client:' .. client)
+    .. ',"cause":{"client":' .. client_json .. ',"message":null,"prev":null}'
+    .. ',"ts":' .. ts_json
+    .. ',"data":{"client":' .. client_json .. ',"name":' .. name_json .. '}}')
+end
+
+-- One gateway's member goes; the client leaves when it was its last.
+local function drop(member)
+  if redis.call('ZREM', members, member) == 0 then return end
+  local client = string.sub(member, string.find(member, ' ', 1, true) + 1)
+  if redis.call('HINCRBY', counts, client, -1) <= 0 then
+    local name = redis.call('HGET', names, client)
+    redis.call('HDEL', counts, client)
+    redis.call('HDEL', names, client)
+    announce('leave', client, name)
+  end
+end
+
+local function sweep(limit)
+  local expired = redis.call('ZRANGEBYSCORE', members, '-inf', string.format('%d', now_ms()),
+    'LIMIT', 0, limit)
+  for _, member in ipairs(expired) do drop(member) end
+  return #expired
+end
+
+-- The index says when the stream next needs a sweep: its earliest expiry.
+local function reindex()
+  local first = redis.call('ZRANGE', members, 0, 0, 'WITHSCORES')
+  if #first == 0 then
+    redis.call('ZREM', index, index_member)
+  else
+    redis.call('ZADD', index, first[2], index_member)
+  end
+end

@@ -1,0 +1,10 @@
+-- The streams whose earliest presence entry has expired: the ones a sweep must visit.
+-- KEYS: index
+-- ARGV: limit
+-- Returns up to `limit` index members ("TENANT:STREAM").
+local index = KEYS[1]
+local limit = ARGV[1]
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', index, '-inf', string.format('%d', now), 'LIMIT', 0, limit)
