@@ -267,7 +267,9 @@ def missing_configuration(agent: Agent, overrides: Mapping[str, str]) -> str:
     ("model not configured"), or "" when nothing it needs is known to be missing.
     `overrides` are the tenant's for this agent (TenantConfig.agent_overrides)."""
     for step in agent.steps:
-        default_model = DEFAULT_MODELS.get(step.backend) if isinstance(step, Step) else None
+        if not isinstance(step, Step):
+            continue
+        default_model = DEFAULT_MODELS.get(step.backend)
         if default_model is None:
             continue
         if not (overrides.get("model") or step.model or default_model(conf())):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from streams import keys
-from streams.redis_clients import async_client, sync_client
+from streams.redis_clients import as_text, async_client, sync_client
 from streams.runs import RunStore
 
 
@@ -24,7 +24,7 @@ async def cancel_run(tenant: str, client: str, message_id: str) -> tuple[str, st
     receipt = await async_client().get(keys.client_message(tenant, client, message_id))
     if receipt is None:
         return "not_found", f"no send with id {message_id!r} from this client"
-    parts = receipt.decode().split(" ")
+    parts = as_text(receipt).split(" ")
     if len(parts) < 3:
         return "bad_request", f"message {message_id!r} was a publish, which starts no run"
     run_id = parts[2]
@@ -41,4 +41,4 @@ def _finalize_cancelled(run_id: str) -> tuple[bool, str]:
     if store.finalize(run_id, "cancelled", {"reason": "cancelled by client"}):
         return True, ""
     status = store.client.hget(keys.run(run_id), "final_status")
-    return False, status.decode() if status else ""
+    return False, as_text(status) if status else ""

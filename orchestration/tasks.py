@@ -46,7 +46,7 @@ _run_store: RunStore | None = None
     time_limit=DISPATCH_HARD_LIMIT_S,
     ignore_result=True,
 )
-def run_step(self, run_id: str, step: int) -> None:  # type: ignore[no-untyped-def]
+def run_step(self, run_id: str, step: int) -> None:
     """Run one step of a run on this worker's model-call runtime. `retries` (the message's
     header) carries the model retries a redelivered step had already spent."""
     with logcontext.bound(run=run_id):

@@ -26,6 +26,7 @@ from streams.enqueue import RUNS_QUEUE
 from streams.events import dumps, new_run_id
 from streams.fairness import quantum
 from streams.log import COUNTED_GRACE_S, enqueue_first_task, first_task_message
+from streams.redis_clients import as_text
 from streams.runs import RUN_RECORD_GRACE_S, RunRecord, RunStore
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def start_subscribers(store: RunStore, run_id: str, event_id: str) -> list[Trigg
         logger.warning("trigger: run gone before its subscribers started run=%s", run_id)
         return []
     status = store.client.hget(keys.run(run_id), "final_status")
-    status_text = status.decode() if status else None
+    status_text = as_text(status) if status else None
     if status_text is None:
         logger.warning("trigger: run not finished run=%s event=%s", run_id, event_id)
         return []

@@ -29,6 +29,7 @@ from streams.enqueue import (
 )
 from streams.events import cause_of, event_parts, new_event_id, new_run_id
 from streams.fairness import quantum
+from streams.redis_clients import as_text
 from streams.runs import RUN_RECORD_GRACE_S, RunRecord
 from streams.subscriptions import subscribed
 
@@ -347,7 +348,7 @@ class StreamStore:
 
     async def first_retained(self, tenant: str, stream: str) -> int | None:
         entries = await self.client.xrange(keys.stream_log(tenant, stream), count=1)
-        return _entry_seq(entries[0][0]) if entries else None
+        return _entry_seq(as_text(entries[0][0])) if entries else None
 
     async def read(self, tenant: str, stream: str, first: int, last: int) -> list[tuple[int, str]]:
         """Events with first <= seq <= last that the log still holds, in order."""
@@ -359,7 +360,9 @@ class StreamStore:
             if not entries:
                 break
             for entry_id, fields in entries:
-                events.append((_entry_seq(entry_id), fields[b"e"].decode()))
+                # Only XREADGROUP/XCLAIM of trimmed entries answer no fields; XRANGE cannot.
+                assert fields is not None
+                events.append((_entry_seq(as_text(entry_id)), as_text(fields[b"e"])))
             first = events[-1][0] + 1
         return events
 

@@ -83,3 +83,14 @@ def reset_after_fork() -> None:
     _sync_client = None
     _async_client = None
     _pubsub_client = None
+
+
+def as_text(reply: object) -> str:
+    """A Redis string reply as text. Our clients keep replies as bytes (no
+    decode_responses, so event JSON is passed through untouched); redis-py's types also
+    allow str, and anything else here is a bug worth naming."""
+    if isinstance(reply, bytes):
+        return reply.decode()
+    if isinstance(reply, str):
+        return reply
+    raise TypeError(f"expected a Redis string reply, got {type(reply).__name__}")

@@ -20,6 +20,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,7 @@ from streams.events import (
     utc_now_iso,
 )
 from streams.records import outbox_head, problem_entry, reason_of
+from streams.redis_clients import as_text
 from streams.subscriptions import subscribed
 
 logger = logging.getLogger(__name__)
@@ -327,7 +329,7 @@ class RunStore(_RunStoreBase):
 
     def overdue(self, now: float, limit: int = 500) -> list[str]:
         ids = self.client.zrangebyscore(keys.RUN_DEADLINES, "-inf", now, start=0, num=limit)
-        return [run_id.decode() for run_id in ids]
+        return [as_text(run_id) for run_id in ids]
 
     def renew_lease(self, run: Run, extra_s: float = 0.0) -> bool:
         """Extend the owner's lease to `lease_s + extra_s` from now (never shortening it).
@@ -345,7 +347,7 @@ class RunStore(_RunStoreBase):
         ids = self.client.zrangebyscore(
             keys.RUN_LEASES, "-inf", seconds + micros / 1e6, start=0, num=limit
         )
-        return [run_id.decode() for run_id in ids]
+        return [as_text(run_id) for run_id in ids]
 
     def redeliver(self, run_id: str, max_redeliveries: int = MAX_REDELIVERIES) -> Redelivery:
         """Enqueue a step whose lease ran out again, at most once however many sweepers try."""
@@ -363,11 +365,11 @@ class RunStore(_RunStoreBase):
             leases_key=keys.RUN_LEASES,
             queue_key=keys.celery_queue(RUNS_QUEUE),
             run_id=run_id,
-            step=step.decode() if step is not None else "",
+            step=as_text(step) if step is not None else "",
             message=message,
             max_redeliveries=max_redeliveries,
         ).run(self.client)
-        found = Redelivery("skipped", run_id, tenant.decode() if tenant else "", step_index)
+        found = Redelivery("skipped", run_id, as_text(tenant) if tenant else "", step_index)
         if code == 1:
             if not message:
                 # Another broker: published after the script. A crash in between leaves the
@@ -455,14 +457,14 @@ class AsyncRunStore(_RunStoreBase):
         return handed
 
 
-def _loaded(run_id: str, raw: dict[bytes, bytes]) -> Run | None:
+def _loaded(run_id: str, raw: Mapping[bytes | str, bytes | str]) -> Run | None:
     if not raw or b"tenant" not in raw:
         return None
-    return Run.from_hash(run_id, {k.decode(): v.decode() for k, v in raw.items()})
+    return Run.from_hash(run_id, {as_text(k): as_text(v) for k, v in raw.items()})
 
 
-def _text(raw: bytes | None) -> str:
-    return text_from_fragments(raw.decode()) if raw else ""
+def _text(raw: bytes | str | None) -> str:
+    return text_from_fragments(as_text(raw)) if raw else ""
 
 
 # One builder per script call: the script's call (streams/scripts.py) for a run, and what
