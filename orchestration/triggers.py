@@ -136,76 +136,102 @@ class Cause:
 
 
 def _start_one(store: RunStore, cause: Cause, agent: Agent, config: Any) -> Triggered:
-    depth, event_id = cause.depth, cause.event_id
+    """Start `agent` for `cause`, once: refused when the tenant may not use it or the chain
+    is too deep, a duplicate when this event already started it, else queued."""
+    refused = _refusal(cause, agent, config)
+    if refused is not None:
+        return refused
+    run_id = new_run_id()
+    deadline = time.time() + agent.deadline_s
+    # With the broker in this Redis the run's first task is queued by the same script.
+    message = first_task_message(run_id) if conf().broker_in_streams_redis else ""
+    code, started_id = _start_script(cause, agent, config, run_id, deadline, message).run(
+        store.client
+    )
+    return _started(cause, agent, code, started_id, run_id, message)
+
+
+def _refusal(cause: Cause, agent: Agent, config: Any) -> Triggered | None:
+    """Why this tenant's subscription may not start `agent` now, or None."""
     if not config.may_use(agent.name):
         logger.info(
             "trigger: agent not enabled for tenant tenant=%s agent=%s event=%s",
             cause.tenant,
             agent.name,
-            event_id,
+            cause.event_id,
         )
         return Triggered(agent.name, "forbidden")
-    if depth > config.max_causal_depth:
+    if cause.depth > config.max_causal_depth:
         logger.warning(
             "trigger refused: causal depth %s over the tenant's %s tenant=%s stream=%s "
             "agent=%s event=%s",
-            depth,
+            cause.depth,
             config.max_causal_depth,
             cause.tenant,
             cause.stream,
             agent.name,
-            event_id,
+            cause.event_id,
         )
         return Triggered(agent.name, "too_deep")
-    new_id = new_run_id()
-    deadline = time.time() + agent.deadline_s
-    fair = conf().fair_queue
-    same_redis = conf().broker_in_streams_redis
-    message = first_task_message(new_id) if same_redis else ""
+    return None
+
+
+def _start_script(
+    cause: Cause, agent: Agent, config: Any, run_id: str, deadline: float, message: str
+) -> scripts.StartTriggeredRun:
+    """START_TRIGGERED_RUN for the new run: deduplicated by (event, agent), bounded by the
+    tenant's queue, put in its fair queue, with the one run record (streams/runs.py)."""
     record = RunRecord(
-        run=new_id,
+        run=run_id,
         tenant=cause.tenant,
         stream=cause.stream,
         agent=agent.name,
         client=cause.client,
         message_id=cause.message_id,
-        message_event=event_id,
+        message_event=cause.event_id,
         text=cause.text,
         options={},
         deadline=deadline,
         retention=cause.retention,
         created=time.time(),
         agent_config=config.agent_overrides(agent.name),
-        depth=depth,
+        depth=cause.depth,
         chain=cause.chain,
         trigger=cause.trigger,
     )
-    code, started_id = scripts.StartTriggeredRun(
-        dedupe_key=keys.trigger(cause.tenant, event_id, agent.name),
-        run_key=keys.run(new_id),
+    return scripts.StartTriggeredRun(
+        dedupe_key=keys.trigger(cause.tenant, cause.event_id, agent.name),
+        run_key=keys.run(run_id),
         deadlines_key=keys.RUN_DEADLINES,
         queue_key=keys.celery_queue(RUNS_QUEUE),
         queued_key=keys.runs_queued(cause.tenant),
         fair_queue_key=keys.fair_queue(cause.tenant),
         fair_ring_key=keys.FAIR_RING,
         fair_weights_key=keys.FAIR_WEIGHTS,
-        run_id=new_id,
+        run_id=run_id,
         deadline=f"{deadline:.3f}",
         run_ttl=int(agent.deadline_s + RUN_RECORD_GRACE_S),
         dedupe_ttl=TRIGGER_DEDUPE_TTL_S,
         celery_message=message,
         max_queued=config.max_queued_runs,
         counted_until=f"{deadline + COUNTED_GRACE_S:.3f}",
-        fair_tenant=cause.tenant if fair else "",
+        fair_tenant=cause.tenant if conf().fair_queue else "",
         fair_weight=quantum(config.weight),
         run_fields=record.fields(),
-    ).run(store.client)
+    )
+
+
+def _started(
+    cause: Cause, agent: Agent, code: int, started_id: str, run_id: str, message: str
+) -> Triggered:
+    """What the script's answer means, logged; publishes the first task when the broker is
+    not this Redis."""
     if code == 0:
         logger.info(
             "trigger: already started tenant=%s agent=%s event=%s run=%s",
             cause.tenant,
             agent.name,
-            event_id,
+            cause.event_id,
             started_id,
         )
         return Triggered(agent.name, "duplicate", started_id)
@@ -214,23 +240,23 @@ def _start_one(store: RunStore, cause: Cause, agent: Agent, config: Any) -> Trig
             "trigger refused: tenant's run queue is full tenant=%s agent=%s event=%s",
             cause.tenant,
             agent.name,
-            event_id,
+            cause.event_id,
         )
         return Triggered(agent.name, "overloaded")
     if not message:
         # Another broker: published after the script; a crash in between leaves the run
         # queued, and the deadline sweep still ends it with its reply.done.
-        enqueue_first_task(new_id)
+        enqueue_first_task(run_id)
     logger.info(
         "run started by subscription tenant=%s stream=%s agent=%s run=%s event=%s depth=%s",
         cause.tenant,
         cause.stream,
         agent.name,
-        new_id,
-        event_id,
-        depth,
+        run_id,
+        cause.event_id,
+        cause.depth,
     )
-    return Triggered(agent.name, "started", new_id)
+    return Triggered(agent.name, "started", run_id)
 
 
 def _tenant(slug: str) -> Any:
