@@ -9,6 +9,8 @@ import pytest
 
 from client.connection import encode_positions
 from realtime.node import GatewayNode
+from realtime.protocol import Publish
+from realtime.subscription import CATCH_UP_PAGE
 from tenants.tokens import issue_token
 
 from .conftest import TENANT, WAIT_S, Connect, Socket
@@ -186,3 +188,20 @@ async def test_a_drain_closes_sockets_1012_and_refuses_new_ones(
     late = await connect("bob")
     closed = await late.close_frame()
     assert (closed["code"], closed["before"]) == (1012, [])
+
+
+async def test_a_catch_up_longer_than_a_page_arrives_whole_and_in_order(
+    connect: Connect, node: GatewayNode
+) -> None:
+    total = CATCH_UP_PAGE * 2 + 50  # the first page at once, the rest read by repair
+    for number in range(1, total + 1):
+        frame = Publish(f"m{number}", "long", number)
+        await node.streams.publish(TENANT, "writer", frame, None)
+
+    reader = await connect("reader")
+    await reader.send({"type": "subscribe", "stream": "long", "since": 0})
+    subscribed = await reader.next_of("subscribed")
+    assert (subscribed["head"], subscribed["recovered"]) == (total, True)
+    events = await reader.events("long", total)
+    assert [e["seq"] for e in events] == list(range(1, total + 1))
+    assert [e["data"] for e in events] == list(range(1, total + 1))
