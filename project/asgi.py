@@ -22,7 +22,7 @@ from django.conf import settings  # noqa: E402
 from project.conf import conf  # noqa: E402
 from realtime.consumer import GatewayConsumer  # noqa: E402
 from realtime.daphne_tuning import bound_http_requests, defer_debug_formatting  # noqa: E402
-from realtime.lifecycle import install_daphne_drain  # noqa: E402
+from realtime.node import gateway_node  # noqa: E402
 from realtime.routing import GATEWAY_PATH  # noqa: E402
 from realtime.security import BrowserOriginValidator  # noqa: E402
 
@@ -54,7 +54,7 @@ def application(scope: dict[str, Any], receive: Any, send: Any) -> Awaitable[Non
 application._asgi_single_callable = True  # type: ignore[attr-defined]
 
 
-install_daphne_drain(conf().drain_s)
+gateway_node().install_daphne_drain(conf().drain_s)
 if "daphne.server" in sys.modules:
     defer_debug_formatting()
     bound_http_requests(conf().request_timeout_s)

@@ -1,5 +1,11 @@
 """The gateway: one consumer per WebSocket, small handlers dispatched by frame type.
 
+A consumer holds its connection's state (CONNECTING, OPEN, CLOSED), its outbox and its
+session's positions; each stream it subscribes to is a `StreamSubscription`
+(realtime/subscription.py: catch-up, gap repair, seq order), and what every connection of
+the process shares (hub, flusher, checkpointer, sweeper, tenant watch, drain) is the
+process's `GatewayNode` (realtime/node.py).
+
 Deliberate departures from a stock Channels consumer, both for the per-frame hot path:
 - no channel-layer channel per socket (stream events reach sockets through the process's
   Hub, see realtime/hub.py), so an idle socket costs no receive task and no Redis key;
@@ -15,14 +21,11 @@ import enum
 import logging
 import secrets
 import time
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agents import UnknownAgent, get_agent
 from ops import logcontext, metrics
@@ -35,10 +38,7 @@ from realtime.admission import (
     run_options,
     subscription_refusal,
 )
-from realtime.control import tenant_control
-from realtime.flusher import get_flusher
-from realtime.hub import get_hub
-from realtime.lifecycle import lifecycle
+from realtime.node import GatewayNode, gateway_node
 from realtime.outbox import Outbox, OutboxFull
 from realtime.presence import get_tracker
 from realtime.protocol import (
@@ -63,12 +63,10 @@ from realtime.protocol import (
 )
 from realtime.recording import get_recorder
 from realtime.security import BrowserOriginValidator
-from realtime.sequencing import StreamCursor
 from realtime.sessions import (
     BadPositions,
     PendingSave,
     SessionRefused,
-    checkpointer,
     delivered_positions,
     parse_positions,
     position_changes,
@@ -76,101 +74,37 @@ from realtime.sessions import (
     session_store,
     undelivered_floor,
 )
-from realtime.sweeper import ensure_sweeping
+from realtime.subscription import CATCH_UP_PAGE, StreamSubscription
 from realtime.throttles import throttle_counter
 from realtime.transport import DaphneSocket, daphne_protocol
 from streams.events import dumps
-from streams.log import LimitReached, RunLimits, StreamStore
+from streams.log import LimitReached, RunLimits
 from streams.receipts import BeyondHead, receipt_store
-from streams.redis_clients import async_client
 from tenants.config import TenantConfig, tenant_cache
 from tenants.tokens import AuthError, Identity, authenticate
 
 logger = logging.getLogger(__name__)
 
 
-_CHECKPOINTER = checkpointer()
 # Traffic recording for load replay: a dict lookup per frame while a tenant is not recorded.
 _RECORDER = get_recorder()
-# Events a catch-up reads from the log at a time; the next page waits until the socket
-# has taken most of the last (outbox at most this long, Twisted not pushing back).
-CATCH_UP_PAGE = 200
-# A repair that could not reach Redis is tried again after this long.
-REPAIR_RETRY_S = 0.5
 # A closing connection waits at most this long for its session to be saved.
 SESSION_SAVE_TIMEOUT_S = 2.0
 
 
 class ConnectionState(enum.Enum):
+    """CONNECTING until accepted (or refused before it), OPEN while frames are handled and
+    written, CLOSED from the first close on either side; never back."""
+
     CONNECTING = 0
     OPEN = 1
     CLOSED = 2
-
-
-_store: StreamStore | None = None
-
-
-def stream_store() -> StreamStore:
-    global _store
-    if _store is None:
-        _store = StreamStore(async_client())
-    return _store
 
 
 def _count_refusal(tenant: str, reason: str) -> None:
     """One refusal, for the admin's live page (per minute, in Redis) and for Prometheus."""
     throttle_counter().count(tenant, reason)
     metrics.refused(tenant, reason)
-
-
-class StreamSubscription:
-    """One socket's interest in one stream: the Hub calls it, it keeps seq order."""
-
-    __slots__ = ("consumer", "stream", "cursor", "repairing", "active", "held")
-
-    # Unsequenced events kept while the catch-up read runs: they follow `subscribed`.
-    MAX_HELD = 1024
-
-    def __init__(self, consumer: GatewayConsumer, stream: str) -> None:
-        self.consumer = consumer
-        self.stream = stream
-        self.cursor = StreamCursor()
-        self.repairing = False
-        self.active = True
-        self.held: list[str] = []
-
-    def start_at(self, next_seq: int) -> list[str]:
-        """Place the cursor after the catch-up read; returns what may be sent now."""
-        ready = self.cursor.start_at(next_seq)
-        if self.held:
-            ready.extend(self.held)
-            self.held = []
-        return ready
-
-    def on_unsequenced(self, event: str, sender: str | None) -> None:
-        # join/leave: outside the log, so no cursor; a client is not told of itself.
-        if sender == "client:" + self.consumer.identity.client:
-            return
-        if self.cursor.next_seq is not None:
-            self.consumer.push(event)
-        elif len(self.held) < self.MAX_HELD:
-            self.held.append(event)
-
-    def on_event(self, seq: int, event: str) -> None:
-        ready = self.cursor.offer(seq, event)
-        if ready:
-            self.consumer.push_many(ready)
-        if self.cursor.missing() is not None:
-            self.consumer.schedule_repair(self)
-
-    def on_possible_loss(self) -> None:
-        self.consumer.schedule_repair(self, to_head=True)
-
-    def position(self) -> int | None:
-        """The seq of the last event handed on for the socket, in order (None while the
-        subscription's catch-up read has not placed the cursor yet)."""
-        next_seq = self.cursor.next_seq
-        return None if next_seq is None else next_seq - 1
 
 
 # Frame type -> handler method name; one table for the class, not one per socket.
@@ -186,23 +120,16 @@ HANDLERS: dict[type, str] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class SubscribeResult:
-    head: int
-    recovered: bool
-    expired: bool
-    events: list[str]
-    more: bool = False  # missed events beyond the first page are still to be read
-
-
 class GatewayConsumer(AsyncWebsocketConsumer):
     # Set by websocket_connect before the socket is OPEN; frame handlers run only when OPEN,
     # and only sockets that were OPEN can have subscriptions to clean up.
     identity: Identity
     tenant: TenantConfig
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, node: GatewayNode | None = None) -> None:
+        super().__init__()
+        # The process's shared parts (tests give a consumer a node of their own).
+        self.node = node if node is not None else gateway_node()
         self.state = ConnectionState.CONNECTING
         self.subscriptions: dict[str, StreamSubscription] = {}
         self.outbox = Outbox(conf().outbox_max_events, conf().outbox_max_bytes)
@@ -237,6 +164,8 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         elif kind == "websocket.disconnect":
             await self.websocket_disconnect(message)
 
+    # --- connect: origin, token, resume, admission, session, welcome, subscriptions ----
+
     async def websocket_connect(self, message: dict[str, Any]) -> None:
         # This task runs the whole connection: its log lines carry these ids from here on.
         logcontext.bind(connection=self.connection_id)
@@ -245,6 +174,25 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             self.state = ConnectionState.CLOSED
             return
         query = parse_qs(self.scope.get("query_string", b"").decode(), keep_blank_values=True)
+        if not await self._authenticate(query):
+            return
+        await self._accept()
+        requested = (query.get("session") or [""])[0]
+        try:
+            positions = self._resume_positions(query, requested)
+        except BadPositions as bad:
+            self._refuse_resume(bad, requested)
+            return
+        if not self._admit() or not await self._count_connection():
+            return
+        restored = await self._open_session(requested, positions)
+        if restored is None:
+            return
+        self._welcome(resumed=bool(requested))
+        await self._restore_subscriptions(restored)
+
+    async def _authenticate(self, query: dict[str, list[str]]) -> bool:
+        """Learn who connects from the token; False when refused (and closed)."""
         token = (query.get("token") or [None])[0] or _bearer_token(self.scope)
         try:
             self.identity, self.tenant = await authenticate(token, tenant_cache)
@@ -253,26 +201,35 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             await self._accept()
             self.close_with(CLOSE_UNAUTHORIZED, str(error))
             logger.info("connection refused conn=%s: %s", self.connection_id, error)
-            return
+            return False
         logcontext.bind(tenant=self.identity.tenant, client=self.identity.client)
-        await self._accept()
-        requested = (query.get("session") or [""])[0]
-        positions: dict[str, int] | None = None
-        if "positions" in query:
-            # Size and shape first: nothing the client sent reaches Redis unchecked.
-            try:
-                positions = parse_positions(query["positions"][0], self.tenant.max_frame_bytes)
-                if not requested:
-                    raise BadPositions("positions given without a session to resume")
-            except BadPositions as bad:
-                self._refuse_resume(bad, requested)
-                return
-        if not lifecycle.admit(self):
+        return True
+
+    def _resume_positions(
+        self, query: dict[str, list[str]], requested: str
+    ) -> dict[str, int] | None:
+        """The positions a resume gives (None: none given); BadPositions when unusable.
+        Size and shape first: nothing the client sent reaches Redis unchecked."""
+        if "positions" not in query:
+            return None
+        positions = parse_positions(query["positions"][0], self.tenant.max_frame_bytes)
+        if not requested:
+            raise BadPositions("positions given without a session to resume")
+        return positions
+
+    def _admit(self) -> bool:
+        """Join the process's connections; False while it drains (closed 1012 at once)."""
+        node = self.node
+        if not node.lifecycle.admit(self):
             self.close_for_restart()
-            return
-        ensure_sweeping()
+            return False
+        node.start()
         # Findable by tenant, so an operator's change (disable, rotation) reaches it.
-        tenant_control().watch(self)
+        node.tenants.watch(self)
+        return True
+
+    async def _count_connection(self) -> bool:
+        """Count the connection for its tenant and client; False past a cap (closed 4029)."""
         identity = self.identity
         refused_why = await connection_registry().admit(
             self.tenant, identity.client, self.connection_id
@@ -281,52 +238,61 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             # Like 4001: accepted, then closed with a reason, and nothing else sent.
             self.close_with(CLOSE_TOO_MANY_CONNECTIONS, refused_why, save_session=False)
             _count_refusal(identity.tenant, "connections")
-            logger.info(
-                "connection refused tenant=%s client=%s conn=%s: %s",
-                identity.tenant,
-                identity.client,
-                self.connection_id,
-                refused_why,
-            )
-            return
+            self._log_refused("connection", refused_why)
+            return False
         self._counted = True
         metrics.connection_opened(identity.tenant)
-        sessions = session_store()
-        restored: dict[str, int] = {}
+        return True
+
+    async def _open_session(
+        self, requested: str, positions: dict[str, int] | None
+    ) -> dict[str, int] | None:
+        """Start a session, or resume the one requested; returns the positions to restore
+        subscriptions at, or None when the resume was refused (and the socket closed)."""
         try:
             if requested:
-                record = await sessions.resume(identity.tenant, identity.client, requested)
-                restored = dict(record.positions)
-                if positions:
-                    problem = await self._positions_problem(positions, restored)
-                    if problem is not None:
-                        self._refuse_resume(problem, requested)
-                        return
-                    # The client's own positions: what it processed, not what was written
-                    # to its old socket (some of which it may never have read).
-                    restored.update(positions)
-                self.session_id = requested
-                self._saved_positions = dict(record.positions)
+                restored = await self._resume_session(requested, positions)
             else:
-                self.session_id = sessions.create()
+                self.session_id = session_store().create()
+                restored = {}
+        except BadPositions as bad:
+            self._refuse_resume(bad, requested)
+            return None
         except SessionRefused as refused:
             # Never silently a new session: the client learns its state was not restored
             # and starts over with its own positions (subscribe with since).
             self.push(error_frame(refused.code, refused.detail, None, session=requested))
             self.close_with(CLOSE_FORBIDDEN, refused.detail[:100], save_session=False)
-            logger.info(
-                "session refused tenant=%s client=%s conn=%s: %s",
-                identity.tenant,
-                identity.client,
-                self.connection_id,
-                refused.detail,
-            )
-            return
+            self._log_refused("session", refused.detail)
+            return None
         self._session_refreshed_at = time.monotonic()
         if requested:
             # A new session is in Redis only from its first subscription: until then the
-            # checkpointer has nothing to keep (see _session_subscribed).
-            _CHECKPOINTER.add(self)
+            # checkpointer has nothing to keep (see session_subscribed).
+            self.node.checkpointer.add(self)
+        return restored
+
+    async def _resume_session(
+        self, requested: str, positions: dict[str, int] | None
+    ) -> dict[str, int]:
+        """The resumed session's positions, overridden by the client's own where given;
+        SessionRefused or BadPositions when it cannot be resumed so."""
+        identity = self.identity
+        record = await session_store().resume(identity.tenant, identity.client, requested)
+        restored = dict(record.positions)
+        if positions:
+            problem = await self._positions_problem(positions, restored)
+            if problem is not None:
+                raise problem
+            # The client's own positions: what it processed, not what was written to its
+            # old socket (some of which it may never have read).
+            restored.update(positions)
+        self.session_id = requested
+        self._saved_positions = dict(record.positions)
+        return restored
+
+    def _welcome(self, resumed: bool) -> None:
+        identity = self.identity
         self.push(
             dumps(
                 {
@@ -334,17 +300,20 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                     "client": identity.client,
                     "tenant": identity.tenant,
                     "session": self.session_id,
-                    "resumed": bool(requested),
+                    "resumed": resumed,
                     "heartbeat_s": conf().heartbeat_s,
                     "limits": self.tenant.public_limits(),
                 }
             )
         )
-        _RECORDER.opened(identity.tenant, identity.client, self.connection_id, bool(requested))
+        _RECORDER.opened(identity.tenant, identity.client, self.connection_id, resumed)
+
+    async def _restore_subscriptions(self, restored: dict[str, int]) -> None:
+        """Subscribe again to the resumed session's streams, each from its position."""
         for stream, position in restored.items():
             if self.state is not ConnectionState.OPEN:
                 return
-            if not identity.may_use(stream):
+            if not self.identity.may_use(stream):
                 # The new token no longer allows it: it is not restored.
                 self.push(
                     error_frame(
@@ -352,7 +321,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                     )
                 )
                 continue
-            await self._subscribe_and_report(stream, position)
+            await self._subscribe(stream, position)
 
     async def _positions_problem(
         self, positions: dict[str, int], held: dict[str, int]
@@ -360,7 +329,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         """Why the resume's positions cannot be honoured (None: they can)."""
         identity = self.identity
         checked = [s for s in positions if s in held and identity.may_use(s)]
-        heads = await stream_store().heads(identity.tenant, checked)
+        heads = await self.node.streams.heads(identity.tenant, checked)
         return resume_problem(positions, held, heads)
 
     def _refuse_resume(self, bad: BadPositions, requested: str) -> None:
@@ -369,12 +338,17 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         metrics.error_answered("bad_request")
         self.push(error_frame("bad_request", bad.detail, None, session=requested, **bad.extra))
         self.close_with(CLOSE_FORBIDDEN, bad.detail[:100], save_session=False)
+        self._log_refused("resume positions", bad.detail)
+
+    def _log_refused(self, what: str, detail: str) -> None:
+        identity = self.identity
         logger.info(
-            "resume positions refused tenant=%s client=%s conn=%s: %s",
-            self.identity.tenant,
-            self.identity.client,
+            "%s refused tenant=%s client=%s conn=%s: %s",
+            what,
+            identity.tenant,
+            identity.client,
             self.connection_id,
-            bad.detail,
+            detail,
         )
 
     async def _accept(self) -> None:
@@ -392,8 +366,8 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self._signal_room()
         if was_open:
             self._end_session()
-        lifecycle.forget(self)
-        tenant_control().forget(self)
+        self.node.lifecycle.forget(self)
+        self.node.tenants.forget(self)
         _RECORDER.closed(self.connection_id, message.get("code"))
         streams = list(self.subscriptions)
         for stream in streams:
@@ -458,7 +432,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         except OutboxFull as full:
             self.close_slow_consumer(str(full))
             return
-        get_flusher().mark(self)
+        self.node.flusher.mark(self)
 
     def push_many(self, frames: list[str]) -> None:
         """Deliver stream events (every delivery goes through here): the session's
@@ -466,7 +440,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         for frame in frames:
             self.push(frame)
         if frames and self.session_id:
-            _CHECKPOINTER.dirty.add(self)
+            self.node.checkpointer.dirty.add(self)
         if self.reply_clock.started:
             self.reply_clock.delivered(self.identity.tenant, frames)
 
@@ -501,7 +475,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
 
     def _on_socket_resume(self) -> None:
         if len(self.outbox):
-            get_flusher().mark(self)
+            self.node.flusher.mark(self)
         else:
             self._signal_room()
 
@@ -527,7 +501,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         if saving is None:
             self._send_close(code, reason)
         else:
-            lifecycle.track(self._close_after(saving, code, reason))
+            self.node.lifecycle.track(self._close_after(saving, code, reason))
 
     async def _close_after(self, saving: asyncio.Task[None], code: int, reason: str) -> None:
         """Close once the session is saved, so a client reconnecting at once to another
@@ -592,7 +566,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
     def _end_session(self) -> asyncio.Task[None] | None:
         """Write the session's final positions (once) and start its after-disconnect TTL.
         Must run before the outbox is emptied: what is still in it was not delivered."""
-        _CHECKPOINTER.discard(self)
+        self.node.checkpointer.discard(self)
         if self._session_ended or not self.session_id:
             return None
         self._session_ended = True
@@ -607,7 +581,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 conf().session_ttl_s,
             )
         )
-        lifecycle.track(task)
+        self.node.lifecycle.track(task)
         return task
 
     # --- subscriptions -----------------------------------------------------------------
@@ -616,40 +590,14 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         if not self.identity.may_use(stream):
             raise ProtocolError("forbidden", f"token does not allow stream {stream!r}", frame_id)
 
-    async def _subscribe(self, stream: str, since: int | None) -> SubscribeResult:
-        """Join the stream and collect what the client missed. Live events heard during
-        the catch-up read wait in the cursor and follow the missed ones, in seq order."""
-        identity = self.identity
-        tenant = identity.tenant
+    async def _subscribe(self, stream: str, since: int | None, report: bool = True) -> None:
+        """Subscribe (again) from `since`: see StreamSubscription.open."""
         self._drop_subscription(stream)
         subscription = StreamSubscription(self, stream)
         self.subscriptions[stream] = subscription
-        metrics.subscribed(tenant)
-        hub = get_hub()
-        await hub.join(tenant, stream, subscription)
-        await get_tracker().join(
-            tenant, stream, identity.client, identity.name or "", self.connection_id
-        )
-        store = stream_store()
-        head = await store.head(tenant, stream)
-        if since is None or since == head:
-            await self._session_subscribed(stream, head)
-            live = subscription.start_at(head + 1)
-            return SubscribeResult(head, since is not None, False, live)
-        last = min(head, since + CATCH_UP_PAGE)
-        events = await store.read(tenant, stream, since + 1, last) if since < head else []
-        if events and events[0][0] == since + 1:
-            await self._session_subscribed(stream, since)
-            missed = [event for _, event in events]
-            live = subscription.start_at(events[-1][0] + 1)
-            # The rest is read page by page as the socket drains (see _repair).
-            more = events[-1][0] < head
-            return SubscribeResult(head, True, False, missed + live, more)
-        await self._session_subscribed(stream, head)
-        live = subscription.start_at(head + 1)
-        return SubscribeResult(head, False, True, live)
+        await subscription.open(since, report)
 
-    async def _session_subscribed(self, stream: str, position: int) -> None:
+    async def session_subscribed(self, stream: str, position: int) -> None:
         """The session knows of a subscription as soon as it starts, not a checkpoint later."""
         if self.session_id:
             identity = self.identity
@@ -658,14 +606,12 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             )
             self._saved_positions[stream] = position
             if self.state is ConnectionState.OPEN and not self._session_ended:
-                _CHECKPOINTER.add(self)
+                self.node.checkpointer.add(self)
 
     def _drop_subscription(self, stream: str) -> None:
         subscription = self.subscriptions.pop(stream, None)
         if subscription is not None:
-            subscription.active = False
-            get_hub().leave(self.identity.tenant, stream, subscription)
-            metrics.unsubscribed(self.identity.tenant)
+            subscription.close()
 
     def _require_room_for(self, stream: str, frame_id: str | None = None) -> None:
         """A new subscription must fit the tenant's per-connection cap."""
@@ -679,33 +625,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
     async def handle_subscribe(self, frame: Subscribe) -> None:
         self._require_stream(frame.stream)
         self._require_room_for(frame.stream)
-        await self._subscribe_and_report(frame.stream, frame.since)
-
-    async def _subscribe_and_report(self, stream: str, since: int | None) -> None:
-        result = await self._subscribe(stream, since)
-        if result.expired:
-            self.push(
-                error_frame(
-                    "history_expired",
-                    f"events after seq {since} are no longer retained; go on from head",
-                    None,
-                    stream=stream,
-                    head=result.head,
-                )
-            )
-        self.push(
-            dumps(
-                {
-                    "type": "subscribed",
-                    "stream": stream,
-                    "head": result.head,
-                    "recovered": result.recovered,
-                }
-            )
-        )
-        self.push_many(result.events)
-        if result.more:
-            self.schedule_repair(self.subscriptions[stream], to_head=True)
+        await self._subscribe(frame.stream, frame.since)
 
     async def handle_unsubscribe(self, frame: Unsubscribe) -> None:
         self._require_stream(frame.stream)
@@ -718,94 +638,11 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         )
         self.push(dumps({"type": "unsubscribed", "stream": frame.stream}))
 
-    def schedule_repair(self, subscription: StreamSubscription, to_head: bool = False) -> None:
-        if subscription.repairing or not subscription.active:
-            return
-        subscription.repairing = True
-        asyncio.get_running_loop().create_task(self._repair(subscription, to_head))
-
-    async def _repair(self, subscription: StreamSubscription, to_head: bool) -> None:
-        """Read what the live path missed, or the rest of a catch-up, from the log: a page
-        at a time, each once the socket has taken the last, so a long backlog never fills
-        the outbox (which would close the client 4008 on every reconnect). Never skips a
-        retained event; one no longer retained is reported as history_expired."""
-        tenant = self.identity.tenant
-        stream = subscription.stream
-        store = stream_store()
-        try:
-            if not to_head:
-                await asyncio.sleep(conf().gap_repair_s)  # it may yet arrive
-            target = await store.head(tenant, stream) if to_head else 0
-            next_seq = subscription.cursor.next_seq
-            if to_head and next_seq is not None and target < next_seq - 1:
-                # The stream is behind what was delivered: Redis restarted without its
-                # data. Say so rather than wait for seqs that will be reused.
-                self.push(
-                    error_frame(
-                        "history_expired",
-                        f"the stream's history was lost (its head went back to {target})",
-                        None,
-                        stream=stream,
-                        head=target,
-                    )
-                )
-                subscription.cursor = StreamCursor()
-                self.push_many(subscription.cursor.start_at(target + 1))
-                return
-            while subscription.active:
-                cursor = subscription.cursor
-                gap = cursor.missing()
-                if gap is None and cursor.next_seq is not None and cursor.next_seq <= target:
-                    gap = (cursor.next_seq, target)
-                if gap is None:
-                    return
-                first, last = gap[0], min(gap[1], gap[0] + CATCH_UP_PAGE - 1)
-                events = await store.read(tenant, stream, first, last)
-                if not subscription.active:
-                    return
-                if not events or events[0][0] != first:
-                    resume_at = events[0][0] if events else last + 1
-                    self.push(
-                        error_frame(
-                            "history_expired",
-                            f"events {first}..{resume_at - 1} are no longer retained",
-                            None,
-                            stream=stream,
-                            head=await store.head(tenant, stream),
-                        )
-                    )
-                    self.push_many(cursor.skip_to(resume_at))
-                for seq, event in events:
-                    self.push_many(cursor.offer(seq, event))
-                await self._wait_for_room()
-        except (RedisConnectionError, RedisTimeoutError) as error:
-            # Redis is restarting or away: try again, or the client waits for events the
-            # log holds (or learns too late that the log lost them).
-            logger.warning(
-                "stream repair postponed tenant=%s stream=%s conn=%s: %s",
-                tenant,
-                stream,
-                self.connection_id,
-                error,
-            )
-            subscription.repairing = False
-            asyncio.get_running_loop().call_later(
-                REPAIR_RETRY_S, self.schedule_repair, subscription, True
-            )
-        except Exception:
-            logger.exception(
-                "stream repair failed tenant=%s stream=%s conn=%s",
-                tenant,
-                stream,
-                self.connection_id,
-            )
-        finally:
-            subscription.repairing = False
-
     def _backlogged(self) -> bool:
         return len(self.outbox) > CATCH_UP_PAGE or (self.socket is not None and self.socket.paused)
 
-    async def _wait_for_room(self) -> None:
+    async def wait_for_room(self) -> None:
+        """Return once the socket has taken most of what waits (a paged read goes on)."""
         while self.state is ConnectionState.OPEN and self._backlogged():
             if self._room is None:
                 self._room = asyncio.Event()
@@ -820,7 +657,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
 
     async def _ensure_subscribed(self, stream: str) -> None:
         if stream not in self.subscriptions:
-            self.push_many((await self._subscribe(stream, None)).events)
+            await self._subscribe(stream, None, report=False)
 
     # --- frame handlers ----------------------------------------------------------------
 
@@ -845,7 +682,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             frame = dataclasses.replace(frame, options=options)
         identity = self.identity
         try:
-            appended = await stream_store().accept_send(
+            appended = await self.node.streams.accept_send(
                 identity.tenant,
                 identity.client,
                 frame,
@@ -890,7 +727,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self._require_stream(frame.stream, frame.id)
         await self._take_message_token(frame.id)
         identity = self.identity
-        appended = await stream_store().publish(
+        appended = await self.node.streams.publish(
             identity.tenant,
             identity.client,
             frame,

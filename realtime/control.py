@@ -101,7 +101,7 @@ class TenantControl:
         slug, secret = connection.identity.tenant, connection.identity.secret
         self._by_tenant.setdefault(slug, {}).setdefault(secret, set()).add(connection)
         self._tenant_of[connection] = (slug, secret)
-        self._ensure_running()
+        self.start()
 
     def forget(self, connection: Controlled) -> None:
         """The connection is gone (never watched: nothing to do)."""
@@ -173,7 +173,7 @@ class TenantControl:
 
     # --- tasks -------------------------------------------------------------------------
 
-    def _ensure_running(self) -> None:
+    def start(self) -> None:
         loop = asyncio.get_running_loop()
         if self._listener is None or self._listener.done():
             self._listener = loop.create_task(self._listen_forever())

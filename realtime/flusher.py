@@ -26,10 +26,20 @@ class Flusher:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def mark(self, connection: Flushable) -> None:
-        self._dirty[connection] = None
+    def start(self) -> None:
+        """Start the writer task (again, should it have ended); on the gateway's loop."""
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def mark(self, connection: Flushable) -> None:
+        self._dirty[connection] = None
+        self.start()
         self._wakeup.set()
 
     async def _run(self) -> None:
@@ -45,13 +55,3 @@ class Flusher:
                             await connection.flush()
                     except Exception:
                         logger.exception("writing to a connection failed")
-
-
-_flusher: Flusher | None = None
-
-
-def get_flusher() -> Flusher:
-    global _flusher
-    if _flusher is None:
-        _flusher = Flusher()
-    return _flusher

@@ -9,6 +9,8 @@ a subscription that sees a gap, or a reconnect that may have lost messages, read
 
 A message is `SEQ "\n" EVENT_JSON`; an empty SEQ marks an event outside the log (presence
 `join`/`leave`), which listeners take as it comes, with no ordering or repair.
+
+The process's hub is held by its node (realtime/node.py), which closes it after a drain.
 """
 
 from __future__ import annotations
@@ -198,15 +200,3 @@ class Hub:
                 await self._pubsub.aclose()
             except Exception:  # noqa: BLE001
                 pass
-
-
-_hub: Hub | None = None
-
-
-def get_hub() -> Hub:
-    global _hub
-    if _hub is None:
-        from streams.redis_clients import pubsub_client
-
-        _hub = Hub(pubsub_client)
-    return _hub

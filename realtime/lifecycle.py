@@ -1,5 +1,8 @@
 """Graceful drain of a gateway process, in the manner of uvicorn's Server.shutdown().
 
+Each gateway process has one `Lifecycle`, held by its node (realtime/node.py): every
+admitted connection is in it, and so is the work a drain must let finish.
+
 On SIGTERM the process stops admitting sockets (new ones are closed with 1012 at once),
 closes every open socket with 1012 "service restart" so clients reconnect elsewhere and
 resume, waits up to SWITCHBOARD["DRAIN_S"] for them to go, then stops the reactor. A
@@ -13,7 +16,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
@@ -64,11 +67,11 @@ class Lifecycle:
         return len(self.connections)
 
 
-lifecycle = Lifecycle()
-
-
-def install_daphne_drain(timeout_s: float) -> None:
-    """Replace Twisted's SIGTERM handler (stop at once) with drain-then-stop."""
+def install_daphne_drain(
+    lifecycle: Lifecycle, drain: Callable[[float], Awaitable[object]], timeout_s: float
+) -> None:
+    """Replace Twisted's SIGTERM handler (stop at once) with drain-then-stop: `drain` is the
+    process's (realtime/node.py: the lifecycle's drain, then the process-wide tasks)."""
     if "daphne.server" not in sys.modules:
         return  # importing the reactor anywhere else would install the wrong one
     from twisted.internet import reactor
@@ -81,7 +84,7 @@ def install_daphne_drain(timeout_s: float) -> None:
 
         async def drain_then_stop() -> None:
             try:
-                await lifecycle.drain(timeout_s)
+                await drain(timeout_s)
             finally:
                 reactor.stop()  # type: ignore[attr-defined]
 

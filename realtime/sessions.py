@@ -292,10 +292,20 @@ class Checkpointer:
         self._task: asyncio.Task[None] | None = None
         self._next_full_pass = 0.0
 
-    def add(self, connection: Checkpointed) -> None:
-        self.connections.add(connection)
+    def start(self) -> None:
+        """Start the checkpoint task (again, should it have ended); on the gateway's loop."""
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def add(self, connection: Checkpointed) -> None:
+        self.connections.add(connection)
+        self.start()
 
     def discard(self, connection: Checkpointed) -> None:
         self.connections.discard(connection)
@@ -357,7 +367,6 @@ class Checkpointer:
 
 
 _store: SessionStore | None = None
-_checkpointer: Checkpointer | None = None
 
 
 def session_store() -> SessionStore:
@@ -367,10 +376,3 @@ def session_store() -> SessionStore:
 
         _store = SessionStore(async_client())
     return _store
-
-
-def checkpointer() -> Checkpointer:
-    global _checkpointer
-    if _checkpointer is None:
-        _checkpointer = Checkpointer(session_store)
-    return _checkpointer

@@ -20,26 +20,34 @@ from streams.runs import RunStore
 
 logger = logging.getLogger(__name__)
 
-_task: asyncio.Task[None] | None = None
 
+class Sweeper:
+    """This process's sweep task (one per gateway, owned by realtime/node.py)."""
 
-def ensure_sweeping() -> None:
-    """Start this process's sweeper once (called when a socket is admitted)."""
-    global _task
-    if _task is None or _task.done():
-        _task = asyncio.get_running_loop().create_task(_sweep_forever())
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
 
+    def start(self) -> None:
+        """Start sweeping (again, should the task have ended); on the gateway's loop."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._sweep_forever())
 
-async def _sweep_forever() -> None:
-    interval = conf().sweep_interval_s
-    store = RunStore(sync_client())
-    while True:
-        # Jitter keeps many gateways from sweeping in step.
-        await asyncio.sleep(interval * random.uniform(0.5, 1.5))
-        try:
-            swept = await asyncio.to_thread(sweep_runs, store)
-        except Exception:
-            logger.exception("sweeping runs failed; trying again next interval")
-            continue
-        if swept.ended:
-            logger.warning("gateway sweeper ended %s overdue runs", swept.ended)
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _sweep_forever(self) -> None:
+        interval = conf().sweep_interval_s
+        store = RunStore(sync_client())
+        while True:
+            # Jitter keeps many gateways from sweeping in step.
+            await asyncio.sleep(interval * random.uniform(0.5, 1.5))
+            try:
+                swept = await asyncio.to_thread(sweep_runs, store)
+            except Exception:
+                logger.exception("sweeping runs failed; trying again next interval")
+                continue
+            if swept.ended:
+                logger.warning("gateway sweeper ended %s overdue runs", swept.ended)

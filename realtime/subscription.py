@@ -1,0 +1,299 @@
+"""One stream subscribed by one connection: catch-up, gap repair, seq order, delivery.
+
+The connection (realtime/consumer.py) owns the socket, the outbox and the session; a
+subscription owns what is particular to one stream on it. The process's Hub hands it
+every notification of its stream (`on_event`, `on_unsequenced`), its `StreamCursor`
+(realtime/sequencing.py) releases events strictly in seq order, each once, and what the
+live path missed (a gap, a pub/sub reconnect, the rest of a long catch-up) is read from
+the stream's log a page at a time (`schedule_repair`). Every event it releases goes to the
+connection's `push_many`, which puts it into the outbox and tells the session it moved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ops import metrics
+from project.conf import conf
+from realtime.presence import get_tracker
+from realtime.protocol import error_frame
+from realtime.sequencing import StreamCursor
+from streams.events import dumps
+from streams.log import StreamStore
+from tenants.tokens import Identity
+
+if TYPE_CHECKING:
+    from realtime.node import GatewayNode
+
+logger = logging.getLogger(__name__)
+
+# Events a catch-up reads from the log at a time; the next page waits until the socket
+# has taken most of the last (outbox at most this long, Twisted not pushing back).
+CATCH_UP_PAGE = 200
+# A repair that could not reach Redis is tried again after this long.
+REPAIR_RETRY_S = 0.5
+
+
+class Subscriber(Protocol):
+    """What a subscription needs of its connection (GatewayConsumer)."""
+
+    identity: Identity
+    connection_id: str
+    node: GatewayNode
+
+    def push(self, frame: str) -> None: ...
+
+    def push_many(self, frames: list[str]) -> None: ...
+
+    async def wait_for_room(self) -> None: ...
+
+    async def session_subscribed(self, stream: str, position: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CatchUp:
+    """What a subscribe found: the stream's head and the events to send after `subscribed`."""
+
+    head: int
+    recovered: bool
+    expired: bool
+    events: list[str]
+    more: bool = False  # missed events beyond the first page are still to be read
+
+
+class StreamSubscription:
+    """One connection's interest in one stream: the Hub calls it, it keeps seq order."""
+
+    # No more slots than needed: a fan-out to 10,000 sockets is 10,000 of these.
+    __slots__ = ("connection", "stream", "cursor", "repairing", "active", "held")
+
+    # Unsequenced events kept while the catch-up read runs: they follow `subscribed`.
+    MAX_HELD = 1024
+
+    def __init__(self, connection: Subscriber, stream: str) -> None:
+        self.connection = connection
+        self.stream = stream
+        self.cursor = StreamCursor()
+        self.repairing = False
+        self.active = True
+        self.held: list[str] = []
+
+    @property
+    def store(self) -> StreamStore:
+        return self.connection.node.streams
+
+    # --- opening: join, catch up, report -----------------------------------------------
+
+    async def open(self, since: int | None, report: bool = True) -> None:
+        """Join the stream and deliver what the client missed since `since` (None: start at
+        the head); `report`: the client asked to subscribe, so it is told `subscribed`
+        first (the implicit subscription of a `send` is not)."""
+        connection = self.connection
+        identity = connection.identity
+        metrics.subscribed(identity.tenant)
+        await connection.node.hub.join(identity.tenant, self.stream, self)
+        await get_tracker().join(
+            identity.tenant,
+            self.stream,
+            identity.client,
+            identity.name or "",
+            connection.connection_id,
+        )
+        found = await self.catch_up(since)
+        if report:
+            self._report(since, found)
+        connection.push_many(found.events)
+        if found.more:
+            self.schedule_repair(to_head=True)
+
+    def _report(self, since: int | None, found: CatchUp) -> None:
+        if found.expired:
+            self.connection.push(
+                error_frame(
+                    "history_expired",
+                    f"events after seq {since} are no longer retained; go on from head",
+                    None,
+                    stream=self.stream,
+                    head=found.head,
+                )
+            )
+        self.connection.push(
+            dumps(
+                {
+                    "type": "subscribed",
+                    "stream": self.stream,
+                    "head": found.head,
+                    "recovered": found.recovered,
+                }
+            )
+        )
+
+    async def catch_up(self, since: int | None) -> CatchUp:
+        """Collect what the client missed since `since`. Called once the Hub has the
+        subscription, so live events heard during the read wait in the cursor and follow
+        the missed ones, in seq order."""
+        tenant = self.connection.identity.tenant
+        head = await self.store.head(tenant, self.stream)
+        if since is None or since == head:
+            await self.connection.session_subscribed(self.stream, head)
+            return CatchUp(head, since is not None, False, self.start_at(head + 1))
+        last = min(head, since + CATCH_UP_PAGE)
+        events = await self.store.read(tenant, self.stream, since + 1, last) if since < head else []
+        if events and events[0][0] == since + 1:
+            await self.connection.session_subscribed(self.stream, since)
+            missed = [event for _, event in events]
+            live = self.start_at(events[-1][0] + 1)
+            # The rest is read page by page as the socket drains (see _repair).
+            more = events[-1][0] < head
+            return CatchUp(head, True, False, missed + live, more)
+        await self.connection.session_subscribed(self.stream, head)
+        return CatchUp(head, False, True, self.start_at(head + 1))
+
+    def start_at(self, next_seq: int) -> list[str]:
+        """Place the cursor after the catch-up read; returns what may be sent now."""
+        ready = self.cursor.start_at(next_seq)
+        if self.held:
+            ready.extend(self.held)
+            self.held = []
+        return ready
+
+    # --- the Hub's side (realtime/hub.py Listener) -------------------------------------
+
+    def on_unsequenced(self, event: str, sender: str | None) -> None:
+        # join/leave: outside the log, so no cursor; a client is not told of itself.
+        if sender == "client:" + self.connection.identity.client:
+            return
+        if self.cursor.next_seq is not None:
+            self.connection.push(event)
+        elif len(self.held) < self.MAX_HELD:
+            self.held.append(event)
+
+    def on_event(self, seq: int, event: str) -> None:
+        ready = self.cursor.offer(seq, event)
+        if ready:
+            self.connection.push_many(ready)
+        if self.cursor.missing() is not None:
+            self.schedule_repair()
+
+    def on_possible_loss(self) -> None:
+        self.schedule_repair(to_head=True)
+
+    def position(self) -> int | None:
+        """The seq of the last event handed on for the socket, in order (None while the
+        subscription's catch-up read has not placed the cursor yet)."""
+        next_seq = self.cursor.next_seq
+        return None if next_seq is None else next_seq - 1
+
+    def close(self) -> None:
+        """Unsubscribed or disconnected: the Hub forgets it, a repair under way stops at
+        its next step."""
+        self.active = False
+        tenant = self.connection.identity.tenant
+        self.connection.node.hub.leave(tenant, self.stream, self)
+        metrics.unsubscribed(tenant)
+
+    # --- repair ------------------------------------------------------------------------
+
+    def schedule_repair(self, to_head: bool = False) -> None:
+        if self.repairing or not self.active:
+            return
+        self.repairing = True
+        asyncio.get_running_loop().create_task(self._repair(to_head))
+
+    async def _repair(self, to_head: bool) -> None:
+        """Read what the live path missed, or the rest of a catch-up, from the log: a page
+        at a time, each once the socket has taken the last, so a long backlog never fills
+        the outbox (which would close the client 4008 on every reconnect). Never skips a
+        retained event; one no longer retained is reported as history_expired."""
+        tenant = self.connection.identity.tenant
+        try:
+            if not to_head:
+                await asyncio.sleep(conf().gap_repair_s)  # it may yet arrive
+            target = await self.store.head(tenant, self.stream) if to_head else 0
+            if to_head and self._head_went_back(target):
+                return
+            while self.active:
+                gap = self._next_gap(target)
+                if gap is None:
+                    return
+                if not await self._read_page(tenant, gap):
+                    return
+                await self.connection.wait_for_room()
+        except (RedisConnectionError, RedisTimeoutError) as error:
+            # Redis is restarting or away: try again, or the client waits for events the
+            # log holds (or learns too late that the log lost them).
+            logger.warning(
+                "stream repair postponed tenant=%s stream=%s conn=%s: %s",
+                tenant,
+                self.stream,
+                self.connection.connection_id,
+                error,
+            )
+            self.repairing = False
+            asyncio.get_running_loop().call_later(REPAIR_RETRY_S, self.schedule_repair, True)
+        except Exception:
+            logger.exception(
+                "stream repair failed tenant=%s stream=%s conn=%s",
+                tenant,
+                self.stream,
+                self.connection.connection_id,
+            )
+        finally:
+            self.repairing = False
+
+    def _head_went_back(self, head: int) -> bool:
+        """The stream is behind what was delivered: Redis restarted without its data. Say so
+        (and go on from the new head) rather than wait for seqs that will be reused."""
+        next_seq = self.cursor.next_seq
+        if next_seq is None or head >= next_seq - 1:
+            return False
+        self.connection.push(
+            error_frame(
+                "history_expired",
+                f"the stream's history was lost (its head went back to {head})",
+                None,
+                stream=self.stream,
+                head=head,
+            )
+        )
+        self.cursor = StreamCursor()
+        self.connection.push_many(self.cursor.start_at(head + 1))
+        return True
+
+    def _next_gap(self, target: int) -> tuple[int, int] | None:
+        """The seqs still to read: a gap in the cursor, else up to `target` (0: none)."""
+        cursor = self.cursor
+        gap = cursor.missing()
+        if gap is None and cursor.next_seq is not None and cursor.next_seq <= target:
+            gap = (cursor.next_seq, target)
+        return gap
+
+    async def _read_page(self, tenant: str, gap: tuple[int, int]) -> bool:
+        """Read up to a page of the gap and hand on what it releases, in order; False when
+        the subscription ended during the read (nothing handed on)."""
+        first, last = gap[0], min(gap[1], gap[0] + CATCH_UP_PAGE - 1)
+        events = await self.store.read(tenant, self.stream, first, last)
+        if not self.active:
+            return False
+        cursor = self.cursor
+        if not events or events[0][0] != first:
+            resume_at = events[0][0] if events else last + 1
+            self.connection.push(
+                error_frame(
+                    "history_expired",
+                    f"events {first}..{resume_at - 1} are no longer retained",
+                    None,
+                    stream=self.stream,
+                    head=await self.store.head(tenant, self.stream),
+                )
+            )
+            self.connection.push_many(cursor.skip_to(resume_at))
+        for seq, event in events:
+            self.connection.push_many(cursor.offer(seq, event))
+        return True
