@@ -39,6 +39,12 @@ from project.conf import Conf, conf
 SUBSCRIBABLE_KINDS = frozenset({"reply.done", "published"})
 AGENT_NAME = re.compile(r"\A[a-z0-9][a-z0-9_.-]{0,62}\Z")
 DEFAULT_FALLBACK = "Sorry, the assistant could not answer in time. Please try again."
+# Fallback models a step (or a tenant's grant) may list: each one tried can take the run's
+# time again, so the chain is short.
+MAX_FALLBACK_MODELS = 3
+BACKEND_NAME = re.compile(r"\A[a-z0-9][a-z0-9_.-]{0,62}\Z")
+# An environment variable's name, never a key (as a tenant's override: tenants/models.py).
+ENV_NAME = re.compile(r"\A[A-Z_][A-Z0-9_]*\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +69,18 @@ class StepContext:
 
 
 Prompt = str | Callable[[StepContext], str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackModel:
+    """Another model a step tries when its own cannot answer (Step.fallbacks): a backend
+    and its model ("" for the backend's default), optionally its own endpoint and the NAME
+    of the environment variable holding its key ("" for the backend's configuration)."""
+
+    backend: str
+    model: str = ""
+    base_url: str = ""
+    api_key_env: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +111,10 @@ class Step:
     # Calls of this step per tenant: {"rpm": N, "tpm": M} (workers/quotas.py), in Redis so
     # one limit binds every worker. A step waits for its budget while its deadline allows.
     rate_limit: Mapping[str, int] | None = None
+    # Other models tried in order when this step's own fails over (orchestration/
+    # failover.py says on which errors), before `fallback_text`; at most
+    # MAX_FALLBACK_MODELS. A tenant's agent grant may list its own instead (admin).
+    fallbacks: tuple[FallbackModel, ...] = ()
 
     @property
     def calls_model(self) -> bool:
@@ -192,6 +214,11 @@ def validate(agent: Agent) -> None:
                 parse_limits({agent.name: step.rate_limit})
             except BadLimits as error:
                 raise BadAgent(f"agent {agent.name!r}: a step's rate_limit: {error}") from None
+        if isinstance(step, Step) and step.fallbacks:
+            try:
+                check_fallbacks(step.fallbacks)
+            except ValueError as error:
+                raise BadAgent(f"agent {agent.name!r}: a step's fallbacks: {error}") from None
     if agent.deadline_s < 0:
         raise BadAgent(f"agent {agent.name!r}: deadline_s must not be negative")
     for pattern in agent.subscribes:
@@ -205,6 +232,23 @@ def validate(agent: Agent) -> None:
                 f"agent {agent.name!r}: published events come from clients; "
                 "their pattern names streams, not an agent"
             )
+
+
+def check_fallbacks(fallbacks: tuple[FallbackModel, ...] | list[FallbackModel]) -> None:
+    """ValueError naming the first problem of a fallback list: too long, not FallbackModel,
+    a backend name or key variable of the wrong shape. Whether the backend exists is known
+    only where backends are (the worker; the admin checks it for a tenant's list)."""
+    if len(fallbacks) > MAX_FALLBACK_MODELS:
+        raise ValueError(f"at most {MAX_FALLBACK_MODELS} fallback models, got {len(fallbacks)}")
+    for fallback in fallbacks:
+        if not isinstance(fallback, FallbackModel):
+            raise ValueError(f"{fallback!r} is not a FallbackModel")
+        if not BACKEND_NAME.match(fallback.backend):
+            raise ValueError(f"backend {fallback.backend!r}: lowercase letters, digits, '.-_'")
+        if fallback.api_key_env and not ENV_NAME.match(fallback.api_key_env):
+            raise ValueError(f"api_key_env {fallback.api_key_env!r}: a variable's NAME")
+        if len(fallback.model) > 200 or len(fallback.base_url) > 200:
+            raise ValueError("a fallback's model and base_url are at most 200 characters")
 
 
 def register(agent: Agent) -> Agent:
