@@ -26,6 +26,7 @@ module is pure: definitions and the registry, no I/O.
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -251,6 +252,24 @@ def check_fallbacks(fallbacks: tuple[FallbackModel, ...] | list[FallbackModel]) 
             raise ValueError("a fallback's model and base_url are at most 200 characters")
 
 
+FALLBACK_FIELDS = ("backend", "model", "base_url", "api_key_env")
+
+
+def fallback_from(entry: object) -> FallbackModel:
+    """A FallbackModel from its JSON object ({"backend", "model"?, "base_url"?,
+    "api_key_env"?}, as a tenant's grant holds it); TypeError or ValueError for anything
+    else. The caller checks the list with check_fallbacks."""
+    if not isinstance(entry, Mapping):
+        raise TypeError(f"a fallback model is an object, not {type(entry).__name__}")
+    unknown = set(entry) - set(FALLBACK_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(map(str, unknown))}")
+    values = {name: entry.get(name, "") for name in FALLBACK_FIELDS}
+    if not all(isinstance(value, str) for value in values.values()):
+        raise TypeError("a fallback model's fields are strings")
+    return FallbackModel(**values)
+
+
 def register(agent: Agent) -> Agent:
     """Make the agent available by name (a later definition of the name replaces it)."""
     validate(agent)
@@ -309,16 +328,34 @@ DEFAULT_MODELS: dict[str, Callable[[Conf], str]] = {
 def missing_configuration(agent: Agent, overrides: Mapping[str, str]) -> str:
     """Why every run of `agent` would end on its fallback, as a short phrase for people
     ("model not configured"), or "" when nothing it needs is known to be missing.
-    `overrides` are the tenant's for this agent (TenantConfig.agent_overrides)."""
+    `overrides` are the tenant's for this agent (TenantConfig.agent_overrides). A step is
+    missing its model only when no model of its chain (its own, then its fallback models)
+    has one."""
     for step in agent.steps:
         if not isinstance(step, Step):
             continue
-        default_model = DEFAULT_MODELS.get(step.backend)
-        if default_model is None:
-            continue
-        if not (overrides.get("model") or step.model or default_model(conf())):
+        own = (step.backend, overrides.get("model") or step.model)
+        chain = [own] + [(f.backend, f.model) for f in _fallbacks_of(step, overrides)]
+        if not any(_has_model(backend, model) for backend, model in chain):
             return "model not configured"
     return ""
+
+
+def _has_model(backend: str, model: str) -> bool:
+    default_model = DEFAULT_MODELS.get(backend)
+    return default_model is None or bool(model or default_model(conf()))
+
+
+def _fallbacks_of(step: Step, overrides: Mapping[str, str]) -> tuple[FallbackModel, ...]:
+    """The step's fallback models for a tenant: its grant's list (JSON text) when set and
+    readable, else the step's own."""
+    raw = overrides.get("fallbacks") or ""
+    if raw:
+        try:
+            return tuple(fallback_from(entry) for entry in json.loads(raw))
+        except (TypeError, ValueError):
+            pass
+    return step.fallbacks
 
 
 def subscribers(kind: str, from_agent: str, stream: str, status: str | None = None) -> list[Agent]:

@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from agents import MAX_FALLBACK_MODELS, FallbackModel, Step, check_fallbacks
+from agents import MAX_FALLBACK_MODELS, FallbackModel, Step, check_fallbacks, fallback_from
 from workers.backends import ModelCancelled, ModelError, ModelTimeout
 
 logger = logging.getLogger(__name__)
@@ -108,20 +108,6 @@ def tenant_fallbacks(raw: str) -> tuple[FallbackModel, ...]:
         logger.warning("a tenant's fallback list is malformed; the step's own is used")
         return ()
     return fallbacks
-
-
-def fallback_from(entry: Mapping[str, Any]) -> FallbackModel:
-    """A FallbackModel from its JSON object ({"backend", "model"?, "base_url"?,
-    "api_key_env"?}); TypeError or ValueError for anything else."""
-    if not isinstance(entry, Mapping):
-        raise TypeError(f"a fallback model is an object, not {type(entry).__name__}")
-    unknown = set(entry) - {"backend", "model", "base_url", "api_key_env"}
-    if unknown:
-        raise ValueError(f"unknown fields {sorted(unknown)}")
-    values = {name: entry.get(name, "") for name in ("backend", "model", "base_url", "api_key_env")}
-    if not all(isinstance(value, str) for value in values.values()):
-        raise TypeError("a fallback model's fields are strings")
-    return FallbackModel(**values)
 
 
 def fails_over(failure: Failure) -> bool:
