@@ -16,11 +16,26 @@ from tests.fakes.openai_server import Call, FakeOpenAIServer
 
 from .agents_app import catalog as it
 from .conftest import SOFT_LIMIT_S, TENANT_KEY, TENANT_KEY_ENV, Connect, Switchboard
-from .support import assert_contiguous, collect_run, reply_text, restarts, split_run
+from .support import (
+    assert_contiguous,
+    collect_run,
+    reply_text,
+    restarts,
+    split_run,
+    wait_until,
+)
 
 pytestmark = pytest.mark.asyncio
 
 FAILURE_WAIT_S = SOFT_LIMIT_S + 15
+# Beat's persister runs every 2 s; the bound covers a busy machine (as test_history's).
+PERSIST_WAIT_S = 60
+_MODEL_OF_REPLY = """
+import json
+from history.models import HistoryEntry
+rows = HistoryEntry.objects.filter(stream={stream!r}, kind="reply.done")
+print(json.dumps(list(rows.values_list("model", flat=True))))
+"""
 
 
 async def calls_for(
@@ -33,7 +48,10 @@ async def calls_for(
 
 
 async def test_a_model_failing_with_500s_hands_over_to_its_fallback_model(
-    connect: Connect, provider: FakeOpenAIServer, unique: Callable[[str], str]
+    switchboard: Switchboard,
+    connect: Connect,
+    provider: FakeOpenAIServer,
+    unique: Callable[[str], str],
 ) -> None:
     client = await connect()
     stream = unique("failover")
@@ -57,6 +75,16 @@ async def test_a_model_failing_with_500s_hands_over_to_its_fallback_model(
     ]
     assert calls[2].text == it.FAILOVER_ANSWER
     assert restarts(events, ack["id"]) == []  # the 500s streamed nothing to void
+
+    # The conversation history keeps which model answered the reply.
+    async def reply_row() -> list[str] | None:
+        output = await asyncio.to_thread(switchboard.shell, _MODEL_OF_REPLY.format(stream=stream))
+        found = json.loads(output.splitlines()[-1])
+        return found or None
+
+    assert await wait_until(reply_row, PERSIST_WAIT_S, "the reply's history row", 0.5) == [
+        f"openai:{it.FAILOVER_SECOND}"
+    ]
 
 
 async def test_a_model_that_streamed_then_broke_is_voided_before_the_fallbacks_answer(
