@@ -225,6 +225,7 @@ class _Step:
         if not await self.take_budgets(step, prompt):
             return await self.fall_back("rate_limited")
         candidates = failover.chain(step, self.run.agent_config)
+        self.has_fallbacks = len(candidates) > 1
         failure: failover.Failure | None = None
         for candidate in candidates:
             if failure is not None:
@@ -233,7 +234,6 @@ class _Step:
                 ):
                     break
             self.candidate = candidate
-            self.has_fallbacks = len(candidates) > 1
             if not await self.take_backend_budget(candidate.backend, prompt):
                 failure = failover.Failure("rate_limited")
                 continue
@@ -429,6 +429,7 @@ class _Step:
     async def wait_for_budget(
         self, step: AnyStep, scope: str, budget: quotas.BackendBudget
     ) -> bool:
+        """Take `budget`, waiting while it comes back early enough for a useful call."""
         while (wait_ms := await budget.take()) != 0:
             if quotas.decide(wait_ms, self.time_for_call(), step.min_budget_s) == quotas.GIVE_UP:
                 logger.warning(
