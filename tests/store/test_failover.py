@@ -5,6 +5,8 @@ reply.done names the model that answered; a bad request does not fail over."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -27,8 +29,9 @@ FALLBACK = "no model could answer"
 
 class ScriptedBackend:
     """A model whose behaviour is its model name: "fail500" (a transient provider error),
-    "bad400" (a permanent one), "cut" (two pieces, then a transient error), anything else
-    streamed back in two pieces. Records (model, attempt) of every call."""
+        "bad400" (a permanent one), "cut" (two pieces, then a transient error), "stall" (one
+    piece, then nothing until the soft limit), anything else
+        streamed back in two pieces. Records (model, attempt) of every call."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -40,6 +43,9 @@ class ScriptedBackend:
             raise ModelError("server error", True, status=500, summary="provider error 500")
         if request.model == "bad400":
             raise ModelError("bad request", False, status=400, summary="provider error 400")
+        if request.model == "stall":
+            yield "a start "
+            await asyncio.Event().wait()  # until the step's soft limit cancels it
         if request.model == "cut":
             yield "half "
             yield "an answer"
@@ -58,7 +64,11 @@ def models(monkeypatch: pytest.MonkeyPatch) -> tuple[ScriptedBackend, ScriptedBa
 
 
 def agent(
-    register: Callable[..., Agent], model: str, *fallbacks: FallbackModel, **step: Any
+    register: Callable[..., Agent],
+    model: str,
+    *fallbacks: FallbackModel,
+    deadline_s: float = 30.0,
+    **step: Any,
 ) -> None:
     register(
         "failing",
@@ -70,6 +80,7 @@ def agent(
             max_retries=step.pop("max_retries", 1),
             **step,
         ),
+        deadline_s=deadline_s,
     )
 
 
@@ -205,3 +216,51 @@ def test_a_step_without_fallbacks_keeps_its_reply_done_as_before(
     agent(register_agent, "plain answer")
     _, done = run(streams, runs, r)
     assert (done["status"], done["text"], done["detail"]) == ("ok", "plain answer", None)
+
+
+def test_a_model_past_its_soft_limit_hands_the_rest_of_the_time_to_the_next(
+    streams: Streams,
+    runs: RunStore,
+    r: redis.Redis,
+    register_agent: Callable[..., Agent],
+    models: Any,
+) -> None:
+    first, _ = models
+    agent(register_agent, "stall", FallbackModel("model-b", "in time"), soft_limit_s=0.3)
+    started = time.monotonic()
+    events, done = run(streams, runs, r)
+    assert time.monotonic() - started >= 0.3
+    assert (done["status"], done["text"]) == ("ok", "in time")
+    # Timed out, not retried: the next model at once, after voiding the stalled start.
+    assert first.calls == [("stall", 1)]
+    [restart] = of_kind(events, "reply.restart")
+    assert restart["data"]["reason"] == "failover"
+
+
+def test_no_fallback_model_is_started_without_the_time_for_a_useful_call(
+    streams: Streams,
+    runs: RunStore,
+    r: redis.Redis,
+    register_agent: Callable[..., Agent],
+    models: Any,
+) -> None:
+    _, second = models
+    # A 1.2 s run: the stalled model takes 0.8 s of it, which leaves less than the 0.5 s a
+    # call needs (with the time kept for the reply.done): the fallback text, reason timeout,
+    # well before the deadline.
+    agent(
+        register_agent,
+        "stall",
+        FallbackModel("model-b", "too late"),
+        soft_limit_s=0.8,
+        deadline_s=1.2,
+    )
+    started = time.monotonic()
+    events, done = run(streams, runs, r)
+    assert time.monotonic() - started < 1.2
+    assert done["status"] == "degraded"
+    assert done["detail"] == {"reason": "timeout", "message": "timeout"}
+    assert second.calls == []
+    # What the stalled model streamed stays, the fallback text after it (as without a chain).
+    assert done["text"] == "a start \n" + FALLBACK
+    assert of_kind(events, "reply.restart") == []
