@@ -26,6 +26,7 @@ module is pure: definitions and the registry, no I/O.
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,12 @@ from project.conf import Conf, conf
 SUBSCRIBABLE_KINDS = frozenset({"reply.done", "published"})
 AGENT_NAME = re.compile(r"\A[a-z0-9][a-z0-9_.-]{0,62}\Z")
 DEFAULT_FALLBACK = "Sorry, the assistant could not answer in time. Please try again."
+# Fallback models a step (or a tenant's grant) may list: each one tried can take the run's
+# time again, so the chain is short.
+MAX_FALLBACK_MODELS = 3
+BACKEND_NAME = re.compile(r"\A[a-z0-9][a-z0-9_.-]{0,62}\Z")
+# An environment variable's name, never a key (as a tenant's override: tenants/models.py).
+ENV_NAME = re.compile(r"\A[A-Z_][A-Z0-9_]*\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +70,18 @@ class StepContext:
 
 
 Prompt = str | Callable[[StepContext], str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackModel:
+    """Another model a step tries when its own cannot answer (Step.fallbacks): a backend
+    and its model ("" for the backend's default), optionally its own endpoint and the NAME
+    of the environment variable holding its key ("" for the backend's configuration)."""
+
+    backend: str
+    model: str = ""
+    base_url: str = ""
+    api_key_env: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +112,10 @@ class Step:
     # Calls of this step per tenant: {"rpm": N, "tpm": M} (workers/quotas.py), in Redis so
     # one limit binds every worker. A step waits for its budget while its deadline allows.
     rate_limit: Mapping[str, int] | None = None
+    # Other models tried in order when this step's own fails over (orchestration/
+    # failover.py says on which errors), before `fallback_text`; at most
+    # MAX_FALLBACK_MODELS. A tenant's agent grant may list its own instead (admin).
+    fallbacks: tuple[FallbackModel, ...] = ()
 
     @property
     def calls_model(self) -> bool:
@@ -192,6 +215,11 @@ def validate(agent: Agent) -> None:
                 parse_limits({agent.name: step.rate_limit})
             except BadLimits as error:
                 raise BadAgent(f"agent {agent.name!r}: a step's rate_limit: {error}") from None
+        if isinstance(step, Step) and step.fallbacks:
+            try:
+                check_fallbacks(step.fallbacks)
+            except ValueError as error:
+                raise BadAgent(f"agent {agent.name!r}: a step's fallbacks: {error}") from None
     if agent.deadline_s < 0:
         raise BadAgent(f"agent {agent.name!r}: deadline_s must not be negative")
     for pattern in agent.subscribes:
@@ -205,6 +233,41 @@ def validate(agent: Agent) -> None:
                 f"agent {agent.name!r}: published events come from clients; "
                 "their pattern names streams, not an agent"
             )
+
+
+def check_fallbacks(fallbacks: tuple[FallbackModel, ...] | list[FallbackModel]) -> None:
+    """ValueError naming the first problem of a fallback list: too long, not FallbackModel,
+    a backend name or key variable of the wrong shape. Whether the backend exists is known
+    only where backends are (the worker; the admin checks it for a tenant's list)."""
+    if len(fallbacks) > MAX_FALLBACK_MODELS:
+        raise ValueError(f"at most {MAX_FALLBACK_MODELS} fallback models, got {len(fallbacks)}")
+    for fallback in fallbacks:
+        if not isinstance(fallback, FallbackModel):
+            raise ValueError(f"{fallback!r} is not a FallbackModel")
+        if not BACKEND_NAME.match(fallback.backend):
+            raise ValueError(f"backend {fallback.backend!r}: lowercase letters, digits, '.-_'")
+        if fallback.api_key_env and not ENV_NAME.match(fallback.api_key_env):
+            raise ValueError(f"api_key_env {fallback.api_key_env!r}: a variable's NAME")
+        if len(fallback.model) > 200 or len(fallback.base_url) > 200:
+            raise ValueError("a fallback's model and base_url are at most 200 characters")
+
+
+FALLBACK_FIELDS = ("backend", "model", "base_url", "api_key_env")
+
+
+def fallback_from(entry: object) -> FallbackModel:
+    """A FallbackModel from its JSON object ({"backend", "model"?, "base_url"?,
+    "api_key_env"?}, as a tenant's grant holds it); TypeError or ValueError for anything
+    else. The caller checks the list with check_fallbacks."""
+    if not isinstance(entry, Mapping):
+        raise TypeError(f"a fallback model is an object, not {type(entry).__name__}")
+    unknown = set(entry) - set(FALLBACK_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(map(str, unknown))}")
+    values = {name: entry.get(name, "") for name in FALLBACK_FIELDS}
+    if not all(isinstance(value, str) for value in values.values()):
+        raise TypeError("a fallback model's fields are strings")
+    return FallbackModel(**values)
 
 
 def register(agent: Agent) -> Agent:
@@ -265,16 +328,34 @@ DEFAULT_MODELS: dict[str, Callable[[Conf], str]] = {
 def missing_configuration(agent: Agent, overrides: Mapping[str, str]) -> str:
     """Why every run of `agent` would end on its fallback, as a short phrase for people
     ("model not configured"), or "" when nothing it needs is known to be missing.
-    `overrides` are the tenant's for this agent (TenantConfig.agent_overrides)."""
+    `overrides` are the tenant's for this agent (TenantConfig.agent_overrides). A step is
+    missing its model only when no model of its chain (its own, then its fallback models)
+    has one."""
     for step in agent.steps:
         if not isinstance(step, Step):
             continue
-        default_model = DEFAULT_MODELS.get(step.backend)
-        if default_model is None:
-            continue
-        if not (overrides.get("model") or step.model or default_model(conf())):
+        own = (step.backend, overrides.get("model") or step.model)
+        chain = [own] + [(f.backend, f.model) for f in _fallbacks_of(step, overrides)]
+        if not any(_has_model(backend, model) for backend, model in chain):
             return "model not configured"
     return ""
+
+
+def _has_model(backend: str, model: str) -> bool:
+    default_model = DEFAULT_MODELS.get(backend)
+    return default_model is None or bool(model or default_model(conf()))
+
+
+def _fallbacks_of(step: Step, overrides: Mapping[str, str]) -> tuple[FallbackModel, ...]:
+    """The step's fallback models for a tenant: its grant's list (JSON text) when set and
+    readable, else the step's own."""
+    raw = overrides.get("fallbacks") or ""
+    if raw:
+        try:
+            return tuple(fallback_from(entry) for entry in json.loads(raw))
+        except (TypeError, ValueError):
+            pass
+    return step.fallbacks
 
 
 def subscribers(kind: str, from_agent: str, stream: str, status: str | None = None) -> list[Agent]:

@@ -23,6 +23,7 @@ from streams.receipts import RECEIPT_TTL_S, tenant_receipts
 from streams.redis_clients import sync_client
 from tenants.announcements import announce_tenant_change
 from tenants.models import Tenant, TenantAgent
+from workers.backends import backend_names
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +54,30 @@ class TenantAgentForm(forms.ModelForm):
         assert isinstance(field, forms.ChoiceField)
         field.choices = choices
 
+    def clean_fallbacks(self) -> Any:
+        """The fallback list's backends are ones this deployment has (its shape is the
+        model field's validator)."""
+        fallbacks = self.cleaned_data.get("fallbacks") or []
+        known = backend_names()
+        for entry in fallbacks if isinstance(fallbacks, list) else ():
+            backend = entry.get("backend") if isinstance(entry, dict) else None
+            if backend not in known:
+                raise forms.ValidationError(
+                    f"no model backend {backend!r}; known: {', '.join(known)}"
+                )
+        return fallbacks
+
 
 class TenantAgentInline(admin.TabularInline):
     model = TenantAgent
     form = TenantAgentForm
     extra = 0
     # Django 6's default, said now: a base URL typed without a scheme is taken as https.
-    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
+    formfield_overrides = {
+        models.URLField: {"assume_scheme": "https"},
+        # A short list of fallback models: a small box in the row, not a page-wide one.
+        models.JSONField: {"widget": forms.Textarea(attrs={"rows": 2, "cols": 48})},
+    }
 
 
 @admin.register(Tenant)

@@ -65,6 +65,7 @@ class HistoryEntryAdmin(admin.ModelAdmin):
         "event_id",
         "status",
         "reason",
+        "model",
         "text",
         "created_at",
     )

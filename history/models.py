@@ -31,6 +31,9 @@ class HistoryEntry(models.Model):
     # A reply's final status (ok, degraded, failed, cancelled) and, if not ok, its reason.
     status = models.CharField(max_length=20, blank=True)
     reason = models.CharField(max_length=100, blank=True)
+    # The model that answered a reply ("backend:model"), when its agent's step had
+    # fallback models and so its reply.done named it (docs/agents.md, failover).
+    model = models.CharField(max_length=200, blank=True)
     text = models.TextField(blank=True)
     created_at = models.DateTimeField(help_text="When the event was appended to the stream.")
 

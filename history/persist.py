@@ -146,6 +146,7 @@ def store_batch(client: redis.Redis, raw: list[bytes]) -> int:
                 event_id=entry.event_id[:64],
                 status=entry.status[:20],
                 reason=_storable(entry.reason)[:100],
+                model=_storable(entry.model)[:200],
                 text=_storable(entry.text),
                 created_at=entry.created_at,
             )

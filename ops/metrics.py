@@ -164,11 +164,17 @@ MODEL_CALL_SECONDS = Histogram(
 MODEL_CALLS = Counter(
     "switchboard_model_calls",
     "Model calls by backend and outcome: ok; error (failed, will be retried); fallback "
-    "(failed, not retried: the step's fallback answers); timeout (passed its soft limit: "
-    "the fallback answers); cancelled (the run stopped needing it).",
+    "(failed, not retried: the next model of the step's chain or the step's fallback "
+    "answers); timeout (passed its soft limit); cancelled (the run stopped needing it).",
     ["backend", "outcome"],
 )
 MODEL_OUTCOMES = ("ok", "error", "fallback", "timeout", "cancelled")
+MODEL_FAILOVERS = Counter(
+    "switchboard_model_failovers",
+    "Times a step left a model for the next of its fallback models, by the backend it left "
+    "and why: model_error, timeout, rate_limited.",
+    ["backend", "reason"],
+)
 
 # The bound each refusal reason belongs to, as the client saw it (console/live.py
 # names the same reasons for the admin's live page).
@@ -361,6 +367,11 @@ def model_call(backend: str, outcome: str, seconds: float) -> None:
     """One model call ended (orchestration/steps.py); `outcome` is one of MODEL_OUTCOMES."""
     MODEL_CALLS.labels(backend, outcome).inc()
     MODEL_CALL_SECONDS.labels(backend, outcome).observe(seconds)
+
+
+def model_failover(backend: str, reason: str) -> None:
+    """A step left a model of `backend` for the next of its fallback models (steps.py)."""
+    MODEL_FAILOVERS.labels(backend, reason).inc()
 
 
 # --- series that exist before anything touches them --------------------------------------

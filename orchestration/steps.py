@@ -32,7 +32,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agents import (
+    DEFAULT_MODELS,
     Agent,
+    AnyStep,
     PythonStep,
     Step,
     StepContext,
@@ -41,6 +43,7 @@ from agents import (
     render_prompt,
 )
 from ops import logcontext, metrics
+from orchestration import failover
 from orchestration.coalesce import Coalescer
 from orchestration.inflight import DRAIN, Held, InFlight
 from project.conf import conf
@@ -49,6 +52,8 @@ from streams.reasons import degraded_message
 from streams.runs import AsyncRunStore, Fenced, Run, RunFinished, StaleOffset
 from workers import quotas
 from workers.backends import (
+    BlockingModelBackend,
+    ModelBackend,
     ModelError,
     ModelRequest,
     ModelTimeout,
@@ -180,6 +185,11 @@ class _Step:
         self.index = index
         self.retries = retries_so_far
         self.agent: Agent | None = None
+        # The model of the step's chain being tried (orchestration/failover.py), and the
+        # retries spent on it: each model of the chain gets the step's max_retries.
+        self.candidate = failover.Candidate(backend="")
+        self.model_retries = retries_so_far
+        self.has_fallbacks = False
 
     async def execute(self) -> StepOutcome:
         run = self.run
@@ -209,13 +219,37 @@ class _Step:
     # --- model steps -----------------------------------------------------------------------
 
     async def execute_model(self, step: Step, prompt: str) -> StepOutcome:
-        """Attempts of the model call until one answers, the step must fall back, or the run
-        is ended elsewhere (Fenced, RunFinished, cancelled: raised to the caller)."""
+        """The step's models in order (orchestration/failover.py) until one answers, the
+        chain is spent (the step's fallback text) or the run is ended elsewhere (Fenced,
+        RunFinished, cancelled: raised to the caller)."""
         if not await self.take_budgets(step, prompt):
             return await self.fall_back("rate_limited")
+        candidates = failover.chain(step, self.run.agent_config)
+        self.has_fallbacks = len(candidates) > 1
+        failure: failover.Failure | None = None
+        for candidate in candidates:
+            if failure is not None:
+                if not failover.fails_over(failure) or not await self.fail_over(
+                    step, candidate, failure
+                ):
+                    break
+            self.candidate = candidate
+            if not await self.take_backend_budget(candidate.backend, prompt):
+                failure = failover.Failure("rate_limited")
+                continue
+            answered = await self.attempt_model(step, prompt)
+            if isinstance(answered, StepOutcome):
+                return answered
+            failure = answered
+        assert failure is not None
+        return await self.fall_back(failure.reason, failure.error)
+
+    async def attempt_model(self, step: Step, prompt: str) -> StepOutcome | failover.Failure:
+        """Attempts of one model of the chain until it answers (the step is done) or fails
+        (its retries spent, an error not worth a retry, the run's time short)."""
         while True:
             if self.time_for_call() < step.min_budget_s:
-                return await self.fall_back("deadline")
+                return failover.Failure("deadline")
             started = time.monotonic()
             try:
                 output = await self.call_model(step, prompt)
@@ -225,7 +259,7 @@ class _Step:
                 if backoff is None:
                     spent = isinstance(error, ModelTimeout)
                     self.called(step, "timeout" if spent else "fallback", started)
-                    return await self.fall_back("timeout" if spent else "model_error", error)
+                    return failover.failure_of(error)
                 self.called(step, "error", started)
                 await self.next_attempt(step, backoff)
                 continue
@@ -236,9 +270,37 @@ class _Step:
                 # A bug or an unclassified backend failure still owes the client its reply.
                 self.called(step, "fallback", started)
                 logger.exception("step failed run=%s step=%s", self.run.run_id, self.index)
-                return await self.fall_back("internal")
+                return failover.Failure("internal")
             self.called(step, "ok", started)
             return await self.done(output)
+
+    async def fail_over(
+        self, step: Step, candidate: failover.Candidate, failure: failover.Failure
+    ) -> bool:
+        """Make ready to try the next model after `failure`: False when the run has no time
+        left to start it (the step gives its fallback for the earlier failure). What the
+        failed model streamed is voided: a reply is one model output, never a splice."""
+        if self.time_for_call() < step.min_budget_s:
+            return False
+        failed = self.candidate
+        logger.warning(
+            "model fails over tenant=%s run=%s step=%s from=%s:%s to=%s:%s reason=%s",
+            self.run.tenant,
+            self.run.run_id,
+            self.index,
+            failed.backend,
+            failed.model,
+            candidate.backend,
+            candidate.model,
+            failure.reason,
+        )
+        metrics.model_failover(failed.backend, failure.reason)
+        # Each model gets the step's retries; the attempt count goes on across the chain.
+        self.retries += 1
+        self.model_retries = 0
+        if step.visible and self.run.emitted != self.run.step_base:
+            await self.restart("failover")
+        return True
 
     def log_failed_call(self, error: ModelError, started: float) -> None:
         logger.warning(
@@ -257,10 +319,10 @@ class _Step:
         # A call that ran out its soft limit has had the step's time: the fallback now, not
         # another attempt, so the client waits at most the soft limit.
         spent = isinstance(error, ModelTimeout)
-        if not error.transient or spent or self.retries >= step.max_retries:
+        if not error.transient or spent or self.model_retries >= step.max_retries:
             return None
         # The provider's Retry-After, when it gave one, is the least wait.
-        backoff = max(_backoff_s(self.retries), error.retry_after_s or 0.0)
+        backoff = max(_backoff_s(self.model_retries), error.retry_after_s or 0.0)
         if self.time_for_call() <= backoff + step.min_budget_s:
             return None  # no time left for a useful attempt after the wait
         return backoff
@@ -269,6 +331,7 @@ class _Step:
         """Wait, then void what the failed attempt streamed: a reply is one model output."""
         await asyncio.sleep(backoff)
         self.retries += 1
+        self.model_retries += 1
         if step.visible and self.run.emitted != self.run.step_base:
             await self.restart("retry")
 
@@ -294,16 +357,16 @@ class _Step:
         return output
 
     def model_request(self, step: Step, prompt: str) -> ModelRequest:
-        """The call as the backend gets it, with the tenant's overrides for this agent (none
-        for the simulated backend, whose options are the test's)."""
-        overrides = self.run.agent_config if step.backend != "simulated" else {}
+        """The call as the backend gets it: the model of the chain being tried, with its
+        key and endpoint (for the step's own model, the tenant's overrides: failover.chain)."""
+        candidate = self.candidate
         return ModelRequest(
-            model=overrides.get("model") or step.model,
+            model=candidate.model,
             prompt=prompt,
             options=self.run.options,
             attempt=self.retries + 1,
-            api_key_env=overrides.get("api_key_env", ""),
-            base_url=overrides.get("base_url", ""),
+            api_key_env=candidate.api_key_env,
+            base_url=candidate.base_url,
         )
 
     async def stream_pieces(
@@ -311,7 +374,7 @@ class _Step:
     ) -> str:
         """The model's pieces, appended as the coalescer lets them go; raises TimeoutError
         past the soft limit. Returns every piece, appended or still pending."""
-        backend = get_backend(step.backend)
+        backend = backend_of(self.candidate)
         produced: list[str] = []
         loop = asyncio.get_running_loop()
         # The soft limit times the model, not Redis: only waits for the next piece count
@@ -339,44 +402,49 @@ class _Step:
             await self.append(text)
 
     async def take_budgets(self, step: Step, prompt: str) -> bool:
-        """One call's worth from the backend's rate limits (global) and the step's own (per
-        tenant), in Redis, waiting for them while the run can afford to. False: they would
-        come back too late for a useful call before the deadline, or never."""
+        """One call's worth from the step's own rate limit (per tenant), in Redis, waiting
+        for it while the run can afford to. False: it would come back too late for a useful
+        call before the deadline, or never. The step is charged once, whatever number of
+        models its chain tries; each model's backend is charged by take_backend_budget."""
         run = self.run
         assert self.agent is not None
-        budgets: list[tuple[str, quotas.BackendBudget]] = []
-        buckets = self.store.buckets
-        backend_limit = _backend_limits().get(step.backend)
-        if backend_limit is not None:
-            budgets.append(
-                (step.backend, quotas.BackendBudget(buckets, step.backend, backend_limit, prompt))
-            )
-        if step.rate_limit:
-            scope = f"{run.tenant}:{self.agent.name}:{self.agent.step_names()[self.index]}"
-            step_limit = parse_limits({scope: step.rate_limit})[scope]
-            budgets.append(
-                (scope, quotas.BackendBudget(buckets, scope, step_limit, prompt, kind="step"))
-            )
-        for scope, budget in budgets:
-            while (wait_ms := await budget.take()) != 0:
-                if (
-                    quotas.decide(wait_ms, self.time_for_call(), step.min_budget_s)
-                    == quotas.GIVE_UP
-                ):
-                    logger.warning(
-                        "model call not started: %s over its rate limit tenant=%s run=%s "
-                        "wait_ms=%s",
-                        scope,
-                        run.tenant,
-                        run.run_id,
-                        wait_ms,
-                    )
-                    return False
-                await asyncio.sleep(wait_ms / 1000)
+        if not step.rate_limit:
+            return True
+        scope = f"{run.tenant}:{self.agent.name}:{self.agent.step_names()[self.index]}"
+        step_limit = parse_limits({scope: step.rate_limit})[scope]
+        budget = quotas.BackendBudget(self.store.buckets, scope, step_limit, prompt, kind="step")
+        return await self.wait_for_budget(step, scope, budget)
+
+    async def take_backend_budget(self, backend: str, prompt: str) -> bool:
+        """One call's worth from the backend's rate limits (global, every tenant's calls to
+        the provider): each model of a step's chain pays its own backend's, as it is tried.
+        False: this model cannot be started in time (the chain moves on)."""
+        assert self.agent is not None
+        backend_limit = _backend_limits().get(backend)
+        if backend_limit is None:
+            return True
+        budget = quotas.BackendBudget(self.store.buckets, backend, backend_limit, prompt)
+        return await self.wait_for_budget(self.agent.steps[self.index], backend, budget)
+
+    async def wait_for_budget(
+        self, step: AnyStep, scope: str, budget: quotas.BackendBudget
+    ) -> bool:
+        """Take `budget`, waiting while it comes back early enough for a useful call."""
+        while (wait_ms := await budget.take()) != 0:
+            if quotas.decide(wait_ms, self.time_for_call(), step.min_budget_s) == quotas.GIVE_UP:
+                logger.warning(
+                    "model call not started: %s over its rate limit tenant=%s run=%s wait_ms=%s",
+                    scope,
+                    self.run.tenant,
+                    self.run.run_id,
+                    wait_ms,
+                )
+                return False
+            await asyncio.sleep(wait_ms / 1000)
         return True
 
     def called(self, step: Step, outcome: str, started: float) -> None:
-        metrics.model_call(step.backend, outcome, time.monotonic() - started)
+        metrics.model_call(self.candidate.backend, outcome, time.monotonic() - started)
 
     # --- Python steps ----------------------------------------------------------------------
 
@@ -472,10 +540,19 @@ class _Step:
             # An earlier step gave its fallback and the pipeline went on.
             reason, _, step_name = fell_back.partition(":")
             detail = {"reason": reason, "message": degraded_message(reason), "step": step_name}
-            await self.finalize("degraded", detail)
+            await self.finalize("degraded", self.with_answering_model(detail))
         else:
-            await self.finalize("ok", None)
+            await self.finalize("ok", self.with_answering_model(None))
         return StepOutcome()
+
+    def with_answering_model(self, detail: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The reply.done's detail, saying which model answered when the last step has
+        fallback models (`detail.model`); unchanged for a step with one model."""
+        if not self.has_fallbacks:
+            return detail
+        default = DEFAULT_MODELS.get(self.candidate.backend)
+        model = failover.answered_by(self.candidate, default(conf()) if default else "")
+        return {**(detail or {}), "model": model}
 
     async def fall_back(self, reason: str, error: BaseException | None = None) -> StepOutcome:
         """The step cannot answer: its fallback text. The run ends `degraded` with that text
@@ -554,6 +631,20 @@ def step_context(run: Run, agent: Agent, step_index: int) -> StepContext:
         depth=run.depth,
         trigger=run.trigger,
     )
+
+
+def backend_of(candidate: failover.Candidate) -> ModelBackend | BlockingModelBackend:
+    """The backend a model of the chain names; an unknown name is that model's
+    configuration at fault (it fails over), not a bug of the step."""
+    try:
+        return get_backend(candidate.backend)
+    except KeyError:
+        raise ModelError(
+            f"no model backend named {candidate.backend!r}",
+            False,
+            summary="model not configured",
+            misconfigured=True,
+        ) from None
 
 
 def _coalescer() -> Coalescer:

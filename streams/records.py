@@ -42,6 +42,8 @@ class OutboxRecord:
     reason: str
     message_seq: int | None  # None: a run started by a trigger, not by a client's message
     done_seq: int
+    # The model that answered ("backend:model"), when the reply.done named it (model_of).
+    model: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,23 +61,32 @@ class Entry:
     reason: str
     text: str
     created_at: datetime
+    model: str = ""  # a reply's answering model (model_of), when its reply.done named it
 
 
 def outbox_head(
-    tenant: str, stream: str, run_id: str, status: str, event_id: str, at: str, reason: str
+    tenant: str,
+    stream: str,
+    run_id: str,
+    status: str,
+    event_id: str,
+    at: str,
+    reason: str,
+    model: str = "",
 ) -> str:
     """The record's JSON up to its seqs, without the closing brace (see the module doc)."""
-    return dumps(
-        {
-            "tenant": tenant,
-            "stream": stream,
-            "run": run_id,
-            "status": status,
-            "event": event_id,
-            "at": at,
-            "reason": reason,
-        }
-    )[:-1]
+    fields = {
+        "tenant": tenant,
+        "stream": stream,
+        "run": run_id,
+        "status": status,
+        "event": event_id,
+        "at": at,
+        "reason": reason,
+    }
+    if model:
+        fields["model"] = model
+    return dumps(fields)[:-1]
 
 
 def parse_outbox_record(raw: bytes | str) -> OutboxRecord:
@@ -95,6 +106,7 @@ def parse_outbox_record(raw: bytes | str) -> OutboxRecord:
         reason=str(fields.get("reason") or ""),
         message_seq=int(message_seq) if message_seq is not None else None,
         done_seq=int(fields["done_seq"]),
+        model=str(fields.get("model") or ""),
     )
 
 
@@ -113,6 +125,21 @@ def reason_of(detail: Any) -> str:
             reason = f"{reason}: {message}" if reason else message
         return reason[:REASON_MAX_CHARS]
     return "" if detail is None else str(detail)[:REASON_MAX_CHARS]
+
+
+# The history's model column holds this many characters.
+MODEL_MAX_CHARS = 200
+
+
+def model_of(detail: Any) -> str:
+    """The model a reply.done's `detail.model` names ({"backend", "model", ...}) as
+    "backend:model", or "" when it names none (agents without fallback models)."""
+    if not isinstance(detail, Mapping):
+        return ""
+    model = detail.get("model")
+    if not isinstance(model, Mapping):
+        return ""
+    return f"{model.get('backend') or ''}:{model.get('model') or ''}"[:MODEL_MAX_CHARS]
 
 
 def problem_entry(
@@ -155,8 +182,9 @@ def entry_from_event(record: OutboxRecord, event_json: str | bytes) -> Entry:
     kind = event["kind"]
     if kind == REPLY_DONE:
         status, reason = str(data.get("status") or ""), reason_of(data.get("detail"))
+        model = model_of(data.get("detail"))
     else:
-        status, reason = "", ""
+        status, reason, model = "", "", ""
     return Entry(
         tenant=record.tenant,
         stream=record.stream,
@@ -169,6 +197,7 @@ def entry_from_event(record: OutboxRecord, event_json: str | bytes) -> Entry:
         reason=reason,
         text=str(data.get("text") or ""),
         created_at=parse_ts(event["ts"]),
+        model=model,
     )
 
 
@@ -214,6 +243,7 @@ def reply_from_run(
         reason=record.reason,
         text=text_from_fragments(reply_fragments),
         created_at=parse_ts(record.at),
+        model=record.model,
     )
 
 

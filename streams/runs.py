@@ -48,7 +48,7 @@ from streams.events import (
     text_from_fragments,
     utc_now_iso,
 )
-from streams.records import outbox_head, problem_entry, reason_of
+from streams.records import model_of, outbox_head, problem_entry, reason_of
 from streams.redis_clients import as_text
 from streams.subscriptions import subscribed
 
@@ -665,7 +665,16 @@ def _history_head(run: Run, status: str, detail: Any, event_id: str, at: str) ->
     history_max = conf().history_outbox_max
     if history_max <= 0:
         return history_max, ""
-    head = outbox_head(run.tenant, run.stream, run.run_id, status, event_id, at, reason_of(detail))
+    head = outbox_head(
+        run.tenant,
+        run.stream,
+        run.run_id,
+        status,
+        event_id,
+        at,
+        reason_of(detail),
+        model_of(detail),
+    )
     return history_max, head
 
 

@@ -32,6 +32,8 @@ class AgentGrant:
     model: str = ""
     api_key_env: str = ""
     base_url: str = ""
+    # The grant's fallback models as JSON text ("" for the code's): orchestration/failover.py.
+    fallbacks: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +85,7 @@ class TenantConfig:
 
     def agent_overrides(self, agent: str) -> dict[str, str]:
         """What the tenant's runs of `agent` use instead of its code: the non-empty ones of
-        model, api_key_env and base_url of an enabled grant ({} without one)."""
+        model, api_key_env, base_url and fallbacks of an enabled grant ({} without one)."""
         grant = self._grant(agent)
         if grant is None or not grant.enabled:
             return {}
@@ -99,7 +101,7 @@ def load_tenant(slug: str) -> TenantConfig | None:
     tenant = Tenant.objects.filter(slug=slug).prefetch_related("agent_grants").first()
     if tenant is None:
         return None
-    from tenants.models import AGENT_OVERRIDE_FIELDS, LIMIT_FIELDS
+    from tenants.models import AGENT_OVERRIDE_FIELDS, LIMIT_FIELDS, override_value
 
     until = tenant.previous_secret_until()
     return TenantConfig(
@@ -112,7 +114,7 @@ def load_tenant(slug: str) -> TenantConfig | None:
             AgentGrant(
                 agent=row.agent,
                 enabled=row.enabled,
-                **{name: getattr(row, name) for name in AGENT_OVERRIDE_FIELDS},
+                **{name: override_value(row, name) for name in AGENT_OVERRIDE_FIELDS},
             )
             for row in tenant.agent_grants.all()
         ),

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 from datetime import datetime, timedelta
 
-from django.core.validators import RegexValidator
+from django.core.exceptions import ValidationError
+from django.core.validators import RegexValidator, URLValidator
 from django.db import models, transaction
 from django.utils import timezone
 
+from agents import MAX_FALLBACK_MODELS, check_fallbacks, fallback_from
 from project.conf import conf
 from tenants.config import TENANT_SLUG_PATTERN
 
@@ -190,6 +193,23 @@ LIMIT_FIELDS = (
 ENV_NAME_PATTERN = r"\A[A-Z_][A-Z0-9_]*\Z"
 
 
+def validate_fallbacks(value: object) -> None:
+    """A grant's fallback list: at most MAX_FALLBACK_MODELS objects, each a backend name
+    with an optional model, http(s) endpoint and key variable NAME. Whether the backend
+    exists is the admin form's check (console/admin.py): backends are the workers' side,
+    which this app, loaded by the gateway, does not import."""
+    if not isinstance(value, list):
+        raise ValidationError('a list of objects, e.g. [{"backend": "openai", "model": "..."}]')
+    try:
+        fallbacks = [fallback_from(entry) for entry in value]
+        check_fallbacks(fallbacks)
+    except (TypeError, ValueError) as error:
+        raise ValidationError(str(error)) from None
+    for fallback in fallbacks:
+        if fallback.base_url:
+            URLValidator(schemes=["http", "https"])(fallback.base_url)
+
+
 class TenantAgent(models.Model):
     """One agent's enablement and overrides for one tenant. A grant decides for its agent
     whatever Tenant.all_agents says; the overrides apply to the tenant's runs only."""
@@ -226,6 +246,18 @@ class TenantAgent(models.Model):
             "SWITCHBOARD_OPENAI_BASE_URL."
         ),
     )
+    fallbacks = models.JSONField(
+        default=list,
+        blank=True,
+        validators=[validate_fallbacks],
+        help_text=(
+            f"Models tried in order when the agent's own fails (at most {MAX_FALLBACK_MODELS}), "
+            "instead of those in its code, e.g. "
+            '[{"backend": "anthropic", "model": "claude-haiku-4-5"}, {"backend": "openai", '
+            '"model": "small", "base_url": "https://llm.example/v1", "api_key_env": "KEY"}]. '
+            "Empty: the code's list."
+        ),
+    )
 
     class Meta:
         db_table = "realtime_tenantagent"
@@ -238,5 +270,14 @@ class TenantAgent(models.Model):
         return f"{self.agent} ({state})"
 
 
-# What a grant may override in the agent's code, passed to workers with the run.
-AGENT_OVERRIDE_FIELDS = ("model", "api_key_env", "base_url")
+# What a grant may override in the agent's code, passed to workers with the run (the
+# fallback list as JSON text: the overrides are a mapping of strings).
+AGENT_OVERRIDE_FIELDS = ("model", "api_key_env", "base_url", "fallbacks")
+
+
+def override_value(grant: TenantAgent, name: str) -> str:
+    """A grant's override as the run carries it: text, "" when not set."""
+    value = getattr(grant, name)
+    if name == "fallbacks":
+        return json.dumps(value, separators=(",", ":")) if value else ""
+    return str(value)

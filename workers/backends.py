@@ -29,7 +29,10 @@ class ModelError(Exception):
     """`transient`: the same call may succeed if tried again. `retry_after_s`: how long the
     provider asked us to wait before that (its Retry-After), when it said. `summary`: what
     the client may be told of it (a degraded reply.done's detail.message), short and free
-    of keys, URLs and the provider's own words; "" lets the caller say something generic."""
+    of keys, URLs and the provider's own words; "" lets the caller say something generic.
+    `status`: the provider's HTTP status, when it answered one. `misconfigured`: the call
+    could not be made as configured (no model name, the key's variable unset): a fault of
+    this model's configuration, not of the request (what failover decides on)."""
 
     def __init__(
         self,
@@ -37,11 +40,15 @@ class ModelError(Exception):
         transient: bool,
         retry_after_s: float | None = None,
         summary: str = "",
+        status: int | None = None,
+        misconfigured: bool = False,
     ) -> None:
         super().__init__(detail)
         self.transient = transient
         self.retry_after_s = retry_after_s
         self.summary = summary
+        self.status = status
+        self.misconfigured = misconfigured
 
 
 class ModelTimeout(ModelError):
@@ -205,6 +212,12 @@ _factories: dict[str, str] = {
     "anthropic": "workers.anthropic_backend.from_settings",
 }
 _factory_lock = threading.Lock()
+
+
+def backend_names() -> list[str]:
+    """The names a step (or a tenant's fallback list) may use: the backends registered in
+    this process and those built from settings on first use."""
+    return sorted(set(_backends) | set(_factories))
 
 
 def get_backend(name: str) -> ModelBackend | BlockingModelBackend:

@@ -103,7 +103,10 @@ class OpenAIBackend:
         model = request.model or self.model
         if not model:
             raise ModelError(
-                f"{self.name} backend: no model configured", False, summary="model not configured"
+                f"{self.name} backend: no model configured",
+                False,
+                summary="model not configured",
+                misconfigured=True,
             )
         # A tenant's own key and endpoint (admin, by reference) win over the backend's.
         key_env = request.api_key_env or self.api_key_env
@@ -113,6 +116,7 @@ class OpenAIBackend:
                 f"{self.name} backend: the tenant's key variable {key_env} is not set",
                 False,
                 summary="model API key not configured",
+                misconfigured=True,
             )
         base_url = (request.base_url or self.base_url).rstrip("/")
         url, headers, body = self.build_request(base_url, model, key, request)
@@ -241,6 +245,7 @@ async def _status_error(response: aiohttp.ClientResponse) -> ModelError:
         transient,
         retry_after_s=retry_after(response.headers) if transient else None,
         summary=f"provider error {status}",
+        status=status,
     )
 
 

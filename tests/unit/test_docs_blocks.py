@@ -305,6 +305,9 @@ EXAMPLES = [
     ),
     Example("docs/agents.md", "async def ask(", run_by=INTEGRATION + "test_agents_doc_client"),
     Example(
+        "docs/agents.md", 'name="resilient"', run_by=INTEGRATION + "test_agents_doc_definitions"
+    ),
+    Example(
         "docs/agents.md", "def check_answer(", run_by=INTEGRATION + "test_agents_doc_definitions"
     ),
     Example(

@@ -13,6 +13,7 @@ from streams.records import (
     OutboxRecord,
     entry_from_event,
     message_from_run,
+    model_of,
     outbox_head,
     parse_outbox_record,
     problem_entry,
@@ -198,3 +199,25 @@ def test_retention_cutoff() -> None:
     now = datetime(2026, 3, 31, tzinfo=UTC)
     assert retention_cutoff(now, 30) == now - timedelta(days=30)
     assert retention_cutoff(now, 0) is None
+
+
+def test_the_answering_model_travels_from_the_detail_to_the_history_row() -> None:
+    detail = {"model": {"backend": "anthropic", "model": "claude", "fallback": True}}
+    assert model_of(detail) == "anthropic:claude"
+    assert model_of({"reason": "deadline"}) == model_of(None) == model_of({"model": "x"}) == ""
+    head = outbox_head("acme", "room/1", "r1", "ok", "e9", AT, "", model_of(detail))
+    assert parse_outbox_record(closed(head, "3", 9)).model == "anthropic:claude"
+    # A run whose reply.done named no model: the record is as before, without the field.
+    plain = outbox_head("acme", "room/1", "r1", "ok", "e9", AT, "")
+    assert '"model"' not in plain and parse_outbox_record(closed(plain, "3", 9)).model == ""
+    done = json.dumps(
+        {
+            "seq": 9,
+            "kind": "reply.done",
+            "from": "agent:a",
+            "id": "e9",
+            "ts": AT,
+            "data": {"run": "r1", "status": "ok", "text": "hi", "detail": detail},
+        }
+    )
+    assert entry_from_event(record(), done).model == "anthropic:claude"

@@ -168,6 +168,8 @@ def test_a_tenants_key_and_endpoint_win_and_an_unset_key_is_permanent(
         collect(elsewhere, unset)
     assert not raised.value.transient
     assert raised.value.summary == "model API key not configured"
+    # The model's configuration is at fault, not the request: a fallback model may answer.
+    assert raised.value.misconfigured
 
 
 def test_a_stall_is_cut_off_by_the_time_bound_and_its_connection_closed(
@@ -196,6 +198,7 @@ def test_500_is_transient(backend: OpenAIBackend) -> None:
     with pytest.raises(ModelError) as raised:
         collect(backend, call("status=503"))
     assert raised.value.transient and raised.value.retry_after_s is None
+    assert raised.value.status == 503
 
 
 @pytest.mark.parametrize("status", [400, 401, 404])
@@ -203,6 +206,8 @@ def test_other_4xx_are_permanent(backend: OpenAIBackend, status: int) -> None:
     with pytest.raises(ModelError) as raised:
         collect(backend, call(f"status={status}"))
     assert not raised.value.transient
+    # Failover tells a bad request (400) from a refused key or model (401, 404) by it.
+    assert raised.value.status == status and not raised.value.misconfigured
 
 
 def test_a_disconnect_mid_stream_is_transient(

@@ -3,6 +3,7 @@ load_tenant against real rows, the admin's inline and create_tenant --agents."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from django.core.management.base import CommandError
 from django.forms.models import model_to_dict
 from django.test import Client
 
+from agents import MAX_FALLBACK_MODELS
 from tenants.config import AgentGrant, TenantConfig, load_tenant
 from tenants.models import Tenant, TenantAgent
 
@@ -200,3 +202,66 @@ def test_create_tenant_with_agents_allows_only_those() -> None:
     with pytest.raises(CommandError, match="no agent named 'nope'"):
         call_command("create_tenant", "typo", "--agents", "echo,nope")
     assert not Tenant.objects.filter(slug="typo").exists()
+
+
+# --- fallback models ---------------------------------------------------------------------
+
+FALLBACKS = [
+    {"backend": "anthropic", "model": "claude"},
+    {
+        "backend": "openai",
+        "model": "small",
+        "base_url": "https://llm.example/v1",
+        "api_key_env": "K",
+    },
+]
+
+
+@pytest.mark.django_db
+def test_a_grants_fallback_list_travels_as_json_text_in_the_overrides() -> None:
+    tenant = Tenant.objects.create(slug="acme")
+    TenantAgent.objects.create(tenant=tenant, agent="echo", fallbacks=FALLBACKS)
+    TenantAgent.objects.create(tenant=tenant, agent="other")
+    loaded = load_tenant("acme")
+    assert loaded is not None
+    overrides = loaded.agent_overrides("echo")
+    assert set(overrides) == {"fallbacks"}
+    assert json.loads(overrides["fallbacks"]) == FALLBACKS
+    # No list: nothing in the overrides, the code's list applies.
+    assert loaded.agent_overrides("other") == {}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "fallbacks",
+    [
+        {"backend": "openai"},
+        ["openai"],
+        [{"backend": "openai", "key": "sk-abc"}],
+        [{"backend": "openai", "api_key_env": "sk-abc"}],
+        [{"backend": "openai", "base_url": "ftp://llm.example"}],
+        [{"backend": "Open AI"}],
+        [{"backend": "openai"}] * (MAX_FALLBACK_MODELS + 1),
+    ],
+)
+def test_a_malformed_fallback_list_cannot_be_saved(fallbacks: Any) -> None:
+    from django.core.exceptions import ValidationError
+
+    tenant = Tenant.objects.create(slug="acme")
+    with pytest.raises(ValidationError):
+        TenantAgent(tenant=tenant, agent="echo", fallbacks=fallbacks).full_clean()
+
+
+@pytest.mark.django_db
+def test_the_admin_saves_a_fallback_list_of_known_backends_only(admin_client: Client) -> None:
+    tenant = Tenant.objects.create(slug="acme")
+    unknown = {"agent": "echo", "enabled": True, "fallbacks": '[{"backend": "nowhere"}]'}
+    page = admin_client.post(change_url(tenant), change_form(tenant, unknown))
+    assert page.status_code == 200
+    assert "no model backend &#x27;nowhere&#x27;" in page.content.decode()
+    assert not TenantAgent.objects.exists()
+
+    row = {"agent": "echo", "enabled": True, "fallbacks": json.dumps(FALLBACKS)}
+    page = admin_client.post(change_url(tenant), change_form(tenant, row))
+    assert page.status_code == 302, page.content.decode()
+    assert TenantAgent.objects.get(tenant=tenant).fallbacks == FALLBACKS

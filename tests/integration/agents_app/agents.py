@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agents import Agent, On, PythonStep, Step, StepContext, register
+from agents import Agent, FallbackModel, On, PythonStep, Step, StepContext, register
 
 from . import catalog as c
 
@@ -141,5 +141,81 @@ register(
         name=c.INTAKE,
         steps=(Step(backend="openai", name="read", model=c.INTAKE_MODEL, prompt=c.INTAKE_PROMPT),),
         subscribes=(On("published", streams=c.INTAKE_STREAMS),),
+    )
+)
+
+register(
+    Agent(
+        name=c.FAILOVER,
+        steps=(
+            Step(
+                backend="openai",
+                model=c.FAILOVER_PRIMARY,
+                prompt=c.FAILOVER_PROMPT,
+                max_retries=1,
+                fallbacks=(FallbackModel("openai", c.FAILOVER_SECOND),),
+            ),
+        ),
+    )
+)
+
+register(
+    Agent(
+        name=c.FAILOVER_CUT,
+        steps=(
+            Step(
+                backend="openai",
+                model=c.FAILOVER_CUT_PRIMARY,
+                prompt=c.FAILOVER_CUT_PROMPT,
+                max_retries=0,
+                fallbacks=(FallbackModel("openai", c.FAILOVER_CUT_SECOND),),
+            ),
+        ),
+    )
+)
+
+register(
+    Agent(
+        name=c.FAILOVER_DOWN,
+        steps=(
+            Step(
+                backend="openai",
+                model=c.FAILOVER_DOWN_MODELS[0],
+                prompt=c.FAILOVER_DOWN_PROMPT,
+                max_retries=0,
+                fallbacks=(FallbackModel("openai", c.FAILOVER_DOWN_MODELS[1]),),
+                fallback_text=c.FAILOVER_DOWN_FALLBACK,
+            ),
+        ),
+    )
+)
+
+register(
+    Agent(
+        name=c.FAILOVER_BAD,
+        steps=(
+            Step(
+                backend="openai",
+                model=c.FAILOVER_BAD_PRIMARY,
+                prompt=c.FAILOVER_BAD_PROMPT,
+                fallbacks=(FallbackModel("openai", c.FAILOVER_BAD_SECOND),),
+                fallback_text=c.FAILOVER_BAD_FALLBACK,
+            ),
+        ),
+    )
+)
+
+register(
+    Agent(
+        name=c.FAILOVER_TENANT,
+        steps=(
+            Step(
+                backend="openai",
+                model=c.FAILOVER_TENANT_PRIMARY,
+                prompt=c.FAILOVER_TENANT_PROMPT,
+                max_retries=0,
+                fallbacks=(FallbackModel("openai", c.FAILOVER_TENANT_CODE_SECOND),),
+            ),
+        ),
     )
 )

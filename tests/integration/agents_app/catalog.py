@@ -79,3 +79,41 @@ INTAKE = "it-intake"
 INTAKE_STREAMS = "inbox:*"
 INTAKE_MODEL = "stream?pieces=2"
 INTAKE_PROMPT = "intake:{message}"
+
+# Failover across models (one provider, told apart by model name). it-failover: the step's
+# own model answers 500 every time (retried once), its fallback model answers.
+FAILOVER = "it-failover"
+FAILOVER_PRIMARY = "status=500&tag=failover"
+FAILOVER_ANSWER = "answered by the fallback model"
+FAILOVER_SECOND = f"stream?text={FAILOVER_ANSWER.replace(' ', '+')}&pieces=3"
+FAILOVER_PROMPT = "failover:{message}"
+
+# it-failover-cut: the own model streams two pieces, then the connection drops (no
+# retry): the fallback's whole answer follows a reply.restart, never spliced on.
+FAILOVER_CUT = "it-failover-cut"
+FAILOVER_CUT_PIECES_BEFORE = 2
+FAILOVER_CUT_PRIMARY = f"disconnect?after={FAILOVER_CUT_PIECES_BEFORE}&pieces=4&delay_ms=100"
+FAILOVER_CUT_ANSWER = "the fallback's whole answer"
+FAILOVER_CUT_SECOND = f"stream?text={FAILOVER_CUT_ANSWER.replace(' ', '+')}&pieces=3"
+FAILOVER_CUT_PROMPT = "failover-cut:{message}"
+
+# it-failover-down: every model of the chain fails: the step's fixed fallback text.
+FAILOVER_DOWN = "it-failover-down"
+FAILOVER_DOWN_MODELS = ("status=503&tag=down", "status=502&tag=down")
+FAILOVER_DOWN_FALLBACK = "it-failover-down: no model could answer"
+FAILOVER_DOWN_PROMPT = "failover-down:{message}"
+
+# it-failover-bad: the own model refuses the request itself (400): no fallback model is
+# asked, the step gives its fallback text.
+FAILOVER_BAD = "it-failover-bad"
+FAILOVER_BAD_PRIMARY = "status=400&tag=failover"
+FAILOVER_BAD_SECOND = "stream?text=never+asked"
+FAILOVER_BAD_FALLBACK = "it-failover-bad: the request was refused"
+FAILOVER_BAD_PROMPT = "failover-bad:{message}"
+
+# it-failover-tenant: as it-failover, but a tenant's grant lists its own fallback model
+# (another endpoint, its own key), which replaces the code's.
+FAILOVER_TENANT = "it-failover-tenant"
+FAILOVER_TENANT_PRIMARY = "status=500&tag=tenant"
+FAILOVER_TENANT_CODE_SECOND = "stream?text=the+code's+fallback"
+FAILOVER_TENANT_PROMPT = "failover-tenant:{message}"
