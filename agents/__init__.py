@@ -31,6 +31,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agents.tools import (
+    DEFAULT_TOOL_ROUNDS,
+    MAX_TOOL_ROUNDS,
+    BadTool,
+    tools_of,
+)
+from agents.tools import Tool as Tool  # re-exported: `from agents import Tool`
 from project.conf import Conf, conf
 
 # Event kinds an agent may subscribe to: each is written by one transaction that also
@@ -93,6 +100,19 @@ class Step:
     # Calls of this step per tenant: {"rpm": N, "tpm": M} (workers/quotas.py), in Redis so
     # one limit binds every worker. A step waits for its budget while its deadline allows.
     rate_limit: Mapping[str, int] | None = None
+    # Functions (or agents.tools.Tool) the model may call during the step
+    # (agents/tools.py), and how many rounds of calls it may make before it must answer.
+    tools: tuple[Any, ...] = ()
+    max_tool_rounds: int = DEFAULT_TOOL_ROUNDS
+
+    def __post_init__(self) -> None:
+        if self.tools:
+            try:
+                object.__setattr__(self, "tools", tools_of(tuple(self.tools)))
+            except BadTool as error:
+                raise BadAgent(f"a step's tools: {error}") from None
+        if not (1 <= self.max_tool_rounds <= MAX_TOOL_ROUNDS):
+            raise BadAgent(f"a step's max_tool_rounds must be 1..{MAX_TOOL_ROUNDS}")
 
     @property
     def calls_model(self) -> bool:
