@@ -43,6 +43,7 @@ from agents import (
 from ops import logcontext, metrics
 from orchestration.coalesce import Coalescer
 from orchestration.inflight import DRAIN, Held, InFlight
+from orchestration.tool_steps import call_with_tools, with_tools_ran
 from project.conf import conf
 from streams.rate_limits import BackendLimit, parse_limits
 from streams.reasons import degraded_message
@@ -189,7 +190,7 @@ class _Step:
         except (UnknownAgent, IndexError):
             await self.finalize("failed", {"reason": "agent not available"})
             return StepOutcome()
-        if step.visible and run.emitted != run.step_base:
+        if (step.visible and run.emitted != run.step_base) or self.showed_tool_events():
             await self.restart("redelivered")
         # Deadline propagation: a call that cannot get its minimum useful time is not started.
         if self.time_for_call() < step.min_budget_s:
@@ -269,7 +270,7 @@ class _Step:
         """Wait, then void what the failed attempt streamed: a reply is one model output."""
         await asyncio.sleep(backoff)
         self.retries += 1
-        if step.visible and self.run.emitted != self.run.step_base:
+        if (step.visible and self.run.emitted != self.run.step_base) or self.showed_tool_events():
             await self.restart("retry")
 
     async def call_model(self, step: Step, prompt: str) -> str:
@@ -279,7 +280,10 @@ class _Step:
         request = self.model_request(step, prompt)
         coalescer = _coalescer()
         try:
-            output = await self.stream_pieces(step, request, budget, coalescer)
+            if step.tools:
+                output = await call_with_tools(self, step, prompt, coalescer)
+            else:
+                output = await self.stream_pieces(step, request, budget, coalescer)
         except TimeoutError:
             # What was produced before the limit is kept: the fallback follows it.
             await self.append_pending(coalescer)
@@ -378,6 +382,42 @@ class _Step:
     def called(self, step: Step, outcome: str, started: float) -> None:
         metrics.model_call(step.backend, outcome, time.monotonic() - started)
 
+    # --- tool calls (orchestration/tool_steps.py) ------------------------------------------
+
+    def showed_tool_events(self) -> bool:
+        """Whether this step's earlier attempt wrote tool events that no restart voided."""
+        return self.run.tool_step == self.index
+
+    def tool_context(self) -> StepContext:
+        assert self.agent is not None
+        return step_context(self.run, self.agent, self.index)
+
+    async def append_tool_event(
+        self, kind: str, data: dict[str, Any], tools_ran: list[str] | None = None
+    ) -> None:
+        """A tool.call or tool.result, fenced like a delta; a write whose answer was lost
+        on the connection is recognised when tried again, never made twice."""
+        run = self.run
+        expected = run.tool_events + 1
+        tried = False
+
+        async def write() -> int:
+            nonlocal tried
+            try:
+                return await self.store.append_tool_event(run, kind, data, tools_ran)
+            except StaleOffset as stale:
+                if tried and stale.stored == expected:
+                    run.tool_events = expected
+                    run.tool_step = run.step
+                    if tools_ran is not None:
+                        run.tools_ran = list(tools_ran)
+                    return 0
+                raise
+            finally:
+                tried = True
+
+        await durably(write, run.deadline)
+
     # --- Python steps ----------------------------------------------------------------------
 
     async def execute_python(self, step: PythonStep, context: StepContext) -> StepOutcome:
@@ -453,6 +493,7 @@ class _Step:
 
     async def finalize(self, status: str, detail: Any) -> None:
         run = self.run
+        detail = with_tools_ran(detail, run.tools_ran)
         await durably(lambda: self.store.finalize(run, status, detail), run.deadline + 60)
 
     async def done(self, output: str, fell_back: str = "") -> StepOutcome:

@@ -129,7 +129,13 @@ async def test_agents_doc_client_example_runs(
 
 
 @pytest.mark.parametrize(
-    "marker", ["Make an app (or use one", "The `triage` example", "An agent subscribes to"]
+    "marker",
+    [
+        "Make an app (or use one",
+        "The `triage` example",
+        "An agent subscribes to",
+        "A model step may offer its model **tools**",
+    ],
 )
 def test_agents_doc_definitions_register(marker: str) -> None:
     """Each agent definition of docs/agents.md registers (validated as at start-up)."""
