@@ -367,3 +367,126 @@ def test_the_fakes_tool_calls_read_as_the_official_clients_read_them(
             message = reply.get_final_message()
     [use] = [block for block in message.content if block.type == "tool_use"]
     assert (use.name, use.input) == ("weather", {"city": "Oslo"})
+
+
+# --- one call, as the step's loop runs it (orchestration/tool_steps.py) -------------------
+
+
+class RecordingWriter:
+    """What the loop writes, kept instead of appended to a stream."""
+
+    def __init__(self, time_left: float = 5.0) -> None:
+        from streams.runs import Run
+
+        self.run = Run(
+            run_id="r1",
+            tenant="acme",
+            stream="room",
+            agent="tooled",
+            client="alice",
+            message_id="m1",
+            message_event="e1",
+            text="",
+            options={},
+            deadline=0.0,
+            retention=100,
+            attempt=1,
+            emitted=0,
+            step_base=0,
+            owner="o",
+            step=1,
+        )
+        self.time_left = time_left
+        self.written: list[tuple[str, dict[str, object], list[str] | None]] = []
+
+    def time_for_call(self) -> float:
+        return self.time_left
+
+    def tool_context(self) -> StepContext:
+        return StepContext(
+            tenant="acme",
+            stream="room",
+            agent="tooled",
+            run_id="r1",
+            message="",
+            input="",
+            outputs={},
+            options={},
+        )
+
+    async def append_tool_event(
+        self, kind: str, data: dict[str, object], tools_ran: list[str] | None = None
+    ) -> None:
+        self.written.append((kind, data, tools_ran))
+        if tools_ran is not None:
+            self.run.tools_ran = tools_ran
+
+
+def one_call(tool: Tool | None, call: ToolCall, writer: RecordingWriter) -> ToolResult:
+    from orchestration.tool_steps import run_call
+
+    tools = {tool.name: tool} if tool is not None else {}
+    return asyncio.run(run_call(writer, tools, call))  # type: ignore[arg-type]
+
+
+def test_a_call_writes_its_call_and_result_and_names_the_tool_once() -> None:
+    writer = RecordingWriter()
+    result = one_call(Tool.of(scoped), ToolCall("c1", "scoped", '{"query": "q"}'), writer)
+    assert result == ToolResult("c1", "scoped", "acme:q")
+    (kind1, call, ran1), (kind2, answer, ran2) = writer.written
+    assert (kind1, kind2) == ("tool.call", "tool.result")
+    assert call == {
+        "run": "r1",
+        "call": "c1",
+        "name": "scoped",
+        "step": 1,
+        "arguments": {"query": "q"},
+    }
+    assert answer == {
+        "run": "r1",
+        "call": "c1",
+        "name": "scoped",
+        "step": 1,
+        "ok": True,
+        "text": "acme:q",
+    }
+    assert (ran1, ran2) == (None, ["scoped"])
+    one_call(Tool.of(scoped), ToolCall("c2", "scoped", '{"query": "q"}'), writer)
+    assert writer.written[-1][2] is None, "a tool that already ran is named once"
+
+
+def test_calls_that_cannot_run_are_refused_in_words_the_model_reads() -> None:
+    writer = RecordingWriter()
+    unknown = one_call(None, ToolCall("c1", "x" * 500, "{}"), writer)
+    assert unknown.is_error and unknown.content.startswith("error (unknown_tool)")
+    assert len(writer.written[0][1]["name"]) == 64  # type: ignore[arg-type]
+    big = one_call(Tool.of(weather), ToolCall("c2", "weather", "", oversized=True), writer)
+    assert big.is_error and "too large" in big.content
+    assert writer.written[-2][1]["arguments"] is None
+    assert writer.written[-1][2] is None, "a refused call ran no tool"
+
+
+def test_an_async_tool_past_its_limit_is_a_timeout_and_long_results_are_cut() -> None:
+    async def slow(key: str) -> str:
+        """Sleeps."""
+        await asyncio.sleep(10)
+        return key
+
+    def long(key: str) -> str:
+        """Long."""
+        return key * 1000
+
+    writer = RecordingWriter()
+    late = one_call(
+        Tool.of(slow, soft_limit_s=0.05), ToolCall("c1", "slow", '{"key": "a"}'), writer
+    )
+    assert late.is_error and late.content.startswith("error (timeout)")
+    assert writer.written[-1][1]["error"] == "timeout"
+    cut = one_call(
+        Tool.of(long, max_result_chars=100), ToolCall("c2", "long", '{"key": "ab"}'), writer
+    )
+    assert len(cut.content) == 100 and cut.content.endswith("more characters]")
+    assert writer.written[-1][1]["truncated"] is True
+    # The run's deadline bounds a tool too: no time left, no wait.
+    hurried = one_call(Tool.of(slow), ToolCall("c3", "slow", '{"key": "a"}'), RecordingWriter(0.0))
+    assert hurried.content.startswith("error (timeout)")
