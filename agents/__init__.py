@@ -32,6 +32,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agents.tools import (
+    DEFAULT_TOOL_ROUNDS,
+    MAX_TOOL_ROUNDS,
+    BadTool,
+    tools_of,
+)
+from agents.tools import Tool as Tool  # re-exported: `from agents import Tool`
 from project.conf import Conf, conf
 
 # Event kinds an agent may subscribe to: each is written by one transaction that also
@@ -116,6 +123,19 @@ class Step:
     # failover.py says on which errors), before `fallback_text`; at most
     # MAX_FALLBACK_MODELS. A tenant's agent grant may list its own instead (admin).
     fallbacks: tuple[FallbackModel, ...] = ()
+    # Functions (or agents.tools.Tool) the model may call during the step
+    # (agents/tools.py), and how many rounds of calls it may make before it must answer.
+    tools: tuple[Any, ...] = ()
+    max_tool_rounds: int = DEFAULT_TOOL_ROUNDS
+
+    def __post_init__(self) -> None:
+        if self.tools:
+            try:
+                object.__setattr__(self, "tools", tools_of(tuple(self.tools)))
+            except BadTool as error:
+                raise BadAgent(f"a step's tools: {error}") from None
+        if not (1 <= self.max_tool_rounds <= MAX_TOOL_ROUNDS):
+            raise BadAgent(f"a step's max_tool_rounds must be 1..{MAX_TOOL_ROUNDS}")
 
     @property
     def calls_model(self) -> bool:

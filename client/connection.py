@@ -182,8 +182,53 @@ def reply_problems(events: list[Event], done: Event | None = None) -> list[str]:
     return problems
 
 
+# Tool calls a reply keeps (a run's are bounded by the server; this bounds a hostile one).
+MAX_TOOL_CALLS_KEPT = 256
+
+
+def apply_tool_event(tools: list[dict[str, Any]], event: Event) -> bool:
+    """Fold a `tool.call`, `tool.result` or `reply.restart` into a run's tool calls: each
+    call one dict {call, name, arguments, step, ok, text, error, truncated}; `ok` is None
+    until its result came (a result whose call was missed, by joining mid-run, makes one
+    with `arguments` None). A restart voids the calls of the step it names and later
+    ones. Returns whether `tools` changed."""
+    data = event.get("data") or {}
+    kind = event.get("kind")
+    if kind == "reply.restart":
+        step = data.get("step")
+        kept = [t for t in tools if isinstance(step, int) and (t["step"] or 0) < step]
+        changed = len(kept) != len(tools)
+        tools[:] = kept
+        return changed
+    if kind not in ("tool.call", "tool.result"):
+        return False
+    call = data.get("call")
+    found = next((t for t in reversed(tools) if t["call"] == call), None)
+    if kind == "tool.call" or found is None:
+        if len(tools) >= MAX_TOOL_CALLS_KEPT:
+            return False
+        found = {
+            "call": call,
+            "name": data.get("name"),
+            "arguments": data.get("arguments") if kind == "tool.call" else None,
+            "step": data.get("step"),
+            "ok": None,
+            "text": None,
+            "error": None,
+            "truncated": False,
+        }
+        tools.append(found)
+    if kind == "tool.result":
+        found["ok"] = bool(data.get("ok"))
+        found["text"] = data.get("text")
+        found["error"] = data.get("error")
+        found["truncated"] = bool(data.get("truncated"))
+    return True
+
+
 class ReplyCollector:
-    """One run's reply as it streams: its deltas in order, then its reply.done.
+    """One run's reply as it streams: its deltas in order, then its reply.done; and the
+    run's tool calls (`tools`, see `apply_tool_event`).
 
     A `reply.restart` voids the deltas so far (kept in `restarts`, counted per attempt):
     `deltas` are always those of the current attempt. An event whose seq is not past the
@@ -191,10 +236,11 @@ class ReplyCollector:
     restart delivered twice never voids the deltas that followed it.
     """
 
-    __slots__ = ("deltas", "done", "restarts", "voided", "_last_seq")
+    __slots__ = ("deltas", "done", "restarts", "tools", "voided", "_last_seq")
 
     def __init__(self) -> None:
         self.deltas: list[Event] = []
+        self.tools: list[dict[str, Any]] = []
         self.done: asyncio.Future[Event] | None = None
         self.restarts: list[Event] = []
         self.voided = 0  # deltas discarded by restarts
@@ -213,6 +259,9 @@ class ReplyCollector:
             self.restarts.append(event)
             self.voided += len(self.deltas)
             self.deltas = []
+            apply_tool_event(self.tools, event)
+        elif kind in ("tool.call", "tool.result"):
+            apply_tool_event(self.tools, event)
         elif kind == "reply.done":
             if self.done is None:
                 self.done = asyncio.get_running_loop().create_future()
@@ -553,6 +602,19 @@ class SwitchboardClient:
             del self._replies[key]
         return answer
 
+    async def reply_with_tools(
+        self, key: str, timeout: float = 30.0
+    ) -> tuple[list[Event], list[dict[str, Any]], Event]:
+        """`reply`, with the run's tool calls and their results (`apply_tool_event`) of its
+        last attempt, in the order they were called."""
+        collector = self._replies.get(key)
+        if collector is None:
+            collector = self._replies[key] = ReplyCollector()
+        deltas, done = await collector.wait(timeout)
+        if self._replies.get(key) is collector:
+            del self._replies[key]
+        return deltas, collector.tools, done
+
     def _stream(self, stream: str) -> _Stream:
         state = self._streams.get(stream)
         if state is None:
@@ -667,7 +729,7 @@ class SwitchboardClient:
             self.seq_anomalies.append((stream, last + 1, seq))
         if last is None or seq > last:
             state.last_seq = seq
-        if self._replies and event["kind"].startswith("reply."):
+        if self._replies and event["kind"].startswith(("reply.", "tool.")):
             self._collect_reply(event)
         if self.on_event is not None:
             self.on_event(event)

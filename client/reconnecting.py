@@ -353,6 +353,15 @@ class ReconnectingClient:
         `reply.restart`, the deltas since the last one (the reply started again at 0)."""
         return await self._replies.setdefault(message_id, ReplyCollector()).wait(timeout)
 
+    async def reply_with_tools(
+        self, message_id: str, timeout: float = 30.0
+    ) -> tuple[list[Event], list[dict[str, Any]], Event]:
+        """`reply`, with the run's tool calls of its last attempt (client.connection's
+        `apply_tool_event`), in the order they were called."""
+        collector = self._replies.setdefault(message_id, ReplyCollector())
+        deltas, done = await collector.wait(timeout)
+        return deltas, collector.tools, done
+
     async def next_presence(self, stream: str, timeout: float = 10.0) -> Event:
         """The stream's next `join` or `leave` (they have no seq and are not resumed)."""
         tracked = self._streams.setdefault(stream, _Tracked())
@@ -406,7 +415,7 @@ class ReconnectingClient:
 
     def _deliver(self, tracked: _Tracked, event: Event) -> None:
         kind = event["kind"]
-        if kind.startswith("reply.") and answers_own_send(event, self.client):
+        if kind.startswith(("reply.", "tool.")) and answers_own_send(event, self.client):
             collector = self._replies.get(event["cause"].get("message"))
             if collector is not None:
                 collector.add(event)

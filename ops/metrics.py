@@ -195,6 +195,8 @@ OUT_KINDS = frozenset(
         "reply.delta",
         "reply.restart",
         "reply.done",
+        "tool.call",
+        "tool.result",
         "join",
         "leave",
         "welcome",

@@ -46,6 +46,7 @@ from ops import logcontext, metrics
 from orchestration import failover
 from orchestration.coalesce import Coalescer
 from orchestration.inflight import DRAIN, Held, InFlight
+from orchestration.tool_steps import call_with_tools, with_tools_ran
 from project.conf import conf
 from streams.rate_limits import BackendLimit, parse_limits
 from streams.reasons import degraded_message
@@ -199,7 +200,7 @@ class _Step:
         except (UnknownAgent, IndexError):
             await self.finalize("failed", {"reason": "agent not available"})
             return StepOutcome()
-        if step.visible and run.emitted != run.step_base:
+        if (step.visible and run.emitted != run.step_base) or self.showed_tool_events():
             await self.restart("redelivered")
         # Deadline propagation: a call that cannot get its minimum useful time is not started.
         if self.time_for_call() < step.min_budget_s:
@@ -298,7 +299,7 @@ class _Step:
         # Each model gets the step's retries; the attempt count goes on across the chain.
         self.retries += 1
         self.model_retries = 0
-        if step.visible and self.run.emitted != self.run.step_base:
+        if (step.visible and self.run.emitted != self.run.step_base) or self.showed_tool_events():
             await self.restart("failover")
         return True
 
@@ -332,7 +333,7 @@ class _Step:
         await asyncio.sleep(backoff)
         self.retries += 1
         self.model_retries += 1
-        if step.visible and self.run.emitted != self.run.step_base:
+        if (step.visible and self.run.emitted != self.run.step_base) or self.showed_tool_events():
             await self.restart("retry")
 
     async def call_model(self, step: Step, prompt: str) -> str:
@@ -342,7 +343,10 @@ class _Step:
         request = self.model_request(step, prompt)
         coalescer = _coalescer()
         try:
-            output = await self.stream_pieces(step, request, budget, coalescer)
+            if step.tools:
+                output = await call_with_tools(self, step, prompt, coalescer)
+            else:
+                output = await self.stream_pieces(step, request, budget, coalescer)
         except TimeoutError:
             # What was produced before the limit is kept: the fallback follows it.
             await self.append_pending(coalescer)
@@ -355,6 +359,10 @@ class _Step:
             raise
         await self.append_pending(coalescer)
         return output
+
+    def model_backend(self) -> ModelBackend | BlockingModelBackend:
+        """The backend of the model of the chain being tried."""
+        return backend_of(self.candidate)
 
     def model_request(self, step: Step, prompt: str) -> ModelRequest:
         """The call as the backend gets it: the model of the chain being tried, with its
@@ -446,6 +454,42 @@ class _Step:
     def called(self, step: Step, outcome: str, started: float) -> None:
         metrics.model_call(self.candidate.backend, outcome, time.monotonic() - started)
 
+    # --- tool calls (orchestration/tool_steps.py) ------------------------------------------
+
+    def showed_tool_events(self) -> bool:
+        """Whether this step's earlier attempt wrote tool events that no restart voided."""
+        return self.run.tool_step == self.index
+
+    def tool_context(self) -> StepContext:
+        assert self.agent is not None
+        return step_context(self.run, self.agent, self.index)
+
+    async def append_tool_event(
+        self, kind: str, data: dict[str, Any], tools_ran: list[str] | None = None
+    ) -> None:
+        """A tool.call or tool.result, fenced like a delta; a write whose answer was lost
+        on the connection is recognised when tried again, never made twice."""
+        run = self.run
+        expected = run.tool_events + 1
+        tried = False
+
+        async def write() -> int:
+            nonlocal tried
+            try:
+                return await self.store.append_tool_event(run, kind, data, tools_ran)
+            except StaleOffset as stale:
+                if tried and stale.stored == expected:
+                    run.tool_events = expected
+                    run.tool_step = run.step
+                    if tools_ran is not None:
+                        run.tools_ran = list(tools_ran)
+                    return 0
+                raise
+            finally:
+                tried = True
+
+        await durably(write, run.deadline)
+
     # --- Python steps ----------------------------------------------------------------------
 
     async def execute_python(self, step: PythonStep, context: StepContext) -> StepOutcome:
@@ -521,6 +565,7 @@ class _Step:
 
     async def finalize(self, status: str, detail: Any) -> None:
         run = self.run
+        detail = with_tools_ran(detail, run.tools_ran)
         await durably(lambda: self.store.finalize(run, status, detail), run.deadline + 60)
 
     async def done(self, output: str, fell_back: str = "") -> StepOutcome:

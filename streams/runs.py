@@ -183,6 +183,12 @@ class Run:
     # Earlier steps' outputs by index, and the step that gave its fallback and went on.
     outputs: dict[int, str] = field(default_factory=dict)
     fell_back: str = ""
+    # Tool events (tool.call, tool.result) the run has appended; the step that appended
+    # the last ones, until a reply.restart voided them (-1: none stand); the names of the
+    # tools that ran, in order of first use (reply.done's detail.tools).
+    tool_events: int = 0
+    tool_step: int = -1
+    tools_ran: list[str] = field(default_factory=list)
 
     @classmethod
     def from_hash(cls, run_id: str, fields: dict[str, str]) -> Run:
@@ -215,6 +221,9 @@ class Run:
                 if name.startswith(OUTPUT_FIELD)
             },
             fell_back=fields.get("fell_back", ""),
+            tool_events=int(fields.get("tool_events") or 0),
+            tool_step=int(fields["tool_step"]) if fields.get("tool_step") else -1,
+            tools_ran=orjson.loads(fields["tools_ran"]) if fields.get("tools_ran") else [],
         )
 
     def seconds_left(self) -> float:
@@ -291,6 +300,13 @@ class RunStore(_RunStoreBase):
     def append_delta(self, run: Run, piece: str) -> int:
         """Append one reply piece at the run's current offset; returns its seq."""
         call = _AppendCall(run, piece, self.lease_s)
+        return call.result(call.script.run(self.client))
+
+    def append_tool_event(
+        self, run: Run, kind: str, data: dict[str, Any], tools_ran: list[str] | None = None
+    ) -> int:
+        """A tool.call or tool.result of the run's current step (AsyncRunStore's)."""
+        call = _ToolEventCall(run, kind, data, tools_ran, self.lease_s)
         return call.result(call.script.run(self.client))
 
     def finalize(
@@ -399,6 +415,15 @@ class AsyncRunStore(_RunStoreBase):
 
     async def append_delta(self, run: Run, piece: str) -> int:
         call = _AppendCall(run, piece, self.lease_s)
+        return call.result(await call.script.run_async(self.client))
+
+    async def append_tool_event(
+        self, run: Run, kind: str, data: dict[str, Any], tools_ran: list[str] | None = None
+    ) -> int:
+        """One tool.call or tool.result of the run's current step, as its next tool event
+        (StaleOffset when it is not: the value is how many the run has). `tools_ran`, when
+        given, replaces the run's list of tools that ran."""
+        call = _ToolEventCall(run, kind, data, tools_ran, self.lease_s)
         return call.result(await call.script.run_async(self.client))
 
     async def restart_reply(self, run: Run, attempt: int, reason: str, kept: str) -> None:
@@ -538,12 +563,62 @@ class _AppendCall:
         raise StaleOffset(run.run_id, run.emitted, int(answer.value))
 
 
+class _ToolEventCall:
+    def __init__(
+        self,
+        run: Run,
+        kind: str,
+        data: dict[str, Any],
+        tools_ran: list[str] | None,
+        lease_s: float,
+    ) -> None:
+        self.run = run
+        self.tools_ran = tools_ran
+        prefix, suffix = run.reply_event(kind, data)
+        self.renewed_at = time.monotonic()
+        self.script = scripts.AppendToolEvent(
+            seq_key=keys.stream_seq(run.tenant, run.stream),
+            log_key=keys.stream_log(run.tenant, run.stream),
+            run_key=keys.run(run.run_id),
+            text_key=keys.run_text(run.run_id),
+            leases_key=keys.RUN_LEASES,
+            channel=keys.stream_channel(run.tenant, run.stream),
+            prefix=prefix,
+            suffix=suffix,
+            maxlen=run.retention,
+            owner=run.owner,
+            count=run.tool_events,
+            step=run.step,
+            tools_ran=dumps(tools_ran) if tools_ran is not None else "",
+            lease_s=lease_s,
+            grace_s=RUN_RECORD_GRACE_S,
+            run_id=run.run_id,
+        )
+
+    def result(self, answer: scripts.Coded) -> int:
+        run = self.run
+        if answer.code == 1:
+            run.tool_events += 1
+            run.tool_step = run.step
+            if self.tools_ran is not None:
+                run.tools_ran = list(self.tools_ran)
+            run.renewed_at = self.renewed_at
+            return int(answer.value)
+        if answer.code == -1:
+            raise RunFinished(run.run_id)
+        if answer.code == -2:
+            raise Fenced(run.run_id)
+        raise StaleOffset(run.run_id, run.tool_events, int(answer.value))
+
+
 class _RestartCall:
     def __init__(self, run: Run, attempt: int, reason: str, kept: str, lease_s: float) -> None:
         self.run = run
         self.kept = kept
         restart_prefix, restart_suffix = run.reply_event(
-            "reply.restart", {"run": run.run_id, "attempt": attempt, "reason": reason}
+            # `step`: the tool events of this step and later ones are void with its text.
+            "reply.restart",
+            {"run": run.run_id, "attempt": attempt, "reason": reason, "step": run.step},
         )
         delta_prefix = delta_suffix = ""
         if kept:
@@ -577,6 +652,7 @@ class _RestartCall:
         if answer.code == -2:
             raise Fenced(self.run.run_id)
         self.run.emitted = self.run.step_base = len(self.kept)
+        self.run.tool_step = -1
         self.run.renewed_at = self.renewed_at
 
 

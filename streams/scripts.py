@@ -355,6 +355,48 @@ class AppendDelta(Script[Coded]):
 
 
 @dataclass(slots=True)
+class AppendToolEvent(Script[Coded]):
+    """A run's tool.call or tool.result by its owner: code 1 (value: its seq), -1 finished,
+    -2 fenced, -3 not the run's next tool event (value: how many it has)."""
+
+    LUA = Lua("append_tool_event.lua")
+    KEYS = ("seq_key", "log_key", "run_key", "text_key", "leases_key")
+    ARGV = (
+        "channel",
+        "prefix",
+        "suffix",
+        "maxlen",
+        "owner",
+        "count",
+        "step",
+        "tools_ran",
+        "lease_s",
+        "grace_s",
+        "run_id",
+    )
+
+    seq_key: str
+    log_key: str
+    run_key: str
+    text_key: str
+    leases_key: str
+    channel: str
+    prefix: str
+    suffix: str
+    maxlen: int
+    owner: str
+    count: int
+    step: int
+    tools_ran: str
+    lease_s: float
+    grace_s: int
+    run_id: str
+
+    def result(self, raw: Any) -> Coded:
+        return _coded(raw)
+
+
+@dataclass(slots=True)
 class RestartReply(Script[Coded]):
     """Void a step's streamed text (reply.restart): code 1, -1 finished, -2 fenced."""
 

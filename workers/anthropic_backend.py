@@ -19,7 +19,13 @@ from typing import Any
 import aiohttp
 
 from project.conf import conf
-from workers.backends import ModelError, ModelRequest
+from workers.backends import (
+    ModelError,
+    ModelRequest,
+    ToolCall,
+    ToolCallAssembler,
+    arguments_object,
+)
 from workers.openai_backend import (
     OpenAIBackend,
     _error_message,
@@ -55,10 +61,96 @@ class AnthropicBackend(OpenAIBackend):
         elif isinstance(stop, list) and all(isinstance(item, str) for item in stop):
             body["stop_sequences"] = stop
         body.update({k: v for k, v in options.items() if k not in UNSUPPORTED_OPTIONS})
+        if request.tools:
+            add_anthropic_tools(body, request)
         return f"{base_url}/messages", headers, body
 
     def pieces(self, response: aiohttp.ClientResponse) -> AsyncIterator[str]:
         return _pieces(response)
+
+    def turn_events(self, response: aiohttp.ClientResponse) -> AsyncIterator[str | ToolCall]:
+        return _turn_events(response)
+
+
+def add_anthropic_tools(body: dict[str, Any], request: ModelRequest) -> None:
+    """The tools offered and the rounds so far, as the Messages API expects them: each
+    round an assistant message of its text and `tool_use` blocks, then a user message of
+    one `tool_result` block per call."""
+    body["tools"] = [
+        {
+            "name": spec["name"],
+            "description": spec.get("description", ""),
+            "input_schema": spec["parameters"],
+        }
+        for spec in request.tools
+    ]
+    if request.tool_choice == "none":
+        body["tool_choice"] = {"type": "none"}
+    messages = body["messages"]
+    for turn in request.rounds:
+        content: list[dict[str, Any]] = []
+        if turn.text:
+            content.append({"type": "text", "text": turn.text})
+        content.extend(
+            {
+                "type": "tool_use",
+                "id": call.id,
+                "name": call.name,
+                "input": arguments_object(call.arguments),
+            }
+            for call in turn.calls
+        )
+        messages.append({"role": "assistant", "content": content})
+        messages.append(
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": result.call_id,
+                        "content": result.content,
+                        "is_error": result.is_error,
+                    }
+                    for result in turn.results
+                ],
+            }
+        )
+
+
+async def _turn_events(response: aiohttp.ClientResponse) -> AsyncIterator[str | ToolCall]:
+    """Text pieces, then the turn's tool calls: a `content_block_start` of type `tool_use`
+    (id, name) and its `input_json_delta` fragments, by block index."""
+    finished = False
+    calls = ToolCallAssembler()
+    tool_blocks: set[int] = set()
+    async for name, payload in sse_events(response):
+        event = _json_event(payload)
+        kind = event.get("type") or name
+        if kind == "content_block_start":
+            block = event.get("content_block")
+            index = event.get("index")
+            if isinstance(block, dict) and block.get("type") == "tool_use":
+                if isinstance(index, int) and not isinstance(index, bool):
+                    tool_blocks.add(index)
+                calls.add(index, block.get("id"), block.get("name"))
+        elif kind == "content_block_delta":
+            delta = event.get("delta") or {}
+            if not isinstance(delta, dict):
+                continue
+            if delta.get("type") == "text_delta":
+                text = delta.get("text")
+                if isinstance(text, str) and text:
+                    yield text
+            elif delta.get("type") == "input_json_delta" and event.get("index") in tool_blocks:
+                calls.add(event.get("index"), arguments=delta.get("partial_json"))
+        elif kind == "message_stop":
+            finished = True
+        elif kind == "error":
+            raise ModelError(f"model stream error: {_error_message(event)}", True)
+    if not finished:
+        raise ModelError("model stream ended before its end (message_stop)", True)
+    for call in calls.calls():
+        yield call
 
 
 async def _pieces(response: aiohttp.ClientResponse) -> AsyncIterator[str]:

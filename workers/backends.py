@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -79,6 +81,122 @@ class ModelRequest:
     # API key, and its endpoint. Empty: the backend's own configuration.
     api_key_env: str = ""
     base_url: str = ""
+    # Tool calling (a backend with `astream_events`): the tools offered, as
+    # {"name", "description", "parameters": JSON schema}; the rounds of calls made so far in
+    # this step, fed back to the model; "none" to forbid further calls (the last round).
+    tools: tuple[dict[str, Any], ...] = ()
+    rounds: tuple[ToolRound, ...] = ()
+    tool_choice: str = "auto"
+
+
+# Bounds on what a model's tool calls may hold, whatever it streams: calls kept per turn
+# (later ones are dropped), characters of one call's arguments and of its name.
+MAX_TOOL_CALLS_PER_TURN = 16
+MAX_TOOL_ARGUMENT_CHARS = 16_384
+MAX_TOOL_NAME_CHARS = 128
+TOOL_CALL_ID = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A call the model asked for: its id, the tool's name and the arguments as the JSON
+    text it streamed (`oversized`: cut at MAX_TOOL_ARGUMENT_CHARS, so not to be run)."""
+
+    id: str
+    name: str
+    arguments: str
+    oversized: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    call_id: str
+    name: str
+    content: str
+    is_error: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ToolRound:
+    """One round of a step's tool loop as the model must be told it again: what it said
+    (text and calls) and what each call answered."""
+
+    text: str
+    calls: tuple[ToolCall, ...]
+    results: tuple[ToolResult, ...]
+
+
+class ToolCallAssembler:
+    """Tool calls from their streamed fragments (by index), bounded: at most
+    MAX_TOOL_CALLS_PER_TURN calls, names and arguments cut at their bounds. Ids a provider
+    gives that are missing, malformed or repeated are replaced, so each call of a step has
+    a distinct id of safe characters."""
+
+    def __init__(self, round_index: int = 0) -> None:
+        self.round_index = round_index
+        self._calls: dict[int, dict[str, Any]] = {}
+        self.dropped = 0
+
+    def add(self, index: Any, call_id: Any = None, name: Any = None, arguments: Any = None) -> None:
+        if isinstance(index, bool) or not isinstance(index, int):
+            return
+        call = self._calls.get(index)
+        if call is None:
+            if len(self._calls) >= MAX_TOOL_CALLS_PER_TURN:
+                self.dropped += 1
+                return
+            call = self._calls[index] = {"id": "", "name": "", "arguments": [], "chars": 0}
+            call["oversized"] = False
+        if isinstance(call_id, str) and call_id and not call["id"]:
+            call["id"] = call_id
+        if isinstance(name, str) and name:
+            call["name"] = (call["name"] + name)[:MAX_TOOL_NAME_CHARS]
+        if isinstance(arguments, str) and arguments and not call["oversized"]:
+            if call["chars"] + len(arguments) > MAX_TOOL_ARGUMENT_CHARS:
+                call["oversized"] = True
+            else:
+                call["arguments"].append(arguments)
+                call["chars"] += len(arguments)
+
+    def calls(self, seen_ids: set[str] | None = None) -> list[ToolCall]:
+        """The calls in index order; `seen_ids` (the step's ids so far) grows with them."""
+        seen = seen_ids if seen_ids is not None else set()
+        made = []
+        for position, index in enumerate(sorted(self._calls)):
+            call = self._calls[index]
+            call_id = call["id"]
+            if not TOOL_CALL_ID.match(call_id) or call_id in seen:
+                call_id = f"call_{self.round_index}_{position}"
+                while call_id in seen:
+                    call_id += "x"
+            seen.add(call_id)
+            made.append(
+                ToolCall(call_id, call["name"], "".join(call["arguments"]), call["oversized"])
+            )
+        return made
+
+
+def arguments_object(text: str) -> dict[str, Any]:
+    """A call's arguments as a JSON object to send back to the provider: {} when they are
+    not one (the model was told so in the call's result)."""
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except (ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+class ToolBackend(Protocol):
+    """A backend that can offer tools: `astream_events` yields text pieces and, after the
+    model's turn ended, the ToolCall objects it asked for."""
+
+    name: str
+
+    def astream_events(self, request: ModelRequest) -> AsyncIterator[str | ToolCall]: ...
+
+
+def supports_tools(backend: Any) -> bool:
+    return callable(getattr(backend, "astream_events", None))
 
 
 @runtime_checkable

@@ -28,13 +28,19 @@ import email.utils
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
 
 from project.conf import conf
-from workers.backends import ModelError, ModelRequest
+from workers.backends import (
+    ModelError,
+    ModelRequest,
+    ToolCall,
+    ToolCallAssembler,
+    arguments_object,
+)
 
 # Request options a run may pass through to the provider, with the types each accepts;
 # anything else in the run's options is not sent (they come from clients).
@@ -100,6 +106,23 @@ class OpenAIBackend:
             await session.close()
 
     async def astream(self, request: ModelRequest) -> AsyncIterator[str]:
+        async for piece in self._astream(request, self.pieces):
+            yield piece
+
+    async def astream_events(self, request: ModelRequest) -> AsyncIterator[str | ToolCall]:
+        """A turn of a step with tools: text pieces, then the tool calls the model asked
+        for (none when it answered in text)."""
+        async for item in self._astream(request, self.turn_events):
+            yield item
+
+    def turn_events(self, response: aiohttp.ClientResponse) -> AsyncIterator[str | ToolCall]:
+        return _turn_events(response)
+
+    async def _astream(
+        self,
+        request: ModelRequest,
+        read: Callable[[aiohttp.ClientResponse], AsyncIterator[Any]],
+    ) -> AsyncIterator[Any]:
         model = request.model or self.model
         if not model:
             raise ModelError(
@@ -130,7 +153,7 @@ class OpenAIBackend:
                 try:
                     if response.status != 200:
                         raise await _status_error(response)
-                    async for piece in self.pieces(response):
+                    async for piece in read(response):
                         yield piece
                     finished = True
                 finally:
@@ -162,6 +185,8 @@ class OpenAIBackend:
             "stream": True,
         }
         body.update(passed_options(request.options))
+        if request.tools:
+            add_openai_tools(body, request)
         return f"{base_url}/chat/completions", headers, body
 
     def pieces(self, response: aiohttp.ClientResponse) -> AsyncIterator[str]:
@@ -216,6 +241,80 @@ async def _pieces(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
                 finished = True
     if not finished:
         raise ModelError("model stream ended before its end ([DONE])", True)
+
+
+def add_openai_tools(body: dict[str, Any], request: ModelRequest) -> None:
+    """The tools offered and the rounds so far, as chat completions expects them: each
+    round an assistant message with its `tool_calls`, then one `role: tool` message per
+    call with its result."""
+    body["tools"] = [{"type": "function", "function": spec} for spec in request.tools]
+    if request.tool_choice == "none":
+        body["tool_choice"] = "none"
+    messages = body["messages"]
+    for turn in request.rounds:
+        messages.append(
+            {
+                "role": "assistant",
+                "content": turn.text or None,
+                "tool_calls": [
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {
+                            "name": call.name,
+                            # Sent back as valid JSON: some servers parse what they sent.
+                            "arguments": json.dumps(arguments_object(call.arguments)),
+                        },
+                    }
+                    for call in turn.calls
+                ],
+            }
+        )
+        for result in turn.results:
+            messages.append(
+                {"role": "tool", "tool_call_id": result.call_id, "content": result.content}
+            )
+
+
+async def _turn_events(response: aiohttp.ClientResponse) -> AsyncIterator[str | ToolCall]:
+    """Content pieces, then the turn's tool calls, assembled from `delta.tool_calls`
+    fragments (index, id, function.name, function.arguments); ModelError as for
+    `_pieces`."""
+    finished = False
+    calls = ToolCallAssembler()
+    async for _, payload in sse_events(response):
+        if payload.strip() == "[DONE]":
+            finished = True
+            continue
+        event = _json_event(payload)
+        if "error" in event:
+            raise ModelError(f"model stream error: {_error_message(event)}", True)
+        for choice in event.get("choices") or ():
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            if not isinstance(delta, dict):
+                continue
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                yield content
+            for fragment in delta.get("tool_calls") or ():
+                if not isinstance(fragment, dict):
+                    continue
+                function = fragment.get("function")
+                function = function if isinstance(function, dict) else {}
+                calls.add(
+                    fragment.get("index", 0),
+                    fragment.get("id"),
+                    function.get("name"),
+                    function.get("arguments"),
+                )
+            if choice.get("finish_reason"):
+                finished = True
+    if not finished:
+        raise ModelError("model stream ended before its end ([DONE])", True)
+    for call in calls.calls():
+        yield call
 
 
 def _json_event(payload: str) -> dict[str, Any]:

@@ -22,6 +22,8 @@ if run[1] ~= 'running' or run[2] ~= owner then return {-2, run[2] or ''} end
 redis.call('SET', text_key, keep_fragment)
 redis.call('HSET', run_key, 'emitted', keep_chars, 'step_base', keep_chars)
 redis.call('HINCRBY', run_key, 'restarts', 1)
+-- The step's tool events are void with its text (APPEND_TOOL_EVENT marks them).
+redis.call('HDEL', run_key, 'tool_step')
 set_lease(run_key, leases_key, run_id, now + lease_s)
 keep_run(run_key, text_key, run[3], grace_s)
 local prefix, suffix = restart_prefix, restart_suffix

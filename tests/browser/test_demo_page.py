@@ -373,3 +373,97 @@ def test_a_bad_stream_name_is_refused_by_the_browser_itself(
     assert field.evaluate("input => input.validity.patternMismatch") is True
     field.fill("support:room/42+a=b@c-d_e.f")
     assert field.evaluate("input => input.validity.valid") is True
+
+
+def scripted_tool_run(stream: str, message_id: str, text: str) -> list[dict[str, Any]]:
+    """The message and a run that calls two tools (one fails) before it answers."""
+    *_, done = scripted_run(stream, message_id, text)
+
+    def like(seq: int, kind: str, data: dict[str, Any]) -> dict[str, Any]:
+        return {**done, "seq": seq, "id": f"e{seq}", "kind": kind, "data": {"run": "r1", **data}}
+
+    call = {"name": "weather", "step": 0}
+    return [
+        scripted_run(stream, message_id, text)[0],
+        like(2, "reply.delta", {"offset": 0, "text": "Let me check. "}),
+        like(3, "tool.call", {**call, "call": "c1", "arguments": {"city": "Oslo"}}),
+        like(4, "tool.result", {**call, "call": "c1", "ok": True, "text": "4°C, rain"}),
+        like(5, "tool.call", {**call, "call": "c2", "arguments": None}),
+        like(
+            6,
+            "tool.result",
+            {
+                **call,
+                "call": "c2",
+                "ok": False,
+                "error": "bad_arguments",
+                "text": "<b>not JSON</b>",
+            },
+        ),
+        like(7, "reply.delta", {"offset": 14, "text": "Rain in Oslo."}),
+        like(
+            8,
+            "reply.done",
+            {
+                "status": "ok",
+                "text": "Let me check. Rain in Oslo.",
+                "detail": {"tools": ["weather"]},
+            },
+        ),
+    ]
+
+
+def test_tool_calls_and_their_results_are_shown_in_the_reply(
+    browser: Any, demo_cluster: DemoCluster, unique: Callable[[str], str]
+) -> None:
+    """tool.call/tool.result events render as a list in the reply, each call with its
+    arguments and result (as text, never markup), a failed one marked; the reply's text is
+    the deltas' alone. The socket is played by the test, as for the restart above."""
+    stream = unique("tools")
+    errors: list[str] = []
+    sockets: list[Any] = []
+
+    def play_gateway(ws: Any) -> None:
+        sockets.append(ws)
+        ws.send(json.dumps(scripted_welcome()))
+
+        def on_message(message: str | bytes) -> None:
+            frame = json.loads(message)
+            kind = frame["type"]
+            if kind == "subscribe":
+                answer = {"type": "subscribed", "stream": frame["stream"], "head": 0}
+                ws.send(json.dumps({**answer, "recovered": True}))
+            elif kind == "presence":
+                ws.send(json.dumps({"type": "presence", "stream": frame["stream"], "clients": []}))
+            elif kind == "ping":
+                ws.send(json.dumps({"type": "pong"}))
+            elif kind == "send":
+                ack = {"type": "ack", "id": frame["id"], "event_id": "e1", "seq": 1}
+                ws.send(json.dumps({**ack, "duplicate": False}))
+                for event in scripted_tool_run(stream, frame["id"], frame["text"]):
+                    ws.send(json.dumps(event))
+
+        ws.on_message(on_message)
+
+    context = browser.new_context(viewport={"width": 1280, "height": 820})
+    try:
+        page = context.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.route_web_socket(lambda url: "/ws/v1/" in url, play_gateway)
+        page.goto(f"{demo_cluster.base_url}/demo/?{urlencode({'stream': stream})}")
+        page.wait_for_selector("body[data-subscribed='true']", timeout=WAIT_MS)
+        send(page, "weather?")
+        page.wait_for_selector("li.reply[data-status='ok']", timeout=WAIT_MS)
+        tools = page.locator("li.reply li.tool")
+        assert tools.count() == 2
+        assert [tools.nth(i).get_attribute("data-state") for i in range(2)] == ["ok", "error"]
+        assert tools.nth(0).inner_text() == 'tool weather({"city":"Oslo"}) → 4°C, rain'
+        assert "bad_arguments: <b>not JSON</b>" in tools.nth(1).inner_text()
+        assert page.locator("li.reply li.tool b").count() == 0, "results are text, not markup"
+        assert page.locator("li.reply .bubble").inner_text() == "Let me check. Rain in Oslo."
+        assert_each_seq_once_in_order(page, stream)
+        save_screenshot(page, "demo-tool-calls.png")
+        assert errors == []
+    finally:
+        context.close()

@@ -10,6 +10,17 @@ What it does is chosen per request by the model name, read as a query string:
     "disconnect?after=2"           stream 2 pieces, then drop the connection mid-body
     "stream?done=0"                end the body cleanly but without `data: [DONE]`
 
+    "tools?call=NAME&args=JSON"    answer with a call of tool NAME (arguments streamed in
+                                   fragments), then, once the request holds its result,
+                                   "answer:" and the results so far joined by "|"
+
+Tool calls (kind "tools"): `rounds=N` asks for N rounds of calls before answering (99: as
+long as it may); `say=T` streams T before each round's call; `stubborn=1` asks for a call
+even when told not to (`tool_choice` none). `args` is sent as given, so `args={bad` is a
+malformed call. The same server speaks Anthropic's Messages API on `/v1/messages` (text
+and tool calls, `tool_use` blocks with `input_json_delta` fragments) for the "anthropic"
+backend; `/v1/chat/completions` is OpenAI's dialect.
+
 `fail_first=N` makes a failure (a status, a stall, a disconnect) happen only to the first N
 calls with the same model and prompt; later ones stream as "stream" would, with the same
 pieces, delay and text: "status=429&retry_after=1&fail_first=1" answers 429 once, then
@@ -90,6 +101,8 @@ class Behaviour:
     # What calls past `fail_first` answer instead of the prompt: a model that answers
     # differently when asked again, as a real one does.
     retry_text: str | None = None
+    # Every parameter as given (the tool-call kind reads its own).
+    params: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, model: str) -> Behaviour:
@@ -108,6 +121,7 @@ class Behaviour:
             done=params.get("done", "1") != "0",
             fail_first=int(params["fail_first"]) if "fail_first" in params else None,
             retry_text=params.get("retry_text"),
+            params=params,
         )
 
     def for_call(self, nth: int) -> Behaviour:
@@ -133,7 +147,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         length = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(length) or b"{}")
-        if self.path.rstrip("/").rsplit("/", 2)[-2:] != ["chat", "completions"]:
+        anthropic = self.path.rstrip("/").endswith("/messages")
+        if self.path.rstrip("/").rsplit("/", 2)[-2:] != ["chat", "completions"] and not anthropic:
             self._json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
             return
         model = str(body.get("model", ""))
@@ -150,6 +165,9 @@ class _Handler(BaseHTTPRequestHandler):
             if behaviour.kind == "status" or behaviour.status != 200:
                 self._error(behaviour)
                 self.server.end(call, "error")
+                return
+            if behaviour.kind == "tools" or anthropic:
+                self._turn(call, behaviour, body, anthropic)
                 return
             self._stream(call, behaviour, body)
         except ClientGone:
@@ -217,6 +235,145 @@ class _Handler(BaseHTTPRequestHandler):
         self._chunk(b"")
         self.server.end(call, "completed")
 
+    def _turn(
+        self, call: Call, behaviour: Behaviour, body: dict[str, Any], anthropic: bool
+    ) -> None:
+        """A tool-calling model's turn, in either dialect: a call of the tool while fewer
+        rounds than asked have results, else the answer made of the results."""
+        params = behaviour.params
+        results = tool_results(body, anthropic)
+        choice = body.get("tool_choice")
+        forbidden = choice == "none" or (isinstance(choice, dict) and choice.get("type") == "none")
+        wants_call = (
+            behaviour.kind == "tools"
+            and len(results) < int(params.get("rounds", 1))
+            and (not forbidden or params.get("stubborn") == "1")
+        )
+        if wants_call:
+            text = params.get("say", "")
+            arguments = params.get("args", "{}")
+            tool_call = (f"call_{len(results)}", params.get("call", "tool"), arguments)
+        else:
+            text = behaviour.text if behaviour.text is not None else "answer:" + "|".join(results)
+            if behaviour.kind != "tools" and behaviour.text is None:
+                text = last_text(body)
+            tool_call = None
+        pieces = split_evenly(text, behaviour.pieces) if text else []
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        emit = self._anthropic_turn if anthropic else self._openai_turn
+        emit(call, behaviour, pieces, tool_call)
+        self._chunk(b"")
+        self.server.end(call, "completed")
+
+    def _openai_turn(
+        self,
+        call: Call,
+        behaviour: Behaviour,
+        pieces: list[str],
+        tool_call: tuple[str, str, str] | None,
+    ) -> None:
+        self._event(call.model, {"role": "assistant", "content": ""}, None)
+        self._pieces(
+            call, behaviour, pieces, lambda p: self._event(call.model, {"content": p}, None)
+        )
+        if tool_call is not None:
+            call_id, name, arguments = tool_call
+            head = {"index": 0, "id": call_id, "type": "function"}
+            self._event(
+                call.model,
+                {"tool_calls": [{**head, "function": {"name": name, "arguments": ""}}]},
+                None,
+            )
+            for fragment in split_evenly(arguments, 3):
+                self._event(
+                    call.model,
+                    {"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]},
+                    None,
+                )
+        self._event(call.model, {}, "tool_calls" if tool_call else "stop")
+        self._chunk(b"data: [DONE]\n\n")
+
+    def _anthropic_turn(
+        self,
+        call: Call,
+        behaviour: Behaviour,
+        pieces: list[str],
+        tool_call: tuple[str, str, str] | None,
+    ) -> None:
+        def sse(name: str, payload: dict[str, Any]) -> None:
+            self._chunk(f"event: {name}\ndata: {json.dumps(payload)}\n\n".encode())
+
+        message = {
+            "id": "msg_fake",
+            "type": "message",
+            "role": "assistant",
+            "content": [],
+            "model": call.model,
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": 1, "output_tokens": 1},
+        }
+        sse("message_start", {"type": "message_start", "message": message})
+        sse(
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+        )
+        self._pieces(
+            call,
+            behaviour,
+            pieces,
+            lambda p: sse(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": p},
+                },
+            ),
+        )
+        sse("content_block_stop", {"type": "content_block_stop", "index": 0})
+        if tool_call is not None:
+            call_id, name, arguments = tool_call
+            block = {"type": "tool_use", "id": "toolu_" + call_id, "name": name, "input": {}}
+            sse(
+                "content_block_start",
+                {"type": "content_block_start", "index": 1, "content_block": block},
+            )
+            for fragment in split_evenly(arguments, 3):
+                delta = {"type": "input_json_delta", "partial_json": fragment}
+                sse(
+                    "content_block_delta",
+                    {"type": "content_block_delta", "index": 1, "delta": delta},
+                )
+            sse("content_block_stop", {"type": "content_block_stop", "index": 1})
+        stop = "tool_use" if tool_call else "end_turn"
+        sse(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop, "stop_sequence": None},
+                "usage": {"output_tokens": 1},
+            },
+        )
+        sse("message_stop", {"type": "message_stop"})
+
+    def _pieces(
+        self, call: Call, behaviour: Behaviour, pieces: list[str], send: Callable[[str], None]
+    ) -> None:
+        for index, piece in enumerate(pieces):
+            if index and behaviour.delay_s:
+                self._wait(behaviour.delay_s)
+            send(piece)
+            call.sent.append(piece)
+            call.pieces_sent += 1
+
     def _event(self, model: str, delta: dict[str, Any], finish: str | None) -> None:
         chunk = {
             "id": "chatcmpl-fake",
@@ -250,6 +407,30 @@ class _Handler(BaseHTTPRequestHandler):
                 gone = True
             if gone:
                 raise ClientGone()
+
+
+def tool_results(body: dict[str, Any], anthropic: bool) -> list[str]:
+    """The tool results a request feeds back, in order, in either dialect."""
+    found = []
+    for message in body.get("messages") or ():
+        if not anthropic and message.get("role") == "tool":
+            found.append(str(message.get("content", "")))
+        content = message.get("content")
+        if anthropic and isinstance(content, list):
+            found += [
+                str(block.get("content", ""))
+                for block in content
+                if isinstance(block, dict) and block.get("type") == "tool_result"
+            ]
+    return found
+
+
+def last_text(body: dict[str, Any]) -> str:
+    """The text of the request's last message (a string, or text blocks)."""
+    content = (body.get("messages") or [{}])[-1].get("content", "")
+    if isinstance(content, list):
+        return "".join(b.get("text", "") for b in content if isinstance(b, dict))
+    return str(content)
 
 
 class FakeOpenAIServer(ThreadingHTTPServer):

@@ -205,6 +205,8 @@ def switchboard(request: pytest.FixtureRequest, test_redis_url: str) -> Iterator
             **CLUSTER_ENV,
             "DATABASE_URL": f"sqlite:///{db_path}",
             "SWITCHBOARD_OPENAI_BASE_URL": provider.base_url,
+            # The fake speaks Anthropic's Messages API too, on /v1/messages.
+            "SWITCHBOARD_ANTHROPIC_BASE_URL": provider.base_url,
         },
         log_dir=work / "logs",
     )

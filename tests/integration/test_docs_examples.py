@@ -135,6 +135,7 @@ async def test_agents_doc_client_example_runs(
         "The `triage` example",
         "An agent subscribes to",
         "The failover example",
+        "A model step may offer its model **tools**",
     ],
 )
 def test_agents_doc_definitions_register(marker: str) -> None:

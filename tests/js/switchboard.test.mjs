@@ -479,3 +479,55 @@ test("a restart caught up after a reconnect: the reply is the final text, callba
   assert.deepEqual(seen.map((e) => e.seq), [1, 2, 3, 4, 5, 6, 7], "the application sees the restart once");
   await client.close();
 });
+
+// --- tool calls: tool.call/tool.result paired in reply.tools; a restart voids its step's ---------
+
+const toolCall = (seq, call, step, args) => runEvent(seq, "tool.call", { call, name: "lookup", arguments: args, step });
+const toolResult = (seq, call, step, extra) => runEvent(seq, "tool.result", { call, name: "lookup", step, ...extra });
+
+test("tool calls are paired with their results, and a restart drops its step's and later ones", () => {
+  const assembler = new ReplyAssembler();
+  assembler.add(toolCall(2, "c0", 0, {}));
+  assembler.add(toolResult(3, "c0", 0, { ok: true, text: "billing" }));
+  const reply = assembler.add(toolCall(4, "c1", 1, { key: "a" }));
+  assert.equal(reply.tools.length, 2);
+  assert.equal(reply.tools[1].ok, null, "no result yet");
+  applyReplyEvent(reply, runEvent(5, "reply.restart", { attempt: 2, reason: "retry", step: 1 }));
+  assert.deepEqual(reply.tools.map((t) => t.call), ["c0"], "step 0's call stands");
+  applyReplyEvent(reply, toolCall(6, "c1", 1, { key: "b" }));
+  applyReplyEvent(reply, toolResult(7, "c1", 1, { ok: false, error: "timeout", text: "late", truncated: false }));
+  // Joined mid-run: a result without its call still shows.
+  applyReplyEvent(reply, toolResult(8, "c9", 1, { ok: true, text: "x" }));
+  assert.deepEqual(
+    reply.tools.map((t) => [t.call, t.ok, t.error, t.arguments]),
+    [["c0", true, null, {}], ["c1", false, "timeout", { key: "b" }], ["c9", true, null, null]],
+  );
+  assert.equal(reply.text, "", "tool events are not text");
+  // A repeat (a resume from a lagging checkpoint) changes nothing.
+  assert.equal(applyReplyEvent(reply, toolResult(8, "c9", 1, { ok: false })), false);
+  // A restart that names no step (an older server) drops every call.
+  applyReplyEvent(reply, runEvent(9, "reply.restart", { attempt: 3, reason: "retry" }));
+  assert.deepEqual(reply.tools, []);
+});
+
+test("a send's onTool sees each tool event, and the reply carries the calls", async () => {
+  const { client, socket } = await connected();
+  await subscribed(client, socket, "room");
+  const seen = [];
+  const acked = client.send("room", "agent", "hi", {
+    id: "m1",
+    onTool: (e, reply) => seen.push([e.kind, reply.tools.length]),
+  });
+  await until(() => socket.sentOf("send")[0], "send");
+  socket.push({ type: "ack", id: "m1", event_id: "e1", seq: 1, duplicate: false });
+  await acked;
+  socket.push({ ...event("room", 1, "message"), from: "client:alice", cause: { client: "alice", message: "m1", prev: null } });
+  for (const e of [toolCall(2, "c0", 0, { key: "a" }), toolResult(3, "c0", 0, { ok: true, text: "v" }), delta(4, 0, "answer"), runEvent(5, "reply.done", { status: "ok", text: "answer", detail: { tools: ["lookup"] } })]) {
+    socket.push(e);
+  }
+  const reply = await client.reply("m1");
+  assert.deepEqual(seen, [["tool.call", 1], ["tool.result", 1]]);
+  assert.equal(reply.text, "answer");
+  assert.deepEqual(reply.tools.map((t) => [t.call, t.ok, t.text]), [["c0", true, "v"]]);
+  await client.close();
+});

@@ -206,7 +206,7 @@ def test_a_redelivered_step_fences_the_lost_owner_and_restarts_the_reply(
     assert kinds.count("reply.restart") == 1
     assert deltas(r)[0]["data"]["text"] == first
     [restart] = of_kind(log_events(r, "room"), "reply.restart")
-    assert restart["data"] == {"run": run_id, "attempt": 2, "reason": "redelivered"}
+    assert restart["data"] == {"run": run_id, "attempt": 2, "reason": "redelivered", "step": 0}
     assert deltas(r)[1]["data"]["offset"] == 0
     assert field(r, run_id, "attempt") == "2"
     assert r.zscore(keys.RUN_LEASES, run_id) is None

@@ -156,7 +156,7 @@ def test_retry_after_partial_output_restarts_the_reply(
     after = of_kind(events[at + 1 :], "reply.delta")
     # The first attempt's text went out, then was voided: never spliced with the second's.
     assert "".join(before) == "".join(split_evenly(PROMPT, 5)[:2])
-    assert restart["data"] == {"run": run_id, "attempt": 2, "reason": "retry"}
+    assert restart["data"] == {"run": run_id, "attempt": 2, "reason": "retry", "step": 0}
     # The new attempt streams the whole reply again from offset 0.
     assert after[0]["data"]["offset"] == 0
     assert "".join(delta["data"]["text"] for delta in after) == PROMPT

@@ -204,3 +204,34 @@ async def wait_for(condition: Callable[[], bool]) -> None:
     async with asyncio.timeout(10):
         while not condition():
             await asyncio.sleep(0.01)
+
+
+# --- tool calls: paired with their results, voided by a restart of their step ---------------
+
+
+def test_a_collector_pairs_tool_calls_with_results_and_a_restart_voids_its_steps_calls() -> None:
+    collector = ReplyCollector()
+    events = [
+        reply_event(1, "tool.call", call="c1", name="route", arguments={}, step=0),
+        reply_event(2, "tool.result", call="c1", name="route", ok=True, text="billing", step=0),
+        reply_event(3, "tool.call", call="c2", name="lookup", arguments={"k": "a"}, step=1),
+        reply_event(4, "reply.restart", attempt=2, reason="retry", step=1),
+        reply_event(5, "tool.call", call="c2", name="lookup", arguments={"k": "b"}, step=1),
+        reply_event(
+            6, "tool.result", call="c2", name="lookup", ok=False, text="x", error="timeout", step=1
+        ),
+        # A result whose call came before this client joined stands alone.
+        reply_event(7, "tool.result", call="c9", name="late", ok=True, text="y", step=1),
+    ]
+    for event in events:
+        collector.add(event)
+    assert [(t["call"], t["name"], t["ok"], t["error"]) for t in collector.tools] == [
+        ("c1", "route", True, None),
+        ("c2", "lookup", False, "timeout"),
+        ("c9", "late", True, None),
+    ]
+    assert collector.tools[1]["arguments"] == {"k": "b"}
+    assert collector.tools[2]["arguments"] is None
+    # A restart of step 0 (or one that names no step) voids every call.
+    collector.add(reply_event(8, "reply.restart", attempt=3, reason="retry", step=0))
+    assert collector.tools == []

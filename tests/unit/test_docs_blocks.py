@@ -117,6 +117,49 @@ def check_restart_sequence(block: Block) -> None:
     assert events[-1]["data"]["text"] == text
 
 
+def check_tool_sequence(block: Block) -> None:
+    """docs/protocol.md's tool-call walk-through: the tool events are what the step's tool
+    loop writes for that call (orchestration/tool_steps.py, run with a recording writer),
+    deltas' offsets count text only, and reply.done names the tool."""
+    import asyncio
+
+    from agents import Tool
+    from orchestration.tool_steps import run_call
+    from workers.backends import ToolCall
+
+    events = restart_sequence_events(block)
+    documented = {event["kind"]: event["data"] for event in events if "tool" in event["kind"]}
+
+    def weather(city: str) -> str:
+        """Today's weather in a city."""
+        return "Oslo: 4°C, rain"
+
+    written: dict[str, dict[str, Any]] = {}
+
+    class Writer:
+        run = _run(step=0)
+
+        def time_for_call(self) -> float:
+            return 5.0
+
+        async def append_tool_event(
+            self, kind: str, data: dict[str, Any], tools_ran: list[str] | None = None
+        ) -> None:
+            written[kind] = data
+
+    call = ToolCall("call_0", "weather", json.dumps(documented["tool.call"]["arguments"]))
+    tools = {"weather": Tool.of(weather)}
+    asyncio.run(run_call(Writer(), tools, call))  # type: ignore[arg-type]
+    assert written == documented
+    text, offset = "", 0
+    for event in events:
+        if event["kind"] == "reply.delta":
+            assert event["data"]["offset"] == offset
+            text, offset = text + event["data"]["text"], offset + len(event["data"]["text"])
+    assert events[-1]["data"]["text"] == text
+    assert events[-1]["data"]["detail"] == {"tools": ["weather"]}
+
+
 def restart_sequence_events(block: Block) -> list[dict[str, Any]]:
     events = []
     for line in block.text.splitlines():
@@ -315,6 +358,9 @@ EXAMPLES = [
     ),
     Example("docs/agents.md", '"prev": "<assistant', check=check_cause_example),
     Example(
+        "docs/agents.md", "# weather/agents.py", run_by=INTEGRATION + "test_agents_doc_definitions"
+    ),
+    Example(
         "docs/architecture.md",
         "clients ──WebSocket──▶ gateway",
         not_runnable="a diagram of the processes, not an example",
@@ -375,6 +421,7 @@ EXAMPLES = [
         )
     ),
     Example("docs/protocol.md", "reply.restart {", check=check_restart_sequence),
+    Example("docs/protocol.md", 'tool.call    {"run"', check=check_tool_sequence),
     Example("docs/protocol.md", "positions=eyJ", check=check_positions_example),
     Example("docs/protocol.md", "GET /api/v1/receipts", check=check_receipts_example),
 ]

@@ -2,7 +2,7 @@
 // The demo page: chat with an agent through the JavaScript client, watch replies stream in,
 // see who is here, drop the connection and flood the server to see recovery and 429s.
 // Everything the page knows is also in window.__switchboardDebug (the browser tests read it).
-import { ReplyAssembler, SwitchboardClient, SwitchboardError } from "/client/switchboard.js";
+import { ReplyAssembler, SwitchboardClient, SwitchboardError, isReplyKind } from "/client/switchboard.js";
 
 const FLOOD_COUNT = 60;
 const DEFAULT_STREAM = "lobby";
@@ -197,7 +197,7 @@ function onEvent(event) {
     ]);
     noteSeq(item, seq);
     addItem(item, follow);
-  } else if (event.kind === "reply.delta" || event.kind === "reply.restart" || event.kind === "reply.done") {
+  } else if (isReplyKind(event.kind)) {
     const reply = assembler.add(event);
     if (!reply || !reply.run) return;
     let item = replyItems.get(reply.run);
@@ -210,12 +210,17 @@ function onEvent(event) {
           el("span", { class: "restart-tag", hidden: "" }),
           el("span", { class: "seq" }),
         ]),
+        el("ul", { class: "tools", hidden: "" }),
         el("div", { class: "bubble" }),
       ]);
       replyItems.set(reply.run, item);
       addItem(item, follow);
     }
     /** @type {HTMLElement} */ (item.querySelector(".bubble")).textContent = reply.text;
+    renderTools(/** @type {HTMLElement} */ (item.querySelector(".tools")), reply.tools);
+    if (event.kind === "tool.result" && event.data && !event.data.ok) {
+      activity(`${reply.agent}'s tool ${event.data.name} failed: ${event.data.error}`, "bad");
+    }
     if (reply.restarts) {
       // The model's answer so far was void (a retried call answered differently): the
       // bubble starts again from nothing, and says so.
@@ -239,6 +244,35 @@ function onEvent(event) {
   }
   debug.client?.receipt(event.stream, seq);
   updateSeqCheck();
+}
+
+const MAX_SHOWN_CHARS = 300; // of a tool's arguments or result, in the list
+
+/** @param {string} text */
+function clip(text) {
+  return text.length > MAX_SHOWN_CHARS ? `${text.slice(0, MAX_SHOWN_CHARS)}…` : text;
+}
+
+/**
+ * A reply's tool calls, each with its result once it came (text only: never markup).
+ * @param {HTMLElement} list @param {import("/client/switchboard.js").ToolCallView[]} tools
+ */
+function renderTools(list, tools) {
+  list.hidden = tools.length === 0;
+  list.replaceChildren(
+    ...tools.map((tool) => {
+      const state = tool.ok === null ? "running" : tool.ok ? "ok" : "error";
+      const args = tool.arguments === null ? "invalid arguments" : clip(JSON.stringify(tool.arguments));
+      const outcome =
+        tool.ok === null ? "…" : tool.ok ? clip(tool.text ?? "") : `${tool.error}: ${clip(tool.text ?? "")}`;
+      return el("li", { class: `tool ${state}`, "data-call": tool.call, "data-state": state }, [
+        el("span", { class: "tool-label" }, ["tool "]),
+        el("span", { class: "tool-name" }, [tool.name ?? "?"]),
+        el("span", { class: "tool-args" }, [`(${args})`]),
+        el("span", { class: "tool-result" }, [` → ${outcome}${tool.truncated ? " [cut]" : ""}`]),
+      ]);
+    }),
+  );
 }
 
 /**

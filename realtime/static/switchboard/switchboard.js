@@ -22,7 +22,8 @@
  *   `retry_after_ms`, with up to 50% jitter;
  * - replies to this client's own sends are assembled from their `reply.delta` pieces; a
  *   `reply.restart` voids the run's text so far and the reply is assembled again from
- *   offset 0 (a retried model call answered differently, and a reply is never a splice).
+ *   offset 0 (a retried model call answered differently, and a reply is never a splice);
+ *   the run's tool calls (`tool.call`, `tool.result`) are paired in `reply.tools`.
  *
  * ```js
  * import { SwitchboardClient } from "/client/switchboard.js";
@@ -58,7 +59,7 @@ export const CLOSE_DROPPED = 4000;
  * @property {number} [seq]  absent on join/leave
  * @property {string} id
  * @property {string} kind  message, published, reply.delta, reply.restart, reply.done,
- *   join, leave
+ *   tool.call, tool.result, join, leave
  * @property {string} from  `client:ID` or `agent:NAME`
  * @property {Cause} cause
  * @property {string} ts
@@ -77,6 +78,18 @@ export const CLOSE_DROPPED = 4000;
  * @property {number} restarts  `reply.restart` events taken: each voided the text so far
  * @property {number|null} attempt  the last restart's attempt number
  * @property {number|null} lastSeq  the seq of the last event taken (repeats are ignored)
+ * @property {ToolCallView[]} tools  the run's tool calls in call order, each with its
+ *   result once it came; a restart drops those of the step it names and later ones
+ *
+ * @typedef {object} ToolCallView  one tool call of a run and its result
+ * @property {string} call  the call's id, which its tool.call and tool.result share
+ * @property {string|null} name
+ * @property {any} arguments  as the tool got them; null when invalid (or the call was missed)
+ * @property {number|null} step
+ * @property {boolean|null} ok  null until the result came
+ * @property {string|null} text  the result's text (or why there is none)
+ * @property {string|null} error  bad_arguments, unknown_tool, timeout, exception
+ * @property {boolean} truncated
  *
  * @typedef {"idle"|"connecting"|"open"|"reconnecting"|"closed"} ConnectionState
  *
@@ -226,11 +239,63 @@ function newReply() {
     restarts: 0,
     attempt: null,
     lastSeq: null,
+    tools: [],
   };
 }
 
+/** Tool calls one reply keeps (the server bounds a run's; this bounds a hostile one). */
+export const MAX_TOOL_CALLS_KEPT = 256;
+
 /**
- * Apply one `reply.delta`, `reply.restart` or `reply.done` to a reply. Pieces are placed
+ * Fold a `tool.call`, `tool.result` or `reply.restart` into a run's tool calls: each call
+ * once, with its result when it came (a result whose call was missed makes one with null
+ * arguments); a restart drops the calls of the step it names and later ones (all of them
+ * when it names none). Returns whether the list changed.
+ * @param {ToolCallView[]} tools @param {StreamEvent} event
+ */
+export function applyToolEvent(tools, event) {
+  const data = event.data || {};
+  if (event.kind === "reply.restart") {
+    const step = typeof data.step === "number" ? data.step : null;
+    const kept = tools.filter((tool) => step !== null && (tool.step ?? 0) < step);
+    const changed = kept.length !== tools.length;
+    tools.splice(0, tools.length, ...kept);
+    return changed;
+  }
+  if (event.kind !== "tool.call" && event.kind !== "tool.result") return false;
+  let found = null;
+  for (let index = tools.length - 1; index >= 0; index -= 1) {
+    if (tools[index].call === data.call) {
+      found = tools[index];
+      break;
+    }
+  }
+  if (event.kind === "tool.call" || !found) {
+    if (tools.length >= MAX_TOOL_CALLS_KEPT) return false;
+    found = {
+      call: String(data.call ?? ""),
+      name: typeof data.name === "string" ? data.name : null,
+      arguments: event.kind === "tool.call" ? data.arguments ?? null : null,
+      step: typeof data.step === "number" ? data.step : null,
+      ok: null,
+      text: null,
+      error: null,
+      truncated: false,
+    };
+    tools.push(found);
+  }
+  if (event.kind === "tool.result") {
+    found.ok = Boolean(data.ok);
+    found.text = typeof data.text === "string" ? data.text : null;
+    found.error = typeof data.error === "string" ? data.error : null;
+    found.truncated = Boolean(data.truncated);
+  }
+  return true;
+}
+
+/**
+ * Apply one `reply.delta`, `reply.restart`, `reply.done`, `tool.call` or `tool.result` to
+ * a reply (tool events go to `reply.tools`, see `applyToolEvent`). Pieces are placed
  * by offset: one already covered is ignored, one past the end (pieces missed before a
  * mid-reply subscribe) is kept and marks a gap; a restart voids the text so far, and the
  * pieces after it start again at offset 0; the `reply.done` text is the whole reply. An
@@ -257,7 +322,11 @@ export function applyReplyEvent(reply, event) {
     reply.gap = false;
     reply.restarts += 1;
     reply.attempt = typeof data.attempt === "number" ? data.attempt : null;
+    applyToolEvent(reply.tools, event);
     return true;
+  }
+  if (event.kind === "tool.call" || event.kind === "tool.result") {
+    return applyToolEvent(reply.tools, event);
   }
   if (event.kind === "reply.delta") {
     const offset = data.offset ?? 0;
@@ -277,6 +346,11 @@ export function applyReplyEvent(reply, event) {
   return false;
 }
 
+/** Whether events of this kind belong to a run's reply (its pieces and tool calls). @param {string} kind */
+export function isReplyKind(kind) {
+  return kind.startsWith("reply.") || kind === "tool.call" || kind === "tool.result";
+}
+
 /** Assembles every run's reply on the streams it is fed, keyed by run id (bounded). */
 export class ReplyAssembler {
   /** @param {number} [maxRuns] runs remembered; the oldest are forgotten first */
@@ -292,7 +366,7 @@ export class ReplyAssembler {
    * @returns {Reply|null}
    */
   add(event) {
-    if (!event.kind || !event.kind.startsWith("reply.") || !event.data) return null;
+    if (!event.kind || !isReplyKind(event.kind) || !event.data) return null;
     const run = event.data.run;
     let reply = this.replies.get(run);
     if (!reply) {
@@ -599,6 +673,7 @@ export class Connection {
  * @property {ReturnType<typeof deferred<Reply>>} finished
  * @property {((delta: StreamEvent, text: string) => void)|null} onDelta
  * @property {((restart: StreamEvent, reply: Reply) => void)|null} onRestart
+ * @property {((event: StreamEvent, reply: Reply) => void)|null} onTool
  */
 
 /** A client that outlives its connections: what an application uses. */
@@ -1068,8 +1143,10 @@ export class SwitchboardClient {
    * @param {string} stream @param {string} agent @param {string} text
    * @param {{options?: Record<string, any>, id?: string, prev?: string,
    *   timeoutMs?: number, onDelta?: (delta: StreamEvent, text: string) => void,
-   *   onRestart?: (restart: StreamEvent, reply: Reply) => void}} [extra]  `onRestart`: the
-   *   reply's text so far is void (a `reply.restart`); the next `onDelta` starts it again
+   *   onRestart?: (restart: StreamEvent, reply: Reply) => void,
+   *   onTool?: (event: StreamEvent, reply: Reply) => void}} [extra]  `onRestart`: the
+   *   reply's text so far is void (a `reply.restart`); the next `onDelta` starts it again.
+   *   `onTool`: a `tool.call` or `tool.result` of the run came (`reply.tools` has it)
    * @returns {Promise<Frame>}
    */
   async send(stream, agent, text, extra = {}) {
@@ -1079,6 +1156,7 @@ export class SwitchboardClient {
     const collector = this._collector(id);
     if (extra.onDelta) collector.onDelta = extra.onDelta;
     if (extra.onRestart) collector.onRestart = extra.onRestart;
+    if (extra.onTool) collector.onTool = extra.onTool;
     /** @type {Frame} */
     const frame = { type: "send", id, stream, agent, text };
     if (extra.options) frame.options = extra.options;
@@ -1161,7 +1239,13 @@ export class SwitchboardClient {
   _collector(id) {
     let collector = this._replies.get(id);
     if (!collector) {
-      collector = { reply: newReply(), finished: deferred(), onDelta: null, onRestart: null };
+      collector = {
+        reply: newReply(),
+        finished: deferred(),
+        onDelta: null,
+        onRestart: null,
+        onTool: null,
+      };
       this._replies.set(id, collector);
     }
     return collector;
@@ -1338,7 +1422,7 @@ export class SwitchboardClient {
 
   /** @param {Tracked} tracked @param {StreamEvent} event */
   _deliver(tracked, event) {
-    if (event.kind.startsWith("reply.") && answersOwnSend(event, this.client)) {
+    if (isReplyKind(event.kind) && answersOwnSend(event, this.client)) {
       const collector = this._replies.get(event.cause?.message ?? "");
       if (collector && applyReplyEvent(collector.reply, event)) {
         if (event.kind === "reply.delta" && collector.onDelta) {
@@ -1352,6 +1436,12 @@ export class SwitchboardClient {
             collector.onRestart(event, collector.reply);
           } catch (error) {
             console.error("switchboard: an onRestart callback failed", error);
+          }
+        } else if (event.kind.startsWith("tool.") && collector.onTool) {
+          try {
+            collector.onTool(event, collector.reply);
+          } catch (error) {
+            console.error("switchboard: an onTool callback failed", error);
           }
         }
         if (collector.reply.done) collector.finished.resolve(collector.reply);

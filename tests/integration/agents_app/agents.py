@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from agents import Agent, FallbackModel, On, PythonStep, Step, StepContext, register
+import time
+from typing import Any
+
+from agents import Agent, FallbackModel, On, PythonStep, Step, StepContext, Tool, register
 
 from . import catalog as c
 
@@ -219,3 +222,43 @@ register(
         ),
     )
 )
+
+
+def lookup(key: str) -> str:
+    """Look a key up."""
+    return f"value-of-{key}"
+
+
+def explode(key: str) -> str:
+    """A tool that fails."""
+    raise ValueError(f"no such key {key}")
+
+
+def dawdle(key: str) -> str:
+    """A tool slower than its soft limit (a plain function: it runs in the thread pool)."""
+    time.sleep(c.TOOL_SLOW_SLEEP_S)
+    return "too late"
+
+
+def tool_agent(name: str, model: str, tool: Tool, backend: str = "openai", **extra: Any) -> None:
+    register(
+        Agent(
+            name=name,
+            steps=(Step(backend=backend, name="answer", model=model, tools=(tool,), **extra),),
+        )
+    )
+
+
+tool_agent(c.TOOLS, c.TOOLS_MODEL, Tool.of(lookup))
+tool_agent(c.TOOLS_ANTHROPIC, c.TOOLS_MODEL, Tool.of(lookup), backend="anthropic")
+tool_agent(c.TOOL_RAISES, c.TOOL_RAISES_MODEL, Tool.of(explode))
+tool_agent(c.TOOL_SLOW, c.TOOL_SLOW_MODEL, Tool.of(dawdle, soft_limit_s=c.TOOL_SLOW_LIMIT_S))
+tool_agent(c.TOOL_ROUNDS, c.TOOL_ROUNDS_MODEL, Tool.of(lookup), max_tool_rounds=c.TOOL_ROUNDS_MAX)
+tool_agent(
+    c.TOOL_STUBBORN,
+    c.TOOL_STUBBORN_MODEL,
+    Tool.of(lookup),
+    max_tool_rounds=c.TOOL_ROUNDS_MAX,
+    max_retries=0,
+)
+tool_agent(c.TOOL_BAD_ARGS, c.TOOL_BAD_ARGS_MODEL, Tool.of(lookup))

@@ -117,3 +117,23 @@ FAILOVER_TENANT = "it-failover-tenant"
 FAILOVER_TENANT_PRIMARY = "status=500&tag=tenant"
 FAILOVER_TENANT_CODE_SECOND = "stream?text=the+code's+fallback"
 FAILOVER_TENANT_PROMPT = "failover-tenant:{message}"
+
+# it-tools*: a step offering tools (agents/tools.py), its model a fake that calls one
+# (tests/fakes/openai_server.py, kind "tools") and answers "answer:" + the results.
+TOOL_ARGS = '{"key":+"alpha"}'
+TOOLS = "it-tools"  # one call of `lookup`, then the answer
+TOOLS_MODEL = f"tools?call=lookup&args={TOOL_ARGS}&say=Looking+it+up.&pieces=2"
+TOOLS_ANTHROPIC = "it-tools-anthropic"  # the same over the "anthropic" backend
+TOOL_RAISES = "it-tool-raises"
+TOOL_RAISES_MODEL = f"tools?call=explode&args={TOOL_ARGS}"
+TOOL_SLOW = "it-tool-slow"
+TOOL_SLOW_MODEL = f"tools?call=dawdle&args={TOOL_ARGS}"
+TOOL_SLOW_LIMIT_S = 0.5
+TOOL_SLOW_SLEEP_S = 3.0
+TOOL_ROUNDS = "it-tool-rounds"  # asks for calls as long as it may
+TOOL_ROUNDS_MAX = 2
+TOOL_ROUNDS_MODEL = f"tools?call=lookup&args={TOOL_ARGS}&rounds=99"
+TOOL_STUBBORN = "it-tool-stubborn"  # asks for calls even when told not to
+TOOL_STUBBORN_MODEL = f"tools?call=lookup&args={TOOL_ARGS}&rounds=99&stubborn=1"
+TOOL_BAD_ARGS = "it-tool-bad-args"  # its arguments are not JSON
+TOOL_BAD_ARGS_MODEL = "tools?call=lookup&args={bad"
