@@ -120,6 +120,19 @@ class TenantAdmin(admin.ModelAdmin):
             },
         ),
         (
+            "Token budgets (UTC day and month; 0: none)",
+            {
+                "fields": (("daily_token_budget", "monthly_token_budget"),),
+                "description": (
+                    "Checked when a send is accepted, against the tokens the tenant's model "
+                    "calls used so far in the period (counted as each call ends). Once a budget "
+                    "is used, send answers budget_exhausted (429) until it resets; runs "
+                    "already accepted finish, so a period may end a little over budget. "
+                    "Usage so far is on the live page."
+                ),
+            },
+        ),
+        (
             "Agents",
             {
                 "fields": ("all_agents", "max_causal_depth", "fault_injection"),
@@ -328,7 +341,11 @@ class TenantAdmin(admin.ModelAdmin):
         return super().changelist_view(request, extra)
 
     def _live_data(self) -> dict[str, Any]:
-        tenants = list(Tenant.objects.order_by("slug").values("slug", "enabled", "weight"))
+        tenants = list(
+            Tenant.objects.order_by("slug").values(
+                "slug", "enabled", "weight", "daily_token_budget", "monthly_token_budget"
+            )
+        )
         return snapshot(sync_client(), tenants[:TENANTS_SHOWN], len(tenants))
 
     def live_view(self, request: HttpRequest) -> HttpResponse:

@@ -1,11 +1,11 @@
 """What the admin's live page shows, read from Redis and Celery as they are now.
 
 - `snapshot` (the admin, sync): Celery queue depths, the fair queues, runs not finished
-  with their step and age, recent failed and degraded runs, connections and presence per
-  tenant, the refusal counts of the last minutes (realtime/throttles.py), and what each
-  worker runs. Every list is bounded, so the page costs Redis the same whatever a
-  deployment holds; Redis and Celery failures become messages in `errors`, never an
-  exception.
+  with their step and age, recent failed and degraded runs, connections, presence and
+  tokens used today and this month (against its budgets) per tenant, the refusal counts
+  of the last minutes (realtime/throttles.py), and what each worker runs. Every list is
+  bounded, so the page costs Redis the same whatever a deployment holds; Redis and Celery
+  failures become messages in `errors`, never an exception.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -24,6 +25,7 @@ from redis.exceptions import RedisError
 
 from project.conf import conf
 from streams import keys
+from streams.tokens import tokens_used
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ THROTTLE_REASONS = {
     "connections": "connections (close 4029)",
     "subscriptions": "subscriptions per connection (rate_limited)",
     "receipts": "receipt rate (rate_limited)",
+    "token_budget": "token budget spent (budget_exhausted)",
 }
 # The gateways keep their per-minute refusal counts (realtime/throttles.py) for
 # THROTTLE_KEEP_S; the page shows the last THROTTLE_MINUTES_SHOWN minutes of them.
@@ -415,6 +418,8 @@ def _tenant_rows(
     for slug in sorted(seen - set(rows)):
         rows[slug] = {"slug": slug, "enabled": None, "weight": None}
     counts = read_tenants(client, list(rows), now)
+    # The budgets' UTC day and month by the Redis clock (the workers count by theirs).
+    tokens = tokens_used(client, list(rows), datetime.fromtimestamp(now, UTC))
     fair = {entry["tenant"]: entry["queued"] for entry in data["fair"]}
     running: Counter[str] = Counter()
     for run in data["runs"]["shown"]:
@@ -434,6 +439,8 @@ def _tenant_rows(
                 "presence_streams": present["streams"],
                 "present": present["present"],
                 "throttled": throttled[slug],
+                "tokens_today": tokens[slug][0],
+                "tokens_month": tokens[slug][1],
             }
         )
     return result

@@ -43,6 +43,7 @@ class HistoryEntryAdmin(admin.ModelAdmin):
         "kind",
         "sender",
         "status",
+        "tokens",
         "short_text",
     )
     list_filter = ("tenant", "kind", "status")
@@ -67,6 +68,9 @@ class HistoryEntryAdmin(admin.ModelAdmin):
         "reason",
         "model",
         "text",
+        "prompt_tokens",
+        "completion_tokens",
+        "tokens_estimated",
         "created_at",
     )
 
@@ -110,6 +114,17 @@ class HistoryEntryAdmin(admin.ModelAdmin):
             + urlencode({"tenant__id__exact": tenant.pk, "stream": stream}),
         }
         return TemplateResponse(request, "admin/history/historyentry/thread.html", context)
+
+    @admin.display(description="tokens")
+    def tokens(self, entry: HistoryEntry) -> str:
+        """A reply's prompt + completion tokens, "~" before an estimate; blank otherwise."""
+        if entry.prompt_tokens is None or entry.completion_tokens is None:
+            return ""
+        total = entry.prompt_tokens + entry.completion_tokens
+        return (
+            f"{'~' if entry.tokens_estimated else ''}{total} "
+            f"({entry.prompt_tokens} + {entry.completion_tokens})"
+        )
 
     @admin.display(description="text")
     def short_text(self, entry: HistoryEntry) -> str:

@@ -35,6 +35,13 @@ class HistoryEntry(models.Model):
     # fallback models and so its reply.done named it (docs/agents.md, failover).
     model = models.CharField(max_length=200, blank=True)
     text = models.TextField(blank=True)
+    # A reply's token usage (reply.done's detail.usage); empty for messages and for runs no
+    # worker finished (cancelled before a call, ended by the sweeper).
+    prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
+    completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+    tokens_estimated = models.BooleanField(
+        default=False, help_text="Some of the usage was estimated: the provider reported none."
+    )
     created_at = models.DateTimeField(help_text="When the event was appended to the stream.")
 
     class Meta:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import redis
 from django.db import DataError, IntegrityError, transaction
@@ -149,6 +150,7 @@ def store_batch(client: redis.Redis, raw: list[bytes]) -> int:
                 model=_storable(entry.model)[:200],
                 text=_storable(entry.text),
                 created_at=entry.created_at,
+                **_usage_columns(entry),
             )
         )
     try:
@@ -170,6 +172,21 @@ def store_batch(client: redis.Redis, raw: list[bytes]) -> int:
                     row.run_id,
                 )
     return len(rows)
+
+
+# The columns' bound (PositiveIntegerField): a provider's count past it is stored capped.
+MAX_TOKENS_STORED = 2**31 - 1
+
+
+def _usage_columns(entry: Entry) -> dict[str, Any]:
+    usage = entry.usage
+    if usage is None:
+        return {}
+    return {
+        "prompt_tokens": min(usage.prompt_tokens, MAX_TOKENS_STORED),
+        "completion_tokens": min(usage.completion_tokens, MAX_TOKENS_STORED),
+        "tokens_estimated": usage.estimated,
+    }
 
 
 def _storable(text: str) -> str:

@@ -54,6 +54,7 @@ from redis.exceptions import RedisError
 
 from project.conf import conf
 from streams import keys
+from streams.usage import Usage
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,8 @@ ERROR_ANSWERS = Counter(
 REFUSALS = Counter(
     "switchboard_refusals",
     "Work refused by a flow-control bound, per tenant: code is what the client got "
-    "(rate_limited or overloaded, both 429, or the close code 4029), reason which bound.",
+    "(rate_limited, overloaded or budget_exhausted, all 429, or the close code 4029), reason "
+    "which bound.",
     ["tenant", "code", "reason"],
 )
 SLOW_CONSUMER_CLOSES = Counter(
@@ -175,6 +177,16 @@ MODEL_FAILOVERS = Counter(
     "and why: model_error, timeout, rate_limited.",
     ["backend", "reason"],
 )
+# Agents are the code's and models the code's or an operator's override (the admin), never
+# a client's: bounded like the tenants. A model name is cut to this many characters.
+MODEL_LABEL_CHARS = 64
+TOKENS = Counter(
+    "switchboard_tokens",
+    "Tokens used by model calls (as the provider reported them, else estimated: "
+    "streams/usage.py), per tenant, agent, model and kind (prompt or completion).",
+    ["tenant", "agent", "model", "kind"],
+)
+TOKEN_KINDS = ("prompt", "completion")
 
 # The bound each refusal reason belongs to, as the client saw it (console/live.py
 # names the same reasons for the admin's live page).
@@ -185,6 +197,7 @@ REFUSAL_CODES = {
     "connections": "4029",
     "subscriptions": "rate_limited",
     "receipts": "rate_limited",
+    "token_budget": "budget_exhausted",
 }
 # Labels of frames going out: anything else (a kind a later version adds) is "other", so a
 # frame can never mint a series.
@@ -376,6 +389,15 @@ def model_failover(backend: str, reason: str) -> None:
     MODEL_FAILOVERS.labels(backend, reason).inc()
 
 
+def tokens_used(tenant: str, agent: str, model: str, usage: Usage) -> None:
+    """One model call's tokens (orchestration/steps.py)."""
+    model = model[:MODEL_LABEL_CHARS]
+    if usage.prompt_tokens:
+        TOKENS.labels(tenant, agent, model, "prompt").inc(usage.prompt_tokens)
+    if usage.completion_tokens:
+        TOKENS.labels(tenant, agent, model, "completion").inc(usage.completion_tokens)
+
+
 # --- series that exist before anything touches them --------------------------------------
 
 # In multiprocess mode a labelled series is exported only once some process has used it,
@@ -404,6 +426,7 @@ ERROR_CODES = (
     "too_large",
     "rate_limited",
     "overloaded",
+    "budget_exhausted",
     "internal",
 )
 

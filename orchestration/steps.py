@@ -51,6 +51,7 @@ from project.conf import conf
 from streams.rate_limits import BackendLimit, parse_limits
 from streams.reasons import degraded_message
 from streams.runs import AsyncRunStore, Fenced, Run, RunFinished, StaleOffset
+from streams.usage import call_usage, with_usage
 from workers import quotas
 from workers.backends import (
     BlockingModelBackend,
@@ -70,6 +71,8 @@ FINISH_RESERVE_S = 0.2
 # How long a claim is retried through a Redis outage before the step gives up and leaves its
 # message to Celery (the run's deadline is unknown until the claim answers).
 CLAIM_RETRY_S = 30.0
+# The most a call's usage write may hold its step (it is accounting, not the reply).
+USAGE_WRITE_S = 2.0
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
 
 T = TypeVar("T")
@@ -342,6 +345,7 @@ class _Step:
         budget = min(step.soft_limit_s, self.time_for_call())
         request = self.model_request(step, prompt)
         coalescer = _coalescer()
+        emitted_before, output = self.run.emitted, None
         try:
             if step.tools:
                 output = await call_with_tools(self, step, prompt, coalescer)
@@ -357,6 +361,12 @@ class _Step:
         except asyncio.CancelledError:
             request.cancelled.set()
             raise
+        finally:
+            # A failed call's text is only known by what it appended. A step with tools
+            # counts each of its turns itself (orchestration/tool_steps.py).
+            received = len(output) if output is not None else self.run.emitted - emitted_before
+            if not step.tools:
+                await self.record_usage(step, request, len(prompt), received, output is not None)
         await self.append_pending(coalescer)
         return output
 
@@ -450,6 +460,39 @@ class _Step:
                 return False
             await asyncio.sleep(wait_ms / 1000)
         return True
+
+    async def record_usage(
+        self,
+        step: Step,
+        request: ModelRequest,
+        prompt_chars: int,
+        output_chars: int,
+        finished: bool,
+    ) -> None:
+        """Count one call's tokens (reported by the backend, else estimated) on the run, the
+        tenant's budget counters and the metrics. A call that failed before producing
+        anything, and that no usage was reported for (refused, unreachable), counts nothing.
+        Accounting never fails the step: a Redis error is logged, the call goes uncounted."""
+        reported = request.usage
+        said = reported.prompt_tokens is not None or reported.completion_tokens is not None
+        if not (finished or said or output_chars):
+            return
+        usage = call_usage(
+            reported.prompt_tokens, reported.completion_tokens, prompt_chars, output_chars
+        )
+        run = self.run
+        metrics.tokens_used(run.tenant, run.agent, request.model or step.backend, usage)
+        try:
+            async with asyncio.timeout(USAGE_WRITE_S):
+                await self.store.add_usage(run, usage)
+        except Exception:  # TimeoutError included
+            logger.warning(
+                "token usage not counted tenant=%s run=%s tokens=%s",
+                run.tenant,
+                run.run_id,
+                usage.total,
+                exc_info=True,
+            )
 
     def called(self, step: Step, outcome: str, started: float) -> None:
         metrics.model_call(self.candidate.backend, outcome, time.monotonic() - started)
@@ -566,6 +609,7 @@ class _Step:
     async def finalize(self, status: str, detail: Any) -> None:
         run = self.run
         detail = with_tools_ran(detail, run.tools_ran)
+        detail = with_usage(detail, run.usage)
         await durably(lambda: self.store.finalize(run, status, detail), run.deadline + 60)
 
     async def done(self, output: str, fell_back: str = "") -> StepOutcome:

@@ -89,6 +89,15 @@ class StepWriter(Protocol):
 
     async def append_pending(self, coalescer: Coalescer) -> None: ...
 
+    async def record_usage(
+        self,
+        step: Step,
+        request: ModelRequest,
+        prompt_chars: int,
+        output_chars: int,
+        finished: bool,
+    ) -> None: ...
+
     async def append_tool_event(
         self, kind: str, data: dict[str, Any], tools_ran: list[str] | None = None
     ) -> None: ...
@@ -118,7 +127,17 @@ async def call_with_tools(writer: StepWriter, step: Step, prompt: str, coalescer
             tool_choice="none" if last else "auto",
         )
         budget = min(step.soft_limit_s, writer.time_for_call())
-        text, calls = await _turn(writer, step, backend, request, budget, coalescer)
+        # Each turn is a call of its own to the provider: its tokens are counted as it ends.
+        turn: tuple[str, list[ToolCall]] | None = None
+        emitted_before = writer.run.emitted
+        try:
+            turn = await _turn(writer, step, backend, request, budget, coalescer)
+        finally:
+            received = len(turn[0]) if turn else writer.run.emitted - emitted_before
+            await writer.record_usage(
+                step, request, len(request.prompt), received, turn is not None
+            )
+        text, calls = turn
         said.append(text)
         if not calls:
             return "".join(said)

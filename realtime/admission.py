@@ -21,6 +21,10 @@
   gateway's connections stop counting `PRESENCE_TTL_S` after its last renewal, and the
   next renewal of any gateway removes them. Admission is one script; past a bound the
   socket is closed with 4029.
+- **Token budgets per tenant**, per UTC day and month (streams/usage.py): checked by
+  `ACCEPT_SEND` against the counters the workers add each model call's usage to. A spent
+  budget refuses every `send` with `budget_exhausted` until the period resets; runs
+  already accepted finish.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aredis
@@ -39,6 +44,7 @@ from project.conf import conf
 from realtime.protocol import ProtocolError
 from streams import keys, scripts
 from streams.buckets import NEVER, AsyncBuckets, Bucket, retry_after_ms
+from streams.usage import DAY, Exhausted, iso
 from tenants.config import TenantConfig
 
 logger = logging.getLogger(__name__)
@@ -102,6 +108,21 @@ def subscription_refusal(
         frame_id,
         retry_after_ms=NEVER_RETRY_MS,
         stream=stream,
+    )
+
+
+def budget_refusal(spent: Exhausted, frame_id: str | None) -> ProtocolError:
+    """The error for a send while the tenant's token budget for the period is spent: when
+    it resets, as a wait (`retry_after_ms`) and a moment (`resets_at`, UTC)."""
+    now = datetime.now(UTC)
+    return ProtocolError(
+        "budget_exhausted",
+        f"the tenant has used its {'daily' if spent.period == DAY else 'monthly'} budget of "
+        f"{spent.budget} tokens; it resets at resets_at",
+        frame_id,
+        retry_after_ms=spent.retry_after_ms(now),
+        period=spent.period,
+        resets_at=iso(spent.resets_at),
     )
 
 

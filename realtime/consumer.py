@@ -32,6 +32,7 @@ from ops import logcontext, metrics
 from ops.collector import tune_for_long_lived_connections
 from project.conf import conf
 from realtime.admission import (
+    budget_refusal,
     connection_registry,
     limit_retry_ms,
     rate_limiter,
@@ -78,7 +79,7 @@ from realtime.subscription import CATCH_UP_PAGE, StreamSubscription
 from realtime.throttles import throttle_counter
 from realtime.transport import DaphneSocket, daphne_protocol
 from streams.events import dumps
-from streams.log import LimitReached, RunLimits
+from streams.log import BudgetExhausted, LimitReached, RunLimits
 from streams.receipts import BeyondHead, receipt_store
 from tenants.config import TenantConfig, tenant_cache
 from tenants.tokens import AuthError, Identity, authenticate
@@ -695,7 +696,11 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 ),
                 weight=limits.weight,
                 agent_config=limits.agent_overrides(agent.name),
+                budgets=limits.token_budgets(),
             )
+        except BudgetExhausted as spent:
+            _count_refusal(identity.tenant, "token_budget")
+            raise budget_refusal(spent.exhausted, frame.id) from None
         except LimitReached as reached:
             reason = "runs_in_flight" if reached.code == "rate_limited" else "queued_runs"
             _count_refusal(identity.tenant, reason)

@@ -21,6 +21,7 @@ STATUS_BY_CODE = {
     "too_large": 413,
     "rate_limited": 429,
     "overloaded": 429,
+    "budget_exhausted": 429,
     "internal": 500,
 }
 

@@ -233,6 +233,13 @@ def runs_queued(tenant: str) -> str:
 
 # Fair scheduling (streams/fairness.py). Tenants in the ring are values, not key
 # parts, so only the queue key embeds a slug.
+def tokens_used(tenant: str, period: str, label: str) -> str:
+    """Integer, EXPIREAT the period's end plus a grace: tokens the tenant's model calls used
+    in one UTC day (`period` "day", label YYYYMMDD) or month ("month", YYYYMM), added by
+    ADD_USAGE as each call ends and read by ACCEPT_SEND against the tenant's budgets."""
+    return f"{_prefix()}:tokens:{tenant}:{period}:{label}"
+
+
 def fair_queue(tenant: str) -> str:
     """List: the tenant's run ids waiting for a worker (LPUSH on accept, RPOP on pick)."""
     return f"{_prefix()}:fq:q:{tenant}"

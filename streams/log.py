@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import redis.asyncio as aredis
@@ -32,6 +33,8 @@ from streams.fairness import quantum
 from streams.redis_clients import as_text
 from streams.runs import RUN_RECORD_GRACE_S, RunRecord
 from streams.subscriptions import subscribed
+from streams.tokens import counter_keys
+from streams.usage import Budgets, Exhausted, exhausted
 
 READ_PAGE = 500
 
@@ -111,6 +114,15 @@ class LimitReached(Exception):
         super().__init__(code)
         self.code = code  # rate_limited (runs in flight) or overloaded (queued runs)
         self.wait_ms = wait_ms  # until the earliest counted run's deadline; -1: bound is 0
+
+
+class BudgetExhausted(LimitReached):
+    """A `send` refused because its tenant's token budget for the day or month is spent
+    (streams/usage.py): nothing was written."""
+
+    def __init__(self, exhausted: Exhausted) -> None:
+        super().__init__("budget_exhausted", -1)
+        self.exhausted = exhausted
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,19 +283,25 @@ class StreamStore:
         limits: RunLimits | None = None,
         weight: int | None = None,
         agent_config: Mapping[str, str] | None = None,
+        budgets: Budgets | None = None,
     ) -> Appended:
         """Append the message and create its run with its first task, all or nothing.
-        Raises LimitReached, having written nothing, when `limits` refuse the run.
+        Raises LimitReached, having written nothing, when `limits` refuse the run, and
+        BudgetExhausted when the tenant has spent its token `budgets` for the period.
         `weight` is the tenant's share in the fair queue (TenantConfig.weight; default 1).
         `agent_config` is the tenant's overrides of the agent's code (model, api_key_env,
         base_url: TenantConfig.agent_overrides), kept with the run for its workers."""
         run = _NewRun.of(tenant, client, frame, agent, retention or self.retention)
         flow = _FlowControl.of(tenant, run.deadline, limits)
         message = first_task_message(run.run_id) if self.enqueue_atomically else ""
+        now = datetime.now(UTC)
+        budgets = budgets or Budgets()
         call = self._accept_send_call(
-            run, flow, message, weight if weight is not None else 1, agent_config
+            run, flow, message, weight if weight is not None else 1, agent_config, budgets, now
         )
         answer = await call.run_async(self.client)
+        if answer.code == -3:
+            raise BudgetExhausted(exhausted(answer.value, budgets, now))
         if answer.code < 0:
             code = "rate_limited" if answer.code == -1 else "overloaded"
             raise LimitReached(code, int(answer.value))
@@ -301,10 +319,15 @@ class StreamStore:
         message: str,
         weight: int,
         agent_config: Mapping[str, str] | None,
+        budgets: Budgets,
+        now: datetime,
     ) -> scripts.AcceptSend:
-        """ACCEPT_SEND for the new run: its message event, record, bounds and fair queue."""
+        """ACCEPT_SEND for the new run: its message event, record, bounds and fair queue,
+        and the tenant's token budgets against its counters of `now`'s UTC day and month
+        (the keys are named even without budgets: a script's keys are fixed)."""
         tenant, stream = run.tenant, run.frame.stream
         record = run.record(agent_config, flow)
+        tokens_day_key, tokens_month_key = counter_keys(tenant, now)
         return scripts.AcceptSend(
             seq_key=keys.stream_seq(tenant, stream),
             log_key=keys.stream_log(tenant, stream),
@@ -317,6 +340,8 @@ class StreamStore:
             fair_queue_key=keys.fair_queue(tenant),
             fair_ring_key=keys.FAIR_RING,
             fair_weights_key=keys.FAIR_WEIGHTS,
+            tokens_day_key=tokens_day_key,
+            tokens_month_key=tokens_month_key,
             channel=keys.stream_channel(tenant, stream),
             prefix=run.prefix,
             suffix=run.suffix,
@@ -332,6 +357,8 @@ class StreamStore:
             counted_until=flow.counted_until,
             fair_tenant=tenant if conf().fair_queue else "",
             fair_weight=quantum(weight),
+            daily_budget=budgets.daily,
+            monthly_budget=budgets.monthly,
             run_fields=record.fields(),
         )
 

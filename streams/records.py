@@ -22,6 +22,7 @@ from typing import Any
 
 from streams.events import dumps, text_from_fragments
 from streams.reasons import degraded_message
+from streams.usage import Usage, token_count, usage_of
 
 MESSAGE = "message"
 REPLY_DONE = "reply.done"
@@ -62,6 +63,7 @@ class Entry:
     text: str
     created_at: datetime
     model: str = ""  # a reply's answering model (model_of), when its reply.done named it
+    usage: Usage | None = None  # a reply's token usage, when its reply.done carried it
 
 
 def outbox_head(
@@ -180,9 +182,11 @@ def entry_from_event(record: OutboxRecord, event_json: str | bytes) -> Entry:
     event = json.loads(event_json)
     data = event.get("data") or {}
     kind = event["kind"]
+    usage = None
     if kind == REPLY_DONE:
         status, reason = str(data.get("status") or ""), reason_of(data.get("detail"))
         model = model_of(data.get("detail"))
+        usage = usage_from_detail(data.get("detail"))
     else:
         status, reason, model = "", "", ""
     return Entry(
@@ -198,7 +202,20 @@ def entry_from_event(record: OutboxRecord, event_json: str | bytes) -> Entry:
         text=str(data.get("text") or ""),
         created_at=parse_ts(event["ts"]),
         model=model,
+        usage=usage,
     )
+
+
+def usage_from_detail(detail: Any) -> Usage | None:
+    """A reply.done's `detail.usage` (streams/usage.py Usage.as_detail), if well formed."""
+    usage = detail.get("usage") if isinstance(detail, Mapping) else None
+    if not isinstance(usage, Mapping):
+        return None
+    prompt = token_count(usage.get("prompt_tokens"))
+    completion = token_count(usage.get("completion_tokens"))
+    if prompt is None or completion is None:
+        return None
+    return Usage(prompt, completion, usage.get("estimated") is True)
 
 
 def message_from_run(record: OutboxRecord, run: Mapping[str, str]) -> Entry | None:
@@ -244,6 +261,7 @@ def reply_from_run(
         text=text_from_fragments(reply_fragments),
         created_at=parse_ts(record.at),
         model=record.model,
+        usage=usage_of(run),
     )
 
 

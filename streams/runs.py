@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -51,6 +52,8 @@ from streams.events import (
 from streams.records import model_of, outbox_head, problem_entry, reason_of
 from streams.redis_clients import as_text
 from streams.subscriptions import subscribed
+from streams.tokens import add_usage_call
+from streams.usage import Usage, usage_of
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +192,8 @@ class Run:
     tool_events: int = 0
     tool_step: int = -1
     tools_ran: list[str] = field(default_factory=list)
+    # Tokens the run's model calls used so far, every step's (ADD_USAGE); None: no call yet.
+    usage: Usage | None = None
 
     @classmethod
     def from_hash(cls, run_id: str, fields: dict[str, str]) -> Run:
@@ -224,6 +229,7 @@ class Run:
             tool_events=int(fields.get("tool_events") or 0),
             tool_step=int(fields["tool_step"]) if fields.get("tool_step") else -1,
             tools_ran=orjson.loads(fields["tools_ran"]) if fields.get("tools_ran") else [],
+            usage=usage_of(fields),
         )
 
     def seconds_left(self) -> float:
@@ -443,6 +449,14 @@ class AsyncRunStore(_RunStoreBase):
     async def save_output(self, run: Run, step: int, output: str, fell_back: str = "") -> None:
         call = _SaveOutputCall(run, step, output, fell_back)
         call.result(await call.script.run_async(self.client))
+
+    async def add_usage(self, run: Run, usage: Usage) -> tuple[int, int]:
+        """One model call's tokens, on the run (whoever owns it now: the call was made) and
+        its tenant's day and month counters; returns the counters' totals."""
+        call = add_usage_call(run.run_id, run.tenant, usage, datetime.now(UTC))
+        totals = await call.run_async(self.client)
+        run.usage = usage if run.usage is None else run.usage + usage
+        return totals
 
     async def text_of(self, run_id: str) -> str:
         return _text(await self.client.get(keys.run_text(run_id)))

@@ -212,6 +212,8 @@ class AcceptSend(Script[Coded]):
         "fair_queue_key",
         "fair_ring_key",
         "fair_weights_key",
+        "tokens_day_key",
+        "tokens_month_key",
     )
     ARGV = (
         "channel",
@@ -229,6 +231,8 @@ class AcceptSend(Script[Coded]):
         "counted_until",
         "fair_tenant",
         "fair_weight",
+        "daily_budget",
+        "monthly_budget",
     )
     ARGV_TAIL = "run_fields"
 
@@ -243,6 +247,8 @@ class AcceptSend(Script[Coded]):
     fair_queue_key: str
     fair_ring_key: str
     fair_weights_key: str
+    tokens_day_key: str
+    tokens_month_key: str
     channel: str
     prefix: str
     suffix: str
@@ -258,6 +264,8 @@ class AcceptSend(Script[Coded]):
     counted_until: str
     fair_tenant: str
     fair_weight: int
+    daily_budget: int
+    monthly_budget: int
     run_fields: Sequence[Arg]  # name, value, name, value, ...
 
     def result(self, raw: Any) -> Coded:
@@ -521,6 +529,35 @@ class SaveOutput(Script[bool]):
 
     def result(self, raw: Any) -> bool:
         return bool(raw)
+
+
+@dataclass(slots=True)
+class AddUsage(Script[tuple[int, int]]):
+    """One model call's tokens on its run and its tenant's day and month counters: the
+    counters' totals after it (streams/usage.py)."""
+
+    LUA = Lua("add_usage.lua")
+    KEYS = ("run_key", "day_key", "month_key")
+    ARGV = (
+        "prompt_tokens",
+        "completion_tokens",
+        "estimated",
+        "day_expires_at",
+        "month_expires_at",
+    )
+
+    run_key: str
+    day_key: str
+    month_key: str
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: int
+    day_expires_at: int
+    month_expires_at: int
+
+    def result(self, raw: Any) -> tuple[int, int]:
+        today, month = raw
+        return int(today), int(month)
 
 
 @dataclass(slots=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from asgiref.sync import sync_to_async
 
 from project.conf import conf
+from streams.usage import Budgets
 
 # The shape of Tenant.slug (its validator, tenants/models.py): 1 to 63 characters.
 TENANT_SLUG_PATTERN = r"\A[a-z0-9][a-z0-9_-]{0,62}\Z"
@@ -65,11 +66,17 @@ class TenantConfig:
     # verifies tokens until previous_secret_until (epoch s); "" and 0.0 when there is none.
     previous_signing_secret: str = ""
     previous_secret_until: float = 0.0
+    # Tokens the tenant's runs may use per UTC day and month (0: no budget).
+    daily_token_budget: int = 0
+    monthly_token_budget: int = 0
 
     def public_limits(self) -> dict[str, int]:
         from tenants.models import LIMIT_FIELDS
 
         return {name: getattr(self, name) for name in LIMIT_FIELDS}
+
+    def token_budgets(self) -> Budgets:
+        return Budgets(self.daily_token_budget, self.monthly_token_budget)
 
     def _grant(self, agent: str) -> AgentGrant | None:
         # A handful of grants per tenant: a scan is cheaper than keeping a dict per snapshot.
@@ -121,6 +128,8 @@ def load_tenant(slug: str) -> TenantConfig | None:
         max_causal_depth=tenant.max_causal_depth,
         max_token_lifetime_s=tenant.max_token_lifetime_s,
         fault_injection=tenant.fault_injection,
+        daily_token_budget=tenant.daily_token_budget,
+        monthly_token_budget=tenant.monthly_token_budget,
         previous_signing_secret=tenant.previous_signing_secret if until else "",
         previous_secret_until=until.timestamp() if until else 0.0,
         **{name: getattr(tenant, name) for name in LIMIT_FIELDS},

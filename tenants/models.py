@@ -125,6 +125,22 @@ class Tenant(models.Model):
             "triggered run deeper than this is refused."
         ),
     )
+    # Token budgets (streams/usage.py): enforced when a send is accepted, against the
+    # usage counted as model calls end; runs already accepted finish.
+    daily_token_budget = models.PositiveBigIntegerField(
+        default=0,
+        help_text=(
+            "Tokens (prompt and completion) the tenant's runs may use per UTC day; once "
+            "used, send answers budget_exhausted until midnight UTC. 0: no daily budget."
+        ),
+    )
+    monthly_token_budget = models.PositiveBigIntegerField(
+        default=0,
+        help_text=(
+            "Tokens the tenant's runs may use per UTC calendar month; once used, send "
+            "answers budget_exhausted until the month ends. 0: no monthly budget."
+        ),
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -4,6 +4,8 @@ The same aiohttp client, cancellation and error classification as the OpenAI-com
 backend (workers/openai_backend.py), which this subclasses; only the request and the event
 format differ. One POST to `{base_url}/messages` with `"stream": true`; each
 `content_block_delta` event's `text_delta` is yielded as a piece, until `message_stop`.
+The call's token usage is reported from `message_start` (input tokens) and `message_delta`
+(output tokens, a running total).
 An `error` event inside the stream (e.g. `overloaded_error`) is transient, like a 529.
 
 Configured by SWITCHBOARD_ANTHROPIC_BASE_URL, SWITCHBOARD_ANTHROPIC_MODEL and
@@ -19,9 +21,11 @@ from typing import Any
 import aiohttp
 
 from project.conf import conf
+from streams.usage import token_count
 from workers.backends import (
     ModelError,
     ModelRequest,
+    ReportedUsage,
     ToolCall,
     ToolCallAssembler,
     arguments_object,
@@ -65,11 +69,15 @@ class AnthropicBackend(OpenAIBackend):
             add_anthropic_tools(body, request)
         return f"{base_url}/messages", headers, body
 
-    def pieces(self, response: aiohttp.ClientResponse) -> AsyncIterator[str]:
-        return _pieces(response)
+    def pieces(
+        self, response: aiohttp.ClientResponse, usage: ReportedUsage | None = None
+    ) -> AsyncIterator[str]:
+        return _pieces(response, usage)
 
-    def turn_events(self, response: aiohttp.ClientResponse) -> AsyncIterator[str | ToolCall]:
-        return _turn_events(response)
+    def turn_events(
+        self, response: aiohttp.ClientResponse, usage: ReportedUsage | None = None
+    ) -> AsyncIterator[str | ToolCall]:
+        return _turn_events(response, usage)
 
 
 def add_anthropic_tools(body: dict[str, Any], request: ModelRequest) -> None:
@@ -117,15 +125,19 @@ def add_anthropic_tools(body: dict[str, Any], request: ModelRequest) -> None:
         )
 
 
-async def _turn_events(response: aiohttp.ClientResponse) -> AsyncIterator[str | ToolCall]:
+async def _turn_events(
+    response: aiohttp.ClientResponse, usage: ReportedUsage | None = None
+) -> AsyncIterator[str | ToolCall]:
     """Text pieces, then the turn's tool calls: a `content_block_start` of type `tool_use`
-    (id, name) and its `input_json_delta` fragments, by block index."""
+    (id, name) and its `input_json_delta` fragments, by block index. Usage as `_pieces`."""
     finished = False
     calls = ToolCallAssembler()
     tool_blocks: set[int] = set()
     async for name, payload in sse_events(response):
         event = _json_event(payload)
         kind = event.get("type") or name
+        if usage is not None and kind in ("message_start", "message_delta"):
+            report_anthropic_usage(event, usage)
         if kind == "content_block_start":
             block = event.get("content_block")
             index = event.get("index")
@@ -153,13 +165,17 @@ async def _turn_events(response: aiohttp.ClientResponse) -> AsyncIterator[str | 
         yield call
 
 
-async def _pieces(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
+async def _pieces(
+    response: aiohttp.ClientResponse, usage: ReportedUsage | None = None
+) -> AsyncIterator[str]:
     """Text pieces of a Messages stream; ModelError if it ends without `message_stop` or
-    carries an `error` event."""
+    carries an `error` event. Its usage goes to `usage`."""
     finished = False
     async for name, payload in sse_events(response):
         event = _json_event(payload)
         kind = event.get("type") or name
+        if usage is not None and kind in ("message_start", "message_delta"):
+            report_anthropic_usage(event, usage)
         if kind == "content_block_delta":
             delta = event.get("delta") or {}
             text = delta.get("text") if delta.get("type") == "text_delta" else None
@@ -171,6 +187,21 @@ async def _pieces(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
             raise ModelError(f"model stream error: {_error_message(event)}", True)
     if not finished:
         raise ModelError("model stream ended before its end (message_stop)", True)
+
+
+def report_anthropic_usage(event: dict[str, Any], usage: ReportedUsage) -> None:
+    """`message_start` carries `message.usage` (input tokens, cached ones apart, and the
+    first output tokens); `message_delta` carries `usage.output_tokens` so far."""
+    message = event.get("message")
+    fields = message.get("usage") if isinstance(message, dict) else event.get("usage")
+    if not isinstance(fields, dict):
+        return
+    parts = [
+        token_count(fields.get(name))
+        for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    ]
+    counted = [part for part in parts if part is not None]
+    usage.report(sum(counted) if counted else None, token_count(fields.get("output_tokens")))
 
 
 def from_settings() -> AnthropicBackend:

@@ -12,6 +12,10 @@ A backend that only has a blocking `stream(request, deadline)` iterator (the int
 earlier versions) still works: it runs in the runtime's thread pool, and must then honour
 `deadline` (time.monotonic()) and `request.cancelled` itself, waiting with
 `request.cancelled.wait(seconds)`, never `time.sleep`.
+
+Token usage travels beside the pieces, not among them: a backend that learns what the call
+cost (a provider's usage fields) calls `request.usage.report(...)`, at any time during the
+stream. One that never does leaves the step to estimate it (streams/usage.py).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+
+from streams.usage import estimate_tokens
 
 
 class ModelError(Exception):
@@ -68,6 +74,23 @@ class ModelCancelled(ModelError):
         super().__init__(detail, transient=False)
 
 
+@dataclass(slots=True)
+class ReportedUsage:
+    """What the provider said a call cost, as the backend heard it (None: not said). A
+    later report of a part replaces the earlier one (Anthropic sends running totals)."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+    def report(
+        self, prompt_tokens: int | None = None, completion_tokens: int | None = None
+    ) -> None:
+        if prompt_tokens is not None:
+            self.prompt_tokens = prompt_tokens
+        if completion_tokens is not None:
+            self.completion_tokens = completion_tokens
+
+
 @dataclass(frozen=True, slots=True)
 class ModelRequest:
     model: str
@@ -87,6 +110,8 @@ class ModelRequest:
     tools: tuple[dict[str, Any], ...] = ()
     rounds: tuple[ToolRound, ...] = ()
     tool_choice: str = "auto"
+    # Filled by a backend that knows what the call cost (see the module doc).
+    usage: ReportedUsage = field(default_factory=ReportedUsage, compare=False)
 
 
 # Bounds on what a model's tool calls may hold, whatever it streams: calls kept per turn
@@ -262,6 +287,9 @@ class SimulatedBackend:
                 # consumer spends between pieces does not stretch the whole reply.
                 await _sleep_until(first + index * chunk_delay_ms / 1000)
             yield piece
+        # Reported as a provider would, at the end: its "tokenizer" is the estimate's rule.
+        tokens = estimate_tokens(request.prompt)
+        request.usage.report(prompt_tokens=tokens, completion_tokens=tokens)
 
 
 async def blocking_stream(

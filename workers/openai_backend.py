@@ -3,7 +3,10 @@ events): OpenAI itself and the servers compatible with it (vLLM, Ollama, llama.c
 server, ...).
 
 One POST to `{base_url}/chat/completions` with `"stream": true`; each `data:` event's
-`choices[0].delta.content` is yielded as a piece, until `data: [DONE]`.
+`choices[0].delta.content` is yielded as a piece, until `data: [DONE]`. The request asks
+for `stream_options.include_usage`, so the last chunk before `[DONE]` carries the call's
+`usage` (prompt_tokens, completion_tokens), reported to the step; a server that sends none
+leaves the step to estimate it.
 
 - **Secrets.** The API key is read from the environment variable named in the
   configuration, at each call; the key itself is never in settings or the database. No
@@ -34,9 +37,11 @@ from typing import Any
 import aiohttp
 
 from project.conf import conf
+from streams.usage import token_count
 from workers.backends import (
     ModelError,
     ModelRequest,
+    ReportedUsage,
     ToolCall,
     ToolCallAssembler,
     arguments_object,
@@ -115,13 +120,15 @@ class OpenAIBackend:
         async for item in self._astream(request, self.turn_events):
             yield item
 
-    def turn_events(self, response: aiohttp.ClientResponse) -> AsyncIterator[str | ToolCall]:
-        return _turn_events(response)
+    def turn_events(
+        self, response: aiohttp.ClientResponse, usage: ReportedUsage | None = None
+    ) -> AsyncIterator[str | ToolCall]:
+        return _turn_events(response, usage)
 
     async def _astream(
         self,
         request: ModelRequest,
-        read: Callable[[aiohttp.ClientResponse], AsyncIterator[Any]],
+        read: Callable[[aiohttp.ClientResponse, ReportedUsage], AsyncIterator[Any]],
     ) -> AsyncIterator[Any]:
         model = request.model or self.model
         if not model:
@@ -153,7 +160,7 @@ class OpenAIBackend:
                 try:
                     if response.status != 200:
                         raise await _status_error(response)
-                    async for piece in read(response):
+                    async for piece in read(response, request.usage):
                         yield piece
                     finished = True
                 finally:
@@ -183,14 +190,18 @@ class OpenAIBackend:
             "model": model,
             "messages": [{"role": "user", "content": request.prompt}],
             "stream": True,
+            # The call's token usage in the stream's last chunk (streams/usage.py).
+            "stream_options": {"include_usage": True},
         }
         body.update(passed_options(request.options))
         if request.tools:
             add_openai_tools(body, request)
         return f"{base_url}/chat/completions", headers, body
 
-    def pieces(self, response: aiohttp.ClientResponse) -> AsyncIterator[str]:
-        return _pieces(response)
+    def pieces(
+        self, response: aiohttp.ClientResponse, usage: ReportedUsage | None = None
+    ) -> AsyncIterator[str]:
+        return _pieces(response, usage)
 
 
 def passed_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -218,9 +229,11 @@ async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[st
             name, data = "", []
 
 
-async def _pieces(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
+async def _pieces(
+    response: aiohttp.ClientResponse, usage: ReportedUsage | None = None
+) -> AsyncIterator[str]:
     """The content pieces of an SSE chat-completion stream; ModelError if it ends without
-    `[DONE]` (or a finish_reason) or carries an error."""
+    `[DONE]` (or a finish_reason) or carries an error. A chunk's `usage` goes to `usage`."""
     finished = False
     async for _, payload in sse_events(response):
         if payload.strip() == "[DONE]":
@@ -231,6 +244,8 @@ async def _pieces(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
         event = _json_event(payload)
         if "error" in event:
             raise ModelError(f"model stream error: {_error_message(event)}", True)
+        if usage is not None:
+            report_openai_usage(event.get("usage"), usage)
         for choice in event.get("choices") or ():
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
@@ -276,9 +291,11 @@ def add_openai_tools(body: dict[str, Any], request: ModelRequest) -> None:
             )
 
 
-async def _turn_events(response: aiohttp.ClientResponse) -> AsyncIterator[str | ToolCall]:
+async def _turn_events(
+    response: aiohttp.ClientResponse, usage: ReportedUsage | None = None
+) -> AsyncIterator[str | ToolCall]:
     """Content pieces, then the turn's tool calls, assembled from `delta.tool_calls`
-    fragments (index, id, function.name, function.arguments); ModelError as for
+    fragments (index, id, function.name, function.arguments); ModelError and usage as for
     `_pieces`."""
     finished = False
     calls = ToolCallAssembler()
@@ -289,6 +306,8 @@ async def _turn_events(response: aiohttp.ClientResponse) -> AsyncIterator[str | 
         event = _json_event(payload)
         if "error" in event:
             raise ModelError(f"model stream error: {_error_message(event)}", True)
+        if usage is not None:
+            report_openai_usage(event.get("usage"), usage)
         for choice in event.get("choices") or ():
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
@@ -315,6 +334,14 @@ async def _turn_events(response: aiohttp.ClientResponse) -> AsyncIterator[str | 
         raise ModelError("model stream ended before its end ([DONE])", True)
     for call in calls.calls():
         yield call
+
+
+def report_openai_usage(fields: Any, usage: ReportedUsage) -> None:
+    """An OpenAI-style `usage` object's counts (absent, null or malformed: nothing)."""
+    if isinstance(fields, dict):
+        usage.report(
+            token_count(fields.get("prompt_tokens")), token_count(fields.get("completion_tokens"))
+        )
 
 
 def _json_event(payload: str) -> dict[str, Any]:

@@ -2,30 +2,45 @@
 -- id), the run record, its deadline, its place in the fair queue and its first task.
 -- KEYS: seq_key, log_key, dedupe_key, run_key, deadlines_key, queue_key (Celery's),
 --       inflight_key (the connection's runs in flight), queued_key (the tenant's runs
---       queued), fair_queue_key, fair_ring_key, fair_weights_key
+--       queued), fair_queue_key, fair_ring_key, fair_weights_key, tokens_day_key,
+--       tokens_month_key (the tenant's tokens used today and this month: ADD_USAGE)
 -- ARGV: channel, prefix, suffix, maxlen, dedupe_ttl (s), event_id,
 --       run_id, deadline (epoch s), run_ttl (s), celery_message ('' = the caller enqueues),
 --       max_in_flight, max_queued (both -1 = not counted), counted_until (epoch s),
 --       fair_tenant ('' = no fair queue: the message is the run's own step), fair_weight,
+--       daily_budget, monthly_budget (tokens; 0 = no budget),
 --       then run_fields: the run's fields as name/value pairs
 -- Returns {1, "SEQ EVENT_ID RUN_ID"} accepted; {0, receipt} duplicate; {-1, wait_ms} the
 -- connection has max_in_flight runs unfinished; {-2, wait_ms} the tenant has max_queued
--- runs waiting for a worker. wait_ms: until the earliest of those runs' deadlines (-1: the
+-- runs waiting for a worker; {-3, 'day' or 'month'} the tenant's token budget for the
+-- period is spent. wait_ms: until the earliest of those runs' deadlines (-1: the
 -- limit is 0).
 local seq_key, log_key, dedupe_key = KEYS[1], KEYS[2], KEYS[3]
 local run_key, deadlines_key, queue_key = KEYS[4], KEYS[5], KEYS[6]
 local inflight_key, queued_key = KEYS[7], KEYS[8]
 local fair_queue_key, fair_ring_key, fair_weights_key = KEYS[9], KEYS[10], KEYS[11]
+local tokens_day_key, tokens_month_key = KEYS[12], KEYS[13]
 local channel, prefix, suffix, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local dedupe_ttl, event_id = ARGV[5], ARGV[6]
 local run_id, deadline, run_ttl, celery_message = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local max_in_flight, max_queued = tonumber(ARGV[11]), tonumber(ARGV[12])
 local counted_until = tonumber(ARGV[13])
 local fair_tenant, fair_weight = ARGV[14], ARGV[15]
-local run_fields = {unpack(ARGV, 16)}
+local daily_budget, monthly_budget = tonumber(ARGV[16]), tonumber(ARGV[17])
+local run_fields = {unpack(ARGV, 18)}
 
 local existing = redis.call('GET', dedupe_key)
 if existing then return {0, existing} end
+
+-- Token budgets (streams/usage.py): usage is counted as model calls end, so a send is
+-- refused once the period's spending has reached the budget; runs already accepted finish.
+if daily_budget > 0 and tonumber(redis.call('GET', tokens_day_key) or '0') >= daily_budget then
+  return {-3, 'day'}
+end
+if monthly_budget > 0
+    and tonumber(redis.call('GET', tokens_month_key) or '0') >= monthly_budget then
+  return {-3, 'month'}
+end
 
 -- Flow control (realtime/admission.py). After the dedupe check (a repeat always gets its
 -- ack) and before any write (a refused send leaves no trace). A run counts in its

@@ -297,6 +297,8 @@ def test_the_admin_announces_a_disable_and_a_rotation(
         "weight": 3,
         "max_causal_depth": 3,
         "max_token_lifetime_s": tenant.max_token_lifetime_s,
+        "daily_token_budget": 0,
+        "monthly_token_budget": 0,
     }  # "enabled" left out: unticked
     with django_capture_on_commit_callbacks(execute=True):
         page = admin_client.post(f"/admin/tenants/tenant/{tenant.pk}/change/", data)

@@ -109,7 +109,10 @@ def test_each_steps_output_feeds_the_next_and_only_visible_steps_stream(
     assert model.prompts == [("route", "hi"), ("answer", "route(hi) / hi")]
     answer = "answer(route(hi) / hi)"
     data = the_done(r)
-    assert (data["status"], data["detail"]) == ("ok", None)
+    # Usage adds up both model steps (the recording backend reports none: estimated, a
+    # quarter of the characters rounded up), across the steps' separate claims.
+    usage = {"prompt_tokens": 1 + 4, "completion_tokens": 3 + 6, "total": 14, "estimated": True}
+    assert (data["status"], data["detail"]) == ("ok", {"usage": usage})
     assert data["text"] == f"{answer} [checked {len(answer)}]"
     deltas = of_kind(events(r), "reply.delta")
     assert "".join(d["data"]["text"] for d in deltas) == data["text"]
@@ -168,7 +171,13 @@ def test_a_failed_step_that_continues_gives_its_fallback_as_output_and_degrades_
     assert model.prompts[-1] == ("answer", "topic=general")
     data = the_done(r)
     assert data["status"] == "degraded"
-    assert data["detail"] == {"reason": "model_error", "message": "model error", "step": "route"}
+    # The failed call produced nothing and reported nothing: only the answer's call counts.
+    assert data["detail"] == {
+        "reason": "model_error",
+        "message": "model error",
+        "step": "route",
+        "usage": {"prompt_tokens": 4, "completion_tokens": 6, "total": 10, "estimated": True},
+    }
     assert data["text"] == "answer(topic=general)"
 
 
@@ -191,7 +200,12 @@ def test_a_failed_step_that_stops_ends_the_run_with_its_fallback(
     data = the_done(r)
     assert (data["status"], data["detail"]) == (
         "degraded",
-        {"reason": "model_error", "message": "model error", "step": "second"},
+        {
+            "reason": "model_error",
+            "message": "model error",
+            "step": "second",
+            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total": 3, "estimated": True},
+        },
     )
     assert data["text"] == "first(x)\nsorry"
 

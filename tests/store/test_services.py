@@ -18,6 +18,7 @@ from orchestration.sweeping import sweep_overdue_runs
 from streams import keys
 from streams.enqueue import RUNS_QUEUE
 from streams.runs import RunStore
+from streams.usage import estimate_tokens
 from tests.store.conftest import Streams, execute_step, log_events, of_kind
 from workers import backends
 from workers.backends import ModelError, ModelRequest, split_evenly
@@ -60,7 +61,11 @@ def test_ok_path_streams_the_echo_and_finishes_once(
     assert delta_texts(r) == [first, second + third]
     assert_contiguous(r)
     [done] = done_events(r)
-    assert done["data"] == {"run": run_id, "status": "ok", "text": PROMPT, "detail": None}
+    # The simulated backend reports its usage: its "tokenizer" is the estimate's rule.
+    tokens = estimate_tokens(PROMPT)
+    usage = {"prompt_tokens": tokens, "completion_tokens": tokens, "total": 2 * tokens}
+    detail = {"usage": {**usage, "estimated": False}}
+    assert done["data"] == {"run": run_id, "status": "ok", "text": PROMPT, "detail": detail}
     assert [event["kind"] for event in log_events(r, "room")] == [
         "message",
         "reply.delta",

@@ -315,6 +315,7 @@ def test_error_statuses_are_the_protocols() -> None:
         "too_large": 413,
         "rate_limited": 429,
         "overloaded": 429,
+        "budget_exhausted": 429,
         "internal": 500,
     }
 

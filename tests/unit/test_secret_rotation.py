@@ -178,6 +178,8 @@ def test_the_change_form_cannot_change_the_secret(admin_client: Client) -> None:
         "weight": 1,
         "max_causal_depth": 3,
         "max_token_lifetime_s": tenant.max_token_lifetime_s,
+        "daily_token_budget": 0,
+        "monthly_token_budget": 0,
     }
     page = admin_client.post(f"/admin/tenants/tenant/{tenant.pk}/change/", data)
     assert page.status_code == 302, page.content.decode()
