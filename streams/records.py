@@ -22,7 +22,7 @@ from typing import Any
 
 from streams.events import dumps, text_from_fragments
 from streams.reasons import degraded_message
-from streams.usage import Usage, token_count, usage_of
+from streams.usage import Usage, usage_from_detail, usage_of
 
 MESSAGE = "message"
 REPLY_DONE = "reply.done"
@@ -204,18 +204,6 @@ def entry_from_event(record: OutboxRecord, event_json: str | bytes) -> Entry:
         model=model,
         usage=usage,
     )
-
-
-def usage_from_detail(detail: Any) -> Usage | None:
-    """A reply.done's `detail.usage` (streams/usage.py Usage.as_detail), if well formed."""
-    usage = detail.get("usage") if isinstance(detail, Mapping) else None
-    if not isinstance(usage, Mapping):
-        return None
-    prompt = token_count(usage.get("prompt_tokens"))
-    completion = token_count(usage.get("completion_tokens"))
-    if prompt is None or completion is None:
-        return None
-    return Usage(prompt, completion, usage.get("estimated") is True)
 
 
 def message_from_run(record: OutboxRecord, run: Mapping[str, str]) -> Entry | None:

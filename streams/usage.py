@@ -98,6 +98,18 @@ def usage_of(run_fields: Mapping[str, str]) -> Usage | None:
     )
 
 
+def usage_from_detail(detail: Any) -> Usage | None:
+    """A reply.done's `detail.usage` (Usage.as_detail), if well formed (history reads it)."""
+    usage = detail.get("usage") if isinstance(detail, Mapping) else None
+    if not isinstance(usage, Mapping):
+        return None
+    prompt = token_count(usage.get("prompt_tokens"))
+    completion = token_count(usage.get("completion_tokens"))
+    if prompt is None or completion is None:
+        return None
+    return Usage(prompt, completion, usage.get("estimated") is True)
+
+
 def token_count(value: Any) -> int | None:
     """A provider's token count, if it is one: a non-negative int, bounded (the field comes
     from the network)."""

@@ -21,6 +21,13 @@ malformed call. The same server speaks Anthropic's Messages API on `/v1/messages
 and tool calls, `tool_use` blocks with `input_json_delta` fragments) for the "anthropic"
 backend; `/v1/chat/completions` is OpenAI's dialect.
 
+A request that asks for `stream_options: {"include_usage": true}` gets, as OpenAI sends it,
+a last chunk before `[DONE]` with no choices and the call's `usage`: prompt_tokens (by
+default the prompt's words + 10, so never the characters/4 estimate) and completion_tokens
+(by default the pieces sent). "stream?prompt_tokens=7&completion_tokens=3" chooses them;
+"stream?usage=0" sends none, as servers that do not support it. (Tool-call turns and the
+Messages dialect send none: their calls are estimated.)
+
 `fail_first=N` makes a failure (a status, a stall, a disconnect) happen only to the first N
 calls with the same model and prompt; later ones stream as "stream" would, with the same
 pieces, delay and text: "status=429&retry_after=1&fail_first=1" answers 429 once, then
@@ -103,6 +110,9 @@ class Behaviour:
     retry_text: str | None = None
     # Every parameter as given (the tool-call kind reads its own).
     params: dict[str, str] = field(default_factory=dict)
+    usage: bool = True
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
     @classmethod
     def parse(cls, model: str) -> Behaviour:
@@ -122,6 +132,11 @@ class Behaviour:
             fail_first=int(params["fail_first"]) if "fail_first" in params else None,
             retry_text=params.get("retry_text"),
             params=params,
+            usage=params.get("usage", "1") != "0",
+            prompt_tokens=int(params["prompt_tokens"]) if "prompt_tokens" in params else None,
+            completion_tokens=(
+                int(params["completion_tokens"]) if "completion_tokens" in params else None
+            ),
         )
 
     def for_call(self, nth: int) -> Behaviour:
@@ -230,6 +245,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.end(call, "disconnected")
             return
         self._event(call.model, {}, "stop")
+        if behaviour.usage and (body.get("stream_options") or {}).get("include_usage"):
+            self._usage(call, behaviour)
         if behaviour.done:
             self._chunk(b"data: [DONE]\n\n")
         self._chunk(b"")
@@ -381,6 +398,27 @@ class _Handler(BaseHTTPRequestHandler):
             "created": int(time.time()),
             "model": model,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        self._chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+
+    def _usage(self, call: Call, behaviour: Behaviour) -> None:
+        prompt = behaviour.prompt_tokens
+        if prompt is None:
+            prompt = len(call.prompt.split()) + 10
+        completion = behaviour.completion_tokens
+        if completion is None:
+            completion = call.pieces_sent
+        chunk = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": call.model,
+            "choices": [],
+            "usage": {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            },
         }
         self._chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n")
 

@@ -19,8 +19,8 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from workers.anthropic_backend import AnthropicBackend
-from workers.backends import ModelError, ModelRequest
+from workers.anthropic_backend import AnthropicBackend, report_anthropic_usage
+from workers.backends import ModelError, ModelRequest, ReportedUsage
 
 
 def sse(*events: tuple[str, dict[str, Any]]) -> bytes:
@@ -266,3 +266,35 @@ def test_a_tenant_key_variable_that_is_not_set_is_a_permanent_error(
         stream(backend(provider), request)
     assert not caught.value.transient
     assert provider.requests == []  # nothing was sent without the key
+
+
+def test_usage_comes_from_message_start_and_message_delta(
+    serve: Callable[..., Provider],
+) -> None:
+    provider = serve(200, message_stream("Hel", "lo"))
+    request = ModelRequest(model="", prompt="Hi there")
+    assert stream(backend(provider), request) == ["Hel", "lo"]
+    # message_start's input tokens; message_delta's output tokens (a running total) win
+    # over message_start's first count.
+    assert (request.usage.prompt_tokens, request.usage.completion_tokens) == (3, 2)
+
+
+def test_cached_input_tokens_count_as_prompt_tokens() -> None:
+    usage = ReportedUsage()
+    report_anthropic_usage(
+        {
+            "type": "message_start",
+            "message": {
+                "usage": {
+                    "input_tokens": 5,
+                    "cache_creation_input_tokens": 100,
+                    "cache_read_input_tokens": 20,
+                    "output_tokens": 1,
+                }
+            },
+        },
+        usage,
+    )
+    assert (usage.prompt_tokens, usage.completion_tokens) == (125, 1)
+    report_anthropic_usage({"type": "message_delta", "usage": {"output_tokens": "x"}}, usage)
+    assert (usage.prompt_tokens, usage.completion_tokens) == (125, 1)

@@ -363,3 +363,33 @@ def test_registered_as_openai_from_settings(settings, monkeypatch: pytest.Monkey
         backends._backends.pop("openai", None)
     with pytest.raises(KeyError):
         backends.get_backend("no-such-backend")
+
+
+# --- token usage --------------------------------------------------------------------------
+
+
+def test_usage_is_asked_for_and_read_from_the_last_chunk(
+    server: FakeOpenAIServer, backend: OpenAIBackend, sdk: openai.OpenAI
+) -> None:
+    model = "stream?pieces=3&prompt_tokens=17&completion_tokens=5"
+    request = call(model)
+    assert "".join(collect(backend, request)) == PROMPT
+    seen = server.wait_for_outcome(model)
+    assert seen.body["stream_options"] == {"include_usage": True}
+    assert (request.usage.prompt_tokens, request.usage.completion_tokens) == (17, 5)
+    # The official client reads the fake's usage chunk as OpenAI's.
+    stream = sdk.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": PROMPT}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    last = list(stream)[-1]
+    assert last.choices == [] and last.usage is not None
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (17, 5)
+
+
+def test_a_server_that_sends_no_usage_leaves_it_unreported(backend: OpenAIBackend) -> None:
+    request = call("stream?pieces=2&usage=0")
+    assert "".join(collect(backend, request)) == PROMPT
+    assert (request.usage.prompt_tokens, request.usage.completion_tokens) == (None, None)
