@@ -127,11 +127,20 @@ async def test_assistant_streams_its_reply_from_the_provider(
     assert_contiguous(events)
     deltas, done = split_run(events, ack["id"])
     assert done["data"]["status"] == "ok"
-    assert done["data"]["detail"] is None
     assert all(event["from"] == "agent:assistant" for event in (*deltas, done))
 
     prompt = ASSISTANT_PROMPT.format(message=text)
     [call] = await provider_calls(provider, prompt)
+    # The provider's usage (the fake's: the prompt's words + 10, one token a piece).
+    prompt_tokens = len(prompt.split()) + 10
+    assert done["data"]["detail"] == {
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": call.pieces_sent,
+            "total": prompt_tokens + call.pieces_sent,
+            "estimated": False,
+        }
+    }
     assert call.outcome == "completed"
     assert call.path == "/v1/chat/completions"
     assert call.body["stream"] is True
@@ -210,7 +219,10 @@ async def test_a_stalled_call_ends_at_its_soft_limit_with_the_fallback(
     assert_contiguous(events)
     deltas, done = split_run(events, ack["id"])
     assert done["data"]["status"] == "degraded"
-    assert done["data"]["detail"] == {"reason": "timeout", "message": "timeout"}
+    detail = dict(done["data"]["detail"])
+    # Cut off before the provider's usage chunk: what it used is estimated from what it sent.
+    assert detail.pop("usage")["estimated"] is True
+    assert detail == {"reason": "timeout", "message": "timeout"}
 
     [call] = await provider_calls(provider, it.STALL_PROMPT.format(message=text))
     # The worker closed the connection: the stalled call did not hold on to it.
@@ -261,7 +273,9 @@ async def test_a_chain_streams_only_its_visible_steps(
     assert_contiguous(events)
     deltas, done = split_run(events, ack["id"])
     assert done["data"]["status"] == "ok"
-    assert done["data"]["detail"] is None
+    # Both model steps' usage, as the provider reported it, added up across the steps.
+    usage = done["data"]["detail"]["usage"]
+    assert usage["estimated"] is False
 
     [route] = await provider_calls(provider, it.CHAIN_ROUTE_PROMPT.format(message=text))
     assert route.model == it.CHAIN_ROUTE_MODEL
@@ -271,6 +285,11 @@ async def test_a_chain_streams_only_its_visible_steps(
     [answer] = await provider_calls(provider, answer_prompt)
     assert answer.model == it.CHAIN_ANSWER_MODEL
     assert answer.started_at > route.started_at
+    calls = (route, answer)
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (
+        sum(len(call.prompt.split()) + 10 for call in calls),
+        sum(call.pieces_sent for call in calls),
+    )
 
     # The reply: the answer's pieces as they streamed, then the check step's text.
     assert [delta["data"]["text"] for delta in deltas] == [*answer.sent, it.CHAIN_CHECKED]
@@ -291,11 +310,10 @@ async def test_a_failed_step_that_continues_gives_its_fallback_to_the_next(
     assert_contiguous(events)
     deltas, done = split_run(events, ack["id"])
     assert done["data"]["status"] == "degraded"
-    assert done["data"]["detail"] == {
-        "reason": "model_error",
-        "message": "model error",
-        "step": "route",
-    }
+    detail = dict(done["data"]["detail"])
+    # Only the answer step's call used tokens: the failed one was refused outright.
+    assert detail.pop("usage")["estimated"] is False
+    assert detail == {"reason": "model_error", "message": "model error", "step": "route"}
 
     # The hidden step's fallback fed the answer step (which echoes its prompt) and was not
     # streamed itself.

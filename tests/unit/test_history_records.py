@@ -21,6 +21,7 @@ from streams.records import (
     reply_from_run,
     retention_cutoff,
 )
+from streams.usage import Usage
 
 AT = "2026-03-04T05:06:07.890Z"
 AT_DT = datetime(2026, 3, 4, 5, 6, 7, 890_000, tzinfo=UTC)
@@ -221,3 +222,24 @@ def test_the_answering_model_travels_from_the_detail_to_the_history_row() -> Non
         }
     )
     assert entry_from_event(record(), done).model == "anthropic:claude"
+
+
+def test_a_reply_row_keeps_the_usage_its_reply_done_or_its_run_carried() -> None:
+    usage = {"prompt_tokens": 12, "completion_tokens": 5, "total": 17, "estimated": False}
+    done = event(
+        9,
+        "reply.done",
+        "agent:echo",
+        {"run": "r1", "status": "ok", "text": "hi", "detail": {"usage": usage}},
+    )
+    row = entry_from_event(record(), done)
+    assert (row.reason, row.usage) == ("", Usage(12, 5))
+    # A reply.done without usage (a run no model call finished), and a message: none.
+    bare = event(9, "reply.done", "agent:echo", {"run": "r1", "status": "ok", "text": "hi"})
+    assert entry_from_event(record(), bare).usage is None
+    message = event(3, "message", "client:alice", {"text": "hi", "agent": "echo"})
+    assert entry_from_event(record(), message).usage is None
+    # Rebuilt from the run's hash when the log no longer holds the event.
+    run = {"agent": "echo", "usage_prompt": "7", "usage_completion": "2", "usage_est": "1"}
+    rebuilt = reply_from_run(record(), run, json_fragment("hi"))
+    assert rebuilt is not None and rebuilt.usage == Usage(7, 2, estimated=True)
