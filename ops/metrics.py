@@ -389,9 +389,19 @@ def model_failover(backend: str, reason: str) -> None:
     MODEL_FAILOVERS.labels(backend, reason).inc()
 
 
+def model_label(backend: str, model: str) -> str:
+    """The `model` label of a call: the model it asked for, else its backend's configured
+    model (SWITCHBOARD_OPENAI_MODEL, ...), else the backend's name; cut to a bound."""
+    if not model:
+        config = conf()
+        model = {"openai": config.openai_model, "anthropic": config.anthropic_model}.get(
+            backend, ""
+        )
+    return (model or backend)[:MODEL_LABEL_CHARS]
+
+
 def tokens_used(tenant: str, agent: str, model: str, usage: Usage) -> None:
-    """One model call's tokens (orchestration/steps.py)."""
-    model = model[:MODEL_LABEL_CHARS]
+    """One model call's tokens (orchestration/steps.py); `model` as model_label gives it."""
     if usage.prompt_tokens:
         TOKENS.labels(tenant, agent, model, "prompt").inc(usage.prompt_tokens)
     if usage.completion_tokens:
@@ -431,9 +441,15 @@ ERROR_CODES = (
 )
 
 
-def initialise_series(tenants: Iterable[str], backends: Iterable[str]) -> None:
+def initialise_series(
+    tenants: Iterable[str],
+    backends: Iterable[str],
+    agent_models: Iterable[tuple[str, str]] = (),
+) -> None:
     """Create, at zero, every series of these label values (idempotent: an existing one
-    keeps its value)."""
+    keeps its value). `agent_models`: (agent, model label) of the agents' model steps,
+    whose token series each tenant gets (a tenant's model override appears once used)."""
+    agent_models = list(agent_models)
     for frame_type in FRAME_TYPES:
         FRAMES_IN.labels(frame_type)
     for kind in (*OUT_KINDS, "other"):
@@ -453,6 +469,9 @@ def initialise_series(tenants: Iterable[str], backends: Iterable[str]) -> None:
             REFUSALS.labels(tenant, code, reason)
         SLOW_CONSUMER_CLOSES.labels(tenant)
         SEND_TO_REPLY_DONE.labels(tenant)
+        for agent, model in agent_models:
+            for kind in TOKEN_KINDS:
+                TOKENS.labels(tenant, agent, model, kind)
 
 
 def known_tenants() -> list[str]:
@@ -479,6 +498,20 @@ def known_backends() -> list[str]:
     )
 
 
+def known_agent_models() -> list[tuple[str, str]]:
+    """(agent, model label) of every model step of the registered agents."""
+    from agents import Step, agent_names, get_agent
+
+    return sorted(
+        {
+            (name, model_label(step.backend, step.model))
+            for name in agent_names()
+            for step in get_agent(name).steps
+            if isinstance(step, Step)
+        }
+    )
+
+
 _initialised_at: float | None = None
 
 
@@ -493,7 +526,7 @@ def initialise_known_series() -> list[str]:
         except Exception:
             # The scrape must still answer when the database does not.
             logger.warning("metrics: tenants not read for zero-valued series", exc_info=True)
-        initialise_series(_known_tenants, known_backends())
+        initialise_series(_known_tenants, known_backends(), known_agent_models())
         _initialised_at = now
     return _known_tenants
 

@@ -481,9 +481,8 @@ class _Step:
             reported.prompt_tokens, reported.completion_tokens, prompt_chars, output_chars
         )
         run = self.run
-        # The model the call used: the request's, else the backend's configured one.
-        model = request.model or getattr(get_backend(step.backend), "model", "") or step.backend
-        metrics.tokens_used(run.tenant, run.agent, str(model), usage)
+        model = metrics.model_label(step.backend, request.model)
+        metrics.tokens_used(run.tenant, run.agent, model, usage)
         try:
             async with asyncio.timeout(USAGE_WRITE_S):
                 await self.store.add_usage(run, usage)

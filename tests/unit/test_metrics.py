@@ -21,6 +21,7 @@ from ops import metrics
 from project.launcher import free_port
 from realtime.protocol import PONG, Ping, Send, ack_frame, error_frame
 from streams.events import dumps, event_parts
+from streams.usage import Usage
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,6 +115,36 @@ def test_refusals_carry_the_code_the_client_saw() -> None:
         before = sample("switchboard_refusals_total", **labels)
         metrics.refused("unit-refusals", reason)
         assert sample("switchboard_refusals_total", **labels) == before + 1
+
+
+def test_a_spent_token_budget_is_counted_as_budget_exhausted() -> None:
+    labels = {"tenant": "unit-refusals", "code": "budget_exhausted", "reason": "token_budget"}
+    before = sample("switchboard_refusals_total", **labels)
+    metrics.refused("unit-refusals", "token_budget")
+    assert sample("switchboard_refusals_total", **labels) == before + 1
+
+
+def test_tokens_are_counted_per_tenant_agent_model_and_kind() -> None:
+    labels = {"tenant": "unit-tokens", "agent": "echo", "model": "m-1"}
+    prompt = sample("switchboard_tokens_total", kind="prompt", **labels)
+    completion = sample("switchboard_tokens_total", kind="completion", **labels)
+    metrics.tokens_used("unit-tokens", "echo", "m-1", Usage(12, 5))
+    metrics.tokens_used("unit-tokens", "echo", "m-1", Usage(3, 0, estimated=True))
+    assert sample("switchboard_tokens_total", kind="prompt", **labels) == prompt + 15
+    assert sample("switchboard_tokens_total", kind="completion", **labels) == completion + 5
+
+
+def test_the_model_label_is_the_calls_model_else_the_backends_and_bounded() -> None:
+    assert metrics.model_label("openai", "gpt-x") == "gpt-x"
+    assert metrics.model_label("simulated", "") == "simulated"
+    assert len(metrics.model_label("openai", "m" * 500)) == metrics.MODEL_LABEL_CHARS
+
+
+def test_token_series_exist_at_zero_for_each_tenant_and_agent_model() -> None:
+    metrics.initialise_series(["unit-zero-tokens"], [], [("echo", "simulated")])
+    for kind in metrics.TOKEN_KINDS:
+        labels = {"tenant": "unit-zero-tokens", "agent": "echo", "model": "simulated"}
+        assert sample("switchboard_tokens_total", kind=kind, **labels) == 0
 
 
 def test_event_lag_is_read_from_the_event_ts() -> None:
