@@ -162,6 +162,10 @@ def test_history_reads_as_a_thread(
     assert reply.locator(".status").inner_text() == "ok"
     assert reply.locator(".latency").inner_text().endswith(" s")
     assert reply.locator("p.said").inner_text() == text
+    # The reply's token usage, as its reply.done carried it (the simulated backend reports
+    # a quarter of the characters each way).
+    tokens = 2 * -(-len(text) // 4)
+    assert reply.locator(".tokens").inner_text() == f"{tokens} tokens"
     save_screenshot(page, "admin-history-thread.png", full_page=True)
 
 
@@ -175,3 +179,38 @@ def test_live_page_renders_and_refreshes(operator: Operator) -> None:
     assert answer.value.status == 200
     assert page.locator("#live-errors").is_hidden()
     save_screenshot(page, "admin-live.png", full_page=True)
+
+
+def live_tenants(page: Any) -> list[dict[str, str]]:
+    """The live page's tenants table, one dict per row by column header."""
+    return page.evaluate(
+        """() => {
+          const table = document.querySelector('#live-tenants table');
+          if (!table) { return []; }
+          const heads = [...table.tHead.rows[0].cells].map(c => c.innerText.trim());
+          return [...table.tBodies[0].rows].map(row => Object.fromEntries(
+            [...row.cells].map((c, i) => [heads[i], c.innerText.trim()])));
+        }"""
+    )
+
+
+def test_live_page_shows_each_tenants_tokens_against_its_budgets(
+    operator: Operator, demo_cluster: DemoCluster, unique: Callable[[str], str]
+) -> None:
+    demo_cluster.cluster.manage(
+        "shell",
+        "-c",
+        "from tenants.models import Tenant; "
+        f"Tenant.objects.filter(slug={DEMO_TENANT!r}).update("
+        "daily_token_budget=1000000, monthly_token_budget=0)",
+    )
+    _say_hello(demo_cluster, unique("tokens"), "a message whose reply uses tokens")
+    operator.log_in()
+    page = operator.open("/admin/tenants/tenant/live/")
+    page.wait_for_selector("#live-tenants table", timeout=WAIT_MS)
+    [row] = [row for row in live_tenants(page) if row["Tenant"] == DEMO_TENANT]
+    used, _, budget = row["Tokens today / budget"].partition(" / ")
+    assert int(used) > 0 and budget == "1000000", row
+    month = row["Tokens this month / budget"]
+    assert month.endswith(" (no budget)") and int(month.split()[0]) >= int(used), row
+    save_screenshot(page, "admin-live-tokens.png", full_page=True)
