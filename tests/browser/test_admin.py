@@ -187,9 +187,9 @@ def live_tenants(page: Any) -> list[dict[str, str]]:
         """() => {
           const table = document.querySelector('#live-tenants table');
           if (!table) { return []; }
-          const heads = [...table.tHead.rows[0].cells].map(c => c.innerText.trim());
+          const heads = [...table.tHead.rows[0].cells].map(c => c.textContent.trim());
           return [...table.tBodies[0].rows].map(row => Object.fromEntries(
-            [...row.cells].map((c, i) => [heads[i], c.innerText.trim()])));
+            [...row.cells].map((c, i) => [heads[i], c.textContent.trim()])));
         }"""
     )
 
