@@ -426,12 +426,6 @@ EXAMPLES = [
         run_by="tests/integration/test_usage.py::"
         "test_a_spent_daily_budget_refuses_the_next_send_until_it_resets",
     ),
-    Example(
-        "docs/protocol.md",
-        '"completion_tokens":4',
-        run_by="tests/integration/test_usage.py::"
-        "test_the_providers_usage_reaches_reply_done_the_counters_and_metrics",
-    ),
     Example("docs/protocol.md", "reply.restart {", check=check_restart_sequence),
     Example("docs/protocol.md", 'tool.call    {"run"', check=check_tool_sequence),
     Example("docs/protocol.md", "positions=eyJ", check=check_positions_example),
