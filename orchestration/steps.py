@@ -481,7 +481,8 @@ class _Step:
             reported.prompt_tokens, reported.completion_tokens, prompt_chars, output_chars
         )
         run = self.run
-        model = metrics.model_label(step.backend, request.model)
+        # The model of the chain that was called (failover may have moved on from the step's).
+        model = metrics.model_label(self.candidate.backend, request.model)
         metrics.tokens_used(run.tenant, run.agent, model, usage)
         try:
             async with asyncio.timeout(USAGE_WRITE_S):

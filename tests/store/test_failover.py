@@ -118,8 +118,11 @@ def test_a_failing_model_hands_over_to_its_fallback_after_its_retries(
     events, done = run(streams, runs, r)
     assert done["status"] == "ok"
     assert done["text"] == "the fallback answers" == text_after_last_restart(events)
+    # Beside the answering model, the usage of the calls that produced something (the test
+    # models report none: estimated).
     assert done["detail"] == {
-        "model": {"backend": "model-b", "model": "the fallback answers", "fallback": True}
+        "model": {"backend": "model-b", "model": "the fallback answers", "fallback": True},
+        "usage": {"prompt_tokens": 2, "completion_tokens": 5, "total": 7, "estimated": True},
     }
     # The step's own model had its one retry; the attempt count goes on across the chain.
     assert first.calls == [("fail500", 1), ("fail500", 2)]
@@ -215,7 +218,13 @@ def test_a_step_without_fallbacks_keeps_its_reply_done_as_before(
 ) -> None:
     agent(register_agent, "plain answer")
     _, done = run(streams, runs, r)
-    assert (done["status"], done["text"], done["detail"]) == ("ok", "plain answer", None)
+    # No `model` in the detail: only the run's usage (estimated: the test model reports none).
+    usage = {"prompt_tokens": 2, "completion_tokens": 3, "total": 5, "estimated": True}
+    assert (done["status"], done["text"], done["detail"]) == (
+        "ok",
+        "plain answer",
+        {"usage": usage},
+    )
 
 
 def test_a_model_past_its_soft_limit_hands_the_rest_of_the_time_to_the_next(
@@ -259,7 +268,9 @@ def test_no_fallback_model_is_started_without_the_time_for_a_useful_call(
     events, done = run(streams, runs, r)
     assert time.monotonic() - started < 1.2
     assert done["status"] == "degraded"
-    assert done["detail"] == {"reason": "timeout", "message": "timeout"}
+    detail = dict(done["detail"])
+    assert detail.pop("usage")["estimated"] is True  # the stalled call's start, estimated
+    assert detail == {"reason": "timeout", "message": "timeout"}
     assert second.calls == []
     # What the stalled model streamed stays, the fallback text after it (as without a chain).
     assert done["text"] == "a start \n" + FALLBACK
