@@ -62,9 +62,9 @@ async def test_a_model_failing_with_500s_hands_over_to_its_fallback_model(
     deltas, done = split_run(events, ack["id"])
     assert done["data"]["status"] == "ok"
     assert reply_text(deltas, done) == it.FAILOVER_ANSWER
-    assert done["data"]["detail"] == {
-        "model": {"backend": "openai", "model": it.FAILOVER_SECOND, "fallback": True}
-    }
+    detail = dict(done["data"]["detail"])
+    usage = detail.pop("usage")
+    assert detail == {"model": {"backend": "openai", "model": it.FAILOVER_SECOND, "fallback": True}}
     prompt = it.FAILOVER_PROMPT.format(message=text)
     calls = await calls_for(provider, prompt, count=3)
     # The step's own model had its retry, then the fallback model answered, once.
@@ -73,6 +73,14 @@ async def test_a_model_failing_with_500s_hands_over_to_its_fallback_model(
         (it.FAILOVER_PRIMARY, "error"),
         (it.FAILOVER_SECOND, "completed"),
     ]
+    # Only the answering call used tokens (as the fake reports them): the 500s cost none.
+    prompt_tokens = len(prompt.split()) + 10
+    assert usage == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": calls[2].pieces_sent,
+        "total": prompt_tokens + calls[2].pieces_sent,
+        "estimated": False,
+    }
     assert calls[2].text == it.FAILOVER_ANSWER
     assert restarts(events, ack["id"]) == []  # the 500s streamed nothing to void
 
@@ -183,9 +191,9 @@ async def test_a_tenants_grant_lists_its_own_fallback_models(
     deltas, done = split_run(events, ack["id"])
     assert done["data"]["status"] == "ok"
     assert reply_text(deltas, done) == "the tenant's fallback"
-    assert done["data"]["detail"] == {
-        "model": {"backend": "openai", "model": model, "fallback": True}
-    }
+    detail = dict(done["data"]["detail"])
+    assert detail.pop("usage")["estimated"] is False
+    assert detail == {"model": {"backend": "openai", "model": model, "fallback": True}}
     prompt = it.FAILOVER_TENANT_PROMPT.format(message=text)
     own, theirs = await calls_for(provider, prompt, count=2)
     assert own.model == it.FAILOVER_TENANT_PRIMARY
