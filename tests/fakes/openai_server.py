@@ -25,8 +25,8 @@ A request that asks for `stream_options: {"include_usage": true}` gets, as OpenA
 a last chunk before `[DONE]` with no choices and the call's `usage`: prompt_tokens (by
 default the prompt's words + 10, so never the characters/4 estimate) and completion_tokens
 (by default the pieces sent). "stream?prompt_tokens=7&completion_tokens=3" chooses them;
-"stream?usage=0" sends none, as servers that do not support it. (Tool-call turns and the
-Messages dialect send none: their calls are estimated.)
+"stream?usage=0" sends none, as servers that do not support it. Tool-call turns of the
+chat-completions dialect send none (their calls are estimated).
 
 `fail_first=N` makes a failure (a status, a stall, a disconnect) happen only to the first N
 calls with the same model and prompt; later ones stream as "stream" would, with the same
