@@ -110,7 +110,13 @@ def test_a_tool_round_trip_through_the_step(
     assert kinds == ["reply.delta", "tool.call", "tool.result", "reply.delta", "reply.done"]
     assert events[2]["data"]["text"] == "value-of-alpha"
     assert events[-1]["data"]["text"] == "Looking. answer:value-of-alpha"
-    assert events[-1]["data"]["detail"] == {"tools": ["lookup"]}
+    detail = dict(events[-1]["data"]["detail"])
+    # Each turn is a call of its own and counts (the test backend reports none: estimated,
+    # a quarter of each turn's text rounded up).
+    usage = detail.pop("usage")
+    assert usage["estimated"] is True and usage["prompt_tokens"] > 0
+    assert usage["completion_tokens"] == 3 + 6  # "Looking. ", "answer:value-of-alpha"
+    assert detail == {"tools": ["lookup"]}
     assert [len(request.rounds) for request in backend.requests] == [0, 1]
     assert backend.requests[0].tools[0]["name"] == "lookup"
 
