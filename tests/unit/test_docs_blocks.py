@@ -157,7 +157,10 @@ def check_tool_sequence(block: Block) -> None:
             assert event["data"]["offset"] == offset
             text, offset = text + event["data"]["text"], offset + len(event["data"]["text"])
     assert events[-1]["data"]["text"] == text
-    assert events[-1]["data"]["detail"] == {"tools": ["weather"]}
+    detail = events[-1]["data"]["detail"]
+    assert detail["tools"] == ["weather"] and set(detail) == {"tools", "usage"}
+    usage = detail["usage"]
+    assert usage["total"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
 def restart_sequence_events(block: Block) -> list[dict[str, Any]]:
