@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,13 @@ pytestmark = pytest.mark.asyncio
 
 def of_kind(events: list[Event], *kinds: str) -> list[Event]:
     return [event for event in events if event["kind"] in kinds]
+
+
+def without_usage(detail: dict[str, Any]) -> dict[str, Any]:
+    """reply.done's detail without the run's usage, which every tool turn adds to."""
+    rest = dict(detail)
+    assert rest.pop("usage")["total"] > 0
+    return rest
 
 
 async def run_agent(
@@ -83,7 +91,7 @@ async def test_a_tool_call_round_trip_reaches_the_client_before_the_reply(
     assert events.index(result) < events.index(first_answer)
     assert events.index(deltas[0]) < events.index(call)
     assert done["data"]["status"] == "ok"
-    assert done["data"]["detail"] == {"tools": ["lookup"]}
+    assert without_usage(done["data"]["detail"]) == {"tools": ["lookup"]}
     # The provider got the result back in its own format, with the call's id.
     path = "/v1/messages" if agent == it.TOOLS_ANTHROPIC else "/v1/chat/completions"
     turns = [c for c in provider.calls if c.model == it.TOOLS_MODEL and c.path == path]
@@ -102,7 +110,7 @@ async def test_a_tool_that_raises_is_an_error_result_the_model_answers(
     assert result["data"]["text"] == "ValueError: no such key alpha"
     assert done["data"]["status"] == "ok"
     assert done["data"]["text"] == "answer:error (exception): ValueError: no such key alpha"
-    assert done["data"]["detail"] == {"tools": ["explode"]}
+    assert without_usage(done["data"]["detail"]) == {"tools": ["explode"]}
 
 
 async def test_a_tool_past_its_soft_limit_is_a_timeout_result_not_a_failed_run(
@@ -131,7 +139,7 @@ async def test_after_the_round_limit_the_model_answers_with_what_it_has(
     assert len({event["data"]["call"] for event in calls}) == it.TOOL_ROUNDS_MAX
     assert done["data"]["status"] == "ok"
     assert done["data"]["text"] == "answer:" + "|".join(["value-of-alpha"] * it.TOOL_ROUNDS_MAX)
-    assert done["data"]["detail"] == {"tools": ["lookup"]}
+    assert without_usage(done["data"]["detail"]) == {"tools": ["lookup"]}
     last = [c for c in provider.calls if c.model == it.TOOL_ROUNDS_MODEL][-1]
     assert last.body["tool_choice"] == "none"
 
@@ -157,8 +165,8 @@ async def test_malformed_arguments_are_refused_and_told_to_the_model(
     assert "not valid JSON" in result["data"]["text"]
     assert done["data"]["status"] == "ok"
     assert done["data"]["text"].startswith("answer:error (bad_arguments)")
-    # The tool never ran, so reply.done names none.
-    assert done["data"]["detail"] is None
+    # The tool never ran, so reply.done names none (only the turns' usage).
+    assert without_usage(done["data"]["detail"]) == {}
     # The call went back to the provider with arguments it can parse.
     fed_back = [
         c
