@@ -21,6 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ops import metrics
 from project.conf import conf
+from realtime.compaction import Compactor
 from realtime.presence import get_tracker
 from realtime.protocol import error_frame
 from realtime.sequencing import StreamCursor
@@ -71,13 +72,16 @@ class StreamSubscription:
     """One connection's interest in one stream: the Hub calls it, it keeps seq order."""
 
     # No more slots than needed: a fan-out to 10,000 sockets is 10,000 of these.
-    __slots__ = ("connection", "stream", "cursor", "repairing", "active", "held")
+    __slots__ = ("connection", "stream", "cursor", "repairing", "active", "held", "compactor")
 
     # Unsequenced events kept while the catch-up read runs: they follow `subscribed`.
     MAX_HELD = 1024
 
-    def __init__(self, connection: Subscriber, stream: str) -> None:
+    def __init__(self, connection: Subscriber, stream: str, compact: bool = False) -> None:
         self.connection = connection
+        # compact: the catch-up window's replies as reply.done or reply.snapshot
+        # (realtime/compaction.py); set once the window is known, gone once it is sent.
+        self.compactor: Compactor | None = Compactor(-1) if compact else None
         self.stream = stream
         self.cursor = StreamCursor()
         self.repairing = False
@@ -108,7 +112,7 @@ class StreamSubscription:
         found = await self.catch_up(since)
         if report:
             self._report(since, found)
-        connection.push_many(found.events)
+        self.deliver(found.events)
         if found.more:
             self.schedule_repair(to_head=True)
 
@@ -141,8 +145,11 @@ class StreamSubscription:
         tenant = self.connection.identity.tenant
         head = await self.store.head(tenant, self.stream)
         if since is None or since == head:
+            self.compactor = None  # nothing missed: nothing to fold
             await self.connection.session_subscribed(self.stream, head)
             return CatchUp(head, since is not None, False, self.start_at(head + 1))
+        if self.compactor is not None:
+            self.compactor = Compactor(head) if since < head else None
         last = min(head, since + CATCH_UP_PAGE)
         events = await self.store.read(tenant, self.stream, since + 1, last) if since < head else []
         if events and events[0][0] == since + 1:
@@ -152,8 +159,19 @@ class StreamSubscription:
             # The rest is read page by page as the socket drains (see _repair).
             more = events[-1][0] < head
             return CatchUp(head, True, False, missed + live, more)
+        self.compactor = None
         await self.connection.session_subscribed(self.stream, head)
         return CatchUp(head, False, True, self.start_at(head + 1))
+
+    def deliver(self, frames: list[str]) -> None:
+        """Hand released events to the connection, folded while a compact catch-up lasts."""
+        compactor = self.compactor
+        if compactor is not None:
+            frames = compactor.feed(frames)
+            if compactor.finished:
+                self.compactor = None
+        if frames:
+            self.connection.push_many(frames)
 
     def start_at(self, next_seq: int) -> list[str]:
         """Place the cursor after the catch-up read; returns what may be sent now."""
@@ -177,7 +195,7 @@ class StreamSubscription:
     def on_event(self, seq: int, event: str) -> None:
         ready = self.cursor.offer(seq, event)
         if ready:
-            self.connection.push_many(ready)
+            self.deliver(ready)
         if self.cursor.missing() is not None:
             self.schedule_repair()
 
@@ -263,6 +281,7 @@ class StreamSubscription:
             )
         )
         self.cursor = StreamCursor()
+        self.compactor = None
         self.connection.push_many(self.cursor.start_at(head + 1))
         return True
 
@@ -293,7 +312,7 @@ class StreamSubscription:
                     head=await self.store.head(tenant, self.stream),
                 )
             )
-            self.connection.push_many(cursor.skip_to(resume_at))
+            self.deliver(cursor.skip_to(resume_at))
         for seq, event in events:
-            self.connection.push_many(cursor.offer(seq, event))
+            self.deliver(cursor.offer(seq, event))
         return True
