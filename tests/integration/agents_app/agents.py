@@ -143,3 +143,19 @@ register(
         subscribes=(On("published", streams=c.INTAKE_STREAMS),),
     )
 )
+
+
+def after_interruption(context: StepContext) -> str:
+    """Steering: a run a `send` with `interrupt: true` started sees what the runs it cut
+    off had said in its options, and puts it before the new message."""
+    cut_off = context.options.get("interrupted") or []
+    said = " / ".join(item["text"] for item in cut_off)
+    return f"[{c.STEER_MARK}{said}] {context.message}" if cut_off else context.message
+
+
+register(
+    Agent(
+        name=c.STEER,
+        steps=(Step(backend="simulated", model="echo", prompt=after_interruption),),
+    )
+)

@@ -79,3 +79,8 @@ INTAKE = "it-intake"
 INTAKE_STREAMS = "inbox:*"
 INTAKE_MODEL = "stream?pieces=2"
 INTAKE_PROMPT = "intake:{message}"
+
+# Steering (`send` with `interrupt: true`): echoes the new message after the text of the
+# runs it interrupted.
+STEER = "steer"
+STEER_MARK = "interrupted after: "
