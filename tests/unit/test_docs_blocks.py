@@ -117,6 +117,34 @@ def check_restart_sequence(block: Block) -> None:
     assert events[-1]["data"]["text"] == text
 
 
+def check_compact_sequence(block: Block) -> None:
+    """docs/protocol.md's compact catch-up walk-through: the snapshot's data fields are the
+    gateway's, its seq is within the window, and snapshot + live deltas make the done text;
+    the clients' assembly agrees."""
+    from client.connection import assembled_text
+    from realtime.compaction import Compactor
+
+    lines = block.text.splitlines()
+    kind, answer = lines[0].split(maxsplit=1)
+    assert kind == "subscribed"
+    head = json.loads(answer)["head"]
+    events = []
+    for line in lines[1:]:
+        kind, _, seq, data = line.split(maxsplit=3)
+        data = data.replace("{…}", "{}")  # an event whose data does not matter here
+        events.append({"kind": kind, "seq": int(seq), "data": json.loads(data)})
+    snapshot = next(event for event in events if event["kind"] == "reply.snapshot")
+    produced = Compactor(1).feed(
+        [json.dumps({"seq": 1, "kind": "reply.delta", "data": {**snapshot["data"], "text": "x"}})]
+    )
+    assert set(json.loads(produced[0])["data"]) == set(snapshot["data"])
+    assert snapshot["seq"] <= head < events[events.index(snapshot) + 1]["seq"]
+    replies = [event for event in events if event["kind"].startswith("reply.")]
+    live = replies[1]
+    assert live["data"]["offset"] == len(snapshot["data"]["text"])
+    assert assembled_text(replies[:-1]) == replies[-1]["data"]["text"]
+
+
 def restart_sequence_events(block: Block) -> list[dict[str, Any]]:
     events = []
     for line in block.text.splitlines():
@@ -372,6 +400,7 @@ EXAMPLES = [
         )
     ),
     Example("docs/protocol.md", "reply.restart {", check=check_restart_sequence),
+    Example("docs/protocol.md", "reply.snapshot seq", check=check_compact_sequence),
     Example("docs/protocol.md", "positions=eyJ", check=check_positions_example),
     Example("docs/protocol.md", "GET /api/v1/receipts", check=check_receipts_example),
 ]
