@@ -195,7 +195,10 @@ class StreamSubscription:
     def on_event(self, seq: int, event: str) -> None:
         ready = self.cursor.offer(seq, event)
         if ready:
-            self.deliver(ready)
+            if self.compactor is None:  # the fan-out path: no call more than before
+                self.connection.push_many(ready)
+            else:
+                self.deliver(ready)
         if self.cursor.missing() is not None:
             self.schedule_repair()
 
