@@ -442,10 +442,13 @@ class ReconnectingClient:
             return
         if kind == "subscribed":
             # Events follow from since + 1 when recovered, from head + 1 otherwise.
+            # Compact only when it answers our own subscribe (a session's restored streams
+            # are caught up in full).
+            asked = tracked.resyncing
             tracked.resyncing = False
             if not frame.get("recovered"):
                 tracked.last_seq = frame["head"]
-            tracked.compact_through = frame["head"] if tracked.compact else None
+            tracked.compact_through = frame["head"] if tracked.compact and asked else None
         elif kind == "error" and frame.get("code") == "history_expired":
             self.expired.append(frame)
             tracked.last_seq = None  # go on from whatever the server sends next

@@ -1421,10 +1421,13 @@ export class SwitchboardClient {
     if (!tracked) return;
     if (frame.type === "subscribed") {
       // Events follow from since + 1 when recovered, from head + 1 otherwise.
+      // Compact only when it answers our own subscribe (a session's restored streams are
+      // caught up in full).
+      const asked = tracked.resyncing;
       tracked.resyncing = false;
       tracked.subscribed = frame;
       if (!frame.recovered) tracked.lastSeq = frame.head;
-      tracked.compactThrough = tracked.compact ? frame.head : null;
+      tracked.compactThrough = tracked.compact && asked ? frame.head : null;
     } else if (frame.type === "error" && frame.code === "history_expired") {
       tracked.lastSeq = null; // go on from whatever the server sends next
     }
