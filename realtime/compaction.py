@@ -21,6 +21,11 @@ or a gap. Within the window, seqs skip where deltas were left out; the last seq 
 window is always delivered or covered by a snapshot, so the client's position ends at the
 window's end (the `subscribed` frame's `head`) and the live events follow without a gap.
 
+A compact `subscribe` without `since` (a join at the head) gets the same for the replies
+still streaming near the head: the runs with a piece among the last LOOKBACK events and no
+`reply.done` after it are read from their message on, and each comes as one snapshot from
+offset 0 before the live events; nothing else before the head is sent.
+
 Bounded: at most MAX_RUNS runs are folded at once (the deltas of further runs pass
 through unchanged, which a snapshot at a later offset still continues correctly), and a
 snapshot carries at most SNAPSHOT_MAX_CHARS characters: a longer text goes out as several
@@ -37,6 +42,7 @@ import orjson
 from streams.events import dumps
 
 MAX_RUNS = 64
+LOOKBACK = 200  # events read back from the head to find the replies still streaming
 SNAPSHOT_MAX_CHARS = 65_536
 FOLDED_KINDS = frozenset({"reply.delta", "reply.restart"})
 
@@ -105,12 +111,15 @@ class Compactor:
     """Folds the catch-up window's reply deltas into snapshots, in seq order; after the
     window's end (`through`) every event passes through unchanged."""
 
-    __slots__ = ("through", "runs", "finished")
+    __slots__ = ("through", "runs", "finished", "only")
 
-    def __init__(self, through: int) -> None:
+    def __init__(self, through: int, only: frozenset[str] | None = None) -> None:
         self.through = through
         self.runs: dict[str, _Partial] = {}
         self.finished = False
+        # A join at the head (no `since`): only these runs' pieces are folded, and every
+        # other event up to `through` is left out (the client asked for what comes next).
+        self.only = only
 
     def feed(self, frames: list[str]) -> list[str]:
         """What to send for `frames` (released in seq order; unsequenced ones pass)."""
@@ -127,12 +136,18 @@ class Compactor:
                 self._finish(out)
                 out.extend(frames[index:])
                 return out
-            self._one(event, frame, out)
+            if self.only is None or self._wanted(event):
+                self._one(event, frame, out)
             if seq == self.through:
                 self._finish(out)
                 out.extend(frames[index + 1 :])
                 return out
         return out
+
+    def _wanted(self, event: dict[str, Any]) -> bool:
+        data = event.get("data")
+        run = data.get("run") if isinstance(data, dict) else None
+        return event.get("kind") in FOLDED_KINDS and self.only is not None and run in self.only
 
     def _one(self, event: dict[str, Any], frame: str, out: list[str]) -> None:
         kind = event.get("kind")
@@ -165,3 +180,23 @@ class Compactor:
         out.extend(partial.snapshot() for partial in partials)
         self.runs = {}
         self.finished = True
+
+
+def runs_in_progress(recent: list[tuple[int, str]]) -> dict[str, int]:
+    """Among events newest first, the runs with a piece and no reply.done after it: run ->
+    the seq of its oldest piece seen (at most MAX_RUNS, the most recently active)."""
+    finished: set[str] = set()
+    found: dict[str, int] = {}
+    for seq, frame in recent:
+        event = orjson.loads(frame)
+        data = event.get("data") if isinstance(event, dict) else None
+        run = data.get("run") if isinstance(data, dict) else None
+        if not isinstance(run, str):
+            continue
+        kind = event.get("kind")
+        if kind == "reply.done":
+            finished.add(run)
+        elif kind in FOLDED_KINDS and run not in finished:
+            if run in found or len(found) < MAX_RUNS:
+                found[run] = seq
+    return found

@@ -21,7 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ops import metrics
 from project.conf import conf
-from realtime.compaction import Compactor
+from realtime.compaction import LOOKBACK, Compactor, runs_in_progress
 from realtime.presence import get_tracker
 from realtime.protocol import error_frame
 from realtime.sequencing import StreamCursor
@@ -144,6 +144,10 @@ class StreamSubscription:
         the missed ones, in seq order."""
         tenant = self.connection.identity.tenant
         head = await self.store.head(tenant, self.stream)
+        if since is None and self.compactor is not None and head:
+            hydrated = await self._hydrate_at_head(tenant, head)
+            if hydrated is not None:
+                return hydrated
         if since is None or since == head:
             self.compactor = None  # nothing missed: nothing to fold
             await self.connection.session_subscribed(self.stream, head)
@@ -162,6 +166,26 @@ class StreamSubscription:
         self.compactor = None
         await self.connection.session_subscribed(self.stream, head)
         return CatchUp(head, False, True, self.start_at(head + 1))
+
+    async def _hydrate_at_head(self, tenant: str, head: int) -> CatchUp | None:
+        """A compact join without `since`: the replies still streaming near the head as
+        snapshots, then the live events (see realtime/compaction.py). None: none found, or
+        their start is no longer retained (the join goes on from the head as usual)."""
+        found = runs_in_progress(await self.store.read_last(tenant, self.stream, LOOKBACK))
+        if not found:
+            return None
+        starts = await self.store.message_seqs(list(found))
+        since = min(starts.get(run, seq - 1) for run, seq in found.items())
+        events = await self.store.read(
+            tenant, self.stream, since + 1, min(head, since + CATCH_UP_PAGE)
+        )
+        if not events or events[0][0] != since + 1:
+            return None
+        self.compactor = Compactor(head, only=frozenset(found))
+        await self.connection.session_subscribed(self.stream, head)
+        missed = [event for _, event in events]
+        live = self.start_at(events[-1][0] + 1)
+        return CatchUp(head, False, False, missed + live, events[-1][0] < head)
 
     def deliver(self, frames: list[str]) -> None:
         """Hand released events to the connection, folded while a compact catch-up lasts."""

@@ -234,3 +234,43 @@ async def test_interrupt_must_be_a_boolean(connect: Connect) -> None:
     error = await alice.next_of("error")
     assert error["code"] == "bad_request"
     assert error["detail"] == "'options.interrupt' must be true or false"
+
+
+async def test_joining_at_the_head_mid_reply_gets_only_its_snapshot_then_live_events(
+    connect: Connect, r: redis.Redis
+) -> None:
+    alice = await connect("alice")
+    await send(alice, "m1", "hello")
+    store, run = await claimed(run_of(r, "alice", "m1"))
+    await store.append_delta(run, "one ")
+    await alice.send({"type": "publish", "id": "p1", "stream": "room", "data": {"n": 1}})
+    await alice.next_of("ack")
+    last = await store.append_delta(run, "two ")
+
+    reader = await connect("reader")
+    await reader.send({"type": "subscribe", "stream": "room", "compact": True})
+    subscribed = await reader.next_of("subscribed")
+    assert (subscribed["head"], subscribed["recovered"]) == (last, False)
+    [snapshot] = await reader.events("room", 1)
+    assert (snapshot["kind"], snapshot["seq"]) == ("reply.snapshot", last)
+    assert snapshot["data"] == {"run": run.run_id, "offset": 0, "text": "one two "}
+    assert await reader.nothing_more()  # not the message nor the published event
+
+    live = await store.append_delta(run, "three")
+    [delta] = await reader.events("room", 1)
+    assert (delta["seq"], delta["data"]["offset"]) == (live, len("one two "))
+
+
+async def test_joining_at_the_head_after_the_reply_finished_gets_nothing_before_it(
+    connect: Connect, r: redis.Redis
+) -> None:
+    alice = await connect("alice")
+    await send(alice, "m1", "hello")
+    store, run = await claimed(run_of(r, "alice", "m1"))
+    await store.append_delta(run, "all")
+    await store.finalize(run, "ok")
+
+    reader = await connect("reader")
+    await reader.send({"type": "subscribe", "stream": "room", "compact": True})
+    assert (await reader.next_of("subscribed"))["head"] == 3
+    assert await reader.nothing_more()

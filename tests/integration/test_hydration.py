@@ -142,3 +142,23 @@ async def test_interrupt_ends_the_run_in_flight_once_and_the_next_run_sees_its_t
     # Nothing more of the old run comes later (its worker abandoned the call).
     later = [e for e in client.buffered(stream) if e["kind"].startswith("reply.")]
     assert all(e["data"]["run"] != old_run for e in later)
+
+
+async def test_joining_at_the_head_mid_reply_without_since_is_hydrated_too(
+    connect: Connect, unique: Callable[[str], str]
+) -> None:
+    stream = unique("head")
+    writer = await connect()
+    sent = await writer.send(stream, "echo", REPLY, SLOW)
+    await collect_until(
+        writer, stream, lambda e: e["kind"] == "reply.delta" and e["data"]["offset"] > 0
+    )
+
+    reader = await connect()
+    subscribed = await reader.subscribe(stream, compact=True)
+    events = await collect_run(reader, stream, sent["id"])
+    assert events[0]["kind"] == "reply.snapshot", events[0]
+    assert events[0]["seq"] <= subscribed["head"] and events[0]["data"]["offset"] == 0
+    assert all(e["seq"] > subscribed["head"] for e in events[1:])
+    assert assembled_text(events[:-1]) == events[-1]["data"]["text"] == REPLY
+    assert reader.seq_anomalies == []
