@@ -93,3 +93,30 @@ def test_a_gap_in_offsets_sends_what_was_held_and_goes_on_from_the_new_offset() 
         (0, "ab"),
         (5, "fg"),
     ]
+
+
+def test_runs_in_progress_are_those_with_a_piece_and_no_done_after_it() -> None:
+    from realtime.compaction import runs_in_progress
+
+    newest_first = [
+        (6, delta(6, 2, "c", run="r1")),
+        (5, event(5, "reply.done", "r2", text="x", status="ok")),
+        (4, delta(4, 0, "x", run="r2")),
+        (3, delta(3, 0, "ab", run="r1")),
+        (2, event(2, "message", "r9", text="hi")),
+    ]
+    assert runs_in_progress([(seq, frame) for seq, frame in newest_first]) == {"r1": 3}
+
+
+def test_a_join_at_the_head_keeps_only_the_runs_in_progress() -> None:
+    compactor = Compactor(4, only=frozenset({"r1"}))
+    out = compactor.feed(
+        [
+            event(1, "message", text="hi"),
+            delta(2, 0, "ab"),
+            delta(3, 0, "x", run="r2"),
+            delta(4, 2, "cd"),
+            delta(5, 4, "ef"),
+        ]
+    )
+    assert kinds(out) == [(4, "reply.snapshot", "abcd"), (5, "reply.delta", "ef")]
