@@ -2,7 +2,8 @@
 
 A `subscribe` with `compact: true` and a `since` behind the head gets the events it
 missed (seqs since+1 .. the head when it subscribed: the catch-up window) with each run's
-`reply.delta` and `reply.restart` events left out:
+`reply.delta` events left out (a `reply.restart` is still sent in its place: it voids
+what the client had, tool calls included, and the run's text is gathered again from 0):
 
 - a run whose `reply.done` is in the window is delivered as that `reply.done` alone (its
   text is the whole reply);
@@ -166,6 +167,8 @@ class Compactor:
                 if kind == "reply.delta" and isinstance(data.get("offset"), int):
                     partial.offset = data["offset"]
             out.extend(partial.take(event, data))
+            if kind == "reply.restart":
+                out.append(frame)  # voids what the client had of the run, as it comes
             return
         if kind == "reply.done":
             self.runs.pop(run, None)  # its text is the whole reply: nothing else to send

@@ -120,3 +120,14 @@ def test_a_join_at_the_head_keeps_only_the_runs_in_progress() -> None:
         ]
     )
     assert kinds(out) == [(4, "reply.snapshot", "abcd"), (5, "reply.delta", "ef")]
+
+
+def test_a_restart_is_sent_where_it_is_and_the_text_is_gathered_again_from_zero() -> None:
+    frames = [
+        delta(1, 0, "void"),
+        event(2, "reply.restart", attempt=2, reason="model_error"),
+        delta(3, 0, "new"),
+    ]
+    out = Compactor(3).feed(frames)
+    assert kinds(out) == [(2, "reply.restart", None), (3, "reply.snapshot", "new")]
+    assert json.loads(out[-1])["data"]["offset"] == 0
