@@ -156,7 +156,30 @@ def since_last_restart(events: list[Event]) -> list[Event]:
             deltas.clear()
         elif kind == "reply.delta":
             deltas.append(event)
+        elif kind == "reply.snapshot":
+            # The text from its offset: from 0 it replaces whatever came before.
+            if event["data"]["offset"] == 0:
+                deltas.clear()
+            deltas.append(event)
     return deltas
+
+
+def assembled_text(events: list[Event]) -> str:
+    """One run's reply text from its events in stream order: deltas placed at their
+    offsets, a `reply.restart` voiding the text so far, a `reply.snapshot` (compact
+    catch-up) standing for the text from its offset, and a `reply.done` being the whole."""
+    text = ""
+    for event in events:
+        kind, data = event["kind"], event["data"]
+        if kind == "reply.restart":
+            text = ""
+        elif kind in ("reply.delta", "reply.snapshot"):
+            offset = data["offset"]
+            if kind == "reply.snapshot" or offset >= len(text):
+                text = text[:offset] + data["text"]
+        elif kind == "reply.done":
+            text = data["text"]
+    return text
 
 
 def reply_problems(events: list[Event], done: Event | None = None) -> list[str]:
@@ -169,7 +192,9 @@ def reply_problems(events: list[Event], done: Event | None = None) -> list[str]:
         data = event["data"]
         if event["kind"] == "reply.restart":
             offset = 0
-        elif event["kind"] == "reply.delta":
+        elif event["kind"] == "reply.snapshot" and data["offset"] <= offset:
+            offset = data["offset"] + len(data["text"])
+        elif event["kind"] in ("reply.delta", "reply.snapshot"):
             if data["offset"] != offset:
                 problems.append(
                     f"seq {event.get('seq')}: offset {data['offset']}, expected {offset}"
@@ -255,6 +280,13 @@ class ReplyCollector:
         kind = event["kind"]
         if kind == "reply.delta":
             self.deltas.append(event)
+        elif kind == "reply.snapshot":
+            # Compact catch-up: the text from its offset, one event for the deltas it
+            # folded; from offset 0 it stands for everything before it.
+            if event["data"]["offset"] == 0:
+                self.voided += len(self.deltas)
+                self.deltas = []
+            self.deltas.append(event)
         elif kind == "reply.restart":
             self.restarts.append(event)
             self.voided += len(self.deltas)
@@ -283,6 +315,9 @@ class _Stream:
     buffer: Inbox = field(default_factory=Inbox)
     last_seq: int | None = None
     presence: Inbox = field(default_factory=Inbox)  # join/leave, in arrival order
+    # A compact catch-up's end (its `subscribed` head): seqs up to it may skip folded
+    # deltas, and a reply.snapshot may carry a seq below the last one seen.
+    compact_through: int | None = None
 
 
 @dataclass(slots=True)
@@ -342,6 +377,7 @@ class SwitchboardClient:
         self._streams: dict[str, _Stream] = {}
         self._replies: dict[str, ReplyCollector] = {}
         self._since: dict[str, int | None] = {}
+        self._compact_asked: set[str] = set()  # subscribes with compact: true unanswered
         self._unrouted: deque[Frame] = deque()
         self._unrouted_waiter: asyncio.Future[None] | None = None
         self._ids = itertools.count(1)
@@ -464,13 +500,20 @@ class SwitchboardClient:
         return await self._request(message_id, frame, timeout)
 
     async def subscribe(
-        self, stream: str, since: int | None = None, timeout: float = 10.0
+        self, stream: str, since: int | None = None, timeout: float = 10.0, compact: bool = False
     ) -> Frame:
         """Subscribe; returns the `subscribed` frame. When the server said `history_expired`
-        first, the returned dict also holds that error frame under "history_expired"."""
+        first, the returned dict also holds that error frame under "history_expired".
+        `compact`: the replies missed since `since` come as their reply.done alone, or one
+        reply.snapshot while still streaming, not as every delta (docs/protocol.md)."""
         frame: Frame = {"type": "subscribe", "stream": stream}
         if since is not None:
             frame["since"] = since
+        if compact:
+            frame["compact"] = True
+            self._compact_asked.add(stream)
+        else:
+            self._compact_asked.discard(stream)
         self._since[stream] = since
         request = await self._idless_request("subscribed", stream, frame, timeout)
         answer = request.future.result()
@@ -725,8 +768,15 @@ class SwitchboardClient:
                 state.presence.put(event)
             return
         last = state.last_seq
-        if last is not None and seq != last + 1:
+        through = state.compact_through
+        if event["kind"] == "reply.snapshot":
+            pass  # no stored event: its seq is the last it covers, maybe below `last`
+        elif through is not None and last is not None and last < seq <= through:
+            pass  # a compact catch-up skips the seqs of the deltas it folded
+        elif last is not None and seq != last + 1:
             self.seq_anomalies.append((stream, last + 1, seq))
+        if through is not None and seq >= through:
+            state.compact_through = None
         if last is None or seq > last:
             state.last_seq = seq
         if self._replies and event["kind"].startswith(("reply.", "tool.")):
@@ -797,7 +847,11 @@ class SwitchboardClient:
                 pass  # a resumed session's stream: it goes on from the session's position
             else:
                 base = since if frame.get("recovered") and since is not None else frame["head"]
-                self._stream(stream).last_seq = base  # type: ignore[arg-type]
+                state = self._stream(stream)  # type: ignore[arg-type]
+                state.last_seq = base
+                compact = stream in self._compact_asked and frame.get("recovered")
+                state.compact_through = frame["head"] if compact else None
+                self._compact_asked.discard(stream)  # type: ignore[arg-type]
         elif kind == "unsubscribed":
             state = self._streams.get(stream)  # type: ignore[arg-type]
             if state is not None:

@@ -59,6 +59,10 @@ class _Tracked:
     last_seq: int | None = None
     buffer: Inbox = field(default_factory=Inbox)
     resyncing: bool = False  # a subscribe from last_seq is in flight: drop until answered
+    compact: bool = False  # subscribed with compact: true (so are its resyncs)
+    # A compact catch-up's end (its `subscribed` head): seqs up to it may skip folded
+    # deltas, and a reply.snapshot may carry a seq below the last one delivered.
+    compact_through: int | None = None
     presence: Inbox = field(default_factory=Inbox)  # join/leave, as they come
 
 
@@ -222,7 +226,9 @@ class ReconnectingClient:
             for stream, tracked in list(self._streams.items()):
                 if stream not in restored:
                     tracked.resyncing = True
-                    await conn.subscribe(stream, tracked.last_seq, self.connect_timeout_s)
+                    await conn.subscribe(
+                        stream, tracked.last_seq, self.connect_timeout_s, compact=tracked.compact
+                    )
         except BaseException:
             await conn.close()
             raise
@@ -277,14 +283,16 @@ class ReconnectingClient:
     # --- requests --------------------------------------------------------------------
 
     async def subscribe(
-        self, stream: str, since: int | None = None, timeout: float = 10.0
+        self, stream: str, since: int | None = None, timeout: float = 10.0, compact: bool = False
     ) -> Frame:
+        """`compact`: missed replies as reply.done or reply.snapshot (docs/protocol.md)."""
         tracked = self._streams.setdefault(stream, _Tracked())
         if since is not None:
             tracked.last_seq = since
         tracked.resyncing = True
+        tracked.compact = compact
         conn = await self.wait_open(timeout)
-        return await conn.subscribe(stream, tracked.last_seq, timeout)
+        return await conn.subscribe(stream, tracked.last_seq, timeout, compact=compact)
 
     async def send(
         self,
@@ -384,9 +392,19 @@ class ReconnectingClient:
             return  # a subscribe from last_seq is coming; it delivers this again
         seq = event["seq"]
         last = tracked.last_seq
+        through = tracked.compact_through
+        if event["kind"] == "reply.snapshot":
+            # Not a stored event: its seq is the last one it covers (maybe below `last`),
+            # and taking it twice leaves the same text.
+            if last is None or seq > last:
+                tracked.last_seq = seq
+            self._deliver(tracked, event)
+            return
+        if through is not None and seq >= through:
+            tracked.compact_through = None
         if last is not None and seq <= last:
             return  # already delivered (a resume from a lagging checkpoint)
-        if last is not None and seq > last + 1:
+        if last is not None and seq > last + 1 and not (through is not None and seq <= through):
             # Lost in flight with the old socket: ask again from what we have.
             tracked.resyncing = True
             asyncio.get_running_loop().create_task(self._resync(stream))
@@ -409,7 +427,9 @@ class ReconnectingClient:
             if not tracked.resyncing:
                 return
         try:
-            await conn.subscribe(stream, tracked.last_seq, self.connect_timeout_s)
+            await conn.subscribe(
+                stream, tracked.last_seq, self.connect_timeout_s, compact=tracked.compact
+            )
         except (SwitchboardClosed, SwitchboardError, TimeoutError) as error:
             logger.info("resubscribing %s failed (%s); the next connection will", stream, error)
 
@@ -431,9 +451,13 @@ class ReconnectingClient:
             return
         if kind == "subscribed":
             # Events follow from since + 1 when recovered, from head + 1 otherwise.
+            # Compact only when it answers our own subscribe (a session's restored streams
+            # are caught up in full).
+            asked = tracked.resyncing
             tracked.resyncing = False
             if not frame.get("recovered"):
                 tracked.last_seq = frame["head"]
+            tracked.compact_through = frame["head"] if tracked.compact and asked else None
         elif kind == "error" and frame.get("code") == "history_expired":
             self.expired.append(frame)
             tracked.last_seq = None  # go on from whatever the server sends next

@@ -60,6 +60,7 @@ from realtime.protocol import (
     Unsubscribe,
     ack_frame,
     error_frame,
+    interrupts,
     parse_frame,
 )
 from realtime.recording import get_recorder
@@ -78,6 +79,7 @@ from realtime.sessions import (
 from realtime.subscription import CATCH_UP_PAGE, StreamSubscription
 from realtime.throttles import throttle_counter
 from realtime.transport import DaphneSocket, daphne_protocol
+from streams import keys
 from streams.events import dumps
 from streams.log import BudgetExhausted, LimitReached, RunLimits
 from streams.receipts import BeyondHead, receipt_store
@@ -591,10 +593,12 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         if not self.identity.may_use(stream):
             raise ProtocolError("forbidden", f"token does not allow stream {stream!r}", frame_id)
 
-    async def _subscribe(self, stream: str, since: int | None, report: bool = True) -> None:
+    async def _subscribe(
+        self, stream: str, since: int | None, report: bool = True, compact: bool = False
+    ) -> None:
         """Subscribe (again) from `since`: see StreamSubscription.open."""
         self._drop_subscription(stream)
-        subscription = StreamSubscription(self, stream)
+        subscription = StreamSubscription(self, stream, compact)
         self.subscriptions[stream] = subscription
         await subscription.open(since, report)
 
@@ -626,7 +630,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
     async def handle_subscribe(self, frame: Subscribe) -> None:
         self._require_stream(frame.stream)
         self._require_room_for(frame.stream)
-        await self._subscribe(frame.stream, frame.since)
+        await self._subscribe(frame.stream, frame.since, compact=frame.compact)
 
     async def handle_unsubscribe(self, frame: Unsubscribe) -> None:
         self._require_stream(frame.stream)
@@ -679,9 +683,12 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self._require_room_for(frame.stream, frame.id)
         await self._ensure_subscribed(frame.stream)
         options = run_options(frame.options, limits)
+        identity = self.identity
+        slot = connection_registry().run_slot(self.connection_id)
+        if "interrupted" in options or interrupts(frame):
+            options = await self._interrupt_first(frame, options, slot)
         if options is not frame.options:
             frame = dataclasses.replace(frame, options=options)
-        identity = self.identity
         try:
             appended = await self.node.streams.accept_send(
                 identity.tenant,
@@ -690,7 +697,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 agent,
                 self.tenant.stream_retention,
                 RunLimits(
-                    connection_registry().run_slot(self.connection_id),
+                    slot,
                     limits.max_runs_in_flight_per_connection,
                     limits.max_queued_runs,
                 ),
@@ -727,6 +734,33 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 appended.event_id,
                 appended.run_id,
             )
+
+    async def _interrupt_first(
+        self, frame: Send, options: dict[str, Any], slot: str
+    ) -> dict[str, Any]:
+        """A send with `interrupt: true`: this client's runs in flight on the stream (those
+        this connection started) end `cancelled` before the new run is created, and what
+        they had said goes into its options as `interrupted`. A client never sets that
+        option itself, and a repeated send (its id already taken) interrupts nothing."""
+        from orchestration.cancel import interrupt_runs
+
+        options = {name: value for name, value in options.items() if name != "interrupted"}
+        if not interrupts(frame):
+            return options
+        identity = self.identity
+        if await self.node.streams.client.exists(
+            keys.client_message(identity.tenant, identity.client, frame.id)
+        ):
+            return options  # a repeat: the first one already interrupted
+        interrupted = await interrupt_runs(
+            identity.tenant,
+            identity.client,
+            frame.stream,
+            keys.runs_in_flight(identity.tenant, slot),
+        )
+        if interrupted:
+            options["interrupted"] = interrupted
+        return options
 
     async def handle_publish(self, frame: Publish) -> None:
         self._require_stream(frame.stream, frame.id)

@@ -101,6 +101,8 @@ class Publish:
 class Subscribe:
     stream: str
     since: int | None
+    # The missed replies as reply.done or reply.snapshot (realtime/compaction.py).
+    compact: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +169,15 @@ class _Fields:
             raise self._bad(f"'{name}' must be a string")
         return value
 
+    def flag(self, raw: dict[str, Any], name: str, where: str = "") -> bool:
+        """An optional boolean: absent or null is False, anything but a boolean is refused."""
+        value = raw.get(name)
+        if value is None:
+            return False
+        if not isinstance(value, bool):
+            raise self._bad(f"'{where}{name}' must be true or false")
+        return value
+
     def seq(self, name: str, required: bool) -> int | None:
         value = self.raw.get(name)
         if value is None and not required:
@@ -208,6 +219,7 @@ def _parse_send(fields: _Fields) -> Send:
         raise fields._bad("'options' must be an object")
     if json_depth_exceeds(options, MAX_JSON_DEPTH):
         raise fields._bad(f"'options' nests deeper than {MAX_JSON_DEPTH} levels")
+    fields.flag(options, "interrupt", "options.")  # checked here, acted on by the gateway
     prev = raw.get("prev")
     if prev is not None and not isinstance(prev, str):
         raise fields._bad("'prev' must be an event id string or null")
@@ -226,7 +238,9 @@ def _parse_publish(fields: _Fields) -> Publish:
 PARSERS = {
     "send": _parse_send,
     "publish": _parse_publish,
-    "subscribe": lambda f: Subscribe(f.stream(), f.seq("since", required=False)),
+    "subscribe": lambda f: Subscribe(
+        f.stream(), f.seq("since", required=False), f.flag(f.raw, "compact")
+    ),
     "unsubscribe": lambda f: Unsubscribe(f.stream()),
     "receipt": lambda f: Receipt(f.stream(), f.seq("seq", required=True)),
     "cancel": lambda f: Cancel(f.message_id()),
@@ -271,3 +285,8 @@ def ack_frame(frame_id: str, event_id: str, seq: int, duplicate: bool) -> str:
 
 
 PONG = '{"type":"pong"}'
+
+
+def interrupts(send: Send) -> bool:
+    """Whether a `send` asks to cancel its client's runs in flight on the stream first."""
+    return send.options.get("interrupt") is True

@@ -141,6 +141,8 @@ def frame_record(frame: Frame, config: RecordingConfig) -> dict[str, Any]:
         record = {"type": "subscribe", "stream": frame.stream}
         if frame.since is not None:
             record["since"] = frame.since
+        if frame.compact:
+            record["compact"] = True
         return record
     if isinstance(frame, Unsubscribe):
         return {"type": "unsubscribe", "stream": frame.stream}

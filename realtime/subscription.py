@@ -21,6 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ops import metrics
 from project.conf import conf
+from realtime.compaction import LOOKBACK, Compactor, runs_in_progress
 from realtime.presence import get_tracker
 from realtime.protocol import error_frame
 from realtime.sequencing import StreamCursor
@@ -71,13 +72,16 @@ class StreamSubscription:
     """One connection's interest in one stream: the Hub calls it, it keeps seq order."""
 
     # No more slots than needed: a fan-out to 10,000 sockets is 10,000 of these.
-    __slots__ = ("connection", "stream", "cursor", "repairing", "active", "held")
+    __slots__ = ("connection", "stream", "cursor", "repairing", "active", "held", "compactor")
 
     # Unsequenced events kept while the catch-up read runs: they follow `subscribed`.
     MAX_HELD = 1024
 
-    def __init__(self, connection: Subscriber, stream: str) -> None:
+    def __init__(self, connection: Subscriber, stream: str, compact: bool = False) -> None:
         self.connection = connection
+        # compact: the catch-up window's replies as reply.done or reply.snapshot
+        # (realtime/compaction.py); set once the window is known, gone once it is sent.
+        self.compactor: Compactor | None = Compactor(-1) if compact else None
         self.stream = stream
         self.cursor = StreamCursor()
         self.repairing = False
@@ -108,7 +112,7 @@ class StreamSubscription:
         found = await self.catch_up(since)
         if report:
             self._report(since, found)
-        connection.push_many(found.events)
+        self.deliver(found.events)
         if found.more:
             self.schedule_repair(to_head=True)
 
@@ -140,9 +144,16 @@ class StreamSubscription:
         the missed ones, in seq order."""
         tenant = self.connection.identity.tenant
         head = await self.store.head(tenant, self.stream)
+        if since is None and self.compactor is not None and head:
+            hydrated = await self._hydrate_at_head(tenant, head)
+            if hydrated is not None:
+                return hydrated
         if since is None or since == head:
+            self.compactor = None  # nothing missed: nothing to fold
             await self.connection.session_subscribed(self.stream, head)
             return CatchUp(head, since is not None, False, self.start_at(head + 1))
+        if self.compactor is not None:
+            self.compactor = Compactor(head) if since < head else None
         last = min(head, since + CATCH_UP_PAGE)
         events = await self.store.read(tenant, self.stream, since + 1, last) if since < head else []
         if events and events[0][0] == since + 1:
@@ -152,8 +163,39 @@ class StreamSubscription:
             # The rest is read page by page as the socket drains (see _repair).
             more = events[-1][0] < head
             return CatchUp(head, True, False, missed + live, more)
+        self.compactor = None
         await self.connection.session_subscribed(self.stream, head)
         return CatchUp(head, False, True, self.start_at(head + 1))
+
+    async def _hydrate_at_head(self, tenant: str, head: int) -> CatchUp | None:
+        """A compact join without `since`: the replies still streaming near the head as
+        snapshots, then the live events (see realtime/compaction.py). None: none found, or
+        their start is no longer retained (the join goes on from the head as usual)."""
+        found = runs_in_progress(await self.store.read_last(tenant, self.stream, LOOKBACK))
+        if not found:
+            return None
+        starts = await self.store.message_seqs(list(found))
+        since = min(starts.get(run, seq - 1) for run, seq in found.items())
+        events = await self.store.read(
+            tenant, self.stream, since + 1, min(head, since + CATCH_UP_PAGE)
+        )
+        if not events or events[0][0] != since + 1:
+            return None
+        self.compactor = Compactor(head, only=frozenset(found))
+        await self.connection.session_subscribed(self.stream, head)
+        missed = [event for _, event in events]
+        live = self.start_at(events[-1][0] + 1)
+        return CatchUp(head, False, False, missed + live, events[-1][0] < head)
+
+    def deliver(self, frames: list[str]) -> None:
+        """Hand released events to the connection, folded while a compact catch-up lasts."""
+        compactor = self.compactor
+        if compactor is not None:
+            frames = compactor.feed(frames)
+            if compactor.finished:
+                self.compactor = None
+        if frames:
+            self.connection.push_many(frames)
 
     def start_at(self, next_seq: int) -> list[str]:
         """Place the cursor after the catch-up read; returns what may be sent now."""
@@ -177,7 +219,10 @@ class StreamSubscription:
     def on_event(self, seq: int, event: str) -> None:
         ready = self.cursor.offer(seq, event)
         if ready:
-            self.connection.push_many(ready)
+            if self.compactor is None:  # the fan-out path: no call more than before
+                self.connection.push_many(ready)
+            else:
+                self.deliver(ready)
         if self.cursor.missing() is not None:
             self.schedule_repair()
 
@@ -263,6 +308,7 @@ class StreamSubscription:
             )
         )
         self.cursor = StreamCursor()
+        self.compactor = None
         self.connection.push_many(self.cursor.start_at(head + 1))
         return True
 
@@ -293,7 +339,7 @@ class StreamSubscription:
                     head=await self.store.head(tenant, self.stream),
                 )
             )
-            self.connection.push_many(cursor.skip_to(resume_at))
+            self.deliver(cursor.skip_to(resume_at))
         for seq, event in events:
-            self.connection.push_many(cursor.offer(seq, event))
+            self.deliver(cursor.offer(seq, event))
         return True

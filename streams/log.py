@@ -393,6 +393,23 @@ class StreamStore:
             first = events[-1][0] + 1
         return events
 
+    async def read_last(self, tenant: str, stream: str, count: int) -> list[tuple[int, str]]:
+        """The stream's last `count` retained events, newest first."""
+        entries = await self.client.xrevrange(keys.stream_log(tenant, stream), count=count)
+        events: list[tuple[int, str]] = []
+        for entry_id, fields in entries or []:
+            assert fields is not None  # as in read(): XRANGE entries always have fields
+            events.append((_entry_seq(as_text(entry_id)), as_text(fields[b"e"])))
+        return events
+
+    async def message_seqs(self, run_ids: list[str]) -> dict[str, int]:
+        """The seq of the message event each run answers, for the runs whose record says."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for run_id in run_ids:
+                pipe.hget(keys.run(run_id), "message_seq")
+            values = await pipe.execute()
+        return {run: int(v) for run, v in zip(run_ids, values, strict=True) if v}
+
 
 def _entry_seq(entry_id: bytes | str) -> int:
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id

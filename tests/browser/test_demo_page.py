@@ -375,6 +375,76 @@ def test_a_bad_stream_name_is_refused_by_the_browser_itself(
     assert field.evaluate("input => input.validity.valid") is True
 
 
+def test_a_reply_in_progress_is_shown_from_its_snapshot_then_its_live_pieces(
+    browser: Any, demo_cluster: DemoCluster, unique: Callable[[str], str]
+) -> None:
+    """The page subscribes with `compact: true`: joining while a reply streams, it gets the
+    reply so far as one `reply.snapshot` and shows it, then appends the live pieces. The
+    socket is played by the test, which is how the snapshot comes at a chosen moment."""
+    stream = unique("hydrate")
+    sockets: list[Any] = []
+    subscribes: list[dict[str, Any]] = []
+    errors: list[str] = []
+    message, _, _, _, _, _, done = scripted_run(stream, "m1", "hi")
+    done = {**done, "seq": 6, "id": "e6", "data": {**done["data"], "text": "lorem ipsum dolor"}}
+    snapshot = {
+        **done,
+        "seq": 4,
+        "id": "snapshot:e4",
+        "kind": "reply.snapshot",
+        "data": {"run": "r1", "offset": 0, "text": "lorem ipsum "},
+    }
+    live = {
+        **snapshot,
+        "seq": 5,
+        "id": "e5",
+        "kind": "reply.delta",
+        "data": {"run": "r1", "offset": 12, "text": "dolor"},
+    }
+
+    def play_gateway(ws: Any) -> None:
+        sockets.append(ws)
+        ws.send(json.dumps(scripted_welcome()))
+
+        def on_message(raw: str | bytes) -> None:
+            frame = json.loads(raw)
+            if frame["type"] == "subscribe":
+                subscribes.append(frame)
+                answer = {"type": "subscribed", "stream": stream, "head": 4, "recovered": True}
+                ws.send(json.dumps(answer))
+                ws.send(json.dumps(message))
+                ws.send(json.dumps(snapshot))  # seqs 2..4 were the reply's deltas
+            elif frame["type"] == "presence":
+                ws.send(json.dumps({"type": "presence", "stream": stream, "clients": []}))
+            elif frame["type"] == "ping":
+                ws.send(json.dumps({"type": "pong"}))
+
+        ws.on_message(on_message)
+
+    context = browser.new_context(viewport={"width": 1280, "height": 820})
+    try:
+        page = context.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.route_web_socket(lambda url: "/ws/v1/" in url, play_gateway)
+        page.goto(f"{demo_cluster.base_url}/demo/?{urlencode({'stream': stream})}")
+        page.wait_for_selector("body[data-subscribed='true']", timeout=WAIT_MS)
+        [ws] = sockets
+        assert subscribes[0]["since"] == 0 and subscribes[0]["compact"] is True
+        page.wait_for_selector(
+            "li.reply[data-hydrated='true'] .bubble:text-is('lorem ipsum ')", timeout=WAIT_MS
+        )
+        ws.send(json.dumps(live))
+        ws.send(json.dumps(done))
+        page.wait_for_selector("li.reply[data-status='ok']", timeout=WAIT_MS)
+        assert page.locator("li.reply .bubble").inner_text() == "lorem ipsum dolor"
+        assert debug(page, f"d.seqs[{stream!r}]") == [1, 5, 6]
+        assert "in order" in page.inner_text("#seq-check")
+        assert errors == []
+    finally:
+        context.close()
+
+
 def scripted_tool_run(stream: str, message_id: str, text: str) -> list[dict[str, Any]]:
     """The message and a run that calls two tools (one fails) before it answers."""
     *_, done = scripted_run(stream, message_id, text)

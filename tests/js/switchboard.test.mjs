@@ -531,3 +531,62 @@ test("a send's onTool sees each tool event, and the reply carries the calls", as
   assert.deepEqual(reply.tools.map((t) => [t.call, t.ok, t.text]), [["c0", true, "v"]]);
   await client.close();
 });
+
+// --- reply.snapshot: a compact catch-up's text so far, from its offset -------------------------
+
+const snapshot = (seq, offset, text) => ({ ...runEvent(seq, "reply.snapshot", { offset, text }), id: `snapshot:e${seq}` });
+
+test("a snapshot then the live deltas make the final text", () => {
+  const assembler = new ReplyAssembler();
+  const reply = assembler.add(snapshot(4, 0, "lorem ipsum "));
+  assert.equal(reply.text, "lorem ipsum ");
+  assert.equal(reply.gap, false);
+  assembler.add(delta(6, 12, "dolor"));
+  assert.equal(reply.text, "lorem ipsum dolor");
+  assembler.add(finished(7, "lorem ipsum dolor"));
+  assert.equal(reply.status, "ok");
+});
+
+test("a snapshot from a resume position continues the text; from 0 it replaces a voided attempt", () => {
+  const resumed = new ReplyAssembler();
+  resumed.add(delta(2, 0, "lorem "));
+  const reply = resumed.add(snapshot(5, 6, "ipsum "));
+  assert.equal(reply.text, "lorem ipsum ");
+  resumed.add(delta(6, 12, "dolor"));
+  assert.equal(reply.text, "lorem ipsum dolor");
+
+  const restarted = new ReplyAssembler();
+  restarted.add(delta(2, 0, "lorem "));
+  restarted.add(delta(3, 6, "lo"));
+  const again = restarted.add(snapshot(5, 0, "ipsum "));
+  assert.equal(again.text, "ipsum ", "never a splice");
+  assert.deepEqual(again.deltas.map((d) => d.kind), ["reply.snapshot"]);
+});
+
+test("a compact subscribe: folded seqs are no gap, a snapshot below the last seq is delivered", async () => {
+  const { client, socket } = await connected();
+  const events = [];
+  const answer = client.subscribe("room", (e) => events.push(e), { since: 0, compact: true });
+  const frame = await until(() => socket.sentOf("subscribe")[0], "subscribe");
+  assert.deepEqual(frame, { type: "subscribe", stream: "room", since: 0, compact: true });
+  socket.push({ type: "subscribed", stream: "room", head: 9, recovered: true });
+  await answer;
+  socket.push(event("room", 1, "message"));
+  // r1's deltas were seqs 2..8; another run's reply.done is 9; then r1's snapshot (seq 8).
+  socket.push({ ...finished(9, "other"), data: { run: "r2", status: "ok", text: "other" } });
+  socket.push(snapshot(8, 0, "lorem ipsum "));
+  socket.push(delta(10, 12, "dolor"));
+  await until(() => events.length === 4, "four events");
+  assert.deepEqual(events.map((e) => [e.seq, e.kind]), [
+    [1, "message"],
+    [9, "reply.done"],
+    [8, "reply.snapshot"],
+    [10, "reply.delta"],
+  ]);
+  assert.equal(socket.sentOf("subscribe").length, 1, "no resync");
+  assert.equal(client.lastSeq("room"), 10);
+  const assembler = new ReplyAssembler();
+  for (const e of events.slice(2)) assembler.add(e);
+  assert.equal(assembler.get("r1").text, "lorem ipsum dolor");
+  await client.close();
+});

@@ -10,7 +10,13 @@ import pytest
 import pytest_asyncio
 from websockets.asyncio.server import serve
 
-from client.connection import ReplyCollector, answers_own_send, reply_problems, since_last_restart
+from client.connection import (
+    ReplyCollector,
+    answers_own_send,
+    assembled_text,
+    reply_problems,
+    since_last_restart,
+)
 from client.reconnecting import ReconnectingClient
 from tests.unit.test_reconnecting_gap import ScriptedServer, receive, send, welcome
 
@@ -204,6 +210,82 @@ async def wait_for(condition: Callable[[], bool]) -> None:
     async with asyncio.timeout(10):
         while not condition():
             await asyncio.sleep(0.01)
+
+
+# --- reply.snapshot: a compact catch-up's text so far, from its offset ------------------------
+
+
+def snapshot(seq: int, offset: int, text: str) -> dict[str, Any]:
+    return {
+        **reply_event(seq, "reply.snapshot", offset=offset, text=text),
+        "id": f"snapshot:e{seq}",
+    }
+
+
+@pytest.mark.asyncio
+async def test_a_snapshot_then_live_deltas_make_the_final_text() -> None:
+    events = [snapshot(4, 0, "lorem ipsum "), delta(6, 12, "dolor"), done(7, "lorem ipsum dolor")]
+    collector, text = await collected(events)
+    assert text == "lorem ipsum dolor"
+    assert assembled_text(events[:2]) == "lorem ipsum dolor"
+    assert reply_problems(events[:2], events[2]) == []
+
+
+@pytest.mark.asyncio
+async def test_a_snapshot_from_a_resume_position_continues_the_text_the_client_has() -> None:
+    events = [delta(2, 0, "lorem "), snapshot(5, 6, "ipsum "), delta(6, 12, "dolor")]
+    collector, text = await collected([*events, done(7, "lorem ipsum dolor")])
+    assert text == "lorem ipsum dolor"
+    assert assembled_text(events) == "lorem ipsum dolor"
+    assert texts(since_last_restart(events)) == "lorem ipsum dolor"
+
+
+@pytest.mark.asyncio
+async def test_a_snapshot_from_offset_zero_replaces_a_voided_attempt() -> None:
+    # The client saw the first attempt's "lorem lo"; the window held a restart.
+    events = [*RESTARTED[:2], snapshot(5, 0, "ipsum "), delta(6, 6, "dolor")]
+    collector, text = await collected([*events, done(7, "ipsum dolor")])
+    assert text == "ipsum dolor"
+    assert collector.voided == 2
+    assert assembled_text(events) == "ipsum dolor"
+    assert reply_problems(events, done(7, "ipsum dolor")) == []
+
+
+def test_a_finished_reply_alone_is_its_text() -> None:
+    assert assembled_text([done(9, "all of it")]) == "all of it"
+
+
+@pytest.mark.asyncio
+async def test_a_compact_catch_up_through_the_reconnecting_client(server: ScriptedServer) -> None:
+    connecting = asyncio.create_task(
+        ReconnectingClient.connect(server.url, "TOKEN", initial_backoff_s=0.001)
+    )
+    first = await server.next()
+    await send(first, welcome(resumed=False))
+    client = await connecting
+    try:
+        subscribing = asyncio.create_task(client.subscribe("room", since=0, compact=True))
+        frame = await receive(first, "subscribe")
+        assert (frame["since"], frame["compact"]) == (0, True)
+        await send(first, {"type": "subscribed", "stream": "room", "head": 9, "recovered": True})
+        await subscribing
+        message = {**reply_event(1, "message", text="hi"), "from": "client:alice"}
+        # Seqs 2..8 were r1's deltas and another run's reply.done at 9: the snapshot (seq 8)
+        # follows the window's last event.
+        other = {**done(9, "other"), "data": {"run": "r2", "status": "ok", "text": "other"}}
+        for event in [message, other, snapshot(8, 0, "lorem ipsum "), delta(10, 12, "dolor")]:
+            await send(first, event)
+        seen = [await client.next_event("room") for _ in range(4)]
+        assert [(e["seq"], e["kind"]) for e in seen] == [
+            (1, "message"),
+            (9, "reply.done"),
+            (8, "reply.snapshot"),
+            (10, "reply.delta"),
+        ]
+        assert client.last_seq("room") == 10
+        assert assembled_text(seen[2:]) == "lorem ipsum dolor"
+    finally:
+        await client.close()
 
 
 # --- tool calls: paired with their results, voided by a restart of their step ---------------

@@ -163,6 +163,34 @@ def check_tool_sequence(block: Block) -> None:
     assert usage["total"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
+def check_compact_sequence(block: Block) -> None:
+    """docs/protocol.md's compact catch-up walk-through: the snapshot's data fields are the
+    gateway's, its seq is within the window, and snapshot + live deltas make the done text;
+    the clients' assembly agrees."""
+    from client.connection import assembled_text
+    from realtime.compaction import Compactor
+
+    lines = block.text.splitlines()
+    kind, answer = lines[0].split(maxsplit=1)
+    assert kind == "subscribed"
+    head = json.loads(answer)["head"]
+    events = []
+    for line in lines[1:]:
+        kind, _, seq, data = line.split(maxsplit=3)
+        data = data.replace("{…}", "{}")  # an event whose data does not matter here
+        events.append({"kind": kind, "seq": int(seq), "data": json.loads(data)})
+    snapshot = next(event for event in events if event["kind"] == "reply.snapshot")
+    produced = Compactor(1).feed(
+        [json.dumps({"seq": 1, "kind": "reply.delta", "data": {**snapshot["data"], "text": "x"}})]
+    )
+    assert set(json.loads(produced[0])["data"]) == set(snapshot["data"])
+    assert snapshot["seq"] <= head < events[events.index(snapshot) + 1]["seq"]
+    replies = [event for event in events if event["kind"].startswith("reply.")]
+    live = replies[1]
+    assert live["data"]["offset"] == len(snapshot["data"]["text"])
+    assert assembled_text(replies[:-1]) == replies[-1]["data"]["text"]
+
+
 def restart_sequence_events(block: Block) -> list[dict[str, Any]]:
     events = []
     for line in block.text.splitlines():
@@ -418,6 +446,7 @@ EXAMPLES = [
             '"type":"welcome"',
             '"type":"ack"',
             '"code":"forbidden"',
+            Example("docs/protocol.md", "reply.snapshot seq", check=check_compact_sequence),
             '"kind":"reply.delta"',
             '"kind":"join"',
             '"code":"rate_limited"',

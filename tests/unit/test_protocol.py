@@ -383,3 +383,32 @@ def test_json_depth() -> None:
     assert json_depth_exceeds([], 0)
     assert not json_depth_exceeds({"a": [1, {"b": 2}]}, 3)
     assert json_depth_exceeds({"a": [1, {"b": []}]}, 3)
+
+
+def test_subscribe_compact_is_a_boolean_defaulting_to_false() -> None:
+    parse = parse_frame
+    assert parse(frame(type="subscribe", stream="s", since=3, compact=True), LIMIT) == Subscribe(
+        "s", 3, True
+    )
+    assert parse(frame(type="subscribe", stream="s", compact=None), LIMIT) == Subscribe("s", None)
+    assert parse(frame(type="subscribe", stream="s", compact=False), LIMIT).compact is False
+
+
+@pytest.mark.parametrize("value", [1, 0, "true", [], {}])
+def test_subscribe_compact_refuses_anything_but_a_boolean(value: Any) -> None:
+    text = json.dumps({"type": "subscribe", "stream": "s", "compact": value})
+    assert_bad_request(text, None, "'compact' must be true or false")
+
+
+@pytest.mark.parametrize("value", [1, "yes", [], {"x": 1}])
+def test_send_interrupt_refuses_anything_but_a_boolean(value: Any) -> None:
+    text = json.dumps({**SEND, "options": {"interrupt": value}})
+    assert_bad_request(text, "m", "'options.interrupt' must be true or false")
+
+
+def test_send_interrupt_is_read_from_the_options() -> None:
+    from realtime.protocol import Send, interrupts
+
+    assert interrupts(Send("m", "s", "echo", "t", {"interrupt": True}, None))
+    assert not interrupts(Send("m", "s", "echo", "t", {"interrupt": False}, None))
+    assert not interrupts(Send("m", "s", "echo", "t", {}, None))

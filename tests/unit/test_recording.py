@@ -77,6 +77,7 @@ def test_frames_keep_their_fields_with_ids_hashed_and_prev_dropped() -> None:
         "since": 5,
     }
     assert frame_record(Subscribe("room", None), CONFIG) == {"type": "subscribe", "stream": "room"}
+    assert frame_record(Subscribe("room", 5, compact=True), CONFIG)["compact"] is True
     assert frame_record(Unsubscribe("room"), CONFIG) == {"type": "unsubscribe", "stream": "room"}
     assert frame_record(Receipt("room", 3), CONFIG) == {
         "type": "receipt",

@@ -23,8 +23,12 @@ const debug = {
   client: null,
   /** @type {StateChange[]} */
   states: [],
-  /** @type {Record<string, number[]>} seqs delivered per stream, in delivery order */
+  /** @type {Record<string, number[]>} seqs of stored events delivered per stream, in
+   * delivery order (a reply.snapshot is not one: it is in `events`, not here) */
   seqs: {},
+  /** @type {number} the compact catch-up's end (its `subscribed` head): seqs up to it may
+   * skip deltas folded into a snapshot or a reply.done */
+  compactThrough: 0,
   /** @type {Record<string, any[]>} events delivered per stream (kind, seq, id, data) */
   events: {},
   /** @type {string|null} */
@@ -173,10 +177,11 @@ function noteSeq(item, seq) {
 }
 
 /** @param {StreamEvent} event */
+
 function onEvent(event) {
   if (event.stream !== debug.stream) return;
   const seq = /** @type {number} */ (event.seq);
-  (debug.seqs[event.stream] ||= []).push(seq);
+  if (event.kind !== "reply.snapshot") (debug.seqs[event.stream] ||= []).push(seq);
   (debug.events[event.stream] ||= []).push({ seq, kind: event.kind, id: event.id, from: event.from, data: event.data });
   const follow = scrolledToBottom();
   const mine = event.cause && event.cause.client === debug.client?.client;
@@ -230,6 +235,11 @@ function onEvent(event) {
       tag.textContent = reply.restarts === 1 ? "↻ restarted" : `↻ restarted ×${reply.restarts}`;
       tag.title = `the answer so far was discarded and started again (attempt ${reply.attempt ?? "?"})`;
       if (event.kind === "reply.restart") activity(`${reply.agent}'s answer restarted (attempt ${reply.attempt ?? "?"})`);
+    }
+    if (event.kind === "reply.snapshot") {
+      // Caught up in one piece: the answer so far, then the live pieces.
+      item.dataset.hydrated = "true";
+      item.title = `caught up at seq ${seq}: the answer so far in one piece`;
     }
     noteSeq(item, seq);
     if (reply.done) {
@@ -307,7 +317,7 @@ function updateSeqCheck() {
   let repeats = 0;
   for (let i = 1; i < seqs.length; i += 1) {
     if (seqs[i] <= seqs[i - 1]) repeats += 1;
-    else if (seqs[i] !== seqs[i - 1] + 1) gaps += 1;
+    else if (seqs[i] !== seqs[i - 1] + 1 && seqs[i] - 1 > debug.compactThrough) gaps += 1;
   }
   const range = `#${seqs[0]}–${seqs[seqs.length - 1]}`;
   node.textContent = gaps || repeats ? `${range}: ${gaps} gaps, ${repeats} repeats` : `${range} in order, none missed or repeated`;
@@ -364,8 +374,9 @@ async function openStream(stream) {
   history.replaceState(null, "", url);
   stopWatching = client.watchPresence(stream, renderPresence);
   try {
-    // since 0: the stream's whole retained history, then live events.
-    const answer = await client.subscribe(stream, onEvent, { since: 0 });
+    // since 0: the stream's whole retained history, then live events; compact: each
+    // finished reply as its reply.done, one streaming as a snapshot, not every delta.
+    const answer = await client.subscribe(stream, onEvent, { since: 0, compact: true });
     if (debug.stream !== stream) return;
     debug.subscribed = true;
     document.body.dataset.subscribed = "true";
@@ -513,6 +524,10 @@ async function main() {
   const client = new SwitchboardClient(`${scheme}://${location.host}/ws/v1/`, token, { onState });
   debug.client = client;
   client.on("presence", onPresenceEvent);
+  // Before the catch-up's events: their seqs may skip what was folded, up to this head.
+  client.on("subscribed", (/** @type {any} */ frame) => {
+    if (frame.stream === debug.stream) debug.compactThrough = frame.head ?? 0;
+  });
   client.on("retry", (/** @type {import("/client/switchboard.js").RetryInfo} */ info) => {
     if (info.status === 429) {
       debug.rateLimited += 1;

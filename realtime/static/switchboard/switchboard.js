@@ -59,7 +59,8 @@ export const CLOSE_DROPPED = 4000;
  * @property {number} [seq]  absent on join/leave
  * @property {string} id
  * @property {string} kind  message, published, reply.delta, reply.restart, reply.done,
- *   tool.call, tool.result, join, leave
+ *   tool.call, tool.result, reply.snapshot (a compact catch-up's text so far, from its
+ *   offset), join, leave
  * @property {string} from  `client:ID` or `agent:NAME`
  * @property {Cause} cause
  * @property {string} ts
@@ -294,11 +295,13 @@ export function applyToolEvent(tools, event) {
 }
 
 /**
- * Apply one `reply.delta`, `reply.restart`, `reply.done`, `tool.call` or `tool.result` to
- * a reply (tool events go to `reply.tools`, see `applyToolEvent`). Pieces are placed
- * by offset: one already covered is ignored, one past the end (pieces missed before a
- * mid-reply subscribe) is kept and marks a gap; a restart voids the text so far, and the
- * pieces after it start again at offset 0; the `reply.done` text is the whole reply. An
+ * Apply one `reply.delta`, `reply.restart`, `reply.snapshot`, `reply.done`, `tool.call` or
+ * `tool.result` to a reply (tool events go to `reply.tools`, see `applyToolEvent`). Pieces
+ * are placed by offset: one already covered is ignored, one past the end (pieces missed
+ * before a mid-reply subscribe) is kept and marks a gap; a restart voids the text so far,
+ * and the pieces after it start again at offset 0; a snapshot (compact catch-up) is the
+ * text from its offset, replacing whatever the reply held from there (from 0: all of it);
+ * the `reply.done` text is the whole reply. An
  * event whose seq is not past the last one taken is a repeat and is ignored, so a restart
  * delivered twice never voids the pieces that followed it.
  * Returns whether the reply changed.
@@ -327,6 +330,18 @@ export function applyReplyEvent(reply, event) {
   }
   if (event.kind === "tool.call" || event.kind === "tool.result") {
     return applyToolEvent(reply.tools, event);
+  }
+  if (event.kind === "reply.snapshot") {
+    const offset = data.offset ?? 0;
+    const piece = data.text ?? "";
+    if (offset > reply.text.length) reply.gap = true;
+    if (offset === 0) {
+      reply.deltas = [];
+      reply.gap = false;
+    }
+    reply.text = reply.text.slice(0, offset) + piece;
+    reply.deltas.push(event);
+    return true;
   }
   if (event.kind === "reply.delta") {
     const offset = data.offset ?? 0;
@@ -515,12 +530,14 @@ export class Connection {
 
   /**
    * @param {string} stream @param {number|null} since @param {number} timeoutMs
+   * @param {boolean} [compact]  missed replies as reply.done or reply.snapshot
    * @returns {Promise<Frame>} the `subscribed` frame (with `history_expired` when it came)
    */
-  async subscribe(stream, since, timeoutMs) {
+  async subscribe(stream, since, timeoutMs, compact = false) {
     /** @type {Frame} */
     const frame = { type: "subscribe", stream };
     if (since !== null && since !== undefined) frame.since = since;
+    if (compact) frame.compact = true;
     const request = await this.idlessRequest("subscribed", stream, frame, timeoutMs);
     const answer = await request.answer.promise;
     return request.historyExpired ? { ...answer, history_expired: request.historyExpired } : answer;
@@ -665,6 +682,10 @@ export class Connection {
  * @property {boolean} resyncing  a subscribe from lastSeq is in flight: drop until answered
  * @property {Set<(event: StreamEvent) => void>} handlers
  * @property {Frame|null} subscribed  the last `subscribed` answer
+ * @property {boolean} compact  subscribed with `compact: true` (so are its resubscribes)
+ * @property {number|null} compactThrough  a compact catch-up's end (its `subscribed`
+ *   head): seqs up to it may skip folded deltas, and a reply.snapshot may carry a seq
+ *   below the last one delivered
  */
 
 /**
@@ -976,7 +997,7 @@ export class SwitchboardClient {
       for (const [stream, tracked] of this._streams) {
         if (!restored.has(stream)) {
           tracked.resyncing = true;
-          await conn.subscribe(stream, tracked.lastSeq, this.connectTimeoutMs);
+          await conn.subscribe(stream, tracked.lastSeq, this.connectTimeoutMs, tracked.compact);
         }
       }
     } catch (error) {
@@ -1083,7 +1104,14 @@ export class SwitchboardClient {
   _track(stream) {
     let tracked = this._streams.get(stream);
     if (!tracked) {
-      tracked = { lastSeq: null, resyncing: false, handlers: new Set(), subscribed: null };
+      tracked = {
+        lastSeq: null,
+        resyncing: false,
+        handlers: new Set(),
+        subscribed: null,
+        compact: false,
+        compactThrough: null,
+      };
       this._streams.set(stream, tracked);
     }
     return tracked;
@@ -1092,10 +1120,12 @@ export class SwitchboardClient {
   /**
    * Subscribe to a stream (kept across reconnects). Events after `since` (default: the
    * last seq this client delivered on it, or only new ones for a stream it never had) go
-   * to `handler` and to "event" listeners, each once, in seq order.
+   * to `handler` and to "event" listeners, each once, in seq order. `compact`: the replies
+   * missed since `since` come as their reply.done alone, or as one reply.snapshot while
+   * still streaming, not as every delta (docs/protocol.md).
    * @param {string} stream
    * @param {((event: StreamEvent) => void)|null} [handler]
-   * @param {{since?: number|null, timeoutMs?: number}} [options]
+   * @param {{since?: number|null, timeoutMs?: number, compact?: boolean}} [options]
    * @returns {Promise<Frame>} the `subscribed` answer
    */
   async subscribe(stream, handler = null, options = {}) {
@@ -1103,10 +1133,11 @@ export class SwitchboardClient {
     if (handler) tracked.handlers.add(handler);
     if (options.since !== undefined && options.since !== null) tracked.lastSeq = options.since;
     tracked.resyncing = true;
+    tracked.compact = options.compact === true;
     const timeoutMs = options.timeoutMs ?? this.requestTimeoutMs;
     const conn = await this.waitOpen(timeoutMs);
     try {
-      return await conn.subscribe(stream, tracked.lastSeq, timeoutMs);
+      return await conn.subscribe(stream, tracked.lastSeq, timeoutMs, tracked.compact);
     } catch (error) {
       if (!(error instanceof SwitchboardClosed)) throw error;
       // The next connection subscribes every tracked stream from its last seq.
@@ -1390,11 +1421,20 @@ export class SwitchboardClient {
     if (tracked.resyncing) return; // a subscribe from lastSeq is coming; it delivers this again
     const seq = /** @type {number} */ (event.seq);
     const last = tracked.lastSeq;
+    const through = tracked.compactThrough;
+    if (event.kind === "reply.snapshot") {
+      // Not a stored event: its seq is the last one it covers (maybe below `last`), and
+      // taking it twice leaves the same text.
+      if (last === null || seq > last) tracked.lastSeq = seq;
+      this._deliver(tracked, event);
+      return;
+    }
+    if (through !== null && seq >= through) tracked.compactThrough = null;
     if (last !== null && seq <= last) {
       this.duplicatesDropped += 1; // already delivered (a resume from a lagging checkpoint)
       return;
     }
-    if (last !== null && seq > last + 1) {
+    if (last !== null && seq > last + 1 && !(through !== null && seq <= through)) {
       // Lost in flight with the old socket: ask again from what we have.
       tracked.resyncing = true;
       this._resync(event.stream, conn ?? this._conn);
@@ -1414,7 +1454,7 @@ export class SwitchboardClient {
     const tracked = this._streams.get(stream);
     if (!conn || conn.closed || !tracked) return;
     try {
-      await conn.subscribe(stream, tracked.lastSeq, this.connectTimeoutMs);
+      await conn.subscribe(stream, tracked.lastSeq, this.connectTimeoutMs, tracked.compact);
     } catch {
       // Closed meanwhile: the next connection takes over, as above.
     }
@@ -1425,7 +1465,7 @@ export class SwitchboardClient {
     if (isReplyKind(event.kind) && answersOwnSend(event, this.client)) {
       const collector = this._replies.get(event.cause?.message ?? "");
       if (collector && applyReplyEvent(collector.reply, event)) {
-        if (event.kind === "reply.delta" && collector.onDelta) {
+        if ((event.kind === "reply.delta" || event.kind === "reply.snapshot") && collector.onDelta) {
           try {
             collector.onDelta(event, collector.reply.text);
           } catch (error) {
@@ -1472,9 +1512,13 @@ export class SwitchboardClient {
     if (!tracked) return;
     if (frame.type === "subscribed") {
       // Events follow from since + 1 when recovered, from head + 1 otherwise.
+      // Compact only when it answers our own subscribe (a session's restored streams are
+      // caught up in full).
+      const asked = tracked.resyncing;
       tracked.resyncing = false;
       tracked.subscribed = frame;
       if (!frame.recovered) tracked.lastSeq = frame.head;
+      tracked.compactThrough = tracked.compact && asked ? frame.head : null;
     } else if (frame.type === "error" && frame.code === "history_expired") {
       tracked.lastSeq = null; // go on from whatever the server sends next
     }

@@ -262,3 +262,19 @@ tool_agent(
     max_retries=0,
 )
 tool_agent(c.TOOL_BAD_ARGS, c.TOOL_BAD_ARGS_MODEL, Tool.of(lookup))
+
+
+def after_interruption(context: StepContext) -> str:
+    """Steering: a run a `send` with `interrupt: true` started sees what the runs it cut
+    off had said in its options, and puts it before the new message."""
+    cut_off = context.options.get("interrupted") or []
+    said = " / ".join(item["text"] for item in cut_off)
+    return f"[{c.STEER_MARK}{said}] {context.message}" if cut_off else context.message
+
+
+register(
+    Agent(
+        name=c.STEER,
+        steps=(Step(backend="simulated", model="echo", prompt=after_interruption),),
+    )
+)

@@ -80,6 +80,11 @@ INTAKE_STREAMS = "inbox:*"
 INTAKE_MODEL = "stream?pieces=2"
 INTAKE_PROMPT = "intake:{message}"
 
+# Steering (`send` with `interrupt: true`): echoes the new message after the text of the
+# runs it interrupted.
+STEER = "steer"
+STEER_MARK = "interrupted after: "
+
 # Failover across models (one provider, told apart by model name). it-failover: the step's
 # own model answers 500 every time (retried once), its fallback model answers.
 FAILOVER = "it-failover"
