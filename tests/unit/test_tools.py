@@ -521,6 +521,17 @@ def llama_cpp_fragment(arguments: str) -> dict[str, object]:
     }
 
 
+def test_a_turn_without_text_is_fed_back_with_empty_content() -> None:
+    """Neither `"content": null` (llama-cpp-python's server answers 500 with validation
+    errors) nor left out (its chat template fails on the missing key)."""
+    silent = ToolRound("", ROUND.calls, ROUND.results)
+    request = ModelRequest(model="m", prompt="weather?", tools=(SPEC,), rounds=(silent,))
+    _, _, body = OpenAIBackend("http://x").build_request("http://x", "m", "", request)
+    assistant = body["messages"][1]
+    assert assistant["role"] == "assistant" and assistant["content"] == ""
+    assert assistant["tool_calls"][0]["id"] == "call_1"
+
+
 def test_a_tool_call_streamed_as_llama_cpp_sends_it_keeps_its_name() -> None:
     from aiohttp import web
 
