@@ -174,7 +174,9 @@ class ToolCallAssembler:
             call["oversized"] = False
         if isinstance(call_id, str) and call_id and not call["id"]:
             call["id"] = call_id
-        if isinstance(name, str) and name:
+        # A name may come in fragments (appended), but llama-cpp-python's server repeats
+        # the whole name (and id) in every fragment of a call: a repeat is not appended.
+        if isinstance(name, str) and name and name != call["name"]:
             call["name"] = (call["name"] + name)[:MAX_TOOL_NAME_CHARS]
         if isinstance(arguments, str) and arguments and not call["oversized"]:
             if call["chars"] + len(arguments) > MAX_TOOL_ARGUMENT_CHARS:

@@ -270,7 +270,10 @@ def add_openai_tools(body: dict[str, Any], request: ModelRequest) -> None:
         messages.append(
             {
                 "role": "assistant",
-                "content": turn.text or None,
+                # A string even when the model said nothing: llama-cpp-python's server
+                # refuses a null content (its request schema) and one left out (its chat
+                # template), where OpenAI's API takes all three beside tool_calls.
+                "content": turn.text,
                 "tool_calls": [
                     {
                         "id": call.id,

@@ -177,14 +177,20 @@ async def test_protocol_doc_frames_have_the_fields_real_frames_have(
 
 def test_every_variable_the_docs_shell_examples_set_is_read() -> None:
     """A variable set in a shell example of the README or docs/ is one Switchboard (its
-    settings) or the Artillery processor reads: no example sets a misspelt or removed one."""
+    settings), the Artillery processor or a test suite's switch (its conftest.py) reads: no
+    example sets a misspelt or removed one."""
     processor = (ROOT / "loadtest" / "artillery" / "processor.js").read_text()
+    conftests = [path.read_text() for path in (ROOT / "tests").glob("**/conftest.py")]
     documents = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     checked = 0
     for document in documents:
         for block in code_blocks_in(document.read_text(), "sh"):
             for name in re.findall(r"\b(SWITCHBOARD_[A-Z0-9_]+)=", block):
-                assert f'"{name}"' in SETTINGS or f"process.env.{name}" in processor, (
+                assert (
+                    f'"{name}"' in SETTINGS
+                    or f"process.env.{name}" in processor
+                    or any(f'"{name}"' in conftest for conftest in conftests)
+                ), (
                     document.name,
                     name,
                 )

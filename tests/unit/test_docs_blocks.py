@@ -9,7 +9,8 @@ Besides its entry's own check, every block gets the checks of its language:
   (`manage.py` commands and `python -m bench.X` parsed by their own argument parsers,
   `bin/dev` subcommands, `docker compose` services, files and directories named), and every
   variable set is one Switchboard reads (project/settings.py, the README's configuration
-  table), the Artillery processor reads, or docker-compose.yml interpolates.
+  table), the Artillery processor reads, docker-compose.yml interpolates, or a test suite's
+  conftest.py reads.
 
 The examples that need a running Switchboard are run in tests/integration/test_docs_examples.py
 (and the JavaScript page example in tests/browser/test_docs_examples.py)."""
@@ -42,6 +43,8 @@ SWITCHBOARD_JS = ROOT / "realtime" / "static" / "switchboard" / "switchboard.js"
 ARTILLERY = ROOT / "loadtest" / "artillery" / "node_modules" / ".bin" / "artillery"
 # Read by a tool, not by Switchboard: Playwright's install script (an Artillery dependency).
 TOOL_VARIABLES = {"PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD"}
+# Read by the tests (the optional suites' switches, such as tests/thirdparty's).
+TEST_CONFTESTS = sorted((ROOT / "tests").glob("**/conftest.py"))
 
 
 @dataclass(frozen=True)
@@ -389,6 +392,13 @@ EXAMPLES = [
     ),
     Example("docs/agents.md", '"prev": "<assistant', check=check_cause_example),
     Example(
+        "docs/agents.md",
+        "SWITCHBOARD_LLAMA_PYTHON=../llama-env/bin/python",
+        not_runnable="installs llama-cpp-python, a C++ build of minutes, into an environment "
+        "of its own; its commands and variable are checked, and the tests it runs skip here "
+        "without it",
+    ),
+    Example(
         "docs/agents.md", "# weather/agents.py", run_by=INTEGRATION + "test_agents_doc_definitions"
     ),
     Example(
@@ -565,6 +575,7 @@ def check_variable(name: str, command: str) -> None:
         or f"| `{name}` |" in README
         or f"process.env.{name}" in PROCESSOR
         or name in TOOL_VARIABLES
+        or any(f'"{name}"' in conftest.read_text() for conftest in TEST_CONFTESTS)
         or ("docker compose" in command and "${" + name in COMPOSE_FILE.read_text())
     )
     assert known, f"{command}: nothing reads {name}"
@@ -587,7 +598,9 @@ def check_command(words: list[str], directory: Path) -> None:
         assert (directory / "package-lock.json").exists(), directory
     elif program == "npx" and args[:1] == ["artillery"]:
         check_artillery_command(args[1:], directory)
-    elif program == ".venv/bin/pip" and args[:1] == ["install"]:
+    elif program == "python3" and args[:2] == ["-m", "venv"]:
+        pass  # a virtual environment of its own, for a tool the suite does not install
+    elif program.endswith("bin/pip") and args[:1] == ["install"]:
         pass  # a package from PyPI, named in the text
     elif program == ".venv/bin/celery" and args[:2] == ["-A", "project"]:
         assert importlib.util.find_spec("project.celery"), words
@@ -607,6 +620,10 @@ def check_manage_command(args: list[str]) -> None:
 
 
 def check_python_module(module: str, args: list[str]) -> None:
+    if module == "pytest":
+        for path in (arg.partition("::")[0] for arg in args if not arg.startswith("-")):
+            assert (ROOT / path).exists(), f"pytest {path}: no such test path"
+        return
     assert module.startswith("bench."), f"-m {module}: only the benchmarks are checked"
     parse_args = importlib.import_module(module).parse_args
     try:

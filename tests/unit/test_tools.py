@@ -490,3 +490,85 @@ def test_an_async_tool_past_its_limit_is_a_timeout_and_long_results_are_cut() ->
     # The run's deadline bounds a tool too: no time left, no wait.
     hurried = one_call(Tool.of(slow), ToolCall("c3", "slow", '{"key": "a"}'), RecordingWriter(0.0))
     assert hurried.content.startswith("error (timeout)")
+
+
+def llama_cpp_chunk(delta: dict[str, object], finish_reason: str | None = None) -> bytes:
+    """One SSE event as llama-cpp-python's server (0.3.x, chatml-function-calling) sends a
+    tool call: `\\r\\n` line ends, and every fragment of a call repeats its id and whole
+    name (and a legacy `function_call`), with `content` and `role` null."""
+    event = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "model": "m",
+        "choices": [{"index": 0, "finish_reason": finish_reason, "logprobs": None, "delta": delta}],
+    }
+    return f"data: {json.dumps(event)}\r\n\r\n".encode()
+
+
+def llama_cpp_fragment(arguments: str) -> dict[str, object]:
+    return {
+        "role": None,
+        "content": None,
+        "function_call": {"name": "weather", "arguments": arguments},
+        "tool_calls": [
+            {
+                "index": 0,
+                "id": "call__0_weather_cmpl-1",
+                "type": "function",
+                "function": {"name": "weather", "arguments": arguments},
+            }
+        ],
+    }
+
+
+def test_a_turn_without_text_is_fed_back_with_empty_content() -> None:
+    """Neither `"content": null` (llama-cpp-python's server answers 500 with validation
+    errors) nor left out (its chat template fails on the missing key)."""
+    silent = ToolRound("", ROUND.calls, ROUND.results)
+    request = ModelRequest(model="m", prompt="weather?", tools=(SPEC,), rounds=(silent,))
+    _, _, body = OpenAIBackend("http://x").build_request("http://x", "m", "", request)
+    assistant = body["messages"][1]
+    assert assistant["role"] == "assistant" and assistant["content"] == ""
+    assert assistant["tool_calls"][0]["id"] == "call_1"
+
+
+def test_a_tool_call_streamed_as_llama_cpp_sends_it_keeps_its_name() -> None:
+    from aiohttp import web
+
+    fragments = ["{", '"city', '": ', '"Oslo"', "}", " ", ""]
+    body = llama_cpp_chunk(
+        {"role": "assistant", "content": None, "function_call": None, "tool_calls": None}
+    )
+    body += b"".join(llama_cpp_chunk(llama_cpp_fragment(piece)) for piece in fragments)
+    body += llama_cpp_chunk(
+        {"role": None, "content": None, "function_call": None, "tool_calls": None}, "tool_calls"
+    )
+    body += b"data: [DONE]\r\n\r\n"
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(body)
+        await response.write_eof()
+        return response
+
+    async def main() -> list[str | ToolCall]:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", completions)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        backend = OpenAIBackend(f"http://127.0.0.1:{port}/v1", "m")
+        request = ModelRequest(model="m", prompt="weather?", tools=(SPEC,))
+        try:
+            async with asyncio.timeout(5):
+                return [item async for item in backend.astream_events(request)]
+        finally:
+            await backend.aclose()
+            await runner.cleanup()
+
+    [call] = asyncio.run(main())
+    assert call == ToolCall("call__0_weather_cmpl-1", "weather", '{"city": "Oslo"} ')
+    assert parse_arguments(call.arguments, SPEC["parameters"]) == {"city": "Oslo"}
