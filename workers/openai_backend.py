@@ -31,7 +31,8 @@ import email.utils
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from contextlib import aclosing
 from typing import Any
 
 import aiohttp
@@ -232,30 +233,12 @@ async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[st
 async def _pieces(
     response: aiohttp.ClientResponse, usage: ReportedUsage | None = None
 ) -> AsyncIterator[str]:
-    """The content pieces of an SSE chat-completion stream; ModelError if it ends without
-    `[DONE]` (or a finish_reason) or carries an error. A chunk's `usage` goes to `usage`."""
-    finished = False
-    async for _, payload in sse_events(response):
-        if payload.strip() == "[DONE]":
-            # Read on to the body's end (its last chunk, at once) so the connection goes
-            # back to the pool for the next call rather than being closed.
-            finished = True
-            continue
-        event = _json_event(payload)
-        if "error" in event:
-            raise ModelError(f"model stream error: {_error_message(event)}", True)
-        if usage is not None:
-            report_openai_usage(event.get("usage"), usage)
-        for choice in event.get("choices") or ():
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                continue
-            content = (choice.get("delta") or {}).get("content")
-            if isinstance(content, str) and content:
-                yield content
-            if choice.get("finish_reason"):
-                finished = True
-    if not finished:
-        raise ModelError("model stream ended before its end ([DONE])", True)
+    """The content pieces of an SSE chat-completion stream: `_turn_events` without the
+    tool calls, which a request that offers no tools does not ask for."""
+    async with aclosing(_turn_events(response, usage)) as events:
+        async for item in events:
+            if isinstance(item, str):
+                yield item
 
 
 def add_openai_tools(body: dict[str, Any], request: ModelRequest) -> None:
@@ -296,10 +279,11 @@ def add_openai_tools(body: dict[str, Any], request: ModelRequest) -> None:
 
 async def _turn_events(
     response: aiohttp.ClientResponse, usage: ReportedUsage | None = None
-) -> AsyncIterator[str | ToolCall]:
+) -> AsyncGenerator[str | ToolCall, None]:
     """Content pieces, then the turn's tool calls, assembled from `delta.tool_calls`
-    fragments (index, id, function.name, function.arguments); ModelError and usage as for
-    `_pieces`."""
+    fragments (index, id, function.name, function.arguments). ModelError if the stream ends
+    without `[DONE]` (or a finish_reason) or carries an error; a chunk's `usage` goes to
+    `usage`."""
     finished = False
     calls = ToolCallAssembler()
     async for _, payload in sse_events(response):
