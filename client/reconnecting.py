@@ -47,9 +47,10 @@ from client.connection import (
 logger = logging.getLogger(__name__)
 
 TERMINAL_CLOSE_CODES = frozenset({4001, 4003})
-# 429s say when to come back; `internal` is what a frame gets while Redis is away, and a
+# 429s say when to come back; `internal` is what a frame gets while Redis is away and
+# `unavailable` one its replicas did not confirm in time (SWITCHBOARD_REPLICA_ACKS), and a
 # retry with the same id cannot apply a message twice.
-RETRYABLE_ERRORS = frozenset({"rate_limited", "overloaded", "internal"})
+RETRYABLE_ERRORS = frozenset({"rate_limited", "overloaded", "internal", "unavailable"})
 
 
 @dataclass(slots=True)

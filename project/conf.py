@@ -50,6 +50,8 @@ class Conf:
     key_prefix: str
     stream_retention: int
     dedupe_ttl_s: int
+    replica_acks: int
+    replica_ack_timeout_ms: int
     run_deadline_s: float
     run_lease_s: float
     fair_queue: bool

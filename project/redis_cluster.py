@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -34,7 +36,7 @@ from pathlib import Path
 import redis
 from redis.crc import key_slot
 
-from project.launcher import embedded_redis_binary, free_port, wait_until
+from project.launcher import embedded_redis_binary, wait_until
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,25 @@ SLOTS = 16384
 # Short, so a killed master's replica takes over within seconds in tests; a deployment's
 # default is 15 s.
 TEST_NODE_TIMEOUT_MS = 1000
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_node_port() -> int:
+    """A free port whose cluster bus port (10,000 above, which Redis requires to be at
+    most 65535) is free too."""
+    for _ in range(1000):
+        port = random.randint(20_000, 50_000)
+        if _bindable(port) and _bindable(port + 10_000):
+            return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
 
 
 class RedisClusterUnavailable(RuntimeError):
@@ -135,7 +156,7 @@ class RedisCluster:
         if not (self.server and self.cli):
             self.server, self.cli = find_binaries()
         count = self.masters * (1 + self.replicas)
-        self.ports = list(self.ports) or [free_port() for _ in range(count)]
+        self.ports = list(self.ports) or [free_node_port() for _ in range(count)]
         if len(self.ports) != count:
             raise ValueError(f"{count} ports needed, {len(self.ports)} given")
         self._root = Path(tempfile.mkdtemp(prefix="switchboard-redis-cluster-"))
@@ -176,6 +197,10 @@ class RedisCluster:
             # A replica may take over at once, however long it was cut off: a test kills
             # masters on purpose.
             "--cluster-replica-validity-factor",
+            "0",
+            # A node restarted after a kill copies its new master at once (not after the
+            # default 5 s wait for more replicas to share the transfer).
+            "--repl-diskless-sync-delay",
             "0",
             "--save",
             "",
@@ -220,10 +245,11 @@ class RedisCluster:
             check=False,
         )
         if created.returncode != 0:
-            raise RuntimeError(f"redis-cli --cluster create failed:\n{created.stdout}\n{created.stderr}")
+            raise RuntimeError(
+                f"redis-cli --cluster create failed:\n{created.stdout}\n{created.stderr}"
+            )
         self.wait_ok(timeout=60)
-        # Every replica attached and in sync, so a failover test starts from a whole cluster.
-        wait_until(self._replicas_in_sync, 60, "replicas in sync", interval=0.2)
+        self.wait_synced()
         logger.info("Redis Cluster up on ports %s", self.ports)
         return self
 
@@ -306,9 +332,18 @@ class RedisCluster:
     def wait_ok(self, timeout: float = 30) -> None:
         wait_until(self.is_ok, timeout, "Redis Cluster state ok, every slot covered", 0.1)
 
+    def wait_synced(self, timeout: float = 60) -> None:
+        """Every master has its replicas attached and every replica's link is up, so a
+        failover test starts from a whole cluster (a replica promoted while still loading
+        its first copy would come up with nothing)."""
+        wait_until(self._replicas_in_sync, timeout, "replicas in sync", interval=0.2)
+
     def _replicas_in_sync(self) -> bool:
         for node in self.live_nodes():
-            info = node.client().info("replication")
+            try:
+                info = node.client().info("replication")
+            except (redis.RedisError, OSError):
+                return False
             if info.get("role") == "master" and info.get("connected_slaves", 0) < self.replicas:
                 return False
             if info.get("role") == "slave" and info.get("master_link_status") != "up":
@@ -321,7 +356,9 @@ class RedisCluster:
         return self.nodes[int(owner.rpartition(":")[2])]
 
     def masters_now(self) -> list[Node]:
-        return [self.nodes[int(name.rpartition(":")[2])] for name in set(self.slot_owners().values())]
+        return [
+            self.nodes[int(name.rpartition(":")[2])] for name in set(self.slot_owners().values())
+        ]
 
     # --- faults --------------------------------------------------------------------------
 

@@ -252,6 +252,13 @@ SWITCHBOARD = {
     "STREAM_RETENTION": env_int("SWITCHBOARD_STREAM_RETENTION", 10_000),
     # How long a client message id is remembered for duplicate detection.
     "DEDUPE_TTL_S": env_int("SWITCHBOARD_DEDUPE_TTL_S", 24 * 3600),
+    # Replicas that must hold a client's publish or send before its ack (Redis `WAIT`,
+    # on the connection that wrote it), and how long to wait for them: 0 acks once the
+    # master has it, and a master lost before replicating it loses it (docs/guarantees.md).
+    # A wait that times out answers `unavailable` with retry_after_ms: the write may be on
+    # the master alone, and the client's retry (same id) waits again.
+    "REPLICA_ACKS": env_int("SWITCHBOARD_REPLICA_ACKS", 0),
+    "REPLICA_ACK_TIMEOUT_MS": env_int("SWITCHBOARD_REPLICA_ACK_TIMEOUT_MS", 1000),
     # Default per-tenant frame size limit in bytes.
     "MAX_FRAME_BYTES": env_int("SWITCHBOARD_MAX_FRAME_BYTES", 64 * 1024),
     # Outbound buffer per connection: events and bytes waiting to be written.

@@ -83,6 +83,7 @@ from streams import keys
 from streams.events import dumps
 from streams.log import BudgetExhausted, LimitReached, RunLimits
 from streams.receipts import BeyondHead, receipt_store
+from streams.replication import NotReplicated
 from tenants.config import TenantConfig, tenant_cache
 from tenants.tokens import AuthError, Identity, authenticate
 
@@ -93,6 +94,9 @@ logger = logging.getLogger(__name__)
 _RECORDER = get_recorder()
 # A closing connection waits at most this long for its session to be saved.
 SESSION_SAVE_TIMEOUT_S = 2.0
+# A write the replicas did not confirm in time: about one failover's worth (a replica is
+# promoted within seconds), with the client's own jitter on top.
+UNREPLICATED_RETRY_MS = 1000
 
 
 class ConnectionState(enum.Enum):
@@ -406,6 +410,25 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         except ProtocolError as error:
             metrics.error_answered(error.code)
             self.push(error.frame())
+        except NotReplicated as short:
+            # On the master, maybe lost by a failover: not acked. The same id sent again is
+            # deduplicated and waits for the replicas again (docs/guarantees.md).
+            logger.warning(
+                "write not replicated in time tenant=%s client=%s conn=%s: %s",
+                self.identity.tenant,
+                self.identity.client,
+                self.connection_id,
+                short,
+            )
+            metrics.error_answered("unavailable")
+            self.push(
+                error_frame(
+                    "unavailable",
+                    "not yet confirmed by the replicas; send it again with the same id",
+                    frame_id,
+                    retry_after_ms=UNREPLICATED_RETRY_MS,
+                )
+            )
         except Exception:
             logger.exception(
                 "frame failed tenant=%s client=%s conn=%s",

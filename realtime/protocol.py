@@ -22,6 +22,8 @@ STATUS_BY_CODE = {
     "rate_limited": 429,
     "overloaded": 429,
     "budget_exhausted": 429,
+    # Written, not yet on the replicas SWITCHBOARD_REPLICA_ACKS asks for: retry the same id.
+    "unavailable": 503,
     "internal": 500,
 }
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import redis.asyncio as aredis
 
 from project.conf import conf
-from streams import keys, scripts
+from streams import keys, replication, scripts
 from streams.enqueue import (
     PUBLISHED_TRIGGER_TASK,
     RUN_NEXT_TASK,
@@ -230,6 +230,32 @@ class StreamStore:
         self.dedupe_ttl_s = conf().dedupe_ttl_s
         # Atomic enqueue needs the broker to be this Redis; otherwise see accept_send.
         self.enqueue_atomically = conf().broker_in_streams_redis
+        # Acks wait for this many replicas (streams/replication.py); 0: the master's word.
+        self.replica_acks = conf().replica_acks
+        self.replica_ack_timeout_ms = conf().replica_ack_timeout_ms
+
+    async def _write(self, call: scripts.Script[scripts.Coded], dedupe_key: str) -> scripts.Coded:
+        """Run a client write's script; with SWITCHBOARD_REPLICA_ACKS, answer only once
+        that many replicas hold it, the first write of a repeated id included (raises
+        replication.NotReplicated otherwise: not acked, the client retries)."""
+        if not self.replica_acks:
+            return await call.run_async(self.client)
+        answer, confirmed = await replication.run_replicated(
+            call, self.client, self.replica_acks, self.replica_ack_timeout_ms
+        )
+        if answer.code < 0:  # refused: nothing was written, nothing to confirm
+            return answer
+        if answer.code > 0 and confirmed < self.replica_acks:
+            raise replication.NotReplicated(self.replica_acks, confirmed)
+        if answer.code == 0:  # a repeat: its first write may have reached no replica yet
+            await replication.confirm_replicated(
+                self.client,
+                dedupe_key,
+                self.dedupe_ttl_s,
+                self.replica_acks,
+                self.replica_ack_timeout_ms,
+            )
+        return answer
 
     async def publish(
         self, tenant: str, client: str, frame: PublishFrame, retention: int | None = None
@@ -253,10 +279,11 @@ class StreamStore:
                 _, trigger_message = celery_message(
                     PUBLISHED_TRIGGER_TASK, trigger_args, RUNS_QUEUE
                 )
-        answer = await scripts.AppendEvent(
+        dedupe_key = keys.client_message(tenant, client, frame.id)
+        call = scripts.AppendEvent(
             seq_key=keys.stream_seq(tenant, frame.stream),
             log_key=keys.stream_log(tenant, frame.stream),
-            dedupe_key=keys.client_message(tenant, client, frame.id),
+            dedupe_key=dedupe_key,
             queue_key=keys.celery_queue(RUNS_QUEUE),
             channel=keys.stream_channel(tenant, frame.stream),
             prefix=prefix,
@@ -265,7 +292,8 @@ class StreamStore:
             dedupe_ttl=self.dedupe_ttl_s,
             event_id=event_id,
             trigger_message=trigger_message,
-        ).run_async(self.client)
+        )
+        answer = await self._write(call, dedupe_key)
         appended = Appended(*_receipt(answer.code, answer.value))
         if trigger_args is not None and not trigger_message and not appended.duplicate:
             # Another broker: published after the append; a crash in between loses the
@@ -299,7 +327,7 @@ class StreamStore:
         call = self._accept_send_call(
             run, flow, message, weight if weight is not None else 1, agent_config, budgets, now
         )
-        answer = await call.run_async(self.client)
+        answer = await self._write(call, call.dedupe_key)
         if answer.code == -3:
             raise BudgetExhausted(exhausted(answer.value, budgets, now))
         if answer.code < 0:

@@ -18,7 +18,7 @@
  *   stream is subscribed again with `since`;
  * - `send` and `publish` are retried across reconnects with the same message id until
  *   acked (the server answers a repeat with `duplicate: true`, so a message is accepted
- *   once); a 429 (`rate_limited`, `overloaded`) or `internal` error is retried after its
+ *   once); a 429 (`rate_limited`, `overloaded`), `internal` or `unavailable` error is retried after its
  *   `retry_after_ms`, with up to 50% jitter;
  * - replies to this client's own sends are assembled from their `reply.delta` pieces; a
  *   `reply.restart` voids the run's text so far and the reply is assembled again from
@@ -38,7 +38,7 @@
 export const TERMINAL_CLOSE_CODES = new Set([4001, 4003]);
 /** Refusals that a later retry with the same id may get past. `internal` is what a frame
  * gets while Redis is away; a retry with the same id cannot apply a message twice. */
-export const RETRYABLE_ERRORS = new Set(["rate_limited", "overloaded", "internal"]);
+export const RETRYABLE_ERRORS = new Set(["rate_limited", "overloaded", "internal", "unavailable"]);
 /** The code this client closes a socket with when it drops it itself (`drop()`, a missed
  * heartbeat): not a server close code, so it always leads to a reconnect. */
 export const CLOSE_DROPPED = 4000;
@@ -104,7 +104,7 @@ export const CLOSE_DROPPED = 4000;
  *
  * @typedef {object} RetryInfo
  * @property {string} id  the message id being retried
- * @property {string} code  rate_limited, overloaded or internal
+ * @property {string} code  rate_limited, overloaded, internal or unavailable
  * @property {number} status
  * @property {number|null} retryAfterMs  what the server asked for
  * @property {number} delayMs  what the client waits (retryAfterMs plus up to 50%)

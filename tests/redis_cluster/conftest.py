@@ -1,0 +1,32 @@
+"""Tests against a real Redis Cluster of 3 masters and 3 replicas, started on loopback by
+project/redis_cluster.py for the session (skipped, saying why, only when no redis-server
+of version 7 or later is found)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from project.redis_cluster import RedisCluster, available
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    reason = available()
+    if reason:
+        pytest.skip(reason)
+    with RedisCluster.start_new() as running:
+        yield running
+
+
+@pytest.fixture
+def healed_redis_cluster(redis_cluster: RedisCluster) -> Iterator[RedisCluster]:
+    """The session's Redis Cluster, with every node killed by the test started again (as
+    a replica of whoever took over) and the cluster ok again afterwards."""
+    yield redis_cluster
+    for node in list(redis_cluster.nodes.values()):
+        if not node.alive():
+            redis_cluster.restart(node)
+    redis_cluster.wait_ok(timeout=60)
+    redis_cluster.wait_synced()
