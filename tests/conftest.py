@@ -38,7 +38,8 @@ def neighbour_database(url: str, offset: int) -> str:
     Offsets from SWITCHBOARD_TEST_REDIS_URL's database, one per suite: integration 0,
     store -1 (tests/store/conftest.py), browser +1 (-2 or +2 instead of database 0,
     tests/browser/conftest.py), gateway -3 (+3 instead of database 0,
-    tests/gateway/conftest.py), third-party servers -4 (tests/thirdparty/conftest.py)."""
+    tests/gateway/conftest.py), third-party servers -4 (tests/thirdparty/conftest.py), the
+    integration suite on a Redis Cluster +5 (tests/integration/cluster/conftest.py)."""
     base, _, database = url.rpartition("/")
     number = int(database) if database.isdigit() else 0
     return f"{base}/{(number + offset) % 16}"

@@ -189,14 +189,26 @@ class Switchboard:
         )
 
 
-@pytest.fixture(scope="session")
-def switchboard(request: pytest.FixtureRequest, test_redis_url: str) -> Iterator[Switchboard]:
+@contextmanager
+def running_switchboard(
+    request: pytest.FixtureRequest,
+    redis_url: str,
+    *,
+    env: dict[str, str] | None = None,
+    broker_url: str | None = None,
+    flush: Callable[[], None] | None = None,
+    board_class: type[Switchboard] | None = None,
+) -> Iterator[Switchboard]:
+    """The suite's process group, its tenants made, until the block ends. By default on
+    the single Redis at `redis_url`, which is the Celery broker too (flushed first); other
+    suites (tests/integration/cluster) add `env`, name another broker, flush their own
+    data plane and read it through their own `board_class`."""
     work = Path(tempfile.mkdtemp(prefix="switchboard-it-"))
     db_path = work / "db.sqlite3"
     # Up before the cluster: its processes read the provider's URL at start.
     provider = FakeOpenAIServer().start()
     cluster = Cluster(
-        redis_url=test_redis_url,
+        redis_url=redis_url,
         gateways=1,
         workers=1,
         worker_concurrency=2,
@@ -207,15 +219,18 @@ def switchboard(request: pytest.FixtureRequest, test_redis_url: str) -> Iterator
             "SWITCHBOARD_OPENAI_BASE_URL": provider.base_url,
             # The fake speaks Anthropic's Messages API too, on /v1/messages.
             "SWITCHBOARD_ANTHROPIC_BASE_URL": provider.base_url,
+            **(env or {}),
         },
         log_dir=work / "logs",
     )
-    board = Switchboard(cluster, db_path, KEY_PREFIX, provider)
+    board = (board_class or Switchboard)(cluster, db_path, KEY_PREFIX, provider)
     try:
         url = cluster.ensure_redis()
         # The atomic enqueue needs the broker to be this very database.
-        cluster.env["CELERY_BROKER_URL"] = url
+        cluster.env["CELERY_BROKER_URL"] = broker_url or url
         redis.Redis.from_url(url).flushdb()
+        if flush is not None:
+            flush()
         cluster.migrate()
         assert cluster.manage("create_tenant", TENANT) == f"tenant {TENANT} created"
         slugs = json.loads(board.shell(_TENANT_SETUP).splitlines()[-1])
@@ -235,6 +250,12 @@ def switchboard(request: pytest.FixtureRequest, test_redis_url: str) -> Iterator
             print(f"\nintegration cluster logs and database kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def switchboard(request: pytest.FixtureRequest, test_redis_url: str) -> Iterator[Switchboard]:
+    with running_switchboard(request, test_redis_url) as board:
+        yield board
 
 
 @pytest.fixture

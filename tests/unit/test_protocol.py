@@ -317,6 +317,7 @@ def test_error_statuses_are_the_protocols() -> None:
         "overloaded": 429,
         "budget_exhausted": 429,
         "internal": 500,
+        "unavailable": 503,
     }
 
 
