@@ -198,9 +198,16 @@ def read_tenants(client: redis.Redis, slugs: list[str], now: float) -> dict[str,
 
 def read_presence(client: redis.Redis) -> dict[str, dict[str, int]]:
     """Per tenant: streams with someone present, and clients present summed over them (a
-    client on two streams counts twice). From the presence index: no SCAN."""
-    members = [_text(m) for m in client.zrange(keys.PRESENCE_INDEX, 0, PRESENCE_STREAMS_READ - 1)]
-    pairs = [member.partition(":")[::2] for member in members]
+    client on two streams counts twice). From the tenants' presence indexes: no SCAN."""
+    tenants = sorted(_text(tenant) for tenant in client.smembers(keys.TENANTS))
+    with client.pipeline(transaction=False) as pipe:
+        for tenant in tenants:
+            pipe.zrange(keys.presence_due(tenant), 0, PRESENCE_STREAMS_READ - 1)
+        indexes = pipe.execute()
+    pairs: list[tuple[str, str]] = []
+    for tenant, streams in zip(tenants, indexes, strict=True):
+        pairs.extend((tenant, _text(stream)) for stream in streams)
+    pairs = pairs[:PRESENCE_STREAMS_READ]
     with client.pipeline(transaction=False) as pipe:
         for tenant, stream in pairs:
             pipe.hlen(keys.presence_counts(tenant, stream))

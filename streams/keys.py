@@ -43,8 +43,9 @@ _NAMES: dict[str, str] = {
     "HISTORY_PROCESSING": "{prefix}:history:processing",
     "HISTORY_DROPPED": "{prefix}:history:dropped",
     "HISTORY_LOCK": "{prefix}:history:lock",
-    # Sorted set: "TENANT:STREAM" -> the earliest expiry among the stream's presence entries.
-    "PRESENCE_INDEX": "{prefix}:presence:due",
+    # Set: every tenant that has had keys written, in a slot of its own; sweepers walk it
+    # for the per-tenant indexes (an entry is harmless when the tenant has nothing).
+    "TENANTS": "{prefix}:tenants",
     # Sorted set: gateway process id -> until when it is alive (ms, Redis clock), renewed by
     # the process every PRESENCE_REFRESH_S: one command per process, however many connections.
     "GATEWAY_LEASES": "{prefix}:gateways",
@@ -160,6 +161,12 @@ def presence_counts(tenant: str, stream: str) -> str:
 def presence_names(tenant: str, stream: str) -> str:
     """Hash: client -> display name, for every present client."""
     return f"{_prefix()}:s:{tenant}:{stream}:presence.names"
+
+
+def presence_due(tenant: str) -> str:
+    """Sorted set: stream -> the earliest expiry among its presence entries (ms, Redis
+    clock): the tenant's streams a presence sweep must visit, in the tenant's slot."""
+    return f"{_prefix()}:presence:due:{{{tenant}}}"
 
 
 def celery_queue(queue: str) -> str:

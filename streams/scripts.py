@@ -858,7 +858,7 @@ class PresenceRefresh(Script[list[list[str]]]):
 
 @dataclass(slots=True)
 class PresenceDue(Script[list[str]]):
-    """Up to `limit` streams ("TENANT:STREAM") whose earliest presence entry expired."""
+    """Up to `limit` of a tenant's streams whose earliest presence entry expired."""
 
     LUA = Lua("presence_due.lua")
     KEYS = ("index",)
@@ -872,26 +872,27 @@ class PresenceDue(Script[list[str]]):
 
 
 @dataclass(slots=True)
-class AdmitConnection(Script[tuple[int, bool]]):
+class AdmitConnection(Script[tuple[int, list[str]]]):
     """Count an opening connection (realtime/admission.py): (refused: 0 admitted, 1 tenant
-    full, 2 client full; whether this gateway's lease was created)."""
+    full, 2 client full; the gateways with a count that are neither live nor dead in
+    `known`)."""
 
     LUA = Lua("admit_connection.lua")
-    KEYS = ("tenant_counts", "client_counts", "leases", "held")
-    ARGV = ("gateway", "lease_ms", "tenant_max", "client_max")
+    KEYS = ("tenant_counts", "client_counts")
+    ARGV = ("gateway", "tenant_max", "client_max", "live_count")
+    ARGV_TAIL = "known"
 
     tenant_counts: str
     client_counts: str
-    leases: str
-    held: str
     gateway: str
-    lease_ms: int
     tenant_max: int
     client_max: int
+    live_count: int
+    known: Sequence[str]  # live gateways' ids (live_count of them), then dead ones'
 
-    def result(self, raw: Any) -> tuple[int, bool]:
-        refused, created = raw
-        return int(refused), bool(int(created))
+    def result(self, raw: Any) -> tuple[int, list[str]]:
+        refused, *unknown = raw
+        return int(refused), _texts(unknown)
 
 
 @dataclass(slots=True)
@@ -899,51 +900,42 @@ class ReleaseConnection(Script[None]):
     """A closed connection stops counting."""
 
     LUA = Lua("release_connection.lua")
-    KEYS = ("tenant_counts", "client_counts", "held")
+    KEYS = ("tenant_counts", "client_counts")
     ARGV = ("gateway",)
 
     tenant_counts: str
     client_counts: str
-    held: str
     gateway: str
 
     def result(self, raw: Any) -> None:
         return None
 
 
+class GatewayLeases(NamedTuple):
+    """RENEW_GATEWAY_LEASE's answer."""
+
+    lost: bool  # this gateway's lease had lapsed (it was left so: the id is dead)
+    dead: list[str]  # gateways whose lease lapsed, their counts not all reaped yet
+    live: list[str]  # gateways whose lease is current (this one included unless lost)
+
+
 @dataclass(slots=True)
-class RenewGatewayLease(Script[tuple[bool, list[str]]]):
-    """Renew this gateway's lease: (whether it had lapsed, dead gateways' ids)."""
+class RenewGatewayLease(Script[GatewayLeases]):
+    """Renew this gateway's lease (create it for a new id) and read everyone's."""
 
     LUA = Lua("renew_gateway_lease.lua")
     KEYS = ("leases",)
-    ARGV = ("gateway", "lease_ms", "dead_max")
+    ARGV = ("gateway", "lease_ms", "create", "dead_max")
 
     leases: str
     gateway: str
     lease_ms: int
+    create: int
     dead_max: int
 
-    def result(self, raw: Any) -> tuple[bool, list[str]]:
-        lost, *dead = raw
-        return bool(int(lost)), _texts(dead)
-
-
-@dataclass(slots=True)
-class ReapGateway(Script[int]):
-    """Remove a slice of a dead gateway's counts: how many are left."""
-
-    LUA = Lua("reap_gateway.lua")
-    KEYS = ("leases", "held")
-    ARGV = ("gateway", "limit")
-
-    leases: str
-    held: str
-    gateway: str
-    limit: int
-
-    def result(self, raw: Any) -> int:
-        return int(raw)
+    def result(self, raw: Any) -> GatewayLeases:
+        lost, dead, live = raw
+        return GatewayLeases(bool(int(lost)), _texts(dead), _texts(live))
 
 
 # --- orchestration, history, load tools ------------------------------------------------------
@@ -1019,6 +1011,31 @@ class ReleaseRecording(Script[bool]):
 
     def result(self, raw: Any) -> bool:
         return bool(raw)
+
+
+async def run_pipelined_async(
+    client: aredis.Redis, calls: Sequence[Script[Any]]
+) -> list[Any | BaseException]:
+    """Each call's result, or the exception it raised, from one non-transactional pipeline
+    (in a Redis Cluster, one per node: each call is one slot). A call that found its script
+    unknown to the node (a cluster's pipeline does not load scripts first) is made again on
+    its own, which loads it."""
+    async with client.pipeline(transaction=False) as pipe:
+        for call in calls:
+            await call.queue_async(client, pipe)
+        answers = await pipe.execute(raise_on_error=False)
+    results: list[Any | BaseException] = []
+    for call, answer in zip(calls, answers, strict=True):
+        if isinstance(answer, redis.exceptions.NoScriptError):
+            try:
+                results.append(await call.run_async(client))
+            except Exception as error:  # noqa: BLE001 - handed to the caller like the others
+                results.append(error)
+        elif isinstance(answer, BaseException):
+            results.append(answer)
+        else:
+            results.append(call.result(answer))
+    return results
 
 
 def all_scripts() -> list[type[Script[Any]]]:
