@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import redis
 import redis.asyncio as aredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
@@ -16,6 +18,13 @@ from project.conf import conf
 _async_client: aredis.Redis | None = None
 _sync_client: redis.Redis | None = None
 _pubsub_client: aredis.Redis | None = None
+_pubsub_topology: ClusterTopology | None = None
+
+
+def redis_cluster_url() -> str:
+    """REDIS_CLUSTER_URL: any node of the Redis Cluster the data plane is on; empty for a
+    single Redis at REDIS_URL."""
+    return str(getattr(conf(), "redis_cluster_url", "") or os.environ.get("REDIS_CLUSTER_URL", ""))
 
 
 def _pool_options(asynchronous: bool) -> dict[str, Any]:
@@ -49,21 +58,139 @@ def async_client() -> aredis.Redis:
     return _async_client
 
 
+def _pubsub_options() -> dict[str, Any]:
+    return {
+        **_pool_options(asynchronous=True),
+        "retry": AsyncRetry(NoBackoff(), 0),
+        "retry_on_error": [],
+        "max_connections": 4,
+    }
+
+
 def pubsub_client() -> aredis.Redis:
-    """The hub's own client, which never retries: a lost pub/sub connection must surface,
-    since the hub resubscribes and re-reads every stream's log after it (a transparent
-    reconnect would come back subscribed to nothing and say nothing)."""
+    """The client of classic pub/sub (tenant control, worker stop), which never retries: a
+    lost pub/sub connection must surface, since its listener subscribes again (and the
+    hub re-reads every stream's log) after it; a transparent reconnect would come back
+    subscribed to nothing and say nothing.
+
+    In a Redis Cluster a classic PUBLISH reaches every node, so this client connects to any
+    node that answers, the first of those known that does (see pubsub_topology)."""
     global _pubsub_client
     if _pubsub_client is None:
-        options = {
-            **_pool_options(asynchronous=True),
-            "retry": AsyncRetry(NoBackoff(), 0),
-            "retry_on_error": [],
-            "max_connections": 4,
-        }
-        pool = aredis.BlockingConnectionPool.from_url(conf().redis_url, **options)
+        url = redis_cluster_url()
+        if url:
+            topology = pubsub_topology()
+            assert topology is not None
+            options = {**_pubsub_options(), **_node_options(url)}
+            base = options.pop("connection_class", aredis.Connection)
+            options["connection_class"] = type(
+                f"AnyNode{base.__name__}", (_AnyNodeConnection, base), {}
+            )
+            options["topology"] = topology
+            pool = aredis.BlockingConnectionPool(**options)
+        else:
+            pool = aredis.BlockingConnectionPool.from_url(conf().redis_url, **_pubsub_options())
         _pubsub_client = aredis.Redis(connection_pool=pool)
     return _pubsub_client
+
+
+def pubsub_topology() -> ClusterTopology | None:
+    """In a Redis Cluster, the hub's view of it: which master a sharded channel is heard
+    from, and a pub/sub client per node (realtime/hub.py). None on a single Redis."""
+    global _pubsub_topology
+    url = redis_cluster_url()
+    if not url:
+        return None
+    if _pubsub_topology is None:
+        _pubsub_topology = ClusterTopology(url)
+    return _pubsub_topology
+
+
+def _node_options(url: str) -> dict[str, Any]:
+    """The URL's connection options (password, TLS...) for a client of one node: a cluster
+    node has database 0 only."""
+    options = dict(parse_url(url))
+    for name in ("host", "port", "db", "path"):
+        options.pop(name, None)
+    return options
+
+
+class ClusterTopology:
+    """A Redis Cluster's slot map (a RedisCluster client, used for nothing else) and one
+    plain client per node, which never retries (see pubsub_client): the hub's shards."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._cluster = aredis.RedisCluster.from_url(
+            url, socket_connect_timeout=5, socket_timeout=conf().redis_socket_timeout_s
+        )
+        self._ready = False
+        self._clients: dict[str, aredis.Redis] = {}
+
+    async def _initialized(self) -> aredis.RedisCluster:
+        if not self._ready:
+            await self._cluster.initialize()
+            self._ready = True
+        return self._cluster
+
+    async def owner(self, channel: bytes) -> str:
+        cluster = await self._initialized()
+        node = cluster.get_node_from_key(channel)  # type: ignore[arg-type]
+        assert node is not None
+        return str(node.name)
+
+    async def refresh(self) -> None:
+        if not self._ready:
+            await self._initialized()
+            return
+        await self._cluster.nodes_manager.initialize()
+
+    def addresses(self) -> list[str]:
+        """Every node known (the URL's first until the slot map is read), masters first."""
+        found: list[str] = []
+        if self._ready:
+            nodes = self._cluster.get_nodes()
+            found = [node.name for node in nodes if node.server_type == "primary"]
+            found += [node.name for node in nodes if node.name not in found]
+        parsed = parse_url(self.url)
+        seed = f"{parsed.get('host', '127.0.0.1')}:{parsed.get('port', 6379)}"
+        return found if seed in found else [*found, seed]
+
+    def client(self, address: str) -> aredis.Redis:
+        client = self._clients.get(address)
+        if client is None:
+            host, _, port = address.rpartition(":")
+            pool = aredis.BlockingConnectionPool(
+                host=host, port=int(port), **{**_pubsub_options(), **_node_options(self.url)}
+            )
+            client = self._clients[address] = aredis.Redis(connection_pool=pool)
+        return client
+
+
+class _AnyNodeConnection(aredis.Connection):
+    """Connects to the first node of a Redis Cluster that answers, in the order
+    ClusterTopology.addresses gives; when none does, reads the slot map again for the
+    next attempt."""
+
+    def __init__(self, *, topology: ClusterTopology, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._topology = topology
+
+    async def _connect(self) -> None:
+        failure: BaseException | None = None
+        for address in self._topology.addresses():
+            host, _, port = address.rpartition(":")
+            self.host, self.port = host, int(port)
+            try:
+                await super()._connect()
+                return
+            except (OSError, TimeoutError) as error:
+                failure = error
+        try:
+            await self._topology.refresh()
+        except Exception:  # noqa: BLE001 - the connect error below is what the caller sees
+            pass
+        raise failure or OSError("no node of the Redis Cluster is known")
 
 
 def sync_client() -> redis.Redis:
@@ -79,10 +206,11 @@ def sync_client() -> redis.Redis:
 
 def reset_after_fork() -> None:
     """A forked Celery child must not share its parent's sockets."""
-    global _sync_client, _async_client, _pubsub_client
+    global _sync_client, _async_client, _pubsub_client, _pubsub_topology
     _sync_client = None
     _async_client = None
     _pubsub_client = None
+    _pubsub_topology = None
 
 
 def as_text(reply: object) -> str:
