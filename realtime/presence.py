@@ -212,6 +212,10 @@ class PresenceStore:
         and in its own CPU."""
         missing: list[EntryKey] = []
         calls = refresh_calls(streams)
+        if calls:
+            # The registry is in another slot (another node, maybe one that failed over
+            # and lost a recent write): listing the tenants again costs one command.
+            await self.client.sadd(keys.TENANTS, *sorted({call[0][0] for call in calls}))
         for start in range(0, len(calls), PIPELINE_CHUNK):
             chunk = calls[start : start + PIPELINE_CHUNK]
             refreshes = [self._refresh(streams_of_call) for streams_of_call in chunk]

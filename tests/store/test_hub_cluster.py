@@ -9,7 +9,6 @@ leaves the cluster healthy with the roles swapped.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterator
 from typing import Any
