@@ -30,7 +30,7 @@ from typing import Any
 import redis.asyncio as aredis
 
 from project.conf import conf
-from streams import keys, scripts
+from streams import keys, registry, scripts
 from streams.events import dumps, utc_now_iso
 
 logger = logging.getLogger(__name__)
@@ -116,11 +116,6 @@ class PresenceCounts:
         return len(self._holders)
 
 
-# How long a process trusts its memory that a tenant is in the registry (keys.TENANTS):
-# an entry is only ever added, so re-adding it once in a while costs one command.
-TENANT_REGISTERED_S = 300.0
-
-
 def refresh_calls(
     streams: Iterable[tuple[str, str, list[str]]],
 ) -> list[list[tuple[str, str, list[str]]]]:
@@ -153,8 +148,6 @@ class PresenceStore:
         self.client = client
         self.gateway_id = gateway_id
         self.ttl_ms = max(1, round(ttl_s * 1000))
-        # tenant -> when this process last added it to the registry (loop time).
-        self._registered: dict[str, float] = {}
 
     @staticmethod
     def _stream(tenant: str, stream: str) -> scripts.PresenceStream:
@@ -175,7 +168,8 @@ class PresenceStore:
 
     async def join(self, tenant: str, stream: str, client: str, name: str) -> bool:
         """Add or extend this gateway's member; True when the client joined (announced)."""
-        await self._register(tenant)
+        # Listed before its first entry: the sweep finds the tenant's due index from there.
+        await registry.register_async(self.client, tenant)
         announced = await scripts.PresenceJoin(
             stream=self._stream(tenant, stream),
             gateway=self.gateway_id,
@@ -184,16 +178,6 @@ class PresenceStore:
             name=name,
         ).run_async(self.client)
         return bool(announced)
-
-    async def _register(self, tenant: str) -> None:
-        """Make sure the sweepers' registry lists the tenant before its first entry is
-        written (its due index is the tenant's own, which a sweep finds only from there)."""
-        now = asyncio.get_running_loop().time()
-        last = self._registered.get(tenant)
-        if last is not None and now - last < TENANT_REGISTERED_S:
-            return
-        await self.client.sadd(keys.TENANTS, tenant)
-        self._registered[tenant] = now
 
     async def leave(self, tenant: str, stream: str, client: str) -> bool:
         """Remove this gateway's member; True when the client left (announced)."""

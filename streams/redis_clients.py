@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aredis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.cluster import RedisCluster
 from redis.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
@@ -24,7 +25,7 @@ _pubsub_topology: ClusterTopology | None = None
 def redis_cluster_url() -> str:
     """REDIS_CLUSTER_URL: any node of the Redis Cluster the data plane is on; empty for a
     single Redis at REDIS_URL."""
-    return str(getattr(conf(), "redis_cluster_url", "") or os.environ.get("REDIS_CLUSTER_URL", ""))
+    return conf().redis_cluster_url
 
 
 def _pool_options(asynchronous: bool) -> dict[str, Any]:
@@ -47,10 +48,38 @@ def _pool_options(asynchronous: bool) -> dict[str, Any]:
     }
 
 
+def _cluster_options(asynchronous: bool) -> dict[str, Any]:
+    """The same spirit for a Redis Cluster client (REDIS_CLUSTER_URL), whose options differ:
+    its `retry` is the cluster's own (on a connection error or timeout it refreshes the slot
+    map and tries again, following a failover), and its pools are per node. The blocking
+    client keeps a blocking pool per node; the asyncio cluster client has no blocking pool,
+    so its per-node cap is what bounds it (past it a command raises, which the cap's size
+    makes a misconfiguration, not load)."""
+    retry_class = AsyncRetry if asynchronous else Retry
+    options: dict[str, Any] = {
+        "retry": retry_class(ExponentialBackoff(cap=0.5, base=0.05), 4),
+        "max_connections": conf().redis_max_connections,
+        "socket_timeout": conf().redis_socket_timeout_s,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 15,
+    }
+    if not asynchronous:
+        options["connection_pool_class"] = redis.BlockingConnectionPool
+        options["timeout"] = 10
+    return options
+
+
 def async_client() -> aredis.Redis:
-    """The event loop's client (gateways)."""
+    """The event loop's client (gateways). In cluster mode a RedisCluster client, which
+    answers the same commands (typed as the single client's: they share its command set)."""
     global _async_client
     if _async_client is None:
+        if conf().redis_cluster:
+            cluster = AsyncRedisCluster.from_url(
+                conf().redis_cluster_url, **_cluster_options(asynchronous=True)
+            )
+            _async_client = cast(aredis.Redis, cluster)
+            return _async_client
         pool = aredis.BlockingConnectionPool.from_url(
             conf().redis_url, **_pool_options(asynchronous=True)
         )
@@ -194,9 +223,16 @@ class _AnyNodeConnection(aredis.Connection):
 
 
 def sync_client() -> redis.Redis:
-    """The blocking client (Celery workers, management commands)."""
+    """The blocking client (Celery workers, management commands); a RedisCluster client in
+    cluster mode, like async_client."""
     global _sync_client
     if _sync_client is None:
+        if conf().redis_cluster:
+            cluster = RedisCluster.from_url(
+                conf().redis_cluster_url, **_cluster_options(asynchronous=False)
+            )
+            _sync_client = cast(redis.Redis, cluster)
+            return _sync_client
         pool = redis.BlockingConnectionPool.from_url(
             conf().redis_url, **_pool_options(asynchronous=False)
         )

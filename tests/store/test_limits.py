@@ -95,9 +95,13 @@ def assert_no_trace_beyond(r: redis.Redis, accepted: list[Appended], stream: str
     """Only the accepted sends left anything: events, runs, deadlines, tasks, dedupe keys."""
     assert int(r.get(keys.stream_seq(TENANT, stream)) or 0) == len(accepted)
     assert r.xlen(keys.stream_log(TENANT, stream)) == len(accepted)
-    runs = {key.decode() for key in r.scan_iter(match=keys.run("*")) if b":text" not in key}
-    assert runs == {keys.run(appended.run_id or "") for appended in accepted}
-    assert r.zcard(keys.RUN_DEADLINES) == len(accepted)
+    runs = {
+        key.decode()
+        for key in r.scan_iter(match=keys.run_prefix(TENANT) + "*")
+        if b":text" not in key
+    }
+    assert runs == {keys.run(appended.run_id or "r" + "0" * 32 + ".x") for appended in accepted}
+    assert r.zcard(keys.run_deadlines(TENANT)) == len(accepted)
     assert r.llen(keys.celery_queue(RUNS_QUEUE)) == len(accepted)
     assert len(list(r.scan_iter(match=keys.client_message(TENANT, CLIENT, "*")))) == len(accepted)
 
