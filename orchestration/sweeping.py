@@ -1,6 +1,9 @@
 """Sweeping runs, independent of Celery: end overdue runs, redeliver steps whose worker died.
 
-Executing a step lives in orchestration/steps.py, on the worker's model-call runtime.
+Run deadlines and leases are indexed per tenant (in the tenant's hash slot, so the scripts
+that write them stay in one slot on a Redis Cluster); a sweep visits every tenant of the
+registry (streams/registry.py) in turn. Executing a step lives in orchestration/steps.py,
+on the worker's model-call runtime.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from orchestration.tickets import reconcile_tickets
+from streams.registry import tenants
 from streams.runs import RunStore
 
 logger = logging.getLogger(__name__)
@@ -17,8 +21,15 @@ logger = logging.getLogger(__name__)
 
 def sweep_overdue_runs(store: RunStore, now: float | None = None) -> int:
     """End every run whose deadline has passed with its one reply.done; returns how many."""
+    return sum(
+        _sweep_overdue(store, tenant, now if now is not None else time.time())
+        for tenant in tenants(store.client)
+    )
+
+
+def _sweep_overdue(store: RunStore, tenant: str, now: float) -> int:
     ended = 0
-    for run_id in store.overdue(now if now is not None else time.time()):
+    for run_id in store.overdue(tenant, now):
         if store.finalize(run_id, "failed", {"reason": "deadline"}):
             ended += 1
             logger.warning("run swept at its deadline run=%s", run_id)
@@ -30,8 +41,12 @@ def sweep_expired_leases(store: RunStore) -> int:
 
     A step whose run is out of redeliveries is ended with `failed` instead.
     """
+    return sum(_sweep_leases(store, tenant) for tenant in tenants(store.client))
+
+
+def _sweep_leases(store: RunStore, tenant: str) -> int:
     redelivered = 0
-    for run_id in store.expired_leases():
+    for run_id in store.expired_leases(tenant):
         result = store.redeliver(run_id)
         if result.outcome == "redelivered":
             redelivered += 1

@@ -29,8 +29,9 @@ from streams.enqueue import (
     enqueue_ticket,
 )
 from streams.events import cause_of, event_parts, new_event_id, new_run_id
-from streams.fairness import quantum
+from streams.fairness import join_call, quantum
 from streams.redis_clients import as_text
+from streams.registry import register_async
 from streams.runs import RUN_RECORD_GRACE_S, RunRecord
 from streams.subscriptions import subscribed
 from streams.tokens import counter_keys
@@ -153,7 +154,7 @@ class _NewRun:
         cls, tenant: str, client: str, frame: SendFrame, agent: RunAgent, retention: int
     ) -> _NewRun:
         event_id = new_event_id()
-        run_id = new_run_id()
+        run_id = new_run_id(tenant)
         prefix, suffix = event_parts(
             stream=frame.stream,
             event_id=event_id,
@@ -279,6 +280,7 @@ class StreamStore:
                 _, trigger_message = celery_message(
                     PUBLISHED_TRIGGER_TASK, trigger_args, RUNS_QUEUE
                 )
+        await register_async(self.client, tenant)
         dedupe_key = keys.client_message(tenant, client, frame.id)
         call = scripts.AppendEvent(
             seq_key=keys.stream_seq(tenant, frame.stream),
@@ -327,6 +329,8 @@ class StreamStore:
         call = self._accept_send_call(
             run, flow, message, weight if weight is not None else 1, agent_config, budgets, now
         )
+        # Registered before its first keys are written, so the sweepers always find them.
+        await register_async(self.client, tenant)
         answer = await self._write(call, call.dedupe_key)
         if answer.code == -3:
             raise BudgetExhausted(exhausted(answer.value, budgets, now))
@@ -334,6 +338,11 @@ class StreamStore:
             code = "rate_limited" if answer.code == -1 else "overloaded"
             raise LimitReached(code, int(answer.value))
         seq, event_id, duplicate = _receipt(answer.code, answer.value)
+        if answer.ring_epoch:
+            # The tenant's queue was empty: the ring (its own slot) learns of it, and the
+            # ticket goes with that call. A crash before it leaves the run queued outside
+            # the ring and without its ticket; the sweep repairs both (fairness.py).
+            await join_call(tenant, answer.ring_epoch, message).run_async(self.client)
         if not duplicate and not message:
             # Another broker: publish after the append. A crash in between leaves the run
             # queued; the sweeper ends it at its deadline, so it still gets its reply.done.
@@ -361,13 +370,12 @@ class StreamStore:
             log_key=keys.stream_log(tenant, stream),
             dedupe_key=keys.client_message(tenant, run.client, run.frame.id),
             run_key=keys.run(run.run_id),
-            deadlines_key=keys.RUN_DEADLINES,
+            deadlines_key=keys.run_deadlines(tenant),
             queue_key=keys.celery_queue(RUNS_QUEUE),
             inflight_key=flow.inflight_key,
             queued_key=flow.queued_key,
             fair_queue_key=keys.fair_queue(tenant),
-            fair_ring_key=keys.FAIR_RING,
-            fair_weights_key=keys.FAIR_WEIGHTS,
+            fair_state_key=keys.fair_state(tenant),
             tokens_day_key=tokens_day_key,
             tokens_month_key=tokens_month_key,
             channel=keys.stream_channel(tenant, stream),

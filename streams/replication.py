@@ -148,7 +148,7 @@ async def run_replicated(
             isinstance(raw, ResponseError) and str(raw).startswith("NOSCRIPT")
         ):
             if attempt == 0:
-                await _load(client, keys[0], call.LUA.source)
+                await _load(client, keys[0], call.LUA.source_for(client))
                 continue
         if isinstance(raw, Exception):
             raise raw

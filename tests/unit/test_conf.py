@@ -42,10 +42,12 @@ def test_key_names_follow_the_prefix_and_database() -> None:
         REDIS_URL="redis://127.0.0.1:6379/7",
         SWITCHBOARD={**django_settings.SWITCHBOARD, "KEY_PREFIX": "other"},
     ):
-        assert keys.RUN_LEASES == "other:runs:leases"
-        assert keys.stream_channel("acme", "room") == "other:7:e:acme:room"
-        assert keys.run("r1") == "other:run:r1"
-    assert keys.RUN_LEASES == f"{django_settings.SWITCHBOARD['KEY_PREFIX']}:runs:leases"
+        assert keys.FAIR_RING == "other:{fq}:ring"
+        assert keys.stream_channel("acme", "room") == "other:7:e:{acme}:room"
+        run_id = "r" + "0" * 32 + ".acme"
+        assert keys.run(run_id) == "other:run:{acme}:" + run_id
+        assert keys.run_leases("acme") == "other:runs:{acme}:leases"
+    assert keys.FAIR_RING == f"{django_settings.SWITCHBOARD['KEY_PREFIX']}:{{fq}}:ring"
     with pytest.raises(AttributeError):
         keys.NO_SUCH_NAME  # noqa: B018
 

@@ -137,8 +137,8 @@ def test_a_wrapper_has_a_field_for_each_name(wrapper: type[scripts.Script[object
 
 
 def test_a_call_lists_its_keys_and_args_in_order() -> None:
-    call = scripts.TakeTokens(buckets=["b1", "b2"], cost=2, limits=[5.0, 10, 1.0, 3])
-    assert call.keys() == ["b1", "b2"]
+    call = scripts.TakeTokens(buckets=["{t}b1", "{t}b2"], cost=2, limits=[5.0, 10, 1.0, 3])
+    assert call.keys() == ["{t}b1", "{t}b2"]
     assert call.args() == [2, 5.0, 10, 1.0, 3]
     leave = scripts.PresenceLeave(
         stream=scripts.PresenceStream("m", "c", "n", "i", "ch", "t:s", '"s"', "p", '"ts"', 50),

@@ -1,0 +1,145 @@
+"""The hub on a real Redis Cluster (realtime/hub.py): sharded subscriptions on each slot's
+master, and a failover that moves slots never passes silently: every listener of a moved
+channel is told it may have missed events, and hears the stream again from its new owner.
+
+Needs a Redis Cluster with a replica per master at SWITCHBOARD_TEST_REDIS_CLUSTER_URL (any
+node); skipped without one. The failover test promotes a replica (CLUSTER FAILOVER), which
+leaves the cluster healthy with the roles swapped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import redis.asyncio as aredis
+
+from realtime.hub import Hub
+from streams import keys
+from streams.redis_clients import ClusterTopology
+from tests.integration.support import wait_until
+
+pytestmark = pytest.mark.asyncio
+
+CLUSTER_URL = os.environ.get("SWITCHBOARD_TEST_REDIS_CLUSTER_URL", "")
+if not CLUSTER_URL:
+    pytest.skip("no SWITCHBOARD_TEST_REDIS_CLUSTER_URL", allow_module_level=True)
+
+TENANTS = [f"t{i}" for i in range(12)]  # enough to land on every master
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[int, str]] = []
+        self.unsequenced: list[str] = []
+        self.losses = 0
+
+    def on_event(self, seq: int, event: str) -> None:
+        self.events.append((seq, event))
+
+    def on_unsequenced(self, event: str, sender: str | None) -> None:
+        self.unsequenced.append(event)
+
+    def on_possible_loss(self) -> None:
+        self.losses += 1
+
+
+@pytest_asyncio.fixture
+async def cluster() -> AsyncIterator[aredis.RedisCluster]:
+    client = aredis.RedisCluster.from_url(CLUSTER_URL)
+    await client.initialize()
+    yield client
+    await client.aclose()
+
+
+@pytest_asyncio.fixture
+async def hub() -> AsyncIterator[Hub]:
+    def no_single_redis() -> aredis.Redis:
+        raise AssertionError("a sharded hub uses the topology's clients only")
+
+    hub = Hub(no_single_redis, ClusterTopology(CLUSTER_URL))
+    yield hub
+    await hub.close()
+
+
+async def spublish(cluster: aredis.RedisCluster, channel: str, message: str) -> int:
+    return int(await cluster.execute_command("SPUBLISH", channel, message, target_nodes=None))
+
+
+async def joined(hub: Hub) -> dict[str, Recorder]:
+    recorders = {tenant: Recorder() for tenant in TENANTS}
+    for tenant, recorder in recorders.items():
+        await hub.join(tenant, "room", recorder)
+    return recorders
+
+
+async def test_each_channel_is_heard_from_its_slots_master(
+    hub: Hub, cluster: aredis.RedisCluster
+) -> None:
+    recorders = await joined(hub)
+    masters = {cluster.get_node_from_key(keys.stream_channel(t, "room")).name for t in TENANTS}
+    assert len(masters) > 1, "the tenants' channels should span masters"
+    for tenant in TENANTS:
+        channel = keys.stream_channel(tenant, "room")
+        assert await spublish(cluster, channel, f'1\n{{"t":"{tenant}"}}') == 1
+        await spublish(cluster, channel, '\n{"from":"client:bob"}')
+
+    async def heard() -> bool:
+        return all(r.events and r.unsequenced for r in recorders.values())
+
+    await wait_until(heard, 5, "every channel's events")
+    for tenant, recorder in recorders.items():
+        assert recorder.events == [(1, f'{{"t":"{tenant}"}}')]
+        assert recorder.losses == 0
+    # Leaving unsubscribes: nothing is heard any more.
+    first = TENANTS[0]
+    hub.leave(first, "room", recorders[first])
+
+    async def unsubscribed() -> bool:
+        return await spublish(cluster, keys.stream_channel(first, "room"), "2\n{}") == 0
+
+    await wait_until(unsubscribed, 5, "the channel to be left")
+
+
+async def test_a_failover_moves_channels_and_says_so(
+    hub: Hub, cluster: aredis.RedisCluster
+) -> None:
+    recorders = await joined(hub)
+    # Promote the replica of the master that owns the first tenant's slot.
+    channel = keys.stream_channel(TENANTS[0], "room")
+    master = cluster.get_node_from_key(channel)
+    replicas = await _replicas_of(cluster, master.name)
+    assert replicas, "the test cluster needs a replica per master"
+    moved = [
+        t for t in TENANTS if cluster.get_node_from_key(keys.stream_channel(t, "room")) is master
+    ]
+    await cluster.execute_command(
+        "CLUSTER FAILOVER", target_nodes=cluster.get_node(node_name=replicas[0])
+    )
+
+    async def told() -> bool:
+        return all(recorders[t].losses >= 1 for t in moved)
+
+    await wait_until(told, 30, "the listeners of moved channels to be told")
+    await cluster.nodes_manager.initialize()
+
+    async def heard_again() -> bool:
+        for tenant in moved:
+            await spublish(cluster, keys.stream_channel(tenant, "room"), f"7\n{tenant}")
+        return all(any(seq == 7 for seq, _ in recorders[t].events) for t in moved)
+
+    await wait_until(heard_again, 30, "the moved channels to be heard from the new master")
+    # Channels on the other masters were never interrupted.
+    for tenant in TENANTS:
+        if tenant not in moved:
+            assert recorders[tenant].losses == 0
+
+
+async def _replicas_of(cluster: aredis.RedisCluster, master: str) -> list[str]:
+    node = cluster.get_node(node_name=master)
+    nodes: dict[str, Any] = await cluster.execute_command("CLUSTER NODES", target_nodes=node)
+    master_id = next(info["node_id"] for address, info in nodes.items() if address == master)
+    return [address for address, info in nodes.items() if info["master_id"] == master_id]
