@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aredis
 
@@ -224,6 +224,16 @@ def _receipt(flag: int, receipt: bytes | str) -> tuple[int, str, bool]:
     return int(seq), event_id, flag == 0
 
 
+class _CodedAnswer(Protocol):
+    """A write script's answer: `code` 1 written, 0 a repeated id, negative refused."""
+
+    @property
+    def code(self) -> int: ...
+
+
+_Answer = TypeVar("_Answer", bound=_CodedAnswer)
+
+
 class StreamStore:
     def __init__(self, client: aredis.Redis) -> None:
         self.client = client
@@ -235,7 +245,7 @@ class StreamStore:
         self.replica_acks = conf().replica_acks
         self.replica_ack_timeout_ms = conf().replica_ack_timeout_ms
 
-    async def _write(self, call: scripts.Script[scripts.Coded], dedupe_key: str) -> scripts.Coded:
+    async def _write(self, call: scripts.Script[_Answer], dedupe_key: str) -> _Answer:
         """Run a client write's script; with SWITCHBOARD_REPLICA_ACKS, answer only once
         that many replicas hold it, the first write of a repeated id included (raises
         replication.NotReplicated otherwise: not acked, the client retries)."""
