@@ -10,6 +10,7 @@ from tests.integration.test_limits import (  # noqa: F401
     test_connections_past_the_client_and_tenant_caps_are_closed_4029,
 )
 from tests.integration.test_presence import (  # noqa: F401
+    short_ttl_gateway,
     test_a_client_with_two_connections_is_one_entry,
     test_presence_is_per_tenant,
     test_subscribers_see_each_others_join_and_leave,
