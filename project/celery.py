@@ -26,9 +26,20 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 app = Celery("switchboard")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 # Every queue the project uses is declared here, so a worker started with no -Q serves all.
+# Durable (kombu's default): on RabbitMQ they and their persistent messages outlive a broker
+# restart. A quorum queue (CELERY_TASK_DEFAULT_QUEUE_TYPE) is also replicated across a
+# RabbitMQ cluster; the Redis transport ignores queue arguments.
+_queue_arguments = (
+    {"x-queue-type": "quorum"} if app.conf.task_default_queue_type == "quorum" else None
+)
 app.conf.task_queues = (
-    Queue(RUNS_QUEUE, routing_key=RUNS_QUEUE),
-    Queue(MAINTENANCE_QUEUE, routing_key=MAINTENANCE_QUEUE),
+    Queue(RUNS_QUEUE, routing_key=RUNS_QUEUE, durable=True, queue_arguments=_queue_arguments),
+    Queue(
+        MAINTENANCE_QUEUE,
+        routing_key=MAINTENANCE_QUEUE,
+        durable=True,
+        queue_arguments=_queue_arguments,
+    ),
 )
 app.conf.task_routes = {
     SWEEP_TASK: {"queue": MAINTENANCE_QUEUE},

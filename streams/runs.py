@@ -14,13 +14,12 @@ redelivers the step (`redeliver`) long before kombu would restore the dead worke
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -38,7 +37,9 @@ from streams.enqueue import (
     TRIGGER_TASK,
     celery_message,
     enqueue_step,
+    enqueue_step_soon,
     enqueue_trigger,
+    enqueue_trigger_soon,
 )
 from streams.events import (
     cause_of,
@@ -336,9 +337,10 @@ class RunStore(_RunStoreBase):
         call = _FinalizeCall(run, status, detail, owner)
         finished = call.result(call.script.run(self.client))
         if finished and call.enqueue_after:
-            # Another broker: published after the script. A crash in between loses this
-            # trigger (its subscribers do not run); with the broker in this Redis it cannot.
-            enqueue_trigger(run_id, call.event_id)
+            # Another broker: published after the script. A crash in between, or a broker
+            # that is down, loses this trigger (its subscribers do not run); with the broker
+            # in this Redis it cannot.
+            _publish_or_log(enqueue_trigger, run_id, call.event_id)
         return finished
 
     def save_output(self, run: Run, step: int, output: str, fell_back: str = "") -> None:
@@ -394,13 +396,27 @@ class RunStore(_RunStoreBase):
         found = Redelivery("skipped", run_id, as_text(tenant) if tenant else "", step_index)
         if code == 1:
             if not message:
-                # Another broker: published after the script. A crash in between leaves the
-                # run queued without a message; the deadline sweep still ends it.
-                enqueue_step(run_id, step_index)
+                # Another broker: published after the script. A crash in between, or a
+                # failed publish, leaves the run queued without a message for the sweeper.
+                _publish_or_log(enqueue_step, run_id, step_index)
             return Redelivery("redelivered", run_id, found.tenant, step_index, int(value))
         if code == -2:
             return Redelivery("exhausted", run_id, found.tenant, step_index, int(value))
         return found
+
+
+def _publish_or_log(publish: Callable[..., None], *args: Any) -> None:
+    """A publish after a script that already wrote its state: a broker that is down must
+    not fail the caller (a sweep of many runs) for it; the state written is swept again."""
+    try:
+        publish(*args)
+    except Exception:
+        logger.warning(
+            "publish failed; left to the sweeper task=%s args=%s",
+            getattr(publish, "__name__", publish),
+            args,
+            exc_info=True,
+        )
 
 
 class AsyncRunStore(_RunStoreBase):
@@ -443,7 +459,8 @@ class AsyncRunStore(_RunStoreBase):
         call = _FinalizeCall(run, status, detail, run.owner)
         finished = call.result(await call.script.run_async(self.client))
         if finished and call.enqueue_after:
-            await asyncio.to_thread(enqueue_trigger, run.run_id, call.event_id)
+            # Not waited for: the runtime's loop never blocks on the broker.
+            enqueue_trigger_soon(run.run_id, call.event_id)
         return finished
 
     async def save_output(self, run: Run, step: int, output: str, fell_back: str = "") -> None:
@@ -490,9 +507,10 @@ class AsyncRunStore(_RunStoreBase):
             _, message = celery_message(RUN_STEP_TASK, [run.run_id, step], RUNS_QUEUE)
         handed = await _hand_over(run.run_id, run.owner, message).run_async(self.client)
         if handed and not message:
-            # Another broker: the run is queued first and its message published after; a
-            # crash in between leaves it to the deadline sweep (docs/guarantees.md).
-            await asyncio.to_thread(enqueue_step, run.run_id, step)
+            # Another broker: the run is queued first and its message handed to the
+            # publishing thread; a crash or a failed publish leaves the queued step to the
+            # sweeper (docs/guarantees.md).
+            enqueue_step_soon(run.run_id, step)
         return handed
 
 

@@ -13,6 +13,7 @@ made by the management commands, and tokens are signed with secrets read from th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import tempfile
@@ -29,6 +30,7 @@ import redis
 from client.connection import SwitchboardClient
 from project.launcher import Cluster, Proc
 from tenants.tokens import issue_token
+from tests import rabbitmq
 from tests.fakes.openai_server import FakeOpenAIServer
 
 # Short limits so failure paths finish in seconds; tests read them from here.
@@ -189,6 +191,29 @@ class Switchboard:
         )
 
 
+def amqp_broker_requested() -> bool:
+    """The suite runs Celery on RabbitMQ when the environment names an AMQP broker
+    (CELERY_BROKER_URL=amqp://...): the server it names, in a vhost of the session's own."""
+    return os.environ.get("CELERY_BROKER_URL", "").startswith(("amqp://", "amqps://"))
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_session() -> Iterator[rabbitmq.Session]:
+    """A vhost of this session's own on the tests' RabbitMQ, deleted at the end; skips
+    (saying why) when no RabbitMQ answers and none can be started."""
+    url = os.environ.get("CELERY_BROKER_URL", "") if amqp_broker_requested() else ""
+    url = url or rabbitmq.base_url()
+    try:
+        rabbitmq.ensure_running(url)
+        vhost, vhost_url = rabbitmq.create_vhost(url)
+    except rabbitmq.RabbitMQUnavailable as missing:
+        pytest.skip(f"RabbitMQ: {missing}")
+    try:
+        yield rabbitmq.Session(url, vhost, vhost_url)
+    finally:
+        rabbitmq.delete_vhost(vhost)
+
+
 @pytest.fixture(scope="session")
 def switchboard(request: pytest.FixtureRequest, test_redis_url: str) -> Iterator[Switchboard]:
     work = Path(tempfile.mkdtemp(prefix="switchboard-it-"))
@@ -213,8 +238,13 @@ def switchboard(request: pytest.FixtureRequest, test_redis_url: str) -> Iterator
     board = Switchboard(cluster, db_path, KEY_PREFIX, provider)
     try:
         url = cluster.ensure_redis()
-        # The atomic enqueue needs the broker to be this very database.
-        cluster.env["CELERY_BROKER_URL"] = url
+        if amqp_broker_requested():
+            # RabbitMQ as the broker: Redis is the outbox, messages are wake-ups.
+            broker = request.getfixturevalue("rabbitmq_session")
+            cluster.env["CELERY_BROKER_URL"] = broker.url
+        else:
+            # The atomic enqueue needs the broker to be this very database.
+            cluster.env["CELERY_BROKER_URL"] = url
         redis.Redis.from_url(url).flushdb()
         cluster.migrate()
         assert cluster.manage("create_tenant", TENANT) == f"tenant {TENANT} created"
