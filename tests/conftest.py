@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from django.conf import settings
 
+from tests import rabbitmq
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _static_files_without_collectstatic() -> Iterator[None]:
@@ -52,3 +54,26 @@ def unique() -> Callable[[str], str]:
         return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
     return make
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_session() -> Iterator[rabbitmq.Session]:
+    """A vhost of this session's own on the tests' RabbitMQ (tests/rabbitmq.py), deleted
+    with its queues at the end; skips, saying why, when no RabbitMQ answers and none can
+    be started."""
+    try:
+        server = rabbitmq.server_url()
+        rabbitmq.ensure_running(server)
+        vhost, url = rabbitmq.create_vhost(server)
+    except rabbitmq.RabbitMQUnavailable as missing:
+        pytest.skip(f"RabbitMQ: {missing}")
+    try:
+        yield rabbitmq.Session(server, vhost, url)
+    finally:
+        rabbitmq.delete_vhost(vhost)
+
+
+@pytest.fixture(scope="session")
+def amqp_vhost_url(rabbitmq_session: rabbitmq.Session) -> str:
+    """The AMQP URL of the session's own vhost."""
+    return rabbitmq_session.url

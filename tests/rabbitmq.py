@@ -3,8 +3,8 @@
 RabbitMQ is a shared server (bin/dev test starts or installs it, as it does chromium), so a
 test session never uses an existing vhost: it makes its own, named after a random id, and
 deletes it (with its queues) at the end. Vhosts and queue counts go through `rabbitmqctl`,
-which talks to the local node; a RabbitMQ elsewhere (SWITCHBOARD_TEST_AMQP_URL) is used
-as given, in its own vhost only if rabbitmqctl can reach it.
+which talks to the local node: a RabbitMQ elsewhere (SWITCHBOARD_TEST_AMQP_URL) needs
+rabbitmqctl to reach it too.
 """
 
 from __future__ import annotations
@@ -36,8 +36,17 @@ class RabbitMQUnavailable(Exception):
     """No RabbitMQ answers and none could be started: the test skips and says this."""
 
 
-def base_url() -> str:
-    """The server the tests use (SWITCHBOARD_TEST_AMQP_URL, else the local default)."""
+def requested() -> bool:
+    """The integration suite runs Celery on RabbitMQ when its environment names an AMQP
+    broker (CELERY_BROKER_URL=amqp://...): on that server, in a vhost of the session's own."""
+    return os.environ.get("CELERY_BROKER_URL", "").startswith(("amqp://", "amqps://"))
+
+
+def server_url() -> str:
+    """The server the tests use: CELERY_BROKER_URL when it is AMQP, else
+    SWITCHBOARD_TEST_AMQP_URL, else the local default (any vhost they name is replaced)."""
+    if requested():
+        return os.environ["CELERY_BROKER_URL"]
     return os.environ.get("SWITCHBOARD_TEST_AMQP_URL") or DEFAULT_AMQP_URL
 
 

@@ -13,7 +13,6 @@ made by the management commands, and tokens are signed with secrets read from th
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sqlite3
 import tempfile
@@ -191,29 +190,6 @@ class Switchboard:
         )
 
 
-def amqp_broker_requested() -> bool:
-    """The suite runs Celery on RabbitMQ when the environment names an AMQP broker
-    (CELERY_BROKER_URL=amqp://...): the server it names, in a vhost of the session's own."""
-    return os.environ.get("CELERY_BROKER_URL", "").startswith(("amqp://", "amqps://"))
-
-
-@pytest.fixture(scope="session")
-def rabbitmq_session() -> Iterator[rabbitmq.Session]:
-    """A vhost of this session's own on the tests' RabbitMQ, deleted at the end; skips
-    (saying why) when no RabbitMQ answers and none can be started."""
-    url = os.environ.get("CELERY_BROKER_URL", "") if amqp_broker_requested() else ""
-    url = url or rabbitmq.base_url()
-    try:
-        rabbitmq.ensure_running(url)
-        vhost, vhost_url = rabbitmq.create_vhost(url)
-    except rabbitmq.RabbitMQUnavailable as missing:
-        pytest.skip(f"RabbitMQ: {missing}")
-    try:
-        yield rabbitmq.Session(url, vhost, vhost_url)
-    finally:
-        rabbitmq.delete_vhost(vhost)
-
-
 @pytest.fixture(scope="session")
 def switchboard(request: pytest.FixtureRequest, test_redis_url: str) -> Iterator[Switchboard]:
     work = Path(tempfile.mkdtemp(prefix="switchboard-it-"))
@@ -238,7 +214,7 @@ def switchboard(request: pytest.FixtureRequest, test_redis_url: str) -> Iterator
     board = Switchboard(cluster, db_path, KEY_PREFIX, provider)
     try:
         url = cluster.ensure_redis()
-        if amqp_broker_requested():
+        if rabbitmq.requested():
             # RabbitMQ as the broker: Redis is the outbox, messages are wake-ups.
             broker = request.getfixturevalue("rabbitmq_session")
             cluster.env["CELERY_BROKER_URL"] = broker.url
