@@ -36,17 +36,22 @@ class RabbitMQUnavailable(Exception):
     """No RabbitMQ answers and none could be started: the test skips and says this."""
 
 
+# SWITCHBOARD_TEST_BROKER=rabbitmq runs the integration suite's cluster with Celery on
+# RabbitMQ. A variable of the tests' own, not CELERY_BROKER_URL: Celery gives that one
+# precedence over any app's configuration, so in the test process itself it would send
+# every in-process publish to the shared server's default vhost.
+BROKER_VAR = "SWITCHBOARD_TEST_BROKER"
+
+
 def requested() -> bool:
-    """The integration suite runs Celery on RabbitMQ when its environment names an AMQP
-    broker (CELERY_BROKER_URL=amqp://...): on that server, in a vhost of the session's own."""
-    return os.environ.get("CELERY_BROKER_URL", "").startswith(("amqp://", "amqps://"))
+    """Whether the integration suite's cluster is to run Celery on RabbitMQ (on the tests'
+    server, in a vhost of the session's own)."""
+    return os.environ.get(BROKER_VAR, "").lower() in {"rabbitmq", "amqp"}
 
 
 def server_url() -> str:
-    """The server the tests use: CELERY_BROKER_URL when it is AMQP, else
-    SWITCHBOARD_TEST_AMQP_URL, else the local default (any vhost they name is replaced)."""
-    if requested():
-        return os.environ["CELERY_BROKER_URL"]
+    """The server the tests use: SWITCHBOARD_TEST_AMQP_URL, else the local default (any
+    vhost it names is replaced by the session's own)."""
     return os.environ.get("SWITCHBOARD_TEST_AMQP_URL") or DEFAULT_AMQP_URL
 
 

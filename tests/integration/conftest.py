@@ -5,6 +5,9 @@ The "openai" backend of the cluster talks to a fake OpenAI-compatible provider
 (tests/fakes/openai_server.py) run by this process, so tests can read every call it got;
 the test-only agents of tests/integration/agents_app are installed beside the examples.
 
+With SWITCHBOARD_TEST_BROKER=rabbitmq the cluster's Celery broker is RabbitMQ (a vhost of
+the session's own, tests/rabbitmq.py) instead of the streams' Redis database.
+
 Tenants live in the cluster's own SQLite file. pytest-django's test database is in memory
 and the cluster's processes cannot see it, so nothing here goes through it: tenants are
 made by the management commands, and tokens are signed with secrets read from that file.
