@@ -3,8 +3,8 @@
 RabbitMQ is a shared server (bin/dev test starts or installs it, as it does chromium), so a
 test session never uses an existing vhost: it makes its own, named after a random id, and
 deletes it (with its queues) at the end. Vhosts and queue counts go through `rabbitmqctl`,
-which talks to the local node: a RabbitMQ elsewhere (SWITCHBOARD_TEST_AMQP_URL) needs
-rabbitmqctl to reach it too.
+which talks to the local node: a RabbitMQ elsewhere (SWITCHBOARD_TEST_AMQP_URL, read by
+tests/conftest.py with the other switches) needs rabbitmqctl to reach it too.
 """
 
 from __future__ import annotations
@@ -34,25 +34,6 @@ class Session:
 
 class RabbitMQUnavailable(Exception):
     """No RabbitMQ answers and none could be started: the test skips and says this."""
-
-
-# SWITCHBOARD_TEST_BROKER=rabbitmq runs the integration suite's cluster with Celery on
-# RabbitMQ. A variable of the tests' own, not CELERY_BROKER_URL: Celery gives that one
-# precedence over any app's configuration, so in the test process itself it would send
-# every in-process publish to the shared server's default vhost.
-BROKER_VAR = "SWITCHBOARD_TEST_BROKER"
-
-
-def requested() -> bool:
-    """Whether the integration suite's cluster is to run Celery on RabbitMQ (on the tests'
-    server, in a vhost of the session's own)."""
-    return os.environ.get(BROKER_VAR, "").lower() in {"rabbitmq", "amqp"}
-
-
-def server_url() -> str:
-    """The server the tests use: SWITCHBOARD_TEST_AMQP_URL, else the local default (any
-    vhost it names is replaced by the session's own)."""
-    return os.environ.get("SWITCHBOARD_TEST_AMQP_URL") or DEFAULT_AMQP_URL
 
 
 def _command(name: str) -> str | None:

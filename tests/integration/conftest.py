@@ -32,7 +32,7 @@ import redis
 from client.connection import SwitchboardClient
 from project.launcher import Cluster, Proc
 from tenants.tokens import issue_token
-from tests import rabbitmq
+from tests.conftest import rabbitmq_requested
 from tests.fakes.openai_server import FakeOpenAIServer
 
 # Short limits so failure paths finish in seconds; tests read them from here.
@@ -217,7 +217,7 @@ def switchboard(request: pytest.FixtureRequest, test_redis_url: str) -> Iterator
     board = Switchboard(cluster, db_path, KEY_PREFIX, provider)
     try:
         url = cluster.ensure_redis()
-        if rabbitmq.requested():
+        if rabbitmq_requested():
             # RabbitMQ as the broker: Redis is the outbox, messages are wake-ups.
             broker = request.getfixturevalue("rabbitmq_session")
             cluster.env["CELERY_BROKER_URL"] = broker.url

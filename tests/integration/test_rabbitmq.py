@@ -32,7 +32,7 @@ from examples.agents import ASSISTANT_PROMPT, SUMMARY_PROMPT
 from project.launcher import Cluster, Proc
 from streams.enqueue import MAINTENANCE_QUEUE, RUNS_QUEUE
 from tests import rabbitmq
-from tests.conftest import neighbour_database
+from tests.conftest import RABBITMQ_RESTART_VAR, neighbour_database, rabbitmq_server_url
 from tests.fakes.openai_server import FakeOpenAIServer
 
 from .agents_app import catalog as it
@@ -48,7 +48,6 @@ RUN_DEADLINE_S = 40
 # worker's pool threads, delivered and unacknowledged (what the kill -9 test needs).
 WORKER_MAX_CALLS = 2
 WORKER_CONCURRENCY = 3
-RESTART_VAR = "SWITCHBOARD_TEST_RABBITMQ_RESTART"
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +309,7 @@ async def _steady_sends_across_a_broker_restart(
     them had a reply.done or the wait ran out)."""
     if "events" in _restart:
         return _restart["accepted"], _restart["events"]  # type: ignore[return-value]
-    server = rabbitmq.server_url()
+    server = rabbitmq_server_url()
     client = await connect()
     stream = unique("rabbit-restart")
     accepted: list[str] = []
@@ -340,8 +339,8 @@ async def _steady_sends_across_a_broker_restart(
 
 
 @pytest.mark.skipif(
-    os.environ.get(RESTART_VAR) != "1",
-    reason=f"restarts the shared local RabbitMQ node: set {RESTART_VAR}=1 to run it",
+    os.environ.get(RABBITMQ_RESTART_VAR) != "1",
+    reason=f"restarts the shared local RabbitMQ node: set {RABBITMQ_RESTART_VAR}=1 to run it",
 )
 async def test_a_rabbitmq_restart_during_steady_sends_ends_every_accepted_run_once(
     switchboard: Switchboard, connect: Connect, unique: Callable[[str], str]
@@ -354,8 +353,8 @@ async def test_a_rabbitmq_restart_during_steady_sends_ends_every_accepted_run_on
 
 
 @pytest.mark.skipif(
-    os.environ.get(RESTART_VAR) != "1",
-    reason=f"restarts the shared local RabbitMQ node: set {RESTART_VAR}=1 to run it",
+    os.environ.get(RABBITMQ_RESTART_VAR) != "1",
+    reason=f"restarts the shared local RabbitMQ node: set {RABBITMQ_RESTART_VAR}=1 to run it",
 )
 async def test_a_rabbitmq_restart_during_steady_sends_answers_every_accepted_run(
     switchboard: Switchboard, connect: Connect, unique: Callable[[str], str]

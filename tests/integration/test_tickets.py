@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from streams.enqueue import RUN_NEXT_TASK
-from tests import rabbitmq
+from tests.conftest import rabbitmq_requested
 
 from .conftest import KEY_PREFIX, SOFT_LIMIT_S, Connect, Switchboard
 from .support import wait_until
@@ -28,7 +28,7 @@ SLOW = {"latency_ms": int(SOFT_LIMIT_S * 800), "chunks": 1}
 
 
 @pytest.mark.skipif(
-    rabbitmq.requested(),
+    rabbitmq_requested(),
     reason="deletes tickets from the Redis broker's list; with RabbitMQ a lost wake-up is the "
     "outbox sweep's (tests/integration/test_rabbitmq.py)",
 )
