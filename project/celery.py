@@ -96,8 +96,13 @@ def _drain_model_calls(**kwargs: object) -> None:
     """After Celery stopped consuming: let calls in flight finish within WORKER_DRAIN_S and
     hand the rest to other workers (orchestration/dispatch.py)."""
     from orchestration.dispatch import drain
+    from streams.enqueue import DRAIN_FLUSH_S, publisher
 
     drain()
+    # With another broker than the streams' Redis, the steps just handed over are queued in
+    # Redis and their messages still with the publishing thread: let them go out.
+    if publisher().started:
+        publisher().flush(DRAIN_FLUSH_S)
 
 
 @worker_process_shutdown.connect

@@ -10,6 +10,7 @@ field, so a kombu upgrade that changes the format fails the suite rather than pr
 
 from __future__ import annotations
 
+import atexit
 import base64
 import logging
 import os
@@ -185,6 +186,11 @@ class BackgroundPublisher:
             return False
         return True
 
+    @property
+    def started(self) -> bool:
+        """Whether this process has submitted anything (its thread runs)."""
+        return self._thread is not None and self._pid == os.getpid()
+
     def flush(self, timeout_s: float) -> bool:
         """Wait until every submitted message was published or dropped, at most
         `timeout_s`; True when the queue emptied."""
@@ -254,6 +260,15 @@ class BackgroundPublisher:
 
 
 _publisher = BackgroundPublisher()
+# DRAIN_FLUSH_S: a process that exits cleanly (a gateway or worker drained for a deploy)
+# first gives what it handed over a moment to reach the broker; past it, the sweeper.
+DRAIN_FLUSH_S = 3.0
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    if _publisher.started:
+        _publisher.flush(DRAIN_FLUSH_S)
 
 
 def publisher() -> BackgroundPublisher:
