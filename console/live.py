@@ -23,6 +23,7 @@ import orjson
 import redis
 from redis.exceptions import RedisError
 
+from ops.amqp_queues import is_amqp, read_amqp_queues
 from project.conf import conf
 from streams import keys
 from streams.registry import tenants
@@ -111,6 +112,22 @@ def read_celery_queues(broker: redis.Redis) -> dict[str, Any]:
             for name, depth in zip(names, results[:-1], strict=True)
         ],
         "unacked": int(results[-1]),
+    }
+
+
+def read_amqp_celery_queues(url: str, errors: list[str]) -> dict[str, Any] | None:
+    """Messages ready in every declared queue of an AMQP broker (RabbitMQ); the messages
+    delivered and not yet acknowledged are unknown there (None: RabbitMQ's management UI
+    shows them). None, with the error said, when the broker does not answer."""
+    try:
+        queues = read_amqp_queues(url, queue_names())
+    except Exception as error:  # noqa: BLE001 - any failure of the broker: say it, go on
+        logger.warning("live page: AMQP broker not read: %s", error)
+        errors.append(f"Celery's broker (AMQP) could not be read: {error}")
+        return None
+    return {
+        "queues": [{"queue": queue.name, "depth": queue.ready} for queue in queues],
+        "unacked": None,
     }
 
 
@@ -398,8 +415,10 @@ def snapshot(
         now = redis_now(client)
         data["at"] = now
         broker = broker_client(client)
-        if broker is None:
-            errors.append("Celery's broker is not Redis: queue depths are not shown")
+        if broker is None and is_amqp(conf().broker_url):
+            data["celery"] = read_amqp_celery_queues(conf().broker_url, errors)
+        elif broker is None:
+            errors.append("Celery's broker is neither Redis nor AMQP: queue depths are not shown")
         else:
             try:
                 data["celery"] = read_celery_queues(broker)

@@ -52,6 +52,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from redis.exceptions import RedisError
 
+from ops.amqp_queues import is_amqp, read_amqp_queues
 from project.conf import conf
 from streams import keys
 from streams.registry import tenants as registered_tenants
@@ -559,9 +560,11 @@ class RedisStateCollector:
         broker: redis.Redis | None,
         queue_names: Callable[[], list[str]],
         idle_tenants: Callable[[], list[str]] = list,
+        amqp_url: str = "",
     ) -> None:
         self.client = client
         self.broker = broker  # Celery's broker, when it is Redis
+        self.amqp_url = amqp_url  # Celery's broker, when it is RabbitMQ (AMQP)
         self.queue_names = queue_names
         self.idle_tenants = idle_tenants  # tenants to show at depth 0 when few wait
 
@@ -640,7 +643,40 @@ class RedisStateCollector:
         families.append(deepest)
         if self.broker is not None:
             families.extend(self._read_broker())
+        elif self.amqp_url:
+            families.extend(self._read_amqp())
         return families
+
+    def _read_amqp(self) -> list[Metric]:
+        """RabbitMQ's queues: messages ready and consumers. Messages delivered and not yet
+        acknowledged are not exported (a passive declare does not tell them; RabbitMQ's own
+        Prometheus plugin does). A broker that does not answer sets its own `up` to 0, not
+        the Redis state's."""
+        up = GaugeMetricFamily(
+            "switchboard_broker_up",
+            "1 when this scrape read the queue depths from the AMQP broker, 0 when it could not.",
+        )
+        try:
+            queues = read_amqp_queues(self.amqp_url, self.queue_names(), STATE_TIMEOUT_S)
+        except Exception as error:  # noqa: BLE001 - any failure of the broker: say it, go on
+            logger.warning("metrics: AMQP broker not read: %s", error)
+            up.add_metric([], 0)
+            return [up]
+        depth = GaugeMetricFamily(
+            "switchboard_queue_depth",
+            "Messages waiting in a Celery queue (with fair queues on, one ticket per queued run).",
+            labels=["queue"],
+        )
+        consumers = GaugeMetricFamily(
+            "switchboard_queue_consumers",
+            "Consumers (worker connections) attached to a Celery queue on the AMQP broker.",
+            labels=["queue"],
+        )
+        for queue in queues:
+            depth.add_metric([queue.name], queue.ready)
+            consumers.add_metric([queue.name], queue.consumers)
+        up.add_metric([], 1)
+        return [depth, consumers, up]
 
     def _read_broker(self) -> list[Metric]:
         assert self.broker is not None
@@ -692,7 +728,11 @@ def state_collector() -> RedisStateCollector:
         elif broker_url.startswith(("redis://", "rediss://", "unix://")):
             broker = redis.Redis.from_url(broker_url, **options)
         _state = RedisStateCollector(
-            client, broker, _celery_queue_names, lambda: list(_known_tenants)
+            client,
+            broker,
+            _celery_queue_names,
+            lambda: list(_known_tenants),
+            amqp_url=broker_url if is_amqp(broker_url) else "",
         )
     return _state
 

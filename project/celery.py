@@ -26,9 +26,20 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 app = Celery("switchboard")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 # Every queue the project uses is declared here, so a worker started with no -Q serves all.
+# Durable (kombu's default): on RabbitMQ they and their persistent messages outlive a broker
+# restart. A quorum queue (CELERY_TASK_DEFAULT_QUEUE_TYPE) is also replicated across a
+# RabbitMQ cluster; the Redis transport ignores queue arguments.
+_queue_arguments = (
+    {"x-queue-type": "quorum"} if app.conf.task_default_queue_type == "quorum" else None
+)
 app.conf.task_queues = (
-    Queue(RUNS_QUEUE, routing_key=RUNS_QUEUE),
-    Queue(MAINTENANCE_QUEUE, routing_key=MAINTENANCE_QUEUE),
+    Queue(RUNS_QUEUE, routing_key=RUNS_QUEUE, durable=True, queue_arguments=_queue_arguments),
+    Queue(
+        MAINTENANCE_QUEUE,
+        routing_key=MAINTENANCE_QUEUE,
+        durable=True,
+        queue_arguments=_queue_arguments,
+    ),
 )
 app.conf.task_routes = {
     SWEEP_TASK: {"queue": MAINTENANCE_QUEUE},
@@ -85,8 +96,13 @@ def _drain_model_calls(**kwargs: object) -> None:
     """After Celery stopped consuming: let calls in flight finish within WORKER_DRAIN_S and
     hand the rest to other workers (orchestration/dispatch.py)."""
     from orchestration.dispatch import drain
+    from streams.enqueue import DRAIN_FLUSH_S, publisher
 
     drain()
+    # With another broker than the streams' Redis, the steps just handed over are queued in
+    # Redis and their messages still with the publishing thread: let them go out.
+    if publisher().started:
+        publisher().flush(DRAIN_FLUSH_S)
 
 
 @worker_process_shutdown.connect

@@ -184,11 +184,17 @@ if REDIS_CLUSTER_URL and not os.environ.get("CELERY_BROKER_URL"):
 # Results are never read (no .get() anywhere): storing them would only cost Redis writes.
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_RESULT_BACKEND = None
-# A step is idempotent (fenced appends), so it is acknowledged only once it has finished.
+# A message is acknowledged when its task returns, which is once its step is claimed in
+# Redis (orchestration/dispatch.py): from then on the run's lease, not the broker, protects
+# the step. A worker that dies before leaves it unacknowledged and the broker hands it to
+# another (RabbitMQ at once, when the connection drops; the Redis transport after the
+# visibility timeout); a redelivered message whose step was claimed is a fenced no-op.
 CELERY_TASK_ACKS_LATE = True
-# A child killed mid-step (OOM, SIGKILL) puts its message back instead of losing it.
+# A pool child killed mid-task (OOM, SIGKILL) puts its message back instead of acking it:
+# its step was not claimed yet, or the claim fences the second attempt.
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
-# One message per process at a time: a busy worker must not hoard queued runs.
+# One message per pool thread: a busy worker must not hoard queued runs (on RabbitMQ a
+# prefetched message stays with its worker, unacknowledged, until it acks or dies).
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
@@ -202,13 +208,48 @@ CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 # step is claimed (its lease protects it from then on), so only a dispatcher that died
 # between fetching and claiming waits this long.
 CELERY_VISIBILITY_TIMEOUT_S = env_int("CELERY_VISIBILITY_TIMEOUT_S", 120)
-CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "visibility_timeout": CELERY_VISIBILITY_TIMEOUT_S,
-    # Same reason as REDIS_SOCKET_TIMEOUT_S: BRPOP must outlive redis-py 8's 5 s default.
-    "socket_timeout": REDIS_SOCKET_TIMEOUT_S,
-    # Celery's queues and bookkeeping live beside our keys, under the same prefix.
-    "global_keyprefix": f"{KEY_PREFIX}:celery:",
+# The broker's kind decides which transport options apply: kombu's Redis transport and its
+# AMQP one share none, and each warns about or mis-reads the other's.
+AMQP_BROKER = CELERY_BROKER_URL.startswith(("amqp://", "amqps://", "pyamqp://"))
+if AMQP_BROKER:
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        # Publisher confirms: a publish returns only once RabbitMQ has the message (durable
+        # queue, persistent message: on disk), so "published" means it survives a broker
+        # restart; an unconfirmed publish raises and is left to the sweeper (the outbox).
+        "confirm_publish": True,
+    }
+else:
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": CELERY_VISIBILITY_TIMEOUT_S,
+        # Same reason as REDIS_SOCKET_TIMEOUT_S: BRPOP must outlive redis-py 8's 5 s default.
+        "socket_timeout": REDIS_SOCKET_TIMEOUT_S,
+        # Celery's queues and bookkeeping live beside our keys, under the same prefix.
+        "global_keyprefix": f"{KEY_PREFIX}:celery:",
+    }
+# AMQP heartbeats: a worker whose connection died silently (a cut network, a frozen host)
+# is noticed by RabbitMQ within two intervals, and its unacknowledged messages (steps not
+# yet claimed) go to another worker. Celery's default of 120 s makes that four minutes.
+# (Ignored by the Redis transport, whose equivalent is the visibility timeout.)
+CELERY_BROKER_HEARTBEAT = env_int("CELERY_BROKER_HEARTBEAT", 30)
+# Connecting gives up after this: a publish never waits longer than a few of these.
+CELERY_BROKER_CONNECTION_TIMEOUT = env_float("CELERY_BROKER_CONNECTION_TIMEOUT", 4.0)
+# Workers and beat reconnect forever after a broker restart (None: no retry limit); what
+# was queued in durable queues is still there when they do.
+CELERY_BROKER_CONNECTION_RETRY = True
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
+# A publish that fails is retried briefly, then raises: the caller logs it and the work,
+# already in Redis, is left to the sweeper (docs/guarantees.md), never to an unbounded wait.
+CELERY_TASK_PUBLISH_RETRY = True
+CELERY_TASK_PUBLISH_RETRY_POLICY = {
+    "max_retries": 2,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 1,
 }
+# RabbitMQ queue type for the project's queues: "classic" (one node) or "quorum"
+# (replicated across a RabbitMQ cluster; survives losing a node). Changing it needs the old
+# queues deleted first: RabbitMQ refuses to redeclare a queue with another type.
+CELERY_TASK_DEFAULT_QUEUE_TYPE = env_str("CELERY_QUEUE_TYPE", "classic")
 # Pool threads dispatch steps to the process's model-call runtime (workers/runtime.py) and
 # return once a step is claimed: a few suffice, since none waits on a model. They also bound
 # prefetch: a full runtime parks them, so the worker stops taking messages.

@@ -10,13 +10,21 @@ field, so a kombu upgrade that changes the format fails the suite rather than pr
 
 from __future__ import annotations
 
+import atexit
 import base64
+import logging
 import os
+import queue
 import socket
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import orjson
+
+logger = logging.getLogger(__name__)
 
 ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"
 
@@ -93,11 +101,15 @@ def celery_message(
 # orchestration, which this package does not import. Celery applies the registered task's
 # options and routes as it does for the task's own apply_async.
 
+# A broker that takes a message but never confirms it (RabbitMQ under memory or disk alarm
+# blocks publishers) fails the publish after this instead of holding the caller.
+CONFIRM_TIMEOUT_S = 5.0
+
 
 def _send(task_name: str, args: list[Any]) -> None:
     from celery import current_app
 
-    current_app.send_task(task_name, args=args)
+    current_app.send_task(task_name, args=args, confirm_timeout=CONFIRM_TIMEOUT_S)
 
 
 def enqueue_step(run_id: str, step: int) -> None:
@@ -118,3 +130,172 @@ def enqueue_trigger(run_id: str, event_id: str) -> None:
 def enqueue_published_trigger(args: list[Any]) -> None:
     """Publish a published-event trigger through Celery itself (any broker)."""
     _send(PUBLISHED_TRIGGER_TASK, args)
+
+
+# --- Publishing from an event loop ---------------------------------------------------------
+#
+# With a broker other than the streams' Redis, what an event loop (a gateway's, a worker's
+# model-call runtime) wrote to Redis is the outbox and its Celery message only a wake-up, so
+# the loop must neither wait for the broker nor depend on it: it hands the message to one
+# publishing thread per process through a bounded queue and goes on (the client's ack is
+# sent once Redis took the write). A publish that fails (broker down, unconfirmed), or
+# finds the queue full, is logged and dropped: the work is in Redis, and the sweeper
+# publishes wake-ups for queued work left unclaimed past a grace (docs/guarantees.md).
+
+# Messages waiting for the publishing thread at most: a broker that stalls costs this much
+# memory and no more; past it messages are dropped to the sweeper.
+PUBLISH_QUEUE_MAX = 10_000
+# After a failed publish the thread drops what it takes for this long instead of trying
+# each (each try can take several connection timeouts): the queue drains while the broker
+# is away, and the first publish after the pause tries again.
+PUBLISH_PAUSE_S = 2.0
+# A drop is logged once per this many seconds, with the count since the last log.
+DROP_LOG_EVERY_S = 10.0
+
+
+class BackgroundPublisher:
+    """One thread publishing Celery messages handed to it without waiting (`submit`)."""
+
+    def __init__(
+        self,
+        send: Callable[[str, list[Any]], None] = _send,
+        max_queued: int = PUBLISH_QUEUE_MAX,
+        pause_s: float = PUBLISH_PAUSE_S,
+    ) -> None:
+        self._send = send
+        self._max_queued = max_queued
+        self._pause_s = pause_s
+        self._queue: queue.Queue[tuple[str, list[Any]]] = queue.Queue(max_queued)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+        self._paused_until = 0.0
+        self._dropped = 0  # since the last drop log
+        self._drop_logged_at = 0.0
+        self.published = 0
+        self.failed = 0  # tried and failed, or dropped during a pause or on a full queue
+
+    def submit(self, task_name: str, args: list[Any]) -> bool:
+        """Queue a message for the publishing thread; False (logged, left to the sweeper)
+        when the queue is full. Never blocks."""
+        self._ensure_thread()
+        try:
+            self._queue.put_nowait((task_name, args))
+        except queue.Full:
+            self._drop(task_name, args, "publish queue full")
+            return False
+        return True
+
+    @property
+    def started(self) -> bool:
+        """Whether this process has submitted anything (its thread runs)."""
+        return self._thread is not None and self._pid == os.getpid()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every submitted message was published or dropped, at most
+        `timeout_s`; True when the queue emptied."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._queue.unfinished_tasks == 0:
+                return True
+            time.sleep(0.01)
+        return self._queue.unfinished_tasks == 0
+
+    def _ensure_thread(self) -> None:
+        if self._thread is not None and self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid != os.getpid():
+                # A forked child (a prefork pool process): the parent's thread is not here.
+                self._queue = queue.Queue(self._max_queued)
+                self._thread = None
+                self._pid = os.getpid()
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="celery-publisher", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            task_name, args = self._queue.get()
+            try:
+                self._publish(task_name, args)
+            finally:
+                self._queue.task_done()
+
+    def _publish(self, task_name: str, args: list[Any]) -> None:
+        if time.monotonic() < self._paused_until:
+            self._drop(task_name, args, "broker failed a moment ago")
+            return
+        try:
+            self._send(task_name, args)
+        except Exception:
+            self._paused_until = time.monotonic() + self._pause_s
+            self.failed += 1
+            logger.warning(
+                "publish failed; the work is in Redis and left to the sweeper task=%s args=%s",
+                task_name,
+                args,
+                exc_info=True,
+            )
+        else:
+            self.published += 1
+
+    def _drop(self, task_name: str, args: list[Any], why: str) -> None:
+        self.failed += 1
+        self._dropped += 1
+        now = time.monotonic()
+        if now - self._drop_logged_at >= DROP_LOG_EVERY_S:
+            logger.warning(
+                "publish dropped (%s); left to the sweeper: %s since the last such log, "
+                "latest task=%s args=%s",
+                why,
+                self._dropped,
+                task_name,
+                args,
+            )
+            self._drop_logged_at = now
+            self._dropped = 0
+
+
+_publisher = BackgroundPublisher()
+# DRAIN_FLUSH_S: a process that exits cleanly (a gateway or worker drained for a deploy)
+# first gives what it handed over a moment to reach the broker; past it, the sweeper.
+DRAIN_FLUSH_S = 3.0
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    if _publisher.started:
+        _publisher.flush(DRAIN_FLUSH_S)
+
+
+def publisher() -> BackgroundPublisher:
+    """This process's publishing thread."""
+    return _publisher
+
+
+def publish_soon(task_name: str, args: list[Any]) -> bool:
+    """Publish a task from an event loop without waiting (see BackgroundPublisher)."""
+    return _publisher.submit(task_name, args)
+
+
+def enqueue_step_soon(run_id: str, step: int) -> None:
+    """`enqueue_step` from an event loop: queued for the publishing thread."""
+    publish_soon(RUN_STEP_TASK, [run_id, step])
+
+
+def enqueue_ticket_soon() -> None:
+    """`enqueue_ticket` from an event loop: queued for the publishing thread."""
+    publish_soon(RUN_NEXT_TASK, [])
+
+
+def enqueue_trigger_soon(run_id: str, event_id: str) -> None:
+    """`enqueue_trigger` from an event loop: queued for the publishing thread."""
+    publish_soon(TRIGGER_TASK, [run_id, event_id])
+
+
+def enqueue_published_trigger_soon(args: list[Any]) -> None:
+    """`enqueue_published_trigger` from an event loop: queued for the publishing thread."""
+    publish_soon(PUBLISHED_TRIGGER_TASK, args)

@@ -7,7 +7,6 @@ streams/subscriptions.py."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,9 +23,11 @@ from streams.enqueue import (
     RUN_STEP_TASK,
     RUNS_QUEUE,
     celery_message,
-    enqueue_published_trigger,
+    enqueue_published_trigger_soon,
     enqueue_step,
+    enqueue_step_soon,
     enqueue_ticket,
+    enqueue_ticket_soon,
 )
 from streams.events import cause_of, event_parts, new_event_id, new_run_id
 from streams.fairness import join_call, quantum
@@ -92,6 +93,15 @@ def enqueue_first_task(run_id: str) -> None:
         enqueue_ticket()
     else:
         enqueue_step(run_id, 0)
+
+
+def enqueue_first_task_soon(run_id: str) -> None:
+    """`enqueue_first_task` from an event loop: handed to the publishing thread, never
+    waited for (streams/enqueue.py BackgroundPublisher)."""
+    if conf().fair_queue:
+        enqueue_ticket_soon()
+    else:
+        enqueue_step_soon(run_id, 0)
 
 
 # A counted run stops counting this long after its deadline even without its reply.done
@@ -308,9 +318,10 @@ class StreamStore:
         answer = await self._write(call, dedupe_key)
         appended = Appended(*_receipt(answer.code, answer.value))
         if trigger_args is not None and not trigger_message and not appended.duplicate:
-            # Another broker: published after the append; a crash in between loses the
-            # trigger (documented), never the event.
-            await asyncio.to_thread(enqueue_published_trigger, trigger_args)
+            # Another broker: published after the append, without waiting for the broker; a
+            # crash in between or a failed publish loses the trigger (documented), never
+            # the event.
+            enqueue_published_trigger_soon(trigger_args)
         return appended
 
     async def accept_send(
@@ -354,9 +365,10 @@ class StreamStore:
             # the ring and without its ticket; the sweep repairs both (fairness.py).
             await join_call(tenant, answer.ring_epoch, message).run_async(self.client)
         if not duplicate and not message:
-            # Another broker: publish after the append. A crash in between leaves the run
-            # queued; the sweeper ends it at its deadline, so it still gets its reply.done.
-            await asyncio.to_thread(enqueue_first_task, run.run_id)
+            # Another broker: Redis is the outbox and the message only a wake-up, handed to
+            # the publishing thread (the ack does not wait for the broker). A crash or a
+            # failed publish leaves the run queued for the sweeper (docs/guarantees.md).
+            enqueue_first_task_soon(run.run_id)
         return Appended(seq, event_id, duplicate, run_id=None if duplicate else run.run_id)
 
     def _accept_send_call(

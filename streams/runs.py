@@ -14,13 +14,12 @@ redelivers the step (`redeliver`) long before kombu would restore the dead worke
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -39,7 +38,9 @@ from streams.enqueue import (
     TRIGGER_TASK,
     celery_message,
     enqueue_step,
+    enqueue_step_soon,
     enqueue_trigger,
+    enqueue_trigger_soon,
 )
 from streams.events import (
     cause_of,
@@ -337,9 +338,10 @@ class RunStore(_RunStoreBase):
         call = _FinalizeCall(run, status, detail, owner)
         finished = call.result(call.script.run(self.client))
         if finished and call.enqueue_after:
-            # Another broker: published after the script. A crash in between loses this
-            # trigger (its subscribers do not run); with the broker in this Redis it cannot.
-            enqueue_trigger(run_id, call.event_id)
+            # Another broker: published after the script. A crash in between, or a broker
+            # that is down, loses this trigger (its subscribers do not run); with the broker
+            # in this Redis it cannot.
+            _publish_or_log(enqueue_trigger, run_id, call.event_id)
         return finished
 
     def save_output(self, run: Run, step: int, output: str, fell_back: str = "") -> None:
@@ -400,13 +402,31 @@ class RunStore(_RunStoreBase):
         if code == 1:
             if not message:
                 # Another broker: published after the script, under a publish lease. A
-                # crash in between lets the lease run out, and this sweep publishes again.
-                enqueue_step(run_id, step_index)
-                _drop_publish_lease(run_id, lease).run(self.client)
+                # crash in between, or a failed publish (logged), lets the lease run out,
+                # and this sweep publishes again.
+                if _publish_or_log(enqueue_step, run_id, step_index):
+                    _drop_publish_lease(run_id, lease).run(self.client)
             return Redelivery("redelivered", run_id, found.tenant, step_index, int(value))
         if code == -2:
             return Redelivery("exhausted", run_id, found.tenant, step_index, int(value))
         return found
+
+
+def _publish_or_log(publish: Callable[..., None], *args: Any) -> bool:
+    """A publish after a script that already wrote its state: a broker that is down must
+    not fail the caller (a sweep of many runs) for it; the state written is swept again.
+    True when published."""
+    try:
+        publish(*args)
+    except Exception:
+        logger.warning(
+            "publish failed; left to the sweeper task=%s args=%s",
+            getattr(publish, "__name__", publish),
+            args,
+            exc_info=True,
+        )
+        return False
+    return True
 
 
 class AsyncRunStore(_RunStoreBase):
@@ -449,7 +469,8 @@ class AsyncRunStore(_RunStoreBase):
         call = _FinalizeCall(run, status, detail, run.owner)
         finished = call.result(await call.script.run_async(self.client))
         if finished and call.enqueue_after:
-            await asyncio.to_thread(enqueue_trigger, run.run_id, call.event_id)
+            # Not waited for: the runtime's loop never blocks on the broker.
+            enqueue_trigger_soon(run.run_id, call.event_id)
         return finished
 
     async def save_output(self, run: Run, step: int, output: str, fell_back: str = "") -> None:
@@ -508,10 +529,11 @@ class AsyncRunStore(_RunStoreBase):
         )
         if handed.done and not message:
             # Another broker: the run is queued first, under a publish lease, and its
-            # message published after; a crash in between lets the lease run out and the
-            # lease sweep publishes the step again (docs/guarantees.md).
-            await asyncio.to_thread(enqueue_step, run.run_id, step)
-            await _drop_publish_lease(run.run_id, handed.lease).run_async(self.client)
+            # message handed to the publishing thread; the lease is left to run out (the
+            # thread cannot drop it), so a crash or a failed publish is published again by
+            # the lease sweep, and a message that did go out may be followed by a second
+            # one, which the claim fencing makes harmless (docs/guarantees.md).
+            enqueue_step_soon(run.run_id, step)
         return handed.done
 
 

@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from django.conf import settings
 
+from tests import rabbitmq
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _static_files_without_collectstatic() -> Iterator[None]:
@@ -64,3 +66,48 @@ def unique() -> Callable[[str], str]:
         return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
     return make
+
+
+# The RabbitMQ tests' switches (tests/rabbitmq.py, tests/integration/test_rabbitmq.py).
+# SWITCHBOARD_TEST_BROKER=rabbitmq runs the integration suite's cluster with Celery on
+# RabbitMQ: a variable of the tests' own, not CELERY_BROKER_URL, since Celery lets that one
+# override every app's configuration, so in the test process itself it would send every
+# in-process publish to the shared server's default vhost.
+BROKER_VAR = "SWITCHBOARD_TEST_BROKER"
+# The RabbitMQ server the tests use (each session in a vhost of its own).
+AMQP_URL_VAR = "SWITCHBOARD_TEST_AMQP_URL"
+# 1: also run the test that stops and starts the (shared) local RabbitMQ node's broker.
+RABBITMQ_RESTART_VAR = "SWITCHBOARD_TEST_RABBITMQ_RESTART"
+
+
+def rabbitmq_requested() -> bool:
+    """Whether the integration suite's cluster is to run Celery on RabbitMQ."""
+    return os.environ.get(BROKER_VAR, "").lower() in {"rabbitmq", "amqp"}
+
+
+def rabbitmq_server_url() -> str:
+    """The RabbitMQ server the tests use; any vhost it names is replaced by a session's."""
+    return os.environ.get(AMQP_URL_VAR) or rabbitmq.DEFAULT_AMQP_URL
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_session() -> Iterator[rabbitmq.Session]:
+    """A vhost of this session's own on the tests' RabbitMQ (tests/rabbitmq.py), deleted
+    with its queues at the end; skips, saying why, when no RabbitMQ answers and none can
+    be started."""
+    try:
+        server = rabbitmq_server_url()
+        rabbitmq.ensure_running(server)
+        vhost, url = rabbitmq.create_vhost(server)
+    except rabbitmq.RabbitMQUnavailable as missing:
+        pytest.skip(f"RabbitMQ: {missing}")
+    try:
+        yield rabbitmq.Session(server, vhost, url)
+    finally:
+        rabbitmq.delete_vhost(vhost)
+
+
+@pytest.fixture(scope="session")
+def amqp_vhost_url(rabbitmq_session: rabbitmq.Session) -> str:
+    """The AMQP URL of the session's own vhost."""
+    return rabbitmq_session.url

@@ -5,6 +5,9 @@ The "openai" backend of the cluster talks to a fake OpenAI-compatible provider
 (tests/fakes/openai_server.py) run by this process, so tests can read every call it got;
 the test-only agents of tests/integration/agents_app are installed beside the examples.
 
+With SWITCHBOARD_TEST_BROKER=rabbitmq the cluster's Celery broker is RabbitMQ (a vhost of
+the session's own, tests/rabbitmq.py) instead of the streams' Redis database.
+
 Tenants live in the cluster's own SQLite file. pytest-django's test database is in memory
 and the cluster's processes cannot see it, so nothing here goes through it: tenants are
 made by the management commands, and tokens are signed with secrets read from that file.
@@ -29,6 +32,7 @@ import redis
 from client.connection import SwitchboardClient
 from project.launcher import Cluster, Proc
 from tenants.tokens import issue_token
+from tests.conftest import rabbitmq_requested
 from tests.fakes.openai_server import FakeOpenAIServer
 
 # Short limits so failure paths finish in seconds; tests read them from here.
@@ -228,8 +232,15 @@ def running_switchboard(
     board = (board_class or Switchboard)(cluster, db_path, KEY_PREFIX, provider)
     try:
         url = cluster.ensure_redis()
-        # The atomic enqueue needs the broker to be this very database.
-        cluster.env["CELERY_BROKER_URL"] = broker_url or url
+        if broker_url:
+            cluster.env["CELERY_BROKER_URL"] = broker_url
+        elif rabbitmq_requested():
+            # RabbitMQ as the broker: Redis is the outbox, messages are wake-ups.
+            broker = request.getfixturevalue("rabbitmq_session")
+            cluster.env["CELERY_BROKER_URL"] = broker.url
+        else:
+            # The atomic enqueue needs the broker to be this very database.
+            cluster.env["CELERY_BROKER_URL"] = url
         redis.Redis.from_url(url).flushdb()
         if flush is not None:
             flush()

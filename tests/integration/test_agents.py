@@ -497,8 +497,10 @@ async def test_a_trigger_delivered_twice_starts_its_subscriber_once(
     # The same trigger again, as a broker redelivery would bring it, through Celery's own
     # client (not our Lua enqueue).
     def deliver_again() -> None:
-        app = celery.Celery("it-redelivery", broker=switchboard.redis_url, set_as_current=False)
-        app.conf.broker_transport_options = {"global_keyprefix": f"{KEY_PREFIX}:celery:"}
+        broker = switchboard.cluster.env["CELERY_BROKER_URL"]  # Redis's, or RabbitMQ's
+        app = celery.Celery("it-redelivery", broker=broker, set_as_current=False)
+        if broker.startswith("redis"):
+            app.conf.broker_transport_options = {"global_keyprefix": f"{KEY_PREFIX}:celery:"}
         try:
             app.send_task(
                 TRIGGER_TASK,

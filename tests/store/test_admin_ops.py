@@ -419,3 +419,26 @@ def test_the_admin_front_page_links_the_live_page_for_those_who_may_see_it(
     staff = User.objects.create_user("staff-without-rights", password="x", is_staff=True)
     client.force_login(staff)
     assert LIVE_URL not in client.get("/admin/").content.decode()
+
+
+def test_an_amqp_broker_shows_its_queues_with_the_unacknowledged_unknown(
+    r: redis.Redis, amqp_vhost_url: str, settings: Any
+) -> None:
+    settings.CELERY_BROKER_URL = amqp_vhost_url
+    data = snapshot(r, [], 0, ask_workers=lambda: None)
+    assert data["errors"] == []
+    assert {queue["queue"] for queue in data["celery"]["queues"]} == {
+        "switchboard.runs",
+        "switchboard.maintenance",
+    }
+    assert data["celery"]["unacked"] is None  # RabbitMQ's, not told by a passive declare
+
+
+def test_an_amqp_broker_that_does_not_answer_is_a_banner(r: redis.Redis, settings: Any) -> None:
+    settings.CELERY_BROKER_URL = f"amqp://guest:guest@127.0.0.1:{free_port()}//"
+    data = snapshot(r, [], 0, ask_workers=lambda: None)
+    assert data["celery"] is None
+    assert [error.split(":")[0] for error in data["errors"]] == [
+        "Celery's broker (AMQP) could not be read"
+    ]
+    assert data["runs"] is not None  # what Redis answered is still shown

@@ -76,3 +76,33 @@ def test_a_redis_that_does_not_answer_gives_a_scrape_that_says_so() -> None:
     gone = redis.Redis(port=free_port(), socket_connect_timeout=0.5, socket_timeout=0.5)
     values = scrape(RedisStateCollector(gone, gone, lambda: QUEUES))
     assert values == {("switchboard_state_up", ()): 0}
+
+
+def test_an_amqp_broker_gives_its_ready_messages_and_consumers(
+    r: redis.Redis, amqp_vhost_url: str
+) -> None:
+    from kombu import Connection, Queue
+
+    with Connection(amqp_vhost_url) as connection:
+        channel = connection.default_channel
+        Queue("switchboard.runs", routing_key="switchboard.runs")(channel).declare()
+        producer = connection.Producer(channel)
+        for number in range(3):
+            producer.publish({"n": number}, routing_key="switchboard.runs")
+    values = scrape(RedisStateCollector(r, None, lambda: QUEUES, amqp_url=amqp_vhost_url))
+    assert values[("switchboard_state_up", ())] == 1
+    assert values[("switchboard_broker_up", ())] == 1
+    assert values[("switchboard_queue_depth", (("queue", "switchboard.runs"),))] == 3
+    assert values[("switchboard_queue_consumers", (("queue", "switchboard.runs"),))] == 0
+    # Not declared yet: empty, not an error.
+    assert values[("switchboard_queue_depth", (("queue", "switchboard.maintenance"),))] == 0
+    # A passive declare does not tell the unacknowledged: no series rather than a guess.
+    assert ("switchboard_queue_unacked", ()) not in values
+
+
+def test_an_amqp_broker_that_does_not_answer_leaves_the_redis_state_up(r: redis.Redis) -> None:
+    gone = f"amqp://guest:guest@127.0.0.1:{free_port()}//"
+    values = scrape(RedisStateCollector(r, None, lambda: QUEUES, amqp_url=gone))
+    assert values[("switchboard_state_up", ())] == 1
+    assert values[("switchboard_broker_up", ())] == 0
+    assert not [key for key in values if key[0].startswith("switchboard_queue_")]

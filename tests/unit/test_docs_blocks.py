@@ -308,6 +308,26 @@ def check_docker_example(block: Block) -> None:
         assert importlib.util.find_spec(module), module
 
 
+def check_docker_cluster_example(block: Block) -> None:
+    """The `cluster` profile's services exist and are in that profile, with the settings
+    of the cluster mode; the rest as for the plain compose example."""
+    check_docker_example(block)
+    cluster = {
+        "web-cluster",
+        "worker-cluster",
+        "beat-cluster",
+        "rabbitmq",
+        "redis-cluster-init",
+        *(f"redis-node-{index}" for index in range(6)),
+    }
+    assert cluster <= compose_services()
+    text = COMPOSE_FILE.read_text()
+    assert text.count('profiles: ["cluster"]') >= 4  # the nodes share theirs by anchor
+    assert "REDIS_CLUSTER_URL: redis://redis-node-0:6379" in text
+    assert "CELERY_BROKER_URL: amqp://" in text
+    assert "--cluster-replicas 1" in text
+
+
 def _run(run_id: str = "r1", **fields: Any) -> Any:
     from streams.runs import Run
 
@@ -371,6 +391,12 @@ EXAMPLES = [
         "README.md",
         "docker compose up --build",
         check=check_docker_example,
+        not_runnable="there is no Docker here",
+    ),
+    Example(
+        "README.md",
+        "--profile cluster up --build web-cluster",
+        check=check_docker_cluster_example,
         not_runnable="there is no Docker here",
     ),
     Example(
@@ -439,6 +465,20 @@ EXAMPLES = [
         run_by="tests/integration/test_artillery.py::test_each_user_chats_and_is_measured",
         not_runnable="the test runs the scenario with its own phases (seconds, not the "
         "scenario's); the lines' files and options are checked here",
+    ),
+    Example(
+        "docs/operations.md",
+        "CELERY_BROKER_URL=amqp://switchboard:secret@rabbitmq.internal",
+        run_by="tests/integration/test_rabbitmq.py::"
+        "test_a_send_streams_its_agents_reply_with_celery_on_rabbitmq",
+        not_runnable="names a deployment's RabbitMQ and `bin/dev start` runs until Ctrl-C; the "
+        "test named runs the same processes on a local RabbitMQ",
+    ),
+    Example(
+        "docs/operations.md",
+        "SWITCHBOARD_TEST_BROKER=rabbitmq bin/dev test",
+        not_runnable="runs the whole integration suite again (CI's choice); the variable is "
+        "checked to be read by a conftest.py",
     ),
     Example(
         "docs/operations.md",
@@ -635,11 +675,16 @@ def check_python_module(module: str, args: list[str]) -> None:
 
 def check_compose_command(args: list[str]) -> None:
     services = compose_services()
+    if args[:1] == ["--profile"]:
+        assert f'profiles: ["{args[1]}"]' in COMPOSE_FILE.read_text(), args
+        args = args[2:]
     if args[0] == "exec":
         assert args[1] in services, args
         check_command(args[2:], ROOT)
     else:
         assert args[0] == "up", args
+        named = [arg for arg in args[1:] if not arg.startswith("-")]
+        assert set(named) <= services, args
 
 
 def compose_services() -> set[str]:
@@ -648,7 +693,8 @@ def compose_services() -> set[str]:
     text = COMPOSE_FILE.read_text()
     section = re.search(r"^services:\n(.*?)(?=^\S)", text, re.M | re.S)
     assert section, "docker-compose.yml has no services"
-    return set(re.findall(r"^  ([\w-]+):\s*$", section.group(1), re.M))
+    # A service may carry a YAML anchor (`web-cluster: &switchboard-cluster`).
+    return set(re.findall(r"^  ([\w-]+):\s*(?:&[\w-]+\s*)?$", section.group(1), re.M))
 
 
 def check_artillery_command(args: list[str], directory: Path) -> None:
