@@ -157,8 +157,16 @@ class Script(Generic[R]):
 
     async def queue_async(self, client: aredis.Redis, pipe: Any) -> None:
         """Queue the call on `pipe`, a pipeline of `client`; pass its answer from
-        `pipe.execute()` to `result`."""
-        await self.LUA.on(client)(keys=self.keys(), args=self.args(), client=pipe)
+        `pipe.execute()` to `result`. A Redis Cluster's pipeline refuses redis-py's
+        `evalsha()` method ("blocked when running redis in cluster mode") but not the
+        command itself, and loads no script first: a NoScriptError answer is the caller's
+        to retry (run_pipelined_async does)."""
+        script = self.LUA.on(client)
+        if is_cluster_client(client):
+            keys = self.keys()
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *self.args())
+            return
+        await script(keys=self.keys(), args=self.args(), client=pipe)
 
 
 def _exempt_positions(cls: type[Script[Any]], count: int) -> list[int]:
