@@ -2,7 +2,7 @@
 promoted: clients reconnect and resend every unacked message with its id until acked.
 With SWITCHBOARD_REPLICA_ACKS=1 every acked message is in the stream exactly once; with 0,
 at most once, and only acks given before the kill may be missing (docs/guarantees.md,
-"Redis failover"). Run last: the kill disturbs every process of the group for a moment."""
+"Redis failover")."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from client.connection import SwitchboardClient, SwitchboardError
 from project.redis_cluster import RedisCluster
 from tests.integration.conftest import TENANT, StartGateway, Switchboard
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.run_last]
+# After the package's other modules (by name): the kill disturbs every process a moment.
+pytestmark = pytest.mark.asyncio
 
 PUBLISHERS = 4
 BEFORE_KILL = 150
