@@ -64,6 +64,10 @@ CLUSTER_ENV = {
     "SWITCHBOARD_RUN_DEADLINE_S": str(RUN_DEADLINE_S),
     "SWITCHBOARD_SWEEP_INTERVAL_S": "0.5",
     "SWITCHBOARD_RUN_LEASE_S": "1",
+    # With a broker other than the streams' Redis (RabbitMQ), work whose message was lost
+    # (a gateway killed before its publishing thread sent it) is woken by the sweep after
+    # this grace: well within the runs' deadline, or they end `failed` first.
+    "SWITCHBOARD_OUTBOX_GRACE_S": "1",
     # Tests publish far faster than a client may by default (20/s); tenants' default rates
     # are raised so that only the LIMITED_TENANTS below are rate limited.
     "SWITCHBOARD_CLIENT_MESSAGES_PER_S": "100000",
