@@ -39,7 +39,8 @@ from streams.enqueue import (
     TRIGGER_TASK,
     celery_message,
     enqueue_step,
-    enqueue_trigger,
+    outbox_entry,
+    publish_outbox_entry,
 )
 from streams.events import (
     cause_of,
@@ -336,10 +337,11 @@ class RunStore(_RunStoreBase):
                 return False
         call = _FinalizeCall(run, status, detail, owner)
         finished = call.result(call.script.run(self.client))
-        if finished and call.enqueue_after:
-            # Another broker: published after the script. A crash in between loses this
-            # trigger (its subscribers do not run); with the broker in this Redis it cannot.
-            enqueue_trigger(run_id, call.event_id)
+        if finished and call.outbox_entry:
+            # Another broker: published after the script, from the task outbox the script
+            # wrote it to; should this process die first, the sweep publishes it.
+            publish_outbox_entry(call.outbox_entry)
+            self.client.zrem(keys.task_outbox(run.tenant), call.outbox_entry)
         return finished
 
     def save_output(self, run: Run, step: int, output: str, fell_back: str = "") -> None:
@@ -448,8 +450,9 @@ class AsyncRunStore(_RunStoreBase):
         """The run's one reply.done, by its owner; False when it already had one."""
         call = _FinalizeCall(run, status, detail, run.owner)
         finished = call.result(await call.script.run_async(self.client))
-        if finished and call.enqueue_after:
-            await asyncio.to_thread(enqueue_trigger, run.run_id, call.event_id)
+        if finished and call.outbox_entry:
+            await asyncio.to_thread(publish_outbox_entry, call.outbox_entry)
+            await self.client.zrem(keys.task_outbox(run.tenant), call.outbox_entry)
         return finished
 
     async def save_output(self, run: Run, step: int, output: str, fell_back: str = "") -> None:
@@ -700,7 +703,10 @@ class _FinalizeCall:
         at = utc_now_iso()
         prefix, text_prefix, tail = _reply_done_parts(run, status, detail, self.event_id, at)
         # Agents subscribed to this reply: their trigger task goes in with the event.
-        trigger_message, self.enqueue_after = _trigger_message(run, status, self.event_id)
+        trigger_message, enqueue_after = _trigger_message(run, status, self.event_id)
+        self.outbox_entry = (
+            outbox_entry(TRIGGER_TASK, [run.run_id, self.event_id]) if enqueue_after else ""
+        )
         history_max, history_head = _history_head(run, status, detail, self.event_id, at)
         self.script = scripts.FinalizeRun(
             seq_key=keys.stream_seq(run.tenant, run.stream),
@@ -736,6 +742,8 @@ class _FinalizeCall:
             ),
             problems_max=RECENT_PROBLEMS_MAX,
             worker_stop_prefix=keys.WORKER_STOP_PREFIX,
+            task_outbox_key=keys.task_outbox(run.tenant),
+            outbox_entry=self.outbox_entry,
         )
 
     def result(self, answer: scripts.Coded) -> bool:
