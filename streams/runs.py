@@ -354,8 +354,21 @@ class RunStore(_RunStoreBase):
 
     def overdue(self, tenant: str, now: float, limit: int = 500) -> list[str]:
         """The tenant's runs past their deadline (its index in its own slot)."""
-        ids = self.client.zrangebyscore(keys.run_deadlines(tenant), "-inf", now, start=0, num=limit)
-        return [as_text(run_id) for run_id in ids]
+        return self.overdue_of([tenant], now, limit)
+
+    def overdue_of(self, tenants: list[str], now: float, limit: int = 500) -> list[str]:
+        """The runs of these tenants past their deadline, up to `limit` per tenant, in one
+        pipelined round trip (a tenant's index is in its own slot)."""
+        return self._listed([keys.run_deadlines(tenant) for tenant in tenants], now, limit)
+
+    def _listed(self, indexes: list[str], until: float, limit: int) -> list[str]:
+        if not indexes:
+            return []
+        with self.client.pipeline(transaction=False) as pipe:
+            for index in indexes:
+                pipe.zrangebyscore(index, "-inf", until, start=0, num=limit)
+            pages = pipe.execute()
+        return [as_text(run_id) for page in pages for run_id in page]
 
     def renew_lease(self, run: Run, extra_s: float = 0.0) -> bool:
         """Extend the owner's lease to `lease_s + extra_s` from now (never shortening it).
@@ -370,10 +383,18 @@ class RunStore(_RunStoreBase):
     def expired_leases(self, tenant: str, limit: int = 500) -> list[str]:
         """The tenant's runs whose step lease has run out, by the Redis clock the leases
         are set with (the clock of the tenant's node)."""
-        leases = keys.run_leases(tenant)
-        seconds, micros = _redis_time(self.client, leases)
-        ids = self.client.zrangebyscore(leases, "-inf", seconds + micros / 1e6, start=0, num=limit)
-        return [as_text(run_id) for run_id in ids]
+        return self.expired_leases_of([tenant], limit)
+
+    def expired_leases_of(self, tenants: list[str], limit: int = 500) -> list[str]:
+        """The same for many tenants, up to `limit` each, in one pipelined round trip after
+        one TIME. On a Redis Cluster that clock is the node of the first tenant's, not each
+        tenant's own: a lease listed early by a skewed clock is harmless, since
+        REDELIVER_STEP checks it again by its own node's clock and leaves it if it holds."""
+        if not tenants:
+            return []
+        seconds, micros = _redis_time(self.client, keys.run_leases(tenants[0]))
+        indexes = [keys.run_leases(tenant) for tenant in tenants]
+        return self._listed(indexes, seconds + micros / 1e6, limit)
 
     def redeliver(self, run_id: str, max_redeliveries: int = MAX_REDELIVERIES) -> Redelivery:
         """Enqueue a step whose lease ran out again, at most once however many sweepers try."""
