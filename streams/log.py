@@ -24,9 +24,10 @@ from streams.enqueue import (
     RUN_STEP_TASK,
     RUNS_QUEUE,
     celery_message,
-    enqueue_published_trigger,
     enqueue_step,
     enqueue_ticket,
+    outbox_entry,
+    publish_outbox_entry,
 )
 from streams.events import cause_of, event_parts, new_event_id, new_run_id
 from streams.fairness import join_call, quantum
@@ -246,14 +247,16 @@ class StreamStore:
         )
         # Agents subscribed to published events on this stream: their trigger goes in with
         # the event (a registry lookup, no Redis, when none subscribes).
-        trigger_args: list[Any] | None = None
-        trigger_message = ""
+        trigger_message = entry = ""
         if subscribed("published", "", frame.stream):
             trigger_args = [tenant, frame.stream, event_id, client, frame.id, frame.data]
             if self.enqueue_atomically:
                 _, trigger_message = celery_message(
                     PUBLISHED_TRIGGER_TASK, trigger_args, RUNS_QUEUE
                 )
+            else:
+                # Another broker: the task outbox holds it until it is published.
+                entry = outbox_entry(PUBLISHED_TRIGGER_TASK, trigger_args)
         await register_async(self.client, tenant)
         answer = await scripts.AppendEvent(
             seq_key=keys.stream_seq(tenant, frame.stream),
@@ -267,12 +270,15 @@ class StreamStore:
             dedupe_ttl=self.dedupe_ttl_s,
             event_id=event_id,
             trigger_message=trigger_message,
+            task_outbox_key=keys.task_outbox(tenant),
+            outbox_entry=entry,
         ).run_async(self.client)
         appended = Appended(*_receipt(answer.code, answer.value))
-        if trigger_args is not None and not trigger_message and not appended.duplicate:
-            # Another broker: published after the append; a crash in between loses the
-            # trigger (documented), never the event.
-            await asyncio.to_thread(enqueue_published_trigger, trigger_args)
+        if entry and not appended.duplicate:
+            # Published after the append; a crash in between leaves it in the outbox, and
+            # the sweep publishes it.
+            await asyncio.to_thread(publish_outbox_entry, entry)
+            await self.client.zrem(keys.task_outbox(tenant), entry)
         return appended
 
     async def accept_send(

@@ -265,14 +265,24 @@ class AppendEvent(Script[Coded]):
     """A client's `publish` (streams/log.py): value is "SEQ EVENT_ID"; code 0: duplicate."""
 
     LUA = Lua("append_event.lua")
-    KEYS = ("seq_key", "log_key", "dedupe_key", "queue_key")
+    KEYS = ("seq_key", "log_key", "dedupe_key", "queue_key", "task_outbox_key")
     SINGLE_REDIS_KEYS = frozenset({"queue_key"})
-    ARGV = ("channel", "prefix", "suffix", "maxlen", "dedupe_ttl", "event_id", "trigger_message")
+    ARGV = (
+        "channel",
+        "prefix",
+        "suffix",
+        "maxlen",
+        "dedupe_ttl",
+        "event_id",
+        "trigger_message",
+        "outbox_entry",
+    )
 
     seq_key: str
     log_key: str
     dedupe_key: str
     queue_key: str
+    task_outbox_key: str
     channel: str
     prefix: str
     suffix: str
@@ -280,6 +290,7 @@ class AppendEvent(Script[Coded]):
     dedupe_ttl: int
     event_id: str
     trigger_message: str
+    outbox_entry: str
 
     def result(self, raw: Any) -> Coded:
         return _coded(raw)
@@ -554,6 +565,7 @@ class FinalizeRun(Script[Coded]):
         "history_outbox_key",
         "history_dropped_key",
         "problems_key",
+        "task_outbox_key",
     )
     SINGLE_REDIS_KEYS = frozenset({"queue_key"})
     ARGV = (
@@ -572,6 +584,7 @@ class FinalizeRun(Script[Coded]):
         "problem_entry",
         "problems_max",
         "worker_stop_prefix",
+        "outbox_entry",
     )
 
     seq_key: str
@@ -584,6 +597,7 @@ class FinalizeRun(Script[Coded]):
     history_outbox_key: str
     history_dropped_key: str
     problems_key: str
+    task_outbox_key: str
     channel: str
     prefix: str
     text_prefix: str
@@ -599,6 +613,7 @@ class FinalizeRun(Script[Coded]):
     problem_entry: str
     problems_max: int
     worker_stop_prefix: str
+    outbox_entry: str
 
     def result(self, raw: Any) -> Coded:
         return _coded(raw)
