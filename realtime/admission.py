@@ -17,10 +17,11 @@
   `ConnectionRegistry`. Per tenant and per client a hash holds each gateway process's
   count of open connections; each process renews one lease (a sorted set of gateway ids
   scored by when their lease ends, on the Redis clock) every `PRESENCE_REFRESH_S`. The
-  admission script sums the counts of gateways whose lease is current, so a dead
-  gateway's connections stop counting `PRESENCE_TTL_S` after its last renewal, and the
-  next renewal of any gateway removes them. Admission is one script; past a bound the
-  socket is closed with 4029.
+  admission script sums the counts of every gateway not known dead (it is passed the
+  leases as last read, at most VIEW_MAX_AGE_S ago: the lease set is in a slot of its
+  own), so a dead gateway's connections stop counting about `PRESENCE_TTL_S` after its
+  last renewal, and the next renewal of any gateway removes them. Admission is one
+  script; past a bound the socket is closed with 4029.
 - **Token budgets per tenant**, per UTC day and month (streams/usage.py): checked by
   `ACCEPT_SEND` against the counters the workers add each model call's usage to. A spent
   budget refuses every `send` with `budget_exhausted` until the period resets; runs
