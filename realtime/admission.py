@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aredis
+from redis.exceptions import ClusterError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -150,6 +151,15 @@ class RateLimiter:
         return NEVER_RETRY_MS if wait == NEVER else retry_after_ms(wait)
 
 
+# Redis out of reach: a single Redis down, or a Redis Cluster between a master's death and
+# its replica's promotion (CLUSTERDOWN, TRYAGAIN, no node answering).
+UNAVAILABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterError,
+    TryAgainError,
+    RedisClusterException,
+)
 REFUSALS = {1: "too many connections for the tenant", 2: "too many connections for the client"}
 # Dead gateways looked at, and counts removed per pipeline, per renewal.
 REAP_GATEWAYS = 10
@@ -243,7 +253,7 @@ class ConnectionRegistry:
                 known=[*view.live, *view.dead, *self._gone],
             )
             refused, unknown = await self._admit_pipelined(admission)
-        except (RedisConnectionError, RedisTimeoutError):
+        except UNAVAILABLE:
             logger.warning(
                 "connection admitted without counting (Redis unreachable) tenant=%s client=%s",
                 tenant.slug,
@@ -323,7 +333,7 @@ class ConnectionRegistry:
                 view = self._view
                 if view is None or not self._knows(view, unknown):
                     view = await self._renew()
-        except (RedisConnectionError, RedisTimeoutError):
+        except UNAVAILABLE:
             return
         known = set(view.live) | set(view.dead) | {self.lease_id}
         for gateway in unknown:
