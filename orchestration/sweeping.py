@@ -21,15 +21,9 @@ logger = logging.getLogger(__name__)
 
 def sweep_overdue_runs(store: RunStore, now: float | None = None) -> int:
     """End every run whose deadline has passed with its one reply.done; returns how many."""
-    return sum(
-        _sweep_overdue(store, tenant, now if now is not None else time.time())
-        for tenant in tenants(store.client)
-    )
-
-
-def _sweep_overdue(store: RunStore, tenant: str, now: float) -> int:
     ended = 0
-    for run_id in store.overdue(tenant, now):
+    now = now if now is not None else time.time()
+    for run_id in store.overdue_of(tenants(store.client), now):
         if store.finalize(run_id, "failed", {"reason": "deadline"}):
             ended += 1
             logger.warning("run swept at its deadline run=%s", run_id)
@@ -41,12 +35,8 @@ def sweep_expired_leases(store: RunStore) -> int:
 
     A step whose run is out of redeliveries is ended with `failed` instead.
     """
-    return sum(_sweep_leases(store, tenant) for tenant in tenants(store.client))
-
-
-def _sweep_leases(store: RunStore, tenant: str) -> int:
     redelivered = 0
-    for run_id in store.expired_leases(tenant):
+    for run_id in store.expired_leases_of(tenants(store.client)):
         result = store.redeliver(run_id)
         if result.outcome == "redelivered":
             redelivered += 1

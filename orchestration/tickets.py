@@ -44,7 +44,8 @@ runs queued longer than SWITCHBOARD_OUTBOX_GRACE_S while no pick took a run for 
 most as many as such runs, fewer by the tickets the broker says are ready. So a ticket lost
 with a crashed publisher (or a broker outage) delays its run by about the grace, never past
 it to its deadline. A spare ticket is harmless (the pick finds nothing). A step's message
-is covered by its publish lease instead (streams/runs.py hand_over, redeliver).
+is covered by its publish lease instead (streams/runs.py hand_over, redeliver), and a
+subscriber's trigger by the tenant's task outbox (`publish_stale_outbox`).
 """
 
 from __future__ import annotations
@@ -57,8 +58,15 @@ from kombu.transport.redis import PRIORITY_STEPS, Channel
 
 from project.conf import conf
 from streams import keys, scripts
-from streams.enqueue import RUN_NEXT_TASK, RUNS_QUEUE, celery_message, enqueue_ticket
+from streams.enqueue import (
+    RUN_NEXT_TASK,
+    RUNS_QUEUE,
+    celery_message,
+    enqueue_ticket,
+    publish_outbox_entry,
+)
 from streams.fairness import reconcile_ring as reconcile_ring_of
+from streams.redis_clients import as_text
 from streams.registry import tenants
 
 logger = logging.getLogger(__name__)
@@ -143,6 +151,7 @@ def reconcile_tickets(client: redis.Redis) -> int:
         return 0  # another sweeper reconciled within the interval
     reconcile_ring(client)
     if not conf().broker_in_streams_redis:
+        publish_stale_outbox(client)
         return wake_stale_runs(client)
     queued, waiting, reserved = count_tickets(client)
     missing = missing_tickets(queued, waiting, reserved)
@@ -213,3 +222,27 @@ def wake_stale_runs(client: redis.Redis, now: float | None = None) -> int:
             ready,
         )
     return missing
+
+
+# Outbox entries one sweep publishes at most per tenant.
+OUTBOX_BATCH = 100
+
+
+def publish_stale_outbox(client: redis.Redis, now: float | None = None) -> int:
+    """Publish the tasks left in the tenants' task outboxes (streams.keys.task_outbox) past
+    the outbox grace: their writer died between its script and its publish. Each is
+    removed once published; a task published twice is harmless (a trigger starts its
+    subscriber once per event). Returns how many."""
+    grace_s = conf().outbox_grace_s
+    now = time.time() if now is None else now
+    published = 0
+    for slug in tenants(client):
+        outbox = keys.task_outbox(slug)
+        for found in client.zrangebyscore(outbox, "-inf", now - grace_s, 0, OUTBOX_BATCH):
+            entry = as_text(found)
+            publish_outbox_entry(entry)
+            client.zrem(outbox, entry)
+            published += 1
+    if published:
+        logger.warning("tasks left in the outbox past its grace: published %s", published)
+    return published

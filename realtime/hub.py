@@ -35,7 +35,7 @@ from typing import Protocol
 import orjson
 import redis.asyncio as aredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ops import metrics
@@ -120,7 +120,9 @@ class Hub:
                 await asyncio.wait_for(shard.connected.wait(), JOIN_TIMEOUT_S)
                 assert shard.pubsub is not None
                 await shard.pubsub.execute_command(self._subscribe, channel)
-            except (TimeoutError, RedisError, OSError):
+            except BaseException:
+                # Redis away, the slot map unreadable, or the join cancelled: the next join
+                # of the stream starts over.
                 self._forget_if_empty(channel)
                 raise
         group.add(listener)
@@ -220,7 +222,7 @@ class Hub:
         try:
             await self._topology.refresh()
             owners = {channel: await self._topology.owner(channel) for channel in shard.channels}
-        except (RedisError, OSError) as error:
+        except (RedisError, RedisClusterException, OSError) as error:
             # The cluster is between owners (a failover under way): try this node again
             # after the backoff, and look again.
             logger.warning("hub could not read the cluster's slot map (%s)", error)

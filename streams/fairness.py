@@ -5,7 +5,7 @@ and every other tenant would wait behind its backlog. Instead, an accepted `send
 run id on its tenant's own fair queue (a Redis list) and pushes a *ticket* onto the Celery
 queue: a `switchboard.run.next` message that names no run. There is one ticket per queued
 run, so Celery's length, prefetch and acknowledgements still count real work. The worker
-that takes a ticket runs FAIR_PICK (streams/lua/fair_pick.lua), which chooses the run by
+that takes a ticket makes the fair pick (FAIR_POP and FAIR_SETTLE, below), which chooses the run by
 deficit round robin across the tenants that have runs waiting, and then executes that
 run's first step as usual.
 

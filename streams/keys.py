@@ -22,7 +22,7 @@ from django.core.signals import setting_changed
 
 from project.conf import Conf, conf
 
-# The fixed names, read as module attributes (`keys.RUN_LEASES`) but built from the settings
+# The fixed names, read as module attributes (`keys.FAIR_RING`) but built from the settings
 # when read (module __getattr__ below), not at import: a settings change (a test's override
 # of REDIS_URL, say) renames them.
 _NAMES: dict[str, str] = {
@@ -209,6 +209,14 @@ def history_processing(tenant: str) -> str:
 
 def history_dropped(tenant: str) -> str:
     return f"{_prefix()}:history:{_tag(tenant)}:dropped"
+
+
+def task_outbox(tenant: str) -> str:
+    """Sorted set: Celery tasks a script wrote for the tenant while the broker is another
+    (`streams.enqueue.outbox_entry` JSON -> when written, epoch s, Redis clock). The writer
+    publishes each after its script and removes it; the sweep publishes what is left past
+    the outbox grace (orchestration/tickets.py), so a crash in between loses nothing."""
+    return f"{_prefix()}:outbox:{_tag(tenant)}"
 
 
 def trigger(tenant: str, event_id: str, agent: str) -> str:

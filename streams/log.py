@@ -7,6 +7,8 @@ streams/subscriptions.py."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,11 +25,12 @@ from streams.enqueue import (
     RUN_STEP_TASK,
     RUNS_QUEUE,
     celery_message,
-    enqueue_published_trigger_soon,
     enqueue_step,
     enqueue_step_soon,
     enqueue_ticket,
     enqueue_ticket_soon,
+    outbox_entry,
+    publish_outbox_entry,
 )
 from streams.events import cause_of, event_parts, new_event_id, new_run_id
 from streams.fairness import join_call, quantum
@@ -37,6 +40,8 @@ from streams.runs import RUN_RECORD_GRACE_S, RunRecord
 from streams.subscriptions import subscribed
 from streams.tokens import counter_keys
 from streams.usage import Budgets, Exhausted, exhausted
+
+logger = logging.getLogger(__name__)
 
 READ_PAGE = 500
 
@@ -292,14 +297,16 @@ class StreamStore:
         )
         # Agents subscribed to published events on this stream: their trigger goes in with
         # the event (a registry lookup, no Redis, when none subscribes).
-        trigger_args: list[Any] | None = None
-        trigger_message = ""
+        trigger_message = entry = ""
         if subscribed("published", "", frame.stream):
             trigger_args = [tenant, frame.stream, event_id, client, frame.id, frame.data]
             if self.enqueue_atomically:
                 _, trigger_message = celery_message(
                     PUBLISHED_TRIGGER_TASK, trigger_args, RUNS_QUEUE
                 )
+            else:
+                # Another broker: the task outbox holds it until it is published.
+                entry = outbox_entry(PUBLISHED_TRIGGER_TASK, trigger_args)
         await register_async(self.client, tenant)
         dedupe_key = keys.client_message(tenant, client, frame.id)
         call = scripts.AppendEvent(
@@ -314,14 +321,20 @@ class StreamStore:
             dedupe_ttl=self.dedupe_ttl_s,
             event_id=event_id,
             trigger_message=trigger_message,
+            task_outbox_key=keys.task_outbox(tenant),
+            outbox_entry=entry,
         )
         answer = await self._write(call, dedupe_key)
         appended = Appended(*_receipt(answer.code, answer.value))
-        if trigger_args is not None and not trigger_message and not appended.duplicate:
-            # Another broker: published after the append, without waiting for the broker; a
-            # crash in between or a failed publish loses the trigger (documented), never
-            # the event.
-            enqueue_published_trigger_soon(trigger_args)
+        if entry and not appended.duplicate:
+            # Published after the append; a crash in between, or a broker that is down
+            # (logged), leaves it in the outbox, and the sweep publishes it.
+            try:
+                await asyncio.to_thread(publish_outbox_entry, entry)
+            except Exception:
+                logger.warning("publish failed; left in the task outbox", exc_info=True)
+            else:
+                await self.client.zrem(keys.task_outbox(tenant), entry)
         return appended
 
     async def accept_send(

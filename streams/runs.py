@@ -14,6 +14,7 @@ redelivers the step (`redeliver`) long before kombu would restore the dead worke
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -39,8 +40,8 @@ from streams.enqueue import (
     celery_message,
     enqueue_step,
     enqueue_step_soon,
-    enqueue_trigger,
-    enqueue_trigger_soon,
+    outbox_entry,
+    publish_outbox_entry,
 )
 from streams.events import (
     cause_of,
@@ -337,11 +338,12 @@ class RunStore(_RunStoreBase):
                 return False
         call = _FinalizeCall(run, status, detail, owner)
         finished = call.result(call.script.run(self.client))
-        if finished and call.enqueue_after:
-            # Another broker: published after the script. A crash in between, or a broker
-            # that is down, loses this trigger (its subscribers do not run); with the broker
-            # in this Redis it cannot.
-            _publish_or_log(enqueue_trigger, run_id, call.event_id)
+        if finished and call.outbox_entry:
+            # Another broker: published after the script, from the task outbox the script
+            # wrote it to; should this process die first, or the broker be down (logged),
+            # the sweep publishes it.
+            if _publish_or_log(publish_outbox_entry, call.outbox_entry):
+                self.client.zrem(keys.task_outbox(run.tenant), call.outbox_entry)
         return finished
 
     def save_output(self, run: Run, step: int, output: str, fell_back: str = "") -> None:
@@ -354,8 +356,21 @@ class RunStore(_RunStoreBase):
 
     def overdue(self, tenant: str, now: float, limit: int = 500) -> list[str]:
         """The tenant's runs past their deadline (its index in its own slot)."""
-        ids = self.client.zrangebyscore(keys.run_deadlines(tenant), "-inf", now, start=0, num=limit)
-        return [as_text(run_id) for run_id in ids]
+        return self.overdue_of([tenant], now, limit)
+
+    def overdue_of(self, tenants: list[str], now: float, limit: int = 500) -> list[str]:
+        """The runs of these tenants past their deadline, up to `limit` per tenant, in one
+        pipelined round trip (a tenant's index is in its own slot)."""
+        return self._listed([keys.run_deadlines(tenant) for tenant in tenants], now, limit)
+
+    def _listed(self, indexes: list[str], until: float, limit: int) -> list[str]:
+        if not indexes:
+            return []
+        with self.client.pipeline(transaction=False) as pipe:
+            for index in indexes:
+                pipe.zrangebyscore(index, "-inf", until, start=0, num=limit)
+            pages = pipe.execute()
+        return [as_text(run_id) for page in pages for run_id in page]
 
     def renew_lease(self, run: Run, extra_s: float = 0.0) -> bool:
         """Extend the owner's lease to `lease_s + extra_s` from now (never shortening it).
@@ -370,10 +385,18 @@ class RunStore(_RunStoreBase):
     def expired_leases(self, tenant: str, limit: int = 500) -> list[str]:
         """The tenant's runs whose step lease has run out, by the Redis clock the leases
         are set with (the clock of the tenant's node)."""
-        leases = keys.run_leases(tenant)
-        seconds, micros = _redis_time(self.client, leases)
-        ids = self.client.zrangebyscore(leases, "-inf", seconds + micros / 1e6, start=0, num=limit)
-        return [as_text(run_id) for run_id in ids]
+        return self.expired_leases_of([tenant], limit)
+
+    def expired_leases_of(self, tenants: list[str], limit: int = 500) -> list[str]:
+        """The same for many tenants, up to `limit` each, in one pipelined round trip after
+        one TIME. On a Redis Cluster that clock is the node of the first tenant's, not each
+        tenant's own: a lease listed early by a skewed clock is harmless, since
+        REDELIVER_STEP checks it again by its own node's clock and leaves it if it holds."""
+        if not tenants:
+            return []
+        seconds, micros = _redis_time(self.client, keys.run_leases(tenants[0]))
+        indexes = [keys.run_leases(tenant) for tenant in tenants]
+        return self._listed(indexes, seconds + micros / 1e6, limit)
 
     def redeliver(self, run_id: str, max_redeliveries: int = MAX_REDELIVERIES) -> Redelivery:
         """Enqueue a step whose lease ran out again, at most once however many sweepers try."""
@@ -468,9 +491,13 @@ class AsyncRunStore(_RunStoreBase):
         """The run's one reply.done, by its owner; False when it already had one."""
         call = _FinalizeCall(run, status, detail, run.owner)
         finished = call.result(await call.script.run_async(self.client))
-        if finished and call.enqueue_after:
-            # Not waited for: the runtime's loop never blocks on the broker.
-            enqueue_trigger_soon(run.run_id, call.event_id)
+        if finished and call.outbox_entry:
+            try:
+                await asyncio.to_thread(publish_outbox_entry, call.outbox_entry)
+            except Exception:
+                logger.warning("publish failed; left in the task outbox", exc_info=True)
+            else:
+                await self.client.zrem(keys.task_outbox(run.tenant), call.outbox_entry)
         return finished
 
     async def save_output(self, run: Run, step: int, output: str, fell_back: str = "") -> None:
@@ -722,7 +749,10 @@ class _FinalizeCall:
         at = utc_now_iso()
         prefix, text_prefix, tail = _reply_done_parts(run, status, detail, self.event_id, at)
         # Agents subscribed to this reply: their trigger task goes in with the event.
-        trigger_message, self.enqueue_after = _trigger_message(run, status, self.event_id)
+        trigger_message, enqueue_after = _trigger_message(run, status, self.event_id)
+        self.outbox_entry = (
+            outbox_entry(TRIGGER_TASK, [run.run_id, self.event_id]) if enqueue_after else ""
+        )
         history_max, history_head = _history_head(run, status, detail, self.event_id, at)
         self.script = scripts.FinalizeRun(
             seq_key=keys.stream_seq(run.tenant, run.stream),
@@ -758,6 +788,8 @@ class _FinalizeCall:
             ),
             problems_max=RECENT_PROBLEMS_MAX,
             worker_stop_prefix=keys.WORKER_STOP_PREFIX,
+            task_outbox_key=keys.task_outbox(run.tenant),
+            outbox_entry=self.outbox_entry,
         )
 
     def result(self, answer: scripts.Coded) -> bool:

@@ -23,6 +23,7 @@ tests/unit/test_lua_scripts.py checks every wrapper against its file's header.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import weakref
 from collections.abc import Callable, Sequence
@@ -272,14 +273,24 @@ class AppendEvent(Script[Coded]):
     """A client's `publish` (streams/log.py): value is "SEQ EVENT_ID"; code 0: duplicate."""
 
     LUA = Lua("append_event.lua")
-    KEYS = ("seq_key", "log_key", "dedupe_key", "queue_key")
+    KEYS = ("seq_key", "log_key", "dedupe_key", "queue_key", "task_outbox_key")
     SINGLE_REDIS_KEYS = frozenset({"queue_key"})
-    ARGV = ("channel", "prefix", "suffix", "maxlen", "dedupe_ttl", "event_id", "trigger_message")
+    ARGV = (
+        "channel",
+        "prefix",
+        "suffix",
+        "maxlen",
+        "dedupe_ttl",
+        "event_id",
+        "trigger_message",
+        "outbox_entry",
+    )
 
     seq_key: str
     log_key: str
     dedupe_key: str
     queue_key: str
+    task_outbox_key: str
     channel: str
     prefix: str
     suffix: str
@@ -287,6 +298,7 @@ class AppendEvent(Script[Coded]):
     dedupe_ttl: int
     event_id: str
     trigger_message: str
+    outbox_entry: str
 
     def result(self, raw: Any) -> Coded:
         return _coded(raw)
@@ -561,6 +573,7 @@ class FinalizeRun(Script[Coded]):
         "history_outbox_key",
         "history_dropped_key",
         "problems_key",
+        "task_outbox_key",
     )
     SINGLE_REDIS_KEYS = frozenset({"queue_key"})
     ARGV = (
@@ -579,6 +592,7 @@ class FinalizeRun(Script[Coded]):
         "problem_entry",
         "problems_max",
         "worker_stop_prefix",
+        "outbox_entry",
     )
 
     seq_key: str
@@ -591,6 +605,7 @@ class FinalizeRun(Script[Coded]):
     history_outbox_key: str
     history_dropped_key: str
     problems_key: str
+    task_outbox_key: str
     channel: str
     prefix: str
     text_prefix: str
@@ -606,6 +621,7 @@ class FinalizeRun(Script[Coded]):
     problem_entry: str
     problems_max: int
     worker_stop_prefix: str
+    outbox_entry: str
 
     def result(self, raw: Any) -> Coded:
         return _coded(raw)
@@ -1211,18 +1227,32 @@ class ReleaseRecording(Script[bool]):
         return bool(raw)
 
 
+# Script calls in flight at once where they cannot share a pipeline (a Redis Cluster): the
+# asyncio cluster client's per-node pools raise past their cap rather than wait.
+CONCURRENT_CALLS = 32
+
+
 async def run_pipelined_async(
     client: aredis.Redis, calls: Sequence[Script[Any]]
 ) -> list[Any | BaseException]:
-    """Each call's result, or the exception it raised, from one non-transactional pipeline
-    (in a Redis Cluster, one per node: each call is one slot). A call that found its script
-    unknown to the node (a cluster's pipeline does not load scripts first) is made again on
-    its own, which loads it."""
+    """Each call's result, or the exception it raised, from one non-transactional pipeline.
+    A call that found its script unknown to the server is made again on its own, which
+    loads it. redis-py refuses scripts in a Redis Cluster's pipeline: there the calls are
+    made concurrently instead (each is one slot), CONCURRENT_CALLS at a time."""
+    if isinstance(client, aredis.RedisCluster):
+        results: list[Any | BaseException] = []
+        for start in range(0, len(calls), CONCURRENT_CALLS):
+            chunk = calls[start : start + CONCURRENT_CALLS]
+            answers = await asyncio.gather(
+                *(call.run_async(client) for call in chunk), return_exceptions=True
+            )
+            results.extend(answers)
+        return results
     async with client.pipeline(transaction=False) as pipe:
         for call in calls:
             await call.queue_async(client, pipe)
         answers = await pipe.execute(raise_on_error=False)
-    results: list[Any | BaseException] = []
+    results = []
     for call, answer in zip(calls, answers, strict=True):
         if isinstance(answer, redis.exceptions.NoScriptError):
             try:

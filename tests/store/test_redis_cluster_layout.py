@@ -5,6 +5,7 @@ started (the outbox: wake-up tickets and publish leases)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,7 @@ import redis
 
 from agents import Agent, Step
 from orchestration.sweeping import sweep_expired_leases, sweep_runs
-from orchestration.tickets import reconcile_tickets, wake_stale_runs
+from orchestration.tickets import publish_stale_outbox, reconcile_tickets, wake_stale_runs
 from streams import keys, scripts
 from streams.fairness import FairQueue, join_call
 from streams.runs import RunStore
@@ -187,8 +188,33 @@ def test_with_another_broker_a_step_whose_publish_was_lost_is_published_again(
         owner=RunStore(r).claim(run_id, 0).owner,  # type: ignore[union-attr]
         run_id=run_id,
         message="",
-        publish_lease_s=0.001,
+        publish_lease_s=30.0,
     ).run(r)
     assert handed.done and handed.lease
+    assert sweep_expired_leases(RunStore(r)) == 0  # the publisher may still be at it
+    # Its lease runs out (set back rather than waited for).
+    r.hset(keys.run(run_id), "lease", "1.000")
+    r.zadd(keys.run_leases("acme"), {run_id: 1.0})
     assert sweep_expired_leases(RunStore(r)) == 1
     assert published == [(run_id, 0), (run_id, 0)]
+
+
+def test_with_another_broker_a_trigger_left_in_the_outbox_is_published_by_the_sweep(
+    streams: Streams, r: redis.Redis, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from streams.enqueue import TRIGGER_TASK, outbox_entry
+
+    settings.CELERY_BROKER_URL = AMQP
+    published: list[Any] = []
+    monkeypatch.setattr(
+        "orchestration.tickets.publish_outbox_entry", lambda entry: published.append(entry)
+    )
+    accept(streams, "acme", 1)  # registers the tenant
+    entry = outbox_entry(TRIGGER_TASK, ["r" + "0" * 32 + ".acme", "e1"])
+    written = float(r.time()[0])
+    r.zadd(keys.task_outbox("acme"), {entry: written})
+    grace = settings.SWITCHBOARD["OUTBOX_GRACE_S"]
+    assert publish_stale_outbox(r, now=written) == 0  # its writer may still publish it
+    assert publish_stale_outbox(r, now=written + grace + 1) == 1
+    assert [json.loads(item) for item in published] == [json.loads(entry)]
+    assert r.zcard(keys.task_outbox("acme")) == 0
