@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from django.conf import settings
+
+if TYPE_CHECKING:
+    from project.redis_cluster import RedisCluster
 
 from tests import rabbitmq
 
@@ -111,3 +115,33 @@ def rabbitmq_session() -> Iterator[rabbitmq.Session]:
 def amqp_vhost_url(rabbitmq_session: rabbitmq.Session) -> str:
     """The AMQP URL of the session's own vhost."""
     return rabbitmq_session.url
+
+
+# A Redis Cluster for the tests that need one (tests/redis_cluster, tests/store): the one
+# at SWITCHBOARD_TEST_REDIS_CLUSTER_URL, or else 3 masters and 3 replicas started on
+# loopback for the session (project/redis_cluster.py); skipped, saying why, only when no
+# redis-server of version 7 or later is found.
+REDIS_CLUSTER_URL_VAR = "SWITCHBOARD_TEST_REDIS_CLUSTER_URL"
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A Redis Cluster this session started, which tests may break (kill -9 a node)."""
+    from project.redis_cluster import RedisCluster, available
+
+    reason = available()
+    if reason:
+        pytest.skip(reason)
+    with RedisCluster.start_new() as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(request: pytest.FixtureRequest) -> str:
+    """Any node of a Redis Cluster with a replica per master: the tester's own, or the
+    session's `redis_cluster`."""
+    given = os.environ.get(REDIS_CLUSTER_URL_VAR)
+    if given:
+        return given
+    running: RedisCluster = request.getfixturevalue("redis_cluster")
+    return running.url

@@ -1,6 +1,5 @@
 """Tests against a real Redis Cluster of 3 masters and 3 replicas, started on loopback by
-project/redis_cluster.py for the session (skipped, saying why, only when no redis-server
-of version 7 or later is found)."""
+project/redis_cluster.py for the session (`redis_cluster`, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,16 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from project.redis_cluster import RedisCluster, available
-
-
-@pytest.fixture(scope="session")
-def redis_cluster() -> Iterator[RedisCluster]:
-    reason = available()
-    if reason:
-        pytest.skip(reason)
-    with RedisCluster.start_new() as running:
-        yield running
+from project.redis_cluster import RedisCluster
 
 
 @pytest.fixture

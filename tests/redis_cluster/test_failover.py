@@ -38,6 +38,7 @@ CLIENT = "writer"
 SEQ_KEY = f"ft:s:{{{TENANT}}}:{STREAM}:seq"
 LOG_KEY = f"ft:s:{{{TENANT}}}:{STREAM}:log"
 QUEUE_KEY = f"ft:q:{{{TENANT}}}"
+OUTBOX_KEY = f"ft:o:{{{TENANT}}}"
 CHANNEL = f"ft:e:{{{TENANT}}}:{STREAM}"
 WRITERS = 4
 BEFORE_KILL = 300  # acks before the kill, so the master is busy when it dies
@@ -70,6 +71,8 @@ def append_call(message_id: str, data: int) -> scripts.AppendEvent:
         dedupe_ttl=3600,
         event_id=event_id,
         trigger_message="",
+        task_outbox_key=OUTBOX_KEY,
+        outbox_entry="",
     )
 
 

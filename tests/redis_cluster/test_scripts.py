@@ -19,6 +19,7 @@ def call_for(tenant: str, message_id: str) -> scripts.AppendEvent:
     call.dedupe_key = call.dedupe_key.replace("{acme}", tag)
     call.queue_key = call.queue_key.replace("{acme}", tag)
     call.channel = call.channel.replace("{acme}", tag)  # SPUBLISH: the same slot
+    call.task_outbox_key = call.task_outbox_key.replace("{acme}", tag)
     return call
 
 
