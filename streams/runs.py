@@ -39,7 +39,6 @@ from streams.enqueue import (
     TRIGGER_TASK,
     celery_message,
     enqueue_step,
-    enqueue_step_soon,
     outbox_entry,
     publish_outbox_entry,
 )
@@ -556,11 +555,20 @@ class AsyncRunStore(_RunStoreBase):
         )
         if handed.done and not message:
             # Another broker: the run is queued first, under a publish lease, and its
-            # message handed to the publishing thread; the lease is left to run out (the
-            # thread cannot drop it), so a crash or a failed publish is published again by
-            # the lease sweep, and a message that did go out may be followed by a second
-            # one, which the claim fencing makes harmless (docs/guarantees.md).
-            enqueue_step_soon(run.run_id, step)
+            # message published after (off the loop); a crash in between or a failed
+            # publish (logged) lets the lease run out, and the lease sweep publishes the
+            # step again (docs/guarantees.md).
+            try:
+                await asyncio.to_thread(enqueue_step, run.run_id, step)
+            except Exception:
+                logger.warning(
+                    "publish failed; left to the lease sweep run=%s step=%s",
+                    run.run_id,
+                    step,
+                    exc_info=True,
+                )
+            else:
+                await _drop_publish_lease(run.run_id, handed.lease).run_async(self.client)
         return handed.done
 
 
