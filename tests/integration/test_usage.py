@@ -39,9 +39,8 @@ def reported_usage(prompt: str, pieces: int) -> dict[str, object]:
 
 def tokens_today(switchboard: Switchboard, tenant: str) -> int:
     day = datetime.now(UTC).strftime("%Y%m%d")
-    return int(
-        switchboard.redis().get(f"{switchboard.key_prefix}:tokens:{{{tenant}}}:day:{day}") or 0
-    )
+    key = f"{switchboard.key_prefix}:tokens:{{{tenant}}}:day:{day}"
+    return int(switchboard.redis().get(key) or 0)
 
 
 async def test_the_providers_usage_reaches_reply_done_the_counters_and_metrics(
