@@ -32,7 +32,7 @@ from streams.enqueue import (
 from streams.events import cause_of, event_parts, new_event_id, new_run_id
 from streams.fairness import join_call, quantum
 from streams.redis_clients import as_text
-from streams.registry import register_async
+from streams.registry import NEW_TENANT_EPOCH, register_async
 from streams.runs import RUN_RECORD_GRACE_S, RunRecord
 from streams.subscriptions import subscribed
 from streams.tokens import counter_keys
@@ -320,6 +320,8 @@ class StreamStore:
             # The tenant's queue was empty: the ring (its own slot) learns of it, and the
             # ticket goes with that call. A crash before it leaves the run queued outside
             # the ring and without its ticket; the sweep repairs both (fairness.py).
+            if answer.ring_epoch == NEW_TENANT_EPOCH:
+                await register_async(self.client, tenant, again=True)
             await join_call(tenant, answer.ring_epoch, message).run_async(self.client)
         if not duplicate and not message:
             # Another broker: publish after the append. A crash in between leaves the run
