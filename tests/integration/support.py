@@ -103,3 +103,26 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+def dones_by_message(events: list[Event]) -> dict[str, list[Event]]:
+    found: dict[str, list[Event]] = {}
+    for event in events:
+        if event["kind"] == "reply.done":
+            found.setdefault(event["cause"]["message"], []).append(event)
+    return found
+
+
+async def collect_all_done(
+    client: SwitchboardClient, stream: str, ids: list[str], timeout: float
+) -> list[Event]:
+    """The stream's events until every send in `ids` has had a reply.done."""
+    events: list[Event] = []
+    waiting = set(ids)
+    async with asyncio.timeout(timeout):
+        while waiting:
+            event = await client.next_event(stream, timeout=timeout)
+            events.append(event)
+            if event["kind"] == "reply.done":
+                waiting.discard(event["cause"]["message"])
+    return events

@@ -264,3 +264,27 @@ def test_publishing_by_task_name_queues_what_the_task_itself_would(
     assert by_name["headers"]["task"] == own["headers"]["task"] == task.name
     assert body_of(by_name) == body_of(own) == [args, {}, EMBED]
     assert comparable(by_name) == comparable(own)
+
+
+def test_with_another_broker_a_failed_publish_after_a_redelivery_is_logged_not_raised(
+    streams: Streams,
+    r: redis.Redis,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A sweep redelivering many runs must not stop at the first publish a broker that is
+    # down refuses: the run is queued again in Redis (the outbox) and swept again later.
+    appended = streams.send("room", "m-1", "again")
+    assert appended.run_id is not None
+    lost = RunStore(r, lease_s=0.0).claim(appended.run_id, 0)  # a dead worker's
+    assert lost is not None
+    settings.CELERY_BROKER_URL = "amqp://guest:guest@127.0.0.1:1//"
+
+    def broker_down(run_id: str, step: int) -> None:
+        raise ConnectionRefusedError("broker down")
+
+    monkeypatch.setattr("streams.runs.enqueue_step", broker_down)
+    with caplog.at_level("WARNING", logger="streams.runs"):
+        assert RunStore(r).redeliver(appended.run_id).outcome == "redelivered"
+    assert "publish failed; left to the sweeper" in caplog.text
