@@ -197,8 +197,10 @@ const commands = {
   // Open-loop load: `rate` frames per second in total, round-robin over the group's sockets
   // (so each socket sends at rate/N, staggered), for `seconds`. Latency is measured from the
   // moment each frame is handed to the socket. mode "switchboard": `send` frames, ack and
-  // reply.done matched by id; mode "reply": baseline frames, the first frame carrying the id
-  // is the reply. Frames sent in the first `warmup` seconds are not measured.
+  // reply.done matched by id; mode "publish": `publish` frames, done at their ack; mode
+  // "reply": baseline frames, the first frame carrying the id is the reply. Frames sent in
+  // the first `warmup` seconds are not measured. `deltas` counts the reply.delta events and
+  // `events` every event frame the group received meanwhile.
   async load({ group: name, mode, rate, seconds, warmup = 0, drain = 10, id_prefix = "m",
     stream_prefix = "e2e-", text = "hello", agent = "echo", options = {} }) {
     const conns = group(name).filter((c) => !c.closed);
@@ -216,6 +218,8 @@ const commands = {
     let lost = 0;
     let maxLag = 0;
     let lateSends = 0; // sends more than 5 ms behind schedule: the client itself was slow
+    let deltas = 0;
+    let events = 0;
     const interval = 1000 / rate;
     const total = Math.floor(seconds * rate);
     const start = now() + 20;
@@ -239,7 +243,20 @@ const commands = {
         }
         return;
       }
-      if (mode === "switchboard") {
+      if (msg.type === "event") {
+        events++;
+        if (msg.kind === "reply.delta") deltas++;
+      }
+      if (mode === "publish") {
+        if (msg.type === "ack") {
+          const p = pending.get(msg.id);
+          if (p) {
+            pending.delete(msg.id);
+            if (p.measured) ackMs.push(t - p.t);
+            finish(p, t, "ok");
+          }
+        }
+      } else if (mode === "switchboard") {
         if (msg.type === "ack") {
           const p = pending.get(msg.id);
           if (p && p.ack === null) {
@@ -292,7 +309,9 @@ const commands = {
           const id = id_prefix + k;
           const frame = mode === "switchboard"
             ? JSON.stringify({ type: "send", id, stream: stream_prefix + conn.name, agent, text, options })
-            : JSON.stringify({ id, text });
+            : mode === "publish"
+              ? JSON.stringify({ type: "publish", id, stream: stream_prefix + conn.name, data: { text } })
+              : JSON.stringify({ id, text });
           const measured = scheduled >= warmEnd;
           pending.set(id, { t: now(), conn, measured, ack: null });
           conn.ws.send(frame);
@@ -314,7 +333,7 @@ const commands = {
       sent, measured_sent: measuredSent, window_done: windowDone,
       window_s: (end - warmEnd) / 1000, send_span_s: (sendEnd - start) / 1000,
       ack_ms: ackMs, done_ms: doneMs, first_ms: firstMs, refused_ms: refusedMs, errors, statuses, lost, unanswered,
-      max_send_lag_ms: maxLag, late_sends: lateSends,
+      max_send_lag_ms: maxLag, late_sends: lateSends, deltas, events,
       client_cpu_s: (cpu.user + cpu.system) / 1e6,
     };
   },
