@@ -33,9 +33,15 @@ client (measured first, `--quiet` seconds, and scaled to the phase's length):
                    ((stream - send) / (its deltas - send's deltas))
   publish_max      `publish` offered at `--publish-max-rate`/s: throughput achieved
   send_max         `send` offered at `--send-max-rate`/s: throughput achieved
+  publish_direct   the data plane alone: `--direct-procs` processes call the publish path
+                   (StreamStore.publish, the gateway's own code and Redis client) as fast
+                   as Redis answers, `--direct-concurrency` in flight each, for `--seconds`:
+                   publishes per second Redis sustains without a gateway in front
 
 The throughput phases are open loop above what the system on this machine can do, so the
-achieved rate is its capacity; the Redis CPU beside it says whether Redis was the limit.
+achieved rate is its capacity; the Redis CPU beside it says whether Redis was the limit
+(on a small machine it is the gateway's and the worker's CPU: publish_direct then shows
+what the data plane alone does with more masters).
 Ratios: cluster-3 / cluster-1, and each mode / single.
 
     python -m bench.capacity                                   # every mode, full size
@@ -45,7 +51,10 @@ Ratios: cluster-3 / cluster-1, and each mode / single.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -118,7 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--phases",
         default="all",
         help="comma-separated phases after connect (idle,subscribe,idle_subscribed,publish,"
-        "send,stream,publish_max,send_max); subscribe is always run before the load phases",
+        "send,stream,publish_max,send_max,publish_direct); subscribe is always run before the"
+        " load phases",
     )
     parser.add_argument(
         "--broker", choices=("separate", "same"), default="separate", help="see the description"
@@ -127,6 +137,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cluster-port", type=int, default=7600, help="first port of the benchmark's cluster"
     )
     parser.add_argument("--drain", type=float, default=15, help="seconds to wait for replies")
+    parser.add_argument(
+        "--direct-procs", type=int, default=2, help="processes of the publish_direct phase"
+    )
+    parser.add_argument(
+        "--direct-concurrency", type=int, default=32, help="publishes in flight per process"
+    )
     args = parse_benchmark_args(parser, argv, MODES, "modes", profile=False)
     if args.broker == "same" and any(m != "single" for m in args.modes):
         parser.error("--broker same is for --modes single only")
@@ -216,8 +232,6 @@ def throwaway_redis() -> Iterator[str]:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
-        import shutil
-
         shutil.rmtree(data, ignore_errors=True)
 
 
@@ -284,6 +298,7 @@ PHASES = (
     "stream",
     "publish_max",
     "send_max",
+    "publish_direct",
 )
 
 
@@ -488,7 +503,93 @@ def measure(
                 options=options,
             )
             record.update(merge_load(replies))
+    if "publish_direct" in wanted:
+        print(f"  publish_direct: {args.direct_procs} processes for {args.seconds:g} s ...")
+        with phases.measure("publish_direct") as record:
+            record.update(publish_direct(cluster.child_env(), args))
     return {"phases": phases.records, "background": phases.background, "connect": opened}
+
+
+def publish_direct(system_env: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+    """Processes calling the publish path directly; their counts and CPU summed."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    slugs = tenant_slugs(args.tenants)
+    with context.Pool(args.direct_procs) as pool:
+        outcomes = pool.starmap(
+            direct_worker,
+            [
+                (system_env, slugs, index, args.seconds, args.direct_concurrency)
+                for index in range(args.direct_procs)
+            ],
+        )
+    ops = sum(o["ops"] for o in outcomes)
+    span = max(o["seconds"] for o in outcomes)
+    latencies: list[float] = []
+    for outcome in outcomes:
+        latencies += outcome["latencies_ms"]
+    return {
+        "ops": ops,
+        "achieved_per_s": round(ops / span, 1),
+        "offered_per_s": None,
+        "done_ms": summarize(latencies),
+        "errors": sum_counts(o["errors"] for o in outcomes),
+        "unanswered": 0,
+        "lost": 0,
+        "client_cpu_s": round(sum(o["cpu_s"] for o in outcomes), 2),
+    }
+
+
+def direct_worker(
+    system_env: dict[str, str], slugs: list[str], index: int, seconds: float, concurrency: int
+) -> dict[str, Any]:
+    """One process of publish_direct: the system's settings, then publishes until time."""
+    os.environ.update(system_env)
+    import django
+
+    django.setup()
+    return asyncio.run(_direct(slugs, index, seconds, concurrency))
+
+
+async def _direct(slugs: list[str], index: int, seconds: float, concurrency: int) -> dict:
+    from realtime.protocol import Publish
+    from streams import redis_clients
+    from streams.log import StreamStore
+
+    store = StreamStore(redis_clients.async_client())
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    ops = 0
+    cpu0 = time.process_time()
+    started = time.monotonic()
+    deadline = started + seconds
+
+    async def loop(lane: int) -> None:
+        nonlocal ops
+        n = 0
+        tenant = slugs[(index * concurrency + lane) % len(slugs)]
+        stream = f"direct-{index}-{lane}"
+        while time.monotonic() < deadline:
+            n += 1
+            frame = Publish(f"d{index}-{lane}-{n}", stream, {"text": "capacity"})
+            t = time.perf_counter()
+            try:
+                await store.publish(tenant, f"direct{index}", frame)
+            except Exception as error:  # counted, the lane goes on
+                errors[type(error).__name__] = errors.get(type(error).__name__, 0) + 1
+                continue
+            latencies.append(1000 * (time.perf_counter() - t))
+            ops += 1
+
+    await asyncio.gather(*(loop(lane) for lane in range(concurrency)))
+    return {
+        "ops": ops,
+        "seconds": time.monotonic() - started,
+        "latencies_ms": latencies,
+        "errors": errors,
+        "cpu_s": time.process_time() - cpu0,
+    }
 
 
 def merge_load(replies: list[dict[str, Any]]) -> dict[str, Any]:
@@ -547,6 +648,7 @@ def per_op(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "subscribe": ("subscribe", connections, False),
         "idle_subscribed_minute": ("idle_subscribed", connections, True),
         "publish": ("publish", phases.get("publish", {}).get("ops"), False),
+        "publish_direct": ("publish_direct", phases.get("publish_direct", {}).get("ops"), False),
         "send": ("send", phases.get("send", {}).get("ops"), False),
         "streamed_reply": ("stream", phases.get("stream", {}).get("ops"), False),
     }
@@ -603,15 +705,20 @@ def print_mode(result: dict[str, Any]) -> None:
                 f" {entry['deltas_per_send_reply']} per 1-piece reply)"
             )
         print(line)
-    for name in ("publish", "send", "stream", "publish_max", "send_max"):
+    for name in ("publish", "send", "stream", "publish_max", "send_max", "publish_direct"):
         record = phases.get(name)
         if not record:
             continue
         latency = record["done_ms"]
         label = "ack" if name.startswith("publish") else "send->reply.done"
+        offered = (
+            f"of {record['offered_per_s']}/s offered"
+            if record["offered_per_s"] is not None
+            else f"(closed loop; its clients' CPU {record['client_cpu_s']} s)"
+        )
         print(
-            f"  {name}: achieved {record['achieved_per_s']}/s of {record['offered_per_s']}/s"
-            f" offered; {describe_latency(label, latency)};"
+            f"  {name}: achieved {record['achieved_per_s']}/s {offered};"
+            f" {describe_latency(label, latency)};"
             f" busiest Redis node {record['data']['busiest_node_cpu_pct']}% of a core"
         )
         problems = {**record["errors"]}
@@ -633,7 +740,7 @@ def conclude(results: Results, args: argparse.Namespace) -> tuple[dict[str, Any]
         phases = result["phases"]
         table[mode] = {
             name: phases[name]["achieved_per_s"]
-            for name in ("publish_max", "send_max")
+            for name in ("publish_max", "send_max", "publish_direct")
             if name in phases
         }
     if table:
