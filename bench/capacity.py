@@ -31,17 +31,18 @@ client (measured first, `--quiet` seconds, and scaled to the phase's length):
                    model; pieces further apart than the flush interval are a delta each), at
                    `--stream-rate`/s: per streamed reply, and per reply delta delivered
                    ((stream - send) / (its deltas - send's deltas))
-  publish_max      `publish` offered at `--publish-max-rate`/s: throughput achieved
-  send_max         `send` offered at `--send-max-rate`/s: throughput achieved
+  publish_max      `publish` offered at `--publish-max-rate`/s, at most `--max-pending`
+                   unanswered (a frame due beyond that is skipped): throughput achieved
+  send_max         `send` the same way at `--send-max-rate`/s: throughput achieved
   publish_direct   the data plane alone: `--direct-procs` processes call the publish path
                    (StreamStore.publish, the gateway's own code and Redis client) as fast
                    as Redis answers, `--direct-concurrency` in flight each, for `--seconds`:
                    publishes per second Redis sustains without a gateway in front
 
-The throughput phases are open loop above what the system on this machine can do, so the
-achieved rate is its capacity; the Redis CPU beside it says whether Redis was the limit
-(on a small machine it is the gateway's and the worker's CPU: publish_direct then shows
-what the data plane alone does with more masters).
+The throughput phases offer more than the system on this machine can do, capped by the
+answers (a closed loop), so the achieved rate is its capacity; the Redis CPU beside it
+says whether Redis was the limit (on a small machine it is the gateway's and the worker's
+CPU: publish_direct then shows what the data plane alone does with more masters).
 Ratios: cluster-3 / cluster-1, and each mode / single.
 
     python -m bench.capacity                                   # every mode, full size
@@ -66,6 +67,7 @@ from typing import Any
 if __package__ in (None, ""):  # `python bench/capacity.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import psutil
 import redis
 
 from bench.common import (
@@ -75,6 +77,7 @@ from bench.common import (
     ProcessSampler,
     Results,
     benchmark_parser,
+    cpu_seconds,
     describe_latency,
     describe_processes,
     fmt_ratio,
@@ -137,6 +140,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cluster-port", type=int, default=7600, help="first port of the benchmark's cluster"
     )
     parser.add_argument("--drain", type=float, default=15, help="seconds to wait for replies")
+    parser.add_argument(
+        "--max-pending",
+        type=int,
+        default=256,
+        help="the throughput phases send only while fewer are unanswered (closed loop)",
+    )
     parser.add_argument(
         "--direct-procs", type=int, default=2, help="processes of the publish_direct phase"
     )
@@ -391,11 +400,26 @@ def run_mode(env: BenchEnv, client: LoadClient, mode: str, args: argparse.Namesp
 class Phases:
     """Runs and records the phases: counters around each, minus the background."""
 
-    def __init__(self, data: RedisMeter, broker: RedisMeter | None) -> None:
+    def __init__(
+        self, data: RedisMeter, broker: RedisMeter | None, servers: dict[str, int]
+    ) -> None:
         self.data = data
         self.broker = broker
+        # Gateways and workers (with their pool processes): their CPU per operation too.
+        self.servers = {n: pid for n, pid in servers.items() if n.startswith(("gateway", "worker"))}
         self.background: dict[str, Any] | None = None
         self.records: dict[str, dict[str, Any]] = {}
+
+    def _server_cpu(self) -> dict[str, float]:
+        cpu: dict[str, float] = {}
+        for name, pid in self.servers.items():
+            try:
+                tree = [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+            except psutil.NoSuchProcess:
+                continue
+            role = name.split("-")[0]
+            cpu[role] = cpu.get(role, 0.0) + cpu_seconds(tree)
+        return cpu
 
     def _snap(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
         return self.data.snapshot(), self.broker.snapshot() if self.broker else None
@@ -404,8 +428,13 @@ class Phases:
     def measure(self, name: str) -> Iterator[dict[str, Any]]:
         record: dict[str, Any] = {}
         before = self._snap()
+        cpu_before = self._server_cpu()
         yield record
+        cpu_after = self._server_cpu()
         after = self._snap()
+        record["server_cpu_s"] = {
+            role: round(cpu_after[role] - cpu_before.get(role, 0.0), 3) for role in cpu_after
+        }
         data = RedisMeter.delta(before[0], after[0])
         broker = RedisMeter.delta(before[1], after[1]) if before[1] and after[1] else None
         record["seconds"] = round(data["seconds"], 2)
@@ -443,7 +472,7 @@ def measure(
     data_meter: RedisMeter,
     broker_meter: RedisMeter | None,
 ) -> dict[str, Any]:
-    phases = Phases(data_meter, broker_meter)
+    phases = Phases(data_meter, broker_meter, server_processes(cluster))
     wanted = chosen_phases(args)
     bases = [gateway_base(cluster, g) for g in range(args.gateways)]
     # Background first: the system up, no client.
@@ -470,6 +499,9 @@ def measure(
         with phases.measure("idle_subscribed") as record:
             time.sleep(args.idle)
             record["ops"] = opened["opened"]
+    # The throughput phases are capped by --max-pending: offered far above capacity in an
+    # open loop, the backlog (not the system's capacity) would decide what is measured.
+    capped = {"publish_max", "send_max"}
     loads = {
         "publish": ("publish", args.publish_rate, {}),
         "send": ("switchboard", args.send_rate, {"latency_ms": 0, "chunks": 1}),
@@ -501,6 +533,7 @@ def measure(
                 text=text,
                 agent="echo",
                 options=options,
+                max_pending=args.max_pending // client.procs if name in capped else 0,
             )
             record.update(merge_load(replies))
     if "publish_direct" in wanted:
@@ -612,6 +645,7 @@ def merge_load(replies: list[dict[str, Any]]) -> dict[str, Any]:
         "unanswered": sum(r["unanswered"] for r in replies),
         "lost": sum(r["lost"] for r in replies),
         "deltas": sum(r["deltas"] for r in replies),
+        "skipped": sum(r["skipped"] for r in replies),
         "events": sum(r["events"] for r in replies),
         "client_max_send_lag_ms": round(max(r["max_send_lag_ms"] for r in replies), 1),
     }
@@ -636,6 +670,8 @@ def per_op(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "cpu_us": 1e6 * record["data"]["cpu_s"] * scale / ops,
             "top": top_commands(record["data"]["calls"], ops * (1 / scale)),
         }
+        for role, seconds in record.get("server_cpu_s", {}).items():
+            entry[f"{role}_cpu_us"] = 1e6 * seconds * scale / ops
         if record["broker"]:
             entry["broker_commands"] = record["broker"]["commands"] * scale / ops
             entry["broker_cpu_us"] = 1e6 * record["broker"]["cpu_s"] * scale / ops
@@ -651,6 +687,9 @@ def per_op(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "publish_direct": ("publish_direct", phases.get("publish_direct", {}).get("ops"), False),
         "send": ("send", phases.get("send", {}).get("ops"), False),
         "streamed_reply": ("stream", phases.get("stream", {}).get("ops"), False),
+        # At capacity: what a gateway and a worker spend per operation when busy.
+        "publish_at_capacity": ("publish_max", phases.get("publish_max", {}).get("ops"), False),
+        "send_at_capacity": ("send_max", phases.get("send_max", {}).get("ops"), False),
     }
     for label, (phase, ops, per_minute) in labels.items():
         entry = cost(phase, ops or 0, per_minute)
@@ -697,6 +736,10 @@ def print_mode(result: dict[str, Any]) -> None:
         )
         if "broker_commands" in entry:
             line += f"  [{entry['broker_commands']:.2f} commands, {entry['broker_cpu_us']:.1f} µs]"
+        if "gateway_cpu_us" in entry:
+            line += f"; gateway {entry['gateway_cpu_us']:.0f} µs"
+        if "worker_cpu_us" in entry:
+            line += f", worker {entry['worker_cpu_us']:.0f} µs"
         if entry["top"]:
             line += "  " + ", ".join(f"{c} {n:g}" for c, n in entry["top"].items())
         if label == "reply_delta":

@@ -200,9 +200,11 @@ const commands = {
   // reply.done matched by id; mode "publish": `publish` frames, done at their ack; mode
   // "reply": baseline frames, the first frame carrying the id is the reply. Frames sent in
   // the first `warmup` seconds are not measured. `deltas` counts the reply.delta events and
-  // `events` every event frame the group received meanwhile.
+  // `events` every event frame the group received meanwhile. With `max_pending`, a frame
+  // due while that many are unanswered is skipped (counted in `skipped`): the offered rate
+  // is then capped by the answers, a closed loop that measures capacity without collapse.
   async load({ group: name, mode, rate, seconds, warmup = 0, drain = 10, id_prefix = "m",
-    stream_prefix = "e2e-", text = "hello", agent = "echo", options = {} }) {
+    stream_prefix = "e2e-", text = "hello", agent = "echo", options = {}, max_pending = 0 }) {
     const conns = group(name).filter((c) => !c.closed);
     if (conns.length === 0) throw new Error("no open sockets to load");
     const pending = new Map(); // id -> {t, conn, measured, ack}
@@ -219,6 +221,7 @@ const commands = {
     let maxLag = 0;
     let lateSends = 0; // sends more than 5 ms behind schedule: the client itself was slow
     let deltas = 0;
+    let skipped = 0;
     let events = 0;
     const interval = 1000 / rate;
     const total = Math.floor(seconds * rate);
@@ -303,6 +306,7 @@ const commands = {
           const conn = conns[k % conns.length];
           k++;
           if (conn.closed) { bump(errors, "socket_closed"); continue; }
+          if (max_pending > 0 && pending.size >= max_pending) { skipped++; continue; }
           const lag = now() - scheduled;
           if (lag > maxLag) maxLag = lag;
           if (lag > 5) lateSends++;
@@ -333,7 +337,7 @@ const commands = {
       sent, measured_sent: measuredSent, window_done: windowDone,
       window_s: (end - warmEnd) / 1000, send_span_s: (sendEnd - start) / 1000,
       ack_ms: ackMs, done_ms: doneMs, first_ms: firstMs, refused_ms: refusedMs, errors, statuses, lost, unanswered,
-      max_send_lag_ms: maxLag, late_sends: lateSends, deltas, events,
+      max_send_lag_ms: maxLag, late_sends: lateSends, deltas, events, skipped,
       client_cpu_s: (cpu.user + cpu.system) / 1e6,
     };
   },
