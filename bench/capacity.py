@@ -56,6 +56,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -111,6 +112,9 @@ METER_COMMANDS = {"info", "config|resetstat", "ping"}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = benchmark_parser("capacity", __doc__)
     subset_argument(parser, MODES, "modes")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="times each mode runs, alternating; medians"
+    )
     parser.add_argument("--connections", type=int, default=1000, help="client connections")
     parser.add_argument("--tenants", type=int, default=6, help="tenants the clients spread over")
     parser.add_argument("--gateways", type=int, default=1, help="daphne processes")
@@ -173,6 +177,7 @@ class RedisMeter:
         for name, node in self.nodes.items():
             stats = node.info("commandstats")
             cpu = node.info("cpu")
+            memory = int(node.info("memory")["used_memory"])
             calls = {}
             for key, value in stats.items():
                 command = key.removeprefix("cmdstat_")
@@ -181,6 +186,7 @@ class RedisMeter:
             per_node[name] = {
                 "calls": calls,
                 "cpu_s": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
+                "memory": memory,
             }
         return {"t": time.monotonic(), "nodes": per_node}
 
@@ -188,6 +194,7 @@ class RedisMeter:
     def delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
         calls: dict[str, int] = {}
         cpu_by_node: dict[str, float] = {}
+        memory = 0
         for name, now in after["nodes"].items():
             then = before["nodes"][name]
             for command, count in now["calls"].items():
@@ -195,7 +202,9 @@ class RedisMeter:
                 if diff:
                     calls[command] = calls.get(command, 0) + diff
             cpu_by_node[name] = now["cpu_s"] - then["cpu_s"]
+            memory += now["memory"] - then["memory"]
         return {
+            "memory_bytes": memory,
             "seconds": after["t"] - before["t"],
             "commands": sum(calls.values()),
             "calls": calls,
@@ -344,7 +353,8 @@ def data_plane(
         yield named, {"REDIS_CLUSTER_URL": nodes.url}
 
 
-def run_mode(env: BenchEnv, client: LoadClient, mode: str, args: argparse.Namespace) -> dict:
+def run_mode(env: BenchEnv, client: LoadClient, variant: str, args: argparse.Namespace) -> dict:
+    mode = mode_of(variant)
     slugs = tenant_slugs(args.tenants)
     secrets = prepare_tenants(env, slugs)
     tokens = client_tokens(secrets, slugs, args.connections)
@@ -372,7 +382,7 @@ def run_mode(env: BenchEnv, client: LoadClient, mode: str, args: argparse.Namesp
             RedisMeter({"broker": redis.Redis.from_url(broker_url)}) if broker_apart else None
         )
         with env.cluster(
-            mode,
+            variant,
             gateways=args.gateways,
             workers=args.workers,
             worker_concurrency=args.worker_concurrency,
@@ -389,7 +399,7 @@ def run_mode(env: BenchEnv, client: LoadClient, mode: str, args: argparse.Namesp
             finally:
                 processes = sampler.stop()
             client.all("close", group="load")
-    result["mode"] = mode
+    result["mode"] = variant
     result["per_op"] = per_op(result)
     result["server_processes"] = processes
     result["tenants"] = slugs
@@ -455,6 +465,7 @@ class Phases:
             for command, count in raw["calls"].items()
         }
         return {
+            "memory_bytes": raw["memory_bytes"],
             "commands": raw["commands"] - background["commands"] * scale,
             "cpu_s": raw["cpu_s"] - background["cpu_s"] * scale,
             "calls": calls,
@@ -670,6 +681,9 @@ def per_op(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "cpu_us": 1e6 * record["data"]["cpu_s"] * scale / ops,
             "top": top_commands(record["data"]["calls"], ops * (1 / scale)),
         }
+        if not per_minute:
+            # Redis memory the operations left behind (replicas included in cluster mode).
+            entry["memory_bytes"] = record["data"]["memory_bytes"] / ops
         for role, seconds in record.get("server_cpu_s", {}).items():
             entry[f"{role}_cpu_us"] = 1e6 * seconds * scale / ops
         if record["broker"]:
@@ -736,6 +750,8 @@ def print_mode(result: dict[str, Any]) -> None:
         )
         if "broker_commands" in entry:
             line += f"  [{entry['broker_commands']:.2f} commands, {entry['broker_cpu_us']:.1f} µs]"
+        if label in ("connect", "subscribe"):
+            line += f", {entry['memory_bytes']:.0f} B Redis memory"
         if "gateway_cpu_us" in entry:
             line += f"; gateway {entry['gateway_cpu_us']:.0f} µs"
         if "worker_cpu_us" in entry:
@@ -776,20 +792,32 @@ def print_mode(result: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def mode_of(variant: str) -> str:
+    """`cluster-3.r2` (the second round of cluster-3) -> `cluster-3`."""
+    return variant.split(".r")[0]
+
+
 def conclude(results: Results, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    out: dict[str, Any] = {}
-    table = {}
-    for mode, result in results.items():
+    """Throughput per mode (the median over its rounds) and the ratios between modes."""
+    rounds: dict[str, dict[str, list[float]]] = {}
+    for variant, result in results.items():
         phases = result["phases"]
-        table[mode] = {
-            name: phases[name]["achieved_per_s"]
-            for name in ("publish_max", "send_max", "publish_direct")
-            if name in phases
-        }
+        per_mode = rounds.setdefault(mode_of(variant), {})
+        for name in ("publish_max", "send_max", "publish_direct"):
+            if name in phases:
+                per_mode.setdefault(name, []).append(phases[name]["achieved_per_s"])
+    table = {
+        mode: {name: statistics.median(values) for name, values in phases.items()}
+        for mode, phases in rounds.items()
+    }
     if table:
-        print("-- throughput achieved (offered above capacity) --")
+        print("-- throughput achieved (offered above capacity; median of the rounds) --")
         for mode, values in table.items():
-            print(f"  {mode:10s} " + ", ".join(f"{k} {v}/s" for k, v in values.items()))
+            print(
+                f"  {mode:10s} "
+                + ", ".join(f"{k} {v:.0f}/s {rounds[mode][k]}" for k, v in values.items())
+            )
+    out: dict[str, Any] = {}
     pairs = [("cluster-3", "cluster-1"), ("cluster-1", "single"), ("cluster-3", "single")]
     for a, b in pairs:
         if a in table and b in table:
@@ -801,7 +829,7 @@ def conclude(results: Results, args: argparse.Namespace) -> tuple[dict[str, Any]
                 + ", ".join(f"{k} {fmt_ratio(v)}" for k, v in out[f"{a}/{b}"].items())
                 + " --"
             )
-    return out, {"throughput": table}
+    return out, {"throughput": table, "rounds": rounds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -814,7 +842,13 @@ def main(argv: list[str] | None = None) -> int:
         print_mode,
         conclude,
         sockets=args.connections // max(1, args.client_procs),
-        variants=args.modes,
+        # Rounds alternate the modes (A B A B), so a change in the machine's load between
+        # them falls on every mode alike.
+        variants=[
+            mode if r == 0 else f"{mode}.r{r + 1}"
+            for r in range(args.rounds)
+            for mode in args.modes
+        ],
         announce=False,
     )
 
