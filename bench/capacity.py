@@ -34,6 +34,9 @@ client (measured first, `--quiet` seconds, and scaled to the phase's length):
   publish_max      `publish` offered at `--publish-max-rate`/s, at most `--max-pending`
                    unanswered (a frame due beyond that is skipped): throughput achieved
   send_max         `send` the same way at `--send-max-rate`/s: throughput achieved
+  redis_fanout     (single mode) Redis CPU per PUBLISH of a 400-byte event with 1, 10 and 50
+                   connections subscribed to its channel: the price of each further
+                   gateway subscribed to a stream
   publish_direct   the data plane alone: `--direct-procs` processes call the publish path
                    (StreamStore.publish, the gateway's own code and Redis client) as fast
                    as Redis answers, `--direct-concurrency` in flight each, for `--seconds`:
@@ -60,6 +63,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -317,6 +321,7 @@ PHASES = (
     "publish_max",
     "send_max",
     "publish_direct",
+    "redis_fanout",
 )
 
 
@@ -547,11 +552,56 @@ def measure(
                 max_pending=args.max_pending // client.procs if name in capped else 0,
             )
             record.update(merge_load(replies))
+    if "redis_fanout" in wanted and data_meter.nodes.keys() == {"redis"}:
+        print("  redis_fanout: Redis CPU per PUBLISH by subscribed connections ...", flush=True)
+        phases.records["redis_fanout"] = redis_fanout(data_meter.nodes["redis"])
     if "publish_direct" in wanted:
         print(f"  publish_direct: {args.direct_procs} processes for {args.seconds:g} s ...")
         with phases.measure("publish_direct") as record:
             record.update(publish_direct(cluster.child_env(), args))
     return {"phases": phases.records, "background": phases.background, "connect": opened}
+
+
+def redis_fanout(
+    node: redis.Redis, counts: tuple[int, ...] = (1, 10, 50), publishes: int = 20_000
+) -> dict[str, Any]:
+    """Redis CPU per PUBLISH of a 400-byte event by how many connections subscribe to its
+    channel: what each further gateway subscribed to a stream costs Redis (single mode)."""
+    pool = redis.ConnectionPool(**node.connection_pool.connection_kwargs)
+    payload = b"e" * 400
+    out: dict[str, Any] = {}
+    for count in counts:
+        subscribers = [redis.Redis(connection_pool=pool).pubsub() for _ in range(count)]
+        for sub in subscribers:
+            sub.subscribe("capacity-fanout")
+        stop = threading.Event()
+
+        readers = [
+            threading.Thread(target=_drain, args=(sub, stop), daemon=True) for sub in subscribers
+        ]
+        for reader in readers:
+            reader.start()
+        before = node.info("cpu")
+        pipe = node.pipeline(transaction=False)
+        for index in range(publishes):
+            pipe.publish("capacity-fanout", payload)
+            if index % 500 == 499:
+                pipe.execute()
+        pipe.execute()
+        after = node.info("cpu")
+        stop.set()
+        for reader in readers:
+            reader.join()
+        for sub in subscribers:
+            sub.close()
+        used = sum(float(after[k]) - float(before[k]) for k in ("used_cpu_user", "used_cpu_sys"))
+        out[str(count)] = round(1e6 * used / publishes, 2)
+    return {"cpu_us_per_publish_by_subscribers": out}
+
+
+def _drain(sub: Any, stop: threading.Event) -> None:
+    while not stop.is_set():
+        sub.get_message(timeout=0.1)
 
 
 def publish_direct(system_env: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
@@ -787,6 +837,14 @@ def print_mode(result: dict[str, Any]) -> None:
             problems["lost"] = record["lost"]
         if problems:
             print(f"    errors: {problems}")
+    fanout = phases.get("redis_fanout")
+    if fanout:
+        print(
+            "  redis_fanout: Redis CPU per PUBLISH (400 B) by subscribed connections: "
+            + ", ".join(
+                f"{n}: {us} µs" for n, us in fanout["cpu_us_per_publish_by_subscribers"].items()
+            )
+        )
     for line in describe_processes(result["server_processes"]):
         print(line)
     sys.stdout.flush()
