@@ -502,6 +502,8 @@ def measure(
         record["connect_ms"] = summarize(opened["latencies_ms"])
     if opened["failed"]:
         print(f"  {opened['failed']} connections failed: {opened['errors']}")
+    if not opened["opened"]:
+        raise RuntimeError("no connection opened: see the gateway's log")
     print(f"  connect: {opened['opened']} connections", flush=True)
     if "idle" in wanted:
         with phases.measure("idle") as record:
