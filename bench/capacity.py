@@ -16,8 +16,9 @@ does (single mode only). The broker's commands and CPU are reported apart.
 Clients are spread over `--tenants` tenants (2 on each master of a 3-master cluster: a
 tenant is the unit a cluster co-locates), each connection on its own stream. Phases, each
 measured by INFO commandstats and used_cpu_user+used_cpu_sys before and after, summed over
-every node (replicas included), minus the background the same system spends with no
-client (measured first, `--quiet` seconds, and scaled to the phase's length):
+the nodes (commands over masters, since a replica counts its master's writes again; CPU
+over masters, and over every node beside it), minus the background the same system
+spends with no client (measured first, `--quiet` seconds, scaled to the phase's length):
 
   connect          `--connections` authenticated connections (welcome received)
   idle             held for `--idle` s: per connection per minute
@@ -171,10 +172,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 class RedisMeter:
     """Commands (INFO commandstats, those run inside Lua scripts included) and CPU
-    (used_cpu_user + used_cpu_sys) of a set of Redis servers, summed."""
+    (used_cpu_user + used_cpu_sys) of a set of Redis servers, summed.
+
+    Commands are counted on masters only: a replica counts again every write it applies
+    from its master. CPU is counted on masters (`cpu_s`: what a master's one thread
+    spends, which sizes masters) and on every node (`cpu_s_all`, replicas included: what
+    the deployment spends)."""
 
     def __init__(self, nodes: dict[str, redis.Redis]) -> None:
         self.nodes = nodes
+        self.masters = {
+            name for name, node in nodes.items() if node.info("replication")["role"] == "master"
+        }
 
     def snapshot(self) -> dict[str, Any]:
         per_node = {}
@@ -191,6 +200,7 @@ class RedisMeter:
                 "calls": calls,
                 "cpu_s": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
                 "memory": memory,
+                "master": name in self.masters,
             }
         return {"t": time.monotonic(), "nodes": per_node}
 
@@ -198,21 +208,26 @@ class RedisMeter:
     def delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
         calls: dict[str, int] = {}
         cpu_by_node: dict[str, float] = {}
+        cpu_masters = 0.0
         memory = 0
         for name, now in after["nodes"].items():
             then = before["nodes"][name]
+            cpu_by_node[name] = now["cpu_s"] - then["cpu_s"]
+            memory += now["memory"] - then["memory"]
+            if not now["master"]:
+                continue
+            cpu_masters += cpu_by_node[name]
             for command, count in now["calls"].items():
                 diff = count - then["calls"].get(command, 0)
                 if diff:
                     calls[command] = calls.get(command, 0) + diff
-            cpu_by_node[name] = now["cpu_s"] - then["cpu_s"]
-            memory += now["memory"] - then["memory"]
         return {
             "memory_bytes": memory,
             "seconds": after["t"] - before["t"],
             "commands": sum(calls.values()),
             "calls": calls,
-            "cpu_s": sum(cpu_by_node.values()),
+            "cpu_s": cpu_masters,
+            "cpu_s_all": sum(cpu_by_node.values()),
             "cpu_s_by_node": cpu_by_node,
         }
 
@@ -473,6 +488,7 @@ class Phases:
             "memory_bytes": raw["memory_bytes"],
             "commands": raw["commands"] - background["commands"] * scale,
             "cpu_s": raw["cpu_s"] - background["cpu_s"] * scale,
+            "cpu_s_all": raw["cpu_s_all"] - background["cpu_s_all"] * scale,
             "calls": calls,
             "busiest_node_cpu_pct": round(
                 100 * max(raw["cpu_s_by_node"].values()) / raw["seconds"], 1
@@ -731,6 +747,7 @@ def per_op(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "ops": ops,
             "commands": record["data"]["commands"] * scale / ops,
             "cpu_us": 1e6 * record["data"]["cpu_s"] * scale / ops,
+            "cpu_all_us": 1e6 * record["data"]["cpu_s_all"] * scale / ops,
             "top": top_commands(record["data"]["calls"], ops * (1 / scale)),
         }
         if not per_minute:
@@ -774,6 +791,7 @@ def per_op(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 "deltas_per_send_reply": round(deltas_send, 2),
                 "commands": (a["commands"] - b["commands"]) / extra,
                 "cpu_us": (a["cpu_us"] - b["cpu_us"]) / extra,
+                "cpu_all_us": (a["cpu_all_us"] - b["cpu_all_us"]) / extra,
                 "top": {},
             }
     return out
@@ -802,6 +820,8 @@ def print_mode(result: dict[str, Any]) -> None:
         )
         if "broker_commands" in entry:
             line += f"  [{entry['broker_commands']:.2f} commands, {entry['broker_cpu_us']:.1f} µs]"
+        if entry["cpu_all_us"] - entry["cpu_us"] > 0.05 * abs(entry["cpu_us"]):
+            line += f" (replicas too: {entry['cpu_all_us']:.1f} µs)"
         if label in ("connect", "subscribe"):
             line += f", {entry['memory_bytes']:.0f} B Redis memory"
         if "gateway_cpu_us" in entry:

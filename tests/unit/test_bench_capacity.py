@@ -44,6 +44,7 @@ def raw(seconds: float, commands: int, cpu_s: float) -> dict:
         "commands": commands,
         "calls": {"evalsha": commands},
         "cpu_s": cpu_s,
+        "cpu_s_all": cpu_s,
         "cpu_s_by_node": {"redis": cpu_s},
         "memory_bytes": 0,
     }
@@ -57,7 +58,13 @@ def test_background_is_scaled_to_the_phase_and_subtracted() -> None:
 
 
 def phase(ops: int, commands: float, cpu_s: float, **more: object) -> dict:
-    data = {"commands": commands, "cpu_s": cpu_s, "calls": {}, "memory_bytes": 0}
+    data = {
+        "commands": commands,
+        "cpu_s": cpu_s,
+        "cpu_s_all": cpu_s,
+        "calls": {},
+        "memory_bytes": 0,
+    }
     return {"ops": ops, "seconds": 10.0, "data": data, "broker": None, **more}
 
 
