@@ -38,6 +38,10 @@ spends with no client (measured first, `--quiet` seconds, scaled to the phase's 
   redis_fanout     (single mode) Redis CPU per PUBLISH of a 400-byte event with 1, 10 and 50
                    connections subscribed to its channel: the price of each further
                    gateway subscribed to a stream
+  idle_shared      each connection also subscribes to a stream shared with
+                   `--clients-per-stream` clients of its tenant, held `--idle` s: the
+                   renewal per client-minute on a shared stream (this phase's cost minus
+                   idle_subscribed's)
   publish_direct   the data plane alone: `--direct-procs` processes call the publish path
                    (StreamStore.publish, the gateway's own code and Redis client) as fast
                    as Redis answers, `--direct-concurrency` in flight each, for `--seconds`:
@@ -149,6 +153,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cluster-port", type=int, default=7600, help="first port of the benchmark's cluster"
     )
     parser.add_argument("--drain", type=float, default=15, help="seconds to wait for replies")
+    parser.add_argument(
+        "--clients-per-stream", type=int, default=100, help="sharing a stream in idle_shared"
+    )
     parser.add_argument(
         "--max-pending",
         type=int,
@@ -337,6 +344,7 @@ PHASES = (
     "send_max",
     "publish_direct",
     "redis_fanout",
+    "idle_shared",
 )
 
 
@@ -347,6 +355,8 @@ def chosen_phases(args: argparse.Namespace) -> list[str]:
     unknown = wanted - set(PHASES)
     if unknown:
         raise SystemExit(f"unknown phases {sorted(unknown)}; choose from {PHASES}")
+    if "idle_shared" in wanted:
+        wanted.add("idle_subscribed")
     if wanted & {"publish", "send", "stream", "publish_max", "send_max", "idle_subscribed"}:
         wanted.add("subscribe")
     return [p for p in PHASES if p in wanted]
@@ -573,6 +583,18 @@ def measure(
     if "redis_fanout" in wanted and data_meter.nodes.keys() == {"redis"}:
         print("  redis_fanout: Redis CPU per PUBLISH by subscribed connections ...", flush=True)
         phases.records["redis_fanout"] = redis_fanout(data_meter.nodes["redis"])
+    if "idle_shared" in wanted:
+        # Each connection also joins a stream shared with --clients-per-stream others of its
+        # tenant (clients alternate tenants, so consecutive runs of tenants x N share one).
+        group_by = args.clients_per_stream * args.tenants
+        with phases.measure("subscribe_shared") as record:
+            client.subscribe("load", prefix="room-", group_by=group_by)
+            record["ops"] = opened["opened"]
+        print(f"  idle_shared: {args.idle:g} s with a shared stream as well ...", flush=True)
+        with phases.measure("idle_shared") as record:
+            time.sleep(args.idle)
+            record["ops"] = opened["opened"]
+            record["clients_per_stream"] = args.clients_per_stream
     if "publish_direct" in wanted:
         print(f"  publish_direct: {args.direct_procs} processes for {args.seconds:g} s ...")
         with phases.measure("publish_direct") as record:
@@ -765,6 +787,7 @@ def per_op(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "connect": ("connect", connections, False),
         "idle_minute": ("idle", connections, True),
         "subscribe": ("subscribe", connections, False),
+        "subscribe_shared": ("subscribe_shared", connections, False),
         "idle_subscribed_minute": ("idle_subscribed", connections, True),
         "publish": ("publish", phases.get("publish", {}).get("ops"), False),
         "publish_direct": ("publish_direct", phases.get("publish_direct", {}).get("ops"), False),
@@ -778,6 +801,17 @@ def per_op(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
         entry = cost(phase, ops or 0, per_minute)
         if entry is not None:
             out[label] = entry
+    own, both = out.get("idle_subscribed_minute"), cost("idle_shared", connections, True)
+    if own and both:
+        # Each connection renews its own stream's member and, now, a shared stream's too.
+        out["idle_shared_stream_minute"] = {
+            "ops": connections,
+            "clients_per_stream": phases["idle_shared"].get("clients_per_stream"),
+            "commands": both["commands"] - own["commands"],
+            "cpu_us": both["cpu_us"] - own["cpu_us"],
+            "cpu_all_us": both["cpu_all_us"] - own["cpu_all_us"],
+            "top": {},
+        }
     send, stream = phases.get("send"), phases.get("stream")
     if send and stream and send.get("ops") and stream.get("ops") and "send" in out:
         deltas_send = send["deltas"] / send["ops"]

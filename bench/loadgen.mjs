@@ -139,15 +139,17 @@ const commands = {
       last_done: Number.isFinite(last) ? last : null, cpu_s: (cpu.user + cpu.system) / 1e6 };
   },
 
-  // Every socket of the group subscribes (to `stream`, or to `prefix + its name`) and
-  // waits for "subscribed".
-  async subscribe({ group: name, stream = null, prefix = "", concurrency = 200, timeout_ms = 30000 }) {
+  // Every socket of the group subscribes (to `stream`, or to `prefix + its name`, or with
+  // `group_by` N to `prefix + floor(its name / N)`: N consecutive sockets share a stream)
+  // and waits for "subscribed".
+  async subscribe({ group: name, stream = null, prefix = "", group_by = 0, concurrency = 200,
+    timeout_ms = 30000 }) {
     const conns = group(name);
     const errors = {};
     let ok = 0;
     await pool(conns.length, concurrency, (i) => new Promise((resolve) => {
       const conn = conns[i];
-      const target = stream ?? prefix + conn.name;
+      const target = stream ?? prefix + (group_by > 0 ? Math.floor(Number(conn.name) / group_by) : conn.name);
       const timer = setTimeout(() => { bump(errors, "timeout"); done(); }, timeout_ms);
       const done = () => { clearTimeout(timer); conn.handler = null; resolve(); };
       conn.handler = (c, data) => {
