@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from project.conf import conf
 from streams import keys
+from streams.registry import tenants
 from streams.tokens import tokens_used
 
 logger = logging.getLogger(__name__)
@@ -121,9 +122,11 @@ def read_fair_queues(client: redis.Redis) -> list[dict[str, Any]]:
     with client.pipeline(transaction=False) as pipe:
         for slug in ring:
             pipe.llen(keys.fair_queue(slug))
+        for slug in ring:
+            pipe.hget(keys.fair_state(slug), "weight")
         pipe.hmget(keys.FAIR_DEFICITS, ring)
-        pipe.hmget(keys.FAIR_WEIGHTS, ring)
-        *lengths, deficits, weights = pipe.execute()
+        *found, deficits = pipe.execute()
+    lengths, weights = found[: len(ring)], found[len(ring) :]
     return [
         {
             "tenant": slug,
@@ -138,11 +141,18 @@ def read_fair_queues(client: redis.Redis) -> list[dict[str, Any]]:
 def read_runs(client: redis.Redis, now: float) -> dict[str, Any]:
     """Runs accepted and not finished (the deadline set holds each exactly that long),
     earliest deadline first: tenant, agent, status, step, age, lease left, worker."""
+    slugs = tenants(client)
     with client.pipeline(transaction=False) as pipe:
-        pipe.zcard(keys.RUN_DEADLINES)
-        pipe.zrange(keys.RUN_DEADLINES, 0, RUNS_SHOWN - 1)
-        total, run_ids = pipe.execute()
-    ids = [_text(run_id) for run_id in run_ids]
+        # Each tenant's deadlines are indexed in its own slot: the earliest of each, merged.
+        for slug in slugs:
+            pipe.zcard(keys.run_deadlines(slug))
+            pipe.zrange(keys.run_deadlines(slug), 0, RUNS_SHOWN - 1, withscores=True)
+        answers = pipe.execute() if slugs else []
+    total = sum(int(count) for count in answers[0::2])
+    earliest = sorted((score, _text(run_id)) for page in answers[1::2] for run_id, score in page)[
+        :RUNS_SHOWN
+    ]
+    ids = [run_id for _, run_id in earliest]
     with client.pipeline(transaction=False) as pipe:
         for run_id in ids:
             pipe.hmget(keys.run(run_id), RUN_FIELDS)
@@ -198,13 +208,21 @@ def read_tenants(client: redis.Redis, slugs: list[str], now: float) -> dict[str,
 
 def read_presence(client: redis.Redis) -> dict[str, dict[str, int]]:
     """Per tenant: streams with someone present, and clients present summed over them (a
-    client on two streams counts twice). From the presence index: no SCAN."""
-    members = [_text(m) for m in client.zrange(keys.PRESENCE_INDEX, 0, PRESENCE_STREAMS_READ - 1)]
-    pairs = [member.partition(":")[::2] for member in members]
+    client on two streams counts twice). From the tenants' presence indexes: no SCAN."""
+    slugs = tenants(client)
+    with client.pipeline(transaction=False) as pipe:
+        # Each tenant's index is in its own slot.
+        for slug in slugs:
+            pipe.zrange(keys.presence_due(slug), 0, PRESENCE_STREAMS_READ - 1)
+        indexes = pipe.execute() if slugs else []
+    pairs: list[tuple[str, str]] = []
+    for slug, streams in zip(slugs, indexes, strict=True):
+        pairs.extend((slug, _text(stream)) for stream in streams)
+    pairs = pairs[:PRESENCE_STREAMS_READ]
     with client.pipeline(transaction=False) as pipe:
         for tenant, stream in pairs:
             pipe.hlen(keys.presence_counts(tenant, stream))
-        counts = pipe.execute()
+        counts = pipe.execute() if pairs else []
     result: dict[str, dict[str, int]] = {}
     for (tenant, _), present in zip(pairs, counts, strict=True):
         if not present:
@@ -218,8 +236,14 @@ def read_presence(client: redis.Redis) -> dict[str, dict[str, int]]:
 def read_problems(client: redis.Redis) -> list[dict[str, Any]]:
     """Failed and degraded runs, newest first, as FINALIZE_RUN recorded them (the list may
     not exist: then there is none recently). Entries that do not parse are skipped."""
+    slugs = tenants(client)
+    with client.pipeline(transaction=False) as pipe:
+        # Each tenant's list is in its own slot: the newest of each, merged by time.
+        for slug in slugs:
+            pipe.lrange(keys.recent_problems(slug), 0, PROBLEMS_SHOWN - 1)
+        pages = pipe.execute() if slugs else []
     problems = []
-    for raw in client.lrange(keys.RECENT_PROBLEMS, 0, PROBLEMS_SHOWN - 1):
+    for raw in (raw for page in pages for raw in page):
         try:
             entry = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -231,7 +255,8 @@ def read_problems(client: redis.Redis) -> list[dict[str, Any]]:
                     for name in ("run", "tenant", "stream", "agent", "status", "reason", "at")
                 }
             )
-    return problems
+    problems.sort(key=lambda entry: str(entry.get("at") or ""), reverse=True)
+    return problems[:PROBLEMS_SHOWN]
 
 
 def read_history_outbox(client: redis.Redis) -> dict[str, int]:

@@ -1,7 +1,9 @@
 """The history persister and purge: Redis and the database at the edges of records.py.
 
-FINALIZE_RUN pushes one outbox record per finished run (keys.HISTORY_OUTBOX, newest
-first). `persist` moves a batch of the oldest onto keys.HISTORY_PROCESSING (one script:
+FINALIZE_RUN pushes one outbox record per finished run on its tenant's outbox
+(keys.history_outbox, newest first; per tenant so that FINALIZE_RUN stays in the tenant's
+hash slot on a Redis Cluster). `persist` visits the registered tenants (streams/registry.py)
+and moves a batch of each one's oldest records onto its keys.history_processing (one script:
 nothing is ever only in Python's memory), reads each run's message and reply.done from
 the stream log, inserts the rows and only then deletes the processing list. A persister
 that dies anywhere in between leaves the batch there, and the next one inserts it again:
@@ -35,6 +37,7 @@ from streams.records import (
     reply_from_run,
     retention_cutoff,
 )
+from streams.registry import tenants as registered_tenants
 from tenants.models import Tenant
 
 logger = logging.getLogger(__name__)
@@ -62,12 +65,21 @@ class OutboxStatus:
 
 
 def outbox_status(client: redis.Redis) -> OutboxStatus:
+    """Summed over the registered tenants."""
+    slugs = registered_tenants(client)
+    if not slugs:
+        return OutboxStatus(0, 0, 0)
     pipe = client.pipeline(transaction=False)
-    pipe.llen(keys.HISTORY_OUTBOX)
-    pipe.llen(keys.HISTORY_PROCESSING)
-    pipe.get(keys.HISTORY_DROPPED)
-    waiting, processing, dropped = pipe.execute()
-    return OutboxStatus(int(waiting), int(processing), int(dropped or 0))
+    for slug in slugs:
+        pipe.llen(keys.history_outbox(slug))
+        pipe.llen(keys.history_processing(slug))
+        pipe.get(keys.history_dropped(slug))
+    answers = pipe.execute()
+    return OutboxStatus(
+        sum(int(value) for value in answers[0::3]),
+        sum(int(value) for value in answers[1::3]),
+        sum(int(value or 0) for value in answers[2::3]),
+    )
 
 
 # The dropped count this process last reported, so the warning is logged when it grows.
@@ -85,17 +97,20 @@ def persist(client: redis.Redis, batch_size: int | None = None) -> int:
         _report_dropped(client)
         size = min(max(batch_size or conf().history_batch, 1), MAX_BATCH)
         handled = 0
-        for _ in range(MAX_BATCHES):
-            # A batch left by a persister that died goes first: it is older than the outbox.
-            leftover = client.lrange(keys.HISTORY_PROCESSING, 0, -1)
-            raw = leftover or take_batch(client, size)
-            if not raw:
-                break
-            store_batch(client, raw)
-            client.delete(keys.HISTORY_PROCESSING)
-            handled += len(raw)
-            if not leftover and len(raw) < size:
-                break  # the outbox is empty
+        batches = 0
+        for tenant in registered_tenants(client):
+            while batches < MAX_BATCHES:
+                # A batch left by a persister that died goes first: older than the outbox.
+                leftover = client.lrange(keys.history_processing(tenant), 0, -1)
+                raw = leftover or take_batch(client, size, tenant)
+                if not raw:
+                    break
+                batches += 1
+                store_batch(client, raw)
+                client.delete(keys.history_processing(tenant))
+                handled += len(raw)
+                if not leftover and len(raw) < size:
+                    break  # the tenant's outbox is empty
         return handled
     finally:
         try:
@@ -104,11 +119,13 @@ def persist(client: redis.Redis, batch_size: int | None = None) -> int:
             logger.warning("history lock expired before its persister finished")
 
 
-def take_batch(client: redis.Redis, count: int) -> list[bytes]:
-    """Move the oldest `count` outbox records onto the processing list (one script:
-    nothing is ever only in this process's memory); returns them, oldest first."""
+def take_batch(client: redis.Redis, count: int, tenant: str) -> list[bytes]:
+    """Move the tenant's oldest `count` outbox records onto its processing list (one
+    script: nothing is ever only in this process's memory); returns them, oldest first."""
     return scripts.TakeHistoryBatch(
-        outbox=keys.HISTORY_OUTBOX, processing=keys.HISTORY_PROCESSING, count=count
+        outbox=keys.history_outbox(tenant),
+        processing=keys.history_processing(tenant),
+        count=count,
     ).run(client)
 
 
@@ -265,7 +282,7 @@ def _from_runs(client: redis.Redis, missing: list[tuple[OutboxRecord, bool, bool
 
 def _report_dropped(client: redis.Redis) -> None:
     global _dropped_seen
-    dropped = int(client.get(keys.HISTORY_DROPPED) or 0)
+    dropped = outbox_status(client).dropped
     if dropped and dropped != _dropped_seen:
         logger.warning(
             "history outbox overflowed: %s finished runs in all were dropped before they "

@@ -54,6 +54,7 @@ from redis.exceptions import RedisError
 
 from project.conf import conf
 from streams import keys
+from streams.registry import tenants as registered_tenants
 from streams.usage import Usage
 
 logger = logging.getLogger(__name__)
@@ -585,12 +586,16 @@ class RedisStateCollector:
         yield up
 
     def _read(self) -> list[Metric]:
+        slugs = registered_tenants(self.client)
         with self.client.pipeline(transaction=False) as pipe:
-            pipe.zcard(keys.RUN_DEADLINES)
-            pipe.zcard(keys.RUN_LEASES)
             pipe.llen(keys.FAIR_RING)
             pipe.lrange(keys.FAIR_RING, 0, FAIR_RING_READ - 1)
-            unfinished, leased, ring_length, ring = pipe.execute()
+            # Run deadlines and leases are indexed per tenant (streams/keys.py).
+            for slug in slugs:
+                pipe.zcard(keys.run_deadlines(slug))
+                pipe.zcard(keys.run_leases(slug))
+            ring_length, ring, *counts = pipe.execute()
+        unfinished, leased = sum(counts[0::2]), sum(counts[1::2])
         tenants = [_text(slug) for slug in ring]
         with self.client.pipeline(transaction=False) as pipe:
             for slug in tenants:

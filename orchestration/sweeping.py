@@ -1,6 +1,9 @@
 """Sweeping runs, independent of Celery: end overdue runs, redeliver steps whose worker died.
 
-Executing a step lives in orchestration/steps.py, on the worker's model-call runtime.
+Run deadlines and leases are indexed per tenant (in the tenant's hash slot, so the scripts
+that write them stay in one slot on a Redis Cluster); a sweep visits every tenant of the
+registry (streams/registry.py) in turn. Executing a step lives in orchestration/steps.py,
+on the worker's model-call runtime.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from orchestration.tickets import reconcile_tickets
+from streams.registry import tenants
 from streams.runs import RunStore
 
 logger = logging.getLogger(__name__)
@@ -18,7 +22,8 @@ logger = logging.getLogger(__name__)
 def sweep_overdue_runs(store: RunStore, now: float | None = None) -> int:
     """End every run whose deadline has passed with its one reply.done; returns how many."""
     ended = 0
-    for run_id in store.overdue(now if now is not None else time.time()):
+    now = now if now is not None else time.time()
+    for run_id in store.overdue_of(tenants(store.client), now):
         if store.finalize(run_id, "failed", {"reason": "deadline"}):
             ended += 1
             logger.warning("run swept at its deadline run=%s", run_id)
@@ -31,7 +36,7 @@ def sweep_expired_leases(store: RunStore) -> int:
     A step whose run is out of redeliveries is ended with `failed` instead.
     """
     redelivered = 0
-    for run_id in store.expired_leases():
+    for run_id in store.expired_leases_of(tenants(store.client)):
         result = store.redeliver(run_id)
         if result.outcome == "redelivered":
             redelivered += 1

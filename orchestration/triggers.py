@@ -24,9 +24,10 @@ from project.conf import conf
 from streams import keys, scripts
 from streams.enqueue import RUNS_QUEUE
 from streams.events import dumps, new_run_id
-from streams.fairness import quantum
+from streams.fairness import join_call, quantum
 from streams.log import COUNTED_GRACE_S, enqueue_first_task, first_task_message
 from streams.redis_clients import as_text
+from streams.registry import register
 from streams.runs import RUN_RECORD_GRACE_S, RunRecord, RunStore
 
 logger = logging.getLogger(__name__)
@@ -141,13 +142,17 @@ def _start_one(store: RunStore, cause: Cause, agent: Agent, config: Any) -> Trig
     refused = _refusal(cause, agent, config)
     if refused is not None:
         return refused
-    run_id = new_run_id()
+    run_id = new_run_id(cause.tenant)
     deadline = time.time() + agent.deadline_s
-    # With the broker in this Redis the run's first task is queued by the same script.
+    # With the broker in this Redis the run's first task is queued by the same script (or
+    # by the ring's join that follows it: fairness.py).
     message = first_task_message(run_id) if conf().broker_in_streams_redis else ""
-    code, started_id = _start_script(cause, agent, config, run_id, deadline, message).run(
-        store.client
-    )
+    register(store.client, cause.tenant)
+    code, started_id, ring_epoch = _start_script(
+        cause, agent, config, run_id, deadline, message
+    ).run(store.client)
+    if ring_epoch:
+        join_call(cause.tenant, ring_epoch, message).run(store.client)
     return _started(cause, agent, code, started_id, run_id, message)
 
 
@@ -202,12 +207,11 @@ def _start_script(
     return scripts.StartTriggeredRun(
         dedupe_key=keys.trigger(cause.tenant, cause.event_id, agent.name),
         run_key=keys.run(run_id),
-        deadlines_key=keys.RUN_DEADLINES,
+        deadlines_key=keys.run_deadlines(cause.tenant),
         queue_key=keys.celery_queue(RUNS_QUEUE),
         queued_key=keys.runs_queued(cause.tenant),
         fair_queue_key=keys.fair_queue(cause.tenant),
-        fair_ring_key=keys.FAIR_RING,
-        fair_weights_key=keys.FAIR_WEIGHTS,
+        fair_state_key=keys.fair_state(cause.tenant),
         run_id=run_id,
         deadline=f"{deadline:.3f}",
         run_ttl=int(agent.deadline_s + RUN_RECORD_GRACE_S),

@@ -37,6 +37,7 @@ class Conf:
 
     # --- Redis and Celery's broker (top-level settings) ---
     redis_url: str = _top_level("REDIS_URL")
+    redis_cluster_url: str = _top_level("REDIS_CLUSTER_URL")
     redis_socket_timeout_s: float = _top_level("REDIS_SOCKET_TIMEOUT_S")
     redis_max_connections: int = _top_level("REDIS_MAX_CONNECTIONS")
     broker_url: str = _top_level("CELERY_BROKER_URL")
@@ -53,6 +54,8 @@ class Conf:
     run_deadline_s: float
     run_lease_s: float
     fair_queue: bool
+    check_script_slots: bool
+    outbox_grace_s: float
     max_causal_depth: int
 
     # --- Gateway connections ---
@@ -122,13 +125,19 @@ class Conf:
     # Celery's broker is the very Redis database the streams live in: our scripts may then
     # push task messages atomically with the writes they belong to.
     broker_in_streams_redis: bool = field(init=False)
+    # The data plane is a Redis Cluster (REDIS_CLUSTER_URL), not the single Redis.
+    redis_cluster: bool = field(init=False)
 
     def __post_init__(self) -> None:
         database = 0
         if self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             database = int(parse_url(self.redis_url).get("db", 0))
         object.__setattr__(self, "redis_database", database)
-        same = self.broker_url.rstrip("/") == self.redis_url.rstrip("/")
+        cluster = bool(self.redis_cluster_url)
+        object.__setattr__(self, "redis_cluster", cluster)
+        # A Redis Cluster is never Celery's broker (kombu's Redis transport has no cluster
+        # support), whatever REDIS_URL says.
+        same = not cluster and self.broker_url.rstrip("/") == self.redis_url.rstrip("/")
         object.__setattr__(self, "broker_in_streams_redis", same)
 
     @classmethod

@@ -139,6 +139,10 @@ STORAGES = {
 # Every key Switchboard, Celery and the channel layer write starts with this.
 KEY_PREFIX = env_str("SWITCHBOARD_KEY_PREFIX", "sb")
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+# Any node of a Redis Cluster (e.g. redis://10.0.0.5:7000; the others are discovered): the
+# streams, runs and sessions then live there, sharded by tenant, for a deployment that one
+# Redis no longer holds. Empty: everything in the single Redis at REDIS_URL (the default).
+REDIS_CLUSTER_URL = env_str("REDIS_CLUSTER_URL", "")
 # redis-py 8 defaults socket_timeout to 5 s; blocking reads (pub/sub, BRPOP) need longer.
 REDIS_SOCKET_TIMEOUT_S = env_float("REDIS_SOCKET_TIMEOUT_S", 30.0)
 # redis-py 8 raises MaxConnectionsError past the pool cap: size it for a handshake burst.
@@ -169,6 +173,14 @@ CHANNEL_LAYERS = {
 
 # --- Celery ----------------------------------------------------------------------------
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
+if REDIS_CLUSTER_URL and not os.environ.get("CELERY_BROKER_URL"):
+    # kombu's Redis transport cannot use a Redis Cluster, so there is no default to fall to.
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(
+        "REDIS_CLUSTER_URL is set, so CELERY_BROKER_URL must be too: Celery's broker cannot "
+        "be a Redis Cluster (use RabbitMQ, amqp://..., or a separate single Redis)"
+    )
 # Results are never read (no .get() anywhere): storing them would only cost Redis writes.
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_RESULT_BACKEND = None
@@ -363,6 +375,14 @@ SWITCHBOARD = {
     # New runs wait in per-tenant queues and workers take them by weighted deficit round
     # robin across tenants (streams/fairness.py); 0: one FIFO Celery queue for all.
     "FAIR_QUEUE": env_bool("SWITCHBOARD_FAIR_QUEUE", True),
+    # Check that every Lua script call's keys hash to one slot, as a Redis Cluster demands,
+    # on a single Redis too (streams/scripts.py): on in the test suites, so the single-Redis
+    # suite catches a cross-slot script before a cluster does. Costs a CRC per key per call.
+    "CHECK_SCRIPT_SLOTS": env_bool("SWITCHBOARD_CHECK_SCRIPT_SLOTS", False),
+    # With a Celery broker other than the streams' Redis, a task is published after the
+    # script that wrote its work: the sweeper publishes again (a wake-up ticket, a step's
+    # message) for work still unclaimed this long after, so a crash in between loses nothing.
+    "OUTBOX_GRACE_S": env_float("SWITCHBOARD_OUTBOX_GRACE_S", 30.0),
     # The "openai" backend (workers/openai_backend.py): any OpenAI-compatible server
     # (OpenAI, vLLM, Ollama, llama.cpp), so the URL is configurable.
     # (Set but empty, as a compose file may leave it, means the default, like unset.)

@@ -44,6 +44,7 @@ from project.conf import conf
 from realtime.protocol import ProtocolError
 from streams import keys, scripts
 from streams.buckets import NEVER, AsyncBuckets, Bucket, retry_after_ms
+from streams.redis_clients import as_text
 from streams.usage import DAY, Exhausted, iso
 from tenants.config import TenantConfig
 
@@ -149,20 +150,31 @@ class RateLimiter:
 
 
 REFUSALS = {1: "too many connections for the tenant", 2: "too many connections for the client"}
-# Dead gateways looked at, and counts removed per script call, per renewal.
+# Dead gateways looked at, and counts removed per pipeline, per renewal.
 REAP_GATEWAYS = 10
 REAP_BATCH = 1000
+# An admission reads the lease set again when what it knows of it is older than this, so a
+# dead gateway's counts stop counting at most this long after its lease lapsed.
+VIEW_MAX_AGE_S = 1.0
+# Gateway ids found with a count and no lease at all (dead and reaped), remembered so the
+# admissions that meet their counts drop them.
+GONE_MAX = 1000
 
 
 class ConnectionRegistry:
     """A gateway process's open connections as the tenants' connection limits count them.
 
     Per tenant and per client id a hash holds each gateway process's count: an admission
-    adds one (one script, which first sums the counts of gateways whose lease is current),
-    a release takes it away. Liveness is per process, not per connection: the process
-    renews one lease every PRESENCE_REFRESH_S (one command whatever it holds), and the
-    counts of a process whose lease lapsed stop counting at once and are removed by the
-    next renewal of any gateway. An idle connection costs nothing per interval."""
+    adds one (one script, which first sums the counts of gateways not known dead), a
+    release takes it away. Liveness is per process, not per connection: the process renews
+    one lease every PRESENCE_REFRESH_S (one command whatever it holds), and reads everyone's
+    with it. The lease set is in a slot of its own (in a Redis Cluster, the counts are in
+    their tenant's), so admissions are passed what the process last read of it, read again
+    when older than VIEW_MAX_AGE_S: the counts of a process whose lease lapsed stop counting
+    that long after, and are removed by the next renewal of any gateway. A lease that lapsed
+    is never renewed: its process goes on under a new lease id and writes its counts again
+    under it, so a reaper, which is not atomic with anything, can never remove a live count.
+    An idle connection costs nothing per interval."""
 
     def __init__(self, client_factory: Callable[[], aredis.Redis]) -> None:
         config = conf()
@@ -170,6 +182,14 @@ class ConnectionRegistry:
         self.refresh_s: float = config.presence_refresh_s
         # Random per process: a restarted gateway never renews its predecessor's lease.
         self.gateway_id = secrets.token_hex(8)
+        # The id its counts and lease are under: the gateway id, then a new one each time
+        # its lease is found lapsed.
+        self.lease_id = self.gateway_id
+        self._leased = False  # the lease of lease_id was created
+        self._lease_lock: asyncio.Lock | None = None
+        self._view: scripts.GatewayLeases | None = None
+        self._view_at = 0.0  # loop time of the read
+        self._gone: dict[str, None] = {}
         self._client_factory = client_factory
         self._client: aredis.Redis | None = None
         # member -> (tenant hash, client hash) of every connection admitted here and open.
@@ -190,7 +210,7 @@ class ConnectionRegistry:
 
     @property
     def held_key(self) -> str:
-        return keys.gateway_connection_keys(self.gateway_id)
+        return keys.gateway_connection_keys(self.lease_id)
 
     def member(self, connection_id: str) -> str:
         return f"{self.gateway_id} {connection_id}"
@@ -209,18 +229,19 @@ class ConnectionRegistry:
             keys.connections_tenant(tenant.slug),
             keys.connections_client(tenant.slug, client),
         )
-        admission = scripts.AdmitConnection(
-            tenant_counts=counts[0],
-            client_counts=counts[1],
-            leases=keys.GATEWAY_LEASES,
-            held=self.held_key,
-            gateway=self.gateway_id,
-            lease_ms=self.ttl_ms,
-            tenant_max=tenant.max_connections,
-            client_max=tenant.max_connections_per_client,
-        )
         try:
-            refused, created = await self._admit_pipelined(admission)
+            view = await self._current_view()
+            lease_id = self.lease_id
+            admission = scripts.AdmitConnection(
+                tenant_counts=counts[0],
+                client_counts=counts[1],
+                gateway=lease_id,
+                tenant_max=tenant.max_connections,
+                client_max=tenant.max_connections_per_client,
+                live_count=len(view.live),
+                known=[*view.live, *view.dead, *self._gone],
+            )
+            refused, unknown = await self._admit_pipelined(admission)
         except (RedisConnectionError, RedisTimeoutError):
             logger.warning(
                 "connection admitted without counting (Redis unreachable) tenant=%s client=%s",
@@ -229,15 +250,91 @@ class ConnectionRegistry:
                 exc_info=True,
             )
             return None
-        if created and self.members:
-            # Our lease was gone: whatever we counted before may have been reaped.
-            self._unsure.update(key for pair in self.members.values() for key in pair)
+        if unknown:
+            await self._identify(unknown)
         if refused:
             return REFUSALS[refused]
         self.members[member] = counts
         self._changes += 1
+        if lease_id != self.lease_id:
+            # Counted under a lease id that died meanwhile: the next renewal writes it again.
+            self._unsure.update(counts)
         self._ensure_running()
         return None
+
+    async def _current_view(self) -> scripts.GatewayLeases:
+        """What this process knows of the lease set, read again (with a renewal, creating
+        the lease on first use) when older than VIEW_MAX_AGE_S."""
+        loop = asyncio.get_running_loop()
+        view = self._view
+        if view is not None and loop.time() - self._view_at < VIEW_MAX_AGE_S:
+            return view
+        if self._lease_lock is None:
+            self._lease_lock = asyncio.Lock()
+        async with self._lease_lock:
+            if self._view is None or loop.time() - self._view_at >= VIEW_MAX_AGE_S:
+                await self._renew()
+            assert self._view is not None
+            return self._view
+
+    async def _renew(self) -> scripts.GatewayLeases:
+        """Renew (or create) the lease and read everyone's. A lease found lapsed means its
+        counts may be reaped by now: the process takes a new lease id, created at once, and
+        every count it holds is written again under it at the next write-back."""
+        started = asyncio.get_running_loop().time()
+        view = await self._renew_once()
+        if view.lost:
+            old = self.lease_id
+            self.lease_id = secrets.token_hex(8)
+            self._leased = False
+            logger.warning(
+                "gateway lease had lapsed; counting under a new lease id old=%s new=%s",
+                old,
+                self.lease_id,
+            )
+            self._unsure.update(self.local_counts())
+            view = await self._renew_once()
+        self._view, self._view_at = view, started
+        return view
+
+    async def _renew_once(self) -> scripts.GatewayLeases:
+        create = not self._leased
+        view = await scripts.RenewGatewayLease(
+            leases=keys.GATEWAY_LEASES,
+            gateway=self.lease_id,
+            lease_ms=self.ttl_ms,
+            create=int(create),
+            dead_max=REAP_GATEWAYS,
+        ).run_async(self.client)
+        if create:
+            self._leased = True
+        return view
+
+    async def _identify(self, unknown: list[str]) -> None:
+        """Ids an admission met with neither a live nor a dead lease in our last read: read
+        the leases again; one with no lease at all is dead (every gateway creates its lease
+        before its first count) and is dropped by later admissions."""
+        if self._lease_lock is None:
+            self._lease_lock = asyncio.Lock()
+        try:
+            async with self._lease_lock:
+                # Many admissions of a burst meet the same newcomer: one read serves them.
+                view = self._view
+                if view is None or not self._knows(view, unknown):
+                    view = await self._renew()
+        except (RedisConnectionError, RedisTimeoutError):
+            return
+        known = set(view.live) | set(view.dead) | {self.lease_id}
+        for gateway in unknown:
+            if gateway not in known:
+                self._gone[gateway] = None
+        while len(self._gone) > GONE_MAX:
+            del self._gone[next(iter(self._gone))]
+
+    def _knows(self, view: scripts.GatewayLeases, ids: list[str]) -> bool:
+        return all(
+            gateway in view.live or gateway in view.dead or gateway in self._gone for gateway in ids
+        )
 
     def _admit_pipelined(self, admission: scripts.AdmitConnection) -> asyncio.Future[Any]:
         """One ADMIT script call, sent with whatever other admissions are waiting: during a
@@ -255,18 +352,21 @@ class ConnectionRegistry:
         while self._waiting:
             batch, self._waiting = self._waiting, []
             try:
-                if len(batch) == 1:  # alone: a pipeline would only add client CPU
-                    admission, _ = batch[0]
-                    results: list[Any] = [await admission.run_async(client)]
+                # Each hash is listed in its gateway's held set before it can hold a count,
+                # for reapers to find it (a listed hash without a count costs nothing).
+                held: dict[str, set[str]] = {}
+                for admission, _ in batch:
+                    listed = held.setdefault(keys.gateway_connection_keys(admission.gateway), set())
+                    listed.update((admission.tenant_counts, admission.client_counts))
+                async with client.pipeline(transaction=False) as pipe:
+                    for held_key, listed in held.items():
+                        pipe.sadd(held_key, *sorted(listed))
+                    await pipe.execute()
+                calls = [admission for admission, _ in batch]
+                if len(calls) == 1:  # alone: a pipeline would only add client CPU
+                    results: list[Any] = [await calls[0].run_async(client)]
                 else:
-                    async with client.pipeline(transaction=False) as pipe:
-                        for admission, _ in batch:
-                            await admission.queue_async(client, pipe)
-                        answers = await pipe.execute(raise_on_error=False)
-                    results = [
-                        answer if isinstance(answer, BaseException) else admission.result(answer)
-                        for (admission, _), answer in zip(batch, answers, strict=True)
-                    ]
+                    results = await scripts.run_pipelined_async(client, calls)
             except Exception as error:
                 results = [error] * len(batch)
             for (_, future), result in zip(batch, results, strict=True):
@@ -288,13 +388,17 @@ class ConnectionRegistry:
             await scripts.ReleaseConnection(
                 tenant_counts=counts[0],
                 client_counts=counts[1],
-                held=self.held_key,
-                gateway=self.gateway_id,
+                gateway=self.lease_id,
             ).run_async(self.client)
         except Exception:
             # Our counts in Redis may be one too high now: the next renewal writes them.
             self._unsure.update(counts)
             raise
+        left = self.local_counts(set(counts))
+        unheld = sorted(key for key, count in left.items() if not count)
+        if unheld:
+            # Best effort: a hash left listed costs a reaper one HDEL of nothing.
+            await self.client.srem(self.held_key, *unheld)
 
     def local_counts(self, wanted: set[str] | None = None) -> dict[str, int]:
         """This process's count per hash (of those `wanted`; every one by default)."""
@@ -309,15 +413,10 @@ class ConnectionRegistry:
         """Renew this process's lease (one command), remove dead gateways' counts, and
         write back any of our counts Redis may have wrong. Costs nothing per connection
         unless the lease had lapsed."""
-        lost, dead = await scripts.RenewGatewayLease(
-            leases=keys.GATEWAY_LEASES,
-            gateway=self.gateway_id,
-            lease_ms=self.ttl_ms,
-            dead_max=REAP_GATEWAYS,
-        ).run_async(self.client)
-        if lost:
-            logger.warning("gateway lease had lapsed; writing its connection counts back")
-            self._unsure.update(self.local_counts())
+        if self._lease_lock is None:
+            self._lease_lock = asyncio.Lock()
+        async with self._lease_lock:
+            view = await self._renew()
         if self._unsure:
             unsure, self._unsure = self._unsure, set()
             changes = self._changes
@@ -329,16 +428,27 @@ class ConnectionRegistry:
             if self._changes != changes:
                 # An admission or release ran meanwhile and the write may have undone it.
                 self._unsure |= unsure
-        for gateway in dead:
-            left = await scripts.ReapGateway(
-                leases=keys.GATEWAY_LEASES,
-                held=keys.gateway_connection_keys(gateway),
-                gateway=gateway,
-                limit=REAP_BATCH,
-            ).run_async(self.client)
+        for gateway in view.dead:
+            left = await self._reap(gateway)
             logger.info(
                 "dead gateway's connection counts removed gateway=%s left=%s", gateway, left
             )
+
+    async def _reap(self, gateway: str) -> int:
+        """Remove a slice of a dead gateway's counts (its lease lapsed, and a lapsed lease
+        is never renewed, so none of them counts any more); its lease goes with the last.
+        Returns how many hashes are left to visit."""
+        held_key = keys.gateway_connection_keys(gateway)
+        listed = await self.client.spop(held_key, REAP_BATCH)
+        if listed:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for counts in listed:
+                    pipe.hdel(as_text(counts), gateway)
+                await pipe.execute()
+        left = int(await self.client.scard(held_key))
+        if left == 0:
+            await self.client.zrem(keys.GATEWAY_LEASES, gateway)
+        return left
 
     async def _write_counts(self, counts: dict[str, int]) -> None:
         items = list(counts.items())
@@ -346,10 +456,10 @@ class ConnectionRegistry:
             async with self.client.pipeline(transaction=False) as pipe:
                 for key, count in items[start : start + REAP_BATCH]:
                     if count:
-                        pipe.hset(key, self.gateway_id, count)
                         pipe.sadd(self.held_key, key)
+                        pipe.hset(key, self.lease_id, count)
                     else:
-                        pipe.hdel(key, self.gateway_id)
+                        pipe.hdel(key, self.lease_id)
                         pipe.srem(self.held_key, key)
                 await pipe.execute()
 

@@ -10,6 +10,17 @@ a subscription that sees a gap, or a reconnect that may have lost messages, read
 A message is `SEQ "\n" EVENT_JSON`; an empty SEQ marks an event outside the log (presence
 `join`/`leave`), which listeners take as it comes, with no ordering or repair.
 
+In a Redis Cluster a stream's channel is sharded (SSUBSCRIBE, published by SPUBLISH in the
+slot of the stream's tenant), so it is heard only from the master that owns that slot: the
+hub keeps one plain pub/sub connection per master it needs, a "shard", and asks the
+cluster's slot map which one a channel goes to. redis-py's own cluster pub/sub is not used:
+it reconnects and moves subscriptions by itself, and a subscription that came back by
+itself would not say that messages may have been lost meanwhile. Here a shard's lost
+connection, a MOVED answer and a server-sent SUNSUBSCRIBE (its slot moved: failover,
+resharding) all end the shard's connection: the hub reads the slot map again, moves every
+channel whose slot has a new owner to that owner's shard, subscribes again and tells each
+listener it may have missed events, so it re-reads the stream's log.
+
 The process's hub is held by its node (realtime/node.py), which closes it after a drain.
 """
 
@@ -17,12 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
 
 import orjson
 import redis.asyncio as aredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ops import metrics
@@ -44,14 +57,55 @@ class Listener(Protocol):
     def on_possible_loss(self) -> None: ...
 
 
+class Topology(Protocol):
+    """A Redis Cluster's slot map, as the hub needs it (streams/redis_clients.py)."""
+
+    async def owner(self, channel: bytes) -> str:
+        """The address ("host:port") of the master that owns the channel's slot."""
+        ...
+
+    async def refresh(self) -> None:
+        """Read the slot map again (after a shard was lost or answered MOVED)."""
+        ...
+
+    def client(self, address: str) -> aredis.Redis:
+        """A client of that one node, which never retries (see pubsub_client)."""
+        ...
+
+
+class SlotMoved(Exception):
+    """A shard's node no longer owns a subscribed channel's slot."""
+
+
+class _Shard:
+    """One pub/sub connection and the channels subscribed on it: the only one on a single
+    Redis (address ""), one per master in a Redis Cluster."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channels: set[bytes] = set()
+        self.pubsub: aredis.client.PubSub | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+        # Our own unsubscribes not confirmed yet: any other SUNSUBSCRIBE is the server's.
+        self.leaving: Counter[bytes] = Counter()
+
+
 class Hub:
-    def __init__(self, client_factory: Callable[[], aredis.Redis]) -> None:
+    def __init__(
+        self, client_factory: Callable[[], aredis.Redis], topology: Topology | None = None
+    ) -> None:
         self._client_factory = client_factory
+        self._topology = topology
+        sharded = topology is not None
+        self._subscribe = "SSUBSCRIBE" if sharded else "SUBSCRIBE"
+        self._unsubscribe_command = "SUNSUBSCRIBE" if sharded else "UNSUBSCRIBE"
+        self._message = b"smessage" if sharded else b"message"
+        self._subscribed = b"ssubscribe" if sharded else b"subscribe"
         self._listeners: dict[bytes, set[Listener]] = {}
         self._confirmed: dict[bytes, asyncio.Future[None]] = {}
-        self._pubsub: aredis.client.PubSub | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._connected = asyncio.Event()
+        self._shards: dict[str, _Shard] = {}
+        self._shard_of: dict[bytes, _Shard] = {}
         self.closing = False
 
     async def join(self, tenant: str, stream: str, listener: Listener) -> None:
@@ -61,14 +115,16 @@ class Hub:
         if group is None:
             group = self._listeners[channel] = set()
             self._confirmed[channel] = asyncio.get_running_loop().create_future()
-            self._ensure_reader()
             try:
-                await asyncio.wait_for(self._connected.wait(), JOIN_TIMEOUT_S)
-            except TimeoutError:
+                shard = await asyncio.wait_for(self._assign(channel), JOIN_TIMEOUT_S)
+                await asyncio.wait_for(shard.connected.wait(), JOIN_TIMEOUT_S)
+                assert shard.pubsub is not None
+                await shard.pubsub.execute_command(self._subscribe, channel)
+            except BaseException:
+                # Redis away, the slot map unreadable, or the join cancelled: the next join
+                # of the stream starts over.
                 self._forget_if_empty(channel)
                 raise
-            assert self._pubsub is not None
-            await self._pubsub.execute_command("SUBSCRIBE", channel)
         group.add(listener)
         confirmed = self._confirmed.get(channel)
         if confirmed is not None and not confirmed.done():
@@ -78,10 +134,31 @@ class Hub:
                 self.leave(tenant, stream, listener)
                 raise
 
+    async def _assign(self, channel: bytes) -> _Shard:
+        """The shard the channel is heard on (its reader started), the channel counted in
+        it: the one connection on a single Redis, the slot owner's in a Redis Cluster."""
+        address = "" if self._topology is None else await self._topology.owner(channel)
+        shard = self._shard(address)
+        if channel in self._listeners:  # not left while the slot map was read
+            shard.channels.add(channel)
+            self._shard_of[channel] = shard
+        return shard
+
+    def _shard(self, address: str) -> _Shard:
+        shard = self._shards.get(address)
+        if shard is None:
+            shard = self._shards[address] = _Shard(address)
+        if shard.reader is None or shard.reader.done():
+            shard.reader = asyncio.get_running_loop().create_task(self._read_forever(shard))
+        return shard
+
     def _forget_if_empty(self, channel: bytes) -> None:
         if not self._listeners.get(channel):
             self._listeners.pop(channel, None)
             self._confirmed.pop(channel, None)
+            shard = self._shard_of.pop(channel, None)
+            if shard is not None:
+                shard.channels.discard(channel)
 
     def leave(self, tenant: str, stream: str, listener: Listener) -> None:
         channel = keys.stream_channel(tenant, stream).encode()
@@ -92,76 +169,156 @@ class Hub:
         if not group:
             del self._listeners[channel]
             self._confirmed.pop(channel, None)
-            if self._pubsub is not None and self._connected.is_set():
-                asyncio.get_running_loop().create_task(self._unsubscribe(channel))
+            shard = self._shard_of.pop(channel, None)
+            if shard is None:
+                return
+            shard.channels.discard(channel)
+            if shard.pubsub is not None and shard.connected.is_set():
+                asyncio.get_running_loop().create_task(self._unsubscribe(shard, channel))
 
-    async def _unsubscribe(self, channel: bytes) -> None:
-        if channel in self._listeners or self._pubsub is None:
+    async def _unsubscribe(self, shard: _Shard, channel: bytes) -> None:
+        if channel in shard.channels or shard.pubsub is None:
             return
+        shard.leaving[channel] += 1
         try:
-            await self._pubsub.execute_command("UNSUBSCRIBE", channel)
+            await shard.pubsub.execute_command(self._unsubscribe_command, channel)
         except (RedisConnectionError, RedisTimeoutError):
             pass  # the reconnect resubscribes only to channels still listened to
 
-    def _ensure_reader(self) -> None:
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.get_running_loop().create_task(self._read_forever())
-
-    async def _read_forever(self) -> None:
+    async def _read_forever(self, shard: _Shard) -> None:
         failures = 0
         while not self.closing:
             try:
-                await self._connect()
+                await self._connect(shard)
                 failures = 0
-                await self._read()
-            except (RedisConnectionError, RedisTimeoutError, OSError) as error:
-                self._connected.clear()
+                await self._read(shard)
+            except (RedisConnectionError, RedisTimeoutError, OSError, SlotMoved) as error:
+                shard.connected.clear()
                 delay = RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S) - 1)]
                 failures += 1
-                logger.warning("hub lost redis (%s); reconnecting in %.2fs", error, delay)
+                logger.warning(
+                    "hub lost redis%s (%s); reconnecting in %.2fs",
+                    f" shard {shard.address}" if shard.address else "",
+                    error,
+                    delay,
+                )
                 await asyncio.sleep(delay)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                self._connected.clear()
+                shard.connected.clear()
                 logger.exception("hub reader failed; restarting")
                 await asyncio.sleep(0.5)
+            if self._topology is not None and not self.closing:
+                if not await self._reassign(shard):
+                    return
 
-    async def _connect(self) -> None:
-        if self._pubsub is not None:
+    async def _reassign(self, shard: _Shard) -> bool:
+        """After a shard was lost: read the slot map again and move each of its channels
+        whose slot has another owner now to that owner's shard (which subscribes to it and
+        tells its listeners they may have missed events). False when the shard has nothing
+        left to hear: its reader ends, its connection is closed."""
+        assert self._topology is not None
+        try:
+            await self._topology.refresh()
+            owners = {channel: await self._topology.owner(channel) for channel in shard.channels}
+        except (RedisError, RedisClusterException, OSError) as error:
+            # The cluster is between owners (a failover under way): try this node again
+            # after the backoff, and look again.
+            logger.warning("hub could not read the cluster's slot map (%s)", error)
+            return True
+        moved: Counter[str] = Counter()
+        for channel, address in owners.items():
+            if address == shard.address or channel not in shard.channels:
+                continue
+            shard.channels.discard(channel)
+            target = self._shard(address)
+            target.channels.add(channel)
+            self._shard_of[channel] = target
+            moved[address] += 1
+            if target.connected.is_set():
+                asyncio.get_running_loop().create_task(self._subscribe_moved(target, channel))
+        for address, count in moved.items():
+            logger.info("hub moved %s channels from shard %s to %s", count, shard.address, address)
+        if shard.channels:
+            return True
+        if self._shards.get(shard.address) is shard:
+            del self._shards[shard.address]
+        await self._close_pubsub(shard)
+        shard.reader = None
+        return False
+
+    async def _subscribe_moved(self, shard: _Shard, channel: bytes) -> None:
+        """A channel moved to an already connected shard: subscribed there, then its
+        listeners re-read (what was published while it moved is only in the log)."""
+        if shard.pubsub is None:
+            return
+        try:
+            await shard.pubsub.execute_command(self._subscribe, channel)
+        except (RedisConnectionError, RedisTimeoutError):
+            return  # that shard's reconnect subscribes it and tells the listeners
+        for listener in list(self._listeners.get(channel, ())):
+            listener.on_possible_loss()
+
+    @staticmethod
+    async def _close_pubsub(shard: _Shard) -> None:
+        if shard.pubsub is not None:
             try:
-                await self._pubsub.aclose()
+                await shard.pubsub.aclose()
             except Exception:  # noqa: BLE001 - the old connection is being thrown away
                 pass
-        self._pubsub = self._client_factory().pubsub()
-        channels = list(self._listeners)
+            shard.pubsub = None
+
+    async def _connect(self, shard: _Shard) -> None:
+        await self._close_pubsub(shard)
+        if self._topology is None:
+            client = self._client_factory()
+        else:
+            client = self._topology.client(shard.address)
+        shard.pubsub = client.pubsub()
+        shard.leaving.clear()
+        channels = list(shard.channels)
         for channel in channels:
             future = self._confirmed.get(channel)
             if future is None or future.done():
                 self._confirmed[channel] = asyncio.get_running_loop().create_future()
         # PING establishes the connection even with nothing to subscribe to yet.
-        await self._pubsub.execute_command("SUBSCRIBE", keys.STREAM_CHANNEL_PREFIX + "__hub__")
-        if channels:
-            await self._pubsub.execute_command("SUBSCRIBE", *channels)
-        self._connected.set()
+        await shard.pubsub.execute_command("SUBSCRIBE", keys.STREAM_CHANNEL_PREFIX + "__hub__")
+        if channels and self._topology is None:
+            await shard.pubsub.execute_command(self._subscribe, *channels)
+        else:
+            # One SSUBSCRIBE per channel: a node refuses one whose channels span slots.
+            for channel in channels:
+                await shard.pubsub.execute_command(self._subscribe, channel)
+        shard.connected.set()
         if channels:
             # Anything published while we were away is only in the logs now.
             for channel in channels:
                 for listener in list(self._listeners.get(channel, ())):
                     listener.on_possible_loss()
 
-    async def _read(self) -> None:
-        assert self._pubsub is not None
-        parse = self._pubsub.parse_response
+    async def _read(self, shard: _Shard) -> None:
+        assert shard.pubsub is not None
+        pubsub = shard.pubsub
+        parse = pubsub.parse_response
         listeners = self._listeners
+        message_kind, subscribed_kind = self._message, self._subscribed
         while True:
-            response = await parse(block=False, timeout=IDLE_PING_S)
+            try:
+                response = await parse(block=False, timeout=IDLE_PING_S)
+            except RedisError as error:
+                if self._topology is not None and not isinstance(
+                    error, (RedisConnectionError, RedisTimeoutError)
+                ):
+                    # MOVED, ASK, CLUSTERDOWN: the slot map changed under us.
+                    raise SlotMoved(str(error)) from error
+                raise
             if response is None:
                 # Quiet for a while: a PING proves the connection is still alive.
-                await self._pubsub.ping()
+                await pubsub.ping()
                 continue
             kind = response[0]
-            if kind == b"message":
+            if kind == message_kind:
                 group = listeners.get(response[1])
                 if not group:
                     continue
@@ -175,10 +332,17 @@ class Hub:
                     listener.on_event(seq, text)
                 # Once per event per process: the lag to the last local socket.
                 metrics.event_delivered(text)
-            elif kind == b"subscribe":
+            elif kind == subscribed_kind:
                 future = self._confirmed.get(response[1])
                 if future is not None and not future.done():
                     future.set_result(None)
+            elif kind == b"sunsubscribe":
+                channel = response[1]
+                if shard.leaving[channel] > 0:
+                    shard.leaving[channel] -= 1
+                elif channel in shard.channels:
+                    # Not ours: the node gave the slot away (failover, resharding).
+                    raise SlotMoved(f"the node unsubscribed {channel!r}")
 
     @staticmethod
     def _deliver_unsequenced(group: set[Listener], text: str) -> None:
@@ -193,10 +357,7 @@ class Hub:
 
     async def close(self) -> None:
         self.closing = True
-        if self._reader is not None:
-            self._reader.cancel()
-        if self._pubsub is not None:
-            try:
-                await self._pubsub.aclose()
-            except Exception:  # noqa: BLE001
-                pass
+        for shard in list(self._shards.values()):
+            if shard.reader is not None:
+                shard.reader.cancel()
+            await self._close_pubsub(shard)

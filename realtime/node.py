@@ -28,7 +28,7 @@ from realtime.lifecycle import Lifecycle, install_daphne_drain
 from realtime.sessions import Checkpointer, session_store
 from realtime.sweeper import Sweeper
 from streams.log import StreamStore
-from streams.redis_clients import async_client, pubsub_client
+from streams.redis_clients import async_client, pubsub_client, pubsub_topology
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ STOP_TIMEOUT_S = 1.0
 class GatewayNode:
     def __init__(self, tenants: TenantControl | None = None) -> None:
         self.lifecycle = Lifecycle()
-        self.hub = Hub(pubsub_client)
+        self.hub = Hub(pubsub_client, pubsub_topology())
         self.flusher = Flusher()
         self.checkpointer = Checkpointer(session_store)
         self.sweeper = Sweeper()

@@ -30,7 +30,7 @@ from typing import Any
 import redis.asyncio as aredis
 
 from project.conf import conf
-from streams import keys, scripts
+from streams import keys, registry, scripts
 from streams.events import dumps, utc_now_iso
 
 logger = logging.getLogger(__name__)
@@ -116,9 +116,29 @@ class PresenceCounts:
         return len(self._holders)
 
 
-def _index_member(tenant: str, stream: str) -> str:
-    # A tenant slug never holds ':', so the first ':' splits it from the stream again.
-    return f"{tenant}:{stream}"
+def refresh_calls(
+    streams: Iterable[tuple[str, str, list[str]]],
+) -> list[list[tuple[str, str, list[str]]]]:
+    """(tenant, stream, clients) grouped into PRESENCE_REFRESH calls: each of one tenant
+    (one slot), with up to REFRESH_BATCH clients (a stream with more is split over calls)."""
+    by_tenant: dict[str, list[tuple[str, str, list[str]]]] = {}
+    for entry in streams:
+        by_tenant.setdefault(entry[0], []).append(entry)
+    calls: list[list[tuple[str, str, list[str]]]] = []
+    for entries in by_tenant.values():
+        call: list[tuple[str, str, list[str]]] = []
+        size = 0
+        for tenant, stream, clients in entries:
+            for start in range(0, len(clients), REFRESH_BATCH):
+                part = clients[start : start + REFRESH_BATCH]
+                if call and size + len(part) > REFRESH_BATCH:
+                    calls.append(call)
+                    call, size = [], 0
+                call.append((tenant, stream, part))
+                size += len(part)
+        if call:
+            calls.append(call)
+    return calls
 
 
 class PresenceStore:
@@ -136,9 +156,9 @@ class PresenceStore:
             members=keys.presence_members(tenant, stream),
             counts=keys.presence_counts(tenant, stream),
             names=keys.presence_names(tenant, stream),
-            index=keys.PRESENCE_INDEX,
+            index=keys.presence_due(tenant),
             channel=keys.stream_channel(tenant, stream),
-            index_member=_index_member(tenant, stream),
+            index_member=stream,
             stream_json=dumps(stream),
             # Event ids are 32 hex digits like every other event's: 24 random, 8 counted.
             id_prefix=secrets.token_hex(12),
@@ -148,6 +168,8 @@ class PresenceStore:
 
     async def join(self, tenant: str, stream: str, client: str, name: str) -> bool:
         """Add or extend this gateway's member; True when the client joined (announced)."""
+        # Listed before its first entry: the sweep finds the tenant's due index from there.
+        await registry.register_async(self.client, tenant)
         announced = await scripts.PresenceJoin(
             stream=self._stream(tenant, stream),
             gateway=self.gateway_id,
@@ -168,32 +190,23 @@ class PresenceStore:
         """Extend this gateway's members of each (tenant, stream, clients); returns the
         entries that had no member any more (swept as ghosts while refreshes failed).
 
-        One script call covers many streams (up to REFRESH_BATCH clients in all), so a
-        gateway whose sockets each follow a stream of their own pays per batch, not per
-        stream, in round trips and in its own CPU."""
-        calls: list[list[tuple[str, str, list[str]]]] = []
-        call: list[tuple[str, str, list[str]]] = []
-        size = 0
-        for tenant, stream, clients in streams:
-            for start in range(0, len(clients), REFRESH_BATCH):
-                part = clients[start : start + REFRESH_BATCH]
-                if call and size + len(part) > REFRESH_BATCH:
-                    calls.append(call)
-                    call, size = [], 0
-                call.append((tenant, stream, part))
-                size += len(part)
-        if call:
-            calls.append(call)
+        One script call covers many streams of one tenant (up to REFRESH_BATCH clients in
+        all: the tenant's keys share a slot in a Redis Cluster), so a gateway whose sockets
+        each follow a stream of their own pays per batch, not per stream, in round trips
+        and in its own CPU."""
         missing: list[EntryKey] = []
+        calls = refresh_calls(streams)
+        if calls:
+            # The registry is in another slot (another node, maybe one that failed over
+            # and lost a recent write): listing the tenants again costs one command.
+            await self.client.sadd(keys.TENANTS, *sorted({call[0][0] for call in calls}))
         for start in range(0, len(calls), PIPELINE_CHUNK):
             chunk = calls[start : start + PIPELINE_CHUNK]
             refreshes = [self._refresh(streams_of_call) for streams_of_call in chunk]
-            async with self.client.pipeline(transaction=False) as pipe:
-                for refresh in refreshes:
-                    await refresh.queue_async(self.client, pipe)
-                results = await pipe.execute()
-            for streams_of_call, refresh, raw in zip(chunk, refreshes, results, strict=True):
-                per_stream = refresh.result(raw)
+            results = await scripts.run_pipelined_async(self.client, refreshes)
+            for streams_of_call, per_stream in zip(chunk, results, strict=True):
+                if isinstance(per_stream, BaseException):
+                    raise per_stream
                 for (tenant, stream, _), absent in zip(streams_of_call, per_stream, strict=True):
                     missing.extend((tenant, stream, client) for client in absent)
         return missing
@@ -201,10 +214,10 @@ class PresenceStore:
     def _refresh(self, streams: list[tuple[str, str, list[str]]]) -> scripts.PresenceRefresh:
         """One PRESENCE_REFRESH call for these (tenant, stream, clients)."""
         per_stream: list[Any] = []
-        for tenant, stream, clients in streams:
-            per_stream += [_index_member(tenant, stream), len(clients), *clients]
+        for _, stream, clients in streams:
+            per_stream += [stream, len(clients), *clients]
         return scripts.PresenceRefresh(
-            index=keys.PRESENCE_INDEX,
+            index=keys.presence_due(streams[0][0]),
             stream_members=[keys.presence_members(tenant, stream) for tenant, stream, _ in streams],
             gateway=self.gateway_id,
             ttl_ms=self.ttl_ms,
@@ -218,22 +231,20 @@ class PresenceStore:
         ).run_async(self.client)
 
     async def sweep(self, max_rounds: int = 100) -> dict[tuple[str, str], int]:
-        """Sweep every stream with an expired member (any gateway's); returns the ghosts
-        removed per (tenant, stream)."""
+        """Sweep every stream with an expired member (any gateway's), tenant by tenant from
+        the registry; returns the ghosts removed per (tenant, stream)."""
         removed: dict[tuple[str, str], int] = {}
-        for _ in range(max_rounds):
-            due = await scripts.PresenceDue(index=keys.PRESENCE_INDEX, limit=DUE_BATCH).run_async(
-                self.client
-            )
-            if not due:
-                break
-            for member in due:
-                tenant, _, stream = member.partition(":")
-                count = await self.sweep_stream(tenant, stream)
-                if count:
-                    removed[(tenant, stream)] = removed.get((tenant, stream), 0) + count
-            if len(due) < DUE_BATCH:
-                break
+        async for raw in self.client.sscan_iter(keys.TENANTS, count=DUE_BATCH):
+            tenant = raw.decode() if isinstance(raw, bytes) else raw
+            index = keys.presence_due(tenant)
+            for _ in range(max_rounds):
+                due = await scripts.PresenceDue(index=index, limit=DUE_BATCH).run_async(self.client)
+                for stream in due:
+                    count = await self.sweep_stream(tenant, stream)
+                    if count:
+                        removed[(tenant, stream)] = removed.get((tenant, stream), 0) + count
+                if len(due) < DUE_BATCH:
+                    break
         return removed
 
     async def clients(self, tenant: str, stream: str) -> list[dict[str, str | None]]:

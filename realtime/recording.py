@@ -207,7 +207,12 @@ class Recorder:
             self._due.clear()
             now = self._clock()
             try:
-                values = await self._client_factory().mget([keys.recording(t) for t in tenants])
+                # One GET per tenant in a pipeline, not an MGET: in a Redis Cluster each
+                # tenant's switch is in its own tenant's slot.
+                async with self._client_factory().pipeline(transaction=False) as pipe:
+                    for tenant in tenants:
+                        pipe.get(keys.recording(tenant))
+                    values = await pipe.execute()
             except Exception as error:
                 # Keep what was known and look again after RECHECK_S: a Redis away must not
                 # turn every frame into a retry.

@@ -118,3 +118,21 @@ def enqueue_trigger(run_id: str, event_id: str) -> None:
 def enqueue_published_trigger(args: list[Any]) -> None:
     """Publish a published-event trigger through Celery itself (any broker)."""
     _send(PUBLISHED_TRIGGER_TASK, args)
+
+
+# The task outbox (streams.keys.task_outbox): with a broker other than the streams' Redis, a
+# script that writes work for a task records the task there, and it is published after.
+
+
+def outbox_entry(task_name: str, args: list[Any]) -> str:
+    """A task as the outbox holds it: JSON [task name, args, task id]; the id makes every
+    entry distinct, and a republished task keeps it."""
+    return orjson.dumps([task_name, args, str(uuid.uuid4())]).decode()
+
+
+def publish_outbox_entry(entry: str | bytes) -> None:
+    """Publish an outbox entry's task through Celery itself (any broker)."""
+    from celery import current_app
+
+    task_name, args, task_id = orjson.loads(entry)
+    current_app.send_task(task_name, args=args, task_id=task_id)

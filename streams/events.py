@@ -23,8 +23,10 @@ def new_event_id() -> str:
     return uuid.uuid4().hex
 
 
-def new_run_id() -> str:
-    return "r" + uuid.uuid4().hex
+def new_run_id(tenant: str) -> str:
+    """`r<32 hex>.<TENANT>`: the id embeds its tenant (slugs hold no dot), so any holder of
+    it finds the run's keys, which live in the tenant's hash slot (streams/keys.py)."""
+    return "r" + uuid.uuid4().hex + "." + tenant
 
 
 def utc_now_iso() -> str:

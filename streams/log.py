@@ -24,13 +24,15 @@ from streams.enqueue import (
     RUN_STEP_TASK,
     RUNS_QUEUE,
     celery_message,
-    enqueue_published_trigger,
     enqueue_step,
     enqueue_ticket,
+    outbox_entry,
+    publish_outbox_entry,
 )
 from streams.events import cause_of, event_parts, new_event_id, new_run_id
-from streams.fairness import quantum
+from streams.fairness import join_call, quantum
 from streams.redis_clients import as_text
+from streams.registry import register_async
 from streams.runs import RUN_RECORD_GRACE_S, RunRecord
 from streams.subscriptions import subscribed
 from streams.tokens import counter_keys
@@ -153,7 +155,7 @@ class _NewRun:
         cls, tenant: str, client: str, frame: SendFrame, agent: RunAgent, retention: int
     ) -> _NewRun:
         event_id = new_event_id()
-        run_id = new_run_id()
+        run_id = new_run_id(tenant)
         prefix, suffix = event_parts(
             stream=frame.stream,
             event_id=event_id,
@@ -245,14 +247,17 @@ class StreamStore:
         )
         # Agents subscribed to published events on this stream: their trigger goes in with
         # the event (a registry lookup, no Redis, when none subscribes).
-        trigger_args: list[Any] | None = None
-        trigger_message = ""
+        trigger_message = entry = ""
         if subscribed("published", "", frame.stream):
             trigger_args = [tenant, frame.stream, event_id, client, frame.id, frame.data]
             if self.enqueue_atomically:
                 _, trigger_message = celery_message(
                     PUBLISHED_TRIGGER_TASK, trigger_args, RUNS_QUEUE
                 )
+            else:
+                # Another broker: the task outbox holds it until it is published.
+                entry = outbox_entry(PUBLISHED_TRIGGER_TASK, trigger_args)
+        await register_async(self.client, tenant)
         answer = await scripts.AppendEvent(
             seq_key=keys.stream_seq(tenant, frame.stream),
             log_key=keys.stream_log(tenant, frame.stream),
@@ -265,12 +270,15 @@ class StreamStore:
             dedupe_ttl=self.dedupe_ttl_s,
             event_id=event_id,
             trigger_message=trigger_message,
+            task_outbox_key=keys.task_outbox(tenant),
+            outbox_entry=entry,
         ).run_async(self.client)
         appended = Appended(*_receipt(answer.code, answer.value))
-        if trigger_args is not None and not trigger_message and not appended.duplicate:
-            # Another broker: published after the append; a crash in between loses the
-            # trigger (documented), never the event.
-            await asyncio.to_thread(enqueue_published_trigger, trigger_args)
+        if entry and not appended.duplicate:
+            # Published after the append; a crash in between leaves it in the outbox, and
+            # the sweep publishes it.
+            await asyncio.to_thread(publish_outbox_entry, entry)
+            await self.client.zrem(keys.task_outbox(tenant), entry)
         return appended
 
     async def accept_send(
@@ -299,6 +307,8 @@ class StreamStore:
         call = self._accept_send_call(
             run, flow, message, weight if weight is not None else 1, agent_config, budgets, now
         )
+        # Registered before its first keys are written, so the sweepers always find them.
+        await register_async(self.client, tenant)
         answer = await call.run_async(self.client)
         if answer.code == -3:
             raise BudgetExhausted(exhausted(answer.value, budgets, now))
@@ -306,6 +316,11 @@ class StreamStore:
             code = "rate_limited" if answer.code == -1 else "overloaded"
             raise LimitReached(code, int(answer.value))
         seq, event_id, duplicate = _receipt(answer.code, answer.value)
+        if answer.ring_epoch:
+            # The tenant's queue was empty: the ring (its own slot) learns of it, and the
+            # ticket goes with that call. A crash before it leaves the run queued outside
+            # the ring and without its ticket; the sweep repairs both (fairness.py).
+            await join_call(tenant, answer.ring_epoch, message).run_async(self.client)
         if not duplicate and not message:
             # Another broker: publish after the append. A crash in between leaves the run
             # queued; the sweeper ends it at its deadline, so it still gets its reply.done.
@@ -333,13 +348,12 @@ class StreamStore:
             log_key=keys.stream_log(tenant, stream),
             dedupe_key=keys.client_message(tenant, run.client, run.frame.id),
             run_key=keys.run(run.run_id),
-            deadlines_key=keys.RUN_DEADLINES,
+            deadlines_key=keys.run_deadlines(tenant),
             queue_key=keys.celery_queue(RUNS_QUEUE),
             inflight_key=flow.inflight_key,
             queued_key=flow.queued_key,
             fair_queue_key=keys.fair_queue(tenant),
-            fair_ring_key=keys.FAIR_RING,
-            fair_weights_key=keys.FAIR_WEIGHTS,
+            fair_state_key=keys.fair_state(tenant),
             tokens_day_key=tokens_day_key,
             tokens_month_key=tokens_month_key,
             channel=keys.stream_channel(tenant, stream),

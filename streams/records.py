@@ -2,11 +2,11 @@
 
 FINALIZE_RUN (streams/lua/finalize_run.lua) writes two small records with a run's reply.done:
 
-- an *outbox record* on `keys.HISTORY_OUTBOX`, which the persister (history/persist.py)
+- an *outbox record* on its tenant's `keys.history_outbox`, which the persister (history/persist.py)
   turns into database rows: the run's message and its reply. Python builds the record's
   head (`outbox_head`); the script closes it with the two seqs only it knows, so the JSON
   is `HEAD,"message_seq":N|null,"done_seq":N}`;
-- for a failed or degraded run, a *problem entry* on `keys.RECENT_PROBLEMS`, which the
+- for a failed or degraded run, a *problem entry* on its tenant's `keys.recent_problems`, which the
   admin's live queue page lists (`problem_entry`).
 
 Both sides of each format live here, so the writer and the reader cannot drift apart.

@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 import redis
 import redis.asyncio as aredis
+from redis.cluster import RedisCluster
 
 from project.conf import conf
 from streams import keys, scripts
@@ -38,7 +39,8 @@ from streams.enqueue import (
     TRIGGER_TASK,
     celery_message,
     enqueue_step,
-    enqueue_trigger,
+    outbox_entry,
+    publish_outbox_entry,
 )
 from streams.events import (
     cause_of,
@@ -331,14 +333,15 @@ class RunStore(_RunStoreBase):
         if run is None:
             run = self.load(run_id)
             if run is None:
-                self.client.zrem(keys.RUN_DEADLINES, run_id)
+                self.client.zrem(keys.run_deadlines(keys.tenant_of_run(run_id)), run_id)
                 return False
         call = _FinalizeCall(run, status, detail, owner)
         finished = call.result(call.script.run(self.client))
-        if finished and call.enqueue_after:
-            # Another broker: published after the script. A crash in between loses this
-            # trigger (its subscribers do not run); with the broker in this Redis it cannot.
-            enqueue_trigger(run_id, call.event_id)
+        if finished and call.outbox_entry:
+            # Another broker: published after the script, from the task outbox the script
+            # wrote it to; should this process die first, the sweep publishes it.
+            publish_outbox_entry(call.outbox_entry)
+            self.client.zrem(keys.task_outbox(run.tenant), call.outbox_entry)
         return finished
 
     def save_output(self, run: Run, step: int, output: str, fell_back: str = "") -> None:
@@ -349,9 +352,23 @@ class RunStore(_RunStoreBase):
     def text_of(self, run_id: str) -> str:
         return _text(self.client.get(keys.run_text(run_id)))
 
-    def overdue(self, now: float, limit: int = 500) -> list[str]:
-        ids = self.client.zrangebyscore(keys.RUN_DEADLINES, "-inf", now, start=0, num=limit)
-        return [as_text(run_id) for run_id in ids]
+    def overdue(self, tenant: str, now: float, limit: int = 500) -> list[str]:
+        """The tenant's runs past their deadline (its index in its own slot)."""
+        return self.overdue_of([tenant], now, limit)
+
+    def overdue_of(self, tenants: list[str], now: float, limit: int = 500) -> list[str]:
+        """The runs of these tenants past their deadline, up to `limit` per tenant, in one
+        pipelined round trip (a tenant's index is in its own slot)."""
+        return self._listed([keys.run_deadlines(tenant) for tenant in tenants], now, limit)
+
+    def _listed(self, indexes: list[str], until: float, limit: int) -> list[str]:
+        if not indexes:
+            return []
+        with self.client.pipeline(transaction=False) as pipe:
+            for index in indexes:
+                pipe.zrangebyscore(index, "-inf", until, start=0, num=limit)
+            pages = pipe.execute()
+        return [as_text(run_id) for page in pages for run_id in page]
 
     def renew_lease(self, run: Run, extra_s: float = 0.0) -> bool:
         """Extend the owner's lease to `lease_s + extra_s` from now (never shortening it).
@@ -361,42 +378,54 @@ class RunStore(_RunStoreBase):
 
     def hand_over(self, run_id: str, owner: str) -> bool:
         """Give up the lease once the next step's task is queued; False if no longer ours."""
-        return _hand_over(run_id, owner, "").run(self.client)
+        return _hand_over(run_id, owner, "", 0.0).run(self.client).done
 
-    def expired_leases(self, limit: int = 500) -> list[str]:
-        """Runs whose step lease has run out, by the Redis clock the leases are set with."""
-        seconds, micros = self.client.time()
-        ids = self.client.zrangebyscore(
-            keys.RUN_LEASES, "-inf", seconds + micros / 1e6, start=0, num=limit
-        )
-        return [as_text(run_id) for run_id in ids]
+    def expired_leases(self, tenant: str, limit: int = 500) -> list[str]:
+        """The tenant's runs whose step lease has run out, by the Redis clock the leases
+        are set with (the clock of the tenant's node)."""
+        return self.expired_leases_of([tenant], limit)
+
+    def expired_leases_of(self, tenants: list[str], limit: int = 500) -> list[str]:
+        """The same for many tenants, up to `limit` each, in one pipelined round trip after
+        one TIME. On a Redis Cluster that clock is the node of the first tenant's, not each
+        tenant's own: a lease listed early by a skewed clock is harmless, since
+        REDELIVER_STEP checks it again by its own node's clock and leaves it if it holds."""
+        if not tenants:
+            return []
+        seconds, micros = _redis_time(self.client, keys.run_leases(tenants[0]))
+        indexes = [keys.run_leases(tenant) for tenant in tenants]
+        return self._listed(indexes, seconds + micros / 1e6, limit)
 
     def redeliver(self, run_id: str, max_redeliveries: int = MAX_REDELIVERIES) -> Redelivery:
         """Enqueue a step whose lease ran out again, at most once however many sweepers try."""
         tenant, step, retries = self.client.hmget(keys.run(run_id), "tenant", "step", "retries")
         step_index = int(step) if step is not None else 0
         message = ""
-        if step is not None and conf().broker_in_streams_redis:
+        in_redis = conf().broker_in_streams_redis
+        if step is not None and in_redis:
             # Pushed by the script that fences the lost owner, so the step is never both
             # redelivered and still owned, nor marked redelivered without its message.
             _, message = celery_message(
                 RUN_STEP_TASK, [run_id, step_index], RUNS_QUEUE, retries=int(retries or 0)
             )
-        code, value = scripts.RedeliverStep(
+        leases = keys.run_leases(keys.tenant_of_run(run_id))
+        (code, value), lease = scripts.RedeliverStep(
             run_key=keys.run(run_id),
-            leases_key=keys.RUN_LEASES,
+            leases_key=leases,
             queue_key=keys.celery_queue(RUNS_QUEUE),
             run_id=run_id,
             step=as_text(step) if step is not None else "",
             message=message,
             max_redeliveries=max_redeliveries,
+            publish_lease_s=0.0 if in_redis else conf().outbox_grace_s,
         ).run(self.client)
         found = Redelivery("skipped", run_id, as_text(tenant) if tenant else "", step_index)
         if code == 1:
             if not message:
-                # Another broker: published after the script. A crash in between leaves the
-                # run queued without a message; the deadline sweep still ends it.
+                # Another broker: published after the script, under a publish lease. A
+                # crash in between lets the lease run out, and this sweep publishes again.
                 enqueue_step(run_id, step_index)
+                _drop_publish_lease(run_id, lease).run(self.client)
             return Redelivery("redelivered", run_id, found.tenant, step_index, int(value))
         if code == -2:
             return Redelivery("exhausted", run_id, found.tenant, step_index, int(value))
@@ -442,8 +471,9 @@ class AsyncRunStore(_RunStoreBase):
         """The run's one reply.done, by its owner; False when it already had one."""
         call = _FinalizeCall(run, status, detail, run.owner)
         finished = call.result(await call.script.run_async(self.client))
-        if finished and call.enqueue_after:
-            await asyncio.to_thread(enqueue_trigger, run.run_id, call.event_id)
+        if finished and call.outbox_entry:
+            await asyncio.to_thread(publish_outbox_entry, call.outbox_entry)
+            await self.client.zrem(keys.task_outbox(run.tenant), call.outbox_entry)
         return finished
 
     async def save_output(self, run: Run, step: int, output: str, fell_back: str = "") -> None:
@@ -464,21 +494,28 @@ class AsyncRunStore(_RunStoreBase):
     async def renew_leases(self, runs: list[Run]) -> list[bool]:
         """Renew many owners' leases, a batch of RENEW_LEASE_BATCH per script call (so the
         loop and Redis are never held long); for each run, whether it is still its owner's."""
-        renewed: list[bool] = []
-        for start in range(0, len(runs), RENEW_LEASE_BATCH):
-            batch = runs[start : start + RENEW_LEASE_BATCH]
-            renewed_at = time.monotonic()
-            answers = await scripts.RenewLeases(
-                leases_key=keys.RUN_LEASES,
-                lease_s=self.lease_s,
-                grace_s=RUN_RECORD_GRACE_S,
-                run_prefix=keys.run(""),
-                owners=[item for run in batch for item in (run.run_id, run.owner)],
-            ).run_async(self.client)
-            for run, answer in zip(batch, answers, strict=True):
-                if answer:
-                    run.renewed_at = renewed_at
-                renewed.append(bool(answer))
+        # A tenant's runs and lease index share its slot: one call per tenant and batch.
+        by_tenant: dict[str, list[int]] = {}
+        for index, run in enumerate(runs):
+            by_tenant.setdefault(run.tenant, []).append(index)
+        renewed: list[bool] = [False] * len(runs)
+        for tenant, indexes in by_tenant.items():
+            for start in range(0, len(indexes), RENEW_LEASE_BATCH):
+                batch = [runs[i] for i in indexes[start : start + RENEW_LEASE_BATCH]]
+                renewed_at = time.monotonic()
+                answers = await scripts.RenewLeases(
+                    leases_key=keys.run_leases(tenant),
+                    lease_s=self.lease_s,
+                    grace_s=RUN_RECORD_GRACE_S,
+                    run_prefix=keys.run_prefix(tenant),
+                    owners=[item for run in batch for item in (run.run_id, run.owner)],
+                ).run_async(self.client)
+                for i, run, answer in zip(
+                    indexes[start : start + RENEW_LEASE_BATCH], batch, answers, strict=True
+                ):
+                    if answer:
+                        run.renewed_at = renewed_at
+                    renewed[i] = bool(answer)
         return renewed
 
     async def hand_over(self, run: Run, step: int) -> bool:
@@ -486,14 +523,20 @@ class AsyncRunStore(_RunStoreBase):
         give up the run, in one script when the broker is this Redis; False when the run is
         no longer this owner's (nothing is queued then)."""
         message = ""
-        if conf().broker_in_streams_redis:
+        in_redis = conf().broker_in_streams_redis
+        if in_redis:
             _, message = celery_message(RUN_STEP_TASK, [run.run_id, step], RUNS_QUEUE)
-        handed = await _hand_over(run.run_id, run.owner, message).run_async(self.client)
-        if handed and not message:
-            # Another broker: the run is queued first and its message published after; a
-            # crash in between leaves it to the deadline sweep (docs/guarantees.md).
+        publish_lease_s = 0.0 if in_redis else conf().outbox_grace_s
+        handed = await _hand_over(run.run_id, run.owner, message, publish_lease_s).run_async(
+            self.client
+        )
+        if handed.done and not message:
+            # Another broker: the run is queued first, under a publish lease, and its
+            # message published after; a crash in between lets the lease run out and the
+            # lease sweep publishes the step again (docs/guarantees.md).
             await asyncio.to_thread(enqueue_step, run.run_id, step)
-        return handed
+            await _drop_publish_lease(run.run_id, handed.lease).run_async(self.client)
+        return handed.done
 
 
 def _loaded(run_id: str, raw: Mapping[bytes | str, bytes | str]) -> Run | None:
@@ -518,7 +561,7 @@ class _ClaimCall:
         self.script = scripts.ClaimStep(
             run_key=keys.run(run_id),
             text_key=keys.run_text(run_id),
-            leases_key=keys.RUN_LEASES,
+            leases_key=keys.run_leases(keys.tenant_of_run(run_id)),
             owner=uuid.uuid4().hex,
             step=step,
             lease_s=lease_s,
@@ -549,7 +592,7 @@ class _AppendCall:
             log_key=keys.stream_log(run.tenant, run.stream),
             run_key=keys.run(run.run_id),
             text_key=keys.run_text(run.run_id),
-            leases_key=keys.RUN_LEASES,
+            leases_key=keys.run_leases(run.tenant),
             channel=keys.stream_channel(run.tenant, run.stream),
             prefix=prefix,
             suffix=suffix,
@@ -595,7 +638,7 @@ class _ToolEventCall:
             log_key=keys.stream_log(run.tenant, run.stream),
             run_key=keys.run(run.run_id),
             text_key=keys.run_text(run.run_id),
-            leases_key=keys.RUN_LEASES,
+            leases_key=keys.run_leases(run.tenant),
             channel=keys.stream_channel(run.tenant, run.stream),
             prefix=prefix,
             suffix=suffix,
@@ -645,7 +688,7 @@ class _RestartCall:
             log_key=keys.stream_log(run.tenant, run.stream),
             run_key=keys.run(run.run_id),
             text_key=keys.run_text(run.run_id),
-            leases_key=keys.RUN_LEASES,
+            leases_key=keys.run_leases(run.tenant),
             channel=keys.stream_channel(run.tenant, run.stream),
             restart_prefix=restart_prefix,
             restart_suffix=restart_suffix,
@@ -681,19 +724,22 @@ class _FinalizeCall:
         at = utc_now_iso()
         prefix, text_prefix, tail = _reply_done_parts(run, status, detail, self.event_id, at)
         # Agents subscribed to this reply: their trigger task goes in with the event.
-        trigger_message, self.enqueue_after = _trigger_message(run, status, self.event_id)
+        trigger_message, enqueue_after = _trigger_message(run, status, self.event_id)
+        self.outbox_entry = (
+            outbox_entry(TRIGGER_TASK, [run.run_id, self.event_id]) if enqueue_after else ""
+        )
         history_max, history_head = _history_head(run, status, detail, self.event_id, at)
         self.script = scripts.FinalizeRun(
             seq_key=keys.stream_seq(run.tenant, run.stream),
             log_key=keys.stream_log(run.tenant, run.stream),
             run_key=keys.run(run.run_id),
             text_key=keys.run_text(run.run_id),
-            deadlines_key=keys.RUN_DEADLINES,
-            leases_key=keys.RUN_LEASES,
+            deadlines_key=keys.run_deadlines(run.tenant),
+            leases_key=keys.run_leases(run.tenant),
             queue_key=keys.celery_queue(RUNS_QUEUE),
-            history_outbox_key=keys.HISTORY_OUTBOX,
-            history_dropped_key=keys.HISTORY_DROPPED,
-            problems_key=keys.RECENT_PROBLEMS,
+            history_outbox_key=keys.history_outbox(run.tenant),
+            history_dropped_key=keys.history_dropped(run.tenant),
+            problems_key=keys.recent_problems(run.tenant),
             channel=keys.stream_channel(run.tenant, run.stream),
             prefix=prefix,
             text_prefix=text_prefix,
@@ -717,6 +763,8 @@ class _FinalizeCall:
             ),
             problems_max=RECENT_PROBLEMS_MAX,
             worker_stop_prefix=keys.WORKER_STOP_PREFIX,
+            task_outbox_key=keys.task_outbox(run.tenant),
+            outbox_entry=self.outbox_entry,
         )
 
     def result(self, answer: scripts.Coded) -> bool:
@@ -794,7 +842,7 @@ class _RenewCall:
         self.script = scripts.RenewLease(
             run_key=keys.run(run.run_id),
             text_key=keys.run_text(run.run_id),
-            leases_key=keys.RUN_LEASES,
+            leases_key=keys.run_leases(run.tenant),
             owner=run.owner,
             lease_s=lease_s,
             grace_s=RUN_RECORD_GRACE_S,
@@ -807,15 +855,36 @@ class _RenewCall:
         return renewed
 
 
-def _hand_over(run_id: str, owner: str, message: str) -> scripts.HandOver:
+def _hand_over(run_id: str, owner: str, message: str, publish_lease_s: float) -> scripts.HandOver:
     return scripts.HandOver(
         run_key=keys.run(run_id),
-        leases_key=keys.RUN_LEASES,
+        leases_key=keys.run_leases(keys.tenant_of_run(run_id)),
         queue_key=keys.celery_queue(RUNS_QUEUE),
         owner=owner,
         run_id=run_id,
         message=message,
+        publish_lease_s=publish_lease_s,
     )
+
+
+def _drop_publish_lease(run_id: str, lease: str) -> scripts.DropPublishLease:
+    return scripts.DropPublishLease(
+        run_key=keys.run(run_id),
+        leases_key=keys.run_leases(keys.tenant_of_run(run_id)),
+        run_id=run_id,
+        lease=lease,
+    )
+
+
+def _redis_time(client: redis.Redis, key: str) -> tuple[int, int]:
+    """The Redis clock of `key`'s node (TIME names no key: on a Redis Cluster it is sent
+    to that node, whose clock the scripts writing the key's leases read)."""
+    if isinstance(client, RedisCluster):
+        answer = client.time(target_nodes=client.get_node_from_key(key))
+    else:
+        answer = client.time()
+    seconds, micros = answer
+    return int(seconds), int(micros)
 
 
 def _trigger_message(run: Run, status: str, event_id: str) -> tuple[str, bool]:

@@ -23,6 +23,7 @@ tests/unit/test_lua_scripts.py checks every wrapper against its file's header.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import weakref
 from collections.abc import Callable, Sequence
@@ -33,6 +34,11 @@ from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import redis
 import redis.asyncio as aredis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
+
+from project.conf import conf
 
 LUA_DIR = Path(__file__).resolve().parent / "lua"
 INCLUDE = re.compile(r"^[ \t]*-- #include (?P<name>\S+)[ \t]*$", re.MULTILINE)
@@ -41,26 +47,48 @@ INCLUDE = re.compile(r"^[ \t]*-- #include (?P<name>\S+)[ \t]*$", re.MULTILINE)
 Arg = str | int | float
 
 
-def lua_source(name: str, including: tuple[str, ...] = ()) -> str:
+# The fragment whose command depends on the client: streams/lua/publish.lua.
+PUBLISH_FRAGMENT = "publish.lua"
+
+
+def lua_source(name: str, including: tuple[str, ...] = (), sharded: bool = False) -> str:
     """The text of `streams/lua/<name>` with its includes replaced by the fragments' text
-    (which may include others in turn)."""
+    (which may include others in turn). `sharded`: for a Redis Cluster, where the publish
+    fragment publishes with SPUBLISH (sharded pub/sub) instead of PUBLISH."""
     if name in including:
         raise ValueError(f"Lua include cycle: {' -> '.join((*including, name))}")
     text = (LUA_DIR / name).read_text(encoding="utf-8")
-    return INCLUDE.sub(lambda found: lua_source(found["name"], (*including, name)), text)
+    if name == PUBLISH_FRAGMENT and sharded:
+        text = text.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+    return INCLUDE.sub(lambda found: lua_source(found["name"], (*including, name), sharded), text)
+
+
+def is_cluster_client(client: Any) -> bool:
+    """Whether `client` talks to a Redis Cluster (streams/redis_clients.py)."""
+    return isinstance(client, RedisCluster | AsyncRedisCluster)
 
 
 class Lua:
-    """One script file, read and resolved once, and its registration on each client."""
+    """One script file, read and resolved once per kind of Redis, and its registration on
+    each client."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.source = lua_source(name)
+        self._sharded_source: str | None = None
         # Keyed weakly: a client that is closed and dropped takes its registration along.
         self._registered: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         # The last client and its script: nearly every call finds it here (a process has
         # one client of each kind), without the weak mapping's cost on the hot path.
         self._last: tuple[weakref.ref[Any], Any] | None = None
+
+    def source_for(self, client: Any) -> str:
+        """The script's text for `client`: with SPUBLISH for a Redis Cluster."""
+        if not is_cluster_client(client):
+            return self.source
+        if self._sharded_source is None:
+            self._sharded_source = lua_source(self.name, sharded=True)
+        return self._sharded_source
 
     def on(self, client: redis.Redis | aredis.Redis) -> Any:
         """redis-py's Script (AsyncScript for an asyncio client) for `client`."""
@@ -69,9 +97,13 @@ class Lua:
             return last[1]
         script = self._registered.get(client)
         if script is None:
-            script = self._registered[client] = client.register_script(self.source)
+            script = self._registered[client] = client.register_script(self.source_for(client))
         self._last = (weakref.ref(client), script)
         return script
+
+
+class CrossSlot(Exception):
+    """A script call whose keys hash to more than one slot: a Redis Cluster refuses it."""
 
 
 R = TypeVar("R")
@@ -80,7 +112,14 @@ R = TypeVar("R")
 class Script(Generic[R]):
     """One call of a script: its keys and arguments as fields, in the order of `KEYS` and
     `ARGV`; a script that takes a variable number of either has one more field, named by
-    `KEYS_TAIL` or `ARGV_TAIL`, holding the rest in order."""
+    `KEYS_TAIL` or `ARGV_TAIL`, holding the rest in order.
+
+    Every call's keys must hash to one slot (a Redis Cluster runs a script on one node);
+    with SWITCHBOARD_CHECK_SCRIPT_SLOTS on (the test suites) each call is checked, on a
+    single Redis too, except the keys named in `SINGLE_REDIS_KEYS`: Celery's own (kombu's
+    queue lists), which a script writes only while the broker is the streams' single Redis.
+    With any other broker the wrapper passes the call's first key in their place (the
+    script leaves them alone then: its message arguments are empty)."""
 
     __slots__ = ()
 
@@ -89,11 +128,16 @@ class Script(Generic[R]):
     ARGV: ClassVar[tuple[str, ...]]
     KEYS_TAIL: ClassVar[str] = ""
     ARGV_TAIL: ClassVar[str] = ""
+    SINGLE_REDIS_KEYS: ClassVar[frozenset[str]] = frozenset()
+    # A script whose keys may span slots, so single-Redis only: not checked.
+    SLOTS_UNCHECKED: ClassVar[bool] = False
 
     def keys(self) -> list[Any]:
         found = list(_getter(type(self), "KEYS")(self))
         if self.KEYS_TAIL:
             found.extend(getattr(self, self.KEYS_TAIL))
+        if self.SINGLE_REDIS_KEYS or (conf().check_script_slots and not self.SLOTS_UNCHECKED):
+            found = _slot_keys(type(self), found)
         return found
 
     def args(self) -> list[Any]:
@@ -116,6 +160,37 @@ class Script(Generic[R]):
         """Queue the call on `pipe`, a pipeline of `client`; pass its answer from
         `pipe.execute()` to `result`."""
         await self.LUA.on(client)(keys=self.keys(), args=self.args(), client=pipe)
+
+
+def _exempt_positions(cls: type[Script[Any]], count: int) -> list[int]:
+    """Where in a call's key list the class's SINGLE_REDIS_KEYS are."""
+    exempt = cls.SINGLE_REDIS_KEYS
+    positions = [i for i, name in enumerate(cls.KEYS) if name in exempt]
+    if cls.KEYS_TAIL and cls.KEYS_TAIL in exempt:
+        positions.extend(range(len(cls.KEYS), count))
+    return positions
+
+
+def _slot_keys(cls: type[Script[Any]], found: list[Any]) -> list[Any]:
+    """The call's keys as sent: single-Redis-only keys replaced by the first other key when
+    the broker is elsewhere, and (SWITCHBOARD_CHECK_SCRIPT_SLOTS) checked to share a slot."""
+    current = conf()
+    exempt = _exempt_positions(cls, len(found)) if cls.SINGLE_REDIS_KEYS else []
+    if exempt and not current.broker_in_streams_redis:
+        others = [key for i, key in enumerate(found) if i not in exempt]
+        if others:
+            for i in exempt:
+                found[i] = others[0]
+            exempt = []
+    if current.check_script_slots and not cls.SLOTS_UNCHECKED:
+        slots = {key_slot(_key_bytes(key)) for i, key in enumerate(found) if i not in exempt}
+        if len(slots) > 1:
+            raise CrossSlot(f"{cls.__name__}: keys in {len(slots)} slots: {found!r}")
+    return found
+
+
+def _key_bytes(key: Any) -> bytes:
+    return key if isinstance(key, bytes) else str(key).encode()
 
 
 _GETTERS: dict[tuple[type, str], Callable[[Any], tuple[Any, ...]]] = {}
@@ -163,6 +238,21 @@ def _coded(raw: list[Any]) -> Coded:
     return Coded(int(code), _text(value))
 
 
+class Started(NamedTuple):
+    """A Coded answer of a script that may create a run (ACCEPT_SEND, START_TRIGGERED_RUN):
+    `ring_epoch` is the tenant's fair-queue epoch when the run made the queue non-empty
+    (the caller then tells the ring, FAIR_JOIN), else 0."""
+
+    code: int
+    value: str
+    ring_epoch: int
+
+
+def _started(raw: list[Any]) -> Started:
+    code, value, *rest = raw
+    return Started(int(code), _text(value), int(rest[0]) if rest else 0)
+
+
 def _texts(raw: list[bytes | str]) -> list[str]:
     return [_text(item) for item in raw]
 
@@ -175,13 +265,24 @@ class AppendEvent(Script[Coded]):
     """A client's `publish` (streams/log.py): value is "SEQ EVENT_ID"; code 0: duplicate."""
 
     LUA = Lua("append_event.lua")
-    KEYS = ("seq_key", "log_key", "dedupe_key", "queue_key")
-    ARGV = ("channel", "prefix", "suffix", "maxlen", "dedupe_ttl", "event_id", "trigger_message")
+    KEYS = ("seq_key", "log_key", "dedupe_key", "queue_key", "task_outbox_key")
+    SINGLE_REDIS_KEYS = frozenset({"queue_key"})
+    ARGV = (
+        "channel",
+        "prefix",
+        "suffix",
+        "maxlen",
+        "dedupe_ttl",
+        "event_id",
+        "trigger_message",
+        "outbox_entry",
+    )
 
     seq_key: str
     log_key: str
     dedupe_key: str
     queue_key: str
+    task_outbox_key: str
     channel: str
     prefix: str
     suffix: str
@@ -189,13 +290,14 @@ class AppendEvent(Script[Coded]):
     dedupe_ttl: int
     event_id: str
     trigger_message: str
+    outbox_entry: str
 
     def result(self, raw: Any) -> Coded:
         return _coded(raw)
 
 
 @dataclass(slots=True)
-class AcceptSend(Script[Coded]):
+class AcceptSend(Script[Started]):
     """A client's `send` and its run (streams/log.py): value is "SEQ EVENT_ID RUN_ID" (code
     1, or 0 for a duplicate), or the wait in ms when refused (-1 runs in flight, -2 queued)."""
 
@@ -210,11 +312,11 @@ class AcceptSend(Script[Coded]):
         "inflight_key",
         "queued_key",
         "fair_queue_key",
-        "fair_ring_key",
-        "fair_weights_key",
+        "fair_state_key",
         "tokens_day_key",
         "tokens_month_key",
     )
+    SINGLE_REDIS_KEYS = frozenset({"queue_key"})
     ARGV = (
         "channel",
         "prefix",
@@ -245,8 +347,7 @@ class AcceptSend(Script[Coded]):
     inflight_key: str
     queued_key: str
     fair_queue_key: str
-    fair_ring_key: str
-    fair_weights_key: str
+    fair_state_key: str
     tokens_day_key: str
     tokens_month_key: str
     channel: str
@@ -268,8 +369,8 @@ class AcceptSend(Script[Coded]):
     monthly_budget: int
     run_fields: Sequence[Arg]  # name, value, name, value, ...
 
-    def result(self, raw: Any) -> Coded:
-        return _coded(raw)
+    def result(self, raw: Any) -> Started:
+        return _started(raw)
 
 
 @dataclass(slots=True)
@@ -464,7 +565,9 @@ class FinalizeRun(Script[Coded]):
         "history_outbox_key",
         "history_dropped_key",
         "problems_key",
+        "task_outbox_key",
     )
+    SINGLE_REDIS_KEYS = frozenset({"queue_key"})
     ARGV = (
         "channel",
         "prefix",
@@ -481,6 +584,7 @@ class FinalizeRun(Script[Coded]):
         "problem_entry",
         "problems_max",
         "worker_stop_prefix",
+        "outbox_entry",
     )
 
     seq_key: str
@@ -493,6 +597,7 @@ class FinalizeRun(Script[Coded]):
     history_outbox_key: str
     history_dropped_key: str
     problems_key: str
+    task_outbox_key: str
     channel: str
     prefix: str
     text_prefix: str
@@ -508,6 +613,7 @@ class FinalizeRun(Script[Coded]):
     problem_entry: str
     problems_max: int
     worker_stop_prefix: str
+    outbox_entry: str
 
     def result(self, raw: Any) -> Coded:
         return _coded(raw)
@@ -599,13 +705,22 @@ class RenewLeases(Script[list[bool]]):
         return [bool(answer) for answer in raw]
 
 
+class HandedOver(NamedTuple):
+    """HAND_OVER's and REDELIVER_STEP's publish lease: set while the caller publishes the
+    step's message to a broker other than the streams' Redis ("" = none)."""
+
+    done: bool
+    lease: str
+
+
 @dataclass(slots=True)
-class HandOver(Script[bool]):
-    """The owner gives the run up to a queued step: False when no longer its owner."""
+class HandOver(Script[HandedOver]):
+    """The owner gives the run up to a queued step: not done when no longer its owner."""
 
     LUA = Lua("hand_over.lua")
     KEYS = ("run_key", "leases_key", "queue_key")
-    ARGV = ("owner", "run_id", "message")
+    SINGLE_REDIS_KEYS = frozenset({"queue_key"})
+    ARGV = ("owner", "run_id", "message", "publish_lease_s")
 
     run_key: str
     leases_key: str
@@ -613,19 +728,23 @@ class HandOver(Script[bool]):
     owner: str
     run_id: str
     message: str
+    publish_lease_s: float
 
-    def result(self, raw: Any) -> bool:
-        return bool(raw)
+    def result(self, raw: Any) -> HandedOver:
+        if isinstance(raw, int):
+            return HandedOver(bool(raw), "")
+        return HandedOver(True, _text(raw))
 
 
 @dataclass(slots=True)
-class RedeliverStep(Script[Coded]):
-    """A lost step queued again: code 1 (value: redeliveries so far), 0 nothing to do
-    (value: why), -2 none left (value: redeliveries)."""
+class RedeliverStep(Script[tuple[Coded, str]]):
+    """A lost step queued again: code 1 (value: redeliveries so far; with the publish
+    lease), 0 nothing to do (value: why), -2 none left (value: redeliveries)."""
 
     LUA = Lua("redeliver_step.lua")
     KEYS = ("run_key", "leases_key", "queue_key")
-    ARGV = ("run_id", "step", "message", "max_redeliveries")
+    SINGLE_REDIS_KEYS = frozenset({"queue_key"})
+    ARGV = ("run_id", "step", "message", "max_redeliveries", "publish_lease_s")
 
     run_key: str
     leases_key: str
@@ -634,13 +753,32 @@ class RedeliverStep(Script[Coded]):
     step: str
     message: str
     max_redeliveries: int
+    publish_lease_s: float
 
-    def result(self, raw: Any) -> Coded:
-        return _coded(raw)
+    def result(self, raw: Any) -> tuple[Coded, str]:
+        code, value, *rest = raw
+        return Coded(int(code), _text(value)), _text(rest[0]) if rest else ""
 
 
 @dataclass(slots=True)
-class StartTriggeredRun(Script[Coded]):
+class DropPublishLease(Script[bool]):
+    """A step's message is out: drop its publish lease (False: the run moved on)."""
+
+    LUA = Lua("drop_publish_lease.lua")
+    KEYS = ("run_key", "leases_key")
+    ARGV = ("run_id", "lease")
+
+    run_key: str
+    leases_key: str
+    run_id: str
+    lease: str
+
+    def result(self, raw: Any) -> bool:
+        return bool(raw)
+
+
+@dataclass(slots=True)
+class StartTriggeredRun(Script[Started]):
     """A run started by a subscription (orchestration/triggers.py): code 1 started, 0
     already started by this event (value: that run's id), -2 the tenant's queue is full."""
 
@@ -652,9 +790,9 @@ class StartTriggeredRun(Script[Coded]):
         "queue_key",
         "queued_key",
         "fair_queue_key",
-        "fair_ring_key",
-        "fair_weights_key",
+        "fair_state_key",
     )
+    SINGLE_REDIS_KEYS = frozenset({"queue_key"})
     ARGV = (
         "run_id",
         "deadline",
@@ -674,8 +812,7 @@ class StartTriggeredRun(Script[Coded]):
     queue_key: str
     queued_key: str
     fair_queue_key: str
-    fair_ring_key: str
-    fair_weights_key: str
+    fair_state_key: str
     run_id: str
     deadline: str
     run_ttl: int
@@ -687,33 +824,101 @@ class StartTriggeredRun(Script[Coded]):
     fair_weight: int
     run_fields: Sequence[Arg]  # name, value, name, value, ...
 
-    def result(self, raw: Any) -> Coded:
-        return _coded(raw)
+    def result(self, raw: Any) -> Started:
+        return _started(raw)
 
 
 # --- fair queue and rate buckets -------------------------------------------------------------
 
 
 @dataclass(slots=True)
-class FairPick(Script[tuple[str, int]]):
-    """The fairly-next queued run (streams/fairness.py): (run id or "", runs skipped)."""
+class FairJoin(Script[bool]):
+    """A tenant's queue went non-empty: it joins the ring (streams/fairness.py), with the
+    ticket; True when it was not in the ring."""
 
-    LUA = Lua("fair_pick.lua")
-    KEYS = ("ring", "deficits", "weights", "leases_key")
-    ARGV = ("queue_prefix", "run_prefix", "lease_s", "max_skipped")
+    LUA = Lua("fair_join.lua")
+    KEYS = ("ring", "epochs", "queue_key")
+    SINGLE_REDIS_KEYS = frozenset({"queue_key"})
+    ARGV = ("tenant", "epoch", "message")
+
+    ring: str
+    epochs: str
+    queue_key: str
+    tenant: str
+    epoch: int
+    message: str
+
+    def result(self, raw: Any) -> bool:
+        return bool(raw)
+
+
+class Popped(NamedTuple):
+    """FAIR_POP's answer: the run taken ("" = the queue was empty), whether it was live
+    (and now holds the pick lease), runs left, the queue's epoch and the tenant's weight."""
+
+    run_id: str
+    live: bool
+    left: int
+    epoch: int
+    weight: int
+
+
+@dataclass(slots=True)
+class FairPop(Script[Popped]):
+    """The tenant's part of a fair pick: the oldest queued run, leased when live."""
+
+    LUA = Lua("fair_pop.lua")
+    KEYS = ("fair_queue_key", "fair_state_key", "leases_key")
+    ARGV = ("run_prefix", "lease_s")
+
+    fair_queue_key: str
+    fair_state_key: str
+    leases_key: str
+    run_prefix: str
+    lease_s: float
+
+    def result(self, raw: Any) -> Popped:
+        run_id, live, left, epoch, weight = raw
+        return Popped(_text(run_id), bool(int(live)), int(left), int(epoch), int(weight))
+
+
+@dataclass(slots=True)
+class FairSettle(Script[bool]):
+    """The ring's part of a fair pick: True when the tenant left the ring."""
+
+    LUA = Lua("fair_settle.lua")
+    KEYS = ("ring", "deficits", "epochs", "picked")
+    ARGV = ("tenant", "live", "left", "epoch", "weight")
 
     ring: str
     deficits: str
-    weights: str
-    leases_key: str
-    queue_prefix: str
-    run_prefix: str
-    lease_s: float
-    max_skipped: int
+    epochs: str
+    picked: str
+    tenant: str
+    live: int
+    left: int
+    epoch: int
+    weight: int
 
-    def result(self, raw: Any) -> tuple[str, int]:
-        run_id, skipped = raw
-        return _text(run_id), int(skipped)
+    def result(self, raw: Any) -> bool:
+        return bool(raw)
+
+
+@dataclass(slots=True)
+class OldestQueued(Script[tuple[int, float | None]]):
+    """A tenant's fair queue for the outbox sweep: (runs queued, the oldest's creation)."""
+
+    LUA = Lua("oldest_queued.lua")
+    KEYS = ("fair_queue_key",)
+    ARGV = ("run_prefix",)
+
+    fair_queue_key: str
+    run_prefix: str
+
+    def result(self, raw: Any) -> tuple[int, float | None]:
+        count, created = raw
+        text = _text(created)
+        return int(count), float(text) if text else None
 
 
 @dataclass(slots=True)
@@ -858,7 +1063,7 @@ class PresenceRefresh(Script[list[list[str]]]):
 
 @dataclass(slots=True)
 class PresenceDue(Script[list[str]]):
-    """Up to `limit` streams ("TENANT:STREAM") whose earliest presence entry expired."""
+    """Up to `limit` of a tenant's streams whose earliest presence entry expired."""
 
     LUA = Lua("presence_due.lua")
     KEYS = ("index",)
@@ -872,26 +1077,27 @@ class PresenceDue(Script[list[str]]):
 
 
 @dataclass(slots=True)
-class AdmitConnection(Script[tuple[int, bool]]):
+class AdmitConnection(Script[tuple[int, list[str]]]):
     """Count an opening connection (realtime/admission.py): (refused: 0 admitted, 1 tenant
-    full, 2 client full; whether this gateway's lease was created)."""
+    full, 2 client full; the gateways with a count that are neither live nor dead in
+    `known`)."""
 
     LUA = Lua("admit_connection.lua")
-    KEYS = ("tenant_counts", "client_counts", "leases", "held")
-    ARGV = ("gateway", "lease_ms", "tenant_max", "client_max")
+    KEYS = ("tenant_counts", "client_counts")
+    ARGV = ("gateway", "tenant_max", "client_max", "live_count")
+    ARGV_TAIL = "known"
 
     tenant_counts: str
     client_counts: str
-    leases: str
-    held: str
     gateway: str
-    lease_ms: int
     tenant_max: int
     client_max: int
+    live_count: int
+    known: Sequence[str]  # live gateways' ids (live_count of them), then dead ones'
 
-    def result(self, raw: Any) -> tuple[int, bool]:
-        refused, created = raw
-        return int(refused), bool(int(created))
+    def result(self, raw: Any) -> tuple[int, list[str]]:
+        refused, *unknown = raw
+        return int(refused), _texts(unknown)
 
 
 @dataclass(slots=True)
@@ -899,78 +1105,70 @@ class ReleaseConnection(Script[None]):
     """A closed connection stops counting."""
 
     LUA = Lua("release_connection.lua")
-    KEYS = ("tenant_counts", "client_counts", "held")
+    KEYS = ("tenant_counts", "client_counts")
     ARGV = ("gateway",)
 
     tenant_counts: str
     client_counts: str
-    held: str
     gateway: str
 
     def result(self, raw: Any) -> None:
         return None
 
 
+class GatewayLeases(NamedTuple):
+    """RENEW_GATEWAY_LEASE's answer."""
+
+    lost: bool  # this gateway's lease had lapsed (it was left so: the id is dead)
+    dead: list[str]  # gateways whose lease lapsed, their counts not all reaped yet
+    live: list[str]  # gateways whose lease is current (this one included unless lost)
+
+
 @dataclass(slots=True)
-class RenewGatewayLease(Script[tuple[bool, list[str]]]):
-    """Renew this gateway's lease: (whether it had lapsed, dead gateways' ids)."""
+class RenewGatewayLease(Script[GatewayLeases]):
+    """Renew this gateway's lease (create it for a new id) and read everyone's."""
 
     LUA = Lua("renew_gateway_lease.lua")
     KEYS = ("leases",)
-    ARGV = ("gateway", "lease_ms", "dead_max")
+    ARGV = ("gateway", "lease_ms", "create", "dead_max")
 
     leases: str
     gateway: str
     lease_ms: int
+    create: int
     dead_max: int
 
-    def result(self, raw: Any) -> tuple[bool, list[str]]:
-        lost, *dead = raw
-        return bool(int(lost)), _texts(dead)
-
-
-@dataclass(slots=True)
-class ReapGateway(Script[int]):
-    """Remove a slice of a dead gateway's counts: how many are left."""
-
-    LUA = Lua("reap_gateway.lua")
-    KEYS = ("leases", "held")
-    ARGV = ("gateway", "limit")
-
-    leases: str
-    held: str
-    gateway: str
-    limit: int
-
-    def result(self, raw: Any) -> int:
-        return int(raw)
+    def result(self, raw: Any) -> GatewayLeases:
+        lost, dead, live = raw
+        return GatewayLeases(bool(int(lost)), _texts(dead), _texts(live))
 
 
 # --- orchestration, history, load tools ------------------------------------------------------
 
 
 @dataclass(slots=True)
-class CountTickets(Script[tuple[int, int, int]]):
-    """(runs queued, tickets waiting, tickets reserved recently) (orchestration/tickets.py)."""
+class CountTickets(Script[tuple[int, int]]):
+    """(tickets waiting, tickets reserved recently) against runs queued, counted before
+    (orchestration/tickets.py). Every key is kombu's: single Redis only."""
 
     LUA = Lua("count_tickets.lua")
-    KEYS = ("ring", "unacked", "unacked_index")
+    KEYS = ("unacked", "unacked_index")
     KEYS_TAIL = "queue_lists"
-    ARGV = ("queue_prefix", "reserved_since", "chunk")
+    SINGLE_REDIS_KEYS = frozenset({"unacked", "unacked_index", "queue_lists"})
+    ARGV = ("queued", "reserved_since", "chunk")
     ARGV_TAIL = "marks"
 
-    ring: str
     unacked: str
     unacked_index: str
     queue_lists: Sequence[str]
-    queue_prefix: str
+    queued: int
     reserved_since: str
     chunk: int
     marks: Sequence[str]
 
-    def result(self, raw: Any) -> tuple[int, int, int]:
-        queued, waiting, reserved = raw
-        return int(queued), int(waiting), int(reserved)
+    def result(self, raw: Any) -> tuple[int, int]:
+        waiting, reserved = raw
+        return int(waiting), int(reserved)
 
 
 @dataclass(slots=True)
@@ -1019,6 +1217,45 @@ class ReleaseRecording(Script[bool]):
 
     def result(self, raw: Any) -> bool:
         return bool(raw)
+
+
+# Script calls in flight at once where they cannot share a pipeline (a Redis Cluster): the
+# asyncio cluster client's per-node pools raise past their cap rather than wait.
+CONCURRENT_CALLS = 32
+
+
+async def run_pipelined_async(
+    client: aredis.Redis, calls: Sequence[Script[Any]]
+) -> list[Any | BaseException]:
+    """Each call's result, or the exception it raised, from one non-transactional pipeline.
+    A call that found its script unknown to the server is made again on its own, which
+    loads it. redis-py refuses scripts in a Redis Cluster's pipeline: there the calls are
+    made concurrently instead (each is one slot), CONCURRENT_CALLS at a time."""
+    if isinstance(client, aredis.RedisCluster):
+        results: list[Any | BaseException] = []
+        for start in range(0, len(calls), CONCURRENT_CALLS):
+            chunk = calls[start : start + CONCURRENT_CALLS]
+            answers = await asyncio.gather(
+                *(call.run_async(client) for call in chunk), return_exceptions=True
+            )
+            results.extend(answers)
+        return results
+    async with client.pipeline(transaction=False) as pipe:
+        for call in calls:
+            await call.queue_async(client, pipe)
+        answers = await pipe.execute(raise_on_error=False)
+    results = []
+    for call, answer in zip(calls, answers, strict=True):
+        if isinstance(answer, redis.exceptions.NoScriptError):
+            try:
+                results.append(await call.run_async(client))
+            except Exception as error:  # noqa: BLE001 - handed to the caller like the others
+                results.append(error)
+        elif isinstance(answer, BaseException):
+            results.append(answer)
+        else:
+            results.append(call.result(answer))
+    return results
 
 
 def all_scripts() -> list[type[Script[Any]]]:

@@ -22,6 +22,17 @@ def _static_files_without_collectstatic() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _check_script_slots() -> Iterator[None]:
+    """Every Lua script call's keys must hash to one slot, as a Redis Cluster demands: the
+    single-Redis suites check it on every call (streams/scripts.py)."""
+    from django.test.utils import override_settings
+
+    checked = {**settings.SWITCHBOARD, "CHECK_SCRIPT_SLOTS": True}
+    with override_settings(SWITCHBOARD=checked):
+        yield
+
+
 # Tests get their own Redis database, flushed before use: never a deployment's.
 DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
 

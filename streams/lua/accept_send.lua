@@ -1,25 +1,29 @@
 -- A client's `send`, all or nothing: the message event (deduplicated by client message
--- id), the run record, its deadline, its place in the fair queue and its first task.
--- KEYS: seq_key, log_key, dedupe_key, run_key, deadlines_key, queue_key (Celery's),
---       inflight_key (the connection's runs in flight), queued_key (the tenant's runs
---       queued), fair_queue_key, fair_ring_key, fair_weights_key, tokens_day_key,
---       tokens_month_key (the tenant's tokens used today and this month: ADD_USAGE)
+-- id), the run record, its deadline, its place in its tenant's fair queue and its first
+-- task. Every key is the tenant's (one hash slot) but Celery's queue; the fair ring is
+-- told separately (FAIR_JOIN) when this run made the tenant's queue non-empty.
+-- KEYS: seq_key, log_key, dedupe_key, run_key, deadlines_key (the tenant's), queue_key
+--       (Celery's, single Redis only), inflight_key (the connection's runs in flight),
+--       queued_key (the tenant's runs queued), fair_queue_key, fair_state_key,
+--       tokens_day_key, tokens_month_key (the tenant's tokens used today and this month:
+--       ADD_USAGE)
 -- ARGV: channel, prefix, suffix, maxlen, dedupe_ttl (s), event_id,
 --       run_id, deadline (epoch s), run_ttl (s), celery_message ('' = the caller enqueues),
 --       max_in_flight, max_queued (both -1 = not counted), counted_until (epoch s),
 --       fair_tenant ('' = no fair queue: the message is the run's own step), fair_weight,
 --       daily_budget, monthly_budget (tokens; 0 = no budget),
 --       then run_fields: the run's fields as name/value pairs
--- Returns {1, "SEQ EVENT_ID RUN_ID"} accepted; {0, receipt} duplicate; {-1, wait_ms} the
--- connection has max_in_flight runs unfinished; {-2, wait_ms} the tenant has max_queued
--- runs waiting for a worker; {-3, 'day' or 'month'} the tenant's token budget for the
--- period is spent. wait_ms: until the earliest of those runs' deadlines (-1: the
--- limit is 0).
+-- Returns {1, "SEQ EVENT_ID RUN_ID", ring_epoch} accepted (ring_epoch: the tenant's fair
+-- queue was empty, so the caller tells the ring, FAIR_JOIN, with the ticket; else 0);
+-- {0, receipt} duplicate; {-1, wait_ms} the connection has max_in_flight runs
+-- unfinished; {-2, wait_ms} the tenant has max_queued runs waiting for a worker;
+-- {-3, 'day' or 'month'} the tenant's token budget for the period is spent. wait_ms:
+-- until the earliest of those runs' deadlines (-1: the limit is 0).
 local seq_key, log_key, dedupe_key = KEYS[1], KEYS[2], KEYS[3]
 local run_key, deadlines_key, queue_key = KEYS[4], KEYS[5], KEYS[6]
 local inflight_key, queued_key = KEYS[7], KEYS[8]
-local fair_queue_key, fair_ring_key, fair_weights_key = KEYS[9], KEYS[10], KEYS[11]
-local tokens_day_key, tokens_month_key = KEYS[12], KEYS[13]
+local fair_queue_key, fair_state_key = KEYS[9], KEYS[10]
+local tokens_day_key, tokens_month_key = KEYS[11], KEYS[12]
 local channel, prefix, suffix, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local dedupe_ttl, event_id = ARGV[5], ARGV[6]
 local run_id, deadline, run_ttl, celery_message = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
@@ -83,5 +87,7 @@ count_run()
 local fields = {'status', 'queued', 'emitted', 0, 'attempt', 0, 'message_seq', seq}
 -- #include run_create.lua
 -- #include fair_queue_insert.lua
-if celery_message ~= '' then redis.call('LPUSH', queue_key, celery_message) end
-return {1, receipt}
+if celery_message ~= '' and ring_epoch == 0 then
+  redis.call('LPUSH', queue_key, celery_message)
+end
+return {1, receipt, ring_epoch}

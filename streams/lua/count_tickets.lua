@@ -1,15 +1,15 @@
--- Count, read-only, what ticket reconciliation compares (orchestration/tickets.py): runs
--- queued in the fair queues, tickets waiting in the runs queue, and tickets a worker
--- reserved recently. Stops counting tickets once they cover the queued runs (nothing is
--- missing then), so a long queue with its tickets costs little.
--- KEYS: ring (the fair ring), unacked, unacked_index (kombu's), then queue_lists: each
---       list of the runs queue
--- ARGV: queue_prefix (a tenant's fair queue is queue_prefix .. tenant), reserved_since
---       (epoch s), chunk (messages per LRANGE/HMGET), then marks: what a ticket contains
--- Returns {queued, waiting, reserved}.
-local ring, unacked, unacked_index = KEYS[1], KEYS[2], KEYS[3]
-local queue_lists = {unpack(KEYS, 4)}
-local queue_prefix, reserved_since, chunk = ARGV[1], ARGV[2], tonumber(ARGV[3])
+-- Count, read-only, the tickets ticket reconciliation compares with the runs queued
+-- (orchestration/tickets.py, which counts those tenant by tenant first): tickets waiting
+-- in the runs queue, and tickets a worker reserved recently. Stops counting tickets once
+-- they cover the queued runs (nothing is missing then), so a long queue with its tickets
+-- costs little. Every key is kombu's, in the single Redis that is also the broker.
+-- KEYS: unacked, unacked_index (kombu's), then queue_lists: each list of the runs queue
+-- ARGV: queued (runs queued, counted before), reserved_since (epoch s), chunk (messages per
+--       LRANGE/HMGET), then marks: what a ticket contains
+-- Returns {waiting, reserved}.
+local unacked, unacked_index = KEYS[1], KEYS[2]
+local queue_lists = {unpack(KEYS, 3)}
+local queued, reserved_since, chunk = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local marks = {unpack(ARGV, 4)}
 
 local function is_ticket(message)
@@ -18,11 +18,7 @@ local function is_ticket(message)
   end
   return false
 end
-local queued = 0
-for _, tenant in ipairs(redis.call('LRANGE', ring, 0, -1)) do
-  queued = queued + redis.call('LLEN', queue_prefix .. tenant)
-end
-if queued == 0 then return {0, 0, 0} end
+if queued == 0 then return {0, 0} end
 local reserved = 0
 local tags = redis.call('ZRANGEBYSCORE', unacked_index, reserved_since, '+inf')
 for first = 1, #tags, chunk do
@@ -39,7 +35,7 @@ for _, queue_list in ipairs(queue_lists) do
     for _, message in ipairs(redis.call('LRANGE', queue_list, start, start + chunk - 1)) do
       if is_ticket(message) then waiting = waiting + 1 end
     end
-    if waiting + reserved >= queued then return {queued, waiting, reserved} end
+    if waiting + reserved >= queued then return {waiting, reserved} end
   end
 end
-return {queued, waiting, reserved}
+return {waiting, reserved}

@@ -3,22 +3,25 @@
 -- sweeper). With it, atomically: the run stops counting for flow control, its lease and
 -- deadline go, a worker still holding it hears to stop, subscribed agents' triggers are
 -- queued, the history outbox gets its record, and a failed run is listed for the admin.
--- KEYS: seq_key, log_key, run_key, text_key, deadlines_key, leases_key, queue_key (Celery's),
---       history_outbox_key, history_dropped_key, problems_key
+-- KEYS: seq_key, log_key, run_key, text_key, deadlines_key, leases_key (the tenant's),
+--       queue_key (Celery's, single Redis only), history_outbox_key, history_dropped_key,
+--       problems_key, task_outbox_key (the tenant's)
 -- ARGV: channel, prefix, text_prefix, tail, maxlen, owner ('' = any owner: sweeper),
 --       status, run_id, finished_ttl (s), trigger_message ('' = no agent subscribes),
 --       history_head ('' = history off: streams/records.py outbox_head), history_max,
---       problem_entry ('' = not failed nor degraded), problems_max, worker_stop_prefix
+--       problem_entry ('' = not failed nor degraded), problems_max, worker_stop_prefix,
+--       outbox_entry (the trigger task for a broker other than this Redis, published
+--       after; '' = none)
 -- Returns {1, seq}; {0, existing_seq} already finished; {-2, owner} fenced; {-1, ''} no run.
 local seq_key, log_key, run_key = KEYS[1], KEYS[2], KEYS[3]
 local text_key, deadlines_key, leases_key = KEYS[4], KEYS[5], KEYS[6]
 local queue_key, history_outbox_key, history_dropped_key = KEYS[7], KEYS[8], KEYS[9]
-local problems_key = KEYS[10]
+local problems_key, task_outbox_key = KEYS[10], KEYS[11]
 local channel, prefix, text_prefix, tail, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local owner, status, run_id, finished_ttl = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local trigger_message, history_head, history_max = ARGV[10], ARGV[11], tonumber(ARGV[12])
 local problem_entry, problems_max = ARGV[13], tonumber(ARGV[14])
-local worker_stop_prefix = ARGV[15]
+local worker_stop_prefix, outbox_entry = ARGV[15], ARGV[16]
 
 local run = redis.call('HMGET', run_key, 'status', 'owner', 'done_seq', 'worker')
 if not run[1] then
@@ -49,6 +52,11 @@ redis.call('ZREM', leases_key, run_id)
 -- queued by the same transaction that writes the event, so no trigger is ever lost.
 if trigger_message and trigger_message ~= '' then
   redis.call('LPUSH', queue_key, trigger_message)
+end
+-- With another broker the trigger goes on the tenant's task outbox with the event, and the
+-- caller publishes it after; the sweep publishes it should the caller die first.
+if outbox_entry ~= '' then
+  redis.call('ZADD', task_outbox_key, redis.call('TIME')[1], outbox_entry)
 end
 -- History (history/persist.py): the run goes on the persister's outbox with its reply.done,
 -- so no finished run is missed. The cap drops the oldest records, counted, rather than let

@@ -1,9 +1,11 @@
 -- Fragment: the shared helpers of the per-stream presence scripts (realtime/presence.py).
 -- Expects locals: members (zset: "GATEWAY CLIENT" scored by expiry ms), counts (hash:
--- client -> gateway members), names (hash: client -> name), index (zset of streams by
--- earliest expiry), channel, index_member, stream_json, id_prefix, ts_json, announce_max.
+-- client -> gateway members), names (hash: client -> name), index (the tenant's zset of
+-- streams by earliest expiry), channel, index_member, stream_json, id_prefix, ts_json,
+-- announce_max. Every key is the tenant's (one slot), the channel too.
 -- Leaves locals: announced (events published so far), now_ms, announce, drop, sweep,
--- reindex.
+-- reindex (and publish).
+-- #include publish.lua
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -19,7 +21,7 @@ local function announce(kind, client, name)
   local client_json = cjson.encode(client)
   local name_json = 'null'
   if name and name ~= '' then name_json = cjson.encode(name) end
-  redis.call('PUBLISH', channel, '\n{"type":"event","stream":' .. stream_json
+  publish(channel, '\n{"type":"event","stream":' .. stream_json
     .. ',"id":"' .. id_prefix .. string.format('%08x', announced)
     .. '","kind":"' .. kind .. '","from":' .. cjson.encode('client:' .. client)
     .. ',"cause":{"client":' .. client_json .. ',"message":null,"prev":null}'

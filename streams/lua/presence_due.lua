@@ -1,7 +1,8 @@
--- The streams whose earliest presence entry has expired: the ones a sweep must visit.
--- KEYS: index
+-- The streams of one tenant whose earliest presence entry has expired: the ones a sweep
+-- must visit.
+-- KEYS: index (the tenant's)
 -- ARGV: limit
--- Returns up to `limit` index members ("TENANT:STREAM").
+-- Returns up to `limit` index members (stream names).
 local index = KEYS[1]
 local limit = ARGV[1]
 

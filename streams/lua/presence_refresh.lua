@@ -1,6 +1,6 @@
--- Extends this gateway's members of many streams in one call; never creates one (a refresh
--- racing a leave must not bring the entry back).
--- KEYS: index, then stream_members: each stream's members key
+-- Extends this gateway's members of many streams of one tenant in one call; never creates
+-- one (a refresh racing a leave must not bring the entry back).
+-- KEYS: index (the tenant's), then stream_members: each stream's members key
 -- ARGV: gateway, ttl_ms, then per_stream: for each stream in stream_members' order, its
 --       index member, how many clients follow, and those clients
 -- Returns, per stream, the clients that had no member (swept while this gateway could not

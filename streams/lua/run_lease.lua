@@ -8,6 +8,7 @@ local function set_lease(run_key, leases_key, run_id, lease)
   local score = string.format('%.3f', math.floor(lease * 1000) / 1000)
   redis.call('HSET', run_key, 'lease', score)
   redis.call('ZADD', leases_key, score, run_id)
+  return score
 end
 -- Each claim and renewal sets the TTL of the record and its text to the run's deadline plus
 -- the grace, whatever it was: they last as long as a late step or the sweeper may need them.

@@ -40,7 +40,7 @@ from realtime.consumer import GatewayConsumer
 from realtime.control import TenantControl
 from realtime.node import GatewayNode
 from realtime.routing import GATEWAY_PATH
-from streams import redis_clients
+from streams import keys, redis_clients
 from streams.redis_clients import pubsub_client
 from tenants.config import tenant_cache
 from tenants.models import Tenant
@@ -103,6 +103,7 @@ def r(gateway_redis: str) -> Iterator[redis.Redis]:
     """A plain client on the flushed test database."""
     client = redis.Redis.from_url(gateway_redis)
     client.flushdb()
+    keys.forget_registered()  # the tenant registry went with the flush
     yield client
     client.close()
 

@@ -47,6 +47,8 @@ TENANT_KEY_ENV = "SWITCHBOARD_TEST_TENANT_KEY"
 TENANT_KEY = "sk-switchboard-test-tenant"
 METRICS_TOKEN = "switchboard-test-metrics-token"
 CLUSTER_ENV = {
+    # Every script call's keys must share a slot, as on a Redis Cluster (streams/scripts.py).
+    "SWITCHBOARD_CHECK_SCRIPT_SLOTS": "1",
     # Not the default prefix, so the key-isolation test proves the setting is honoured.
     "SWITCHBOARD_KEY_PREFIX": KEY_PREFIX,
     "SWITCHBOARD_MODEL_SOFT_LIMIT_S": str(SOFT_LIMIT_S),

@@ -104,7 +104,7 @@ async def wait_for_log(switchboard: Switchboard, needle: str, timeout: float = 1
 
 def trigger_key(tenant: str, event_id: str, agent: str) -> str:
     """Where START_TRIGGERED_RUN keeps the run an event started for a subscriber."""
-    return f"{KEY_PREFIX}:trig:{tenant}:{event_id}:{agent}"
+    return f"{KEY_PREFIX}:trig:{{{tenant}}}:{event_id}:{agent}"
 
 
 def make_tenant(switchboard: Switchboard, slug: str, **fields: object) -> None:

@@ -25,10 +25,11 @@ STALL_MS = 600_000
 def run_key(switchboard: Switchboard, client: SwitchboardClient, message_id: str) -> str:
     assert client.client is not None
     receipt = switchboard.redis().get(
-        f"{KEY_PREFIX}:m:{TENANT}:{len(client.client)}:{client.client}:{message_id}"
+        f"{KEY_PREFIX}:m:{{{TENANT}}}:{len(client.client)}:{client.client}:{message_id}"
     )
     assert receipt is not None, "an acknowledged send has its dedupe receipt"
-    return f"{KEY_PREFIX}:run:{receipt.decode().split(' ')[2]}"
+    run_id = receipt.decode().split(" ")[2]
+    return f"{KEY_PREFIX}:run:{{{TENANT}}}:{run_id}"
 
 
 async def wait_for_status(switchboard: Switchboard, key: str, status: bytes) -> None:
@@ -45,7 +46,7 @@ async def wait_for_idle_worker(switchboard: Switchboard) -> None:
     redis = switchboard.redis()
 
     async def idle() -> bool:
-        return redis.zcard(f"{KEY_PREFIX}:runs:leases") == 0
+        return redis.zcard(f"{KEY_PREFIX}:runs:{{{TENANT}}}:leases") == 0
 
     await wait_until(idle, timeout=FAILURE_WAIT_S, what="the worker to be idle")
 
@@ -96,7 +97,7 @@ async def test_cancel_of_a_stalled_call_frees_its_worker_at_once(
     # And the cancelled run's log holds nothing after its reply.done either.
     log = [
         entry
-        for _, fields in switchboard.redis().xrange(f"{KEY_PREFIX}:s:{TENANT}:{stream}:log")
+        for _, fields in switchboard.redis().xrange(f"{KEY_PREFIX}:s:{{{TENANT}}}:{stream}:log")
         if (entry := json.loads(fields[b"e"]))["cause"]["message"] == doomed["id"]
     ]
     assert [e["kind"] for e in log] == ["message", "reply.delta", "reply.done"]

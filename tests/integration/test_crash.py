@@ -36,10 +36,11 @@ pytestmark = pytest.mark.asyncio
 async def _running_run_key(switchboard: Switchboard, client: str, message_id: str) -> str:
     """The run key of an acknowledged send, once a worker has started its step."""
     receipt = switchboard.redis().get(
-        f"{KEY_PREFIX}:m:{TENANT}:{len(client)}:{client}:{message_id}"
+        f"{KEY_PREFIX}:m:{{{TENANT}}}:{len(client)}:{client}:{message_id}"
     )
     assert receipt is not None, "an acknowledged send has its dedupe receipt"
-    run_key = f"{KEY_PREFIX}:run:{receipt.decode().split(' ')[2]}"
+    run_id = receipt.decode().split(" ")[2]
+    run_key = f"{KEY_PREFIX}:run:{{{TENANT}}}:{run_id}"
     redis = switchboard.redis()
 
     async def running() -> bool:

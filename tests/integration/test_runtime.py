@@ -14,13 +14,13 @@ import pytest
 from client.connection import Event, SwitchboardClient
 from streams.enqueue import RUNS_QUEUE
 
-from .conftest import KEY_PREFIX, Connect, Switchboard, replaced_worker
+from .conftest import KEY_PREFIX, TENANT, Connect, Switchboard, replaced_worker
 from .support import collect_run, collect_until, reply_text, restarts, split_run, wait_until
 from .test_metrics import scrape, value
 
 pytestmark = pytest.mark.asyncio
 
-LEASES = f"{KEY_PREFIX}:runs:leases"
+LEASES = f"{KEY_PREFIX}:runs:{{{TENANT}}}:leases"
 RUNS_QUEUE_KEY = f"{KEY_PREFIX}:celery:{RUNS_QUEUE}"
 
 
@@ -29,7 +29,7 @@ def held_by(switchboard: Switchboard) -> dict[str, str]:
     redis = switchboard.redis()
     held = {}
     for run_id in redis.zrange(LEASES, 0, -1):
-        worker = redis.hget(f"{KEY_PREFIX}:run:{run_id.decode()}", "worker")
+        worker = redis.hget(f"{KEY_PREFIX}:run:{{{TENANT}}}:{run_id.decode()}", "worker")
         held[run_id.decode()] = worker.decode() if worker else ""
     return held
 
@@ -176,5 +176,5 @@ async def test_sigterm_finishes_short_calls_and_hands_long_ones_to_another_worke
         # Handed back at once, not left to a lapsed lease and the sweeper.
         redis = switchboard.redis()
         run_id = long_done["data"]["run"]
-        assert redis.hget(f"{KEY_PREFIX}:run:{run_id}", "redeliveries") is None
+        assert redis.hget(f"{KEY_PREFIX}:run:{{{TENANT}}}:{run_id}", "redeliveries") is None
         assert short["duplicate"] is False and long["duplicate"] is False

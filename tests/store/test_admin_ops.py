@@ -183,7 +183,8 @@ def test_unreadable_entries_of_the_problem_list_are_skipped(
     admin_client: Client, tenant: Tenant, r: redis.Redis
 ) -> None:
     entry = {"run": "r1", "tenant": TENANT, "status": "degraded", "reason": "timeout"}
-    r.lpush(keys.RECENT_PROBLEMS, json.dumps(entry), b"not json", b"[1]")
+    r.sadd(keys.TENANTS, TENANT)
+    r.lpush(keys.recent_problems(TENANT), json.dumps(entry), b"not json", b"[1]")
     problems = live_data(admin_client)["problems"]
     assert [(p["run"], p["status"], p["reason"], p["agent"]) for p in problems] == [
         ("r1", "degraded", "timeout", None)

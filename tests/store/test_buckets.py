@@ -28,12 +28,12 @@ def test_tokens_come_back_at_the_rate(r: redis.Redis) -> None:
 
 def test_several_buckets_pay_together_or_not_at_all(r: redis.Redis) -> None:
     buckets = SyncBuckets(r)
-    client = Bucket("test:bucket:c", rate_per_s=1, burst=5)
-    tenant = Bucket("test:bucket:t", rate_per_s=1, burst=1)
+    client = Bucket("test:bucket:{c}:c", rate_per_s=1, burst=5)
+    tenant = Bucket("test:bucket:{c}:t", rate_per_s=1, burst=1)
     assert buckets.take([client, tenant]) == 0
     assert buckets.take([client, tenant]) > 0  # the tenant is short
     # The client's bucket was not charged for the refused message.
-    assert float(r.hget("test:bucket:c", "tokens")) >= 3.99
+    assert float(r.hget("test:bucket:{c}:c", "tokens")) >= 3.99
 
 
 def test_a_cost_beyond_the_burst_can_never_be_paid(r: redis.Redis) -> None:

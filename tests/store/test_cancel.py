@@ -135,7 +135,7 @@ def test_cancelling_a_stalled_call_abandons_it_and_frees_the_worker(
         "text": "",
         "detail": {"reason": "cancelled by client"},
     }
-    assert r.zscore(keys.RUN_LEASES, run_id) is None
+    assert r.zscore(keys.run_leases(keys.tenant_of_run(run_id)), run_id) is None
 
 
 def test_a_call_cancelled_mid_reply_appends_nothing_after_the_reply_done(

@@ -129,7 +129,7 @@ def reply_done(r: redis.Redis, stream: str = "room") -> dict[str, Any]:
 
 
 def test_celery_message_matches_kombus(r: redis.Redis, store_redis_url: str) -> None:
-    args = [new_run_id(), 0]
+    args = [new_run_id("acme"), 0]
     task_id, text = celery_message(RUN_STEP_TASK, args, RUNS_QUEUE)
     ours = json.loads(text)
     assert ours["headers"]["id"] == task_id

@@ -107,7 +107,9 @@ def test_a_pick_leases_the_run_and_the_claim_takes_the_lease_over(
     assert FairQueue(r).pick(5.0).run_id == run_id
     fields = r.hmget(keys.run(run_id), "status", "step", "lease", "attempt")
     assert fields[:2] == [b"queued", b"0"] and fields[3] == b"0"
-    assert r.zscore(keys.RUN_LEASES, run_id) == pytest.approx(float(fields[2] or 0))
+    assert r.zscore(keys.run_leases(keys.tenant_of_run(run_id)), run_id) == pytest.approx(
+        float(fields[2] or 0)
+    )
     run = runs.claim(run_id, 0)
     assert run is not None and run.attempt == 1
     assert r.hget(keys.run(run_id), "status") == b"running"
@@ -153,8 +155,8 @@ def test_finished_and_overdue_runs_are_skipped(
     r.hset(keys.run(overdue), "deadline", "1.000")
     pick = FairQueue(r).pick(5.0)
     assert (pick.run_id, pick.skipped) == (live, 2)
-    assert r.zscore(keys.RUN_LEASES, overdue) is None
-    assert r.zscore(keys.RUN_LEASES, cancelled) is None
+    assert r.zscore(keys.run_leases(keys.tenant_of_run(overdue)), overdue) is None
+    assert r.zscore(keys.run_leases(keys.tenant_of_run(cancelled)), cancelled) is None
     assert not r.exists(keys.FAIR_RING)
 
 
@@ -175,7 +177,7 @@ def test_the_tenants_weight_goes_in_with_its_send(streams: Streams, r: redis.Red
     streams.run(
         lambda store: store.accept_send("a", CLIENT, frame, agents.get_agent("echo"), weight=4)
     )
-    assert r.hget(keys.FAIR_WEIGHTS, "a") == b"4"
+    assert r.hget(keys.fair_state("a"), "weight") == b"4"
     assert settings.SWITCHBOARD["FAIR_QUEUE"]
 
 

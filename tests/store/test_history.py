@@ -54,12 +54,12 @@ def rows(**filters: Any) -> list[tuple[Any, ...]]:
 
 
 def outbox(r: redis.Redis) -> list[dict[str, Any]]:
-    return [json.loads(item) for item in r.lrange(keys.HISTORY_OUTBOX, 0, -1)]
+    return [json.loads(item) for item in r.lrange(keys.history_outbox(TENANT), 0, -1)]
 
 
 def take_batch(r: redis.Redis, count: int = 500) -> list[bytes]:
     """What a persister does before it inserts: the batch moves to the processing list."""
-    return persister.take_batch(r, count)
+    return persister.take_batch(r, count, TENANT)
 
 
 def test_a_finished_run_is_persisted_as_its_message_and_reply(
@@ -85,7 +85,9 @@ def test_a_finished_run_is_persisted_as_its_message_and_reply(
     assert stored["reply.done"].event_id == done["id"]
     assert stored["reply.done"].created_at == parse_ts(done["ts"])
     assert stored["reply.done"].tenant == tenant
-    assert r.llen(keys.HISTORY_OUTBOX) == 0 and not r.exists(keys.HISTORY_PROCESSING)
+    assert r.llen(keys.history_outbox(TENANT)) == 0 and not r.exists(
+        keys.history_processing(TENANT)
+    )
     # Nothing left: a second pass adds nothing.
     assert persister.persist(r) == 0
     assert HistoryEntry.objects.count() == 2
@@ -97,12 +99,14 @@ def test_a_batch_taken_but_never_inserted_is_inserted_by_the_next_persister(
     first, second = finished(streams, runs, "one"), finished(streams, runs, "two")
     assert len(take_batch(r)) == 2  # ...and the persister dies here
     third = finished(streams, runs, "three")
-    assert r.llen(keys.HISTORY_OUTBOX) == 1
+    assert r.llen(keys.history_outbox(TENANT)) == 1
 
     assert persister.persist(r) == 3
     assert {run for (*_, run, _, _) in rows()} == {first, second, third}
     assert HistoryEntry.objects.count() == 6
-    assert r.llen(keys.HISTORY_OUTBOX) == 0 and not r.exists(keys.HISTORY_PROCESSING)
+    assert r.llen(keys.history_outbox(TENANT)) == 0 and not r.exists(
+        keys.history_processing(TENANT)
+    )
 
 
 def test_a_batch_inserted_again_after_a_crash_adds_nothing(
@@ -117,7 +121,7 @@ def test_a_batch_inserted_again_after_a_crash_adds_nothing(
 
     assert persister.persist(r) == 2  # the batch again
     assert rows() == before
-    assert not r.exists(keys.HISTORY_PROCESSING)
+    assert not r.exists(keys.history_processing(TENANT))
 
 
 def test_the_beat_task_persists(
@@ -135,7 +139,7 @@ def test_persisters_take_turns(
     held = r.lock(keys.HISTORY_LOCK, timeout=60)
     assert held.acquire(blocking=False)
     assert persister.persist(r) == 0
-    assert r.llen(keys.HISTORY_OUTBOX) == 1
+    assert r.llen(keys.history_outbox(TENANT)) == 1
     held.release()
     assert persister.persist(r) == 1
 
@@ -219,7 +223,7 @@ def test_a_row_the_database_refuses_does_not_hold_the_batch_up(
         assert persister.persist(r) == 2
     assert {run for (*_, run, _, _) in rows()} == {kept}
     assert any("history row refused" in line for line in caplog.messages)
-    assert not r.exists(keys.HISTORY_PROCESSING)
+    assert not r.exists(keys.history_processing(TENANT))
 
 
 def test_nul_characters_are_left_out(
@@ -236,7 +240,7 @@ def test_runs_of_a_deleted_tenant_are_skipped(
     finished(streams, runs)  # no Tenant row for "acme"
     assert persister.persist(r) == 1
     assert HistoryEntry.objects.count() == 0
-    assert r.llen(keys.HISTORY_OUTBOX) == 0
+    assert r.llen(keys.history_outbox(TENANT)) == 0
 
 
 def test_the_outbox_cap_drops_the_oldest_and_counts_them(
@@ -263,7 +267,7 @@ def test_no_outbox_when_history_is_off(
     settings.SWITCHBOARD = {**settings.SWITCHBOARD, "HISTORY_OUTBOX_MAX": 0}
     finished(streams, runs)
     assert of_kind(log_events(r, ROOM), "reply.done")
-    assert not r.exists(keys.HISTORY_OUTBOX)
+    assert not r.exists(keys.history_outbox(TENANT))
 
 
 def test_failed_and_degraded_runs_are_listed_with_their_reason(
@@ -282,7 +286,7 @@ def test_failed_and_degraded_runs_are_listed_with_their_reason(
     # A finalize that loses (the run already has its reply.done) lists nothing.
     assert not runs.finalize(degraded, "failed", {"reason": "deadline"})
 
-    problems = [json.loads(item) for item in r.lrange(keys.RECENT_PROBLEMS, 0, -1)]
+    problems = [json.loads(item) for item in r.lrange(keys.recent_problems(TENANT), 0, -1)]
     assert [(p["run"], p["status"], p["reason"]) for p in problems] == [
         (overdue, "failed", "deadline"),  # newest first
         (degraded, "degraded", "deadline"),
@@ -304,7 +308,7 @@ def test_recent_problems_are_capped(
     for run_id in failed:
         assert run_id is not None
         assert runs.finalize(run_id, "failed", {"reason": "worker_lost"})
-    listed = [json.loads(item)["run"] for item in r.lrange(keys.RECENT_PROBLEMS, 0, -1)]
+    listed = [json.loads(item)["run"] for item in r.lrange(keys.recent_problems(TENANT), 0, -1)]
     assert listed == failed[:0:-1]
 
 

@@ -102,10 +102,10 @@ def test_claim_takes_a_lease_and_keeps_the_record_until_deadline_plus_grace(
     assert run is not None
     lease = float(field(r, run_id, "lease") or 0)
     assert before + 5 - 0.001 <= lease <= redis_now(r) + 5  # whole milliseconds
-    assert r.zscore(keys.RUN_LEASES, run_id) == pytest.approx(lease)
+    assert r.zscore(keys.run_leases(keys.tenant_of_run(run_id)), run_id) == pytest.approx(lease)
     assert field(r, run_id, "retries") == "2"
     assert field(r, run_id, "worker")
-    assert store.expired_leases() == []
+    assert store.expired_leases(keys.tenant_of_run(run_id)) == []
     left = run.seconds_left()
     assert left + RUN_RECORD_GRACE_S - 2 <= r.ttl(keys.run(run_id)) <= left + RUN_RECORD_GRACE_S + 1
     # The reply's text gets the same TTL as soon as it exists (it had none before leases).
@@ -120,19 +120,19 @@ def test_appends_and_renewals_extend_the_lease_and_never_shorten_it(
     store = RunStore(r, lease_s=0.0)
     run = store.claim(run_id, 0)
     assert run is not None
-    assert store.expired_leases() == [run_id]
+    assert store.expired_leases(keys.tenant_of_run(run_id)) == [run_id]
     store.lease_s = 30
     store.append_delta(run, "piece")
     after_append = float(field(r, run_id, "lease") or 0)
     assert after_append >= redis_now(r) + 29
-    assert store.expired_leases() == []
+    assert store.expired_leases(keys.tenant_of_run(run_id)) == []
 
     assert store.renew_lease(run, extra_s=100)
     extended = float(field(r, run_id, "lease") or 0)
     assert extended >= after_append + 99
     assert store.renew_lease(run)  # a heartbeat after the retry's extension
     assert float(field(r, run_id, "lease") or 0) == pytest.approx(extended)
-    assert r.zscore(keys.RUN_LEASES, run_id) == pytest.approx(extended)
+    assert r.zscore(keys.run_leases(keys.tenant_of_run(run_id)), run_id) == pytest.approx(extended)
 
 
 def test_an_expired_lease_is_redelivered_once_by_concurrent_sweepers(
@@ -172,7 +172,7 @@ def test_an_expired_lease_is_redelivered_once_by_concurrent_sweepers(
     for run_id in run_ids:
         assert field(r, run_id, "status") == "queued"
         assert field(r, run_id, "redeliveries") == "1"
-        assert r.zscore(keys.RUN_LEASES, run_id) is None
+        assert r.zscore(keys.run_leases(keys.tenant_of_run(run_id)), run_id) is None
     # Nothing left to redeliver: a queued step's message is safe in the queue.
     assert sweep_expired_leases(RunStore(r)) == 0
     assert len(queued_steps(r)) == rounds
@@ -209,7 +209,7 @@ def test_a_redelivered_step_fences_the_lost_owner_and_restarts_the_reply(
     assert restart["data"] == {"run": run_id, "attempt": 2, "reason": "redelivered", "step": 0}
     assert deltas(r)[1]["data"]["offset"] == 0
     assert field(r, run_id, "attempt") == "2"
-    assert r.zscore(keys.RUN_LEASES, run_id) is None
+    assert r.zscore(keys.run_leases(keys.tenant_of_run(run_id)), run_id) is None
 
     # kombu restores the dead worker's original message after its visibility timeout:
     # the run is finished, so it does nothing.
@@ -226,16 +226,18 @@ def test_finished_runs_are_not_redelivered(streams: Streams, r: redis.Redis) -> 
     assert dead(r).finalize(finished, "ok", owner=run.owner, run=run)
     assert dead(r).claim(swept, 0) is not None
     assert dead(r).finalize(swept, "cancelled")  # a client's cancel, or the deadline sweep
-    assert r.zscore(keys.RUN_LEASES, finished) is None
-    assert r.zscore(keys.RUN_LEASES, swept) is None
+    assert r.zscore(keys.run_leases(keys.tenant_of_run(finished)), finished) is None
+    assert r.zscore(keys.run_leases(keys.tenant_of_run(swept)), swept) is None
     assert field(r, finished, "lease") is None
 
     # Even a stray lease entry (an older version, a partial failure) redelivers nothing.
-    r.zadd(keys.RUN_LEASES, {finished: 1.0, "r-gone": 1.0})
+    leases = keys.run_leases(keys.tenant_of_run(finished))
+    gone = "r" + "f" * 32 + "." + keys.tenant_of_run(finished)
+    r.zadd(leases, {finished: 1.0, gone: 1.0})
     assert RunStore(r).redeliver(finished).outcome == "skipped"
-    assert RunStore(r).redeliver("r-gone").outcome == "skipped"
+    assert RunStore(r).redeliver(gone).outcome == "skipped"
     assert sweep_expired_leases(RunStore(r)) == 0
-    assert r.zcard(keys.RUN_LEASES) == 0
+    assert r.zcard(leases) == 0
     assert r.llen(QUEUE) == 0
     assert len(of_kind(log_events(r, "room"), "reply.done")) == 2
 
@@ -253,7 +255,7 @@ def test_a_run_past_its_deadline_is_ended_not_redelivered(
     assert (swept.ended, swept.redelivered) == (1, 0)
     [done] = of_kind(log_events(r, "room"), "reply.done")
     assert done["data"]["detail"] == {"reason": "deadline"}
-    assert r.zscore(keys.RUN_LEASES, run_id) is None
+    assert r.zscore(keys.run_leases(keys.tenant_of_run(run_id)), run_id) is None
 
 
 def test_a_step_that_keeps_losing_its_worker_fails_after_the_bounded_redeliveries(
@@ -271,8 +273,8 @@ def test_a_step_that_keeps_losing_its_worker_fails_after_the_bounded_redeliverie
     [done] = of_kind(log_events(r, "room"), "reply.done")
     assert done["data"]["status"] == "failed"
     assert done["data"]["detail"] == {"reason": "worker_lost"}
-    assert r.zscore(keys.RUN_LEASES, run_id) is None
-    assert r.zscore(keys.RUN_DEADLINES, run_id) is None
+    assert r.zscore(keys.run_leases(keys.tenant_of_run(run_id)), run_id) is None
+    assert r.zscore(keys.run_deadlines(keys.tenant_of_run(run_id)), run_id) is None
 
 
 def test_a_step_handed_to_the_next_holds_no_lease_and_old_messages_cannot_rerun_it(
@@ -286,7 +288,7 @@ def test_a_step_handed_to_the_next_holds_no_lease_and_old_messages_cannot_rerun_
     # One script queued the next step and gave up the lease: no moment holds neither.
     [(args, headers)] = queued_steps(r)
     assert (args, headers["task"]) == ([run_id, 1], RUN_STEP_TASK)
-    assert r.zscore(keys.RUN_LEASES, run_id) is None
+    assert r.zscore(keys.run_leases(keys.tenant_of_run(run_id)), run_id) is None
     assert field(r, run_id, "status") == "queued"
     assert execute_step(store, run_id, 1, 0) == StepOutcome()
     # A late copy of step 0's message (kombu restoring it) changes nothing.
@@ -479,7 +481,7 @@ def test_a_draining_worker_hands_its_unfinished_step_to_another_at_once(
     [(args, headers)] = queued_steps(r)
     assert (args, headers["task"]) == ([run_id, 0], RUN_STEP_TASK)
     assert field(r, run_id, "status") == "queued"
-    assert r.zscore(keys.RUN_LEASES, run_id) is None
+    assert r.zscore(keys.run_leases(keys.tenant_of_run(run_id)), run_id) is None
     assert of_kind(log_events(r, "room"), "reply.done") == []
     # Its next attempt voids what the drained one streamed and finishes the reply.
     assert execute_step(RunStore(r), run_id, 0, 0) == StepOutcome()

@@ -95,9 +95,13 @@ def assert_no_trace_beyond(r: redis.Redis, accepted: list[Appended], stream: str
     """Only the accepted sends left anything: events, runs, deadlines, tasks, dedupe keys."""
     assert int(r.get(keys.stream_seq(TENANT, stream)) or 0) == len(accepted)
     assert r.xlen(keys.stream_log(TENANT, stream)) == len(accepted)
-    runs = {key.decode() for key in r.scan_iter(match=keys.run("*")) if b":text" not in key}
-    assert runs == {keys.run(appended.run_id or "") for appended in accepted}
-    assert r.zcard(keys.RUN_DEADLINES) == len(accepted)
+    runs = {
+        key.decode()
+        for key in r.scan_iter(match=keys.run_prefix(TENANT) + "*")
+        if b":text" not in key
+    }
+    assert runs == {keys.run(appended.run_id or "r" + "0" * 32 + ".x") for appended in accepted}
+    assert r.zcard(keys.run_deadlines(TENANT)) == len(accepted)
     assert r.llen(keys.celery_queue(RUNS_QUEUE)) == len(accepted)
     assert len(list(r.scan_iter(match=keys.client_message(TENANT, CLIENT, "*")))) == len(accepted)
 
@@ -349,6 +353,43 @@ async def test_a_gateway_whose_lease_lapsed_writes_its_counts_back(
     assert not r.exists(keys.connections_tenant(TENANT))
     await gateway.release("b1")  # a release meanwhile never goes below zero
     await gateway.refresh()
-    assert counted(r, keys.connections_tenant(TENANT)) == {gateway.gateway_id: 1}
-    assert counted(r, keys.connections_client(TENANT, "alice")) == {gateway.gateway_id: 1}
+    # Its old lease id stays dead (a reaper may still be at its counts): it counts anew
+    # under a new one.
+    assert gateway.lease_id != gateway.gateway_id
+    assert r.zscore(keys.GATEWAY_LEASES, gateway.gateway_id) is None
+    assert r.zscore(keys.GATEWAY_LEASES, gateway.lease_id) is not None
+    assert counted(r, keys.connections_tenant(TENANT)) == {gateway.lease_id: 1}
+    assert counted(r, keys.connections_client(TENANT, "alice")) == {gateway.lease_id: 1}
     assert not r.exists(keys.connections_client(TENANT, "bob"))
+    assert r.smembers(gateway.held_key) == {
+        keys.connections_tenant(TENANT).encode(),
+        keys.connections_client(TENANT, "alice").encode(),
+    }
+    await gateway.release("a1")
+    assert not r.exists(keys.connections_tenant(TENANT))
+
+
+async def test_a_gateway_started_since_the_last_read_of_the_leases_counts(
+    client: aredis.Redis, r: redis.Redis
+) -> None:
+    """Admission scripts are passed the lease set as last read (it lives in a slot of its
+    own): a count of a gateway it does not name counts all the same, so no limit is ever
+    exceeded for want of a fresh read."""
+    tenant = tenant_config(max_connections=2, max_connections_per_client=10)
+    early = registry(client)
+    assert await early.admit(tenant, "alice", "a1") is None
+    late = registry(client)  # its lease is newer than what `early` read
+    assert await late.admit(tenant, "bob", "b1") is None
+    assert await early.admit(tenant, "carol", "c1") == "too many connections for the tenant"
+    assert sum(counted(r, keys.connections_tenant(TENANT)).values()) == 2
+
+
+async def test_a_count_without_any_lease_is_dropped(client: aredis.Redis, r: redis.Redis) -> None:
+    """A count left by a gateway whose lease was already reaped (its late admission, say)
+    counts until a read of the leases shows it has none, then goes."""
+    tenant = tenant_config(max_connections=2, max_connections_per_client=10)
+    r.hset(keys.connections_tenant(TENANT), "reaped", 2)
+    gateway = registry(client)
+    assert await gateway.admit(tenant, "alice", "a1") == "too many connections for the tenant"
+    assert await gateway.admit(tenant, "alice", "a1") is None
+    assert counted(r, keys.connections_tenant(TENANT)) == {gateway.lease_id: 1}

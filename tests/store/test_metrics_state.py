@@ -35,8 +35,11 @@ def test_an_idle_cluster_reads_as_zeros(r: redis.Redis) -> None:
 
 
 def test_queues_and_runs_are_read_and_the_tenants_bounded(r: redis.Redis) -> None:
-    r.zadd(keys.RUN_DEADLINES, {"r1": 1, "r2": 2, "r3": 3})
-    r.zadd(keys.RUN_LEASES, {"r2": 2})
+    # Run indexes are per tenant; the registry says which tenants to read.
+    r.sadd(keys.TENANTS, "acme", "globex")
+    r.zadd(keys.run_deadlines("acme"), {"r1": 1, "r2": 2})
+    r.zadd(keys.run_deadlines("globex"), {"r3": 3})
+    r.zadd(keys.run_leases("globex"), {"r2": 2})
     tenants = [f"t{index:02d}" for index in range(FAIR_TENANTS_EXPORTED + 5)]
     for depth, tenant in enumerate(tenants, start=1):
         r.rpush(keys.FAIR_RING, tenant)

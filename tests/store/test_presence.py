@@ -130,7 +130,7 @@ async def test_a_client_on_two_gateways_joins_once_and_leaves_with_the_last(
     assert joined["id"] != left["id"]
     assert await g1.clients(TENANT, ROOM) == []
     assert r.exists(*stream_keys()) == 0, "nothing is left behind"
-    assert r.zscore(keys.PRESENCE_INDEX, f"{TENANT}:{ROOM}") is None
+    assert r.zscore(keys.presence_due(TENANT), ROOM) is None
 
 
 async def test_one_gateway_joining_a_client_twice_holds_one_member(
@@ -182,7 +182,7 @@ async def test_a_dead_gateways_entry_expires_and_leaves(
     assert [(await channel.next())["data"]["client"] for _ in range(2)] == ["ghost", "alice"]
     # The index says when the stream needs a sweep: the ghost's expiry, the earliest.
     ghost_expiry = r.zscore(keys.presence_members(TENANT, ROOM), "dead ghost")
-    assert r.zscore(keys.PRESENCE_INDEX, f"{TENANT}:{ROOM}") == ghost_expiry
+    assert r.zscore(keys.presence_due(TENANT), ROOM) == ghost_expiry
 
     async def swept() -> dict[tuple[str, str], int]:
         return await live.sweep()
@@ -194,7 +194,7 @@ async def test_a_dead_gateways_entry_expires_and_leaves(
     assert r.hgetall(keys.presence_counts(TENANT, ROOM)) == {b"alice": b"1"}
     # Only alice's entry is left to expire.
     alice_expiry = r.zscore(keys.presence_members(TENANT, ROOM), "live alice")
-    assert r.zscore(keys.PRESENCE_INDEX, f"{TENANT}:{ROOM}") == alice_expiry
+    assert r.zscore(keys.presence_due(TENANT), ROOM) == alice_expiry
     assert await live.sweep() == {}
 
 
@@ -249,7 +249,7 @@ async def test_refresh_extends_entries_but_never_brings_a_left_one_back(
     expiry = r.zscore(members, "g1 alice")
     assert expiry is not None and expiry > 1
     assert r.zscore(members, "g1 bob") is None, "a refresh creates nothing"
-    assert r.zscore(keys.PRESENCE_INDEX, f"{TENANT}:{ROOM}") == expiry
+    assert r.zscore(keys.presence_due(TENANT), ROOM) == expiry
 
 
 async def test_tracker_joins_again_an_entry_swept_while_it_was_alive(
@@ -263,7 +263,7 @@ async def test_tracker_joins_again_an_entry_swept_while_it_was_alive(
         await tracker.join(TENANT, ROOM, "alice", "Alice", "conn-1")
         assert (await channel.next())["kind"] == "join"
         r.zadd(keys.presence_members(TENANT, ROOM), {f"{tracker.gateway_id} alice": 1})
-        r.zadd(keys.PRESENCE_INDEX, {f"{TENANT}:{ROOM}": 1})
+        r.zadd(keys.presence_due(TENANT), {ROOM: 1})
         assert await PresenceStore(client, "other", 30).sweep() == {(TENANT, ROOM): 1}
         assert (await channel.next())["kind"] == "leave"
 
@@ -359,5 +359,5 @@ async def test_one_refresh_call_covers_many_streams(client: aredis.Redis, r: red
     for stream in ("own-0", "own-299"):
         expiry = r.zscore(keys.presence_members(TENANT, stream), f"g1 c-{stream}")
         assert expiry is not None and expiry > 1
-        assert r.zscore(keys.PRESENCE_INDEX, f"{TENANT}:{stream}") == expiry
-    assert r.zscore(keys.PRESENCE_INDEX, f"{TENANT}:own-7") is None
+        assert r.zscore(keys.presence_due(TENANT), stream) == expiry
+    assert r.zscore(keys.presence_due(TENANT), "own-7") is None

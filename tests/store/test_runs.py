@@ -43,7 +43,7 @@ def test_claim_returns_the_run(streams: Streams, runs: RunStore, r: redis.Redis)
 
 
 def test_claim_of_a_missing_or_finished_run_is_none(streams: Streams, runs: RunStore) -> None:
-    assert runs.claim("r-no-such-run", 0) is None
+    assert runs.claim("r" + "0" * 32 + ".acme", 0) is None
     run_id, _ = new_run(streams)
     assert runs.finalize(run_id, "ok")
     assert runs.claim(run_id, 0) is None
@@ -123,7 +123,7 @@ def test_deltas_are_contiguous_and_done_carries_their_concatenation(
     assert run_field(r, run_id, "status") == "done"
     assert run_field(r, run_id, "final_status") == "ok"
     assert run_field(r, run_id, "done_seq") == str(done["seq"])
-    assert r.zscore(keys.RUN_DEADLINES, run_id) is None
+    assert r.zscore(keys.run_deadlines(keys.tenant_of_run(run_id)), run_id) is None
 
 
 def test_done_without_deltas_has_empty_text(
@@ -207,21 +207,25 @@ def test_deltas_after_finalize_raise_run_finished(
 
 
 def test_finalize_of_an_unknown_run_cleans_its_deadline(runs: RunStore, r: redis.Redis) -> None:
-    r.zadd(keys.RUN_DEADLINES, {"r-expired-record": 1.0})
-    assert runs.finalize("r-expired-record", "failed") is False
-    assert r.zscore(keys.RUN_DEADLINES, "r-expired-record") is None
-    assert runs.overdue(time.time()) == []
+    expired = "r" + "e" * 32 + ".acme"
+    r.zadd(keys.run_deadlines("acme"), {expired: 1.0})
+    assert runs.finalize(expired, "failed") is False
+    assert r.zscore(keys.run_deadlines("acme"), expired) is None
+    assert runs.overdue("acme", time.time()) == []
 
 
 def test_overdue_lists_runs_past_their_deadline(
     streams: Streams, runs: RunStore, r: redis.Redis
 ) -> None:
     run_ids = [new_run(streams, message_id=f"m-{index}")[0] for index in range(3)]
-    deadlines = {run_id: r.zscore(keys.RUN_DEADLINES, run_id) for run_id in run_ids}
+    deadlines = {
+        run_id: r.zscore(keys.run_deadlines(keys.tenant_of_run(run_id)), run_id)
+        for run_id in run_ids
+    }
     assert all(deadlines.values())
     latest = max(deadlines.values())  # type: ignore[type-var]
-    assert runs.overdue(time.time()) == []
-    assert sorted(runs.overdue(latest)) == sorted(run_ids)  # type: ignore[arg-type]
-    assert len(runs.overdue(latest, limit=2)) == 2  # type: ignore[arg-type]
+    assert runs.overdue("acme", time.time()) == []
+    assert sorted(runs.overdue("acme", latest)) == sorted(run_ids)  # type: ignore[arg-type]
+    assert len(runs.overdue("acme", latest, limit=2)) == 2  # type: ignore[arg-type]
     runs.finalize(run_ids[0], "ok")
-    assert sorted(runs.overdue(latest)) == sorted(run_ids[1:])  # type: ignore[arg-type]
+    assert sorted(runs.overdue("acme", latest)) == sorted(run_ids[1:])  # type: ignore[arg-type]

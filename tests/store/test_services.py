@@ -269,8 +269,8 @@ def test_sweep_ends_overdue_runs_once_with_failed(
     assert all(data["detail"] == {"reason": "deadline"} for data in dones.values())
     assert dones[overdue[0]]["text"] == "so far"
     assert r.hget(keys.run(pending), "status") == b"queued"
-    assert runs.overdue(now) == []
-    assert runs.overdue(time.time() + 7200) == [pending]
+    assert runs.overdue(keys.tenant_of_run(pending), now) == []
+    assert runs.overdue(keys.tenant_of_run(pending), time.time() + 7200) == [pending]
     # The swept run's worker, still going, can append nothing more.
     assert execute_step(runs, overdue[1], 0, 0) == StepOutcome()
     assert len(done_events(r)) == 2

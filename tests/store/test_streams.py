@@ -48,7 +48,7 @@ def subscribed(r: redis.Redis, stream: str, tenant: str = TENANT) -> redis.clien
 
 def test_channels_name_the_test_database(store_redis_url: str) -> None:
     database = redis.connection.parse_url(store_redis_url).get("db", 0)
-    assert keys.stream_channel("acme", "room") == f"{keys.PREFIX}:{database}:e:acme:room"
+    assert keys.stream_channel("acme", "room") == f"{keys.PREFIX}:{database}:e:{{acme}}:room"
 
 
 def test_publish_assigns_gapless_seqs_per_tenant_and_stream(
@@ -218,7 +218,9 @@ def test_accept_send_creates_the_run_and_queues_one_task(streams: Streams, r: re
         "options": '{"chunks":2}',
     }
     assert r.ttl(keys.run(run_id)) > settings.SWITCHBOARD["RUN_DEADLINE_S"]
-    assert r.zscore(keys.RUN_DEADLINES, run_id) == pytest.approx(deadline, abs=0.001)
+    assert r.zscore(keys.run_deadlines(keys.tenant_of_run(run_id)), run_id) == pytest.approx(
+        deadline, abs=0.001
+    )
 
     # The run waits in its tenant's fair queue; the message is a ticket for the next run.
     [message] = queued_messages(r)
@@ -281,8 +283,10 @@ def test_duplicate_send_starts_nothing(streams: Streams, r: redis.Redis) -> None
     assert again.run_id is None
     assert len(queued_messages(r)) == 1
     assert len(log_events(r, "room")) == 1
-    assert [key.decode() for key in r.scan_iter(match=keys.run("*"))] == [keys.run(first.run_id)]  # type: ignore[arg-type]
-    assert r.zcard(keys.RUN_DEADLINES) == 1
+    assert first.run_id is not None
+    runs = [key.decode() for key in r.scan_iter(match=keys.run_prefix(TENANT) + "*")]
+    assert runs == [keys.run(first.run_id)]
+    assert r.zcard(keys.run_deadlines(TENANT)) == 1
 
 
 def test_send_reusing_a_publish_id_is_a_duplicate(streams: Streams, r: redis.Redis) -> None:

@@ -153,6 +153,7 @@ def test_one_sweep_enqueues_at_most_its_cap(streams: Streams, r: redis.Redis) ->
     fair_queue = keys.fair_queue("a")
     r.lpush(fair_queue, *[f"r-{index}" for index in range(MAX_TICKETS_PER_SWEEP + 10)])
     r.rpush(keys.FAIR_RING, "a")
+    r.sadd(keys.TENANTS, "a")
     assert sweep(r) == MAX_TICKETS_PER_SWEEP
     assert sweep(r) == 10
 

@@ -6,6 +6,7 @@ answered with its ack."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -33,6 +34,11 @@ pytestmark = pytest.mark.asyncio
 
 TENANT = "acme"
 OTHER = "globex"
+
+
+def rid(name: str, tenant: str = TENANT) -> str:
+    """A run id of the real form (it names its tenant), made from `name`."""
+    return "r" + hashlib.md5(name.encode()).hexdigest() + "." + tenant
 
 
 @pytest_asyncio.fixture
@@ -64,7 +70,7 @@ async def test_usage_adds_up_on_the_run_and_the_tenants_counters(
     assert await add_usage(client, run_id, TENANT, Usage(3, 2, estimated=True), now) == (20, 20)
     assert usage_of(run_fields(r, run_id)) == Usage(13, 7, estimated=True)
     # Counted per tenant: another's counters are its own.
-    await add_usage(client, "r-other", OTHER, Usage(1, 1), now)
+    await add_usage(client, rid("other", OTHER), OTHER, Usage(1, 1), now)
     assert tokens_used(r, [TENANT, OTHER, "nobody"], now) == {
         TENANT: (20, 20),
         OTHER: (2, 2),
@@ -76,8 +82,8 @@ async def test_usage_adds_up_on_the_run_and_the_tenants_counters(
     assert r.expiretime(day_key) == new_year + COUNTER_GRACE_S
     assert r.expiretime(month_key) == new_year + COUNTER_GRACE_S
     # A run whose record is gone is not created again; its tenant's counters still count.
-    await add_usage(client, "r-gone", TENANT, Usage(1, 0), now)
-    assert not r.exists(keys.run("r-gone"))
+    await add_usage(client, rid("gone"), TENANT, Usage(1, 0), now)
+    assert not r.exists(keys.run(rid("gone")))
     assert tokens_used(r, [TENANT], now)[TENANT] == (21, 21)
 
 
@@ -86,8 +92,8 @@ async def test_a_new_day_counts_afresh_while_the_month_goes_on(
 ) -> None:
     today = datetime(2026, 12, 4, 12, tzinfo=UTC)
     tomorrow = datetime(2026, 12, 5, 0, 0, 1, tzinfo=UTC)
-    await add_usage(client, "r-1", TENANT, Usage(100, 0), today)
-    assert await add_usage(client, "r-2", TENANT, Usage(0, 10), tomorrow) == (10, 110)
+    await add_usage(client, rid("1"), TENANT, Usage(100, 0), today)
+    assert await add_usage(client, rid("2"), TENANT, Usage(0, 10), tomorrow) == (10, 110)
 
 
 async def test_a_spent_budget_refuses_sends_and_leaves_no_trace(
@@ -108,7 +114,7 @@ async def test_a_spent_budget_refuses_sends_and_leaves_no_trace(
     assert 0 < spent.retry_after_ms(now) <= 24 * 3600 * 1000
     # Nothing of the refused send: two messages in the stream, two runs.
     assert int(r.get(keys.stream_seq(TENANT, "room")) or 0) == 2
-    assert r.zcard(keys.RUN_DEADLINES) == 2
+    assert r.zcard(keys.run_deadlines(TENANT)) == 2
     assert not r.exists(keys.client_message(TENANT, "alice", "m-3"))
     # A repeat of an accepted id still gets its ack; another tenant is not refused.
     again = await send(store, "m-1", budgets)
@@ -122,7 +128,7 @@ async def test_the_monthly_budget_refuses_when_the_days_are_within_theirs(
     client: aredis.Redis,
 ) -> None:
     store = StreamStore(client)
-    await add_usage(client, "r-1", TENANT, Usage(500, 500))
+    await add_usage(client, rid("1"), TENANT, Usage(500, 500))
     with pytest.raises(BudgetExhausted) as refused:
         await send(store, "m-1", Budgets(daily=5000, monthly=1000))
     assert refused.value.exhausted.period == MONTH
@@ -131,6 +137,6 @@ async def test_the_monthly_budget_refuses_when_the_days_are_within_theirs(
 
 async def test_concurrent_usage_is_counted_exactly(client: aredis.Redis, r: redis.Redis) -> None:
     await asyncio.gather(
-        *(add_usage(client, f"r-{index}", TENANT, Usage(2, 3)) for index in range(20))
+        *(add_usage(client, rid(str(index)), TENANT, Usage(2, 3)) for index in range(20))
     )
     assert tokens_used(r, [TENANT])[TENANT] == (100, 100)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,10 +45,12 @@ def test_key_names_follow_the_prefix_and_database() -> None:
         REDIS_URL="redis://127.0.0.1:6379/7",
         SWITCHBOARD={**django_settings.SWITCHBOARD, "KEY_PREFIX": "other"},
     ):
-        assert keys.RUN_LEASES == "other:runs:leases"
-        assert keys.stream_channel("acme", "room") == "other:7:e:acme:room"
-        assert keys.run("r1") == "other:run:r1"
-    assert keys.RUN_LEASES == f"{django_settings.SWITCHBOARD['KEY_PREFIX']}:runs:leases"
+        assert keys.FAIR_RING == "other:{fq}:ring"
+        assert keys.stream_channel("acme", "room") == "other:7:e:{acme}:room"
+        run_id = "r" + "0" * 32 + ".acme"
+        assert keys.run(run_id) == "other:run:{acme}:" + run_id
+        assert keys.run_leases("acme") == "other:runs:{acme}:leases"
+    assert keys.FAIR_RING == f"{django_settings.SWITCHBOARD['KEY_PREFIX']}:{{fq}}:ring"
     with pytest.raises(AttributeError):
         keys.NO_SUCH_NAME  # noqa: B018
 
@@ -56,6 +61,28 @@ def test_the_broker_in_the_streams_redis_is_derived(settings: Settings) -> None:
     assert conf().broker_in_streams_redis and conf().redis_database == 3
     settings.CELERY_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
     assert not conf().broker_in_streams_redis
+
+
+def test_a_redis_cluster_is_never_the_broker(settings: Settings) -> None:
+    settings.REDIS_URL = settings.CELERY_BROKER_URL = "redis://127.0.0.1:6379/0"
+    assert conf().broker_in_streams_redis and not conf().redis_cluster
+    settings.REDIS_CLUSTER_URL = "redis://127.0.0.1:7000"
+    assert conf().redis_cluster and not conf().broker_in_streams_redis
+
+
+def test_a_redis_cluster_without_a_broker_stops_at_start() -> None:
+    env = {**os.environ, "REDIS_CLUSTER_URL": "redis://127.0.0.1:7000"}
+    env.pop("CELERY_BROKER_URL", None)
+    answer = subprocess.run(
+        [sys.executable, "-c", "import project.settings"],
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert answer.returncode != 0
+    assert "CELERY_BROKER_URL must be" in answer.stderr
 
 
 def test_a_value_of_the_wrong_type_is_refused(settings: Settings) -> None:

@@ -102,7 +102,8 @@ def check_restart_sequence(block: Block) -> None:
     events = restart_sequence_events(block)
     kinds = [event["kind"] for event in events]
     assert kinds.count("reply.restart") == 1 and kinds[-1] == "reply.done"
-    restart = _RestartCall(_run(), 2, "model_error", "", 1.0)
+    # A run id of the real form: the call names the run's keys, which embed its tenant.
+    restart = _RestartCall(_run("r" + "0" * 32 + ".demo"), 2, "model_error", "", 1.0)
     # The event around the seq the script gives it.
     prefix, suffix = restart.script.restart_prefix, restart.script.restart_suffix
     written = json.loads(prefix + "1" + suffix)
@@ -307,11 +308,11 @@ def check_docker_example(block: Block) -> None:
         assert importlib.util.find_spec(module), module
 
 
-def _run(**fields: Any) -> Any:
+def _run(run_id: str = "r1", **fields: Any) -> Any:
     from streams.runs import Run
 
     return Run(
-        run_id="r1",
+        run_id=run_id,
         tenant="demo",
         stream="support:42",
         agent="summariser",

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from streams import keys
 from streams.events import (
     MESSAGE_ID,
     STREAM_NAME,
@@ -93,10 +94,14 @@ def test_timestamp_defaults_to_now_in_utc_iso8601() -> None:
 
 def test_ids_are_unique_and_well_formed() -> None:
     event_ids = {new_event_id() for _ in range(100)}
-    run_ids = {new_run_id() for _ in range(100)}
+    run_ids = {new_run_id("acme") for _ in range(100)}
     assert len(event_ids) == len(run_ids) == 100
     assert all(re.fullmatch(r"[0-9a-f]{32}", event_id) for event_id in event_ids)
-    assert all(re.fullmatch(r"r[0-9a-f]{32}", run_id) for run_id in run_ids)
+    assert all(re.fullmatch(r"r[0-9a-f]{32}\.acme", run_id) for run_id in run_ids)
+    assert {keys.tenant_of_run(run_id) for run_id in run_ids} == {"acme"}
+    for malformed in ("r1", "r" + "0" * 32, "x" + "0" * 32 + ".acme", "r" + "0" * 32 + "."):
+        with pytest.raises(ValueError):
+            keys.tenant_of_run(malformed)
 
 
 @pytest.mark.parametrize("text", TRICKY)

@@ -137,8 +137,8 @@ def test_a_wrapper_has_a_field_for_each_name(wrapper: type[scripts.Script[object
 
 
 def test_a_call_lists_its_keys_and_args_in_order() -> None:
-    call = scripts.TakeTokens(buckets=["b1", "b2"], cost=2, limits=[5.0, 10, 1.0, 3])
-    assert call.keys() == ["b1", "b2"]
+    call = scripts.TakeTokens(buckets=["{t}b1", "{t}b2"], cost=2, limits=[5.0, 10, 1.0, 3])
+    assert call.keys() == ["{t}b1", "{t}b2"]
     assert call.args() == [2, 5.0, 10, 1.0, 3]
     leave = scripts.PresenceLeave(
         stream=scripts.PresenceStream("m", "c", "n", "i", "ch", "t:s", '"s"', "p", '"ts"', 50),
@@ -147,3 +147,15 @@ def test_a_call_lists_its_keys_and_args_in_order() -> None:
     )
     assert leave.keys() == ["m", "c", "n", "i"]
     assert leave.args() == ["ch", "t:s", '"s"', "p", '"ts"', 50, "g", "c1"]
+
+
+def test_the_publish_fragment_is_sharded_for_a_redis_cluster() -> None:
+    single = scripts.lua_source("append_delta.lua")
+    sharded = scripts.lua_source("append_delta.lua", sharded=True)
+    assert "redis.call('PUBLISH', channel, message)" in single
+    assert "redis.call('SPUBLISH', channel, message)" in sharded
+    assert "'PUBLISH'" not in sharded
+    # The worker-stop broadcast stays a classic publish: its channel names no tenant.
+    assert "redis.call('PUBLISH', worker_stop_prefix" in scripts.lua_source(
+        "finalize_run.lua", sharded=True
+    )

@@ -5,7 +5,7 @@ leaves, so a client with several connections is one presence entry."""
 
 from __future__ import annotations
 
-from realtime.presence import PresenceCounts
+from realtime.presence import REFRESH_BATCH, PresenceCounts, refresh_calls
 
 ROOM = ("acme", "room", "alice")
 HALL = ("acme", "hall", "alice")
@@ -92,3 +92,35 @@ def test_by_stream_groups_every_client_of_a_stream() -> None:
     grouped = counts.by_stream()
     assert sorted(grouped[("acme", "room")]) == ["alice", "bob"]
     assert len(counts) == 2
+
+
+def test_refresh_calls_are_each_of_one_tenant_and_bounded() -> None:
+    """A PRESENCE_REFRESH call touches one tenant's keys (one slot in a Redis Cluster) and
+    at most REFRESH_BATCH clients; a bigger stream is split over calls."""
+    crowd = [f"c{i}" for i in range(REFRESH_BATCH + 10)]
+    streams = [
+        ("acme", "a", ["alice"]),
+        ("globex", "g", ["bob"]),
+        ("acme", "b", ["carol", "dave"]),
+        ("acme", "crowd", crowd),
+    ]
+    calls = refresh_calls(streams)
+    for call in calls:
+        assert len({tenant for tenant, _, _ in call}) == 1
+        assert sum(len(clients) for _, _, clients in call) <= REFRESH_BATCH
+    covered = sorted(
+        (tenant, stream, client)
+        for call in calls
+        for tenant, stream, clients in call
+        for client in clients
+    )
+    assert covered == sorted(
+        (tenant, stream, client) for tenant, stream, clients in streams for client in clients
+    )
+    # acme: a and b together, then the crowd in two parts; globex apart.
+    assert [[stream for _, stream, _ in call] for call in calls] == [
+        ["a", "b"],
+        ["crowd"],
+        ["crowd"],
+        ["g"],
+    ]

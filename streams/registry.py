@@ -1,0 +1,44 @@
+"""The tenant registry: a set of every tenant with keys, which the sweepers iterate.
+
+Run deadlines, leases, queued runs, the history outbox and recent problems are indexed per
+tenant (in the tenant's hash slot, streams/keys.py), so whoever sweeps them needs the list
+of tenants. Whoever writes a tenant's first keys registers it first (an idempotent SADD,
+remembered by the process for a while, so the hot path pays a dict lookup). Registering
+before writing means no key can exist unswept; an entry whose tenant has nothing is
+harmless: its sweep finds empty indexes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+import redis.asyncio as aredis
+
+from streams import keys
+
+
+def register(client: redis.Redis, tenant: str) -> None:
+    """Make sure `tenant` is in the registry (blocking client)."""
+    now = time.monotonic()
+    if keys.tenant_registered(tenant, now):
+        return
+    client.sadd(keys.TENANTS, tenant)
+    keys.note_registered(tenant, now)
+
+
+async def register_async(client: aredis.Redis, tenant: str) -> None:
+    """Make sure `tenant` is in the registry (asyncio client)."""
+    now = time.monotonic()
+    if keys.tenant_registered(tenant, now):
+        return
+    await client.sadd(keys.TENANTS, tenant)
+    keys.note_registered(tenant, now)
+
+
+def tenants(client: redis.Redis) -> list[str]:
+    """Every registered tenant, sorted (a set of tenants, not of their keys: small)."""
+    return sorted(
+        member.decode() if isinstance(member, bytes) else str(member)
+        for member in client.smembers(keys.TENANTS)
+    )
