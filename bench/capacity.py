@@ -62,6 +62,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import statistics
@@ -102,6 +103,8 @@ from bench.common import (
 )
 from bench.redis_cluster import RedisClusterNodes, master_of, redis_server_binary
 from project.launcher import free_port, wait_until
+
+logger = logging.getLogger(__name__)
 
 MODES = ("single", "cluster-1", "cluster-3")
 MASTERS = {"cluster-1": 1, "cluster-3": 3}
@@ -710,8 +713,11 @@ async def _direct(slugs: list[str], index: int, seconds: float, concurrency: int
             t = time.perf_counter()
             try:
                 await store.publish(tenant, f"direct{index}", frame)
-            except Exception as error:  # counted, the lane goes on
-                errors[type(error).__name__] = errors.get(type(error).__name__, 0) + 1
+            except Exception as error:  # counted (the first of each kind with its text)
+                kind = type(error).__name__
+                if kind not in errors:
+                    logger.warning("publish_direct: %s: %s", kind, error, exc_info=True)
+                errors[kind] = errors.get(kind, 0) + 1
                 continue
             latencies.append(1000 * (time.perf_counter() - t))
             ops += 1
