@@ -27,7 +27,7 @@ from streams.events import dumps, new_run_id
 from streams.fairness import join_call, quantum
 from streams.log import COUNTED_GRACE_S, enqueue_first_task, first_task_message
 from streams.redis_clients import as_text
-from streams.registry import register
+from streams.registry import NEW_TENANT_EPOCH, register
 from streams.runs import RUN_RECORD_GRACE_S, RunRecord, RunStore
 
 logger = logging.getLogger(__name__)
@@ -152,6 +152,8 @@ def _start_one(store: RunStore, cause: Cause, agent: Agent, config: Any) -> Trig
         cause, agent, config, run_id, deadline, message
     ).run(store.client)
     if ring_epoch:
+        if ring_epoch == NEW_TENANT_EPOCH:
+            register(store.client, cause.tenant, again=True)
         join_call(cause.tenant, ring_epoch, message).run(store.client)
     return _started(cause, agent, code, started_id, run_id, message)
 

@@ -17,10 +17,11 @@
   `ConnectionRegistry`. Per tenant and per client a hash holds each gateway process's
   count of open connections; each process renews one lease (a sorted set of gateway ids
   scored by when their lease ends, on the Redis clock) every `PRESENCE_REFRESH_S`. The
-  admission script sums the counts of gateways whose lease is current, so a dead
-  gateway's connections stop counting `PRESENCE_TTL_S` after its last renewal, and the
-  next renewal of any gateway removes them. Admission is one script; past a bound the
-  socket is closed with 4029.
+  admission script sums the counts of every gateway not known dead (it is passed the
+  leases as last read, at most VIEW_MAX_AGE_S ago: the lease set is in a slot of its
+  own), so a dead gateway's connections stop counting about `PRESENCE_TTL_S` after its
+  last renewal, and the next renewal of any gateway removes them. Admission is one
+  script; past a bound the socket is closed with 4029.
 - **Token budgets per tenant**, per UTC day and month (streams/usage.py): checked by
   `ACCEPT_SEND` against the counters the workers add each model call's usage to. A spent
   budget refuses every `send` with `budget_exhausted` until the period resets; runs
@@ -37,6 +38,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aredis
+from redis.exceptions import ClusterError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -149,6 +151,15 @@ class RateLimiter:
         return NEVER_RETRY_MS if wait == NEVER else retry_after_ms(wait)
 
 
+# Redis out of reach: a single Redis down, or a Redis Cluster between a master's death and
+# its replica's promotion (CLUSTERDOWN, TRYAGAIN, no node answering).
+UNAVAILABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterError,
+    TryAgainError,
+    RedisClusterException,
+)
 REFUSALS = {1: "too many connections for the tenant", 2: "too many connections for the client"}
 # Dead gateways looked at, and counts removed per pipeline, per renewal.
 REAP_GATEWAYS = 10
@@ -242,7 +253,7 @@ class ConnectionRegistry:
                 known=[*view.live, *view.dead, *self._gone],
             )
             refused, unknown = await self._admit_pipelined(admission)
-        except (RedisConnectionError, RedisTimeoutError):
+        except UNAVAILABLE:
             logger.warning(
                 "connection admitted without counting (Redis unreachable) tenant=%s client=%s",
                 tenant.slug,
@@ -322,7 +333,7 @@ class ConnectionRegistry:
                 view = self._view
                 if view is None or not self._knows(view, unknown):
                     view = await self._renew()
-        except (RedisConnectionError, RedisTimeoutError):
+        except UNAVAILABLE:
             return
         known = set(view.live) | set(view.dead) | {self.lease_id}
         for gateway in unknown:

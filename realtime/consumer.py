@@ -704,6 +704,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 weight=limits.weight,
                 agent_config=limits.agent_overrides(agent.name),
                 budgets=limits.token_budgets(),
+                after_ack=True,
             )
         except BudgetExhausted as spent:
             _count_refusal(identity.tenant, "token_budget")
@@ -723,6 +724,9 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             ) from None
         self.push(ack_frame(frame.id, appended.event_id, appended.seq, appended.duplicate))
         metrics.acked(identity.tenant, appended.duplicate)
+        if appended.after_ack is not None:
+            # The fair ring's join (and a publish to another broker) once the ack is out.
+            await appended.after_ack
         if not appended.duplicate:
             self.reply_clock.sent(appended.run_id, started)
             logger.debug(

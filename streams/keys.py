@@ -120,9 +120,11 @@ def tenant_of_run(run_id: str) -> str:
 # --- the tenant registry ----------------------------------------------------------------------
 
 # Tenants this process registered, and when (time.monotonic()): each is added again after a
-# while, so a registry lost with its Redis node is filled again by the traffic that follows.
+# while, so a registry lost with its Redis node (a restart without data, a failover that lost
+# the latest writes) is filled again by the traffic that follows. A send that finds its
+# tenant's fair-queue state new registers at once (streams/registry.py).
 _registered: dict[str, float] = {}
-REGISTER_AGAIN_S = 300.0
+REGISTER_AGAIN_S = 60.0
 
 
 def tenant_registered(tenant: str, now: float) -> bool:

@@ -8,9 +8,10 @@ streams/subscriptions.py."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -32,11 +33,13 @@ from streams.enqueue import (
 from streams.events import cause_of, event_parts, new_event_id, new_run_id
 from streams.fairness import join_call, quantum
 from streams.redis_clients import as_text
-from streams.registry import register_async
+from streams.registry import NEW_TENANT_EPOCH, register_async
 from streams.runs import RUN_RECORD_GRACE_S, RunRecord
 from streams.subscriptions import subscribed
 from streams.tokens import counter_keys
 from streams.usage import Budgets, Exhausted, exhausted
+
+logger = logging.getLogger(__name__)
 
 READ_PAGE = 500
 
@@ -133,6 +136,9 @@ class Appended:
     event_id: str
     duplicate: bool
     run_id: str | None = None
+    # accept_send(..., after_ack=True): what is left to do once the ack is sent (the fair
+    # ring's join and the first task's publish), for the caller to await then; None: nothing.
+    after_ack: Coroutine[Any, Any, None] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,13 +298,17 @@ class StreamStore:
         weight: int | None = None,
         agent_config: Mapping[str, str] | None = None,
         budgets: Budgets | None = None,
+        after_ack: bool = False,
     ) -> Appended:
         """Append the message and create its run with its first task, all or nothing.
         Raises LimitReached, having written nothing, when `limits` refuse the run, and
         BudgetExhausted when the tenant has spent its token `budgets` for the period.
         `weight` is the tenant's share in the fair queue (TenantConfig.weight; default 1).
         `agent_config` is the tenant's overrides of the agent's code (model, api_key_env,
-        base_url: TenantConfig.agent_overrides), kept with the run for its workers."""
+        base_url: TenantConfig.agent_overrides), kept with the run for its workers.
+        `after_ack`: leave the calls that follow the script (the ring's join, a publish to
+        another broker) to the returned `after_ack`, which the gateway awaits once its ack
+        is out, so the client's own message event never overtakes the ack."""
         run = _NewRun.of(tenant, client, frame, agent, retention or self.retention)
         flow = _FlowControl.of(tenant, run.deadline, limits)
         message = first_task_message(run.run_id) if self.enqueue_atomically else ""
@@ -316,16 +326,53 @@ class StreamStore:
             code = "rate_limited" if answer.code == -1 else "overloaded"
             raise LimitReached(code, int(answer.value))
         seq, event_id, duplicate = _receipt(answer.code, answer.value)
-        if answer.ring_epoch:
+        follow = self._after_script(tenant, run.run_id, answer.ring_epoch, message, duplicate)
+        if follow is not None and not after_ack:
+            await follow
+            follow = None
+        run_id = None if duplicate else run.run_id
+        return Appended(seq, event_id, duplicate, run_id=run_id, after_ack=follow)
+
+    def _after_script(
+        self, tenant: str, run_id: str, ring_epoch: int, message: str, duplicate: bool
+    ) -> Coroutine[Any, Any, None] | None:
+        """What follows ACCEPT_SEND's script, if anything: the ring's join when the run made
+        its tenant's queue non-empty, then the first task's publish to another broker."""
+        if not ring_epoch and (duplicate or message):
+            return None
+        return self._follow(tenant, run_id, ring_epoch, message, duplicate)
+
+    async def _follow(
+        self, tenant: str, run_id: str, ring_epoch: int, message: str, duplicate: bool
+    ) -> None:
+        try:
+            await self._join_and_publish(tenant, run_id, ring_epoch, message, duplicate)
+        except Exception:
+            # The send is accepted and acknowledged: what failed here the sweep repairs
+            # (the ring, the ticket or a wake-up), so it is logged, not raised.
+            logger.warning(
+                "after an accepted send, the ring's join or the publish failed; the sweep "
+                "repairs it tenant=%s run=%s",
+                tenant,
+                run_id,
+                exc_info=True,
+            )
+
+    async def _join_and_publish(
+        self, tenant: str, run_id: str, ring_epoch: int, message: str, duplicate: bool
+    ) -> None:
+        if ring_epoch:
             # The tenant's queue was empty: the ring (its own slot) learns of it, and the
             # ticket goes with that call. A crash before it leaves the run queued outside
             # the ring and without its ticket; the sweep repairs both (fairness.py).
-            await join_call(tenant, answer.ring_epoch, message).run_async(self.client)
+            if ring_epoch == NEW_TENANT_EPOCH:
+                await register_async(self.client, tenant, again=True)
+            await join_call(tenant, ring_epoch, message).run_async(self.client)
         if not duplicate and not message:
-            # Another broker: publish after the append. A crash in between leaves the run
-            # queued; the sweeper ends it at its deadline, so it still gets its reply.done.
-            await asyncio.to_thread(enqueue_first_task, run.run_id)
-        return Appended(seq, event_id, duplicate, run_id=None if duplicate else run.run_id)
+            # Another broker: publish after the append (and the join: a ticket taken before
+            # the ring has its tenant would find nothing). A crash in between leaves the
+            # run queued; the sweep publishes a wake-up for it (tickets.py).
+            await asyncio.to_thread(enqueue_first_task, run_id)
 
     def _accept_send_call(
         self,

@@ -5,7 +5,9 @@ tenant (in the tenant's hash slot, streams/keys.py), so whoever sweeps them need
 of tenants. Whoever writes a tenant's first keys registers it first (an idempotent SADD,
 remembered by the process for a while, so the hot path pays a dict lookup). Registering
 before writing means no key can exist unswept; an entry whose tenant has nothing is
-harmless: its sweep finds empty indexes.
+harmless: its sweep finds empty indexes. A send whose script finds the tenant's fair-queue
+state new (its first push, epoch 1: a new tenant, or a Redis that lost its data) registers
+the tenant again at once, whatever the process remembers.
 """
 
 from __future__ import annotations
@@ -17,20 +19,24 @@ import redis.asyncio as aredis
 
 from streams import keys
 
+# The fair-queue epoch of a tenant's first push (streams/lua/fair_queue_insert.lua).
+NEW_TENANT_EPOCH = 1
 
-def register(client: redis.Redis, tenant: str) -> None:
-    """Make sure `tenant` is in the registry (blocking client)."""
+
+def register(client: redis.Redis, tenant: str, again: bool = False) -> None:
+    """Make sure `tenant` is in the registry (blocking client); `again`: whatever this
+    process remembers (the tenant's keys were found new: Redis may have lost them all)."""
     now = time.monotonic()
-    if keys.tenant_registered(tenant, now):
+    if not again and keys.tenant_registered(tenant, now):
         return
     client.sadd(keys.TENANTS, tenant)
     keys.note_registered(tenant, now)
 
 
-async def register_async(client: aredis.Redis, tenant: str) -> None:
-    """Make sure `tenant` is in the registry (asyncio client)."""
+async def register_async(client: aredis.Redis, tenant: str, again: bool = False) -> None:
+    """Make sure `tenant` is in the registry (asyncio client); `again` as for `register`."""
     now = time.monotonic()
-    if keys.tenant_registered(tenant, now):
+    if not again and keys.tenant_registered(tenant, now):
         return
     await client.sadd(keys.TENANTS, tenant)
     keys.note_registered(tenant, now)

@@ -162,26 +162,37 @@ class Script(Generic[R]):
         await self.LUA.on(client)(keys=self.keys(), args=self.args(), client=pipe)
 
 
-def _exempt_positions(cls: type[Script[Any]], count: int) -> list[int]:
-    """Where in a call's key list the class's SINGLE_REDIS_KEYS are."""
+_EXEMPT: dict[tuple[type, int], tuple[int, ...]] = {}
+
+
+def _exempt_positions(cls: type[Script[Any]], count: int) -> tuple[int, ...]:
+    """Where in a call's key list of `count` keys the class's SINGLE_REDIS_KEYS are
+    (computed once per class and count: this runs on the hot path)."""
+    found = _EXEMPT.get((cls, count))
+    if found is None:
+        found = _EXEMPT[(cls, count)] = _find_exempt(cls, count)
+    return found
+
+
+def _find_exempt(cls: type[Script[Any]], count: int) -> tuple[int, ...]:
     exempt = cls.SINGLE_REDIS_KEYS
     positions = [i for i, name in enumerate(cls.KEYS) if name in exempt]
     if cls.KEYS_TAIL and cls.KEYS_TAIL in exempt:
         positions.extend(range(len(cls.KEYS), count))
-    return positions
+    return tuple(positions)
 
 
 def _slot_keys(cls: type[Script[Any]], found: list[Any]) -> list[Any]:
     """The call's keys as sent: single-Redis-only keys replaced by the first other key when
     the broker is elsewhere, and (SWITCHBOARD_CHECK_SCRIPT_SLOTS) checked to share a slot."""
     current = conf()
-    exempt = _exempt_positions(cls, len(found)) if cls.SINGLE_REDIS_KEYS else []
+    exempt: tuple[int, ...] = _exempt_positions(cls, len(found)) if cls.SINGLE_REDIS_KEYS else ()
     if exempt and not current.broker_in_streams_redis:
         others = [key for i, key in enumerate(found) if i not in exempt]
         if others:
             for i in exempt:
                 found[i] = others[0]
-            exempt = []
+            exempt = ()
     if current.check_script_slots and not cls.SLOTS_UNCHECKED:
         slots = {key_slot(_key_bytes(key)) for i, key in enumerate(found) if i not in exempt}
         if len(slots) > 1:

@@ -101,6 +101,6 @@ async def test_a_grants_overrides_are_kept_with_the_run(
     _, done = await client.reply(ack["id"], timeout=15)
     assert done["data"]["status"] == "ok"
     run = switchboard.redis().hget(
-        f"{switchboard.key_prefix}:run:{done['data']['run']}", "agent_cfg"
+        f"{switchboard.key_prefix}:run:{{{tenant}}}:{done['data']['run']}", "agent_cfg"
     )
     assert json.loads(run) == {"model": "tenant-model", "api_key_env": "GATED_KEY"}  # type: ignore[arg-type]

@@ -34,7 +34,7 @@ SLACK_S = 3.0
 
 def stream_events(switchboard: Switchboard, tenant: str, stream: str) -> list[dict[str, Any]]:
     """Everything the stream's log holds, in order."""
-    log = f"{switchboard.key_prefix}:s:{tenant}:{stream}:log"
+    log = f"{switchboard.key_prefix}:s:{{{tenant}}}:{stream}:log"
     return [json.loads(fields[b"e"]) for _, fields in switchboard.redis().xrange(log)]
 
 
@@ -294,7 +294,7 @@ async def test_a_killed_gateways_connections_stop_counting_within_its_ttl(
     try:
         r = switchboard.redis()
         # Its connections are counted under its id, alive while its lease is.
-        [gateway] = r.hkeys(f"{switchboard.key_prefix}:conn:{tenant}")
+        [gateway] = r.hkeys(f"{switchboard.key_prefix}:conn:{{{tenant}}}")
         leases = f"{switchboard.key_prefix}:gateways"
         first_expiry = r.zscore(leases, gateway)
         assert first_expiry is not None

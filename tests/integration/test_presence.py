@@ -223,7 +223,7 @@ async def test_a_killed_gateways_clients_leave_presence_within_the_bound(
 
 def members_of(switchboard: Switchboard, stream: str, client: str) -> dict[str, float]:
     """Gateway process id -> expiry (ms, Redis clock) of each entry `client` has."""
-    key = f"{switchboard.key_prefix}:s:{TENANT}:{stream}:presence.gw"
+    key = f"{switchboard.key_prefix}:s:{{{TENANT}}}:{stream}:presence.gw"
     entries = {}
     for member, score in switchboard.redis().zrange(key, 0, -1, withscores=True):
         gateway, _, owner = member.decode().partition(" ")

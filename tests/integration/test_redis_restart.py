@@ -235,7 +235,7 @@ async def test_redis_restarting_empty_tells_clients_what_was_lost(
     # The live connection writes its session back (owner and positions), so a later
     # reconnect still resumes it.
     r = redis.Redis.from_url(restartable.redis.url)
-    key = f"{CLUSTER_ENV['SWITCHBOARD_KEY_PREFIX']}:sess:{TENANT}:{client.session}"
+    key = f"{CLUSTER_ENV['SWITCHBOARD_KEY_PREFIX']}:sess:{{{TENANT}}}:{client.session}"
     await wait_until_async(
         lambda: asyncio.to_thread(lambda: r.hget(key, "client") == b"restart-client"),
         10,

@@ -121,7 +121,7 @@ async def test_a_session_ends_ttl_after_its_last_connection(
     client_id = unique("c")
     client = await SwitchboardClient.connect(switchboard.url, switchboard.token(client_id))
     await client.subscribe(unique("s"))
-    key = f"{switchboard.key_prefix}:sess:{TENANT}:{client.session}"
+    key = f"{switchboard.key_prefix}:sess:{{{TENANT}}}:{client.session}"
     r = switchboard.redis()
     assert r.ttl(key) > 300  # while connected: twice the TTL, refreshed
     await client.close()
@@ -147,7 +147,7 @@ async def test_a_session_that_cannot_be_resumed_is_refused_not_made_new(
         session = "no-such-session"
     elif case == "expired":
         r = switchboard.redis()
-        key = f"{switchboard.key_prefix}:sess:{TENANT}:{session}"
+        key = f"{switchboard.key_prefix}:sess:{{{TENANT}}}:{session}"
         # The gateway's save at close comes first (it sets the after-disconnect TTL);
         # then the key goes as its expiry would take it.
         await wait_until(
@@ -412,7 +412,7 @@ async def test_a_plain_client_resumes_from_what_it_processed_not_what_was_writte
     # The gateway's record of the session says it handed all ten to the socket: a resume
     # from that record alone would skip 5..10.
     r = switchboard.redis()
-    key = f"{switchboard.key_prefix}:sess:{TENANT}:{session}"
+    key = f"{switchboard.key_prefix}:sess:{{{TENANT}}}:{session}"
     await wait_until(
         lambda: asyncio.to_thread(lambda: r.hget(key, f"s:{stream}") == b"10"),
         10,

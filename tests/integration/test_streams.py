@@ -285,6 +285,6 @@ async def test_receipt_is_recorded_and_answers_nothing(
     await client.ping()  # the server handles frames in order: the receipt is done
     assert client.unread_frames() == []
     stored = switchboard.redis().hget(
-        f"{switchboard.key_prefix}:s:{TENANT}:{stream}:receipts", "receiver"
+        f"{switchboard.key_prefix}:s:{{{TENANT}}}:{stream}:receipts", "receiver"
     )
     assert stored == str(event["seq"]).encode()

@@ -39,7 +39,8 @@ def reported_usage(prompt: str, pieces: int) -> dict[str, object]:
 
 def tokens_today(switchboard: Switchboard, tenant: str) -> int:
     day = datetime.now(UTC).strftime("%Y%m%d")
-    return int(switchboard.redis().get(f"{switchboard.key_prefix}:tokens:{tenant}:day:{day}") or 0)
+    key = f"{switchboard.key_prefix}:tokens:{{{tenant}}}:day:{day}"
+    return int(switchboard.redis().get(key) or 0)
 
 
 async def test_the_providers_usage_reaches_reply_done_the_counters_and_metrics(
@@ -105,7 +106,7 @@ async def test_a_spent_daily_budget_refuses_the_next_send_until_it_resets(
     assert done["data"]["detail"]["usage"]["total"] >= DAILY_BUDGET
     assert tokens_today(switchboard, BUDGETED_TENANT) >= DAILY_BUDGET
 
-    seq_key = f"{switchboard.key_prefix}:s:{BUDGETED_TENANT}:{stream}:seq"
+    seq_key = f"{switchboard.key_prefix}:s:{{{BUDGETED_TENANT}}}:{stream}:seq"
     seq_before = switchboard.redis().get(seq_key)
     with pytest.raises(SwitchboardError) as refused:
         await client.send(stream, "assistant", "one more", id="over-budget")
