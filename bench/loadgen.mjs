@@ -139,15 +139,17 @@ const commands = {
       last_done: Number.isFinite(last) ? last : null, cpu_s: (cpu.user + cpu.system) / 1e6 };
   },
 
-  // Every socket of the group subscribes (to `stream`, or to `prefix + its name`) and
-  // waits for "subscribed".
-  async subscribe({ group: name, stream = null, prefix = "", concurrency = 200, timeout_ms = 30000 }) {
+  // Every socket of the group subscribes (to `stream`, or to `prefix + its name`, or with
+  // `group_by` N to `prefix + floor(its name / N)`: N consecutive sockets share a stream)
+  // and waits for "subscribed".
+  async subscribe({ group: name, stream = null, prefix = "", group_by = 0, concurrency = 200,
+    timeout_ms = 30000 }) {
     const conns = group(name);
     const errors = {};
     let ok = 0;
     await pool(conns.length, concurrency, (i) => new Promise((resolve) => {
       const conn = conns[i];
-      const target = stream ?? prefix + conn.name;
+      const target = stream ?? prefix + (group_by > 0 ? Math.floor(Number(conn.name) / group_by) : conn.name);
       const timer = setTimeout(() => { bump(errors, "timeout"); done(); }, timeout_ms);
       const done = () => { clearTimeout(timer); conn.handler = null; resolve(); };
       conn.handler = (c, data) => {
@@ -197,10 +199,14 @@ const commands = {
   // Open-loop load: `rate` frames per second in total, round-robin over the group's sockets
   // (so each socket sends at rate/N, staggered), for `seconds`. Latency is measured from the
   // moment each frame is handed to the socket. mode "switchboard": `send` frames, ack and
-  // reply.done matched by id; mode "reply": baseline frames, the first frame carrying the id
-  // is the reply. Frames sent in the first `warmup` seconds are not measured.
+  // reply.done matched by id; mode "publish": `publish` frames, done at their ack; mode
+  // "reply": baseline frames, the first frame carrying the id is the reply. Frames sent in
+  // the first `warmup` seconds are not measured. `deltas` counts the reply.delta events and
+  // `events` every event frame the group received meanwhile. With `max_pending`, a frame
+  // due while that many are unanswered is skipped (counted in `skipped`): the offered rate
+  // is then capped by the answers, a closed loop that measures capacity without collapse.
   async load({ group: name, mode, rate, seconds, warmup = 0, drain = 10, id_prefix = "m",
-    stream_prefix = "e2e-", text = "hello", agent = "echo", options = {} }) {
+    stream_prefix = "e2e-", text = "hello", agent = "echo", options = {}, max_pending = 0 }) {
     const conns = group(name).filter((c) => !c.closed);
     if (conns.length === 0) throw new Error("no open sockets to load");
     const pending = new Map(); // id -> {t, conn, measured, ack}
@@ -216,6 +222,9 @@ const commands = {
     let lost = 0;
     let maxLag = 0;
     let lateSends = 0; // sends more than 5 ms behind schedule: the client itself was slow
+    let deltas = 0;
+    let skipped = 0;
+    let events = 0;
     const interval = 1000 / rate;
     const total = Math.floor(seconds * rate);
     const start = now() + 20;
@@ -239,7 +248,20 @@ const commands = {
         }
         return;
       }
-      if (mode === "switchboard") {
+      if (msg.type === "event") {
+        events++;
+        if (msg.kind === "reply.delta") deltas++;
+      }
+      if (mode === "publish") {
+        if (msg.type === "ack") {
+          const p = pending.get(msg.id);
+          if (p) {
+            pending.delete(msg.id);
+            if (p.measured) ackMs.push(t - p.t);
+            finish(p, t, "ok");
+          }
+        }
+      } else if (mode === "switchboard") {
         if (msg.type === "ack") {
           const p = pending.get(msg.id);
           if (p && p.ack === null) {
@@ -286,13 +308,16 @@ const commands = {
           const conn = conns[k % conns.length];
           k++;
           if (conn.closed) { bump(errors, "socket_closed"); continue; }
+          if (max_pending > 0 && pending.size >= max_pending) { skipped++; continue; }
           const lag = now() - scheduled;
           if (lag > maxLag) maxLag = lag;
           if (lag > 5) lateSends++;
           const id = id_prefix + k;
           const frame = mode === "switchboard"
             ? JSON.stringify({ type: "send", id, stream: stream_prefix + conn.name, agent, text, options })
-            : JSON.stringify({ id, text });
+            : mode === "publish"
+              ? JSON.stringify({ type: "publish", id, stream: stream_prefix + conn.name, data: { text } })
+              : JSON.stringify({ id, text });
           const measured = scheduled >= warmEnd;
           pending.set(id, { t: now(), conn, measured, ack: null });
           conn.ws.send(frame);
@@ -314,7 +339,7 @@ const commands = {
       sent, measured_sent: measuredSent, window_done: windowDone,
       window_s: (end - warmEnd) / 1000, send_span_s: (sendEnd - start) / 1000,
       ack_ms: ackMs, done_ms: doneMs, first_ms: firstMs, refused_ms: refusedMs, errors, statuses, lost, unanswered,
-      max_send_lag_ms: maxLag, late_sends: lateSends,
+      max_send_lag_ms: maxLag, late_sends: lateSends, deltas, events, skipped,
       client_cpu_s: (cpu.user + cpu.system) / 1e6,
     };
   },
