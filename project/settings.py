@@ -430,7 +430,7 @@ SWITCHBOARD = {
     # With a Celery broker other than the streams' Redis, a task is published after the
     # script that wrote its work: the sweeper publishes again (a wake-up ticket, a step's
     # message) for work still unclaimed this long after, so a crash in between loses nothing.
-    "OUTBOX_GRACE_S": env_float("SWITCHBOARD_OUTBOX_GRACE_S", 30.0),
+    "OUTBOX_GRACE_S": env_float("SWITCHBOARD_OUTBOX_GRACE_S", 5.0),
     # The "openai" backend (workers/openai_backend.py): any OpenAI-compatible server
     # (OpenAI, vLLM, Ollama, llama.cpp), so the URL is configurable.
     # (Set but empty, as a compose file may leave it, means the default, like unset.)

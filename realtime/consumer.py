@@ -21,6 +21,7 @@ import enum
 import logging
 import secrets
 import time
+from collections.abc import Coroutine
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -97,6 +98,18 @@ SESSION_SAVE_TIMEOUT_S = 2.0
 # A write the replicas did not confirm in time: about one failover's worth (a replica is
 # promoted within seconds), with the client's own jitter on top.
 UNREPLICATED_RETRY_MS = 1000
+
+
+# Work that must finish even when the handler awaiting it is cancelled, held here so the
+# event loop's weak reference to a task is not its only one.
+_UNCANCELLABLE: set[asyncio.Task[None]] = set()
+
+
+async def _shielded(work: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.ensure_future(work)
+    _UNCANCELLABLE.add(task)
+    task.add_done_callback(_UNCANCELLABLE.discard)
+    await asyncio.shield(task)
 
 
 class ConnectionState(enum.Enum):
@@ -748,8 +761,10 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self.push(ack_frame(frame.id, appended.event_id, appended.seq, appended.duplicate))
         metrics.acked(identity.tenant, appended.duplicate)
         if appended.after_ack is not None:
-            # The fair ring's join (and a publish to another broker) once the ack is out.
-            await appended.after_ack
+            # The fair ring's join (and a publish to another broker) once the ack is out,
+            # shielded: a client that disconnects now cancels this handler, and a join left
+            # undone would leave the run queued outside the ring until a sweep repairs it.
+            await _shielded(appended.after_ack)
         if not appended.duplicate:
             self.reply_clock.sent(appended.run_id, started)
             logger.debug(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, cast
 
 import redis
@@ -53,8 +54,7 @@ def _cluster_options(asynchronous: bool) -> dict[str, Any]:
     its `retry` is the cluster's own (on a connection error or timeout it refreshes the slot
     map and tries again, following a failover), and its pools are per node. The blocking
     client keeps a blocking pool per node; the asyncio cluster client has no blocking pool,
-    so its per-node cap is what bounds it (past it a command raises, which the cap's size
-    makes a misconfiguration, not load)."""
+    so its commands wait for a place below the cap instead (_BoundedAsyncRedisCluster)."""
     retry_class = AsyncRetry if asynchronous else Retry
     options: dict[str, Any] = {
         "retry": retry_class(ExponentialBackoff(cap=0.5, base=0.05), 4),
@@ -69,13 +69,39 @@ def _cluster_options(asynchronous: bool) -> dict[str, Any]:
     return options
 
 
+class _BoundedAsyncRedisCluster(AsyncRedisCluster):
+    """The asyncio cluster client with two of its edges filed off.
+
+    Its per-node pools do not wait for a free connection: past `max_connections` a command
+    raises MaxConnectionsError, which a burst (hundreds of sockets closing at once, each
+    leaving presence) reaches. Commands here wait for one of `max_connections` places
+    instead, which keeps every node's pool under its cap, as the single-Redis blocking pool
+    does. And its first commands, sent concurrently before the slot map is read, can fail
+    inside redis-py (a connection not yet made); the map is read once, first, under a lock."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._places = asyncio.Semaphore(kwargs.get("max_connections", 100))
+        self._first_map = asyncio.Lock()
+        self._mapped = False
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._mapped:
+            async with self._first_map:
+                if not self._mapped:
+                    await self.initialize()
+                    self._mapped = True
+        async with self._places:
+            return await super().execute_command(*args, **kwargs)
+
+
 def async_client() -> aredis.Redis:
     """The event loop's client (gateways). In cluster mode a RedisCluster client, which
     answers the same commands (typed as the single client's: they share its command set)."""
     global _async_client
     if _async_client is None:
         if conf().redis_cluster:
-            cluster = AsyncRedisCluster.from_url(
+            cluster = _BoundedAsyncRedisCluster.from_url(
                 conf().redis_cluster_url, **_cluster_options(asynchronous=True)
             )
             _async_client = cast(aredis.Redis, cluster)
