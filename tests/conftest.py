@@ -81,7 +81,6 @@ BROKER_VAR = "SWITCHBOARD_TEST_BROKER"
 # The RabbitMQ server the tests use (each session in a vhost of its own).
 AMQP_URL_VAR = "SWITCHBOARD_TEST_AMQP_URL"
 # 1: also run the test that stops and starts the (shared) local RabbitMQ node's broker.
-RABBITMQ_RESTART_VAR = "SWITCHBOARD_TEST_RABBITMQ_RESTART"
 
 
 def rabbitmq_requested() -> bool:

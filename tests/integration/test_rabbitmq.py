@@ -304,11 +304,6 @@ async def test_a_worker_killed_holding_rabbitmq_messages_has_them_redelivered(
 
 # A gateway whose broker is down: one scenario, its two promises checked by two tests.
 _unreachable: dict[str, object] = {}
-OUTBOX_SWEEP_MISSING = (
-    "needs the sweeper to publish wake-ups for queued runs left unclaimed past a grace (the "
-    "outbox sweep, docs/guarantees.md): without it a run whose wake-up was lost waits for a "
-    "later send's ticket or its deadline, and ends `failed`"
-)
 
 
 async def _sends_through_a_gateway_without_its_broker(
@@ -355,7 +350,6 @@ async def test_a_gateway_whose_broker_is_down_acks_sends_and_each_run_ends_once(
     )
 
 
-@pytest.mark.xfail(strict=True, reason=OUTBOX_SWEEP_MISSING)
 async def test_a_gateway_whose_broker_is_down_has_every_accepted_run_answered(
     switchboard: Switchboard, start_gateway: StartGateway, unique: Callable[[str], str]
 ) -> None:

@@ -2,17 +2,14 @@
 
 The broker is a RabbitMQ node of this module's own (tests/rabbitmq.py PrivateNode: Debian's
 rabbitmq-server on another port, data and node name), stopped and started with
-`rabbitmqctl stop_app`/`start_app`, so the shared one is never touched. Booting a node
-costs seconds and memory, and the runs whose wake-ups were lost wait for their deadline:
-the module runs only with SWITCHBOARD_TEST_RABBITMQ_RESTART=1.
+`rabbitmqctl stop_app`/`start_app`, so the shared one is never touched.
 
-Every accepted send's run must end exactly once; that every one is also answered needs
-the sweeper's outbox wake-ups (docs/guarantees.md)."""
+Every accepted send's run must end exactly once, and every one is answered: the wake-ups
+lost with the broker are published again by the sweeper's outbox (docs/guarantees.md)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -20,20 +17,12 @@ import pytest
 from client.connection import Event
 from project.launcher import free_port
 from tests import rabbitmq
-from tests.conftest import RABBITMQ_RESTART_VAR
 
 from .conftest import Connect, Switchboard
 from .support import collect_all_done, dones_by_message
-from .test_rabbitmq import OUTBOX_SWEEP_MISSING, RUN_DEADLINE_S, cluster_on
+from .test_rabbitmq import RUN_DEADLINE_S, cluster_on
 
-pytestmark = [
-    pytest.mark.asyncio,
-    pytest.mark.skipif(
-        os.environ.get(RABBITMQ_RESTART_VAR) != "1",
-        reason=f"boots a RabbitMQ node of its own and waits out run deadlines: set "
-        f"{RABBITMQ_RESTART_VAR}=1 to run it",
-    ),
-]
+pytestmark = pytest.mark.asyncio
 
 OUTAGE_S = 4.0
 
@@ -117,7 +106,6 @@ async def test_a_rabbitmq_restart_during_steady_sends_ends_every_accepted_run_on
     )
 
 
-@pytest.mark.xfail(strict=True, reason=OUTBOX_SWEEP_MISSING)
 async def test_a_rabbitmq_restart_during_steady_sends_answers_every_accepted_run(
     switchboard: Switchboard,
     node: rabbitmq.PrivateNode,
