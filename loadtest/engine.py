@@ -11,6 +11,15 @@ offset, sends each planned frame at its offset and reads everything the server s
   connection of the run receives (fan-out);
 - connect latency: the handshake starting -> `welcome`.
 
+With `check_seqs` (the seed-night scenario) it also checks and times what every reader
+gets: each stream event's `seq` must follow the last one this connection processed on
+that stream (a gap counts as lost events, a repeat as a duplicate; a resume sends the
+last seqs as its `positions`); its delivery lag is its receipt minus its `ts` (the
+server's clock, the same machine's); and a connection dropped and resumed is caught up
+once its `pong` is in and it holds every stream's head as its process had seen it at the
+drop (reconnect-to-caught-up time). At its close, events of its streams it never got
+up to the head its process saw are counted as lost too.
+
 A connection holds a `send` back while it has as many runs without their `reply.done` as
 the server allows per connection (the welcome's `max_runs_in_flight_per_connection`, or
 `max_in_flight`), like a well-behaved client: a replay faster than the recorded traffic
@@ -26,8 +35,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -35,7 +46,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
-from client.connection import with_query
+from client.connection import encode_positions, with_query
 from loadtest.report import Measurements
 from loadtest.schedule import ConnectionPlan, prepare_frame, total_frames
 
@@ -57,6 +68,11 @@ class EngineOptions:
     connect_concurrency: int = 500
     # Tasks are created before the clock starts, so the first offsets are kept.
     start_delay_s: float = 0.2
+    # Wall-clock time (epoch seconds) of offset 0, instead of start_delay_s: several
+    # processes playing shards of one run keep one schedule (a storm hits them together).
+    start_at: float | None = None
+    # Check seqs per stream per connection, time delivery lag and catch-up (module doc).
+    check_seqs: bool = False
 
 
 class _Refused(Exception):
@@ -68,9 +84,14 @@ class _Refused(Exception):
 
 class Engine:
     def __init__(
-        self, url: str, tokens: Mapping[str, str], options: EngineOptions | None = None
+        self,
+        url: str | Sequence[str],
+        tokens: Mapping[str, str],
+        options: EngineOptions | None = None,
     ) -> None:
-        self.url = url
+        # Several gateways: connection i goes to urls[i % len(urls)].
+        self.urls = [url] if isinstance(url, str) else list(url)
+        self.url = self.urls[0]
         self.tokens = tokens
         self.options = options or EngineOptions()
         self.m = Measurements()
@@ -81,6 +102,8 @@ class Engine:
         self._start = 0.0
         self._last_activity = 0.0
         self._connect_slots: asyncio.Semaphore | None = None
+        # stream -> the highest seq any connection of this engine has seen on it.
+        self.heads: dict[str, int] = {}
 
     def now(self) -> float:
         """Seconds since the run started."""
@@ -98,11 +121,17 @@ class Engine:
 
     async def run(self, plans: list[ConnectionPlan]) -> Measurements:
         loop = asyncio.get_running_loop()
-        self._start = loop.time() + self.options.start_delay_s
+        if self.options.start_at is not None:
+            self._start = loop.time() + (self.options.start_at - time.time())
+        else:
+            self._start = loop.time() + self.options.start_delay_s
         self._connect_slots = asyncio.Semaphore(self.options.connect_concurrency)
         self.frames_planned = self.m.frames_planned = total_frames(plans)
         self.m.connections_planned = len(plans)
-        connections = [_Connection(self, plan) for plan in plans]
+        connections = [
+            _Connection(self, plan, self.urls[index % len(self.urls)])
+            for index, plan in enumerate(plans)
+        ]
         await asyncio.gather(*(connection.run() for connection in connections))
         planned_end = max((plan.end() for plan in plans), default=0.0)
         self.m.duration_s = max(self._last_activity, planned_end)
@@ -110,9 +139,16 @@ class Engine:
 
 
 class _Connection:
-    def __init__(self, engine: Engine, plan: ConnectionPlan) -> None:
+    def __init__(self, engine: Engine, plan: ConnectionPlan, url: str) -> None:
         self.engine = engine
         self.plan = plan
+        self.url = url
+        self.check_seqs = engine.options.check_seqs
+        # While resuming: when the socket was dropped, the heads to reach, whether the
+        # pong after the resume is in (None: not catching up).
+        self.dropped_at = 0.0
+        self.catch_up: dict[str, int] | None = None
+        self.pong_seen = False
         self.client = plan.client
         self.ws: ClientConnection | None = None
         self.session: str | None = None
@@ -148,6 +184,10 @@ class _Connection:
         if self.plan.close_at is not None:
             await engine.sleep_until(self.plan.close_at)
         await self.wait_answered(self.engine.options.drain_timeout_s)
+        if self.check_seqs and self.ws is not None:
+            # What this connection never got of its streams, up to what its process saw.
+            for stream, last in self.last_seqs.items():
+                engine.m.seq_lost_at_end += max(0, engine.heads.get(stream, 0) - last)
         engine.m.unanswered_acks += len(self.acks)
         engine.m.unanswered_replies += len(self.replies)
         self.acks.clear()  # counted: the close must not count them again
@@ -199,7 +239,13 @@ class _Connection:
     async def _connect(self, session: str | None) -> dict[str, Any]:
         engine = self.engine
         assert engine._connect_slots is not None
-        url = with_query(engine.url, token=engine.tokens[self.client], session=session)
+        positions = None
+        if session is not None and self.last_seqs:
+            # What this connection processed: nothing skipped, nothing repeated.
+            positions = encode_positions(self.last_seqs)
+        url = with_query(
+            self.url, token=engine.tokens[self.client], session=session, positions=positions
+        )
         timeout = engine.options.connect_timeout_s
         async with engine._connect_slots:
             started = engine.now()
@@ -246,6 +292,10 @@ class _Connection:
         back at once with the session."""
         if self.ws is not None:
             await self._abandon(self.ws)
+        if self.check_seqs:
+            self.dropped_at = self.engine.now()
+            self.catch_up = {stream: self.engine.heads.get(stream, 0) for stream in self.last_seqs}
+            self.pong_seen = False
         await self.open(resume=self.session is not None)
 
     async def close(self) -> None:
@@ -347,6 +397,22 @@ class _Connection:
         elif kind == "welcome":
             if self._welcome is not None and not self._welcome.done():
                 self._welcome.set_result(frame)
+        elif kind == "pong" and self.catch_up is not None:
+            self.pong_seen = True
+            self._check_caught_up()
+
+    def _check_caught_up(self) -> None:
+        """A resuming connection has its `pong` (the restore is done) and every stream's
+        head as its process saw it at the drop: the catch-up time is taken."""
+        targets = self.catch_up
+        if targets is None or not self.pong_seen:
+            return
+        last = self.last_seqs
+        if all(last.get(stream, 0) >= head for stream, head in targets.items()):
+            engine = self.engine
+            now = engine.touch()
+            engine.m.caught_up.append((now, (now - self.dropped_at) * 1000))
+            self.catch_up = None
 
     def _on_answer(self, frame: dict[str, Any], error: bool) -> None:
         engine = self.engine
@@ -371,7 +437,10 @@ class _Connection:
     def _on_event(self, event: dict[str, Any]) -> None:
         stream = event.get("stream")
         seq = event.get("seq")
-        if isinstance(seq, int) and isinstance(stream, str):
+        if self.check_seqs:
+            if not self._check_event(event, stream, seq):
+                return
+        elif isinstance(seq, int) and isinstance(stream, str):
             if seq > self.last_seqs.get(stream, 0):
                 self.last_seqs[stream] = seq
         kind = event.get("kind")
@@ -401,6 +470,43 @@ class _Connection:
                 if sent is not None:
                     now = engine.touch()
                     engine.m.delivery.append((now, (now - sent) * 1000))
+
+    def _check_event(self, event: dict[str, Any], stream: Any, seq: Any) -> bool:
+        """Seq order, delivery lag and catch-up of one event (check_seqs); False: a
+        duplicate, not to be processed again."""
+        m = self.engine.m
+        if not isinstance(stream, str):
+            return True
+        if not isinstance(seq, int):
+            m.presence_events += 1  # join/leave: no seq, not in the log
+            return True
+        last = self.last_seqs.get(stream)
+        if last is not None:
+            if seq <= last:
+                m.seq_duplicates += 1
+                return False
+            if seq > last + 1:
+                m.seq_lost += seq - last - 1
+        self.last_seqs[stream] = seq
+        heads = self.engine.heads
+        if seq > heads.get(stream, 0):
+            heads[stream] = seq
+        m.events += 1
+        targets = self.catch_up
+        if targets is not None and seq <= targets.get(stream, 0):
+            # Replayed by the resume: timed by the catch-up, not as a live delivery.
+            self._check_caught_up()
+            return True
+        ts = event.get("ts")
+        if isinstance(ts, str):
+            try:
+                sent = datetime.fromisoformat(ts).timestamp()
+            except ValueError:
+                return True
+            m.event_lag.append((self.engine.now(), (time.time() - sent) * 1000))
+        if targets is not None:
+            self._check_caught_up()
+        return True
 
 
 async def run_plans(

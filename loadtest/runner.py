@@ -25,7 +25,10 @@ PROGRESS_INTERVAL_S = 0.25
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--url", required=True, help="the gateway's WebSocket URL, e.g. ws://127.0.0.1:8000/ws/v1/"
+        "--url",
+        required=True,
+        help="the gateway's WebSocket URL, e.g. ws://127.0.0.1:8000/ws/v1/; several,"
+        " comma-separated: connections are spread over them in turn",
     )
     parser.add_argument("--tenant", required=True, help="tenant whose secret signs the tokens")
     parser.add_argument("--out", type=Path, default=None, help="write the report JSON here")
@@ -69,8 +72,17 @@ def mint_tokens(secret: str, tenant: str, clients: list[str], ttl_s: int) -> dic
     return {client: issue_token(secret, tenant, client, ttl_s) for client in clients}
 
 
+def split_urls(url: str) -> list[str]:
+    """`--url` as a list: one URL, or several comma-separated."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
 def url_problem(url: str) -> str | None:
-    """Why `url` cannot be a gateway's WebSocket URL (None: it can)."""
+    """Why `url` (one, or several comma-separated) cannot be a gateway's WebSocket URL
+    (None: it can)."""
+    urls = split_urls(url)
+    if len(urls) > 1:
+        return next((problem for u in urls if (problem := url_problem(u))), None)
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.netloc:
         return f"--url must be a ws:// or wss:// URL with a host, not {url!r}"
@@ -78,7 +90,10 @@ def url_problem(url: str) -> str | None:
 
 
 def public_url(url: str) -> str:
-    """The URL without its query (where a token could be)."""
+    """The URL without its query (where a token could be); each of several."""
+    urls = split_urls(url)
+    if len(urls) > 1:
+        return ",".join(public_url(u) for u in urls)
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
@@ -122,7 +137,8 @@ def run_plans(
     err: TextIO = sys.stderr,
 ) -> Measurements:
     raise_open_files_limit(len(plans) + 256)
-    return asyncio.run(_run(Engine(url, tokens, options), plans, progress, err))
+    urls = split_urls(url)
+    return asyncio.run(_run(Engine(urls, tokens, options), plans, progress, err))
 
 
 def plan_tokens(
