@@ -48,8 +48,10 @@ from bench.common import (
     ROOT,
     BenchEnv,
     ProcessSampler,
+    Profiler,
     command_line,
     describe_processes,
+    describe_profile,
     fmt_ms,
     gateway_base,
     print_header,
@@ -65,7 +67,8 @@ from bench.common import (
 TARGET_P99_MS = 250.0
 TARGET_P999_MS = 1000.0
 STORM_WINDOW_S = 30.0  # the storm's figures: from the drops on, this long
-LATENCIES = ("event_lag", "reply", "ack", "caught_up", "connect")
+PROFILE_S = 15.0  # --profile: the storm's first seconds
+LATENCIES = ("event_lag", "reply", "ack", "caught_up", "connect", "loop_lag")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,9 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="load-generator processes, a multiple of --tenants (0: one per 12,500 clients)",
     )
     parser.add_argument(
-        "--ramp", type=float, default=None, help="seconds to connect everyone (0: clients/400)"
+        "--ramp", type=float, default=None, help="seconds to connect everyone (default clients/200)"
     )
-    parser.add_argument("--settle", type=float, default=20.0, help="quiet after ramp and sends")
+    parser.add_argument("--settle", type=float, default=30.0, help="quiet after ramp and sends")
     parser.add_argument(
         "--duration", type=float, default=240.0, help="seconds of sends; the storm is midway"
     )
@@ -109,6 +112,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Redis database of the run (FLUSHED; only the broker with REDIS_CLUSTER_URL)",
     )
     parser.add_argument("--log-level", default="WARNING", help="LOG_LEVEL of the servers")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the gateways, the worker and the load generators over the storm's"
+        f" first {PROFILE_S:g} s (where the time goes)",
+    )
     args = parser.parse_args(argv)
     if args.client_procs <= 0:
         per_tenant = max(1, round(args.clients / 12_500 / args.tenants))
@@ -118,7 +127,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.streams % args.tenants or args.clients % args.tenants:
         parser.error("--streams and --clients must divide by --tenants")
     if args.ramp is None:
-        args.ramp = max(5.0, args.clients / 400)
+        # Every join is announced to the stream's others (100 a stream: the crowd limit),
+        # so the ramp delivers ~clients x 50 join frames: on 2 cores it is not quick.
+        args.ramp = max(5.0, args.clients / 200)
     return args
 
 
@@ -244,19 +255,33 @@ def run(env: BenchEnv, args: argparse.Namespace) -> dict[str, Any]:
         psutil.cpu_percent()  # the machine's busy share from here
         _sleep_until(storm_at - 1)
         storm = ProcessSampler(procs, interval_s=0.5).start()
+        profile = None
+        if args.profile:
+            spied = {name: pid for name, pid in procs.items() if not name.startswith("redis")}
+            profiler = Profiler(spied, env.log_root / "night").start()
+            _sleep_until(storm_at + PROFILE_S)
+            profile = profiler.stop()
         _sleep_until(storm_at + STORM_WINDOW_S)
         storm_report = storm.stop()
         _sleep_until(night_end)
         machine_busy = psutil.cpu_percent()
         load_in_window = os.getloadavg()
         window_report = window.stop()
-        deadline = night_end + args.settle + args.model_seconds + 120
+        # Past the deadline a generator is told to stop (SIGTERM: it reports what it
+        # measured until then), and killed only if it cannot.
+        deadline = night_end + args.settle + args.model_seconds + 300
         for name, child in children.items():
             try:
                 child.wait(max(1.0, deadline - time.time()))
             except subprocess.TimeoutExpired:
+                child.terminate()
+                print(f"  {name} had not finished by the deadline; stopped", flush=True)
+        for name, child in children.items():
+            try:
+                child.wait(120)
+            except subprocess.TimeoutExpired:
                 child.kill()
-                print(f"  {name} did not finish; killed", flush=True)
+                print(f"  {name} did not stop; killed (its figures are missing)", flush=True)
         whole_report = whole.stop()
     merged = merge_raw([path for path in outputs if path.exists()])
     storm_from = storm_at - start_at
@@ -273,6 +298,7 @@ def run(env: BenchEnv, args: argparse.Namespace) -> dict[str, Any]:
         "processes_whole_run": whole_report,
         "processes_during_sends": window_report,
         "processes_storm": storm_report,
+        "profile": profile,
         "generators_finished": len(outputs) == len(children)
         and all(child.returncode == 0 for child in children.values()),
     }
@@ -315,6 +341,7 @@ def summarise(m: dict[str, Any], storm_from: float, args: argparse.Namespace) ->
     latency["event_lag_before_storm"] = _latency(lag, 0, storm_from)
     latency["event_lag_storm"] = _latency(lag, storm_from, storm_to)
     latency["reply_storm"] = _latency(m.get("reply", []), storm_from, storm_to)
+    latency["loop_lag_storm"] = _latency(m.get("loop_lag", []), storm_from, storm_to)
     # Per 10 s: how the lag moved through the night.
     timeline = []
     if lag:
@@ -324,9 +351,16 @@ def summarise(m: dict[str, Any], storm_from: float, args: argparse.Namespace) ->
             stats = _latency(lag, at, at + 10)
             timeline.append([at, stats["count"], stats["p99"], stats["p99.9"]])
             at += 10
+    # When the last first connection was made: whether everyone was in before the sends.
+    connects = sorted(t for t, _ in m.get("connect", []) if t < storm_from)
+    opened = m.get("connections_opened", 0)
+    all_in_at = connects[opened - 1] if 0 < opened <= len(connects) else None
     return {
         "clients": args.clients,
-        "connections_opened": m.get("connections_opened", 0),
+        "connections_opened": opened,
+        "all_connected_at_s": all_in_at,
+        "sends_from_s": args.ramp + args.settle,
+        "generators_interrupted": m.get("interrupted", 0),
         "sends": m.get("frames_by_type", {}).get("send", 0),
         "replies": len(m.get("reply", [])),
         "reply_status": m.get("reply_status", {}),
@@ -379,6 +413,11 @@ def print_result(result: dict[str, Any]) -> None:
         f"  clients: {result['connections_opened']} of {result['clients']} connected;"
         f" {result['sends']} sends, {result['replies']} replies {result['reply_status']}"
     )
+    print(
+        f"  the last client connected at +{fmt_ms(result['all_connected_at_s'])} s"
+        f" (sends from +{result['sends_from_s']:g} s); generators stopped before their"
+        f" end: {result['generators_interrupted']}"
+    )
     print(_line("delivery lag (event ts -> reader)", latency["event_lag"]))
     print(_line("  before the storm", latency["event_lag_before_storm"]))
     print(_line(f"  storm ({STORM_WINDOW_S:g} s from the drops)", latency["event_lag_storm"]))
@@ -387,6 +426,8 @@ def print_result(result: dict[str, Any]) -> None:
     print(_line("send -> ack", latency["ack"]))
     print(_line("reconnect -> caught up", latency["caught_up"]))
     print(_line("connect (handshake -> welcome)", latency["connect"]))
+    print(_line("load generators' own loop lateness", latency["loop_lag"]))
+    print(_line("  in the storm", latency["loop_lag_storm"]))
     print(
         f"  seqs: {result['events_checked']} events checked, {result['lost']} lost"
         f" ({result['lost_between']} between, {result['lost_at_end']} at the end),"
@@ -414,6 +455,10 @@ def print_result(result: dict[str, Any]) -> None:
     print("  processes over the whole run:")
     for line in describe_processes(result["processes_whole_run"]):
         print("  " + line)
+    if result.get("profile"):
+        print(f"  where the time goes in the storm's first {PROFILE_S:g} s (py-spy):")
+        for line in describe_profile(result["profile"], top=10):
+            print("  " + line)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """The load engine: plays `ConnectionPlan`s against a gateway and measures what happens.
 
-One task per planned connection (asyncio, the `websockets` library) connects at its
-offset, sends each planned frame at its offset and reads everything the server says:
+One task per planned connection (asyncio, with the minimal client of loadtest/wire.py,
+which hands each message over as it is parsed) connects at its offset, sends each planned
+frame at its offset and reads everything the server says:
 
 - ack latency: a `send` or `publish` leaving -> its `ack` (or `error`, counted by code);
 - reply latency: a `send` leaving -> the `reply.done` of its run, matched by the event's
@@ -42,13 +43,12 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from client.connection import encode_positions, with_query
 from loadtest.report import Measurements
 from loadtest.schedule import ConnectionPlan, prepare_frame, total_frames
+from loadtest.wire import HandshakeRefused, WireConnection
+from loadtest.wire import connect as wire_connect
 
 logger = logging.getLogger(__name__)
 
@@ -132,10 +132,23 @@ class Engine:
             _Connection(self, plan, self.urls[index % len(self.urls)])
             for index, plan in enumerate(plans)
         ]
+        monitor = loop.create_task(self._watch_loop()) if self.options.check_seqs else None
         await asyncio.gather(*(connection.run() for connection in connections))
+        if monitor is not None:
+            monitor.cancel()
         planned_end = max((plan.end() for plan in plans), default=0.0)
         self.m.duration_s = max(self._last_activity, planned_end)
         return self.m
+
+    async def _watch_loop(self, interval_s: float = 0.05) -> None:
+        """How late this process's own event loop wakes up: every latency taken here
+        includes it, so a starved load generator shows apart from a slow server."""
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(interval_s)
+            late = loop.time() - before - interval_s
+            self.m.loop_lag.append((self.now(), max(0.0, late) * 1000))
 
 
 class _Connection:
@@ -150,7 +163,7 @@ class _Connection:
         self.catch_up: dict[str, int] | None = None
         self.pong_seen = False
         self.client = plan.client
-        self.ws: ClientConnection | None = None
+        self.ws: WireConnection | None = None
         self.session: str | None = None
         self.max_in_flight = engine.options.max_in_flight
         self.last_seqs: dict[str, int] = {}
@@ -161,7 +174,6 @@ class _Connection:
         self.failures = 0
         self.opened_once = False
         self._welcome: asyncio.Future[dict[str, Any]] | None = None
-        self._reader: asyncio.Task[None] | None = None
         self._leaving = False  # we are closing or dropping the socket ourselves
 
     # --- the plan --------------------------------------------------------------------
@@ -249,24 +261,16 @@ class _Connection:
         timeout = engine.options.connect_timeout_s
         async with engine._connect_slots:
             started = engine.now()
-            try:
-                ws = await ws_connect(
-                    url,
-                    compression=None,
-                    open_timeout=timeout,
-                    ping_interval=None,
-                    close_timeout=2,
-                    max_size=None,
-                    proxy=None,
-                )
-            except InvalidStatus as error:
-                raise _Refused(f"http {error.response.status_code}") from None
-            except (OSError, TimeoutError, WebSocketException) as error:
-                raise _Refused(type(error).__name__) from None
             self._welcome = asyncio.get_running_loop().create_future()
-            self.ws = ws
             self._leaving = False
-            self._reader = asyncio.get_running_loop().create_task(self._read(ws))
+            try:
+                ws = await wire_connect(url, self._on_message, self._on_close, timeout)
+            except HandshakeRefused as error:
+                raise _Refused(f"http {error.status}") from None
+            except (OSError, TimeoutError) as error:
+                raise _Refused(type(error).__name__) from None
+            if not ws.closed.done():
+                self.ws = ws
             try:
                 async with asyncio.timeout(timeout):
                     welcome = await asyncio.shield(self._welcome)
@@ -279,12 +283,10 @@ class _Connection:
         engine.m.connect.append((engine.touch(), (engine.now() - started) * 1000))
         return welcome
 
-    async def _abandon(self, ws: ClientConnection) -> None:
+    async def _abandon(self, ws: WireConnection) -> None:
         self._leaving = True
-        if ws.transport is not None:
-            ws.transport.abort()
-        if self._reader is not None:
-            await asyncio.gather(self._reader, return_exceptions=True)
+        ws.abort()
+        await ws.closed
         self.ws = None
 
     async def drop_and_resume(self) -> None:
@@ -305,10 +307,9 @@ class _Connection:
         self._leaving = True
         try:
             await ws.close()
-        except Exception:  # noqa: BLE001 - a socket that will not close is left to the GC
+        except Exception:  # noqa: BLE001 - a socket that will not close is cut
             logger.debug("close failed client=%s", self.client, exc_info=True)
-        if self._reader is not None:
-            await asyncio.gather(self._reader, return_exceptions=True)
+            ws.abort()
         self.ws = None
 
     # --- sending ---------------------------------------------------------------------
@@ -338,8 +339,8 @@ class _Connection:
             else:
                 engine.published[(self.client, message_id)] = now
         try:
-            await ws.send(orjson.dumps(frame).decode())
-        except ConnectionClosed:
+            ws.send(orjson.dumps(frame).decode())
+        except ConnectionError:
             if tracked:
                 self.acks.pop(message_id, None)
                 self.replies.pop(message_id, None)
@@ -362,29 +363,28 @@ class _Connection:
 
     # --- receiving -------------------------------------------------------------------
 
-    async def _read(self, ws: ClientConnection) -> None:
+    def _on_message(self, payload: bytes) -> None:
+        """Each message, as the connection parses it (loadtest/wire.py)."""
         try:
-            while True:
-                self._on_frame(orjson.loads(await ws.recv(decode=False)))
-        except ConnectionClosed:
-            pass
+            self._on_frame(orjson.loads(payload))
         except Exception:
             logger.exception("load connection failed to read client=%s", self.client)
-            if ws.transport is not None:
-                ws.transport.abort()
-        finally:
-            code = ws.close_code
-            if self._welcome is not None and not self._welcome.done():
-                self._welcome.set_exception(_Refused(f"close {code}", code))
-                self._welcome.exception()  # retrieved: the connect may have timed out first
-            elif not self._leaving:
-                self.engine.m.server_closes[str(code)] += 1
-            if self.ws is ws:
-                self.ws = None
-                # Lost with the socket; replies may still come after a resume.
-                self.engine.m.unanswered_acks += len(self.acks)
-                self.acks.clear()
-            self.answered.set()
+            if self.ws is not None:
+                self.ws.abort()
+
+    def _on_close(self, ws: WireConnection) -> None:
+        code = ws.close_code
+        if self._welcome is not None and not self._welcome.done():
+            self._welcome.set_exception(_Refused(f"close {code}", code))
+            self._welcome.exception()  # retrieved: the connect may have timed out first
+        elif not self._leaving:
+            self.engine.m.server_closes[str(code)] += 1
+        if self.ws is ws:
+            self.ws = None
+            # Lost with the socket; replies may still come after a resume.
+            self.engine.m.unanswered_acks += len(self.acks)
+            self.acks.clear()
+        self.answered.set()
 
     def _on_frame(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")

@@ -58,6 +58,9 @@ class Measurements:
     seq_lost: int = 0  # seqs skipped between two received events
     seq_lost_at_end: int = 0  # seqs after a connection's last one, up to the head seen
     seq_duplicates: int = 0
+    interrupted: bool = False  # ended early (SIGTERM): what was measured until then
+    # How late the load generator's own event loop woke (check_seqs): its share of lags.
+    loop_lag: list[Sample] = field(default_factory=list)
 
 
 def percentile(sorted_values: Sequence[float], p: float) -> float | None:
@@ -135,6 +138,8 @@ def build_report(m: Measurements, meta: dict[str, Any]) -> dict[str, Any]:
     frames_sent = sum(m.frames_by_type.values())
     report: dict[str, Any] = dict(meta)
     report["duration_s"] = round(m.duration_s, 3)
+    if m.interrupted:
+        report["interrupted"] = True
     report["latency_ms"] = {
         "ack": summarize([v for _, v in m.ack]),
         "reply": summarize([v for _, v in m.reply]),
@@ -147,6 +152,8 @@ def build_report(m: Measurements, meta: dict[str, Any]) -> dict[str, Any]:
         report["latency_ms"]["event_lag"] = summarize([v for _, v in m.event_lag])
     if m.caught_up:
         report["latency_ms"]["caught_up"] = summarize([v for _, v in m.caught_up])
+    if m.loop_lag:
+        report["latency_ms"]["generator_loop_lag"] = summarize([v for _, v in m.loop_lag])
     report["schedule_lag_ms"] = summarize([v for _, v in m.lag])
     per_interval = rates([t for t, _ in m.lag], m.duration_s, width)
     report["throughput"] = {
@@ -215,7 +222,16 @@ def raw_samples(m: Measurements) -> dict[str, Any]:
     """The samples and counters of a run, for merging the shards of one run played by
     several processes (`loadgen --raw`): each latency as [t, ms] pairs, rounded."""
     out: dict[str, Any] = {}
-    for name in ("ack", "reply", "connect", "lag", "event_lag", "caught_up", "delivery"):
+    for name in (
+        "ack",
+        "reply",
+        "connect",
+        "lag",
+        "event_lag",
+        "caught_up",
+        "delivery",
+        "loop_lag",
+    ):
         out[name] = [[round(t, 3), round(v, 2)] for t, v in getattr(m, name)]
     for name in (
         "frames_planned",
@@ -233,6 +249,7 @@ def raw_samples(m: Measurements) -> dict[str, Any]:
         "seq_lost",
         "seq_lost_at_end",
         "seq_duplicates",
+        "interrupted",
     ):
         out[name] = getattr(m, name)
     for name in (

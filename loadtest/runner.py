@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import resource
 import secrets
+import signal
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -111,8 +113,13 @@ async def _run(
     engine: Engine, plans: list[ConnectionPlan], progress: bool, err: TextIO
 ) -> Measurements:
     run = asyncio.ensure_future(engine.run(plans))
+    # SIGTERM ends the run early with what it measured so far (a driver's deadline).
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGTERM, run.cancel)
     if not progress:
-        return await run
+        await asyncio.wait([run])
+        return _measured(engine, run)
     bar = tqdm(
         total=total_frames(plans),
         unit="frame",
@@ -125,7 +132,15 @@ async def _run(
             await asyncio.wait([run], timeout=PROGRESS_INTERVAL_S)
             bar.update(engine.frames_sent - bar.n)
         bar.update(engine.frames_sent - bar.n)
-    return run.result()
+    return _measured(engine, run)
+
+
+def _measured(engine: Engine, run: asyncio.Future[Measurements]) -> Measurements:
+    if not run.cancelled():
+        return run.result()
+    engine.m.interrupted = True
+    engine.m.duration_s = engine.now()
+    return engine.m
 
 
 def run_plans(
