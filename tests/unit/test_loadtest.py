@@ -564,3 +564,58 @@ def test_urls_are_checked_and_reported_without_their_query() -> None:
     assert url_problem("ws://h:1/ws/v1/,ws://h:2/ws/v1/") is None
     assert url_problem("ws://h:1/ws/v1/,http://h:2/") is not None
     assert public_url("ws://h:1/a/?token=x,ws://h:2/a/?token=y") == "ws://h:1/a/,ws://h:2/a/"
+
+
+# --- the minimal client ------------------------------------------------------------------
+
+
+def test_wire_client_reads_every_frame_shape_answers_pings_and_keeps_the_close_code() -> None:
+    from loadtest.wire import connect
+
+    got: list[bytes] = []
+    echoed: list[str] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send("small")
+        await ws.send("m" * 300)  # 16-bit length
+        await ws.send("L" * 70_000)  # 64-bit length
+        await ws.send(["frag", "mented"])  # a fragmented message
+        await ws.send(b"\x01\x02")
+        await asyncio.wait_for(await ws.ping(), 5)  # answered by the client's pong
+        echoed.append(str(await ws.recv()))
+        await ws.close(4001, "bad signature")
+
+    async def play() -> int | None:
+        async with serve(handler, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            closed = asyncio.Event()
+            conn = await connect(
+                f"ws://127.0.0.1:{port}/ws/v1/?token=t", got.append, lambda _: closed.set()
+            )
+            while len(got) < 5:
+                await asyncio.sleep(0.01)
+            conn.send("hello")
+            await asyncio.wait_for(closed.wait(), 5)
+            return conn.close_code
+
+    assert asyncio.run(play()) == 4001
+    assert got == [b"small", b"m" * 300, b"L" * 70_000, b"fragmented", b"\x01\x02"]
+    assert echoed == ["hello"]  # a masked client frame the server could read
+
+
+def test_wire_client_reports_a_refused_handshake() -> None:
+    from websockets.http11 import Response
+
+    from loadtest.wire import HandshakeRefused, connect
+
+    def refuse(connection: ServerConnection, request: Any) -> Response:
+        return connection.respond(403, "no\n")
+
+    async def play() -> None:
+        async with serve(lambda ws: ws.close(), "127.0.0.1", 0, process_request=refuse) as server:
+            port = server.sockets[0].getsockname()[1]
+            await connect(f"ws://127.0.0.1:{port}/", lambda _: None)
+
+    with pytest.raises(HandshakeRefused) as refused:
+        asyncio.run(play())
+    assert refused.value.status == 403
