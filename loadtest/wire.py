@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import ssl
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -210,15 +211,16 @@ async def connect(
     on_close: Callable[[WireConnection], None] | None = None,
     timeout: float = 10.0,
 ) -> WireConnection:
-    """Open `url` (ws://HOST:PORT/PATH?QUERY) and finish the upgrade: HandshakeRefused
+    """Open `url` (ws:// or wss://HOST:PORT/PATH?QUERY) and finish the upgrade: HandshakeRefused
     for an HTTP answer, OSError or TimeoutError for a socket that does not get there.
     `on_message(payload)` gets each message, from the first after the upgrade on (the
     same read may carry it); `on_close(connection)` is called once the socket is gone."""
     parts = urlsplit(url)
-    if parts.scheme != "ws":
-        raise ValueError(f"only ws:// URLs, not {url!r}")
+    if parts.scheme not in ("ws", "wss"):
+        raise ValueError(f"a ws:// or wss:// URL, not {url!r}")
+    secure = parts.scheme == "wss"
     host = parts.hostname or "127.0.0.1"
-    port = parts.port or 80
+    port = parts.port or (443 if secure else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     key = base64.b64encode(os.urandom(16)).decode()
     request = (
@@ -228,7 +230,10 @@ async def connect(
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
         transport, protocol = await loop.create_connection(
-            lambda: WireConnection(on_message, on_close), host, port
+            lambda: WireConnection(on_message, on_close),
+            host,
+            port,
+            ssl=ssl.create_default_context() if secure else None,
         )
         try:
             transport.write(request)
