@@ -1,7 +1,8 @@
 """The load engine: plays `ConnectionPlan`s against a gateway and measures what happens.
 
-One task per planned connection (asyncio, the `websockets` library) connects at its
-offset, sends each planned frame at its offset and reads everything the server says:
+One task per planned connection (asyncio, with the minimal client of loadtest/wire.py,
+which hands each message over as it is parsed) connects at its offset, sends each planned
+frame at its offset and reads everything the server says:
 
 - ack latency: a `send` or `publish` leaving -> its `ack` (or `error`, counted by code);
 - reply latency: a `send` leaving -> the `reply.done` of its run, matched by the event's
@@ -10,6 +11,15 @@ offset, sends each planned frame at its offset and reads everything the server s
 - delivery latency: a `publish` leaving -> each copy of its `published` event any
   connection of the run receives (fan-out);
 - connect latency: the handshake starting -> `welcome`.
+
+With `check_seqs` (the seed-night scenario) it also checks and times what every reader
+gets: each stream event's `seq` must follow the last one this connection processed on
+that stream (a gap counts as lost events, a repeat as a duplicate; a resume sends the
+last seqs as its `positions`); its delivery lag is its receipt minus its `ts` (the
+server's clock, the same machine's); and a connection dropped and resumed is caught up
+once its `pong` is in and it holds every stream's head as its process had seen it at the
+drop (reconnect-to-caught-up time). At its close, events of its streams it never got
+up to the head its process saw are counted as lost too.
 
 A connection holds a `send` back while it has as many runs without their `reply.done` as
 the server allows per connection (the welcome's `max_runs_in_flight_per_connection`, or
@@ -26,18 +36,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import orjson
-from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
-from client.connection import with_query
+from client.connection import encode_positions, with_query
 from loadtest.report import Measurements
 from loadtest.schedule import ConnectionPlan, prepare_frame, total_frames
+from loadtest.wire import HandshakeRefused, WireConnection
+from loadtest.wire import connect as wire_connect
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +68,11 @@ class EngineOptions:
     connect_concurrency: int = 500
     # Tasks are created before the clock starts, so the first offsets are kept.
     start_delay_s: float = 0.2
+    # Wall-clock time (epoch seconds) of offset 0, instead of start_delay_s: several
+    # processes playing shards of one run keep one schedule (a storm hits them together).
+    start_at: float | None = None
+    # Check seqs per stream per connection, time delivery lag and catch-up (module doc).
+    check_seqs: bool = False
 
 
 class _Refused(Exception):
@@ -68,9 +84,14 @@ class _Refused(Exception):
 
 class Engine:
     def __init__(
-        self, url: str, tokens: Mapping[str, str], options: EngineOptions | None = None
+        self,
+        url: str | Sequence[str],
+        tokens: Mapping[str, str],
+        options: EngineOptions | None = None,
     ) -> None:
-        self.url = url
+        # Several gateways: connection i goes to urls[i % len(urls)].
+        self.urls = [url] if isinstance(url, str) else list(url)
+        self.url = self.urls[0]
         self.tokens = tokens
         self.options = options or EngineOptions()
         self.m = Measurements()
@@ -81,6 +102,8 @@ class Engine:
         self._start = 0.0
         self._last_activity = 0.0
         self._connect_slots: asyncio.Semaphore | None = None
+        # stream -> the highest seq any connection of this engine has seen on it.
+        self.heads: dict[str, int] = {}
 
     def now(self) -> float:
         """Seconds since the run started."""
@@ -98,23 +121,49 @@ class Engine:
 
     async def run(self, plans: list[ConnectionPlan]) -> Measurements:
         loop = asyncio.get_running_loop()
-        self._start = loop.time() + self.options.start_delay_s
+        if self.options.start_at is not None:
+            self._start = loop.time() + (self.options.start_at - time.time())
+        else:
+            self._start = loop.time() + self.options.start_delay_s
         self._connect_slots = asyncio.Semaphore(self.options.connect_concurrency)
         self.frames_planned = self.m.frames_planned = total_frames(plans)
         self.m.connections_planned = len(plans)
-        connections = [_Connection(self, plan) for plan in plans]
+        connections = [
+            _Connection(self, plan, self.urls[index % len(self.urls)])
+            for index, plan in enumerate(plans)
+        ]
+        monitor = loop.create_task(self._watch_loop()) if self.options.check_seqs else None
         await asyncio.gather(*(connection.run() for connection in connections))
+        if monitor is not None:
+            monitor.cancel()
         planned_end = max((plan.end() for plan in plans), default=0.0)
         self.m.duration_s = max(self._last_activity, planned_end)
         return self.m
 
+    async def _watch_loop(self, interval_s: float = 0.05) -> None:
+        """How late this process's own event loop wakes up: every latency taken here
+        includes it, so a starved load generator shows apart from a slow server."""
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(interval_s)
+            late = loop.time() - before - interval_s
+            self.m.loop_lag.append((self.now(), max(0.0, late) * 1000))
+
 
 class _Connection:
-    def __init__(self, engine: Engine, plan: ConnectionPlan) -> None:
+    def __init__(self, engine: Engine, plan: ConnectionPlan, url: str) -> None:
         self.engine = engine
         self.plan = plan
+        self.url = url
+        self.check_seqs = engine.options.check_seqs
+        # While resuming: when the socket was dropped, the heads to reach, whether the
+        # pong after the resume is in (None: not catching up).
+        self.dropped_at = 0.0
+        self.catch_up: dict[str, int] | None = None
+        self.pong_seen = False
         self.client = plan.client
-        self.ws: ClientConnection | None = None
+        self.ws: WireConnection | None = None
         self.session: str | None = None
         self.max_in_flight = engine.options.max_in_flight
         self.last_seqs: dict[str, int] = {}
@@ -125,7 +174,6 @@ class _Connection:
         self.failures = 0
         self.opened_once = False
         self._welcome: asyncio.Future[dict[str, Any]] | None = None
-        self._reader: asyncio.Task[None] | None = None
         self._leaving = False  # we are closing or dropping the socket ourselves
 
     # --- the plan --------------------------------------------------------------------
@@ -148,6 +196,10 @@ class _Connection:
         if self.plan.close_at is not None:
             await engine.sleep_until(self.plan.close_at)
         await self.wait_answered(self.engine.options.drain_timeout_s)
+        if self.check_seqs and self.ws is not None:
+            # What this connection never got of its streams, up to what its process saw.
+            for stream, last in self.last_seqs.items():
+                engine.m.seq_lost_at_end += max(0, engine.heads.get(stream, 0) - last)
         engine.m.unanswered_acks += len(self.acks)
         engine.m.unanswered_replies += len(self.replies)
         self.acks.clear()  # counted: the close must not count them again
@@ -199,28 +251,26 @@ class _Connection:
     async def _connect(self, session: str | None) -> dict[str, Any]:
         engine = self.engine
         assert engine._connect_slots is not None
-        url = with_query(engine.url, token=engine.tokens[self.client], session=session)
+        positions = None
+        if session is not None and self.last_seqs:
+            # What this connection processed: nothing skipped, nothing repeated.
+            positions = encode_positions(self.last_seqs)
+        url = with_query(
+            self.url, token=engine.tokens[self.client], session=session, positions=positions
+        )
         timeout = engine.options.connect_timeout_s
         async with engine._connect_slots:
             started = engine.now()
-            try:
-                ws = await ws_connect(
-                    url,
-                    compression=None,
-                    open_timeout=timeout,
-                    ping_interval=None,
-                    close_timeout=2,
-                    max_size=None,
-                    proxy=None,
-                )
-            except InvalidStatus as error:
-                raise _Refused(f"http {error.response.status_code}") from None
-            except (OSError, TimeoutError, WebSocketException) as error:
-                raise _Refused(type(error).__name__) from None
             self._welcome = asyncio.get_running_loop().create_future()
-            self.ws = ws
             self._leaving = False
-            self._reader = asyncio.get_running_loop().create_task(self._read(ws))
+            try:
+                ws = await wire_connect(url, self._on_message, self._on_close, timeout)
+            except HandshakeRefused as error:
+                raise _Refused(f"http {error.status}") from None
+            except (OSError, TimeoutError) as error:
+                raise _Refused(type(error).__name__) from None
+            if not ws.closed.done():
+                self.ws = ws
             try:
                 async with asyncio.timeout(timeout):
                     welcome = await asyncio.shield(self._welcome)
@@ -233,12 +283,10 @@ class _Connection:
         engine.m.connect.append((engine.touch(), (engine.now() - started) * 1000))
         return welcome
 
-    async def _abandon(self, ws: ClientConnection) -> None:
+    async def _abandon(self, ws: WireConnection) -> None:
         self._leaving = True
-        if ws.transport is not None:
-            ws.transport.abort()
-        if self._reader is not None:
-            await asyncio.gather(self._reader, return_exceptions=True)
+        ws.abort()
+        await ws.closed
         self.ws = None
 
     async def drop_and_resume(self) -> None:
@@ -246,6 +294,10 @@ class _Connection:
         back at once with the session."""
         if self.ws is not None:
             await self._abandon(self.ws)
+        if self.check_seqs:
+            self.dropped_at = self.engine.now()
+            self.catch_up = {stream: self.engine.heads.get(stream, 0) for stream in self.last_seqs}
+            self.pong_seen = False
         await self.open(resume=self.session is not None)
 
     async def close(self) -> None:
@@ -255,10 +307,9 @@ class _Connection:
         self._leaving = True
         try:
             await ws.close()
-        except Exception:  # noqa: BLE001 - a socket that will not close is left to the GC
+        except Exception:  # noqa: BLE001 - a socket that will not close is cut
             logger.debug("close failed client=%s", self.client, exc_info=True)
-        if self._reader is not None:
-            await asyncio.gather(self._reader, return_exceptions=True)
+            ws.abort()
         self.ws = None
 
     # --- sending ---------------------------------------------------------------------
@@ -288,8 +339,8 @@ class _Connection:
             else:
                 engine.published[(self.client, message_id)] = now
         try:
-            await ws.send(orjson.dumps(frame).decode())
-        except ConnectionClosed:
+            ws.send(orjson.dumps(frame).decode())
+        except ConnectionError:
             if tracked:
                 self.acks.pop(message_id, None)
                 self.replies.pop(message_id, None)
@@ -312,29 +363,28 @@ class _Connection:
 
     # --- receiving -------------------------------------------------------------------
 
-    async def _read(self, ws: ClientConnection) -> None:
+    def _on_message(self, payload: bytes) -> None:
+        """Each message, as the connection parses it (loadtest/wire.py)."""
         try:
-            while True:
-                self._on_frame(orjson.loads(await ws.recv(decode=False)))
-        except ConnectionClosed:
-            pass
+            self._on_frame(orjson.loads(payload))
         except Exception:
             logger.exception("load connection failed to read client=%s", self.client)
-            if ws.transport is not None:
-                ws.transport.abort()
-        finally:
-            code = ws.close_code
-            if self._welcome is not None and not self._welcome.done():
-                self._welcome.set_exception(_Refused(f"close {code}", code))
-                self._welcome.exception()  # retrieved: the connect may have timed out first
-            elif not self._leaving:
-                self.engine.m.server_closes[str(code)] += 1
-            if self.ws is ws:
-                self.ws = None
-                # Lost with the socket; replies may still come after a resume.
-                self.engine.m.unanswered_acks += len(self.acks)
-                self.acks.clear()
-            self.answered.set()
+            if self.ws is not None:
+                self.ws.abort()
+
+    def _on_close(self, ws: WireConnection) -> None:
+        code = ws.close_code
+        if self._welcome is not None and not self._welcome.done():
+            self._welcome.set_exception(_Refused(f"close {code}", code))
+            self._welcome.exception()  # retrieved: the connect may have timed out first
+        elif not self._leaving:
+            self.engine.m.server_closes[str(code)] += 1
+        if self.ws is ws:
+            self.ws = None
+            # Lost with the socket; replies may still come after a resume.
+            self.engine.m.unanswered_acks += len(self.acks)
+            self.acks.clear()
+        self.answered.set()
 
     def _on_frame(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
@@ -347,6 +397,22 @@ class _Connection:
         elif kind == "welcome":
             if self._welcome is not None and not self._welcome.done():
                 self._welcome.set_result(frame)
+        elif kind == "pong" and self.catch_up is not None:
+            self.pong_seen = True
+            self._check_caught_up()
+
+    def _check_caught_up(self) -> None:
+        """A resuming connection has its `pong` (the restore is done) and every stream's
+        head as its process saw it at the drop: the catch-up time is taken."""
+        targets = self.catch_up
+        if targets is None or not self.pong_seen:
+            return
+        last = self.last_seqs
+        if all(last.get(stream, 0) >= head for stream, head in targets.items()):
+            engine = self.engine
+            now = engine.touch()
+            engine.m.caught_up.append((now, (now - self.dropped_at) * 1000))
+            self.catch_up = None
 
     def _on_answer(self, frame: dict[str, Any], error: bool) -> None:
         engine = self.engine
@@ -371,7 +437,10 @@ class _Connection:
     def _on_event(self, event: dict[str, Any]) -> None:
         stream = event.get("stream")
         seq = event.get("seq")
-        if isinstance(seq, int) and isinstance(stream, str):
+        if self.check_seqs:
+            if not self._check_event(event, stream, seq):
+                return
+        elif isinstance(seq, int) and isinstance(stream, str):
             if seq > self.last_seqs.get(stream, 0):
                 self.last_seqs[stream] = seq
         kind = event.get("kind")
@@ -401,6 +470,43 @@ class _Connection:
                 if sent is not None:
                     now = engine.touch()
                     engine.m.delivery.append((now, (now - sent) * 1000))
+
+    def _check_event(self, event: dict[str, Any], stream: Any, seq: Any) -> bool:
+        """Seq order, delivery lag and catch-up of one event (check_seqs); False: a
+        duplicate, not to be processed again."""
+        m = self.engine.m
+        if not isinstance(stream, str):
+            return True
+        if not isinstance(seq, int):
+            m.presence_events += 1  # join/leave: no seq, not in the log
+            return True
+        last = self.last_seqs.get(stream)
+        if last is not None:
+            if seq <= last:
+                m.seq_duplicates += 1
+                return False
+            if seq > last + 1:
+                m.seq_lost += seq - last - 1
+        self.last_seqs[stream] = seq
+        heads = self.engine.heads
+        if seq > heads.get(stream, 0):
+            heads[stream] = seq
+        m.events += 1
+        targets = self.catch_up
+        if targets is not None and seq <= targets.get(stream, 0):
+            # Replayed by the resume: timed by the catch-up, not as a live delivery.
+            self._check_caught_up()
+            return True
+        ts = event.get("ts")
+        if isinstance(ts, str):
+            try:
+                sent = datetime.fromisoformat(ts).timestamp()
+            except ValueError:
+                return True
+            m.event_lag.append((self.engine.now(), (time.time() - sent) * 1000))
+        if targets is not None:
+            self._check_caught_up()
+        return True
 
 
 async def run_plans(

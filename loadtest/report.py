@@ -49,6 +49,18 @@ class Measurements:
     resumed: int = 0
     unanswered_acks: int = 0
     unanswered_replies: int = 0
+    # With the engine's check_seqs: each stream event's receipt minus its ts, resumed
+    # connections' drop -> caught up, seq gaps and repeats per stream per connection.
+    event_lag: list[Sample] = field(default_factory=list)
+    caught_up: list[Sample] = field(default_factory=list)
+    events: int = 0  # stream events received (with a seq), duplicates left out
+    presence_events: int = 0  # join/leave received
+    seq_lost: int = 0  # seqs skipped between two received events
+    seq_lost_at_end: int = 0  # seqs after a connection's last one, up to the head seen
+    seq_duplicates: int = 0
+    interrupted: bool = False  # ended early (SIGTERM): what was measured until then
+    # How late the load generator's own event loop woke (check_seqs): its share of lags.
+    loop_lag: list[Sample] = field(default_factory=list)
 
 
 def percentile(sorted_values: Sequence[float], p: float) -> float | None:
@@ -126,6 +138,8 @@ def build_report(m: Measurements, meta: dict[str, Any]) -> dict[str, Any]:
     frames_sent = sum(m.frames_by_type.values())
     report: dict[str, Any] = dict(meta)
     report["duration_s"] = round(m.duration_s, 3)
+    if m.interrupted:
+        report["interrupted"] = True
     report["latency_ms"] = {
         "ack": summarize([v for _, v in m.ack]),
         "reply": summarize([v for _, v in m.reply]),
@@ -134,6 +148,12 @@ def build_report(m: Measurements, meta: dict[str, Any]) -> dict[str, Any]:
         report["latency_ms"]["delivery"] = summarize([v for _, v in m.delivery])
     if m.connect:
         report["latency_ms"]["connect"] = summarize([v for _, v in m.connect])
+    if m.event_lag:
+        report["latency_ms"]["event_lag"] = summarize([v for _, v in m.event_lag])
+    if m.caught_up:
+        report["latency_ms"]["caught_up"] = summarize([v for _, v in m.caught_up])
+    if m.loop_lag:
+        report["latency_ms"]["generator_loop_lag"] = summarize([v for _, v in m.loop_lag])
     report["schedule_lag_ms"] = summarize([v for _, v in m.lag])
     per_interval = rates([t for t, _ in m.lag], m.duration_s, width)
     report["throughput"] = {
@@ -172,6 +192,16 @@ def build_report(m: Measurements, meta: dict[str, Any]) -> dict[str, Any]:
         "unanswered_acks": m.unanswered_acks,
         "unanswered_replies": m.unanswered_replies,
     }
+    if m.events or m.presence_events:
+        report["seqs"] = {
+            "events": m.events,
+            "presence_events": m.presence_events,
+            "lost": m.seq_lost + m.seq_lost_at_end,
+            "lost_between": m.seq_lost,
+            "lost_at_end": m.seq_lost_at_end,
+            "duplicates": m.seq_duplicates,
+            "caught_up": len(m.caught_up),
+        }
     report["timeline"] = {
         "bucket_s": width,
         "frames_per_s": per_interval,
@@ -183,7 +213,57 @@ def build_report(m: Measurements, meta: dict[str, Any]) -> dict[str, Any]:
         report["timeline"]["delivery"] = timeline(m.delivery, m.duration_s, width)
     if m.connect:
         report["timeline"]["connect"] = timeline(m.connect, m.duration_s, width)
+    if m.event_lag:
+        report["timeline"]["event_lag"] = timeline(m.event_lag, m.duration_s, width)
     return report
+
+
+def raw_samples(m: Measurements) -> dict[str, Any]:
+    """The samples and counters of a run, for merging the shards of one run played by
+    several processes (`loadgen --raw`): each latency as [t, ms] pairs, rounded."""
+    out: dict[str, Any] = {}
+    for name in (
+        "ack",
+        "reply",
+        "connect",
+        "lag",
+        "event_lag",
+        "caught_up",
+        "delivery",
+        "loop_lag",
+    ):
+        out[name] = [[round(t, 3), round(v, 2)] for t, v in getattr(m, name)]
+    for name in (
+        "frames_planned",
+        "frames_skipped",
+        "duplicates",
+        "reply_restarts",
+        "connections_planned",
+        "connections_opened",
+        "reconnects",
+        "resumed",
+        "unanswered_acks",
+        "unanswered_replies",
+        "events",
+        "presence_events",
+        "seq_lost",
+        "seq_lost_at_end",
+        "seq_duplicates",
+        "interrupted",
+    ):
+        out[name] = getattr(m, name)
+    for name in (
+        "frames_by_type",
+        "acks_by_type",
+        "errors",
+        "rate_limited",
+        "reply_status",
+        "connect_failures",
+        "server_closes",
+    ):
+        out[name] = dict(getattr(m, name))
+    out["duration_s"] = m.duration_s
+    return out
 
 
 def _fmt(value: float | None) -> str:
@@ -224,4 +304,11 @@ def describe(report: dict[str, Any]) -> str:
         f"errors: {report['errors']['by_code'] or 'none'};"
         f" 429s: {report['rate_limited']['by_code'] or 'none'}"
     )
+    seqs = report.get("seqs")
+    if seqs:
+        lines.append(
+            f"seqs: {seqs['events']} events checked, {seqs['lost']} lost,"
+            f" {seqs['duplicates']} duplicates; {seqs['presence_events']} join/leave;"
+            f" {seqs['caught_up']} resumed connections caught up"
+        )
     return "\n".join(lines)

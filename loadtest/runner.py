@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import resource
 import secrets
+import signal
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +27,10 @@ PROGRESS_INTERVAL_S = 0.25
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--url", required=True, help="the gateway's WebSocket URL, e.g. ws://127.0.0.1:8000/ws/v1/"
+        "--url",
+        required=True,
+        help="the gateway's WebSocket URL, e.g. ws://127.0.0.1:8000/ws/v1/; several,"
+        " comma-separated: connections are spread over them in turn",
     )
     parser.add_argument("--tenant", required=True, help="tenant whose secret signs the tokens")
     parser.add_argument("--out", type=Path, default=None, help="write the report JSON here")
@@ -69,8 +74,17 @@ def mint_tokens(secret: str, tenant: str, clients: list[str], ttl_s: int) -> dic
     return {client: issue_token(secret, tenant, client, ttl_s) for client in clients}
 
 
+def split_urls(url: str) -> list[str]:
+    """`--url` as a list: one URL, or several comma-separated."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
 def url_problem(url: str) -> str | None:
-    """Why `url` cannot be a gateway's WebSocket URL (None: it can)."""
+    """Why `url` (one, or several comma-separated) cannot be a gateway's WebSocket URL
+    (None: it can)."""
+    urls = split_urls(url)
+    if len(urls) > 1:
+        return next((problem for u in urls if (problem := url_problem(u))), None)
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.netloc:
         return f"--url must be a ws:// or wss:// URL with a host, not {url!r}"
@@ -78,7 +92,10 @@ def url_problem(url: str) -> str | None:
 
 
 def public_url(url: str) -> str:
-    """The URL without its query (where a token could be)."""
+    """The URL without its query (where a token could be); each of several."""
+    urls = split_urls(url)
+    if len(urls) > 1:
+        return ",".join(public_url(u) for u in urls)
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
@@ -96,8 +113,13 @@ async def _run(
     engine: Engine, plans: list[ConnectionPlan], progress: bool, err: TextIO
 ) -> Measurements:
     run = asyncio.ensure_future(engine.run(plans))
+    # SIGTERM ends the run early with what it measured so far (a driver's deadline).
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGTERM, run.cancel)
     if not progress:
-        return await run
+        await asyncio.wait([run])
+        return _measured(engine, run)
     bar = tqdm(
         total=total_frames(plans),
         unit="frame",
@@ -110,7 +132,15 @@ async def _run(
             await asyncio.wait([run], timeout=PROGRESS_INTERVAL_S)
             bar.update(engine.frames_sent - bar.n)
         bar.update(engine.frames_sent - bar.n)
-    return run.result()
+    return _measured(engine, run)
+
+
+def _measured(engine: Engine, run: asyncio.Future[Measurements]) -> Measurements:
+    if not run.cancelled():
+        return run.result()
+    engine.m.interrupted = True
+    engine.m.duration_s = engine.now()
+    return engine.m
 
 
 def run_plans(
@@ -122,7 +152,8 @@ def run_plans(
     err: TextIO = sys.stderr,
 ) -> Measurements:
     raise_open_files_limit(len(plans) + 256)
-    return asyncio.run(_run(Engine(url, tokens, options), plans, progress, err))
+    urls = split_urls(url)
+    return asyncio.run(_run(Engine(urls, tokens, options), plans, progress, err))
 
 
 def plan_tokens(

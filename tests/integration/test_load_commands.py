@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -233,3 +234,34 @@ async def test_record_replay_and_loadgen_reports(
     assert chat["replies"] == chat["acks_by_type"]["send"] == chat["sends"]
     assert chat["unanswered_replies"] == 0
     assert json.loads(chat_path.read_text())["rate_limited"]["total"] == 0
+
+    # The seed's night in small: two shards on one schedule (as bench/seed_night.py runs
+    # them), each over two gateway URLs (the same gateway twice); every reader checks
+    # every seq through a storm of resumes.
+    start_at = time.time() + 5
+    shards = []
+    for shard in ("0/2", "1/2"):
+        out, raw = tmp_path / f"night-{shard[0]}.json", tmp_path / f"night-{shard[0]}-raw.json"
+        command = [
+            *(sys.executable, "manage.py", "loadgen", "--scenario", "night"),
+            *("--url", f"{switchboard.url},{switchboard.url}", "--tenant", TENANT),
+            *("--clients", "12", "--streams", "2", "--duration", "6", "--ramp", "0.5"),
+            *("--settle", "1", "--send-share", "2.5", "--storm-share", "0.5"),
+            *("--shard", shard, "--start-at", str(start_at), "--out", str(out)),
+            *("--raw", str(raw), "--no-progress"),
+        ]
+        shards.append(
+            (subprocess.Popen(command, cwd=ROOT, env=switchboard.cluster.child_env()), out, raw)
+        )
+    for proc, _, _ in shards:
+        assert proc.wait(COMMAND_TIMEOUT_S) == 0
+    reports = [json.loads(out.read_text()) for _, out, _ in shards]
+    raws = [json.loads(raw.read_text()) for _, _, raw in shards]
+    for night in reports:
+        assert night["seqs"]["lost"] == 0 and night["seqs"]["duplicates"] == 0
+        assert night["counts"]["resumed"] == night["counts"]["reconnects"]
+        assert night["seqs"]["caught_up"] == night["counts"]["reconnects"]
+        assert night["errors"]["total"] == 0 and night["counts"]["unanswered_replies"] == 0
+    assert sum(night["counts"]["reconnects"] for night in reports) == 6  # half of 12
+    assert sum(len(raw["reply"]) for raw in raws) == 3  # 12 x 2.5 a minute x 6 s
+    assert sum(len(raw["event_lag"]) for raw in raws) > 0

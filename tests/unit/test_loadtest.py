@@ -23,7 +23,7 @@ from loadtest.report import (
     summarize,
     timeline,
 )
-from loadtest.scenarios import ScenarioOptions, build, chat, fanout, storm
+from loadtest.scenarios import ScenarioOptions, build, chat, fanout, night, storm
 from loadtest.schedule import (
     MAX_MESSAGE_ID,
     Action,
@@ -223,6 +223,31 @@ def test_fanout_publishes_after_subscribers_are_in() -> None:
     assert all(p.close_at is not None and p.close_at > publishes[-1].at for p in subscribers)
     with pytest.raises(ValueError):
         build("nope", ScenarioOptions())
+
+
+def test_night_sends_each_minute_and_drops_a_share_midway() -> None:
+    options = ScenarioOptions(
+        clients=1000, duration_s=120, streams=10, ramp_s=5, settle_s=5, run_id="n"
+    )
+    plans = night(options)
+    assert len(plans) == 1000 and night(options) == plans  # seeded
+    assert {p.actions[0].frame["stream"] for p in plans if p.actions[0].frame} == {
+        f"night-{n}" for n in range(10)
+    }
+    assert all(p.actions[0].at <= 5 and p.close_at == 5 + 5 + 120 + 5 for p in plans)
+    sends = [a for p in plans for a in p.actions if a.frame and a.frame["type"] == "send"]
+    assert len(sends) == 20  # 1% of the clients in each of two minutes
+    assert all(10 <= a.at < 130 for a in sends)
+    assert sum(1 for a in sends if a.at < 70) == 10
+    ids = [a.frame["id"] for a in sends if a.frame]
+    assert len(set(ids)) == len(ids)
+    dropped = [p for p in plans if any(a.reconnect for a in p.actions)]
+    assert len(dropped) == 100
+    for plan in dropped:
+        index = next(i for i, a in enumerate(plan.actions) if a.reconnect)
+        assert 70 <= plan.actions[index].at <= 70.5
+        assert plan.actions[index + 1].frame == {"type": "ping"}  # answered once restored
+    assert {p.source for p in plans} == {"sender", "reader"}
 
 
 # --- reports ---------------------------------------------------------------------------
@@ -449,6 +474,85 @@ def test_engine_counts_refused_connections_and_skips_their_frames() -> None:
     assert m.frames_skipped == 2
 
 
+class SeqGateway:
+    """A stream whose events skip seq 3 and repeat seq 4, a join without seq, and a resume
+    that replays from the positions the client sent (seq 5 is new by then)."""
+
+    def __init__(self) -> None:
+        self.positions: list[dict[str, int]] = []
+
+    async def handler(self, ws: ServerConnection) -> None:
+        import base64
+        from urllib.parse import parse_qs, urlsplit
+
+        query = parse_qs(urlsplit(ws.request.path).query)
+        resumed = "session" in query
+        await ws.send(
+            json.dumps({"type": "welcome", "session": "s1", "resumed": resumed, "limits": {}})
+        )
+        if resumed:
+            encoded = query["positions"][0]
+            positions = json.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
+            self.positions.append(positions)
+            for seq in range(positions["s"] + 1, 6):
+                await ws.send(json.dumps(self.event(seq)))
+        async for text in ws:
+            frame = json.loads(text)
+            if frame["type"] == "subscribe":
+                for seq in (1, 2, 4, 4):
+                    await ws.send(json.dumps(self.event(seq)))
+                join = self.event(0) | {"kind": "join"}
+                del join["seq"]
+                await ws.send(json.dumps(join))
+            elif frame["type"] == "ping":
+                await ws.send(json.dumps({"type": "pong"}))
+
+    @staticmethod
+    def event(seq: int) -> dict[str, Any]:
+        from streams.events import utc_now_iso
+
+        return {"type": "event", "stream": "s", "seq": seq, "kind": "message", "ts": utc_now_iso()}
+
+
+def test_engine_checks_seqs_times_lag_and_the_catch_up_of_a_resume() -> None:
+    gateway = SeqGateway()
+    plans = [
+        ConnectionPlan(
+            "a",
+            0.0,
+            [
+                Action(0.0, {"type": "subscribe", "stream": "s"}),
+                Action(0.2, reconnect=True),
+                Action(0.2, {"type": "ping"}),
+            ],
+            close_at=0.4,
+        )
+    ]
+
+    async def play() -> Measurements:
+        async with serve(gateway.handler, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            url = f"ws://127.0.0.1:{port}/ws/v1/"
+            engine = Engine(
+                [url, url],
+                {"a": "a"},
+                EngineOptions(drain_timeout_s=1, start_delay_s=0.01, check_seqs=True),
+            )
+            return await engine.run(plans)
+
+    m = asyncio.run(play())
+    assert gateway.positions == [{"s": 4}]  # the resume says what was processed
+    assert m.seq_lost == 1 and m.seq_duplicates == 1 and m.seq_lost_at_end == 0
+    assert m.events == 4 and m.presence_events == 1  # seqs 1, 2, 4, 5; the join
+    assert len(m.event_lag) == 4 and all(0 <= lag < 5000 for _, lag in m.event_lag)
+    assert len(m.caught_up) == 1 and m.resumed == 1
+    assert m.loop_lag  # the generator's own loop was watched
+    report = build_report(m, {})
+    assert report["seqs"]["lost"] == 1 and report["seqs"]["duplicates"] == 1
+    assert "event_lag" in report["latency_ms"] and "caught_up" in report["latency_ms"]
+    assert "1 lost, 1 duplicates" in describe(report)
+
+
 def test_urls_are_checked_and_reported_without_their_query() -> None:
     from loadtest.runner import public_url, url_problem
 
@@ -457,3 +561,61 @@ def test_urls_are_checked_and_reported_without_their_query() -> None:
     assert url_problem("http://127.0.0.1:8000/ws/v1/") is not None
     assert url_problem("ws:///ws/v1/") is not None
     assert public_url("ws://h:1/ws/v1/?token=secret") == "ws://h:1/ws/v1/"
+    assert url_problem("ws://h:1/ws/v1/,ws://h:2/ws/v1/") is None
+    assert url_problem("ws://h:1/ws/v1/,http://h:2/") is not None
+    assert public_url("ws://h:1/a/?token=x,ws://h:2/a/?token=y") == "ws://h:1/a/,ws://h:2/a/"
+
+
+# --- the minimal client ------------------------------------------------------------------
+
+
+def test_wire_client_reads_every_frame_shape_answers_pings_and_keeps_the_close_code() -> None:
+    from loadtest.wire import connect
+
+    got: list[bytes] = []
+    echoed: list[str] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send("small")
+        await ws.send("m" * 300)  # 16-bit length
+        await ws.send("L" * 70_000)  # 64-bit length
+        await ws.send(["frag", "mented"])  # a fragmented message
+        await ws.send(b"\x01\x02")
+        await asyncio.wait_for(await ws.ping(), 5)  # answered by the client's pong
+        echoed.append(str(await ws.recv()))
+        await ws.close(4001, "bad signature")
+
+    async def play() -> int | None:
+        async with serve(handler, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            closed = asyncio.Event()
+            conn = await connect(
+                f"ws://127.0.0.1:{port}/ws/v1/?token=t", got.append, lambda _: closed.set()
+            )
+            while len(got) < 5:
+                await asyncio.sleep(0.01)
+            conn.send("hello")
+            await asyncio.wait_for(closed.wait(), 5)
+            return conn.close_code
+
+    assert asyncio.run(play()) == 4001
+    assert got == [b"small", b"m" * 300, b"L" * 70_000, b"fragmented", b"\x01\x02"]
+    assert echoed == ["hello"]  # a masked client frame the server could read
+
+
+def test_wire_client_reports_a_refused_handshake() -> None:
+    from websockets.http11 import Response
+
+    from loadtest.wire import HandshakeRefused, connect
+
+    def refuse(connection: ServerConnection, request: Any) -> Response:
+        return connection.respond(403, "no\n")
+
+    async def play() -> None:
+        async with serve(lambda ws: ws.close(), "127.0.0.1", 0, process_request=refuse) as server:
+            port = server.sockets[0].getsockname()[1]
+            await connect(f"ws://127.0.0.1:{port}/", lambda _: None)
+
+    with pytest.raises(HandshakeRefused) as refused:
+        asyncio.run(play())
+    assert refused.value.status == 403

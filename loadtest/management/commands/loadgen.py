@@ -1,14 +1,17 @@
-"""`manage.py loadgen`: synthetic load (connection storms, steady chat, fan-out) through the
-replay engine, with the same report (docs/operations.md)."""
+"""`manage.py loadgen`: synthetic load (connection storms, steady chat, fan-out, the seed's
+night) through the replay engine, with the same report (docs/operations.md)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
+import orjson
 from django.core.management.base import BaseCommand, CommandError
 
 from loadtest.engine import EngineOptions
+from loadtest.report import raw_samples
 from loadtest.runner import (
     add_common_arguments,
     finish,
@@ -24,8 +27,10 @@ from loadtest.scenarios import SCENARIOS, ScenarioOptions, build
 class Command(BaseCommand):
     help = (
         "Generate synthetic load against a gateway: storm (connects, drops and resumed"
-        " reconnects), chat (steady sends to an agent on a few streams) or fanout (one"
-        " publisher, many subscribers); report latency, throughput, errors and 429s."
+        " reconnects), chat (steady sends to an agent on a few streams), fanout (one"
+        " publisher, many subscribers) or night (many readers, a few senders, a"
+        " reconnect storm midway, every seq checked); report latency, throughput, errors"
+        " and 429s."
     )
 
     def add_arguments(self, parser):  # type: ignore[no-untyped-def]
@@ -57,6 +62,49 @@ class Command(BaseCommand):
         parser.add_argument("--text-chars", type=int, default=40, help="chat: message length")
         parser.add_argument("--payload-chars", type=int, default=100, help="fanout: data size")
         parser.add_argument("--seed", type=int, default=0, help="seed of the scenario's randomness")
+        parser.add_argument(
+            "--send-share",
+            type=float,
+            default=0.01,
+            help="night: share of the clients that send, each minute",
+        )
+        parser.add_argument(
+            "--storm-share",
+            type=float,
+            default=0.1,
+            help="night: share of the clients dropped and resumed midway",
+        )
+        parser.add_argument(
+            "--wave-spread",
+            type=float,
+            default=0.5,
+            help="storm, night: seconds over which one wave's drops are spread",
+        )
+        parser.add_argument(
+            "--settle",
+            type=float,
+            default=15.0,
+            help="night: seconds connections stay after the last send",
+        )
+        parser.add_argument(
+            "--shard",
+            default=None,
+            help="K/N: play only the K-th of N shards of the clients (0-based; clients K,"
+            " K+N, ...), so N processes can play one run together",
+        )
+        parser.add_argument(
+            "--start-at",
+            type=float,
+            default=None,
+            help="wall-clock time (epoch seconds) of the run's offset 0, so the shards"
+            " played by several processes keep one schedule",
+        )
+        parser.add_argument(
+            "--raw",
+            type=Path,
+            default=None,
+            help="also write the raw samples and counters here (JSON), to merge shards",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         problem = url_problem(options["url"])
@@ -73,6 +121,7 @@ class Command(BaseCommand):
                 raise CommandError(f"--options is not JSON: {error}") from None
             if not isinstance(send_options, dict):
                 raise CommandError("--options must be a JSON object")
+        shard = parse_shard(options["shard"])
         rate = options["rate"]
         if rate is None:
             rate = 5.0 if scenario == "fanout" else 0.5
@@ -91,8 +140,14 @@ class Command(BaseCommand):
             seed=options["seed"],
             run_id=run_id,
             client_prefix=options["client_prefix"] or "loadgen",
+            send_share=options["send_share"],
+            storm_share=options["storm_share"],
+            wave_spread_s=options["wave_spread"],
+            settle_s=options["settle"],
         )
         plans = build(scenario, parameters)
+        if shard is not None:
+            plans = plans[shard[0] :: shard[1]]
         tenant = options["tenant"]
         tokens = plan_tokens(tenant, plans, options["duration"])
         if tokens is None:
@@ -102,7 +157,10 @@ class Command(BaseCommand):
             tokens,
             plans,
             EngineOptions(
-                max_in_flight=options["max_in_flight"], drain_timeout_s=options["drain_timeout"]
+                max_in_flight=options["max_in_flight"],
+                drain_timeout_s=options["drain_timeout"],
+                start_at=options["start_at"],
+                check_seqs=scenario == "night",
             ),
             progress=not options["no_progress"],
         )
@@ -123,8 +181,24 @@ class Command(BaseCommand):
                 agent=parameters.agent,
                 options=parameters.options,
                 seed=parameters.seed,
+                shard=options["shard"],
             ),
             options["out"],
             options["plot"],
             self.stdout,
         )
+        if options["raw"] is not None:
+            options["raw"].write_bytes(orjson.dumps(raw_samples(measurements)))
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """`--shard K/N` as (K, N); None when not given."""
+    if text is None:
+        return None
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise CommandError(f"--shard must be K/N, not {text!r}") from None
+    if n < 1 or not 0 <= k < n:
+        raise CommandError(f"--shard {text}: K must be in 0..N-1")
+    return k, n

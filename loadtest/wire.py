@@ -1,0 +1,244 @@
+"""A minimal WebSocket client for the load engine: an asyncio Protocol that hands each
+message to a callback as it is parsed.
+
+A load generator holds thousands of sockets and reads every frame the gateways fan out, on
+the same cores as the servers it measures; what it spends per frame is taken from them and
+added to every latency it reports. A general client (the `websockets` library) wakes a
+reader task through a queue for each message and parses frames through generators; here
+`data_received` parses the frames of a read in one loop and calls `on_message(payload)`
+directly. It speaks only what a client of the gateway needs (RFC 6455): the upgrade
+handshake, unmasked server frames (text, binary, continuation, close, ping), masked client
+frames; no extensions (the gateway's handshake answer is not checked for them, nor its
+Sec-WebSocket-Accept: this is a load generator on a trusted loopback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import ssl
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+from websockets.utils import apply_mask  # C speedups where built
+
+MAX_HANDSHAKE_BYTES = 64 * 1024
+OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
+NO_STATUS = 1005  # a close frame without a code
+ABNORMAL = 1006  # the connection ended without a close frame
+
+
+class HandshakeRefused(Exception):
+    """The server answered the upgrade with another HTTP status than 101."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+class WireConnection(asyncio.Protocol):
+    def __init__(
+        self,
+        on_message: Callable[[bytes], None],
+        on_close: Callable[[WireConnection], None] | None = None,
+    ) -> None:
+        self.on_message = on_message
+        self.on_close = on_close
+        self.transport: asyncio.Transport | None = None
+        self.close_code: int | None = None
+        loop = asyncio.get_running_loop()
+        self.handshake: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self._buffer = bytearray()
+        self._fragments: list[bytes] | None = None
+        self._close_sent = False
+
+    # --- asyncio.Protocol -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if not self.handshake.done():
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._buffer) > MAX_HANDSHAKE_BYTES:
+                    self._fail_handshake(ConnectionError("handshake answer too long"))
+                return
+            status_line = bytes(self._buffer[: self._buffer.find(b"\r\n")])
+            del self._buffer[: end + 4]
+            try:
+                status = int(status_line.split(b" ", 2)[1])
+            except (IndexError, ValueError):
+                self._fail_handshake(ConnectionError(f"bad status line {status_line!r}"))
+                return
+            if status != 101:
+                self._fail_handshake(HandshakeRefused(status))
+                return
+            self.handshake.set_result(None)
+        self._parse()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.close_code is None:
+            self.close_code = ABNORMAL
+        if not self.handshake.done():
+            self.handshake.set_exception(exc or ConnectionError("closed during the handshake"))
+            self.handshake.exception()  # retrieved: the caller may have timed out first
+        if not self.closed.done():
+            self.closed.set_result(None)
+        if self.on_close is not None:
+            self.on_close(self)
+
+    # --- frames ---------------------------------------------------------------------
+
+    def _parse(self) -> None:
+        buf = self._buffer
+        size = len(buf)
+        pos = 0
+        while size - pos >= 2:
+            first, second = buf[pos], buf[pos + 1]
+            length = second & 0x7F
+            head = 2
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+                head = 4
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                head = 10
+            mask = None
+            if second & 0x80:  # servers must not mask; tolerated all the same
+                if size - pos < head + 4:
+                    break
+                mask = bytes(buf[pos + head : pos + head + 4])
+                head += 4
+            if size - pos < head + length:
+                break
+            payload = bytes(buf[pos + head : pos + head + length])
+            pos += head + length
+            if mask is not None:
+                payload = apply_mask(payload, mask)
+            self._frame(first & 0x80, first & 0x0F, payload)
+            if self.transport is None or self.transport.is_closing():
+                break
+        del buf[:pos]
+
+    def _frame(self, fin: int, opcode: int, payload: bytes) -> None:
+        if opcode in (OP_TEXT, OP_BINARY):
+            if fin:
+                self.on_message(payload)
+            else:
+                self._fragments = [payload]
+        elif opcode == OP_CONTINUATION:
+            if self._fragments is None:
+                return
+            self._fragments.append(payload)
+            if fin:
+                message, self._fragments = b"".join(self._fragments), None
+                self.on_message(message)
+        elif opcode == OP_CLOSE:
+            self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else NO_STATUS
+            if not self._close_sent:
+                self._write(OP_CLOSE, payload[:2])
+                self._close_sent = True
+            if self.transport is not None:
+                self.transport.close()
+        elif opcode == OP_PING:
+            self._write(OP_PONG, payload)
+
+    def _write(self, opcode: int, payload: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionError("the connection is closed")
+        length = len(payload)
+        header = bytearray((0x80 | opcode,))
+        if length < 126:
+            header.append(0x80 | length)
+        elif length < 65536:
+            header.append(0x80 | 126)
+            header += length.to_bytes(2, "big")
+        else:
+            header.append(0x80 | 127)
+            header += length.to_bytes(8, "big")
+        mask = os.urandom(4)
+        header += mask
+        transport.write(bytes(header) + apply_mask(payload, mask))
+
+    def _fail_handshake(self, error: Exception) -> None:
+        if not self.handshake.done():
+            self.handshake.set_exception(error)
+            self.handshake.exception()
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- what the engine calls ------------------------------------------------------
+
+    @property
+    def open(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def send(self, text: str) -> None:
+        """One text message (ConnectionError once the connection is closing)."""
+        self._write(OP_TEXT, text.encode())
+
+    def abort(self) -> None:
+        """Cut the socket without a close frame, as a network blip does."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def close(self, code: int = 1000, timeout: float = 2.0) -> None:
+        """The closing handshake: a close frame, then the server's, then the socket."""
+        if self.open and not self._close_sent:
+            self._close_sent = True
+            self._write(OP_CLOSE, code.to_bytes(2, "big"))
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self.closed)
+        except TimeoutError:
+            self.abort()
+            await self.closed
+
+
+async def connect(
+    url: str,
+    on_message: Callable[[bytes], None],
+    on_close: Callable[[WireConnection], None] | None = None,
+    timeout: float = 10.0,
+) -> WireConnection:
+    """Open `url` (ws:// or wss://HOST:PORT/PATH?QUERY) and finish the upgrade: HandshakeRefused
+    for an HTTP answer, OSError or TimeoutError for a socket that does not get there.
+    `on_message(payload)` gets each message, from the first after the upgrade on (the
+    same read may carry it); `on_close(connection)` is called once the socket is gone."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss"):
+        raise ValueError(f"a ws:// or wss:// URL, not {url!r}")
+    secure = parts.scheme == "wss"
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or (443 if secure else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (
+        f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        transport, protocol = await loop.create_connection(
+            lambda: WireConnection(on_message, on_close),
+            host,
+            port,
+            ssl=ssl.create_default_context() if secure else None,
+        )
+        try:
+            transport.write(request)
+            await protocol.handshake
+        except BaseException:
+            transport.abort()
+            raise
+    return protocol
