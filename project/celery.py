@@ -29,18 +29,26 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 # Durable (kombu's default): on RabbitMQ they and their persistent messages outlive a broker
 # restart. A quorum queue (CELERY_TASK_DEFAULT_QUEUE_TYPE) is also replicated across a
 # RabbitMQ cluster; the Redis transport ignores queue arguments.
-_queue_arguments = (
-    {"x-queue-type": "quorum"} if app.conf.task_default_queue_type == "quorum" else None
-)
-app.conf.task_queues = (
-    Queue(RUNS_QUEUE, routing_key=RUNS_QUEUE, durable=True, queue_arguments=_queue_arguments),
-    Queue(
-        MAINTENANCE_QUEUE,
-        routing_key=MAINTENANCE_QUEUE,
-        durable=True,
-        queue_arguments=_queue_arguments,
-    ),
-)
+
+
+def _queues(arguments: dict[str, str] | None) -> tuple[Queue, ...]:
+    return tuple(
+        Queue(name, routing_key=name, durable=True, queue_arguments=arguments)
+        for name in (RUNS_QUEUE, MAINTENANCE_QUEUE)
+    )
+
+
+app.conf.task_queues = _queues(None)
+
+
+@app.on_after_configure.connect
+def _quorum_queues(sender: Celery, **kwargs: object) -> None:
+    """Decided once the settings are read, not at import: importing the project must not
+    load Django's settings (a benchmark or test sets DATABASE_URL first)."""
+    if sender.conf.task_default_queue_type == "quorum":
+        sender.conf.task_queues = _queues({"x-queue-type": "quorum"})
+
+
 app.conf.task_routes = {
     SWEEP_TASK: {"queue": MAINTENANCE_QUEUE},
     HISTORY_PERSIST_TASK: {"queue": MAINTENANCE_QUEUE},

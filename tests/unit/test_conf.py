@@ -110,3 +110,23 @@ def test_conf_imports_nothing_of_switchboard() -> None:
             imported.add(node.module.split(".")[0])
     standard = {"__future__", "collections", "dataclasses", "threading", "typing"}
     assert imported <= standard | {"django", "redis"}, imported
+
+
+def test_importing_the_project_reads_no_settings() -> None:
+    # Benchmarks and tests set DATABASE_URL (and the rest) after importing the launcher and
+    # the Celery app; settings read at import would keep the defaults instead.
+    probe = (
+        "import project.celery, project.launcher\n"
+        "from django.conf import settings\n"
+        "print(settings.configured)\n"
+    )
+    environment = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    found = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=environment,
+        cwd=Path(conf_module.__file__).resolve().parents[1],
+    )
+    assert found.stdout.strip() == "False", found.stderr
