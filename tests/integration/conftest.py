@@ -208,6 +208,7 @@ def running_switchboard(
     broker_url: str | None = None,
     flush: Callable[[], None] | None = None,
     board_class: type[Switchboard] | None = None,
+    worker_concurrency: int = 2,
 ) -> Iterator[Switchboard]:
     """The suite's process group, its tenants made, until the block ends. By default on
     the single Redis at `redis_url`, which is the Celery broker too (flushed first); other
@@ -221,7 +222,7 @@ def running_switchboard(
         redis_url=redis_url,
         gateways=1,
         workers=1,
-        worker_concurrency=2,
+        worker_concurrency=worker_concurrency,
         beat=True,
         env={
             **CLUSTER_ENV,

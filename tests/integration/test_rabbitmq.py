@@ -16,27 +16,29 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import psutil
 import pytest
-import redis
 
 from client.connection import Event, SwitchboardClient
 from examples.agents import ASSISTANT_PROMPT, SUMMARY_PROMPT
-from project.launcher import Cluster, Proc, free_port
+from project.launcher import Proc, free_port
 from streams.enqueue import MAINTENANCE_QUEUE, RUNS_QUEUE
 from tests import rabbitmq
 from tests.conftest import neighbour_database
 from tests.fakes.openai_server import FakeOpenAIServer
 
 from .agents_app import catalog as it
-from .conftest import CLUSTER_ENV, KEY_PREFIX, TENANT, Connect, StartGateway, Switchboard
+from .conftest import (
+    KEY_PREFIX,
+    Connect,
+    StartGateway,
+    Switchboard,
+    running_switchboard,
+)
 from .support import (
     assert_contiguous,
     collect_all_done,
@@ -63,23 +65,14 @@ WORKER_CONCURRENCY = 3
 def cluster_on(
     broker_url: str, test_redis_url: str, request: pytest.FixtureRequest
 ) -> Iterator[Switchboard]:
-    """A gateway, a worker and beat with Celery on `broker_url`, streams on a Redis
-    database of their own; logs kept when a test of the session failed."""
-    work = Path(tempfile.mkdtemp(prefix="switchboard-rabbitmq-"))
-    db_path = work / "db.sqlite3"
-    redis_url = neighbour_database(test_redis_url, 5)
-    provider = FakeOpenAIServer().start()
-    cluster = Cluster(
-        redis_url=redis_url,
-        gateways=1,
-        workers=1,
+    """The suite's process group with Celery on `broker_url` and streams on a Redis
+    database of their own."""
+    with running_switchboard(
+        request,
+        neighbour_database(test_redis_url, 5),
+        broker_url=broker_url,
         worker_concurrency=WORKER_CONCURRENCY,
-        beat=True,
         env={
-            **CLUSTER_ENV,
-            "CELERY_BROKER_URL": broker_url,
-            "DATABASE_URL": f"sqlite:///{db_path}",
-            "SWITCHBOARD_OPENAI_BASE_URL": provider.base_url,
             "SWITCHBOARD_RUN_DEADLINE_S": str(RUN_DEADLINE_S),
             "SWITCHBOARD_WORKER_MAX_CALLS": str(WORKER_MAX_CALLS),
             # Runs pile up unanswered while the broker is away (the restart test): one
@@ -88,29 +81,8 @@ def cluster_on(
             # Slow simulated calls (the kill test's) are not cut short by the soft limit.
             "SWITCHBOARD_MODEL_SOFT_LIMIT_S": "10",
         },
-        log_dir=work / "logs",
-    )
-    board = Switchboard(cluster, db_path, KEY_PREFIX, provider)
-    try:
-        cluster.redis_url = cluster.ensure_redis()
-        redis.Redis.from_url(cluster.redis_url).flushdb()
-        cluster.migrate()
-        cluster.manage("create_tenant", TENANT)
-        cluster.start()
-    except BaseException:
-        print(board.log_tails())
-        cluster.stop()
-        provider.stop()
-        raise
-    try:
+    ) as board:
         yield board
-    finally:
-        cluster.stop()
-        provider.stop()
-        if request.session.testsfailed:
-            print(f"\nRabbitMQ cluster logs kept in {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
