@@ -129,14 +129,12 @@ class Script(Generic[R]):
     KEYS_TAIL: ClassVar[str] = ""
     ARGV_TAIL: ClassVar[str] = ""
     SINGLE_REDIS_KEYS: ClassVar[frozenset[str]] = frozenset()
-    # A script whose keys may span slots, so single-Redis only: not checked.
-    SLOTS_UNCHECKED: ClassVar[bool] = False
 
     def keys(self) -> list[Any]:
         found = list(_getter(type(self), "KEYS")(self))
         if self.KEYS_TAIL:
             found.extend(getattr(self, self.KEYS_TAIL))
-        if self.SINGLE_REDIS_KEYS or (conf().check_script_slots and not self.SLOTS_UNCHECKED):
+        if self.SINGLE_REDIS_KEYS or conf().check_script_slots:
             found = _slot_keys(type(self), found)
         return found
 
@@ -201,7 +199,7 @@ def _slot_keys(cls: type[Script[Any]], found: list[Any]) -> list[Any]:
             for i in exempt:
                 found[i] = others[0]
             exempt = ()
-    if current.check_script_slots and not cls.SLOTS_UNCHECKED:
+    if current.check_script_slots:
         slots = {key_slot(_key_bytes(key)) for i, key in enumerate(found) if i not in exempt}
         if len(slots) > 1:
             raise CrossSlot(f"{cls.__name__}: keys in {len(slots)} slots: {found!r}")
