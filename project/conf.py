@@ -73,6 +73,7 @@ class Conf:
     presence_ttl_s: float
     presence_announce_max: int
     presence_refresh_s: float
+    presence_leave_grace_s: float
     gc_young_threshold: int
 
     # --- Tenants: cache, secrets, default per-tenant bounds ---

@@ -391,6 +391,10 @@ SWITCHBOARD = {
     # subscriber gets every join: a crowd would cost the square of its size in frames);
     # the presence query answers on any stream.
     "PRESENCE_ANNOUNCE_MAX": env_int("SWITCHBOARD_PRESENCE_ANNOUNCE_MAX", 100),
+    # A connection that ends without a goodbye (cut, going away, a gateway restarting)
+    # keeps its clients present this long: one back within it neither left nor joined, so
+    # a reconnect storm or a rolling restart costs no join/leave fan-out (0: leave at once).
+    "PRESENCE_LEAVE_GRACE_S": env_float("SWITCHBOARD_PRESENCE_LEAVE_GRACE_S", 15.0),
     # How often a gateway refreshes the presence entries of its connections.
     "PRESENCE_REFRESH_S": env_float("SWITCHBOARD_PRESENCE_REFRESH_S", 10.0),
     # Gateways' and workers' young-generation GC threshold (Python's default is 700): with

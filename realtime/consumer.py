@@ -45,6 +45,7 @@ from realtime.outbox import Outbox, OutboxFull
 from realtime.presence import get_tracker
 from realtime.protocol import (
     CLOSE_FORBIDDEN,
+    CLOSE_NORMAL,
     CLOSE_SERVICE_RESTART,
     CLOSE_SLOW_CONSUMER,
     CLOSE_TOO_MANY_CONNECTIONS,
@@ -392,7 +393,11 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         streams = list(self.subscriptions)
         for stream in streams:
             self._drop_subscription(stream)
-        await get_tracker().leave_connection(self.connection_id)
+        # A client that said goodbye (1000) leaves at once; one cut, going away or closed
+        # by us (a restart, say) is likely back soon, so its presence lingers.
+        await get_tracker().leave_connection(
+            self.connection_id, linger=message.get("code") != CLOSE_NORMAL
+        )
         if self._counted:
             self._counted = False
             metrics.connection_closed(self.identity.tenant)

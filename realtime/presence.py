@@ -16,6 +16,14 @@ Three layers:
   the entries of a gateway that died without cleaning up leave (with a leave event) at most
   PRESENCE_TTL_S + SWEEP_INTERVAL_S after its last refresh. A `presence` query prunes
   expired members first, so it never lists a ghost even before a sweep.
+
+Leaving: an `unsubscribe`, or a close the client asked for (code 1000), removes the member
+at once. A connection that ends otherwise (cut, going away, a gateway restarting) lingers:
+its members are kept for PRESENCE_LEAVE_GRACE_S and then expire like a ghost's, so a client
+back within the grace (on any gateway) neither left nor joined. That is what keeps a
+reconnect storm or a rolling restart from costing every stream a leave and a join for each
+of its clients (each fanned out to the stream's others). Lingers are batched: one script
+call per tenant for every connection that ended in the same few milliseconds.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import asyncio
 import logging
 import random
 import secrets
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 import redis.asyncio as aredis
@@ -47,6 +55,9 @@ DUE_BATCH = 100
 # pipeline round trip.
 REFRESH_BATCH = 500
 PIPELINE_CHUNK = 100
+# How long lingers wait to share a script call: a storm's thousands of cut sockets cost
+# a few calls per tenant instead of one each.
+LINGER_BATCH_S = 0.02
 
 
 class PresenceCounts:
@@ -141,6 +152,14 @@ def refresh_calls(
     return calls
 
 
+def _per_stream(streams: list[tuple[str, str, list[str]]]) -> list[Any]:
+    """The per-stream ARGV tail of a multi-stream script: stream, client count, clients."""
+    per_stream: list[Any] = []
+    for _, stream, clients in streams:
+        per_stream += [stream, len(clients), *clients]
+    return per_stream
+
+
 class PresenceStore:
     """The presence scripts, on behalf of one gateway process (`gateway_id`)."""
 
@@ -157,6 +176,7 @@ class PresenceStore:
             counts=keys.presence_counts(tenant, stream),
             names=keys.presence_names(tenant, stream),
             index=keys.presence_due(tenant),
+            lingering=keys.presence_lingering(tenant, stream),
             channel=keys.stream_channel(tenant, stream),
             index_member=stream,
             stream_json=dumps(stream),
@@ -211,17 +231,47 @@ class PresenceStore:
                     missing.extend((tenant, stream, client) for client in absent)
         return missing
 
+    async def linger(self, streams: Iterable[tuple[str, str, list[str]]], grace_s: float) -> int:
+        """Keep this gateway's members of each (tenant, stream, clients) for at most `grace_s`
+        more, after which they expire and the sweep announces their leave unless the client
+        joined again; returns how many are kept (one already removed is not brought back)."""
+        grace_ms = max(1, round(grace_s * 1000))
+        calls = [
+            scripts.PresenceLinger(
+                index=keys.presence_due(call[0][0]),
+                stream_keys=[
+                    key
+                    for tenant, stream, _ in call
+                    for key in (
+                        keys.presence_members(tenant, stream),
+                        keys.presence_lingering(tenant, stream),
+                    )
+                ],
+                gateway=self.gateway_id,
+                grace_ms=grace_ms,
+                per_stream=_per_stream(call),
+            )
+            for call in refresh_calls(streams)
+        ]
+        kept = 0
+        for start in range(0, len(calls), PIPELINE_CHUNK):
+            results = await scripts.run_pipelined_async(
+                self.client, calls[start : start + PIPELINE_CHUNK]
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+                kept += result
+        return kept
+
     def _refresh(self, streams: list[tuple[str, str, list[str]]]) -> scripts.PresenceRefresh:
         """One PRESENCE_REFRESH call for these (tenant, stream, clients)."""
-        per_stream: list[Any] = []
-        for _, stream, clients in streams:
-            per_stream += [stream, len(clients), *clients]
         return scripts.PresenceRefresh(
             index=keys.presence_due(streams[0][0]),
             stream_members=[keys.presence_members(tenant, stream) for tenant, stream, _ in streams],
             gateway=self.gateway_id,
             ttl_ms=self.ttl_ms,
-            per_stream=per_stream,
+            per_stream=_per_stream(streams),
         )
 
     async def sweep_stream(self, tenant: str, stream: str, limit: int = SWEEP_BATCH) -> int:
@@ -265,6 +315,7 @@ class PresenceTracker:
         self.ttl_s: float = config.presence_ttl_s
         self.refresh_s: float = config.presence_refresh_s
         self.sweep_s: float = config.sweep_interval_s
+        self.leave_grace_s: float = config.presence_leave_grace_s
         # Random per process: a restarted gateway never extends its predecessor's members,
         # which therefore expire as the ghosts they are.
         self.gateway_id = secrets.token_hex(8)
@@ -275,6 +326,10 @@ class PresenceTracker:
         # never overtake the join it undoes (two connections of one client, say).
         self._pending: dict[EntryKey, asyncio.Task[None]] = {}
         self._loops: list[asyncio.Task[None]] = []
+        # Entries waiting for the next linger call, and what that call's end resolves.
+        self._lingering: list[EntryKey] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._linger_done: asyncio.Future[None] | None = None
         if self.refresh_s >= self.ttl_s:
             logger.warning(
                 "PRESENCE_REFRESH_S (%s) is not below PRESENCE_TTL_S (%s): live clients "
@@ -307,9 +362,14 @@ class PresenceTracker:
         if self.counts.remove(key, conn):
             await asyncio.shield(self._chain_leave(key))
 
-    async def leave_connection(self, conn: str) -> None:
-        """A connection closed: it leaves every stream it was present on."""
-        tasks = [self._chain_leave(key) for key in self.counts.remove_connection(conn)]
+    async def leave_connection(self, conn: str, linger: bool = False) -> None:
+        """A connection closed: it leaves every stream it was present on, at once, or
+        (`linger`: it ended without a goodbye) after the leave grace unless it comes back."""
+        emptied = self.counts.remove_connection(conn)
+        if linger and self.leave_grace_s > 0:
+            tasks = [self._chain_linger(key) for key in emptied]
+        else:
+            tasks = [self._chain_leave(key) for key in emptied]
         if tasks:
             await asyncio.shield(asyncio.gather(*tasks))
 
@@ -324,6 +384,45 @@ class PresenceTracker:
     def _chain_leave(self, key: EntryKey) -> asyncio.Task[None]:
         tenant, stream, client = key
         return self._chain(key, "leave", lambda: self.store.leave(tenant, stream, client))
+
+    def _chain_linger(self, key: EntryKey) -> asyncio.Task[None]:
+        return self._chain(key, "linger", lambda: self._linger(key))
+
+    async def _linger(self, key: EntryKey) -> bool:
+        """Put the entry in the next linger call and wait for that call (chained like a
+        leave, so a join of the same entry that follows runs after it and finds the member
+        kept: the client neither left nor joined)."""
+        self._lingering.append(key)
+        if self._linger_done is None:
+            self._linger_done = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_later(
+                LINGER_BATCH_S, lambda: self._track(self._flush_lingering())
+            )
+        await asyncio.shield(self._linger_done)
+        return False  # announces nothing: a leave, if any, comes from the sweep
+
+    def _track(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _flush_lingering(self) -> None:
+        batch, done = self._lingering, self._linger_done
+        self._lingering, self._linger_done = [], None
+        grouped: dict[tuple[str, str], list[str]] = {}
+        for tenant, stream, client in batch:
+            grouped.setdefault((tenant, stream), []).append(client)
+        try:
+            await self.store.linger(
+                [(tenant, stream, clients) for (tenant, stream), clients in grouped.items()],
+                self.leave_grace_s,
+            )
+        except Exception:
+            # Not fatal: the members stay until their TTL and then leave like a ghost's.
+            logger.warning("presence linger failed for %s entries", len(batch), exc_info=True)
+        finally:
+            if done is not None:
+                done.set_result(None)
 
     def _chain(
         self, key: EntryKey, what: str, operation: Callable[[], Awaitable[bool]]

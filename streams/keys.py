@@ -257,6 +257,12 @@ def presence_names(tenant: str, stream: str) -> str:
     return f"{_prefix()}:s:{_tag(tenant)}:{stream}:presence.names"
 
 
+def presence_lingering(tenant: str, stream: str) -> str:
+    """Hash: client -> the gateway whose member of it is kept for the leave grace after a
+    connection cut without a goodbye (taken over by the client's next join)."""
+    return f"{_prefix()}:s:{_tag(tenant)}:{stream}:presence.linger"
+
+
 def presence_due(tenant: str) -> str:
     """Sorted set: stream -> the earliest expiry among its presence entries (ms, Redis
     clock): the tenant's streams a presence sweep must visit, in the tenant's slot."""

@@ -959,7 +959,7 @@ class TakeTokens(Script[int]):
 
 # --- gateway: presence and connection counts -------------------------------------------------
 
-_PRESENCE_KEYS = ("members", "counts", "names", "index")
+_PRESENCE_KEYS = ("members", "counts", "names", "index", "lingering")
 _PRESENCE_ARGV = ("channel", "index_member", "stream_json", "id_prefix", "ts_json", "announce_max")
 
 
@@ -971,6 +971,7 @@ class PresenceStream:
     counts: str
     names: str
     index: str
+    lingering: str
     channel: str
     index_member: str
     stream_json: str
@@ -1076,6 +1077,27 @@ class PresenceRefresh(Script[list[list[str]]]):
 
     def result(self, raw: Any) -> list[list[str]]:
         return [_texts(absent) for absent in raw]
+
+
+@dataclass(slots=True)
+class PresenceLinger(Script[int]):
+    """Keep this gateway's members of many streams for `grace_ms` more at most (a connection
+    that ended without a goodbye): how many members are kept."""
+
+    LUA = Lua("presence_linger.lua")
+    KEYS = ("index",)
+    KEYS_TAIL = "stream_keys"
+    ARGV = ("gateway", "grace_ms")
+    ARGV_TAIL = "per_stream"
+
+    index: str
+    stream_keys: Sequence[str]  # per stream: its members key, its lingering key
+    gateway: str
+    grace_ms: int
+    per_stream: Sequence[Arg]  # per stream: index member, client count, the clients
+
+    def result(self, raw: Any) -> int:
+        return int(raw)
 
 
 @dataclass(slots=True)

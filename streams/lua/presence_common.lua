@@ -1,7 +1,8 @@
 -- Fragment: the shared helpers of the per-stream presence scripts (realtime/presence.py).
 -- Expects locals: members (zset: "GATEWAY CLIENT" scored by expiry ms), counts (hash:
 -- client -> gateway members), names (hash: client -> name), index (the tenant's zset of
--- streams by earliest expiry), channel, index_member, stream_json, id_prefix, ts_json,
+-- streams by earliest expiry), lingering (hash: client -> the gateway whose member of it
+-- outlives a connection cut without a goodbye, for the leave grace), channel, index_member, stream_json, id_prefix, ts_json,
 -- announce_max. Every key is the tenant's (one slot), the channel too.
 -- Leaves locals: announced (events published so far), now_ms, announce, drop, sweep,
 -- reindex (and publish).
@@ -32,7 +33,11 @@ end
 -- One gateway's member goes; the client leaves when it was its last.
 local function drop(member)
   if redis.call('ZREM', members, member) == 0 then return end
-  local client = string.sub(member, string.find(member, ' ', 1, true) + 1)
+  local space = string.find(member, ' ', 1, true)
+  local client = string.sub(member, space + 1)
+  if redis.call('HGET', lingering, client) == string.sub(member, 1, space - 1) then
+    redis.call('HDEL', lingering, client)
+  end
   if redis.call('HINCRBY', counts, client, -1) <= 0 then
     local name = redis.call('HGET', names, client)
     redis.call('HDEL', counts, client)

@@ -1,11 +1,12 @@
 -- Removes up to `limit` expired members of one stream (any gateway's), each client whose
 -- last member goes leaving with an announcement.
--- KEYS: members, counts, names, index (see presence_common.lua)
+-- KEYS: members, counts, names, index, lingering (see presence_common.lua)
 -- ARGV: channel, index_member, stream_json, id_prefix (24 hex digits: event ids are it and
 --       a counter), ts_json, announce_max (no events past this many present clients),
 --       limit
 -- Returns how many members it removed.
 local members, counts, names, index = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local lingering = KEYS[5]
 local channel, index_member, stream_json = ARGV[1], ARGV[2], ARGV[3]
 local id_prefix, ts_json, announce_max = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local limit = tonumber(ARGV[7])

@@ -1,6 +1,8 @@
 """Presence on the real cluster: join/leave events reach live subscribers (no seq), a client
-with several connections is one entry, tenants are apart, and a gateway killed without
-cleaning up leaves no ghost beyond the bound (its PRESENCE_TTL_S + the sweep interval)."""
+with several connections is one entry, tenants are apart, a gateway killed without
+cleaning up leaves no ghost beyond the bound (its PRESENCE_TTL_S + the sweep interval), and
+a connection cut without a goodbye lingers for the leave grace: back within it, nobody
+hears it leave or join; gone, its leave follows the grace."""
 
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ SWEEP_INTERVAL_S = float(CLUSTER_ENV["SWITCHBOARD_SWEEP_INTERVAL_S"])
 # for a loaded test machine.
 GHOST_BOUND_S = GHOST_TTL_S + SWEEP_INTERVAL_S
 SLACK_S = 3.0
+# The grace of the gateway whose cut client never comes back.
+SHORT_GRACE_S = 1.0
 
 
 def presence_change(event: Event) -> tuple[str, str, str | None]:
@@ -230,3 +234,63 @@ def members_of(switchboard: Switchboard, stream: str, client: str) -> dict[str, 
         if owner == client:
             entries[gateway] = score
     return entries
+
+
+def cut(client: SwitchboardClient) -> None:
+    """Cut the socket as a network failure would: no close frame, the server sees 1006."""
+    client._ws.transport.abort()
+
+
+async def test_a_cut_client_back_within_the_grace_neither_leaves_nor_joins(
+    switchboard: Switchboard,
+    connect: Connect,
+    start_gateway: StartGateway,
+    unique: Callable[[str], str],
+) -> None:
+    stream = unique("blip")
+    dana_id = unique("dana")
+    watcher = await connect()
+    await watcher.subscribe(stream)
+    token = switchboard.token(dana_id, TENANT, name="Dana")
+    dana = await SwitchboardClient.connect(switchboard.url, token)
+    await dana.subscribe(stream)
+    assert await next_change(watcher, stream) == ("join", dana_id, "Dana")
+
+    cut(dana)
+    # Back with its session on another gateway (within the default 15 s grace).
+    other_url, _ = start_gateway()
+    back = await SwitchboardClient.connect(other_url, token, session=dana.session)
+    try:
+        assert back.welcome["resumed"] is True
+        assert dana_id in clients_of(await watcher.presence(stream))
+        await no_change_before_now(watcher, back, stream)
+        # A goodbye is a leave at once, grace or not.
+        await back.close()
+        assert await next_change(watcher, stream) == ("leave", dana_id, "Dana")
+        await no_change_before_now(watcher, watcher, stream)
+    finally:
+        await back.close()
+
+
+async def test_a_cut_client_that_stays_away_leaves_after_the_grace(
+    switchboard: Switchboard,
+    connect: Connect,
+    start_gateway: StartGateway,
+    unique: Callable[[str], str],
+) -> None:
+    stream = unique("gone")
+    eve_id = unique("eve")
+    watcher = await connect()  # on gateway 0, which sweeps too
+    await watcher.subscribe(stream)
+    url, _ = start_gateway(SWITCHBOARD_PRESENCE_LEAVE_GRACE_S=str(SHORT_GRACE_S))
+    eve = await SwitchboardClient.connect(url, switchboard.token(eve_id, TENANT))
+    await eve.subscribe(stream)
+    assert await next_change(watcher, stream) == ("join", eve_id, None)
+
+    cut(eve)
+    cut_at = time.monotonic()
+    left = await next_change(watcher, stream, timeout=SHORT_GRACE_S + SWEEP_INTERVAL_S + SLACK_S)
+    elapsed = time.monotonic() - cut_at
+    assert left == ("leave", eve_id, None)
+    assert elapsed <= SHORT_GRACE_S + SWEEP_INTERVAL_S + SLACK_S, elapsed
+    assert clients_of(await watcher.presence(stream)) == [watcher.client]

@@ -361,3 +361,101 @@ async def test_one_refresh_call_covers_many_streams(client: aredis.Redis, r: red
         assert expiry is not None and expiry > 1
         assert r.zscore(keys.presence_due(TENANT), stream) == expiry
     assert r.zscore(keys.presence_due(TENANT), "own-7") is None
+
+
+async def test_a_lingering_member_keeps_its_client_until_the_grace_ends_then_leaves(
+    client: aredis.Redis, r: redis.Redis, listen: Callable[..., Awaitable[Channel]]
+) -> None:
+    channel = await listen()
+    gateway = PresenceStore(client, "g1", 30)
+    await gateway.join(TENANT, ROOM, "alice", "Alice")
+    await gateway.join(TENANT, "other", "alice", "Alice")
+    assert (await channel.next())["kind"] == "join"
+    members = keys.presence_members(TENANT, ROOM)
+    ttl_expiry = r.zscore(members, "g1 alice")
+
+    # Two streams of one tenant in one call; a client with no member is not brought back.
+    lingering = await gateway.linger([(TENANT, ROOM, ["alice", "nobody"])], 0.3)
+    await gateway.linger([(TENANT, "other", ["alice"])], 0.3)
+    assert lingering == 1
+    assert r.zscore(members, "g1 nobody") is None
+    kept_until = r.zscore(members, "g1 alice")
+    assert kept_until is not None and ttl_expiry is not None and kept_until < ttl_expiry
+    assert r.zscore(keys.presence_due(TENANT), ROOM) == kept_until
+    # A longer grace never extends a member past what it had.
+    await gateway.linger([(TENANT, ROOM, ["alice"])], 3600)
+    assert r.zscore(members, "g1 alice") == kept_until
+    assert names(await gateway.clients(TENANT, ROOM)) == ["alice"]  # still present
+    await channel.nothing_more()  # and nothing announced
+
+    async def swept() -> dict[tuple[str, str], int]:
+        return await gateway.sweep()
+
+    assert (TENANT, ROOM) in await wait_until(swept, 5, "the lingering member to expire")
+    left = await channel.next()
+    assert (left["kind"], left["data"]) == ("leave", {"client": "alice", "name": "Alice"})
+    assert await gateway.clients(TENANT, ROOM) == []
+
+
+async def test_a_client_back_within_the_grace_neither_left_nor_joined(
+    client: aredis.Redis, r: redis.Redis, listen: Callable[..., Awaitable[Channel]]
+) -> None:
+    channel = await listen()
+    first = PresenceStore(client, "g1", 30)
+    second = PresenceStore(client, "g2", 30)
+    for name in ("alice", "bob"):
+        await first.join(TENANT, ROOM, name, "")
+        assert (await channel.next())["kind"] == "join"
+    await first.linger([(TENANT, ROOM, ["alice", "bob"])], 30)
+    lingering = keys.presence_lingering(TENANT, ROOM)
+    assert r.hgetall(lingering) == {b"alice": b"g1", b"bob": b"g1"}
+    # alice comes back on another gateway, which takes the kept member over; bob on the
+    # same one, whose kept member is his again, with its TTL.
+    assert await second.join(TENANT, ROOM, "alice", "") is False
+    assert await first.join(TENANT, ROOM, "bob", "") is False
+    members = keys.presence_members(TENANT, ROOM)
+    assert sorted(r.zrange(members, 0, -1)) == [b"g1 bob", b"g2 alice"]
+    assert r.hgetall(lingering) == {}
+    assert r.hgetall(keys.presence_counts(TENANT, ROOM)) == {b"alice": b"1", b"bob": b"1"}
+    bob_expiry = r.zscore(members, "g1 bob")
+    assert bob_expiry is not None and bob_expiry > r.time()[0] * 1000 + 20_000
+    await channel.nothing_more()
+
+    # Their goodbyes are leaves at once: nothing of the cut connections is left to wait for.
+    assert await second.leave(TENANT, ROOM, "alice") is True
+    assert await first.leave(TENANT, ROOM, "bob") is True
+    assert [(await channel.next())["data"]["client"] for _ in range(2)] == ["alice", "bob"]
+    assert r.exists(*stream_keys()) == 0, "nothing is left behind"
+
+
+async def test_tracker_lingers_a_cut_connection_and_a_goodbye_leaves_at_once(
+    client: aredis.Redis, r: redis.Redis, listen: Callable[..., Awaitable[Channel]]
+) -> None:
+    channel = await listen()
+    tracker = PresenceTracker(lambda: client)
+    tracker.leave_grace_s = 10  # below the TTL (30 s), so a join visibly extends
+    try:
+        await tracker.join(TENANT, ROOM, "alice", "", "conn-1")
+        await tracker.join(TENANT, ROOM, "bob", "", "conn-2")
+        for _ in range(2):
+            assert (await channel.next())["kind"] == "join"
+        # Both cut in the same moment: one linger call; then alice is back on this gateway.
+        await asyncio.gather(
+            tracker.leave_connection("conn-1", linger=True),
+            tracker.leave_connection("conn-2", linger=True),
+        )
+        members = keys.presence_members(TENANT, ROOM)
+        lingering_until = r.zscore(members, f"{tracker.gateway_id} alice")
+        assert lingering_until is not None
+        assert lingering_until == r.zscore(members, f"{tracker.gateway_id} bob")
+        await tracker.join(TENANT, ROOM, "alice", "", "conn-3")
+        assert (r.zscore(members, f"{tracker.gateway_id} alice") or 0) > lingering_until
+        await channel.nothing_more()
+
+        await tracker.leave_connection("conn-3")  # a goodbye: no grace
+        left = await channel.next()
+        assert (left["kind"], left["data"]["client"]) == ("leave", "alice")
+        assert names(await tracker.clients(TENANT, ROOM)) == ["bob"]  # bob still lingers
+    finally:
+        for loop in tracker._loops:
+            loop.cancel()

@@ -141,11 +141,11 @@ def test_a_call_lists_its_keys_and_args_in_order() -> None:
     assert call.keys() == ["{t}b1", "{t}b2"]
     assert call.args() == [2, 5.0, 10, 1.0, 3]
     leave = scripts.PresenceLeave(
-        stream=scripts.PresenceStream("m", "c", "n", "i", "ch", "t:s", '"s"', "p", '"ts"', 50),
+        stream=scripts.PresenceStream("m", "c", "n", "i", "l", "ch", "t:s", '"s"', "p", '"ts"', 50),
         gateway="g",
         client="c1",
     )
-    assert leave.keys() == ["m", "c", "n", "i"]
+    assert leave.keys() == ["m", "c", "n", "i", "l"]
     assert leave.args() == ["ch", "t:s", '"s"', "p", '"ts"', 50, "g", "c1"]
 
 
