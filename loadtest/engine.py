@@ -162,6 +162,9 @@ class _Connection:
         self.dropped_at = 0.0
         self.catch_up: dict[str, int] | None = None
         self.pong_seen = False
+        # When the handshake of the connection now open began (wall clock): an event
+        # stamped before it was published while this client had no connection.
+        self.connecting_since = 0.0
         self.client = plan.client
         self.ws: WireConnection | None = None
         self.session: str | None = None
@@ -261,6 +264,7 @@ class _Connection:
         timeout = engine.options.connect_timeout_s
         async with engine._connect_slots:
             started = engine.now()
+            attempt_began = time.time()
             self._welcome = asyncio.get_running_loop().create_future()
             self._leaving = False
             try:
@@ -281,6 +285,7 @@ class _Connection:
                 await self._abandon(ws)
                 raise
         engine.m.connect.append((engine.touch(), (engine.now() - started) * 1000))
+        self.connecting_since = attempt_began
         return welcome
 
     async def _abandon(self, ws: WireConnection) -> None:
@@ -503,7 +508,12 @@ class _Connection:
                 sent = datetime.fromisoformat(ts).timestamp()
             except ValueError:
                 return True
-            m.event_lag.append((self.engine.now(), (time.time() - sent) * 1000))
+            # Published while this client had no connection (it was cut and is back):
+            # delivered by the resume, so its lag is the client's time away, apart.
+            away = sent < self.connecting_since
+            (m.away_lag if away else m.event_lag).append(
+                (self.engine.now(), (time.time() - sent) * 1000)
+            )
         if targets is not None:
             self._check_caught_up()
         return True

@@ -137,6 +137,18 @@ REFUSALS = Counter(
     "which bound.",
     ["tenant", "code", "reason"],
 )
+HANDSHAKES_WAITING = Gauge(
+    "switchboard_handshakes_waiting",
+    "WebSocket handshakes waiting for their turn to be set up (a gateway process takes "
+    "SWITCHBOARD_HANDSHAKE_CONCURRENCY at a time).",
+    multiprocess_mode="livesum",
+)
+HANDSHAKES_DROPPED = Counter(
+    "switchboard_handshakes_dropped",
+    "Handshakes not set up: reason=line_full (closed 1012 at once: SWITCHBOARD_HANDSHAKE_QUEUE "
+    "were waiting) or client_left (the client gave up while it waited).",
+    ["reason"],
+)
 SLOW_CONSUMER_CLOSES = Counter(
     "switchboard_slow_consumer_closes",
     "Connections closed with 4008 because their outbound buffer filled, per tenant.",
@@ -316,6 +328,14 @@ def error_answered(code: str) -> None:
 def refused(tenant: str, reason: str) -> None:
     """One refusal; `reason` as realtime/throttles.py's ThrottleCounter counts it."""
     REFUSALS.labels(tenant, REFUSAL_CODES.get(reason, "other"), reason).inc()
+
+
+def handshakes_waiting(change: int) -> None:
+    HANDSHAKES_WAITING.inc(change)
+
+
+def handshake_dropped(reason: str) -> None:
+    HANDSHAKES_DROPPED.labels(reason).inc()
 
 
 def slow_consumer_closed(tenant: str) -> None:

@@ -70,6 +70,8 @@ class Conf:
     request_timeout_s: float
     session_ttl_s: int
     session_checkpoint_s: float
+    handshake_concurrency: int
+    handshake_queue: int
     presence_ttl_s: float
     presence_announce_max: int
     presence_refresh_s: float

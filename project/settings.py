@@ -385,6 +385,12 @@ SWITCHBOARD = {
     # How often a gateway writes its open sessions' delivered positions to Redis: the most
     # a session can be behind (events repeated, never skipped) after a gateway crash.
     "SESSION_CHECKPOINT_S": env_float("SWITCHBOARD_SESSION_CHECKPOINT_S", 1.0),
+    # New connections a gateway process sets up at once (token, admission, session, the
+    # resumed streams' catch-up): a reconnect storm taken all at once stalls delivery to
+    # the connections already open for seconds (realtime/handshakes.py).
+    "HANDSHAKE_CONCURRENCY": env_int("SWITCHBOARD_HANDSHAKE_CONCURRENCY", 32),
+    # Handshakes that may wait for a turn; past it a newcomer is closed 1012 at once.
+    "HANDSHAKE_QUEUE": env_int("SWITCHBOARD_HANDSHAKE_QUEUE", 5000),
     # A presence entry not refreshed for this long is a ghost (its gateway died) and leaves.
     "PRESENCE_TTL_S": env_float("SWITCHBOARD_PRESENCE_TTL_S", 30.0),
     # join/leave are announced on streams with at most this many present clients (every

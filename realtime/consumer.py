@@ -40,6 +40,7 @@ from realtime.admission import (
     run_options,
     subscription_refusal,
 )
+from realtime.handshakes import LineFull
 from realtime.node import GatewayNode, gateway_node
 from realtime.outbox import Outbox, OutboxFull
 from realtime.presence import get_tracker
@@ -198,6 +199,25 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         if not await self._authenticate(query):
             return
         await self._accept()
+        line = self.node.handshakes
+        try:
+            await line.enter()
+        except LineFull:
+            metrics.handshake_dropped("line_full")
+            logger.info("handshake line full conn=%s: closed 1012", self.connection_id)
+            self.close_with(CLOSE_SERVICE_RESTART, "gateway busy", save_session=False)
+            return
+        try:
+            if self.socket is not None and not self.socket.open:
+                # Gave up while it waited (its disconnect is next in line): no work for it.
+                metrics.handshake_dropped("client_left")
+                return
+            await self._set_up(query)
+        finally:
+            line.leave()
+
+    async def _set_up(self, query: dict[str, list[str]]) -> None:
+        """Admission, session, welcome and the resumed subscriptions, in its turn."""
         requested = (query.get("session") or [""])[0]
         try:
             positions = self._resume_positions(query, requested)

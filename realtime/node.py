@@ -8,7 +8,8 @@
 - `sweeper`: the gateway's own sweep of overdue runs (realtime/sweeper.py);
 - `tenants`: the tenant watch, closing what an operator's change no longer admits
   (realtime/control.py);
-- `streams`: the stream logs' store on the process's Redis client.
+- `streams`: the stream logs' store on the process's Redis client;
+- `handshakes`: the line new connections wait in to be set up (realtime/handshakes.py).
 
 Daphne gives an application no startup hook, so the tasks start with the first admitted
 connection (`start`, on the gateway's event loop); a drain stops them after the last
@@ -21,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from project.conf import conf
 from realtime.control import TenantControl, tenant_control
 from realtime.flusher import Flusher
+from realtime.handshakes import HandshakeLine
 from realtime.hub import Hub
 from realtime.lifecycle import Lifecycle, install_daphne_drain
 from realtime.sessions import Checkpointer, session_store
@@ -45,6 +48,7 @@ class GatewayNode:
         self.sweeper = Sweeper()
         self.tenants = tenants if tenants is not None else tenant_control()
         self._streams: StreamStore | None = None
+        self._handshakes: HandshakeLine | None = None
         self.started = False
 
     @property
@@ -53,6 +57,13 @@ class GatewayNode:
         if self._streams is None:
             self._streams = StreamStore(async_client())
         return self._streams
+
+    @property
+    def handshakes(self) -> HandshakeLine:
+        if self._handshakes is None:
+            config = conf()
+            self._handshakes = HandshakeLine(config.handshake_concurrency, config.handshake_queue)
+        return self._handshakes
 
     def start(self) -> None:
         """Start the process-wide tasks, once (each part also restarts its own task should

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from client.connection import encode_positions
+from realtime.handshakes import HandshakeLine
 from realtime.node import GatewayNode
 from realtime.protocol import Publish
 from realtime.subscription import CATCH_UP_PAGE
@@ -205,3 +206,24 @@ async def test_a_catch_up_longer_than_a_page_arrives_whole_and_in_order(
     events = await reader.events("long", total)
     assert [e["seq"] for e in events] == list(range(1, total + 1))
     assert [e["data"] for e in events] == list(range(1, total + 1))
+
+
+async def test_handshakes_wait_their_turn_and_a_full_line_is_closed_1012_at_once(
+    connect: Connect, node: GatewayNode
+) -> None:
+    node._handshakes = HandshakeLine(concurrency=1, max_waiting=1)
+    await node.handshakes.enter()  # the only turn, held as by a slow handshake
+    waiting = await connect("alice")  # accepted, then waits for its turn
+    assert await waiting.nothing_more()
+    assert node.handshakes.waiting == 1
+
+    turned_away = await connect("bob")
+    closed = await turned_away.close_frame()
+    assert (closed["code"], closed["reason"], closed["before"]) == (1012, "gateway busy", [])
+
+    node.handshakes.leave()
+    welcome = await waiting.next_of("welcome")
+    assert welcome["client"] == "alice"
+    assert node.handshakes.waiting == 0
+    again = await connect("bob")  # reconnecting, as 1012 asks, it gets in
+    assert (await again.next_of("welcome"))["client"] == "bob"
