@@ -205,6 +205,10 @@ class ConnectionRegistry:
         self._client: aredis.Redis | None = None
         # member -> (tenant hash, client hash) of every connection admitted here and open.
         self.members: dict[str, tuple[str, str]] = {}
+        # Those connections per hash, kept with `members`: a release asks for two hashes'
+        # counts, which must not cost a walk over every open connection (a reconnect storm
+        # releases thousands at once).
+        self._held: dict[str, int] = {}
         # Counts Redis may have wrong (a release that failed): written whole next renewal.
         self._unsure: set[str] = set()
         self._changes = 0  # admissions and releases so far: a write-back racing one retries
@@ -265,6 +269,9 @@ class ConnectionRegistry:
             await self._identify(unknown)
         if refused:
             return REFUSALS[refused]
+        if member not in self.members:
+            for key in counts:
+                self._held[key] = self._held.get(key, 0) + 1
         self.members[member] = counts
         self._changes += 1
         if lease_id != self.lease_id:
@@ -394,6 +401,12 @@ class ConnectionRegistry:
         counts = self.members.pop(member, None)
         if counts is None:
             return
+        for key in counts:
+            left = self._held[key] - 1
+            if left:
+                self._held[key] = left
+            else:
+                del self._held[key]
         self._changes += 1
         try:
             await scripts.ReleaseConnection(
@@ -413,12 +426,9 @@ class ConnectionRegistry:
 
     def local_counts(self, wanted: set[str] | None = None) -> dict[str, int]:
         """This process's count per hash (of those `wanted`; every one by default)."""
-        counts: dict[str, int] = dict.fromkeys(wanted or (), 0)
-        for pair in self.members.values():
-            for key in pair:
-                if wanted is None or key in wanted:
-                    counts[key] = counts.get(key, 0) + 1
-        return counts
+        if wanted is None:
+            return dict(self._held)
+        return {key: self._held.get(key, 0) for key in wanted}
 
     async def refresh(self) -> None:
         """Renew this process's lease (one command), remove dead gateways' counts, and

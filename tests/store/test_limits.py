@@ -278,6 +278,14 @@ async def test_a_released_connection_frees_its_place_at_once(
         keys.connections_client(TENANT, "bob").encode(),
         keys.connections_client(TENANT, "carol").encode(),
     }
+    # The process's own counts, kept as connections come and go (a release reads two).
+    assert gateway.local_counts() == {
+        keys.connections_tenant(TENANT): 2,
+        keys.connections_client(TENANT, "bob"): 1,
+        keys.connections_client(TENANT, "carol"): 1,
+    }
+    alice = keys.connections_client(TENANT, "alice")
+    assert gateway.local_counts({alice}) == {alice: 0}
 
 
 async def test_a_dead_gateways_connections_stop_counting_after_its_lease(
