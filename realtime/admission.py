@@ -45,6 +45,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from project.conf import conf
 from realtime.protocol import ProtocolError
 from streams import keys, scripts
+from streams.batches import Batches
 from streams.buckets import NEVER, AsyncBuckets, Bucket, retry_after_ms
 from streams.redis_clients import as_text
 from streams.usage import DAY, Exhausted, iso
@@ -209,6 +210,7 @@ class ConnectionRegistry:
         # counts, which must not cost a walk over every open connection (a reconnect storm
         # releases thousands at once).
         self._held: dict[str, int] = {}
+        self._releases: Batches[scripts.ReleaseConnection, Any] = Batches(self._release_batch)
         # Counts Redis may have wrong (a release that failed): written whole next renewal.
         self._unsure: set[str] = set()
         self._changes = 0  # admissions and releases so far: a write-back racing one retries
@@ -408,21 +410,40 @@ class ConnectionRegistry:
             else:
                 del self._held[key]
         self._changes += 1
+        release = scripts.ReleaseConnection(
+            tenant_counts=counts[0], client_counts=counts[1], gateway=self.lease_id
+        )
         try:
-            await scripts.ReleaseConnection(
-                tenant_counts=counts[0],
-                client_counts=counts[1],
-                gateway=self.lease_id,
-            ).run_async(self.client)
+            await self._releases.submit(release)
         except Exception:
             # Our counts in Redis may be one too high now: the next renewal writes them.
             self._unsure.update(counts)
             raise
-        left = self.local_counts(set(counts))
-        unheld = sorted(key for key, count in left.items() if not count)
+
+    async def _release_batch(
+        self, releases: list[scripts.ReleaseConnection]
+    ) -> list[Any | BaseException]:
+        """Releases made at the same moment, in one pipeline; then the hashes this process
+        no longer counts in leave its held set (read after the releases: a connection
+        admitted meanwhile keeps its hash listed)."""
+        if len(releases) == 1:  # alone: a pipeline would only add client CPU
+            results: list[Any | BaseException] = [await releases[0].run_async(self.client)]
+        else:
+            results = await scripts.run_pipelined_async(self.client, releases)
+        released = {
+            key
+            for release, result in zip(releases, results, strict=True)
+            if not isinstance(result, BaseException)
+            for key in (release.tenant_counts, release.client_counts)
+        }
+        unheld = sorted(key for key, count in self.local_counts(released).items() if not count)
         if unheld:
-            # Best effort: a hash left listed costs a reaper one HDEL of nothing.
-            await self.client.srem(self.held_key, *unheld)
+            try:
+                await self.client.srem(self.held_key, *unheld)
+            except UNAVAILABLE:
+                # Best effort: a hash left listed costs a reaper one HDEL of nothing.
+                logger.debug("held set not trimmed of %s hashes", len(unheld), exc_info=True)
+        return results
 
     def local_counts(self, wanted: set[str] | None = None) -> dict[str, int]:
         """This process's count per hash (of those `wanted`; every one by default)."""

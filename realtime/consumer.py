@@ -636,7 +636,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self._session_ended = True
         changed, gone = position_changes(self._saved_positions, self._delivered_positions())
         task = asyncio.get_running_loop().create_task(
-            session_store().save(
+            session_store().save_final(
                 self.identity.tenant,
                 self.session_id,
                 self.identity.client,

@@ -36,6 +36,7 @@ import redis.asyncio as aredis
 
 from project.conf import conf
 from streams import keys
+from streams.batches import Batches
 from streams.events import STREAM_NAME
 
 logger = logging.getLogger(__name__)
@@ -169,6 +170,8 @@ def position_changes(
 class SessionStore:
     def __init__(self, client: aredis.Redis) -> None:
         self.client = client
+        # Connections' last saves, which a reconnect storm makes by the thousand at once.
+        self._final_saves: Batches[FinalSave, None] = Batches(self._save_batch)
 
     @staticmethod
     def _open_ttl() -> int:
@@ -229,6 +232,44 @@ class SessionStore:
             self.queue_save(pipe, tenant, session_id, client_id, changed, gone, ttl_s)
             await pipe.execute()
 
+    async def save_final(
+        self,
+        tenant: str,
+        session_id: str,
+        client_id: str,
+        changed: Mapping[str, int],
+        gone: Iterable[str],
+        ttl_s: int,
+    ) -> None:
+        """A connection's last save (its positions, and the TTL its session outlives it
+        by), sent in one pipeline with the others made at the same moment."""
+        await self._final_saves.submit(
+            FinalSave(tenant, session_id, client_id, dict(changed), list(gone), ttl_s)
+        )
+
+    async def _save_batch(self, saves: list[FinalSave]) -> list[None | BaseException]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            counts = [
+                self.queue_save(
+                    pipe,
+                    save.tenant,
+                    save.session_id,
+                    save.client_id,
+                    save.changed,
+                    save.gone,
+                    save.ttl_s,
+                )
+                for save in saves
+            ]
+            answers = await pipe.execute(raise_on_error=False)
+        results: list[None | BaseException] = []
+        start = 0
+        for count in counts:
+            errors = [a for a in answers[start : start + count] if isinstance(a, BaseException)]
+            results.append(errors[0] if errors else None)
+            start += count
+        return results
+
     def queue_save(
         self,
         pipe: Any,
@@ -257,6 +298,18 @@ class SessionStore:
             pipe.expire(key, ttl_s)
             commands += 1
         return commands
+
+
+@dataclass(slots=True)
+class FinalSave:
+    """A connection's last save (SessionStore.save_final)."""
+
+    tenant: str
+    session_id: str
+    client_id: str
+    changed: dict[str, int]
+    gone: list[str]
+    ttl_s: int
 
 
 @dataclass(slots=True)
