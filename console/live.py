@@ -40,6 +40,7 @@ THROTTLE_REASONS = {
     "subscriptions": "subscriptions per connection (rate_limited)",
     "receipts": "receipt rate (rate_limited)",
     "token_budget": "token budget spent (budget_exhausted)",
+    "redis_pool": "gateway's Redis connections all busy (overloaded)",
 }
 # The gateways keep their per-minute refusal counts (realtime/throttles.py) for
 # THROTTLE_KEEP_S; the page shows the last THROTTLE_MINUTES_SHOWN minutes of them.

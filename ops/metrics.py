@@ -212,6 +212,7 @@ REFUSAL_CODES = {
     "subscriptions": "rate_limited",
     "receipts": "rate_limited",
     "token_budget": "budget_exhausted",
+    "redis_pool": "overloaded",
 }
 # Labels of frames going out: anything else (a kind a later version adds) is "other", so a
 # frame can never mint a series.

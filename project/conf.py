@@ -40,6 +40,7 @@ class Conf:
     redis_cluster_url: str = _top_level("REDIS_CLUSTER_URL")
     redis_socket_timeout_s: float = _top_level("REDIS_SOCKET_TIMEOUT_S")
     redis_max_connections: int = _top_level("REDIS_MAX_CONNECTIONS")
+    redis_pool_wait_s: float = _top_level("REDIS_POOL_WAIT_S")
     broker_url: str = _top_level("CELERY_BROKER_URL")
     broker_transport_options: Mapping[str, Any] = _top_level("CELERY_BROKER_TRANSPORT_OPTIONS")
     sweep_interval_s: float = _top_level("SWEEP_INTERVAL_S")

@@ -147,6 +147,9 @@ REDIS_CLUSTER_URL = env_str("REDIS_CLUSTER_URL", "")
 REDIS_SOCKET_TIMEOUT_S = env_float("REDIS_SOCKET_TIMEOUT_S", 30.0)
 # redis-py 8 raises MaxConnectionsError past the pool cap: size it for a handshake burst.
 REDIS_MAX_CONNECTIONS = env_int("REDIS_MAX_CONNECTIONS", 512)
+# How long a command waits for a free pooled connection (every one busy: Redis is behind);
+# then a client's frame is answered `overloaded` (429) and background work tries later.
+REDIS_POOL_WAIT_S = env_float("REDIS_POOL_WAIT_S", 10.0)
 
 # --- Channels --------------------------------------------------------------------------
 # The layer is only used for process-addressed control messages and the benchmark

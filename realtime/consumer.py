@@ -86,6 +86,7 @@ from streams import keys
 from streams.events import dumps
 from streams.log import BudgetExhausted, LimitReached, RunLimits
 from streams.receipts import BeyondHead, receipt_store
+from streams.redis_clients import pool_exhausted
 from streams.replication import NotReplicated
 from tenants.config import TenantConfig, tenant_cache
 from tenants.tokens import AuthError, Identity, authenticate
@@ -100,6 +101,8 @@ SESSION_SAVE_TIMEOUT_S = 2.0
 # A write the replicas did not confirm in time: about one failover's worth (a replica is
 # promoted within seconds), with the client's own jitter on top.
 UNREPLICATED_RETRY_MS = 1000
+# After a frame refused because every pooled Redis connection was busy.
+POOL_EXHAUSTED_RETRY_MS = 1000
 
 
 # Work that must finish even when the handler awaiting it is cancelled, held here so the
@@ -467,7 +470,26 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                     retry_after_ms=UNREPLICATED_RETRY_MS,
                 )
             )
-        except Exception:
+        except Exception as error:
+            if pool_exhausted(error):
+                # Never sent (every pooled connection busy: Redis is behind): a bound like
+                # any other, so the client backs off and sends it again.
+                logger.warning(
+                    "Redis pool exhausted; frame refused tenant=%s client=%s conn=%s",
+                    self.identity.tenant,
+                    self.identity.client,
+                    self.connection_id,
+                )
+                _count_refusal(self.identity.tenant, "redis_pool")
+                self.push(
+                    error_frame(
+                        "overloaded",
+                        "the gateway's Redis connections are all busy; retry later",
+                        frame_id,
+                        retry_after_ms=POOL_EXHAUSTED_RETRY_MS,
+                    )
+                )
+                return
             logger.exception(
                 "frame failed tenant=%s client=%s conn=%s",
                 self.identity.tenant,

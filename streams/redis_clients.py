@@ -50,7 +50,7 @@ def _pool_options(asynchronous: bool) -> dict[str, Any]:
         "retry": retry_class(ExponentialBackoff(cap=0.5, base=0.05), 4),
         "retry_on_error": [RedisConnectionError],
         "max_connections": conf().redis_max_connections,
-        "timeout": 10,
+        "timeout": conf().redis_pool_wait_s,
         "socket_timeout": conf().redis_socket_timeout_s,
         "socket_connect_timeout": 5,
         "health_check_interval": 15,
@@ -75,7 +75,7 @@ def _cluster_options(asynchronous: bool) -> dict[str, Any]:
     }
     if not asynchronous:
         options["connection_pool_class"] = redis.BlockingConnectionPool
-        options["timeout"] = 10
+        options["timeout"] = conf().redis_pool_wait_s
     return options
 
 
@@ -103,6 +103,17 @@ class _BoundedAsyncRedisCluster(AsyncRedisCluster):
                     self._mapped = True
         async with self._places:
             return await super().execute_command(*args, **kwargs)
+
+
+def pool_exhausted(error: BaseException) -> bool:
+    """Whether `error` is a blocking pool giving up its wait for a free connection
+    (REDIS_POOL_WAIT_S): the command was never sent, so the caller may refuse the work
+    as overloaded, with nothing half done."""
+    return (
+        isinstance(error, RedisConnectionError)
+        and isinstance(error.__cause__, asyncio.TimeoutError)
+        and "No connection available" in str(error)
+    )
 
 
 def async_client() -> aredis.Redis:

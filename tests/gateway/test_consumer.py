@@ -227,3 +227,27 @@ async def test_handshakes_wait_their_turn_and_a_full_line_is_closed_1012_at_once
     assert node.handshakes.waiting == 0
     again = await connect("bob")  # reconnecting, as 1012 asks, it gets in
     assert (await again.next_of("welcome"))["client"] == "bob"
+
+
+async def test_a_frame_that_finds_every_redis_connection_busy_is_refused_overloaded(
+    connect: Connect, node: GatewayNode
+) -> None:
+    alice = await connect("alice")
+    await alice.next_of("welcome")
+    pool = node.streams.client.connection_pool
+    saved = pool.max_connections, pool.timeout
+    taken = [await pool.get_connection()]
+    while pool._available_connections:  # every pooled connection busy, and no room for more
+        taken.append(await pool.get_connection())
+    pool.max_connections, pool.timeout = len(pool._in_use_connections), 0.2
+    try:
+        await alice.send({"type": "publish", "id": "p1", "stream": "room", "data": {}})
+        refused = await alice.next_of("error")
+    finally:
+        pool.max_connections, pool.timeout = saved
+        for connection in taken:
+            await pool.release(connection)
+    assert (refused["id"], refused["code"], refused["status"]) == ("p1", "overloaded", 429)
+    assert refused["retry_after_ms"] > 0
+    # Not applied: sent again once Redis has room, it is the first event of the stream.
+    assert await publish(alice, "room", "p1", {}) == 1
