@@ -50,10 +50,12 @@ masters scale.
 
 Reported per phase: operations per second, latency of each script call (redis-benchmark's
 p50, p99 and the first histogram bucket at or above 99.9%; closed loop at saturation, so
-mostly queueing behind `--clients` x `--pipeline` calls in flight), Redis CPU per master
+mostly queueing behind `--clients` x `--pipeline` calls in flight), the longest event of
+Redis's latency monitor (100 ms or more: a tail Redis itself saw), Redis CPU per master
 (INFO cpu before and after: the busiest near 100% of a core means Redis was the limit), the
-generators' CPU, peak RSS of every Redis node and generator; then the medians over the
-rounds and the ratios cluster-3 / cluster-1 and each mode / single.
+machine's CPU (every core busy: the cores, not Redis, were), the generators' CPU, peak RSS
+of every Redis node and generator; then the medians over the rounds and the ratios
+cluster-3 / cluster-1 and each mode / single.
 
     python -m bench.data_plane                                   # 3 modes, 3 rounds
     python -m bench.data_plane --modes single --rounds 1 --send-requests 20000
@@ -119,6 +121,9 @@ OPEN_RATE = 1_000_000_000
 OPEN_QUEUE = 1_000_000_000
 
 SEQ_PATTERN = "*:s:{*}:" + STREAM + ":seq"
+# Redis's latency monitor records events (a command, an expiry cycle, ...) this long or
+# longer: whether a latency tail was Redis's own or the generator's and the machine's.
+STALL_MS = 100
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -385,6 +390,13 @@ def calls_of(node: redis.Redis, command: str) -> int:
     return int(stats["calls"]) if stats else 0
 
 
+def longest_stall_ms(node: redis.Redis) -> int:
+    """The longest event Redis's latency monitor recorded since its LATENCY RESET (0: none
+    reached STALL_MS)."""
+    events = node.execute_command("LATENCY", "LATEST")
+    return max((int(event[3]) for event in events), default=0)
+
+
 def busy_fraction(before: Any, after: Any) -> float:
     """The share of the machine's CPU time (every core) that was not idle between two
     psutil.cpu_times() readings."""
@@ -435,6 +447,9 @@ def run_phase(
         )
         for call in calls
     ]
+    for node in nodes.values():
+        node.config_set("latency-monitor-threshold", STALL_MS)
+        node.execute_command("LATENCY", "RESET")
     cpu_before = {name: cpu_seconds(node) for name, node in nodes.items()}
     machine_before = psutil.cpu_times()
     pexpire_before = sum(calls_of(node, "pexpire") for node in chosen.values())
@@ -481,6 +496,7 @@ def run_phase(
         # Every core of the machine: near 100% when the cores, not Redis's one thread each,
         # are what the masters share.
         "machine_cpu_busy_pct": round(100 * machine_busy, 1),
+        "longest_redis_stall_ms": {name: longest_stall_ms(node) for name, node in nodes.items()},
         "used_memory_mib": {
             name: round(int(node.info("memory")["used_memory"]) / 2**20, 1)
             for name, node in nodes.items()
@@ -510,6 +526,11 @@ def print_phase(variant: str, phase: dict[str, Any]) -> None:
     print(
         f"    Redis CPU (% of a core): {cpu}; the machine's {psutil.cpu_count()} cores"
         f" {phase['machine_cpu_busy_pct']}% busy"
+    )
+    stall = max(phase["longest_redis_stall_ms"].values())
+    print(
+        "    longest event in Redis's latency monitor: "
+        + (f"{stall} ms" if stall else f"none of {STALL_MS} ms or more")
     )
     for name, info in phase["processes"].items():
         if isinstance(info, dict):
