@@ -110,7 +110,7 @@ TENANT = "tag"
 CLIENT = "bench-client"
 STREAM = "bench"
 RANDOM = "__rand_int__"
-# random() % -r gives 31 bits: one draw repeats within a few thousand calls in a million;
+# random() % -r gives 31 bits: a single draw repeats a few hundred times in a million calls;
 # two side by side (24 digits) make about 62 bits, so no message id repeats in a phase.
 UNIQUE = RANDOM + RANDOM
 RANDOM_RANGE = 2**31 - 1
