@@ -21,8 +21,10 @@ Left out, and why: the tenant registry's SADD (once per tenant per gateway proce
 remembered); FAIR_JOIN, the ring's call when a send makes its tenant's queue non-empty
 (here no worker drains the queues, so after the first send of a tenant it never is, as
 under a backlog; when workers keep every queue empty it is one more call per send, in the
-ring's one slot); everything a worker does for the run; pub/sub subscribers (the PUBLISH
-reaches none here: its fan-out cost is capacity.py's redis_fanout phase).
+ring's one slot); the run's wake-up, published to Celery's broker, which is not the
+streams' Redis (a Redis Cluster never is); everything a worker does for the run; pub/sub
+subscribers (the PUBLISH reaches none here: its fan-out cost is capacity.py's
+redis_fanout phase).
 
 The two scripts of an operation run at once, each from its own redis-benchmark process
 with the same number of calls: the cheaper one finishes first and the other then has Redis
@@ -281,7 +283,9 @@ def operation_calls(operation: str) -> list[ScriptCall]:
                     after_ack=True,
                 )
             )
-            if appended.after_ack is not None:  # the ring's join: left out (see above)
+            # What follows the ack (the run's wake-up to Celery's broker, which is not the
+            # streams' Redis, and the ring's join when the queue was empty): left out.
+            if appended.after_ack is not None:
                 appended.after_ack.close()
     (write,) = captured
     expected = scripts.AppendEvent if operation == "publish" else scripts.AcceptSend
