@@ -50,7 +50,7 @@ spends with no client (measured first, `--quiet` seconds, scaled to the phase's 
 The throughput phases offer more than the system on this machine can do, capped by the
 answers (a closed loop), so the achieved rate is its capacity; the Redis CPU beside it
 says whether Redis was the limit (on a small machine it is the gateway's and the worker's
-CPU: publish_direct then shows what the data plane alone does with more masters).
+CPU; the data plane alone, with Redis the limit, is bench/data_plane.py's measurement).
 Ratios: cluster-3 / cluster-1, and each mode / single.
 
     python -m bench.capacity                                   # every mode, full size
