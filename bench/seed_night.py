@@ -13,10 +13,11 @@ The clients are `manage.py loadgen --scenario night`, one asyncio process per
 on one wall-clock schedule), spread over the gateways in turn. Every reader checks every
 seq of its stream (losses and duplicates must be 0) and times each event's delivery lag
 (receipt minus the event's `ts`, on the machine's one clock). An event published while its
-reader was cut off (stamped before the handshake of the resumed connection began) cannot
-be delivered until the client is back: its lag is reported apart (`away_lag`), and the
-resume's cost shows in reconnect-to-caught-up; the delivery targets are on the rest,
-what connected readers get while the storm goes on around them.
+reader was cut off (stamped before the handshake of the resumed connection began:
+`away_lag`) or while its resume was being let in (after that, before its `welcome`:
+`rejoining_lag`) reaches it through the resume, and that lag is the reconnect's: both are
+reported apart, with reconnect-to-caught-up and every delivery together beside them. The
+delivery targets are on the rest: what connected readers get while the storm goes on.
 
 Reported: send->reply.done and delivery lag p50/p99/p99.9 (all, before the storm, the
 storm's 30 s), reconnect-to-caught-up time (drop -> the resumed connection holds every
@@ -72,7 +73,16 @@ TARGET_P99_MS = 250.0
 TARGET_P999_MS = 1000.0
 STORM_WINDOW_S = 30.0  # the storm's figures: from the drops on, this long
 PROFILE_S = 15.0  # --profile: the storm's first seconds
-LATENCIES = ("event_lag", "away_lag", "reply", "ack", "caught_up", "connect", "loop_lag")
+LATENCIES = (
+    "event_lag",
+    "away_lag",
+    "rejoining_lag",
+    "reply",
+    "ack",
+    "caught_up",
+    "connect",
+    "loop_lag",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -345,6 +355,11 @@ def summarise(m: dict[str, Any], storm_from: float, args: argparse.Namespace) ->
     latency["event_lag_before_storm"] = _latency(lag, 0, storm_from)
     latency["event_lag_storm"] = _latency(lag, storm_from, storm_to)
     latency["away_lag_storm"] = _latency(m.get("away_lag", []), storm_from, storm_to)
+    latency["rejoining_lag_storm"] = _latency(m.get("rejoining_lag", []), storm_from, storm_to)
+    # Every delivery, whatever its reader was doing: what a target on all of them would see.
+    every = lag + m.get("away_lag", []) + m.get("rejoining_lag", [])
+    latency["every_delivery"] = _latency(every)
+    latency["every_delivery_storm"] = _latency(every, storm_from, storm_to)
     latency["reply_storm"] = _latency(m.get("reply", []), storm_from, storm_to)
     latency["loop_lag_storm"] = _latency(m.get("loop_lag", []), storm_from, storm_to)
     # Per 10 s: how the lag moved through the night.
@@ -428,6 +443,10 @@ def print_result(result: dict[str, Any]) -> None:
     print(_line(f"  storm ({STORM_WINDOW_S:g} s from the drops)", latency["event_lag_storm"]))
     print(_line("published while the reader was cut off, got on resume", latency["away_lag"]))
     print(_line(f"  storm ({STORM_WINDOW_S:g} s from the drops)", latency["away_lag_storm"]))
+    print(_line("published while the reader's resume was let in", latency["rejoining_lag"]))
+    print(_line(f"  storm ({STORM_WINDOW_S:g} s from the drops)", latency["rejoining_lag_storm"]))
+    print(_line("every delivery, the three above together", latency["every_delivery"]))
+    print(_line(f"  storm ({STORM_WINDOW_S:g} s from the drops)", latency["every_delivery_storm"]))
     print(_line("send -> reply.done", latency["reply"]))
     print(_line("  ending in the storm", latency["reply_storm"]))
     print(_line("send -> ack", latency["ack"]))

@@ -162,9 +162,11 @@ class _Connection:
         self.dropped_at = 0.0
         self.catch_up: dict[str, int] | None = None
         self.pong_seen = False
-        # When the handshake of the connection now open began (wall clock): an event
-        # stamped before it was published while this client had no connection.
+        # When the handshake of the connection now open began and when its welcome came
+        # (wall clock): an event stamped before the first was published while this client
+        # had no connection; one between the two, while it was being let back in.
         self.connecting_since = 0.0
+        self.welcomed_at = 0.0
         self.client = plan.client
         self.ws: WireConnection | None = None
         self.session: str | None = None
@@ -264,7 +266,8 @@ class _Connection:
         timeout = engine.options.connect_timeout_s
         async with engine._connect_slots:
             started = engine.now()
-            attempt_began = time.time()
+            if self.opened_once:  # a reconnect: what came before it is the resume's to deliver
+                self.connecting_since = time.time()
             self._welcome = asyncio.get_running_loop().create_future()
             self._leaving = False
             try:
@@ -285,7 +288,6 @@ class _Connection:
                 await self._abandon(ws)
                 raise
         engine.m.connect.append((engine.touch(), (engine.now() - started) * 1000))
-        self.connecting_since = attempt_began
         return welcome
 
     async def _abandon(self, ws: WireConnection) -> None:
@@ -400,6 +402,8 @@ class _Connection:
         elif kind == "error":
             self._on_answer(frame, error=True)
         elif kind == "welcome":
+            if self.opened_once:
+                self.welcomed_at = time.time()
             if self._welcome is not None and not self._welcome.done():
                 self._welcome.set_result(frame)
         elif kind == "pong" and self.catch_up is not None:
@@ -508,12 +512,19 @@ class _Connection:
                 sent = datetime.fromisoformat(ts).timestamp()
             except ValueError:
                 return True
-            # Published while this client had no connection (it was cut and is back):
-            # delivered by the resume, so its lag is the client's time away, apart.
-            away = sent < self.connecting_since
-            (m.away_lag if away else m.event_lag).append(
-                (self.engine.now(), (time.time() - sent) * 1000)
-            )
+            # Published while this client was cut off, or while its resume was being let
+            # in: the resume delivers it, and its lag is the reconnect's, counted apart
+            # from what readers that were connected got.
+            # `ts` has millisecond resolution: only a stamp a whole millisecond before the
+            # moment counts as before it, so no live delivery is taken for a resume's.
+            sample = (self.engine.now(), (time.time() - sent) * 1000)
+            stamped = sent + 0.001
+            if stamped < self.connecting_since:
+                m.away_lag.append(sample)
+            elif stamped < self.welcomed_at:
+                m.rejoining_lag.append(sample)
+            else:
+                m.event_lag.append(sample)
         if targets is not None:
             self._check_caught_up()
         return True

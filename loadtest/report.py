@@ -52,8 +52,10 @@ class Measurements:
     # With the engine's check_seqs: each stream event's receipt minus its ts, resumed
     # connections' drop -> caught up, seq gaps and repeats per stream per connection.
     event_lag: list[Sample] = field(default_factory=list)
-    # Events published while their reader was cut off, received after its resume.
+    # Events published while their reader was cut off, and while its resume was being let
+    # in (handshake begun, welcome not yet received): both reach it through the resume.
     away_lag: list[Sample] = field(default_factory=list)
+    rejoining_lag: list[Sample] = field(default_factory=list)
     caught_up: list[Sample] = field(default_factory=list)
     events: int = 0  # stream events received (with a seq), duplicates left out
     presence_events: int = 0  # join/leave received
@@ -154,6 +156,8 @@ def build_report(m: Measurements, meta: dict[str, Any]) -> dict[str, Any]:
         report["latency_ms"]["event_lag"] = summarize([v for _, v in m.event_lag])
     if m.away_lag:
         report["latency_ms"]["away_lag"] = summarize([v for _, v in m.away_lag])
+    if m.rejoining_lag:
+        report["latency_ms"]["rejoining_lag"] = summarize([v for _, v in m.rejoining_lag])
     if m.caught_up:
         report["latency_ms"]["caught_up"] = summarize([v for _, v in m.caught_up])
     if m.loop_lag:
@@ -233,6 +237,7 @@ def raw_samples(m: Measurements) -> dict[str, Any]:
         "lag",
         "event_lag",
         "away_lag",
+        "rejoining_lag",
         "caught_up",
         "delivery",
         "loop_lag",

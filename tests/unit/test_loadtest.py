@@ -476,7 +476,8 @@ def test_engine_counts_refused_connections_and_skips_their_frames() -> None:
 
 class SeqGateway:
     """A stream whose events skip seq 3 and repeat seq 4, a join without seq, and a resume
-    that replays from the positions the client sent (seq 5 is new by then)."""
+    that replays from the positions the client sent: seq 5 was published while the client
+    was away, seq 6 while its resume was being let in (before its welcome)."""
 
     def __init__(self) -> None:
         self.positions: list[dict[str, int]] = []
@@ -487,6 +488,10 @@ class SeqGateway:
 
         query = parse_qs(urlsplit(ws.request.path).query)
         resumed = "session" in query
+        missed: list[dict[str, Any]] = []
+        if resumed:
+            missed = [self.event(5, ago_s=1.0), self.event(6)]
+            await asyncio.sleep(0.05)  # the welcome comes after seq 6 was stamped
         await ws.send(
             json.dumps({"type": "welcome", "session": "s1", "resumed": resumed, "limits": {}})
         )
@@ -494,8 +499,9 @@ class SeqGateway:
             encoded = query["positions"][0]
             positions = json.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
             self.positions.append(positions)
-            for seq in range(positions["s"] + 1, 6):
-                await ws.send(json.dumps(self.event(seq)))
+            for event in missed:
+                if event["seq"] > positions["s"]:
+                    await ws.send(json.dumps(event))
         async for text in ws:
             frame = json.loads(text)
             if frame["type"] == "subscribe":
@@ -508,10 +514,11 @@ class SeqGateway:
                 await ws.send(json.dumps({"type": "pong"}))
 
     @staticmethod
-    def event(seq: int) -> dict[str, Any]:
-        from streams.events import utc_now_iso
+    def event(seq: int, ago_s: float = 0.0) -> dict[str, Any]:
+        from datetime import UTC, datetime, timedelta
 
-        return {"type": "event", "stream": "s", "seq": seq, "kind": "message", "ts": utc_now_iso()}
+        ts = (datetime.now(UTC) - timedelta(seconds=ago_s)).isoformat(timespec="milliseconds")
+        return {"type": "event", "stream": "s", "seq": seq, "kind": "message", "ts": ts}
 
 
 def test_engine_checks_seqs_times_lag_and_the_catch_up_of_a_resume() -> None:
@@ -543,8 +550,12 @@ def test_engine_checks_seqs_times_lag_and_the_catch_up_of_a_resume() -> None:
     m = asyncio.run(play())
     assert gateway.positions == [{"s": 4}]  # the resume says what was processed
     assert m.seq_lost == 1 and m.seq_duplicates == 1 and m.seq_lost_at_end == 0
-    assert m.events == 4 and m.presence_events == 1  # seqs 1, 2, 4, 5; the join
-    assert len(m.event_lag) == 4 and all(0 <= lag < 5000 for _, lag in m.event_lag)
+    assert m.events == 5 and m.presence_events == 1  # seqs 1, 2, 4, 5, 6; the join
+    # Live deliveries apart from what the resume brought: missed while away, and while
+    # being let back in.
+    assert len(m.event_lag) == 3 and all(0 <= lag < 5000 for _, lag in m.event_lag)
+    assert [round(lag, -3) for _, lag in m.away_lag] == [1000.0]
+    assert len(m.rejoining_lag) == 1 and m.rejoining_lag[0][1] >= 40
     assert len(m.caught_up) == 1 and m.resumed == 1
     assert m.loop_lag  # the generator's own loop was watched
     report = build_report(m, {})
