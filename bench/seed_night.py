@@ -222,13 +222,67 @@ def loadgen_command(
     ]
 
 
+# The gateways' own view of delivery (event ts -> handed to every local subscriber, once per
+# event per process), scraped from /metrics: the part of each lag that is not the load
+# generators' (whose loops run late in a storm and add that to every figure they take).
+METRICS_TOKEN = "seed-night-metrics"
+GATEWAY_LAG = "switchboard_delivery_lag_seconds"
+
+
+def scrape_gateway_lag(cluster: Any) -> dict[float, float] | None:
+    """Cumulative bucket counts (upper bound in s -> events) of every gateway process,
+    summed (they share the multiprocess registry); None when the scrape fails."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = gateway_base(cluster, 0).replace("ws://", "http://") + "/metrics"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            text = answer.read().decode()
+    except OSError as error:
+        print(f"  (gateway metrics not scraped: {error})", flush=True)
+        return None
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != GATEWAY_LAG:
+            continue
+        for sample in family.samples:
+            if sample.name == GATEWAY_LAG + "_bucket":
+                bound = float(sample.labels["le"])
+                buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    return buckets
+
+
+def bucket_quantiles(
+    before: dict[float, float] | None, after: dict[float, float] | None
+) -> dict[str, Any]:
+    """p50/p99/p99.9 of the events observed between two scrapes, each as the upper bound
+    of its bucket (ms; the buckets grow by about 1.6x, so read them as 'at most')."""
+    if not before or not after:
+        return {"count": 0}
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1]
+    found: dict[str, Any] = {"count": int(total)}
+    for name, q in (("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)):
+        bound = next((b for b, c in zip(bounds, counts, strict=True) if c >= q * total), None)
+        found[name] = None if bound is None or not total else round(bound * 1000, 1)
+    return found
+
+
 def run(env: BenchEnv, args: argparse.Namespace) -> dict[str, Any]:
     tenant_settings = prepare_tenants(env, args)
     flush_redis_cluster()
     out_dir = env.log_root / "loadgen"
     out_dir.mkdir(parents=True, exist_ok=True)
     with env.cluster(
-        "night", gateways=args.gateways, workers=1, worker_concurrency=args.worker_concurrency
+        "night",
+        gateways=args.gateways,
+        workers=1,
+        worker_concurrency=args.worker_concurrency,
+        env={"SWITCHBOARD_METRICS_TOKEN": METRICS_TOKEN},
     ) as cluster:
         urls = ",".join(f"{gateway_base(cluster, i)}/ws/v1/" for i in range(args.gateways))
         start_at = time.time() + args.lead
@@ -267,7 +321,9 @@ def run(env: BenchEnv, args: argparse.Namespace) -> dict[str, Any]:
         _sleep_until(night_start)
         window = ProcessSampler(procs, interval_s=0.5).start()
         psutil.cpu_percent()  # the machine's busy share from here
+        lag_at_night_start = scrape_gateway_lag(cluster)
         _sleep_until(storm_at - 1)
+        lag_before_storm = scrape_gateway_lag(cluster)
         storm = ProcessSampler(procs, interval_s=0.5).start()
         profile = None
         if args.profile:
@@ -276,6 +332,7 @@ def run(env: BenchEnv, args: argparse.Namespace) -> dict[str, Any]:
             _sleep_until(storm_at + PROFILE_S)
             profile = profiler.stop()
         _sleep_until(storm_at + STORM_WINDOW_S)
+        lag_after_storm = scrape_gateway_lag(cluster)
         storm_report = storm.stop()
         _sleep_until(night_end)
         machine_busy = psutil.cpu_percent()
@@ -312,6 +369,10 @@ def run(env: BenchEnv, args: argparse.Namespace) -> dict[str, Any]:
         "processes_whole_run": whole_report,
         "processes_during_sends": window_report,
         "processes_storm": storm_report,
+        "gateway_delivery_lag_ms": {
+            "before_storm": bucket_quantiles(lag_at_night_start, lag_before_storm),
+            "storm": bucket_quantiles(lag_before_storm, lag_after_storm),
+        },
         "profile": profile,
         "generators_finished": len(outputs) == len(children)
         and all(child.returncode == 0 for child in children.values()),
@@ -447,6 +508,13 @@ def print_result(result: dict[str, Any]) -> None:
     print(_line(f"  storm ({STORM_WINDOW_S:g} s from the drops)", latency["rejoining_lag_storm"]))
     print(_line("every delivery, the three above together", latency["every_delivery"]))
     print(_line(f"  storm ({STORM_WINDOW_S:g} s from the drops)", latency["every_delivery_storm"]))
+    for label, key in (("before the storm", "before_storm"), ("storm", "storm")):
+        gateway = result["gateway_delivery_lag_ms"][key]
+        print(
+            f"  at the gateways (ts -> handed to every local subscriber), {label}: at most"
+            f" p50 {fmt_ms(gateway.get('p50'))} / p99 {fmt_ms(gateway.get('p99'))} /"
+            f" p99.9 {fmt_ms(gateway.get('p99.9'))} ms (n={gateway['count']} event handings)"
+        )
     print(_line("send -> reply.done", latency["reply"]))
     print(_line("  ending in the storm", latency["reply_storm"]))
     print(_line("send -> ack", latency["ack"]))
