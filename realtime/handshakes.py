@@ -7,71 +7,30 @@ them all at once puts thousands of handshake steps in the loop's ready queue ahe
 every event for the connections already open, so delivery stalls for seconds, and the
 burst grows the Redis pool by hundreds of connections. Taking them `concurrency` at a time
 keeps the loop's queue short (delivery goes on between handshakes) and the pool small; the
-total work is the same. And while the loop runs late (`LoopLag`: the process is short of
-CPU, as every process is in a storm on a small machine), a handshake that would start
-beside another waits for the loop to catch up: the connections already open come first,
-and those coming back wait a little longer (at least one handshake always goes on).
+total work is the same. The line is bounded: past `max_waiting` a newcomer is turned away
+at once (closed 1012, which clients answer by reconnecting with backoff and jitter), and
+one whose client gave up while it waited is dropped at its turn without any work.
 
-The line is bounded: past `max_waiting` a newcomer is turned away at once (closed 1012,
-which clients answer by reconnecting with backoff and jitter), and one whose client gave
-up while it waited is dropped at its turn without any work.
-
-No I/O here: the consumer asks, the line answers.
+Pure asyncio, no I/O: the consumer asks, the line answers.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 from ops import metrics
-
-# The loop's lateness past which a handshake does not start beside another, and how often
-# the loop is checked: small against the 250 ms a delivery may take in all.
-BEHIND_S = 0.025
-CHECK_S = 0.01
 
 
 class LineFull(Exception):
     """The line holds `max_waiting` handshakes already."""
 
 
-class LoopLag:
-    """How late the event loop wakes a task that sleeps CHECK_S at a time: a process whose
-    loop is busy or whose CPU is taken runs late. Started by the first `behind()`."""
-
-    def __init__(self) -> None:
-        self.late_s = 0.0
-        self._task: asyncio.Task[None] | None = None
-
-    def behind(self) -> bool:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._watch())
-        return self.late_s > BEHIND_S
-
-    async def _watch(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            before = loop.time()
-            await asyncio.sleep(CHECK_S)
-            self.late_s = max(0.0, loop.time() - before - CHECK_S)
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-
-
 class HandshakeLine:
-    def __init__(
-        self, concurrency: int, max_waiting: int, behind: Callable[[], bool] | None = None
-    ) -> None:
+    def __init__(self, concurrency: int, max_waiting: int) -> None:
         self.concurrency = max(1, concurrency)
         self.max_waiting = max(0, max_waiting)
         self._turns = asyncio.Semaphore(self.concurrency)
-        self._behind = behind or (lambda: False)
         self.waiting = 0
-        self.active = 0
 
     async def enter(self) -> None:
         """Wait for a turn (LineFull at once when the line is full). Pair with `leave`."""
@@ -87,14 +46,6 @@ class HandshakeLine:
                 metrics.handshakes_waiting(-1)
         else:
             await self._turns.acquire()
-        try:
-            while self.active and self._behind():
-                await asyncio.sleep(CHECK_S)
-        except BaseException:
-            self._turns.release()
-            raise
-        self.active += 1
 
     def leave(self) -> None:
-        self.active -= 1
         self._turns.release()

@@ -25,7 +25,7 @@ import logging
 from project.conf import conf
 from realtime.control import TenantControl, tenant_control
 from realtime.flusher import Flusher
-from realtime.handshakes import HandshakeLine, LoopLag
+from realtime.handshakes import HandshakeLine
 from realtime.hub import Hub
 from realtime.lifecycle import Lifecycle, install_daphne_drain
 from realtime.sessions import Checkpointer, session_store
@@ -49,7 +49,6 @@ class GatewayNode:
         self.tenants = tenants if tenants is not None else tenant_control()
         self._streams: StreamStore | None = None
         self._handshakes: HandshakeLine | None = None
-        self.loop_lag = LoopLag()
         self.started = False
 
     @property
@@ -63,9 +62,7 @@ class GatewayNode:
     def handshakes(self) -> HandshakeLine:
         if self._handshakes is None:
             config = conf()
-            self._handshakes = HandshakeLine(
-                config.handshake_concurrency, config.handshake_queue, self.loop_lag.behind
-            )
+            self._handshakes = HandshakeLine(config.handshake_concurrency, config.handshake_queue)
         return self._handshakes
 
     def start(self) -> None:
@@ -83,7 +80,6 @@ class GatewayNode:
         """Stop the process-wide tasks and the hub's connection, for good: a drained
         lifecycle admits no connection that could need them again."""
         self.started = False
-        self.loop_lag.stop()
         stopping = asyncio.gather(
             self.sweeper.stop(),
             self.tenants.close(),
