@@ -658,7 +658,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self._session_ended = True
         changed, gone = position_changes(self._saved_positions, self._delivered_positions())
         task = asyncio.get_running_loop().create_task(
-            session_store().save_final(
+            session_store().save(
                 self.identity.tenant,
                 self.session_id,
                 self.identity.client,

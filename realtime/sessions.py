@@ -170,8 +170,8 @@ def position_changes(
 class SessionStore:
     def __init__(self, client: aredis.Redis) -> None:
         self.client = client
-        # Connections' last saves, which a reconnect storm makes by the thousand at once.
-        self._final_saves: Batches[FinalSave, None] = Batches(self._save_batch)
+        # Saves, which a reconnect storm's closing connections make by the thousand at once.
+        self._saves: Batches[tuple[PendingSave, int | None], None] = Batches(self._save_batch)
 
     @staticmethod
     def _open_ttl() -> int:
@@ -227,39 +227,19 @@ class SessionStore:
         gone: Iterable[str],
         ttl_s: int | None = None,
     ) -> None:
-        """Write changed positions; `ttl_s` also resets the key's lifetime."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            self.queue_save(pipe, tenant, session_id, client_id, changed, gone, ttl_s)
-            await pipe.execute()
+        """Write changed positions; `ttl_s` also resets the key's lifetime. Sent in one
+        pipeline with the other saves made at the same moment: a storm's closing
+        connections each make their last save at once."""
+        save = PendingSave(tenant, session_id, client_id, dict(changed), list(gone), True)
+        await self._saves.submit((save, ttl_s))
 
-    async def save_final(
-        self,
-        tenant: str,
-        session_id: str,
-        client_id: str,
-        changed: Mapping[str, int],
-        gone: Iterable[str],
-        ttl_s: int,
-    ) -> None:
-        """A connection's last save (its positions, and the TTL its session outlives it
-        by), sent in one pipeline with the others made at the same moment."""
-        await self._final_saves.submit(
-            FinalSave(tenant, session_id, client_id, dict(changed), list(gone), ttl_s)
-        )
-
-    async def _save_batch(self, saves: list[FinalSave]) -> list[None | BaseException]:
+    async def _save_batch(self, saves: list[tuple[PendingSave, int]]) -> list[None | BaseException]:
         async with self.client.pipeline(transaction=False) as pipe:
             counts = [
                 self.queue_save(
-                    pipe,
-                    save.tenant,
-                    save.session_id,
-                    save.client_id,
-                    save.changed,
-                    save.gone,
-                    save.ttl_s,
+                    pipe, save.tenant, save.session_id, save.client, save.changed, save.gone, ttl
                 )
-                for save in saves
+                for save, ttl in saves
             ]
             answers = await pipe.execute(raise_on_error=False)
         results: list[None | BaseException] = []
@@ -298,18 +278,6 @@ class SessionStore:
             pipe.expire(key, ttl_s)
             commands += 1
         return commands
-
-
-@dataclass(slots=True)
-class FinalSave:
-    """A connection's last save (SessionStore.save_final)."""
-
-    tenant: str
-    session_id: str
-    client_id: str
-    changed: dict[str, int]
-    gone: list[str]
-    ttl_s: int
 
 
 @dataclass(slots=True)

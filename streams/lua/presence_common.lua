@@ -7,6 +7,7 @@
 -- Leaves locals: announced (events published so far), now_ms, announce, drop, sweep,
 -- reindex (and publish).
 -- #include publish.lua
+-- #include presence_index.lua
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -53,12 +54,4 @@ local function sweep(limit)
   return #expired
 end
 
--- The index says when the stream next needs a sweep: its earliest expiry.
-local function reindex()
-  local first = redis.call('ZRANGE', members, 0, 0, 'WITHSCORES')
-  if #first == 0 then
-    redis.call('ZREM', index, index_member)
-  else
-    redis.call('ZADD', index, first[2], index_member)
-  end
-end
+local function reindex() reindex_stream(index, members, index_member) end

@@ -13,8 +13,9 @@ local stream_keys = {unpack(KEYS, 2)}
 local gateway, grace_ms = ARGV[1], tonumber(ARGV[2])
 local per_stream = {unpack(ARGV, 3)}
 
-local t = redis.call('TIME')
-local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + grace_ms
+-- #include presence_index.lua
+-- #include redis_now_ms.lua
+local until_ms = now + grace_ms
 local kept = 0
 local arg = 1
 for k = 1, #stream_keys, 2 do
@@ -34,11 +35,6 @@ for k = 1, #stream_keys, 2 do
     end
   end
   arg = arg + count
-  local first = redis.call('ZRANGE', members, 0, 0, 'WITHSCORES')
-  if #first == 0 then
-    redis.call('ZREM', index, index_member)
-  else
-    redis.call('ZADD', index, first[2], index_member)
-  end
+  reindex_stream(index, members, index_member)
 end
 return kept

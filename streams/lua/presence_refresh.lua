@@ -10,9 +10,9 @@ local stream_members = {unpack(KEYS, 2)}
 local gateway, ttl_ms = ARGV[1], tonumber(ARGV[2])
 local per_stream = {unpack(ARGV, 3)}
 
-local t = redis.call('TIME')
-local expiry = string.format('%d',
-  tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl_ms)
+-- #include presence_index.lua
+-- #include redis_now_ms.lua
+local expiry = string.format('%d', now + ttl_ms)
 local missing = {}
 local arg = 1
 for _, members in ipairs(stream_members) do
@@ -28,12 +28,7 @@ for _, members in ipairs(stream_members) do
     end
   end
   arg = arg + count
-  local first = redis.call('ZRANGE', members, 0, 0, 'WITHSCORES')
-  if #first == 0 then
-    redis.call('ZREM', index, index_member)
-  else
-    redis.call('ZADD', index, first[2], index_member)
-  end
+  reindex_stream(index, members, index_member)
   missing[#missing + 1] = absent
 end
 return missing
