@@ -22,8 +22,8 @@ at once. A connection that ends otherwise (cut, going away, a gateway restarting
 its members are kept for PRESENCE_LEAVE_GRACE_S and then expire like a ghost's, so a client
 back within the grace (on any gateway) neither left nor joined. That is what keeps a
 reconnect storm or a rolling restart from costing every stream a leave and a join for each
-of its clients (each fanned out to the stream's others). Lingers are batched: one script
-call per tenant for every connection that ended in the same few milliseconds.
+of its clients (each fanned out to the stream's others). Lingers are batched: those made
+while one is in flight share the next call, one script call per tenant.
 """
 
 from __future__ import annotations
@@ -32,13 +32,14 @@ import asyncio
 import logging
 import random
 import secrets
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import redis.asyncio as aredis
 
 from project.conf import conf
 from streams import keys, registry, scripts
+from streams.batches import Batches
 from streams.events import dumps, utc_now_iso
 
 logger = logging.getLogger(__name__)
@@ -55,9 +56,6 @@ DUE_BATCH = 100
 # pipeline round trip.
 REFRESH_BATCH = 500
 PIPELINE_CHUNK = 100
-# How long lingers wait to share a script call: a storm's thousands of cut sockets cost
-# a few calls per tenant instead of one each.
-LINGER_BATCH_S = 0.02
 
 
 class PresenceCounts:
@@ -326,10 +324,9 @@ class PresenceTracker:
         # never overtake the join it undoes (two connections of one client, say).
         self._pending: dict[EntryKey, asyncio.Task[None]] = {}
         self._loops: list[asyncio.Task[None]] = []
-        # Entries waiting for the next linger call, and what that call's end resolves.
-        self._lingering: list[EntryKey] = []
-        self._background: set[asyncio.Task[None]] = set()
-        self._linger_done: asyncio.Future[None] | None = None
+        # Lingers made while one is in flight share the next call: a storm's thousands of
+        # cut sockets cost a few calls per tenant instead of one each.
+        self._lingers: Batches[EntryKey, None] = Batches(self._linger_batch)
         if self.refresh_s >= self.ttl_s:
             logger.warning(
                 "PRESENCE_REFRESH_S (%s) is not below PRESENCE_TTL_S (%s): live clients "
@@ -392,23 +389,10 @@ class PresenceTracker:
         """Put the entry in the next linger call and wait for that call (chained like a
         leave, so a join of the same entry that follows runs after it and finds the member
         kept: the client neither left nor joined)."""
-        self._lingering.append(key)
-        if self._linger_done is None:
-            self._linger_done = asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().call_later(
-                LINGER_BATCH_S, lambda: self._track(self._flush_lingering())
-            )
-        await asyncio.shield(self._linger_done)
+        await self._lingers.submit(key)
         return False  # announces nothing: a leave, if any, comes from the sweep
 
-    def _track(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _flush_lingering(self) -> None:
-        batch, done = self._lingering, self._linger_done
-        self._lingering, self._linger_done = [], None
+    async def _linger_batch(self, batch: list[EntryKey]) -> list[None]:
         grouped: dict[tuple[str, str], list[str]] = {}
         for tenant, stream, client in batch:
             grouped.setdefault((tenant, stream), []).append(client)
@@ -419,10 +403,9 @@ class PresenceTracker:
             )
         except Exception:
             # Not fatal: the members stay until their TTL and then leave like a ghost's.
+            # Logged once for the batch, not once per entry.
             logger.warning("presence linger failed for %s entries", len(batch), exc_info=True)
-        finally:
-            if done is not None:
-                done.set_result(None)
+        return [None] * len(batch)
 
     def _chain(
         self, key: EntryKey, what: str, operation: Callable[[], Awaitable[bool]]
