@@ -123,9 +123,9 @@ def amqp_vhost_url(rabbitmq_session: rabbitmq.Session) -> str:
 REDIS_CLUSTER_URL_VAR = "SWITCHBOARD_TEST_REDIS_CLUSTER_URL"
 
 
-@pytest.fixture(scope="session")
-def redis_cluster() -> Iterator[RedisCluster]:
-    """A Redis Cluster this session started, which tests may break (kill -9 a node)."""
+def own_redis_cluster() -> Iterator[RedisCluster]:
+    """A Redis Cluster started here for its fixture's scope (skipped when no redis-server
+    7 or later is found)."""
     from project.redis_cluster import RedisCluster, available
 
     reason = available()
@@ -133,6 +133,12 @@ def redis_cluster() -> Iterator[RedisCluster]:
         pytest.skip(reason)
     with RedisCluster.start_new() as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A Redis Cluster this session started, which tests may break (kill -9 a node)."""
+    yield from own_redis_cluster()
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,8 @@ import pytest
 import redis
 from redis.cluster import RedisCluster as RedisClusterClient
 
-from project.redis_cluster import RedisCluster, available
-from tests.conftest import neighbour_database
+from project.redis_cluster import RedisCluster
+from tests.conftest import neighbour_database, own_redis_cluster
 from tests.integration.conftest import Switchboard, running_switchboard
 
 RABBITMQ_HOST, RABBITMQ_PORT = "127.0.0.1", 5672
@@ -82,11 +82,8 @@ def rabbitmq_url(request: pytest.FixtureRequest) -> Iterator[str]:
 
 @pytest.fixture(scope="package")
 def redis_cluster() -> Iterator[RedisCluster]:
-    reason = available()
-    if reason:
-        pytest.skip(reason)
-    with RedisCluster.start_new() as running:
-        yield running
+    """The package's own cluster: its failover tests kill masters."""
+    yield from own_redis_cluster()
 
 
 @pytest.fixture(scope="package")
