@@ -8,16 +8,21 @@ simulated model: `--pieces` pieces, the first after one piece's time); the rest 
 Midway, 10% of the clients drop at once (the socket cut, no close frame) and resume with
 their session and positions.
 
-The clients are `manage.py loadgen --scenario night`, one asyncio process per
-`--clients / --client-procs` clients (each plays one shard of one tenant's clients, all
-on one wall-clock schedule), spread over the gateways in turn. Every reader checks every
-seq of its stream (losses and duplicates must be 0) and times each event's delivery lag
-(receipt minus the event's `ts`, on the machine's one clock). An event published while its
-reader was cut off (stamped before the handshake of the resumed connection began:
-`away_lag`) or while its resume was being let in (after that, before its `welcome`:
-`rejoining_lag`) reaches it through the resume, and that lag is the reconnect's: both are
-reported apart, with reconnect-to-caught-up and every delivery together beside them. The
-delivery targets are on the rest: what connected readers get while the storm goes on.
+The clients are `manage.py loadgen --scenario night`, one asyncio process per `--clients /
+--client-procs` clients (each plays one shard of one tenant's clients, all on one
+wall-clock schedule), spread over the gateways in turn. The clients the storm drops are
+played by a load generator of their own per tenant (`--storm-apart`, the default): on the
+clients' machines a reconnecting client does not share an event loop with the readers that
+stay, and here the storm's client-side work (5,000 connects at once) would otherwise hold
+up every reader sharing its generator's loop and land in every lag that loop takes. Every
+reader checks every seq of its stream (losses and duplicates must be 0) and times each
+event's delivery lag (receipt minus the event's `ts`, on the machine's one clock). An
+event published while its reader was cut off (stamped before the handshake of the resumed
+connection began: `away_lag`) or while its resume was being let in (after that, before its
+`welcome`: `rejoining_lag`) reaches it through the resume, and that lag is the
+reconnect's: both are reported apart, with reconnect-to-caught-up and every delivery
+together beside them. The delivery targets are on the rest: what connected readers get
+while the storm goes on.
 
 Reported: send->reply.done and delivery lag p50/p99/p99.9 (all, before the storm, the
 storm's 30 s), reconnect-to-caught-up time (drop -> the resumed connection holds every
@@ -113,6 +118,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--wave-spread", type=float, default=0.5, help="seconds the storm's drops spread over"
     )
+    parser.add_argument(
+        "--storm-apart",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the clients the storm drops are played by load generators of their own (one"
+        " per tenant, beside --client-procs), as they would be on other machines: the"
+        " storm's client-side work then does not delay the readers that stay connected",
+    )
     parser.add_argument("--model-seconds", type=float, default=5.0, help="model time per reply")
     parser.add_argument("--pieces", type=int, default=10, help="pieces (deltas) per reply")
     parser.add_argument("--text-chars", type=int, default=200, help="a message's length")
@@ -203,7 +216,13 @@ def flush_redis_cluster() -> None:
 
 
 def loadgen_command(
-    args: argparse.Namespace, urls: str, tenant: str, seed: int, shard: str, start_at: float
+    args: argparse.Namespace,
+    urls: str,
+    tenant: str,
+    seed: int,
+    shard: str,
+    start_at: float,
+    part: str = "all",
 ) -> list[str]:
     piece_ms = args.model_seconds * 1000 / args.pieces
     options = {"latency_ms": piece_ms, "chunks": args.pieces, "chunk_delay_ms": piece_ms}
@@ -217,7 +236,7 @@ def loadgen_command(
         *("--send-share", str(args.send_share), "--storm-share", str(args.storm_share)),
         *("--agent", "echo", "--options", json.dumps(options)),
         *("--text-chars", str(args.text_chars), "--seed", str(seed)),
-        *("--shard", shard, "--start-at", f"{start_at:.3f}", "--no-progress"),
+        *("--part", part, "--shard", shard, "--start-at", f"{start_at:.3f}", "--no-progress"),
         *("--drain-timeout", str(args.model_seconds + 30)),
     ]
 
@@ -227,6 +246,24 @@ def loadgen_command(
 # generators' (whose loops run late in a storm and add that to every figure they take).
 METRICS_TOKEN = "seed-night-metrics"
 GATEWAY_LAG = "switchboard_delivery_lag_seconds"
+
+
+def generator_parts(
+    args: argparse.Namespace, tenant_index: int, procs_per_tenant: int
+) -> list[tuple[str, str, str]]:
+    """(name, --part, --shard) of one tenant's load generators: its shards of the clients,
+    and with --storm-apart the clients the storm drops in a generator of their own."""
+    first = tenant_index * procs_per_tenant
+    if not args.storm_apart:
+        return [
+            (f"loadgen-{first + k}", "all", f"{k}/{procs_per_tenant}")
+            for k in range(procs_per_tenant)
+        ]
+    parts = [
+        (f"loadgen-{first + k}", "steady", f"{k}/{procs_per_tenant}")
+        for k in range(procs_per_tenant)
+    ]
+    return [*parts, (f"loadgen-storm-{tenant_index}", "reconnecting", "0/1")]
 
 
 def scrape_gateway_lag(cluster: Any) -> dict[float, float] | None:
@@ -291,11 +328,8 @@ def run(env: BenchEnv, args: argparse.Namespace) -> dict[str, Any]:
         outputs = []
         child_env = cluster.child_env()
         for t, tenant in enumerate(tenant_slugs(args)):
-            for k in range(procs_per_tenant):
-                name = f"loadgen-{t * procs_per_tenant + k}"
-                command = loadgen_command(
-                    args, urls, tenant, t, f"{k}/{procs_per_tenant}", start_at
-                )
+            for name, part, shard in generator_parts(args, t, procs_per_tenant):
+                command = loadgen_command(args, urls, tenant, t, shard, start_at, part)
                 out, raw = out_dir / f"{name}.json", out_dir / f"{name}-raw.json"
                 command += ["--out", str(out), "--raw", str(raw)]
                 log = open(out_dir / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it

@@ -13,6 +13,7 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from loadtest.engine import Engine, EngineOptions
+from loadtest.management.commands.loadgen import select_part
 from loadtest.report import (
     Measurements,
     bucket_width,
@@ -248,6 +249,19 @@ def test_night_sends_each_minute_and_drops_a_share_midway() -> None:
         assert 70 <= plan.actions[index].at <= 70.5
         assert plan.actions[index + 1].frame == {"type": "ping"}  # answered once restored
     assert {p.source for p in plans} == {"sender", "reader"}
+
+
+def test_the_night_splits_into_the_clients_the_storm_drops_and_the_others() -> None:
+    plans = night(ScenarioOptions(clients=1000, duration_s=60, streams=10, run_id="n"))
+    reconnecting = select_part(plans, "reconnecting")
+    steady = select_part(plans, "steady")
+    assert len(reconnecting) == 100 and len(steady) == 900
+    assert all(any(a.reconnect for a in p.actions) for p in reconnecting)
+    assert not any(a.reconnect for p in steady for a in p.actions)
+    assert {p.client for p in reconnecting} | {p.client for p in steady} == {
+        p.client for p in plans
+    }
+    assert select_part(plans, "all") == plans
 
 
 # --- reports ---------------------------------------------------------------------------

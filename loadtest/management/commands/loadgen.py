@@ -22,6 +22,7 @@ from loadtest.runner import (
     url_problem,
 )
 from loadtest.scenarios import SCENARIOS, ScenarioOptions, build
+from loadtest.schedule import ConnectionPlan
 
 
 class Command(BaseCommand):
@@ -93,6 +94,14 @@ class Command(BaseCommand):
             " K+N, ...), so N processes can play one run together",
         )
         parser.add_argument(
+            "--part",
+            choices=PARTS,
+            default="all",
+            help="play only the clients that reconnect in the run (`reconnecting`) or only"
+            " the others (`steady`), before --shard: the load generator playing the storm"
+            " is then not the one timing the deliveries to readers that stay connected",
+        )
+        parser.add_argument(
             "--start-at",
             type=float,
             default=None,
@@ -145,7 +154,7 @@ class Command(BaseCommand):
             wave_spread_s=options["wave_spread"],
             settle_s=options["settle"],
         )
-        plans = build(scenario, parameters)
+        plans = select_part(build(scenario, parameters), options["part"])
         if shard is not None:
             plans = plans[shard[0] :: shard[1]]
         tenant = options["tenant"]
@@ -182,6 +191,7 @@ class Command(BaseCommand):
                 options=parameters.options,
                 seed=parameters.seed,
                 shard=options["shard"],
+                part=options["part"],
             ),
             options["out"],
             options["plot"],
@@ -189,6 +199,18 @@ class Command(BaseCommand):
         )
         if options["raw"] is not None:
             options["raw"].write_bytes(orjson.dumps(raw_samples(measurements)))
+
+
+PARTS = ("all", "steady", "reconnecting")
+
+
+def select_part(plans: list[ConnectionPlan], part: str) -> list[ConnectionPlan]:
+    """The plans of `--part`: those with a reconnect among their actions, the others, or
+    all of them."""
+    if part == "all":
+        return plans
+    wanted = part == "reconnecting"
+    return [plan for plan in plans if any(a.reconnect for a in plan.actions) == wanted]
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
