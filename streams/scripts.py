@@ -1155,6 +1155,23 @@ class ReleaseConnection(Script[None]):
         return None
 
 
+@dataclass(slots=True)
+class SaveSessions(Script[int]):
+    """Many sessions' positions of one tenant written at once: how many were written."""
+
+    LUA = Lua("save_sessions.lua")
+    KEYS = ()
+    KEYS_TAIL = "session_keys"
+    ARGV = ()
+    ARGV_TAIL = "per_save"
+
+    session_keys: Sequence[str]
+    per_save: Sequence[Arg]  # per key: owner, ttl_s, changed, gone, (field, seq)*, field*
+
+    def result(self, raw: Any) -> int:
+        return int(raw)
+
+
 class GatewayLeases(NamedTuple):
     """RENEW_GATEWAY_LEASE's answer."""
 

@@ -137,3 +137,61 @@ async def test_the_checkpointer_writes_dirty_connections_and_all_on_a_full_pass(
 
     assert await checkpointer.checkpoint(full=True) == 1  # idle's change, found by a full pass
     assert r.hget(keys.session("acme", "idle"), "s:b") == b"7"
+
+
+async def test_saves_of_many_sessions_and_tenants_are_written_as_the_single_commands_were(
+    sessions: SessionStore, r: redis.Redis
+) -> None:
+    for n in range(3):
+        r.hset(keys.session("acme", f"old-{n}"), mapping={"client": "alice", "s:gone": 1})
+    saves: list[tuple[PendingSave, int | None]] = [
+        # Positions changed, lifetime kept: the owner and positions written, no TTL set.
+        (PendingSave("acme", "old-0", "alice", {"a": 4, "b": 2}, [], False), None),
+        # Only a stream gone, lifetime kept: the field removed, nothing else written.
+        (PendingSave("acme", "old-1", "alice", {}, ["gone"], False), None),
+        # Nothing changed but the lifetime: the owner rewritten and the TTL set.
+        (PendingSave("acme", "old-2", "alice", {}, ["gone"], True), TTL),
+        # Another tenant's session in the same batch, and enough sessions for several calls.
+        *(
+            (PendingSave("globex", f"new-{n}", "bob", {"x": n}, [], True), 2 * TTL)
+            for n in range(1100)
+        ),
+    ]
+    assert await sessions.write(saves) == [None] * len(saves)
+    assert r.hgetall(keys.session("acme", "old-0")) == {
+        b"client": b"alice",
+        b"s:gone": b"1",
+        b"s:a": b"4",
+        b"s:b": b"2",
+    }
+    assert r.ttl(keys.session("acme", "old-0")) == -1
+    assert r.hgetall(keys.session("acme", "old-1")) == {b"client": b"alice"}
+    assert r.hgetall(keys.session("acme", "old-2")) == {b"client": b"alice"}
+    assert 0 < r.ttl(keys.session("acme", "old-2")) <= TTL
+    for n in (0, 499, 500, 1099):
+        key = keys.session("globex", f"new-{n}")
+        assert r.hgetall(key) == {b"client": b"bob", b"s:x": str(n).encode()}
+        assert TTL < r.ttl(key) <= 2 * TTL
+
+
+async def test_a_checkpoint_that_fails_leaves_every_unwritten_connection_to_the_next(
+    sessions: SessionStore, r: redis.Redis
+) -> None:
+    checkpointer = Checkpointer(lambda: sessions)
+    checkpointer._next_full_pass = float("inf")  # only the dirty ones, as between full passes
+    broken = Connection("broken", {"a": 1})
+    r.set(keys.session("acme", "broken"), "not a hash")  # its write fails
+    others = [Connection(f"other-{n}", {"a": 1}) for n in range(1200)]
+    checkpointer.connections.update([broken, *others])
+    checkpointer.dirty.update([broken, *others])
+    with pytest.raises(redis.exceptions.ResponseError):
+        await checkpointer.checkpoint()
+    # The calls before the failing one were written and taken as saved...
+    saved = [c for c in others if c.saved]
+    assert all(r.hget(keys.session("acme", c.session), "s:a") == b"1" for c in saved)
+    # ...and neither the failed call's sessions nor those not reached are lost: all dirty.
+    assert checkpointer.dirty == {broken, *(c for c in others if not c.saved)}
+    r.delete(keys.session("acme", "broken"))
+    assert await checkpointer.checkpoint() == 1201 - len(saved)
+    assert not checkpointer.dirty
+    assert all(r.hget(keys.session("acme", c.session), "s:a") == b"1" for c in others)
