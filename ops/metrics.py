@@ -143,6 +143,13 @@ HANDSHAKES_WAITING = Gauge(
     "SWITCHBOARD_HANDSHAKE_CONCURRENCY at a time).",
     multiprocess_mode="livesum",
 )
+DAPHNE_CONNECTIONS = Gauge(
+    "switchboard_daphne_connections",
+    "Connections daphne tracks in gateway processes: open ones, and closed ones whose "
+    "application has not ended yet. Growing while switchboard_connections does not: closed "
+    "connections are not being reaped.",
+    multiprocess_mode="livesum",
+)
 HANDSHAKES_DROPPED = Counter(
     "switchboard_handshakes_dropped",
     "Handshakes not set up: reason=line_full (closed 1012 at once: SWITCHBOARD_HANDSHAKE_QUEUE "
@@ -333,6 +340,10 @@ def refused(tenant: str, reason: str) -> None:
 
 def handshakes_waiting(change: int) -> None:
     HANDSHAKES_WAITING.inc(change)
+
+
+def daphne_connections(count: int) -> None:
+    DAPHNE_CONNECTIONS.set(count)
 
 
 def handshake_dropped(reason: str) -> None:

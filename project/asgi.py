@@ -21,7 +21,11 @@ from django.conf import settings  # noqa: E402
 
 from project.conf import conf  # noqa: E402
 from realtime.consumer import GatewayConsumer  # noqa: E402
-from realtime.daphne_tuning import bound_http_requests, defer_debug_formatting  # noqa: E402
+from realtime.daphne_tuning import (  # noqa: E402
+    bound_http_requests,
+    defer_debug_formatting,
+    reap_on_change,
+)
 from realtime.node import gateway_node  # noqa: E402
 from realtime.routing import GATEWAY_PATH  # noqa: E402
 from realtime.security import BrowserOriginValidator  # noqa: E402
@@ -58,3 +62,4 @@ gateway_node().install_daphne_drain(conf().drain_s)
 if "daphne.server" in sys.modules:
     defer_debug_formatting()
     bound_http_requests(conf().request_timeout_s)
+    reap_on_change()

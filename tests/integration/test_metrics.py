@@ -164,3 +164,28 @@ async def test_metrics_answer_only_the_metrics_token(
     url = f"http://127.0.0.1:{gateway.port}/metrics"  # type: ignore[attr-defined]
     for token in (None, METRICS_TOKEN):
         assert await asyncio.to_thread(_status, url, token) == 403
+
+
+async def test_daphne_forgets_closed_connections(
+    switchboard: Switchboard, connect: Connect
+) -> None:
+    """Daphne's connections are reaped when they close (realtime/daphne_tuning.py marks
+    them, in place of daphne's walk over every connection each second): the number it
+    tracks comes back down once the clients are gone. The gauge is set once a second and
+    counts the scrapes' own HTTP connections of that second too (a few, at two scrapes a
+    second): a margin of 5 either way still tells 20 kept from 20 forgotten."""
+    before = value(await scrape(switchboard), "switchboard_daphne_connections")
+    clients = [await connect() for _ in range(20)]
+
+    async def tracked(at_least: float = 0.0, at_most: float = float("inf")) -> bool:
+        now = value(await scrape(switchboard), "switchboard_daphne_connections")
+        return at_least <= now <= at_most
+
+    await wait_until(
+        lambda: tracked(at_least=before + 15), SCRAPE_TIMEOUT_S, "the 20 tracked", interval=0.5
+    )
+    for client in clients:
+        await client.close()
+    await wait_until(
+        lambda: tracked(at_most=before + 5), SCRAPE_TIMEOUT_S, "the 20 forgotten", interval=0.5
+    )
