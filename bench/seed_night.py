@@ -254,16 +254,13 @@ def generator_parts(
     """(name, --part, --shard) of one tenant's load generators: its shards of the clients,
     and with --storm-apart the clients the storm drops in a generator of their own."""
     first = tenant_index * procs_per_tenant
-    if not args.storm_apart:
-        return [
-            (f"loadgen-{first + k}", "all", f"{k}/{procs_per_tenant}")
-            for k in range(procs_per_tenant)
-        ]
+    part = "steady" if args.storm_apart else "all"
     parts = [
-        (f"loadgen-{first + k}", "steady", f"{k}/{procs_per_tenant}")
-        for k in range(procs_per_tenant)
+        (f"loadgen-{first + k}", part, f"{k}/{procs_per_tenant}") for k in range(procs_per_tenant)
     ]
-    return [*parts, (f"loadgen-storm-{tenant_index}", "reconnecting", "0/1")]
+    if args.storm_apart:
+        parts.append((f"loadgen-storm-{tenant_index}", "reconnecting", "0/1"))
+    return parts
 
 
 def scrape_gateway_lag(cluster: Any) -> dict[float, float] | None:

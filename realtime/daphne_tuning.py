@@ -121,6 +121,15 @@ _KEPT_ALIVE = "_switchboard_kept_alive"
 _bounded = False
 
 
+def _lacks(owner: type, names: tuple[str, ...], consequence: str) -> bool:
+    """Whether `owner` lacks any of the internals a patch of it relies on (then the patch
+    is not applied, and `consequence` is logged with what is missing)."""
+    missing = [name for name in names if not hasattr(owner, name)]
+    if missing:
+        logger.warning("%s: %s lacks %s", consequence, owner.__qualname__, missing)
+    return bool(missing)
+
+
 def _answer_and_close(channel: Any, status: bytes) -> None:
     transport = channel.transport
     if transport is None or getattr(transport, "disconnecting", False):
@@ -143,9 +152,7 @@ def bound_http_requests(timeout_s: float) -> None:
         return
     from twisted.web.http import HTTPChannel
 
-    missing = [name for name in _CHANNEL_NEEDS if not hasattr(HTTPChannel, name)]
-    if missing:
-        logger.warning("HTTP requests not bounded: Twisted's HTTPChannel lacks %s", missing)
+    if _lacks(HTTPChannel, _CHANNEL_NEEDS, "HTTP requests not bounded"):
         return
     _bounded = True
 
@@ -288,9 +295,7 @@ def reap_on_change() -> None:
         return
     from daphne.server import Server
 
-    missing = [name for name in _SERVER_NEEDS if not hasattr(Server, name)]
-    if missing:
-        logger.warning("daphne's connections reaped by its own walk: its Server lacks %s", missing)
+    if _lacks(Server, _SERVER_NEEDS, "daphne's connections reaped by its own walk"):
         return
     _reaping = True
     create_application = Server.create_application

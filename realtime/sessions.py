@@ -173,7 +173,7 @@ class SessionStore:
     def __init__(self, client: aredis.Redis) -> None:
         self.client = client
         # Saves, which a reconnect storm's closing connections make by the thousand at once.
-        self._saves: Batches[tuple[PendingSave, int | None], None] = Batches(self._save_batch)
+        self._saves: Batches[tuple[PendingSave, int | None], None] = Batches(self.write)
 
     @staticmethod
     def _open_ttl() -> int:
@@ -235,11 +235,6 @@ class SessionStore:
         save = PendingSave(tenant, session_id, client_id, dict(changed), list(gone), True)
         await self._saves.submit((save, ttl_s))
 
-    async def _save_batch(
-        self, saves: list[tuple[PendingSave, int | None]]
-    ) -> list[None | BaseException]:
-        return await self.write(saves)
-
     async def write(
         self, saves: Sequence[tuple[PendingSave, int | None]]
     ) -> list[None | BaseException]:
@@ -254,11 +249,10 @@ class SessionStore:
         for indexes in by_tenant.values():
             for start in range(0, len(indexes), _SAVES_PER_CALL):
                 part = indexes[start : start + _SAVES_PER_CALL]
+                chunk = [saves[i] for i in part]
                 call = SaveSessions(
-                    session_keys=[
-                        keys.session(saves[i][0].tenant, saves[i][0].session_id) for i in part
-                    ],
-                    per_save=_save_arguments(saves[i] for i in part),
+                    session_keys=[keys.session(save.tenant, save.session_id) for save, _ in chunk],
+                    per_save=_save_arguments(chunk),
                 )
                 try:
                     await call.run_async(self.client)
@@ -353,18 +347,21 @@ class Checkpointer:
         open_ttl = SessionStore._open_ttl()
         written = 0
         batch: list[tuple[Checkpointed, PendingSave]] = []
-        for index, connection in enumerate(candidates):
-            save = connection.session_changes(now)
-            if save is not None:
-                batch.append((connection, save))
-            if len(batch) >= _SAVES_PER_CALL or (batch and index == len(candidates) - 1):
-                try:
+        not_reached = iter(candidates)
+        try:
+            for connection in not_reached:
+                save = connection.session_changes(now)
+                if save is not None:
+                    batch.append((connection, save))
+                if len(batch) >= _SAVES_PER_CALL:
                     written += await self._write(store, batch, open_ttl, now)
-                except Exception:
-                    # Not written, nor looked at yet: all looked at again next interval.
-                    self.dirty.update(candidates[index + 1 :])
-                    raise
-                batch = []
+                    batch = []
+            if batch:
+                written += await self._write(store, batch, open_ttl, now)
+        except Exception:
+            # Those not looked at yet are looked at next interval, as the failed ones are.
+            self.dirty.update(not_reached)
+            raise
         return written
 
     async def _write(

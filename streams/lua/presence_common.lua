@@ -4,14 +4,11 @@
 -- streams by earliest expiry), lingering (hash: client -> the gateway whose member of it
 -- outlives a connection cut without a goodbye, for the leave grace), channel, index_member, stream_json, id_prefix, ts_json,
 -- announce_max. Every key is the tenant's (one slot), the channel too.
--- Leaves locals: announced (events published so far), now_ms, announce, drop, sweep,
--- reindex (and publish).
+-- Leaves locals: announced (events published so far), now (Redis's clock, ms), announce,
+-- drop, sweep, reindex (and publish).
 -- #include publish.lua
 -- #include presence_index.lua
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+-- #include redis_now_ms.lua
 
 local announced = 0
 -- An event without a seq: an empty head before the newline tells gateways so.
@@ -48,7 +45,7 @@ local function drop(member)
 end
 
 local function sweep(limit)
-  local expired = redis.call('ZRANGEBYSCORE', members, '-inf', string.format('%d', now_ms()),
+  local expired = redis.call('ZRANGEBYSCORE', members, '-inf', string.format('%d', now),
     'LIMIT', 0, limit)
   for _, member in ipairs(expired) do drop(member) end
   return #expired

@@ -15,7 +15,7 @@ local id_prefix, ts_json, announce_max = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local gateway, ttl_ms, client, name = ARGV[7], tonumber(ARGV[8]), ARGV[9], ARGV[10]
 
 -- #include presence_common.lua
-local expiry = string.format('%d', now_ms() + ttl_ms)
+local expiry = string.format('%d', now + ttl_ms)
 local kept_on = redis.call('HGET', lingering, client)
 if redis.call('ZADD', members, expiry, gateway .. ' ' .. client) == 1 then
   if redis.call('HINCRBY', counts, client, 1) == 1 then
