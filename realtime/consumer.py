@@ -322,10 +322,15 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         """The resumed session's positions, overridden by the client's own where given;
         SessionRefused or BadPositions when it cannot be resumed so."""
         identity = self.identity
-        record = await session_store().resume(identity.tenant, identity.client, requested)
+        # Heads are read with the session, in the same round trip: only for streams the
+        # token allows (one it no longer allows is not restored, so not checked).
+        checked = [s for s in positions if identity.may_use(s)] if positions else []
+        record, heads = await session_store().resume(
+            identity.tenant, identity.client, requested, checked
+        )
         restored = dict(record.positions)
         if positions:
-            problem = await self._positions_problem(positions, restored)
+            problem = resume_problem(positions, restored, heads)
             if problem is not None:
                 raise problem
             # The client's own positions: what it processed, not what was written to its
@@ -366,15 +371,6 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 )
                 continue
             await self._subscribe(stream, position)
-
-    async def _positions_problem(
-        self, positions: dict[str, int], held: dict[str, int]
-    ) -> BadPositions | None:
-        """Why the resume's positions cannot be honoured (None: they can)."""
-        identity = self.identity
-        checked = [s for s in positions if s in held and identity.may_use(s)]
-        heads = await self.node.streams.heads(identity.tenant, checked)
-        return resume_problem(positions, held, heads)
 
     def _refuse_resume(self, bad: BadPositions, requested: str) -> None:
         """Refused positions end the connection like a refused session: the client learns

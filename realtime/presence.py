@@ -165,6 +165,8 @@ class PresenceStore:
         self.client = client
         self.gateway_id = gateway_id
         self.ttl_ms = max(1, round(ttl_s * 1000))
+        # Joins, which a reconnect storm's resumed subscriptions make by the thousand.
+        self._joins: Batches[scripts.PresenceJoin, bool] = Batches(self._join_batch)
 
     @staticmethod
     def _stream(tenant: str, stream: str) -> scripts.PresenceStream:
@@ -188,14 +190,21 @@ class PresenceStore:
         """Add or extend this gateway's member; True when the client joined (announced)."""
         # Listed before its first entry: the sweep finds the tenant's due index from there.
         await registry.register_async(self.client, tenant)
-        announced = await scripts.PresenceJoin(
+        call = scripts.PresenceJoin(
             stream=self._stream(tenant, stream),
             gateway=self.gateway_id,
             ttl_ms=self.ttl_ms,
             client=client,
             name=name,
-        ).run_async(self.client)
-        return bool(announced)
+        )
+        return await self._joins.submit(call)
+
+    async def _join_batch(self, calls: list[scripts.PresenceJoin]) -> list[bool | BaseException]:
+        """The joins that arrived together, in one pipeline."""
+        if len(calls) == 1:  # alone: a pipeline would only add client CPU
+            return [bool(await calls[0].run_async(self.client))]
+        results = await scripts.run_pipelined_async(self.client, calls)
+        return [r if isinstance(r, BaseException) else bool(r) for r in results]
 
     async def leave(self, tenant: str, stream: str, client: str) -> bool:
         """Remove this gateway's member; True when the client left (announced)."""

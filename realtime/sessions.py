@@ -169,11 +169,42 @@ def position_changes(
     return changed, gone
 
 
+@dataclass(frozen=True, slots=True)
+class _ResumeRead:
+    tenant: str
+    client: str
+    session_id: str
+    heads_of: tuple[str, ...]
+
+
+def _session_record(raw: Mapping[bytes, bytes], client_id: str) -> SessionRecord:
+    """The record of a session read for `client_id`; SessionRefused when it cannot resume."""
+    if not raw or b"client" not in raw:
+        raise SessionRefused(
+            "not_found",
+            "session expired or unknown; connect without it and subscribe with since",
+        )
+    owner = raw[b"client"].decode()
+    if owner != client_id:
+        raise SessionRefused("forbidden", "session belongs to another client")
+    positions = {
+        name.decode()[len(_STREAM_FIELD) :]: int(value)
+        for name, value in raw.items()
+        if name.startswith(_STREAM_FIELD.encode())
+    }
+    return SessionRecord(owner, positions)
+
+
 class SessionStore:
     def __init__(self, client: aredis.Redis) -> None:
         self.client = client
-        # Saves, which a reconnect storm's closing connections make by the thousand at once.
+        # Saves, which a reconnect storm's closing connections make by the thousand at once,
+        # and the first positions of its resumed subscriptions.
         self._saves: Batches[tuple[PendingSave, int | None], None] = Batches(self.write)
+        # A storm's resumes, each a session read, arrive by the thousand at once too.
+        self._resumes: Batches[_ResumeRead, tuple[SessionRecord, dict[str, int]]] = Batches(
+            self._read_resumes
+        )
 
     @staticmethod
     def _open_ttl() -> int:
@@ -185,37 +216,53 @@ class SessionStore:
         session without streams has nothing to restore."""
         return new_session_id()
 
-    async def resume(self, tenant: str, client_id: str, session_id: str) -> SessionRecord:
-        """The session's record, refreshed for its new connection; SessionRefused when it
-        has expired, never existed, or belongs to another client."""
-        key = keys.session(tenant, session_id)
+    async def resume(
+        self, tenant: str, client_id: str, session_id: str, heads_of: Sequence[str] = ()
+    ) -> tuple[SessionRecord, dict[str, int]]:
+        """The session's record, refreshed for its new connection, and the head now of each
+        stream of `heads_of` (the tenant's), read in the same round trip; SessionRefused
+        when the session has expired, never existed, or belongs to another client. The
+        resumes that arrive together share one pipeline."""
+        read = _ResumeRead(tenant, client_id, session_id, tuple(heads_of))
+        return await self._resumes.submit(read)
+
+    async def _read_resumes(
+        self, reads: Sequence[_ResumeRead]
+    ) -> list[tuple[SessionRecord, dict[str, int]] | BaseException]:
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.hgetall(key)
-            pipe.expire(key, self._open_ttl())
-            raw, _ = await pipe.execute()
-        if not raw or b"client" not in raw:
-            raise SessionRefused(
-                "not_found",
-                "session expired or unknown; connect without it and subscribe with since",
-            )
-        owner = raw[b"client"].decode()
-        if owner != client_id:
-            raise SessionRefused("forbidden", "session belongs to another client")
-        positions = {
-            name.decode()[len(_STREAM_FIELD) :]: int(value)
-            for name, value in raw.items()
-            if name.startswith(_STREAM_FIELD.encode())
-        }
-        return SessionRecord(owner, positions)
+            for read in reads:
+                key = keys.session(read.tenant, read.session_id)
+                pipe.hgetall(key)
+                pipe.expire(key, self._open_ttl())
+                if read.heads_of:
+                    pipe.mget([keys.stream_seq(read.tenant, s) for s in read.heads_of])
+            answers = await pipe.execute(raise_on_error=False)
+        results: list[tuple[SessionRecord, dict[str, int]] | BaseException] = []
+        at = 0
+        for read in reads:
+            count = 3 if read.heads_of else 2
+            part, at = answers[at : at + count], at + count
+            failed = next((a for a in part if isinstance(a, BaseException)), None)
+            if failed is not None:
+                results.append(failed)
+                continue
+            try:
+                record = _session_record(part[0], read.client)
+            except SessionRefused as refused:
+                results.append(refused)
+                continue
+            values = part[2] if read.heads_of else []
+            heads = {s: int(v) if v else 0 for s, v in zip(read.heads_of, values, strict=True)}
+            results.append((record, heads))
+        return results
 
     async def subscribed(
         self, tenant: str, session_id: str, client_id: str, stream: str, position: int
     ) -> None:
-        key = keys.session(tenant, session_id)
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.hset(key, mapping={"client": client_id, _STREAM_FIELD + stream: position})
-            pipe.expire(key, self._open_ttl())
-            await pipe.execute()
+        """Record a subscription's start, in the next batch of saves (a storm's resumed
+        subscriptions start by the thousand at once)."""
+        save = PendingSave(tenant, session_id, client_id, {stream: position}, [], True)
+        await self._saves.submit((save, self._open_ttl()))
 
     async def unsubscribed(self, tenant: str, session_id: str, stream: str) -> None:
         await self.client.hdel(keys.session(tenant, session_id), _STREAM_FIELD + stream)

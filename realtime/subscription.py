@@ -143,7 +143,7 @@ class StreamSubscription:
         subscription, so live events heard during the read wait in the cursor and follow
         the missed ones, in seq order."""
         tenant = self.connection.identity.tenant
-        head = await self.store.head(tenant, self.stream)
+        head, events = await self.store.head_and_read(tenant, self.stream, since, CATCH_UP_PAGE)
         if since is None and self.compactor is not None and head:
             hydrated = await self._hydrate_at_head(tenant, head)
             if hydrated is not None:
@@ -154,8 +154,6 @@ class StreamSubscription:
             return CatchUp(head, since is not None, False, self.start_at(head + 1))
         if self.compactor is not None:
             self.compactor = Compactor(head) if since < head else None
-        last = min(head, since + CATCH_UP_PAGE)
-        events = await self.store.read(tenant, self.stream, since + 1, last) if since < head else []
         if events and events[0][0] == since + 1:
             await self.connection.session_subscribed(self.stream, since)
             missed = [event for _, event in events]

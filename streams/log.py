@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
@@ -19,6 +19,7 @@ import redis.asyncio as aredis
 
 from project.conf import conf
 from streams import keys, replication, scripts
+from streams.batches import Batches
 from streams.enqueue import (
     PUBLISHED_TRIGGER_TASK,
     RUN_NEXT_TASK,
@@ -252,6 +253,14 @@ class _CodedAnswer(Protocol):
 _Answer = TypeVar("_Answer", bound=_CodedAnswer)
 
 
+@dataclass(frozen=True, slots=True)
+class _Opening:
+    tenant: str
+    stream: str
+    since: int | None
+    page: int
+
+
 class StreamStore:
     def __init__(self, client: aredis.Redis) -> None:
         self.client = client
@@ -262,6 +271,10 @@ class StreamStore:
         # Acks wait for this many replicas (streams/replication.py); 0: the master's word.
         self.replica_acks = conf().replica_acks
         self.replica_ack_timeout_ms = conf().replica_ack_timeout_ms
+        # Subscriptions' first reads: a reconnect storm's resumes make them by the thousand.
+        self._openings: Batches[_Opening, tuple[int, list[tuple[int, str]]]] = Batches(
+            self._read_openings
+        )
 
     async def _write(self, call: scripts.Script[_Answer], dedupe_key: str) -> _Answer:
         """Run a client write's script; with SWITCHBOARD_REPLICA_ACKS, answer only once
@@ -480,6 +493,46 @@ class StreamStore:
     async def head(self, tenant: str, stream: str) -> int:
         value = await self.client.get(keys.stream_seq(tenant, stream))
         return int(value) if value else 0
+
+    async def head_and_read(
+        self, tenant: str, stream: str, since: int | None, page: int
+    ) -> tuple[int, list[tuple[int, str]]]:
+        """The stream's head and, after `since` (None: nothing), the events with since <
+        seq <= min(head, since + page) that the log still holds, in order: a subscription's
+        first read. The reads that arrive together share one pipeline (a GET and an XRANGE
+        each, the GET first, so the range holds everything up to the head it reports)."""
+        return await self._openings.submit(_Opening(tenant, stream, since, page))
+
+    async def _read_openings(
+        self, openings: Sequence[_Opening]
+    ) -> list[tuple[int, list[tuple[int, str]]] | BaseException]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for opening in openings:
+                pipe.get(keys.stream_seq(opening.tenant, opening.stream))
+                if opening.since is not None:
+                    log = keys.stream_log(opening.tenant, opening.stream)
+                    pipe.xrange(log, min=f"{opening.since + 1}-0", count=opening.page)
+            answers = await pipe.execute(raise_on_error=False)
+        results: list[tuple[int, list[tuple[int, str]]] | BaseException] = []
+        at = 0
+        for opening in openings:
+            count = 1 if opening.since is None else 2
+            part, at = answers[at : at + count], at + count
+            failed = next((a for a in part if isinstance(a, BaseException)), None)
+            if failed is not None:
+                results.append(failed)
+                continue
+            head = int(part[0]) if part[0] else 0
+            events: list[tuple[int, str]] = []
+            if opening.since is not None:
+                last = min(head, opening.since + opening.page)
+                for entry_id, fields in part[1]:
+                    seq = _entry_seq(as_text(entry_id))
+                    if seq > last:  # appended after the GET: the live path brings it
+                        break
+                    events.append((seq, as_text(fields[b"e"])))
+            results.append((head, events))
+        return results
 
     async def heads(self, tenant: str, streams: list[str]) -> dict[str, int]:
         """Several streams' heads in one round trip."""

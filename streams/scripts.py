@@ -23,7 +23,6 @@ tests/unit/test_lua_scripts.py checks every wrapper against its file's header.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import weakref
 from collections.abc import Callable, Sequence
@@ -1275,27 +1274,12 @@ class ReleaseRecording(Script[bool]):
         return bool(raw)
 
 
-# Script calls in flight at once where they cannot share a pipeline (a Redis Cluster): the
-# asyncio cluster client's per-node pools raise past their cap rather than wait.
-CONCURRENT_CALLS = 32
-
-
 async def run_pipelined_async(
     client: aredis.Redis, calls: Sequence[Script[Any]]
 ) -> list[Any | BaseException]:
-    """Each call's result, or the exception it raised, from one non-transactional pipeline.
-    A call that found its script unknown to the server is made again on its own, which
-    loads it. redis-py refuses scripts in a Redis Cluster's pipeline: there the calls are
-    made concurrently instead (each is one slot), CONCURRENT_CALLS at a time."""
-    if isinstance(client, aredis.RedisCluster):
-        results: list[Any | BaseException] = []
-        for start in range(0, len(calls), CONCURRENT_CALLS):
-            chunk = calls[start : start + CONCURRENT_CALLS]
-            answers = await asyncio.gather(
-                *(call.run_async(client) for call in chunk), return_exceptions=True
-            )
-            results.extend(answers)
-        return results
+    """Each call's result, or the exception it raised, from one non-transactional pipeline
+    (in a Redis Cluster, one per node, sent at once: each call is one slot). A call that
+    found its script unknown to the server is made again on its own, which loads it."""
     async with client.pipeline(transaction=False) as pipe:
         for call in calls:
             await call.queue_async(client, pipe)

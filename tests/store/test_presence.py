@@ -144,6 +144,30 @@ async def test_one_gateway_joining_a_client_twice_holds_one_member(
     assert await g1.clients(TENANT, ROOM) == []
 
 
+async def test_joins_made_together_go_in_one_pipeline_each_with_its_own_answer(
+    client: aredis.Redis, r: redis.Redis
+) -> None:
+    """A reconnect storm's resumed subscriptions join by the thousand: one pipeline."""
+    g1 = PresenceStore(client, "g1", 30)
+    assert await g1.join(TENANT, ROOM, "alice", "") is True
+    pipelines = []
+    opened = client.pipeline
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        pipelines.append(args)
+        return opened(*args, **kwargs)
+
+    client.pipeline = counted  # type: ignore[method-assign]
+    answers = await asyncio.gather(
+        g1.join(TENANT, ROOM, "alice", ""),
+        g1.join(TENANT, ROOM, "bob", ""),
+        g1.join(TENANT, "other", "alice", ""),
+    )
+    assert answers == [False, True, True]
+    assert len(pipelines) == 1
+    assert names(await g1.clients(TENANT, ROOM)) == ["alice", "bob"]
+
+
 async def test_tracker_one_client_with_two_connections_is_one_entry(
     client: aredis.Redis, r: redis.Redis, listen: Callable[..., Awaitable[Channel]]
 ) -> None:

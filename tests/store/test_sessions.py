@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -49,8 +51,8 @@ async def test_resume_returns_positions_and_refreshes_the_lifetime(
     await sessions.subscribed("acme", session, "alice", "room:1", 4)
     await sessions.save("acme", session, "alice", {"room:1": 9, "b": 0}, [], ttl_s=TTL)
     assert r.ttl(keys.session("acme", session)) <= TTL
-    record = await sessions.resume("acme", "alice", session)
-    assert (record.client, record.positions) == ("alice", {"room:1": 9, "b": 0})
+    record, heads = await sessions.resume("acme", "alice", session)
+    assert (record.client, record.positions, heads) == ("alice", {"room:1": 9, "b": 0}, {})
     assert r.ttl(keys.session("acme", session)) > TTL
 
 
@@ -60,7 +62,8 @@ async def test_streams_left_are_forgotten(sessions: SessionStore) -> None:
     await sessions.save("acme", session, "alice", {"a": 1, "b": 2}, [])
     await sessions.unsubscribed("acme", session, "a")
     await sessions.save("acme", session, "alice", {}, ["b", "first"])
-    assert (await sessions.resume("acme", "alice", session)).positions == {}
+    record, _ = await sessions.resume("acme", "alice", session)
+    assert record.positions == {}
 
 
 @pytest.mark.parametrize(
@@ -95,6 +98,36 @@ async def test_positions_alone_are_not_a_session(sessions: SessionStore, r: redi
     r.hset(keys.session("acme", "stray"), "s:a", 3)
     with pytest.raises(SessionRefused):
         await sessions.resume("acme", "alice", "stray")
+
+
+async def test_resumes_made_together_share_a_round_trip_and_each_gets_its_own_answer(
+    sessions: SessionStore, r: redis.Redis
+) -> None:
+    """A storm's resumes go to Redis in one pipeline; a refused one fails alone, and each
+    gets the heads of the streams it asked about, read in the same round trip."""
+    kept = sessions.create()
+    await sessions.subscribed("acme", kept, "alice", "room", 3)
+    r.set(keys.stream_seq("acme", "room"), 12)
+    pipelines = []
+    opened = sessions.client.pipeline
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        pipelines.append(args)
+        return opened(*args, **kwargs)
+
+    sessions.client.pipeline = counted  # type: ignore[method-assign]
+    answers = await asyncio.gather(
+        sessions.resume("acme", "alice", kept, ["room", "quiet"]),
+        sessions.resume("acme", "mallory", kept, ["room"]),
+        sessions.resume("acme", "alice", "never-was"),
+        return_exceptions=True,
+    )
+    record, heads = answers[0]  # type: ignore[misc]
+    assert (record.positions, heads) == ({"room": 3}, {"room": 12, "quiet": 0})
+    assert isinstance(answers[1], SessionRefused) and answers[1].code == "forbidden"
+    assert isinstance(answers[2], SessionRefused) and answers[2].code == "not_found"
+    # Made in the same turn of the loop, before the first was sent: one pipeline for all.
+    assert len(pipelines) == 1
 
 
 class Connection:

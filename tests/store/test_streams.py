@@ -173,6 +173,42 @@ def test_read_returns_what_the_log_holds_across_pages(
     assert streams.read("paged", 11, 20) == []
 
 
+def test_a_subscriptions_first_reads_made_together_share_a_pipeline(streams: Streams) -> None:
+    """head_and_read: the head, and what follows `since` up to min(head, since + page);
+    reads made together go in one pipeline, each with its own answer."""
+    for index in range(10):
+        streams.publish("opened", f"m{index}", index)
+
+    async def together(store: StreamStore) -> tuple[list[Any], int]:
+        pipelines = []
+        opened = store.client.pipeline
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            pipelines.append(args)
+            return opened(*args, **kwargs)
+
+        store.client.pipeline = counted  # type: ignore[method-assign]
+        answers = await asyncio.gather(
+            store.head_and_read(TENANT, "opened", None, 4),
+            store.head_and_read(TENANT, "opened", 3, 4),
+            store.head_and_read(TENANT, "opened", 8, 4),
+            store.head_and_read(TENANT, "opened", 10, 4),
+            store.head_and_read(TENANT, "never", 0, 4),
+        )
+        return list(answers), len(pipelines)
+
+    answers, pipelines = streams.run(together)
+    assert [(head, [seq for seq, _ in events]) for head, events in answers] == [
+        (10, []),
+        (10, [4, 5, 6, 7]),
+        (10, [9, 10]),
+        (10, []),
+        (0, []),
+    ]
+    assert json.loads(answers[1][1][0][1])["seq"] == 4
+    assert pipelines == 1
+
+
 def queued_messages(r: redis.Redis) -> list[dict[str, Any]]:
     return [json.loads(raw) for raw in r.lrange(keys.celery_queue(RUNS_QUEUE), 0, -1)]
 
