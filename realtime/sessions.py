@@ -235,7 +235,9 @@ class SessionStore:
                 pipe.hgetall(key)
                 pipe.expire(key, self._open_ttl())
                 if read.heads_of:
-                    pipe.mget([keys.stream_seq(read.tenant, s) for s in read.heads_of])
+                    # As a command: a Redis Cluster's pipeline refuses redis-py's mget().
+                    heads = [keys.stream_seq(read.tenant, s) for s in read.heads_of]
+                    pipe.execute_command("MGET", *heads)
             answers = await pipe.execute(raise_on_error=False)
         results: list[tuple[SessionRecord, dict[str, int]] | BaseException] = []
         at = 0
