@@ -24,11 +24,13 @@ from realtime.consumer import GatewayConsumer  # noqa: E402
 from realtime.daphne_tuning import (  # noqa: E402
     bound_http_requests,
     defer_debug_formatting,
+    pings_every,
     reap_on_change,
 )
 from realtime.node import gateway_node  # noqa: E402
 from realtime.routing import GATEWAY_PATH  # noqa: E402
 from realtime.security import BrowserOriginValidator  # noqa: E402
+from realtime.transport import direct_pings  # noqa: E402
 
 other_websockets: Any = None
 if "bench" in settings.INSTALLED_APPS:
@@ -63,3 +65,5 @@ if "daphne.server" in sys.modules:
     defer_debug_formatting()
     bound_http_requests(conf().request_timeout_s)
     reap_on_change()
+    direct_pings()
+    pings_every(conf().ws_ping_interval_s, conf().ws_ping_timeout_s)

@@ -69,6 +69,8 @@ class Conf:
     gap_repair_s: float
     drain_s: float
     request_timeout_s: float
+    ws_ping_interval_s: float
+    ws_ping_timeout_s: float
     session_ttl_s: int
     session_checkpoint_s: float
     handshake_concurrency: int

@@ -378,6 +378,11 @@ SWITCHBOARD = {
     # (realtime/daphne_tuning.py). Daphne has no such bound: a trickling client held a
     # socket for ever. 0: no bound.
     "REQUEST_TIMEOUT_S": env_float("SWITCHBOARD_REQUEST_TIMEOUT_S", 10.0),
+    # The gateway pings each socket this often (daphne's --ping-interval, set here so every
+    # launcher agrees) and drops one whose pong is later than the timeout: how long a dead
+    # peer can hold a socket, and how often an idle one shows a proxy it is alive.
+    "WS_PING_INTERVAL_S": env_float("SWITCHBOARD_WS_PING_INTERVAL_S", 20.0),
+    "WS_PING_TIMEOUT_S": env_float("SWITCHBOARD_WS_PING_TIMEOUT_S", 30.0),
     # GET /metrics answers only with "Authorization: Bearer <this>": it names every tenant
     # and its traffic. "": /metrics is off on gateways (403).
     "METRICS_TOKEN": env_str("SWITCHBOARD_METRICS_TOKEN", ""),

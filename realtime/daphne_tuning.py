@@ -324,3 +324,28 @@ def reap_on_change() -> None:
     Server.protocol_disconnected = protocol_disconnected_marking
     Server.application_checker = application_checker
     logger.debug("daphne's connections reaped on change")
+
+
+_pinging = False
+
+
+def pings_every(interval_s: float, timeout_s: float) -> None:
+    """Daphne pings each socket every `interval_s` and drops it when a pong is `timeout_s`
+    late (SWITCHBOARD_WS_PING_INTERVAL_S / _TIMEOUT_S, in place of daphne's command-line
+    flags); once per process, before daphne's server runs (it hands the timeout to
+    autobahn when it starts)."""
+    global _pinging
+    if _pinging:
+        return
+    from daphne.server import Server
+
+    if _lacks(Server, ("run",), "daphne's own ping interval kept"):
+        return
+    _pinging = True
+    run = Server.run
+
+    def run_with_pings(self: Any) -> Any:
+        self.ping_interval, self.ping_timeout = interval_s, timeout_s
+        return run(self)
+
+    Server.run = run_with_pings

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import struct
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jwt
 import pytest
@@ -151,3 +155,60 @@ async def test_a_browser_from_another_site_is_refused_at_the_handshake(
         assert allowed.welcome["type"] == "welcome"
     finally:
         await allowed.close()
+
+
+async def _read_frame(reader: asyncio.StreamReader, timeout_s: float) -> tuple[int, bytes]:
+    """One unmasked server frame: (first byte, payload); (0, b"") when the socket ends."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            head = await reader.readexactly(2)
+            length = head[1] & 0x7F
+            if length == 126:
+                length = struct.unpack(">H", await reader.readexactly(2))[0]
+            elif length == 127:
+                length = struct.unpack(">Q", await reader.readexactly(8))[0]
+            return head[0], await reader.readexactly(length)
+    except (asyncio.IncompleteReadError, ConnectionResetError):  # a dropped socket: reset
+        return 0, b""
+
+
+async def _next_ping(reader: asyncio.StreamReader) -> bytes:
+    while True:
+        first, payload = await _read_frame(reader, 15)
+        assert first, "the socket ended before a ping"
+        if first == 0x89:  # FIN + ping
+            return payload
+
+
+def _pong(payload: bytes) -> bytes:
+    mask = os.urandom(4)
+    masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+    return bytes((0x8A, 0x80 | len(payload))) + mask + masked
+
+
+async def test_the_gateway_pings_keeps_a_socket_that_answers_and_drops_one_that_does_not(
+    switchboard: Switchboard, start_gateway: Callable[..., Any]
+) -> None:
+    """Pings written straight to the socket (realtime/transport.py direct_pings) are still
+    autobahn's: a pong with the ping's payload keeps the socket; none drops it."""
+    url, _ = start_gateway(SWITCHBOARD_WS_PING_INTERVAL_S="0.5", SWITCHBOARD_WS_PING_TIMEOUT_S="3")
+    port = int(url.split(":")[2].split("/")[0])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        token = switchboard.token("pinged").encode()
+        writer.write(
+            b"GET /ws/v1/?token=" + token + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        status = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert status.startswith(b"HTTP/1.1 101"), status
+        for _ in range(3):  # answered, the socket stays: each ping is followed by another
+            payload = await _next_ping(reader)
+            assert len(payload) >= 12  # autobahn's: sent at (8 bytes), number (4), random
+            writer.write(_pong(payload))
+        await _next_ping(reader)  # unanswered: dropped once the timeout passes
+        while (await _read_frame(reader, 15))[0]:
+            pass
+    finally:
+        writer.close()
