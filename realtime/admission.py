@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aredis
-from redis.exceptions import ClusterError, RedisClusterException, TryAgainError
+from redis.exceptions import ClusterError, ReadOnlyError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -153,14 +153,13 @@ class RateLimiter:
 
 
 # Redis out of reach: a single Redis down, or a Redis Cluster between a master's death and
-# its replica's promotion (CLUSTERDOWN, TRYAGAIN, no node answering).
-UNAVAILABLE = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    ClusterError,
-    TryAgainError,
-    RedisClusterException,
-)
+# its replica's promotion (CLUSTERDOWN, TRYAGAIN, a write that reached a master just
+# demoted to replica).
+REDIS_AWAY = (RedisConnectionError, RedisTimeoutError, ClusterError, TryAgainError, ReadOnlyError)
+# The same, and no cluster node answering at all, which redis-py's cluster client raises as
+# its general RedisClusterException (also its refusal of a command: a bug, so a frame's
+# handler leaves that out and answers `internal`).
+UNAVAILABLE = (*REDIS_AWAY, RedisClusterException)
 REFUSALS = {1: "too many connections for the tenant", 2: "too many connections for the client"}
 # Dead gateways looked at, and counts removed per pipeline, per renewal.
 REAP_GATEWAYS = 10

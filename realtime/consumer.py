@@ -33,6 +33,7 @@ from ops import logcontext, metrics
 from ops.collector import tune_for_long_lived_connections
 from project.conf import conf
 from realtime.admission import (
+    REDIS_AWAY,
     budget_refusal,
     connection_registry,
     limit_retry_ms,
@@ -103,6 +104,9 @@ SESSION_SAVE_TIMEOUT_S = 2.0
 UNREPLICATED_RETRY_MS = 1000
 # After a frame refused because every pooled Redis connection was busy.
 POOL_EXHAUSTED_RETRY_MS = 1000
+# After a frame refused because Redis was out of reach: a replica is promoted, or a
+# restarted Redis answers, within seconds.
+UNAVAILABLE_RETRY_MS = 1000
 
 
 # Work that must finish even when the handler awaiting it is cancelled, held here so the
@@ -483,6 +487,28 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                         "the gateway's Redis connections are all busy; retry later",
                         frame_id,
                         retry_after_ms=POOL_EXHAUSTED_RETRY_MS,
+                    )
+                )
+                return
+            if isinstance(error, REDIS_AWAY):
+                # Redis restarting or a cluster master failing over: not a bug, and the
+                # outcome of a write cut off mid-way is unknown. The client waits and sends
+                # it again with the same id, which cannot apply it twice.
+                logger.warning(
+                    "Redis out of reach; frame refused tenant=%s client=%s conn=%s: %r",
+                    self.identity.tenant,
+                    self.identity.client,
+                    self.connection_id,
+                    error,
+                )
+                metrics.error_answered("unavailable")
+                self.push(
+                    error_frame(
+                        "unavailable",
+                        "the data store is out of reach (restarting or failing over); send it"
+                        " again with the same id",
+                        frame_id,
+                        retry_after_ms=UNAVAILABLE_RETRY_MS,
                     )
                 )
                 return

@@ -20,6 +20,7 @@ import pytest
 import pytest_asyncio
 import redis
 
+from client.connection import SwitchboardClient, SwitchboardError
 from client.reconnecting import ReconnectingClient
 from project.launcher import Cluster, embedded_redis_binary, free_port, redis_answers, wait_until
 from tenants.tokens import issue_token
@@ -250,3 +251,28 @@ def _logs_on_failure(request: pytest.FixtureRequest, restartable: Fixture) -> It
     report = getattr(request.node, "report_call", None)
     if report is not None and report.failed:
         restartable.failed = True
+
+
+async def test_a_frame_while_redis_is_away_is_answered_unavailable_and_applies_once_later(
+    restartable: Fixture,
+) -> None:
+    """Redis out of reach is not a bug: `unavailable` (503) with a wait, not `internal`, and
+    the same id sent again once it is back applies once."""
+    client = await SwitchboardClient.connect(
+        restartable.cluster.gateway_url(0), restartable.token("away-client")
+    )
+    try:
+        await client.subscribe("away")
+        await asyncio.to_thread(restartable.redis.stop)
+        try:
+            with pytest.raises(SwitchboardError) as refused:
+                await client.publish("away", {"n": 1}, id="away-1", timeout=30)
+            assert refused.value.code == "unavailable", refused.value
+            assert refused.value.retry_after_ms
+        finally:
+            await asyncio.to_thread(restartable.redis.start)
+        ack = await client.publish("away", {"n": 1}, id="away-1", timeout=30)
+        again = await client.publish("away", {"n": 1}, id="away-1", timeout=30)
+        assert (again["seq"], again["duplicate"]) == (ack["seq"], True)
+    finally:
+        await client.close()
