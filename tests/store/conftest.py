@@ -168,6 +168,20 @@ def execute_step(store: RunStore, run_id: str, step: int, retries: int = 0) -> S
     return asyncio.run(main())
 
 
+def count_pipelines(client: aredis.Redis) -> list[tuple[Any, ...]]:
+    """Spy on `client`: the returned list grows by one for each pipeline it opens (how
+    requests made together are shown to share a round trip)."""
+    opened: list[tuple[Any, ...]] = []
+    make = client.pipeline
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        opened.append(args)
+        return make(*args, **kwargs)
+
+    client.pipeline = counted  # type: ignore[method-assign]
+    return opened
+
+
 def log_events(r: redis.Redis, stream: str, tenant: str = TENANT) -> list[dict[str, Any]]:
     """The stream's retained events, parsed; each entry's id must be its event's seq."""
     events = []

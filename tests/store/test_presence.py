@@ -17,6 +17,7 @@ from pytest_django.fixtures import Settings
 from realtime.presence import PresenceStore, PresenceTracker
 from streams import keys
 from tests.integration.support import wait_until
+from tests.store.conftest import count_pipelines
 
 pytestmark = pytest.mark.asyncio
 
@@ -150,14 +151,7 @@ async def test_joins_made_together_go_in_one_pipeline_each_with_its_own_answer(
     """A reconnect storm's resumed subscriptions join by the thousand: one pipeline."""
     g1 = PresenceStore(client, "g1", 30)
     assert await g1.join(TENANT, ROOM, "alice", "") is True
-    pipelines = []
-    opened = client.pipeline
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        pipelines.append(args)
-        return opened(*args, **kwargs)
-
-    client.pipeline = counted  # type: ignore[method-assign]
+    pipelines = count_pipelines(client)
     answers = await asyncio.gather(
         g1.join(TENANT, ROOM, "alice", ""),
         g1.join(TENANT, ROOM, "bob", ""),

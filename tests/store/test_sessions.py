@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -20,6 +19,7 @@ from realtime.sessions import (
     position_changes,
 )
 from streams import keys
+from tests.store.conftest import count_pipelines
 
 pytestmark = pytest.mark.asyncio
 
@@ -108,14 +108,7 @@ async def test_resumes_made_together_share_a_round_trip_and_each_gets_its_own_an
     kept = sessions.create()
     await sessions.subscribed("acme", kept, "alice", "room", 3)
     r.set(keys.stream_seq("acme", "room"), 12)
-    pipelines = []
-    opened = sessions.client.pipeline
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        pipelines.append(args)
-        return opened(*args, **kwargs)
-
-    sessions.client.pipeline = counted  # type: ignore[method-assign]
+    pipelines = count_pipelines(sessions.client)
     answers = await asyncio.gather(
         sessions.resume("acme", "alice", kept, ["room", "quiet"]),
         sessions.resume("acme", "mallory", kept, ["room"]),

@@ -20,7 +20,7 @@ from streams import log as streams_module
 from streams.enqueue import RUN_NEXT_TASK, RUN_STEP_TASK, RUNS_QUEUE
 from streams.log import StreamStore
 from streams.runs import RunStore
-from tests.store.conftest import CLIENT, TENANT, Streams, log_events
+from tests.store.conftest import CLIENT, TENANT, Streams, count_pipelines, log_events
 
 TRICKY_DATA = {
     "text": 'quote " backslash \\ newline \n nul \x00 é 中 🎉 \u2028',
@@ -180,14 +180,7 @@ def test_a_subscriptions_first_reads_made_together_share_a_pipeline(streams: Str
         streams.publish("opened", f"m{index}", index)
 
     async def together(store: StreamStore) -> tuple[list[Any], int]:
-        pipelines = []
-        opened = store.client.pipeline
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            pipelines.append(args)
-            return opened(*args, **kwargs)
-
-        store.client.pipeline = counted  # type: ignore[method-assign]
+        pipelines = count_pipelines(store.client)
         answers = await asyncio.gather(
             store.head_and_read(TENANT, "opened", None, 4),
             store.head_and_read(TENANT, "opened", 3, 4),
