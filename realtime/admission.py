@@ -382,10 +382,7 @@ class ConnectionRegistry:
                         pipe.sadd(held_key, *sorted(listed))
                     await pipe.execute()
                 calls = [admission for admission, _ in batch]
-                if len(calls) == 1:  # alone: a pipeline would only add client CPU
-                    results: list[Any] = [await calls[0].run_async(client)]
-                else:
-                    results = await scripts.run_pipelined_async(client, calls)
+                results: list[Any] = await scripts.run_pipelined_async(client, calls)
             except Exception as error:
                 results = [error] * len(batch)
             for (_, future), result in zip(batch, results, strict=True):

@@ -121,7 +121,7 @@ _KEPT_ALIVE = "_switchboard_kept_alive"
 _bounded = False
 
 
-def _lacks(owner: type, names: tuple[str, ...], consequence: str) -> bool:
+def lacks_internals(owner: type, names: tuple[str, ...], consequence: str) -> bool:
     """Whether `owner` lacks any of the internals a patch of it relies on (then the patch
     is not applied, and `consequence` is logged with what is missing)."""
     missing = [name for name in names if not hasattr(owner, name)]
@@ -152,7 +152,7 @@ def bound_http_requests(timeout_s: float) -> None:
         return
     from twisted.web.http import HTTPChannel
 
-    if _lacks(HTTPChannel, _CHANNEL_NEEDS, "HTTP requests not bounded"):
+    if lacks_internals(HTTPChannel, _CHANNEL_NEEDS, "HTTP requests not bounded"):
         return
     _bounded = True
 
@@ -295,7 +295,7 @@ def reap_on_change() -> None:
         return
     from daphne.server import Server
 
-    if _lacks(Server, _SERVER_NEEDS, "daphne's connections reaped by its own walk"):
+    if lacks_internals(Server, _SERVER_NEEDS, "daphne's connections reaped by its own walk"):
         return
     _reaping = True
     create_application = Server.create_application
@@ -339,7 +339,7 @@ def pings_every(interval_s: float, timeout_s: float) -> None:
         return
     from daphne.server import Server
 
-    if _lacks(Server, ("run",), "daphne's own ping interval kept"):
+    if lacks_internals(Server, ("run",), "daphne's own ping interval kept"):
         return
     _pinging = True
     run = Server.run

@@ -201,8 +201,6 @@ class PresenceStore:
 
     async def _join_batch(self, calls: list[scripts.PresenceJoin]) -> list[bool | BaseException]:
         """The joins that arrived together, in one pipeline."""
-        if len(calls) == 1:  # alone: a pipeline would only add client CPU
-            return [bool(await calls[0].run_async(self.client))]
         results = await scripts.run_pipelined_async(self.client, calls)
         return [r if isinstance(r, BaseException) else bool(r) for r in results]
 

@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover - autobahn comes with daphne
     PreparedMessage = None  # type: ignore[assignment,misc]
     WebSocketProtocol = None  # type: ignore[assignment,misc]
 
-from realtime.daphne_tuning import share_factory_options  # noqa: E402
+from realtime.daphne_tuning import lacks_internals, share_factory_options  # noqa: E402
 
 _PREPARED_CACHE_LIMIT = 512
 CLOSE_HANDSHAKE_TIMEOUT_S = 30
@@ -162,9 +162,7 @@ def direct_pings() -> None:
     global _pings_direct
     if _pings_direct or WebSocketProtocol is None:
         return
-    from realtime.daphne_tuning import _lacks
-
-    if _lacks(WebSocketProtocol, _PING_NEEDS, "pings written through Twisted"):
+    if lacks_internals(WebSocketProtocol, _PING_NEEDS, "pings written through Twisted"):
         return
     _pings_direct = True
     send_through_autobahn = WebSocketProtocol._sendAutoPing

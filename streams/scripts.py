@@ -1279,7 +1279,13 @@ async def run_pipelined_async(
 ) -> list[Any | BaseException]:
     """Each call's result, or the exception it raised, from one non-transactional pipeline
     (in a Redis Cluster, one per node, sent at once: each call is one slot). A call that
-    found its script unknown to the server is made again on its own, which loads it."""
+    found its script unknown to the server is made again on its own, which loads it. A lone
+    call goes alone: a pipeline would only add client CPU."""
+    if len(calls) == 1:
+        try:
+            return [await calls[0].run_async(client)]
+        except Exception as error:  # noqa: BLE001 - handed to the caller like the others
+            return [error]
     async with client.pipeline(transaction=False) as pipe:
         for call in calls:
             await call.queue_async(client, pipe)
