@@ -156,6 +156,13 @@ HANDSHAKES_DROPPED = Counter(
     "were waiting) or client_left (the client gave up while it waited).",
     ["reason"],
 )
+ACCEPT_PAUSES = Counter(
+    "switchboard_accept_pauses",
+    "Times a gateway process stopped taking new connections for a moment because it had "
+    "taken SWITCHBOARD_ACCEPT_BURST faster than SWITCHBOARD_ACCEPT_RATE_PER_S (the rest "
+    "wait in the kernel's accept queue). Rising outside reconnect storms: raise the rate or "
+    "add gateway processes.",
+)
 SLOW_CONSUMER_CLOSES = Counter(
     "switchboard_slow_consumer_closes",
     "Connections closed with 4008 because their outbound buffer filled, per tenant.",
@@ -348,6 +355,10 @@ def daphne_connections(count: int) -> None:
 
 def handshake_dropped(reason: str) -> None:
     HANDSHAKES_DROPPED.labels(reason).inc()
+
+
+def accepts_paused() -> None:
+    ACCEPT_PAUSES.inc()
 
 
 def slow_consumer_closed(tenant: str) -> None:

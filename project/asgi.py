@@ -24,6 +24,7 @@ from realtime.consumer import GatewayConsumer  # noqa: E402
 from realtime.daphne_tuning import (  # noqa: E402
     bound_http_requests,
     defer_debug_formatting,
+    pace_accepts,
     pings_every,
     reap_on_change,
 )
@@ -65,5 +66,6 @@ if "daphne.server" in sys.modules:
     defer_debug_formatting()
     bound_http_requests(conf().request_timeout_s)
     reap_on_change()
+    pace_accepts(conf().accept_rate_per_s, conf().accept_burst)
     direct_pings()
     pings_every(conf().ws_ping_interval_s, conf().ws_ping_timeout_s)

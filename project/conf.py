@@ -75,6 +75,8 @@ class Conf:
     session_checkpoint_s: float
     handshake_concurrency: int
     handshake_queue: int
+    accept_rate_per_s: float
+    accept_burst: int
     presence_ttl_s: float
     presence_announce_max: int
     presence_refresh_s: float

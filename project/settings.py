@@ -399,6 +399,12 @@ SWITCHBOARD = {
     "HANDSHAKE_CONCURRENCY": env_int("SWITCHBOARD_HANDSHAKE_CONCURRENCY", 32),
     # Handshakes that may wait for a turn; past it a newcomer is closed 1012 at once.
     "HANDSHAKE_QUEUE": env_int("SWITCHBOARD_HANDSHAKE_QUEUE", 5000),
+    # New connections a gateway process takes from its listening socket per second, after a
+    # burst of this many (0, the default: as fast as they come): a storm's upgrades taken
+    # all at once hold the CPU ahead of delivery; paced, the rest wait in the kernel's
+    # accept queue (realtime/accept_pace.py). Off until measured to help (performance.md).
+    "ACCEPT_RATE_PER_S": env_float("SWITCHBOARD_ACCEPT_RATE_PER_S", 0.0),
+    "ACCEPT_BURST": env_int("SWITCHBOARD_ACCEPT_BURST", 100),
     # A presence entry not refreshed for this long is a ghost (its gateway died) and leaves.
     "PRESENCE_TTL_S": env_float("SWITCHBOARD_PRESENCE_TTL_S", 30.0),
     # join/leave are announced on streams with at most this many present clients (every

@@ -1,5 +1,5 @@
-"""Daphne's HTTP side bounded, and two per-connection costs of autobahn (daphne's WebSocket
-library) paid once per process.
+"""Daphne's HTTP side bounded, two per-connection costs of autobahn (daphne's WebSocket
+library) paid once per process, and its accepts paced.
 
 Bounds (`bound_http_requests`): daphne reads requests with Twisted's HTTPChannel, which
 waits up to twelve hours for a request's headers while any byte arrives (its idle timeout
@@ -33,6 +33,9 @@ second. Here a connection is marked when one of those happens (its application i
 completes, daphne records its disconnect), and the same check with daphne's rules runs
 each second on the marked ones only (those still waiting for their application to end
 stay marked). The number daphne tracks is exported as `switchboard_daphne_connections`.
+
+Accepts (`pace_accepts`): each port daphne listens on takes new connections at the rate
+of realtime/accept_pace.py, so a reconnect storm's upgrades are spread out.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from asyncio import CancelledError
 from typing import Any
 
 from ops import metrics
+from realtime.accept_pace import AcceptPace
 
 logger = logging.getLogger(__name__)
 
@@ -349,3 +353,74 @@ def pings_every(interval_s: float, timeout_s: float) -> None:
         return run(self)
 
     Server.run = run_with_pings
+
+
+_pacing = False
+# Twisted's tcp.Port internals the pacing relies on.
+_PORT_NEEDS = ("doRead", "numberAccepts", "sessionno", "startReading", "stopReading")
+
+
+def pace_port(port: Any, pace: AcceptPace, reactor: Any, clock: Any = time.monotonic) -> None:
+    """Accept on `port` only what `pace` allows: each read of the listening socket takes
+    at most the allowance (Twisted's `numberAccepts`, which it otherwise grows by 20 for
+    each read that fills it), and once the allowance is spent the port stops reading
+    until a connection may be taken again (realtime/accept_pace.py)."""
+    accept = port.doRead
+    paused = False
+
+    def resume() -> None:
+        nonlocal paused
+        paused = False
+        if port.connected and not port.disconnecting:
+            port.startReading()
+
+    def pause(now: float) -> None:
+        nonlocal paused
+        if paused:
+            return
+        paused = True
+        port.stopReading()
+        metrics.accepts_paused()
+        reactor.callLater(pace.wait_s(now), resume)
+
+    def accept_paced() -> Any:
+        now = clock()
+        allowed = pace.allowance(now)
+        if allowed < 1:
+            pause(now)
+            return None
+        port.numberAccepts = max(1, min(port.numberAccepts, allowed))
+        before = port.sessionno
+        result = accept()
+        pace.took(port.sessionno - before, now)
+        if pace.allowance(now) < 1:
+            pause(now)
+        return result
+
+    port.doRead = accept_paced
+
+
+def pace_accepts(rate_per_s: float, burst: int) -> None:
+    """Every port daphne listens on takes at most `burst` connections at once and
+    `rate_per_s` a second (SWITCHBOARD_ACCEPT_RATE_PER_S / _BURST; 0: as fast as they
+    come); once per process, before daphne's server starts."""
+    global _pacing
+    if _pacing or rate_per_s <= 0:
+        return
+    from daphne.server import Server
+
+    if lacks_internals(Server, ("listen_success",), "connections accepted unpaced"):
+        return
+    _pacing = True
+    listen_success = Server.listen_success
+
+    def listen_success_paced(self: Any, port: Any) -> Any:
+        from twisted.internet import reactor
+
+        if all(hasattr(port, name) for name in _PORT_NEEDS):
+            pace_port(port, AcceptPace(rate_per_s, burst, time.monotonic()), reactor)
+        else:
+            logger.warning("listening port %r lacks %s: accepts unpaced", port, _PORT_NEEDS)
+        return listen_success(self, port)
+
+    Server.listen_success = listen_success_paced
