@@ -125,12 +125,13 @@ _KEPT_ALIVE = "_switchboard_kept_alive"
 _bounded = False
 
 
-def lacks_internals(owner: type, names: tuple[str, ...], consequence: str) -> bool:
+def lacks_internals(owner: object, names: tuple[str, ...], consequence: str) -> bool:
     """Whether `owner` lacks any of the internals a patch of it relies on (then the patch
     is not applied, and `consequence` is logged with what is missing)."""
     missing = [name for name in names if not hasattr(owner, name)]
     if missing:
-        logger.warning("%s: %s lacks %s", consequence, owner.__qualname__, missing)
+        name = getattr(owner, "__qualname__", None) or repr(owner)
+        logger.warning("%s: %s lacks %s", consequence, name, missing)
     return bool(missing)
 
 
@@ -360,7 +361,7 @@ _pacing = False
 _PORT_NEEDS = ("doRead", "numberAccepts", "sessionno", "startReading", "stopReading")
 
 
-def pace_port(port: Any, pace: AcceptPace, reactor: Any, clock: Any = time.monotonic) -> None:
+def pace_port(port: Any, pace: AcceptPace, reactor: Any) -> None:
     """Accept on `port` only what `pace` allows: each read of the listening socket takes
     at most the allowance (Twisted's `numberAccepts`, which it otherwise grows by 20 for
     each read that fills it), and once the allowance is spent the port stops reading
@@ -384,12 +385,12 @@ def pace_port(port: Any, pace: AcceptPace, reactor: Any, clock: Any = time.monot
         reactor.callLater(pace.wait_s(now), resume)
 
     def accept_paced() -> Any:
-        now = clock()
+        now = time.monotonic()
         allowed = pace.allowance(now)
         if allowed < 1:
             pause(now)
             return None
-        port.numberAccepts = max(1, min(port.numberAccepts, allowed))
+        port.numberAccepts = min(port.numberAccepts, allowed)
         before = port.sessionno
         result = accept()
         pace.took(port.sessionno - before, now)
@@ -417,10 +418,8 @@ def pace_accepts(rate_per_s: float, burst: int) -> None:
     def listen_success_paced(self: Any, port: Any) -> Any:
         from twisted.internet import reactor
 
-        if all(hasattr(port, name) for name in _PORT_NEEDS):
+        if not lacks_internals(port, _PORT_NEEDS, "accepts unpaced"):
             pace_port(port, AcceptPace(rate_per_s, burst, time.monotonic()), reactor)
-        else:
-            logger.warning("listening port %r lacks %s: accepts unpaced", port, _PORT_NEEDS)
         return listen_success(self, port)
 
     Server.listen_success = listen_success_paced

@@ -20,8 +20,8 @@ def test_a_burst_is_taken_at_once_and_the_rest_at_the_rate() -> None:
 
 
 def test_taking_more_than_allowed_leaves_none_not_a_debt() -> None:
-    """Twisted may accept one more than asked in a read; the bucket then waits a token's
-    time, it does not hold the port closed for the excess."""
+    """Counted past the allowance, the bucket is empty and waits one token's time; it
+    does not hold the port closed to pay off the excess."""
     pace = AcceptPace(rate_per_s=10, burst=2, now=0.0)
     pace.took(5, 0.0)
     assert pace.allowance(0.0) == 0
