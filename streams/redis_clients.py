@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any, cast
 
 import redis
 import redis.asyncio as aredis
+from redis.asyncio.cluster import ClusterPipeline
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -63,7 +67,7 @@ def _cluster_options(asynchronous: bool) -> dict[str, Any]:
     its `retry` is the cluster's own (on a connection error or timeout it refreshes the slot
     map and tries again, following a failover), and its pools are per node. The blocking
     client keeps a blocking pool per node; the asyncio cluster client has no blocking pool,
-    so its commands wait for a place below the cap instead (_BoundedAsyncRedisCluster)."""
+    so its commands wait for a place below the cap instead (BoundedAsyncRedisCluster)."""
     retry_class = AsyncRetry if asynchronous else Retry
     options: dict[str, Any] = {
         "retry": retry_class(ExponentialBackoff(cap=0.5, base=0.05), 4),
@@ -79,30 +83,78 @@ def _cluster_options(asynchronous: bool) -> dict[str, Any]:
     return options
 
 
-class _BoundedAsyncRedisCluster(AsyncRedisCluster):
+# Set while a task holds one of a bounded cluster client's places: a pipeline's redirected
+# commands, sent again one by one inside its execute, must not wait for a second place (a
+# full client would then wait on itself).
+_holding_place: ContextVar[bool] = ContextVar("switchboard_holding_cluster_place", default=False)
+
+
+class BoundedAsyncRedisCluster(AsyncRedisCluster):
     """The asyncio cluster client with two of its edges filed off.
 
     Its per-node pools do not wait for a free connection: past `max_connections` a command
     raises MaxConnectionsError, which a burst (hundreds of sockets closing at once, each
-    leaving presence) reaches. Commands here wait for one of `max_connections` places
-    instead, which keeps every node's pool under its cap, as the single-Redis blocking pool
-    does. And its first commands, sent concurrently before the slot map is read, can fail
-    inside redis-py (a connection not yet made); the map is read once, first, under a lock."""
+    leaving presence) reaches. Commands and pipelines here wait up to `wait_s` for one of
+    `max_connections` places instead, and past it fail as the single-Redis blocking pool
+    does (`pool_exhausted` is true of the error), which keeps every node's pool under its
+    cap: a command uses one connection, a pipeline at most one per node. And its first
+    commands, sent concurrently before the slot map is read, can fail inside redis-py (a
+    connection not yet made); the map is read once, first, under a lock."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, wait_s: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._places = asyncio.Semaphore(kwargs.get("max_connections", 100))
+        self._wait_s = wait_s
         self._first_map = asyncio.Lock()
         self._mapped = False
 
-    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+    @asynccontextmanager
+    async def place(self) -> AsyncIterator[None]:
+        """Hold one place (not again when this task already holds one)."""
         if not self._mapped:
             async with self._first_map:
                 if not self._mapped:
                     await self.initialize()
                     self._mapped = True
-        async with self._places:
+        if _holding_place.get():
+            yield
+            return
+        if self._places.locked():
+            try:
+                async with asyncio.timeout(self._wait_s):
+                    await self._places.acquire()
+            except TimeoutError as waited:
+                raise RedisConnectionError("No connection available.") from waited
+        else:
+            await self._places.acquire()
+        holding = _holding_place.set(True)
+        try:
+            yield
+        finally:
+            _holding_place.reset(holding)
+            self._places.release()
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.place():
             return await super().execute_command(*args, **kwargs)
+
+    def pipeline(
+        self, transaction: Any | None = None, shard_hint: Any | None = None
+    ) -> ClusterPipeline:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # which refuses it
+        # redis-py's stubs leave an attribute abstract that its ClusterPipeline sets itself.
+        return _BoundedClusterPipeline(self, transaction)  # type: ignore[abstract]
+
+
+class _BoundedClusterPipeline(ClusterPipeline):
+    """A pipeline of a BoundedAsyncRedisCluster: its execute holds one place throughout."""
+
+    cluster_client: BoundedAsyncRedisCluster
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        async with self.cluster_client.place():
+            return await super().execute(raise_on_error, allow_redirections)
 
 
 def pool_exhausted(error: BaseException) -> bool:
@@ -122,8 +174,10 @@ def async_client() -> aredis.Redis:
     global _async_client
     if _async_client is None:
         if conf().redis_cluster:
-            cluster = _BoundedAsyncRedisCluster.from_url(
-                conf().redis_cluster_url, **_cluster_options(asynchronous=True)
+            cluster = BoundedAsyncRedisCluster.from_url(
+                conf().redis_cluster_url,
+                wait_s=conf().redis_pool_wait_s,
+                **_cluster_options(asynchronous=True),
             )
             _async_client = cast(aredis.Redis, cluster)
             return _async_client
