@@ -5,7 +5,7 @@ system per mode, each on a freshly flushed data plane. Modes (`--modes`):
 
 - `single`:    one Redis (`--redis-url`) holds the streams;
 - `cluster-1`: a Redis Cluster of 1 master + 1 replica, started by the benchmark on
-               `--cluster-port` and up (bench/redis_cluster.py);
+               `--cluster-port` and up (project/redis_cluster.py);
 - `cluster-3`: a Redis Cluster of 3 masters + 3 replicas, the same way.
 
 The Celery broker (and the channel layer) is a separate throwaway Redis in every mode
@@ -93,6 +93,7 @@ from bench.common import (
     describe_processes,
     fmt_ratio,
     gateway_base,
+    loopback_redis_cluster,
     parse_benchmark_args,
     ratio,
     run_benchmark,
@@ -101,8 +102,8 @@ from bench.common import (
     sum_counts,
     summarize,
 )
-from bench.redis_cluster import RedisClusterNodes, master_of, redis_server_binary
-from project.launcher import free_port, scratch_redis_argv, wait_until
+from project.launcher import embedded_redis_binary, free_port, scratch_redis_argv, wait_until
+from project.redis_cluster import master_index_of_tag
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +253,7 @@ def throwaway_redis() -> Iterator[str]:
     port = free_port()
     data = Path(tempfile.mkdtemp(prefix="switchboard-bench-broker-"))
     proc = subprocess.Popen(
-        scratch_redis_argv(redis_server_binary(), port, data),
+        scratch_redis_argv(shutil.which("redis-server") or embedded_redis_binary(), port, data),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -289,7 +290,7 @@ def tenant_slugs(count: int) -> list[str]:
     while sum(len(v) for v in chosen.values()) < count:
         slug = f"cap{index}"
         index += 1
-        bucket = chosen[master_of(slug, 3)]
+        bucket = chosen[master_index_of_tag(slug, 3)]
         if len(bucket) < per_master or all(len(v) >= per_master for v in chosen.values()):
             bucket.append(slug)
     # Interleaved, so consecutive connections (and the load's round robin) alternate masters.
@@ -368,10 +369,9 @@ def data_plane(
             f"mode {mode} needs Redis Cluster support (REDIS_CLUSTER_URL in project/settings.py)"
         )
     print(f"  starting a Redis Cluster of {MASTERS[mode]} masters + replicas ...", flush=True)
-    with RedisClusterNodes(args.cluster_port, MASTERS[mode], replicas=1) as nodes:
-        nodes.flush()
-        named = {f"redis-{port}": nodes.client(port) for port in nodes.ports}
-        yield named, {"REDIS_CLUSTER_URL": nodes.url}
+    with loopback_redis_cluster(args.cluster_port, MASTERS[mode], replicas=1) as cluster:
+        named = {f"redis-{port}": node.client(timeout=10) for port, node in cluster.nodes.items()}
+        yield named, {"REDIS_CLUSTER_URL": cluster.url}
 
 
 def run_mode(env: BenchEnv, client: LoadClient, variant: str, args: argparse.Namespace) -> dict:

@@ -53,8 +53,18 @@ if str(ROOT) not in sys.path:  # `python bench/NAME.py` as well as `python -m be
     sys.path.insert(0, str(ROOT))
 
 from project.launcher import Cluster  # noqa: E402
+from project.redis_cluster import RedisCluster  # noqa: E402
 
 # --- the machine and the invocation --------------------------------------------------------
+
+
+def loopback_redis_cluster(base_port: int, masters: int, replicas: int) -> RedisCluster:
+    """A Redis Cluster on ports from `base_port` (the masters first), not yet started: use it
+    as a context manager. Its failure detection is a deployment's usual 5 s, not the tests'
+    1 s: a benchmark kills no node, and a busy machine must not look like a dead node."""
+    ports = [base_port + i for i in range(masters * (1 + replicas))]
+    return RedisCluster(masters=masters, replicas=replicas, ports=ports, node_timeout_ms=5000)
+
 
 
 def cpu_model() -> str:

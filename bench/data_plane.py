@@ -39,7 +39,7 @@ seq runs only on the accepted path) and the buckets' PEXPIREs (two per token tak
 Modes (`--modes`), alternated over `--rounds` on freshly started, empty servers:
 
 - `single`:    one Redis started by the benchmark (PUBLISH in the scripts);
-- `cluster-1`: a Redis Cluster of 1 master (bench/redis_cluster.py), SPUBLISH;
+- `cluster-1`: a Redis Cluster of 1 master (project/redis_cluster.py), SPUBLISH;
 - `cluster-3`: a Redis Cluster of 3 masters, SPUBLISH; redis-benchmark `--cluster` puts its
                clients on every master and fills the `{tag}` hash tag of the keys with a tag
                of each master's slots (one tenant per master).
@@ -365,15 +365,15 @@ def parse_benchmark_output(text: str) -> dict[str, Any]:
 def data_plane(mode: str, args: argparse.Namespace) -> Iterator[dict[str, redis.Redis]]:
     """The mode's masters by name (a replica is no target of the load), freshly started."""
     from bench.capacity import throwaway_redis
-    from bench.redis_cluster import RedisClusterNodes
+    from bench.common import loopback_redis_cluster
 
     if mode == "single":
         with throwaway_redis() as url:
             node = redis.Redis.from_url(url)
             yield {f"redis-{node.connection_pool.connection_kwargs['port']}": node}
         return
-    with RedisClusterNodes(args.cluster_port, MASTERS[mode], replicas=args.replicas) as nodes:
-        yield {f"redis-{port}": nodes.client(port) for port in nodes.ports}
+    with loopback_redis_cluster(args.cluster_port, MASTERS[mode], args.replicas) as cluster:
+        yield {f"redis-{port}": node.client(timeout=10) for port, node in cluster.nodes.items()}
 
 
 def masters(nodes: dict[str, redis.Redis]) -> dict[str, redis.Redis]:

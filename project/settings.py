@@ -152,8 +152,9 @@ REDIS_MAX_CONNECTIONS = env_int("REDIS_MAX_CONNECTIONS", 512)
 REDIS_POOL_WAIT_S = env_float("REDIS_POOL_WAIT_S", 10.0)
 
 # --- Channels --------------------------------------------------------------------------
-# The layer is only used for process-addressed control messages and the benchmark
-# baselines; stream events never travel through it (it is at-most-once, see docs).
+# Only the benchmarks' baselines (the naive path Switchboard is measured against) use the
+# layer; the gateways never do (realtime/consumer.py turns it off): stream events travel
+# through the hub, since the layer drops messages silently (at most once, see docs).
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",

@@ -8,7 +8,7 @@ from collections import Counter
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from bench.capacity import Phases, mode_of, per_op, tenant_slugs
-from bench.redis_cluster import master_of, slot_ranges
+from project.redis_cluster import master_index_of_tag, slot_ranges
 
 
 def test_slot_ranges_cover_every_slot_once() -> None:
@@ -21,16 +21,18 @@ def test_slot_ranges_cover_every_slot_once() -> None:
 
 def test_master_of_follows_the_hash_tag() -> None:
     slot = key_slot(b"sb:s:{acme}:room:seq")
-    lo, hi = slot_ranges(3)[master_of("acme", 3)]
+    lo, hi = slot_ranges(3)[master_index_of_tag("acme", 3)]
     assert lo <= slot <= hi
 
 
 def test_tenants_spread_evenly_over_three_masters() -> None:
     slugs = tenant_slugs(6)
     assert len(set(slugs)) == 6
-    assert Counter(master_of(slug, 3) for slug in slugs) == {0: 2, 1: 2, 2: 2}
+    assert Counter(master_index_of_tag(slug, 3) for slug in slugs) == {0: 2, 1: 2, 2: 2}
     # Interleaved: consecutive clients alternate masters.
-    assert [master_of(slug, 3) for slug in slugs[:3]] != [master_of(slugs[0], 3)] * 3
+    assert [master_index_of_tag(slug, 3) for slug in slugs[:3]] != [
+        master_index_of_tag(slugs[0], 3)
+    ] * 3
 
 
 def test_mode_of_a_round() -> None:
