@@ -294,8 +294,9 @@ class RedisCluster:
         owners: dict[int, str] = {}
         for entry in node.client().execute_command("CLUSTER SLOTS"):
             first, last, master = int(entry[0]), int(entry[1]), entry[2]
-            host = master[0].decode() if isinstance(master[0], bytes) else master[0]
-            name = f"{host}:{int(master[1])}"
+            # Every node is on loopback; a lone node that never met another does not know
+            # its own address and answers an empty host.
+            name = f"127.0.0.1:{int(master[1])}"
             for slot in range(first, last + 1):
                 owners[slot] = name
         return owners
