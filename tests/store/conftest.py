@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
+import pytest_asyncio
 import redis
 import redis.asyncio as aredis
 from django.conf import settings
@@ -208,3 +209,12 @@ def register_agent(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Agent]:
         return agents.register(Agent(name=name, steps=steps, deadline_s=deadline_s, **extra))
 
     return register
+
+
+@pytest_asyncio.fixture
+async def cluster(redis_cluster_url: str) -> AsyncIterator[aredis.RedisCluster]:
+    """A plain asyncio client of the Redis Cluster the cluster tests run on."""
+    client = aredis.RedisCluster.from_url(redis_cluster_url)
+    await client.initialize()
+    yield client
+    await client.aclose()

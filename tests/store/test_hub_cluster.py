@@ -47,14 +47,6 @@ class Recorder:
 
 
 @pytest_asyncio.fixture
-async def cluster(redis_cluster_url: str) -> AsyncIterator[aredis.RedisCluster]:
-    client = aredis.RedisCluster.from_url(redis_cluster_url)
-    await client.initialize()
-    yield client
-    await client.aclose()
-
-
-@pytest_asyncio.fixture
 async def hub(redis_cluster_url: str) -> AsyncIterator[Hub]:
     def no_single_redis() -> aredis.Redis:
         raise AssertionError("a sharded hub uses the topology's clients only")
@@ -160,26 +152,17 @@ async def _replicas_of(cluster: aredis.RedisCluster, master: str) -> list[str]:
 # --- the gateway's other scripts on the cluster -------------------------------------------
 
 
-@pytest_asyncio.fixture
-async def data_client(redis_cluster_url: str) -> AsyncIterator[aredis.RedisCluster]:
-    """The gateway's data client in cluster mode (what streams.redis_clients gives)."""
-    client = aredis.RedisCluster.from_url(redis_cluster_url)
-    await client.initialize()
-    yield client
-    await client.aclose()
-
-
 def _fresh(name: str) -> str:
     # Tenants of their own: the cluster is not flushed between runs.
     return f"{name}-{secrets.token_hex(4)}"
 
 
 async def test_presence_works_tenant_by_tenant_on_the_cluster(
-    data_client: aredis.RedisCluster,
+    cluster: aredis.RedisCluster,
 ) -> None:
     from realtime.presence import PresenceStore
 
-    client = cast(aredis.Redis, data_client)
+    client = cast(aredis.Redis, cluster)
     tenants = [_fresh(f"p{i}") for i in range(6)]
     dead = PresenceStore(client, "dead", 0.2)
     live = PresenceStore(client, "live", 30)
@@ -202,14 +185,14 @@ async def test_presence_works_tenant_by_tenant_on_the_cluster(
 
 
 async def test_connection_admission_counts_exactly_on_the_cluster(
-    data_client: aredis.RedisCluster,
+    cluster: aredis.RedisCluster,
 ) -> None:
     from dataclasses import replace
 
     from realtime.admission import ConnectionRegistry
     from tests.store.test_limits import tenant_config
 
-    client = cast(aredis.Redis, data_client)
+    client = cast(aredis.Redis, cluster)
     gateways = [ConnectionRegistry(lambda: client) for _ in range(3)]
     tenants = [_fresh("a"), _fresh("b")]
     configs = {slug: replace(tenant_config(max_connections=5), slug=slug) for slug in tenants}
@@ -217,7 +200,7 @@ async def test_connection_admission_counts_exactly_on_the_cluster(
         *(gateways[i % 3].admit(configs[tenants[i % 2]], f"c{i}", f"conn-{i}") for i in range(40))
     )
     for slug in tenants:
-        counts = await data_client.hgetall(keys.connections_tenant(slug))
+        counts = await cluster.hgetall(keys.connections_tenant(slug))
         assert sum(int(count) for count in counts.values()) == 5
     assert results.count(None) == 10
     for gateway in gateways:
@@ -225,4 +208,4 @@ async def test_connection_admission_counts_exactly_on_the_cluster(
             await gateway.release(connection)
         await gateway.refresh()
     for slug in tenants:
-        assert not await data_client.exists(keys.connections_tenant(slug))
+        assert not await cluster.exists(keys.connections_tenant(slug))

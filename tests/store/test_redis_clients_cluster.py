@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator
 
 import pytest
-import pytest_asyncio
 import redis.asyncio as aredis
 
 from streams.redis_clients import BoundedAsyncRedisCluster, pool_exhausted
@@ -23,22 +21,14 @@ from tests.integration.support import wait_until
 pytestmark = pytest.mark.asyncio
 
 
-@pytest_asyncio.fixture
-async def plain(redis_cluster_url: str) -> AsyncIterator[aredis.RedisCluster]:
-    client = aredis.RedisCluster.from_url(redis_cluster_url)
-    await client.initialize()
-    yield client
-    await client.aclose()
-
-
-def keys_on_every_master(plain: aredis.RedisCluster, prefix: str) -> list[str]:
+def keys_on_every_master(cluster: aredis.RedisCluster, prefix: str) -> list[str]:
     """One key per master (hash tags chosen until each master has one)."""
     by_master: dict[str, str] = {}
-    masters = {node.name for node in plain.get_primaries()}
+    masters = {node.name for node in cluster.get_primaries()}
     index = 0
     while set(by_master) != masters:
         key = f"{{{prefix}-{index}}}:k"
-        node = plain.get_node_from_key(key)
+        node = cluster.get_node_from_key(key)
         assert node is not None
         by_master.setdefault(node.name, key)
         index += 1
@@ -46,10 +36,10 @@ def keys_on_every_master(plain: aredis.RedisCluster, prefix: str) -> list[str]:
 
 
 async def test_pipelines_over_every_master_wait_for_a_place_instead_of_failing(
-    redis_cluster_url: str, plain: aredis.RedisCluster
+    redis_cluster_url: str, cluster: aredis.RedisCluster
 ) -> None:
     prefix = f"bounded-{secrets.token_hex(4)}"
-    spread = keys_on_every_master(plain, prefix)
+    spread = keys_on_every_master(cluster, prefix)
     client = BoundedAsyncRedisCluster.from_url(redis_cluster_url, max_connections=2, wait_s=10)
     try:
 
@@ -64,20 +54,20 @@ async def test_pipelines_over_every_master_wait_for_a_place_instead_of_failing(
         answers = await asyncio.gather(*(one_pipeline(n) for n in range(40)))
         assert all(len(answer) == len(spread) for answer in answers)
         for key in spread:
-            assert await plain.get(key) == b"40"
+            assert await cluster.get(key) == b"40"
         for node in client.get_nodes():
             assert len(node._connections) <= 2, node.name
     finally:
         await client.aclose()
-        await plain.delete(*spread)
+        await cluster.delete(*spread)
 
 
 async def test_a_full_client_gives_up_after_its_wait_and_serves_again_once_free(
-    redis_cluster_url: str, plain: aredis.RedisCluster
+    redis_cluster_url: str, cluster: aredis.RedisCluster
 ) -> None:
     idle_list = f"bounded-{secrets.token_hex(4)}:never-pushed"
     client = BoundedAsyncRedisCluster.from_url(redis_cluster_url, max_connections=1, wait_s=0.3)
-    node = plain.get_node_from_key(idle_list)
+    node = cluster.get_node_from_key(idle_list)
     try:
 
         async def hold_the_place() -> object:
@@ -86,7 +76,7 @@ async def test_a_full_client_gives_up_after_its_wait_and_serves_again_once_free(
         holder = asyncio.create_task(hold_the_place())
 
         async def blocked() -> bool:
-            info = await plain.info("clients", target_nodes=node)
+            info = await cluster.info("clients", target_nodes=node)
             return int(info["blocked_clients"]) > 0
 
         await wait_until(blocked, 5, "the only place to be held by BLPOP")
