@@ -66,7 +66,6 @@ def loopback_redis_cluster(base_port: int, masters: int, replicas: int) -> Redis
     return RedisCluster(masters=masters, replicas=replicas, ports=ports, node_timeout_ms=5000)
 
 
-
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
