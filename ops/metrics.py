@@ -183,6 +183,14 @@ DELIVERY_LAG = Histogram(
     buckets=DELIVERY_LAG_BUCKETS,
 )
 
+GC_PAUSES = Histogram(
+    "switchboard_gc_pause_seconds",
+    "Garbage collections of gateway and worker processes, by generation (0 youngest, 2 the "
+    "whole heap): each stops every connection or held model call of its process while it runs.",
+    ["generation"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+
 # --- workers -------------------------------------------------------------------------------
 
 MODEL_CALL_SECONDS = Histogram(
@@ -359,6 +367,10 @@ def handshake_dropped(reason: str) -> None:
 
 def accepts_paused() -> None:
     ACCEPT_PAUSES.inc()
+
+
+def gc_paused(generation: int, seconds: float) -> None:
+    GC_PAUSES.labels(str(generation)).observe(seconds)
 
 
 def slow_consumer_closed(tenant: str) -> None:

@@ -30,7 +30,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 
 from agents import UnknownAgent, get_agent
 from ops import logcontext, metrics
-from ops.collector import tune_for_long_lived_connections
+from ops.collector import tune_for_long_lived_connections, watch_pauses
 from project.conf import conf
 from realtime.admission import (
     REDIS_AWAY,
@@ -396,6 +396,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         )
 
     async def _accept(self) -> None:
+        watch_pauses()
         tune_for_long_lived_connections(conf().gc_young_threshold)
         await self.base_send({"type": "websocket.accept"})
         self.state = ConnectionState.OPEN

@@ -32,7 +32,8 @@ closed: at 12,500 sockets a process, 6-9% of its CPU and a stall of the event lo
 second. Here a connection is marked when one of those happens (its application instance
 completes, daphne records its disconnect), and the same check with daphne's rules runs
 each second on the marked ones only (those still waiting for their application to end
-stay marked). The number daphne tracks is exported as `switchboard_daphne_connections`.
+stay marked). The number daphne tracks is exported as `switchboard_daphne_connections`,
+and the collector's pauses of the last second (ops/collector.py) are reported then too.
 
 Accepts (`pace_accepts`): each port daphne listens on takes new connections at the rate
 of realtime/accept_pace.py, so a reconnect storm's upgrades are spread out.
@@ -48,6 +49,7 @@ from asyncio import CancelledError
 from typing import Any
 
 from ops import metrics
+from ops.collector import report_pauses
 from realtime.accept_pace import AcceptPace
 
 logger = logging.getLogger(__name__)
@@ -323,6 +325,7 @@ def reap_on_change() -> None:
 
         reap_marked(self, _marked(self))
         metrics.daphne_connections(len(self.connections))
+        report_pauses()
         reactor.callLater(1, self.application_checker)
 
     Server.create_application = create_application_marking

@@ -12,9 +12,16 @@ from collections.abc import Callable
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from client.connection import SwitchboardError
+from client.connection import SwitchboardClient, SwitchboardError
 
-from .conftest import LIMITED_TENANTS, METRICS_TOKEN, Connect, StartGateway, Switchboard
+from .conftest import (
+    LIMITED_TENANTS,
+    METRICS_TOKEN,
+    Connect,
+    StartGateway,
+    Switchboard,
+    replaced_worker,
+)
 from .support import wait_until
 
 pytestmark = pytest.mark.asyncio
@@ -189,3 +196,42 @@ async def test_daphne_forgets_closed_connections(
     await wait_until(
         lambda: tracked(at_most=before + 5), SCRAPE_TIMEOUT_S, "the 20 forgotten", interval=0.5
     )
+
+
+async def test_gateways_and_workers_report_their_collector_pauses(
+    switchboard: Switchboard, start_gateway: StartGateway, unique: Callable[[str], str]
+) -> None:
+    """Each gateway and worker process times its garbage collections (ops/collector.py).
+    A fresh gateway's first socket, and a fresh worker's first model call, collect the
+    whole heap once (before freezing it): each shows on /metrics as a generation-2 pause
+    within that process's next second. Every process shares the scrape (multiprocess
+    mode), so each is told by the count growing after it started."""
+
+    async def whole_heap_collections_past(count: float) -> float | None:
+        now = value(await scrape(switchboard), "switchboard_gc_pause_seconds_count", generation="2")
+        return now if now > count else None
+
+    before = value(await scrape(switchboard), "switchboard_gc_pause_seconds_count", generation="2")
+    url, _ = start_gateway()
+    client = await SwitchboardClient.connect(url, switchboard.token(unique("gc")), timeout=30)
+    try:
+        after_gateway = await wait_until(
+            lambda: whole_heap_collections_past(before),
+            SCRAPE_TIMEOUT_S,
+            "the new gateway's collection",
+            interval=0.5,
+        )
+        with replaced_worker(switchboard):
+            stream = unique("gc")
+            await client.subscribe(stream)
+            await client.send(stream, "echo", "collect", id="gc-1")
+            await client.reply("gc-1", timeout=30)
+            await wait_until(
+                lambda: whole_heap_collections_past(after_gateway),
+                SCRAPE_TIMEOUT_S,
+                "the new worker's collection",
+                interval=0.5,
+            )
+    finally:
+        await client.close()
+    assert value(await scrape(switchboard), "switchboard_gc_pause_seconds_sum", generation="2") > 0
