@@ -71,6 +71,7 @@ class Conf:
     request_timeout_s: float
     ws_ping_interval_s: float
     ws_ping_timeout_s: float
+    ws_max_age_s: float
     session_ttl_s: int
     session_checkpoint_s: float
     handshake_concurrency: int

@@ -384,6 +384,11 @@ SWITCHBOARD = {
     # peer can hold a socket, and how often an idle one shows a proxy it is alive.
     "WS_PING_INTERVAL_S": env_float("SWITCHBOARD_WS_PING_INTERVAL_S", 20.0),
     "WS_PING_TIMEOUT_S": env_float("SWITCHBOARD_WS_PING_TIMEOUT_S", 30.0),
+    # The longest a WebSocket stays open: past it (less up to a tenth, drawn per socket, so
+    # sockets opened together do not all close together) it is closed 1012 and its client
+    # resumes, maybe on another gateway (rebalancing after a scale-out). 0: no limit, which
+    # also turns off daphne's own (24 h, closed without a code, all at once).
+    "WS_MAX_AGE_S": env_float("SWITCHBOARD_WS_MAX_AGE_S", 0.0),
     # GET /metrics answers only with "Authorization: Bearer <this>": it names every tenant
     # and its traffic. "": /metrics is off on gateways (403).
     "METRICS_TOKEN": env_str("SWITCHBOARD_METRICS_TOKEN", ""),

@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import enum
 import logging
+import random
 import secrets
 import time
 from collections.abc import Coroutine
@@ -42,6 +43,7 @@ from realtime.admission import (
     subscription_refusal,
 )
 from realtime.handshakes import LineFull
+from realtime.lifecycle import age_limit_s
 from realtime.node import GatewayNode, gateway_node
 from realtime.outbox import Outbox, OutboxFull
 from realtime.presence import get_tracker
@@ -170,6 +172,7 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self._session_refreshed_at = 0.0
         self._session_ended = False
         self._counted = False  # in the tenant's and client's connection counts
+        self._age_limit: asyncio.TimerHandle | None = None  # SWITCHBOARD_WS_MAX_AGE_S
         self.reply_clock = metrics.ReplyClock()  # its sends awaiting their reply.done
 
     # --- ASGI plumbing ---------------------------------------------------------------
@@ -400,12 +403,18 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         tune_for_long_lived_connections(conf().gc_young_threshold)
         await self.base_send({"type": "websocket.accept"})
         self.state = ConnectionState.OPEN
+        if conf().ws_max_age_s > 0:
+            self._age_limit = asyncio.get_running_loop().call_later(
+                age_limit_s(conf().ws_max_age_s, random.random), self._close_for_age
+            )
         protocol = daphne_protocol(self.base_send)
         if protocol is not None:
             self.socket = DaphneSocket(protocol, on_resume=self._on_socket_resume)
             self.socket.start()
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        if self._age_limit is not None:
+            self._age_limit.cancel()
         was_open = self.state is ConnectionState.OPEN
         self.state = ConnectionState.CLOSED
         self._signal_room()
@@ -637,6 +646,15 @@ class GatewayConsumer(AsyncWebsocketConsumer):
 
     def close_for_restart(self) -> None:
         self.close_with(CLOSE_SERVICE_RESTART, "service restart")
+
+    def _close_for_age(self) -> None:
+        logger.info(
+            "connection at its age limit tenant=%s client=%s conn=%s: closed 1012",
+            self.identity.tenant,
+            self.identity.client,
+            self.connection_id,
+        )
+        self.close_with(CLOSE_SERVICE_RESTART, "connection age limit")
 
     # --- session -----------------------------------------------------------------------
 

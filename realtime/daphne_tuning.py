@@ -341,7 +341,13 @@ def pings_every(interval_s: float, timeout_s: float) -> None:
     """Daphne pings each socket every `interval_s` and drops it when a pong is `timeout_s`
     late (SWITCHBOARD_WS_PING_INTERVAL_S / _TIMEOUT_S, in place of daphne's command-line
     flags); once per process, before daphne's server runs (it hands the timeout to
-    autobahn when it starts)."""
+    autobahn when it starts).
+
+    Daphne's own limit on a socket's age (`--websocket_timeout`, 24 h by default) is lifted
+    at the same time: it closes without a close code, and closes every socket that opened
+    together (after a deploy, or a reconnect storm) together, a day later: a storm of its
+    own making. The gateway bounds ages itself when asked (SWITCHBOARD_WS_MAX_AGE_S: 1012,
+    spread out)."""
     global _pinging
     if _pinging:
         return
@@ -354,6 +360,7 @@ def pings_every(interval_s: float, timeout_s: float) -> None:
 
     def run_with_pings(self: Any) -> Any:
         self.ping_interval, self.ping_timeout = interval_s, timeout_s
+        self.websocket_timeout = -1  # daphne's "no limit"
         return run(self)
 
     Server.run = run_with_pings

@@ -22,6 +22,12 @@ from typing import Any, Protocol
 logger = logging.getLogger(__name__)
 
 
+def age_limit_s(max_age_s: float, draw: Callable[[], float]) -> float:
+    """When a socket is closed for its age: up to a tenth before `max_age_s`, drawn per
+    socket (`draw` in [0, 1)), so sockets opened together are not closed together."""
+    return max_age_s * (1.0 - 0.1 * draw())
+
+
 class Drainable(Protocol):
     def close_for_restart(self) -> None: ...
 

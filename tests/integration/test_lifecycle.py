@@ -8,6 +8,7 @@ import asyncio
 import json
 import signal
 import socket
+import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -131,3 +132,41 @@ async def test_a_reader_too_slow_for_its_buffer_is_closed_4008_and_recovers(
     assert answer["recovered"] is True
     got = [(await resumed.next_event(stream, timeout=10))["seq"] for _ in published]
     assert got == published
+
+
+async def test_a_socket_past_its_age_limit_is_closed_1012_and_resumes(
+    switchboard: Switchboard,
+    start_gateway: StartGateway,
+    connect: Connect,
+    unique: Callable[[str], str],
+) -> None:
+    """SWITCHBOARD_WS_MAX_AGE_S: each socket is closed 1012 once it is that old (less up to
+    a tenth, drawn per socket), its session saved, and its client resumes elsewhere with
+    nothing lost."""
+    max_age_s = 2.0
+    url, _ = start_gateway(SWITCHBOARD_WS_MAX_AGE_S=str(max_age_s))
+    stream = unique("aged")
+    opened = time.monotonic()
+    aging = [
+        await SwitchboardClient.connect(url, switchboard.token(unique("a"), TENANT))
+        for _ in range(3)
+    ]
+    for client in aging:
+        await client.subscribe(stream)
+    publisher = await connect()
+    first = await publisher.publish(stream, {"n": 1})
+    for client in aging:
+        assert (await client.next_event(stream, timeout=10))["seq"] == first["seq"]
+
+    codes = [await _closed_code(client) for client in aging]
+    assert codes == [1012] * len(aging)
+    # Not before its age less a tenth (the limit's own floor, not a speed).
+    assert time.monotonic() - opened >= max_age_s * 0.9
+
+    second = await publisher.publish(stream, {"n": 2})
+    for client in aging:
+        resumed = await connect(client=client.welcome["client"])
+        answer = await resumed.subscribe(stream, since=client.last_seq(stream))
+        assert answer["recovered"] is True
+        event = await resumed.next_event(stream, timeout=10)
+        assert (event["seq"], event["data"]) == (second["seq"], {"n": 2})
