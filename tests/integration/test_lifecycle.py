@@ -36,6 +36,41 @@ async def _closed_code(client: SwitchboardClient, timeout: float = 15) -> int | 
     return client.close_code
 
 
+async def _readers_of_one_event(
+    switchboard: Switchboard,
+    url: str,
+    publisher: SwitchboardClient,
+    stream: str,
+    count: int,
+    name: str,
+) -> list[SwitchboardClient]:
+    """`count` clients on the gateway at `url`, subscribed to `stream`, each holding the
+    first event the publisher sent there."""
+    readers = [
+        await SwitchboardClient.connect(url, switchboard.token(f"{name}-{n}", TENANT))
+        for n in range(count)
+    ]
+    for reader in readers:
+        await reader.subscribe(stream)
+    first = await publisher.publish(stream, {"n": 1})
+    for reader in readers:
+        assert (await reader.next_event(stream, timeout=10))["seq"] == first["seq"]
+    return readers
+
+
+async def _each_recovers_the_next_event(
+    connect: Connect, publisher: SwitchboardClient, stream: str, gone: list[SwitchboardClient]
+) -> None:
+    """Published while the clients were away: each gets it, once, on another gateway."""
+    second = await publisher.publish(stream, {"n": 2})
+    for client in gone:
+        resumed = await connect(client=client.welcome["client"])
+        answer = await resumed.subscribe(stream, since=client.last_seq(stream))
+        assert answer["recovered"] is True
+        event = await resumed.next_event(stream, timeout=10)
+        assert (event["seq"], event["data"]) == (second["seq"], {"n": 2})
+
+
 async def test_sigterm_closes_every_socket_with_1012_and_clients_resume_elsewhere(
     switchboard: Switchboard,
     second_gateway: tuple[str, Proc],
@@ -44,32 +79,15 @@ async def test_sigterm_closes_every_socket_with_1012_and_clients_resume_elsewher
 ) -> None:
     url, proc = second_gateway
     stream = unique("drain")
-    doomed = [
-        await SwitchboardClient.connect(url, switchboard.token(unique("d"), TENANT))
-        for _ in range(5)
-    ]
-    for client in doomed:
-        await client.subscribe(stream)
     publisher = await connect()
-    first = await publisher.publish(stream, {"n": 1})
-    for client in doomed:
-        event = await client.next_event(stream, timeout=10)
-        assert event["seq"] == first["seq"]
+    doomed = await _readers_of_one_event(switchboard, url, publisher, stream, 5, unique("d"))
 
     proc.signal(signal.SIGTERM)
     codes = [await _closed_code(client) for client in doomed]
     assert codes == [1012] * len(doomed)
     await asyncio.to_thread(proc.popen.wait, 20)
     assert proc.popen.returncode == 0
-
-    # Published while the clients were away: they get it, once, on the other gateway.
-    second = await publisher.publish(stream, {"n": 2})
-    for client in doomed:
-        resumed = await connect(client=client.welcome["client"])
-        answer = await resumed.subscribe(stream, since=client.last_seq(stream))
-        assert answer["recovered"] is True
-        event = await resumed.next_event(stream, timeout=10)
-        assert (event["seq"], event["data"]) == (second["seq"], {"n": 2})
+    await _each_recovers_the_next_event(connect, publisher, stream, doomed)
 
 
 async def test_a_socket_refused_while_draining_gets_1012(
@@ -146,27 +164,12 @@ async def test_a_socket_past_its_age_limit_is_closed_1012_and_resumes(
     max_age_s = 2.0
     url, _ = start_gateway(SWITCHBOARD_WS_MAX_AGE_S=str(max_age_s))
     stream = unique("aged")
-    opened = time.monotonic()
-    aging = [
-        await SwitchboardClient.connect(url, switchboard.token(unique("a"), TENANT))
-        for _ in range(3)
-    ]
-    for client in aging:
-        await client.subscribe(stream)
     publisher = await connect()
-    first = await publisher.publish(stream, {"n": 1})
-    for client in aging:
-        assert (await client.next_event(stream, timeout=10))["seq"] == first["seq"]
+    opened = time.monotonic()
+    aging = await _readers_of_one_event(switchboard, url, publisher, stream, 3, unique("a"))
 
     codes = [await _closed_code(client) for client in aging]
     assert codes == [1012] * len(aging)
     # Not before its age less a tenth (the limit's own floor, not a speed).
     assert time.monotonic() - opened >= max_age_s * 0.9
-
-    second = await publisher.publish(stream, {"n": 2})
-    for client in aging:
-        resumed = await connect(client=client.welcome["client"])
-        answer = await resumed.subscribe(stream, since=client.last_seq(stream))
-        assert answer["recovered"] is True
-        event = await resumed.next_event(stream, timeout=10)
-        assert (event["seq"], event["data"]) == (second["seq"], {"n": 2})
+    await _each_recovers_the_next_event(connect, publisher, stream, aging)
