@@ -337,6 +337,12 @@ def reap_on_change() -> None:
 _pinging = False
 
 
+def set_socket_timeouts(server: Any, ping_interval_s: float, ping_timeout_s: float) -> None:
+    """What pings_every sets on daphne's server before it runs."""
+    server.ping_interval, server.ping_timeout = ping_interval_s, ping_timeout_s
+    server.websocket_timeout = -1  # daphne's "no limit" on a socket's age
+
+
 def pings_every(interval_s: float, timeout_s: float) -> None:
     """Daphne pings each socket every `interval_s` and drops it when a pong is `timeout_s`
     late (SWITCHBOARD_WS_PING_INTERVAL_S / _TIMEOUT_S, in place of daphne's command-line
@@ -359,8 +365,7 @@ def pings_every(interval_s: float, timeout_s: float) -> None:
     run = Server.run
 
     def run_with_pings(self: Any) -> Any:
-        self.ping_interval, self.ping_timeout = interval_s, timeout_s
-        self.websocket_timeout = -1  # daphne's "no limit"
+        set_socket_timeouts(self, interval_s, timeout_s)
         return run(self)
 
     Server.run = run_with_pings

@@ -1,4 +1,5 @@
-"""realtime/daphne_tuning.py: daphne's connections reaped when they change, with its rules."""
+"""realtime/daphne_tuning.py: daphne's connections reaped when they change, with its rules;
+its socket timeouts as the gateway sets them."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 import time
 from typing import Any
 
-from realtime.daphne_tuning import check_application, reap_marked
+from realtime.daphne_tuning import check_application, reap_marked, set_socket_timeouts
 
 
 class FakeServer:
@@ -84,3 +85,15 @@ def test_only_marked_connections_are_checked_and_those_still_ending_stay_marked(
         assert set(server.connections) == {unmarked, ending}
     finally:
         loop.close()
+
+
+def test_daphne_pings_as_configured_and_sets_no_age_limit_of_its_own() -> None:
+    """Daphne's default closes every socket after 24 h, without a close code
+    (SWITCHBOARD_WS_MAX_AGE_S is the gateway's own, spread-out limit)."""
+    from daphne.server import Server
+
+    server = Server(application=None, endpoints=["tcp:port=0:interface=127.0.0.1"])
+    assert server.websocket_timeout == 86400  # what daphne would do
+    set_socket_timeouts(server, 20.0, 30.0)
+    assert (server.ping_interval, server.ping_timeout) == (20.0, 30.0)
+    assert server.websocket_timeout == -1
