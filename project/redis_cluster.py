@@ -273,8 +273,8 @@ class RedisCluster:
         for node in self.nodes.values():
             lines = node.client().execute_command("CLUSTER", "NODES")
             text = lines.decode() if isinstance(lines, bytes) else str(lines)
-            known = [line for line in text.splitlines() if "handshake" not in line]
-            if len([line for line in known if "noaddr" not in line]) < len(self.nodes):
+            met = [line for line in text.splitlines() if "handshake" not in line]
+            if sum("noaddr" not in line for line in met) < len(self.nodes):
                 return False
         return True
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import Any, cast
 
@@ -83,9 +81,10 @@ def _cluster_options(asynchronous: bool) -> dict[str, Any]:
     return options
 
 
-# Set while a task holds one of a bounded cluster client's places: a pipeline's redirected
-# commands, sent again one by one inside its execute, must not wait for a second place (a
-# full client would then wait on itself).
+# Set while a pipeline's execute holds one of a bounded cluster client's places: its
+# redirected commands, sent again one by one inside it, must not wait for a second place
+# (a full client would then wait on itself). Single commands never set it: nothing runs
+# inside them that could ask again.
 _holding_place: ContextVar[bool] = ContextVar("switchboard_holding_cluster_place", default=False)
 
 
@@ -108,17 +107,15 @@ class BoundedAsyncRedisCluster(AsyncRedisCluster):
         self._first_map = asyncio.Lock()
         self._mapped = False
 
-    @asynccontextmanager
-    async def place(self) -> AsyncIterator[None]:
-        """Hold one place (not again when this task already holds one)."""
+    async def wait_for_place(self) -> bool:
+        """Take one place; False, taking none, inside a pipeline's execute (its place)."""
         if not self._mapped:
             async with self._first_map:
                 if not self._mapped:
                     await self.initialize()
                     self._mapped = True
         if _holding_place.get():
-            yield
-            return
+            return False
         if self._places.locked():
             try:
                 async with asyncio.timeout(self._wait_s):
@@ -127,16 +124,18 @@ class BoundedAsyncRedisCluster(AsyncRedisCluster):
                 raise RedisConnectionError("No connection available.") from waited
         else:
             await self._places.acquire()
-        holding = _holding_place.set(True)
-        try:
-            yield
-        finally:
-            _holding_place.reset(holding)
-            self._places.release()
+        return True
+
+    def release_place(self) -> None:
+        self._places.release()
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        async with self.place():
+        taken = await self.wait_for_place()
+        try:
             return await super().execute_command(*args, **kwargs)
+        finally:
+            if taken:
+                self.release_place()
 
     def pipeline(
         self, transaction: Any | None = None, shard_hint: Any | None = None
@@ -153,8 +152,15 @@ class _BoundedClusterPipeline(ClusterPipeline):
     cluster_client: BoundedAsyncRedisCluster
 
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
-        async with self.cluster_client.place():
+        client = self.cluster_client
+        taken = await client.wait_for_place()
+        holding = _holding_place.set(True)
+        try:
             return await super().execute(raise_on_error, allow_redirections)
+        finally:
+            _holding_place.reset(holding)
+            if taken:
+                client.release_place()
 
 
 def pool_exhausted(error: BaseException) -> bool:
