@@ -27,6 +27,7 @@ from realtime.daphne_tuning import (  # noqa: E402
     pace_accepts,
     pings_every,
     reap_on_change,
+    spread_timeout_walk,
 )
 from realtime.node import gateway_node  # noqa: E402
 from realtime.routing import GATEWAY_PATH  # noqa: E402
@@ -66,6 +67,7 @@ if "daphne.server" in sys.modules:
     defer_debug_formatting()
     bound_http_requests(conf().request_timeout_s)
     reap_on_change()
+    spread_timeout_walk()
     pace_accepts(conf().accept_rate_per_s, conf().accept_burst)
     direct_pings()
     pings_every(conf().ws_ping_interval_s, conf().ws_ping_timeout_s)

@@ -1,5 +1,5 @@
 """realtime/daphne_tuning.py: daphne's connections reaped when they change, with its rules;
-its socket timeouts as the gateway sets them."""
+its socket timeouts as the gateway sets them, checked in slices."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ import asyncio
 import time
 from typing import Any
 
-from realtime.daphne_tuning import check_application, reap_marked, set_socket_timeouts
+import pytest
+
+from realtime.daphne_tuning import (
+    SlicedRounds,
+    check_application,
+    check_timeouts_slice,
+    reap_marked,
+    set_socket_timeouts,
+    spread_timeout_walk,
+)
 
 
 class FakeServer:
@@ -97,3 +106,64 @@ def test_daphne_pings_as_configured_and_sets_no_age_limit_of_its_own() -> None:
     set_socket_timeouts(server, 20.0, 30.0)
     assert (server.ping_interval, server.ping_timeout) == (20.0, 30.0)
     assert server.websocket_timeout == -1
+
+
+def test_each_item_is_taken_once_a_round_in_even_slices() -> None:
+    rounds: SlicedRounds[int] = SlicedRounds(4)
+    items = list(range(10))
+    taken = [rounds.next_slice(items) for _ in range(4)]
+    assert [len(part) for part in taken] == [3, 3, 3, 1]
+    assert sorted(sum(taken, [])) == items
+    # A round is a snapshot: what arrived meanwhile is in the next one, whole.
+    items.append(10)
+    assert rounds.next_slice(items) == [0, 1, 2]
+    assert sorted(sum((rounds.next_slice(items) for _ in range(3)), [0, 1, 2])) == items
+
+
+def test_a_round_of_nothing_or_fewer_items_than_slices() -> None:
+    rounds: SlicedRounds[str] = SlicedRounds(20)
+    assert rounds.next_slice([]) == []
+    assert [rounds.next_slice("ab") for _ in range(3)] == [["a"], ["b"], ["a"]]
+
+
+class CheckedProtocol:
+    def __init__(self) -> None:
+        self.checks = 0
+
+    def check_timeouts(self) -> None:
+        self.checks += 1
+
+
+def test_every_connection_is_checked_once_per_round_and_one_gone_is_skipped() -> None:
+    """The slices of daphne's timeout walk: the same checks, a slice at a time."""
+    server = FakeServer()
+    protocols = [CheckedProtocol() for _ in range(7)]
+    server.connections = {protocol: {} for protocol in protocols}
+    rounds: SlicedRounds[Any] = SlicedRounds(3)
+    check_timeouts_slice(server, rounds)
+    assert sum(protocol.checks for protocol in protocols) == 3
+    gone = next(protocol for protocol in protocols if not protocol.checks)
+    del server.connections[gone]
+    check_timeouts_slice(server, rounds)
+    check_timeouts_slice(server, rounds)
+    assert gone.checks == 0
+    assert all(protocol.checks == 1 for protocol in protocols if protocol is not gone)
+
+
+def test_daphnes_own_timeout_walk_takes_a_slice_each_tenth_of_its_period(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On daphne's Server: one call checks a twentieth of the sockets and comes back in
+    0.1 s (its own walk checked them all and came back in 2 s)."""
+    from daphne.server import Server
+    from twisted.internet import reactor
+
+    spread_timeout_walk()
+    scheduled: list[tuple[float, Any]] = []
+    monkeypatch.setattr(reactor, "callLater", lambda delay, call: scheduled.append((delay, call)))
+    server = Server(application=None, endpoints=["tcp:port=0:interface=127.0.0.1"])
+    protocols = [CheckedProtocol() for _ in range(40)]
+    server.connections = {protocol: {} for protocol in protocols}
+    server.timeout_checker()
+    assert sum(protocol.checks for protocol in protocols) == 2
+    assert scheduled == [(0.1, server.timeout_checker)]
