@@ -89,8 +89,10 @@ async def report_pauses_every(interval_s: float = 1.0) -> None:
 
 def tune_for_long_lived_connections(young_threshold: int) -> bool:
     """Apply once per process (the gateway's first socket); False when already done or
-    turned off (`young_threshold` 0)."""
+    turned off (`young_threshold` 0). The pauses are measured from here on either way,
+    the whole-heap collection before the freeze included."""
     global _tuned
+    watch_pauses()
     if _tuned or young_threshold <= 0:
         return False
     _tuned = True

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from celery.exceptions import Reject
 
-from ops.collector import report_pauses_every, tune_for_long_lived_connections, watch_pauses
+from ops.collector import report_pauses_every, tune_for_long_lived_connections
 from orchestration.inflight import DRAIN, InFlight
 from orchestration.steps import CLAIM_RETRY_S, StepOutcome, durably, execute_step
 from project.conf import conf
@@ -56,7 +56,6 @@ def worker_side() -> WorkerSide:
         if _side is None:
             # Thousands of held calls make the heap large and long-lived, like a gateway's
             # sockets: full collections of it would stall the loop (ops/collector.py).
-            watch_pauses()
             tune_for_long_lived_connections(conf().gc_young_threshold)
             engine = runtime()
             engine.add_service(report_pauses_every)

@@ -31,7 +31,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 
 from agents import UnknownAgent, get_agent
 from ops import logcontext, metrics
-from ops.collector import tune_for_long_lived_connections, watch_pauses
+from ops.collector import tune_for_long_lived_connections
 from project.conf import conf
 from realtime.admission import (
     REDIS_AWAY,
@@ -399,7 +399,6 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         )
 
     async def _accept(self) -> None:
-        watch_pauses()
         tune_for_long_lived_connections(conf().gc_young_threshold)
         await self.base_send({"type": "websocket.accept"})
         self.state = ConnectionState.OPEN
