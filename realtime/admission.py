@@ -501,6 +501,26 @@ class ConnectionRegistry:
                         pipe.srem(self.held_key, key)
                 await pipe.execute()
 
+    async def retire(self) -> bool:
+        """Remove a drained process's lease, so that it stops counting as a live gateway
+        at once rather than when the lease lapses (PRESENCE_TTL_S later): the others' view
+        of who is alive, and an operator's check that the deployment is still
+        (`copy_data_plane`), see it gone. Only when it counts no connection any more:
+        counts still held (a drain that timed out) keep their lease and are reaped once it
+        lapses, as after a crash. Returns whether the lease was removed."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            self._loop_task = None
+        if self._held or not self._leased:
+            return False
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zrem(keys.GATEWAY_LEASES, self.lease_id)
+            pipe.delete(self.held_key)
+            await pipe.execute()
+        self._leased = False
+        logger.info("gateway lease removed at shutdown gateway=%s", self.lease_id)
+        return True
+
     def _ensure_running(self) -> None:
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._refresh_forever())
@@ -525,6 +545,12 @@ def connection_registry() -> ConnectionRegistry:
 
         _registry = ConnectionRegistry(async_client)
     return _registry
+
+
+async def retire_connection_registry() -> None:
+    """This process's lease removed at shutdown, if it ever counted a connection."""
+    if _registry is not None:
+        await _registry.retire()
 
 
 def rate_limiter() -> RateLimiter:

@@ -23,6 +23,7 @@ import asyncio
 import logging
 
 from project.conf import conf
+from realtime.admission import retire_connection_registry
 from realtime.control import TenantControl, tenant_control
 from realtime.flusher import Flusher
 from realtime.handshakes import HandshakeLine
@@ -81,6 +82,7 @@ class GatewayNode:
         lifecycle admits no connection that could need them again."""
         self.started = False
         stopping = asyncio.gather(
+            retire_connection_registry(),
             self.sweeper.stop(),
             self.tenants.close(),
             self.checkpointer.stop(),

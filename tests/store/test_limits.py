@@ -313,6 +313,22 @@ async def test_a_dead_gateways_connections_stop_counting_after_its_lease(
     assert r.zscore(keys.GATEWAY_LEASES, live.gateway_id) is not None
 
 
+async def test_a_drained_gateway_takes_its_lease_away_only_once_it_counts_nothing(
+    client: aredis.Redis, r: redis.Redis
+) -> None:
+    tenant = tenant_config()
+    gateway = registry(client)
+    assert await gateway.admit(tenant, "alice", "a1") is None
+    assert r.zscore(keys.GATEWAY_LEASES, gateway.lease_id) is not None
+    # A connection still counted (a drain that timed out): the lease stays, to lapse.
+    assert await gateway.retire() is False
+    assert r.zscore(keys.GATEWAY_LEASES, gateway.lease_id) is not None
+    await gateway.release("a1")
+    assert await gateway.retire() is True
+    assert r.zscore(keys.GATEWAY_LEASES, gateway.lease_id) is None
+    assert not r.exists(gateway.held_key)
+
+
 class CountingRedis(aredis.Redis):
     """Counts the commands and pipelines a registry sends (Redis's own command statistics
     are server-wide, and the server is shared)."""
