@@ -50,6 +50,7 @@ subscriber's trigger by the tenant's task outbox (`publish_stale_outbox`).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -246,3 +247,29 @@ def publish_stale_outbox(client: redis.Redis, now: float | None = None) -> int:
     if published:
         logger.warning("tasks left in the outbox past its grace: published %s", published)
     return published
+
+
+def _is_ticket(message: bytes | str) -> bool:
+    text = message.decode(errors="replace") if isinstance(message, bytes) else message
+    return any(mark in text for mark in TICKET_MARKS)
+
+
+def run_messages_in_redis(client: redis.Redis) -> int:
+    """Messages of the runs queue, other than tickets, that kombu holds in this single
+    Redis (waiting, or delivered and not acknowledged): steps handed over, triggers. Zero
+    when this Redis is not the broker. Tickets are left out: they are only wake-ups, and a
+    deployment on another broker replaces lost ones (`wake_stale_runs`)."""
+    found = 0
+    for name in runs_queue_lists():
+        for start in range(0, int(client.llen(name)), SCAN_CHUNK):
+            chunk = client.lrange(name, start, start + SCAN_CHUNK - 1)
+            found += sum(1 for message in chunk if not _is_ticket(message))
+    unacked, _ = keys.celery_unacked()
+    for _, entry in client.hscan_iter(unacked, count=SCAN_CHUNK):
+        try:
+            message, _exchange, routing_key = json.loads(entry)
+        except (ValueError, TypeError):
+            continue  # not kombu's: not ours to judge
+        if routing_key == RUNS_QUEUE and not _is_ticket(json.dumps(message)):
+            found += 1
+    return found

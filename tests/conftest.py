@@ -56,7 +56,9 @@ def neighbour_database(url: str, offset: int) -> str:
     store -1 (tests/store/conftest.py), browser +1 (-2 or +2 instead of database 0,
     tests/browser/conftest.py), gateway -3 (+3 instead of database 0,
     tests/gateway/conftest.py), third-party servers -4 (tests/thirdparty/conftest.py), the
-    integration suite on a Redis Cluster +5 (tests/integration/cluster/conftest.py)."""
+    integration suite on a Redis Cluster +5 (tests/integration/cluster/conftest.py), the
+    move from one Redis to the cluster +6 and +7 (its test_move_to_cluster.py), the
+    store suite's copy target -5 (tests/store/test_redis_copy.py)."""
     base, _, database = url.rpartition("/")
     number = int(database) if database.isdigit() else 0
     return f"{base}/{(number + offset) % 16}"
