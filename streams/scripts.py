@@ -154,17 +154,15 @@ class Script(Generic[R]):
         return self.result(await self.LUA.on(client)(keys=self.keys(), args=self.args()))
 
     async def queue_async(self, client: aredis.Redis, pipe: Any) -> None:
-        """Queue the call on `pipe`, a pipeline of `client`; pass its answer from
-        `pipe.execute()` to `result`. A Redis Cluster's pipeline refuses redis-py's
-        `evalsha()` method ("blocked when running redis in cluster mode") but not the
-        command itself, and loads no script first: a NoScriptError answer is the caller's
-        to retry (run_pipelined_async does)."""
-        script = self.LUA.on(client)
-        if is_cluster_client(client):
-            keys = self.keys()
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *self.args())
-            return
-        await script(keys=self.keys(), args=self.args(), client=pipe)
+        """Queue the call on `pipe`, a pipeline of `client`, as a plain EVALSHA; pass its
+        answer from `pipe.execute()` to `result`. Not redis-py's script object on the
+        pipeline: that makes every execute ask SCRIPT EXISTS first, a round trip (and a
+        pooled connection) more per batch for what is known after the first; and a Redis
+        Cluster's pipeline refuses it. A NoScriptError answer (a Redis restarted or
+        flushed since) is the caller's to retry alone, which loads the script
+        (run_pipelined_async does)."""
+        keys = self.keys()
+        pipe.execute_command("EVALSHA", self.LUA.on(client).sha, len(keys), *keys, *self.args())
 
 
 _EXEMPT: dict[tuple[type, int], tuple[int, ...]] = {}
