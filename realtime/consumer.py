@@ -163,6 +163,8 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self.node = node if node is not None else gateway_node()
         self.state = ConnectionState.CONNECTING
         self.subscriptions: dict[str, StreamSubscription] = {}
+        # Streams this connection's sends and publishes wait on, how many to each.
+        self._writes_in_flight: dict[str, int] = {}
         self.outbox = Outbox(conf().outbox_max_events, conf().outbox_max_bytes)
         self.connection_id = secrets.token_hex(6)
         self.socket: DaphneSocket | None = None
@@ -812,6 +814,8 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             options = await self._interrupt_first(frame, options, slot)
         if options is not frame.options:
             frame = dataclasses.replace(frame, options=options)
+        self._write_started(frame.stream)
+        acked: int | None = None
         try:
             appended = await self.node.streams.accept_send(
                 identity.tenant,
@@ -845,7 +849,11 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             raise ProtocolError(
                 reached.code, detail, frame.id, retry_after_ms=limit_retry_ms(reached.wait_ms)
             ) from None
-        self.push(ack_frame(frame.id, appended.event_id, appended.seq, appended.duplicate))
+        else:
+            self.push(ack_frame(frame.id, appended.event_id, appended.seq, appended.duplicate))
+            acked = appended.seq
+        finally:
+            self._write_ended(frame.stream, acked)
         metrics.acked(identity.tenant, appended.duplicate)
         if appended.after_ack is not None:
             # The fair ring's join (and a publish to another broker) once the ack is out,
@@ -895,14 +903,40 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self._require_stream(frame.stream, frame.id)
         await self._take_message_token(frame.id)
         identity = self.identity
-        appended = await self.node.streams.publish(
-            identity.tenant,
-            identity.client,
-            frame,
-            self.tenant.stream_retention,
-        )
-        self.push(ack_frame(frame.id, appended.event_id, appended.seq, appended.duplicate))
+        self._write_started(frame.stream)
+        acked: int | None = None
+        try:
+            appended = await self.node.streams.publish(
+                identity.tenant,
+                identity.client,
+                frame,
+                self.tenant.stream_retention,
+            )
+            self.push(ack_frame(frame.id, appended.event_id, appended.seq, appended.duplicate))
+            acked = appended.seq
+        finally:
+            self._write_ended(frame.stream, acked)
         metrics.acked(identity.tenant, appended.duplicate)
+
+    # --- the client's own writes come before their events ------------------------------
+
+    def writing_to(self, stream: str) -> bool:
+        """Whether a send or publish of this connection to `stream` waits for its answer:
+        the stream's live events wait for that ack (StreamSubscription.release_after_ack)."""
+        return stream in self._writes_in_flight
+
+    def _write_started(self, stream: str) -> None:
+        self._writes_in_flight[stream] = self._writes_in_flight.get(stream, 0) + 1
+
+    def _write_ended(self, stream: str, acked_seq: int | None) -> None:
+        left = self._writes_in_flight[stream] - 1
+        if left:
+            self._writes_in_flight[stream] = left
+        else:
+            del self._writes_in_flight[stream]
+        subscription = self.subscriptions.get(stream)
+        if subscription is not None:
+            subscription.release_after_ack(acked_seq)
 
     async def _take_message_token(
         self, frame_id: str | None, receipt: bool = False, **extra: Any

@@ -21,6 +21,10 @@ resharding) all end the shard's connection: the hub reads the slot map again, mo
 channel whose slot has a new owner to that owner's shard, subscribes again and tells each
 listener it may have missed events, so it re-reads the stream's log.
 
+Each shard's connection is a `PubSubLink` (realtime/pubsub_link.py): a notification is
+handed to its listeners, and on to their sockets, from the socket's read callback, not one
+turn of the event loop later by a reading task.
+
 The process's hub is held by its node (realtime/node.py), which closes it after a drain.
 """
 
@@ -39,11 +43,13 @@ from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ops import metrics
+from realtime.pubsub_link import PubSubLink, Reply
 from streams import keys
 
 logger = logging.getLogger(__name__)
 
 RECONNECT_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+# A link quiet this long is pinged; one still quiet after as long again is given up.
 IDLE_PING_S = 10.0
 # A subscribe fails (the client gets an error) rather than hang while Redis is away.
 JOIN_TIMEOUT_S = 5.0
@@ -84,7 +90,7 @@ class _Shard:
     def __init__(self, address: str) -> None:
         self.address = address
         self.channels: set[bytes] = set()
-        self.pubsub: aredis.client.PubSub | None = None
+        self.link: PubSubLink | None = None
         self.reader: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         # Our own unsubscribes not confirmed yet: any other SUNSUBSCRIBE is the server's.
@@ -118,8 +124,8 @@ class Hub:
             try:
                 shard = await asyncio.wait_for(self._assign(channel), JOIN_TIMEOUT_S)
                 await asyncio.wait_for(shard.connected.wait(), JOIN_TIMEOUT_S)
-                assert shard.pubsub is not None
-                await shard.pubsub.execute_command(self._subscribe, channel)
+                assert shard.link is not None
+                shard.link.send(self._subscribe, channel)
             except BaseException:
                 # Redis away, the slot map unreadable, or the join cancelled: the next join
                 # of the stream starts over.
@@ -173,16 +179,18 @@ class Hub:
             if shard is None:
                 return
             shard.channels.discard(channel)
-            if shard.pubsub is not None and shard.connected.is_set():
-                asyncio.get_running_loop().create_task(self._unsubscribe(shard, channel))
+            if shard.link is not None and shard.connected.is_set():
+                asyncio.get_running_loop().call_soon(self._unsubscribe, shard, channel)
 
-    async def _unsubscribe(self, shard: _Shard, channel: bytes) -> None:
-        if channel in shard.channels or shard.pubsub is None:
+    def _unsubscribe(self, shard: _Shard, channel: bytes) -> None:
+        # Soon, not at once: a listener that leaves and another that joins in the same
+        # turn (a resubscribe) keep the channel.
+        if channel in shard.channels or shard.link is None:
             return
         shard.leaving[channel] += 1
         try:
-            await shard.pubsub.execute_command(self._unsubscribe_command, channel)
-        except (RedisConnectionError, RedisTimeoutError):
+            shard.link.send(self._unsubscribe_command, channel)
+        except RedisConnectionError:
             pass  # the reconnect resubscribes only to channels still listened to
 
     async def _read_forever(self, shard: _Shard) -> None:
@@ -237,59 +245,59 @@ class Hub:
             self._shard_of[channel] = target
             moved[address] += 1
             if target.connected.is_set():
-                asyncio.get_running_loop().create_task(self._subscribe_moved(target, channel))
+                self._subscribe_moved(target, channel)
         for address, count in moved.items():
             logger.info("hub moved %s channels from shard %s to %s", count, shard.address, address)
         if shard.channels:
             return True
         if self._shards.get(shard.address) is shard:
             del self._shards[shard.address]
-        await self._close_pubsub(shard)
+        self._close_link(shard)
         shard.reader = None
         return False
 
-    async def _subscribe_moved(self, shard: _Shard, channel: bytes) -> None:
+    def _subscribe_moved(self, shard: _Shard, channel: bytes) -> None:
         """A channel moved to an already connected shard: subscribed there, then its
         listeners re-read (what was published while it moved is only in the log)."""
-        if shard.pubsub is None:
+        if shard.link is None:
             return
         try:
-            await shard.pubsub.execute_command(self._subscribe, channel)
-        except (RedisConnectionError, RedisTimeoutError):
+            shard.link.send(self._subscribe, channel)
+        except RedisConnectionError:
             return  # that shard's reconnect subscribes it and tells the listeners
         for listener in list(self._listeners.get(channel, ())):
             listener.on_possible_loss()
 
     @staticmethod
-    async def _close_pubsub(shard: _Shard) -> None:
-        if shard.pubsub is not None:
-            try:
-                await shard.pubsub.aclose()
-            except Exception:  # noqa: BLE001 - the old connection is being thrown away
-                pass
-            shard.pubsub = None
+    def _close_link(shard: _Shard) -> None:
+        if shard.link is not None:
+            shard.link.close()
+            shard.link = None
 
     async def _connect(self, shard: _Shard) -> None:
-        await self._close_pubsub(shard)
+        self._close_link(shard)
         if self._topology is None:
             client = self._client_factory()
         else:
             client = self._topology.client(shard.address)
-        shard.pubsub = client.pubsub()
         shard.leaving.clear()
+        shard.link = await PubSubLink.open(client, lambda reply: self._on_reply(shard, reply))
         channels = list(shard.channels)
         for channel in channels:
             future = self._confirmed.get(channel)
             if future is None or future.done():
                 self._confirmed[channel] = asyncio.get_running_loop().create_future()
-        # PING establishes the connection even with nothing to subscribe to yet.
-        await shard.pubsub.execute_command("SUBSCRIBE", keys.STREAM_CHANNEL_PREFIX + "__hub__")
+        # A first subscription even with nothing to hear yet: the link is in pub/sub mode
+        # from here on, as every reply it expects is.
+        commands: list[tuple[str | bytes, ...]] = [
+            ("SUBSCRIBE", keys.STREAM_CHANNEL_PREFIX + "__hub__")
+        ]
         if channels and self._topology is None:
-            await shard.pubsub.execute_command(self._subscribe, *channels)
+            commands.append((self._subscribe, *channels))
         else:
             # One SSUBSCRIBE per channel: a node refuses one whose channels span slots.
-            for channel in channels:
-                await shard.pubsub.execute_command(self._subscribe, channel)
+            commands.extend((self._subscribe, channel) for channel in channels)
+        shard.link.send_many(commands)
         shard.connected.set()
         if channels:
             # Anything published while we were away is only in the logs now.
@@ -298,14 +306,25 @@ class Hub:
                     listener.on_possible_loss()
 
     async def _read(self, shard: _Shard) -> None:
-        assert shard.pubsub is not None
-        pubsub = shard.pubsub
-        parse = pubsub.parse_response
-        listeners = self._listeners
-        message_kind, subscribed_kind = self._message, self._subscribed
+        """Wait while the shard's link delivers (its replies go to `_on_reply` as they
+        arrive); ping it when quiet, give it up when a ping is not answered, and raise why
+        it ended."""
+        link = shard.link
+        assert link is not None
+        pinged = False
         while True:
+            heard = link.replies
             try:
-                response = await parse(block=False, timeout=IDLE_PING_S)
+                await asyncio.wait_for(asyncio.shield(link.closed), IDLE_PING_S)
+            except TimeoutError:
+                if link.replies != heard:
+                    pinged = False
+                elif pinged:
+                    raise RedisTimeoutError(f"no answer to a PING in {IDLE_PING_S:.0f} s") from None
+                else:
+                    link.send("PING")
+                    pinged = True
+                continue
             except RedisError as error:
                 if self._topology is not None and not isinstance(
                     error, (RedisConnectionError, RedisTimeoutError)
@@ -313,36 +332,40 @@ class Hub:
                     # MOVED, ASK, CLUSTERDOWN: the slot map changed under us.
                     raise SlotMoved(str(error)) from error
                 raise
-            if response is None:
-                # Quiet for a while: a PING proves the connection is still alive.
-                await pubsub.ping()
-                continue
-            kind = response[0]
-            if kind == message_kind:
-                group = listeners.get(response[1])
-                if not group:
-                    continue
-                head, _, event = response[2].partition(b"\n")
-                text = event.decode()
-                if not head:
-                    self._deliver_unsequenced(group, text)
-                    continue
-                seq = int(head)
-                for listener in tuple(group):
-                    listener.on_event(seq, text)
-                # Once per event per process: the lag to the last local socket.
-                metrics.event_delivered(text)
-            elif kind == subscribed_kind:
-                future = self._confirmed.get(response[1])
-                if future is not None and not future.done():
-                    future.set_result(None)
-            elif kind == b"sunsubscribe":
-                channel = response[1]
-                if shard.leaving[channel] > 0:
-                    shard.leaving[channel] -= 1
-                elif channel in shard.channels:
-                    # Not ours: the node gave the slot away (failover, resharding).
-                    raise SlotMoved(f"the node unsubscribed {channel!r}")
+            raise RedisConnectionError("the pub/sub connection was closed")
+
+    def _on_reply(self, shard: _Shard, reply: Reply) -> None:
+        """One reply of a shard's link, in its read callback: a notification goes to its
+        listeners (and their sockets) now. A PING's answer is "PONG" over RESP3 and a
+        list over RESP2: only the link's count of replies needs it."""
+        if not isinstance(reply, list):
+            return
+        kind = reply[0]
+        if kind == self._message:
+            group = self._listeners.get(reply[1])
+            if not group:
+                return
+            head, _, event = reply[2].partition(b"\n")
+            text = event.decode()
+            if not head:
+                self._deliver_unsequenced(group, text)
+                return
+            seq = int(head)
+            for listener in tuple(group):
+                listener.on_event(seq, text)
+            # Once per event per process: the lag to the last local socket.
+            metrics.event_delivered(text)
+        elif kind == self._subscribed:
+            future = self._confirmed.get(reply[1])
+            if future is not None and not future.done():
+                future.set_result(None)
+        elif kind == b"sunsubscribe":
+            channel = reply[1]
+            if shard.leaving[channel] > 0:
+                shard.leaving[channel] -= 1
+            elif channel in shard.channels:
+                # Not ours: the node gave the slot away (failover, resharding).
+                raise SlotMoved(f"the node unsubscribed {channel!r}")
 
     @staticmethod
     def _deliver_unsequenced(group: set[Listener], text: str) -> None:
@@ -360,4 +383,4 @@ class Hub:
         for shard in list(self._shards.values()):
             if shard.reader is not None:
                 shard.reader.cancel()
-            await self._close_pubsub(shard)
+            self._close_link(shard)

@@ -52,6 +52,8 @@ class Subscriber(Protocol):
 
     def push_many(self, frames: list[str]) -> None: ...
 
+    def writing_to(self, stream: str) -> bool: ...
+
     async def wait_for_room(self) -> None: ...
 
     async def session_subscribed(self, stream: str, position: int) -> None: ...
@@ -72,10 +74,15 @@ class StreamSubscription:
     """One connection's interest in one stream: the Hub calls it, it keeps seq order."""
 
     # No more slots than needed: a fan-out to 10,000 sockets is 10,000 of these.
-    __slots__ = ("connection", "stream", "cursor", "repairing", "active", "held", "compactor")
+    __slots__ = (
+        "connection", "stream", "cursor", "repairing", "active", "held", "compactor",
+        "before_ack",
+    )  # fmt: skip
 
     # Unsequenced events kept while the catch-up read runs: they follow `subscribed`.
     MAX_HELD = 1024
+    # Live events kept behind the connection's own writes in flight: past this they go on.
+    MAX_BEFORE_ACK = 1024
 
     def __init__(self, connection: Subscriber, stream: str, compact: bool = False) -> None:
         self.connection = connection
@@ -87,6 +94,9 @@ class StreamSubscription:
         self.repairing = False
         self.active = True
         self.held: list[str] = []
+        # (seq, event) released while the connection's own send or publish to the stream
+        # was in flight: they follow its ack (`release_after_ack`).
+        self.before_ack: list[tuple[int, str]] = []
 
     @property
     def store(self) -> StreamStore:
@@ -217,12 +227,57 @@ class StreamSubscription:
     def on_event(self, seq: int, event: str) -> None:
         ready = self.cursor.offer(seq, event)
         if ready:
-            if self.compactor is None:  # the fan-out path: no call more than before
+            if self.before_ack or self.connection.writing_to(self.stream):
+                self._keep_for_ack(ready)
+            elif self.compactor is None:  # the fan-out path: no call more than before
                 self.connection.push_many(ready)
             else:
                 self.deliver(ready)
         if self.cursor.missing() is not None:
             self.schedule_repair()
+
+    def _release(self, ready: list[str]) -> None:
+        """What the cursor just released, handed on in order (behind the connection's own
+        write in flight, as on_event does)."""
+        if not ready:
+            return
+        if self.before_ack or self.connection.writing_to(self.stream):
+            self._keep_for_ack(ready)
+        else:
+            self.deliver(ready)
+
+    def _keep_for_ack(self, ready: list[str]) -> None:
+        """The hub hands an event on as soon as it arrives, which can be before the
+        client's own write to the stream has its ack: its event would come first. While a
+        write is in flight, released events wait for it (a round trip at most)."""
+        next_seq = self.cursor.next_seq
+        assert next_seq is not None  # events are released only once the cursor is placed
+        first = next_seq - len(ready)
+        self.before_ack.extend((first + index, event) for index, event in enumerate(ready))
+        if len(self.before_ack) > self.MAX_BEFORE_ACK:
+            self.release_after_ack(None)
+
+    def release_after_ack(self, acked_seq: int | None) -> None:
+        """The connection's write to this stream was answered (its ack, of `acked_seq`, is
+        written; None: refused, or no write waits any more): the kept events up to it go
+        on, and all of them once no write of the connection is in flight."""
+        kept = self.before_ack
+        if not kept:
+            return
+        if acked_seq is None or not self.connection.writing_to(self.stream):
+            released, self.before_ack = kept, []
+        else:
+            cut = 0
+            while cut < len(kept) and kept[cut][0] <= acked_seq:
+                cut += 1
+            if not cut:
+                return
+            released, self.before_ack = kept[:cut], kept[cut:]
+        events = [event for _, event in released]
+        if self.compactor is None:
+            self.connection.push_many(events)
+        else:
+            self.deliver(events)
 
     def on_possible_loss(self) -> None:
         self.schedule_repair(to_head=True)
@@ -337,7 +392,7 @@ class StreamSubscription:
                     head=await self.store.head(tenant, self.stream),
                 )
             )
-            self.deliver(cursor.skip_to(resume_at))
+            self._release(cursor.skip_to(resume_at))
         for seq, event in events:
-            self.deliver(cursor.offer(seq, event))
+            self._release(cursor.offer(seq, event))
         return True
