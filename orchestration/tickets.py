@@ -268,8 +268,9 @@ def run_messages_in_redis(client: redis.Redis) -> int:
     for _, entry in client.hscan_iter(unacked, count=SCAN_CHUNK):
         try:
             message, _exchange, routing_key = json.loads(entry)
-        except (ValueError, TypeError):
+            task = message["headers"]["task"]
+        except (ValueError, TypeError, KeyError):
             continue  # not kombu's: not ours to judge
-        if routing_key == RUNS_QUEUE and not _is_ticket(json.dumps(message)):
+        if routing_key == RUNS_QUEUE and task != RUN_NEXT_TASK:
             found += 1
     return found

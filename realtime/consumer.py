@@ -163,8 +163,9 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self.node = node if node is not None else gateway_node()
         self.state = ConnectionState.CONNECTING
         self.subscriptions: dict[str, StreamSubscription] = {}
-        # Streams this connection's sends and publishes wait on, how many to each.
-        self._writes_in_flight: dict[str, int] = {}
+        # Streams this connection's sends and publishes wait on, how many to each: their
+        # live events wait for those acks (StreamSubscription.release_after_ack).
+        self.writes_in_flight: dict[str, int] = {}
         self.outbox = Outbox(conf().outbox_max_events, conf().outbox_max_bytes)
         self.connection_id = secrets.token_hex(6)
         self.socket: DaphneSocket | None = None
@@ -920,20 +921,15 @@ class GatewayConsumer(AsyncWebsocketConsumer):
 
     # --- the client's own writes come before their events ------------------------------
 
-    def writing_to(self, stream: str) -> bool:
-        """Whether a send or publish of this connection to `stream` waits for its answer:
-        the stream's live events wait for that ack (StreamSubscription.release_after_ack)."""
-        return stream in self._writes_in_flight
-
     def _write_started(self, stream: str) -> None:
-        self._writes_in_flight[stream] = self._writes_in_flight.get(stream, 0) + 1
+        self.writes_in_flight[stream] = self.writes_in_flight.get(stream, 0) + 1
 
     def _write_ended(self, stream: str, acked_seq: int | None) -> None:
-        left = self._writes_in_flight[stream] - 1
+        left = self.writes_in_flight[stream] - 1
         if left:
-            self._writes_in_flight[stream] = left
+            self.writes_in_flight[stream] = left
         else:
-            del self._writes_in_flight[stream]
+            del self.writes_in_flight[stream]
         subscription = self.subscriptions.get(stream)
         if subscription is not None:
             subscription.release_after_ack(acked_seq)

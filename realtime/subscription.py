@@ -50,9 +50,11 @@ class Subscriber(Protocol):
 
     def push(self, frame: str) -> None: ...
 
-    def push_many(self, frames: list[str]) -> None: ...
+    # Streams with a send or publish of this connection waiting for its answer (how many
+    # to each): their live events follow its ack.
+    writes_in_flight: dict[str, int]
 
-    def writing_to(self, stream: str) -> bool: ...
+    def push_many(self, frames: list[str]) -> None: ...
 
     async def wait_for_room(self) -> None: ...
 
@@ -227,12 +229,15 @@ class StreamSubscription:
     def on_event(self, seq: int, event: str) -> None:
         ready = self.cursor.offer(seq, event)
         if ready:
-            if self.before_ack or self.connection.writing_to(self.stream):
-                self._keep_for_ack(ready)
-            elif self.compactor is None:  # the fan-out path: no call more than before
-                self.connection.push_many(ready)
+            connection = self.connection
+            if (
+                self.compactor is None
+                and not self.before_ack
+                and self.stream not in connection.writes_in_flight
+            ):
+                connection.push_many(ready)  # the fan-out path: no call more than before
             else:
-                self.deliver(ready)
+                self._release(ready)
         if self.cursor.missing() is not None:
             self.schedule_repair()
 
@@ -241,7 +246,7 @@ class StreamSubscription:
         write in flight, as on_event does)."""
         if not ready:
             return
-        if self.before_ack or self.connection.writing_to(self.stream):
+        if self.before_ack or self.stream in self.connection.writes_in_flight:
             self._keep_for_ack(ready)
         else:
             self.deliver(ready)
@@ -264,7 +269,7 @@ class StreamSubscription:
         kept = self.before_ack
         if not kept:
             return
-        if acked_seq is None or not self.connection.writing_to(self.stream):
+        if acked_seq is None or self.stream not in self.connection.writes_in_flight:
             released, self.before_ack = kept, []
         else:
             cut = 0
@@ -273,11 +278,7 @@ class StreamSubscription:
             if not cut:
                 return
             released, self.before_ack = kept[:cut], kept[cut:]
-        events = [event for _, event in released]
-        if self.compactor is None:
-            self.connection.push_many(events)
-        else:
-            self.deliver(events)
+        self.deliver([event for _, event in released])
 
     def on_possible_loss(self) -> None:
         self.schedule_repair(to_head=True)

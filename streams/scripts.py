@@ -153,7 +153,7 @@ class Script(Generic[R]):
     async def run_async(self, client: aredis.Redis) -> R:
         return self.result(await self.LUA.on(client)(keys=self.keys(), args=self.args()))
 
-    async def queue_async(self, client: aredis.Redis, pipe: Any) -> None:
+    def queue(self, client: aredis.Redis, pipe: Any) -> None:
         """Queue the call on `pipe`, a pipeline of `client`, as a plain EVALSHA; pass its
         answer from `pipe.execute()` to `result`. Not redis-py's script object on the
         pipeline: that makes every execute ask SCRIPT EXISTS first, a round trip (and a
@@ -1286,7 +1286,7 @@ async def run_pipelined_async(
             return [error]
     async with client.pipeline(transaction=False) as pipe:
         for call in calls:
-            await call.queue_async(client, pipe)
+            call.queue(client, pipe)
         answers = await pipe.execute(raise_on_error=False)
     results = []
     for call, answer in zip(calls, answers, strict=True):

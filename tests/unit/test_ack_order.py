@@ -14,7 +14,7 @@ class Connection:
 
     def __init__(self) -> None:
         self.frames: list[str] = []
-        self.writes: dict[str, int] = {}
+        self.writes_in_flight: dict[str, int] = {}
 
     def push(self, frame: str) -> None:
         self.frames.append(frame)
@@ -22,19 +22,16 @@ class Connection:
     def push_many(self, frames: list[str]) -> None:
         self.frames.extend(frames)
 
-    def writing_to(self, stream: str) -> bool:
-        return self.writes.get(stream, 0) > 0
-
     # The connection's side of a write, as GatewayConsumer._write_started/_write_ended.
     def start(self, stream: str) -> None:
-        self.writes[stream] = self.writes.get(stream, 0) + 1
+        self.writes_in_flight[stream] = self.writes_in_flight.get(stream, 0) + 1
 
     def end(self, subscription: StreamSubscription, acked: int | None) -> None:
         if acked is not None:
             self.push(f"ack {acked}")
-        self.writes[subscription.stream] -= 1
-        if not self.writes[subscription.stream]:
-            del self.writes[subscription.stream]
+        self.writes_in_flight[subscription.stream] -= 1
+        if not self.writes_in_flight[subscription.stream]:
+            del self.writes_in_flight[subscription.stream]
         subscription.release_after_ack(acked)
 
 
