@@ -246,6 +246,10 @@ def loadgen_command(
 # generators' (whose loops run late in a storm and add that to every figure they take).
 METRICS_TOKEN = "seed-night-metrics"
 GATEWAY_LAG = "switchboard_delivery_lag_seconds"
+# Turns of a gateway's event loop of 10 ms or more (realtime/loop_turns.py): what a
+# delivery of that process waited for.
+GATEWAY_LONG_TURNS = "switchboard_loop_long_turn_seconds"
+GATEWAY_HISTOGRAMS = (GATEWAY_LAG, GATEWAY_LONG_TURNS)
 
 
 def generator_parts(
@@ -263,9 +267,10 @@ def generator_parts(
     return parts
 
 
-def scrape_gateway_lag(cluster: Any) -> dict[float, float] | None:
-    """Cumulative bucket counts (upper bound in s -> events) of every gateway process,
-    summed (they share the multiprocess registry); None when the scrape fails."""
+def scrape_gateway_histograms(cluster: Any) -> dict[str, dict[float, float]] | None:
+    """Cumulative bucket counts (upper bound in s -> count) of GATEWAY_HISTOGRAMS, every
+    gateway process's summed (they share the multiprocess registry); None when the scrape
+    fails."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -278,15 +283,24 @@ def scrape_gateway_lag(cluster: Any) -> dict[float, float] | None:
     except OSError as error:
         print(f"  (gateway metrics not scraped: {error})", flush=True)
         return None
-    buckets: dict[float, float] = {}
+    found: dict[str, dict[float, float]] = {name: {} for name in GATEWAY_HISTOGRAMS}
     for family in text_string_to_metric_families(text):
-        if family.name != GATEWAY_LAG:
+        if family.name not in found:
             continue
+        buckets = found[family.name]
         for sample in family.samples:
-            if sample.name == GATEWAY_LAG + "_bucket":
+            if sample.name == family.name + "_bucket":
                 bound = float(sample.labels["le"])
                 buckets[bound] = buckets.get(bound, 0.0) + sample.value
-    return buckets
+    return found
+
+
+def histogram_between(
+    name: str,
+    before: dict[str, dict[float, float]] | None,
+    after: dict[str, dict[float, float]] | None,
+) -> dict[str, Any]:
+    return bucket_quantiles((before or {}).get(name), (after or {}).get(name))
 
 
 def bucket_quantiles(
@@ -294,7 +308,7 @@ def bucket_quantiles(
 ) -> dict[str, Any]:
     """p50/p99/p99.9 of the events observed between two scrapes, each as the upper bound
     of its bucket (ms; the buckets grow by about 1.6x, so read them as 'at most')."""
-    if not before or not after:
+    if before is None or not after:  # a scrape failed; an empty `before`: none yet
         return {"count": 0}
     bounds = sorted(after)
     counts = [after[b] - before.get(b, 0.0) for b in bounds]
@@ -352,9 +366,9 @@ def run(env: BenchEnv, args: argparse.Namespace) -> dict[str, Any]:
         _sleep_until(night_start)
         window = ProcessSampler(procs, interval_s=0.5).start()
         psutil.cpu_percent()  # the machine's busy share from here
-        lag_at_night_start = scrape_gateway_lag(cluster)
+        lag_at_night_start = scrape_gateway_histograms(cluster)
         _sleep_until(storm_at - 1)
-        lag_before_storm = scrape_gateway_lag(cluster)
+        lag_before_storm = scrape_gateway_histograms(cluster)
         storm = ProcessSampler(procs, interval_s=0.5).start()
         profile = None
         if args.profile:
@@ -363,7 +377,7 @@ def run(env: BenchEnv, args: argparse.Namespace) -> dict[str, Any]:
             _sleep_until(storm_at + PROFILE_S)
             profile = profiler.stop()
         _sleep_until(storm_at + STORM_WINDOW_S)
-        lag_after_storm = scrape_gateway_lag(cluster)
+        lag_after_storm = scrape_gateway_histograms(cluster)
         storm_report = storm.stop()
         _sleep_until(night_end)
         machine_busy = psutil.cpu_percent()
@@ -388,6 +402,7 @@ def run(env: BenchEnv, args: argparse.Namespace) -> dict[str, Any]:
     merged = merge_raw([path for path in outputs if path.exists()])
     storm_from = storm_at - start_at
     result = summarise(merged, storm_from, args)
+    result["latency_ms"]["storm_by_generator_part"] = storm_by_part(outputs, storm_from)
     result |= {
         "tenants": tenant_slugs(args),
         "tenant_settings": tenant_settings,
@@ -401,14 +416,42 @@ def run(env: BenchEnv, args: argparse.Namespace) -> dict[str, Any]:
         "processes_during_sends": window_report,
         "processes_storm": storm_report,
         "gateway_delivery_lag_ms": {
-            "before_storm": bucket_quantiles(lag_at_night_start, lag_before_storm),
-            "storm": bucket_quantiles(lag_before_storm, lag_after_storm),
+            "before_storm": histogram_between(GATEWAY_LAG, lag_at_night_start, lag_before_storm),
+            "storm": histogram_between(GATEWAY_LAG, lag_before_storm, lag_after_storm),
+        },
+        "gateway_long_turns_ms": {
+            "before_storm": histogram_between(
+                GATEWAY_LONG_TURNS, lag_at_night_start, lag_before_storm
+            ),
+            "storm": histogram_between(GATEWAY_LONG_TURNS, lag_before_storm, lag_after_storm),
         },
         "profile": profile,
         "generators_finished": len(outputs) == len(children)
         and all(child.returncode == 0 for child in children.values()),
     }
     return result
+
+
+def storm_by_part(outputs: list[Path], storm_from: float) -> dict[str, Any]:
+    """The storm's delivery lag as the steady readers' generators took it and as the
+    reconnecting clients' generators did (their deliveries once resumed), each beside its
+    generators' own loop lateness: a reconnecting generator replays thousands of resumes in
+    those seconds, and its loop's lateness is in every lag it takes."""
+    parts: dict[str, list[Path]] = {"steady": [], "reconnecting": []}
+    for path in outputs:
+        if path.exists():
+            parts["reconnecting" if "-storm-" in path.name else "steady"].append(path)
+    found: dict[str, Any] = {}
+    for part, paths in parts.items():
+        if not paths:
+            continue
+        raw = merge_raw(paths)
+        storm_to = storm_from + STORM_WINDOW_S
+        found[part] = {
+            "event_lag": _latency(raw.get("event_lag", []), storm_from, storm_to),
+            "loop_lag": _latency(raw.get("loop_lag", []), storm_from, storm_to),
+        }
+    return found
 
 
 def _sleep_until(moment: float) -> None:
@@ -546,6 +589,19 @@ def print_result(result: dict[str, Any]) -> None:
             f" p50 {fmt_ms(gateway.get('p50'))} / p99 {fmt_ms(gateway.get('p99'))} /"
             f" p99.9 {fmt_ms(gateway.get('p99.9'))} ms (n={gateway['count']} event handings)"
         )
+    for part, figures in latency.get("storm_by_generator_part", {}).items():
+        print(_line(f"  storm, {part} readers' generators", figures["event_lag"]))
+        print(_line("    their own loop lateness", figures["loop_lag"]))
+    for label, key in (("before the storm", "before_storm"), ("storm", "storm")):
+        turns = result["gateway_long_turns_ms"][key]
+        if turns["count"]:
+            print(
+                f"  gateways' loop turns of 10 ms or more, {label}: {turns['count']}, at most"
+                f" p50 {fmt_ms(turns.get('p50'))} / p99 {fmt_ms(turns.get('p99'))} /"
+                f" p99.9 {fmt_ms(turns.get('p99.9'))} ms"
+            )
+        else:
+            print(f"  gateways' loop turns of 10 ms or more, {label}: none")
     print(_line("send -> reply.done", latency["reply"]))
     print(_line("  ending in the storm", latency["reply_storm"]))
     print(_line("send -> ack", latency["ack"]))

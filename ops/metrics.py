@@ -163,6 +163,12 @@ ACCEPT_PAUSES = Counter(
     "wait in the kernel's accept queue). Rising outside reconnect storms: raise the rate or "
     "add gateway processes.",
 )
+LOOP_LONG_TURNS = Histogram(
+    "switchboard_loop_long_turn_seconds",
+    "Turns of a gateway process's event loop that ran 10 ms or more, by how long: every "
+    "delivery of the process that came in during one waited for the rest of it.",
+    buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
 SLOW_CONSUMER_CLOSES = Counter(
     "switchboard_slow_consumer_closes",
     "Connections closed with 4008 because their outbound buffer filled, per tenant.",
@@ -288,6 +294,10 @@ def frame_kind(frame: str) -> str:
 # key each time, several times the cost of the increment itself.
 _frames_in: dict[type, Any] = {}
 _frames_out: dict[str, Any] = {}
+# Per tenant (tenants are those of verified tokens, so as many as the deployment has):
+# counted at every connect, close, subscribe and unsubscribe, a thousand a second in a storm.
+_connections: dict[str, Any] = {}
+_subscriptions: dict[str, Any] = {}
 # One event is pushed to every subscribed socket as the very same string: its kind is read
 # once per fan-out, not once per socket.
 _last_out: str | None = None
@@ -317,20 +327,27 @@ def frame_out(frame: str) -> None:
     child.inc()
 
 
+def _tenant_child(cache: dict[str, Any], metric: Any, tenant: str) -> Any:
+    child = cache.get(tenant)
+    if child is None:
+        child = cache[tenant] = metric.labels(tenant)
+    return child
+
+
 def connection_opened(tenant: str) -> None:
-    CONNECTIONS.labels(tenant).inc()
+    _tenant_child(_connections, CONNECTIONS, tenant).inc()
 
 
 def connection_closed(tenant: str) -> None:
-    CONNECTIONS.labels(tenant).dec()
+    _tenant_child(_connections, CONNECTIONS, tenant).dec()
 
 
 def subscribed(tenant: str) -> None:
-    SUBSCRIPTIONS.labels(tenant).inc()
+    _tenant_child(_subscriptions, SUBSCRIPTIONS, tenant).inc()
 
 
 def unsubscribed(tenant: str) -> None:
-    SUBSCRIPTIONS.labels(tenant).dec()
+    _tenant_child(_subscriptions, SUBSCRIPTIONS, tenant).dec()
 
 
 def tenant_cache_loaded(found: bool, tenants: int, missing: int) -> None:
@@ -367,6 +384,10 @@ def handshake_dropped(reason: str) -> None:
 
 def accepts_paused() -> None:
     ACCEPT_PAUSES.inc()
+
+
+def long_loop_turn(seconds: float) -> None:
+    LOOP_LONG_TURNS.observe(seconds)
 
 
 def gc_paused(generation: int, seconds: float) -> None:

@@ -28,6 +28,7 @@ from realtime.daphne_tuning import (  # noqa: E402
     pings_every,
     reap_on_change,
     spread_timeout_walk,
+    time_loop_turns,
 )
 from realtime.node import gateway_node  # noqa: E402
 from realtime.routing import GATEWAY_PATH  # noqa: E402
@@ -71,3 +72,4 @@ if "daphne.server" in sys.modules:
     pace_accepts(conf().accept_rate_per_s, conf().accept_burst)
     direct_pings()
     pings_every(conf().ws_ping_interval_s, conf().ws_ping_timeout_s)
+    time_loop_turns()

@@ -1,5 +1,6 @@
 """Daphne's HTTP side bounded, two per-connection costs of autobahn (daphne's WebSocket
-library) paid once per process, its timeout walk spread out and its accepts paced.
+library) paid once per process, its timeout walk spread out, its accepts paced and its
+event loop's long turns timed.
 
 Bounds (`bound_http_requests`): daphne reads requests with Twisted's HTTPChannel, which
 waits up to twelve hours for a request's headers while any byte arrives (its idle timeout
@@ -45,6 +46,10 @@ once per 2 s, so pings go out and pongs come back spread over the 2 s.
 
 Accepts (`pace_accepts`): each port daphne listens on takes new connections at the rate
 of realtime/accept_pace.py, so a reconnect storm's upgrades are spread out.
+
+Turns (`time_loop_turns`): each turn of the event loop that runs 10 ms or more is
+observed by its length (`switchboard_loop_long_turn_seconds`): every delivery of the
+process that came in during one waited for the rest of it.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ import logging
 import pprint
 import time
 from asyncio import CancelledError
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 from ops import metrics
@@ -510,3 +515,48 @@ def pace_accepts(rate_per_s: float, burst: int) -> None:
         return listen_success(self, port)
 
     Server.listen_success = listen_success_paced
+
+
+# A turn of the event loop that ran this long is observed: every delivery of the process
+# that came in meanwhile waited for the rest of it.
+LONG_TURN_S = 0.010
+
+
+def time_turns(
+    selector: Any, observe: Callable[[float], None], clock: Callable[[], float] = time.monotonic
+) -> None:
+    """Call `observe` with the length of each turn of the loop that runs on `selector` and
+    lasts LONG_TURN_S or more: a turn starts when the selector answers and ends when the
+    loop asks it again (the loop looks `select` up at every turn)."""
+    select = selector.select
+    started = 0.0
+
+    def select_timing_turns(timeout: float | None = None) -> Any:
+        nonlocal started
+        if started:
+            ran_s = clock() - started
+            if ran_s >= LONG_TURN_S:
+                observe(ran_s)
+        ready = select(timeout)
+        started = clock()
+        return ready
+
+    selector.select = select_timing_turns
+
+
+_timing = False
+
+
+def time_loop_turns() -> None:
+    """Observe the gateway's long turns in `switchboard_loop_long_turn_seconds`; once per
+    process, before daphne's server runs."""
+    global _timing
+    if _timing:
+        return
+    from twisted.internet import reactor
+
+    selector = getattr(getattr(reactor, "_asyncioEventloop", None), "_selector", None)
+    if selector is None or lacks_internals(selector, ("select",), "loop turns not timed"):
+        return
+    _timing = True
+    time_turns(selector, metrics.long_loop_turn)

@@ -204,14 +204,20 @@ async def test_gateways_and_workers_report_their_collector_pauses(
     """Each gateway and worker process times its garbage collections (ops/collector.py).
     A fresh gateway's first socket, and a fresh worker's first model call, collect the
     whole heap once (before freezing it): each shows on /metrics as a generation-2 pause
-    within that process's next second. Every process shares the scrape (multiprocess
-    mode), so each is told by the count growing after it started."""
+    within that process's next second, and the gateway's as one of its event loop's long
+    turns. Every process shares the scrape (multiprocess mode), so each is told by the
+    count growing after it started."""
 
     async def whole_heap_collections_past(count: float) -> float | None:
         now = value(await scrape(switchboard), "switchboard_gc_pause_seconds_count", generation="2")
         return now if now > count else None
 
+    async def long_turns_past(count: float) -> float | None:
+        now = value(await scrape(switchboard), "switchboard_loop_long_turn_seconds_count")
+        return now if now > count else None
+
     before = value(await scrape(switchboard), "switchboard_gc_pause_seconds_count", generation="2")
+    turns_before = value(await scrape(switchboard), "switchboard_loop_long_turn_seconds_count")
     url, _ = start_gateway()
     client = await SwitchboardClient.connect(url, switchboard.token(unique("gc")), timeout=30)
     try:
@@ -219,6 +225,14 @@ async def test_gateways_and_workers_report_their_collector_pauses(
             lambda: whole_heap_collections_past(before),
             SCRAPE_TIMEOUT_S,
             "the new gateway's collection",
+            interval=0.5,
+        )
+        # That collection held the gateway's event loop for one of its turns: the turn is
+        # observed among its long ones (realtime/daphne_tuning.time_loop_turns).
+        await wait_until(
+            lambda: long_turns_past(turns_before),
+            SCRAPE_TIMEOUT_S,
+            "the new gateway's long turn",
             interval=0.5,
         )
         with replaced_worker(switchboard):

@@ -3,7 +3,18 @@ histogram between scrapes."""
 
 from __future__ import annotations
 
-from bench.seed_night import bucket_quantiles, generator_parts, parse_args
+import json
+from pathlib import Path
+
+from bench.seed_night import (
+    GATEWAY_LAG,
+    GATEWAY_LONG_TURNS,
+    bucket_quantiles,
+    generator_parts,
+    histogram_between,
+    parse_args,
+    storm_by_part,
+)
 
 
 def test_quantiles_of_the_events_between_two_scrapes_are_bucket_upper_bounds() -> None:
@@ -33,3 +44,43 @@ def test_the_storms_clients_get_load_generators_of_their_own() -> None:
         ("loadgen-2", "all", "0/2"),
         ("loadgen-3", "all", "1/2"),
     ]
+
+
+def test_each_histogram_is_read_apart_from_the_same_scrapes() -> None:
+    before = {GATEWAY_LAG: {0.1: 0.0, float("inf"): 0.0}, GATEWAY_LONG_TURNS: {}}
+    after = {GATEWAY_LAG: {0.1: 4.0, float("inf"): 4.0}, GATEWAY_LONG_TURNS: {0.05: 2.0}}
+    assert histogram_between(GATEWAY_LAG, before, after)["count"] == 4
+    assert histogram_between(GATEWAY_LONG_TURNS, before, after) == {
+        "count": 2,
+        "p50": 50.0,
+        "p99": 50.0,
+        "p99.9": 50.0,
+    }
+    assert histogram_between(GATEWAY_LAG, None, after) == {"count": 0}
+
+
+def test_the_storms_lag_is_told_apart_by_the_generator_that_took_it(tmp_path: Path) -> None:
+    """The reconnecting clients' generators replay the storm's resumes, and their loop's
+    lateness is in each lag they take: the steady readers' figures are given apart."""
+    storm_from = 100.0
+
+    def raw(name: str, lags: list[float], late: list[float]) -> Path:
+        path = tmp_path / f"{name}-raw.json"
+        samples = {
+            "event_lag": [[storm_from + 1 + i, v] for i, v in enumerate(lags)],
+            "loop_lag": [[storm_from + 1 + i, v] for i, v in enumerate(late)],
+        }
+        path.write_text(json.dumps(samples))
+        return path
+
+    outputs = [
+        raw("loadgen-0", [5.0, 6.0], [1.0]),
+        raw("loadgen-1", [7.0], [1.0]),
+        raw("loadgen-storm-0", [900.0], [800.0]),
+        tmp_path / "loadgen-2-raw.json",  # a generator that wrote nothing
+    ]
+    found = storm_by_part(outputs, storm_from)
+    assert found["steady"]["event_lag"]["count"] == 3
+    assert found["steady"]["event_lag"]["max"] == 7.0
+    assert found["reconnecting"]["event_lag"]["max"] == 900.0
+    assert found["reconnecting"]["loop_lag"]["max"] == 800.0
