@@ -441,12 +441,12 @@ def storm_by_part(outputs: list[Path], storm_from: float) -> dict[str, Any]:
     for path in outputs:
         if path.exists():
             parts["reconnecting" if "-storm-" in path.name else "steady"].append(path)
+    storm_to = storm_from + STORM_WINDOW_S
     found: dict[str, Any] = {}
     for part, paths in parts.items():
         if not paths:
             continue
         raw = merge_raw(paths)
-        storm_to = storm_from + STORM_WINDOW_S
         found[part] = {
             "event_lag": _latency(raw.get("event_lag", []), storm_from, storm_to),
             "loop_lag": _latency(raw.get("loop_lag", []), storm_from, storm_to),

@@ -87,7 +87,7 @@ from realtime.throttles import throttle_counter
 from realtime.transport import DaphneSocket, daphne_protocol
 from streams import keys
 from streams.events import dumps
-from streams.log import BudgetExhausted, LimitReached, RunLimits
+from streams.log import Appended, BudgetExhausted, LimitReached, RunLimits
 from streams.receipts import BeyondHead, receipt_store
 from streams.redis_clients import pool_exhausted
 from streams.replication import NotReplicated
@@ -815,24 +815,26 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             options = await self._interrupt_first(frame, options, slot)
         if options is not frame.options:
             frame = dataclasses.replace(frame, options=options)
-        self._write_started(frame.stream)
-        acked: int | None = None
         try:
-            appended = await self.node.streams.accept_send(
-                identity.tenant,
-                identity.client,
-                frame,
-                agent,
-                self.tenant.stream_retention,
-                RunLimits(
-                    slot,
-                    limits.max_runs_in_flight_per_connection,
-                    limits.max_queued_runs,
+            appended = await self._append_and_ack(
+                frame.stream,
+                frame.id,
+                self.node.streams.accept_send(
+                    identity.tenant,
+                    identity.client,
+                    frame,
+                    agent,
+                    self.tenant.stream_retention,
+                    RunLimits(
+                        slot,
+                        limits.max_runs_in_flight_per_connection,
+                        limits.max_queued_runs,
+                    ),
+                    weight=limits.weight,
+                    agent_config=limits.agent_overrides(agent.name),
+                    budgets=limits.token_budgets(),
+                    after_ack=True,
                 ),
-                weight=limits.weight,
-                agent_config=limits.agent_overrides(agent.name),
-                budgets=limits.token_budgets(),
-                after_ack=True,
             )
         except BudgetExhausted as spent:
             _count_refusal(identity.tenant, "token_budget")
@@ -850,11 +852,6 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             raise ProtocolError(
                 reached.code, detail, frame.id, retry_after_ms=limit_retry_ms(reached.wait_ms)
             ) from None
-        else:
-            self.push(ack_frame(frame.id, appended.event_id, appended.seq, appended.duplicate))
-            acked = appended.seq
-        finally:
-            self._write_ended(frame.stream, acked)
         metrics.acked(identity.tenant, appended.duplicate)
         if appended.after_ack is not None:
             # The fair ring's join (and a publish to another broker) once the ack is out,
@@ -904,22 +901,32 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         self._require_stream(frame.stream, frame.id)
         await self._take_message_token(frame.id)
         identity = self.identity
-        self._write_started(frame.stream)
-        acked: int | None = None
-        try:
-            appended = await self.node.streams.publish(
-                identity.tenant,
-                identity.client,
-                frame,
-                self.tenant.stream_retention,
-            )
-            self.push(ack_frame(frame.id, appended.event_id, appended.seq, appended.duplicate))
-            acked = appended.seq
-        finally:
-            self._write_ended(frame.stream, acked)
+        appended = await self._append_and_ack(
+            frame.stream,
+            frame.id,
+            self.node.streams.publish(
+                identity.tenant, identity.client, frame, self.tenant.stream_retention
+            ),
+        )
         metrics.acked(identity.tenant, appended.duplicate)
 
     # --- the client's own writes come before their events ------------------------------
+
+    async def _append_and_ack(
+        self, stream: str, message_id: str, append: Coroutine[Any, Any, Appended]
+    ) -> Appended:
+        """Await `append` (a send's or a publish's write) and ack it; meanwhile the stream's
+        events are kept back, so the client gets its ack before its own event. A refusal
+        raised by the write releases them unacked."""
+        self._write_started(stream)
+        acked: int | None = None
+        try:
+            appended = await append
+            self.push(ack_frame(message_id, appended.event_id, appended.seq, appended.duplicate))
+            acked = appended.seq
+        finally:
+            self._write_ended(stream, acked)
+        return appended
 
     def _write_started(self, stream: str) -> None:
         self.writes_in_flight[stream] = self.writes_in_flight.get(stream, 0) + 1
