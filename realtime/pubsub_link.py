@@ -4,9 +4,9 @@ Read through redis-py's PubSub, a notification reaches its sockets two turns of 
 loop after it arrives: the read callback feeds a stream reader and wakes the reading task,
 which runs in the next turn, after everything else that turn made ready. In a reconnect
 storm a turn of a gateway's loop is up to 100-250 ms of the storm's connects and closes
-(switchboard_loop_long_turn_seconds), so every delivery paid about two of them. Here the bytes are parsed (hiredis) and each reply handed
-to `on_reply` in the read callback itself: one turn fewer for every delivery, which is
-most of the storm's lag.
+(switchboard_loop_long_turn_seconds), so every delivery paid about two of them. Here the
+bytes are parsed (hiredis) and each reply handed to `on_reply` in the read callback
+itself: one turn fewer for every delivery, which is most of the storm's lag.
 
 redis-py still makes the connection (address, TLS, AUTH, client name: the pool's own
 options); the link then takes over its transport and writes commands itself. A link is
