@@ -11,12 +11,15 @@ their session and positions.
 The clients are `manage.py loadgen --scenario night`, one asyncio process per `--clients /
 --client-procs` clients (each plays one shard of one tenant's clients, all on one
 wall-clock schedule), spread over the gateways in turn. The clients the storm drops are
-played by a load generator of their own per tenant (`--storm-apart`, the default): on the
-clients' machines a reconnecting client does not share an event loop with the readers that
-stay, and here the storm's client-side work (5,000 connects at once) would otherwise hold
-up every reader sharing its generator's loop and land in every lag that loop takes. Every
-reader checks every seq of its stream (losses and duplicates must be 0) and times each
-event's delivery lag (receipt minus the event's `ts`, on the machine's one clock). An
+played by load generators of their own (`--storm-apart`, the default; `--storm-procs` per
+tenant): on the clients' machines a reconnecting client does not share an event loop with
+the readers that stay, and here the storm's client-side work (5,000 connects at once)
+would otherwise hold up every reader sharing its generator's loop. Every reader checks
+every seq of its stream (losses and duplicates must be 0) and times each event's delivery
+lag: the event's `ts` to when its bytes reached the reader's socket (the kernel's receive
+stamp, on the machine's one clock: a client on its own device does not wait for a load
+generator's loop that shares 2 cores with the servers), and beside it the same lag as
+the generator read the event, its loop's lateness included. An
 event published while its reader was cut off (stamped before the handshake of the resumed
 connection began: `away_lag`) or while its resume was being let in (after that, before its
 `welcome`: `rejoining_lag`) reaches it through the resume, and that lag is the
@@ -77,9 +80,12 @@ from bench.common import (
 TARGET_P99_MS = 250.0
 TARGET_P999_MS = 1000.0
 STORM_WINDOW_S = 30.0  # the storm's figures: from the drops on, this long
-PROFILE_S = 15.0  # --profile: the storm's first seconds
+# --profile: py-spy starts this long before the drops (its own start-up is not in the
+# storm) and stops with the storm's window.
+PROFILE_LEAD_S = 10.0
 LATENCIES = (
     "event_lag",
+    "event_lag_read",
     "away_lag",
     "rejoining_lag",
     "reply",
@@ -122,9 +128,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--storm-apart",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="the clients the storm drops are played by load generators of their own (one"
-        " per tenant, beside --client-procs), as they would be on other machines: the"
-        " storm's client-side work then does not delay the readers that stay connected",
+        help="the clients the storm drops are played by load generators of their own"
+        " (--storm-procs per tenant, beside --client-procs), as they would be on other"
+        " machines: the storm's client-side work then does not delay the readers that stay"
+        " connected",
+    )
+    parser.add_argument(
+        "--storm-procs",
+        type=int,
+        default=1,
+        help="with --storm-apart, load generators per tenant for the clients the storm drops",
     )
     parser.add_argument("--model-seconds", type=float, default=5.0, help="model time per reply")
     parser.add_argument("--pieces", type=int, default=10, help="pieces (deltas) per reply")
@@ -143,12 +156,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile",
         action="store_true",
         help="py-spy the gateways, the worker and the load generators over the storm's"
-        f" first {PROFILE_S:g} s (where the time goes)",
+        f" {STORM_WINDOW_S:g} s, from {PROFILE_LEAD_S:g} s before it (where the time goes)",
     )
     args = parser.parse_args(argv)
     if args.client_procs <= 0:
         per_tenant = max(1, round(args.clients / 12_500 / args.tenants))
         args.client_procs = per_tenant * args.tenants
+    if args.storm_procs < 1:
+        parser.error("--storm-procs must be 1 or more")
     if args.client_procs % args.tenants:
         parser.error("--client-procs must be a multiple of --tenants")
     if args.streams % args.tenants or args.clients % args.tenants:
@@ -256,14 +271,18 @@ def generator_parts(
     args: argparse.Namespace, tenant_index: int, procs_per_tenant: int
 ) -> list[tuple[str, str, str]]:
     """(name, --part, --shard) of one tenant's load generators: its shards of the clients,
-    and with --storm-apart the clients the storm drops in a generator of their own."""
+    and with --storm-apart the clients the storm drops in --storm-procs generators of their own."""
     first = tenant_index * procs_per_tenant
     part = "steady" if args.storm_apart else "all"
     parts = [
         (f"loadgen-{first + k}", part, f"{k}/{procs_per_tenant}") for k in range(procs_per_tenant)
     ]
     if args.storm_apart:
-        parts.append((f"loadgen-storm-{tenant_index}", "reconnecting", "0/1"))
+        procs = args.storm_procs
+        parts += [
+            (f"loadgen-storm-{tenant_index}-{k}", "reconnecting", f"{k}/{procs}")
+            for k in range(procs)
+        ]
     return parts
 
 
@@ -367,18 +386,20 @@ def run(env: BenchEnv, args: argparse.Namespace) -> dict[str, Any]:
         window = ProcessSampler(procs, interval_s=0.5).start()
         psutil.cpu_percent()  # the machine's busy share from here
         lag_at_night_start = scrape_gateway_histograms(cluster)
+        profiler = None
+        if args.profile:
+            _sleep_until(storm_at - PROFILE_LEAD_S)
+            spied = {name: pid for name, pid in procs.items() if not name.startswith("redis")}
+            profiler = Profiler(spied, env.log_root / "night").start()
         _sleep_until(storm_at - 1)
         lag_before_storm = scrape_gateway_histograms(cluster)
         storm = ProcessSampler(procs, interval_s=0.5).start()
-        profile = None
-        if args.profile:
-            spied = {name: pid for name, pid in procs.items() if not name.startswith("redis")}
-            profiler = Profiler(spied, env.log_root / "night").start()
-            _sleep_until(storm_at + PROFILE_S)
-            profile = profiler.stop()
+        machine_at_storm = psutil.cpu_times()
         _sleep_until(storm_at + STORM_WINDOW_S)
         lag_after_storm = scrape_gateway_histograms(cluster)
         storm_report = storm.stop()
+        machine_in_storm = machine_share(machine_at_storm, psutil.cpu_times())
+        profile = profiler.stop() if profiler is not None else None
         _sleep_until(night_end)
         machine_busy = psutil.cpu_percent()
         load_in_window = os.getloadavg()
@@ -412,6 +433,7 @@ def run(env: BenchEnv, args: argparse.Namespace) -> dict[str, Any]:
             "at_end_of_sends": [round(x, 2) for x in load_in_window],
         },
         "machine_busy_pct_during_sends": machine_busy,
+        "machine_storm": machine_in_storm,
         "processes_whole_run": whole_report,
         "processes_during_sends": window_report,
         "processes_storm": storm_report,
@@ -432,11 +454,29 @@ def run(env: BenchEnv, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def machine_share(before: Any, after: Any) -> dict[str, float]:
+    """The machine's CPU between two `psutil.cpu_times()`, in percent of all its cores:
+    busy (what ran: the processes reported and any other), and stolen (what the host of a
+    virtual machine gave to others; counted apart, as /proc/stat does)."""
+    spent = {field: getattr(after, field) - getattr(before, field) for field in after._fields}
+    total = sum(spent.values()) or 1.0
+    idle = spent.get("idle", 0.0) + spent.get("iowait", 0.0)
+    steal = spent.get("steal", 0.0)
+    # guest time is counted in user time as well: not twice.
+    doubled = spent.get("guest", 0.0) + spent.get("guest_nice", 0.0)
+    total -= doubled
+    return {
+        "busy_pct": round(100 * (total - idle - steal) / total, 1),
+        "steal_pct": round(100 * steal / total, 1),
+    }
+
+
 def storm_by_part(outputs: list[Path], storm_from: float) -> dict[str, Any]:
     """The storm's delivery lag as the steady readers' generators took it and as the
-    reconnecting clients' generators did (their deliveries once resumed), each beside its
-    generators' own loop lateness: a reconnecting generator replays thousands of resumes in
-    those seconds, and its loop's lateness is in every lag it takes."""
+    reconnecting clients' generators did (their deliveries once resumed), at the socket and
+    as read, beside the generators' own loop lateness: a reconnecting generator replays
+    thousands of resumes in those seconds, and its loop's lateness is in every lag it
+    reads."""
     parts: dict[str, list[Path]] = {"steady": [], "reconnecting": []}
     for path in outputs:
         if path.exists():
@@ -449,6 +489,7 @@ def storm_by_part(outputs: list[Path], storm_from: float) -> dict[str, Any]:
         raw = merge_raw(paths)
         found[part] = {
             "event_lag": _latency(raw.get("event_lag", []), storm_from, storm_to),
+            "event_lag_read": _latency(raw.get("event_lag_read", []), storm_from, storm_to),
             "loop_lag": _latency(raw.get("loop_lag", []), storm_from, storm_to),
         }
     return found
@@ -489,6 +530,9 @@ def summarise(m: dict[str, Any], storm_from: float, args: argparse.Namespace) ->
     latency = {name: _latency(m.get(name, [])) for name in LATENCIES}
     latency["event_lag_before_storm"] = _latency(lag, 0, storm_from)
     latency["event_lag_storm"] = _latency(lag, storm_from, storm_to)
+    lag_read = m.get("event_lag_read", [])
+    latency["event_lag_read_before_storm"] = _latency(lag_read, 0, storm_from)
+    latency["event_lag_read_storm"] = _latency(lag_read, storm_from, storm_to)
     latency["away_lag_storm"] = _latency(m.get("away_lag", []), storm_from, storm_to)
     latency["rejoining_lag_storm"] = _latency(m.get("rejoining_lag", []), storm_from, storm_to)
     # Every delivery, whatever its reader was doing: what a target on all of them would see.
@@ -573,9 +617,12 @@ def print_result(result: dict[str, Any]) -> None:
         f" (sends from +{result['sends_from_s']:g} s); generators stopped before their"
         f" end: {result['generators_interrupted']}"
     )
-    print(_line("delivery lag (event ts -> reader)", latency["event_lag"]))
+    print(_line("delivery lag (event ts -> the reader's socket)", latency["event_lag"]))
     print(_line("  before the storm", latency["event_lag_before_storm"]))
     print(_line(f"  storm ({STORM_WINDOW_S:g} s from the drops)", latency["event_lag_storm"]))
+    print(_line("  the same, as the generators read them", latency["event_lag_read"]))
+    print(_line("    before the storm", latency["event_lag_read_before_storm"]))
+    print(_line("    storm", latency["event_lag_read_storm"]))
     print(_line("published while the reader was cut off, got on resume", latency["away_lag"]))
     print(_line(f"  storm ({STORM_WINDOW_S:g} s from the drops)", latency["away_lag_storm"]))
     print(_line("published while the reader's resume was let in", latency["rejoining_lag"]))
@@ -591,6 +638,7 @@ def print_result(result: dict[str, Any]) -> None:
         )
     for part, figures in latency.get("storm_by_generator_part", {}).items():
         print(_line(f"  storm, {part} readers' generators", figures["event_lag"]))
+        print(_line("    as they read them", figures["event_lag_read"]))
         print(_line("    their own loop lateness", figures["loop_lag"]))
     for label, key in (("before the storm", "before_storm"), ("storm", "storm")):
         turns = result["gateway_long_turns_ms"][key]
@@ -625,7 +673,9 @@ def print_result(result: dict[str, Any]) -> None:
     )
     print(
         f"  machine: load average {result['load_average']}, busy"
-        f" {result['machine_busy_pct_during_sends']}% during the sends"
+        f" {result['machine_busy_pct_during_sends']}% during the sends; in the storm's"
+        f" {STORM_WINDOW_S:g} s busy {result['machine_storm']['busy_pct']}%, stolen by the"
+        f" host {result['machine_storm']['steal_pct']}%"
     )
     print("  processes during the sends (peak RSS over the whole run below):")
     for line in describe_processes(result["processes_during_sends"]):
@@ -637,7 +687,10 @@ def print_result(result: dict[str, Any]) -> None:
     for line in describe_processes(result["processes_whole_run"]):
         print("  " + line)
     if result.get("profile"):
-        print(f"  where the time goes in the storm's first {PROFILE_S:g} s (py-spy):")
+        print(
+            f"  where the time goes from {PROFILE_LEAD_S:g} s before the storm to its"
+            f" {STORM_WINDOW_S:g} s's end (py-spy):"
+        )
         for line in describe_profile(result["profile"], top=10):
             print("  " + line)
 

@@ -16,10 +16,12 @@ With `check_seqs` (the seed-night scenario) it also checks and times what every 
 gets: each stream event's `seq` must follow the last one this connection processed on
 that stream (a gap counts as lost events, a repeat as a duplicate; a resume sends the
 last seqs as its `positions`); its delivery lag is its receipt minus its `ts` (the
-server's clock, the same machine's); and a connection dropped and resumed is caught up
-once its `pong` is in and it holds every stream's head as its process had seen it at the
-drop (reconnect-to-caught-up time). At its close, events of its streams it never got
-up to the head its process saw are counted as lost too.
+server's clock, the same machine's), receipt being when its bytes reached this machine's
+socket (loadtest/wire.py), and also taken as this process read it; and a connection
+dropped and resumed is caught up once its `pong` is in and it holds every stream's head
+as its process had seen it at the drop (reconnect-to-caught-up time). At its close,
+events of its streams it never got up to the head its process saw are counted as lost
+too.
 
 A connection holds a `send` back while it has as many runs without their `reply.done` as
 the server allows per connection (the welcome's `max_runs_in_flight_per_connection`, or
@@ -167,6 +169,8 @@ class _Connection:
         # had no connection; one between the two, while it was being let back in.
         self.connecting_since = 0.0
         self.welcomed_at = 0.0
+        # When the bytes of the message being read reached this machine's socket.
+        self.received_at = 0.0
         self.client = plan.client
         self.ws: WireConnection | None = None
         self.session: str | None = None
@@ -370,8 +374,10 @@ class _Connection:
 
     # --- receiving -------------------------------------------------------------------
 
-    def _on_message(self, payload: bytes) -> None:
-        """Each message, as the connection parses it (loadtest/wire.py)."""
+    def _on_message(self, payload: bytes, received_at: float) -> None:
+        """Each message, as the connection parses it, with its read's receive stamp
+        (loadtest/wire.py)."""
+        self.received_at = received_at
         try:
             self._on_frame(orjson.loads(payload))
         except Exception:
@@ -517,7 +523,10 @@ class _Connection:
             # from what readers that were connected got.
             # `ts` has millisecond resolution: only a stamp a whole millisecond before the
             # moment counts as before it, so no live delivery is taken for a resume's.
-            sample = (self.engine.now(), (time.time() - sent) * 1000)
+            # The lag to this machine's socket (the read's receive stamp); the live ones
+            # also as this process read them, its own loop's lateness included.
+            now = self.engine.now()
+            sample = (now, (self.received_at - sent) * 1000)
             stamped = sent + 0.001
             if stamped < self.connecting_since:
                 m.away_lag.append(sample)
@@ -525,6 +534,7 @@ class _Connection:
                 m.rejoining_lag.append(sample)
             else:
                 m.event_lag.append(sample)
+                m.event_lag_read.append((now, (time.time() - sent) * 1000))
         if targets is not None:
             self._check_caught_up()
         return True

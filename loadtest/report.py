@@ -51,7 +51,9 @@ class Measurements:
     unanswered_replies: int = 0
     # With the engine's check_seqs: each stream event's receipt minus its ts, resumed
     # connections' drop -> caught up, seq gaps and repeats per stream per connection.
-    event_lag: list[Sample] = field(default_factory=list)
+    event_lag: list[Sample] = field(default_factory=list)  # receipt at the socket
+    # The same deliveries as this process read them: its own loop's lateness added.
+    event_lag_read: list[Sample] = field(default_factory=list)
     # Events published while their reader was cut off, and while its resume was being let
     # in (handshake begun, welcome not yet received): both reach it through the resume.
     away_lag: list[Sample] = field(default_factory=list)
@@ -154,6 +156,7 @@ def build_report(m: Measurements, meta: dict[str, Any]) -> dict[str, Any]:
         report["latency_ms"]["connect"] = summarize([v for _, v in m.connect])
     if m.event_lag:
         report["latency_ms"]["event_lag"] = summarize([v for _, v in m.event_lag])
+        report["latency_ms"]["event_lag_read"] = summarize([v for _, v in m.event_lag_read])
     if m.away_lag:
         report["latency_ms"]["away_lag"] = summarize([v for _, v in m.away_lag])
     if m.rejoining_lag:
@@ -236,6 +239,7 @@ def raw_samples(m: Measurements) -> dict[str, Any]:
         "connect",
         "lag",
         "event_lag",
+        "event_lag_read",
         "away_lag",
         "rejoining_lag",
         "caught_up",

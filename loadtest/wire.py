@@ -10,15 +10,27 @@ directly. It speaks only what a client of the gateway needs (RFC 6455): the upgr
 handshake, unmasked server frames (text, binary, continuation, close, ping), masked client
 frames; no extensions (the gateway's handshake answer is not checked for them, nor its
 Sec-WebSocket-Accept: this is a load generator on a trusted loopback).
+
+Each message comes with the moment its bytes reached this machine's socket (the kernel's
+receive stamp of the read that carried it, SO_TIMESTAMP, on Linux), not the moment this
+process got round to reading them: a load generator's loop runs late when it shares the
+cores with the servers (thousands of reconnects at once), and a client on its own device
+would not have waited for it. Where the stamp is not available, the read's own time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import os
+import socket
 import ssl
+import struct
+import sys
+import time
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from websockets.utils import apply_mask  # C speedups where built
@@ -27,6 +39,41 @@ MAX_HANDSHAKE_BYTES = 64 * 1024
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 NO_STATUS = 1005  # a close frame without a code
 ABNORMAL = 1006  # the connection ended without a close frame
+
+
+# SO_TIMESTAMP (= SCM_TIMESTAMP) as Linux numbers it; a struct timeval comes with each read.
+SO_TIMESTAMP = 29 if sys.platform.startswith("linux") else None
+_TIMEVAL = struct.Struct("@ll")
+_STAMP_SPACE = socket.CMSG_SPACE(_TIMEVAL.size)
+
+
+class StampedSocket(socket.socket):
+    """A TCP socket whose reads keep the kernel's receive stamp of their last segment
+    (`received_at`, epoch seconds): asyncio's transport reads through `recv`/`recv_into`,
+    so the protocol finds the stamp of the bytes it is handed here."""
+
+    received_at = 0.0
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        data, ancillary, _, _ = self.recvmsg(size, _STAMP_SPACE, flags)
+        self._keep_stamp(ancillary)
+        return data
+
+    def recv_into(self, buffer: Any, size: int = 0, flags: int = 0) -> int:
+        view = memoryview(buffer)
+        count, ancillary, _, _ = self.recvmsg_into(
+            [view[:size] if size else view], _STAMP_SPACE, flags
+        )
+        self._keep_stamp(ancillary)
+        return count
+
+    def _keep_stamp(self, ancillary: list[tuple[int, int, bytes]]) -> None:
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMP and len(data) >= _TIMEVAL.size:
+                seconds, micros = _TIMEVAL.unpack_from(data)
+                self.received_at = seconds + micros / 1e6
+                return
+        self.received_at = time.time()
 
 
 class HandshakeRefused(Exception):
@@ -40,11 +87,14 @@ class HandshakeRefused(Exception):
 class WireConnection(asyncio.Protocol):
     def __init__(
         self,
-        on_message: Callable[[bytes], None],
+        on_message: Callable[[bytes, float], None],
         on_close: Callable[[WireConnection], None] | None = None,
+        stamps: StampedSocket | None = None,
     ) -> None:
         self.on_message = on_message
         self.on_close = on_close
+        self._stamps = stamps
+        self.received_at = 0.0  # the current read's receive stamp (epoch seconds)
         self.transport: asyncio.Transport | None = None
         self.close_code: int | None = None
         loop = asyncio.get_running_loop()
@@ -61,6 +111,8 @@ class WireConnection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        stamps = self._stamps
+        self.received_at = stamps.received_at if stamps is not None else time.time()
         self._buffer += data
         if not self.handshake.done():
             end = self._buffer.find(b"\r\n\r\n")
@@ -132,7 +184,7 @@ class WireConnection(asyncio.Protocol):
     def _frame(self, fin: int, opcode: int, payload: bytes) -> None:
         if opcode in (OP_TEXT, OP_BINARY):
             if fin:
-                self.on_message(payload)
+                self.on_message(payload, self.received_at)
             else:
                 self._fragments = [payload]
         elif opcode == OP_CONTINUATION:
@@ -141,7 +193,7 @@ class WireConnection(asyncio.Protocol):
             self._fragments.append(payload)
             if fin:
                 message, self._fragments = b"".join(self._fragments), None
-                self.on_message(message)
+                self.on_message(message, self.received_at)
         elif opcode == OP_CLOSE:
             self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else NO_STATUS
             if not self._close_sent:
@@ -207,14 +259,15 @@ class WireConnection(asyncio.Protocol):
 
 async def connect(
     url: str,
-    on_message: Callable[[bytes], None],
+    on_message: Callable[[bytes, float], None],
     on_close: Callable[[WireConnection], None] | None = None,
     timeout: float = 10.0,
 ) -> WireConnection:
     """Open `url` (ws:// or wss://HOST:PORT/PATH?QUERY) and finish the upgrade: HandshakeRefused
     for an HTTP answer, OSError or TimeoutError for a socket that does not get there.
-    `on_message(payload)` gets each message, from the first after the upgrade on (the
-    same read may carry it); `on_close(connection)` is called once the socket is gone."""
+    `on_message(payload, received_at)` gets each message, from the first after the upgrade
+    on (the same read may carry it), with its read's receive stamp (module doc);
+    `on_close(connection)` is called once the socket is gone."""
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss"):
         raise ValueError(f"a ws:// or wss:// URL, not {url!r}")
@@ -229,12 +282,18 @@ async def connect(
     ).encode()
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
-        transport, protocol = await loop.create_connection(
-            lambda: WireConnection(on_message, on_close),
-            host,
-            port,
-            ssl=ssl.create_default_context() if secure else None,
-        )
+        sock = await _open_socket(loop, host, port)
+        stamps = sock if isinstance(sock, StampedSocket) else None
+        try:
+            transport, protocol = await loop.create_connection(
+                lambda: WireConnection(on_message, on_close, stamps),
+                sock=sock,
+                ssl=ssl.create_default_context() if secure else None,
+                server_hostname=host if secure else None,
+            )
+        except BaseException:
+            sock.close()
+            raise
         try:
             transport.write(request)
             await protocol.handshake
@@ -242,3 +301,34 @@ async def connect(
             transport.abort()
             raise
     return protocol
+
+
+async def _open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    """A connected non-blocking TCP socket to host:port, stamping its reads where the
+    platform can (the first address that answers, as create_connection would)."""
+    try:  # an address as it is: no resolver thread for each of a storm's thousands
+        literal = ipaddress.ip_address(host)
+        family = socket.AF_INET6 if literal.version == 6 else socket.AF_INET
+        addresses = [(family, socket.SOCK_STREAM, 0, "", (host, port))]
+    except ValueError:
+        addresses = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError | None = None
+    for family, kind, proto, _, address in addresses:
+        sock: socket.socket = (
+            StampedSocket(family, kind, proto)
+            if SO_TIMESTAMP
+            else socket.socket(family, kind, proto)
+        )
+        try:
+            sock.setblocking(False)
+            if SO_TIMESTAMP:
+                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
+            await loop.sock_connect(sock, address)
+            return sock
+        except OSError as failed:
+            sock.close()
+            error = failed
+        except BaseException:
+            sock.close()
+            raise
+    raise error or OSError(f"no address for {host}:{port}")

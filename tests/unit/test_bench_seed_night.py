@@ -4,6 +4,7 @@ histogram between scrapes."""
 from __future__ import annotations
 
 import json
+from collections import namedtuple
 from pathlib import Path
 
 from bench.seed_night import (
@@ -12,6 +13,7 @@ from bench.seed_night import (
     bucket_quantiles,
     generator_parts,
     histogram_between,
+    machine_share,
     parse_args,
     storm_by_part,
 )
@@ -37,7 +39,12 @@ def test_the_storms_clients_get_load_generators_of_their_own() -> None:
     assert generator_parts(args, 1, 2) == [
         ("loadgen-2", "steady", "0/2"),
         ("loadgen-3", "steady", "1/2"),
-        ("loadgen-storm-1", "reconnecting", "0/1"),
+        ("loadgen-storm-1-0", "reconnecting", "0/1"),
+    ]
+    split = parse_args(["--clients", "50000", "--storm-procs", "2"])
+    assert generator_parts(split, 0, 2)[2:] == [
+        ("loadgen-storm-0-0", "reconnecting", "0/2"),
+        ("loadgen-storm-0-1", "reconnecting", "1/2"),
     ]
     together = parse_args(["--clients", "50000", "--no-storm-apart"])
     assert generator_parts(together, 1, 2) == [
@@ -68,6 +75,8 @@ def test_the_storms_lag_is_told_apart_by_the_generator_that_took_it(tmp_path: Pa
         path = tmp_path / f"{name}-raw.json"
         samples = {
             "event_lag": [[storm_from + 1 + i, v] for i, v in enumerate(lags)],
+            # As read: the loop's lateness added to each.
+            "event_lag_read": [[storm_from + 1 + i, v + max(late)] for i, v in enumerate(lags)],
             "loop_lag": [[storm_from + 1 + i, v] for i, v in enumerate(late)],
         }
         path.write_text(json.dumps(samples))
@@ -76,11 +85,20 @@ def test_the_storms_lag_is_told_apart_by_the_generator_that_took_it(tmp_path: Pa
     outputs = [
         raw("loadgen-0", [5.0, 6.0], [1.0]),
         raw("loadgen-1", [7.0], [1.0]),
-        raw("loadgen-storm-0", [900.0], [800.0]),
+        raw("loadgen-storm-0-0", [90.0], [800.0]),
         tmp_path / "loadgen-2-raw.json",  # a generator that wrote nothing
     ]
     found = storm_by_part(outputs, storm_from)
     assert found["steady"]["event_lag"]["count"] == 3
     assert found["steady"]["event_lag"]["max"] == 7.0
-    assert found["reconnecting"]["event_lag"]["max"] == 900.0
+    assert found["reconnecting"]["event_lag"]["max"] == 90.0
+    assert found["reconnecting"]["event_lag_read"]["max"] == 890.0
     assert found["reconnecting"]["loop_lag"]["max"] == 800.0
+
+
+def test_the_machines_share_in_the_storm_counts_stolen_time_apart() -> None:
+    times = namedtuple("times", "user nice system idle iowait irq softirq steal guest guest_nice")
+    before = times(100, 0, 50, 1000, 10, 0, 5, 20, 0, 0)
+    # 200 s of the cores: 90 running, 80 idle, 10 waiting on disks, 20 stolen.
+    after = times(160, 0, 70, 1080, 20, 0, 15, 40, 0, 0)
+    assert machine_share(before, after) == {"busy_pct": 45.0, "steal_pct": 10.0}

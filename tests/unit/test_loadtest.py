@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -615,7 +619,9 @@ def test_wire_client_reads_every_frame_shape_answers_pings_and_keeps_the_close_c
             port = server.sockets[0].getsockname()[1]
             closed = asyncio.Event()
             conn = await connect(
-                f"ws://127.0.0.1:{port}/ws/v1/?token=t", got.append, lambda _: closed.set()
+                f"ws://127.0.0.1:{port}/ws/v1/?token=t",
+                lambda payload, _: got.append(payload),
+                lambda _: closed.set(),
             )
             while len(got) < 5:
                 await asyncio.sleep(0.01)
@@ -639,8 +645,58 @@ def test_wire_client_reports_a_refused_handshake() -> None:
     async def play() -> None:
         async with serve(lambda ws: ws.close(), "127.0.0.1", 0, process_request=refuse) as server:
             port = server.sockets[0].getsockname()[1]
-            await connect(f"ws://127.0.0.1:{port}/", lambda _: None)
+            await connect(f"ws://127.0.0.1:{port}/", lambda _, __: None)
 
     with pytest.raises(HandshakeRefused) as refused:
         asyncio.run(play())
     assert refused.value.status == 403
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_TIMESTAMP as Linux has it")
+def test_wire_client_stamps_a_message_when_it_reached_the_socket_not_when_it_was_read() -> None:
+    """A load generator's loop that is late must not add its lateness to the lag: the
+    message's stamp is the kernel's, taken while this loop could not read."""
+    from loadtest.wire import connect
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    go, sent = threading.Event(), threading.Event()
+    sent_at: list[float] = []
+
+    def gateway() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+            go.wait(5)
+            sent_at.append(time.time())
+            conn.sendall(b"\x81\x04late")
+            sent.set()
+            conn.recv(1)  # until the client goes
+
+    server = threading.Thread(target=gateway, daemon=True)
+    server.start()
+    got: list[tuple[bytes, float]] = []
+
+    async def play() -> float:
+        arrived = asyncio.Event()
+
+        def on_message(payload: bytes, received_at: float) -> None:
+            got.append((payload, received_at))
+            arrived.set()
+
+        conn = await connect(f"ws://127.0.0.1:{port}/", on_message)
+        go.set()
+        assert sent.wait(5)  # the loop is held: the bytes wait in the socket
+        held_until = time.time()
+        await asyncio.wait_for(arrived.wait(), 5)
+        conn.abort()
+        return held_until
+
+    held_until = asyncio.run(play())
+    server.join(5)
+    listener.close()
+    assert [payload for payload, _ in got] == [b"late"]
+    assert sent_at[0] - 0.001 <= got[0][1] <= held_until
