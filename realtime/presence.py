@@ -165,8 +165,12 @@ class PresenceStore:
         self.client = client
         self.gateway_id = gateway_id
         self.ttl_ms = max(1, round(ttl_s * 1000))
-        # Joins, which a reconnect storm's resumed subscriptions make by the thousand.
-        self._joins: Batches[scripts.PresenceJoin, bool] = Batches(self._join_batch)
+        # Joins, which a reconnect storm's resumed subscriptions make by the thousand, and
+        # leaves, which a mass close makes by the ten thousand (a script call each held a
+        # pool place of its own: a gateway closing 12,500 sockets at once waited past
+        # REDIS_POOL_WAIT_S for places and left thousands of members to expire as ghosts).
+        self._joins: Batches[scripts.PresenceJoin, bool] = Batches(self._pipelined)
+        self._leaves: Batches[scripts.PresenceLeave, bool] = Batches(self._pipelined)
 
     @staticmethod
     def _stream(tenant: str, stream: str) -> scripts.PresenceStream:
@@ -199,17 +203,20 @@ class PresenceStore:
         )
         return await self._joins.submit(call)
 
-    async def _join_batch(self, calls: list[scripts.PresenceJoin]) -> list[bool | BaseException]:
-        """The joins that arrived together, in one pipeline."""
-        results = await scripts.run_pipelined_async(self.client, calls)
-        return [r if isinstance(r, BaseException) else bool(r) for r in results]
-
     async def leave(self, tenant: str, stream: str, client: str) -> bool:
         """Remove this gateway's member; True when the client left (announced)."""
-        announced = await scripts.PresenceLeave(
+        call = scripts.PresenceLeave(
             stream=self._stream(tenant, stream), gateway=self.gateway_id, client=client
-        ).run_async(self.client)
-        return bool(announced)
+        )
+        return await self._leaves.submit(call)
+
+    async def _pipelined(
+        self, calls: list[scripts.PresenceJoin] | list[scripts.PresenceLeave]
+    ) -> list[bool | BaseException]:
+        """The joins (or leaves) that arrived together, in one pipeline: each True when it
+        is announced."""
+        results = await scripts.run_pipelined_async(self.client, calls)
+        return [r if isinstance(r, BaseException) else bool(r) for r in results]
 
     async def refresh(self, streams: Iterable[tuple[str, str, list[str]]]) -> list[EntryKey]:
         """Extend this gateway's members of each (tenant, stream, clients); returns the

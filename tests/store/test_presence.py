@@ -162,6 +162,26 @@ async def test_joins_made_together_go_in_one_pipeline_each_with_its_own_answer(
     assert names(await g1.clients(TENANT, ROOM)) == ["alice", "bob"]
 
 
+async def test_leaves_made_together_go_in_one_pipeline_each_with_its_own_answer(
+    client: aredis.Redis, r: redis.Redis
+) -> None:
+    """A mass close (a load balancer's restart) leaves by the ten thousand: one pipeline,
+    one pool place, not one each."""
+    g1 = PresenceStore(client, "g1", 30)
+    g2 = PresenceStore(client, "g2", 30)  # alice is on another gateway too
+    for store, member in ((g1, "alice"), (g1, "bob"), (g2, "alice"), (g1, "carol")):
+        await store.join(TENANT, ROOM, member, "")
+    pipelines = count_pipelines(client)
+    answers = await asyncio.gather(
+        g1.leave(TENANT, ROOM, "alice"),
+        g1.leave(TENANT, ROOM, "bob"),
+        g1.leave(TENANT, ROOM, "nobody"),
+    )
+    assert answers == [False, True, False]  # alice stays (g2); nobody was never there
+    assert len(pipelines) == 1
+    assert names(await g1.clients(TENANT, ROOM)) == ["alice", "carol"]
+
+
 async def test_tracker_one_client_with_two_connections_is_one_entry(
     client: aredis.Redis, r: redis.Redis, listen: Callable[..., Awaitable[Channel]]
 ) -> None:
