@@ -28,6 +28,7 @@ from urllib.parse import parse_qs
 
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
+from redis.exceptions import RedisError
 
 from agents import UnknownAgent, get_agent
 from ops import logcontext, metrics
@@ -700,8 +701,17 @@ class GatewayConsumer(AsyncWebsocketConsumer):
             return None
         self._session_ended = True
         changed, gone = position_changes(self._saved_positions, self._delivered_positions())
-        task = asyncio.get_running_loop().create_task(
-            session_store().save(
+        task = asyncio.get_running_loop().create_task(self._save_last_positions(changed, gone))
+        self.node.lifecycle.track(task)
+        return task
+
+    async def _save_last_positions(self, changed: dict[str, int], gone: list[str]) -> None:
+        """The session's last save; a failure is logged here, once: after a disconnect no
+        one awaits this task (a gateway closing thousands of sockets at once can wait past
+        REDIS_POOL_WAIT_S for its pool). A resume then starts from the last checkpoint, or
+        from the positions the client sends."""
+        try:
+            await session_store().save(
                 self.identity.tenant,
                 self.session_id,
                 self.identity.client,
@@ -709,9 +719,21 @@ class GatewayConsumer(AsyncWebsocketConsumer):
                 gone,
                 conf().session_ttl_s,
             )
-        )
-        self.node.lifecycle.track(task)
-        return task
+        except RedisError as error:
+            logger.warning(
+                "session's last positions not saved tenant=%s conn=%s session=%s: %s",
+                self.identity.tenant,
+                self.connection_id,
+                self.session_id,
+                error,
+            )
+        except Exception:
+            logger.exception(
+                "session's last positions not saved tenant=%s conn=%s session=%s",
+                self.identity.tenant,
+                self.connection_id,
+                self.session_id,
+            )
 
     # --- subscriptions -----------------------------------------------------------------
 

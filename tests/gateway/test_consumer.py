@@ -4,6 +4,8 @@ publish, resume with positions, bad frames, unsubscribe (see docs/protocol.md)."
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 
 import pytest
 
@@ -14,7 +16,7 @@ from realtime.protocol import Publish
 from realtime.subscription import CATCH_UP_PAGE
 from tenants.tokens import issue_token
 
-from .conftest import TENANT, WAIT_S, Connect, Socket
+from .conftest import TENANT, WAIT_S, Connect, Socket, wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="package")
 
@@ -251,3 +253,40 @@ async def test_a_frame_that_finds_every_redis_connection_busy_is_refused_overloa
     assert refused["retry_after_ms"] > 0
     # Not applied: sent again once Redis has room, it is the first event of the stream.
     assert await publish(alice, "room", "p1", {}) == 1
+
+
+async def test_a_last_save_that_finds_every_redis_connection_busy_is_one_warning(
+    connect: Connect, node: GatewayNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway closing thousands of sockets at once can wait past its pool's limit for
+    their sessions' last saves. Each failure is a warning naming the session, not a task
+    whose exception no one retrieves (asyncio's "never retrieved" error, a traceback each)."""
+    alice = await connect("alice")
+    session = (await alice.next_of("welcome"))["session"]
+    await alice.send({"type": "subscribe", "stream": "room"})
+    await alice.next_of("subscribed")
+    pool = node.streams.client.connection_pool
+    saved = pool.max_connections, pool.timeout
+    taken = [await pool.get_connection()]
+    while pool._available_connections:  # every pooled connection busy, and no room for more
+        taken.append(await pool.get_connection())
+    pool.max_connections, pool.timeout = len(pool._in_use_connections), 0.2
+    caplog.set_level(logging.WARNING)
+
+    def not_saved() -> list[str]:
+        return [
+            record.getMessage()
+            for record in caplog.records
+            if "last positions not saved" in record.getMessage()
+        ]
+
+    try:
+        await alice.communicator.disconnect(timeout=WAIT_S)
+        await wait_until(lambda: bool(not_saved()))
+    finally:
+        pool.max_connections, pool.timeout = saved
+        for connection in taken:
+            await pool.release(connection)
+    gc.collect()  # a task left with its exception is reported when it is collected
+    assert len(not_saved()) == 1 and f"session={session}" in not_saved()[0]
+    assert not [record for record in caplog.records if "never retrieved" in record.getMessage()]
