@@ -4,8 +4,10 @@ publish, resume with positions, bad frames, unsubscribe (see docs/protocol.md)."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -231,24 +233,34 @@ async def test_handshakes_wait_their_turn_and_a_full_line_is_closed_1012_at_once
     assert (await again.next_of("welcome"))["client"] == "bob"
 
 
+@contextlib.asynccontextmanager
+async def every_redis_connection_busy(
+    node: GatewayNode, wait_s: float = 0.2
+) -> AsyncIterator[None]:
+    """Every connection of the gateway's pool taken and no room for more: a command waits
+    `wait_s` for one, then fails as a pool at its limit does."""
+    pool = node.streams.client.connection_pool
+    saved = pool.max_connections, pool.timeout
+    taken = [await pool.get_connection()]
+    while pool._available_connections:
+        taken.append(await pool.get_connection())
+    pool.max_connections, pool.timeout = len(pool._in_use_connections), wait_s
+    try:
+        yield
+    finally:
+        pool.max_connections, pool.timeout = saved
+        for connection in taken:
+            await pool.release(connection)
+
+
 async def test_a_frame_that_finds_every_redis_connection_busy_is_refused_overloaded(
     connect: Connect, node: GatewayNode
 ) -> None:
     alice = await connect("alice")
     await alice.next_of("welcome")
-    pool = node.streams.client.connection_pool
-    saved = pool.max_connections, pool.timeout
-    taken = [await pool.get_connection()]
-    while pool._available_connections:  # every pooled connection busy, and no room for more
-        taken.append(await pool.get_connection())
-    pool.max_connections, pool.timeout = len(pool._in_use_connections), 0.2
-    try:
+    async with every_redis_connection_busy(node):
         await alice.send({"type": "publish", "id": "p1", "stream": "room", "data": {}})
         refused = await alice.next_of("error")
-    finally:
-        pool.max_connections, pool.timeout = saved
-        for connection in taken:
-            await pool.release(connection)
     assert (refused["id"], refused["code"], refused["status"]) == ("p1", "overloaded", 429)
     assert refused["retry_after_ms"] > 0
     # Not applied: sent again once Redis has room, it is the first event of the stream.
@@ -265,12 +277,6 @@ async def test_a_last_save_that_finds_every_redis_connection_busy_is_one_warning
     session = (await alice.next_of("welcome"))["session"]
     await alice.send({"type": "subscribe", "stream": "room"})
     await alice.next_of("subscribed")
-    pool = node.streams.client.connection_pool
-    saved = pool.max_connections, pool.timeout
-    taken = [await pool.get_connection()]
-    while pool._available_connections:  # every pooled connection busy, and no room for more
-        taken.append(await pool.get_connection())
-    pool.max_connections, pool.timeout = len(pool._in_use_connections), 0.2
     caplog.set_level(logging.WARNING)
 
     def not_saved() -> list[str]:
@@ -280,13 +286,9 @@ async def test_a_last_save_that_finds_every_redis_connection_busy_is_one_warning
             if "last positions not saved" in record.getMessage()
         ]
 
-    try:
+    async with every_redis_connection_busy(node):
         await alice.communicator.disconnect(timeout=WAIT_S)
         await wait_until(lambda: bool(not_saved()))
-    finally:
-        pool.max_connections, pool.timeout = saved
-        for connection in taken:
-            await pool.release(connection)
     gc.collect()  # a task left with its exception is reported when it is collected
     assert len(not_saved()) == 1 and f"session={session}" in not_saved()[0]
     assert not [record for record in caplog.records if "never retrieved" in record.getMessage()]
