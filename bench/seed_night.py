@@ -261,7 +261,7 @@ def loadgen_command(
 # generators' (whose loops run late in a storm and add that to every figure they take).
 METRICS_TOKEN = "seed-night-metrics"
 GATEWAY_LAG = "switchboard_delivery_lag_seconds"
-# Turns of a gateway's event loop of 10 ms or more (realtime/loop_turns.py): what a
+# Turns of a gateway's event loop of 10 ms or more (realtime/daphne_tuning.py): what a
 # delivery of that process waited for.
 GATEWAY_LONG_TURNS = "switchboard_loop_long_turn_seconds"
 GATEWAY_HISTOGRAMS = (GATEWAY_LAG, GATEWAY_LONG_TURNS)
