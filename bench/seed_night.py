@@ -85,6 +85,7 @@ STORM_WINDOW_S = 30.0  # the storm's figures: from the drops on, this long
 PROFILE_LEAD_S = 10.0
 LATENCIES = (
     "event_lag",
+    "event_lag_own",
     "event_lag_read",
     "away_lag",
     "rejoining_lag",
@@ -489,6 +490,7 @@ def storm_by_part(outputs: list[Path], storm_from: float) -> dict[str, Any]:
         raw = merge_raw(paths)
         found[part] = {
             "event_lag": _latency(raw.get("event_lag", []), storm_from, storm_to),
+            "event_lag_own": _latency(raw.get("event_lag_own", []), storm_from, storm_to),
             "event_lag_read": _latency(raw.get("event_lag_read", []), storm_from, storm_to),
             "loop_lag": _latency(raw.get("loop_lag", []), storm_from, storm_to),
         }
@@ -530,6 +532,9 @@ def summarise(m: dict[str, Any], storm_from: float, args: argparse.Namespace) ->
     latency = {name: _latency(m.get(name, [])) for name in LATENCIES}
     latency["event_lag_before_storm"] = _latency(lag, 0, storm_from)
     latency["event_lag_storm"] = _latency(lag, storm_from, storm_to)
+    lag_own = m.get("event_lag_own", [])
+    latency["event_lag_own_before_storm"] = _latency(lag_own, 0, storm_from)
+    latency["event_lag_own_storm"] = _latency(lag_own, storm_from, storm_to)
     lag_read = m.get("event_lag_read", [])
     latency["event_lag_read_before_storm"] = _latency(lag_read, 0, storm_from)
     latency["event_lag_read_storm"] = _latency(lag_read, storm_from, storm_to)
@@ -620,6 +625,9 @@ def print_result(result: dict[str, Any]) -> None:
     print(_line("delivery lag (event ts -> the reader's socket)", latency["event_lag"]))
     print(_line("  before the storm", latency["event_lag_before_storm"]))
     print(_line(f"  storm ({STORM_WINDOW_S:g} s from the drops)", latency["event_lag_storm"]))
+    print(_line("  those whose stamp is their own (they ended a read)", latency["event_lag_own"]))
+    print(_line("    before the storm", latency["event_lag_own_before_storm"]))
+    print(_line("    storm", latency["event_lag_own_storm"]))
     print(_line("  the same, as the generators read them", latency["event_lag_read"]))
     print(_line("    before the storm", latency["event_lag_read_before_storm"]))
     print(_line("    storm", latency["event_lag_read_storm"]))
@@ -638,6 +646,7 @@ def print_result(result: dict[str, Any]) -> None:
         )
     for part, figures in latency.get("storm_by_generator_part", {}).items():
         print(_line(f"  storm, {part} readers' generators", figures["event_lag"]))
+        print(_line("    stamps their own", figures["event_lag_own"]))
         print(_line("    as they read them", figures["event_lag_read"]))
         print(_line("    their own loop lateness", figures["loop_lag"]))
     for label, key in (("before the storm", "before_storm"), ("storm", "storm")):

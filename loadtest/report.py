@@ -52,6 +52,9 @@ class Measurements:
     # With the engine's check_seqs: each stream event's receipt minus its ts, resumed
     # connections' drop -> caught up, seq gaps and repeats per stream per connection.
     event_lag: list[Sample] = field(default_factory=list)  # receipt at the socket
+    # Of those, the ones whose receive stamp is their own: not merged by the kernel into a
+    # later segment's stamp while their reader was late (loadtest/wire.py).
+    event_lag_own: list[Sample] = field(default_factory=list)
     # The same deliveries as this process read them: its own loop's lateness added.
     event_lag_read: list[Sample] = field(default_factory=list)
     # Events published while their reader was cut off, and while its resume was being let
@@ -156,6 +159,7 @@ def build_report(m: Measurements, meta: dict[str, Any]) -> dict[str, Any]:
         report["latency_ms"]["connect"] = summarize([v for _, v in m.connect])
     if m.event_lag:
         report["latency_ms"]["event_lag"] = summarize([v for _, v in m.event_lag])
+        report["latency_ms"]["event_lag_own"] = summarize([v for _, v in m.event_lag_own])
         report["latency_ms"]["event_lag_read"] = summarize([v for _, v in m.event_lag_read])
     if m.away_lag:
         report["latency_ms"]["away_lag"] = summarize([v for _, v in m.away_lag])
@@ -239,6 +243,7 @@ def raw_samples(m: Measurements) -> dict[str, Any]:
         "connect",
         "lag",
         "event_lag",
+        "event_lag_own",
         "event_lag_read",
         "away_lag",
         "rejoining_lag",

@@ -16,6 +16,12 @@ receive stamp of the read that carried it, SO_TIMESTAMP, on Linux), not the mome
 process got round to reading them: a load generator's loop runs late when it shares the
 cores with the servers (thousands of reconnects at once), and a client on its own device
 would not have waited for it. Where the stamp is not available, the read's own time.
+
+The kernel stamps a read with the arrival of its last segment, and bytes that wait in the
+socket are merged into the segment that arrives after them, taking its stamp. So a stamp is
+a message's own only when the message ends the read; a message earlier in a read (its
+reader was late, and more came meanwhile) gets a stamp from after it arrived: an upper
+bound. Each message says which (`own_stamp`).
 """
 
 from __future__ import annotations
@@ -87,7 +93,7 @@ class HandshakeRefused(Exception):
 class WireConnection(asyncio.Protocol):
     def __init__(
         self,
-        on_message: Callable[[bytes, float], None],
+        on_message: Callable[[bytes, float, bool], None],
         on_close: Callable[[WireConnection], None] | None = None,
         stamps: StampedSocket | None = None,
     ) -> None:
@@ -95,6 +101,7 @@ class WireConnection(asyncio.Protocol):
         self.on_close = on_close
         self._stamps = stamps
         self.received_at = 0.0  # the current read's receive stamp (epoch seconds)
+        self._ends_read = False  # the frame being handled ends the current read
         self.transport: asyncio.Transport | None = None
         self.close_code: int | None = None
         loop = asyncio.get_running_loop()
@@ -174,6 +181,7 @@ class WireConnection(asyncio.Protocol):
                 break
             payload = bytes(buf[pos + head : pos + head + length])
             pos += head + length
+            self._ends_read = pos == size
             if mask is not None:
                 payload = apply_mask(payload, mask)
             self._frame(first & 0x80, first & 0x0F, payload)
@@ -184,7 +192,7 @@ class WireConnection(asyncio.Protocol):
     def _frame(self, fin: int, opcode: int, payload: bytes) -> None:
         if opcode in (OP_TEXT, OP_BINARY):
             if fin:
-                self.on_message(payload, self.received_at)
+                self.on_message(payload, self.received_at, self._ends_read)
             else:
                 self._fragments = [payload]
         elif opcode == OP_CONTINUATION:
@@ -193,7 +201,7 @@ class WireConnection(asyncio.Protocol):
             self._fragments.append(payload)
             if fin:
                 message, self._fragments = b"".join(self._fragments), None
-                self.on_message(message, self.received_at)
+                self.on_message(message, self.received_at, self._ends_read)
         elif opcode == OP_CLOSE:
             self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else NO_STATUS
             if not self._close_sent:
@@ -259,14 +267,15 @@ class WireConnection(asyncio.Protocol):
 
 async def connect(
     url: str,
-    on_message: Callable[[bytes, float], None],
+    on_message: Callable[[bytes, float, bool], None],
     on_close: Callable[[WireConnection], None] | None = None,
     timeout: float = 10.0,
 ) -> WireConnection:
     """Open `url` (ws:// or wss://HOST:PORT/PATH?QUERY) and finish the upgrade: HandshakeRefused
     for an HTTP answer, OSError or TimeoutError for a socket that does not get there.
-    `on_message(payload, received_at)` gets each message, from the first after the upgrade
-    on (the same read may carry it), with its read's receive stamp (module doc);
+    `on_message(payload, received_at, own_stamp)` gets each message, from the first after
+    the upgrade on (the same read may carry it), with its read's receive stamp and whether
+    that stamp is the message's own or a later message's (module doc);
     `on_close(connection)` is called once the socket is gone."""
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss"):

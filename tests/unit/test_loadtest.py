@@ -620,7 +620,7 @@ def test_wire_client_reads_every_frame_shape_answers_pings_and_keeps_the_close_c
             closed = asyncio.Event()
             conn = await connect(
                 f"ws://127.0.0.1:{port}/ws/v1/?token=t",
-                lambda payload, _: got.append(payload),
+                lambda payload, *_: got.append(payload),
                 lambda _: closed.set(),
             )
             while len(got) < 5:
@@ -645,7 +645,7 @@ def test_wire_client_reports_a_refused_handshake() -> None:
     async def play() -> None:
         async with serve(lambda ws: ws.close(), "127.0.0.1", 0, process_request=refuse) as server:
             port = server.sockets[0].getsockname()[1]
-            await connect(f"ws://127.0.0.1:{port}/", lambda _, __: None)
+            await connect(f"ws://127.0.0.1:{port}/", lambda *_: None)
 
     with pytest.raises(HandshakeRefused) as refused:
         asyncio.run(play())
@@ -655,13 +655,16 @@ def test_wire_client_reports_a_refused_handshake() -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_TIMESTAMP as Linux has it")
 def test_wire_client_stamps_a_message_when_it_reached_the_socket_not_when_it_was_read() -> None:
     """A load generator's loop that is late must not add its lateness to the lag: the
-    message's stamp is the kernel's, taken while this loop could not read."""
+    message's stamp is the kernel's, taken while this loop could not read. Two messages that
+    waited in the socket together share the later one's stamp: only the last says the stamp
+    is its own."""
     from loadtest.wire import connect
 
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     go, sent = threading.Event(), threading.Event()
     sent_at: list[float] = []
+    apart_s = 0.05  # between the two messages: what the first's stamp must not have
 
     def gateway() -> None:
         conn, _ = listener.accept()
@@ -672,20 +675,25 @@ def test_wire_client_stamps_a_message_when_it_reached_the_socket_not_when_it_was
             conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
             go.wait(5)
             sent_at.append(time.time())
-            conn.sendall(b"\x81\x04late")
+            conn.sendall(b"\x81\x05first")
+            while time.time() < sent_at[0] + apart_s:  # the gap under test, not a wait
+                pass
+            sent_at.append(time.time())
+            conn.sendall(b"\x81\x06second")
             sent.set()
             conn.recv(1)  # until the client goes
 
     server = threading.Thread(target=gateway, daemon=True)
     server.start()
-    got: list[tuple[bytes, float]] = []
+    got: list[tuple[bytes, float, bool]] = []
 
     async def play() -> float:
         arrived = asyncio.Event()
 
-        def on_message(payload: bytes, received_at: float) -> None:
-            got.append((payload, received_at))
-            arrived.set()
+        def on_message(payload: bytes, received_at: float, own_stamp: bool) -> None:
+            got.append((payload, received_at, own_stamp))
+            if len(got) == 2:
+                arrived.set()
 
         conn = await connect(f"ws://127.0.0.1:{port}/", on_message)
         go.set()
@@ -698,5 +706,11 @@ def test_wire_client_stamps_a_message_when_it_reached_the_socket_not_when_it_was
     held_until = asyncio.run(play())
     server.join(5)
     listener.close()
-    assert [payload for payload, _ in got] == [b"late"]
-    assert sent_at[0] - 0.001 <= got[0][1] <= held_until
+    assert [payload for payload, _, _ in got] == [b"first", b"second"]
+    (_, first_stamp, first_own), (_, second_stamp, second_own) = got
+    assert sent_at[1] - 0.001 <= second_stamp <= held_until
+    assert second_own
+    # The kernel merged the first into the second's segment: its stamp is from after it
+    # arrived, and it says so.
+    assert first_stamp == second_stamp >= sent_at[0] + apart_s - 0.001
+    assert not first_own
