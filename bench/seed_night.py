@@ -73,7 +73,6 @@ from bench.common import (
     server_processes,
     sum_counts,
     summarize,
-    verdict_text,
     write_results,
 )
 
@@ -83,9 +82,15 @@ STORM_WINDOW_S = 30.0  # the storm's figures: from the drops on, this long
 # --profile: py-spy starts this long before the drops (its own start-up is not in the
 # storm) and stops with the storm's window.
 PROFILE_LEAD_S = 10.0
+VERDICTS = {
+    True: "MET",
+    False: "NOT MET",
+    None: "NOT SHOWN (within its bounds at the soonest, not at the latest)",
+}
 LATENCIES = (
     "event_lag",
     "event_lag_own",
+    "event_lag_soonest",
     "event_lag_read",
     "away_lag",
     "rejoining_lag",
@@ -491,6 +496,11 @@ def storm_by_part(outputs: list[Path], storm_from: float) -> dict[str, Any]:
         found[part] = {
             "event_lag": _latency(raw.get("event_lag", []), storm_from, storm_to),
             "event_lag_own": _latency(raw.get("event_lag_own", []), storm_from, storm_to),
+            "event_lag_soonest": _latency(
+                raw.get("event_lag_own", []) + raw.get("event_lag_merged_soonest", []),
+                storm_from,
+                storm_to,
+            ),
             "event_lag_read": _latency(raw.get("event_lag_read", []), storm_from, storm_to),
             "loop_lag": _latency(raw.get("loop_lag", []), storm_from, storm_to),
         }
@@ -527,6 +537,9 @@ def _latency(samples: list[list[float]], start: float = 0.0, end: float = 1e12) 
 
 def summarise(m: dict[str, Any], storm_from: float, args: argparse.Namespace) -> dict[str, Any]:
     storm_to = storm_from + STORM_WINDOW_S
+    # Every live delivery at the soonest it can have reached its reader's socket (its own
+    # stamp, or the merged ones' earliest): the lower bound of each lag, event_lag the upper.
+    m["event_lag_soonest"] = m.get("event_lag_own", []) + m.get("event_lag_merged_soonest", [])
     lag = m.get("event_lag", [])
     lost = m.get("seq_lost", 0) + m.get("seq_lost_at_end", 0)
     latency = {name: _latency(m.get(name, [])) for name in LATENCIES}
@@ -535,6 +548,7 @@ def summarise(m: dict[str, Any], storm_from: float, args: argparse.Namespace) ->
     lag_own = m.get("event_lag_own", [])
     latency["event_lag_own_before_storm"] = _latency(lag_own, 0, storm_from)
     latency["event_lag_own_storm"] = _latency(lag_own, storm_from, storm_to)
+    latency["event_lag_soonest_storm"] = _latency(m["event_lag_soonest"], storm_from, storm_to)
     lag_read = m.get("event_lag_read", [])
     latency["event_lag_read_before_storm"] = _latency(lag_read, 0, storm_from)
     latency["event_lag_read_storm"] = _latency(lag_read, storm_from, storm_to)
@@ -592,16 +606,32 @@ def summarise(m: dict[str, Any], storm_from: float, args: argparse.Namespace) ->
     }
 
 
-def verdict(result: dict[str, Any]) -> bool:
-    lag = result["latency_ms"]["event_lag"]
-    return (
-        lag["p99"] is not None
-        and lag["p99"] <= TARGET_P99_MS
-        and lag["p99.9"] <= TARGET_P999_MS
-        and result["lost"] == 0
-        and result["duplicates"] == 0
-        and result["connections_opened"] == result["clients"]
-    )
+def verdict(result: dict[str, Any]) -> bool | None:
+    """The targets over the night and over the storm's window: True when the lags at their
+    latest (every message at its read's stamp) meet them, False when even at their soonest
+    they do not (or anything was lost, duplicated or not connected), None in between: the
+    stamps cannot tell."""
+    latency = result["latency_ms"]
+    if (
+        result["lost"]
+        or result["duplicates"]
+        or result["connections_opened"] != result["clients"]
+        or not latency["event_lag"]["count"]
+    ):
+        return False
+
+    def within(*names: str) -> bool:
+        return all(
+            latency[name]["p99"] <= TARGET_P99_MS and latency[name]["p99.9"] <= TARGET_P999_MS
+            for name in names
+            if latency[name]["count"]
+        )
+
+    if within("event_lag", "event_lag_storm"):
+        return True
+    if not within("event_lag_soonest", "event_lag_soonest_storm"):
+        return False
+    return None
 
 
 def _line(label: str, stats: dict[str, Any]) -> str:
@@ -628,6 +658,8 @@ def print_result(result: dict[str, Any]) -> None:
     print(_line("  those whose stamp is their own (they ended a read)", latency["event_lag_own"]))
     print(_line("    before the storm", latency["event_lag_own_before_storm"]))
     print(_line("    storm", latency["event_lag_own_storm"]))
+    print(_line("  every one at the soonest it can have come", latency["event_lag_soonest"]))
+    print(_line("    storm", latency["event_lag_soonest_storm"]))
     print(_line("  the same, as the generators read them", latency["event_lag_read"]))
     print(_line("    before the storm", latency["event_lag_read_before_storm"]))
     print(_line("    storm", latency["event_lag_read_storm"]))
@@ -647,6 +679,7 @@ def print_result(result: dict[str, Any]) -> None:
     for part, figures in latency.get("storm_by_generator_part", {}).items():
         print(_line(f"  storm, {part} readers' generators", figures["event_lag"]))
         print(_line("    stamps their own", figures["event_lag_own"]))
+        print(_line("    every one at its soonest", figures["event_lag_soonest"]))
         print(_line("    as they read them", figures["event_lag_read"]))
         print(_line("    their own loop lateness", figures["loop_lag"]))
     for label, key in (("before the storm", "before_storm"), ("storm", "storm")):
@@ -718,11 +751,15 @@ def main(argv: list[str] | None = None) -> int:
         env.cleanup()
     print_result(result)
     met = verdict(result)
-    lag = result["latency_ms"]["event_lag"]
+    storm, soonest = (
+        result["latency_ms"]["event_lag_storm"],
+        result["latency_ms"]["event_lag_soonest_storm"],
+    )
     print(
         f"target (delivery p99 <= {TARGET_P99_MS:g} ms and p99.9 <= {TARGET_P999_MS:g} ms"
-        f" through the storm, 0 lost, 0 duplicates): {verdict_text(met)}"
-        f" (p99 {fmt_ms(lag['p99'])} ms, p99.9 {fmt_ms(lag['p99.9'])} ms,"
+        f" through the storm, 0 lost, 0 duplicates): {VERDICTS[met]}"
+        f" (storm p99 {fmt_ms(soonest['p99'])}-{fmt_ms(storm['p99'])} ms, p99.9"
+        f" {fmt_ms(soonest['p99.9'])}-{fmt_ms(storm['p99.9'])} ms at the readers' sockets;"
         f" {result['lost']} lost, {result['duplicates']} duplicates)"
     )
     path = write_results(

@@ -169,10 +169,10 @@ class _Connection:
         # had no connection; one between the two, while it was being let back in.
         self.connecting_since = 0.0
         self.welcomed_at = 0.0
-        # When the bytes of the message being read reached this machine's socket, and
-        # whether that stamp is the message's own or a later one's (loadtest/wire.py).
+        # When the bytes of the message being read reached this machine's socket: at the
+        # latest and at the soonest, the same when its stamp is its own (loadtest/wire.py).
         self.received_at = 0.0
-        self.own_stamp = False
+        self.earliest = 0.0
         self.client = plan.client
         self.ws: WireConnection | None = None
         self.session: str | None = None
@@ -376,11 +376,11 @@ class _Connection:
 
     # --- receiving -------------------------------------------------------------------
 
-    def _on_message(self, payload: bytes, received_at: float, own_stamp: bool) -> None:
-        """Each message, as the connection parses it, with its read's receive stamp
-        (loadtest/wire.py)."""
+    def _on_message(self, payload: bytes, received_at: float, earliest: float) -> None:
+        """Each message, as the connection parses it, with its read's receive stamp and the
+        soonest it can have come (loadtest/wire.py)."""
         self.received_at = received_at
-        self.own_stamp = own_stamp
+        self.earliest = earliest
         try:
             self._on_frame(orjson.loads(payload))
         except Exception:
@@ -538,8 +538,11 @@ class _Connection:
             else:
                 m.event_lag.append(sample)
                 m.event_lag_read.append((now, (time.time() - sent) * 1000))
-                if self.own_stamp:
+                if self.earliest == self.received_at:
                     m.event_lag_own.append(sample)
+                else:
+                    soonest = max(0.0, self.earliest - sent) * 1000
+                    m.event_lag_merged_soonest.append((now, soonest))
         if targets is not None:
             self._check_caught_up()
         return True

@@ -20,8 +20,10 @@ would not have waited for it. Where the stamp is not available, the read's own t
 The kernel stamps a read with the arrival of its last segment, and bytes that wait in the
 socket are merged into the segment that arrives after them, taking its stamp. So a stamp is
 a message's own only when the message ends the read; a message earlier in a read (its
-reader was late, and more came meanwhile) gets a stamp from after it arrived: an upper
-bound. Each message says which (`own_stamp`).
+reader was late, and more came meanwhile) gets a stamp from after it arrived. Each message
+comes with both ends of when it can have arrived: `earliest`, when the last read before it
+that emptied the socket began (it was not there yet), and `received_at`; the two are the
+same when the stamp is the message's own.
 """
 
 from __future__ import annotations
@@ -55,25 +57,46 @@ _STAMP_SPACE = socket.CMSG_SPACE(_TIMEVAL.size)
 
 class StampedSocket(socket.socket):
     """A TCP socket whose reads keep the kernel's receive stamp of their last segment
-    (`received_at`, epoch seconds): asyncio's transport reads through `recv`/`recv_into`,
-    so the protocol finds the stamp of the bytes it is handed here."""
+    (`received_at`, epoch seconds) and when the last earlier read that emptied the socket
+    began (`arrived_after`: the bytes were not there yet; 0 before any did): asyncio's
+    transport reads through `recv`/`recv_into`, so the protocol finds both for the bytes it
+    is handed here."""
 
     received_at = 0.0
+    arrived_after = 0.0
+    _emptied_at = 0.0
 
     def recv(self, size: int, flags: int = 0) -> bytes:
-        data, ancillary, _, _ = self.recvmsg(size, _STAMP_SPACE, flags)
-        self._keep_stamp(ancillary)
+        began = time.time()
+        try:
+            data, ancillary, _, _ = self.recvmsg(size, _STAMP_SPACE, flags)
+        except (BlockingIOError, InterruptedError):
+            self._emptied_at = began
+            raise
+        self._keep_stamp(ancillary, began, emptied=len(data) < size)
         return data
 
     def recv_into(self, buffer: Any, size: int = 0, flags: int = 0) -> int:
         view = memoryview(buffer)
-        count, ancillary, _, _ = self.recvmsg_into(
-            [view[:size] if size else view], _STAMP_SPACE, flags
-        )
-        self._keep_stamp(ancillary)
+        if size:
+            view = view[:size]
+        began = time.time()
+        try:
+            count, ancillary, _, _ = self.recvmsg_into([view], _STAMP_SPACE, flags)
+        except (BlockingIOError, InterruptedError):
+            self._emptied_at = began
+            raise
+        self._keep_stamp(ancillary, began, emptied=count < len(view))
         return count
 
-    def _keep_stamp(self, ancillary: list[tuple[int, int, bytes]]) -> None:
+    def _keep_stamp(
+        self, ancillary: list[tuple[int, int, bytes]], began: float, emptied: bool
+    ) -> None:
+        # A read that filled its buffer may have left older bytes behind: only one that
+        # did not says the next read's bytes came after it.
+        self.arrived_after = self._emptied_at
+        if emptied:
+            self._emptied_at = began
         for level, kind, data in ancillary:
             if level == socket.SOL_SOCKET and kind == SO_TIMESTAMP and len(data) >= _TIMEVAL.size:
                 seconds, micros = _TIMEVAL.unpack_from(data)
@@ -93,7 +116,7 @@ class HandshakeRefused(Exception):
 class WireConnection(asyncio.Protocol):
     def __init__(
         self,
-        on_message: Callable[[bytes, float, bool], None],
+        on_message: Callable[[bytes, float, float], None],
         on_close: Callable[[WireConnection], None] | None = None,
         stamps: StampedSocket | None = None,
     ) -> None:
@@ -101,6 +124,7 @@ class WireConnection(asyncio.Protocol):
         self.on_close = on_close
         self._stamps = stamps
         self.received_at = 0.0  # the current read's receive stamp (epoch seconds)
+        self.arrived_after = 0.0  # its bytes were not in the socket yet (StampedSocket)
         self._ends_read = False  # the frame being handled ends the current read
         self.transport: asyncio.Transport | None = None
         self.close_code: int | None = None
@@ -119,7 +143,10 @@ class WireConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         stamps = self._stamps
-        self.received_at = stamps.received_at if stamps is not None else time.time()
+        if stamps is not None:
+            self.received_at, self.arrived_after = stamps.received_at, stamps.arrived_after
+        else:  # the read's own time is all there is: taken as every message's
+            self.received_at = self.arrived_after = time.time()
         self._buffer += data
         if not self.handshake.done():
             end = self._buffer.find(b"\r\n\r\n")
@@ -189,10 +216,16 @@ class WireConnection(asyncio.Protocol):
                 break
         del buf[:pos]
 
+    def _earliest(self) -> float:
+        """When the message being handled can have reached the socket at the soonest: its
+        read's stamp if the message ends the read (the stamp is its own), else when the
+        read before it that emptied the socket began (module doc)."""
+        return self.received_at if self._ends_read else self.arrived_after
+
     def _frame(self, fin: int, opcode: int, payload: bytes) -> None:
         if opcode in (OP_TEXT, OP_BINARY):
             if fin:
-                self.on_message(payload, self.received_at, self._ends_read)
+                self.on_message(payload, self.received_at, self._earliest())
             else:
                 self._fragments = [payload]
         elif opcode == OP_CONTINUATION:
@@ -201,7 +234,7 @@ class WireConnection(asyncio.Protocol):
             self._fragments.append(payload)
             if fin:
                 message, self._fragments = b"".join(self._fragments), None
-                self.on_message(message, self.received_at, self._ends_read)
+                self.on_message(message, self.received_at, self._earliest())
         elif opcode == OP_CLOSE:
             self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else NO_STATUS
             if not self._close_sent:
@@ -267,15 +300,16 @@ class WireConnection(asyncio.Protocol):
 
 async def connect(
     url: str,
-    on_message: Callable[[bytes, float, bool], None],
+    on_message: Callable[[bytes, float, float], None],
     on_close: Callable[[WireConnection], None] | None = None,
     timeout: float = 10.0,
 ) -> WireConnection:
     """Open `url` (ws:// or wss://HOST:PORT/PATH?QUERY) and finish the upgrade: HandshakeRefused
     for an HTTP answer, OSError or TimeoutError for a socket that does not get there.
-    `on_message(payload, received_at, own_stamp)` gets each message, from the first after
-    the upgrade on (the same read may carry it), with its read's receive stamp and whether
-    that stamp is the message's own or a later message's (module doc);
+    `on_message(payload, received_at, earliest)` gets each message, from the first after
+    the upgrade on (the same read may carry it), with the span in which it reached the
+    socket: its read's receive stamp and the soonest it can have come, equal when the stamp
+    is the message's own (module doc);
     `on_close(connection)` is called once the socket is gone."""
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss"):

@@ -16,6 +16,7 @@ from bench.seed_night import (
     machine_share,
     parse_args,
     storm_by_part,
+    verdict,
 )
 
 
@@ -71,27 +72,39 @@ def test_the_storms_lag_is_told_apart_by_the_generator_that_took_it(tmp_path: Pa
     lateness is in each lag they take: the steady readers' figures are given apart."""
     storm_from = 100.0
 
-    def raw(name: str, lags: list[float], late: list[float]) -> Path:
+    def raw(
+        name: str, lags: list[float], late: list[float], merged: tuple[float, float] | None = None
+    ) -> Path:
+        """`lags` with their own stamps; `merged`: one more message's (latest, soonest)."""
         path = tmp_path / f"{name}-raw.json"
         samples = {
             "event_lag": [[storm_from + 1 + i, v] for i, v in enumerate(lags)],
+            "event_lag_own": [[storm_from + 1 + i, v] for i, v in enumerate(lags)],
             # As read: the loop's lateness added to each.
             "event_lag_read": [[storm_from + 1 + i, v + max(late)] for i, v in enumerate(lags)],
             "loop_lag": [[storm_from + 1 + i, v] for i, v in enumerate(late)],
         }
+        if merged is not None:
+            samples["event_lag"].append([storm_from + 9, merged[0]])
+            samples["event_lag_merged_soonest"] = [[storm_from + 9, merged[1]]]
         path.write_text(json.dumps(samples))
         return path
 
     outputs = [
         raw("loadgen-0", [5.0, 6.0], [1.0]),
         raw("loadgen-1", [7.0], [1.0]),
-        raw("loadgen-storm-0-0", [90.0], [800.0]),
+        # A message that waited in the socket while its generator was late: stamped 700 ms
+        # after its event, and there at the soonest 40 ms after it.
+        raw("loadgen-storm-0-0", [90.0], [800.0], merged=(700.0, 40.0)),
         tmp_path / "loadgen-2-raw.json",  # a generator that wrote nothing
     ]
     found = storm_by_part(outputs, storm_from)
     assert found["steady"]["event_lag"]["count"] == 3
     assert found["steady"]["event_lag"]["max"] == 7.0
-    assert found["reconnecting"]["event_lag"]["max"] == 90.0
+    assert found["reconnecting"]["event_lag"]["max"] == 700.0
+    assert found["reconnecting"]["event_lag_own"]["max"] == 90.0
+    assert found["reconnecting"]["event_lag_soonest"]["count"] == 2
+    assert found["reconnecting"]["event_lag_soonest"]["max"] == 90.0
     assert found["reconnecting"]["event_lag_read"]["max"] == 890.0
     assert found["reconnecting"]["loop_lag"]["max"] == 800.0
 
@@ -102,3 +115,29 @@ def test_the_machines_share_in_the_storm_counts_stolen_time_apart() -> None:
     # 200 s of the cores: 90 running, 80 idle, 10 waiting on disks, 20 stolen.
     after = times(160, 0, 70, 1080, 20, 0, 15, 40, 0, 0)
     assert machine_share(before, after) == {"busy_pct": 45.0, "steal_pct": 10.0}
+
+
+def test_the_verdict_is_met_at_the_latest_stamps_and_undecided_between_the_bounds() -> None:
+    def night(latest_storm_p99: float, soonest_storm_p99: float, lost: int = 0) -> dict:
+        def stats(p99: float) -> dict:
+            return {"count": 1000, "p50": 3.0, "p99": p99, "p99.9": p99 * 2}
+
+        return {
+            "lost": lost,
+            "duplicates": 0,
+            "clients": 10,
+            "connections_opened": 10,
+            "latency_ms": {
+                "event_lag": stats(40.0),
+                "event_lag_storm": stats(latest_storm_p99),
+                "event_lag_soonest": stats(35.0),
+                "event_lag_soonest_storm": stats(soonest_storm_p99),
+            },
+        }
+
+    assert verdict(night(latest_storm_p99=120.0, soonest_storm_p99=90.0)) is True
+    # The storm's window counts, not only the night's: its upper bound over the target
+    # with its lower bound within leaves the run unable to tell.
+    assert verdict(night(latest_storm_p99=390.0, soonest_storm_p99=90.0)) is None
+    assert verdict(night(latest_storm_p99=390.0, soonest_storm_p99=300.0)) is False
+    assert verdict(night(latest_storm_p99=120.0, soonest_storm_p99=90.0, lost=1)) is False

@@ -656,8 +656,8 @@ def test_wire_client_reports_a_refused_handshake() -> None:
 def test_wire_client_stamps_a_message_when_it_reached_the_socket_not_when_it_was_read() -> None:
     """A load generator's loop that is late must not add its lateness to the lag: the
     message's stamp is the kernel's, taken while this loop could not read. Two messages that
-    waited in the socket together share the later one's stamp: only the last says the stamp
-    is its own."""
+    waited in the socket together share the later one's stamp: the first is told it came
+    at the soonest when the last read that found the socket empty began."""
     from loadtest.wire import connect
 
     listener = socket.create_server(("127.0.0.1", 0))
@@ -685,13 +685,13 @@ def test_wire_client_stamps_a_message_when_it_reached_the_socket_not_when_it_was
 
     server = threading.Thread(target=gateway, daemon=True)
     server.start()
-    got: list[tuple[bytes, float, bool]] = []
+    got: list[tuple[bytes, float, float]] = []
 
     async def play() -> float:
         arrived = asyncio.Event()
 
-        def on_message(payload: bytes, received_at: float, own_stamp: bool) -> None:
-            got.append((payload, received_at, own_stamp))
+        def on_message(payload: bytes, received_at: float, earliest: float) -> None:
+            got.append((payload, received_at, earliest))
             if len(got) == 2:
                 arrived.set()
 
@@ -707,10 +707,10 @@ def test_wire_client_stamps_a_message_when_it_reached_the_socket_not_when_it_was
     server.join(5)
     listener.close()
     assert [payload for payload, _, _ in got] == [b"first", b"second"]
-    (_, first_stamp, first_own), (_, second_stamp, second_own) = got
+    (_, first_stamp, first_earliest), (_, second_stamp, second_earliest) = got
     assert sent_at[1] - 0.001 <= second_stamp <= held_until
-    assert second_own
+    assert second_earliest == second_stamp  # its stamp is its own
     # The kernel merged the first into the second's segment: its stamp is from after it
-    # arrived, and it says so.
+    # arrived, and its soonest is from before it was sent.
     assert first_stamp == second_stamp >= sent_at[0] + apart_s - 0.001
-    assert not first_own
+    assert 0 < first_earliest <= sent_at[0]
