@@ -429,22 +429,43 @@ class GatewayConsumer(AsyncWebsocketConsumer):
         streams = list(self.subscriptions)
         for stream in streams:
             self._drop_subscription(stream)
+        counted, self._counted = self._counted, False
+        if counted:
+            metrics.connection_closed(self.identity.tenant)
         # A client that said goodbye (1000) leaves at once; one cut, going away or closed
         # by us (a restart, say) is likely back soon, so its presence lingers.
-        await get_tracker().leave_connection(
-            self.connection_id, linger=message.get("code") != CLOSE_NORMAL
-        )
-        if self._counted:
-            self._counted = False
-            metrics.connection_closed(self.identity.tenant)
-            try:
-                await connection_registry().release(self.connection_id)
-            except Exception:
-                # Not fatal: the entry expires unless renewed, and nothing renews it now.
-                logger.warning(
-                    "connection count release failed conn=%s", self.connection_id, exc_info=True
-                )
+        linger = message.get("code") != CLOSE_NORMAL
+        # The close's Redis writes are batched with every other close's and go on without
+        # this handler (a drain waits for them): a gateway closing thousands of sockets at
+        # once would otherwise keep each handler waiting for its batch past daphne's
+        # application_close_timeout, to be cancelled and logged one by one.
+        self.node.lifecycle.track(self._leave_after_close(linger, counted))
         raise StopConsumer()
+
+    async def _leave_after_close(self, linger: bool, counted: bool) -> None:
+        """Presence leaves and the connection count's release, after the handler ended."""
+        try:
+            await get_tracker().leave_connection(self.connection_id, linger=linger)
+        except Exception:
+            # Not fatal: the members stay until their TTL and leave as a ghost's would.
+            logger.warning(
+                "presence leave failed tenant=%s conn=%s",
+                self.identity.tenant,
+                self.connection_id,
+                exc_info=True,
+            )
+        if not counted:
+            return
+        try:
+            await connection_registry().release(self.connection_id)
+        except Exception:
+            # Not fatal: the next renewal writes this gateway's counts whole.
+            logger.warning(
+                "connection count release failed tenant=%s conn=%s",
+                self.identity.tenant,
+                self.connection_id,
+                exc_info=True,
+            )
 
     async def websocket_receive(self, message: dict[str, Any]) -> None:
         if self.state is not ConnectionState.OPEN:

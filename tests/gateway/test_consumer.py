@@ -12,8 +12,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from client.connection import encode_positions
+from realtime.admission import connection_registry
 from realtime.handshakes import HandshakeLine
 from realtime.node import GatewayNode
+from realtime.presence import get_tracker
 from realtime.protocol import Publish
 from realtime.subscription import CATCH_UP_PAGE
 from tenants.tokens import issue_token
@@ -265,6 +267,38 @@ async def test_a_frame_that_finds_every_redis_connection_busy_is_refused_overloa
     assert refused["retry_after_ms"] > 0
     # Not applied: sent again once Redis has room, it is the first event of the stream.
     assert await publish(alice, "room", "p1", {}) == 1
+
+
+async def test_a_close_ends_its_handler_at_once_and_its_leave_and_release_follow(
+    connect: Connect, node: GatewayNode
+) -> None:
+    """A gateway closing thousands of sockets at once queues their Redis writes behind one
+    another: a handler that waited for its own would be cancelled by daphne past its
+    application_close_timeout. The handler ends with Redis still out of reach; its client's
+    presence leave and its connection count's release are written once Redis has room."""
+    alice = await connect("alice")
+    await alice.next_of("welcome")
+    await alice.send({"type": "subscribe", "stream": "room"})
+    await alice.next_of("subscribed")
+    tracker, registry = get_tracker(), connection_registry()
+    assert [entry["client"] for entry in await tracker.clients(TENANT, "room")] == ["alice"]
+    [(tenant_counts, _)] = registry.members.values()
+    assert await registry.client.hget(tenant_counts, registry.lease_id) in ("1", b"1")
+
+    async with every_redis_connection_busy(node, wait_s=3 * WAIT_S):
+        # With every command waiting for a pooled connection, the handler ends all the same.
+        await alice.communicator.send_input({"type": "websocket.disconnect", "code": 1000})
+        await alice.communicator.wait(WAIT_S)
+
+    async def written() -> bool:
+        present = await tracker.clients(TENANT, "room")
+        count = await registry.client.hget(tenant_counts, registry.lease_id)
+        return not present and count in (None, "0", b"0")
+
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while not await written():
+        assert asyncio.get_running_loop().time() < deadline, "leave and release not written"
+        await asyncio.sleep(0.01)
 
 
 async def test_a_last_save_that_finds_every_redis_connection_busy_is_one_warning(
