@@ -5,8 +5,9 @@ loop after it arrives: the read callback feeds a stream reader and wakes the rea
 which runs in the next turn, after everything else that turn made ready. In a reconnect
 storm a turn of a gateway's loop is up to 100-250 ms of the storm's connects and closes
 (switchboard_loop_long_turn_seconds), so every delivery paid about two of them. Here the
-bytes are parsed (hiredis) and each reply handed to `on_reply` in the read callback
-itself: one turn fewer for every delivery, which is most of the storm's lag.
+bytes are parsed (hiredis, which also packs the commands written) and each reply handed
+to `on_reply` in the read callback itself: one turn fewer for every delivery, which is
+most of the storm's lag.
 
 redis-py still makes the connection (address, TLS, AUTH, client name: the pool's own
 options); the link then takes over its transport and writes commands itself. A link is
@@ -28,15 +29,6 @@ from redis.exceptions import ResponseError
 logger = logging.getLogger(__name__)
 
 Reply = Any  # a hiredis reply: a list for pub/sub, hiredis.ReplyError for an error
-
-
-def encode_command(*args: str | bytes | int) -> bytes:
-    """A command as RESP: an array of bulk strings."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
 
 
 class PubSubLink(asyncio.Protocol):
@@ -87,7 +79,7 @@ class PubSubLink(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing() or self.closed.done():
             raise RedisConnectionError("the pub/sub connection is closed")
-        transport.write(b"".join(encode_command(*command) for command in commands))
+        transport.write(b"".join(hiredis.pack_command(command) for command in commands))
 
     def close(self) -> None:
         if self._transport is not None:

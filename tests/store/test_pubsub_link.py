@@ -18,7 +18,7 @@ from redis.exceptions import ResponseError
 
 from realtime import hub as hub_module
 from realtime.hub import Hub
-from realtime.pubsub_link import PubSubLink, encode_command
+from realtime.pubsub_link import PubSubLink
 from streams import keys
 from tests.integration.support import wait_until
 
@@ -47,12 +47,6 @@ class Heard:
     def __call__(self, reply: Any) -> None:
         self.replies.append(reply)
         self.in_task.append(asyncio.current_task() is not None)
-
-
-async def test_commands_are_encoded_as_resp_arrays() -> None:
-    assert encode_command("SUBSCRIBE", b"a\r\nb", 7) == (
-        b"*3\r\n$9\r\nSUBSCRIBE\r\n$4\r\na\r\nb\r\n$1\r\n7\r\n"
-    )
 
 
 async def test_replies_are_handed_on_in_the_read_callback(client: aredis.Redis) -> None:
