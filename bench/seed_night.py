@@ -496,11 +496,7 @@ def storm_by_part(outputs: list[Path], storm_from: float) -> dict[str, Any]:
         found[part] = {
             "event_lag": _latency(raw.get("event_lag", []), storm_from, storm_to),
             "event_lag_own": _latency(raw.get("event_lag_own", []), storm_from, storm_to),
-            "event_lag_soonest": _latency(
-                raw.get("event_lag_own", []) + raw.get("event_lag_merged_soonest", []),
-                storm_from,
-                storm_to,
-            ),
+            "event_lag_soonest": _latency(raw["event_lag_soonest"], storm_from, storm_to),
             "event_lag_read": _latency(raw.get("event_lag_read", []), storm_from, storm_to),
             "loop_lag": _latency(raw.get("loop_lag", []), storm_from, storm_to),
         }
@@ -527,6 +523,11 @@ def merge_raw(paths: list[Path]) -> dict[str, Any]:
                 merged[key] = max(merged.get(key, 0.0), value)
             else:
                 merged[key] = merged.get(key, 0) + value
+    # Every live delivery at the soonest it can have reached its reader's socket (its own
+    # stamp, or the merged ones' earliest): the lower bound of each lag, event_lag the upper.
+    merged["event_lag_soonest"] = merged.get("event_lag_own", []) + merged.get(
+        "event_lag_merged_soonest", []
+    )
     return merged
 
 
@@ -537,9 +538,6 @@ def _latency(samples: list[list[float]], start: float = 0.0, end: float = 1e12) 
 
 def summarise(m: dict[str, Any], storm_from: float, args: argparse.Namespace) -> dict[str, Any]:
     storm_to = storm_from + STORM_WINDOW_S
-    # Every live delivery at the soonest it can have reached its reader's socket (its own
-    # stamp, or the merged ones' earliest): the lower bound of each lag, event_lag the upper.
-    m["event_lag_soonest"] = m.get("event_lag_own", []) + m.get("event_lag_merged_soonest", [])
     lag = m.get("event_lag", [])
     lost = m.get("seq_lost", 0) + m.get("seq_lost_at_end", 0)
     latency = {name: _latency(m.get(name, [])) for name in LATENCIES}
@@ -548,7 +546,9 @@ def summarise(m: dict[str, Any], storm_from: float, args: argparse.Namespace) ->
     lag_own = m.get("event_lag_own", [])
     latency["event_lag_own_before_storm"] = _latency(lag_own, 0, storm_from)
     latency["event_lag_own_storm"] = _latency(lag_own, storm_from, storm_to)
-    latency["event_lag_soonest_storm"] = _latency(m["event_lag_soonest"], storm_from, storm_to)
+    latency["event_lag_soonest_storm"] = _latency(
+        m.get("event_lag_soonest", []), storm_from, storm_to
+    )
     lag_read = m.get("event_lag_read", [])
     latency["event_lag_read_before_storm"] = _latency(lag_read, 0, storm_from)
     latency["event_lag_read_storm"] = _latency(lag_read, storm_from, storm_to)
@@ -641,6 +641,14 @@ def _line(label: str, stats: dict[str, Any]) -> str:
     )
 
 
+def _bounds(stats: dict[str, Any]) -> str:
+    """A gateway histogram's quantiles (bucket upper bounds, bucket_quantiles)."""
+    return (
+        f"p50 {fmt_ms(stats.get('p50'))} / p99 {fmt_ms(stats.get('p99'))} /"
+        f" p99.9 {fmt_ms(stats.get('p99.9'))} ms"
+    )
+
+
 def print_result(result: dict[str, Any]) -> None:
     latency = result["latency_ms"]
     print(
@@ -673,8 +681,7 @@ def print_result(result: dict[str, Any]) -> None:
         gateway = result["gateway_delivery_lag_ms"][key]
         print(
             f"  at the gateways (ts -> handed to every local subscriber), {label}: at most"
-            f" p50 {fmt_ms(gateway.get('p50'))} / p99 {fmt_ms(gateway.get('p99'))} /"
-            f" p99.9 {fmt_ms(gateway.get('p99.9'))} ms (n={gateway['count']} event handings)"
+            f" {_bounds(gateway)} (n={gateway['count']} event handings)"
         )
     for part, figures in latency.get("storm_by_generator_part", {}).items():
         print(_line(f"  storm, {part} readers' generators", figures["event_lag"]))
@@ -687,8 +694,7 @@ def print_result(result: dict[str, Any]) -> None:
         if turns["count"]:
             print(
                 f"  gateways' loop turns of 10 ms or more, {label}: {turns['count']}, at most"
-                f" p50 {fmt_ms(turns.get('p50'))} / p99 {fmt_ms(turns.get('p99'))} /"
-                f" p99.9 {fmt_ms(turns.get('p99.9'))} ms"
+                f" {_bounds(turns)}"
             )
         else:
             print(f"  gateways' loop turns of 10 ms or more, {label}: none")
